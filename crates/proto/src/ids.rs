@@ -1,0 +1,137 @@
+//! Typed identifiers.
+//!
+//! Every id is a newtype over a [`Uuid`], serialized transparently (16 raw bytes in
+//! MessagePack, a hyphenated string in human-readable formats such as JSON) and
+//! displayed in the short form users see in `shoal status`. A new id is random
+//! (UUID v4); a node gets a new [`NodeId`] each time it starts, which is what lets
+//! the head reject anything from an earlier incarnation of the same machine.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+macro_rules! typed_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+        #[serde(transparent)]
+        pub struct $name(
+            #[cfg_attr(test, proptest(strategy = "crate::ids::arb_uuid()"))] Uuid,
+        );
+
+        impl $name {
+            /// A new random id.
+            pub fn random() -> Self {
+                Self(Uuid::new_v4())
+            }
+
+            /// The id with this UUID.
+            pub const fn from_uuid(uuid: Uuid) -> Self {
+                Self(uuid)
+            }
+
+            /// The id's UUID.
+            pub const fn as_uuid(&self) -> &Uuid {
+                &self.0
+            }
+
+            /// The id as 16 bytes.
+            pub const fn as_bytes(&self) -> &[u8; 16] {
+                self.0.as_bytes()
+            }
+        }
+
+        impl fmt::Display for $name {
+            /// The id as 32 lowercase hex digits, without hyphens.
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Display::fmt(&self.0.simple(), f)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, concat!(stringify!($name), "({})"), self.0.simple())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = uuid::Error;
+
+            /// Accepts the simple (32 hex digits) and the hyphenated forms.
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Uuid::parse_str(s).map(Self)
+            }
+        }
+    };
+}
+
+typed_id!(
+    /// A cluster: every connection names the cluster it believes it speaks to.
+    ClusterId
+);
+typed_id!(
+    /// A node daemon's incarnation: new at every start of the daemon.
+    NodeId
+);
+typed_id!(
+    /// A job: one driver program's run.
+    JobId
+);
+typed_id!(
+    /// One submission of a task (attempts of it share the id).
+    TaskId
+);
+typed_id!(
+    /// An object in the object store.
+    ObjectId
+);
+typed_id!(
+    /// An actor, across its restarts.
+    ActorId
+);
+typed_id!(
+    /// A worker process (or, in local mode, thread).
+    WorkerId
+);
+typed_id!(
+    /// A placement group.
+    PlacementGroupId
+);
+typed_id!(
+    /// A worker lease granted by the head.
+    LeaseId
+);
+
+#[cfg(test)]
+pub(crate) fn arb_uuid() -> impl proptest::strategy::Strategy<Value = Uuid> {
+    use proptest::prelude::*;
+    any::<u128>().prop_map(Uuid::from_u128)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_and_parse_round_trip() {
+        let id = NodeId::random();
+        let shown = id.to_string();
+        assert_eq!(shown.len(), 32, "simple form is 32 hex digits");
+        assert_eq!(shown.parse::<NodeId>().ok(), Some(id));
+        assert_eq!(id.as_uuid().hyphenated().to_string().parse::<NodeId>().ok(), Some(id));
+    }
+
+    #[test]
+    fn garbage_does_not_parse() {
+        assert!("not-an-id".parse::<JobId>().is_err());
+        assert!("".parse::<JobId>().is_err());
+    }
+
+    #[test]
+    fn random_ids_differ() {
+        assert_ne!(TaskId::random(), TaskId::random());
+    }
+}

@@ -1,0 +1,42 @@
+//! Shoal's wire protocol, with no I/O: everything two Shoal processes say to
+//! each other is defined here, and so is the way it is framed on a stream.
+//!
+//! Modules:
+//! - [`ids`]: typed identifiers (`NodeId`, `JobId`, `TaskId`, ...), newtypes over
+//!   UUIDs so that one kind of id can never be passed where another is expected.
+//! - [`hello`]: the handshake that opens every connection and binds it to a
+//!   protocol version, a cluster and a role.
+//! - [`head`]: the head service's request/reply pair.
+//! - [`node`]: the node daemon service's request/reply pair.
+//! - [`rpc`]: the envelopes that carry a request id and a deadline around every
+//!   request and reply, and the typed error a service answers with.
+//! - [`resources`]: resource sets (`CPU`, `memory`, custom names).
+//! - [`codec`]: the frame codec: a length prefix checked against a configured
+//!   maximum before anything is allocated, and a MessagePack body whose nesting
+//!   depth and claimed lengths are checked before it is decoded.
+//!
+//! # Wire compatibility
+//! Control messages are MessagePack maps with field names (`rmp_serde`'s named
+//! encoding), so a field can be added later: new fields carry
+//! `#[serde(default)]`, and variants are never renamed or removed. Golden-bytes
+//! tests in [`codec`] pin the encoding; a change that breaks them breaks peers.
+//! This crate must never depend on tokio or quinn: the stream loop lives in
+//! `shoal-net`.
+
+#![warn(missing_docs)]
+
+pub mod codec;
+pub mod head;
+pub mod hello;
+pub mod ids;
+pub mod node;
+pub mod resources;
+pub mod rpc;
+
+pub use codec::{CodecLimits, DecodeError, EncodeError, FrameError};
+pub use head::{ClusterStatus, HeadReply, HeadRequest, NodeState, NodeStatus};
+pub use hello::{Hello, HelloReply, HandshakeRefusal, Role, PROTOCOL_VERSION};
+pub use ids::*;
+pub use node::{NodeReply, NodeRequest};
+pub use resources::ResourceSet;
+pub use rpc::{ReplyEnvelope, RequestEnvelope, ServiceError, ServiceErrorKind};
