@@ -1,1 +1,72 @@
-fn main() {}
+//! `shoal`: start, stop and inspect a Shoal cluster.
+//!
+//! A thin binary over the `shoal-head` and `shoal-node` libraries: it parses
+//! flags, sets up logging, builds configs and calls their `run`.
+//!
+//! Modules:
+//! - `cluster_file`: the TOML cluster file read by `--config`;
+//! - `session`: the session directory (pid files, logs, token, addresses);
+//! - `start`, `stop`, `status`: one per subcommand;
+//! - `logging`: `tracing` set up from `SHOAL_LOG` or `RUST_LOG`.
+
+mod cluster_file;
+mod logging;
+mod session;
+mod start;
+mod status;
+mod stop;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Shoal: a Ray-style actor and task cluster for Rust.
+///
+/// Start a head with `shoal start --head`, join more machines with the command
+/// it prints, inspect with `shoal status`, and stop everything started from
+/// this machine with `shoal stop`.
+#[derive(Debug, Parser)]
+#[command(name = "shoal", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start a head node (--head) or a node that joins one (--address).
+    Start(start::StartArgs),
+    /// Stop every Shoal daemon started from this machine.
+    Stop(stop::StopArgs),
+    /// Show the cluster's nodes, their states and resources.
+    Status(status::StatusArgs),
+}
+
+/// Where session directories live unless `--session-dir` says otherwise.
+pub const DEFAULT_SESSION_ROOT: &str = "/tmp/shoal";
+
+/// The `--session-dir` flag shared by every subcommand.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SessionArgs {
+    /// Root of the session directories: each `shoal start --head` makes
+    /// `DIR/session_<time>_<pid>` and points `DIR/session_latest` at it.
+    #[arg(long = "session-dir", value_name = "DIR", env = "SHOAL_SESSION_DIR", default_value = DEFAULT_SESSION_ROOT)]
+    pub root: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Start(args) => start::run(args),
+        Command::Stop(args) => stop::run(args),
+        Command::Status(args) => status::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,127 @@
+//! The head: Shoal's control plane.
+//!
+//! The head keeps the cluster's node table: it registers node daemons (a new
+//! [`NodeId`](shoal_proto::NodeId) for every start of a daemon), records their
+//! heartbeats and free resources, declares a node dead when its heartbeats stop
+//! for longer than [`HeadConfig::node_timeout`], fences dead nodes (a dead
+//! node's heartbeat is refused and it must join again as a new node), and
+//! answers status queries. It also issues each joining node the certificate
+//! it uses for node-to-node mutual TLS.
+//!
+//! Modules:
+//! - [`config`]: [`HeadConfig`] and its defaults.
+//! - [`membership`]: the node table as a state machine with no I/O (time is
+//!   passed in), so it can be tested step by step.
+//! - [`api`]: the head service: [`HeadRequest`](shoal_proto::HeadRequest) in,
+//!   [`HeadReply`](shoal_proto::HeadReply) out.
+//!
+//! The entry point is [`Head::bind`] then [`Head::run`], or [`run`] for both;
+//! the CLI, local mode and the tests all go through it.
 
+pub mod api;
+pub mod config;
+pub mod membership;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_net::handshake::{HandshakeStats, ServerAuth};
+use shoal_net::{endpoint, tls, ClusterIdentity, IdentityError};
+use shoal_proto::Role;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+pub use config::HeadConfig;
+
+/// The head could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum HeadError {
+    /// Binding the listen address failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TLS identity could not be used.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+}
+
+/// A head bound to its address, ready to [`run`](Head::run).
+pub struct Head {
+    endpoint: shoal_net::quinn::Endpoint,
+    service: Arc<api::HeadService>,
+    auth: Arc<ServerAuth>,
+    stats: Arc<HandshakeStats>,
+    config: HeadConfig,
+}
+
+impl Head {
+    /// Binds the head's QUIC endpoint. Must be called inside a tokio runtime.
+    pub fn bind(config: HeadConfig, identity: Arc<ClusterIdentity>) -> Result<Self, HeadError> {
+        let cert = identity.issue_head_cert()?;
+        let server = endpoint::server_config(tls::server_config(&cert)?, &config.limits)?;
+        let endpoint = endpoint::endpoint(config.listen, Some(server), &config.limits)
+            .map_err(|source| HeadError::Bind { addr: config.listen, source })?;
+        let stats = Arc::new(HandshakeStats::default());
+        let auth = Arc::new(ServerAuth::new(
+            identity.token().clone(),
+            vec![Role::Node, Role::Driver, Role::Worker, Role::Client],
+        ));
+        let service = Arc::new(api::HeadService::new(identity, &config, stats.clone()));
+        Ok(Self { endpoint, service, auth, stats, config })
+    }
+
+    /// The address the head listens on (useful with port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Serves until `shutdown` is cancelled, then closes every connection.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let addr = self.local_addr().ok();
+        info!(?addr, cluster_id = %self.service.cluster_id(), "head serving");
+        let detector = failure_detector(self.service.clone(), self.config.clone(), shutdown.clone());
+        let server = shoal_net::rpc::serve(
+            self.endpoint,
+            self.service,
+            self.auth,
+            self.config.limits.clone(),
+            self.stats,
+            shutdown,
+        );
+        tokio::join!(detector, server);
+        info!("head stopped");
+    }
+}
+
+/// Binds and runs a head until `shutdown` is cancelled.
+pub async fn run(
+    config: HeadConfig,
+    identity: Arc<ClusterIdentity>,
+    shutdown: CancellationToken,
+) -> Result<(), HeadError> {
+    Head::bind(config, identity)?.run(shutdown).await;
+    Ok(())
+}
+
+/// Declares nodes dead when their heartbeats stop. Ticks at a tenth of the
+/// timeout, so a node is declared dead within 1.1 timeouts.
+async fn failure_detector(
+    service: Arc<api::HeadService>,
+    config: HeadConfig,
+    shutdown: CancellationToken,
+) {
+    let tick = (config.node_timeout / 10).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = interval.tick() => service.sweep(),
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! The session directory.
+//!
+//! ```text
+//! ROOT/session_<UTC time>_<pid>/
+//!     token, ca.key, ca.crt    cluster identity (head's machine only)
+//!     head_address             where the head listens, host:port
+//!     pids/head.pid            one file per daemon started from here
+//!     pids/node-<pid>.pid
+//!     logs/head.log            each daemon's log
+//!     logs/node-<pid>.log
+//! ROOT/session_latest -> session_<...>
+//! ```
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+
+/// The link to the newest session under a root.
+pub const LATEST: &str = "session_latest";
+
+/// A session directory.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub dir: PathBuf,
+}
+
+impl Session {
+    /// Creates a new session directory under `root` and points
+    /// `root/session_latest` at it.
+    pub fn create(root: &Path) -> Result<Self> {
+        let name = format!("session_{}_{}", utc_stamp(SystemTime::now()), std::process::id());
+        let dir = root.join(&name);
+        for sub in ["pids", "logs"] {
+            fs::create_dir_all(dir.join(sub))
+                .with_context(|| format!("creating session directory {}", dir.display()))?;
+        }
+        let link = root.join(LATEST);
+        let tmp = root.join(format!(".{LATEST}.{}", std::process::id()));
+        let _ = fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&name, &tmp)
+            .and_then(|()| fs::rename(&tmp, &link))
+            .with_context(|| format!("linking {}", link.display()))?;
+        Ok(Self { dir })
+    }
+
+    /// The session `root/session_latest` points to, if any.
+    pub fn latest(root: &Path) -> Option<Self> {
+        let dir = fs::canonicalize(root.join(LATEST)).ok()?;
+        dir.is_dir().then_some(Self { dir })
+    }
+
+    /// An existing session directory, as given.
+    pub fn open(dir: PathBuf) -> Result<Self> {
+        for sub in ["pids", "logs"] {
+            fs::create_dir_all(dir.join(sub))
+                .with_context(|| format!("preparing session directory {}", dir.display()))?;
+        }
+        Ok(Self { dir })
+    }
+
+    pub fn token_path(&self) -> PathBuf {
+        self.dir.join("token")
+    }
+
+    pub fn head_address_path(&self) -> PathBuf {
+        self.dir.join("head_address")
+    }
+
+    pub fn pid_path(&self, daemon: &str) -> PathBuf {
+        self.dir.join("pids").join(format!("{daemon}.pid"))
+    }
+
+    pub fn log_path(&self, daemon: &str) -> PathBuf {
+        self.dir.join("logs").join(format!("{daemon}.log"))
+    }
+
+    /// The head's address recorded in this session.
+    pub fn head_address(&self) -> Option<String> {
+        fs::read_to_string(self.head_address_path()).ok().map(|s| s.trim().to_string())
+    }
+}
+
+/// Every pid file under every session of `root`.
+pub fn all_pid_files(root: &Path) -> Vec<PathBuf> {
+    let Ok(sessions) = fs::read_dir(root) else { return Vec::new() };
+    let mut files = Vec::new();
+    for session in sessions.flatten() {
+        let name = session.file_name();
+        if name.to_string_lossy().starts_with("session_") && name != LATEST {
+            if let Ok(pids) = fs::read_dir(session.path().join("pids")) {
+                files.extend(
+                    pids.flatten()
+                        .map(|e| e.path())
+                        .filter(|p| p.extension().is_some_and(|e| e == "pid")),
+                );
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+/// A pid file that removes itself when dropped.
+pub struct PidFile(PathBuf);
+
+impl PidFile {
+    pub fn write(path: PathBuf) -> Result<Self> {
+        fs::write(&path, format!("{}\n", std::process::id()))
+            .with_context(|| format!("writing pid file {}", path.display()))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+/// `YYYY-MM-DD_HH-MM-SS` in UTC.
+fn utc_stamp(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!("{y:04}-{m:02}-{d:02}_{:02}-{:02}-{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Howard Hinnant's days-to-civil conversion (proleptic Gregorian).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn stamps_are_utc_calendar_dates() {
+        assert_eq!(utc_stamp(UNIX_EPOCH), "1970-01-01_00-00-00");
+        let t = UNIX_EPOCH + Duration::from_secs(1_795_705_200); // 2026-11-26 15:00:00 UTC
+        assert_eq!(utc_stamp(t), "2026-11-26_15-00-00");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(utc_stamp(leap), "2000-02-29_00-00-00");
+    }
+
+    #[test]
+    fn create_links_latest_and_finds_pid_files() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let session = Session::create(root.path()).expect("create");
+        let latest = Session::latest(root.path()).expect("latest");
+        assert_eq!(latest.dir, fs::canonicalize(&session.dir).expect("canon"));
+        let pid = PidFile::write(session.pid_path("head")).expect("pid");
+        assert_eq!(all_pid_files(root.path()), vec![session.pid_path("head")]);
+        drop(pid);
+        assert!(all_pid_files(root.path()).is_empty());
+    }
+}

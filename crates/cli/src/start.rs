@@ -1,0 +1,360 @@
+//! `shoal start`: the head (`--head`) or a joining node (`--address`).
+//!
+//! Without `--block` the command re-runs itself with `--block` as a daemon in
+//! its own process group, output to the session's log directory, waits until
+//! the daemon answers, prints how to use it, and returns. With `--block` it
+//! runs the daemon in the foreground until SIGINT or SIGTERM.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use shoal_head::HeadConfig;
+use shoal_net::{ClusterIdentity, JoinToken};
+use shoal_node::NodeConfig;
+use shoal_proto::{ClusterStatus, NodeState, ResourceSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster_file::{ClusterFile, NodeSection};
+use crate::session::{PidFile, Session};
+use crate::{logging, status, SessionArgs};
+
+/// How long `shoal start` waits for its daemon to answer.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("role").required(true).args(["head", "address"])))]
+pub struct StartArgs {
+    /// Start the head, with a node daemon in the same process (like `ray start --head`).
+    #[arg(long)]
+    head: bool,
+    /// Start a node daemon that joins the head at HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    address: Option<String>,
+    /// The head's port; 0 picks a free one. [default: 6380]
+    #[arg(long, requires = "head")]
+    port: Option<u16>,
+    /// The join token the head printed. Falls back to SHOAL_TOKEN, then to
+    /// the token in the session directory (on the head's own machine).
+    #[arg(long, env = "SHOAL_TOKEN", hide_env_values = true, conflicts_with = "head")]
+    token: Option<String>,
+    /// CPUs this node offers (detected by default); 0 runs no tasks here.
+    #[arg(long, value_name = "N")]
+    num_cpus: Option<f64>,
+    /// Memory this node offers, in bytes (detected by default).
+    #[arg(long, value_name = "BYTES")]
+    memory: Option<u64>,
+    /// Custom resources this node offers, as JSON: '{"GPU": 1, "disk": 2}'.
+    #[arg(long, value_name = "JSON", value_parser = parse_resources)]
+    resources: Option<BTreeMap<String, f64>>,
+    /// The IP to listen on and advertise (default: all interfaces, advertising
+    /// the one that reaches the head).
+    #[arg(long, value_name = "IP")]
+    node_ip: Option<IpAddr>,
+    /// A TOML cluster file (see cluster-config/); flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// With --address and --config: which [[nodes]] entry this node is. [default: 0]
+    #[arg(long, value_name = "N", requires = "address")]
+    node_index: Option<usize>,
+    #[command(flatten)]
+    session: SessionArgs,
+    /// Run in the foreground until interrupted, instead of as a daemon.
+    #[arg(long)]
+    block: bool,
+    /// The session directory a daemon started by `shoal start` uses.
+    #[arg(long, hide = true, value_name = "DIR")]
+    session_path: Option<PathBuf>,
+}
+
+fn parse_resources(text: &str) -> Result<BTreeMap<String, f64>, String> {
+    let map: BTreeMap<String, f64> = serde_json::from_str(text)
+        .map_err(|e| format!("expected a JSON object of names to numbers, like '{{\"GPU\": 1}}': {e}"))?;
+    for name in map.keys() {
+        if name == shoal_proto::resources::CPU {
+            return Err("use --num-cpus, not \"CPU\" in --resources".into());
+        }
+        if name == shoal_proto::resources::MEMORY {
+            return Err("use --memory, not \"memory\" in --resources".into());
+        }
+    }
+    ResourceSet(map.clone()).validate().map_err(|e| e.to_string())?;
+    Ok(map)
+}
+
+pub fn run(args: StartArgs) -> Result<()> {
+    let file = match &args.config {
+        Some(path) => ClusterFile::load(path)?,
+        None => ClusterFile::default(),
+    };
+    if let Some(n) = args.num_cpus {
+        anyhow::ensure!(n.is_finite() && n >= 0.0, "--num-cpus must be a number >= 0, got {n}");
+    }
+    match (args.head, args.block) {
+        (true, true) => run_head(&args, &file),
+        (false, true) => run_node(&args, &file),
+        (_, false) => spawn_daemon(&args),
+    }
+}
+
+/// The node settings: the file's section, overridden by flags.
+fn node_settings(args: &StartArgs, section: NodeSection, file: &ClusterFile) -> NodeConfig {
+    let mut resources = ResourceSet(section.resources);
+    if let Some(flags) = &args.resources {
+        resources = ResourceSet(flags.clone());
+    }
+    NodeConfig {
+        node_ip: args.node_ip.or(section.node_ip),
+        num_cpus: args.num_cpus.or(section.num_cpus),
+        memory_bytes: args.memory.or(section.memory_bytes),
+        resources,
+        limits: file.limits.clone(),
+        ..NodeConfig::default()
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")
+}
+
+/// Cancels the returned token on SIGINT or SIGTERM.
+fn shutdown_on_signals() -> Result<CancellationToken> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let token = CancellationToken::new();
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        cancel.cancel();
+    });
+    Ok(token)
+}
+
+fn session_for(args: &StartArgs, create: bool) -> Result<Session> {
+    if let Some(dir) = &args.session_path {
+        return Session::open(dir.clone());
+    }
+    if !create {
+        if let Some(latest) = Session::latest(&args.session.root) {
+            return Ok(latest);
+        }
+    }
+    Session::create(&args.session.root)
+}
+
+fn run_head(args: &StartArgs, file: &ClusterFile) -> Result<()> {
+    logging::init("info");
+    let session = session_for(args, true)?;
+    // A head restarted on the same session directory keeps its cluster.
+    let identity = if session.token_path().exists() {
+        ClusterIdentity::load(&session.dir).context("loading the session's cluster identity")?
+    } else {
+        let identity = ClusterIdentity::generate().context("generating the cluster identity")?;
+        identity.save(&session.dir).context("saving the cluster identity")?;
+        identity
+    };
+    let identity = Arc::new(identity);
+    let _pid = PidFile::write(session.pid_path("head"))?;
+    let node_ip = args.node_ip.or(file.head.node_ip);
+    let port = args.port.or(file.head.port).unwrap_or(shoal_head::config::defaults::PORT);
+    let config = HeadConfig {
+        listen: SocketAddr::new(node_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), port),
+        heartbeat_interval: file.timeouts.heartbeat_interval,
+        node_timeout: file.timeouts.node_timeout,
+        limits: file.limits.clone(),
+        ..HeadConfig::default()
+    };
+    let head_section = NodeSection {
+        node_ip,
+        num_cpus: file.head.num_cpus,
+        memory_bytes: file.head.memory_bytes,
+        resources: file.head.resources.clone(),
+    };
+    let mut node_config = node_settings(args, head_section, file);
+    node_config.is_head_node = true;
+    if let Some(ip) = node_ip {
+        node_config.listen = SocketAddr::new(ip, 0);
+    }
+
+    runtime()?.block_on(async move {
+        let shutdown = shutdown_on_signals()?;
+        let head = shoal_head::Head::bind(config, identity.clone())?;
+        let bound = head.local_addr().context("reading the head's address")?;
+        // Local commands reach the head on loopback when it listens everywhere.
+        let local_ip = node_ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        node_config.head_address = SocketAddr::new(local_ip, bound.port()).to_string();
+        let advertised = SocketAddr::new(node_ip.unwrap_or_else(primary_ip), bound.port());
+        std::fs::write(session.head_address_path(), advertised.to_string())
+            .context("writing head_address")?;
+        let node = shoal_node::Node::bind(node_config, identity.token().clone())?;
+        println!("Shoal head listening on {advertised} (cluster {})", identity.cluster_id());
+        println!("Join with: shoal start --address {advertised} --token {}", identity.token());
+        tokio::join!(head.run(shutdown.clone()), node.run(shutdown));
+        Ok(())
+    })
+}
+
+fn run_node(args: &StartArgs, file: &ClusterFile) -> Result<()> {
+    logging::init("info");
+    let Some(address) = args.address.clone() else { bail!("--address is required") };
+    let session = session_for(args, false)?;
+    let token = resolve_token(args.token.as_deref(), &session)?;
+    let section = match (args.node_index, file.nodes.is_empty()) {
+        (Some(i), _) => file.nodes.get(i).cloned().with_context(|| {
+            format!("--node-index {i}: the cluster file has {} [[nodes]] entries", file.nodes.len())
+        })?,
+        (None, false) => file.nodes[0].clone(),
+        (None, true) => NodeSection::default(),
+    };
+    let mut config = node_settings(args, section, file);
+    config.head_address = address;
+    if let Some(ip) = config.node_ip {
+        config.listen = SocketAddr::new(ip, 0);
+    }
+    let _pid = PidFile::write(session.pid_path(&format!("node-{}", std::process::id())))?;
+    runtime()?.block_on(async move {
+        let shutdown = shutdown_on_signals()?;
+        let node = shoal_node::Node::bind(config, token)?;
+        node.run(shutdown).await;
+        Ok(())
+    })
+}
+
+/// The token from the flag or SHOAL_TOKEN, else from the session directory.
+fn resolve_token(given: Option<&str>, session: &Session) -> Result<JoinToken> {
+    if let Some(text) = given {
+        return text.parse().context("parsing the join token");
+    }
+    shoal_net::identity::read_token(&session.token_path()).map_err(|e| {
+        anyhow::anyhow!(
+            "no join token: pass --token or set SHOAL_TOKEN (the head printed it when it started); \
+             none in the session directory either ({e})"
+        )
+    })
+}
+
+/// Starts this command again with `--block` as a daemon, waits until it
+/// answers, and says how to use it.
+fn spawn_daemon(args: &StartArgs) -> Result<()> {
+    let session = session_for(args, args.head)?;
+    // A node's log is named after the daemon's pid, known only after spawning.
+    let log = session.log_path(&if args.head {
+        "head".to_string()
+    } else {
+        format!("node-starting-{}", std::process::id())
+    });
+    let out = File::create(&log).with_context(|| format!("creating log {}", log.display()))?;
+    let err = out.try_clone().context("duplicating the log file")?;
+    let exe = std::env::current_exe().context("finding the shoal executable")?;
+    let mut child = Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .arg("--block")
+        .arg("--session-path")
+        .arg(&session.dir)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        // Its own process group: a Ctrl-C at this terminal must not stop it.
+        .process_group(0)
+        .spawn()
+        .context("starting the daemon")?;
+    let pid = child.id();
+    let log = if args.head {
+        log
+    } else {
+        let named = session.log_path(&format!("node-{pid}"));
+        std::fs::rename(&log, &named).map(|()| named).unwrap_or(log)
+    };
+    let ready = wait_until_ready(args, &session, &mut child, &log);
+    let (address, token, status) = match ready {
+        Ok(found) => found,
+        Err(e) => {
+            // Leave nothing half-started behind.
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e.context(format!("see the daemon's log: {}", log.display())));
+        }
+    };
+    let node = status.nodes.iter().find(|n| n.pid == pid && n.state == NodeState::Alive);
+    if args.head {
+        println!("Started a Shoal head at {address} (pid {pid})");
+        println!("  cluster:  {}", status.cluster_id);
+        println!("  session:  {}", session.dir.display());
+        println!("  log:      {}", log.display());
+        println!();
+        println!("To add a node to this cluster, run on that machine:");
+        println!("    shoal start --address {address} --token {token}");
+        println!("On this machine the token is read from the session directory:");
+        println!("    shoal start --address {address}");
+        println!("To see the cluster: shoal status");
+        println!("To stop it:         shoal stop");
+    } else {
+        let id = node.map(|n| n.node_id.to_string()).unwrap_or_default();
+        println!("Started a Shoal node (pid {pid}) that joined {address} as node {id}");
+        println!("  log: {}", log.display());
+    }
+    Ok(())
+}
+
+/// Polls the head until the daemon we started shows up ALIVE in its status.
+fn wait_until_ready(
+    args: &StartArgs,
+    session: &Session,
+    child: &mut Child,
+    log: &Path,
+) -> Result<(String, JoinToken, ClusterStatus)> {
+    let pid = child.id();
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let mut last_error = String::from("not started yet");
+    while Instant::now() < deadline {
+        if let Some(exit) = child.try_wait().context("checking on the daemon")? {
+            let tail = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = tail.lines().rev().take(20).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!("the daemon exited ({exit}) before it was ready:\n{}", tail.join("\n"));
+        }
+        let address = match &args.address {
+            Some(address) => Some(address.clone()),
+            None => session.head_address(),
+        };
+        let token = resolve_token(args.token.as_deref(), session).ok();
+        if let (Some(address), Some(token)) = (address, token) {
+            match status::fetch(&address, &token, Duration::from_secs(2)) {
+                Ok(status) => {
+                    if status.nodes.iter().any(|n| n.pid == pid && n.state == NodeState::Alive) {
+                        return Ok((address, token, status));
+                    }
+                    last_error = "the daemon has not joined yet".into();
+                }
+                Err(e) => last_error = format!("{e:#}"),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("the daemon did not become ready within {READY_TIMEOUT:?}: {last_error}")
+}
+
+/// The first non-loopback IPv4 address of an interface that is up, else
+/// loopback: what other machines most likely reach this one on.
+fn primary_ip() -> IpAddr {
+    use nix::net::if_::InterfaceFlags;
+    let found = nix::ifaddrs::getifaddrs().ok().and_then(|addrs| {
+        addrs
+            .filter(|a| {
+                a.flags.contains(InterfaceFlags::IFF_UP)
+                    && !a.flags.contains(InterfaceFlags::IFF_LOOPBACK)
+            })
+            .find_map(|a| a.address.and_then(|s| s.as_sockaddr_in().map(|v4| IpAddr::V4(v4.ip()))))
+    });
+    found.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
+}

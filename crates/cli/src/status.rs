@@ -1,0 +1,185 @@
+//! `shoal status`: the cluster's nodes, states and resources.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde_json::{json, Map, Value};
+use shoal_net::handshake::ClientAuth;
+use shoal_net::{JoinToken, NetLimits, QuicTransport, RpcClient, Transport, HEAD_SERVER_NAME};
+use shoal_proto::resources::{CPU, MEMORY};
+use shoal_proto::{ClusterStatus, HeadReply, HeadRequest, NodeState, ResourceSet, Role};
+
+use crate::session::Session;
+use crate::SessionArgs;
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// The head's HOST:PORT (default: the newest session on this machine).
+    #[arg(long, value_name = "HOST:PORT", env = "SHOAL_ADDRESS")]
+    address: Option<String>,
+    /// The join token (default: SHOAL_TOKEN, then the session directory's).
+    #[arg(long, env = "SHOAL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    session: SessionArgs,
+}
+
+pub fn run(args: StatusArgs) -> Result<()> {
+    crate::logging::init("warn");
+    let session = Session::latest(&args.session.root);
+    let address = match (&args.address, &session) {
+        (Some(a), _) => a.clone(),
+        (None, Some(s)) => s.head_address().context("the newest session has no head_address")?,
+        (None, None) => anyhow::bail!(
+            "no cluster found under {}: pass --address HOST:PORT",
+            args.session.root.display()
+        ),
+    };
+    let token: JoinToken = match (&args.token, &session) {
+        (Some(t), _) => t.parse().context("parsing the join token")?,
+        (None, Some(s)) => shoal_net::identity::read_token(&s.token_path())
+            .context("reading the session's join token; pass --token")?,
+        (None, None) => anyhow::bail!("no join token: pass --token or set SHOAL_TOKEN"),
+    };
+    let status = fetch(&address, &token, Duration::from_secs(10))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&to_json(&status))?);
+    } else {
+        print!("{}", render(&status));
+    }
+    Ok(())
+}
+
+/// Asks the head at `address` for the cluster status.
+pub fn fetch(address: &str, token: &JoinToken, timeout: Duration) -> Result<ClusterStatus> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting tokio")?;
+    runtime.block_on(async {
+        let addr = tokio::net::lookup_host(address)
+            .await
+            .with_context(|| format!("resolving {address}"))?
+            .next()
+            .with_context(|| format!("{address} resolves to no address"))?;
+        let limits = NetLimits { handshake_timeout: timeout, ..NetLimits::default() };
+        let transport = QuicTransport::token_client(
+            ClientAuth { token: token.clone(), role: Role::Client },
+            HEAD_SERVER_NAME,
+            limits,
+        )?;
+        let head: RpcClient<HeadRequest, HeadReply> = transport
+            .connect(addr)
+            .await
+            .with_context(|| format!("connecting to the head at {address}"))?;
+        let reply = head.call(&HeadRequest::GetClusterStatus, timeout).await;
+        head.close();
+        transport.endpoint().wait_idle().await;
+        match reply.context("asking the head for its status")? {
+            HeadReply::ClusterStatus(status) => Ok(status),
+            other => anyhow::bail!("unexpected reply from the head: {other:?}"),
+        }
+    })
+}
+
+fn resources_json(set: &ResourceSet) -> Value {
+    Value::Object(set.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<Map<_, _>>())
+}
+
+/// The `--json` shape.
+pub fn to_json(status: &ClusterStatus) -> Value {
+    let nodes: Vec<Value> = status
+        .nodes
+        .iter()
+        .map(|n| {
+            json!({
+                "node_id": n.node_id.to_string(),
+                "address": n.address,
+                "state": match n.state { NodeState::Alive => "ALIVE", NodeState::Dead => "DEAD" },
+                "pid": n.pid,
+                "hostname": n.hostname,
+                "is_head_node": n.is_head_node,
+                "resources_total": resources_json(&n.resources_total),
+                "resources_available": resources_json(&n.resources_available),
+                "last_heartbeat_ms_ago": n.last_heartbeat_ms_ago,
+            })
+        })
+        .collect();
+    json!({
+        "cluster_id": status.cluster_id.to_string(),
+        "nodes": nodes,
+        "handshakes_refused": status.handshakes_refused,
+    })
+}
+
+fn quantity(name: &str, q: f64) -> String {
+    if name == MEMORY {
+        format!("{:.1} GiB", q / f64::from(1u32 << 30))
+    } else if q.fract() == 0.0 {
+        format!("{q:.0}")
+    } else {
+        format!("{q:.2}")
+    }
+}
+
+fn used_of_total(name: &str, total: &ResourceSet, available: &ResourceSet) -> String {
+    let t = total.get(name);
+    let used = (t - available.get(name)).max(0.0);
+    format!("{}/{}", quantity(name, used), quantity(name, t))
+}
+
+/// The human form.
+pub fn render(status: &ClusterStatus) -> String {
+    let alive: Vec<_> = status.nodes.iter().filter(|n| n.state == NodeState::Alive).collect();
+    let mut out = format!(
+        "Cluster {}: {} node(s) alive, {} dead\n\n",
+        status.cluster_id,
+        alive.len(),
+        status.nodes.len() - alive.len()
+    );
+    out += &format!(
+        "{:<32}  {:<5}  {:<21}  {:>7}  {:<9}  {:<19}  {}\n",
+        "NODE", "STATE", "ADDRESS", "PID", "CPU", "MEMORY", "OTHER RESOURCES"
+    );
+    for n in &status.nodes {
+        let state = match n.state {
+            NodeState::Alive => "ALIVE",
+            NodeState::Dead => "DEAD",
+        };
+        let others: Vec<String> = n
+            .resources_total
+            .iter()
+            .filter(|(k, _)| *k != CPU && *k != MEMORY)
+            .map(|(k, _)| format!("{k} {}", used_of_total(k, &n.resources_total, &n.resources_available)))
+            .collect();
+        let head = if n.is_head_node { " (head)" } else { "" };
+        out += &format!(
+            "{:<32}  {:<5}  {:<21}  {:>7}  {:<9}  {:<19}  {}{}\n",
+            n.node_id,
+            state,
+            n.address,
+            n.pid,
+            used_of_total(CPU, &n.resources_total, &n.resources_available),
+            used_of_total(MEMORY, &n.resources_total, &n.resources_available),
+            others.join(", "),
+            head
+        );
+    }
+    let mut total = ResourceSet::new();
+    let mut available = ResourceSet::new();
+    for n in &alive {
+        total.add(&n.resources_total);
+        available.add(&n.resources_available);
+    }
+    out += "\nResources in use (live nodes):\n";
+    for (name, _) in total.iter() {
+        out += &format!("  {name:<12} {}\n", used_of_total(name, &total, &available));
+    }
+    if status.handshakes_refused > 0 {
+        out += &format!("\nHandshakes refused since the head started: {}\n", status.handshakes_refused);
+    }
+    out
+}

@@ -1,0 +1,256 @@
+//! The node table, as a state machine with no I/O: every method takes the
+//! current time, so failure detection can be tested step by step.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use shoal_proto::head::RegisterNode;
+use shoal_proto::{NodeId, NodeState, NodeStatus, ResourceSet};
+
+/// A heartbeat or request from a node that is not a live member.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("node {0} is not a live member")]
+pub struct Fenced(pub NodeId);
+
+/// The table is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the cluster already has {0} live nodes")]
+pub struct TooManyNodes(pub usize);
+
+#[derive(Debug)]
+struct Entry {
+    info: RegisterNode,
+    state: NodeState,
+    resources_available: ResourceSet,
+    last_heard: Instant,
+}
+
+/// The node table.
+#[derive(Debug)]
+pub struct Membership {
+    nodes: HashMap<NodeId, Entry>,
+    /// Registration order, for stable listings.
+    order: Vec<NodeId>,
+    /// Dead nodes, oldest first, to forget beyond `dead_kept`.
+    dead: VecDeque<NodeId>,
+    nodes_max: usize,
+    dead_kept: usize,
+}
+
+impl Membership {
+    /// An empty table admitting up to `nodes_max` live nodes and remembering
+    /// up to `dead_kept` dead ones.
+    pub fn new(nodes_max: usize, dead_kept: usize) -> Self {
+        Self {
+            nodes: HashMap::new(),
+            order: Vec::new(),
+            dead: VecDeque::new(),
+            nodes_max,
+            dead_kept,
+        }
+    }
+
+    /// Admits a node under a new id; it starts with all its resources free.
+    pub fn register(&mut self, info: RegisterNode, now: Instant) -> Result<NodeId, TooManyNodes> {
+        if self.alive_count() >= self.nodes_max {
+            return Err(TooManyNodes(self.nodes_max));
+        }
+        let id = NodeId::random();
+        let entry = Entry {
+            resources_available: info.resources_total.clone(),
+            info,
+            state: NodeState::Alive,
+            last_heard: now,
+        };
+        self.nodes.insert(id, entry);
+        self.order.push(id);
+        Ok(id)
+    }
+
+    /// Records a heartbeat. A dead or unknown node is fenced: it must join
+    /// again as a new node.
+    pub fn heartbeat(
+        &mut self,
+        id: NodeId,
+        available: ResourceSet,
+        now: Instant,
+    ) -> Result<(), Fenced> {
+        match self.nodes.get_mut(&id) {
+            Some(entry) if entry.state == NodeState::Alive => {
+                entry.last_heard = now;
+                entry.resources_available = available;
+                Ok(())
+            }
+            _ => Err(Fenced(id)),
+        }
+    }
+
+    /// Marks a node dead because it left. Returns false if it was not alive.
+    pub fn unregister(&mut self, id: NodeId) -> bool {
+        self.mark_dead(id)
+    }
+
+    /// Declares dead every live node silent for longer than `timeout`;
+    /// returns them.
+    pub fn sweep(&mut self, now: Instant, timeout: Duration) -> Vec<NodeId> {
+        let expired: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|(_, e)| {
+                e.state == NodeState::Alive && now.saturating_duration_since(e.last_heard) > timeout
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &expired {
+            self.mark_dead(*id);
+        }
+        expired
+    }
+
+    fn mark_dead(&mut self, id: NodeId) -> bool {
+        let Some(entry) = self.nodes.get_mut(&id) else { return false };
+        if entry.state == NodeState::Dead {
+            return false;
+        }
+        entry.state = NodeState::Dead;
+        entry.resources_available = ResourceSet::new();
+        self.dead.push_back(id);
+        while self.dead.len() > self.dead_kept {
+            if let Some(old) = self.dead.pop_front() {
+                self.nodes.remove(&old);
+                self.order.retain(|n| *n != old);
+            }
+        }
+        true
+    }
+
+    /// Live nodes.
+    pub fn alive_count(&self) -> usize {
+        self.nodes.values().filter(|e| e.state == NodeState::Alive).count()
+    }
+
+    /// The state of a node, if remembered.
+    pub fn state(&self, id: NodeId) -> Option<NodeState> {
+        self.nodes.get(&id).map(|e| e.state)
+    }
+
+    /// Every remembered node, in registration order.
+    pub fn status(&self, now: Instant) -> Vec<NodeStatus> {
+        self.order
+            .iter()
+            .filter_map(|id| self.nodes.get(id).map(|e| (id, e)))
+            .map(|(id, e)| NodeStatus {
+                node_id: *id,
+                address: e.info.address.clone(),
+                state: e.state,
+                pid: e.info.pid,
+                hostname: e.info.hostname.clone(),
+                is_head_node: e.info.is_head_node,
+                resources_total: e.info.resources_total.clone(),
+                resources_available: e.resources_available.clone(),
+                last_heartbeat_ms_ago: u64::try_from(
+                    now.saturating_duration_since(e.last_heard).as_millis(),
+                )
+                .unwrap_or(u64::MAX),
+            })
+            .collect()
+    }
+
+    /// The cluster's resource view: totals and free resources of live nodes.
+    pub fn resources(&self) -> (ResourceSet, ResourceSet) {
+        let mut total = ResourceSet::new();
+        let mut available = ResourceSet::new();
+        for e in self.nodes.values().filter(|e| e.state == NodeState::Alive) {
+            total.add(&e.info.resources_total);
+            available.add(&e.resources_available);
+        }
+        (total, available)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(cpus: f64) -> RegisterNode {
+        let mut resources = ResourceSet::new();
+        resources.set("CPU", cpus);
+        RegisterNode {
+            address: "127.0.0.1:1".into(),
+            pid: 1,
+            hostname: "h".into(),
+            resources_total: resources,
+            is_head_node: false,
+        }
+    }
+
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn each_registration_gets_a_new_id() {
+        let mut m = Membership::new(10, 10);
+        let t0 = Instant::now();
+        let a = m.register(info(1.0), t0).expect("room");
+        let b = m.register(info(1.0), t0).expect("room");
+        assert_ne!(a, b);
+        assert_eq!(m.alive_count(), 2);
+    }
+
+    #[test]
+    fn silent_node_dies_after_the_timeout_and_is_fenced() {
+        let mut m = Membership::new(10, 10);
+        let t0 = Instant::now();
+        let a = m.register(info(2.0), t0).expect("room");
+        let b = m.register(info(2.0), t0).expect("room");
+        assert!(m.sweep(t0 + TIMEOUT, TIMEOUT).is_empty(), "not dead at exactly the timeout");
+        m.heartbeat(b, ResourceSet::new(), t0 + TIMEOUT).expect("alive");
+        assert_eq!(m.sweep(t0 + TIMEOUT + Duration::from_millis(1), TIMEOUT), vec![a]);
+        assert_eq!(m.state(a), Some(NodeState::Dead));
+        assert_eq!(m.state(b), Some(NodeState::Alive));
+        assert_eq!(m.heartbeat(a, ResourceSet::new(), t0 + TIMEOUT * 2), Err(Fenced(a)));
+        assert_eq!(m.state(a), Some(NodeState::Dead), "a fenced heartbeat does not revive");
+    }
+
+    #[test]
+    fn unknown_node_is_fenced() {
+        let mut m = Membership::new(10, 10);
+        let stranger = NodeId::random();
+        assert_eq!(m.heartbeat(stranger, ResourceSet::new(), Instant::now()), Err(Fenced(stranger)));
+    }
+
+    #[test]
+    fn resources_count_live_nodes_only() {
+        let mut m = Membership::new(10, 10);
+        let t0 = Instant::now();
+        let a = m.register(info(2.0), t0).expect("room");
+        m.register(info(3.0), t0).expect("room");
+        let mut free = ResourceSet::new();
+        free.set("CPU", 1.0);
+        m.heartbeat(a, free, t0).expect("alive");
+        let (total, available) = m.resources();
+        assert_eq!(total.get("CPU"), 5.0);
+        assert_eq!(available.get("CPU"), 4.0);
+        assert!(m.unregister(a));
+        assert!(!m.unregister(a), "already dead");
+        let (total, available) = m.resources();
+        assert_eq!(total.get("CPU"), 3.0);
+        assert_eq!(available.get("CPU"), 3.0);
+        let dead = m.status(t0).into_iter().find(|n| n.node_id == a).expect("remembered");
+        assert_eq!(dead.state, NodeState::Dead);
+        assert_eq!(dead.resources_available.get("CPU"), 0.0);
+    }
+
+    #[test]
+    fn table_is_bounded() {
+        let mut m = Membership::new(2, 1);
+        let t0 = Instant::now();
+        let a = m.register(info(1.0), t0).expect("room");
+        let b = m.register(info(1.0), t0).expect("room");
+        assert_eq!(m.register(info(1.0), t0), Err(TooManyNodes(2)));
+        m.unregister(a);
+        m.unregister(b);
+        assert_eq!(m.state(a), None, "oldest dead node forgotten beyond the bound");
+        assert_eq!(m.state(b), Some(NodeState::Dead));
+        assert_eq!(m.status(t0).len(), 1);
+    }
+}

@@ -1,0 +1,78 @@
+//! Building quinn endpoints with every limit set explicitly.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{IdleTimeout, TransportConfig, VarInt};
+
+use crate::error::IdentityError;
+use crate::limits::NetLimits;
+
+/// quinn's transport settings from our limits.
+pub fn transport_config(limits: &NetLimits) -> Arc<TransportConfig> {
+    let mut t = TransportConfig::default();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(limits.streams_max));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    t.stream_receive_window(VarInt::from_u32(limits.stream_window_bytes));
+    t.receive_window(VarInt::from_u32(limits.connection_window_bytes));
+    t.send_window(u64::from(limits.connection_window_bytes));
+    // Durations beyond QUIC's range fall back to none (no idle timeout) only
+    // for absurd configs; 30 s defaults are far inside it.
+    t.max_idle_timeout(IdleTimeout::try_from(limits.idle_timeout).ok());
+    t.keep_alive_interval(Some(limits.keep_alive_interval));
+    Arc::new(t)
+}
+
+/// quinn server settings: TLS, transport limits and the bound on connections
+/// being set up at once.
+pub fn server_config(
+    tls: rustls::ServerConfig,
+    limits: &NetLimits,
+) -> Result<quinn::ServerConfig, IdentityError> {
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| IdentityError::Tls(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(transport_config(limits));
+    config.max_incoming(limits.incoming_max);
+    config.migration(false);
+    Ok(config)
+}
+
+/// quinn client settings: TLS and transport limits.
+pub fn client_config(
+    tls: rustls::ClientConfig,
+    limits: &NetLimits,
+) -> Result<quinn::ClientConfig, IdentityError> {
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| IdentityError::Tls(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(transport_config(limits));
+    Ok(config)
+}
+
+/// A UDP socket bound to `addr` with enlarged buffers (many medium streams in
+/// flight overflow the kernel's default receive buffer).
+pub fn bind_socket(addr: SocketAddr, limits: &NetLimits) -> std::io::Result<UdpSocket> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let socket = UdpSocket::bind(addr)?;
+    // Best effort: the kernel caps these at net.core.[rw]mem_max, and a
+    // smaller buffer only costs throughput.
+    let _ = setsockopt(&socket, sockopt::RcvBuf, &limits.socket_buffer_bytes);
+    let _ = setsockopt(&socket, sockopt::SndBuf, &limits.socket_buffer_bytes);
+    Ok(socket)
+}
+
+/// An endpoint on `addr`, serving with `server` if given. Must be called
+/// inside a tokio runtime.
+pub fn endpoint(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    limits: &NetLimits,
+) -> std::io::Result<quinn::Endpoint> {
+    let socket = bind_socket(addr, limits)?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+}

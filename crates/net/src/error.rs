@@ -1,0 +1,125 @@
+//! Transport errors.
+
+use std::io;
+
+use shoal_proto::{DecodeError, EncodeError, HandshakeRefusal, ServiceError};
+
+/// Creating, saving or loading a cluster identity failed.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// Certificate generation or signing failed.
+    #[error("certificate generation failed: {0}")]
+    Certificate(#[from] rcgen::Error),
+    /// The system random generator failed.
+    #[error("the system random number generator failed")]
+    Random,
+    /// Reading or writing identity files failed.
+    #[error("{action} {path}: {source}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The file.
+        path: String,
+        /// The cause.
+        source: io::Error,
+    },
+    /// A join token string is not of the form `shoal1.<cluster id>.<secret>`.
+    #[error("malformed join token: {0} (expected shoal1.<32 hex cluster id>.<64 hex secret>)")]
+    MalformedToken(&'static str),
+    /// A TLS configuration could not be built from the identity.
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+}
+
+/// Opening an authenticated connection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The local endpoint could not be created.
+    #[error("cannot create local endpoint: {0}")]
+    Endpoint(#[source] io::Error),
+    /// quinn refused to start the connection (bad address, no client config, ...).
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// Where to.
+        addr: String,
+        /// Why.
+        source: quinn::ConnectError,
+    },
+    /// The QUIC connection failed or was closed.
+    #[error("connection to {addr} failed: {source}")]
+    Connection {
+        /// Where to.
+        addr: String,
+        /// Why.
+        source: quinn::ConnectionError,
+    },
+    /// The peer did not answer in time.
+    #[error("{what} with {addr} timed out")]
+    Timeout {
+        /// What timed out.
+        what: &'static str,
+        /// Where to.
+        addr: String,
+    },
+    /// The server refused our `Hello`.
+    #[error("{addr} refused the handshake: {refusal}")]
+    Refused {
+        /// Where to.
+        addr: String,
+        /// Why, in the server's words.
+        refusal: HandshakeRefusal,
+    },
+    /// The server could not prove it holds the join token: not our cluster,
+    /// or a man in the middle.
+    #[error("{addr} did not prove it holds the cluster's join token")]
+    ServerNotAuthenticated {
+        /// Where to.
+        addr: String,
+    },
+    /// The handshake exchange itself failed (stream error, bad frame).
+    #[error("handshake with {addr} failed: {reason}")]
+    Handshake {
+        /// Where to.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A request/reply exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    /// The connection is gone.
+    #[error("connection lost: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// No reply before the deadline.
+    #[error("no reply within {0:?}")]
+    Timeout(std::time::Duration),
+    /// The request could not be encoded.
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+    /// The reply could not be decoded.
+    #[error("bad reply: {0}")]
+    Decode(#[from] DecodeError),
+    /// The stream failed mid-exchange.
+    #[error("stream failed: {0}")]
+    Stream(String),
+    /// The service answered with a typed error.
+    #[error("service error: {0}")]
+    Service(#[from] ServiceError),
+    /// The reply answered another request.
+    #[error("reply id {got} does not match request id {expected}")]
+    IdMismatch {
+        /// The request's id.
+        expected: u64,
+        /// The reply's id.
+        got: u64,
+    },
+}
+
+impl RpcError {
+    /// True when the connection is unusable and must be replaced.
+    pub fn is_connection_lost(&self) -> bool {
+        matches!(self, RpcError::Connection(_))
+    }
+}

@@ -1,0 +1,66 @@
+//! Every bound the transport applies, in one place, set explicitly on quinn
+//! rather than left to its defaults (quinn's default of 100 concurrent streams
+//! makes `open_bi` hang when reached; its idle timeout has no keep-alive).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use shoal_proto::CodecLimits;
+
+/// Transport limits. Units are last in each name.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetLimits {
+    /// Largest control frame accepted or sent.
+    pub frame_bytes_max: u32,
+    /// Deepest nesting accepted in a control message.
+    pub decode_depth_max: u32,
+    /// Concurrent requests (bidirectional streams) a peer may have open on one
+    /// connection.
+    pub streams_max: u32,
+    /// Connections being set up at once (quinn's `max_incoming`).
+    pub incoming_max: usize,
+    /// Flow-control window per stream.
+    pub stream_window_bytes: u32,
+    /// Flow-control window per connection.
+    pub connection_window_bytes: u32,
+    /// UDP socket send and receive buffers.
+    pub socket_buffer_bytes: usize,
+    /// A connection with no traffic for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Keep-alive period, well under `idle_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive_interval: Duration,
+    /// Time for a peer to finish the QUIC and `Hello` handshakes.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Longest deadline a server honours for one request.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout_max: Duration,
+}
+
+impl Default for NetLimits {
+    fn default() -> Self {
+        Self {
+            frame_bytes_max: CodecLimits::CONTROL.frame_bytes_max,
+            decode_depth_max: CodecLimits::CONTROL.depth_max,
+            streams_max: 1024,
+            incoming_max: 256,
+            stream_window_bytes: 4 << 20,
+            connection_window_bytes: 32 << 20,
+            socket_buffer_bytes: 4 << 20,
+            idle_timeout: Duration::from_secs(30),
+            keep_alive_interval: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(10),
+            request_timeout_max: Duration::from_secs(300),
+        }
+    }
+}
+
+impl NetLimits {
+    /// The codec limits for control frames.
+    pub fn codec(&self) -> CodecLimits {
+        CodecLimits { frame_bytes_max: self.frame_bytes_max, depth_max: self.decode_depth_max }
+    }
+}

@@ -1,0 +1,66 @@
+//! The node daemon's configuration.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use shoal_net::NetLimits;
+use shoal_proto::ResourceSet;
+
+/// Default values, in one place.
+pub mod defaults {
+    use std::time::Duration;
+
+    /// Heartbeat period until the head says otherwise.
+    pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+    /// Longest wait between attempts to reach the head.
+    pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+    /// Deadline of one request to the head.
+    pub const HEAD_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+}
+
+/// The node daemon's configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// The head's address, `host:port`; resolved at every connection attempt.
+    pub head_address: String,
+    /// Where to serve peers (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// The IP peers should use to reach this node; when unset, the address
+    /// this machine uses to reach the head.
+    pub node_ip: Option<std::net::IpAddr>,
+    /// CPUs offered; detected when unset.
+    pub num_cpus: Option<f64>,
+    /// Memory offered, in bytes; detected when unset.
+    pub memory_bytes: Option<u64>,
+    /// Custom resources offered, `{"name": quantity}`.
+    pub resources: ResourceSet,
+    /// True for the node daemon that runs inside the head process.
+    pub is_head_node: bool,
+    /// Longest wait between attempts to reach the head.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_backoff_max: Duration,
+    /// Deadline of one request to the head.
+    #[serde(with = "humantime_serde")]
+    pub head_request_timeout: Duration,
+    /// Transport limits.
+    pub limits: NetLimits,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            head_address: String::new(),
+            listen: SocketAddr::from(([0, 0, 0, 0], 0)),
+            node_ip: None,
+            num_cpus: None,
+            memory_bytes: None,
+            resources: ResourceSet::new(),
+            is_head_node: false,
+            reconnect_backoff_max: defaults::RECONNECT_BACKOFF_MAX,
+            head_request_timeout: defaults::HEAD_REQUEST_TIMEOUT,
+            limits: NetLimits::default(),
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! The node's link to the head: join, heartbeat, reconnect.
+//!
+//! One loop owns the connection. It (re)connects with capped exponential
+//! backoff, registers when it has no id, and heartbeats every interval. A lost
+//! connection is replaced and the old id tried again first: if the head still
+//! knows it (a network blip) nothing changes; if the head answers
+//! `NodeFenced` (it restarted, or declared this node dead) the node registers
+//! again and gets a new id, as the design requires.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_net::handshake::ServerAuth;
+use shoal_net::{endpoint, tls, IssuedCert, RpcClient, RpcError, Transport};
+use shoal_proto::head::{NodeRegistered, RegisterNode};
+use shoal_proto::{HeadReply, HeadRequest, NodeId, ResourceSet};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::NodeConfig;
+
+type HeadClient = RpcClient<HeadRequest, HeadReply>;
+
+/// Consecutive failed heartbeats after which the connection is replaced.
+const FAILURES_BEFORE_RECONNECT: u32 = 2;
+
+pub(crate) struct HeadLink<'a, T: Transport> {
+    pub config: &'a NodeConfig,
+    pub transport: &'a T,
+    pub resources: &'a ResourceSet,
+    pub advertised: SocketAddr,
+    pub server: &'a shoal_net::quinn::Endpoint,
+    pub auth: &'a Arc<ServerAuth>,
+    pub node_id: &'a watch::Sender<Option<NodeId>>,
+}
+
+impl<T: Transport> HeadLink<'_, T> {
+    pub(crate) async fn run(self, shutdown: CancellationToken) {
+        let mut client: Option<HeadClient> = None;
+        let mut interval = crate::config::defaults::HEARTBEAT_INTERVAL;
+        let mut backoff = Backoff::new(self.config.reconnect_backoff_max);
+        let mut failures = 0u32;
+        while !shutdown.is_cancelled() {
+            let Some(head) = client.clone() else {
+                match self.connect().await {
+                    Ok(c) => {
+                        debug!(head = %c.remote_address(), "connected to head");
+                        client = Some(c);
+                        failures = 0;
+                    }
+                    Err(e) => {
+                        backoff.log_and_wait(&e, &shutdown).await;
+                    }
+                }
+                continue;
+            };
+            let current = *self.node_id.borrow();
+            let Some(node_id) = current else {
+                match self.register(&head).await {
+                    Ok(registered) => {
+                        interval = Duration::from_millis(registered.heartbeat_interval_ms.max(10));
+                        self.apply(registered);
+                        backoff.reset();
+                    }
+                    Err(e) => {
+                        if e.is_connection_lost() {
+                            client = None;
+                        }
+                        backoff.log_and_wait(&e, &shutdown).await;
+                    }
+                }
+                continue;
+            };
+            let beat = HeadRequest::Heartbeat {
+                node_id,
+                // No work runs on nodes yet: everything is free.
+                resources_available: self.resources.clone(),
+            };
+            match head.call(&beat, self.config.head_request_timeout).await {
+                Ok(HeadReply::HeartbeatAck) => failures = 0,
+                Ok(HeadReply::NodeFenced { .. }) => {
+                    warn!(%node_id, "the head does not know this node (it restarted, or declared it dead); joining again as a new node");
+                    self.node_id.send_replace(None);
+                    continue;
+                }
+                Ok(other) => warn!(reply = ?other, "unexpected reply to a heartbeat"),
+                Err(e) => {
+                    failures += 1;
+                    warn!(error = %e, failures, "heartbeat failed");
+                    if e.is_connection_lost() || failures >= FAILURES_BEFORE_RECONNECT {
+                        head.close();
+                        client = None;
+                        continue;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+        self.leave(client).await;
+    }
+
+    async fn connect(&self) -> Result<HeadClient, String> {
+        let addr = resolve(&self.config.head_address).await?;
+        self.transport.connect(addr).await.map_err(|e| e.to_string())
+    }
+
+    async fn register(&self, head: &HeadClient) -> Result<NodeRegistered, RpcError> {
+        let ip = match self.config.node_ip {
+            Some(ip) => ip,
+            None => outbound_ip(head.remote_address()),
+        };
+        let request = HeadRequest::RegisterNode(RegisterNode {
+            address: SocketAddr::new(ip, self.advertised.port()).to_string(),
+            pid: std::process::id(),
+            hostname: hostname(),
+            resources_total: self.resources.clone(),
+            is_head_node: self.config.is_head_node,
+        });
+        match head.call(&request, self.config.head_request_timeout).await? {
+            HeadReply::NodeRegistered(registered) => Ok(registered),
+            other => Err(RpcError::Stream(format!("unexpected reply to registration: {other:?}"))),
+        }
+    }
+
+    /// Adopts a new registration: serve peers with the issued certificate and
+    /// announce the new id.
+    fn apply(&self, registered: NodeRegistered) {
+        let cert =
+            IssuedCert { cert_der: registered.node_cert_der, key_der: registered.node_key_der };
+        let server = tls::mtls_server_config(&cert, &registered.ca_cert_der)
+            .and_then(|tls| endpoint::server_config(tls, &self.config.limits));
+        match server {
+            Ok(server) => self.server.set_server_config(Some(server)),
+            Err(e) => warn!(error = %e, "the head's certificate is unusable; not serving peers"),
+        }
+        self.auth.set_node_id(registered.node_id);
+        info!(node_id = %registered.node_id, "joined the cluster");
+        self.node_id.send_replace(Some(registered.node_id));
+    }
+
+    /// Leaves the cluster on purpose, so the head need not wait for the
+    /// heartbeat timeout. Best effort: the head may be gone already.
+    async fn leave(&self, client: Option<HeadClient>) {
+        let (Some(head), Some(node_id)) = (client, *self.node_id.borrow()) else { return };
+        let bye = HeadRequest::UnregisterNode { node_id };
+        if let Err(e) = head.call(&bye, Duration::from_secs(2)).await {
+            debug!(error = %e, "could not tell the head we are leaving");
+        }
+        head.close();
+    }
+}
+
+async fn resolve(address: &str) -> Result<SocketAddr, String> {
+    tokio::net::lookup_host(address)
+        .await
+        .map_err(|e| format!("cannot resolve head address {address:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("head address {address:?} resolves to nothing"))
+}
+
+/// The local IP this machine uses to reach `peer` (no packet is sent:
+/// connecting a UDP socket only picks a route).
+fn outbound_ip(peer: SocketAddr) -> IpAddr {
+    let unspecified: SocketAddr = if peer.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    std::net::UdpSocket::bind(unspecified)
+        .and_then(|s| s.connect(peer).and_then(|()| s.local_addr()))
+        .map(|a| a.ip())
+        .unwrap_or(peer.ip())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown".to_string())
+}
+
+/// Capped exponential backoff that logs the first failure loudly and
+/// repeats quietly.
+struct Backoff {
+    next: Duration,
+    max: Duration,
+    failures: u32,
+}
+
+impl Backoff {
+    const START: Duration = Duration::from_millis(50);
+
+    fn new(max: Duration) -> Self {
+        Self { next: Self::START, max, failures: 0 }
+    }
+
+    fn reset(&mut self) {
+        self.next = Self::START;
+        self.failures = 0;
+    }
+
+    async fn log_and_wait(&mut self, error: &dyn std::fmt::Display, shutdown: &CancellationToken) {
+        self.failures += 1;
+        if self.failures == 1 || self.failures % 20 == 0 {
+            warn!(error = %error, attempts = self.failures, "cannot reach the head; retrying");
+        } else {
+            debug!(error = %error, attempts = self.failures, "cannot reach the head; retrying");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(self.next) => {}
+        }
+        self.next = (self.next * 2).min(self.max);
+    }
+}
