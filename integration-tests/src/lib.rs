@@ -1,1 +1,296 @@
+//! Fixtures for cluster tests.
+//!
+//! - [`ProcessCluster`]: a cluster of real `shoal` processes on 127.0.0.1, in a
+//!   session root of its own, stopped (SIGKILL) when dropped, pass or fail.
+//! - [`poll_until`]: wait for a state with a deadline, never a bare sleep.
+//! - [`raw`]: a peer that speaks QUIC and TLS but sends whatever bytes a test
+//!   wants in the handshake, to check how the head refuses bad input.
+//!
+//! The in-process cluster is `shoal::LocalCluster`.
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Calls `probe` every 50 ms until it returns `Some`, or panics with `what`
+/// after `timeout`.
+pub fn poll_until<T>(timeout: Duration, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The async twin of [`poll_until`].
+pub async fn poll_until_async<T, F, Fut>(timeout: Duration, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The `shoal` binary built beside this test (`cargo build` first; `make test`
+/// does).
+pub fn shoal_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
+    let bin = dir.join("shoal");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first with `cargo build -p shoal-cli` (make test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A cluster of real `shoal` processes sharing one session root.
+pub struct ProcessCluster {
+    root: tempfile::TempDir,
+}
+
+impl Default for ProcessCluster {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ProcessCluster {
+    /// An empty session root; nothing runs yet.
+    pub fn new() -> Self {
+        Self {
+            root: tempfile::Builder::new()
+                .prefix("shoal-test-")
+                .tempdir()
+                .expect("tempdir"),
+        }
+    }
+
+    /// The session root.
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// Runs `shoal ARGS --session-dir ROOT` and returns its output.
+    pub fn shoal(&self, args: &[&str]) -> Output {
+        Command::new(shoal_bin())
+            .args(args)
+            .arg("--session-dir")
+            .arg(self.root())
+            .env_remove("SHOAL_TOKEN")
+            .env_remove("SHOAL_ADDRESS")
+            .output()
+            .expect("running shoal")
+    }
+
+    /// Like [`shoal`](Self::shoal), panicking with its output unless it succeeds.
+    pub fn shoal_ok(&self, args: &[&str]) -> String {
+        let out = self.shoal(args);
+        assert!(
+            out.status.success(),
+            "shoal {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Writes a cluster file into the root and returns its path.
+    pub fn write_config(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.root().join(name);
+        std::fs::write(&path, text).expect("writing cluster file");
+        path
+    }
+
+    /// Starts a head on a free loopback port; returns its address.
+    pub fn start_head(&self, extra: &[&str]) -> String {
+        let mut args = vec!["start", "--head", "--port", "0", "--node-ip", "127.0.0.1"];
+        args.extend_from_slice(extra);
+        self.shoal_ok(&args);
+        self.head_address()
+    }
+
+    /// The head's address from the session directory.
+    pub fn head_address(&self) -> String {
+        let path = self.root().join("session_latest").join("head_address");
+        std::fs::read_to_string(&path)
+            .expect("head_address")
+            .trim()
+            .to_string()
+    }
+
+    /// The join token from the session directory.
+    pub fn token(&self) -> String {
+        let path = self.root().join("session_latest").join("token");
+        std::fs::read_to_string(&path)
+            .expect("token")
+            .trim()
+            .to_string()
+    }
+
+    /// Starts a node daemon that joins the head; returns its pid.
+    pub fn start_node(&self, extra: &[&str]) -> u32 {
+        let address = self.head_address();
+        let mut args = vec![
+            "start",
+            "--address",
+            address.as_str(),
+            "--node-ip",
+            "127.0.0.1",
+        ];
+        args.extend_from_slice(extra);
+        let out = self.shoal_ok(&args);
+        // "Started a Shoal node (pid N) that joined ..."
+        out.split("(pid ")
+            .nth(1)
+            .and_then(|rest| rest.split(')').next())
+            .and_then(|pid| pid.parse().ok())
+            .unwrap_or_else(|| panic!("no pid in shoal start output: {out}"))
+    }
+
+    /// `shoal status --json`.
+    pub fn status(&self) -> Value {
+        let out = self.shoal_ok(&["status", "--json"]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("status is not JSON ({e}): {out}"))
+    }
+
+    /// The status node whose pid is `pid` and whose state is `state`, if any.
+    pub fn node_by_pid(status: &Value, pid: u32, state: &str) -> Option<Value> {
+        status["nodes"]
+            .as_array()?
+            .iter()
+            .find(|n| n["pid"] == pid && n["state"] == state)
+            .cloned()
+    }
+
+    /// Every pid the cluster's status lists.
+    pub fn pids(status: &Value) -> Vec<u32> {
+        status["nodes"]
+            .as_array()
+            .map(|nodes| {
+                nodes
+                    .iter()
+                    .filter_map(|n| n["pid"].as_u64())
+                    .map(|p| p as u32)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Panics if any daemon log under the root records a panic.
+    pub fn assert_no_panics(&self) {
+        for log in logs(self.root()) {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            assert!(
+                !text.contains("panicked"),
+                "{} records a panic:\n{text}",
+                log.display()
+            );
+        }
+    }
+}
+
+fn logs(root: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for session in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        if let Ok(entries) = std::fs::read_dir(session.path().join("logs")) {
+            found.extend(entries.flatten().map(|e| e.path()));
+        }
+    }
+    found
+}
+
+impl Drop for ProcessCluster {
+    fn drop(&mut self) {
+        // Pass or fail, leave nothing running.
+        let _ = Command::new(shoal_bin())
+            .args(["stop", "--force", "--session-dir"])
+            .arg(self.root())
+            .output();
+    }
+}
+
+/// True while `pid` is a live (non-zombie) process.
+pub fn process_alive(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    match stat
+        .rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next())
+    {
+        None | Some('Z') | Some('X') => false,
+        Some(_) => true,
+    }
+}
+
+/// Sends `signal` to `pid`.
+pub fn signal(pid: u32, signal: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid fits i32"));
+    nix::sys::signal::kill(pid, signal).expect("sending signal");
+}
+
+pub mod raw {
+    //! A peer that completes QUIC and TLS but then sends arbitrary bytes.
+
+    use std::net::SocketAddr;
+
+    use shoal_net::quinn;
+    use shoal_net::{endpoint, tls, NetLimits, HEAD_SERVER_NAME};
+    use shoal_proto::codec::{self, CodecLimits};
+    use shoal_proto::HelloReply;
+
+    /// A QUIC connection to `addr` with no `Hello` sent yet.
+    pub async fn connect(addr: SocketAddr) -> (quinn::Endpoint, quinn::Connection) {
+        let limits = NetLimits::default();
+        let tls = tls::token_client_config().expect("tls config");
+        let config = endpoint::client_config(tls, &limits).expect("client config");
+        let ep = endpoint::endpoint(([127, 0, 0, 1], 0).into(), None, &limits).expect("endpoint");
+        let conn = ep
+            .connect_with(config, addr, HEAD_SERVER_NAME)
+            .expect("connect")
+            .await
+            .expect("QUIC handshake");
+        (ep, conn)
+    }
+
+    /// Sends `bytes` as the handshake stream and reads the server's answer:
+    /// `Ok(reply)` if it sent a `HelloReply`, `Err(text)` if it closed instead.
+    pub async fn send_handshake_bytes(
+        addr: SocketAddr,
+        bytes: &[u8],
+    ) -> Result<HelloReply, String> {
+        let (ep, conn) = connect(addr).await;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        send.write_all(bytes).await.map_err(|e| e.to_string())?;
+        let _ = send.finish();
+        let body = recv
+            .read_to_end(64 << 10)
+            .await
+            .map_err(|e| e.to_string())?;
+        conn.close(0u32.into(), b"bye");
+        ep.wait_idle().await;
+        codec::decode_frame(&body, &CodecLimits::HANDSHAKE).map_err(|e| e.to_string())
+    }
+}

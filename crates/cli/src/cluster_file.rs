@@ -134,7 +134,11 @@ mod tests {
                 seen += 1;
             }
         }
-        assert!(seen >= 1, "no example cluster files found in {}", dir.display());
+        assert!(
+            seen >= 1,
+            "no example cluster files found in {}",
+            dir.display()
+        );
     }
 
     #[test]
@@ -147,10 +151,16 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_are_refused() {
-        assert!(ClusterFile::parse("[head]\nprot = 1\n").is_err(), "typo in a key");
+        assert!(
+            ClusterFile::parse("[head]\nprot = 1\n").is_err(),
+            "typo in a key"
+        );
         assert!(ClusterFile::parse("[timeouts]\nnode_timeout = \"soon\"\n").is_err());
         assert!(ClusterFile::parse("[timeouts]\nheartbeat_interval = \"20s\"\n").is_err());
         assert!(ClusterFile::parse("[head]\nport = 70000\n").is_err());
-        assert!(ClusterFile::parse("").is_ok(), "an empty file means all defaults");
+        assert!(
+            ClusterFile::parse("").is_ok(),
+            "an empty file means all defaults"
+        );
     }
 }

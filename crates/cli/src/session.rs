@@ -30,7 +30,11 @@ impl Session {
     /// Creates a new session directory under `root` and points
     /// `root/session_latest` at it.
     pub fn create(root: &Path) -> Result<Self> {
-        let name = format!("session_{}_{}", utc_stamp(SystemTime::now()), std::process::id());
+        let name = format!(
+            "session_{}_{}",
+            utc_stamp(SystemTime::now()),
+            std::process::id()
+        );
         let dir = root.join(&name);
         for sub in ["pids", "logs"] {
             fs::create_dir_all(dir.join(sub))
@@ -78,13 +82,17 @@ impl Session {
 
     /// The head's address recorded in this session.
     pub fn head_address(&self) -> Option<String> {
-        fs::read_to_string(self.head_address_path()).ok().map(|s| s.trim().to_string())
+        fs::read_to_string(self.head_address_path())
+            .ok()
+            .map(|s| s.trim().to_string())
     }
 }
 
 /// Every pid file under every session of `root`.
 pub fn all_pid_files(root: &Path) -> Vec<PathBuf> {
-    let Ok(sessions) = fs::read_dir(root) else { return Vec::new() };
+    let Ok(sessions) = fs::read_dir(root) else {
+        return Vec::new();
+    };
     let mut files = Vec::new();
     for session in sessions.flatten() {
         let name = session.file_name();
@@ -121,10 +129,18 @@ impl Drop for PidFile {
 
 /// `YYYY-MM-DD_HH-MM-SS` in UTC.
 fn utc_stamp(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, d) = civil_from_days(days as i64);
-    format!("{y:04}-{m:02}-{d:02}_{:02}-{:02}-{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}_{:02}-{:02}-{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Howard Hinnant's days-to-civil conversion (proleptic Gregorian).

@@ -42,10 +42,15 @@ pub struct StartArgs {
     port: Option<u16>,
     /// The join token the head printed. Falls back to SHOAL_TOKEN, then to
     /// the token in the session directory (on the head's own machine).
-    #[arg(long, env = "SHOAL_TOKEN", hide_env_values = true, conflicts_with = "head")]
+    #[arg(
+        long,
+        env = "SHOAL_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "head"
+    )]
     token: Option<String>,
     /// CPUs this node offers (detected by default); 0 runs no tasks here.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     num_cpus: Option<f64>,
     /// Memory this node offers, in bytes (detected by default).
     #[arg(long, value_name = "BYTES")]
@@ -74,8 +79,9 @@ pub struct StartArgs {
 }
 
 fn parse_resources(text: &str) -> Result<BTreeMap<String, f64>, String> {
-    let map: BTreeMap<String, f64> = serde_json::from_str(text)
-        .map_err(|e| format!("expected a JSON object of names to numbers, like '{{\"GPU\": 1}}': {e}"))?;
+    let map: BTreeMap<String, f64> = serde_json::from_str(text).map_err(|e| {
+        format!("expected a JSON object of names to numbers, like '{{\"GPU\": 1}}': {e}")
+    })?;
     for name in map.keys() {
         if name == shoal_proto::resources::CPU {
             return Err("use --num-cpus, not \"CPU\" in --resources".into());
@@ -84,7 +90,9 @@ fn parse_resources(text: &str) -> Result<BTreeMap<String, f64>, String> {
             return Err("use --memory, not \"memory\" in --resources".into());
         }
     }
-    ResourceSet(map.clone()).validate().map_err(|e| e.to_string())?;
+    ResourceSet(map.clone())
+        .validate()
+        .map_err(|e| e.to_string())?;
     Ok(map)
 }
 
@@ -94,7 +102,10 @@ pub fn run(args: StartArgs) -> Result<()> {
         None => ClusterFile::default(),
     };
     if let Some(n) = args.num_cpus {
-        anyhow::ensure!(n.is_finite() && n >= 0.0, "--num-cpus must be a number >= 0, got {n}");
+        anyhow::ensure!(
+            n.is_finite() && n >= 0.0,
+            "--num-cpus must be a number >= 0, got {n}"
+        );
     }
     match (args.head, args.block) {
         (true, true) => run_head(&args, &file),
@@ -120,7 +131,10 @@ fn node_settings(args: &StartArgs, section: NodeSection, file: &ClusterFile) -> 
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting tokio")
 }
 
 /// Cancels the returned token on SIGINT or SIGTERM.
@@ -160,13 +174,18 @@ fn run_head(args: &StartArgs, file: &ClusterFile) -> Result<()> {
         ClusterIdentity::load(&session.dir).context("loading the session's cluster identity")?
     } else {
         let identity = ClusterIdentity::generate().context("generating the cluster identity")?;
-        identity.save(&session.dir).context("saving the cluster identity")?;
+        identity
+            .save(&session.dir)
+            .context("saving the cluster identity")?;
         identity
     };
     let identity = Arc::new(identity);
     let _pid = PidFile::write(session.pid_path("head"))?;
     let node_ip = args.node_ip.or(file.head.node_ip);
-    let port = args.port.or(file.head.port).unwrap_or(shoal_head::config::defaults::PORT);
+    let port = args
+        .port
+        .or(file.head.port)
+        .unwrap_or(shoal_head::config::defaults::PORT);
     let config = HeadConfig {
         listen: SocketAddr::new(node_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), port),
         heartbeat_interval: file.timeouts.heartbeat_interval,
@@ -197,8 +216,14 @@ fn run_head(args: &StartArgs, file: &ClusterFile) -> Result<()> {
         std::fs::write(session.head_address_path(), advertised.to_string())
             .context("writing head_address")?;
         let node = shoal_node::Node::bind(node_config, identity.token().clone())?;
-        println!("Shoal head listening on {advertised} (cluster {})", identity.cluster_id());
-        println!("Join with: shoal start --address {advertised} --token {}", identity.token());
+        println!(
+            "Shoal head listening on {advertised} (cluster {})",
+            identity.cluster_id()
+        );
+        println!(
+            "Join with: shoal start --address {advertised} --token {}",
+            identity.token()
+        );
         tokio::join!(head.run(shutdown.clone()), node.run(shutdown));
         Ok(())
     })
@@ -206,12 +231,17 @@ fn run_head(args: &StartArgs, file: &ClusterFile) -> Result<()> {
 
 fn run_node(args: &StartArgs, file: &ClusterFile) -> Result<()> {
     logging::init("info");
-    let Some(address) = args.address.clone() else { bail!("--address is required") };
+    let Some(address) = args.address.clone() else {
+        bail!("--address is required")
+    };
     let session = session_for(args, false)?;
     let token = resolve_token(args.token.as_deref(), &session)?;
     let section = match (args.node_index, file.nodes.is_empty()) {
         (Some(i), _) => file.nodes.get(i).cloned().with_context(|| {
-            format!("--node-index {i}: the cluster file has {} [[nodes]] entries", file.nodes.len())
+            format!(
+                "--node-index {i}: the cluster file has {} [[nodes]] entries",
+                file.nodes.len()
+            )
         })?,
         (None, false) => file.nodes[0].clone(),
         (None, true) => NodeSection::default(),
@@ -285,7 +315,10 @@ fn spawn_daemon(args: &StartArgs) -> Result<()> {
             return Err(e.context(format!("see the daemon's log: {}", log.display())));
         }
     };
-    let node = status.nodes.iter().find(|n| n.pid == pid && n.state == NodeState::Alive);
+    let node = status
+        .nodes
+        .iter()
+        .find(|n| n.pid == pid && n.state == NodeState::Alive);
     if args.head {
         println!("Started a Shoal head at {address} (pid {pid})");
         println!("  cluster:  {}", status.cluster_id);
@@ -321,7 +354,10 @@ fn wait_until_ready(
             let tail = std::fs::read_to_string(log).unwrap_or_default();
             let tail: Vec<&str> = tail.lines().rev().take(20).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
-            bail!("the daemon exited ({exit}) before it was ready:\n{}", tail.join("\n"));
+            bail!(
+                "the daemon exited ({exit}) before it was ready:\n{}",
+                tail.join("\n")
+            );
         }
         let address = match &args.address {
             Some(address) => Some(address.clone()),
@@ -331,7 +367,11 @@ fn wait_until_ready(
         if let (Some(address), Some(token)) = (address, token) {
             match status::fetch(&address, &token, Duration::from_secs(2)) {
                 Ok(status) => {
-                    if status.nodes.iter().any(|n| n.pid == pid && n.state == NodeState::Alive) {
+                    if status
+                        .nodes
+                        .iter()
+                        .any(|n| n.pid == pid && n.state == NodeState::Alive)
+                    {
                         return Ok((address, token, status));
                     }
                     last_error = "the daemon has not joined yet".into();
@@ -354,7 +394,10 @@ fn primary_ip() -> IpAddr {
                 a.flags.contains(InterfaceFlags::IFF_UP)
                     && !a.flags.contains(InterfaceFlags::IFF_LOOPBACK)
             })
-            .find_map(|a| a.address.and_then(|s| s.as_sockaddr_in().map(|v4| IpAddr::V4(v4.ip()))))
+            .find_map(|a| {
+                a.address
+                    .and_then(|s| s.as_sockaddr_in().map(|v4| IpAddr::V4(v4.ip())))
+            })
     });
     found.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
 }

@@ -32,7 +32,9 @@ pub fn run(args: StatusArgs) -> Result<()> {
     let session = Session::latest(&args.session.root);
     let address = match (&args.address, &session) {
         (Some(a), _) => a.clone(),
-        (None, Some(s)) => s.head_address().context("the newest session has no head_address")?,
+        (None, Some(s)) => s
+            .head_address()
+            .context("the newest session has no head_address")?,
         (None, None) => anyhow::bail!(
             "no cluster found under {}: pass --address HOST:PORT",
             args.session.root.display()
@@ -65,9 +67,15 @@ pub fn fetch(address: &str, token: &JoinToken, timeout: Duration) -> Result<Clus
             .with_context(|| format!("resolving {address}"))?
             .next()
             .with_context(|| format!("{address} resolves to no address"))?;
-        let limits = NetLimits { handshake_timeout: timeout, ..NetLimits::default() };
+        let limits = NetLimits {
+            handshake_timeout: timeout,
+            ..NetLimits::default()
+        };
         let transport = QuicTransport::token_client(
-            ClientAuth { token: token.clone(), role: Role::Client },
+            ClientAuth {
+                token: token.clone(),
+                role: Role::Client,
+            },
             HEAD_SERVER_NAME,
             limits,
         )?;
@@ -86,7 +94,11 @@ pub fn fetch(address: &str, token: &JoinToken, timeout: Duration) -> Result<Clus
 }
 
 fn resources_json(set: &ResourceSet) -> Value {
-    Value::Object(set.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<Map<_, _>>())
+    Value::Object(
+        set.iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect::<Map<_, _>>(),
+    )
 }
 
 /// The `--json` shape.
@@ -133,7 +145,11 @@ fn used_of_total(name: &str, total: &ResourceSet, available: &ResourceSet) -> St
 
 /// The human form.
 pub fn render(status: &ClusterStatus) -> String {
-    let alive: Vec<_> = status.nodes.iter().filter(|n| n.state == NodeState::Alive).collect();
+    let alive: Vec<_> = status
+        .nodes
+        .iter()
+        .filter(|n| n.state == NodeState::Alive)
+        .collect();
     let mut out = format!(
         "Cluster {}: {} node(s) alive, {} dead\n\n",
         status.cluster_id,
@@ -153,7 +169,12 @@ pub fn render(status: &ClusterStatus) -> String {
             .resources_total
             .iter()
             .filter(|(k, _)| *k != CPU && *k != MEMORY)
-            .map(|(k, _)| format!("{k} {}", used_of_total(k, &n.resources_total, &n.resources_available)))
+            .map(|(k, _)| {
+                format!(
+                    "{k} {}",
+                    used_of_total(k, &n.resources_total, &n.resources_available)
+                )
+            })
             .collect();
         let head = if n.is_head_node { " (head)" } else { "" };
         out += &format!(
@@ -179,7 +200,10 @@ pub fn render(status: &ClusterStatus) -> String {
         out += &format!("  {name:<12} {}\n", used_of_total(name, &total, &available));
     }
     if status.handshakes_refused > 0 {
-        out += &format!("\nHandshakes refused since the head started: {}\n", status.handshakes_refused);
+        out += &format!(
+            "\nHandshakes refused since the head started: {}\n",
+            status.handshakes_refused
+        );
     }
     out
 }

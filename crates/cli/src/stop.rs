@@ -30,16 +30,27 @@ pub struct StopArgs {
 pub fn run(args: StopArgs) -> Result<()> {
     let daemons = running_daemons(&args.session.root);
     if daemons.is_empty() {
-        println!("No Shoal daemons running under {}", args.session.root.display());
+        println!(
+            "No Shoal daemons running under {}",
+            args.session.root.display()
+        );
         return Ok(());
     }
-    let first = if args.force { Signal::SIGKILL } else { Signal::SIGTERM };
+    let first = if args.force {
+        Signal::SIGKILL
+    } else {
+        Signal::SIGTERM
+    };
     for &(pid, _) in &daemons {
         let _ = kill(Pid::from_raw(pid), first);
     }
     let mut left = wait_for_exit(&daemons, args.grace);
     if !left.is_empty() {
-        eprintln!("{} daemon(s) still running after {:?}; sending SIGKILL", left.len(), args.grace);
+        eprintln!(
+            "{} daemon(s) still running after {:?}; sending SIGKILL",
+            left.len(),
+            args.grace
+        );
         for &(pid, _) in &left {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
@@ -62,7 +73,9 @@ pub fn run(args: StopArgs) -> Result<()> {
 fn running_daemons(root: &Path) -> Vec<(i32, std::path::PathBuf)> {
     let mut found = Vec::new();
     for file in all_pid_files(root) {
-        let pid = std::fs::read_to_string(&file).ok().and_then(|s| s.trim().parse::<i32>().ok());
+        let pid = std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok());
         match pid {
             Some(pid) if pid > 0 && is_shoal(pid) => found.push((pid, file)),
             // Stale: the daemon is gone (or the pid now belongs to another program).
@@ -78,7 +91,9 @@ fn running_daemons(root: &Path) -> Vec<(i32, std::path::PathBuf)> {
 fn is_shoal(pid: i32) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // The state follows the parenthesised command name.
-    let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
+    let state = stat
+        .rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next());
     if matches!(state, None | Some('Z') | Some('X')) {
         return false;
     }
@@ -91,10 +106,17 @@ fn is_shoal(pid: i32) -> bool {
     name == "shoal"
 }
 
-fn wait_for_exit(daemons: &[(i32, std::path::PathBuf)], grace: Duration) -> Vec<(i32, std::path::PathBuf)> {
+fn wait_for_exit(
+    daemons: &[(i32, std::path::PathBuf)],
+    grace: Duration,
+) -> Vec<(i32, std::path::PathBuf)> {
     let deadline = Instant::now() + grace;
     loop {
-        let left: Vec<_> = daemons.iter().filter(|(pid, _)| is_shoal(*pid)).cloned().collect();
+        let left: Vec<_> = daemons
+            .iter()
+            .filter(|(pid, _)| is_shoal(*pid))
+            .cloned()
+            .collect();
         if left.is_empty() || Instant::now() >= deadline {
             return left;
         }

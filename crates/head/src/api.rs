@@ -75,7 +75,10 @@ fn only_nodes(peer: &Peer) -> Result<(), ServiceError> {
     } else {
         Err(ServiceError::new(
             ServiceErrorKind::PermissionDenied,
-            format!("only node daemons may do this; this connection is a {:?}", peer.role),
+            format!(
+                "only node daemons may do this; this connection is a {:?}",
+                peer.role
+            ),
         ))
     }
 }
@@ -88,16 +91,19 @@ impl Service for HeadService {
         match request {
             HeadRequest::RegisterNode(info) => {
                 only_nodes(peer)?;
-                info.resources_total.validate().map_err(|e| {
-                    ServiceError::new(ServiceErrorKind::BadRequest, e.to_string())
-                })?;
+                info.resources_total
+                    .validate()
+                    .map_err(|e| ServiceError::new(ServiceErrorKind::BadRequest, e.to_string()))?;
                 let address = info.address.clone();
                 let node_id = self
                     .membership()
                     .register(info, Instant::now())
                     .map_err(|e| ServiceError::new(ServiceErrorKind::Unavailable, e.to_string()))?;
                 let cert = self.identity.issue_node_cert(node_id).map_err(|e| {
-                    ServiceError::new(ServiceErrorKind::Internal, format!("issuing certificate: {e}"))
+                    ServiceError::new(
+                        ServiceErrorKind::Internal,
+                        format!("issuing certificate: {e}"),
+                    )
                 })?;
                 info!(%node_id, %address, remote = %peer.remote, "node registered");
                 Ok(HeadReply::NodeRegistered(NodeRegistered {
@@ -109,12 +115,18 @@ impl Service for HeadService {
                     ca_cert_der: self.identity.ca_cert_der(),
                 }))
             }
-            HeadRequest::Heartbeat { node_id, resources_available } => {
+            HeadRequest::Heartbeat {
+                node_id,
+                resources_available,
+            } => {
                 only_nodes(peer)?;
-                resources_available.validate().map_err(|e| {
-                    ServiceError::new(ServiceErrorKind::BadRequest, e.to_string())
-                })?;
-                match self.membership().heartbeat(node_id, resources_available, Instant::now()) {
+                resources_available
+                    .validate()
+                    .map_err(|e| ServiceError::new(ServiceErrorKind::BadRequest, e.to_string()))?;
+                match self
+                    .membership()
+                    .heartbeat(node_id, resources_available, Instant::now())
+                {
                     Ok(()) => Ok(HeadReply::HeartbeatAck),
                     Err(Fenced(node_id)) => Ok(HeadReply::NodeFenced { node_id }),
                 }

@@ -64,15 +64,26 @@ impl Head {
     pub fn bind(config: HeadConfig, identity: Arc<ClusterIdentity>) -> Result<Self, HeadError> {
         let cert = identity.issue_head_cert()?;
         let server = endpoint::server_config(tls::server_config(&cert)?, &config.limits)?;
-        let endpoint = endpoint::endpoint(config.listen, Some(server), &config.limits)
-            .map_err(|source| HeadError::Bind { addr: config.listen, source })?;
+        let endpoint =
+            endpoint::endpoint(config.listen, Some(server), &config.limits).map_err(|source| {
+                HeadError::Bind {
+                    addr: config.listen,
+                    source,
+                }
+            })?;
         let stats = Arc::new(HandshakeStats::default());
         let auth = Arc::new(ServerAuth::new(
             identity.token().clone(),
             vec![Role::Node, Role::Driver, Role::Worker, Role::Client],
         ));
         let service = Arc::new(api::HeadService::new(identity, &config, stats.clone()));
-        Ok(Self { endpoint, service, auth, stats, config })
+        Ok(Self {
+            endpoint,
+            service,
+            auth,
+            stats,
+            config,
+        })
     }
 
     /// The address the head listens on (useful with port 0).
@@ -84,7 +95,8 @@ impl Head {
     pub async fn run(self, shutdown: CancellationToken) {
         let addr = self.local_addr().ok();
         info!(?addr, cluster_id = %self.service.cluster_id(), "head serving");
-        let detector = failure_detector(self.service.clone(), self.config.clone(), shutdown.clone());
+        let detector =
+            failure_detector(self.service.clone(), self.config.clone(), shutdown.clone());
         let server = shoal_net::rpc::serve(
             self.endpoint,
             self.service,

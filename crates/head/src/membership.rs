@@ -108,7 +108,9 @@ impl Membership {
     }
 
     fn mark_dead(&mut self, id: NodeId) -> bool {
-        let Some(entry) = self.nodes.get_mut(&id) else { return false };
+        let Some(entry) = self.nodes.get_mut(&id) else {
+            return false;
+        };
         if entry.state == NodeState::Dead {
             return false;
         }
@@ -126,7 +128,10 @@ impl Membership {
 
     /// Live nodes.
     pub fn alive_count(&self) -> usize {
-        self.nodes.values().filter(|e| e.state == NodeState::Alive).count()
+        self.nodes
+            .values()
+            .filter(|e| e.state == NodeState::Alive)
+            .count()
     }
 
     /// The state of a node, if remembered.
@@ -202,20 +207,37 @@ mod tests {
         let t0 = Instant::now();
         let a = m.register(info(2.0), t0).expect("room");
         let b = m.register(info(2.0), t0).expect("room");
-        assert!(m.sweep(t0 + TIMEOUT, TIMEOUT).is_empty(), "not dead at exactly the timeout");
-        m.heartbeat(b, ResourceSet::new(), t0 + TIMEOUT).expect("alive");
-        assert_eq!(m.sweep(t0 + TIMEOUT + Duration::from_millis(1), TIMEOUT), vec![a]);
+        assert!(
+            m.sweep(t0 + TIMEOUT, TIMEOUT).is_empty(),
+            "not dead at exactly the timeout"
+        );
+        m.heartbeat(b, ResourceSet::new(), t0 + TIMEOUT)
+            .expect("alive");
+        assert_eq!(
+            m.sweep(t0 + TIMEOUT + Duration::from_millis(1), TIMEOUT),
+            vec![a]
+        );
         assert_eq!(m.state(a), Some(NodeState::Dead));
         assert_eq!(m.state(b), Some(NodeState::Alive));
-        assert_eq!(m.heartbeat(a, ResourceSet::new(), t0 + TIMEOUT * 2), Err(Fenced(a)));
-        assert_eq!(m.state(a), Some(NodeState::Dead), "a fenced heartbeat does not revive");
+        assert_eq!(
+            m.heartbeat(a, ResourceSet::new(), t0 + TIMEOUT * 2),
+            Err(Fenced(a))
+        );
+        assert_eq!(
+            m.state(a),
+            Some(NodeState::Dead),
+            "a fenced heartbeat does not revive"
+        );
     }
 
     #[test]
     fn unknown_node_is_fenced() {
         let mut m = Membership::new(10, 10);
         let stranger = NodeId::random();
-        assert_eq!(m.heartbeat(stranger, ResourceSet::new(), Instant::now()), Err(Fenced(stranger)));
+        assert_eq!(
+            m.heartbeat(stranger, ResourceSet::new(), Instant::now()),
+            Err(Fenced(stranger))
+        );
     }
 
     #[test]
@@ -235,7 +257,11 @@ mod tests {
         let (total, available) = m.resources();
         assert_eq!(total.get("CPU"), 3.0);
         assert_eq!(available.get("CPU"), 3.0);
-        let dead = m.status(t0).into_iter().find(|n| n.node_id == a).expect("remembered");
+        let dead = m
+            .status(t0)
+            .into_iter()
+            .find(|n| n.node_id == a)
+            .expect("remembered");
         assert_eq!(dead.state, NodeState::Dead);
         assert_eq!(dead.resources_available.get("CPU"), 0.0);
     }
@@ -249,7 +275,11 @@ mod tests {
         assert_eq!(m.register(info(1.0), t0), Err(TooManyNodes(2)));
         m.unregister(a);
         m.unregister(b);
-        assert_eq!(m.state(a), None, "oldest dead node forgotten beyond the bound");
+        assert_eq!(
+            m.state(a),
+            None,
+            "oldest dead node forgotten beyond the bound"
+        );
         assert_eq!(m.state(b), Some(NodeState::Dead));
         assert_eq!(m.status(t0).len(), 1);
     }

@@ -51,7 +51,11 @@ pub struct ServerAuth {
 impl ServerAuth {
     /// Checks for `token`, admitting `allowed_roles`.
     pub fn new(token: JoinToken, allowed_roles: Vec<Role>) -> Self {
-        Self { token, allowed_roles, node_id: std::sync::RwLock::new(None) }
+        Self {
+            token,
+            allowed_roles,
+            node_id: std::sync::RwLock::new(None),
+        }
     }
 
     /// Sets the node id announced to peers.
@@ -78,7 +82,8 @@ pub struct HandshakeStats {
 
 fn exported(conn: &quinn::Connection, role: Role) -> Option<[u8; 32]> {
     let mut out = [0u8; 32];
-    conn.export_keying_material(&mut out, EXPORTER_LABEL, &[role.tag()]).ok()?;
+    conn.export_keying_material(&mut out, EXPORTER_LABEL, &[role.tag()])
+        .ok()?;
     Some(out)
 }
 
@@ -103,7 +108,10 @@ pub async fn client_handshake(
     auth: &ClientAuth,
     addr: SocketAddr,
 ) -> Result<Option<NodeId>, ConnectError> {
-    let failed = |reason: String| ConnectError::Handshake { addr: addr.to_string(), reason };
+    let failed = |reason: String| ConnectError::Handshake {
+        addr: addr.to_string(),
+        reason,
+    };
     let exported = exported(conn, auth.role)
         .ok_or_else(|| failed("TLS keying material unavailable".into()))?;
     let hello = Hello {
@@ -115,7 +123,10 @@ pub async fn client_handshake(
     let (mut send, mut recv) = conn
         .open_bi()
         .await
-        .map_err(|source| ConnectError::Connection { addr: addr.to_string(), source })?;
+        .map_err(|source| ConnectError::Connection {
+            addr: addr.to_string(),
+            source,
+        })?;
     write_frame(&mut send, &hello, &CodecLimits::HANDSHAKE)
         .await
         .map_err(|e| failed(e.to_string()))?;
@@ -125,22 +136,36 @@ pub async fn client_handshake(
         // A server that closes the connection instead of answering refused
         // us without saying why.
         Err(FrameReadError::Connection(source)) => {
-            return Err(ConnectError::Connection { addr: addr.to_string(), source })
+            return Err(ConnectError::Connection {
+                addr: addr.to_string(),
+                source,
+            })
         }
         Err(e) => return Err(failed(e.to_string())),
     };
     match reply {
-        HelloReply::Welcome { server_proof, node_id } => {
+        HelloReply::Welcome {
+            server_proof,
+            node_id,
+        } => {
             if proof_matches(&auth.token, SERVER_SIDE, &exported, &server_proof) {
                 Ok(node_id)
             } else {
-                conn.close(crate::close_code::HANDSHAKE_REFUSED.into(), b"server proof invalid");
-                Err(ConnectError::ServerNotAuthenticated { addr: addr.to_string() })
+                conn.close(
+                    crate::close_code::HANDSHAKE_REFUSED.into(),
+                    b"server proof invalid",
+                );
+                Err(ConnectError::ServerNotAuthenticated {
+                    addr: addr.to_string(),
+                })
             }
         }
         HelloReply::Refused(refusal) => {
             conn.close(crate::close_code::HANDSHAKE_REFUSED.into(), b"refused");
-            Err(ConnectError::Refused { addr: addr.to_string(), refusal })
+            Err(ConnectError::Refused {
+                addr: addr.to_string(),
+                refusal,
+            })
         }
     }
 }
@@ -164,8 +189,10 @@ pub async fn server_handshake(
     auth: &ServerAuth,
     stats: &HandshakeStats,
 ) -> Result<Role, HandshakeFailure> {
-    let (mut send, mut recv) =
-        conn.accept_bi().await.map_err(|e| HandshakeFailure::Stream(e.to_string()))?;
+    let (mut send, mut recv) = conn
+        .accept_bi()
+        .await
+        .map_err(|e| HandshakeFailure::Stream(e.to_string()))?;
     let verdict = match read_frame::<Hello>(&mut recv, &CodecLimits::HANDSHAKE).await {
         Ok(hello) => check_hello(conn, auth, &hello).map(|()| hello.role),
         Err(FrameReadError::Decode(e)) => Err(HandshakeRefusal::Malformed(e.to_string())),

@@ -17,8 +17,8 @@ use std::path::Path;
 use std::str::FromStr;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
 };
 use ring::rand::SecureRandom;
 use shoal_proto::{ClusterId, NodeId};
@@ -43,7 +43,9 @@ impl JoinToken {
     /// A new token with a fresh random secret.
     pub fn generate(cluster_id: ClusterId) -> Result<Self, IdentityError> {
         let mut secret = [0u8; SECRET_LEN];
-        ring::rand::SystemRandom::new().fill(&mut secret).map_err(|_| IdentityError::Random)?;
+        ring::rand::SystemRandom::new()
+            .fill(&mut secret)
+            .map_err(|_| IdentityError::Random)?;
         Ok(Self { cluster_id, secret })
     }
 
@@ -86,7 +88,9 @@ impl FromStr for JoinToken {
             return Err(IdentityError::MalformedToken("unknown prefix"));
         }
         if cluster.len() != 32 {
-            return Err(IdentityError::MalformedToken("cluster id is not 32 hex digits"));
+            return Err(IdentityError::MalformedToken(
+                "cluster id is not 32 hex digits",
+            ));
         }
         let cluster_id = cluster
             .parse()
@@ -117,7 +121,11 @@ pub struct IssuedCert {
 
 impl fmt::Debug for IssuedCert {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "IssuedCert({} byte certificate, <key>)", self.cert_der.len())
+        write!(
+            f,
+            "IssuedCert({} byte certificate, <key>)",
+            self.cert_der.len()
+        )
     }
 }
 
@@ -145,7 +153,10 @@ impl ClusterIdentity {
     fn from_parts(token: JoinToken, ca_key: KeyPair) -> Result<Self, IdentityError> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, format!("shoal cluster {} CA", token.cluster_id));
+        dn.push(
+            DnType::CommonName,
+            format!("shoal cluster {} CA", token.cluster_id),
+        );
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![
@@ -154,7 +165,11 @@ impl ClusterIdentity {
             KeyUsagePurpose::DigitalSignature,
         ];
         let ca_cert = params.self_signed(&ca_key)?;
-        Ok(Self { token, ca_key, ca_cert })
+        Ok(Self {
+            token,
+            ca_key,
+            ca_cert,
+        })
     }
 
     /// The cluster id.
@@ -190,16 +205,25 @@ impl ClusterIdentity {
         dn.push(DnType::CommonName, common_name);
         params.distinguished_name = dn;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages =
-            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         let cert = params.signed_by(&key, &self.ca_cert, &self.ca_key)?;
-        Ok(IssuedCert { cert_der: cert.der().to_vec(), key_der: key.serialize_der() })
+        Ok(IssuedCert {
+            cert_der: cert.der().to_vec(),
+            key_der: key.serialize_der(),
+        })
     }
 
     /// Writes `token`, `ca.key` and `ca.crt` into `dir` (secrets mode 0600).
     pub fn save(&self, dir: &Path) -> Result<(), IdentityError> {
         write_file(&dir.join("token"), self.token.to_string().as_bytes(), 0o600)?;
-        write_file(&dir.join("ca.key"), self.ca_key.serialize_pem().as_bytes(), 0o600)?;
+        write_file(
+            &dir.join("ca.key"),
+            self.ca_key.serialize_pem().as_bytes(),
+            0o600,
+        )?;
         write_file(&dir.join("ca.crt"), self.ca_cert.pem().as_bytes(), 0o644)
     }
 
@@ -253,12 +277,17 @@ mod tests {
         assert!(text.starts_with("shoal1."));
         assert_eq!(text.len(), 6 + 1 + 32 + 1 + 64);
         assert_eq!(text.parse::<JoinToken>().expect("parses"), token);
-        assert!(!format!("{token:?}").contains(&text[40..]), "Debug must not print the secret");
+        assert!(
+            !format!("{token:?}").contains(&text[40..]),
+            "Debug must not print the secret"
+        );
     }
 
     #[test]
     fn malformed_tokens_are_refused() {
-        let good = JoinToken::generate(ClusterId::random()).expect("token").to_string();
+        let good = JoinToken::generate(ClusterId::random())
+            .expect("token")
+            .to_string();
         for bad in [
             "",
             "shoal1",
@@ -280,8 +309,13 @@ mod tests {
         identity.save(dir.path()).expect("save");
         let loaded = ClusterIdentity::load(dir.path()).expect("load");
         assert_eq!(loaded.token(), identity.token());
-        assert_eq!(loaded.ca_key.public_key_der(), identity.ca_key.public_key_der());
-        let mode = fs::metadata(dir.path().join("token")).expect("meta").permissions();
+        assert_eq!(
+            loaded.ca_key.public_key_der(),
+            identity.ca_key.public_key_der()
+        );
+        let mode = fs::metadata(dir.path().join("token"))
+            .expect("meta")
+            .permissions();
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(mode.mode() & 0o777, 0o600);
     }

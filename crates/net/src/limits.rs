@@ -61,6 +61,9 @@ impl Default for NetLimits {
 impl NetLimits {
     /// The codec limits for control frames.
     pub fn codec(&self) -> CodecLimits {
-        CodecLimits { frame_bytes_max: self.frame_bytes_max, depth_max: self.decode_depth_max }
+        CodecLimits {
+            frame_bytes_max: self.frame_bytes_max,
+            depth_max: self.decode_depth_max,
+        }
     }
 }

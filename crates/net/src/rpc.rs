@@ -168,7 +168,11 @@ async fn serve_connection<S: Service>(
 ) {
     let remote = incoming.remote_address();
     let setup = async {
-        let conn = incoming.accept().map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
+        let conn = incoming
+            .accept()
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
         let role = handshake::server_handshake(&conn, &auth, &stats).await;
         Ok::<_, String>((conn, role))
     };
@@ -213,7 +217,13 @@ async fn serve_connection<S: Service>(
                 }
             },
         };
-        tracker.spawn(serve_request(service.clone(), peer.clone(), send, recv, limits.clone()));
+        tracker.spawn(serve_request(
+            service.clone(),
+            peer.clone(),
+            send,
+            recv,
+            limits.clone(),
+        ));
     }
 }
 
@@ -231,7 +241,10 @@ async fn serve_request<S: Service>(
             warn!(remote = %peer.remote, error = %e, "undecodable request");
             let reply: ReplyEnvelope<S::Reply> = ReplyEnvelope {
                 id: 0,
-                result: Err(ServiceError::new(ServiceErrorKind::BadRequest, e.to_string())),
+                result: Err(ServiceError::new(
+                    ServiceErrorKind::BadRequest,
+                    e.to_string(),
+                )),
             };
             let _ = recv.stop(close_code::PROTOCOL_ERROR.into());
             let _ = write_frame(&mut send, &reply, &codec).await;
@@ -251,16 +264,17 @@ async fn serve_request<S: Service>(
             format!("no answer within the request's {deadline:?}"),
         )),
     };
-    let reply = ReplyEnvelope { id: request.id, result };
-    if let Err(e) = write_frame(&mut send, &reply, &codec).await {
-        if let FrameWriteError::Encode(e) = &e {
-            warn!(error = %e, "reply cannot be encoded");
-            let fallback: ReplyEnvelope<S::Reply> = ReplyEnvelope {
-                id: request.id,
-                result: Err(ServiceError::new(ServiceErrorKind::Internal, e.to_string())),
-            };
-            let _ = write_frame(&mut send, &fallback, &codec).await;
-        }
+    let reply = ReplyEnvelope {
+        id: request.id,
+        result,
+    };
+    if let Err(FrameWriteError::Encode(e)) = write_frame(&mut send, &reply, &codec).await {
+        warn!(error = %e, "reply cannot be encoded");
+        let fallback: ReplyEnvelope<S::Reply> = ReplyEnvelope {
+            id: request.id,
+            result: Err(ServiceError::new(ServiceErrorKind::Internal, e.to_string())),
+        };
+        let _ = write_frame(&mut send, &fallback, &codec).await;
     }
     let _ = send.finish();
 }
@@ -305,15 +319,24 @@ impl<Req: Serialize + Sync, Rep: DeserializeOwned> RpcClient<Req, Rep> {
         let setup = async {
             let conn = endpoint
                 .connect_with(config, addr, server_name)
-                .map_err(|source| ConnectError::Connect { addr: addr.to_string(), source })?
+                .map_err(|source| ConnectError::Connect {
+                    addr: addr.to_string(),
+                    source,
+                })?
                 .await
-                .map_err(|source| ConnectError::Connection { addr: addr.to_string(), source })?;
+                .map_err(|source| ConnectError::Connection {
+                    addr: addr.to_string(),
+                    source,
+                })?;
             let peer_node = handshake::client_handshake(&conn, auth, addr).await?;
             Ok((conn, peer_node))
         };
         let (conn, peer_node) = tokio::time::timeout(limits.handshake_timeout, setup)
             .await
-            .map_err(|_| ConnectError::Timeout { what: "handshake", addr: addr.to_string() })??;
+            .map_err(|_| ConnectError::Timeout {
+                what: "handshake",
+                addr: addr.to_string(),
+            })??;
         Ok(Self {
             conn,
             next_id: Arc::new(AtomicU64::new(1)),
@@ -333,24 +356,33 @@ impl<Req: Serialize + Sync, Rep: DeserializeOwned> RpcClient<Req, Rep> {
                 timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
                 body: request,
             };
-            write_frame(&mut send, &envelope, &self.codec).await.map_err(|e| match e {
-                FrameWriteError::Encode(e) => RpcError::Encode(e),
-                FrameWriteError::Stream(e) => RpcError::Stream(e.to_string()),
-            })?;
+            write_frame(&mut send, &envelope, &self.codec)
+                .await
+                .map_err(|e| match e {
+                    FrameWriteError::Encode(e) => RpcError::Encode(e),
+                    FrameWriteError::Stream(e) => RpcError::Stream(e.to_string()),
+                })?;
             let _ = send.finish();
             let reply: ReplyEnvelope<Rep> =
-                read_frame(&mut recv, &self.codec).await.map_err(|e| match e {
-                    FrameReadError::Connection(c) => RpcError::Connection(c),
-                    FrameReadError::Stream(s) => RpcError::Stream(s),
-                    FrameReadError::Decode(d) => RpcError::Decode(d),
-                })?;
+                read_frame(&mut recv, &self.codec)
+                    .await
+                    .map_err(|e| match e {
+                        FrameReadError::Connection(c) => RpcError::Connection(c),
+                        FrameReadError::Stream(s) => RpcError::Stream(s),
+                        FrameReadError::Decode(d) => RpcError::Decode(d),
+                    })?;
             match reply.result {
                 Err(e) => Err(RpcError::Service(e)),
-                Ok(_) if reply.id != id => Err(RpcError::IdMismatch { expected: id, got: reply.id }),
+                Ok(_) if reply.id != id => Err(RpcError::IdMismatch {
+                    expected: id,
+                    got: reply.id,
+                }),
                 Ok(rep) => Ok(rep),
             }
         };
-        tokio::time::timeout(timeout, exchange).await.map_err(|_| RpcError::Timeout(timeout))?
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| RpcError::Timeout(timeout))?
     }
 
     /// The node id the server announced in its `Welcome`, if it is a node.
@@ -371,5 +403,380 @@ impl<Req: Serialize + Sync, Rep: DeserializeOwned> RpcClient<Req, Rep> {
     /// Closes the connection.
     pub fn close(&self) {
         self.conn.close(close_code::DONE.into(), b"done");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::ClusterIdentity;
+    use crate::transport::{QuicTransport, Transport};
+    use crate::{endpoint, tls, ConnectError, HEAD_SERVER_NAME};
+    use serde::Deserialize;
+    use shoal_proto::HandshakeRefusal;
+
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    enum EchoRequest {
+        Echo(String),
+        Sleep(u64),
+        Fail,
+    }
+
+    struct Echo;
+
+    impl Service for Echo {
+        type Request = EchoRequest;
+        type Reply = String;
+
+        async fn handle(&self, peer: &Peer, request: EchoRequest) -> Result<String, ServiceError> {
+            match request {
+                EchoRequest::Echo(s) => Ok(format!("{:?}:{s}", peer.role)),
+                EchoRequest::Sleep(ms) => {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    Ok("slept".into())
+                }
+                EchoRequest::Fail => Err(ServiceError::new(
+                    ServiceErrorKind::NotFound,
+                    "no such thing",
+                )),
+            }
+        }
+    }
+
+    struct Server {
+        addr: SocketAddr,
+        identity: ClusterIdentity,
+        shutdown: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    fn start(allowed: Vec<Role>) -> Server {
+        let identity = ClusterIdentity::generate().expect("identity");
+        let limits = NetLimits::default();
+        let cert = identity.issue_head_cert().expect("cert");
+        let server = endpoint::server_config(tls::server_config(&cert).expect("tls"), &limits)
+            .expect("server config");
+        let ep = endpoint::endpoint(([127, 0, 0, 1], 0).into(), Some(server), &limits)
+            .expect("endpoint");
+        let addr = ep.local_addr().expect("addr");
+        let auth = Arc::new(ServerAuth::new(identity.token().clone(), allowed));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(serve(
+            ep,
+            Arc::new(Echo),
+            auth,
+            limits,
+            Arc::new(HandshakeStats::default()),
+            shutdown.clone(),
+        ));
+        Server {
+            addr,
+            identity,
+            shutdown,
+            task,
+        }
+    }
+
+    impl Server {
+        async fn client(&self, role: Role) -> Result<RpcClient<EchoRequest, String>, ConnectError> {
+            let auth = ClientAuth {
+                token: self.identity.token().clone(),
+                role,
+            };
+            let transport =
+                QuicTransport::token_client(auth, HEAD_SERVER_NAME, NetLimits::default())?;
+            transport.connect(self.addr).await
+        }
+
+        async fn stop(self) {
+            self.shutdown.cancel();
+            self.task.await.expect("server task");
+        }
+    }
+
+    const T: Duration = Duration::from_secs(5);
+
+    #[tokio::test]
+    async fn requests_round_trip_with_the_proven_role() {
+        let server = start(vec![Role::Node, Role::Client]);
+        let client = server.client(Role::Client).await.expect("connect");
+        for i in 0..20 {
+            let reply = client
+                .call(&EchoRequest::Echo(i.to_string()), T)
+                .await
+                .expect("echo");
+            assert_eq!(reply, format!("Client:{i}"));
+        }
+        let err = client.call(&EchoRequest::Fail, T).await.expect_err("fails");
+        assert!(matches!(
+            err,
+            RpcError::Service(ServiceError {
+                kind: ServiceErrorKind::NotFound,
+                ..
+            })
+        ));
+        client.close();
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_on_one_connection() {
+        let server = start(vec![Role::Node]);
+        let client = server.client(Role::Node).await.expect("connect");
+        let calls = (0..200).map(|i| {
+            let client = client.clone();
+            async move { client.call(&EchoRequest::Echo(i.to_string()), T).await }
+        });
+        let replies = futures_join_all(calls).await;
+        for (i, reply) in replies.into_iter().enumerate() {
+            assert_eq!(reply.expect("reply"), format!("Node:{i}"));
+        }
+        server.stop().await;
+    }
+
+    async fn futures_join_all<F: Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output>
+    where
+        F: Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+        let mut out = Vec::with_capacity(handles.len());
+        for h in handles {
+            out.push(h.await.expect("task"));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_slow_reply_times_out_and_the_connection_stays_usable() {
+        let server = start(vec![Role::Node]);
+        let client = server.client(Role::Node).await.expect("connect");
+        let err = client
+            .call(&EchoRequest::Sleep(5_000), Duration::from_millis(100))
+            .await
+            .expect_err("times out");
+        assert!(matches!(err, RpcError::Timeout(_)), "{err:?}");
+        assert_eq!(
+            client
+                .call(&EchoRequest::Echo("x".into()), T)
+                .await
+                .expect("echo"),
+            "Node:x"
+        );
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_bad_frame_after_the_handshake_gets_a_typed_error_and_the_connection_lives() {
+        let server = start(vec![Role::Node]);
+        let client = server.client(Role::Node).await.expect("connect");
+        for garbage in [
+            &[0xffu8, 0xff, 0xff, 0xff][..],
+            &[0, 0, 0, 2, 0xc1, 0xc1][..],
+            &[0, 0, 0, 1, 0xc0][..],
+        ] {
+            let (mut send, mut recv) = client.conn.open_bi().await.expect("stream");
+            send.write_all(garbage).await.expect("write");
+            let _ = send.finish();
+            let reply: ReplyEnvelope<String> = read_frame(&mut recv, &CodecLimits::CONTROL)
+                .await
+                .expect("a typed reply");
+            assert!(
+                matches!(
+                    &reply.result,
+                    Err(ServiceError {
+                        kind: ServiceErrorKind::BadRequest,
+                        ..
+                    })
+                ),
+                "{reply:?}"
+            );
+        }
+        assert_eq!(
+            client
+                .call(&EchoRequest::Echo("ok".into()), T)
+                .await
+                .expect("echo"),
+            "Node:ok"
+        );
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn roles_not_allowed_are_refused() {
+        let server = start(vec![Role::Node]);
+        match server.client(Role::Driver).await {
+            Err(ConnectError::Refused {
+                refusal: HandshakeRefusal::RoleNotAllowed(Role::Driver),
+                ..
+            }) => {}
+            other => panic!("expected RoleNotAllowed, got {other:?}"),
+        }
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_client_with_the_wrong_secret_is_refused() {
+        let server = start(vec![Role::Node]);
+        let impostor = crate::JoinToken::from_parts(server.identity.cluster_id(), [9; 32]);
+        let auth = ClientAuth {
+            token: impostor,
+            role: Role::Node,
+        };
+        let transport = QuicTransport::token_client(auth, HEAD_SERVER_NAME, NetLimits::default())
+            .expect("transport");
+        let result: Result<RpcClient<EchoRequest, String>, _> =
+            transport.connect(server.addr).await;
+        assert!(matches!(
+            result,
+            Err(ConnectError::Refused {
+                refusal: HandshakeRefusal::BadToken,
+                ..
+            })
+        ));
+        server.stop().await;
+    }
+
+    /// A server that does not hold the token cannot fake its proof: the
+    /// client refuses it even though the server "welcomes" everyone.
+    #[tokio::test]
+    async fn a_server_without_the_token_is_not_trusted() {
+        let identity = ClusterIdentity::generate().expect("identity");
+        let limits = NetLimits::default();
+        let cert = identity.issue_head_cert().expect("cert");
+        let server = endpoint::server_config(tls::server_config(&cert).expect("tls"), &limits)
+            .expect("server config");
+        let ep = endpoint::endpoint(([127, 0, 0, 1], 0).into(), Some(server), &limits)
+            .expect("endpoint");
+        let addr = ep.local_addr().expect("addr");
+        let fake = tokio::spawn(async move {
+            let conn = ep
+                .accept()
+                .await
+                .expect("incoming")
+                .await
+                .expect("connection");
+            let (mut send, mut recv) = conn.accept_bi().await.expect("stream");
+            let _hello: shoal_proto::Hello = read_frame(&mut recv, &CodecLimits::HANDSHAKE)
+                .await
+                .expect("hello");
+            let welcome = shoal_proto::HelloReply::Welcome {
+                server_proof: vec![0; 32],
+                node_id: None,
+            };
+            write_frame(&mut send, &welcome, &CodecLimits::HANDSHAKE)
+                .await
+                .expect("reply");
+            let _ = send.finish();
+            let _ = conn.closed().await;
+        });
+        let auth = ClientAuth {
+            token: identity.token().clone(),
+            role: Role::Node,
+        };
+        let transport =
+            QuicTransport::token_client(auth, HEAD_SERVER_NAME, limits).expect("transport");
+        let result: Result<RpcClient<EchoRequest, String>, _> = transport.connect(addr).await;
+        assert!(
+            matches!(result, Err(ConnectError::ServerNotAuthenticated { .. })),
+            "{result:?}"
+        );
+        fake.await.expect("fake server");
+    }
+
+    /// Node-to-node mutual TLS: a certificate from this cluster's CA gets in;
+    /// no certificate, or one from another cluster's CA, does not.
+    #[tokio::test]
+    async fn mutual_tls_admits_only_this_clusters_certificates() {
+        let identity = ClusterIdentity::generate().expect("identity");
+        let limits = NetLimits::default();
+        let ca = identity.ca_cert_der();
+        let node_cert = identity.issue_node_cert(NodeId::random()).expect("cert");
+        let server = endpoint::server_config(
+            tls::mtls_server_config(&node_cert, &ca).expect("tls"),
+            &limits,
+        )
+        .expect("server config");
+        let ep = endpoint::endpoint(([127, 0, 0, 1], 0).into(), Some(server), &limits)
+            .expect("endpoint");
+        let addr = ep.local_addr().expect("addr");
+        let auth = Arc::new(ServerAuth::new(identity.token().clone(), vec![Role::Node]));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(serve(
+            ep,
+            Arc::new(Echo),
+            auth,
+            limits.clone(),
+            Arc::new(HandshakeStats::default()),
+            shutdown.clone(),
+        ));
+        let client_ep =
+            endpoint::endpoint(([127, 0, 0, 1], 0).into(), None, &limits).expect("client endpoint");
+        let auth = ClientAuth {
+            token: identity.token().clone(),
+            role: Role::Node,
+        };
+        let connect = |tls: rustls::ClientConfig| {
+            let config = endpoint::client_config(tls, &limits).expect("client config");
+            let client_ep = client_ep.clone();
+            let auth = auth.clone();
+            let limits = limits.clone();
+            async move {
+                RpcClient::<EchoRequest, String>::connect(
+                    &client_ep,
+                    config,
+                    addr,
+                    crate::NODE_SERVER_NAME,
+                    &auth,
+                    &limits,
+                )
+                .await
+            }
+        };
+        let peer_cert = identity
+            .issue_node_cert(NodeId::random())
+            .expect("peer cert");
+        let ok = connect(tls::mtls_client_config(&peer_cert, &ca).expect("tls"))
+            .await
+            .expect("a peer with this cluster's certificate connects");
+        assert_eq!(
+            ok.call(&EchoRequest::Echo("hi".into()), T)
+                .await
+                .expect("echo"),
+            "Node:hi"
+        );
+        assert!(
+            connect(tls::token_client_config().expect("tls"))
+                .await
+                .is_err(),
+            "no client certificate"
+        );
+        let other = ClusterIdentity::generate().expect("other cluster");
+        let foreign = other
+            .issue_node_cert(NodeId::random())
+            .expect("foreign cert");
+        assert!(
+            connect(tls::mtls_client_config(&foreign, &other.ca_cert_der()).expect("tls"))
+                .await
+                .is_err(),
+            "a certificate from another cluster's CA"
+        );
+        shutdown.cancel();
+        task.await.expect("server task");
+    }
+
+    #[tokio::test]
+    async fn shutdown_closes_connections() {
+        let server = start(vec![Role::Node]);
+        let client = server.client(Role::Node).await.expect("connect");
+        server.stop().await;
+        let err = client
+            .call(&EchoRequest::Echo("late".into()), T)
+            .await
+            .expect_err("closed");
+        assert!(
+            err.is_connection_lost() || matches!(err, RpcError::Stream(_)),
+            "{err:?}"
+        );
     }
 }

@@ -38,7 +38,9 @@ fn key_of(cert: &IssuedCert) -> PrivateKeyDer<'static> {
 
 fn roots(ca_cert_der: &[u8]) -> Result<Arc<RootCertStore>, IdentityError> {
     let mut roots = RootCertStore::empty();
-    roots.add(CertificateDer::from(ca_cert_der.to_vec())).map_err(tls_err)?;
+    roots
+        .add(CertificateDer::from(ca_cert_der.to_vec()))
+        .map_err(tls_err)?;
     Ok(Arc::new(roots))
 }
 
@@ -48,7 +50,10 @@ pub fn server_config(cert: &IssuedCert) -> Result<rustls::ServerConfig, Identity
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
         .with_no_client_auth()
-        .with_single_cert(vec![CertificateDer::from(cert.cert_der.clone())], key_of(cert))
+        .with_single_cert(
+            vec![CertificateDer::from(cert.cert_der.clone())],
+            key_of(cert),
+        )
         .map_err(tls_err)?;
     config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(config)
@@ -57,7 +62,9 @@ pub fn server_config(cert: &IssuedCert) -> Result<rustls::ServerConfig, Identity
 /// The client side of a token-authenticated connection.
 pub fn token_client_config() -> Result<rustls::ClientConfig, IdentityError> {
     let provider = provider();
-    let verifier = Arc::new(TokenAuthenticatedServer { provider: provider.clone() });
+    let verifier = Arc::new(TokenAuthenticatedServer {
+        provider: provider.clone(),
+    });
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
@@ -75,14 +82,18 @@ pub fn mtls_server_config(
     ca_cert_der: &[u8],
 ) -> Result<rustls::ServerConfig, IdentityError> {
     let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca_cert_der)?, provider.clone())
-        .build()
-        .map_err(tls_err)?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(roots(ca_cert_der)?, provider.clone())
+            .build()
+            .map_err(tls_err)?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(vec![CertificateDer::from(cert.cert_der.clone())], key_of(cert))
+        .with_single_cert(
+            vec![CertificateDer::from(cert.cert_der.clone())],
+            key_of(cert),
+        )
         .map_err(tls_err)?;
     config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(config)
@@ -98,7 +109,10 @@ pub fn mtls_client_config(
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
         .with_root_certificates(roots(ca_cert_der)?)
-        .with_client_auth_cert(vec![CertificateDer::from(cert.cert_der.clone())], key_of(cert))
+        .with_client_auth_cert(
+            vec![CertificateDer::from(cert.cert_der.clone())],
+            key_of(cert),
+        )
         .map_err(tls_err)?;
     config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(config)
@@ -131,7 +145,9 @@ impl ServerCertVerifier for TokenAuthenticatedServer {
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
         // TLS 1.2 is never negotiated: the config allows only 1.3.
-        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
     }
 
     fn verify_tls13_signature(
@@ -149,6 +165,8 @@ impl ServerCertVerifier for TokenAuthenticatedServer {
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }

@@ -49,9 +49,14 @@ impl QuicTransport {
         let tls = tls::token_client_config().map_err(tls_to_connect)?;
         let config = endpoint::client_config(tls, &limits).map_err(tls_to_connect)?;
         let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
-        let endpoint =
-            endpoint::endpoint(bind, None, &limits).map_err(ConnectError::Endpoint)?;
-        Ok(Self { endpoint, config, server_name, auth: Arc::new(auth), limits })
+        let endpoint = endpoint::endpoint(bind, None, &limits).map_err(ConnectError::Endpoint)?;
+        Ok(Self {
+            endpoint,
+            config,
+            server_name,
+            auth: Arc::new(auth),
+            limits,
+        })
     }
 
     /// The local endpoint (to close it on shutdown).

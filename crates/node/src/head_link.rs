@@ -68,7 +68,7 @@ impl<T: Transport> HeadLink<'_, T> {
                         if e.is_connection_lost() {
                             client = None;
                         }
-                        backoff.log_and_wait(&e, &shutdown).await;
+                        backoff.log_and_wait(&e.to_string(), &shutdown).await;
                     }
                 }
                 continue;
@@ -106,7 +106,10 @@ impl<T: Transport> HeadLink<'_, T> {
 
     async fn connect(&self) -> Result<HeadClient, String> {
         let addr = resolve(&self.config.head_address).await?;
-        self.transport.connect(addr).await.map_err(|e| e.to_string())
+        self.transport
+            .connect(addr)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     async fn register(&self, head: &HeadClient) -> Result<NodeRegistered, RpcError> {
@@ -121,17 +124,24 @@ impl<T: Transport> HeadLink<'_, T> {
             resources_total: self.resources.clone(),
             is_head_node: self.config.is_head_node,
         });
-        match head.call(&request, self.config.head_request_timeout).await? {
+        match head
+            .call(&request, self.config.head_request_timeout)
+            .await?
+        {
             HeadReply::NodeRegistered(registered) => Ok(registered),
-            other => Err(RpcError::Stream(format!("unexpected reply to registration: {other:?}"))),
+            other => Err(RpcError::Stream(format!(
+                "unexpected reply to registration: {other:?}"
+            ))),
         }
     }
 
     /// Adopts a new registration: serve peers with the issued certificate and
     /// announce the new id.
     fn apply(&self, registered: NodeRegistered) {
-        let cert =
-            IssuedCert { cert_der: registered.node_cert_der, key_der: registered.node_key_der };
+        let cert = IssuedCert {
+            cert_der: registered.node_cert_der,
+            key_der: registered.node_key_der,
+        };
         let server = tls::mtls_server_config(&cert, &registered.ca_cert_der)
             .and_then(|tls| endpoint::server_config(tls, &self.config.limits));
         match server {
@@ -146,7 +156,9 @@ impl<T: Transport> HeadLink<'_, T> {
     /// Leaves the cluster on purpose, so the head need not wait for the
     /// heartbeat timeout. Best effort: the head may be gone already.
     async fn leave(&self, client: Option<HeadClient>) {
-        let (Some(head), Some(node_id)) = (client, *self.node_id.borrow()) else { return };
+        let (Some(head), Some(node_id)) = (client, *self.node_id.borrow()) else {
+            return;
+        };
         let bye = HeadRequest::UnregisterNode { node_id };
         if let Err(e) = head.call(&bye, Duration::from_secs(2)).await {
             debug!(error = %e, "could not tell the head we are leaving");
@@ -195,7 +207,11 @@ impl Backoff {
     const START: Duration = Duration::from_millis(50);
 
     fn new(max: Duration) -> Self {
-        Self { next: Self::START, max, failures: 0 }
+        Self {
+            next: Self::START,
+            max,
+            failures: 0,
+        }
     }
 
     fn reset(&mut self) {
@@ -203,7 +219,7 @@ impl Backoff {
         self.failures = 0;
     }
 
-    async fn log_and_wait(&mut self, error: &dyn std::fmt::Display, shutdown: &CancellationToken) {
+    async fn log_and_wait(&mut self, error: &str, shutdown: &CancellationToken) {
         self.failures += 1;
         if self.failures == 1 || self.failures % 20 == 0 {
             warn!(error = %error, attempts = self.failures, "cannot reach the head; retrying");

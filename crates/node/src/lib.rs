@@ -104,19 +104,42 @@ impl Node {
         resources.validate()?;
         // No server configuration until the head issues a certificate: until
         // then quinn refuses every incoming connection.
-        let server = endpoint::endpoint(config.listen, None, &config.limits)
-            .map_err(|source| NodeError::Bind { addr: config.listen, source })?;
-        let local_addr =
-            server.local_addr().map_err(|source| NodeError::Bind { addr: config.listen, source })?;
+        let server = endpoint::endpoint(config.listen, None, &config.limits).map_err(|source| {
+            NodeError::Bind {
+                addr: config.listen,
+                source,
+            }
+        })?;
+        let local_addr = server.local_addr().map_err(|source| NodeError::Bind {
+            addr: config.listen,
+            source,
+        })?;
         let transport = QuicTransport::token_client(
-            ClientAuth { token: token.clone(), role: Role::Node },
+            ClientAuth {
+                token: token.clone(),
+                role: Role::Node,
+            },
             HEAD_SERVER_NAME,
             config.limits.clone(),
         )?;
-        let auth = Arc::new(ServerAuth::new(token, vec![Role::Node, Role::Driver, Role::Worker]));
+        let auth = Arc::new(ServerAuth::new(
+            token,
+            vec![Role::Node, Role::Driver, Role::Worker],
+        ));
         let (node_id, rx) = watch::channel(None);
-        let handle = NodeHandle { node_id: rx, local_addr };
-        Ok(Self { config, resources, server, transport, auth, node_id, handle })
+        let handle = NodeHandle {
+            node_id: rx,
+            local_addr,
+        };
+        Ok(Self {
+            config,
+            resources,
+            server,
+            transport,
+            auth,
+            node_id,
+            handle,
+        })
     }
 
     /// A handle to watch the node.
@@ -150,7 +173,9 @@ impl Node {
             node_id: &self.node_id,
         };
         tokio::join!(server, link.run(shutdown));
-        self.transport.endpoint().close(shoal_net::close_code::SHUTDOWN.into(), b"node stopping");
+        self.transport
+            .endpoint()
+            .close(shoal_net::close_code::SHUTDOWN.into(), b"node stopping");
         info!("node daemon stopped");
     }
 }

@@ -7,7 +7,9 @@ use crate::config::NodeConfig;
 
 /// Logical CPUs available to this process.
 pub fn detect_cpus() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// Total memory in bytes, from `/proc/meminfo`; `None` where unreadable.
@@ -47,7 +49,11 @@ mod tests {
 
     #[test]
     fn configured_values_override_detection() {
-        let mut config = NodeConfig { num_cpus: Some(3.0), memory_bytes: Some(1024), ..Default::default() };
+        let mut config = NodeConfig {
+            num_cpus: Some(3.0),
+            memory_bytes: Some(1024),
+            ..Default::default()
+        };
         config.resources.set("GPU", 1.0);
         let set = resources(&config);
         assert_eq!(set.get(CPU), 3.0);

@@ -28,9 +28,15 @@ pub struct CodecLimits {
 
 impl CodecLimits {
     /// Limits for control messages: 16 MiB frames, 64 levels deep.
-    pub const CONTROL: CodecLimits = CodecLimits { frame_bytes_max: 16 << 20, depth_max: 64 };
+    pub const CONTROL: CodecLimits = CodecLimits {
+        frame_bytes_max: 16 << 20,
+        depth_max: 64,
+    };
     /// Limits for the handshake, read from an unauthenticated peer: 4 KiB.
-    pub const HANDSHAKE: CodecLimits = CodecLimits { frame_bytes_max: 4 << 10, depth_max: 8 };
+    pub const HANDSHAKE: CodecLimits = CodecLimits {
+        frame_bytes_max: 4 << 10,
+        depth_max: 8,
+    };
 }
 
 impl Default for CodecLimits {
@@ -73,7 +79,9 @@ pub enum DecodeError {
         max: u32,
     },
     /// A container, string or binary claims more than the body holds.
-    #[error("message claims {claimed} {what} at offset {offset} but only {remaining} bytes remain")]
+    #[error(
+        "message claims {claimed} {what} at offset {offset} but only {remaining} bytes remain"
+    )]
     LengthOverrun {
         /// "elements" or "bytes".
         what: &'static str,
@@ -134,7 +142,10 @@ pub fn encode_frame<T: Serialize>(
     let len = out.len() - start - LEN_PREFIX;
     if len > limits.frame_bytes_max as usize {
         out.truncate(start);
-        return Err(EncodeError::TooLarge { len, max: limits.frame_bytes_max });
+        return Err(EncodeError::TooLarge {
+            len,
+            max: limits.frame_bytes_max,
+        });
     }
     // Cannot truncate: len <= frame_bytes_max, a u32.
     let prefix = (len as u32).to_be_bytes();
@@ -147,7 +158,10 @@ pub fn encode_frame<T: Serialize>(
 pub fn frame_len(prefix: [u8; LEN_PREFIX], limits: &CodecLimits) -> Result<usize, FrameError> {
     let len = u32::from_be_bytes(prefix);
     if len > limits.frame_bytes_max {
-        return Err(FrameError::TooLarge { len: u64::from(len), max: limits.frame_bytes_max });
+        return Err(FrameError::TooLarge {
+            len: u64::from(len),
+            max: limits.frame_bytes_max,
+        });
     }
     Ok(len as usize)
 }
@@ -169,8 +183,11 @@ pub fn split_frame<'a>(
 /// Decodes a frame body (without its prefix) after [`validate`] accepts it.
 pub fn decode<T: DeserializeOwned>(body: &[u8], limits: &CodecLimits) -> Result<T, DecodeError> {
     if body.len() > limits.frame_bytes_max as usize {
-        return Err(FrameError::TooLarge { len: body.len() as u64, max: limits.frame_bytes_max }
-            .into());
+        return Err(FrameError::TooLarge {
+            len: body.len() as u64,
+            max: limits.frame_bytes_max,
+        }
+        .into());
     }
     validate(body, limits.depth_max)?;
     rmp_serde::from_slice(body).map_err(|e| DecodeError::Schema(e.to_string()))
@@ -183,13 +200,20 @@ pub fn decode_frame<T: DeserializeOwned>(
 ) -> Result<T, DecodeError> {
     match split_frame(frame, limits)? {
         Some((body, used)) if used == frame.len() => decode(body, limits),
-        Some(_) => Err(DecodeError::Malformed { offset: frame.len(), reason: "bytes after frame" }),
+        Some(_) => Err(DecodeError::Malformed {
+            offset: frame.len(),
+            reason: "bytes after frame",
+        }),
         None => {
             let needed = match frame.first_chunk::<LEN_PREFIX>() {
                 Some(p) => LEN_PREFIX + u32::from_be_bytes(*p) as usize,
                 None => LEN_PREFIX,
             };
-            Err(FrameError::Truncated { needed, had: frame.len() }.into())
+            Err(FrameError::Truncated {
+                needed,
+                had: frame.len(),
+            }
+            .into())
         }
     }
 }
@@ -210,16 +234,22 @@ pub fn validate(body: &[u8], depth_max: u32) -> Result<(), DecodeError> {
         }
         *top -= 1;
         let at = pos;
-        let marker = *body
-            .get(pos)
-            .ok_or(DecodeError::Malformed { offset: pos, reason: "unexpected end of message" })?;
+        let marker = *body.get(pos).ok_or(DecodeError::Malformed {
+            offset: pos,
+            reason: "unexpected end of message",
+        })?;
         pos += 1;
         let (skip, children): (u64, u64) = match marker {
             0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (0, 0),
             0x80..=0x8f => (0, 2 * u64::from(marker & 0x0f)),
             0x90..=0x9f => (0, u64::from(marker & 0x0f)),
             0xa0..=0xbf => (u64::from(marker & 0x1f), 0),
-            0xc1 => return Err(DecodeError::Malformed { offset: at, reason: "reserved marker 0xc1" }),
+            0xc1 => {
+                return Err(DecodeError::Malformed {
+                    offset: at,
+                    reason: "reserved marker 0xc1",
+                })
+            }
             0xc4 | 0xd9 => (read_uint(body, &mut pos, 1)?, 0),
             0xc5 | 0xda => (read_uint(body, &mut pos, 2)?, 0),
             0xc6 | 0xdb => (read_uint(body, &mut pos, 4)?, 0),
@@ -267,15 +297,19 @@ pub fn validate(body: &[u8], depth_max: u32) -> Result<(), DecodeError> {
         }
     }
     if pos != body.len() {
-        return Err(DecodeError::Malformed { offset: pos, reason: "bytes after the message" });
+        return Err(DecodeError::Malformed {
+            offset: pos,
+            reason: "bytes after the message",
+        });
     }
     Ok(())
 }
 
 fn read_uint(body: &[u8], pos: &mut usize, width: usize) -> Result<u64, DecodeError> {
-    let bytes = body
-        .get(*pos..*pos + width)
-        .ok_or(DecodeError::Malformed { offset: *pos, reason: "length field truncated" })?;
+    let bytes = body.get(*pos..*pos + width).ok_or(DecodeError::Malformed {
+        offset: *pos,
+        reason: "length field truncated",
+    })?;
     *pos += width;
     Ok(bytes.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b)))
 }
@@ -327,8 +361,10 @@ mod tests {
         }
     }
 
-    const CLUSTER: ClusterId = ClusterId::from_uuid(Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef));
-    const NODE: NodeId = NodeId::from_uuid(Uuid::from_u128(0x1111_2222_3333_4444_5555_6666_7777_8888));
+    const CLUSTER: ClusterId =
+        ClusterId::from_uuid(Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef));
+    const NODE: NodeId =
+        NodeId::from_uuid(Uuid::from_u128(0x1111_2222_3333_4444_5555_6666_7777_8888));
 
     /// Pins the handshake's bytes: a change here breaks every deployed peer.
     #[test]
@@ -347,14 +383,21 @@ mod tests {
     /// Pins a request envelope around a unit variant and a struct variant.
     #[test]
     fn golden_head_requests() {
-        let status = RequestEnvelope { id: 7, timeout_ms: 5000, body: HeadRequest::GetClusterStatus };
+        let status = RequestEnvelope {
+            id: 7,
+            timeout_ms: 5000,
+            body: HeadRequest::GetClusterStatus,
+        };
         assert_eq!(hex(&encode(&status).expect("encodes")), GOLDEN_GET_STATUS);
         let mut resources = ResourceSet::new();
         resources.set("CPU", 2.0);
         let heartbeat = RequestEnvelope {
             id: 8,
             timeout_ms: 1000,
-            body: HeadRequest::Heartbeat { node_id: NODE, resources_available: resources },
+            body: HeadRequest::Heartbeat {
+                node_id: NODE,
+                resources_available: resources,
+            },
         };
         assert_eq!(hex(&encode(&heartbeat).expect("encodes")), GOLDEN_HEARTBEAT);
     }
@@ -387,12 +430,17 @@ mod tests {
 
     #[test]
     fn golden_node_ping() {
-        let ping = RequestEnvelope { id: 1, timeout_ms: 1, body: NodeRequest::Ping };
+        let ping = RequestEnvelope {
+            id: 1,
+            timeout_ms: 1,
+            body: NodeRequest::Ping,
+        };
         assert_eq!(hex(&encode(&ping).expect("encodes")), GOLDEN_PING);
     }
 
     const GOLDEN_HELLO: &str = "0000004c84b070726f746f636f6c5f76657273696f6e01aa636c75737465725f6964c4100123456789abcdef0123456789abcdefa4726f6c65a44e6f6465ab746f6b656e5f70726f6f66c404aaaaaaaa";
-    const GOLDEN_GET_STATUS: &str = "83a2696407aa74696d656f75745f6d73cd1388a4626f6479b0476574436c7573746572537461747573";
+    const GOLDEN_GET_STATUS: &str =
+        "83a2696407aa74696d656f75745f6d73cd1388a4626f6479b0476574436c7573746572537461747573";
     const GOLDEN_HEARTBEAT: &str = "83a2696408aa74696d656f75745f6d73cd03e8a4626f647981a948656172746265617482a76e6f64655f6964c41011112222333344445555666677778888b37265736f75726365735f617661696c61626c6581a3435055cb4000000000000000";
     const GOLDEN_REFUSED: &str = "81a752656675736564a8426164546f6b656e";
     const GOLDEN_STATUS: &str = "82a2696407a6726573756c7481a24f6b81ad436c757374657253746174757383aa636c75737465725f6964c4100123456789abcdef0123456789abcdefa56e6f6465739189a76e6f64655f6964c41011112222333344445555666677778888a761646472657373ab3132372e302e302e313a31a57374617465a444454144a370696409a8686f73746e616d65a168ac69735f686561645f6e6f6465c2af7265736f75726365735f746f74616c80b37265736f75726365735f617661696c61626c6580b56c6173745f6865617274626561745f6d735f61676f00b268616e647368616b65735f7265667573656400";
@@ -401,10 +449,14 @@ mod tests {
     #[test]
     fn length_prefix_of_4_gib_is_refused_before_allocating() {
         let frame = [0xff, 0xff, 0xff, 0xff, 0x00];
-        let err = decode_frame::<Hello>(&frame, &CodecLimits::CONTROL).unwrap_err();
+        let err =
+            decode_frame::<Hello>(&frame, &CodecLimits::CONTROL).expect_err("must be refused");
         assert_eq!(
             err,
-            DecodeError::Frame(FrameError::TooLarge { len: 0xffff_ffff, max: 16 << 20 })
+            DecodeError::Frame(FrameError::TooLarge {
+                len: 0xffff_ffff,
+                max: 16 << 20
+            })
         );
     }
 
@@ -412,8 +464,18 @@ mod tests {
     fn array_claiming_2_pow_32_items_is_refused() {
         // array32 with count 0xffffffff and one element byte.
         let body = [0xdd, 0xff, 0xff, 0xff, 0xff, 0xc0];
-        let err = decode::<Vec<u8>>(&body, &CodecLimits::CONTROL).unwrap_err();
-        assert!(matches!(err, DecodeError::LengthOverrun { what: "elements", claimed: 0xffff_ffff, .. }), "{err:?}");
+        let err = decode::<Vec<u8>>(&body, &CodecLimits::CONTROL).expect_err("must be refused");
+        assert!(
+            matches!(
+                err,
+                DecodeError::LengthOverrun {
+                    what: "elements",
+                    claimed: 0xffff_ffff,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
         // map32 claiming 2^32-1 pairs.
         let body = [0xdf, 0xff, 0xff, 0xff, 0xff];
         assert!(matches!(
@@ -432,44 +494,76 @@ mod tests {
     fn nesting_10_000_deep_is_refused() {
         let mut body = vec![0x91; 10_000];
         body.push(0xc0);
-        let err = decode::<HeadRequest>(&body, &CodecLimits::CONTROL).unwrap_err();
+        let err = decode::<HeadRequest>(&body, &CodecLimits::CONTROL).expect_err("must be refused");
         assert_eq!(err, DecodeError::TooDeep { max: 64 });
     }
 
     #[test]
     fn nesting_at_the_limit_is_accepted_by_the_walker() {
-        let limits = CodecLimits { frame_bytes_max: 1024, depth_max: 4 };
+        let limits = CodecLimits {
+            frame_bytes_max: 1024,
+            depth_max: 4,
+        };
         let ok = [0x91, 0x91, 0x91, 0x91, 0xc0];
         assert_eq!(validate(&ok, limits.depth_max), Ok(()));
         let too_deep = [0x91, 0x91, 0x91, 0x91, 0x91, 0xc0];
-        assert_eq!(validate(&too_deep, limits.depth_max), Err(DecodeError::TooDeep { max: 4 }));
+        assert_eq!(
+            validate(&too_deep, limits.depth_max),
+            Err(DecodeError::TooDeep { max: 4 })
+        );
     }
 
     #[test]
     fn trailing_bytes_and_truncation_are_refused() {
-        assert!(matches!(validate(&[0xc0, 0xc0], 8), Err(DecodeError::Malformed { .. })));
-        assert!(matches!(validate(&[0x92, 0xc0], 8), Err(DecodeError::LengthOverrun { .. })));
-        assert!(matches!(validate(&[], 8), Err(DecodeError::Malformed { .. })));
-        assert!(matches!(validate(&[0xc1], 8), Err(DecodeError::Malformed { .. })));
+        assert!(matches!(
+            validate(&[0xc0, 0xc0], 8),
+            Err(DecodeError::Malformed { .. })
+        ));
+        assert!(matches!(
+            validate(&[0x92, 0xc0], 8),
+            Err(DecodeError::LengthOverrun { .. })
+        ));
+        assert!(matches!(
+            validate(&[], 8),
+            Err(DecodeError::Malformed { .. })
+        ));
+        assert!(matches!(
+            validate(&[0xc1], 8),
+            Err(DecodeError::Malformed { .. })
+        ));
         assert!(matches!(
             decode_frame::<Hello>(&[0, 0, 0, 9, 0x80], &CodecLimits::CONTROL),
-            Err(DecodeError::Frame(FrameError::Truncated { needed: 13, had: 5 }))
+            Err(DecodeError::Frame(FrameError::Truncated {
+                needed: 13,
+                had: 5
+            }))
         ));
     }
 
     #[test]
     fn wrong_type_is_a_schema_error() {
         let body = encode(&NodeRequest::Ping).expect("encodes");
-        assert!(matches!(decode::<Hello>(&body, &CodecLimits::CONTROL), Err(DecodeError::Schema(_))));
+        assert!(matches!(
+            decode::<Hello>(&body, &CodecLimits::CONTROL),
+            Err(DecodeError::Schema(_))
+        ));
     }
 
     #[test]
     fn encode_refuses_frames_over_the_limit() {
-        let limits = CodecLimits { frame_bytes_max: 8, depth_max: 8 };
+        let limits = CodecLimits {
+            frame_bytes_max: 8,
+            depth_max: 8,
+        };
         let mut out = vec![1, 2];
-        let err = encode_frame(&"a string well over eight bytes", &limits, &mut out).unwrap_err();
+        let err = encode_frame(&"a string well over eight bytes", &limits, &mut out)
+            .expect_err("must be refused");
         assert!(matches!(err, EncodeError::TooLarge { max: 8, .. }));
-        assert_eq!(out, vec![1, 2], "a refused frame leaves the buffer as it was");
+        assert_eq!(
+            out,
+            vec![1, 2],
+            "a refused frame leaves the buffer as it was"
+        );
     }
 
     #[test]
@@ -479,8 +573,13 @@ mod tests {
         for cut in 0..frame.len() {
             assert_eq!(split_frame(&frame[..cut], &CodecLimits::CONTROL), Ok(None));
         }
-        let (body, used) = split_frame(&frame, &CodecLimits::CONTROL).expect("ok").expect("whole");
+        let (body, used) = split_frame(&frame, &CodecLimits::CONTROL)
+            .expect("ok")
+            .expect("whole");
         assert_eq!(used, frame.len());
-        assert_eq!(decode::<NodeRequest>(body, &CodecLimits::CONTROL), Ok(NodeRequest::Ping));
+        assert_eq!(
+            decode::<NodeRequest>(body, &CodecLimits::CONTROL),
+            Ok(NodeRequest::Ping)
+        );
     }
 }

@@ -121,7 +121,10 @@ mod tests {
         let shown = id.to_string();
         assert_eq!(shown.len(), 32, "simple form is 32 hex digits");
         assert_eq!(shown.parse::<NodeId>().ok(), Some(id));
-        assert_eq!(id.as_uuid().hyphenated().to_string().parse::<NodeId>().ok(), Some(id));
+        assert_eq!(
+            id.as_uuid().hyphenated().to_string().parse::<NodeId>().ok(),
+            Some(id)
+        );
     }
 
     #[test]

@@ -35,7 +35,7 @@ pub mod rpc;
 
 pub use codec::{CodecLimits, DecodeError, EncodeError, FrameError};
 pub use head::{ClusterStatus, HeadReply, HeadRequest, NodeState, NodeStatus};
-pub use hello::{Hello, HelloReply, HandshakeRefusal, Role, PROTOCOL_VERSION};
+pub use hello::{HandshakeRefusal, Hello, HelloReply, Role, PROTOCOL_VERSION};
 pub use ids::*;
 pub use node::{NodeReply, NodeRequest};
 pub use resources::ResourceSet;

@@ -42,7 +42,10 @@ pub struct ServiceError {
 impl ServiceError {
     /// A new error of `kind`.
     pub fn new(kind: ServiceErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into() }
+        Self {
+            kind,
+            message: message.into(),
+        }
     }
 }
 

@@ -1,0 +1,252 @@
+//! A whole cluster inside this process: one head and node daemons, each on
+//! its own loopback port, talking QUIC exactly as separate processes do.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_head::{Head, HeadConfig};
+use shoal_net::{ClusterIdentity, JoinToken, NetLimits};
+use shoal_node::{Node, NodeConfig, NodeHandle};
+use shoal_proto::{NodeId, ResourceSet, Role};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::{ClusterClient, Error, Result};
+
+/// How the local cluster is laid out and timed.
+#[derive(Clone, Debug)]
+pub struct LocalConfig {
+    /// CPUs of the node daemon that runs beside the head.
+    pub head_node_cpus: f64,
+    /// How often nodes heartbeat.
+    pub heartbeat_interval: Duration,
+    /// Silence after which the head declares a node dead.
+    pub node_timeout: Duration,
+    /// Transport limits for every daemon.
+    pub limits: NetLimits,
+}
+
+impl Default for LocalConfig {
+    fn default() -> Self {
+        Self {
+            head_node_cpus: shoal_node::machine::detect_cpus() as f64,
+            heartbeat_interval: shoal_head::config::defaults::HEARTBEAT_INTERVAL,
+            node_timeout: shoal_head::config::defaults::NODE_TIMEOUT,
+            limits: NetLimits::default(),
+        }
+    }
+}
+
+struct Running {
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+struct LocalNode {
+    handle: NodeHandle,
+    running: Option<Running>,
+}
+
+/// A head and node daemons running in this process.
+pub struct LocalCluster {
+    config: LocalConfig,
+    identity: Arc<ClusterIdentity>,
+    head_addr: SocketAddr,
+    head: Option<Running>,
+    nodes: Vec<LocalNode>,
+}
+
+impl LocalCluster {
+    /// Starts a head on a free loopback port and its node daemon, and waits
+    /// until that node has joined.
+    pub async fn start(config: LocalConfig) -> Result<Self> {
+        let identity = Arc::new(ClusterIdentity::generate()?);
+        let head_config = HeadConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            heartbeat_interval: config.heartbeat_interval,
+            node_timeout: config.node_timeout,
+            limits: config.limits.clone(),
+            ..HeadConfig::default()
+        };
+        let head = Head::bind(head_config, identity.clone())?;
+        let head_addr = head.local_addr().map_err(|e| {
+            Error::Head(shoal_head::HeadError::Bind {
+                addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+                source: e,
+            })
+        })?;
+        let mut cluster = Self {
+            config,
+            identity,
+            head_addr,
+            head: None,
+            nodes: Vec::new(),
+        };
+        cluster.head = Some(spawn(|token| head.run(token)));
+        let mut resources = ResourceSet::new();
+        resources.set(shoal_proto::resources::CPU, cluster.config.head_node_cpus);
+        cluster.add_node_with(resources, true).await?;
+        Ok(cluster)
+    }
+
+    /// The head's address.
+    pub fn address(&self) -> SocketAddr {
+        self.head_addr
+    }
+
+    /// The join token.
+    pub fn token(&self) -> &JoinToken {
+        self.identity.token()
+    }
+
+    /// A client connection to the head.
+    pub async fn client(&self) -> Result<ClusterClient> {
+        ClusterClient::connect(self.head_addr, self.token().clone(), Role::Client).await
+    }
+
+    /// Adds a node daemon offering `resources` (CPU included) and waits until
+    /// it has joined. Returns its index for the other verbs.
+    pub async fn add_node(&mut self, resources: ResourceSet) -> Result<usize> {
+        self.add_node_with(resources, false).await
+    }
+
+    async fn add_node_with(
+        &mut self,
+        mut resources: ResourceSet,
+        is_head_node: bool,
+    ) -> Result<usize> {
+        let cpus = resources.0.remove(shoal_proto::resources::CPU);
+        let config = NodeConfig {
+            head_address: self.head_addr.to_string(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            node_ip: Some(std::net::Ipv4Addr::LOCALHOST.into()),
+            num_cpus: cpus,
+            resources,
+            is_head_node,
+            reconnect_backoff_max: Duration::from_millis(500),
+            limits: self.config.limits.clone(),
+            ..NodeConfig::default()
+        };
+        let node = Node::bind(config, self.token().clone())?;
+        let mut handle = node.handle();
+        let running = spawn(|token| node.run(token));
+        handle.joined_other_than(None).await;
+        self.nodes.push(LocalNode {
+            handle,
+            running: Some(running),
+        });
+        Ok(self.nodes.len() - 1)
+    }
+
+    /// The current id of node `index` (0 is the head's node), if it has one.
+    pub fn node_id(&self, index: usize) -> Option<NodeId> {
+        self.nodes.get(index).and_then(|n| n.handle.node_id())
+    }
+
+    /// Waits until node `index` has an id other than `previous` (it joined
+    /// again after the head restarted or fenced it).
+    pub async fn wait_node_rejoined(&self, index: usize, previous: NodeId) -> Result<NodeId> {
+        let node = self.node(index)?;
+        Ok(node.handle.clone().joined_other_than(Some(previous)).await)
+    }
+
+    fn node(&self, index: usize) -> Result<&LocalNode> {
+        self.nodes
+            .get(index)
+            .ok_or_else(|| Error::NotFound(format!("no local node {index}")))
+    }
+
+    /// Kills node `index` abruptly: its tasks are dropped mid-flight and it
+    /// never says goodbye, as if its process had been SIGKILLed. The head
+    /// notices only by its silence.
+    pub fn kill_node(&mut self, index: usize) -> Result<NodeId> {
+        let node = self
+            .nodes
+            .get_mut(index)
+            .ok_or_else(|| Error::NotFound(format!("no local node {index}")))?;
+        let id = node
+            .handle
+            .node_id()
+            .ok_or_else(|| Error::NotFound(format!("node {index} never joined")))?;
+        if let Some(running) = node.running.take() {
+            running.task.abort();
+        }
+        Ok(id)
+    }
+
+    /// Stops node `index` gracefully: it tells the head it is leaving.
+    pub async fn stop_node(&mut self, index: usize) -> Result<()> {
+        let node = self
+            .nodes
+            .get_mut(index)
+            .ok_or_else(|| Error::NotFound(format!("no local node {index}")))?;
+        if let Some(running) = node.running.take() {
+            running.stop().await;
+        }
+        Ok(())
+    }
+
+    /// Stops the head (gracefully) and starts a new one on the same address
+    /// with the same identity: nodes reconnect and join again as new nodes.
+    pub async fn restart_head(&mut self) -> Result<()> {
+        if let Some(head) = self.head.take() {
+            head.stop().await;
+        }
+        let config = HeadConfig {
+            listen: self.head_addr,
+            heartbeat_interval: self.config.heartbeat_interval,
+            node_timeout: self.config.node_timeout,
+            limits: self.config.limits.clone(),
+            ..HeadConfig::default()
+        };
+        let head = Head::bind(config, self.identity.clone())?;
+        self.head = Some(spawn(|token| head.run(token)));
+        Ok(())
+    }
+
+    /// Stops every node, then the head.
+    pub async fn shutdown(mut self) {
+        for node in &mut self.nodes {
+            if let Some(running) = node.running.take() {
+                running.stop().await;
+            }
+        }
+        if let Some(head) = self.head.take() {
+            head.stop().await;
+        }
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        // Dropped without shutdown (a test that failed): end every task now.
+        for node in &mut self.nodes {
+            if let Some(running) = node.running.take() {
+                running.shutdown.cancel();
+                running.task.abort();
+            }
+        }
+        if let Some(head) = self.head.take() {
+            head.shutdown.cancel();
+            head.task.abort();
+        }
+    }
+}
+
+fn spawn<F, Fut>(run: F) -> Running
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run(shutdown.clone()));
+    Running { shutdown, task }
+}
+
+impl Running {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+}

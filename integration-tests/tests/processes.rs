@@ -1,0 +1,358 @@
+//! The cluster as real processes: `shoal start --head`, two `shoal start
+//! --address` daemons, `shoal status --json`, SIGKILL, `shoal stop`.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use shoal_integration_tests::{poll_until, process_alive, signal, ProcessCluster};
+
+/// Fast failure detection so the tests take seconds.
+const CONFIG: &str = r#"
+[timeouts]
+heartbeat_interval = "200ms"
+node_timeout = "2s"
+"#;
+const NODE_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn cpu(node: &Value) -> f64 {
+    node["resources_total"]["CPU"].as_f64().expect("CPU total")
+}
+
+#[test]
+fn three_processes_form_a_cluster_whose_resources_sum() {
+    let cluster = ProcessCluster::new();
+    let config = cluster.write_config("fast.toml", CONFIG);
+    let config = config.to_str().expect("utf8 path");
+    cluster.start_head(&["--num-cpus", "1", "--config", config]);
+    let a = cluster.start_node(&["--num-cpus", "2", "--resources", r#"{"GPU": 1}"#]);
+    let b = cluster.start_node(&[
+        "--num-cpus",
+        "3",
+        "--resources",
+        r#"{"GPU": 2, "disk": 0.5}"#,
+    ]);
+    let status = cluster.status();
+    let nodes = status["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), 3, "{status:#}");
+    for node in nodes {
+        assert_eq!(node["state"], "ALIVE", "{node:#}");
+        assert!(node["node_id"].as_str().is_some_and(|s| s.len() == 32));
+        assert!(node["address"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("127.0.0.1:")));
+        assert_eq!(
+            node["resources_total"], node["resources_available"],
+            "nothing runs yet"
+        );
+    }
+    assert_eq!(status["cluster_id"].as_str().map(str::len), Some(32));
+    assert_eq!(nodes.iter().map(cpu).sum::<f64>(), 6.0);
+    let gpus: f64 = nodes
+        .iter()
+        .filter_map(|n| n["resources_total"]["GPU"].as_f64())
+        .sum();
+    assert_eq!(gpus, 3.0);
+    assert!(ProcessCluster::node_by_pid(&status, a, "ALIVE").is_some());
+    assert!(ProcessCluster::node_by_pid(&status, b, "ALIVE").is_some());
+    // The pids are the daemons', and they are three processes.
+    let pids = ProcessCluster::pids(&status);
+    assert_eq!(
+        pids.iter().collect::<std::collections::HashSet<_>>().len(),
+        3
+    );
+    // The human form shows the same cluster.
+    let human = cluster.shoal_ok(&["status"]);
+    assert!(human.contains("3 node(s) alive"), "{human}");
+    assert!(human.contains("CPU          0/6"), "{human}");
+    cluster.shoal_ok(&["stop"]);
+    cluster.assert_no_panics();
+}
+
+#[test]
+fn sigkilled_node_is_dead_within_the_bound_and_rejoins_as_a_new_node() {
+    let cluster = ProcessCluster::new();
+    let config = cluster.write_config("fast.toml", CONFIG);
+    let config = config.to_str().expect("utf8 path");
+    cluster.start_head(&["--num-cpus", "0", "--config", config]);
+    let victim = cluster.start_node(&["--num-cpus", "2"]);
+    cluster.start_node(&["--num-cpus", "2"]);
+    let before = cluster.status();
+    let old_id = ProcessCluster::node_by_pid(&before, victim, "ALIVE").expect("victim alive")
+        ["node_id"]
+        .clone();
+
+    signal(victim, Signal::SIGKILL);
+    let killed_at = Instant::now();
+    // Bound: the timeout, plus the detector's tick (a tenth of it), plus
+    // slack for a loaded machine.
+    let dead = poll_until(NODE_TIMEOUT * 4, "the killed node to be DEAD", || {
+        ProcessCluster::node_by_pid(&cluster.status(), victim, "DEAD")
+    });
+    let took = killed_at.elapsed();
+    assert!(
+        took >= NODE_TIMEOUT.mul_f32(0.8),
+        "declared dead too early: {took:?}"
+    );
+    assert_eq!(dead["node_id"], old_id);
+    assert_eq!(
+        dead["resources_available"].as_object().map(|m| m.len()),
+        Some(0)
+    );
+
+    let again = cluster.start_node(&["--num-cpus", "2"]);
+    let status = cluster.status();
+    let new = ProcessCluster::node_by_pid(&status, again, "ALIVE").expect("restarted node alive");
+    assert_ne!(
+        new["node_id"], old_id,
+        "a restarted daemon joins as a new node"
+    );
+    let alive = status["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter(|n| n["state"] == "ALIVE")
+        .count();
+    assert_eq!(alive, 3);
+    cluster.shoal_ok(&["stop"]);
+    cluster.assert_no_panics();
+}
+
+#[test]
+fn stop_leaves_no_shoal_process_running() {
+    let cluster = ProcessCluster::new();
+    cluster.start_head(&["--num-cpus", "1"]);
+    cluster.start_node(&["--num-cpus", "1"]);
+    cluster.start_node(&["--num-cpus", "1"]);
+    let pids = ProcessCluster::pids(&cluster.status());
+    assert_eq!(pids.len(), 3);
+    assert!(pids.iter().all(|p| process_alive(*p)));
+    let out = cluster.shoal_ok(&["stop"]);
+    assert!(out.contains("Stopped 3"), "{out}");
+    for pid in &pids {
+        assert!(
+            !process_alive(*pid),
+            "pid {pid} still running after shoal stop"
+        );
+    }
+    // Stopping again finds nothing, and says so.
+    let out = cluster.shoal_ok(&["stop"]);
+    assert!(out.contains("No Shoal daemons"), "{out}");
+    cluster.assert_no_panics();
+}
+
+#[test]
+fn a_sigstopped_daemon_is_killed_by_stop_after_the_grace_period() {
+    let cluster = ProcessCluster::new();
+    cluster.start_head(&["--num-cpus", "1"]);
+    let node = cluster.start_node(&["--num-cpus", "1"]);
+    signal(node, Signal::SIGSTOP);
+    let out = cluster.shoal(&["stop", "--grace", "500ms"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SIGKILL"));
+    assert!(!process_alive(node));
+}
+
+#[test]
+fn join_without_a_token_anywhere_fails_with_a_clear_message() {
+    let cluster = ProcessCluster::new();
+    // No head on this root: no session directory, no token.
+    let out = cluster.shoal(&["start", "--address", "127.0.0.1:9", "--num-cpus", "1"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no join token") || err.contains("token"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_node_with_a_wrong_token_is_refused_and_start_reports_it() {
+    let cluster = ProcessCluster::new();
+    cluster.start_head(&["--num-cpus", "1"]);
+    let address = cluster.head_address();
+    let mut wrong = cluster.token();
+    let last = wrong.pop().expect("token not empty");
+    wrong.push(if last == '0' { '1' } else { '0' });
+    // The daemon keeps retrying (a head may come back), so `start` gives up
+    // at its readiness deadline; use --block in a child we bound instead.
+    let mut child = std::process::Command::new(shoal_integration_tests::shoal_bin())
+        .args([
+            "start",
+            "--address",
+            &address,
+            "--token",
+            &wrong,
+            "--num-cpus",
+            "1",
+            "--block",
+            "--session-dir",
+        ])
+        .arg(cluster.root())
+        .env("SHOAL_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let status = poll_until(
+        Duration::from_secs(20),
+        "the head to count the refusal",
+        || {
+            let status = cluster.status();
+            (status["handshakes_refused"].as_u64() >= Some(1)).then_some(status)
+        },
+    );
+    assert_eq!(
+        status["nodes"].as_array().map(Vec::len),
+        Some(1),
+        "the impostor never joined"
+    );
+    let _ = child.kill();
+    let output = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("bad join token"), "the daemon says why: {err}");
+    cluster.shoal_ok(&["stop"]);
+}
+
+#[test]
+fn bad_flags_are_rejected_with_a_message() {
+    let cluster = ProcessCluster::new();
+    for (args, needle) in [
+        (vec!["start"], "required"),
+        (
+            vec!["start", "--head", "--address", "1.2.3.4:5"],
+            "cannot be used",
+        ),
+        (vec!["start", "--head", "--resources", "{not json"], "JSON"),
+        (
+            vec!["start", "--head", "--resources", r#"{"CPU": 4}"#],
+            "--num-cpus",
+        ),
+        (
+            vec!["start", "--head", "--resources", r#"{"GPU": -1}"#],
+            "negative",
+        ),
+        (vec!["start", "--head", "--num-cpus", "-2"], "num-cpus"),
+        (
+            vec![
+                "start",
+                "--address",
+                "127.0.0.1:1",
+                "--token",
+                "nonsense",
+                "--block",
+            ],
+            "token",
+        ),
+        (
+            vec![
+                "status",
+                "--address",
+                "127.0.0.1:9",
+                "--token",
+                "shoal1.zz.zz",
+            ],
+            "token",
+        ),
+    ] {
+        let out = cluster.shoal(&args);
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(needle),
+            "{args:?}: expected {needle:?} in: {err}"
+        );
+    }
+    let bad = cluster.write_config("bad.toml", "[head]\nprot = 1\n");
+    let out = cluster.shoal(&["start", "--head", "--config", bad.to_str().expect("utf8")]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("prot"));
+}
+
+#[test]
+fn a_real_head_refuses_bad_peers_and_keeps_its_nodes() {
+    use shoal_integration_tests::raw;
+    use shoal_proto::{HandshakeRefusal, HelloReply};
+    let cluster = ProcessCluster::new();
+    let config = cluster.write_config("fast.toml", CONFIG);
+    cluster.start_head(&[
+        "--num-cpus",
+        "1",
+        "--config",
+        config.to_str().expect("utf8"),
+    ]);
+    cluster.start_node(&["--num-cpus", "1"]);
+    cluster.start_node(&["--num-cpus", "1"]);
+    let addr: std::net::SocketAddr = cluster.head_address().parse().expect("address");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let huge = raw::send_handshake_bytes(addr, &[0xff, 0xff, 0xff, 0xff, 0]).await;
+        assert!(
+            matches!(
+                huge,
+                Ok(HelloReply::Refused(HandshakeRefusal::Malformed(_)))
+            ),
+            "{huge:?}"
+        );
+        let junk = raw::send_handshake_bytes(addr, &[0, 0, 0, 8, 0xc1, 1, 2, 3, 4, 5, 6, 7]).await;
+        assert!(
+            matches!(
+                junk,
+                Ok(HelloReply::Refused(HandshakeRefusal::Malformed(_)))
+            ),
+            "{junk:?}"
+        );
+    });
+    let wrong = format!("shoal1.{}.{}", "0".repeat(32), "ab".repeat(32));
+    let out = cluster.shoal(&["status", "--address", &addr.to_string(), "--token", &wrong]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cluster id mismatch"), "{err}");
+    // Past several heartbeat timeouts' worth of attacks, the nodes are alive.
+    let status = cluster.status();
+    let states: Vec<_> = status["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| n["state"].clone())
+        .collect();
+    assert_eq!(states, vec!["ALIVE", "ALIVE", "ALIVE"]);
+    assert!(
+        status["handshakes_refused"].as_u64() >= Some(3),
+        "{status:#}"
+    );
+    cluster.shoal_ok(&["stop"]);
+    cluster.assert_no_panics();
+}
+
+#[test]
+fn the_local_cluster_example_runs() {
+    let bin = shoal_integration_tests::shoal_bin().with_file_name("local_cluster");
+    assert!(
+        bin.exists(),
+        "{} not built (cargo build --workspace)",
+        bin.display()
+    );
+    let out = std::process::Command::new(bin)
+        .output()
+        .expect("run example");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("declared dead after"), "{stdout}");
+    assert!(stdout.contains("replacement joined as node"), "{stdout}");
+    // Three live nodes and one dead in the final listing.
+    let tail = stdout
+        .rsplit("replacement joined")
+        .next()
+        .unwrap_or_default();
+    assert_eq!(tail.matches("ALIVE").count(), 3, "{stdout}");
+    assert_eq!(tail.matches("DEAD").count(), 1, "{stdout}");
+}
