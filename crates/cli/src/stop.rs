@@ -87,14 +87,19 @@ fn running_daemons(root: &Path) -> Vec<(i32, std::path::PathBuf)> {
     found
 }
 
-/// True while `pid` runs a shoal executable (and is not a zombie).
-fn is_shoal(pid: i32) -> bool {
+/// True while `pid` exists and has not exited (a zombie has exited).
+fn is_running(pid: i32) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // The state follows the parenthesised command name.
     let state = stat
         .rsplit_once(") ")
         .and_then(|(_, rest)| rest.chars().next());
-    if matches!(state, None | Some('Z') | Some('X')) {
+    !matches!(state, None | Some('Z') | Some('X'))
+}
+
+/// True while `pid` runs a shoal executable.
+fn is_shoal(pid: i32) -> bool {
+    if !is_running(pid) {
         return false;
     }
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
@@ -114,7 +119,7 @@ fn wait_for_exit(
     loop {
         let left: Vec<_> = daemons
             .iter()
-            .filter(|(pid, _)| is_shoal(*pid))
+            .filter(|(pid, _)| is_running(*pid))
             .cloned()
             .collect();
         if left.is_empty() || Instant::now() >= deadline {
