@@ -12,6 +12,7 @@
 //! ```
 
 use std::fs;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -30,14 +31,21 @@ impl Session {
     /// Creates a new session directory under `root` and points
     /// `root/session_latest` at it.
     pub fn create(root: &Path) -> Result<Self> {
+        ensure_private_root(root)?;
         let name = format!(
             "session_{}_{}",
             utc_stamp(SystemTime::now()),
             std::process::id()
         );
         let dir = root.join(&name);
+        // A directory that already exists was not made by us: refuse it
+        // rather than trust a token or key planted in it.
+        private_dir()
+            .create(&dir)
+            .with_context(|| format!("creating session directory {}", dir.display()))?;
         for sub in ["pids", "logs"] {
-            fs::create_dir_all(dir.join(sub))
+            private_dir()
+                .create(dir.join(sub))
                 .with_context(|| format!("creating session directory {}", dir.display()))?;
         }
         let link = root.join(LATEST);
@@ -49,10 +57,13 @@ impl Session {
         Ok(Self { dir })
     }
 
-    /// The session `root/session_latest` points to, if any.
+    /// The session `root/session_latest` points to, if any (and if it is
+    /// ours).
     pub fn latest(root: &Path) -> Option<Self> {
         let dir = fs::canonicalize(root.join(LATEST)).ok()?;
-        dir.is_dir().then_some(Self { dir })
+        let ours = fs::metadata(&dir)
+            .is_ok_and(|m| m.is_dir() && m.uid() == nix::unistd::getuid().as_raw());
+        ours.then_some(Self { dir })
     }
 
     /// An existing session directory, as given.
@@ -86,6 +97,43 @@ impl Session {
             .ok()
             .map(|s| s.trim().to_string())
     }
+}
+
+fn private_dir() -> fs::DirBuilder {
+    let mut builder = fs::DirBuilder::new();
+    builder.mode(0o700);
+    builder
+}
+
+/// Creates `root` (mode 0700) if needed, and checks that it is a real
+/// directory owned by this user: session directories hold the join token.
+fn ensure_private_root(root: &Path) -> Result<()> {
+    if !root.exists() {
+        private_dir()
+            .recursive(true)
+            .create(root)
+            .with_context(|| format!("creating session root {}", root.display()))?;
+    }
+    let meta = fs::symlink_metadata(root)
+        .with_context(|| format!("inspecting session root {}", root.display()))?;
+    anyhow::ensure!(
+        meta.is_dir() && !meta.file_type().is_symlink(),
+        "session root {} is not a directory",
+        root.display()
+    );
+    anyhow::ensure!(
+        meta.uid() == nix::unistd::getuid().as_raw(),
+        "session root {} belongs to another user; pass --session-dir with a directory of your own",
+        root.display()
+    );
+    Ok(())
+}
+
+/// This machine's host name.
+pub fn hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown".to_string())
 }
 
 /// Every pid file under every session of `root`.
@@ -169,6 +217,26 @@ mod tests {
         assert_eq!(utc_stamp(t), "2026-11-26_15-00-00");
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert_eq!(utc_stamp(leap), "2000-02-29_00-00-00");
+    }
+
+    #[test]
+    fn session_directories_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().expect("tempdir");
+        let session = Session::create(&root.path().join("nested")).expect("create");
+        let mode = fs::metadata(&session.dir)
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[test]
+    fn a_symlinked_root_is_refused() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let link = root.path().join("link");
+        std::os::unix::fs::symlink(root.path(), &link).expect("symlink");
+        assert!(Session::create(&link).is_err());
     }
 
     #[test]

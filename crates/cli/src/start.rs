@@ -215,14 +215,10 @@ fn run_head(args: &StartArgs, file: &ClusterFile) -> Result<()> {
         let advertised = SocketAddr::new(node_ip.unwrap_or_else(primary_ip), bound.port());
         std::fs::write(session.head_address_path(), advertised.to_string())
             .context("writing head_address")?;
-        let node = shoal_node::Node::bind(node_config, identity.token().clone())?;
+        let node = shoal_node::Node::bind(node_config, identity.token().clone())?; // The log may be read by others than the token's owner: no token here.
         println!(
             "Shoal head listening on {advertised} (cluster {})",
             identity.cluster_id()
-        );
-        println!(
-            "Join with: shoal start --address {advertised} --token {}",
-            identity.token()
         );
         tokio::join!(head.run(shutdown.clone()), node.run(shutdown));
         Ok(())
@@ -286,8 +282,14 @@ fn spawn_daemon(args: &StartArgs) -> Result<()> {
     let out = File::create(&log).with_context(|| format!("creating log {}", log.display()))?;
     let err = out.try_clone().context("duplicating the log file")?;
     let exe = std::env::current_exe().context("finding the shoal executable")?;
-    let mut child = Command::new(exe)
-        .args(std::env::args_os().skip(1))
+    let mut command = Command::new(exe);
+    command.args(args_without_token(std::env::args_os().skip(1)));
+    // The token goes by environment, not on a command line every local user
+    // can read in /proc.
+    if let Some(token) = &args.token {
+        command.env("SHOAL_TOKEN", token);
+    }
+    let mut child = command
         .arg("--block")
         .arg("--session-path")
         .arg(&session.dir)
@@ -315,10 +317,11 @@ fn spawn_daemon(args: &StartArgs) -> Result<()> {
             return Err(e.context(format!("see the daemon's log: {}", log.display())));
         }
     };
+    let host = crate::session::hostname();
     let node = status
         .nodes
         .iter()
-        .find(|n| n.pid == pid && n.state == NodeState::Alive);
+        .find(|n| n.pid == pid && n.hostname == host && n.state == NodeState::Alive);
     if args.head {
         println!("Started a Shoal head at {address} (pid {pid})");
         println!("  cluster:  {}", status.cluster_id);
@@ -367,11 +370,11 @@ fn wait_until_ready(
         if let (Some(address), Some(token)) = (address, token) {
             match status::fetch(&address, &token, Duration::from_secs(2)) {
                 Ok(status) => {
-                    if status
-                        .nodes
-                        .iter()
-                        .any(|n| n.pid == pid && n.state == NodeState::Alive)
-                    {
+                    let host = crate::session::hostname();
+                    let ours = |n: &&shoal_proto::NodeStatus| {
+                        n.pid == pid && n.hostname == host && n.state == NodeState::Alive
+                    };
+                    if status.nodes.iter().any(|n| ours(&n)) {
                         return Ok((address, token, status));
                     }
                     last_error = "the daemon has not joined yet".into();
@@ -382,6 +385,24 @@ fn wait_until_ready(
         std::thread::sleep(Duration::from_millis(100));
     }
     bail!("the daemon did not become ready within {READY_TIMEOUT:?}: {last_error}")
+}
+
+/// The arguments without `--token T` or `--token=T`.
+fn args_without_token(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let mut out = Vec::new();
+    let mut skip_next = false;
+    for arg in args {
+        if skip_next {
+            skip_next = false;
+            continue;
+        }
+        match arg.to_str() {
+            Some("--token") => skip_next = true,
+            Some(a) if a.starts_with("--token=") => {}
+            _ => out.push(arg),
+        }
+    }
+    out
 }
 
 /// The first non-loopback IPv4 address of an interface that is up, else
@@ -400,4 +421,34 @@ fn primary_ip() -> IpAddr {
             })
     });
     found.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_never_reaches_the_child_command_line() {
+        let args = [
+            "start",
+            "--address",
+            "h:1",
+            "--token",
+            "secret",
+            "--token=also",
+            "--block",
+        ];
+        let kept = args_without_token(args.iter().map(std::ffi::OsString::from));
+        let kept: Vec<&str> = kept.iter().filter_map(|a| a.to_str()).collect();
+        assert_eq!(kept, vec!["start", "--address", "h:1", "--block"]);
+    }
+
+    #[test]
+    fn resources_json_is_checked() {
+        assert!(parse_resources(r#"{"GPU": 1}"#).is_ok());
+        assert!(parse_resources("[1]").is_err());
+        assert!(parse_resources(r#"{"CPU": 1}"#).is_err());
+        assert!(parse_resources(r#"{"memory": 1}"#).is_err());
+        assert!(parse_resources(r#"{"GPU": -1}"#).is_err());
+    }
 }

@@ -2,10 +2,10 @@
 //!
 //! Reads the pid files of every session under the root, sends SIGTERM (the
 //! daemons leave the cluster and exit), waits up to a deadline, then sends
-//! SIGKILL to what is left. A pid is signalled only while it still runs a
-//! `shoal` executable, so a recycled pid is never hit.
+//! SIGKILL to what is left. A process is identified by its pid and its start
+//! time, checked before every signal, so a recycled pid is never hit.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -15,16 +15,42 @@ use nix::unistd::Pid;
 use crate::session::all_pid_files;
 use crate::SessionArgs;
 
+/// Longest grace period honoured.
+const GRACE_MAX: Duration = Duration::from_secs(3600);
+
 #[derive(Debug, clap::Args)]
 pub struct StopArgs {
     /// SIGKILL at once instead of stopping gracefully.
     #[arg(long)]
     force: bool,
-    /// How long to wait for a graceful stop before SIGKILL.
+    /// How long to wait for a graceful stop before SIGKILL (at most 1h).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime_serde::re::humantime::parse_duration)]
     grace: Duration,
     #[command(flatten)]
     session: SessionArgs,
+}
+
+/// A daemon found through its pid file.
+#[derive(Clone, Debug)]
+struct Daemon {
+    pid: i32,
+    /// Start time in clock ticks since boot (field 22 of `/proc/<pid>/stat`).
+    started: u64,
+    pid_file: PathBuf,
+}
+
+impl Daemon {
+    /// True while the same process (pid and start time) has not exited.
+    fn running(&self) -> bool {
+        process_state(self.pid)
+            .is_some_and(|(state, started)| started == self.started && !exited(state))
+    }
+
+    fn signal(&self, signal: Signal) {
+        if self.running() {
+            let _ = kill(Pid::from_raw(self.pid), signal);
+        }
+    }
 }
 
 pub fn run(args: StopArgs) -> Result<()> {
@@ -36,95 +62,121 @@ pub fn run(args: StopArgs) -> Result<()> {
         );
         return Ok(());
     }
+    let grace = args.grace.min(GRACE_MAX);
     let first = if args.force {
         Signal::SIGKILL
     } else {
         Signal::SIGTERM
     };
-    for &(pid, _) in &daemons {
-        let _ = kill(Pid::from_raw(pid), first);
+    for daemon in &daemons {
+        daemon.signal(first);
     }
-    let mut left = wait_for_exit(&daemons, args.grace);
+    let mut left = wait_for_exit(&daemons, grace);
     if !left.is_empty() {
         eprintln!(
-            "{} daemon(s) still running after {:?}; sending SIGKILL",
-            left.len(),
-            args.grace
+            "{} daemon(s) still running after {grace:?}; sending SIGKILL",
+            left.len()
         );
-        for &(pid, _) in &left {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        for daemon in &left {
+            daemon.signal(Signal::SIGKILL);
         }
         left = wait_for_exit(&left, Duration::from_secs(5));
     }
-    for (pid, file) in &daemons {
-        if !left.iter().any(|(p, _)| p == pid) {
-            let _ = std::fs::remove_file(file);
+    for daemon in &daemons {
+        if !daemon.running() {
+            let _ = std::fs::remove_file(&daemon.pid_file);
         }
     }
     if !left.is_empty() {
-        let pids: Vec<String> = left.iter().map(|(p, _)| p.to_string()).collect();
+        let pids: Vec<String> = left.iter().map(|d| d.pid.to_string()).collect();
         anyhow::bail!("could not stop process(es) {}", pids.join(", "));
     }
     println!("Stopped {} Shoal daemon(s)", daemons.len());
     Ok(())
 }
 
-/// (pid, pid file) of every daemon under `root` that is still running.
-fn running_daemons(root: &Path) -> Vec<(i32, std::path::PathBuf)> {
+/// Every daemon under `root` that is still running; stale pid files are removed.
+fn running_daemons(root: &Path) -> Vec<Daemon> {
     let mut found = Vec::new();
-    for file in all_pid_files(root) {
-        let pid = std::fs::read_to_string(&file)
+    for pid_file in all_pid_files(root) {
+        let pid = std::fs::read_to_string(&pid_file)
             .ok()
             .and_then(|s| s.trim().parse::<i32>().ok());
-        match pid {
-            Some(pid) if pid > 0 && is_shoal(pid) => found.push((pid, file)),
+        let daemon = pid.filter(|p| *p > 0).and_then(|pid| {
+            let (state, started) = process_state(pid)?;
+            (!exited(state) && is_shoal(pid)).then_some(Daemon {
+                pid,
+                started,
+                pid_file: pid_file.clone(),
+            })
+        });
+        match daemon {
+            Some(daemon) => found.push(daemon),
             // Stale: the daemon is gone (or the pid now belongs to another program).
-            _ => {
-                let _ = std::fs::remove_file(&file);
+            None => {
+                let _ = std::fs::remove_file(&pid_file);
             }
         }
     }
     found
 }
 
-/// True while `pid` exists and has not exited (a zombie has exited).
-fn is_running(pid: i32) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The state follows the parenthesised command name.
-    let state = stat
-        .rsplit_once(") ")
-        .and_then(|(_, rest)| rest.chars().next());
-    !matches!(state, None | Some('Z') | Some('X'))
+fn exited(state: char) -> bool {
+    matches!(state, 'Z' | 'X')
+}
+
+/// The state letter and start time of `pid`, from `/proc/<pid>/stat`.
+fn process_state(pid: i32) -> Option<(char, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is parenthesised and may hold spaces: split after it.
+    let (_, rest) = stat.rsplit_once(") ")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    // Field 22 overall is the 20th after the name (fields 3.. start at 0 here).
+    let started = fields.get(19)?.parse().ok()?;
+    Some((state, started))
 }
 
 /// True while `pid` runs a shoal executable.
 fn is_shoal(pid: i32) -> bool {
-    if !is_running(pid) {
-        return false;
-    }
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let exe = cmdline.split(|b| *b == 0).next().unwrap_or_default();
-    let name = Path::new(std::str::from_utf8(exe).unwrap_or_default())
+    Path::new(std::str::from_utf8(exe).unwrap_or_default())
         .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    name == "shoal"
+        .is_some_and(|n| n == "shoal")
 }
 
-fn wait_for_exit(
-    daemons: &[(i32, std::path::PathBuf)],
-    grace: Duration,
-) -> Vec<(i32, std::path::PathBuf)> {
+fn wait_for_exit(daemons: &[Daemon], grace: Duration) -> Vec<Daemon> {
     let deadline = Instant::now() + grace;
     loop {
-        let left: Vec<_> = daemons
-            .iter()
-            .filter(|(pid, _)| is_running(*pid))
-            .cloned()
-            .collect();
+        let left: Vec<Daemon> = daemons.iter().filter(|d| d.running()).cloned().collect();
         if left.is_empty() || Instant::now() >= deadline {
             return left;
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process_start_time() {
+        let me = i32::try_from(std::process::id()).expect("pid");
+        let (state, started) = process_state(me).expect("own stat");
+        assert!(!exited(state));
+        assert!(started > 0);
+        let daemon = Daemon {
+            pid: me,
+            started,
+            pid_file: PathBuf::new(),
+        };
+        assert!(daemon.running());
+        let recycled = Daemon {
+            started: started + 1,
+            ..daemon
+        };
+        assert!(!recycled.running(), "another start time is another process");
     }
 }

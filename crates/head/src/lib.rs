@@ -12,6 +12,9 @@
 //! - [`config`]: [`HeadConfig`] and its defaults.
 //! - [`membership`]: the node table as a state machine with no I/O (time is
 //!   passed in), so it can be tested step by step.
+//! - [`scheduler`]: the resource ledger and lease placement, a state machine
+//!   with no I/O.
+//! - [`jobs`]: the job table and the executables workers run.
 //! - [`api`]: the head service: [`HeadRequest`](shoal_proto::HeadRequest) in,
 //!   [`HeadReply`](shoal_proto::HeadReply) out.
 //!
@@ -20,7 +23,9 @@
 
 pub mod api;
 pub mod config;
+pub mod jobs;
 pub mod membership;
+pub mod scheduler;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -29,6 +29,9 @@ struct Entry {
 #[derive(Debug)]
 pub struct Membership {
     nodes: HashMap<NodeId, Entry>,
+    /// Registration keys of live nodes, so a retried registration is answered
+    /// with the id it already got.
+    keys: HashMap<u64, NodeId>,
     /// Registration order, for stable listings.
     order: Vec<NodeId>,
     /// Dead nodes, oldest first, to forget beyond `dead_kept`.
@@ -43,6 +46,7 @@ impl Membership {
     pub fn new(nodes_max: usize, dead_kept: usize) -> Self {
         Self {
             nodes: HashMap::new(),
+            keys: HashMap::new(),
             order: Vec::new(),
             dead: VecDeque::new(),
             nodes_max,
@@ -50,12 +54,33 @@ impl Membership {
         }
     }
 
-    /// Admits a node under a new id; it starts with all its resources free.
-    pub fn register(&mut self, info: RegisterNode, now: Instant) -> Result<NodeId, TooManyNodes> {
+    /// The live node that registered with `key`, if any: a retried
+    /// registration gets the id it already has.
+    pub fn registered_with(&self, key: u64) -> Option<NodeId> {
+        let id = *self.keys.get(&key)?;
+        (self.state(id) == Some(NodeState::Alive)).then_some(id)
+    }
+
+    /// Admits a node under `id` (new, from [`NodeId::random`]); it starts
+    /// with all its resources free.
+    pub fn register(
+        &mut self,
+        id: NodeId,
+        info: RegisterNode,
+        now: Instant,
+    ) -> Result<NodeId, TooManyNodes> {
+        if let Some(existing) = self
+            .registered_with(info.registration_key)
+            .filter(|_| info.registration_key != 0)
+        {
+            return Ok(existing);
+        }
         if self.alive_count() >= self.nodes_max {
             return Err(TooManyNodes(self.nodes_max));
         }
-        let id = NodeId::random();
+        if info.registration_key != 0 {
+            self.keys.insert(info.registration_key, id);
+        }
         let entry = Entry {
             resources_available: info.resources_total.clone(),
             info,
@@ -116,6 +141,10 @@ impl Membership {
         }
         entry.state = NodeState::Dead;
         entry.resources_available = ResourceSet::new();
+        let key = entry.info.registration_key;
+        if self.keys.get(&key) == Some(&id) {
+            self.keys.remove(&key);
+        }
         self.dead.push_back(id);
         while self.dead.len() > self.dead_kept {
             if let Some(old) = self.dead.pop_front() {
@@ -186,7 +215,29 @@ mod tests {
             hostname: "h".into(),
             resources_total: resources,
             is_head_node: false,
+            registration_key: 0,
         }
+    }
+
+    fn reg(m: &mut Membership, info: RegisterNode, now: Instant) -> Result<NodeId, TooManyNodes> {
+        m.register(NodeId::random(), info, now)
+    }
+
+    #[test]
+    fn a_retried_registration_gets_the_same_id() {
+        let mut m = Membership::new(10, 10);
+        let t0 = Instant::now();
+        let keyed = RegisterNode {
+            registration_key: 42,
+            ..info(1.0)
+        };
+        let a = reg(&mut m, keyed.clone(), t0).expect("room");
+        let again = reg(&mut m, keyed.clone(), t0).expect("room");
+        assert_eq!(a, again);
+        assert_eq!(m.alive_count(), 1, "no phantom second node");
+        m.unregister(a);
+        let b = reg(&mut m, keyed, t0).expect("room");
+        assert_ne!(a, b, "a dead node's key does not revive it");
     }
 
     const TIMEOUT: Duration = Duration::from_secs(10);
@@ -195,8 +246,8 @@ mod tests {
     fn each_registration_gets_a_new_id() {
         let mut m = Membership::new(10, 10);
         let t0 = Instant::now();
-        let a = m.register(info(1.0), t0).expect("room");
-        let b = m.register(info(1.0), t0).expect("room");
+        let a = reg(&mut m, info(1.0), t0).expect("room");
+        let b = reg(&mut m, info(1.0), t0).expect("room");
         assert_ne!(a, b);
         assert_eq!(m.alive_count(), 2);
     }
@@ -205,8 +256,8 @@ mod tests {
     fn silent_node_dies_after_the_timeout_and_is_fenced() {
         let mut m = Membership::new(10, 10);
         let t0 = Instant::now();
-        let a = m.register(info(2.0), t0).expect("room");
-        let b = m.register(info(2.0), t0).expect("room");
+        let a = reg(&mut m, info(2.0), t0).expect("room");
+        let b = reg(&mut m, info(2.0), t0).expect("room");
         assert!(
             m.sweep(t0 + TIMEOUT, TIMEOUT).is_empty(),
             "not dead at exactly the timeout"
@@ -244,8 +295,8 @@ mod tests {
     fn resources_count_live_nodes_only() {
         let mut m = Membership::new(10, 10);
         let t0 = Instant::now();
-        let a = m.register(info(2.0), t0).expect("room");
-        m.register(info(3.0), t0).expect("room");
+        let a = reg(&mut m, info(2.0), t0).expect("room");
+        reg(&mut m, info(3.0), t0).expect("room");
         let mut free = ResourceSet::new();
         free.set("CPU", 1.0);
         m.heartbeat(a, free, t0).expect("alive");
@@ -270,9 +321,9 @@ mod tests {
     fn table_is_bounded() {
         let mut m = Membership::new(2, 1);
         let t0 = Instant::now();
-        let a = m.register(info(1.0), t0).expect("room");
-        let b = m.register(info(1.0), t0).expect("room");
-        assert_eq!(m.register(info(1.0), t0), Err(TooManyNodes(2)));
+        let a = reg(&mut m, info(1.0), t0).expect("room");
+        let b = reg(&mut m, info(1.0), t0).expect("room");
+        assert_eq!(reg(&mut m, info(1.0), t0), Err(TooManyNodes(2)));
         m.unregister(a);
         m.unregister(b);
         assert_eq!(

@@ -9,19 +9,48 @@ use quinn::{IdleTimeout, TransportConfig, VarInt};
 use crate::error::IdentityError;
 use crate::limits::NetLimits;
 
-/// quinn's transport settings from our limits.
+/// Connection-level receive window a server grants before the peer has
+/// proved the token: enough for a `Hello`, too little to pin memory.
+pub const UNAUTHENTICATED_WINDOW_BYTES: u32 = 64 << 10;
+
+/// quinn's transport settings for clients: the full limits from the start.
 pub fn transport_config(limits: &NetLimits) -> Arc<TransportConfig> {
+    Arc::new(base_transport(
+        limits,
+        limits.streams_max,
+        limits.connection_window_bytes,
+    ))
+}
+
+/// quinn's transport settings for servers: one stream and a small window
+/// until the handshake succeeds, when the server raises both to the limits
+/// (see [`grant_full_limits`]). An unauthenticated peer can make the server
+/// buffer at most [`UNAUTHENTICATED_WINDOW_BYTES`].
+pub fn server_transport_config(limits: &NetLimits) -> Arc<TransportConfig> {
+    Arc::new(base_transport(limits, 1, UNAUTHENTICATED_WINDOW_BYTES))
+}
+
+/// Raises an authenticated connection to the full limits.
+pub fn grant_full_limits(conn: &quinn::Connection, limits: &NetLimits) {
+    conn.set_max_concurrent_bi_streams(VarInt::from_u32(limits.streams_max));
+    conn.set_receive_window(VarInt::from_u32(limits.connection_window_bytes));
+}
+
+fn base_transport(limits: &NetLimits, streams: u32, window: u32) -> TransportConfig {
     let mut t = TransportConfig::default();
-    t.max_concurrent_bidi_streams(VarInt::from_u32(limits.streams_max));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(streams));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    // No QUIC datagrams: nothing uses them, and their buffer is memory an
+    // unauthenticated peer could fill.
+    t.datagram_receive_buffer_size(None);
     t.stream_receive_window(VarInt::from_u32(limits.stream_window_bytes));
-    t.receive_window(VarInt::from_u32(limits.connection_window_bytes));
+    t.receive_window(VarInt::from_u32(window));
     t.send_window(u64::from(limits.connection_window_bytes));
     // Durations beyond QUIC's range fall back to none (no idle timeout) only
     // for absurd configs; 30 s defaults are far inside it.
     t.max_idle_timeout(IdleTimeout::try_from(limits.idle_timeout).ok());
     t.keep_alive_interval(Some(limits.keep_alive_interval));
-    Arc::new(t)
+    t
 }
 
 /// quinn server settings: TLS, transport limits and the bound on connections
@@ -32,7 +61,7 @@ pub fn server_config(
 ) -> Result<quinn::ServerConfig, IdentityError> {
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| IdentityError::Tls(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(transport_config(limits));
+    config.transport_config(server_transport_config(limits));
     config.max_incoming(limits.incoming_max);
     config.migration(false);
     Ok(config)

@@ -46,6 +46,9 @@ pub struct ServerAuth {
     /// The serving node, announced in the `Welcome`; a node daemon sets it
     /// at each registration with the head.
     pub node_id: std::sync::RwLock<Option<NodeId>>,
+    /// Roles that must also present a client certificate (checked against
+    /// the cluster CA by the TLS layer): node daemons talking to each other.
+    pub certificate_required: Vec<Role>,
 }
 
 impl ServerAuth {
@@ -55,6 +58,7 @@ impl ServerAuth {
             token,
             allowed_roles,
             node_id: std::sync::RwLock::new(None),
+            certificate_required: Vec::new(),
         }
     }
 
@@ -241,7 +245,9 @@ fn check_hello(
     if hello.cluster_id != auth.token.cluster_id {
         return Err(HandshakeRefusal::ClusterMismatch);
     }
-    if !auth.allowed_roles.contains(&hello.role) {
+    if !auth.allowed_roles.contains(&hello.role)
+        || (auth.certificate_required.contains(&hello.role) && conn.peer_identity().is_none())
+    {
         return Err(HandshakeRefusal::RoleNotAllowed(hello.role));
     }
     let exported = exported(conn, hello.role)

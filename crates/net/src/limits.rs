@@ -18,8 +18,11 @@ pub struct NetLimits {
     /// Concurrent requests (bidirectional streams) a peer may have open on one
     /// connection.
     pub streams_max: u32,
-    /// Connections being set up at once (quinn's `max_incoming`).
+    /// Connections waiting to be accepted (quinn's `max_incoming`).
     pub incoming_max: usize,
+    /// Connections in their QUIC or `Hello` handshake at once; more are
+    /// refused until one finishes.
+    pub handshakes_max: usize,
     /// Flow-control window per stream.
     pub stream_window_bytes: u32,
     /// Flow-control window per connection.
@@ -47,6 +50,7 @@ impl Default for NetLimits {
             decode_depth_max: CodecLimits::CONTROL.depth_max,
             streams_max: 1024,
             incoming_max: 256,
+            handshakes_max: 64,
             stream_window_bytes: 4 << 20,
             connection_window_bytes: 32 << 20,
             socket_buffer_bytes: 4 << 20,

@@ -64,8 +64,23 @@ pub(crate) async fn read_frame<T: DeserializeOwned>(
     let mut prefix = [0u8; LEN_PREFIX];
     recv.read_exact(&mut prefix).await?;
     let len = codec::frame_len(prefix, limits).map_err(DecodeError::from)?;
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await?;
+    // Grow the buffer as bytes arrive rather than trusting the claimed
+    // length: a peer that claims 16 MiB and sends nothing costs nothing.
+    let mut body = Vec::with_capacity(len.min(64 << 10));
+    while body.len() < len {
+        let want = (len - body.len()).min(1 << 20);
+        match recv.read_chunk(want, true).await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
+            Ok(None) => {
+                return Err(FrameReadError::Stream(format!(
+                    "stream ended after {} of {len} bytes",
+                    body.len()
+                )))
+            }
+            Err(quinn::ReadError::ConnectionLost(c)) => return Err(FrameReadError::Connection(c)),
+            Err(e) => return Err(FrameReadError::Stream(e.to_string())),
+        }
+    }
     Ok(codec::decode(&body, limits)?)
 }
 
@@ -101,7 +116,11 @@ pub struct Peer {
     pub role: Role,
     /// Its address.
     pub remote: SocketAddr,
+    /// Unique among the connections this process has served.
+    pub connection_id: u64,
 }
+
+static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
 
 /// A request/reply service: one request enum in, one reply enum out.
 pub trait Service: Send + Sync + 'static {
@@ -117,6 +136,9 @@ pub trait Service: Send + Sync + 'static {
         peer: &Peer,
         request: Self::Request,
     ) -> impl Future<Output = Result<Self::Reply, ServiceError>> + Send;
+
+    /// Called once when an authenticated connection has closed.
+    fn disconnected(&self, _peer: &Peer) {}
 }
 
 /// Serves `service` on `endpoint` until `shutdown` is cancelled: accepts
@@ -132,14 +154,23 @@ pub async fn serve<S: Service>(
     shutdown: CancellationToken,
 ) {
     let tracker = TaskTracker::new();
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(limits.handshakes_max.max(1)));
     loop {
         tokio::select! {
             // Stop accepting first; connections see the cancellation too.
             _ = shutdown.cancelled() => break,
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
+                // Bound the peers in their handshake: past the limit, refuse
+                // at once (cheap) rather than queue TLS work.
+                let Ok(slot) = handshakes.clone().try_acquire_owned() else {
+                    stats.refused.fetch_add(1, Ordering::Relaxed);
+                    incoming.refuse();
+                    continue;
+                };
                 let conn_task = serve_connection(
                     incoming,
+                    slot,
                     service.clone(),
                     auth.clone(),
                     limits.clone(),
@@ -157,8 +188,10 @@ pub async fn serve<S: Service>(
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve_connection<S: Service>(
     incoming: quinn::Incoming,
+    handshake_slot: tokio::sync::OwnedSemaphorePermit,
     service: Arc<S>,
     auth: Arc<ServerAuth>,
     limits: NetLimits,
@@ -201,7 +234,13 @@ async fn serve_connection<S: Service>(
             return;
         }
     };
-    let peer = Peer { role, remote };
+    drop(handshake_slot);
+    crate::endpoint::grant_full_limits(&conn, &limits);
+    let peer = Peer {
+        role,
+        remote,
+        connection_id: NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed),
+    };
     debug!(%remote, ?role, "peer connected");
     loop {
         let (send, recv) = tokio::select! {
@@ -213,17 +252,17 @@ async fn serve_connection<S: Service>(
                 Ok(stream) => stream,
                 Err(e) => {
                     debug!(%remote, error = %e, "peer gone");
+                    service.disconnected(&peer);
                     return;
                 }
             },
         };
-        tracker.spawn(serve_request(
-            service.clone(),
-            peer.clone(),
-            send,
-            recv,
-            limits.clone(),
-        ));
+        let request = serve_request(service.clone(), peer.clone(), send, recv, limits.clone());
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            // A handler still running at shutdown is dropped, not awaited.
+            shutdown.run_until_cancelled(request).await;
+        });
     }
 }
 
@@ -235,7 +274,17 @@ async fn serve_request<S: Service>(
     limits: NetLimits,
 ) {
     let codec = limits.codec();
-    let request = match read_frame::<RequestEnvelope<S::Request>>(&mut recv, &codec).await {
+    // A peer that opens a stream and trickles its request is cut off.
+    let read = tokio::time::timeout(
+        limits.handshake_timeout,
+        read_frame::<RequestEnvelope<S::Request>>(&mut recv, &codec),
+    );
+    let Ok(read) = read.await else {
+        debug!(remote = %peer.remote, "request not received in time");
+        let _ = recv.stop(close_code::PROTOCOL_ERROR.into());
+        return;
+    };
+    let request = match read {
         Ok(request) => request,
         Err(FrameReadError::Decode(e)) => {
             warn!(remote = %peer.remote, error = %e, "undecodable request");
@@ -684,8 +733,9 @@ mod tests {
         fake.await.expect("fake server");
     }
 
-    /// Node-to-node mutual TLS: a certificate from this cluster's CA gets in;
-    /// no certificate, or one from another cluster's CA, does not.
+    /// Node-to-node mutual TLS: a node with a certificate from this cluster's
+    /// CA gets in; a node with none, or one from another cluster's CA, does
+    /// not; a worker needs only the token.
     #[tokio::test]
     async fn mutual_tls_admits_only_this_clusters_certificates() {
         let identity = ClusterIdentity::generate().expect("identity");
@@ -700,7 +750,9 @@ mod tests {
         let ep = endpoint::endpoint(([127, 0, 0, 1], 0).into(), Some(server), &limits)
             .expect("endpoint");
         let addr = ep.local_addr().expect("addr");
-        let auth = Arc::new(ServerAuth::new(identity.token().clone(), vec![Role::Node]));
+        let mut auth = ServerAuth::new(identity.token().clone(), vec![Role::Node, Role::Worker]);
+        auth.certificate_required = vec![Role::Node];
+        let auth = Arc::new(auth);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(serve(
             ep,
@@ -749,8 +801,24 @@ mod tests {
             connect(tls::token_client_config().expect("tls"))
                 .await
                 .is_err(),
-            "no client certificate"
+            "a node without a client certificate"
         );
+        let worker = ClientAuth {
+            token: identity.token().clone(),
+            role: Role::Worker,
+        };
+        let config = endpoint::client_config(tls::token_client_config().expect("tls"), &limits)
+            .expect("client config");
+        RpcClient::<EchoRequest, String>::connect(
+            &client_ep,
+            config,
+            addr,
+            crate::NODE_SERVER_NAME,
+            &worker,
+            &limits,
+        )
+        .await
+        .expect("a worker proves the token without a certificate");
         let other = ClusterIdentity::generate().expect("other cluster");
         let foreign = other
             .issue_node_cert(NodeId::random())

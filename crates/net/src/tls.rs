@@ -75,8 +75,9 @@ pub fn token_client_config() -> Result<rustls::ClientConfig, IdentityError> {
     Ok(config)
 }
 
-/// A node's server for its peers: client certificates required, chained to
-/// the cluster CA.
+/// A node's server: a client certificate, when presented, must chain to the
+/// cluster CA. Node daemons present one (the handshake requires it of the
+/// `Node` role); drivers and workers prove the token only.
 pub fn mtls_server_config(
     cert: &IssuedCert,
     ca_cert_der: &[u8],
@@ -84,6 +85,7 @@ pub fn mtls_server_config(
     let provider = provider();
     let verifier =
         WebPkiClientVerifier::builder_with_provider(roots(ca_cert_der)?, provider.clone())
+            .allow_unauthenticated()
             .build()
             .map_err(tls_err)?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
@@ -116,6 +118,18 @@ pub fn mtls_client_config(
         .map_err(tls_err)?;
     config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(config)
+}
+
+/// A self-signed certificate for a server that authenticates by the token
+/// alone (a worker's or driver's endpoint).
+pub fn self_signed(server_name: &str) -> Result<IssuedCert, IdentityError> {
+    let key = rcgen::KeyPair::generate()?;
+    let params = rcgen::CertificateParams::new(vec![server_name.to_string()])?;
+    let cert = params.self_signed(&key)?;
+    Ok(IssuedCert {
+        cert_der: cert.der().to_vec(),
+        key_der: key.serialize_der(),
+    })
 }
 
 /// Accepts the server's certificate without checking its chain (the token

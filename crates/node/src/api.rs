@@ -1,24 +1,70 @@
-//! The node service its peers call.
+//! The node service: peers, lease holders and the node's own workers call it.
+
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use shoal_net::{Peer, Service};
-use shoal_proto::{NodeId, NodeReply, NodeRequest, ResourceSet, ServiceError, ServiceErrorKind};
+use shoal_proto::{
+    NodeId, NodeReply, NodeRequest, ResourceSet, Role, ServiceError, ServiceErrorKind,
+};
 use tokio::sync::watch;
+
+use crate::object_store::{ObjectStore, StoreError};
+use crate::worker_pool::WorkerPool;
+
+/// Largest part of an object sent in one reply.
+pub const OBJECT_CHUNK_MAX: u32 = 8 << 20;
 
 /// Answers [`NodeRequest`]s.
 pub struct NodeService {
     node_id: watch::Receiver<Option<NodeId>>,
     resources: ResourceSet,
+    pool: Arc<WorkerPool>,
+    store: Arc<Mutex<ObjectStore>>,
 }
 
 impl NodeService {
     /// A service for the node whose id `node_id` follows.
-    pub fn new(node_id: watch::Receiver<Option<NodeId>>, resources: ResourceSet) -> Self {
-        Self { node_id, resources }
+    pub fn new(
+        node_id: watch::Receiver<Option<NodeId>>,
+        resources: ResourceSet,
+        pool: Arc<WorkerPool>,
+        store: Arc<Mutex<ObjectStore>>,
+    ) -> Self {
+        Self {
+            node_id,
+            resources,
+            pool,
+            store,
+        }
     }
 
     fn node_id(&self) -> Result<NodeId, ServiceError> {
         (*self.node_id.borrow())
             .ok_or_else(|| ServiceError::new(ServiceErrorKind::Unavailable, "node has not joined"))
+    }
+
+    fn store(&self) -> MutexGuard<'_, ObjectStore> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn store_error(e: StoreError) -> ServiceError {
+    let kind = match e {
+        StoreError::Full { .. } => ServiceErrorKind::Unavailable,
+        StoreError::BadPart { .. } => ServiceErrorKind::BadRequest,
+        StoreError::NotFound(_) => ServiceErrorKind::NotFound,
+    };
+    ServiceError::new(kind, e.to_string())
+}
+
+fn require(peer: &Peer, roles: &[Role]) -> Result<(), ServiceError> {
+    if roles.contains(&peer.role) {
+        Ok(())
+    } else {
+        Err(ServiceError::new(
+            ServiceErrorKind::PermissionDenied,
+            format!("a {:?} connection may not make this request", peer.role),
+        ))
     }
 }
 
@@ -26,17 +72,75 @@ impl Service for NodeService {
     type Request = NodeRequest;
     type Reply = NodeReply;
 
-    async fn handle(&self, _peer: &Peer, request: NodeRequest) -> Result<NodeReply, ServiceError> {
+    async fn handle(&self, peer: &Peer, request: NodeRequest) -> Result<NodeReply, ServiceError> {
         let node_id = self.node_id()?;
-        Ok(match request {
-            NodeRequest::Ping => NodeReply::Pong { node_id },
-            NodeRequest::GetNodeInfo => NodeReply::NodeInfo {
+        match request {
+            NodeRequest::Ping => Ok(NodeReply::Pong { node_id }),
+            NodeRequest::GetNodeInfo => Ok(NodeReply::NodeInfo {
                 node_id,
                 pid: std::process::id(),
                 resources_total: self.resources.clone(),
-                // No work runs on nodes yet: everything is free.
-                resources_available: self.resources.clone(),
-            },
-        })
+                resources_available: self.pool.available(),
+            }),
+            NodeRequest::GrantWorker {
+                lease_id,
+                job_id,
+                binary_hash,
+                resources,
+            } => {
+                require(peer, &[Role::Driver, Role::Worker])?;
+                resources
+                    .validate()
+                    .map_err(|e| ServiceError::new(ServiceErrorKind::BadRequest, e.to_string()))?;
+                let worker = self
+                    .pool
+                    .grant(lease_id, job_id, &binary_hash, resources)
+                    .await?;
+                Ok(NodeReply::WorkerGranted { worker })
+            }
+            NodeRequest::ReleaseWorker { lease_id, kill } => {
+                require(peer, &[Role::Driver, Role::Worker])?;
+                self.pool.release(lease_id, kill);
+                Ok(NodeReply::Ok)
+            }
+            NodeRequest::RegisterWorker {
+                worker_id,
+                address,
+                pid,
+            } => {
+                require(peer, &[Role::Worker])?;
+                self.pool.register(worker_id, address, pid)?;
+                Ok(NodeReply::Ok)
+            }
+            NodeRequest::PutObject {
+                id,
+                offset,
+                total,
+                data,
+            } => {
+                let sealed = self
+                    .store()
+                    .put(id, offset, total, &data)
+                    .map_err(store_error)?;
+                Ok(NodeReply::ObjectWritten { sealed })
+            }
+            NodeRequest::ReadObject { id, offset, len } => {
+                let object = self.store().get(id).map_err(store_error)?;
+                let start = usize::try_from(offset)
+                    .unwrap_or(usize::MAX)
+                    .min(object.len());
+                let end = start
+                    .saturating_add(len.min(OBJECT_CHUNK_MAX) as usize)
+                    .min(object.len());
+                Ok(NodeReply::ObjectChunk {
+                    total: object.len() as u64,
+                    data: object[start..end].to_vec(),
+                })
+            }
+            NodeRequest::DeleteObjects { ids } => {
+                self.store().delete(&ids);
+                Ok(NodeReply::Ok)
+            }
+        }
     }
 }

@@ -17,6 +17,12 @@ pub mod defaults {
     pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
     /// Deadline of one request to the head.
     pub const HEAD_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Idle workers are stopped after this long.
+    pub const WORKER_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+    /// A new worker must register within this.
+    pub const WORKER_START_TIMEOUT: Duration = Duration::from_secs(60);
+    /// Share of the machine's memory the object store may use.
+    pub const OBJECT_STORE_MEMORY_SHARE: f64 = 0.3;
 }
 
 /// The node daemon's configuration.
@@ -44,6 +50,17 @@ pub struct NodeConfig {
     /// Deadline of one request to the head.
     #[serde(with = "humantime_serde")]
     pub head_request_timeout: Duration,
+    /// Where executables, worker logs and (later) spill files go; a
+    /// temporary directory when unset.
+    pub session_dir: Option<std::path::PathBuf>,
+    /// Object store capacity in bytes; 30% of memory when unset.
+    pub object_store_bytes: Option<u64>,
+    /// Idle workers are stopped after this long.
+    #[serde(with = "humantime_serde")]
+    pub worker_idle_timeout: Duration,
+    /// A new worker must register within this.
+    #[serde(with = "humantime_serde")]
+    pub worker_start_timeout: Duration,
     /// Transport limits.
     pub limits: NetLimits,
 }
@@ -60,6 +77,10 @@ impl Default for NodeConfig {
             is_head_node: false,
             reconnect_backoff_max: defaults::RECONNECT_BACKOFF_MAX,
             head_request_timeout: defaults::HEAD_REQUEST_TIMEOUT,
+            session_dir: None,
+            object_store_bytes: None,
+            worker_idle_timeout: defaults::WORKER_IDLE_TIMEOUT,
+            worker_start_timeout: defaults::WORKER_START_TIMEOUT,
             limits: NetLimits::default(),
         }
     }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_net::handshake::ServerAuth;
-use shoal_net::{endpoint, tls, IssuedCert, RpcClient, RpcError, Transport};
+use shoal_net::{endpoint, tls, IssuedCert, RpcError, Transport};
 use shoal_proto::head::{NodeRegistered, RegisterNode};
 use shoal_proto::{HeadReply, HeadRequest, NodeId, ResourceSet};
 use tokio::sync::watch;
@@ -21,19 +21,22 @@ use tracing::{debug, info, warn};
 
 use crate::config::NodeConfig;
 
-type HeadClient = RpcClient<HeadRequest, HeadReply>;
+use crate::HeadClient;
 
 /// Consecutive failed heartbeats after which the connection is replaced.
 const FAILURES_BEFORE_RECONNECT: u32 = 2;
 
 pub(crate) struct HeadLink<'a, T: Transport> {
     pub config: &'a NodeConfig,
+    pub token: &'a shoal_net::JoinToken,
     pub transport: &'a T,
     pub resources: &'a ResourceSet,
     pub advertised: SocketAddr,
     pub server: &'a shoal_net::quinn::Endpoint,
     pub auth: &'a Arc<ServerAuth>,
     pub node_id: &'a watch::Sender<Option<NodeId>>,
+    pub head: &'a watch::Sender<Option<HeadClient>>,
+    pub pool: &'a Arc<crate::worker_pool::WorkerPool>,
 }
 
 impl<T: Transport> HeadLink<'_, T> {
@@ -42,11 +45,18 @@ impl<T: Transport> HeadLink<'_, T> {
         let mut interval = crate::config::defaults::HEARTBEAT_INTERVAL;
         let mut backoff = Backoff::new(self.config.reconnect_backoff_max);
         let mut failures = 0u32;
+        // Same key for every retry of one registration, so a lost reply does
+        // not make a phantom second node; a new key once fenced.
+        let mut registration_key = new_key();
         while !shutdown.is_cancelled() {
             let Some(head) = client.clone() else {
-                match self.connect().await {
+                let Some(connected) = shutdown.run_until_cancelled(self.connect()).await else {
+                    break;
+                };
+                match connected {
                     Ok(c) => {
                         debug!(head = %c.remote_address(), "connected to head");
+                        self.head.send_replace(Some(c.clone()));
                         client = Some(c);
                         failures = 0;
                     }
@@ -58,7 +68,13 @@ impl<T: Transport> HeadLink<'_, T> {
             };
             let current = *self.node_id.borrow();
             let Some(node_id) = current else {
-                match self.register(&head).await {
+                let Some(registered) = shutdown
+                    .run_until_cancelled(self.register(&head, registration_key))
+                    .await
+                else {
+                    break;
+                };
+                match registered {
                     Ok(registered) => {
                         interval = Duration::from_millis(registered.heartbeat_interval_ms.max(10));
                         self.apply(registered);
@@ -73,20 +89,38 @@ impl<T: Transport> HeadLink<'_, T> {
                 }
                 continue;
             };
+            self.pool.reap_idle();
+            let dead_workers = self.pool.take_dead();
             let beat = HeadRequest::Heartbeat {
                 node_id,
-                // No work runs on nodes yet: everything is free.
-                resources_available: self.resources.clone(),
+                resources_available: self.pool.available(),
+                jobs: self.pool.jobs(),
+                dead_workers: dead_workers.clone(),
             };
-            match head.call(&beat, self.config.head_request_timeout).await {
-                Ok(HeadReply::HeartbeatAck) => failures = 0,
+            let Some(reply) = shutdown
+                .run_until_cancelled(head.call(&beat, self.config.head_request_timeout))
+                .await
+            else {
+                break;
+            };
+            match reply {
+                Ok(HeadReply::HeartbeatAck { finished_jobs }) => {
+                    failures = 0;
+                    if !finished_jobs.is_empty() {
+                        info!(jobs = ?finished_jobs, "jobs finished; stopping their workers");
+                        self.pool.finish_jobs(&finished_jobs);
+                    }
+                }
                 Ok(HeadReply::NodeFenced { .. }) => {
                     warn!(%node_id, "the head does not know this node (it restarted, or declared it dead); joining again as a new node");
                     self.node_id.send_replace(None);
+                    registration_key = new_key();
                     continue;
                 }
                 Ok(other) => warn!(reply = ?other, "unexpected reply to a heartbeat"),
                 Err(e) => {
+                    // Report them again with the next heartbeat.
+                    self.pool.requeue_dead(dead_workers);
                     failures += 1;
                     warn!(error = %e, failures, "heartbeat failed");
                     if e.is_connection_lost() || failures >= FAILURES_BEFORE_RECONNECT {
@@ -112,7 +146,11 @@ impl<T: Transport> HeadLink<'_, T> {
             .map_err(|e| e.to_string())
     }
 
-    async fn register(&self, head: &HeadClient) -> Result<NodeRegistered, RpcError> {
+    async fn register(
+        &self,
+        head: &HeadClient,
+        registration_key: u64,
+    ) -> Result<NodeRegistered, RpcError> {
         let ip = match self.config.node_ip {
             Some(ip) => ip,
             None => outbound_ip(head.remote_address()),
@@ -123,6 +161,7 @@ impl<T: Transport> HeadLink<'_, T> {
             hostname: hostname(),
             resources_total: self.resources.clone(),
             is_head_node: self.config.is_head_node,
+            registration_key,
         });
         match head
             .call(&request, self.config.head_request_timeout)
@@ -149,6 +188,20 @@ impl<T: Transport> HeadLink<'_, T> {
             Err(e) => warn!(error = %e, "the head's certificate is unusable; not serving peers"),
         }
         self.auth.set_node_id(registered.node_id);
+        let local_ip = match self.advertised.ip() {
+            ip if ip.is_unspecified() => IpAddr::from([127, 0, 0, 1]),
+            ip => ip,
+        };
+        self.pool.set_env(vec![
+            ("SHOAL_WORKER".into(), "1".into()),
+            ("SHOAL_NODE_ID".into(), registered.node_id.to_string()),
+            (
+                "SHOAL_NODE_ADDRESS".into(),
+                SocketAddr::new(local_ip, self.advertised.port()).to_string(),
+            ),
+            ("SHOAL_ADDRESS".into(), self.config.head_address.clone()),
+            ("SHOAL_TOKEN".into(), self.token.to_string()),
+        ]);
         info!(node_id = %registered.node_id, "joined the cluster");
         self.node_id.send_replace(Some(registered.node_id));
     }
@@ -165,6 +218,11 @@ impl<T: Transport> HeadLink<'_, T> {
         }
         head.close();
     }
+}
+
+/// A random non-zero registration key.
+fn new_key() -> u64 {
+    shoal_proto::NodeId::random().as_uuid().as_u64_pair().0 | 1
 }
 
 async fn resolve(address: &str) -> Result<SocketAddr, String> {

@@ -2,34 +2,48 @@
 //!
 //! It joins the head with the cluster's join token, reports the resources of
 //! its machine (CPUs and memory detected, or set by configuration), heartbeats,
-//! and serves its peers over mutual TLS with the certificate the head issued
-//! it. If the head restarts or declares it dead, it joins again, as a new node.
-//! Worker pools, the object store and dispatch arrive with later issues.
+//! serves its peers over mutual TLS with the certificate the head issued it,
+//! hands workers to lease holders, and stores large objects. If the head
+//! restarts or declares it dead, it joins again, as a new node.
 //!
 //! Modules:
 //! - [`config`]: [`NodeConfig`] and its defaults.
 //! - [`machine`]: what this machine has (CPU count, memory).
 //! - [`head_link`]: the join, heartbeat and reconnect loop.
-//! - [`api`]: the node service its peers call.
+//! - [`worker_pool`]: the job's workers (processes, or threads in local
+//!   mode): granted to lease holders, reused, reaped when idle.
+//! - [`binaries`]: the content-addressed cache of job executables.
+//! - [`object_store`]: large objects, written in parts and sealed.
+//! - [`api`]: the node service its peers, lease holders and workers call.
 //!
 //! The entry point is [`Node::bind`] then [`Node::run`], or [`run`] for both.
 
 pub mod api;
+pub mod binaries;
 pub mod config;
 pub mod head_link;
 pub mod machine;
+pub mod object_store;
+pub mod worker_pool;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use shoal_net::handshake::{ClientAuth, HandshakeStats, ServerAuth};
-use shoal_net::{endpoint, ConnectError, JoinToken, QuicTransport, HEAD_SERVER_NAME};
-use shoal_proto::{NodeId, ResourceSet, Role};
+use shoal_net::{endpoint, ConnectError, JoinToken, QuicTransport, RpcClient, HEAD_SERVER_NAME};
+use shoal_proto::{HeadReply, HeadRequest, NodeId, ResourceSet, Role};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 pub use config::NodeConfig;
+pub use worker_pool::{LaunchSpec, Launched, WorkerLauncher};
+
+use binaries::BinaryCache;
+use object_store::ObjectStore;
+use worker_pool::{PoolConfig, ProcessLauncher, WorkerPool};
+
+type HeadClient = RpcClient<HeadRequest, HeadReply>;
 
 /// The node daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -51,10 +65,17 @@ pub enum NodeError {
 }
 
 /// A view of a running node daemon, for its embedder and tests.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct NodeHandle {
     node_id: watch::Receiver<Option<NodeId>>,
     local_addr: SocketAddr,
+    pool: Arc<WorkerPool>,
+}
+
+impl std::fmt::Debug for NodeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NodeHandle({})", self.local_addr)
+    }
 }
 
 impl NodeHandle {
@@ -83,23 +104,50 @@ impl NodeHandle {
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
+
+    /// Process ids of the node's live workers.
+    pub fn worker_pids(&self) -> Vec<u32> {
+        self.pool.pids()
+    }
+
+    /// Live workers.
+    pub fn worker_count(&self) -> usize {
+        self.pool.worker_count()
+    }
 }
 
 /// A node daemon bound to its address, ready to [`run`](Node::run).
 pub struct Node {
     config: NodeConfig,
+    token: JoinToken,
     resources: ResourceSet,
     server: shoal_net::quinn::Endpoint,
     transport: QuicTransport,
     auth: Arc<ServerAuth>,
     node_id: watch::Sender<Option<NodeId>>,
+    head: watch::Sender<Option<HeadClient>>,
+    pool: Arc<WorkerPool>,
+    store: Arc<Mutex<ObjectStore>>,
+    /// Keeps a temporary session directory alive as long as the node.
+    _scratch: Option<tempfile::TempDir>,
     handle: NodeHandle,
 }
 
 impl Node {
-    /// Binds the node's endpoints and detects its resources. Must be called
-    /// inside a tokio runtime.
+    /// Binds the node's endpoints and detects its resources; workers are
+    /// processes of the job's executable. Must be called inside a tokio
+    /// runtime.
     pub fn bind(config: NodeConfig, token: JoinToken) -> Result<Self, NodeError> {
+        Self::bind_with_launcher(config, token, Arc::new(ProcessLauncher))
+    }
+
+    /// Like [`bind`](Node::bind), starting workers with `launcher` (local
+    /// mode runs them as threads).
+    pub fn bind_with_launcher(
+        config: NodeConfig,
+        token: JoinToken,
+        launcher: Arc<dyn WorkerLauncher>,
+    ) -> Result<Self, NodeError> {
         let resources = machine::resources(&config);
         resources.validate()?;
         // No server configuration until the head issues a certificate: until
@@ -122,22 +170,58 @@ impl Node {
             HEAD_SERVER_NAME,
             config.limits.clone(),
         )?;
-        let auth = Arc::new(ServerAuth::new(
-            token,
-            vec![Role::Node, Role::Driver, Role::Worker],
-        ));
+        let mut auth = ServerAuth::new(token.clone(), vec![Role::Node, Role::Driver, Role::Worker]);
+        auth.certificate_required = vec![Role::Node];
         let (node_id, rx) = watch::channel(None);
+        let (head, head_rx) = watch::channel(None);
+        let (scratch, session_dir) = match &config.session_dir {
+            Some(dir) => (None, dir.clone()),
+            None => {
+                let dir = tempfile::Builder::new()
+                    .prefix("shoal-node-")
+                    .tempdir()
+                    .map_err(|source| NodeError::Bind {
+                        addr: config.listen,
+                        source,
+                    })?;
+                let path = dir.path().to_path_buf();
+                (Some(dir), path)
+            }
+        };
+        let binaries = BinaryCache::new(session_dir.join("executables"), head_rx);
+        let pool = Arc::new(WorkerPool::new(
+            launcher,
+            binaries,
+            PoolConfig {
+                total: resources.clone(),
+                idle_timeout: config.worker_idle_timeout,
+                start_timeout: config.worker_start_timeout,
+                log_dir: Some(session_dir.join("logs"))
+                    .filter(|d| std::fs::create_dir_all(d).is_ok()),
+            },
+        ));
+        let store_bytes = config.object_store_bytes.unwrap_or_else(|| {
+            let memory = machine::detect_memory_bytes().unwrap_or(4 << 30) as f64;
+            (memory * config::defaults::OBJECT_STORE_MEMORY_SHARE) as u64
+        });
+        let store = Arc::new(Mutex::new(ObjectStore::new(store_bytes)));
         let handle = NodeHandle {
             node_id: rx,
             local_addr,
+            pool: pool.clone(),
         };
         Ok(Self {
             config,
+            token,
             resources,
             server,
             transport,
-            auth,
+            auth: Arc::new(auth),
             node_id,
+            head,
+            pool,
+            store,
+            _scratch: scratch,
             handle,
         })
     }
@@ -147,12 +231,15 @@ impl Node {
         self.handle.clone()
     }
 
-    /// Runs until `shutdown` is cancelled; then leaves the cluster.
+    /// Runs until `shutdown` is cancelled; then stops its workers and leaves
+    /// the cluster.
     pub async fn run(self, shutdown: CancellationToken) {
         info!(addr = %self.handle.local_addr, head = %self.config.head_address, resources = ?self.resources, "node daemon starting");
         let service = Arc::new(api::NodeService::new(
             self.handle.node_id.clone(),
             self.resources.clone(),
+            self.pool.clone(),
+            self.store.clone(),
         ));
         let stats = Arc::new(HandshakeStats::default());
         let server = shoal_net::rpc::serve(
@@ -165,21 +252,24 @@ impl Node {
         );
         let link = head_link::HeadLink {
             config: &self.config,
+            token: &self.token,
             transport: &self.transport,
             resources: &self.resources,
             advertised: self.handle.local_addr,
             server: &self.server,
             auth: &self.auth,
             node_id: &self.node_id,
+            head: &self.head,
+            pool: &self.pool,
         };
         tokio::join!(server, link.run(shutdown));
+        self.pool.stop_all();
         self.transport
             .endpoint()
             .close(shoal_net::close_code::SHUTDOWN.into(), b"node stopping");
         info!("node daemon stopped");
     }
 }
-
 /// Binds and runs a node daemon until `shutdown` is cancelled.
 pub async fn run(
     config: NodeConfig,

@@ -355,6 +355,11 @@ mod tests {
         fn node_reply_round_trips(msg: ReplyEnvelope<NodeReply>) { round_trip(&msg) }
 
         #[test]
+        fn worker_request_round_trips(msg: RequestEnvelope<crate::worker::WorkerRequest>) { round_trip(&msg) }
+        #[test]
+        fn worker_reply_round_trips(msg: ReplyEnvelope<crate::worker::WorkerReply>) { round_trip(&msg) }
+
+        #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode_frame::<RequestEnvelope<HeadRequest>>(&bytes, &CodecLimits::CONTROL);
             let _ = decode::<Hello>(&bytes, &CodecLimits::HANDSHAKE);
@@ -397,6 +402,8 @@ mod tests {
             body: HeadRequest::Heartbeat {
                 node_id: NODE,
                 resources_available: resources,
+                jobs: vec![],
+                dead_workers: vec![],
             },
         };
         assert_eq!(hex(&encode(&heartbeat).expect("encodes")), GOLDEN_HEARTBEAT);
@@ -423,9 +430,51 @@ mod tests {
                     last_heartbeat_ms_ago: 0,
                 }],
                 handshakes_refused: 0,
+                infeasible: vec![],
             })),
         };
         assert_eq!(hex(&encode(&status).expect("encodes")), GOLDEN_STATUS);
+    }
+
+    /// The wire rule at work: bytes from a peer that predates a field still
+    /// decode, the field taking its default.
+    #[test]
+    fn replies_without_later_fields_still_decode() {
+        let bytes: Vec<u8> = (0..GOLDEN_STATUS_V1.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&GOLDEN_STATUS_V1[i..i + 2], 16).expect("hex"))
+            .collect();
+        let reply: ReplyEnvelope<HeadReply> =
+            decode(&bytes, &CodecLimits::CONTROL).expect("decodes");
+        match reply.result {
+            Ok(HeadReply::ClusterStatus(status)) => {
+                assert_eq!(status.nodes.len(), 1);
+                assert!(status.infeasible.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn heartbeats_without_later_fields_still_decode() {
+        let bytes: Vec<u8> = (0..GOLDEN_HEARTBEAT_V1.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&GOLDEN_HEARTBEAT_V1[i..i + 2], 16).expect("hex"))
+            .collect();
+        let request: RequestEnvelope<HeadRequest> =
+            decode(&bytes, &CodecLimits::CONTROL).expect("decodes");
+        match request.body {
+            HeadRequest::Heartbeat {
+                node_id,
+                jobs,
+                dead_workers,
+                ..
+            } => {
+                assert_eq!(node_id, NODE);
+                assert!(jobs.is_empty() && dead_workers.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -441,9 +490,13 @@ mod tests {
     const GOLDEN_HELLO: &str = "0000004c84b070726f746f636f6c5f76657273696f6e01aa636c75737465725f6964c4100123456789abcdef0123456789abcdefa4726f6c65a44e6f6465ab746f6b656e5f70726f6f66c404aaaaaaaa";
     const GOLDEN_GET_STATUS: &str =
         "83a2696407aa74696d656f75745f6d73cd1388a4626f6479b0476574436c7573746572537461747573";
-    const GOLDEN_HEARTBEAT: &str = "83a2696408aa74696d656f75745f6d73cd03e8a4626f647981a948656172746265617482a76e6f64655f6964c41011112222333344445555666677778888b37265736f75726365735f617661696c61626c6581a3435055cb4000000000000000";
+    const GOLDEN_HEARTBEAT: &str = "83a2696408aa74696d656f75745f6d73cd03e8a4626f647981a948656172746265617484a76e6f64655f6964c41011112222333344445555666677778888b37265736f75726365735f617661696c61626c6581a3435055cb4000000000000000a46a6f627390ac646561645f776f726b65727390";
+    /// The heartbeat as first shipped, before `jobs` and `dead_workers`.
+    const GOLDEN_HEARTBEAT_V1: &str = "83a2696408aa74696d656f75745f6d73cd03e8a4626f647981a948656172746265617482a76e6f64655f6964c41011112222333344445555666677778888b37265736f75726365735f617661696c61626c6581a3435055cb4000000000000000";
     const GOLDEN_REFUSED: &str = "81a752656675736564a8426164546f6b656e";
-    const GOLDEN_STATUS: &str = "82a2696407a6726573756c7481a24f6b81ad436c757374657253746174757383aa636c75737465725f6964c4100123456789abcdef0123456789abcdefa56e6f6465739189a76e6f64655f6964c41011112222333344445555666677778888a761646472657373ab3132372e302e302e313a31a57374617465a444454144a370696409a8686f73746e616d65a168ac69735f686561645f6e6f6465c2af7265736f75726365735f746f74616c80b37265736f75726365735f617661696c61626c6580b56c6173745f6865617274626561745f6d735f61676f00b268616e647368616b65735f7265667573656400";
+    const GOLDEN_STATUS: &str = "82a2696407a6726573756c7481a24f6b81ad436c757374657253746174757384aa636c75737465725f6964c4100123456789abcdef0123456789abcdefa56e6f6465739189a76e6f64655f6964c41011112222333344445555666677778888a761646472657373ab3132372e302e302e313a31a57374617465a444454144a370696409a8686f73746e616d65a168ac69735f686561645f6e6f6465c2af7265736f75726365735f746f74616c80b37265736f75726365735f617661696c61626c6580b56c6173745f6865617274626561745f6d735f61676f00b268616e647368616b65735f7265667573656400aa696e6665617369626c6590";
+    /// The same reply as first shipped, before `infeasible` was added.
+    const GOLDEN_STATUS_V1: &str = "82a2696407a6726573756c7481a24f6b81ad436c757374657253746174757383aa636c75737465725f6964c4100123456789abcdef0123456789abcdefa56e6f6465739189a76e6f64655f6964c41011112222333344445555666677778888a761646472657373ab3132372e302e302e313a31a57374617465a444454144a370696409a8686f73746e616d65a168ac69735f686561645f6e6f6465c2af7265736f75726365735f746f74616c80b37265736f75726365735f617661696c61626c6580b56c6173745f6865617274626561745f6d735f61676f00b268616e647368616b65735f7265667573656400";
     const GOLDEN_PING: &str = "83a2696401aa74696d656f75745f6d7301a4626f6479a450696e67";
 
     #[test]

@@ -2,8 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{ClusterId, NodeId};
+use crate::ids::{ClusterId, JobId, LeaseId, NodeId, WorkerId};
 use crate::resources::ResourceSet;
+use crate::task::Address;
 
 /// A request to the head.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -17,6 +18,12 @@ pub enum HeadRequest {
         node_id: NodeId,
         /// The resources the node has free now.
         resources_available: ResourceSet,
+        /// Jobs with workers on this node: the head says which have finished.
+        #[serde(default)]
+        jobs: Vec<JobId>,
+        /// Workers that died since the last heartbeat: their leases are reclaimed.
+        #[serde(default)]
+        dead_workers: Vec<WorkerId>,
     },
     /// A node daemon leaves on purpose (graceful stop).
     UnregisterNode {
@@ -25,6 +32,87 @@ pub enum HeadRequest {
     },
     /// The node table and resource view.
     GetClusterStatus,
+    /// A driver starts a job; the head answers [`HeadReply::JobRegistered`].
+    RegisterJob(RegisterJob),
+    /// A driver uploads part of its executable (content addressed).
+    UploadBinary {
+        /// Hex SHA-256 of the whole executable.
+        hash: String,
+        /// Where this part starts.
+        offset: u64,
+        /// The whole executable's size.
+        total: u64,
+        /// The part.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// A node fetches part of a job's executable.
+    FetchBinary {
+        /// Hex SHA-256 of the executable.
+        hash: String,
+        /// Where the part starts.
+        offset: u64,
+        /// Most bytes wanted.
+        len: u32,
+    },
+    /// An owner asks for a worker lease: resources on some node, held until
+    /// returned. Answered when granted, or `LeasePending` after `wait_ms`.
+    RequestLease(LeaseRequest),
+    /// An owner gives a lease back.
+    ReturnLease {
+        /// The lease.
+        lease_id: LeaseId,
+    },
+    /// A driver's job is over: its leases are reclaimed and workers stopped.
+    FinishJob {
+        /// The job.
+        job_id: JobId,
+    },
+}
+
+/// A driver's job registration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct RegisterJob {
+    /// The driver process's id.
+    pub driver_pid: u32,
+    /// Hex SHA-256 of the driver's executable, which workers run.
+    pub binary_hash: String,
+    /// Its size in bytes.
+    pub binary_size: u64,
+    /// Where the driver serves its owner requests.
+    pub driver: Address,
+}
+
+/// A request for a worker lease.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct LeaseRequest {
+    /// The job the work belongs to.
+    pub job_id: JobId,
+    /// The process that will hold the lease.
+    pub owner: WorkerId,
+    /// The resources one task of this class holds.
+    pub resources: ResourceSet,
+    /// The node to prefer (the owner's own) when it fits.
+    #[serde(default)]
+    pub preferred_node: Option<NodeId>,
+    /// How long the head may hold the request waiting for resources.
+    pub wait_ms: u64,
+}
+
+/// A granted lease.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct Lease {
+    /// The lease.
+    pub lease_id: LeaseId,
+    /// The node whose resources it holds.
+    pub node_id: NodeId,
+    /// That node's address.
+    pub node_address: String,
+    /// The resources held.
+    pub resources: ResourceSet,
 }
 
 /// What a joining node says about itself.
@@ -42,6 +130,10 @@ pub struct RegisterNode {
     /// True for the node daemon inside the head process.
     #[serde(default)]
     pub is_head_node: bool,
+    /// Chosen by the node for this registration; a retried registration
+    /// with the same key gets the same node id (the request is idempotent).
+    #[serde(default)]
+    pub registration_key: u64,
 }
 
 /// A reply from the head.
@@ -51,7 +143,12 @@ pub enum HeadReply {
     /// The node is a member, under a new id.
     NodeRegistered(NodeRegistered),
     /// The heartbeat was recorded.
-    HeartbeatAck,
+    HeartbeatAck {
+        /// Of the jobs the node named, those that have finished: the node
+        /// stops their workers.
+        #[serde(default)]
+        finished_jobs: Vec<JobId>,
+    },
     /// The node is not (or no longer) a member: it was declared dead, or the
     /// head restarted. The node must register again, as a new node.
     NodeFenced {
@@ -62,6 +159,38 @@ pub enum HeadReply {
     NodeUnregistered,
     /// The cluster's state.
     ClusterStatus(ClusterStatus),
+    /// The job is registered.
+    JobRegistered {
+        /// The new job's id.
+        job_id: JobId,
+        /// Whether the head already has the driver's executable.
+        binary_present: bool,
+    },
+    /// Part of an executable was stored.
+    BinaryStored {
+        /// True once the whole executable is stored and its hash checked.
+        complete: bool,
+    },
+    /// Part of an executable.
+    BinaryChunk {
+        /// The whole executable's size.
+        total: u64,
+        /// The part.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// A lease was granted.
+    LeaseGranted(Lease),
+    /// No lease yet: ask again. `infeasible` when no live node could ever
+    /// fit the request (it is listed in the cluster status meanwhile).
+    LeasePending {
+        /// No live node has enough total resources.
+        infeasible: bool,
+    },
+    /// The lease was returned (or was already gone).
+    LeaseReturned,
+    /// The job is over.
+    JobFinished,
 }
 
 /// The head's welcome to a new node.
@@ -95,6 +224,19 @@ pub struct ClusterStatus {
     /// Handshakes the head has refused since it started.
     #[serde(default)]
     pub handshakes_refused: u64,
+    /// Resource requests no live node can fit, waiting.
+    #[serde(default)]
+    pub infeasible: Vec<InfeasibleRequest>,
+}
+
+/// A resource request that no live node can fit.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct InfeasibleRequest {
+    /// The job asking.
+    pub job_id: JobId,
+    /// What it asks for.
+    pub resources: ResourceSet,
 }
 
 /// One node as the head sees it.

@@ -10,7 +10,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
-use uuid::Uuid;
+pub use uuid::Uuid;
 
 macro_rules! typed_id {
     ($(#[$doc:meta])* $name:ident) => {
@@ -105,6 +105,40 @@ typed_id!(
     LeaseId
 );
 
+impl TaskId {
+    /// A new task id: 96 random bits, the low 32 bits zero so that the ids of
+    /// the task's objects can carry an index there.
+    pub fn fresh() -> Self {
+        Self(Uuid::from_u128(Uuid::new_v4().as_u128() & !0xffff_ffff))
+    }
+
+    /// The id of the task's `index`-th return value (0-based).
+    pub fn return_object(&self, index: u32) -> ObjectId {
+        ObjectId(Uuid::from_u128(self.0.as_u128() | u128::from(index + 1)))
+    }
+
+    /// The id of the `index`-th object `put` while this task ran (0-based).
+    pub fn put_object(&self, index: u32) -> ObjectId {
+        ObjectId(Uuid::from_u128(
+            self.0.as_u128() | u128::from(PUT_BIT | (index & !PUT_BIT)),
+        ))
+    }
+}
+
+const PUT_BIT: u32 = 0x8000_0000;
+
+impl ObjectId {
+    /// The task that made this object (lineage is a pure function of the id).
+    pub fn task_id(&self) -> TaskId {
+        TaskId(Uuid::from_u128(self.0.as_u128() & !0xffff_ffff))
+    }
+
+    /// True for an object made by `put` rather than returned by a task.
+    pub fn is_put(&self) -> bool {
+        (self.0.as_u128() as u32) & PUT_BIT != 0
+    }
+}
+
 #[cfg(test)]
 pub(crate) fn arb_uuid() -> impl proptest::strategy::Strategy<Value = Uuid> {
     use proptest::prelude::*;
@@ -131,6 +165,24 @@ mod tests {
     fn garbage_does_not_parse() {
         assert!("not-an-id".parse::<JobId>().is_err());
         assert!("".parse::<JobId>().is_err());
+    }
+
+    #[test]
+    fn object_ids_lead_back_to_their_task() {
+        let task = TaskId::fresh();
+        let r0 = task.return_object(0);
+        let p0 = task.put_object(0);
+        assert_ne!(r0, p0);
+        assert_ne!(r0, task.return_object(1));
+        assert_eq!(r0.task_id(), task);
+        assert_eq!(p0.task_id(), task);
+        assert!(!r0.is_put());
+        assert!(p0.is_put());
+        assert_eq!(
+            task.put_object(u32::MAX).task_id(),
+            task,
+            "index overflow stays in the low bits"
+        );
     }
 
     #[test]

@@ -11,6 +11,9 @@
 //! - [`rpc`]: the envelopes that carry a request id and a deadline around every
 //!   request and reply, and the typed error a service answers with.
 //! - [`resources`]: resource sets (`CPU`, `memory`, custom names).
+//! - [`task`]: task specifications, replies and failures.
+//! - [`worker`]: the worker service (tasks pushed by owners) and object
+//!   requests to an owner.
 //! - [`codec`]: the frame codec: a length prefix checked against a configured
 //!   maximum before anything is allocated, and a MessagePack body whose nesting
 //!   depth and claimed lengths are checked before it is decoded.
@@ -32,6 +35,8 @@ pub mod ids;
 pub mod node;
 pub mod resources;
 pub mod rpc;
+pub mod task;
+pub mod worker;
 
 pub use codec::{CodecLimits, DecodeError, EncodeError, FrameError};
 pub use head::{ClusterStatus, HeadReply, HeadRequest, NodeState, NodeStatus};
@@ -40,3 +45,8 @@ pub use ids::*;
 pub use node::{NodeReply, NodeRequest};
 pub use resources::ResourceSet;
 pub use rpc::{ReplyEnvelope, RequestEnvelope, ServiceError, ServiceErrorKind};
+pub use task::{
+    Address, ArgSpec, FailureKind, FunctionId, StoredAt, TaskFailure, TaskOutcome, TaskReply,
+    TaskSpec,
+};
+pub use worker::{ObjectValue, WorkerReply, WorkerRequest};

@@ -2,8 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::NodeId;
+use crate::ids::{JobId, LeaseId, NodeId, ObjectId, WorkerId};
 use crate::resources::ResourceSet;
+use crate::task::Address;
 
 /// A request to a node daemon.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -13,6 +14,61 @@ pub enum NodeRequest {
     Ping,
     /// The node's own view of itself.
     GetNodeInfo,
+    /// A lease holder asks for a worker of its job to run its tasks on.
+    GrantWorker {
+        /// The lease the head granted on this node.
+        lease_id: LeaseId,
+        /// The job.
+        job_id: JobId,
+        /// Hex SHA-256 of the job's executable.
+        binary_hash: String,
+        /// The resources the lease holds.
+        resources: ResourceSet,
+    },
+    /// A lease holder is done with a worker.
+    ReleaseWorker {
+        /// The lease.
+        lease_id: LeaseId,
+        /// Stop the worker rather than keep it for reuse (it misbehaved).
+        #[serde(default)]
+        kill: bool,
+    },
+    /// A worker this node started says it is ready.
+    RegisterWorker {
+        /// The worker id the node gave it.
+        worker_id: WorkerId,
+        /// Where it serves.
+        address: String,
+        /// Its process id.
+        pid: u32,
+    },
+    /// Write part of a large object into the node's store; the object is
+    /// sealed (immutable, readable) once its last part is written.
+    PutObject {
+        /// The object.
+        id: ObjectId,
+        /// Where this part starts.
+        offset: u64,
+        /// The object's whole size.
+        total: u64,
+        /// The part.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// Read part of a sealed object.
+    ReadObject {
+        /// The object.
+        id: ObjectId,
+        /// Where the part starts.
+        offset: u64,
+        /// Most bytes wanted.
+        len: u32,
+    },
+    /// Free objects.
+    DeleteObjects {
+        /// The objects.
+        ids: Vec<ObjectId>,
+    },
 }
 
 /// A reply from a node daemon.
@@ -34,5 +90,25 @@ pub enum NodeReply {
         resources_total: ResourceSet,
         /// What it has free.
         resources_available: ResourceSet,
+    },
+    /// A worker for the lease.
+    WorkerGranted {
+        /// Where the worker serves tasks.
+        worker: Address,
+    },
+    /// Done.
+    Ok,
+    /// Whether the object is now sealed.
+    ObjectWritten {
+        /// True once the last part is written.
+        sealed: bool,
+    },
+    /// Part of an object.
+    ObjectChunk {
+        /// The object's whole size.
+        total: u64,
+        /// The part.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
     },
 }

@@ -38,6 +38,9 @@ impl Default for LocalConfig {
     }
 }
 
+/// How long a new local node may take to join.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+
 struct Running {
     shutdown: CancellationToken,
     task: JoinHandle<()>,
@@ -131,12 +134,21 @@ impl LocalCluster {
         let node = Node::bind(config, self.token().clone())?;
         let mut handle = node.handle();
         let running = spawn(|token| node.run(token));
-        handle.joined_other_than(None).await;
+        // Kept before waiting, so a node that never joins is still stopped
+        // with the cluster.
         self.nodes.push(LocalNode {
-            handle,
+            handle: handle.clone(),
             running: Some(running),
         });
-        Ok(self.nodes.len() - 1)
+        let index = self.nodes.len() - 1;
+        tokio::time::timeout(JOIN_TIMEOUT, handle.joined_other_than(None))
+            .await
+            .map_err(|_| {
+                Error::NotFound(format!(
+                    "local node {index} did not join within {JOIN_TIMEOUT:?}"
+                ))
+            })?;
+        Ok(index)
     }
 
     /// The current id of node `index` (0 is the head's node), if it has one.
@@ -170,7 +182,10 @@ impl LocalCluster {
             .node_id()
             .ok_or_else(|| Error::NotFound(format!("node {index} never joined")))?;
         if let Some(running) = node.running.take() {
+            // Abort first: the node must not say goodbye. Then cancel, so the
+            // connection tasks it spawned stop serving too.
             running.task.abort();
+            running.shutdown.cancel();
         }
         Ok(id)
     }

@@ -1,0 +1,251 @@
+//! Jobs and their executables.
+//!
+//! A driver registers a job with the content hash of its executable; workers
+//! for the job are that executable re-run in worker mode. The head keeps each
+//! executable once (content addressed), uploaded by the first driver that
+//! runs it and fetched by nodes that lack it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use shoal_proto::head::RegisterJob;
+use shoal_proto::{Address, JobId};
+
+/// Largest executable accepted.
+pub const BINARY_BYTES_MAX: u64 = 2 << 30;
+/// Executables kept (least recently registered forgotten first).
+const BINARIES_KEPT: usize = 16;
+/// Finished jobs remembered.
+const FINISHED_KEPT: usize = 1000;
+
+/// A job.
+#[derive(Clone, Debug)]
+pub struct Job {
+    /// The driver.
+    pub driver: Address,
+    /// Hex SHA-256 of its executable.
+    pub binary_hash: String,
+    /// False once the job has finished.
+    pub running: bool,
+    /// The driver's connection to the head: the job ends when it closes.
+    pub connection_id: u64,
+}
+
+/// The job table.
+#[derive(Debug, Default)]
+pub struct Jobs {
+    jobs: HashMap<JobId, Job>,
+    finished: std::collections::VecDeque<JobId>,
+}
+
+impl Jobs {
+    /// Starts a job under a new id.
+    pub fn register(&mut self, request: &RegisterJob, connection_id: u64) -> JobId {
+        let id = JobId::random();
+        self.jobs.insert(
+            id,
+            Job {
+                driver: request.driver.clone(),
+                binary_hash: request.binary_hash.clone(),
+                running: true,
+                connection_id,
+            },
+        );
+        id
+    }
+
+    /// The job, if known.
+    pub fn get(&self, id: JobId) -> Option<&Job> {
+        self.jobs.get(&id)
+    }
+
+    /// True while the job runs.
+    pub fn is_running(&self, id: JobId) -> bool {
+        self.jobs.get(&id).is_some_and(|j| j.running)
+    }
+
+    /// Marks a job finished; false if it was not running.
+    pub fn finish(&mut self, id: JobId) -> bool {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return false;
+        };
+        if !job.running {
+            return false;
+        }
+        job.running = false;
+        self.finished.push_back(id);
+        while self.finished.len() > FINISHED_KEPT {
+            if let Some(old) = self.finished.pop_front() {
+                self.jobs.remove(&old);
+            }
+        }
+        true
+    }
+
+    /// Of `ids`, those that are not running (finished or forgotten).
+    pub fn not_running(&self, ids: &[JobId]) -> Vec<JobId> {
+        ids.iter()
+            .filter(|id| !self.is_running(**id))
+            .copied()
+            .collect()
+    }
+
+    /// Running jobs registered over this connection.
+    pub fn registered_on(&self, connection_id: u64) -> Vec<JobId> {
+        self.jobs
+            .iter()
+            .filter(|(_, j)| j.running && j.connection_id == connection_id)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+}
+
+/// Why an upload was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum UploadError {
+    /// Larger than [`BINARY_BYTES_MAX`].
+    #[error("executable of {0} bytes exceeds the {BINARY_BYTES_MAX} byte limit")]
+    TooLarge(u64),
+    /// Parts must arrive in order.
+    #[error("expected the part at offset {expected}, got {got}")]
+    OutOfOrder {
+        /// The next offset expected.
+        expected: u64,
+        /// The offset sent.
+        got: u64,
+    },
+    /// The part runs past the declared size, or the size changed.
+    #[error("part does not fit the declared size {0}")]
+    BadSize(u64),
+    /// The whole upload does not hash to its name.
+    #[error("upload does not match its hash {0}")]
+    HashMismatch(String),
+    /// The name is not a hex SHA-256.
+    #[error("{0:?} is not a hex SHA-256")]
+    BadHash(String),
+}
+
+/// Executables by content hash.
+#[derive(Debug, Default)]
+pub struct Binaries {
+    complete: HashMap<String, Arc<Vec<u8>>>,
+    order: std::collections::VecDeque<String>,
+    partial: HashMap<String, (u64, Vec<u8>)>,
+}
+
+/// Hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl Binaries {
+    /// True if the executable is stored.
+    pub fn has(&self, hash: &str) -> bool {
+        self.complete.contains_key(hash)
+    }
+
+    /// Stores one part of an upload. Returns true once the whole executable
+    /// is stored and its hash checked.
+    pub fn upload(
+        &mut self,
+        hash: &str,
+        offset: u64,
+        total: u64,
+        data: &[u8],
+    ) -> Result<bool, UploadError> {
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(UploadError::BadHash(hash.chars().take(80).collect()));
+        }
+        if self.has(hash) {
+            return Ok(true);
+        }
+        if total > BINARY_BYTES_MAX {
+            return Err(UploadError::TooLarge(total));
+        }
+        let (declared, buf) = self
+            .partial
+            .entry(hash.to_string())
+            .or_insert_with(|| (total, Vec::new()));
+        if *declared != total {
+            return Err(UploadError::BadSize(*declared));
+        }
+        if offset != buf.len() as u64 {
+            return Err(UploadError::OutOfOrder {
+                expected: buf.len() as u64,
+                got: offset,
+            });
+        }
+        if offset + data.len() as u64 > total {
+            return Err(UploadError::BadSize(total));
+        }
+        buf.extend_from_slice(data);
+        if (buf.len() as u64) < total {
+            return Ok(false);
+        }
+        let (_, whole) = self.partial.remove(hash).unwrap_or_default();
+        if sha256_hex(&whole) != hash {
+            return Err(UploadError::HashMismatch(hash.to_string()));
+        }
+        self.complete.insert(hash.to_string(), Arc::new(whole));
+        self.order.push_back(hash.to_string());
+        while self.order.len() > BINARIES_KEPT {
+            if let Some(old) = self.order.pop_front() {
+                self.complete.remove(&old);
+            }
+        }
+        Ok(true)
+    }
+
+    /// A part of a stored executable: (total size, bytes).
+    pub fn fetch(&self, hash: &str, offset: u64, len: u32) -> Option<(u64, Vec<u8>)> {
+        let whole = self.complete.get(hash)?;
+        let start = usize::try_from(offset).ok()?.min(whole.len());
+        let end = start.saturating_add(len as usize).min(whole.len());
+        Some((whole.len() as u64, whole[start..end].to_vec()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upload_in_parts_checks_the_hash() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        let hash = sha256_hex(&data);
+        let mut b = Binaries::default();
+        assert_eq!(b.upload(&hash, 0, 10_000, &data[..4000]), Ok(false));
+        assert_eq!(
+            b.upload(&hash, 0, 10_000, &data[..10]),
+            Err(UploadError::OutOfOrder {
+                expected: 4000,
+                got: 0
+            })
+        );
+        assert_eq!(b.upload(&hash, 4000, 10_000, &data[4000..]), Ok(true));
+        assert!(b.has(&hash));
+        assert_eq!(
+            b.fetch(&hash, 9_990, 100),
+            Some((10_000, data[9_990..].to_vec()))
+        );
+        assert_eq!(b.fetch(&hash, 20_000, 100), Some((10_000, vec![])));
+        let wrong = sha256_hex(b"other");
+        assert_eq!(
+            b.upload(&wrong, 0, 3, b"abc"),
+            Err(UploadError::HashMismatch(wrong.clone()))
+        );
+        assert!(!b.has(&wrong));
+        assert!(matches!(
+            b.upload("../etc", 0, 1, b"x"),
+            Err(UploadError::BadHash(_))
+        ));
+        assert_eq!(
+            b.upload(&wrong, 0, BINARY_BYTES_MAX + 1, b"x"),
+            Err(UploadError::TooLarge(BINARY_BYTES_MAX + 1))
+        );
+    }
+}

@@ -1,0 +1,486 @@
+//! The node's workers: processes (or, in local mode, threads) that run one
+//! job's tasks.
+//!
+//! A lease holder asks for a worker ([`WorkerPool::grant`]); the pool hands
+//! it an idle worker of the job or starts one, and waits for the new worker
+//! to register. The lease's resources are checked against the node's own
+//! capacity too, so at most one busy worker runs per CPU slot whatever the
+//! head's ledger says. Released workers go back to the idle list and are
+//! stopped after `worker_idle_timeout`, or when their job finishes. A worker
+//! that exits is removed, and reported to the head in the next heartbeat so
+//! the leases it held as an owner are reclaimed.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use shoal_proto::{Address, JobId, LeaseId, ResourceSet, ServiceError, ServiceErrorKind, WorkerId};
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+use crate::binaries::BinaryCache;
+
+/// What a launcher needs to start one worker.
+#[derive(Clone, Debug)]
+pub struct LaunchSpec {
+    /// The job.
+    pub job_id: JobId,
+    /// The id the worker must register under.
+    pub worker_id: WorkerId,
+    /// The job's executable (`None` for launchers that run workers as threads).
+    pub executable: Option<PathBuf>,
+    /// Environment for the worker (`SHOAL_WORKER_*`, token, addresses).
+    pub env: Vec<(String, String)>,
+    /// Where the worker's stdout and stderr go.
+    pub log_path: Option<PathBuf>,
+}
+
+/// A started worker.
+pub struct Launched {
+    /// Its process id, for processes.
+    pub pid: Option<u32>,
+    /// Resolves, with a description, when the worker has exited.
+    pub exited: Pin<Box<dyn Future<Output = String> + Send>>,
+    /// Stops it at once.
+    pub kill: Box<dyn Fn() + Send + Sync>,
+}
+
+/// How a node starts workers.
+pub trait WorkerLauncher: Send + Sync + 'static {
+    /// True if workers need the job's executable on this node.
+    fn needs_executable(&self) -> bool;
+    /// Starts a worker; it must then register with the node.
+    fn launch(&self, spec: LaunchSpec) -> Result<Launched, String>;
+}
+
+/// Starts workers as processes of the job's executable.
+#[derive(Debug, Default)]
+pub struct ProcessLauncher;
+
+impl WorkerLauncher for ProcessLauncher {
+    fn needs_executable(&self) -> bool {
+        true
+    }
+
+    fn launch(&self, spec: LaunchSpec) -> Result<Launched, String> {
+        let exe = spec
+            .executable
+            .ok_or("no executable for a process worker")?;
+        let mut cmd = tokio::process::Command::new(&exe);
+        cmd.envs(spec.env)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        if let Some(log) = &spec.log_path {
+            let out = std::fs::File::create(log)
+                .map_err(|e| format!("creating {}: {e}", log.display()))?;
+            let err = out.try_clone().map_err(|e| e.to_string())?;
+            cmd.stdout(out).stderr(err);
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", exe.display()))?;
+        let pid = child.id();
+        let exited = Box::pin(async move {
+            match child.wait().await {
+                Ok(status) => status.to_string(),
+                Err(e) => format!("unknown exit ({e})"),
+            }
+        });
+        let kill = Box::new(move || {
+            if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        });
+        Ok(Launched { pid, exited, kill })
+    }
+}
+
+enum WorkerState {
+    /// Started, not registered yet; these wait for its address.
+    Starting(Vec<oneshot::Sender<Result<String, String>>>),
+    Idle(Instant),
+    Leased(LeaseId),
+}
+
+struct WorkerEntry {
+    job_id: JobId,
+    state: WorkerState,
+    address: Option<String>,
+    pid: Option<u32>,
+    kill: Option<Box<dyn Fn() + Send + Sync>>,
+}
+
+#[derive(Default)]
+struct PoolState {
+    workers: HashMap<WorkerId, WorkerEntry>,
+    leases: HashMap<LeaseId, (WorkerId, ResourceSet)>,
+    allocated: ResourceSet,
+    dead: Vec<WorkerId>,
+}
+
+/// Settings for the pool.
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    /// Everything the node offers.
+    pub total: ResourceSet,
+    /// Idle workers are stopped after this long.
+    pub idle_timeout: Duration,
+    /// A worker that has not registered within this is given up on.
+    pub start_timeout: Duration,
+    /// Where worker logs go.
+    pub log_dir: Option<PathBuf>,
+}
+
+/// The worker pool.
+pub struct WorkerPool {
+    state: Mutex<PoolState>,
+    launcher: Arc<dyn WorkerLauncher>,
+    binaries: BinaryCache,
+    config: PoolConfig,
+    /// Environment every worker gets (node identity, addresses, token).
+    env: Mutex<Vec<(String, String)>>,
+}
+
+fn unavailable(message: impl Into<String>) -> ServiceError {
+    ServiceError::new(ServiceErrorKind::Unavailable, message)
+}
+
+fn fits(want: &ResourceSet, allocated: &ResourceSet, total: &ResourceSet) -> bool {
+    want.iter()
+        .all(|(name, qty)| allocated.get(name) + qty <= total.get(name) + 1e-9)
+}
+
+impl WorkerPool {
+    /// An empty pool.
+    pub fn new(
+        launcher: Arc<dyn WorkerLauncher>,
+        binaries: BinaryCache,
+        config: PoolConfig,
+    ) -> Self {
+        Self {
+            state: Mutex::new(PoolState::default()),
+            launcher,
+            binaries,
+            config,
+            env: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets the environment new workers get.
+    pub fn set_env(&self, env: Vec<(String, String)>) {
+        *self.env.lock().unwrap_or_else(|e| e.into_inner()) = env;
+    }
+
+    /// A worker of `job_id` for `lease_id`, holding `resources`: an idle one,
+    /// or a new one once it has registered. Idempotent per lease.
+    pub async fn grant(
+        self: &Arc<Self>,
+        lease_id: LeaseId,
+        job_id: JobId,
+        binary_hash: &str,
+        resources: ResourceSet,
+    ) -> Result<Address, ServiceError> {
+        let (worker_id, started) = {
+            let mut state = self.state();
+            if let Some((worker_id, _)) = state.leases.get(&lease_id) {
+                let worker_id = *worker_id;
+                return match state.workers.get_mut(&worker_id) {
+                    Some(WorkerEntry {
+                        address: Some(address),
+                        ..
+                    }) => Ok(Address {
+                        worker_id,
+                        address: address.clone(),
+                    }),
+                    _ => Err(unavailable(
+                        "the worker for this lease is still starting; ask again",
+                    )),
+                };
+            }
+            if !fits(&resources, &state.allocated, &self.config.total) {
+                return Err(unavailable(format!(
+                    "this node cannot fit {resources:?} now (allocated {:?} of {:?})",
+                    state.allocated, self.config.total
+                )));
+            }
+            state.allocated.add(&resources);
+            let idle = state.workers.iter().find_map(|(id, w)| {
+                (w.job_id == job_id && matches!(w.state, WorkerState::Idle(_))).then_some(*id)
+            });
+            match idle {
+                Some(worker_id) => {
+                    state.leases.insert(lease_id, (worker_id, resources));
+                    let entry = state
+                        .workers
+                        .get_mut(&worker_id)
+                        .ok_or_else(|| unavailable("worker vanished"))?;
+                    entry.state = WorkerState::Leased(lease_id);
+                    let address = entry.address.clone().unwrap_or_default();
+                    return Ok(Address { worker_id, address });
+                }
+                None => {
+                    let worker_id = WorkerId::random();
+                    let (tx, rx) = oneshot::channel();
+                    state.workers.insert(
+                        worker_id,
+                        WorkerEntry {
+                            job_id,
+                            state: WorkerState::Starting(vec![tx]),
+                            address: None,
+                            pid: None,
+                            kill: None,
+                        },
+                    );
+                    state.leases.insert(lease_id, (worker_id, resources));
+                    (worker_id, rx)
+                }
+            }
+        };
+        match self.start(worker_id, job_id, binary_hash, started).await {
+            Ok(address) => {
+                let mut state = self.state();
+                if let Some(entry) = state.workers.get_mut(&worker_id) {
+                    entry.state = WorkerState::Leased(lease_id);
+                }
+                Ok(Address { worker_id, address })
+            }
+            Err(e) => {
+                warn!(%worker_id, %job_id, error = %e, "worker failed to start");
+                self.remove_worker(worker_id);
+                Err(unavailable(format!("worker failed to start: {e}")))
+            }
+        }
+    }
+
+    async fn start(
+        self: &Arc<Self>,
+        worker_id: WorkerId,
+        job_id: JobId,
+        binary_hash: &str,
+        registered: oneshot::Receiver<Result<String, String>>,
+    ) -> Result<String, String> {
+        let executable = if self.launcher.needs_executable() {
+            Some(self.binaries.path(binary_hash).await?)
+        } else {
+            None
+        };
+        let mut env = self.env.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        env.push(("SHOAL_WORKER_ID".into(), worker_id.to_string()));
+        env.push(("SHOAL_JOB_ID".into(), job_id.to_string()));
+        let log_path = self
+            .config
+            .log_dir
+            .as_ref()
+            .map(|d| d.join(format!("worker-{worker_id}.log")));
+        let launched = self.launcher.launch(LaunchSpec {
+            job_id,
+            worker_id,
+            executable,
+            env,
+            log_path,
+        })?;
+        {
+            let mut state = self.state();
+            let entry = state
+                .workers
+                .get_mut(&worker_id)
+                .ok_or("worker removed while starting")?;
+            entry.pid = launched.pid;
+            entry.kill = Some(launched.kill);
+        }
+        let pool = Arc::clone(self);
+        let exited = launched.exited;
+        tokio::spawn(async move {
+            let how = exited.await;
+            pool.worker_exited(worker_id, &how);
+        });
+        match tokio::time::timeout(self.config.start_timeout, registered).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err("the worker exited before registering".into()),
+            Err(_) => Err(format!(
+                "the worker did not register within {:?}",
+                self.config.start_timeout
+            )),
+        }
+    }
+
+    /// A worker the node started reports where it serves.
+    pub fn register(
+        &self,
+        worker_id: WorkerId,
+        address: String,
+        pid: u32,
+    ) -> Result<(), ServiceError> {
+        let mut state = self.state();
+        let entry = state.workers.get_mut(&worker_id).ok_or_else(|| {
+            ServiceError::new(
+                ServiceErrorKind::NotFound,
+                format!("this node did not start worker {worker_id}"),
+            )
+        })?;
+        let WorkerState::Starting(waiters) = &mut entry.state else {
+            return Err(ServiceError::new(
+                ServiceErrorKind::BadRequest,
+                "worker already registered",
+            ));
+        };
+        let waiters = std::mem::take(waiters);
+        entry.address = Some(address.clone());
+        entry.pid = entry.pid.or(Some(pid));
+        for waiter in waiters {
+            let _ = waiter.send(Ok(address.clone()));
+        }
+        info!(%worker_id, %address, pid, job_id = %entry.job_id, "worker registered");
+        Ok(())
+    }
+
+    /// A lease holder is done with its worker.
+    pub fn release(&self, lease_id: LeaseId, kill: bool) {
+        let mut state = self.state();
+        let Some((worker_id, resources)) = state.leases.remove(&lease_id) else {
+            return;
+        };
+        subtract(&mut state.allocated, &resources);
+        if kill {
+            if let Some(entry) = state.workers.get(&worker_id) {
+                if let Some(kill) = &entry.kill {
+                    kill();
+                }
+            }
+        } else if let Some(entry) = state.workers.get_mut(&worker_id) {
+            if matches!(entry.state, WorkerState::Leased(id) if id == lease_id) {
+                entry.state = WorkerState::Idle(Instant::now());
+            }
+        }
+    }
+
+    fn worker_exited(&self, worker_id: WorkerId, how: &str) {
+        info!(%worker_id, exit = how, "worker exited");
+        self.remove_worker(worker_id);
+        self.state().dead.push(worker_id);
+    }
+
+    fn remove_worker(&self, worker_id: WorkerId) {
+        let mut state = self.state();
+        let Some(entry) = state.workers.remove(&worker_id) else {
+            return;
+        };
+        if let Some(kill) = &entry.kill {
+            kill();
+        }
+        if let WorkerState::Starting(waiters) = entry.state {
+            for waiter in waiters {
+                let _ = waiter.send(Err("worker removed".into()));
+            }
+        }
+        let leases: Vec<LeaseId> = state
+            .leases
+            .iter()
+            .filter(|(_, (w, _))| *w == worker_id)
+            .map(|(id, _)| *id)
+            .collect();
+        for lease in leases {
+            if let Some((_, resources)) = state.leases.remove(&lease) {
+                subtract(&mut state.allocated, &resources);
+            }
+        }
+    }
+
+    /// Jobs with workers here.
+    pub fn jobs(&self) -> Vec<JobId> {
+        let mut jobs: Vec<JobId> = self.state().workers.values().map(|w| w.job_id).collect();
+        jobs.sort();
+        jobs.dedup();
+        jobs
+    }
+
+    /// Workers that died since the last call.
+    pub fn take_dead(&self) -> Vec<WorkerId> {
+        std::mem::take(&mut self.state().dead)
+    }
+
+    /// Puts back dead-worker reports that did not reach the head.
+    pub fn requeue_dead(&self, workers: Vec<WorkerId>) {
+        self.state().dead.extend(workers);
+    }
+
+    /// Stops every worker of finished jobs.
+    pub fn finish_jobs(&self, jobs: &[JobId]) {
+        let doomed: Vec<WorkerId> = self
+            .state()
+            .workers
+            .iter()
+            .filter(|(_, w)| jobs.contains(&w.job_id))
+            .map(|(id, _)| *id)
+            .collect();
+        for worker_id in doomed {
+            self.remove_worker(worker_id);
+        }
+    }
+
+    /// Stops workers idle for longer than the idle timeout.
+    pub fn reap_idle(&self) {
+        let timeout = self.config.idle_timeout;
+        let idle: Vec<WorkerId> = self
+            .state()
+            .workers
+            .iter()
+            .filter(
+                |(_, w)| matches!(w.state, WorkerState::Idle(since) if since.elapsed() > timeout),
+            )
+            .map(|(id, _)| *id)
+            .collect();
+        for worker_id in idle {
+            self.remove_worker(worker_id);
+        }
+    }
+
+    /// Free resources by the node's own count.
+    pub fn available(&self) -> ResourceSet {
+        let state = self.state();
+        self.config
+            .total
+            .iter()
+            .map(|(name, qty)| (name.to_string(), (qty - state.allocated.get(name)).max(0.0)))
+            .collect()
+    }
+
+    /// Stops every worker (node shutdown).
+    pub fn stop_all(&self) {
+        let all: Vec<WorkerId> = self.state().workers.keys().copied().collect();
+        for worker_id in all {
+            self.remove_worker(worker_id);
+        }
+    }
+
+    /// Workers alive (starting, idle or leased).
+    pub fn worker_count(&self) -> usize {
+        self.state().workers.len()
+    }
+
+    /// Process ids of live workers.
+    pub fn pids(&self) -> Vec<u32> {
+        self.state()
+            .workers
+            .values()
+            .filter_map(|w| w.pid)
+            .collect()
+    }
+}
+
+fn subtract(from: &mut ResourceSet, what: &ResourceSet) {
+    for (name, qty) in what.iter() {
+        let left = (from.get(name) - qty).max(0.0);
+        from.set(name, left);
+    }
+}

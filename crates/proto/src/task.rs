@@ -1,0 +1,139 @@
+//! Tasks: what an owner sends to a worker, and what comes back.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{JobId, NodeId, ObjectId, TaskId, WorkerId};
+use crate::resources::ResourceSet;
+
+/// Names a registered remote function: its path (`module_path!()::name`) and
+/// a hash of its signature, so that a worker built from other code refuses it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct FunctionId {
+    /// `module_path!()` and the function's name, joined by `::`.
+    pub name: String,
+    /// A hash of the function's signature as written.
+    pub signature: u64,
+}
+
+/// Where a process that serves requests can be reached.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct Address {
+    /// The worker (or driver) id of the process.
+    pub worker_id: WorkerId,
+    /// `host:port` of its QUIC endpoint.
+    pub address: String,
+}
+
+/// Where a large object is stored.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct StoredAt {
+    /// The node holding it.
+    pub node_id: NodeId,
+    /// That node's address.
+    pub node_address: String,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// One argument of a task.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub enum ArgSpec {
+    /// The encoded value itself.
+    Inline(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// A large object the executing worker fetches from a node store.
+    Stored {
+        /// The object.
+        id: ObjectId,
+        /// Where it is.
+        at: StoredAt,
+    },
+}
+
+/// A task, as its owner submits it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct TaskSpec {
+    /// The task.
+    pub task_id: TaskId,
+    /// Which attempt this is (0 first).
+    pub attempt: u32,
+    /// The job it belongs to.
+    pub job_id: JobId,
+    /// The function to run.
+    pub function: FunctionId,
+    /// Its arguments, in order.
+    pub args: Vec<ArgSpec>,
+    /// Resources it holds while it runs.
+    pub resources: ResourceSet,
+    /// The process that submitted it and owns its result.
+    pub owner: Address,
+}
+
+/// What a task produced.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub enum TaskOutcome {
+    /// The encoded return value.
+    Inline(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// A large return value, sealed in a node store.
+    Stored(StoredAt),
+    /// The function failed.
+    Failed(TaskFailure),
+}
+
+/// The reply to a task.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct TaskReply {
+    /// The task.
+    pub task_id: TaskId,
+    /// The attempt answered.
+    pub attempt: u32,
+    /// The node it ran on.
+    pub node_id: NodeId,
+    /// The worker it ran on.
+    pub worker_id: WorkerId,
+    /// Its result.
+    pub outcome: TaskOutcome,
+}
+
+/// Why a task failed, as its caller will see it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct TaskFailure {
+    /// What kind of failure.
+    pub kind: FailureKind,
+    /// The function's name.
+    pub function: String,
+    /// The task.
+    pub task_id: TaskId,
+    /// The node it ran on.
+    pub node_id: Option<NodeId>,
+    /// The error's text, or the panic message.
+    pub message: String,
+    /// The remote backtrace, for panics.
+    #[serde(default)]
+    pub backtrace: Option<String>,
+}
+
+/// The kinds of [`TaskFailure`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub enum FailureKind {
+    /// The function returned `Err`.
+    Error,
+    /// The function panicked.
+    Panic,
+    /// The worker does not have this function (other code, or a bad id).
+    FunctionNotFound,
+    /// The arguments did not decode as the function's parameter types.
+    BadArguments,
+    /// The return value could not be encoded.
+    BadReturn,
+    /// An argument object could not be fetched.
+    ArgumentLost,
+}
