@@ -54,8 +54,10 @@ impl Default for NetLimits {
             stream_window_bytes: 4 << 20,
             connection_window_bytes: 32 << 20,
             socket_buffer_bytes: 4 << 20,
-            idle_timeout: Duration::from_secs(30),
-            keep_alive_interval: Duration::from_secs(5),
+            // A peer that dies without a word (SIGKILL, power loss) is noticed
+            // within this: keep-alives flow every second on live connections.
+            idle_timeout: Duration::from_secs(6),
+            keep_alive_interval: Duration::from_secs(1),
             handshake_timeout: Duration::from_secs(10),
             request_timeout_max: Duration::from_secs(300),
         }

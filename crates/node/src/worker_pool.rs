@@ -46,6 +46,9 @@ pub struct Launched {
     pub exited: Pin<Box<dyn Future<Output = String> + Send>>,
     /// Stops it at once.
     pub kill: Box<dyn Fn() + Send + Sync>,
+    /// Where it already serves, for launchers that start workers ready
+    /// (threads); `None` means the worker will register itself.
+    pub address: Option<String>,
 }
 
 /// How a node starts workers.
@@ -97,7 +100,12 @@ impl WorkerLauncher for ProcessLauncher {
                 );
             }
         });
-        Ok(Launched { pid, exited, kill })
+        Ok(Launched {
+            pid,
+            exited,
+            kill,
+            address: None,
+        })
     }
 }
 
@@ -277,6 +285,7 @@ impl WorkerPool {
         let mut env = self.env.lock().unwrap_or_else(|e| e.into_inner()).clone();
         env.push(("SHOAL_WORKER_ID".into(), worker_id.to_string()));
         env.push(("SHOAL_JOB_ID".into(), job_id.to_string()));
+        env.push(("SHOAL_BINARY_HASH".into(), binary_hash.to_string()));
         let log_path = self
             .config
             .log_dir
@@ -297,6 +306,14 @@ impl WorkerPool {
                 .ok_or("worker removed while starting")?;
             entry.pid = launched.pid;
             entry.kill = Some(launched.kill);
+        }
+        if let Some(address) = launched.address {
+            self.register(
+                worker_id,
+                address,
+                launched.pid.unwrap_or_else(std::process::id),
+            )
+            .map_err(|e| e.message)?;
         }
         let pool = Arc::clone(self);
         let exited = launched.exited;

@@ -118,6 +118,9 @@ pub struct TaskFailure {
     /// The remote backtrace, for panics.
     #[serde(default)]
     pub backtrace: Option<String>,
+    /// Attempts made (for `WorkerCrashed`).
+    #[serde(default)]
+    pub attempts: u32,
 }
 
 /// The kinds of [`TaskFailure`].
@@ -136,4 +139,6 @@ pub enum FailureKind {
     BadReturn,
     /// An argument object could not be fetched.
     ArgumentLost,
+    /// The worker (or its node) died on every attempt.
+    WorkerCrashed,
 }

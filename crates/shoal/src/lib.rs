@@ -1,59 +1,302 @@
-//! The Shoal SDK.
-//!
-//! Today it connects programs to a Shoal cluster and runs whole clusters
-//! inside one process; remote functions, actors and objects build on it in
-//! later versions.
-//!
-//! Modules:
-//! - [`client`]: [`ClusterClient`], an authenticated connection to a cluster's
-//!   head (cluster status today).
-//! - [`local`]: [`LocalCluster`], a head and any number of node daemons inside
-//!   this process, on loopback, with verbs to kill a node or restart the head
-//!   (what Ray's `cluster_utils.Cluster` offers for testing).
+//! The Shoal SDK: ordinary Rust functions, run as tasks across the cores of a
+//! machine or the machines of a cluster, with typed references to their
+//! results.
 //!
 //! ```no_run
-//! # async fn demo() -> shoal::Result<()> {
-//! let cluster = shoal::LocalCluster::start(shoal::LocalConfig::default()).await?;
-//! let status = cluster.client().await?.status().await?;
-//! assert_eq!(status.nodes.len(), 1);
-//! cluster.shutdown().await;
-//! # Ok(()) }
+//! use shoal::prelude::*;
+//!
+//! #[shoal::remote]
+//! fn add(a: i64, b: i64) -> i64 { a + b }
+//!
+//! fn main() -> shoal::Result<()> {
+//!     // Must come first: in a worker process, init runs the worker loop and
+//!     // never returns. With no SHOAL_ADDRESS it starts a local cluster.
+//!     let _shoal = shoal::init(shoal::Config::from_env())?;
+//!     let x: ObjectRef<i64> = add::remote(1, 2);
+//!     let y = add::remote(x.clone(), 10); // a ref where a value is expected
+//!     assert_eq!(y.get()?, 13);
+//!     Ok(())
+//! }
 //! ```
+//!
+//! # How it runs
+//! Workers are this program's own executable, re-run by a node daemon in
+//! worker mode (an environment variable tells `init`); functions are found
+//! by name in a link-time registry, so only code compiled into the program
+//! runs. In local mode (no address) a head and a node run inside this
+//! process and workers are threads, unless [`Config::worker_processes`].
+//!
+//! # Objects and freeing
+//! Values up to 100 KiB travel inline and live in the owner's memory; larger
+//! ones stay in the store of the node that made them and are pulled in parts
+//! by whoever reads them. An object is freed when the last reference to it in
+//! its owner is dropped. A reference that was serialized (sent inside another
+//! value or argument) keeps its object alive until the job ends.
+//!
+//! Modules: [`object_ref`] (references and arguments), `core` (the
+//! per-process runtime), `lease` (worker leases), `exec` (running tasks),
+//! [`registry`], [`local`] (in-process clusters), [`client`].
 
 #![warn(missing_docs)]
 
+// Lets the macros' `::shoal::` paths work inside this crate too.
+#[allow(unused_extern_crates)]
+extern crate self as shoal;
+
 pub mod client;
+mod config;
+mod core;
+mod error;
+mod exec;
+mod lease;
 pub mod local;
+pub mod object_ref;
+mod options;
+pub mod registry;
+mod worker;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use shoal_proto::{Role, WorkerId};
 
 pub use client::ClusterClient;
+pub use config::Config;
+pub use error::{Error, Result, TaskError};
 pub use local::{LocalCluster, LocalConfig};
-pub use shoal_proto::{ClusterStatus, NodeId, NodeState, NodeStatus, ResourceSet};
+pub use object_ref::{Arg, ObjectRef};
+pub use options::TaskOptions;
+pub use shoal_macros::{main, remote};
+pub use shoal_proto::{
+    ClusterStatus, NodeId, NodeState, NodeStatus, ObjectId, ResourceSet, TaskId,
+};
 
-/// What can go wrong talking to or running a cluster.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// No connection to the cluster could be made.
-    #[error("cannot connect to the cluster: {0}")]
-    Connect(#[from] shoal_net::ConnectError),
-    /// A request to the cluster failed.
-    #[error("request to the cluster failed: {0}")]
-    Rpc(#[from] shoal_net::RpcError),
-    /// The embedded head could not start.
-    #[error("the local head could not start: {0}")]
-    Head(#[from] shoal_head::HeadError),
-    /// An embedded node daemon could not start.
-    #[error("a local node could not start: {0}")]
-    Node(#[from] shoal_node::NodeError),
-    /// The cluster identity could not be made.
-    #[error("cluster identity: {0}")]
-    Identity(#[from] shoal_net::IdentityError),
-    /// The cluster answered something this SDK does not expect.
-    #[error("unexpected reply from the cluster: {0}")]
-    Protocol(String),
-    /// A local-cluster verb named something that does not exist.
-    #[error("{0}")]
-    NotFound(String),
+/// What most programs need: `use shoal::prelude::*;`.
+pub mod prelude {
+    pub use crate::{Arg, Config, Error, ObjectRef, Result, TaskError};
 }
 
-/// `Result` with [`Error`].
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+/// Keeps Shoal running; dropping it ends the job (and a local cluster).
+#[must_use = "dropping the guard ends the job"]
+pub struct Shoal {
+    owns: bool,
+}
+
+impl Drop for Shoal {
+    fn drop(&mut self) {
+        if !self.owns {
+            return;
+        }
+        if let Some(core) = core::try_get() {
+            let core2 = Arc::clone(core);
+            let _ = core.block_on(async move {
+                core2.shut_down().await;
+                let local = core2.local.lock().unwrap_or_else(|e| e.into_inner()).take();
+                if let Some(cluster) = local {
+                    cluster.shutdown().await;
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
+/// Starts Shoal for this program: connects to the cluster at
+/// `config`'s address, or starts a local one.
+///
+/// Call it first in `main`: when the program runs as a worker, `init` runs
+/// the worker loop and never returns (or use `#[shoal::main]`, which does
+/// that before `main`'s body). A second call returns a guard that owns
+/// nothing.
+pub fn init(config: Config) -> Result<Shoal> {
+    worker::run_worker_if_worker();
+    if core::try_get().is_some() {
+        return Ok(Shoal { owns: false });
+    }
+    let rt = core::runtime()?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    rt.spawn(async move {
+        let _ = tx.send(start_driver(config).await);
+    });
+    let started = match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread => {
+            return Err(Error::BlockingGetInAsync)
+        }
+        Ok(_) => tokio::task::block_in_place(|| rx.recv()),
+        Err(_) => rx.recv(),
+    };
+    let core = started.map_err(|_| Error::NotInitialized("the runtime stopped".into()))??;
+    if !core::install(core) {
+        return Ok(Shoal { owns: false });
+    }
+    Ok(Shoal { owns: true })
+}
+
+async fn start_driver(config: Config) -> Result<Arc<core::Core>> {
+    let (head_address, token, local) = match &config.address {
+        Some(address) => {
+            let head = tokio::net::lookup_host(address)
+                .await
+                .map_err(|e| {
+                    Error::NotInitialized(format!("cannot resolve SHOAL_ADDRESS {address}: {e}"))
+                })?
+                .next()
+                .ok_or_else(|| Error::NotInitialized(format!("{address} resolves to nothing")))?;
+            (head, find_token(&config)?, None)
+        }
+        None => {
+            let launcher: Option<Arc<dyn shoal_node::WorkerLauncher>> = if config.worker_processes {
+                None
+            } else {
+                Some(Arc::new(worker::ThreadLauncher))
+            };
+            let local_config = LocalConfig {
+                head_node_cpus: config
+                    .num_cpus
+                    .unwrap_or(LocalConfig::default().head_node_cpus),
+                ..LocalConfig::default()
+            };
+            let cluster = LocalCluster::start_with(local_config, launcher).await?;
+            (cluster.address(), cluster.token().clone(), Some(cluster))
+        }
+    };
+    let home = local.as_ref().and_then(|c| {
+        Some(core::HomeNode {
+            node_id: c.node_id(0)?,
+            address: c.node_address(0)?.to_string(),
+        })
+    });
+    let core = core::Core::connect(core::CoreSetup {
+        head_address,
+        token,
+        role: Role::Driver,
+        job_id: None,
+        worker_id: WorkerId::random(),
+        home,
+        executor: None,
+        upload_binary: config.address.is_some() || config.worker_processes,
+        binary_hash: None,
+    })
+    .await?;
+    *core.local.lock().unwrap_or_else(|e| e.into_inner()) = local;
+    Ok(core)
+}
+
+/// The token from the config, else the newest session's on this machine.
+fn find_token(config: &Config) -> Result<shoal_net::JoinToken> {
+    if let Some(token) = &config.token {
+        return Ok(token.parse()?);
+    }
+    let root = config
+        .session_root
+        .clone()
+        .unwrap_or_else(|| "/tmp/shoal".into());
+    let path = root.join("session_latest").join("token");
+    shoal_net::identity::read_token(&path).map_err(|e| {
+        Error::NotInitialized(format!(
+            "no join token: set SHOAL_TOKEN (the head printed it), or run on the head's machine ({e})"
+        ))
+    })
+}
+
+fn ensure_core() -> Arc<core::Core> {
+    if let Ok(core) = core::get() {
+        return core;
+    }
+    // Like Ray, the first remote call starts Shoal if the program did not.
+    match init(Config::from_env()) {
+        Ok(guard) => std::mem::forget(guard),
+        Err(e) => panic!("shoal::init failed on the first remote call: {e}"),
+    }
+    match core::get() {
+        Ok(core) => core,
+        Err(e) => panic!("shoal is not initialised: {e}"),
+    }
+}
+
+/// Waits for an object and returns its value (see [`ObjectRef::get`]).
+pub fn get<T: DeserializeOwned + Send + 'static>(object: &ObjectRef<T>) -> Result<T> {
+    object.get()
+}
+
+/// Waits for every object, in order, and returns their values.
+pub fn get_all<T: DeserializeOwned + Send + 'static>(objects: &[ObjectRef<T>]) -> Result<Vec<T>> {
+    let core = core::get()?;
+    let parts: Vec<_> = objects.iter().map(object_ref::parts).collect();
+    core.block_on(async move {
+        let core = core::get()?;
+        let mut out = Vec::with_capacity(parts.len());
+        for (id, owner) in &parts {
+            out.push(core.get_value::<T>(*id, owner, None).await?);
+        }
+        Ok(out)
+    })
+}
+
+/// Stores a value and returns a reference to it. Values over 100 KiB go to
+/// this machine's node store; when it is full, fails with
+/// [`Error::ObjectStoreFull`].
+pub fn put<T: Serialize + Send + 'static>(value: T) -> Result<ObjectRef<T>> {
+    let core = ensure_core();
+    let bytes = exec::encode(&value).map_err(|message| Error::Encode {
+        what: "put value".into(),
+        message,
+    })?;
+    let core2 = Arc::clone(&core);
+    let id = core.block_on(async move { core2.put_bytes(bytes).await })?;
+    Ok(ObjectRef::adopt(id, core.me.clone()))
+}
+
+/// The ready references and the others, as [`wait`] returns them.
+pub type Split<T> = (Vec<ObjectRef<T>>, Vec<ObjectRef<T>>);
+
+/// Waits until `num_returns` of `objects` are ready (or failed), or until
+/// `timeout`. Returns the ready ones and the others, each in input order.
+pub fn wait<T>(
+    objects: &[ObjectRef<T>],
+    num_returns: usize,
+    timeout: Option<Duration>,
+) -> Result<Split<T>> {
+    let core = core::get()?;
+    let want = num_returns.min(objects.len());
+    let parts: Vec<_> = objects.iter().map(object_ref::parts).collect();
+    let flags =
+        core.block_on(async move { Ok(core::get()?.wait_many(&parts, want, timeout).await) })?;
+    let (mut ready, mut pending) = (Vec::new(), Vec::new());
+    for (object, is_ready) in objects.iter().zip(flags) {
+        if is_ready && ready.len() < want {
+            ready.push(object.clone());
+        } else {
+            pending.push(object.clone());
+        }
+    }
+    Ok((ready, pending))
+}
+
+/// Used by the macros' expansions; not a stable API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::exec::{decode_arg, encode_return, InvokeError};
+    pub use crate::object_ref::ArgValue;
+    pub use crate::registry::{BoxFuture, Invoker, Registered, RemoteFunction};
+    pub use crate::worker::run_worker_if_worker;
+    pub use inventory;
+
+    use crate::{Arg, ObjectRef, TaskOptions};
+
+    /// Submits a task of `function`.
+    pub fn submit<T>(
+        function: &'static RemoteFunction,
+        options: TaskOptions,
+        args: Vec<ArgValue>,
+    ) -> ObjectRef<T> {
+        crate::ensure_core().submit(function, options, args)
+    }
+
+    /// Encodes one argument.
+    pub fn arg<T: serde::Serialize + Send + 'static>(arg: Arg<T>) -> ArgValue {
+        crate::object_ref::arg_value(arg)
+    }
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use shoal_head::{Head, HeadConfig};
 use shoal_net::{ClusterIdentity, JoinToken, NetLimits};
-use shoal_node::{Node, NodeConfig, NodeHandle};
+use shoal_node::{Node, NodeConfig, NodeHandle, WorkerLauncher};
 use shoal_proto::{NodeId, ResourceSet, Role};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -54,6 +54,8 @@ struct LocalNode {
 /// A head and node daemons running in this process.
 pub struct LocalCluster {
     config: LocalConfig,
+    /// How nodes start workers; processes of the job's executable if unset.
+    launcher: Option<Arc<dyn WorkerLauncher>>,
     identity: Arc<ClusterIdentity>,
     head_addr: SocketAddr,
     head: Option<Running>,
@@ -64,6 +66,15 @@ impl LocalCluster {
     /// Starts a head on a free loopback port and its node daemon, and waits
     /// until that node has joined.
     pub async fn start(config: LocalConfig) -> Result<Self> {
+        Self::start_with(config, None).await
+    }
+
+    /// Like [`start`](Self::start), its nodes starting workers with
+    /// `launcher` (processes of the job's executable when `None`).
+    pub async fn start_with(
+        config: LocalConfig,
+        launcher: Option<Arc<dyn WorkerLauncher>>,
+    ) -> Result<Self> {
         let identity = Arc::new(ClusterIdentity::generate()?);
         let head_config = HeadConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -81,6 +92,7 @@ impl LocalCluster {
         })?;
         let mut cluster = Self {
             config,
+            launcher,
             identity,
             head_addr,
             head: None,
@@ -131,7 +143,12 @@ impl LocalCluster {
             limits: self.config.limits.clone(),
             ..NodeConfig::default()
         };
-        let node = Node::bind(config, self.token().clone())?;
+        let node = match &self.launcher {
+            Some(launcher) => {
+                Node::bind_with_launcher(config, self.token().clone(), Arc::clone(launcher))?
+            }
+            None => Node::bind(config, self.token().clone())?,
+        };
         let mut handle = node.handle();
         let running = spawn(|token| node.run(token));
         // Kept before waiting, so a node that never joins is still stopped
@@ -154,6 +171,16 @@ impl LocalCluster {
     /// The current id of node `index` (0 is the head's node), if it has one.
     pub fn node_id(&self, index: usize) -> Option<NodeId> {
         self.nodes.get(index).and_then(|n| n.handle.node_id())
+    }
+
+    /// The address node `index` serves on.
+    pub fn node_address(&self, index: usize) -> Option<SocketAddr> {
+        self.nodes.get(index).map(|n| n.handle.local_addr())
+    }
+
+    /// Live workers of node `index`.
+    pub fn worker_count(&self, index: usize) -> usize {
+        self.nodes.get(index).map_or(0, |n| n.handle.worker_count())
     }
 
     /// Waits until node `index` has an id other than `previous` (it joined

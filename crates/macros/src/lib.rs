@@ -1,0 +1,35 @@
+//! Shoal's attribute macros. Use them through the `shoal` crate:
+//! `#[shoal::remote]` and `#[shoal::main]`.
+//!
+//! Each macro is parse → IR → codegen ([`remote`] holds all three for
+//! `#[remote]`), and reports misuse as a compile error pointing at the
+//! offending tokens, never a panic. Expansions name everything by absolute
+//! paths (`::shoal::...`).
+
+mod remote;
+
+use proc_macro::TokenStream;
+
+/// Makes a free function callable as a task: `f::remote(args...)` returns an
+/// `ObjectRef` of its result, and `f::options()` sets resources and retries.
+///
+/// Options: `num_cpus = N`, `max_retries = N`, `retry_exceptions = bool`,
+/// `resources = { "GPU" = 1.0 }`... see the `shoal` crate's documentation.
+#[proc_macro_attribute]
+pub fn remote(attr: TokenStream, item: TokenStream) -> TokenStream {
+    match remote::expand(attr.into(), item.into()) {
+        Ok(tokens) => tokens.into(),
+        Err(e) => e.to_compile_error().into(),
+    }
+}
+
+/// Marks `main` of a program that uses Shoal: when the program is started as
+/// a worker, it runs the worker loop instead of the body (so the body may
+/// call `shoal::init` wherever it likes).
+#[proc_macro_attribute]
+pub fn main(attr: TokenStream, item: TokenStream) -> TokenStream {
+    match remote::expand_main(attr.into(), item.into()) {
+        Ok(tokens) => tokens.into(),
+        Err(e) => e.to_compile_error().into(),
+    }
+}

@@ -1,0 +1,67 @@
+//! How a program finds (or makes) its cluster.
+
+use std::path::PathBuf;
+
+/// Where the cluster is, and how local mode runs.
+#[derive(Clone, Debug, Default)]
+pub struct Config {
+    pub(crate) address: Option<String>,
+    pub(crate) token: Option<String>,
+    pub(crate) session_root: Option<PathBuf>,
+    pub(crate) worker_processes: bool,
+    pub(crate) num_cpus: Option<f64>,
+}
+
+impl Config {
+    /// From the environment: `SHOAL_ADDRESS` (`host:port` of a head; unset
+    /// means local mode), `SHOAL_TOKEN` (else the token in the newest session
+    /// under `SHOAL_SESSION_DIR`, default `/tmp/shoal`), and
+    /// `SHOAL_WORKER_PROCESSES=1` for process workers in local mode.
+    pub fn from_env() -> Self {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Self {
+            address: var("SHOAL_ADDRESS"),
+            token: var("SHOAL_TOKEN"),
+            session_root: var("SHOAL_SESSION_DIR").map(PathBuf::from),
+            worker_processes: var("SHOAL_WORKER_PROCESSES")
+                .is_some_and(|v| v == "1" || v == "true"),
+            num_cpus: var("SHOAL_NUM_CPUS").and_then(|v| v.parse().ok()),
+        }
+    }
+
+    /// Local mode: a head and a node inside this process, workers as threads.
+    pub fn local() -> Self {
+        Self::default()
+    }
+
+    /// Connect to the head at `host:port` instead of running locally.
+    pub fn address(mut self, address: impl Into<String>) -> Self {
+        self.address = Some(address.into());
+        self
+    }
+
+    /// The cluster's join token.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// In local mode, run workers as real processes (this executable re-run
+    /// in worker mode) instead of threads: crash isolation, at a cost.
+    pub fn worker_processes(mut self, yes: bool) -> Self {
+        self.worker_processes = yes;
+        self
+    }
+
+    /// In local mode, the CPUs offered (default: this machine's).
+    pub fn num_cpus(mut self, n: f64) -> Self {
+        self.num_cpus = Some(n);
+        self
+    }
+
+    /// Where to look for the session's token (default `/tmp/shoal`).
+    pub fn session_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.session_root = Some(dir.into());
+        self
+    }
+}

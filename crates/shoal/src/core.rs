@@ -1,0 +1,1080 @@
+//! The per-process runtime behind the SDK: one [`Core`] per driver or
+//! worker process.
+//!
+//! It owns a tokio runtime, one QUIC endpoint (client to the head, nodes and
+//! workers; server for the worker service), the table of objects this
+//! process owns or has cached, their reference counts, and the lease manager
+//! that finds workers for tasks. The owner of a task is the process that
+//! submitted it: it resolves the arguments, leases a worker through the head,
+//! pushes the task straight to the worker, and keeps the result.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use serde::de::DeserializeOwned;
+use shoal_net::handshake::{ClientAuth, HandshakeStats, ServerAuth};
+use shoal_net::{endpoint, tls, JoinToken, NetLimits, Peer, RpcClient, Service};
+use shoal_proto::{
+    Address, ArgSpec, FailureKind, FunctionId, HeadReply, HeadRequest, JobId, NodeId, NodeReply,
+    NodeRequest, ObjectId, ObjectValue, Role, ServiceError, ServiceErrorKind, StoredAt,
+    TaskFailure, TaskId, TaskOutcome, TaskReply, TaskSpec, WorkerId, WorkerReply, WorkerRequest,
+};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::error::{Error, Result};
+use crate::exec;
+use crate::lease::LeaseManager;
+use crate::object_ref::{ArgValue, ObjectRef};
+use crate::options::TaskOptions;
+use crate::registry::RemoteFunction;
+
+pub(crate) type HeadClient = RpcClient<HeadRequest, HeadReply>;
+pub(crate) type NodeClient = RpcClient<NodeRequest, NodeReply>;
+pub(crate) type WorkerClient = RpcClient<WorkerRequest, WorkerReply>;
+
+/// Values up to this size travel inline; larger ones go to a node's store.
+pub const INLINE_BYTES_MAX: usize = 100 << 10;
+/// Bytes per part when moving large objects.
+const CHUNK_BYTES: u32 = 8 << 20;
+/// A pushed task may run this long before its caller gives up on the reply
+/// (a dead worker is noticed much sooner, by the connection's idle timeout).
+const TASK_CALL_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Deadline of control requests.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
+/// The TLS name of worker and driver endpoints.
+pub(crate) const WORKER_SERVER_NAME: &str = "shoal-worker";
+
+static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+static CORE: OnceLock<Arc<Core>> = OnceLock::new();
+
+/// The process's runtime, started on first use.
+pub(crate) fn runtime() -> Result<&'static tokio::runtime::Runtime> {
+    if let Some(rt) = RUNTIME.get() {
+        return Ok(rt);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("shoal")
+        .build()
+        .map_err(|e| Error::NotInitialized(format!("cannot start the runtime: {e}")))?;
+    Ok(RUNTIME.get_or_init(|| rt))
+}
+
+/// The core, if initialised.
+pub(crate) fn try_get() -> Option<&'static Arc<Core>> {
+    CORE.get()
+}
+
+/// The core.
+pub(crate) fn get() -> Result<Arc<Core>> {
+    try_get()
+        .cloned()
+        .ok_or_else(|| Error::NotInitialized("call shoal::init first".into()))
+}
+
+/// Installs the core; false if one was already installed.
+pub(crate) fn install(core: Arc<Core>) -> bool {
+    CORE.set(core).is_ok()
+}
+
+/// The state of an object in this process.
+#[derive(Clone, Debug)]
+pub(crate) enum ObjState {
+    Pending,
+    Inline(Arc<Vec<u8>>),
+    Stored(StoredAt),
+    Failed(TaskFailure),
+    Lost(String),
+}
+
+/// An object's state and the waiters for it.
+pub(crate) struct Slot {
+    state: Mutex<ObjState>,
+    notify: Notify,
+    /// True if this process owns the object (else it is a cached borrow).
+    owned: bool,
+}
+
+impl Slot {
+    fn new(state: ObjState, owned: bool) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(state),
+            notify: Notify::new(),
+            owned,
+        })
+    }
+
+    pub(crate) fn state(&self) -> ObjState {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set(&self, state: ObjState) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = state;
+        self.notify.notify_waiters();
+    }
+
+    /// Waits until the object is no longer pending; `None` on timeout.
+    async fn ready(&self, deadline: Option<tokio::time::Instant>) -> Option<ObjState> {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let state = self.state();
+            if !matches!(state, ObjState::Pending) {
+                return Some(state);
+            }
+            match deadline {
+                Some(d) => tokio::time::timeout_at(d, notified).await.ok()?,
+                None => notified.await,
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct RefEntry {
+    count: usize,
+    escaped: bool,
+}
+
+/// Reference counts of the objects this process holds references to.
+#[derive(Default)]
+pub(crate) struct RefTable {
+    entries: DashMap<ObjectId, RefEntry>,
+}
+
+impl RefTable {
+    pub(crate) fn add_local(&self, id: ObjectId) {
+        self.entries.entry(id).or_default().count += 1;
+    }
+
+    /// The reference left this process: keep the object for the job's life.
+    pub(crate) fn mark_escaped(&self, id: ObjectId) {
+        self.entries.entry(id).or_default().escaped = true;
+    }
+
+    /// Drops one reference; true if it was the last and never escaped.
+    fn release(&self, id: ObjectId) -> bool {
+        let mut free = false;
+        self.entries.remove_if_mut(&id, |_, entry| {
+            entry.count = entry.count.saturating_sub(1);
+            free = entry.count == 0 && !entry.escaped;
+            entry.count == 0
+        });
+        free
+    }
+}
+
+/// The node this process puts large objects on and prefers for its tasks.
+#[derive(Clone, Debug)]
+pub(crate) struct HomeNode {
+    pub node_id: NodeId,
+    pub address: String,
+}
+
+/// What this process is, for the worker service.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Executor {
+    pub node_id: NodeId,
+    pub worker_id: WorkerId,
+}
+
+/// The per-process runtime.
+pub(crate) struct Core {
+    pub(crate) handle: tokio::runtime::Handle,
+    pub(crate) job_id: JobId,
+    pub(crate) me: Address,
+    pub(crate) home: HomeNode,
+    pub(crate) binary_hash: String,
+    endpoint: shoal_net::quinn::Endpoint,
+    client_config: shoal_net::quinn::ClientConfig,
+    auth: ClientAuth,
+    pub(crate) limits: NetLimits,
+    pub(crate) head: HeadClient,
+    nodes: DashMap<String, NodeClient>,
+    workers: DashMap<String, WorkerClient>,
+    objects: DashMap<ObjectId, Arc<Slot>>,
+    refs: RefTable,
+    /// Woken whenever any owned object completes (for `wait`).
+    pub(crate) changed: Notify,
+    pub(crate) leases: LeaseManager,
+    root_task: TaskId,
+    put_counter: AtomicU32,
+    pub(crate) shutdown: CancellationToken,
+    /// Keeps the in-process cluster of local mode alive.
+    pub(crate) local: Mutex<Option<crate::local::LocalCluster>>,
+}
+
+/// What [`Core::connect`] needs.
+pub(crate) struct CoreSetup {
+    pub head_address: SocketAddr,
+    pub token: JoinToken,
+    pub role: Role,
+    pub job_id: Option<JobId>,
+    pub worker_id: WorkerId,
+    pub home: Option<HomeNode>,
+    pub executor: Option<Executor>,
+    pub upload_binary: bool,
+    /// The job executable's hash, when known (workers get it from the node).
+    pub binary_hash: Option<String>,
+}
+
+impl Core {
+    /// Binds this process's endpoint, serves the worker service on it,
+    /// connects to the head and registers the job (drivers).
+    pub(crate) async fn connect(setup: CoreSetup) -> Result<Arc<Core>> {
+        exec::install_panic_hook();
+        let limits = NetLimits::default();
+        let cert = tls::self_signed(WORKER_SERVER_NAME)?;
+        let server = endpoint::server_config(tls::server_config(&cert)?, &limits)?;
+        let bind: SocketAddr = if setup.head_address.ip().is_loopback() {
+            ([127, 0, 0, 1], 0).into()
+        } else {
+            ([0, 0, 0, 0], 0).into()
+        };
+        let ep = endpoint::endpoint(bind, Some(server), &limits)
+            .map_err(|e| Error::NotInitialized(format!("cannot bind an endpoint: {e}")))?;
+        let port = ep
+            .local_addr()
+            .map_err(|e| Error::NotInitialized(e.to_string()))?
+            .port();
+        let client_config = endpoint::client_config(tls::token_client_config()?, &limits)?;
+        let auth = ClientAuth {
+            token: setup.token.clone(),
+            role: setup.role,
+        };
+        let head: HeadClient = RpcClient::connect(
+            &ep,
+            client_config.clone(),
+            setup.head_address,
+            shoal_net::HEAD_SERVER_NAME,
+            &auth,
+            &limits,
+        )
+        .await?;
+        let my_ip = outbound_ip(setup.head_address);
+        let me = Address {
+            worker_id: setup.worker_id,
+            address: SocketAddr::new(my_ip, port).to_string(),
+        };
+        let binary_hash = match setup.binary_hash {
+            Some(hash) => hash,
+            None => executable_hash()?,
+        };
+        let job_id = match setup.job_id {
+            Some(job) => job,
+            None => register_job(&head, &me, &binary_hash, setup.upload_binary).await?,
+        };
+        let home = match setup.home {
+            Some(home) => home,
+            None => find_home(&head).await?,
+        };
+        let shutdown = CancellationToken::new();
+        let core = Arc::new(Core {
+            handle: tokio::runtime::Handle::current(),
+            job_id,
+            me,
+            home,
+            binary_hash,
+            endpoint: ep.clone(),
+            client_config,
+            auth,
+            limits: limits.clone(),
+            head,
+            nodes: DashMap::new(),
+            workers: DashMap::new(),
+            objects: DashMap::new(),
+            refs: RefTable::default(),
+            changed: Notify::new(),
+            leases: LeaseManager::default(),
+            root_task: TaskId::fresh(),
+            put_counter: AtomicU32::new(0),
+            shutdown: shutdown.clone(),
+            local: Mutex::new(None),
+        });
+        let service = Arc::new(WorkerService {
+            executor: setup.executor,
+        });
+        let server_auth = Arc::new(ServerAuth::new(
+            setup.token,
+            vec![Role::Driver, Role::Worker, Role::Node],
+        ));
+        tokio::spawn(shoal_net::rpc::serve(
+            ep,
+            service,
+            server_auth,
+            limits,
+            Arc::new(HandshakeStats::default()),
+            shutdown.clone(),
+        ));
+        crate::lease::spawn_reaper(Arc::clone(&core));
+        Ok(core)
+    }
+
+    pub(crate) fn refs(&self) -> &RefTable {
+        &self.refs
+    }
+
+    /// Runs `fut` on this runtime and blocks the calling thread for its
+    /// result (see [`ObjectRef::get`] for the rules).
+    pub(crate) fn block_on<T, F>(&self, fut: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T>> + Send + 'static,
+    {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let wait = move || rx.recv();
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread => {
+                return Err(Error::BlockingGetInAsync)
+            }
+            Ok(_) => {
+                self.handle.spawn(async move {
+                    let _ = tx.send(fut.await);
+                });
+                tokio::task::block_in_place(wait)
+            }
+            Err(_) => {
+                self.handle.spawn(async move {
+                    let _ = tx.send(fut.await);
+                });
+                wait()
+            }
+        }
+        .map_err(|_| Error::NotInitialized("the runtime stopped".into()))?
+    }
+
+    /// Runs `fut` on this runtime and awaits it from any runtime.
+    pub(crate) async fn spawn_and_wait<T, F>(&self, fut: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T>> + Send + 'static,
+    {
+        self.handle
+            .spawn(fut)
+            .await
+            .map_err(|e| Error::NotInitialized(format!("the runtime stopped: {e}")))?
+    }
+
+    async fn connect_to<Req, Rep>(
+        &self,
+        cache: &DashMap<String, RpcClient<Req, Rep>>,
+        address: &str,
+        server_name: &str,
+    ) -> Result<RpcClient<Req, Rep>>
+    where
+        Req: serde::Serialize + Sync,
+        Rep: DeserializeOwned,
+    {
+        if let Some(client) = cache.get(address) {
+            if client.close_reason().is_none() {
+                return Ok(client.clone());
+            }
+        }
+        let addr: SocketAddr = tokio::net::lookup_host(address)
+            .await
+            .map_err(|e| Error::Protocol(format!("cannot resolve {address}: {e}")))?
+            .next()
+            .ok_or_else(|| Error::Protocol(format!("{address} resolves to nothing")))?;
+        let client = RpcClient::connect(
+            &self.endpoint,
+            self.client_config.clone(),
+            addr,
+            server_name,
+            &self.auth,
+            &self.limits,
+        )
+        .await?;
+        cache.insert(address.to_string(), client.clone());
+        Ok(client)
+    }
+
+    pub(crate) async fn node(&self, address: &str) -> Result<NodeClient> {
+        self.connect_to(&self.nodes, address, shoal_net::NODE_SERVER_NAME)
+            .await
+    }
+
+    pub(crate) async fn worker(&self, address: &str) -> Result<WorkerClient> {
+        self.connect_to(&self.workers, address, WORKER_SERVER_NAME)
+            .await
+    }
+
+    fn next_put_id(&self) -> ObjectId {
+        let task = current_task().unwrap_or(self.root_task);
+        task.put_object(self.put_counter.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Submits a task; the returned reference resolves to its result.
+    pub(crate) fn submit<T>(
+        self: &Arc<Self>,
+        function: &'static RemoteFunction,
+        options: TaskOptions,
+        args: Vec<ArgValue>,
+    ) -> ObjectRef<T> {
+        let task_id = TaskId::fresh();
+        let id = task_id.return_object(0);
+        self.objects.insert(id, Slot::new(ObjState::Pending, true));
+        self.refs.add_local(id);
+        let core = Arc::clone(self);
+        self.handle.spawn(async move {
+            let outcome = core.run_task(task_id, function, &options, args).await;
+            core.complete(id, outcome);
+        });
+        ObjectRef::adopt(id, self.me.clone())
+    }
+
+    async fn run_task(
+        self: &Arc<Self>,
+        task_id: TaskId,
+        function: &'static RemoteFunction,
+        options: &TaskOptions,
+        args: Vec<ArgValue>,
+    ) -> ObjState {
+        let failure = |kind, message: String, attempts| TaskFailure {
+            kind,
+            function: function.name.to_string(),
+            task_id,
+            node_id: None,
+            message,
+            backtrace: None,
+            attempts,
+        };
+        let mut spec_args = Vec::with_capacity(args.len());
+        // The references stay alive until the task is done: a stored
+        // argument must not be freed while a worker may still read it.
+        let mut keep_alive = Vec::new();
+        for (index, arg) in args.into_iter().enumerate() {
+            match arg {
+                ArgValue::Bytes(bytes) => spec_args.push(ArgSpec::Inline(bytes)),
+                ArgValue::Bad(message) => {
+                    return ObjState::Failed(failure(
+                        FailureKind::BadArguments,
+                        format!("argument {index} cannot be encoded: {message}"),
+                        0,
+                    ))
+                }
+                ArgValue::Ref { id, owner, _keep } => {
+                    keep_alive.push(_keep);
+                    let state = self.wait_state(id, &owner, None).await;
+                    match state {
+                        Some(ObjState::Inline(bytes)) => {
+                            spec_args.push(ArgSpec::Inline(bytes.to_vec()))
+                        }
+                        Some(ObjState::Stored(at)) => spec_args.push(ArgSpec::Stored { id, at }),
+                        // A task whose argument failed fails the same way.
+                        Some(ObjState::Failed(f)) => return ObjState::Failed(f),
+                        Some(ObjState::Lost(why)) => {
+                            return ObjState::Failed(failure(
+                                FailureKind::ArgumentLost,
+                                format!("argument {index} (object {id}) is lost: {why}"),
+                                0,
+                            ))
+                        }
+                        Some(ObjState::Pending) | None => {
+                            return ObjState::Failed(failure(
+                                FailureKind::ArgumentLost,
+                                format!("argument {index} (object {id}) never became ready"),
+                                0,
+                            ))
+                        }
+                    }
+                }
+            }
+        }
+        let mut attempt = 0u32;
+        loop {
+            let leased = self.leases.acquire(self, &options.resources).await;
+            let spec = TaskSpec {
+                task_id,
+                attempt,
+                job_id: self.job_id,
+                function: FunctionId {
+                    name: function.name.to_string(),
+                    signature: function.signature,
+                },
+                args: spec_args.clone(),
+                resources: options.resources.clone(),
+                owner: self.me.clone(),
+            };
+            match leased
+                .worker
+                .call(&WorkerRequest::PushTask(spec), TASK_CALL_TIMEOUT)
+                .await
+            {
+                Ok(WorkerReply::TaskDone(reply)) => {
+                    self.leases.release(self, leased);
+                    let retryable = matches!(&reply.outcome, TaskOutcome::Failed(f)
+                        if matches!(f.kind, FailureKind::Error | FailureKind::Panic));
+                    if retryable && options.retry_exceptions && attempt < options.max_retries {
+                        attempt += 1;
+                        continue;
+                    }
+                    return outcome_state(reply);
+                }
+                Ok(other) => {
+                    self.leases.discard(self, leased);
+                    return ObjState::Failed(failure(
+                        FailureKind::BadReturn,
+                        format!("the worker answered {other:?}"),
+                        attempt + 1,
+                    ));
+                }
+                Err(e) => {
+                    warn!(%task_id, function = function.name, attempt, worker = %leased.worker_id, error = %e, "lost the worker running a task");
+                    self.leases.discard(self, leased);
+                    if attempt >= options.max_retries {
+                        return ObjState::Failed(failure(
+                            FailureKind::WorkerCrashed,
+                            format!("the worker died ({e})"),
+                            attempt + 1,
+                        ));
+                    }
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    fn complete(&self, id: ObjectId, state: ObjState) {
+        match self.objects.get(&id).map(|s| Arc::clone(&s)) {
+            Some(slot) => slot.set(state),
+            // Nobody holds the reference any more: free a stored result now.
+            None => {
+                if let ObjState::Stored(at) = state {
+                    self.delete_stored(id, at);
+                }
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// The slot for `id`: owned, cached, or a new borrow fetched from its owner.
+    fn slot(self: &Arc<Self>, id: ObjectId, owner: &Address) -> Option<Arc<Slot>> {
+        if let Some(slot) = self.objects.get(&id) {
+            return Some(Arc::clone(&slot));
+        }
+        if owner.worker_id == self.me.worker_id {
+            return None;
+        }
+        let slot = Slot::new(ObjState::Pending, false);
+        let slot = Arc::clone(&self.objects.entry(id).or_insert(slot));
+        let core = Arc::clone(self);
+        let owner = owner.clone();
+        let fetching = Arc::clone(&slot);
+        self.handle.spawn(async move {
+            let state = core.fetch_from_owner(id, &owner).await;
+            fetching.set(state);
+            core.changed.notify_waiters();
+        });
+        Some(slot)
+    }
+
+    async fn fetch_from_owner(&self, id: ObjectId, owner: &Address) -> ObjState {
+        loop {
+            let owner_client = match self.worker(&owner.address).await {
+                Ok(c) => c,
+                Err(e) => {
+                    return ObjState::Lost(format!(
+                        "its owner at {} is unreachable: {e}",
+                        owner.address
+                    ))
+                }
+            };
+            let ask = WorkerRequest::GetObject {
+                id,
+                wait_ms: 10_000,
+            };
+            match owner_client.call(&ask, Duration::from_secs(20)).await {
+                Ok(WorkerReply::Object(ObjectValue::NotReady)) => continue,
+                Ok(WorkerReply::Object(ObjectValue::Inline(bytes))) => {
+                    return ObjState::Inline(Arc::new(bytes))
+                }
+                Ok(WorkerReply::Object(ObjectValue::Stored(at))) => return ObjState::Stored(at),
+                Ok(WorkerReply::Object(ObjectValue::Failed(f))) => return ObjState::Failed(f),
+                Ok(WorkerReply::Object(ObjectValue::Unknown)) => {
+                    return ObjState::Lost("its owner no longer has it".into())
+                }
+                Ok(other) => return ObjState::Lost(format!("its owner answered {other:?}")),
+                Err(e) => {
+                    return ObjState::Lost(format!("its owner at {} failed: {e}", owner.address))
+                }
+            }
+        }
+    }
+
+    /// Waits for an object's state; `None` if it is unknown or the deadline passed.
+    pub(crate) async fn wait_state(
+        self: &Arc<Self>,
+        id: ObjectId,
+        owner: &Address,
+        timeout: Option<Duration>,
+    ) -> Option<ObjState> {
+        let slot = self.slot(id, owner)?;
+        slot.ready(timeout.map(|t| tokio::time::Instant::now() + t))
+            .await
+    }
+
+    /// The value of an object.
+    pub(crate) async fn get_value<T: DeserializeOwned>(
+        self: &Arc<Self>,
+        id: ObjectId,
+        owner: &Address,
+        timeout: Option<Duration>,
+    ) -> Result<T> {
+        let state = match self.slot(id, owner) {
+            None => {
+                return Err(Error::ObjectLost {
+                    id,
+                    reason: "this process does not hold it".into(),
+                })
+            }
+            Some(slot) => match slot
+                .ready(timeout.map(|t| tokio::time::Instant::now() + t))
+                .await
+            {
+                Some(state) => state,
+                None => return Err(Error::Timeout(timeout.unwrap_or_default())),
+            },
+        };
+        let bytes = match state {
+            ObjState::Inline(bytes) => bytes,
+            ObjState::Stored(at) => Arc::new(self.fetch_stored(id, &at).await?),
+            ObjState::Failed(f) => return Err(Error::from_failure(f)),
+            ObjState::Lost(reason) => return Err(Error::ObjectLost { id, reason }),
+            ObjState::Pending => return Err(Error::Timeout(timeout.unwrap_or_default())),
+        };
+        exec::decode(&bytes).map_err(|message| Error::Decode {
+            what: format!("object {id} as {}", std::any::type_name::<T>()),
+            message,
+        })
+    }
+
+    /// Waits until `want` of `objects` are ready or the timeout passes;
+    /// returns which are ready.
+    pub(crate) async fn wait_many(
+        self: &Arc<Self>,
+        objects: &[(ObjectId, Address)],
+        want: usize,
+        timeout: Option<Duration>,
+    ) -> Vec<bool> {
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let flags: Vec<bool> = objects
+                .iter()
+                .map(|(id, owner)| self.is_ready(*id, owner))
+                .collect();
+            if flags.iter().filter(|f| **f).count() >= want {
+                return flags;
+            }
+            match deadline {
+                Some(d) => {
+                    if tokio::time::timeout_at(d, notified).await.is_err() {
+                        return objects
+                            .iter()
+                            .map(|(id, owner)| self.is_ready(*id, owner))
+                            .collect();
+                    }
+                }
+                None => notified.await,
+            }
+        }
+    }
+
+    /// True once the object is ready (or failed).
+    pub(crate) fn is_ready(self: &Arc<Self>, id: ObjectId, owner: &Address) -> bool {
+        self.slot(id, owner)
+            .is_some_and(|s| !matches!(s.state(), ObjState::Pending))
+    }
+
+    /// Reads a large object from the node that stores it.
+    pub(crate) async fn fetch_stored(&self, id: ObjectId, at: &StoredAt) -> Result<Vec<u8>> {
+        let lost = |reason: String| Error::ObjectLost { id, reason };
+        let node = self
+            .node(&at.node_address)
+            .await
+            .map_err(|e| lost(format!("its node {} is unreachable: {e}", at.node_id)))?;
+        let capacity =
+            usize::try_from(at.size).map_err(|_| lost("too large for this machine".into()))?;
+        let mut bytes = Vec::with_capacity(capacity);
+        while (bytes.len() as u64) < at.size {
+            let read = NodeRequest::ReadObject {
+                id,
+                offset: bytes.len() as u64,
+                len: CHUNK_BYTES,
+            };
+            match node.call(&read, CONTROL_TIMEOUT).await {
+                Ok(NodeReply::ObjectChunk { data, .. }) if !data.is_empty() => {
+                    bytes.extend_from_slice(&data)
+                }
+                Ok(other) => return Err(lost(format!("its node answered {other:?}"))),
+                Err(e) => {
+                    return Err(lost(format!(
+                        "reading it from node {} failed: {e}",
+                        at.node_id
+                    )))
+                }
+            }
+        }
+        Ok(bytes)
+    }
+
+    /// Writes a large object into this process's home node store.
+    pub(crate) async fn store_on_node(&self, id: ObjectId, bytes: &[u8]) -> Result<StoredAt> {
+        let node = self.node(&self.home.address).await?;
+        let total = bytes.len() as u64;
+        let mut offset = 0usize;
+        loop {
+            let end = (offset + CHUNK_BYTES as usize).min(bytes.len());
+            let put = NodeRequest::PutObject {
+                id,
+                offset: offset as u64,
+                total,
+                data: bytes[offset..end].to_vec(),
+            };
+            match node.call(&put, CONTROL_TIMEOUT).await {
+                Ok(NodeReply::ObjectWritten { sealed: true }) => break,
+                Ok(NodeReply::ObjectWritten { sealed: false }) => offset = end,
+                Ok(other) => {
+                    return Err(Error::Protocol(format!("storing object {id}: {other:?}")))
+                }
+                Err(shoal_net::RpcError::Service(e)) if e.kind == ServiceErrorKind::Unavailable => {
+                    return Err(Error::ObjectStoreFull(e.message))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(StoredAt {
+            node_id: self.home.node_id,
+            node_address: self.home.address.clone(),
+            size: total,
+        })
+    }
+
+    fn delete_stored(&self, id: ObjectId, at: StoredAt) {
+        let core = try_get().cloned();
+        self.handle.spawn(async move {
+            let Some(core) = core else { return };
+            if let Ok(node) = core.node(&at.node_address).await {
+                let _ = node
+                    .call(
+                        &NodeRequest::DeleteObjects { ids: vec![id] },
+                        CONTROL_TIMEOUT,
+                    )
+                    .await;
+            }
+        });
+    }
+
+    /// Drops one local reference; frees the object when it was the last.
+    pub(crate) fn release_ref(&self, id: ObjectId) {
+        if !self.refs.release(id) {
+            return;
+        }
+        let Some((_, slot)) = self.objects.remove(&id) else {
+            return;
+        };
+        if slot.owned {
+            if let ObjState::Stored(at) = slot.state() {
+                self.delete_stored(id, at);
+            }
+        }
+    }
+
+    /// Stores a value this process owns.
+    pub(crate) async fn put_bytes(self: &Arc<Self>, bytes: Vec<u8>) -> Result<ObjectId> {
+        let id = self.next_put_id();
+        let state = if bytes.len() <= INLINE_BYTES_MAX {
+            ObjState::Inline(Arc::new(bytes))
+        } else {
+            ObjState::Stored(self.store_on_node(id, &bytes).await?)
+        };
+        self.objects.insert(id, Slot::new(state, true));
+        self.refs.add_local(id);
+        Ok(id)
+    }
+
+    /// Runs a pushed task here (worker processes and threads).
+    pub(crate) async fn execute(self: &Arc<Self>, spec: TaskSpec, executor: Executor) -> TaskReply {
+        let mut args = Vec::with_capacity(spec.args.len());
+        let mut lost = None;
+        for arg in &spec.args {
+            match arg {
+                ArgSpec::Inline(bytes) => args.push(bytes.clone()),
+                ArgSpec::Stored { id, at } => match self.fetch_stored(*id, at).await {
+                    Ok(bytes) => args.push(bytes),
+                    Err(e) => {
+                        lost = Some(e.to_string());
+                        break;
+                    }
+                },
+            }
+        }
+        let outcome = match lost {
+            Some(message) => TaskOutcome::Failed(TaskFailure {
+                kind: FailureKind::ArgumentLost,
+                function: spec.function.name.clone(),
+                task_id: spec.task_id,
+                node_id: Some(executor.node_id),
+                message,
+                backtrace: None,
+                attempts: spec.attempt + 1,
+            }),
+            None => match exec::invoke(&spec, args, executor.node_id).await {
+                Ok(bytes) if bytes.len() <= INLINE_BYTES_MAX => TaskOutcome::Inline(bytes),
+                Ok(bytes) => match self
+                    .store_on_node(spec.task_id.return_object(0), &bytes)
+                    .await
+                {
+                    Ok(at) => TaskOutcome::Stored(at),
+                    Err(e) => TaskOutcome::Failed(TaskFailure {
+                        kind: FailureKind::BadReturn,
+                        function: spec.function.name.clone(),
+                        task_id: spec.task_id,
+                        node_id: Some(executor.node_id),
+                        message: format!("the result could not be stored: {e}"),
+                        backtrace: None,
+                        attempts: spec.attempt + 1,
+                    }),
+                },
+                Err(failure) => TaskOutcome::Failed(failure),
+            },
+        };
+        TaskReply {
+            task_id: spec.task_id,
+            attempt: spec.attempt,
+            node_id: executor.node_id,
+            worker_id: executor.worker_id,
+            outcome,
+        }
+    }
+
+    /// An owned object's value for a borrower; waits up to `wait`.
+    async fn object_value(&self, id: ObjectId, wait: Duration) -> ObjectValue {
+        let Some(slot) = self
+            .objects
+            .get(&id)
+            .map(|s| Arc::clone(&s))
+            .filter(|s| s.owned)
+        else {
+            return ObjectValue::Unknown;
+        };
+        match slot.ready(Some(tokio::time::Instant::now() + wait)).await {
+            None | Some(ObjState::Pending) => ObjectValue::NotReady,
+            Some(ObjState::Inline(bytes)) => ObjectValue::Inline(bytes.to_vec()),
+            Some(ObjState::Stored(at)) => ObjectValue::Stored(at),
+            Some(ObjState::Failed(f)) => ObjectValue::Failed(f),
+            Some(ObjState::Lost(_)) => ObjectValue::Unknown,
+        }
+    }
+
+    /// Ends the job: returns leases, tells the head, stops serving.
+    pub(crate) async fn shut_down(&self) {
+        self.leases.return_all(self).await;
+        let _ = self
+            .head
+            .call(
+                &HeadRequest::FinishJob {
+                    job_id: self.job_id,
+                },
+                Duration::from_secs(2),
+            )
+            .await;
+        self.shutdown.cancel();
+        self.head.close();
+    }
+}
+
+fn outcome_state(reply: TaskReply) -> ObjState {
+    match reply.outcome {
+        TaskOutcome::Inline(bytes) => ObjState::Inline(Arc::new(bytes)),
+        TaskOutcome::Stored(at) => ObjState::Stored(at),
+        TaskOutcome::Failed(f) => ObjState::Failed(f),
+    }
+}
+
+/// The worker service every Shoal process serves: tasks pushed to it (if it
+/// is a worker) and objects it owns, for borrowers.
+pub(crate) struct WorkerService {
+    pub(crate) executor: Option<Executor>,
+}
+
+impl Service for WorkerService {
+    type Request = WorkerRequest;
+    type Reply = WorkerReply;
+
+    async fn handle(
+        &self,
+        _peer: &Peer,
+        request: WorkerRequest,
+    ) -> std::result::Result<WorkerReply, ServiceError> {
+        let core =
+            get().map_err(|e| ServiceError::new(ServiceErrorKind::Unavailable, e.to_string()))?;
+        match request {
+            WorkerRequest::PushTask(spec) => {
+                let executor = self.executor.ok_or_else(|| {
+                    ServiceError::new(
+                        ServiceErrorKind::PermissionDenied,
+                        "this process does not run tasks",
+                    )
+                })?;
+                if spec.job_id != core.job_id {
+                    return Err(ServiceError::new(
+                        ServiceErrorKind::BadRequest,
+                        format!(
+                            "task of job {} pushed to a worker of job {}",
+                            spec.job_id, core.job_id
+                        ),
+                    ));
+                }
+                let core2 = Arc::clone(&core);
+                // Run on the core's runtime, whatever runtime serves us.
+                let reply = core
+                    .handle
+                    .spawn(async move { core2.execute(spec, executor).await })
+                    .await
+                    .map_err(|e| ServiceError::new(ServiceErrorKind::Internal, e.to_string()))?;
+                Ok(WorkerReply::TaskDone(reply))
+            }
+            WorkerRequest::GetObject { id, wait_ms } => {
+                let wait = Duration::from_millis(wait_ms).min(Duration::from_secs(30));
+                Ok(WorkerReply::Object(core.object_value(id, wait).await))
+            }
+        }
+    }
+}
+
+tokio::task_local! {
+    static TASK_SCOPE: TaskId;
+}
+
+thread_local! {
+    static TASK_THREAD: std::cell::Cell<Option<TaskId>> = const { std::cell::Cell::new(None) };
+}
+
+/// The task running on this thread or async task, if any.
+pub(crate) fn current_task() -> Option<TaskId> {
+    TASK_SCOPE
+        .try_with(|t| *t)
+        .ok()
+        .or_else(|| TASK_THREAD.with(|t| t.get()))
+}
+
+/// Runs `f` as task `task` on this thread.
+pub(crate) fn with_current_task<R>(task: TaskId, f: impl FnOnce() -> R) -> R {
+    let previous = TASK_THREAD.with(|t| t.replace(Some(task)));
+    let out = f();
+    TASK_THREAD.with(|t| t.set(previous));
+    out
+}
+
+/// Runs `fut` as task `task`.
+pub(crate) async fn scope_current_task<F: Future>(task: TaskId, fut: F) -> F::Output {
+    TASK_SCOPE.scope(task, fut).await
+}
+
+/// The local IP used to reach `peer` (no packet is sent).
+fn outbound_ip(peer: SocketAddr) -> std::net::IpAddr {
+    let unspecified: SocketAddr = ([0, 0, 0, 0], 0).into();
+    std::net::UdpSocket::bind(unspecified)
+        .and_then(|s| s.connect(peer).and_then(|()| s.local_addr()))
+        .map(|a| a.ip())
+        .unwrap_or(peer.ip())
+}
+
+/// Hex SHA-256 of this process's executable.
+fn executable_hash() -> Result<String> {
+    let bytes = std::fs::read("/proc/self/exe")
+        .map_err(|e| Error::NotInitialized(format!("cannot read this executable: {e}")))?;
+    Ok(sha256_hex(&bytes))
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+async fn register_job(head: &HeadClient, me: &Address, hash: &str, upload: bool) -> Result<JobId> {
+    let size = std::fs::metadata("/proc/self/exe")
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let request = HeadRequest::RegisterJob(shoal_proto::head::RegisterJob {
+        driver_pid: std::process::id(),
+        binary_hash: hash.to_string(),
+        binary_size: size,
+        driver: me.clone(),
+    });
+    let (job_id, present) = match head.call(&request, CONTROL_TIMEOUT).await? {
+        HeadReply::JobRegistered {
+            job_id,
+            binary_present,
+        } => (job_id, binary_present),
+        other => {
+            return Err(Error::Protocol(format!(
+                "{other:?} in answer to RegisterJob"
+            )))
+        }
+    };
+    if upload && !present {
+        let bytes = std::fs::read("/proc/self/exe")
+            .map_err(|e| Error::NotInitialized(format!("cannot read this executable: {e}")))?;
+        let total = bytes.len() as u64;
+        for (i, part) in bytes.chunks(CHUNK_BYTES as usize).enumerate() {
+            let upload = HeadRequest::UploadBinary {
+                hash: hash.to_string(),
+                offset: (i * CHUNK_BYTES as usize) as u64,
+                total,
+                data: part.to_vec(),
+            };
+            head.call(&upload, CONTROL_TIMEOUT).await?;
+        }
+        debug!(bytes = total, "uploaded the executable");
+    }
+    Ok(job_id)
+}
+
+/// The node on this host to put objects on: a live node with CPUs on this
+/// host, else any live node on it, else any live node.
+async fn find_home(head: &HeadClient) -> Result<HomeNode> {
+    let status = match head
+        .call(&HeadRequest::GetClusterStatus, CONTROL_TIMEOUT)
+        .await?
+    {
+        HeadReply::ClusterStatus(s) => s,
+        other => {
+            return Err(Error::Protocol(format!(
+                "{other:?} in answer to GetClusterStatus"
+            )))
+        }
+    };
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let live: Vec<_> = status
+        .nodes
+        .iter()
+        .filter(|n| n.state == shoal_proto::NodeState::Alive)
+        .collect();
+    let pick = live
+        .iter()
+        .find(|n| n.hostname == host && n.resources_total.get(shoal_proto::resources::CPU) > 0.0)
+        .or_else(|| live.iter().find(|n| n.hostname == host))
+        .or_else(|| live.first())
+        .ok_or_else(|| Error::NotInitialized("the cluster has no live node".into()))?;
+    Ok(HomeNode {
+        node_id: pick.node_id,
+        address: pick.address.clone(),
+    })
+}

@@ -1,0 +1,153 @@
+//! The errors users see.
+
+use std::fmt;
+use std::time::Duration;
+
+use shoal_proto::{FailureKind, NodeId, ObjectId, TaskFailure, TaskId};
+
+/// A task that failed: which function, which task, where, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskError {
+    /// The function's registered name.
+    pub function: String,
+    /// The task.
+    pub task_id: TaskId,
+    /// The node it ran on, if it ran.
+    pub node_id: Option<NodeId>,
+    /// The error's text, or the panic message.
+    pub message: String,
+    /// For panics: the backtrace on the worker.
+    pub backtrace: Option<String>,
+    /// True if the function panicked (rather than returned `Err`).
+    pub panicked: bool,
+}
+
+impl fmt::Display for TaskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = if self.panicked { "panicked" } else { "failed" };
+        write!(f, "task {} ({}) {what}", self.task_id, self.function)?;
+        if let Some(node) = self.node_id {
+            write!(f, " on node {node}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// What can go wrong in Shoal.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A remote function returned `Err` or panicked.
+    #[error("{0}")]
+    Task(Box<TaskError>),
+    /// The worker running a task died on every attempt (`max_retries` + 1).
+    #[error("task {task_id} ({function}) lost its worker {attempts} time(s): {message}")]
+    WorkerCrashed {
+        /// The function.
+        function: String,
+        /// The task.
+        task_id: TaskId,
+        /// Attempts made.
+        attempts: u32,
+        /// The last failure.
+        message: String,
+    },
+    /// The worker does not have the function (another build of the program,
+    /// or an unknown id).
+    #[error("function {function} is not registered in the worker on node {node_id:?}: {message}")]
+    FunctionNotFound {
+        /// The function asked for.
+        function: String,
+        /// Where.
+        node_id: Option<NodeId>,
+        /// Details.
+        message: String,
+    },
+    /// An object can no longer be read.
+    #[error("object {id} is lost: {reason}")]
+    ObjectLost {
+        /// The object.
+        id: ObjectId,
+        /// Why.
+        reason: String,
+    },
+    /// A value did not decode as the expected type.
+    #[error("cannot decode {what}: {message}")]
+    Decode {
+        /// What was being decoded.
+        what: String,
+        /// Why.
+        message: String,
+    },
+    /// A value could not be encoded.
+    #[error("cannot encode {what}: {message}")]
+    Encode {
+        /// What was being encoded.
+        what: String,
+        /// Why.
+        message: String,
+    },
+    /// `wait` or a `get` with a deadline ran out of time.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// A blocking `get` was called on a single-threaded async runtime, where
+    /// it would deadlock.
+    #[error("blocking get() inside a single-threaded async runtime would deadlock; use `object_ref.await` instead")]
+    BlockingGetInAsync,
+    /// Shoal is not initialised, or failed to.
+    #[error("shoal is not initialised: {0}")]
+    NotInitialized(String),
+    /// The object store has no room.
+    #[error("object store full: {0}")]
+    ObjectStoreFull(String),
+    /// No connection to the cluster could be made.
+    #[error("cannot connect to the cluster: {0}")]
+    Connect(#[from] shoal_net::ConnectError),
+    /// A request to the cluster failed.
+    #[error("request to the cluster failed: {0}")]
+    Rpc(#[from] shoal_net::RpcError),
+    /// The embedded head could not start.
+    #[error("the local head could not start: {0}")]
+    Head(#[from] shoal_head::HeadError),
+    /// An embedded node daemon could not start.
+    #[error("a local node could not start: {0}")]
+    Node(#[from] shoal_node::NodeError),
+    /// The cluster identity could not be made.
+    #[error("cluster identity: {0}")]
+    Identity(#[from] shoal_net::IdentityError),
+    /// The cluster answered something this SDK does not expect.
+    #[error("unexpected reply from the cluster: {0}")]
+    Protocol(String),
+    /// A local-cluster verb named something that does not exist.
+    #[error("{0}")]
+    NotFound(String),
+}
+
+impl Error {
+    /// The error a failed task's caller sees.
+    pub(crate) fn from_failure(f: TaskFailure) -> Self {
+        match f.kind {
+            FailureKind::FunctionNotFound => Error::FunctionNotFound {
+                function: f.function,
+                node_id: f.node_id,
+                message: f.message,
+            },
+            FailureKind::WorkerCrashed => Error::WorkerCrashed {
+                function: f.function,
+                task_id: f.task_id,
+                attempts: f.attempts,
+                message: f.message,
+            },
+            kind => Error::Task(Box::new(TaskError {
+                function: f.function,
+                task_id: f.task_id,
+                node_id: f.node_id,
+                message: f.message,
+                backtrace: f.backtrace,
+                panicked: kind == FailureKind::Panic,
+            })),
+        }
+    }
+}
+
+/// `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,163 @@
+//! Running tasks: encoding values, calling registered functions, catching
+//! panics with their message and backtrace.
+
+use std::cell::RefCell;
+use std::panic::AssertUnwindSafe;
+use std::sync::Once;
+
+use futures_util::FutureExt;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use shoal_proto::{FailureKind, NodeId, TaskFailure, TaskSpec};
+
+use crate::registry::{self, Invoker};
+
+/// Encodes a value (MessagePack, positional: both ends run the same build).
+pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, String> {
+    rmp_serde::to_vec(value).map_err(|e| e.to_string())
+}
+
+/// Decodes a value.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    rmp_serde::from_slice(bytes).map_err(|e| e.to_string())
+}
+
+/// Why invoking a function failed (other than a panic).
+#[derive(Debug)]
+pub struct InvokeError {
+    pub(crate) kind: FailureKind,
+    pub(crate) message: String,
+}
+
+impl InvokeError {
+    /// The function returned `Err(e)`.
+    pub fn app(e: &dyn std::fmt::Display) -> Self {
+        Self {
+            kind: FailureKind::Error,
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Decodes argument `index` (called by the `#[remote]` expansion).
+pub fn decode_arg<T: DeserializeOwned>(
+    bytes: Option<Vec<u8>>,
+    index: usize,
+    name: &str,
+) -> Result<T, InvokeError> {
+    let bytes = bytes.ok_or_else(|| InvokeError {
+        kind: FailureKind::BadArguments,
+        message: format!("argument {index} (`{name}`) is missing"),
+    })?;
+    decode(&bytes).map_err(|e| InvokeError {
+        kind: FailureKind::BadArguments,
+        message: format!("argument {index} (`{name}`) does not decode as its parameter type: {e}"),
+    })
+}
+
+/// Encodes a return value (called by the `#[remote]` expansion).
+pub fn encode_return<T: Serialize>(value: &T) -> Result<Vec<u8>, InvokeError> {
+    encode(value).map_err(|e| InvokeError {
+        kind: FailureKind::BadReturn,
+        message: e,
+    })
+}
+
+thread_local! {
+    /// The last panic on this thread: message and backtrace.
+    static LAST_PANIC: RefCell<Option<(String, String)>> = const { RefCell::new(None) };
+}
+
+/// Installs (once) a panic hook that remembers each panic's message and
+/// backtrace for the task that caught it, then runs the previous hook.
+pub fn install_panic_hook() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let message = match info.payload().downcast_ref::<&str>() {
+                Some(s) => (*s).to_string(),
+                None => match info.payload().downcast_ref::<String>() {
+                    Some(s) => s.clone(),
+                    None => "panic with a non-string payload".to_string(),
+                },
+            };
+            let location = info
+                .location()
+                .map(|l| format!(" at {l}"))
+                .unwrap_or_default();
+            let backtrace = std::backtrace::Backtrace::force_capture().to_string();
+            LAST_PANIC
+                .with(|p| *p.borrow_mut() = Some((format!("{message}{location}"), backtrace)));
+            previous(info);
+        }));
+    });
+}
+
+fn take_panic() -> (String, String) {
+    LAST_PANIC
+        .with(|p| p.borrow_mut().take())
+        .unwrap_or_else(|| ("panicked".to_string(), String::new()))
+}
+
+/// Runs `spec`'s function on `args` (already fetched), catching panics.
+pub async fn invoke(
+    spec: &TaskSpec,
+    args: Vec<Vec<u8>>,
+    node_id: NodeId,
+) -> Result<Vec<u8>, TaskFailure> {
+    let failure = |kind, message: String, backtrace: Option<String>| TaskFailure {
+        kind,
+        function: spec.function.name.clone(),
+        task_id: spec.task_id,
+        node_id: Some(node_id),
+        message,
+        backtrace,
+        attempts: spec.attempt + 1,
+    };
+    let Some(function) = registry::lookup(&spec.function.name) else {
+        return Err(failure(
+            FailureKind::FunctionNotFound,
+            format!(
+                "no function named {:?} in this executable",
+                spec.function.name
+            ),
+            None,
+        ));
+    };
+    if function.signature != spec.function.signature {
+        return Err(failure(
+            FailureKind::FunctionNotFound,
+            "the function's signature differs between the caller's build and the worker's".into(),
+            None,
+        ));
+    }
+    let task_id = spec.task_id;
+    let outcome = match &function.invoke {
+        Invoker::Sync(call) => {
+            let call = *call;
+            let joined = tokio::task::spawn_blocking(move || {
+                crate::core::with_current_task(task_id, || {
+                    std::panic::catch_unwind(AssertUnwindSafe(|| call(args)))
+                        .map_err(|_| take_panic())
+                })
+            })
+            .await;
+            match joined {
+                Ok(result) => result,
+                Err(e) => Err((format!("the task's thread failed: {e}"), String::new())),
+            }
+        }
+        Invoker::Async(call) => {
+            let future = call(args);
+            crate::core::scope_current_task(task_id, AssertUnwindSafe(future).catch_unwind())
+                .await
+                .map_err(|_| take_panic())
+        }
+    };
+    match outcome {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) => Err(failure(e.kind, e.message, None)),
+        Err((message, backtrace)) => Err(failure(FailureKind::Panic, message, Some(backtrace))),
+    }
+}

@@ -1,0 +1,316 @@
+//! Worker leases, per scheduling class (a resource shape).
+//!
+//! A task needs a worker holding its resources. The lease manager keeps, per
+//! class, the leased workers that are idle and the tasks waiting for one.
+//! When tasks wait and too few lease requests are in flight, it asks the head
+//! for more (the head long-polls while the cluster is full); a granted lease
+//! is turned into a worker by the lease's node, and the worker then runs the
+//! class's tasks one after another, with no head on the path. Leases idle for
+//! a while are handed back.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use shoal_proto::head::{Lease, LeaseRequest};
+use shoal_proto::{HeadReply, HeadRequest, NodeReply, NodeRequest, ResourceSet, WorkerId};
+use tokio::sync::oneshot;
+use tracing::{debug, warn};
+
+use crate::core::{Core, NodeClient, WorkerClient};
+
+/// Lease requests in flight per class.
+const REQUESTS_IN_FLIGHT_MAX: usize = 8;
+/// A lease idle this long is returned.
+const IDLE_RETURN: Duration = Duration::from_millis(1000);
+/// How long the head may hold a lease request.
+const LEASE_WAIT: Duration = Duration::from_secs(2);
+
+/// A worker held under a lease.
+pub(crate) struct LeasedWorker {
+    pub(crate) lease: Lease,
+    pub(crate) worker_id: WorkerId,
+    pub(crate) worker: WorkerClient,
+    node: NodeClient,
+}
+
+#[derive(Default)]
+struct Class {
+    idle: Vec<(LeasedWorker, Instant)>,
+    waiters: VecDeque<oneshot::Sender<LeasedWorker>>,
+    requesting: usize,
+    infeasible_reported: bool,
+}
+
+/// The lease manager.
+#[derive(Default)]
+pub(crate) struct LeaseManager {
+    classes: Mutex<HashMap<String, Class>>,
+}
+
+fn class_key(resources: &ResourceSet) -> String {
+    resources.iter().map(|(k, v)| format!("{k}={v};")).collect()
+}
+
+impl LeaseManager {
+    fn classes(&self) -> MutexGuard<'_, HashMap<String, Class>> {
+        self.classes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A worker for one task of `resources`' class.
+    pub(crate) async fn acquire(&self, core: &Arc<Core>, resources: &ResourceSet) -> LeasedWorker {
+        loop {
+            let rx = {
+                let key = class_key(resources);
+                let mut classes = self.classes();
+                let class = classes.entry(key.clone()).or_default();
+                if let Some((worker, _)) = class.idle.pop() {
+                    return worker;
+                }
+                let (tx, rx) = oneshot::channel();
+                class.waiters.push_back(tx);
+                if class.requesting < class.waiters.len().min(REQUESTS_IN_FLIGHT_MAX) {
+                    class.requesting += 1;
+                    let core = Arc::clone(core);
+                    let resources = resources.clone();
+                    core.handle
+                        .clone()
+                        .spawn(async move { request_leases(core, key, resources).await });
+                }
+                rx
+            };
+            if let Ok(worker) = rx.await {
+                return worker;
+            }
+        }
+    }
+
+    /// Hands a worker whose task finished to the next waiting task, or keeps
+    /// it idle.
+    pub(crate) fn release(&self, core: &Arc<Core>, worker: LeasedWorker) {
+        let key = class_key(&worker.lease.resources);
+        let mut classes = self.classes();
+        let class = classes.entry(key).or_default();
+        let mut worker = worker;
+        while let Some(waiter) = class.waiters.pop_front() {
+            match waiter.send(worker) {
+                Ok(()) => return,
+                Err(back) => worker = back,
+            }
+        }
+        if core.shutdown.is_cancelled() {
+            drop(classes);
+            give_back(core, worker, false);
+            return;
+        }
+        class.idle.push((worker, Instant::now()));
+    }
+
+    /// Gives up a worker that failed: it is stopped and its lease returned.
+    pub(crate) fn discard(&self, core: &Arc<Core>, worker: LeasedWorker) {
+        give_back(core, worker, true);
+    }
+
+    /// Returns leases idle for too long.
+    fn reap(&self, core: &Arc<Core>) {
+        let mut stale = Vec::new();
+        {
+            let mut classes = self.classes();
+            for class in classes.values_mut() {
+                let (keep, old): (Vec<_>, Vec<_>) = class
+                    .idle
+                    .drain(..)
+                    .partition(|(_, since)| since.elapsed() < IDLE_RETURN);
+                class.idle = keep;
+                stale.extend(old.into_iter().map(|(w, _)| w));
+            }
+        }
+        for worker in stale {
+            give_back(core, worker, false);
+        }
+    }
+
+    /// Returns every idle lease (at shutdown).
+    pub(crate) async fn return_all(&self, core: &Core) {
+        let idle: Vec<LeasedWorker> = {
+            let mut classes = self.classes();
+            classes
+                .values_mut()
+                .flat_map(|c| c.idle.drain(..).map(|(w, _)| w))
+                .collect()
+        };
+        for worker in idle {
+            return_lease(core, worker, false).await;
+        }
+    }
+}
+
+fn give_back(core: &Arc<Core>, worker: LeasedWorker, kill: bool) {
+    let core2 = Arc::clone(core);
+    core.handle
+        .spawn(async move { return_lease(&core2, worker, kill).await });
+}
+
+async fn return_lease(core: &Core, worker: LeasedWorker, kill: bool) {
+    let lease_id = worker.lease.lease_id;
+    let release = NodeRequest::ReleaseWorker { lease_id, kill };
+    if let Err(e) = worker.node.call(&release, Duration::from_secs(5)).await {
+        debug!(%lease_id, error = %e, "could not release the worker (its node may be gone)");
+    }
+    if let Err(e) = core
+        .head
+        .call(
+            &HeadRequest::ReturnLease { lease_id },
+            Duration::from_secs(5),
+        )
+        .await
+    {
+        debug!(%lease_id, error = %e, "could not return the lease");
+    }
+}
+
+/// Asks the head for leases while tasks of the class wait.
+async fn request_leases(core: Arc<Core>, key: String, resources: ResourceSet) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let waiting = {
+            let classes = core.leases.classes();
+            classes
+                .get(&key)
+                .is_some_and(|c| c.waiters.iter().any(|w| !w.is_closed()))
+        };
+        if !waiting || core.shutdown.is_cancelled() {
+            break;
+        }
+        match lease_worker(&core, &resources).await {
+            Ok(Some(worker)) => {
+                backoff = Duration::from_millis(50);
+                core.leases.release(&core, worker);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!(resources = ?resources, error = %e, "could not lease a worker; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+    let mut classes = core.leases.classes();
+    if let Some(class) = classes.get_mut(&key) {
+        class.requesting = class.requesting.saturating_sub(1);
+    }
+}
+
+/// One lease: granted by the head, turned into a worker by its node.
+/// `Ok(None)` when the head had nothing yet.
+async fn lease_worker(
+    core: &Arc<Core>,
+    resources: &ResourceSet,
+) -> Result<Option<LeasedWorker>, String> {
+    let request = HeadRequest::RequestLease(LeaseRequest {
+        job_id: core.job_id,
+        owner: core.me.worker_id,
+        resources: resources.clone(),
+        preferred_node: Some(core.home.node_id),
+        wait_ms: LEASE_WAIT.as_millis() as u64,
+    });
+    let lease = match core
+        .head
+        .call(&request, LEASE_WAIT + Duration::from_secs(10))
+        .await
+    {
+        Ok(HeadReply::LeaseGranted(lease)) => lease,
+        Ok(HeadReply::LeasePending { infeasible }) => {
+            if infeasible {
+                let first = {
+                    let mut classes = core.leases.classes();
+                    let class = classes.entry(class_key(resources)).or_default();
+                    !std::mem::replace(&mut class.infeasible_reported, true)
+                };
+                if first {
+                    warn!(resources = ?resources, "no node in the cluster can ever fit these resources; the task waits (see `shoal status`)");
+                }
+                tokio::time::sleep(LEASE_WAIT).await;
+            }
+            return Ok(None);
+        }
+        Ok(other) => return Err(format!("unexpected reply to a lease request: {other:?}")),
+        Err(e) => return Err(format!("lease request failed: {e}")),
+    };
+    let node = match core.node(&lease.node_address).await {
+        Ok(node) => node,
+        Err(e) => {
+            let _ = core
+                .head
+                .call(
+                    &HeadRequest::ReturnLease {
+                        lease_id: lease.lease_id,
+                    },
+                    Duration::from_secs(5),
+                )
+                .await;
+            return Err(format!("cannot reach node {}: {e}", lease.node_id));
+        }
+    };
+    let grant = NodeRequest::GrantWorker {
+        lease_id: lease.lease_id,
+        job_id: core.job_id,
+        binary_hash: core.binary_hash.clone(),
+        resources: resources.clone(),
+    };
+    let worker = match node.call(&grant, Duration::from_secs(90)).await {
+        Ok(NodeReply::WorkerGranted { worker }) => worker,
+        other => {
+            let _ = core
+                .head
+                .call(
+                    &HeadRequest::ReturnLease {
+                        lease_id: lease.lease_id,
+                    },
+                    Duration::from_secs(5),
+                )
+                .await;
+            return Err(format!("node {} gave no worker: {other:?}", lease.node_id));
+        }
+    };
+    let client = match core.worker(&worker.address).await {
+        Ok(c) => c,
+        Err(e) => {
+            let release = NodeRequest::ReleaseWorker {
+                lease_id: lease.lease_id,
+                kill: true,
+            };
+            let _ = node.call(&release, Duration::from_secs(5)).await;
+            let _ = core
+                .head
+                .call(
+                    &HeadRequest::ReturnLease {
+                        lease_id: lease.lease_id,
+                    },
+                    Duration::from_secs(5),
+                )
+                .await;
+            return Err(format!("cannot reach worker {}: {e}", worker.worker_id));
+        }
+    };
+    Ok(Some(LeasedWorker {
+        lease,
+        worker_id: worker.worker_id,
+        worker: client,
+        node,
+    }))
+}
+
+/// Returns idle leases every so often.
+pub(crate) fn spawn_reaper(core: Arc<Core>) {
+    let handle = core.handle.clone();
+    handle.spawn(async move {
+        let mut tick = tokio::time::interval(IDLE_RETURN / 4);
+        loop {
+            tokio::select! {
+                _ = core.shutdown.cancelled() => return,
+                _ = tick.tick() => core.leases.reap(&core),
+            }
+        }
+    });
+}

@@ -1,0 +1,255 @@
+//! Typed references to objects: [`ObjectRef<T>`] and task arguments
+//! ([`Arg<T>`]).
+
+use std::future::{Future, IntoFuture};
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use shoal_proto::{Address, ObjectId};
+
+use crate::core;
+use crate::error::Result;
+
+/// A reference to an object of type `T` somewhere in the cluster: the result
+/// of a task, or a value `put` into the store.
+///
+/// Cheap to clone; `Send`; serializable, so it can travel inside task
+/// arguments or other objects, and whoever receives it can [`get`] it. The
+/// object is freed when no reference to it is left.
+///
+/// [`get`]: ObjectRef::get
+pub struct ObjectRef<T> {
+    id: ObjectId,
+    owner: Address,
+    _type: PhantomData<fn() -> T>,
+}
+
+impl<T> ObjectRef<T> {
+    /// Wraps an id this process just registered a reference for.
+    pub(crate) fn adopt(id: ObjectId, owner: Address) -> Self {
+        Self {
+            id,
+            owner,
+            _type: PhantomData,
+        }
+    }
+
+    /// The object's id.
+    pub fn id(&self) -> ObjectId {
+        self.id
+    }
+
+    /// The process that owns the object.
+    pub(crate) fn owner(&self) -> &Address {
+        &self.owner
+    }
+}
+
+impl<T: DeserializeOwned + Send + 'static> ObjectRef<T> {
+    /// Waits for the object and returns its value. Safe to call from
+    /// threads and from multi-threaded async runtimes; inside a
+    /// single-threaded runtime it fails with [`Error::BlockingGetInAsync`]
+    /// (use `.await` there).
+    ///
+    /// [`Error::BlockingGetInAsync`]: crate::Error::BlockingGetInAsync
+    pub fn get(&self) -> Result<T> {
+        let core = core::get()?;
+        let (id, owner) = (self.id, self.owner.clone());
+        core.block_on(async move { core::get()?.get_value::<T>(id, &owner, None).await })
+    }
+
+    /// Like [`get`](Self::get), failing with [`Error::Timeout`] after `timeout`.
+    ///
+    /// [`Error::Timeout`]: crate::Error::Timeout
+    pub fn get_timeout(&self, timeout: Duration) -> Result<T> {
+        let core = core::get()?;
+        let (id, owner) = (self.id, self.owner.clone());
+        core.block_on(async move { core::get()?.get_value::<T>(id, &owner, Some(timeout)).await })
+    }
+
+    /// Waits for the object without blocking a thread.
+    pub async fn get_async(&self) -> Result<T> {
+        let core = core::get()?;
+        let (id, owner) = (self.id, self.owner.clone());
+        core.spawn_and_wait(async move { core::get()?.get_value::<T>(id, &owner, None).await })
+            .await
+    }
+}
+
+impl<T: DeserializeOwned + Send + 'static> IntoFuture for ObjectRef<T> {
+    type Output = Result<T>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Result<T>> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move { self.get_async().await })
+    }
+}
+
+impl<T: DeserializeOwned + Send + 'static> IntoFuture for &ObjectRef<T> {
+    type Output = Result<T>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Result<T>> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        let this = self.clone();
+        Box::pin(async move { this.get_async().await })
+    }
+}
+
+impl<T> Clone for ObjectRef<T> {
+    fn clone(&self) -> Self {
+        if let Some(core) = core::try_get() {
+            core.refs().add_local(self.id);
+        }
+        Self {
+            id: self.id,
+            owner: self.owner.clone(),
+            _type: PhantomData,
+        }
+    }
+}
+
+impl<T> Drop for ObjectRef<T> {
+    fn drop(&mut self) {
+        if let Some(core) = core::try_get() {
+            core.release_ref(self.id);
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for ObjectRef<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ObjectRef<{}>({})", std::any::type_name::<T>(), self.id)
+    }
+}
+
+impl<T> PartialEq for ObjectRef<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+    }
+}
+
+impl<T> Eq for ObjectRef<T> {}
+
+impl<T> std::hash::Hash for ObjectRef<T> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.id.hash(state)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct WireRef {
+    id: ObjectId,
+    owner: Address,
+}
+
+impl<T> Serialize for ObjectRef<T> {
+    /// A serialized reference has escaped this process: its owner keeps the
+    /// object for the rest of the job (see the crate docs on freeing).
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        if let Some(core) = core::try_get() {
+            core.refs().mark_escaped(self.id);
+        }
+        WireRef {
+            id: self.id,
+            owner: self.owner.clone(),
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de, T> Deserialize<'de> for ObjectRef<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        let wire = WireRef::deserialize(deserializer)?;
+        if let Some(core) = core::try_get() {
+            core.refs().add_local(wire.id);
+        }
+        Ok(Self {
+            id: wire.id,
+            owner: wire.owner,
+            _type: PhantomData,
+        })
+    }
+}
+
+/// A task argument: a value, or a reference to one (resolved before the
+/// task runs). Every parameter of a remote function accepts either.
+pub enum Arg<T> {
+    /// The value itself, encoded at submission.
+    Value(T),
+    /// A reference to the value.
+    Ref(ObjectRef<T>),
+}
+
+impl<T> From<T> for Arg<T> {
+    fn from(value: T) -> Self {
+        Arg::Value(value)
+    }
+}
+
+impl<T> From<ObjectRef<T>> for Arg<T> {
+    fn from(r: ObjectRef<T>) -> Self {
+        Arg::Ref(r)
+    }
+}
+
+impl<T> From<&ObjectRef<T>> for Arg<T> {
+    fn from(r: &ObjectRef<T>) -> Self {
+        Arg::Ref(r.clone())
+    }
+}
+
+/// Keeps the references a submitted task uses alive until it finishes.
+#[doc(hidden)]
+pub type KeepAlive = Box<dyn std::any::Any + Send>;
+
+/// A task argument after encoding.
+#[doc(hidden)]
+pub enum ArgValue {
+    Bytes(Vec<u8>),
+    Ref {
+        id: ObjectId,
+        owner: Address,
+        _keep: KeepAlive,
+    },
+    /// Encoding failed: the task fails with this message.
+    Bad(String),
+}
+
+/// Encodes one argument (used by the `#[remote]` expansion).
+pub(crate) fn arg_value<T: Serialize + Send + 'static>(arg: Arg<T>) -> ArgValue {
+    match arg {
+        Arg::Value(v) => match crate::exec::encode(&v) {
+            Ok(bytes) => ArgValue::Bytes(bytes),
+            Err(e) => ArgValue::Bad(e),
+        },
+        Arg::Ref(r) => {
+            let (id, owner) = (r.id(), r.owner().clone());
+            ArgValue::Ref {
+                id,
+                owner,
+                _keep: Box::new(r),
+            }
+        }
+    }
+}
+
+/// Shared by the free functions: the core of an `ObjectRef`.
+pub(crate) fn parts<T>(r: &ObjectRef<T>) -> (ObjectId, Address) {
+    (r.id, r.owner.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn object_refs_cross_threads() {
+        assert_send_sync::<ObjectRef<Vec<u8>>>();
+        assert_send_sync::<ObjectRef<std::rc::Rc<u8>>>();
+    }
+}

@@ -1,0 +1,55 @@
+//! Per-task options.
+
+use shoal_proto::resources::CPU;
+use shoal_proto::ResourceSet;
+
+/// Resources and retry policy of one submission.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskOptions {
+    pub(crate) resources: ResourceSet,
+    pub(crate) max_retries: u32,
+    pub(crate) retry_exceptions: bool,
+}
+
+impl Default for TaskOptions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TaskOptions {
+    /// One CPU, three retries on worker or node death, no retry on `Err`.
+    pub fn new() -> Self {
+        let mut resources = ResourceSet::new();
+        resources.set(CPU, 1.0);
+        Self {
+            resources,
+            max_retries: 3,
+            retry_exceptions: false,
+        }
+    }
+
+    /// CPUs held while the task runs.
+    pub fn num_cpus(mut self, n: f64) -> Self {
+        self.resources.set(CPU, n);
+        self
+    }
+
+    /// Retries if the worker or node dies.
+    pub fn max_retries(mut self, n: u32) -> Self {
+        self.max_retries = n;
+        self
+    }
+
+    /// Also retry when the function returns `Err` or panics.
+    pub fn retry_exceptions(mut self, yes: bool) -> Self {
+        self.retry_exceptions = yes;
+        self
+    }
+
+    /// A custom resource held while the task runs.
+    pub fn resource(mut self, name: &str, quantity: f64) -> Self {
+        self.resources.set(name, quantity);
+        self
+    }
+}

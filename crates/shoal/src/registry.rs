@@ -1,0 +1,68 @@
+//! The link-time registry of remote functions.
+//!
+//! `#[shoal::remote]` submits a [`RemoteFunction`] with `inventory`; a worker
+//! looks a function up by name and checks its signature hash. Only what was
+//! compiled into the executable can run: no code travels on the wire.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::OnceLock;
+
+use crate::exec::InvokeError;
+
+/// A boxed future, as async functions' invokers return.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Encoded arguments in, encoded result (or why not) out.
+pub type Invocation = Result<Vec<u8>, InvokeError>;
+
+/// Calls the function with encoded arguments and encodes its result.
+pub enum Invoker {
+    /// A plain `fn`: runs on a blocking thread.
+    Sync(fn(Vec<Vec<u8>>) -> Invocation),
+    /// An `async fn`: runs on the worker's runtime.
+    Async(fn(Vec<Vec<u8>>) -> BoxFuture<Invocation>),
+}
+
+/// A registered remote function.
+pub struct RemoteFunction {
+    /// `module_path!()` of its companion module: the crate path and name.
+    pub name: &'static str,
+    /// Hash of its signature as written.
+    pub signature: u64,
+    /// How to call it.
+    pub invoke: Invoker,
+}
+
+/// The registry entry `inventory` collects.
+pub struct Registered(pub &'static RemoteFunction);
+
+inventory::collect!(Registered);
+
+fn table() -> &'static HashMap<&'static str, &'static RemoteFunction> {
+    static TABLE: OnceLock<HashMap<&'static str, &'static RemoteFunction>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        inventory::iter::<Registered>
+            .into_iter()
+            .map(|r| (r.0.name, r.0))
+            .collect()
+    })
+}
+
+/// The function registered under `name`.
+pub fn lookup(name: &str) -> Option<&'static RemoteFunction> {
+    table().get(name).copied()
+}
+
+/// A digest of the whole function table (names and signatures), so a
+/// worker built from other code can be told apart.
+pub fn digest() -> u64 {
+    let mut entries: Vec<(&str, u64)> = table().iter().map(|(n, f)| (*n, f.signature)).collect();
+    entries.sort();
+    entries.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, (n, s)| {
+        n.bytes()
+            .chain(s.to_le_bytes())
+            .fold(h, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+    })
+}

@@ -1,0 +1,151 @@
+//! Worker mode: the job's executable re-run by a node daemon, and the
+//! thread workers of local mode.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_net::handshake::{HandshakeStats, ServerAuth};
+use shoal_net::{endpoint, tls, JoinToken, NetLimits};
+use shoal_node::{LaunchSpec, Launched, WorkerLauncher};
+use shoal_proto::{JobId, NodeId, NodeRequest, Role, WorkerId};
+use tokio_util::sync::CancellationToken;
+
+use crate::core::{self, Core, CoreSetup, Executor, HomeNode, WorkerService, WORKER_SERVER_NAME};
+use crate::error::{Error, Result};
+
+/// If this process was started as a worker, runs the worker loop and exits;
+/// otherwise returns at once.
+pub fn run_worker_if_worker() {
+    if std::env::var("SHOAL_WORKER").as_deref() != Ok("1") {
+        return;
+    }
+    let code = match worker_main() {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("shoal worker failed: {e}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn env(key: &str) -> Result<String> {
+    std::env::var(key).map_err(|_| Error::NotInitialized(format!("worker mode without {key}")))
+}
+
+fn parse<T: std::str::FromStr>(key: &str) -> Result<T> {
+    env(key)?
+        .parse()
+        .map_err(|_| Error::NotInitialized(format!("worker mode with a malformed {key}")))
+}
+
+fn worker_main() -> Result<()> {
+    let worker_id: WorkerId = parse("SHOAL_WORKER_ID")?;
+    let job_id: JobId = parse("SHOAL_JOB_ID")?;
+    let node_id: NodeId = parse("SHOAL_NODE_ID")?;
+    let node_address = env("SHOAL_NODE_ADDRESS")?;
+    let head = env("SHOAL_ADDRESS")?;
+    let token: JoinToken = env("SHOAL_TOKEN")?.parse()?;
+    let binary_hash = std::env::var("SHOAL_BINARY_HASH").ok();
+    let parent = nix::unistd::getppid();
+    let rt = core::runtime()?;
+    rt.block_on(async move {
+        let head_address = tokio::net::lookup_host(&head)
+            .await
+            .map_err(|e| Error::NotInitialized(format!("cannot resolve the head {head}: {e}")))?
+            .next()
+            .ok_or_else(|| Error::NotInitialized(format!("the head {head} resolves to nothing")))?;
+        let core = Core::connect(CoreSetup {
+            head_address,
+            token,
+            role: Role::Worker,
+            job_id: Some(job_id),
+            worker_id,
+            home: Some(HomeNode {
+                node_id,
+                address: node_address.clone(),
+            }),
+            executor: Some(Executor { node_id, worker_id }),
+            upload_binary: false,
+            binary_hash,
+        })
+        .await?;
+        core::install(Arc::clone(&core));
+        let node = core.node(&node_address).await?;
+        let register = NodeRequest::RegisterWorker {
+            worker_id,
+            address: core.me.address.clone(),
+            pid: std::process::id(),
+        };
+        node.call(&register, Duration::from_secs(30)).await?;
+        // Serve until the node daemon that started us is gone.
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            if nix::unistd::getppid() != parent || node.close_reason().is_some() {
+                return Ok(());
+            }
+        }
+    })
+}
+
+/// Starts local-mode workers as tasks of this process: each serves the
+/// worker service on its own loopback endpoint, and runs sync functions on
+/// blocking threads.
+#[derive(Debug, Default)]
+pub(crate) struct ThreadLauncher;
+
+impl WorkerLauncher for ThreadLauncher {
+    fn needs_executable(&self) -> bool {
+        false
+    }
+
+    fn launch(&self, spec: LaunchSpec) -> std::result::Result<Launched, String> {
+        let lookup = |key: &str| {
+            spec.env
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+                .ok_or(format!("no {key} for the worker"))
+        };
+        let node_id: NodeId = lookup("SHOAL_NODE_ID")?
+            .parse()
+            .map_err(|_| "bad SHOAL_NODE_ID")?;
+        let token: JoinToken = lookup("SHOAL_TOKEN")?.parse().map_err(|e| format!("{e}"))?;
+        let limits = NetLimits::default();
+        let cert = tls::self_signed(WORKER_SERVER_NAME).map_err(|e| e.to_string())?;
+        let server = tls::server_config(&cert)
+            .and_then(|tls| endpoint::server_config(tls, &limits))
+            .map_err(|e| e.to_string())?;
+        let ep = endpoint::endpoint(([127, 0, 0, 1], 0).into(), Some(server), &limits)
+            .map_err(|e| e.to_string())?;
+        let address = ep.local_addr().map_err(|e| e.to_string())?.to_string();
+        let stop = CancellationToken::new();
+        let service = Arc::new(WorkerService {
+            executor: Some(Executor {
+                node_id,
+                worker_id: spec.worker_id,
+            }),
+        });
+        let auth = Arc::new(ServerAuth::new(
+            token,
+            vec![Role::Driver, Role::Worker, Role::Node],
+        ));
+        let task = tokio::spawn(shoal_net::rpc::serve(
+            ep,
+            service,
+            auth,
+            limits,
+            Arc::new(HandshakeStats::default()),
+            stop.clone(),
+        ));
+        Ok(Launched {
+            pid: None,
+            exited: Box::pin(async move {
+                let _ = task.await;
+                "thread worker stopped".to_string()
+            }),
+            kill: Box::new(move || stop.cancel()),
+            address: Some(address),
+        })
+    }
+}
