@@ -201,6 +201,7 @@ fn run_head(args: &StartArgs, file: &ClusterFile) -> Result<()> {
     };
     let mut node_config = node_settings(args, head_section, file);
     node_config.is_head_node = true;
+    node_config.session_dir = Some(session.dir.clone());
     if let Some(ip) = node_ip {
         node_config.listen = SocketAddr::new(ip, 0);
     }
@@ -244,6 +245,7 @@ fn run_node(args: &StartArgs, file: &ClusterFile) -> Result<()> {
     };
     let mut config = node_settings(args, section, file);
     config.head_address = address;
+    config.session_dir = Some(session.dir.clone());
     if let Some(ip) = config.node_ip {
         config.listen = SocketAddr::new(ip, 0);
     }

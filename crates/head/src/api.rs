@@ -363,6 +363,14 @@ impl Service for HeadService {
                 }
                 Ok(HeadReply::LeaseReturned)
             }
+            HeadRequest::LeaseBlocked { lease_id, blocked } => {
+                require(peer, &[Role::Node])?;
+                let changed = self.state().scheduler.set_blocked(lease_id, blocked);
+                if changed && blocked {
+                    self.resources_changed.notify_waiters();
+                }
+                Ok(HeadReply::LeaseReturned)
+            }
             HeadRequest::FinishJob { job_id } => {
                 require(peer, &[Role::Driver])?;
                 self.finish_job(job_id);

@@ -41,6 +41,8 @@ struct LeaseEntry {
     job_id: JobId,
     owner: WorkerId,
     resources: ResourceSet,
+    /// Its worker waits on other tasks: its resources are lent back.
+    blocked: bool,
 }
 
 /// The ledger of leases.
@@ -121,6 +123,7 @@ impl Scheduler {
                 job_id: request.job_id,
                 owner: request.owner,
                 resources: request.resources.clone(),
+                blocked: false,
             },
         );
         Decision::Granted(Lease {
@@ -150,11 +153,37 @@ impl Scheduler {
         let Some(lease) = self.leases.remove(&lease_id) else {
             return false;
         };
-        if let Some(allocated) = self.allocated.get_mut(&lease.node_id) {
-            for (name, qty) in lease.resources.iter() {
+        if !lease.blocked {
+            self.credit(lease.node_id, &lease.resources);
+        }
+        true
+    }
+
+    fn credit(&mut self, node_id: NodeId, resources: &ResourceSet) {
+        if let Some(allocated) = self.allocated.get_mut(&node_id) {
+            for (name, qty) in resources.iter() {
                 let now = (allocated.get(name) - qty).max(0.0);
                 allocated.set(name, now);
             }
+        }
+    }
+
+    /// Marks a lease's worker blocked (its resources lent back to the node)
+    /// or resumed (taken again, possibly past capacity until other leases
+    /// end). Returns true if the state changed.
+    pub fn set_blocked(&mut self, lease_id: LeaseId, blocked: bool) -> bool {
+        let Some(lease) = self.leases.get_mut(&lease_id) else {
+            return false;
+        };
+        if lease.blocked == blocked {
+            return false;
+        }
+        lease.blocked = blocked;
+        let (node_id, resources) = (lease.node_id, lease.resources.clone());
+        if blocked {
+            self.credit(node_id, &resources);
+        } else {
+            self.allocated.entry(node_id).or_default().add(&resources);
         }
         true
     }
@@ -317,6 +346,33 @@ mod tests {
             s.infeasible().len(),
             1,
             "the CPU request fits a bigger node now"
+        );
+    }
+
+    #[test]
+    fn a_blocked_lease_lends_its_resources_back() {
+        let nodes = vec![node(1.0)];
+        let mut s = Scheduler::new();
+        let Decision::Granted(parent) = s.request(&nodes, &request(1.0)) else {
+            panic!("fits")
+        };
+        assert_eq!(s.request(&nodes, &request(1.0)), Decision::Wait);
+        assert!(s.set_blocked(parent.lease_id, true));
+        assert!(!s.set_blocked(parent.lease_id, true), "idempotent");
+        let Decision::Granted(child) = s.request(&nodes, &request(1.0)) else {
+            panic!("lent CPU")
+        };
+        assert!(s.set_blocked(parent.lease_id, false));
+        assert!(
+            s.available(&nodes[0]).get(CPU) <= 0.0,
+            "oversubscribed while both run"
+        );
+        assert!(s.release(child.lease_id));
+        assert!(s.release(parent.lease_id));
+        assert_eq!(
+            s.available(&nodes[0]).get(CPU),
+            1.0,
+            "back to exactly the capacity"
         );
     }
 

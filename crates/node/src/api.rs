@@ -17,6 +17,7 @@ pub const OBJECT_CHUNK_MAX: u32 = 8 << 20;
 /// Answers [`NodeRequest`]s.
 pub struct NodeService {
     node_id: watch::Receiver<Option<NodeId>>,
+    head: crate::binaries::HeadWatch,
     resources: ResourceSet,
     pool: Arc<WorkerPool>,
     store: Arc<Mutex<ObjectStore>>,
@@ -26,12 +27,14 @@ impl NodeService {
     /// A service for the node whose id `node_id` follows.
     pub fn new(
         node_id: watch::Receiver<Option<NodeId>>,
+        head: crate::binaries::HeadWatch,
         resources: ResourceSet,
         pool: Arc<WorkerPool>,
         store: Arc<Mutex<ObjectStore>>,
     ) -> Self {
         Self {
             node_id,
+            head,
             resources,
             pool,
             store,
@@ -139,6 +142,27 @@ impl Service for NodeService {
             }
             NodeRequest::DeleteObjects { ids } => {
                 self.store().delete(&ids);
+                Ok(NodeReply::Ok)
+            }
+            NodeRequest::WatchWorker { worker_id, wait_ms } => {
+                let wait = std::time::Duration::from_millis(wait_ms)
+                    .min(std::time::Duration::from_secs(60));
+                let exited = self.pool.watch(worker_id, wait).await;
+                Ok(NodeReply::WorkerStatus { alive: !exited })
+            }
+            NodeRequest::WorkerBlocked { worker_id, blocked } => {
+                require(peer, &[Role::Driver, Role::Worker])?;
+                if let Some(lease_id) = self.pool.set_blocked(worker_id, blocked) {
+                    let head = self.head.borrow().clone();
+                    if let Some(head) = head {
+                        let tell = shoal_proto::HeadRequest::LeaseBlocked { lease_id, blocked };
+                        head.call(&tell, std::time::Duration::from_secs(10))
+                            .await
+                            .map_err(|e| {
+                                ServiceError::new(ServiceErrorKind::Unavailable, e.to_string())
+                            })?;
+                    }
+                }
                 Ok(NodeReply::Ok)
             }
         }

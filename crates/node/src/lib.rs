@@ -237,6 +237,7 @@ impl Node {
         info!(addr = %self.handle.local_addr, head = %self.config.head_address, resources = ?self.resources, "node daemon starting");
         let service = Arc::new(api::NodeService::new(
             self.handle.node_id.clone(),
+            self.head.subscribe(),
             self.resources.clone(),
             self.pool.clone(),
             self.store.clone(),

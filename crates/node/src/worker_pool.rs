@@ -118,6 +118,8 @@ enum WorkerState {
 
 struct WorkerEntry {
     job_id: JobId,
+    /// Woken when the worker is removed.
+    gone: Arc<tokio::sync::Notify>,
     state: WorkerState,
     address: Option<String>,
     pid: Option<u32>,
@@ -128,6 +130,8 @@ struct WorkerEntry {
 struct PoolState {
     workers: HashMap<WorkerId, WorkerEntry>,
     leases: HashMap<LeaseId, (WorkerId, ResourceSet)>,
+    /// Leases whose worker is blocked: their resources are lent back.
+    blocked: std::collections::HashSet<LeaseId>,
     allocated: ResourceSet,
     dead: Vec<WorkerId>,
 }
@@ -243,6 +247,7 @@ impl WorkerPool {
                         worker_id,
                         WorkerEntry {
                             job_id,
+                            gone: Arc::new(tokio::sync::Notify::new()),
                             state: WorkerState::Starting(vec![tx]),
                             address: None,
                             pid: None,
@@ -361,13 +366,41 @@ impl WorkerPool {
         Ok(())
     }
 
+    /// The worker's task is blocked on other tasks (or resumed): lends its
+    /// lease's resources back (or takes them again). Returns the lease if
+    /// its state changed, for the head to be told.
+    pub fn set_blocked(&self, worker_id: WorkerId, blocked: bool) -> Option<LeaseId> {
+        let mut state = self.state();
+        let (lease_id, resources) = state
+            .leases
+            .iter()
+            .find(|(_, (w, _))| *w == worker_id)
+            .map(|(id, (_, r))| (*id, r.clone()))?;
+        let changed = if blocked {
+            state.blocked.insert(lease_id)
+        } else {
+            state.blocked.remove(&lease_id)
+        };
+        if !changed {
+            return None;
+        }
+        if blocked {
+            subtract(&mut state.allocated, &resources);
+        } else {
+            state.allocated.add(&resources);
+        }
+        Some(lease_id)
+    }
+
     /// A lease holder is done with its worker.
     pub fn release(&self, lease_id: LeaseId, kill: bool) {
         let mut state = self.state();
         let Some((worker_id, resources)) = state.leases.remove(&lease_id) else {
             return;
         };
-        subtract(&mut state.allocated, &resources);
+        if !state.blocked.remove(&lease_id) {
+            subtract(&mut state.allocated, &resources);
+        }
         if kill {
             if let Some(entry) = state.workers.get(&worker_id) {
                 if let Some(kill) = &entry.kill {
@@ -395,6 +428,7 @@ impl WorkerPool {
         if let Some(kill) = &entry.kill {
             kill();
         }
+        entry.gone.notify_waiters();
         if let WorkerState::Starting(waiters) = entry.state {
             for waiter in waiters {
                 let _ = waiter.send(Err("worker removed".into()));
@@ -408,9 +442,30 @@ impl WorkerPool {
             .collect();
         for lease in leases {
             if let Some((_, resources)) = state.leases.remove(&lease) {
-                subtract(&mut state.allocated, &resources);
+                if !state.blocked.remove(&lease) {
+                    subtract(&mut state.allocated, &resources);
+                }
             }
         }
+    }
+
+    /// Waits until the worker has exited (true) or `wait` passed (false).
+    pub async fn watch(&self, worker_id: WorkerId, wait: Duration) -> bool {
+        let gone = {
+            let state = self.state();
+            match state.workers.get(&worker_id) {
+                None => return true,
+                Some(entry) => Arc::clone(&entry.gone),
+            }
+        };
+        let notified = gone.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        // Removed between the look and the enable: it is gone.
+        if !self.state().workers.contains_key(&worker_id) {
+            return true;
+        }
+        tokio::time::timeout(wait, notified).await.is_ok()
     }
 
     /// Jobs with workers here.

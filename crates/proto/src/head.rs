@@ -63,6 +63,14 @@ pub enum HeadRequest {
         /// The lease.
         lease_id: LeaseId,
     },
+    /// A lease's worker is blocked (its resources lent back) or resumed
+    /// (taken again, even past capacity for a while).
+    LeaseBlocked {
+        /// The lease.
+        lease_id: LeaseId,
+        /// Blocked or resumed.
+        blocked: bool,
+    },
     /// A driver's job is over: its leases are reclaimed and workers stopped.
     FinishJob {
         /// The job.

@@ -69,6 +69,23 @@ pub enum NodeRequest {
         /// The objects.
         ids: Vec<ObjectId>,
     },
+    /// Answers when the worker has exited, or after `wait_ms` if it has not
+    /// (lease holders watch their workers this way, to retry at once).
+    WatchWorker {
+        /// The worker.
+        worker_id: WorkerId,
+        /// Longest wait.
+        wait_ms: u64,
+    },
+    /// A worker's task is blocked waiting for other tasks' results (or has
+    /// resumed): while blocked its lease's CPUs are lent back, so nested
+    /// tasks cannot deadlock the cluster.
+    WorkerBlocked {
+        /// The worker.
+        worker_id: WorkerId,
+        /// True when it starts waiting, false when it resumes.
+        blocked: bool,
+    },
 }
 
 /// A reply from a node daemon.
@@ -90,6 +107,11 @@ pub enum NodeReply {
         resources_total: ResourceSet,
         /// What it has free.
         resources_available: ResourceSet,
+    },
+    /// Whether the watched worker is still running.
+    WorkerStatus {
+        /// False once it has exited.
+        alive: bool,
     },
     /// A worker for the lease.
     WorkerGranted {

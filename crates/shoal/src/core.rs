@@ -206,6 +206,8 @@ pub(crate) struct Core {
     pub(crate) leases: LeaseManager,
     root_task: TaskId,
     put_counter: AtomicU32,
+    /// Per worker running here: how many of its gets are waiting.
+    blocked: DashMap<WorkerId, usize>,
     pub(crate) shutdown: CancellationToken,
     /// Keeps the in-process cluster of local mode alive.
     pub(crate) local: Mutex<Option<crate::local::LocalCluster>>,
@@ -295,6 +297,7 @@ impl Core {
             leases: LeaseManager::default(),
             root_task: TaskId::fresh(),
             put_counter: AtomicU32::new(0),
+            blocked: DashMap::new(),
             shutdown: shutdown.clone(),
             local: Mutex::new(None),
         });
@@ -502,11 +505,15 @@ impl Core {
                 resources: options.resources.clone(),
                 owner: self.me.clone(),
             };
-            match leased
-                .worker
-                .call(&WorkerRequest::PushTask(spec), TASK_CALL_TIMEOUT)
-                .await
-            {
+            let request = WorkerRequest::PushTask(spec);
+            let push = leased.worker.call(&request, TASK_CALL_TIMEOUT);
+            let reply = tokio::select! {
+                reply = push => reply,
+                // The node saw the worker exit: no need to wait for the
+                // connection to time out.
+                _ = leased.lost.cancelled() => Err(shoal_net::RpcError::Stream("the worker exited".into())),
+            };
+            match reply {
                 Ok(WorkerReply::TaskDone(reply)) => {
                     self.leases.release(self, leased);
                     let retryable = matches!(&reply.outcome, TaskOutcome::Failed(f)
@@ -620,27 +627,71 @@ impl Core {
             .await
     }
 
-    /// The value of an object.
+    /// Runs `fut`, a wait for other tasks' results, telling the node that
+    /// the task running on `executor` (if any) is blocked meanwhile: its CPUs
+    /// are lent back so the tasks it waits for can run (no nested deadlock).
+    pub(crate) async fn while_blocked<F: Future>(
+        &self,
+        executor: Option<Executor>,
+        fut: F,
+    ) -> F::Output {
+        let Some(executor) = executor else {
+            return fut.await;
+        };
+        self.set_blocked(executor.worker_id, true).await;
+        let out = fut.await;
+        self.set_blocked(executor.worker_id, false).await;
+        out
+    }
+
+    async fn set_blocked(&self, worker_id: WorkerId, blocked: bool) {
+        let transition = {
+            let mut count = self.blocked.entry(worker_id).or_insert(0);
+            if blocked {
+                *count += 1;
+                *count == 1
+            } else {
+                *count = count.saturating_sub(1);
+                *count == 0
+            }
+        };
+        if !transition {
+            return;
+        }
+        let tell = NodeRequest::WorkerBlocked { worker_id, blocked };
+        match self.node(&self.home.address).await {
+            Ok(node) => {
+                if let Err(e) = node.call(&tell, CONTROL_TIMEOUT).await {
+                    debug!(error = %e, "could not tell the node the worker is blocked");
+                }
+            }
+            Err(e) => debug!(error = %e, "could not reach the node to say the worker is blocked"),
+        }
+    }
+
+    /// The value of an object. `executor` is the worker whose task asks, if
+    /// any (see [`Core::while_blocked`]).
     pub(crate) async fn get_value<T: DeserializeOwned>(
         self: &Arc<Self>,
         id: ObjectId,
         owner: &Address,
         timeout: Option<Duration>,
+        executor: Option<Executor>,
     ) -> Result<T> {
-        let state = match self.slot(id, owner) {
-            None => {
-                return Err(Error::ObjectLost {
-                    id,
-                    reason: "this process does not hold it".into(),
-                })
-            }
-            Some(slot) => match slot
-                .ready(timeout.map(|t| tokio::time::Instant::now() + t))
-                .await
-            {
-                Some(state) => state,
-                None => return Err(Error::Timeout(timeout.unwrap_or_default())),
-            },
+        let Some(slot) = self.slot(id, owner) else {
+            return Err(Error::ObjectLost {
+                id,
+                reason: "this process does not hold it".into(),
+            });
+        };
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let ready = if matches!(slot.state(), ObjState::Pending) {
+            self.while_blocked(executor, slot.ready(deadline)).await
+        } else {
+            slot.ready(deadline).await
+        };
+        let Some(state) = ready else {
+            return Err(Error::Timeout(timeout.unwrap_or_default()));
         };
         let bytes = match state {
             ObjState::Inline(bytes) => bytes,
@@ -828,7 +879,7 @@ impl Core {
                 backtrace: None,
                 attempts: spec.attempt + 1,
             }),
-            None => match exec::invoke(&spec, args, executor.node_id).await {
+            None => match exec::invoke(&spec, args, executor).await {
                 Ok(bytes) if bytes.len() <= INLINE_BYTES_MAX => TaskOutcome::Inline(bytes),
                 Ok(bytes) => match self
                     .store_on_node(spec.task_id.return_object(0), &bytes)
@@ -952,33 +1003,49 @@ impl Service for WorkerService {
     }
 }
 
+/// The task being run, and by which worker.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Running {
+    pub task: TaskId,
+    pub executor: Executor,
+}
+
 tokio::task_local! {
-    static TASK_SCOPE: TaskId;
+    static TASK_SCOPE: Running;
 }
 
 thread_local! {
-    static TASK_THREAD: std::cell::Cell<Option<TaskId>> = const { std::cell::Cell::new(None) };
+    static TASK_THREAD: std::cell::Cell<Option<Running>> = const { std::cell::Cell::new(None) };
 }
 
-/// The task running on this thread or async task, if any.
-pub(crate) fn current_task() -> Option<TaskId> {
+fn running() -> Option<Running> {
     TASK_SCOPE
         .try_with(|t| *t)
         .ok()
         .or_else(|| TASK_THREAD.with(|t| t.get()))
 }
 
-/// Runs `f` as task `task` on this thread.
-pub(crate) fn with_current_task<R>(task: TaskId, f: impl FnOnce() -> R) -> R {
-    let previous = TASK_THREAD.with(|t| t.replace(Some(task)));
+/// The task running on this thread or async task, if any.
+pub(crate) fn current_task() -> Option<TaskId> {
+    running().map(|r| r.task)
+}
+
+/// The worker running the current task, if any.
+pub(crate) fn current_executor() -> Option<Executor> {
+    running().map(|r| r.executor)
+}
+
+/// Runs `f` as `running` on this thread.
+pub(crate) fn with_current_task<R>(running: Running, f: impl FnOnce() -> R) -> R {
+    let previous = TASK_THREAD.with(|t| t.replace(Some(running)));
     let out = f();
     TASK_THREAD.with(|t| t.set(previous));
     out
 }
 
-/// Runs `fut` as task `task`.
-pub(crate) async fn scope_current_task<F: Future>(task: TaskId, fut: F) -> F::Output {
-    TASK_SCOPE.scope(task, fut).await
+/// Runs `fut` as `running`.
+pub(crate) async fn scope_current_task<F: Future>(running: Running, fut: F) -> F::Output {
+    TASK_SCOPE.scope(running, fut).await
 }
 
 /// The local IP used to reach `peer` (no packet is sent).

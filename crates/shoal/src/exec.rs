@@ -8,7 +8,7 @@ use std::sync::Once;
 use futures_util::FutureExt;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use shoal_proto::{FailureKind, NodeId, TaskFailure, TaskSpec};
+use shoal_proto::{FailureKind, TaskFailure, TaskSpec};
 
 use crate::registry::{self, Invoker};
 
@@ -101,11 +101,12 @@ fn take_panic() -> (String, String) {
 }
 
 /// Runs `spec`'s function on `args` (already fetched), catching panics.
-pub async fn invoke(
+pub(crate) async fn invoke(
     spec: &TaskSpec,
     args: Vec<Vec<u8>>,
-    node_id: NodeId,
+    executor: crate::core::Executor,
 ) -> Result<Vec<u8>, TaskFailure> {
+    let node_id = executor.node_id;
     let failure = |kind, message: String, backtrace: Option<String>| TaskFailure {
         kind,
         function: spec.function.name.clone(),
@@ -132,12 +133,15 @@ pub async fn invoke(
             None,
         ));
     }
-    let task_id = spec.task_id;
+    let running = crate::core::Running {
+        task: spec.task_id,
+        executor,
+    };
     let outcome = match &function.invoke {
         Invoker::Sync(call) => {
             let call = *call;
             let joined = tokio::task::spawn_blocking(move || {
-                crate::core::with_current_task(task_id, || {
+                crate::core::with_current_task(running, || {
                     std::panic::catch_unwind(AssertUnwindSafe(|| call(args)))
                         .map_err(|_| take_panic())
                 })
@@ -150,7 +154,7 @@ pub async fn invoke(
         }
         Invoker::Async(call) => {
             let future = call(args);
-            crate::core::scope_current_task(task_id, AssertUnwindSafe(future).catch_unwind())
+            crate::core::scope_current_task(running, AssertUnwindSafe(future).catch_unwind())
                 .await
                 .map_err(|_| take_panic())
         }

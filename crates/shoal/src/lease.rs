@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use shoal_proto::head::{Lease, LeaseRequest};
 use shoal_proto::{HeadReply, HeadRequest, NodeReply, NodeRequest, ResourceSet, WorkerId};
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::core::{Core, NodeClient, WorkerClient};
@@ -32,6 +33,33 @@ pub(crate) struct LeasedWorker {
     pub(crate) worker_id: WorkerId,
     pub(crate) worker: WorkerClient,
     node: NodeClient,
+    /// Cancelled when the worker's node says it has exited (or the node is
+    /// unreachable): a task pushed to it is retried at once.
+    pub(crate) lost: CancellationToken,
+}
+
+/// Watches a leased worker through its node until it exits or the lease
+/// ends (`lost` is also cancelled when the lease is given back).
+fn watch_worker(core: &Arc<Core>, node: NodeClient, worker_id: WorkerId, lost: CancellationToken) {
+    core.handle.spawn(async move {
+        let watch = NodeRequest::WatchWorker {
+            worker_id,
+            wait_ms: 20_000,
+        };
+        loop {
+            let reply = tokio::select! {
+                _ = lost.cancelled() => return,
+                reply = node.call(&watch, Duration::from_secs(30)) => reply,
+            };
+            match reply {
+                Ok(NodeReply::WorkerStatus { alive: true }) => continue,
+                Ok(_) | Err(_) => {
+                    lost.cancel();
+                    return;
+                }
+            }
+        }
+    });
 }
 
 #[derive(Default)]
@@ -152,6 +180,8 @@ fn give_back(core: &Arc<Core>, worker: LeasedWorker, kill: bool) {
 }
 
 async fn return_lease(core: &Core, worker: LeasedWorker, kill: bool) {
+    // Ends the watcher too.
+    worker.lost.cancel();
     let lease_id = worker.lease.lease_id;
     let release = NodeRequest::ReleaseWorker { lease_id, kill };
     if let Err(e) = worker.node.call(&release, Duration::from_secs(5)).await {
@@ -293,11 +323,14 @@ async fn lease_worker(
             return Err(format!("cannot reach worker {}: {e}", worker.worker_id));
         }
     };
+    let lost = CancellationToken::new();
+    watch_worker(core, node.clone(), worker.worker_id, lost.clone());
     Ok(Some(LeasedWorker {
         lease,
         worker_id: worker.worker_id,
         worker: client,
         node,
+        lost,
     }))
 }
 

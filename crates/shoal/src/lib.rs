@@ -60,7 +60,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use shoal_proto::{Role, WorkerId};
+use shoal_proto::Role;
 
 pub use client::ClusterClient;
 pub use config::Config;
@@ -70,12 +70,38 @@ pub use object_ref::{Arg, ObjectRef};
 pub use options::TaskOptions;
 pub use shoal_macros::{main, remote};
 pub use shoal_proto::{
-    ClusterStatus, NodeId, NodeState, NodeStatus, ObjectId, ResourceSet, TaskId,
+    ClusterStatus, JobId, NodeId, NodeState, NodeStatus, ObjectId, ResourceSet, TaskId, WorkerId,
 };
 
 /// What most programs need: `use shoal::prelude::*;`.
 pub mod prelude {
     pub use crate::{Arg, Config, Error, ObjectRef, Result, TaskError};
+}
+
+/// Where the calling code runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Context {
+    /// The job.
+    pub job_id: shoal_proto::JobId,
+    /// The node: for a task, the node it runs on; for a driver, the node it
+    /// puts objects on.
+    pub node_id: NodeId,
+    /// This process's (or thread worker's) id.
+    pub worker_id: WorkerId,
+    /// The task running, if any.
+    pub task_id: Option<TaskId>,
+}
+
+/// Where the calling code runs (like Ray's `get_runtime_context()`).
+pub fn context() -> Result<Context> {
+    let core = core::get()?;
+    let executor = core::current_executor();
+    Ok(Context {
+        job_id: core.job_id,
+        node_id: executor.map_or(core.home.node_id, |e| e.node_id),
+        worker_id: executor.map_or(core.me.worker_id, |e| e.worker_id),
+        task_id: core::current_task(),
+    })
 }
 
 /// Keeps Shoal running; dropping it ends the job (and a local cluster).
@@ -225,11 +251,12 @@ pub fn get<T: DeserializeOwned + Send + 'static>(object: &ObjectRef<T>) -> Resul
 pub fn get_all<T: DeserializeOwned + Send + 'static>(objects: &[ObjectRef<T>]) -> Result<Vec<T>> {
     let core = core::get()?;
     let parts: Vec<_> = objects.iter().map(object_ref::parts).collect();
+    let executor = core::current_executor();
     core.block_on(async move {
         let core = core::get()?;
         let mut out = Vec::with_capacity(parts.len());
         for (id, owner) in &parts {
-            out.push(core.get_value::<T>(*id, owner, None).await?);
+            out.push(core.get_value::<T>(*id, owner, None, executor).await?);
         }
         Ok(out)
     })
@@ -262,8 +289,13 @@ pub fn wait<T>(
     let core = core::get()?;
     let want = num_returns.min(objects.len());
     let parts: Vec<_> = objects.iter().map(object_ref::parts).collect();
-    let flags =
-        core.block_on(async move { Ok(core::get()?.wait_many(&parts, want, timeout).await) })?;
+    let executor = core::current_executor();
+    let flags = core.block_on(async move {
+        let core = core::get()?;
+        Ok(core
+            .while_blocked(executor, core.wait_many(&parts, want, timeout))
+            .await)
+    })?;
     let (mut ready, mut pending) = (Vec::new(), Vec::new());
     for (object, is_ready) in objects.iter().zip(flags) {
         if is_ready && ready.len() < want {

@@ -57,8 +57,12 @@ impl<T: DeserializeOwned + Send + 'static> ObjectRef<T> {
     /// [`Error::BlockingGetInAsync`]: crate::Error::BlockingGetInAsync
     pub fn get(&self) -> Result<T> {
         let core = core::get()?;
-        let (id, owner) = (self.id, self.owner.clone());
-        core.block_on(async move { core::get()?.get_value::<T>(id, &owner, None).await })
+        let (id, owner, executor) = (self.id, self.owner.clone(), core::current_executor());
+        core.block_on(async move {
+            core::get()?
+                .get_value::<T>(id, &owner, None, executor)
+                .await
+        })
     }
 
     /// Like [`get`](Self::get), failing with [`Error::Timeout`] after `timeout`.
@@ -66,16 +70,24 @@ impl<T: DeserializeOwned + Send + 'static> ObjectRef<T> {
     /// [`Error::Timeout`]: crate::Error::Timeout
     pub fn get_timeout(&self, timeout: Duration) -> Result<T> {
         let core = core::get()?;
-        let (id, owner) = (self.id, self.owner.clone());
-        core.block_on(async move { core::get()?.get_value::<T>(id, &owner, Some(timeout)).await })
+        let (id, owner, executor) = (self.id, self.owner.clone(), core::current_executor());
+        core.block_on(async move {
+            core::get()?
+                .get_value::<T>(id, &owner, Some(timeout), executor)
+                .await
+        })
     }
 
     /// Waits for the object without blocking a thread.
     pub async fn get_async(&self) -> Result<T> {
         let core = core::get()?;
-        let (id, owner) = (self.id, self.owner.clone());
-        core.spawn_and_wait(async move { core::get()?.get_value::<T>(id, &owner, None).await })
-            .await
+        let (id, owner, executor) = (self.id, self.owner.clone(), core::current_executor());
+        core.spawn_and_wait(async move {
+            core::get()?
+                .get_value::<T>(id, &owner, None, executor)
+                .await
+        })
+        .await
     }
 }
 

@@ -1,0 +1,244 @@
+//! Driver programs the integration tests run against a cluster (or in local
+//! mode): each scenario submits real tasks and prints one `RESULT {json}`
+//! line that the test checks. Workers are this executable re-run in worker
+//! mode, so the remote functions below are what they run.
+//!
+//! Run: `SHOAL_ADDRESS=host:port scenarios <name> [args]` (no address: local mode).
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use shoal::prelude::*;
+
+/// The node this task runs on.
+#[shoal::remote]
+fn where_am_i(i: u64) -> (u64, String) {
+    let node = shoal::context()
+        .map(|c| c.node_id.to_string())
+        .unwrap_or_default();
+    (i, node)
+}
+
+/// `size` bytes of a known pattern.
+#[shoal::remote]
+fn make_blob(size: u64) -> Vec<u8> {
+    (0..size)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8)
+        .collect()
+}
+
+/// A checksum of the bytes, and where it was computed.
+#[shoal::remote]
+fn checksum(data: Vec<u8>) -> (u64, u64, String) {
+    let node = shoal::context()
+        .map(|c| c.node_id.to_string())
+        .unwrap_or_default();
+    (data.len() as u64, fnv(&data), node)
+}
+
+fn fnv(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+#[derive(Debug)]
+struct Boom(String);
+
+impl std::fmt::Display for Boom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "boom: {}", self.0)
+    }
+}
+
+#[shoal::remote]
+fn fails(what: String) -> std::result::Result<u32, Boom> {
+    Err(Boom(what))
+}
+
+#[shoal::remote]
+fn panics_deep_inside(n: u32) -> u32 {
+    fn inner_helper_that_panics(n: u32) -> u32 {
+        if n > 0 {
+            panic!("deliberate panic with n = {n}");
+        }
+        n
+    }
+    inner_helper_that_panics(n)
+}
+
+/// Records an attempt in `file`, then kills its own worker.
+#[shoal::remote]
+fn crash_worker(file: String) -> u32 {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&file)
+        .expect("attempts file");
+    writeln!(f, "attempt by pid {}", std::process::id()).expect("record attempt");
+    drop(f);
+    std::process::abort();
+}
+
+#[shoal::remote]
+fn sleep_then(ms: u64, value: u32) -> u32 {
+    std::thread::sleep(Duration::from_millis(ms));
+    value
+}
+
+#[shoal::remote]
+fn level3(x: i64) -> i64 {
+    x + 1
+}
+
+#[shoal::remote]
+fn level2(x: i64) -> i64 {
+    level3::remote(x).get().expect("level 3") * 2
+}
+
+#[shoal::remote]
+async fn level1(x: i64) -> i64 {
+    level2::remote(x).await.expect("level 2") + 100
+}
+
+fn result(value: serde_json::Value) {
+    println!("RESULT {value}");
+}
+
+fn flag(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v == "1")
+}
+
+fn main() -> shoal::Result<()> {
+    let _shoal = shoal::init(shoal::Config::from_env())?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |i: usize| args.get(i).cloned().unwrap_or_default();
+    match arg(0).as_str() {
+        "many" => {
+            let n: u64 = arg(1).parse().unwrap_or(1000);
+            let start = Instant::now();
+            let refs: Vec<_> = (0..n).map(where_am_i::remote).collect();
+            let out = shoal::get_all(&refs)?;
+            let secs = start.elapsed().as_secs_f64();
+            let in_order = out.iter().enumerate().all(|(i, (j, _))| i as u64 == *j);
+            let nodes: BTreeSet<&String> = out.iter().map(|(_, node)| node).collect();
+            result(
+                json!({"count": out.len(), "in_order": in_order, "nodes": nodes.len(), "tasks_per_second": n as f64 / secs}),
+            );
+        }
+        "big-object" => {
+            let mb: u64 = arg(1).parse().unwrap_or(50);
+            let size = mb << 20;
+            // With PLACE=1 the cluster has nodes offering "maker" and "user".
+            let (maker, user) = if flag("PLACE") {
+                (
+                    make_blob::options().resource("maker", 0.01),
+                    checksum::options().resource("user", 0.01),
+                )
+            } else {
+                (make_blob::options(), checksum::options())
+            };
+            let blob = maker.remote(size);
+            let (len, sum, used_on) = user.remote(&blob).get()?;
+            let expected: Vec<u8> = (0..size)
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8)
+                .collect();
+            let local = blob.get()?;
+            result(json!({
+                "len": len,
+                "identical": len == size && sum == fnv(&expected),
+                "driver_copy_identical": local == expected,
+                "used_on": used_on,
+            }));
+        }
+        "errors" => {
+            let err = fails::remote("the reason".to_string()).get();
+            let Err(Error::Task(e)) = err else {
+                panic!("expected Error::Task, got {err:?}")
+            };
+            let panicked = panics_deep_inside::remote(3).get();
+            let Err(Error::Task(p)) = panicked else {
+                panic!("expected Error::Task, got {panicked:?}")
+            };
+            result(json!({
+                "error_function": e.function,
+                "error_message": e.message,
+                "error_has_ids": e.node_id.is_some() && e.task_id.to_string().len() == 32,
+                "error_panicked": e.panicked,
+                "panic_function": p.function,
+                "panic_message": p.message,
+                "panic_panicked": p.panicked,
+                "panic_backtrace_names_the_function": p.backtrace.as_deref().is_some_and(|b| b.contains("inner_helper_that_panics")),
+                "display": p.to_string(),
+            }));
+        }
+        "retries" => {
+            let file = arg(1);
+            let retries: u32 = arg(2).parse().unwrap_or(2);
+            let out = crash_worker::options()
+                .max_retries(retries)
+                .remote(file.clone())
+                .get();
+            let attempts = std::fs::read_to_string(&file)
+                .map(|s| s.lines().count())
+                .unwrap_or(0);
+            let (kind, reported) = match &out {
+                Err(Error::WorkerCrashed { attempts, .. }) => ("WorkerCrashed", *attempts),
+                other => panic!("expected WorkerCrashed, got {other:?}"),
+            };
+            result(
+                json!({"error": kind, "attempts_recorded": attempts, "attempts_reported": reported}),
+            );
+        }
+        "wait" => {
+            let fast: Vec<_> = (0..3).map(|i| sleep_then::remote(0, i)).collect();
+            shoal::get_all(&fast)?;
+            let slow: Vec<_> = (0..2).map(|i| sleep_then::remote(20_000, 10 + i)).collect();
+            let refs: Vec<_> = slow
+                .iter()
+                .take(1)
+                .chain(fast.iter())
+                .chain(slow.iter().skip(1))
+                .cloned()
+                .collect();
+            let start = Instant::now();
+            let (ready, pending) =
+                shoal::wait(&refs, refs.len(), Some(Duration::from_millis(1500)))?;
+            let waited = start.elapsed().as_secs_f64();
+            let ready_values = shoal::get_all(&ready)?;
+            let ids =
+                |v: &[ObjectRef<u32>]| v.iter().map(|r| r.id().to_string()).collect::<Vec<_>>();
+            let (all_ready, _) = shoal::wait(&fast, 2, None)?;
+            result(json!({
+                "ready": ready_values,
+                "pending_in_order": ids(&pending) == vec![refs[0].id().to_string(), refs[4].id().to_string()],
+                "waited_seconds": waited,
+                "returned_before_the_slow_tasks": waited < 15.0,
+                "num_returns_respected": all_ready.len() == 2 && ids(&all_ready) == ids(&fast[..2]),
+            }));
+        }
+        "nested" => {
+            let refs: Vec<_> = (0..4).map(level1::remote).collect();
+            result(json!({"values": shoal::get_all(&refs)?}));
+        }
+        "slow-many" => {
+            let n: u32 = arg(1).parse().unwrap_or(1000);
+            let ms: u64 = arg(2).parse().unwrap_or(20);
+            let refs: Vec<_> = (0..n).map(|i| sleep_then::remote(ms, i)).collect();
+            // Tell the test the job is under way, then wait for everything.
+            let _ = shoal::wait(&refs, (n / 10) as usize, None)?;
+            println!("STARTED");
+            std::io::stdout().flush().ok();
+            let values = shoal::get_all(&refs)?;
+            let correct = values.iter().enumerate().all(|(i, v)| *v == i as u32);
+            result(json!({"count": values.len(), "correct": correct}));
+        }
+        other => {
+            eprintln!("unknown scenario {other:?}");
+            std::process::exit(2);
+        }
+    }
+    Ok(())
+}
