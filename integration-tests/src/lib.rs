@@ -66,6 +66,76 @@ pub fn shoal_bin() -> PathBuf {
     bin
 }
 
+/// Runs a driver program (a scenario or an example) to completion, with a
+/// deadline; returns its stdout. Panics with its output if it fails.
+pub fn run_driver(
+    program: &Path,
+    args: &[&str],
+    env: &[(&str, String)],
+    timeout: Duration,
+) -> String {
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .env_remove("SHOAL_ADDRESS")
+        .env_remove("SHOAL_TOKEN")
+        .env_remove("SHOAL_WORKER_PROCESSES")
+        .env("SHOAL_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting on the driver") {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let output = child.wait_with_output().expect("driver output");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    match status {
+        Some(s) if s.success() => stdout,
+        Some(s) => panic!(
+            "{} {args:?} failed ({s}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
+            program.display()
+        ),
+        None => panic!(
+            "{} {args:?} did not finish within {timeout:?}:\nstdout:\n{stdout}\nstderr:\n{stderr}",
+            program.display()
+        ),
+    }
+}
+
+/// The JSON of the `RESULT {...}` line a scenario prints.
+pub fn result_of(stdout: &str) -> Value {
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .unwrap_or_else(|| panic!("no RESULT line in:\n{stdout}"));
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("bad RESULT json ({e}): {line}"))
+}
+
+/// A binary built beside `shoal` (scenarios, examples).
+pub fn sibling_bin(name: &str) -> PathBuf {
+    let bin = shoal_bin().with_file_name(name);
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo build --workspace` (make test does)",
+        bin.display()
+    );
+    bin
+}
+
 /// A cluster of real `shoal` processes sharing one session root.
 pub struct ProcessCluster {
     root: tempfile::TempDir,
@@ -140,6 +210,33 @@ impl ProcessCluster {
             .expect("head_address")
             .trim()
             .to_string()
+    }
+
+    /// Environment for a driver of this cluster.
+    pub fn driver_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("SHOAL_ADDRESS", self.head_address()),
+            ("SHOAL_TOKEN", self.token()),
+        ]
+    }
+
+    /// A head that runs no tasks and two nodes of 2 CPUs, the first offering
+    /// the custom resource `maker`, the second `user`; fast failure detection.
+    pub fn three_process() -> Self {
+        let cluster = Self::new();
+        let config = cluster.write_config(
+            "fast.toml",
+            "[timeouts]\nheartbeat_interval = \"200ms\"\nnode_timeout = \"2s\"\n",
+        );
+        cluster.start_head(&[
+            "--num-cpus",
+            "0",
+            "--config",
+            config.to_str().expect("utf8 path"),
+        ]);
+        cluster.start_node(&["--num-cpus", "2", "--resources", r#"{"maker": 1}"#]);
+        cluster.start_node(&["--num-cpus", "2", "--resources", r#"{"user": 1}"#]);
+        cluster
     }
 
     /// The join token from the session directory.

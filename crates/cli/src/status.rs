@@ -124,6 +124,10 @@ pub fn to_json(status: &ClusterStatus) -> Value {
         "cluster_id": status.cluster_id.to_string(),
         "nodes": nodes,
         "handshakes_refused": status.handshakes_refused,
+        "infeasible": status.infeasible.iter().map(|r| json!({
+            "job_id": r.job_id.to_string(),
+            "resources": resources_json(&r.resources),
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -198,6 +202,17 @@ pub fn render(status: &ClusterStatus) -> String {
     out += "\nResources in use (live nodes):\n";
     for (name, _) in total.iter() {
         out += &format!("  {name:<12} {}\n", used_of_total(name, &total, &available));
+    }
+    if !status.infeasible.is_empty() {
+        out += "\nInfeasible requests (no live node can fit them; they wait):\n";
+        for r in &status.infeasible {
+            let what: Vec<String> = r
+                .resources
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect();
+            out += &format!("  job {}: {{{}}}\n", r.job_id, what.join(", "));
+        }
     }
     if status.handshakes_refused > 0 {
         out += &format!(

@@ -235,6 +235,12 @@ fn main() -> shoal::Result<()> {
             let correct = values.iter().enumerate().all(|(i, v)| *v == i as u32);
             result(json!({"count": values.len(), "correct": correct}));
         }
+        "infeasible" => {
+            // No node offers this: the task waits, reported as infeasible.
+            let never = where_am_i::options().resource("unobtainium", 1.0).remote(0);
+            let waited = never.get_timeout(Duration::from_secs(600));
+            result(json!({"finished": waited.is_ok()}));
+        }
         other => {
             eprintln!("unknown scenario {other:?}");
             std::process::exit(2);

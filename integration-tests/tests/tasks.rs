@@ -1,0 +1,223 @@
+//! Remote functions end to end, as real programs: the `scenarios` driver
+//! against a head and two node daemons as processes, and in local mode.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use shoal_integration_tests::{
+    poll_until, result_of, run_driver, sibling_bin, signal, ProcessCluster,
+};
+
+const DEADLINE: Duration = Duration::from_secs(240);
+
+fn scenario(env: &[(&str, String)], args: &[&str]) -> Value {
+    result_of(&run_driver(&sibling_bin("scenarios"), args, env, DEADLINE))
+}
+
+fn local() -> Vec<(&'static str, String)> {
+    vec![]
+}
+
+fn local_processes() -> Vec<(&'static str, String)> {
+    vec![("SHOAL_WORKER_PROCESSES", "1".to_string())]
+}
+
+fn node_id_offering(cluster: &ProcessCluster, resource: &str) -> String {
+    let status = cluster.status();
+    status["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["resources_total"].get(resource).is_some())
+        .and_then(|n| n["node_id"].as_str())
+        .unwrap_or_else(|| panic!("no node offers {resource}: {status:#}"))
+        .to_string()
+}
+
+#[test]
+fn ten_thousand_tasks_complete_on_both_nodes() {
+    let cluster = ProcessCluster::three_process();
+    let out = scenario(&cluster.driver_env(), &["many", "10000"]);
+    assert_eq!(out["count"], 10000);
+    assert_eq!(out["in_order"], true);
+    assert_eq!(out["nodes"], 2, "tasks ran on both worker nodes: {out}");
+    cluster.assert_no_panics();
+}
+
+#[test]
+fn a_50_mb_object_made_on_one_node_is_used_on_the_other() {
+    let cluster = ProcessCluster::three_process();
+    let mut env = cluster.driver_env();
+    env.push(("PLACE", "1".into()));
+    let out = scenario(&env, &["big-object", "50"]);
+    assert_eq!(out["len"], 50 << 20);
+    assert_eq!(out["identical"], true, "{out}");
+    assert_eq!(out["driver_copy_identical"], true, "{out}");
+    assert_eq!(out["used_on"], node_id_offering(&cluster, "user"));
+}
+
+fn check_errors(out: &Value) {
+    assert_eq!(out["error_function"], "scenarios::fails");
+    assert_eq!(out["error_message"], "boom: the reason");
+    assert_eq!(out["error_has_ids"], true);
+    assert_eq!(out["error_panicked"], false);
+    assert_eq!(out["panic_function"], "scenarios::panics_deep_inside");
+    assert!(
+        out["panic_message"]
+            .as_str()
+            .is_some_and(|m| m.contains("deliberate panic with n = 3")),
+        "{out}"
+    );
+    assert_eq!(out["panic_panicked"], true);
+    assert_eq!(out["panic_backtrace_names_the_function"], true, "{out}");
+}
+
+#[test]
+fn errors_and_panics_reach_the_caller() {
+    let cluster = ProcessCluster::three_process();
+    check_errors(&scenario(&cluster.driver_env(), &["errors"]));
+    check_errors(&scenario(&local(), &["errors"]));
+}
+
+#[test]
+fn a_task_that_kills_its_worker_runs_retries_plus_one_times() {
+    let cluster = ProcessCluster::three_process();
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (env, retries) in [
+        (cluster.driver_env(), 2),
+        (local_processes(), 1),
+        (cluster.driver_env(), 0),
+    ] {
+        let file = dir.path().join(format!("attempts-{retries}-{}", env.len()));
+        let out = scenario(
+            &env,
+            &[
+                "retries",
+                file.to_str().expect("utf8"),
+                &retries.to_string(),
+            ],
+        );
+        assert_eq!(out["error"], "WorkerCrashed");
+        assert_eq!(out["attempts_recorded"], retries + 1, "{out}");
+        assert_eq!(out["attempts_reported"], retries + 1, "{out}");
+    }
+    // The nodes stay healthy.
+    let status = cluster.status();
+    assert!(status["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .all(|n| n["state"] == "ALIVE"));
+}
+
+#[test]
+fn wait_with_a_timeout_returns_on_time_with_the_right_split() {
+    let cluster = ProcessCluster::three_process();
+    for env in [cluster.driver_env(), local()] {
+        let out = scenario(&env, &["wait"]);
+        assert_eq!(out["ready"], serde_json::json!([0, 1, 2]));
+        assert_eq!(out["pending_in_order"], true);
+        assert_eq!(out["returned_before_the_slow_tasks"], true, "{out}");
+        assert_eq!(out["num_returns_respected"], true);
+    }
+}
+
+#[test]
+fn nested_tasks_three_levels_deep() {
+    let cluster = ProcessCluster::three_process();
+    let expected = serde_json::json!([102, 104, 106, 108]);
+    assert_eq!(
+        scenario(&cluster.driver_env(), &["nested"])["values"],
+        expected
+    );
+    assert_eq!(scenario(&local(), &["nested"])["values"], expected);
+    assert_eq!(
+        scenario(&local_processes(), &["nested"])["values"],
+        expected
+    );
+}
+
+#[test]
+fn local_mode_runs_tasks_with_threads_and_with_processes() {
+    for env in [local(), local_processes()] {
+        let out = scenario(&env, &["many", "2000"]);
+        assert_eq!(out["count"], 2000);
+        assert_eq!(out["in_order"], true);
+        let out = scenario(&env, &["big-object", "8"]);
+        assert_eq!(out["identical"], true);
+    }
+}
+
+#[test]
+fn every_result_arrives_when_a_node_daemon_is_killed_mid_job() {
+    let cluster = ProcessCluster::three_process();
+    let victim: u32 = {
+        let status = cluster.status();
+        status["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .find(|n| n["resources_total"].get("user").is_some())
+            .and_then(|n| n["pid"].as_u64())
+            .expect("user node pid") as u32
+    };
+    let mut child = Command::new(sibling_bin("scenarios"))
+        .args(["slow-many", "1000", "20"])
+        .envs(cluster.driver_env())
+        .env("SHOAL_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("driver");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let started = lines.by_ref().map_while(Result::ok).any(|l| l == "STARTED");
+    assert!(started, "the driver never started its job");
+    signal(victim, Signal::SIGKILL);
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().expect("driver exit");
+    let stderr = std::io::read_to_string(child.stderr.take().expect("stderr")).unwrap_or_default();
+    assert!(status.success(), "driver failed: {rest:?}\n{stderr}");
+    let out = result_of(&rest.join("\n"));
+    assert_eq!(out["count"], 1000);
+    assert_eq!(out["correct"], true);
+    // The killed node is declared dead; the other keeps serving.
+    poll_until(
+        Duration::from_secs(20),
+        "the killed node to be DEAD",
+        || ProcessCluster::node_by_pid(&cluster.status(), victim, "DEAD"),
+    );
+}
+
+#[test]
+fn an_infeasible_task_is_reported_in_status() {
+    let cluster = ProcessCluster::three_process();
+    let mut child = Command::new(sibling_bin("scenarios"))
+        .args(["infeasible"])
+        .envs(cluster.driver_env())
+        .env("SHOAL_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("driver");
+    let status = poll_until(
+        Duration::from_secs(30),
+        "the infeasible request in status",
+        || {
+            let status = cluster.status();
+            status["infeasible"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
+                .then_some(status)
+        },
+    );
+    let request = &status["infeasible"][0];
+    assert_eq!(request["resources"]["unobtainium"], 1.0, "{status:#}");
+    let human = cluster.shoal_ok(&["status"]);
+    assert!(human.contains("unobtainium"), "{human}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
