@@ -5,7 +5,7 @@ CARGO ?= cargo
 export CARGO_BUILD_JOBS ?= 2
 SHOAL := target/debug/shoal
 
-.PHONY: build test lint fmt demo clean
+.PHONY: build test lint fmt demo demo-cluster clean
 
 build:
 	$(CARGO) build --workspace
@@ -22,14 +22,21 @@ test: lint
 	$(CARGO) build --workspace
 	$(CARGO) test --workspace
 
-# A local head and node on a free port in a throwaway session root: start,
-# show the cluster, stop.
-demo: build
+# A real job in local mode (no cluster to set up): word count as MapReduce
+# over a text generated on the spot, checked against a sequential count.
+demo:
+	$(CARGO) build -p shoal-examples --bin wordcount
+	SHOAL_LOG=$${SHOAL_LOG:-warn} target/debug/wordcount
+
+# The same job on a real cluster: a head and a node as daemons on a free
+# port in a throwaway session root, then stopped.
+demo-cluster: build
 	@root=$$(mktemp -d /tmp/shoal-demo.XXXXXX); \
 	trap '$(SHOAL) stop --session-dir '"$$root"' >/dev/null; rm -rf '"$$root" EXIT; \
 	$(SHOAL) start --head --port 0 --node-ip 127.0.0.1 --session-dir "$$root" && \
 	$(SHOAL) start --address "$$(cat $$root/session_latest/head_address)" --num-cpus 2 --session-dir "$$root" && \
 	$(SHOAL) status --session-dir "$$root" && \
+	SHOAL_ADDRESS="$$(cat $$root/session_latest/head_address)" SHOAL_SESSION_DIR="$$root" SHOAL_LOG=warn target/debug/wordcount && \
 	$(SHOAL) stop --session-dir "$$root"
 
 clean:

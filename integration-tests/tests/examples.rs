@@ -1,0 +1,57 @@
+//! Every example program, in local mode and against a head and two node
+//! daemons as processes. Each example checks its own result and fails
+//! otherwise; these tests also check what it prints.
+
+use std::time::Duration;
+
+use shoal_integration_tests::{run_driver, sibling_bin, ProcessCluster};
+
+const DEADLINE: Duration = Duration::from_secs(300);
+
+fn run(name: &str, args: &[&str], env: &[(&str, String)]) -> String {
+    run_driver(&sibling_bin(name), args, env, DEADLINE)
+}
+
+fn check(name: &str, out: &str) {
+    let expect = match name {
+        "pi" => "pi ≈ 3.1",
+        "wordcount" => "matches the sequential count",
+        "fanout" => "64 leaves, 85 tasks",
+        "hybrid" => "all results check out",
+        "quickstart" => "fetch(0) failed as expected",
+        other => panic!("no expectation for {other}"),
+    };
+    assert!(out.contains(expect), "{name} printed:\n{out}");
+}
+
+const EXAMPLES: &[(&str, &[&str])] = &[
+    ("pi", &["50", "100000"]),
+    ("wordcount", &["--mappers", "8", "--reducers", "3"]),
+    ("fanout", &["3", "4"]),
+    ("hybrid", &[]),
+    ("quickstart", &[]),
+];
+
+#[test]
+fn every_example_runs_in_local_mode() {
+    for (name, args) in EXAMPLES {
+        check(name, &run(name, args, &[]));
+    }
+}
+
+#[test]
+fn every_example_runs_in_local_mode_with_worker_processes() {
+    let env = [("SHOAL_WORKER_PROCESSES", "1".to_string())];
+    for (name, args) in EXAMPLES {
+        check(name, &run(name, args, &env));
+    }
+}
+
+#[test]
+fn every_example_runs_on_a_three_process_cluster() {
+    let cluster = ProcessCluster::three_process();
+    for (name, args) in EXAMPLES {
+        check(name, &run(name, args, &cluster.driver_env()));
+    }
+    cluster.assert_no_panics();
+}
