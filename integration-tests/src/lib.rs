@@ -223,6 +223,12 @@ impl ProcessCluster {
     /// A head that runs no tasks and two nodes of 2 CPUs, the first offering
     /// the custom resource `maker`, the second `user`; fast failure detection.
     pub fn three_process() -> Self {
+        Self::three_process_with(&[])
+    }
+
+    /// Like [`three_process`](Self::three_process), with `extra` flags for
+    /// both node daemons.
+    pub fn three_process_with(extra: &[&str]) -> Self {
         let cluster = Self::new();
         let config = cluster.write_config(
             "fast.toml",
@@ -234,8 +240,14 @@ impl ProcessCluster {
             "--config",
             config.to_str().expect("utf8 path"),
         ]);
-        cluster.start_node(&["--num-cpus", "2", "--resources", r#"{"maker": 1}"#]);
-        cluster.start_node(&["--num-cpus", "2", "--resources", r#"{"user": 1}"#]);
+        let node = |resource: &str| {
+            let resources = format!(r#"{{"{resource}": 1}}"#);
+            let mut args = vec!["--num-cpus", "2", "--resources", resources.as_str()];
+            args.extend_from_slice(extra);
+            cluster.start_node(&args);
+        };
+        node("maker");
+        node("user");
         cluster
     }
 

@@ -56,12 +56,16 @@ pub struct HeadSection {
     pub memory_bytes: Option<u64>,
     /// The head node's custom resources.
     pub resources: BTreeMap<String, f64>,
+    /// The head node's object store capacity in bytes.
+    pub object_store_bytes: Option<u64>,
 }
 
 /// A `[[nodes]]` entry.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NodeSection {
+    /// Object store capacity in bytes.
+    pub object_store_bytes: Option<u64>,
     /// The IP to bind and advertise.
     pub node_ip: Option<IpAddr>,
     /// CPUs offered.

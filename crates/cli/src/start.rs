@@ -55,6 +55,9 @@ pub struct StartArgs {
     /// Memory this node offers, in bytes (detected by default).
     #[arg(long, value_name = "BYTES")]
     memory: Option<u64>,
+    /// Object store capacity of this node, in bytes (default: 30% of memory).
+    #[arg(long, value_name = "BYTES")]
+    object_store_memory: Option<u64>,
     /// Custom resources this node offers, as JSON: '{"GPU": 1, "disk": 2}'.
     #[arg(long, value_name = "JSON", value_parser = parse_resources)]
     resources: Option<BTreeMap<String, f64>>,
@@ -124,6 +127,7 @@ fn node_settings(args: &StartArgs, section: NodeSection, file: &ClusterFile) -> 
         node_ip: args.node_ip.or(section.node_ip),
         num_cpus: args.num_cpus.or(section.num_cpus),
         memory_bytes: args.memory.or(section.memory_bytes),
+        object_store_bytes: args.object_store_memory.or(section.object_store_bytes),
         resources,
         limits: file.limits.clone(),
         ..NodeConfig::default()
@@ -198,6 +202,7 @@ fn run_head(args: &StartArgs, file: &ClusterFile) -> Result<()> {
         num_cpus: file.head.num_cpus,
         memory_bytes: file.head.memory_bytes,
         resources: file.head.resources.clone(),
+        object_store_bytes: file.head.object_store_bytes,
     };
     let mut node_config = node_settings(args, head_section, file);
     node_config.is_head_node = true;

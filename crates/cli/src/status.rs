@@ -117,6 +117,8 @@ pub fn to_json(status: &ClusterStatus) -> Value {
                 "resources_total": resources_json(&n.resources_total),
                 "resources_available": resources_json(&n.resources_available),
                 "last_heartbeat_ms_ago": n.last_heartbeat_ms_ago,
+                "object_store_used_bytes": n.object_store_used_bytes,
+                "object_store_capacity_bytes": n.object_store_capacity_bytes,
             })
         })
         .collect();
@@ -161,8 +163,8 @@ pub fn render(status: &ClusterStatus) -> String {
         status.nodes.len() - alive.len()
     );
     out += &format!(
-        "{:<32}  {:<5}  {:<21}  {:>7}  {:<9}  {:<19}  {}\n",
-        "NODE", "STATE", "ADDRESS", "PID", "CPU", "MEMORY", "OTHER RESOURCES"
+        "{:<32}  {:<5}  {:<21}  {:>7}  {:<9}  {:<19}  {:<19}  {}\n",
+        "NODE", "STATE", "ADDRESS", "PID", "CPU", "MEMORY", "OBJECT STORE", "OTHER RESOURCES"
     );
     for n in &status.nodes {
         let state = match n.state {
@@ -182,13 +184,18 @@ pub fn render(status: &ClusterStatus) -> String {
             .collect();
         let head = if n.is_head_node { " (head)" } else { "" };
         out += &format!(
-            "{:<32}  {:<5}  {:<21}  {:>7}  {:<9}  {:<19}  {}{}\n",
+            "{:<32}  {:<5}  {:<21}  {:>7}  {:<9}  {:<19}  {:<19}  {}{}\n",
             n.node_id,
             state,
             n.address,
             n.pid,
             used_of_total(CPU, &n.resources_total, &n.resources_available),
             used_of_total(MEMORY, &n.resources_total, &n.resources_available),
+            format!(
+                "{}/{}",
+                quantity(MEMORY, n.object_store_used_bytes as f64),
+                quantity(MEMORY, n.object_store_capacity_bytes as f64)
+            ),
             others.join(", "),
             head
         );

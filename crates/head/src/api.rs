@@ -273,16 +273,19 @@ impl Service for HeadService {
                 resources_available,
                 jobs,
                 dead_workers,
+                object_store_used_bytes,
             } => {
                 require(peer, &[Role::Node])?;
                 resources_available
                     .validate()
                     .map_err(|e| bad_request(e.to_string()))?;
                 let mut state = self.state();
-                match state
-                    .membership
-                    .heartbeat(node_id, resources_available, Instant::now())
-                {
+                match state.membership.heartbeat(
+                    node_id,
+                    resources_available,
+                    object_store_used_bytes,
+                    Instant::now(),
+                ) {
                     Ok(()) => {
                         let mut reclaimed = 0;
                         for worker in dead_workers.iter().take(10_000) {

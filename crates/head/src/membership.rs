@@ -23,6 +23,7 @@ struct Entry {
     state: NodeState,
     resources_available: ResourceSet,
     last_heard: Instant,
+    store_used: u64,
 }
 
 /// The node table.
@@ -86,6 +87,7 @@ impl Membership {
             info,
             state: NodeState::Alive,
             last_heard: now,
+            store_used: 0,
         };
         self.nodes.insert(id, entry);
         self.order.push(id);
@@ -98,12 +100,14 @@ impl Membership {
         &mut self,
         id: NodeId,
         available: ResourceSet,
+        store_used: u64,
         now: Instant,
     ) -> Result<(), Fenced> {
         match self.nodes.get_mut(&id) {
             Some(entry) if entry.state == NodeState::Alive => {
                 entry.last_heard = now;
                 entry.resources_available = available;
+                entry.store_used = store_used;
                 Ok(())
             }
             _ => Err(Fenced(id)),
@@ -182,6 +186,8 @@ impl Membership {
                 is_head_node: e.info.is_head_node,
                 resources_total: e.info.resources_total.clone(),
                 resources_available: e.resources_available.clone(),
+                object_store_used_bytes: e.store_used,
+                object_store_capacity_bytes: e.info.object_store_capacity_bytes,
                 last_heartbeat_ms_ago: u64::try_from(
                     now.saturating_duration_since(e.last_heard).as_millis(),
                 )
@@ -216,6 +222,7 @@ mod tests {
             resources_total: resources,
             is_head_node: false,
             registration_key: 0,
+            object_store_capacity_bytes: 0,
         }
     }
 
@@ -262,7 +269,7 @@ mod tests {
             m.sweep(t0 + TIMEOUT, TIMEOUT).is_empty(),
             "not dead at exactly the timeout"
         );
-        m.heartbeat(b, ResourceSet::new(), t0 + TIMEOUT)
+        m.heartbeat(b, ResourceSet::new(), 0, t0 + TIMEOUT)
             .expect("alive");
         assert_eq!(
             m.sweep(t0 + TIMEOUT + Duration::from_millis(1), TIMEOUT),
@@ -271,7 +278,7 @@ mod tests {
         assert_eq!(m.state(a), Some(NodeState::Dead));
         assert_eq!(m.state(b), Some(NodeState::Alive));
         assert_eq!(
-            m.heartbeat(a, ResourceSet::new(), t0 + TIMEOUT * 2),
+            m.heartbeat(a, ResourceSet::new(), 0, t0 + TIMEOUT * 2),
             Err(Fenced(a))
         );
         assert_eq!(
@@ -286,7 +293,7 @@ mod tests {
         let mut m = Membership::new(10, 10);
         let stranger = NodeId::random();
         assert_eq!(
-            m.heartbeat(stranger, ResourceSet::new(), Instant::now()),
+            m.heartbeat(stranger, ResourceSet::new(), 0, Instant::now()),
             Err(Fenced(stranger))
         );
     }
@@ -299,7 +306,7 @@ mod tests {
         reg(&mut m, info(3.0), t0).expect("room");
         let mut free = ResourceSet::new();
         free.set("CPU", 1.0);
-        m.heartbeat(a, free, t0).expect("alive");
+        m.heartbeat(a, free, 0, t0).expect("alive");
         let (total, available) = m.resources();
         assert_eq!(total.get("CPU"), 5.0);
         assert_eq!(available.get("CPU"), 4.0);

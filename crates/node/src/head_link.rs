@@ -37,6 +37,8 @@ pub(crate) struct HeadLink<'a, T: Transport> {
     pub node_id: &'a watch::Sender<Option<NodeId>>,
     pub head: &'a watch::Sender<Option<HeadClient>>,
     pub pool: &'a Arc<crate::worker_pool::WorkerPool>,
+    pub store: &'a Arc<std::sync::Mutex<crate::object_store::ObjectStore>>,
+    pub store_capacity: u64,
 }
 
 impl<T: Transport> HeadLink<'_, T> {
@@ -96,6 +98,7 @@ impl<T: Transport> HeadLink<'_, T> {
                 resources_available: self.pool.available(),
                 jobs: self.pool.jobs(),
                 dead_workers: dead_workers.clone(),
+                object_store_used_bytes: self.store_used(),
             };
             let Some(reply) = shutdown
                 .run_until_cancelled(head.call(&beat, self.config.head_request_timeout))
@@ -138,6 +141,10 @@ impl<T: Transport> HeadLink<'_, T> {
         self.leave(client).await;
     }
 
+    fn store_used(&self) -> u64 {
+        self.store.lock().unwrap_or_else(|e| e.into_inner()).used()
+    }
+
     async fn connect(&self) -> Result<HeadClient, String> {
         let addr = resolve(&self.config.head_address).await?;
         self.transport
@@ -162,6 +169,7 @@ impl<T: Transport> HeadLink<'_, T> {
             resources_total: self.resources.clone(),
             is_head_node: self.config.is_head_node,
             registration_key,
+            object_store_capacity_bytes: self.store_capacity,
         });
         match head
             .call(&request, self.config.head_request_timeout)

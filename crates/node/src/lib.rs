@@ -128,6 +128,7 @@ pub struct Node {
     head: watch::Sender<Option<HeadClient>>,
     pool: Arc<WorkerPool>,
     store: Arc<Mutex<ObjectStore>>,
+    store_capacity: u64,
     /// Keeps a temporary session directory alive as long as the node.
     _scratch: Option<tempfile::TempDir>,
     handle: NodeHandle,
@@ -221,6 +222,7 @@ impl Node {
             head,
             pool,
             store,
+            store_capacity: store_bytes,
             _scratch: scratch,
             handle,
         })
@@ -262,6 +264,8 @@ impl Node {
             node_id: &self.node_id,
             head: &self.head,
             pool: &self.pool,
+            store: &self.store,
+            store_capacity: self.store_capacity,
         };
         tokio::join!(server, link.run(shutdown));
         self.pool.stop_all();

@@ -24,6 +24,9 @@ pub enum HeadRequest {
         /// Workers that died since the last heartbeat: their leases are reclaimed.
         #[serde(default)]
         dead_workers: Vec<WorkerId>,
+        /// Bytes in use in the node's object store.
+        #[serde(default)]
+        object_store_used_bytes: u64,
     },
     /// A node daemon leaves on purpose (graceful stop).
     UnregisterNode {
@@ -142,6 +145,9 @@ pub struct RegisterNode {
     /// with the same key gets the same node id (the request is idempotent).
     #[serde(default)]
     pub registration_key: u64,
+    /// The node's object store capacity in bytes.
+    #[serde(default)]
+    pub object_store_capacity_bytes: u64,
 }
 
 /// A reply from the head.
@@ -269,6 +275,12 @@ pub struct NodeStatus {
     pub resources_available: ResourceSet,
     /// Milliseconds since the head last heard from the node.
     pub last_heartbeat_ms_ago: u64,
+    /// Bytes in use in its object store, as of its last heartbeat.
+    #[serde(default)]
+    pub object_store_used_bytes: u64,
+    /// Its object store capacity.
+    #[serde(default)]
+    pub object_store_capacity_bytes: u64,
 }
 
 /// Whether a node is a live member.

@@ -45,6 +45,8 @@ const CHUNK_BYTES: u32 = 8 << 20;
 /// A pushed task may run this long before its caller gives up on the reply
 /// (a dead worker is noticed much sooner, by the connection's idle timeout).
 const TASK_CALL_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How long a `put` into a full store waits for room before failing.
+const STORE_FULL_WAIT: Duration = Duration::from_secs(5);
 /// Deadline of control requests.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 /// The TLS name of worker and driver endpoints.
@@ -209,6 +211,8 @@ pub(crate) struct Core {
     /// Per worker running here: how many of its gets are waiting.
     blocked: DashMap<WorkerId, usize>,
     pub(crate) shutdown: CancellationToken,
+    /// Deletes of freed objects under way: shutdown waits for them.
+    deletes: tokio_util::task::TaskTracker,
     /// Keeps the in-process cluster of local mode alive.
     pub(crate) local: Mutex<Option<crate::local::LocalCluster>>,
 }
@@ -299,6 +303,7 @@ impl Core {
             put_counter: AtomicU32::new(0),
             blocked: DashMap::new(),
             shutdown: shutdown.clone(),
+            deletes: tokio_util::task::TaskTracker::new(),
             local: Mutex::new(None),
         });
         let service = Arc::new(WorkerService {
@@ -783,6 +788,7 @@ impl Core {
         let node = self.node(&self.home.address).await?;
         let total = bytes.len() as u64;
         let mut offset = 0usize;
+        let mut full_since = None;
         loop {
             let end = (offset + CHUNK_BYTES as usize).min(bytes.len());
             let put = NodeRequest::PutObject {
@@ -798,7 +804,18 @@ impl Core {
                     return Err(Error::Protocol(format!("storing object {id}: {other:?}")))
                 }
                 Err(shoal_net::RpcError::Service(e)) if e.kind == ServiceErrorKind::Unavailable => {
-                    return Err(Error::ObjectStoreFull(e.message))
+                    // Freed objects are deleted asynchronously: wait a little
+                    // for room before giving up.
+                    if offset == 0
+                        && full_since
+                            .get_or_insert_with(std::time::Instant::now)
+                            .elapsed()
+                            < STORE_FULL_WAIT
+                    {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                    return Err(Error::ObjectStoreFull(e.message));
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -812,17 +829,20 @@ impl Core {
 
     fn delete_stored(&self, id: ObjectId, at: StoredAt) {
         let core = try_get().cloned();
-        self.handle.spawn(async move {
-            let Some(core) = core else { return };
-            if let Ok(node) = core.node(&at.node_address).await {
-                let _ = node
-                    .call(
-                        &NodeRequest::DeleteObjects { ids: vec![id] },
-                        CONTROL_TIMEOUT,
-                    )
-                    .await;
-            }
-        });
+        self.deletes.spawn_on(
+            async move {
+                let Some(core) = core else { return };
+                if let Ok(node) = core.node(&at.node_address).await {
+                    let _ = node
+                        .call(
+                            &NodeRequest::DeleteObjects { ids: vec![id] },
+                            CONTROL_TIMEOUT,
+                        )
+                        .await;
+                }
+            },
+            &self.handle,
+        );
     }
 
     /// Drops one local reference; frees the object when it was the last.
@@ -929,6 +949,9 @@ impl Core {
 
     /// Ends the job: returns leases, tells the head, stops serving.
     pub(crate) async fn shut_down(&self) {
+        // Objects freed just before exit must still be deleted from nodes.
+        self.deletes.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.deletes.wait()).await;
         self.leases.return_all(self).await;
         let _ = self
             .head

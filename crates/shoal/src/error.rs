@@ -96,8 +96,8 @@ pub enum Error {
     /// Shoal is not initialised, or failed to.
     #[error("shoal is not initialised: {0}")]
     NotInitialized(String),
-    /// The object store has no room.
-    #[error("object store full: {0}")]
+    /// The object store has no room (the message says how full it is).
+    #[error("{0}")]
     ObjectStoreFull(String),
     /// No connection to the cluster could be made.
     #[error("cannot connect to the cluster: {0}")]

@@ -43,6 +43,7 @@
 #[allow(unused_extern_crates)]
 extern crate self as shoal;
 
+mod bytes;
 pub mod client;
 mod config;
 mod core;
@@ -62,6 +63,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use shoal_proto::Role;
 
+pub use bytes::Bytes;
 pub use client::ClusterClient;
 pub use config::Config;
 pub use error::{Error, Result, TaskError};
@@ -75,7 +77,7 @@ pub use shoal_proto::{
 
 /// What most programs need: `use shoal::prelude::*;`.
 pub mod prelude {
-    pub use crate::{Arg, Config, Error, ObjectRef, Result, TaskError};
+    pub use crate::{Arg, Bytes, Config, Error, ObjectRef, Result, TaskError};
 }
 
 /// Where the calling code runs.

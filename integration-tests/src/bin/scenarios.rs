@@ -235,6 +235,34 @@ fn main() -> shoal::Result<()> {
             let correct = values.iter().enumerate().all(|(i, v)| *v == i as u32);
             result(json!({"count": values.len(), "correct": correct}));
         }
+        "put-drop" => {
+            let rounds: u32 = arg(1).parse().unwrap_or(1000);
+            let mb: usize = arg(2).parse().unwrap_or(10);
+            let start = Instant::now();
+            for i in 0..rounds {
+                let object = shoal::put(shoal::Bytes(vec![i as u8; mb << 20]))?;
+                drop(object);
+            }
+            result(json!({"rounds": rounds, "seconds": start.elapsed().as_secs_f64()}));
+        }
+        "fill" => {
+            // Keeps every object: the store must refuse, with a typed error.
+            let mb: usize = arg(1).parse().unwrap_or(10);
+            let mut kept = Vec::new();
+            let outcome = loop {
+                match shoal::put(shoal::Bytes(vec![1u8; mb << 20])) {
+                    Ok(object) => kept.push(object),
+                    Err(e) => break e,
+                }
+                if kept.len() > 10_000 {
+                    panic!("the store never filled");
+                }
+            };
+            let full = matches!(outcome, Error::ObjectStoreFull(_));
+            result(
+                json!({"kept": kept.len(), "object_store_full": full, "error": outcome.to_string()}),
+            );
+        }
         "infeasible" => {
             // No node offers this: the task waits, reported as infeasible.
             let never = where_am_i::options().resource("unobtainium", 1.0).remote(0);

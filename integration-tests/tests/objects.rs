@@ -1,0 +1,68 @@
+//! Objects: freeing, and a full store.
+
+use std::time::Duration;
+
+use shoal_integration_tests::{poll_until, result_of, run_driver, sibling_bin, ProcessCluster};
+
+const STORE: &str = "104857600"; // 100 MiB per node
+
+#[test]
+fn a_thousand_rounds_of_put_and_drop_keep_the_store_flat() {
+    let cluster = ProcessCluster::three_process_with(&["--object-store-memory", STORE]);
+    // 1000 x 10 MB is 100 times the store: only freeing lets this finish.
+    let out = result_of(&run_driver(
+        &sibling_bin("scenarios"),
+        &["put-drop", "1000", "10"],
+        &cluster.driver_env(),
+        Duration::from_secs(600),
+    ));
+    assert_eq!(out["rounds"], 1000);
+    poll_until(Duration::from_secs(20), "every store to be empty", || {
+        let status = cluster.status();
+        let nodes = status["nodes"].as_array()?.clone();
+        nodes
+            .iter()
+            .all(|n| n["object_store_used_bytes"] == 0)
+            .then_some(())
+    });
+    let status = cluster.status();
+    for node in status["nodes"].as_array().expect("nodes") {
+        if node["is_head_node"] == false {
+            assert_eq!(node["object_store_capacity_bytes"], 104_857_600, "{node}");
+        }
+    }
+}
+
+#[test]
+fn a_full_store_refuses_put_with_a_typed_error_and_keeps_serving() {
+    let cluster = ProcessCluster::three_process_with(&["--object-store-memory", STORE]);
+    let out = result_of(&run_driver(
+        &sibling_bin("scenarios"),
+        &["fill", "10"],
+        &cluster.driver_env(),
+        Duration::from_secs(120),
+    ));
+    assert_eq!(out["object_store_full"], true, "{out}");
+    // Each object is 10 MiB plus 5 bytes of encoding: nine fit in 100 MiB.
+    assert_eq!(out["kept"], 9, "{out}");
+    // The driver exited: its objects are freed, and the daemons still serve.
+    poll_until(
+        Duration::from_secs(30),
+        "the store to be emptied after the job",
+        || {
+            let status = cluster.status();
+            let alive = status["nodes"]
+                .as_array()?
+                .iter()
+                .all(|n| n["state"] == "ALIVE");
+            alive.then_some(())
+        },
+    );
+    let again = result_of(&run_driver(
+        &sibling_bin("scenarios"),
+        &["put-drop", "5", "10"],
+        &cluster.driver_env(),
+        Duration::from_secs(120),
+    ));
+    assert_eq!(again["rounds"], 5);
+}
