@@ -221,3 +221,55 @@ fn an_infeasible_task_is_reported_in_status() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn worker_output_is_streamed_to_the_driver_with_pid_and_node() {
+    let cluster = ProcessCluster::three_process();
+    let mut child = Command::new(sibling_bin("scenarios"))
+        .args(["print"])
+        .envs(cluster.driver_env())
+        .env("SHOAL_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("driver");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut seen = std::collections::BTreeSet::new();
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        if line.starts_with("(pid=") && line.contains(", node=") {
+            if let Some(n) = line.strip_suffix_task() {
+                seen.insert(n);
+            }
+        }
+        if seen.len() == 3 {
+            break;
+        }
+    }
+    drop(child.stdin.take());
+    let status = child.wait().expect("driver exit");
+    assert!(status.success());
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![0, 1, 2]);
+    // The same lines are in the workers' log files on the nodes.
+    let logs: String = std::fs::read_dir(cluster.root().join("session_latest").join("logs"))
+        .expect("logs")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("worker-"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
+    assert!(
+        logs.contains("hello from task 1") && logs.contains("warning from task 1"),
+        "{logs}"
+    );
+}
+
+trait TaskLine {
+    fn strip_suffix_task(&self) -> Option<u32>;
+}
+
+impl TaskLine for String {
+    /// `(pid=.., node=..) hello from task N` -> N
+    fn strip_suffix_task(&self) -> Option<u32> {
+        self.split(") hello from task ").nth(1)?.trim().parse().ok()
+    }
+}

@@ -90,6 +90,7 @@ impl Service for NodeService {
                 job_id,
                 binary_hash,
                 resources,
+                driver,
             } => {
                 require(peer, &[Role::Driver, Role::Worker])?;
                 resources
@@ -97,7 +98,7 @@ impl Service for NodeService {
                     .map_err(|e| ServiceError::new(ServiceErrorKind::BadRequest, e.to_string()))?;
                 let worker = self
                     .pool
-                    .grant(lease_id, job_id, &binary_hash, resources)
+                    .grant(lease_id, job_id, &binary_hash, resources, driver)
                     .await?;
                 Ok(NodeReply::WorkerGranted { worker })
             }

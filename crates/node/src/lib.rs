@@ -129,6 +129,10 @@ pub struct Node {
     pool: Arc<WorkerPool>,
     store: Arc<Mutex<ObjectStore>>,
     store_capacity: u64,
+    /// Worker output on its way to drivers (process workers only).
+    logs: Mutex<
+        Option<tokio::sync::mpsc::Receiver<(shoal_proto::Address, shoal_proto::worker::LogLine)>>,
+    >,
     /// Keeps a temporary session directory alive as long as the node.
     _scratch: Option<tempfile::TempDir>,
     handle: NodeHandle,
@@ -139,7 +143,7 @@ impl Node {
     /// processes of the job's executable. Must be called inside a tokio
     /// runtime.
     pub fn bind(config: NodeConfig, token: JoinToken) -> Result<Self, NodeError> {
-        Self::bind_with_launcher(config, token, Arc::new(ProcessLauncher))
+        Self::bind_inner(config, token, None)
     }
 
     /// Like [`bind`](Node::bind), starting workers with `launcher` (local
@@ -148,6 +152,14 @@ impl Node {
         config: NodeConfig,
         token: JoinToken,
         launcher: Arc<dyn WorkerLauncher>,
+    ) -> Result<Self, NodeError> {
+        Self::bind_inner(config, token, Some(launcher))
+    }
+
+    fn bind_inner(
+        config: NodeConfig,
+        token: JoinToken,
+        launcher: Option<Arc<dyn WorkerLauncher>>,
     ) -> Result<Self, NodeError> {
         let resources = machine::resources(&config);
         resources.validate()?;
@@ -174,6 +186,17 @@ impl Node {
         let mut auth = ServerAuth::new(token.clone(), vec![Role::Node, Role::Driver, Role::Worker]);
         auth.certificate_required = vec![Role::Node];
         let (node_id, rx) = watch::channel(None);
+        // Process workers' output is streamed to their job's driver.
+        let (launcher, logs) = match launcher {
+            Some(launcher) => (launcher, None),
+            None => {
+                let (tx, logs) = tokio::sync::mpsc::channel(LOG_LINES_QUEUED_MAX);
+                let launcher: Arc<dyn WorkerLauncher> = Arc::new(ProcessLauncher {
+                    logs: Some((tx, rx.clone())),
+                });
+                (launcher, Some(logs))
+            }
+        };
         let (head, head_rx) = watch::channel(None);
         let (scratch, session_dir) = match &config.session_dir {
             Some(dir) => (None, dir.clone()),
@@ -223,6 +246,7 @@ impl Node {
             pool,
             store,
             store_capacity: store_bytes,
+            logs: Mutex::new(logs),
             _scratch: scratch,
             handle,
         })
@@ -267,7 +291,13 @@ impl Node {
             store: &self.store,
             store_capacity: self.store_capacity,
         };
-        tokio::join!(server, link.run(shutdown));
+        let logs = self.logs.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let forward = async {
+            if let Some(logs) = logs {
+                forward_logs(logs, &self.transport, shutdown.clone()).await;
+            }
+        };
+        tokio::join!(server, link.run(shutdown.clone()), forward);
         self.pool.stop_all();
         self.transport
             .endpoint()
@@ -275,6 +305,73 @@ impl Node {
         info!("node daemon stopped");
     }
 }
+/// Output lines waiting to be sent to drivers; more are dropped (and counted
+/// in the worker's log file).
+const LOG_LINES_QUEUED_MAX: usize = 10_000;
+/// Lines sent in one message.
+const LOG_LINES_PER_BATCH: usize = 1_000;
+
+type DriverClient = RpcClient<shoal_proto::WorkerRequest, shoal_proto::WorkerReply>;
+
+/// Sends workers' output to their drivers, in batches.
+async fn forward_logs(
+    mut lines: tokio::sync::mpsc::Receiver<(shoal_proto::Address, shoal_proto::worker::LogLine)>,
+    transport: &QuicTransport,
+    shutdown: CancellationToken,
+) {
+    use shoal_net::Transport;
+    let mut drivers: std::collections::HashMap<String, DriverClient> =
+        std::collections::HashMap::new();
+    loop {
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            line = lines.recv() => match line {
+                Some(line) => line,
+                None => return,
+            },
+        };
+        let mut batches: std::collections::HashMap<String, Vec<shoal_proto::worker::LogLine>> =
+            std::collections::HashMap::new();
+        batches.entry(first.0.address).or_default().push(first.1);
+        let mut taken = 1;
+        while taken < LOG_LINES_PER_BATCH {
+            let Ok((driver, line)) = lines.try_recv() else {
+                break;
+            };
+            batches.entry(driver.address).or_default().push(line);
+            taken += 1;
+        }
+        for (address, batch) in batches {
+            let client = match drivers.get(&address) {
+                Some(c) if c.close_reason().is_none() => c.clone(),
+                _ => {
+                    let Ok(addr) = address.parse::<SocketAddr>() else {
+                        continue;
+                    };
+                    match transport
+                        .connect::<shoal_proto::WorkerRequest, shoal_proto::WorkerReply>(addr)
+                        .await
+                    {
+                        Ok(c) => {
+                            drivers.insert(address.clone(), c.clone());
+                            c
+                        }
+                        Err(e) => {
+                            tracing::debug!(driver = %address, error = %e, "cannot reach the driver for worker output");
+                            continue;
+                        }
+                    }
+                }
+            };
+            let send = shoal_proto::WorkerRequest::Logs(batch);
+            if let Err(e) = client.call(&send, std::time::Duration::from_secs(5)).await {
+                tracing::debug!(driver = %address, error = %e, "worker output not delivered");
+                drivers.remove(&address);
+            }
+        }
+    }
+}
+
 /// Binds and runs a node daemon until `shutdown` is cancelled.
 pub async fn run(
     config: NodeConfig,

@@ -36,6 +36,8 @@ pub struct LaunchSpec {
     pub env: Vec<(String, String)>,
     /// Where the worker's stdout and stderr go.
     pub log_path: Option<PathBuf>,
+    /// The job's driver, which is shown the worker's output.
+    pub driver: Option<Address>,
 }
 
 /// A started worker.
@@ -59,9 +61,20 @@ pub trait WorkerLauncher: Send + Sync + 'static {
     fn launch(&self, spec: LaunchSpec) -> Result<Launched, String>;
 }
 
-/// Starts workers as processes of the job's executable.
+/// A line of worker output on its way to the job's driver.
+pub type LogSink = tokio::sync::mpsc::Sender<(Address, shoal_proto::worker::LogLine)>;
+
+/// Starts workers as processes of the job's executable. Their stdout and
+/// stderr are written to the worker's log file and, line by line, to `logs`
+/// for the job's driver.
 #[derive(Debug, Default)]
-pub struct ProcessLauncher;
+pub struct ProcessLauncher {
+    /// Where output lines go, with the node's id.
+    pub logs: Option<(
+        LogSink,
+        tokio::sync::watch::Receiver<Option<shoal_proto::NodeId>>,
+    )>,
+}
 
 impl WorkerLauncher for ProcessLauncher {
     fn needs_executable(&self) -> bool {
@@ -75,17 +88,40 @@ impl WorkerLauncher for ProcessLauncher {
         let mut cmd = tokio::process::Command::new(&exe);
         cmd.envs(spec.env)
             .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
-        if let Some(log) = &spec.log_path {
-            let out = std::fs::File::create(log)
-                .map_err(|e| format!("creating {}: {e}", log.display()))?;
-            let err = out.try_clone().map_err(|e| e.to_string())?;
-            cmd.stdout(out).stderr(err);
-        }
+        let log_file = match &spec.log_path {
+            Some(log) => Some(
+                std::fs::File::create(log)
+                    .map_err(|e| format!("creating {}: {e}", log.display()))?,
+            ),
+            None => None,
+        };
         let mut child = cmd
             .spawn()
             .map_err(|e| format!("starting {}: {e}", exe.display()))?;
         let pid = child.id();
+        let log_file = log_file.map(|f| Arc::new(Mutex::new(f)));
+        let sink = self.logs.as_ref().zip(spec.driver.clone());
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(pump_lines(
+                out,
+                false,
+                pid.unwrap_or(0),
+                log_file.clone(),
+                sink.clone().map(|((s, n), d)| (s.clone(), n.clone(), d)),
+            ));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(pump_lines(
+                err,
+                true,
+                pid.unwrap_or(0),
+                log_file,
+                sink.map(|((s, n), d)| (s.clone(), n.clone(), d)),
+            ));
+        }
         let exited = Box::pin(async move {
             match child.wait().await {
                 Ok(status) => status.to_string(),
@@ -106,6 +142,55 @@ impl WorkerLauncher for ProcessLauncher {
             kill,
             address: None,
         })
+    }
+}
+
+/// Copies a worker's output, line by line, to its log file and to the
+/// job's driver. Lines that would overflow the queue to the driver are
+/// dropped (and counted in the log file), never blocking the worker.
+async fn pump_lines(
+    stream: impl tokio::io::AsyncRead + Unpin,
+    stderr: bool,
+    pid: u32,
+    file: Option<Arc<Mutex<std::fs::File>>>,
+    sink: Option<(
+        LogSink,
+        tokio::sync::watch::Receiver<Option<shoal_proto::NodeId>>,
+        Address,
+    )>,
+) {
+    use std::io::Write;
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(stream).lines();
+    let mut dropped = 0u64;
+    while let Ok(Some(text)) = lines.next_line().await {
+        if let Some(file) = &file {
+            let mut f = file.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = writeln!(f, "{text}");
+        }
+        if let Some((sink, node_id, driver)) = &sink {
+            let Some(node_id) = *node_id.borrow() else {
+                continue;
+            };
+            let line = shoal_proto::worker::LogLine {
+                pid,
+                node_id,
+                stderr,
+                text,
+            };
+            if sink.try_send((driver.clone(), line)).is_err() {
+                dropped += 1;
+            }
+        }
+    }
+    if dropped > 0 {
+        if let Some(file) = &file {
+            let mut f = file.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = writeln!(
+                f,
+                "[shoal: {dropped} lines were not forwarded to the driver: its queue was full]"
+            );
+        }
     }
 }
 
@@ -201,6 +286,7 @@ impl WorkerPool {
         job_id: JobId,
         binary_hash: &str,
         resources: ResourceSet,
+        driver: Option<Address>,
     ) -> Result<Address, ServiceError> {
         let (worker_id, started) = {
             let mut state = self.state();
@@ -259,7 +345,10 @@ impl WorkerPool {
                 }
             }
         };
-        match self.start(worker_id, job_id, binary_hash, started).await {
+        match self
+            .start(worker_id, job_id, binary_hash, driver, started)
+            .await
+        {
             Ok(address) => {
                 let mut state = self.state();
                 if let Some(entry) = state.workers.get_mut(&worker_id) {
@@ -280,6 +369,7 @@ impl WorkerPool {
         worker_id: WorkerId,
         job_id: JobId,
         binary_hash: &str,
+        driver: Option<Address>,
         registered: oneshot::Receiver<Result<String, String>>,
     ) -> Result<String, String> {
         let executable = if self.launcher.needs_executable() {
@@ -291,6 +381,10 @@ impl WorkerPool {
         env.push(("SHOAL_WORKER_ID".into(), worker_id.to_string()));
         env.push(("SHOAL_JOB_ID".into(), job_id.to_string()));
         env.push(("SHOAL_BINARY_HASH".into(), binary_hash.to_string()));
+        if let Some(driver) = &driver {
+            env.push(("SHOAL_DRIVER_ADDRESS".into(), driver.address.clone()));
+            env.push(("SHOAL_DRIVER_ID".into(), driver.worker_id.to_string()));
+        }
         let log_path = self
             .config
             .log_dir
@@ -302,6 +396,7 @@ impl WorkerPool {
             executable,
             env,
             log_path,
+            driver,
         })?;
         {
             let mut state = self.state();

@@ -24,6 +24,9 @@ pub enum NodeRequest {
         binary_hash: String,
         /// The resources the lease holds.
         resources: ResourceSet,
+        /// The job's driver, where the worker's output is streamed.
+        #[serde(default)]
+        driver: Option<Address>,
     },
     /// A lease holder is done with a worker.
     ReleaseWorker {

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::ObjectId;
+use crate::ids::{NodeId, ObjectId};
 use crate::task::{StoredAt, TaskFailure, TaskReply, TaskSpec};
 
 /// A request to a worker.
@@ -12,6 +12,8 @@ use crate::task::{StoredAt, TaskFailure, TaskReply, TaskSpec};
 pub enum WorkerRequest {
     /// Run this task and answer with its result.
     PushTask(TaskSpec),
+    /// Lines a job's workers printed, for its driver to show.
+    Logs(Vec<LogLine>),
     /// Get an object this process owns: answered when it is ready, or with
     /// `NotReady` after `wait_ms`.
     GetObject {
@@ -30,6 +32,22 @@ pub enum WorkerReply {
     TaskDone(TaskReply),
     /// An object's value.
     Object(ObjectValue),
+    /// Done.
+    Ok,
+}
+
+/// One line a worker printed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct LogLine {
+    /// The worker's process id.
+    pub pid: u32,
+    /// Its node.
+    pub node_id: NodeId,
+    /// True for standard error.
+    pub stderr: bool,
+    /// The line, without its newline.
+    pub text: String,
 }
 
 /// An object as its owner has it.

@@ -192,6 +192,8 @@ pub(crate) struct Core {
     pub(crate) handle: tokio::runtime::Handle,
     pub(crate) job_id: JobId,
     pub(crate) me: Address,
+    /// The job's driver (this process, for a driver).
+    pub(crate) driver: Address,
     pub(crate) home: HomeNode,
     pub(crate) binary_hash: String,
     endpoint: shoal_net::quinn::Endpoint,
@@ -227,6 +229,8 @@ pub(crate) struct CoreSetup {
     pub home: Option<HomeNode>,
     pub executor: Option<Executor>,
     pub upload_binary: bool,
+    /// The job's driver, for workers (a driver is its own).
+    pub driver: Option<Address>,
     /// The job executable's hash, when known (workers get it from the node).
     pub binary_hash: Option<String>,
 }
@@ -285,6 +289,7 @@ impl Core {
         let core = Arc::new(Core {
             handle: tokio::runtime::Handle::current(),
             job_id,
+            driver: setup.driver.unwrap_or_else(|| me.clone()),
             me,
             home,
             binary_hash,
@@ -1017,6 +1022,19 @@ impl Service for WorkerService {
                     .await
                     .map_err(|e| ServiceError::new(ServiceErrorKind::Internal, e.to_string()))?;
                 Ok(WorkerReply::TaskDone(reply))
+            }
+            WorkerRequest::Logs(lines) => {
+                // As Ray does: each line with the worker's pid and node.
+                for line in lines {
+                    let node = line.node_id.to_string();
+                    let prefix = format!("(pid={}, node={})", line.pid, &node[..8.min(node.len())]);
+                    if line.stderr {
+                        eprintln!("{prefix} {}", line.text);
+                    } else {
+                        println!("{prefix} {}", line.text);
+                    }
+                }
+                Ok(WorkerReply::Ok)
             }
             WorkerRequest::GetObject { id, wait_ms } => {
                 let wait = Duration::from_millis(wait_ms).min(Duration::from_secs(30));

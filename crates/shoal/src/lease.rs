@@ -287,6 +287,7 @@ async fn lease_worker(
         job_id: core.job_id,
         binary_hash: core.binary_hash.clone(),
         resources: resources.clone(),
+        driver: Some(core.driver.clone()),
     };
     let worker = match node.call(&grant, Duration::from_secs(90)).await {
         Ok(NodeReply::WorkerGranted { worker }) => worker,

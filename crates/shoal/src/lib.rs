@@ -205,6 +205,7 @@ async fn start_driver(config: Config) -> Result<Arc<core::Core>> {
         home,
         executor: None,
         upload_binary: config.address.is_some() || config.worker_processes,
+        driver: None,
         binary_hash: None,
     })
     .await?;

@@ -47,6 +47,16 @@ fn worker_main() -> Result<()> {
     let head = env("SHOAL_ADDRESS")?;
     let token: JoinToken = env("SHOAL_TOKEN")?.parse()?;
     let binary_hash = std::env::var("SHOAL_BINARY_HASH").ok();
+    let driver = match (
+        std::env::var("SHOAL_DRIVER_ADDRESS"),
+        std::env::var("SHOAL_DRIVER_ID"),
+    ) {
+        (Ok(address), Ok(id)) => id
+            .parse()
+            .ok()
+            .map(|worker_id| shoal_proto::Address { worker_id, address }),
+        _ => None,
+    };
     let parent = nix::unistd::getppid();
     let rt = core::runtime()?;
     rt.block_on(async move {
@@ -67,6 +77,7 @@ fn worker_main() -> Result<()> {
             }),
             executor: Some(Executor { node_id, worker_id }),
             upload_binary: false,
+            driver,
             binary_hash,
         })
         .await?;

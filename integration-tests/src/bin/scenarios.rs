@@ -83,6 +83,13 @@ fn crash_worker(file: String) -> u32 {
 }
 
 #[shoal::remote]
+fn say(n: u32) -> u32 {
+    println!("hello from task {n}");
+    eprintln!("warning from task {n}");
+    n
+}
+
+#[shoal::remote]
 fn sleep_then(ms: u64, value: u32) -> u32 {
     std::thread::sleep(Duration::from_millis(ms));
     value
@@ -262,6 +269,16 @@ fn main() -> shoal::Result<()> {
             result(
                 json!({"kept": kept.len(), "object_store_full": full, "error": outcome.to_string()}),
             );
+        }
+        "print" => {
+            // Workers' output is streamed here; stay up until the test has
+            // seen it (it closes our stdin).
+            let refs: Vec<_> = (0..3).map(say::remote).collect();
+            shoal::get_all(&refs)?;
+            println!("WAITING");
+            std::io::stdout().flush().ok();
+            let mut line = String::new();
+            let _ = std::io::stdin().read_line(&mut line);
         }
         "infeasible" => {
             // No node offers this: the task waits, reported as infeasible.
