@@ -235,8 +235,12 @@ fn worker_output_is_streamed_to_the_driver_with_pid_and_node() {
         .spawn()
         .expect("driver");
     let stdout = child.stdout.take().expect("stdout");
+    let stderr = child.stderr.take().expect("stderr");
+    let drain_stderr =
+        std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
     let mut seen = std::collections::BTreeSet::new();
-    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+    let mut lines = BufReader::new(stdout).lines();
+    for line in lines.by_ref().map_while(Result::ok) {
         if line.starts_with("(pid=") && line.contains(", node=") {
             if let Some(n) = line.strip_suffix_task() {
                 seen.insert(n);
@@ -246,9 +250,22 @@ fn worker_output_is_streamed_to_the_driver_with_pid_and_node() {
             break;
         }
     }
+    // The stderr lines too, before the driver is let go.
+    for _ in 0..3 {
+        warnings
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a streamed stderr line");
+    }
+    // Let the driver finish; keep reading so it never writes to a closed pipe.
     drop(child.stdin.take());
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
     let status = child.wait().expect("driver exit");
-    assert!(status.success());
+    let stderr = drain_stderr.join().unwrap_or_default();
+    assert!(status.success(), "driver failed: {rest:?}\n{stderr}");
+    assert!(
+        stderr.contains(") warning from task 2"),
+        "stderr lines are streamed too: {stderr}"
+    );
     assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![0, 1, 2]);
     // The same lines are in the workers' log files on the nodes.
     let logs: String = std::fs::read_dir(cluster.root().join("session_latest").join("logs"))
