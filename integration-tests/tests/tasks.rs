@@ -236,8 +236,18 @@ fn worker_output_is_streamed_to_the_driver_with_pid_and_node() {
         .expect("driver");
     let stdout = child.stdout.take().expect("stdout");
     let stderr = child.stderr.take().expect("stderr");
-    let drain_stderr =
-        std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
+    let (warned, warnings) = std::sync::mpsc::channel();
+    let drain_stderr = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.starts_with("(pid=") && line.contains(") warning from task ") {
+                let _ = warned.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
     let mut seen = std::collections::BTreeSet::new();
     let mut lines = BufReader::new(stdout).lines();
     for line in lines.by_ref().map_while(Result::ok) {
