@@ -15,6 +15,9 @@ use proc_macro::TokenStream;
 ///
 /// Options: `num_cpus = N`, `max_retries = N`, `retry_exceptions = bool`,
 /// `resources = { "GPU" = 1.0 }`... see the `shoal` crate's documentation.
+///
+/// The function must be a module-level item (not declared inside another
+/// function's body): its companion module refers to it as `super::name`.
 #[proc_macro_attribute]
 pub fn remote(attr: TokenStream, item: TokenStream) -> TokenStream {
     match remote::expand(attr.into(), item.into()) {

@@ -346,14 +346,17 @@ impl WorkerPool {
             }
         };
         match self
-            .start(worker_id, job_id, binary_hash, driver, started)
+            .start(worker_id, job_id, binary_hash, driver.clone(), started)
             .await
         {
             Ok(address) => {
-                let mut state = self.state();
-                if let Some(entry) = state.workers.get_mut(&worker_id) {
-                    entry.state = WorkerState::Leased(lease_id);
+                {
+                    let mut state = self.state();
+                    if let Some(entry) = state.workers.get_mut(&worker_id) {
+                        entry.state = WorkerState::Leased(lease_id);
+                    }
                 }
+                self.prestart(job_id, binary_hash.to_string(), driver);
                 Ok(Address { worker_id, address })
             }
             Err(e) => {
@@ -429,6 +432,57 @@ impl WorkerPool {
                 self.config.start_timeout
             )),
         }
+    }
+
+    /// Starts a spare idle worker for the job, so that its next lease here is
+    /// served without waiting for a process to start; at most one spare, and
+    /// no more workers for the job than the node has CPUs.
+    fn prestart(self: &Arc<Self>, job_id: JobId, binary_hash: String, driver: Option<Address>) {
+        let worker_id = WorkerId::random();
+        let registered = {
+            let mut state = self.state();
+            let of_job = state.workers.values().filter(|w| w.job_id == job_id);
+            let (count, spare) = of_job.fold((0usize, 0usize), |(c, s), w| {
+                (
+                    c + 1,
+                    s + usize::from(!matches!(w.state, WorkerState::Leased(_))),
+                )
+            });
+            if spare > 0 || count as f64 >= self.config.total.get(shoal_proto::resources::CPU) {
+                return;
+            }
+            let (tx, rx) = oneshot::channel();
+            state.workers.insert(
+                worker_id,
+                WorkerEntry {
+                    job_id,
+                    gone: Arc::new(tokio::sync::Notify::new()),
+                    state: WorkerState::Starting(vec![tx]),
+                    address: None,
+                    pid: None,
+                    kill: None,
+                },
+            );
+            rx
+        };
+        let pool = Arc::clone(self);
+        tokio::spawn(async move {
+            match pool
+                .start(worker_id, job_id, &binary_hash, driver, registered)
+                .await
+            {
+                Ok(_) => {
+                    let mut state = pool.state();
+                    if let Some(entry) = state.workers.get_mut(&worker_id) {
+                        entry.state = WorkerState::Idle(Instant::now());
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(%worker_id, error = %e, "spare worker failed to start");
+                    pool.remove_worker(worker_id);
+                }
+            }
+        });
     }
 
     /// A worker the node started reports where it serves.
