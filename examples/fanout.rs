@@ -21,11 +21,14 @@ fn subtree(depth: u32, fanout: u32) -> u64 {
     shoal::get_all(&children).expect("children").iter().sum()
 }
 
+// `#[shoal::main]` runs the worker loop before the body when this program is
+// started as a worker, so `init` may come later (here, after parsing args).
+#[shoal::main]
 fn main() -> shoal::Result<()> {
-    let _shoal = shoal::init(shoal::Config::from_env())?;
     let mut args = std::env::args().skip(1);
     let depth: u32 = args.next().and_then(|a| a.parse().ok()).unwrap_or(3);
     let fanout: u32 = args.next().and_then(|a| a.parse().ok()).unwrap_or(4);
+    let _shoal = shoal::init(shoal::Config::from_env())?;
     let start = Instant::now();
     let leaves = subtree::remote(depth, fanout).get()?;
     let tasks: u64 = (0..=depth).map(|d| u64::from(fanout).pow(d)).sum();

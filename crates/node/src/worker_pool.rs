@@ -3,9 +3,9 @@
 //!
 //! A lease holder asks for a worker ([`WorkerPool::grant`]); the pool hands
 //! it an idle worker of the job or starts one, and waits for the new worker
-//! to register. The lease's resources are checked against the node's own
-//! capacity too, so at most one busy worker runs per CPU slot whatever the
-//! head's ledger says. Released workers go back to the idle list and are
+//! to register. The head's ledger decides placement (at most one busy worker
+//! per CPU slot, except just after a blocked task resumes); the node keeps
+//! its own count for its heartbeats. Released workers go back to the idle list and are
 //! stopped after `worker_idle_timeout`, or when their job finishes. A worker
 //! that exits is removed, and reported to the head in the next heartbeat so
 //! the leases it held as an owner are reclaimed.
@@ -305,11 +305,17 @@ impl WorkerPool {
                     )),
                 };
             }
-            if !fits(&resources, &state.allocated, &self.config.total) {
-                return Err(unavailable(format!(
-                    "this node cannot fit {resources:?} now (allocated {:?} of {:?})",
-                    state.allocated, self.config.total
-                )));
+            // The head's ledger places leases; the node trusts them (after a
+            // blocked task resumes it may run past capacity for a while, as
+            // the head allows) and refuses only what it could never hold.
+            if !fits(&resources, &ResourceSet::new(), &self.config.total) {
+                return Err(ServiceError::new(
+                    ServiceErrorKind::BadRequest,
+                    format!(
+                        "this node offers {:?}; a lease of {resources:?} cannot run here",
+                        self.config.total
+                    ),
+                ));
             }
             state.allocated.add(&resources);
             let idle = state.workers.iter().find_map(|(id, w)| {

@@ -326,7 +326,6 @@ impl Core {
             Arc::new(HandshakeStats::default()),
             shutdown.clone(),
         ));
-        crate::lease::spawn_reaper(Arc::clone(&core));
         Ok(core)
     }
 

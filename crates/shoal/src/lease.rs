@@ -23,7 +23,9 @@ use crate::core::{Core, NodeClient, WorkerClient};
 /// Lease requests in flight per class.
 const REQUESTS_IN_FLIGHT_MAX: usize = 8;
 /// A lease idle this long is returned.
-const IDLE_RETURN: Duration = Duration::from_millis(1000);
+/// Long enough to keep a lease across a submit-get-submit loop, short
+/// enough that other owners (nested tasks) soon get the CPU back.
+const IDLE_RETURN: Duration = Duration::from_millis(10);
 /// How long the head may hold a lease request.
 const LEASE_WAIT: Duration = Duration::from_secs(2);
 
@@ -131,7 +133,16 @@ impl LeaseManager {
             give_back(core, worker, false);
             return;
         }
-        class.idle.push((worker, Instant::now()));
+        let since = Instant::now();
+        let lease_id = worker.lease.lease_id;
+        class.idle.push((worker, since));
+        drop(classes);
+        // Give the lease back if no task of the class takes it meanwhile.
+        let core2 = Arc::clone(core);
+        core.handle.spawn(async move {
+            tokio::time::sleep(IDLE_RETURN).await;
+            core2.leases.return_if_idle(&core2, lease_id, since);
+        });
     }
 
     /// Gives up a worker that failed: it is stopped and its lease returned.
@@ -139,21 +150,19 @@ impl LeaseManager {
         give_back(core, worker, true);
     }
 
-    /// Returns leases idle for too long.
-    fn reap(&self, core: &Arc<Core>) {
-        let mut stale = Vec::new();
-        {
+    /// Returns a lease still idle since `since`.
+    fn return_if_idle(&self, core: &Arc<Core>, lease_id: shoal_proto::LeaseId, since: Instant) {
+        let stale = {
             let mut classes = self.classes();
-            for class in classes.values_mut() {
-                let (keep, old): (Vec<_>, Vec<_>) = class
+            classes.values_mut().find_map(|class| {
+                let at = class
                     .idle
-                    .drain(..)
-                    .partition(|(_, since)| since.elapsed() < IDLE_RETURN);
-                class.idle = keep;
-                stale.extend(old.into_iter().map(|(w, _)| w));
-            }
-        }
-        for worker in stale {
+                    .iter()
+                    .position(|(w, s)| w.lease.lease_id == lease_id && *s == since)?;
+                Some(class.idle.swap_remove(at).0)
+            })
+        };
+        if let Some(worker) = stale {
             give_back(core, worker, false);
         }
     }
@@ -244,13 +253,18 @@ async fn lease_worker(
         preferred_node: Some(core.home.node_id),
         wait_ms: LEASE_WAIT.as_millis() as u64,
     });
+    let asked = std::time::Instant::now();
     let lease = match core
         .head
         .call(&request, LEASE_WAIT + Duration::from_secs(10))
         .await
     {
-        Ok(HeadReply::LeaseGranted(lease)) => lease,
+        Ok(HeadReply::LeaseGranted(lease)) => {
+            debug!(lease_id = %lease.lease_id, node = %lease.node_id, waited = ?asked.elapsed(), "lease granted");
+            lease
+        }
         Ok(HeadReply::LeasePending { infeasible }) => {
+            debug!(infeasible, waited = ?asked.elapsed(), "no lease yet");
             if infeasible {
                 let first = {
                     let mut classes = core.leases.classes();
@@ -333,18 +347,4 @@ async fn lease_worker(
         node,
         lost,
     }))
-}
-
-/// Returns idle leases every so often.
-pub(crate) fn spawn_reaper(core: Arc<Core>) {
-    let handle = core.handle.clone();
-    handle.spawn(async move {
-        let mut tick = tokio::time::interval(IDLE_RETURN / 4);
-        loop {
-            tokio::select! {
-                _ = core.shutdown.cancelled() => return,
-                _ = tick.tick() => core.leases.reap(&core),
-            }
-        }
-    });
 }

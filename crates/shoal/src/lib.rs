@@ -139,6 +139,7 @@ impl Drop for Shoal {
 /// that before `main`'s body). A second call returns a guard that owns
 /// nothing.
 pub fn init(config: Config) -> Result<Shoal> {
+    init_logging();
     worker::run_worker_if_worker();
     if core::try_get().is_some() {
         return Ok(Shoal { owns: false });
@@ -160,6 +161,23 @@ pub fn init(config: Config) -> Result<Shoal> {
         return Ok(Shoal { owns: false });
     }
     Ok(Shoal { owns: true })
+}
+
+/// Logs through `tracing` when `SHOAL_LOG` (or `RUST_LOG`) asks for them and
+/// the program has not installed a subscriber of its own.
+pub(crate) fn init_logging() {
+    let Some(spec) = std::env::var("SHOAL_LOG")
+        .ok()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+    else {
+        return;
+    };
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_new(spec) {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
 }
 
 async fn start_driver(config: Config) -> Result<Arc<core::Core>> {
