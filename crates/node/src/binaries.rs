@@ -62,7 +62,13 @@ impl BinaryCache {
             .borrow()
             .clone()
             .ok_or("not connected to the head")?;
-        let partial = self.dir.join(format!("{hash}.partial"));
+        // A name of our own: nodes on one machine may share the directory,
+        // and a file one of them still writes must never be executed.
+        let partial = self.dir.join(format!(
+            "{hash}.partial.{}.{}",
+            std::process::id(),
+            shoal_proto::WorkerId::random()
+        ));
         let mut file = std::fs::File::create(&partial)
             .map_err(|e| format!("creating {}: {e}", partial.display()))?;
         let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
@@ -109,6 +115,7 @@ impl BinaryCache {
         drop(file);
         std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| e.to_string())?;
+        // Atomic: the cached name only ever names a complete, closed file.
         std::fs::rename(&partial, &path).map_err(|e| e.to_string())?;
         tracing::info!(%hash, bytes = offset, "fetched job executable");
         Ok(path)

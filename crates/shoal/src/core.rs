@@ -213,6 +213,8 @@ pub(crate) struct Core {
     /// Per worker running here: how many of its gets are waiting.
     blocked: DashMap<WorkerId, usize>,
     pub(crate) shutdown: CancellationToken,
+    /// Cancelled when the job starts to end: no more lease requests.
+    pub(crate) stopping: CancellationToken,
     /// Deletes of freed objects under way: shutdown waits for them.
     deletes: tokio_util::task::TaskTracker,
     /// Keeps the in-process cluster of local mode alive.
@@ -308,6 +310,7 @@ impl Core {
             put_counter: AtomicU32::new(0),
             blocked: DashMap::new(),
             shutdown: shutdown.clone(),
+            stopping: CancellationToken::new(),
             deletes: tokio_util::task::TaskTracker::new(),
             local: Mutex::new(None),
         });
@@ -956,6 +959,9 @@ impl Core {
         // Objects freed just before exit must still be deleted from nodes.
         self.deletes.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.deletes.wait()).await;
+        // Stop asking for leases first, then give back what is held; stop
+        // serving (which closes the endpoint) last.
+        self.stopping.cancel();
         self.leases.return_all(self).await;
         let _ = self
             .head

@@ -128,7 +128,7 @@ impl LeaseManager {
                 Err(back) => worker = back,
             }
         }
-        if core.shutdown.is_cancelled() {
+        if core.stopping.is_cancelled() {
             drop(classes);
             give_back(core, worker, false);
             return;
@@ -218,7 +218,7 @@ async fn request_leases(core: Arc<Core>, key: String, resources: ResourceSet) {
                 .get(&key)
                 .is_some_and(|c| c.waiters.iter().any(|w| !w.is_closed()))
         };
-        if !waiting || core.shutdown.is_cancelled() {
+        if !waiting || core.stopping.is_cancelled() {
             break;
         }
         match lease_worker(&core, &resources).await {
@@ -227,6 +227,7 @@ async fn request_leases(core: Arc<Core>, key: String, resources: ResourceSet) {
                 core.leases.release(&core, worker);
             }
             Ok(None) => {}
+            Err(_) if core.stopping.is_cancelled() => break,
             Err(e) => {
                 warn!(resources = ?resources, error = %e, "could not lease a worker; retrying");
                 tokio::time::sleep(backoff).await;
