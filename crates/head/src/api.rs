@@ -244,20 +244,6 @@ fn check_registration(info: &RegisterNode) -> Result<(), ServiceError> {
         .map_err(|e| bad_request(e.to_string()))
 }
 
-fn require(peer: &Peer, roles: &[Role]) -> Result<(), ServiceError> {
-    if roles.contains(&peer.role) {
-        Ok(())
-    } else {
-        Err(ServiceError::new(
-            ServiceErrorKind::PermissionDenied,
-            format!(
-                "a {:?} connection may not make this request (allowed: {roles:?})",
-                peer.role
-            ),
-        ))
-    }
-}
-
 impl Service for HeadService {
     type Request = HeadRequest;
     type Reply = HeadReply;
@@ -265,7 +251,7 @@ impl Service for HeadService {
     async fn handle(&self, peer: &Peer, request: HeadRequest) -> Result<HeadReply, ServiceError> {
         match request {
             HeadRequest::RegisterNode(info) => {
-                require(peer, &[Role::Node])?;
+                peer.require(&[Role::Node])?;
                 self.register_node(peer, info)
             }
             HeadRequest::Heartbeat {
@@ -275,7 +261,7 @@ impl Service for HeadService {
                 dead_workers,
                 object_store_used_bytes,
             } => {
-                require(peer, &[Role::Node])?;
+                peer.require(&[Role::Node])?;
                 resources_available
                     .validate()
                     .map_err(|e| bad_request(e.to_string()))?;
@@ -302,7 +288,7 @@ impl Service for HeadService {
                 }
             }
             HeadRequest::UnregisterNode { node_id } => {
-                require(peer, &[Role::Node])?;
+                peer.require(&[Role::Node])?;
                 let left = {
                     let mut state = self.state();
                     let left = state.membership.unregister(node_id);
@@ -317,7 +303,7 @@ impl Service for HeadService {
             }
             HeadRequest::GetClusterStatus => Ok(HeadReply::ClusterStatus(self.status())),
             HeadRequest::RegisterJob(job) => {
-                require(peer, &[Role::Driver])?;
+                peer.require(&[Role::Driver])?;
                 if job.binary_size > crate::jobs::BINARY_BYTES_MAX {
                     return Err(bad_request("executable too large"));
                 }
@@ -335,7 +321,7 @@ impl Service for HeadService {
                 total,
                 data,
             } => {
-                require(peer, &[Role::Driver])?;
+                peer.require(&[Role::Driver])?;
                 let complete = self
                     .binaries()
                     .upload(&hash, offset, total, &data)
@@ -343,7 +329,7 @@ impl Service for HeadService {
                 Ok(HeadReply::BinaryStored { complete })
             }
             HeadRequest::FetchBinary { hash, offset, len } => {
-                require(peer, &[Role::Node])?;
+                peer.require(&[Role::Node])?;
                 let (total, data) = self
                     .binaries()
                     .fetch(&hash, offset, len.min(BINARY_CHUNK_MAX))
@@ -356,18 +342,18 @@ impl Service for HeadService {
                 Ok(HeadReply::BinaryChunk { total, data })
             }
             HeadRequest::RequestLease(request) => {
-                require(peer, &[Role::Driver, Role::Worker])?;
+                peer.require(&[Role::Driver, Role::Worker])?;
                 self.request_lease(request).await
             }
             HeadRequest::ReturnLease { lease_id } => {
-                require(peer, &[Role::Driver, Role::Worker])?;
+                peer.require(&[Role::Driver, Role::Worker])?;
                 if self.state().scheduler.release(lease_id) {
                     self.resources_changed.notify_waiters();
                 }
                 Ok(HeadReply::LeaseReturned)
             }
             HeadRequest::LeaseBlocked { lease_id, blocked } => {
-                require(peer, &[Role::Node])?;
+                peer.require(&[Role::Node])?;
                 let changed = self.state().scheduler.set_blocked(lease_id, blocked);
                 if changed && blocked {
                     self.resources_changed.notify_waiters();
@@ -375,7 +361,7 @@ impl Service for HeadService {
                 Ok(HeadReply::LeaseReturned)
             }
             HeadRequest::FinishJob { job_id } => {
-                require(peer, &[Role::Driver])?;
+                peer.require(&[Role::Driver])?;
                 self.finish_job(job_id);
                 Ok(HeadReply::JobFinished)
             }

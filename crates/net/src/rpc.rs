@@ -122,6 +122,23 @@ pub struct Peer {
 
 static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
 
+impl Peer {
+    /// Refuses the request unless the peer's role is one of `roles`.
+    pub fn require(&self, roles: &[Role]) -> Result<(), ServiceError> {
+        if roles.contains(&self.role) {
+            Ok(())
+        } else {
+            Err(ServiceError::new(
+                ServiceErrorKind::PermissionDenied,
+                format!(
+                    "a {:?} connection may not make this request (allowed: {roles:?})",
+                    self.role
+                ),
+            ))
+        }
+    }
+}
+
 /// A request/reply service: one request enum in, one reply enum out.
 pub trait Service: Send + Sync + 'static {
     /// The service's request enum.

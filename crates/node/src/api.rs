@@ -60,17 +60,6 @@ fn store_error(e: StoreError) -> ServiceError {
     ServiceError::new(kind, e.to_string())
 }
 
-fn require(peer: &Peer, roles: &[Role]) -> Result<(), ServiceError> {
-    if roles.contains(&peer.role) {
-        Ok(())
-    } else {
-        Err(ServiceError::new(
-            ServiceErrorKind::PermissionDenied,
-            format!("a {:?} connection may not make this request", peer.role),
-        ))
-    }
-}
-
 impl Service for NodeService {
     type Request = NodeRequest;
     type Reply = NodeReply;
@@ -92,7 +81,7 @@ impl Service for NodeService {
                 resources,
                 driver,
             } => {
-                require(peer, &[Role::Driver, Role::Worker])?;
+                peer.require(&[Role::Driver, Role::Worker])?;
                 resources
                     .validate()
                     .map_err(|e| ServiceError::new(ServiceErrorKind::BadRequest, e.to_string()))?;
@@ -103,7 +92,7 @@ impl Service for NodeService {
                 Ok(NodeReply::WorkerGranted { worker })
             }
             NodeRequest::ReleaseWorker { lease_id, kill } => {
-                require(peer, &[Role::Driver, Role::Worker])?;
+                peer.require(&[Role::Driver, Role::Worker])?;
                 self.pool.release(lease_id, kill);
                 Ok(NodeReply::Ok)
             }
@@ -112,7 +101,7 @@ impl Service for NodeService {
                 address,
                 pid,
             } => {
-                require(peer, &[Role::Worker])?;
+                peer.require(&[Role::Worker])?;
                 self.pool.register(worker_id, address, pid)?;
                 Ok(NodeReply::Ok)
             }
@@ -152,7 +141,7 @@ impl Service for NodeService {
                 Ok(NodeReply::WorkerStatus { alive: !exited })
             }
             NodeRequest::WorkerBlocked { worker_id, blocked } => {
-                require(peer, &[Role::Driver, Role::Worker])?;
+                peer.require(&[Role::Driver, Role::Worker])?;
                 if let Some(lease_id) = self.pool.set_blocked(worker_id, blocked) {
                     let head = self.head.borrow().clone();
                     if let Some(head) = head {

@@ -72,14 +72,7 @@ impl ObjectStore {
             if offset != 0 {
                 return Err(bad(format!("first part must start at 0, not {offset}")));
             }
-            if self.used.saturating_add(total) > self.max {
-                return Err(StoreError::Full {
-                    used: self.used,
-                    max: self.max,
-                    wanted: total,
-                });
-            }
-            self.used += total;
+            self.reserve(total)?;
             let capacity = usize::try_from(total).map_err(|_| bad("too large".into()))?;
             self.objects.insert(
                 id,
@@ -121,14 +114,7 @@ impl ObjectStore {
             return Ok(());
         }
         let total = data.len() as u64;
-        if self.used.saturating_add(total) > self.max {
-            return Err(StoreError::Full {
-                used: self.used,
-                max: self.max,
-                wanted: total,
-            });
-        }
-        self.used += total;
+        self.reserve(total)?;
         self.objects.insert(
             id,
             Entry {
@@ -137,6 +123,19 @@ impl ObjectStore {
                 sealed: Some(Arc::new(data)),
             },
         );
+        Ok(())
+    }
+
+    /// Counts `bytes` as used, if they fit.
+    fn reserve(&mut self, bytes: u64) -> Result<(), StoreError> {
+        if self.used.saturating_add(bytes) > self.max {
+            return Err(StoreError::Full {
+                used: self.used,
+                max: self.max,
+                wanted: bytes,
+            });
+        }
+        self.used += bytes;
         Ok(())
     }
 

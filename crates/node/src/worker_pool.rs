@@ -211,6 +211,23 @@ struct WorkerEntry {
     kill: Option<Box<dyn Fn() + Send + Sync>>,
 }
 
+impl WorkerEntry {
+    /// A worker of `job_id` being started, and the receiver told when it
+    /// registers.
+    fn starting(job_id: JobId) -> (Self, oneshot::Receiver<Result<String, String>>) {
+        let (tx, rx) = oneshot::channel();
+        let entry = WorkerEntry {
+            job_id,
+            gone: Arc::new(tokio::sync::Notify::new()),
+            state: WorkerState::Starting(vec![tx]),
+            address: None,
+            pid: None,
+            kill: None,
+        };
+        (entry, rx)
+    }
+}
+
 #[derive(Default)]
 struct PoolState {
     workers: HashMap<WorkerId, WorkerEntry>,
@@ -334,18 +351,8 @@ impl WorkerPool {
                 }
                 None => {
                     let worker_id = WorkerId::random();
-                    let (tx, rx) = oneshot::channel();
-                    state.workers.insert(
-                        worker_id,
-                        WorkerEntry {
-                            job_id,
-                            gone: Arc::new(tokio::sync::Notify::new()),
-                            state: WorkerState::Starting(vec![tx]),
-                            address: None,
-                            pid: None,
-                            kill: None,
-                        },
-                    );
+                    let (entry, rx) = WorkerEntry::starting(job_id);
+                    state.workers.insert(worker_id, entry);
                     state.leases.insert(lease_id, (worker_id, resources));
                     (worker_id, rx)
                 }
@@ -457,18 +464,8 @@ impl WorkerPool {
             if spare > 0 || count as f64 >= self.config.total.get(shoal_proto::resources::CPU) {
                 return;
             }
-            let (tx, rx) = oneshot::channel();
-            state.workers.insert(
-                worker_id,
-                WorkerEntry {
-                    job_id,
-                    gone: Arc::new(tokio::sync::Notify::new()),
-                    state: WorkerState::Starting(vec![tx]),
-                    address: None,
-                    pid: None,
-                    kill: None,
-                },
-            );
+            let (entry, rx) = WorkerEntry::starting(job_id);
+            state.workers.insert(worker_id, entry);
             rx
         };
         let pool = Arc::clone(self);

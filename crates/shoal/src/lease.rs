@@ -196,14 +196,14 @@ async fn return_lease(core: &Core, worker: LeasedWorker, kill: bool) {
     if let Err(e) = worker.node.call(&release, Duration::from_secs(5)).await {
         debug!(%lease_id, error = %e, "could not release the worker (its node may be gone)");
     }
-    if let Err(e) = core
-        .head
-        .call(
-            &HeadRequest::ReturnLease { lease_id },
-            Duration::from_secs(5),
-        )
-        .await
-    {
+    return_to_head(core, lease_id).await;
+}
+
+/// Gives a lease back to the head (best effort: the head reclaims the
+/// leases of finished jobs and dead nodes anyway).
+async fn return_to_head(core: &Core, lease_id: shoal_proto::LeaseId) {
+    let give_back = HeadRequest::ReturnLease { lease_id };
+    if let Err(e) = core.head.call(&give_back, Duration::from_secs(5)).await {
         debug!(%lease_id, error = %e, "could not return the lease");
     }
 }
@@ -285,15 +285,7 @@ async fn lease_worker(
     let node = match core.node(&lease.node_address).await {
         Ok(node) => node,
         Err(e) => {
-            let _ = core
-                .head
-                .call(
-                    &HeadRequest::ReturnLease {
-                        lease_id: lease.lease_id,
-                    },
-                    Duration::from_secs(5),
-                )
-                .await;
+            return_to_head(core, lease.lease_id).await;
             return Err(format!("cannot reach node {}: {e}", lease.node_id));
         }
     };
@@ -307,15 +299,7 @@ async fn lease_worker(
     let worker = match node.call(&grant, Duration::from_secs(90)).await {
         Ok(NodeReply::WorkerGranted { worker }) => worker,
         other => {
-            let _ = core
-                .head
-                .call(
-                    &HeadRequest::ReturnLease {
-                        lease_id: lease.lease_id,
-                    },
-                    Duration::from_secs(5),
-                )
-                .await;
+            return_to_head(core, lease.lease_id).await;
             return Err(format!("node {} gave no worker: {other:?}", lease.node_id));
         }
     };
@@ -327,15 +311,7 @@ async fn lease_worker(
                 kill: true,
             };
             let _ = node.call(&release, Duration::from_secs(5)).await;
-            let _ = core
-                .head
-                .call(
-                    &HeadRequest::ReturnLease {
-                        lease_id: lease.lease_id,
-                    },
-                    Duration::from_secs(5),
-                )
-                .await;
+            return_to_head(core, lease.lease_id).await;
             return Err(format!("cannot reach worker {}: {e}", worker.worker_id));
         }
     };
