@@ -6,6 +6,7 @@
 //! offending tokens, never a panic. Expansions name everything by absolute
 //! paths (`::shoal::...`).
 
+mod actor;
 mod remote;
 
 use proc_macro::TokenStream;
@@ -21,6 +22,19 @@ use proc_macro::TokenStream;
 #[proc_macro_attribute]
 pub fn remote(attr: TokenStream, item: TokenStream) -> TokenStream {
     match remote::expand(attr.into(), item.into()) {
+        Ok(tokens) => tokens.into(),
+        Err(e) => e.to_compile_error().into(),
+    }
+}
+
+/// Makes a type an actor: put it on the struct and on its `impl` block.
+/// The block needs a constructor `fn new(..) -> Self`; every method taking
+/// `&self` or `&mut self` (sync or `async`) becomes callable through an
+/// `ActorHandle`. `Type::remote(..)` creates one, `Type::options()` sets its
+/// resources and concurrency.
+#[proc_macro_attribute]
+pub fn actor(attr: TokenStream, item: TokenStream) -> TokenStream {
+    match actor::expand(attr.into(), item.into()) {
         Ok(tokens) => tokens.into(),
         Err(e) => e.to_compile_error().into(),
     }

@@ -163,7 +163,7 @@ fn parse(attr: TokenStream, item: TokenStream) -> syn::Result<RemoteFn> {
 }
 
 /// `T` of a return type written `Result<T, ..>` (any path ending in `Result`).
-fn result_ok_type(ty: &Type) -> Option<Type> {
+pub(crate) fn result_ok_type(ty: &Type) -> Option<Type> {
     let Type::Path(path) = ty else { return None };
     let last = path.path.segments.last()?;
     if last.ident != "Result" {

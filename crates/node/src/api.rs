@@ -80,6 +80,7 @@ impl Service for NodeService {
                 binary_hash,
                 resources,
                 driver,
+                dedicated,
             } => {
                 peer.require(&[Role::Driver, Role::Worker])?;
                 resources
@@ -87,7 +88,7 @@ impl Service for NodeService {
                     .map_err(|e| ServiceError::new(ServiceErrorKind::BadRequest, e.to_string()))?;
                 let worker = self
                     .pool
-                    .grant(lease_id, job_id, &binary_hash, resources, driver)
+                    .grant(lease_id, job_id, &binary_hash, resources, driver, dedicated)
                     .await?;
                 Ok(NodeReply::WorkerGranted { worker })
             }

@@ -203,6 +203,8 @@ enum WorkerState {
 
 struct WorkerEntry {
     job_id: JobId,
+    /// Serves one lease only (an actor): stopped when it ends, never reused.
+    dedicated: bool,
     /// Woken when the worker is removed.
     gone: Arc<tokio::sync::Notify>,
     state: WorkerState,
@@ -218,6 +220,7 @@ impl WorkerEntry {
         let (tx, rx) = oneshot::channel();
         let entry = WorkerEntry {
             job_id,
+            dedicated: false,
             gone: Arc::new(tokio::sync::Notify::new()),
             state: WorkerState::Starting(vec![tx]),
             address: None,
@@ -304,6 +307,7 @@ impl WorkerPool {
         binary_hash: &str,
         resources: ResourceSet,
         driver: Option<Address>,
+        dedicated: bool,
     ) -> Result<Address, ServiceError> {
         let (worker_id, started) = {
             let mut state = self.state();
@@ -336,7 +340,8 @@ impl WorkerPool {
             }
             state.allocated.add(&resources);
             let idle = state.workers.iter().find_map(|(id, w)| {
-                (w.job_id == job_id && matches!(w.state, WorkerState::Idle(_))).then_some(*id)
+                (!dedicated && w.job_id == job_id && matches!(w.state, WorkerState::Idle(_)))
+                    .then_some(*id)
             });
             match idle {
                 Some(worker_id) => {
@@ -351,7 +356,8 @@ impl WorkerPool {
                 }
                 None => {
                     let worker_id = WorkerId::random();
-                    let (entry, rx) = WorkerEntry::starting(job_id);
+                    let (mut entry, rx) = WorkerEntry::starting(job_id);
+                    entry.dedicated = dedicated;
                     state.workers.insert(worker_id, entry);
                     state.leases.insert(lease_id, (worker_id, resources));
                     (worker_id, rx)
@@ -369,7 +375,9 @@ impl WorkerPool {
                         entry.state = WorkerState::Leased(lease_id);
                     }
                 }
-                self.prestart(job_id, binary_hash.to_string(), driver);
+                if !dedicated {
+                    self.prestart(job_id, binary_hash.to_string(), driver);
+                }
                 Ok(Address { worker_id, address })
             }
             Err(e) => {
@@ -553,6 +561,7 @@ impl WorkerPool {
         if !state.blocked.remove(&lease_id) {
             subtract(&mut state.allocated, &resources);
         }
+        let kill = kill || state.workers.get(&worker_id).is_some_and(|w| w.dedicated);
         if kill {
             if let Some(entry) = state.workers.get(&worker_id) {
                 if let Some(kill) = &entry.kill {

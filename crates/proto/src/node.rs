@@ -27,6 +27,10 @@ pub enum NodeRequest {
         /// The job's driver, where the worker's output is streamed.
         #[serde(default)]
         driver: Option<Address>,
+        /// A fresh worker for this lease alone (an actor), never reused and
+        /// stopped when the lease ends.
+        #[serde(default)]
+        dedicated: bool,
     },
     /// A lease holder is done with a worker.
     ReleaseWorker {

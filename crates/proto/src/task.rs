@@ -141,4 +141,6 @@ pub enum FailureKind {
     ArgumentLost,
     /// The worker (or its node) died on every attempt.
     WorkerCrashed,
+    /// The actor is gone (its process or node died, or it was killed).
+    ActorDied,
 }

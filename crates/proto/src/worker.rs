@@ -3,8 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{NodeId, ObjectId};
-use crate::task::{StoredAt, TaskFailure, TaskReply, TaskSpec};
+use crate::ids::{ActorId, NodeId, ObjectId, TaskId, WorkerId};
+use crate::task::{ArgSpec, StoredAt, TaskFailure, TaskReply, TaskSpec};
 
 /// A request to a worker.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -12,6 +12,21 @@ use crate::task::{StoredAt, TaskFailure, TaskReply, TaskSpec};
 pub enum WorkerRequest {
     /// Run this task and answer with its result.
     PushTask(TaskSpec),
+    /// Construct an actor in this (dedicated) worker.
+    CreateActor {
+        /// The actor.
+        actor_id: ActorId,
+        /// The actor class's registered name.
+        class: String,
+        /// The constructor's arguments.
+        args: Vec<ArgSpec>,
+        /// Calls that may run at once (threads for `&self` methods, tasks
+        /// for `async` ones); `&mut self` methods always run alone.
+        max_concurrency: u32,
+    },
+    /// Call a method of an actor hosted here. Calls from one caller start in
+    /// `seq` order (0, 1, 2, ...), whatever order they arrive in.
+    ActorCall(ActorCall),
     /// Lines a job's workers printed, for its driver to show.
     Logs(Vec<LogLine>),
     /// Get an object this process owns: answered when it is ready, or with
@@ -34,6 +49,33 @@ pub enum WorkerReply {
     Object(ObjectValue),
     /// Done.
     Ok,
+    /// The actor was constructed, or why not.
+    ActorCreated {
+        /// The constructor's failure, if it failed.
+        #[serde(default)]
+        failure: Option<TaskFailure>,
+    },
+}
+
+/// One call of an actor method.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct ActorCall {
+    /// The actor.
+    pub actor_id: ActorId,
+    /// Identifies the caller (a handle in one process): calls are ordered
+    /// per caller.
+    pub caller: WorkerId,
+    /// The call's place in the caller's order.
+    pub seq: u64,
+    /// The id of this call (as a task, for its result object).
+    pub task_id: TaskId,
+    /// The method's name.
+    pub method: String,
+    /// Its arguments; `None` when the call was abandoned before it was sent
+    /// (an argument failed): the actor only advances past `seq`.
+    #[serde(default)]
+    pub args: Option<Vec<ArgSpec>>,
 }
 
 /// One line a worker printed.

@@ -210,6 +210,8 @@ pub(crate) struct Core {
     pub(crate) leases: LeaseManager,
     root_task: TaskId,
     put_counter: AtomicU32,
+    /// The actors this worker hosts.
+    pub(crate) actors: crate::actor::Host,
     /// Per worker running here: how many of its gets are waiting.
     blocked: DashMap<WorkerId, usize>,
     pub(crate) shutdown: CancellationToken,
@@ -309,6 +311,7 @@ impl Core {
             root_task: TaskId::fresh(),
             put_counter: AtomicU32::new(0),
             blocked: DashMap::new(),
+            actors: crate::actor::Host::default(),
             shutdown: shutdown.clone(),
             stopping: CancellationToken::new(),
             deletes: tokio_util::task::TaskTracker::new(),
@@ -434,14 +437,69 @@ impl Core {
     ) -> ObjectRef<T> {
         let task_id = TaskId::fresh();
         let id = task_id.return_object(0);
-        self.objects.insert(id, Slot::new(ObjState::Pending, true));
-        self.refs.add_local(id);
+        self.register_pending(id);
         let core = Arc::clone(self);
         self.handle.spawn(async move {
             let outcome = core.run_task(task_id, function, &options, args).await;
             core.complete(id, outcome);
         });
         ObjectRef::adopt(id, self.me.clone())
+    }
+
+    /// Waits for reference arguments and turns every argument into what
+    /// goes on the wire; returns the references to keep alive meanwhile. A
+    /// failed argument fails the call the same way.
+    pub(crate) async fn resolve_args(
+        self: &Arc<Self>,
+        function: &str,
+        task_id: TaskId,
+        args: Vec<ArgValue>,
+    ) -> std::result::Result<(Vec<ArgSpec>, Vec<crate::object_ref::KeepAlive>), TaskFailure> {
+        let failure = |kind, message: String| TaskFailure {
+            kind,
+            function: function.to_string(),
+            task_id,
+            node_id: None,
+            message,
+            backtrace: None,
+            attempts: 0,
+        };
+        let mut spec_args = Vec::with_capacity(args.len());
+        let mut keep_alive = Vec::new();
+        for (index, arg) in args.into_iter().enumerate() {
+            match arg {
+                ArgValue::Bytes(bytes) => spec_args.push(ArgSpec::Inline(bytes)),
+                ArgValue::Bad(message) => {
+                    return Err(failure(
+                        FailureKind::BadArguments,
+                        format!("argument {index} cannot be encoded: {message}"),
+                    ))
+                }
+                ArgValue::Ref { id, owner, _keep } => {
+                    keep_alive.push(_keep);
+                    match self.wait_state(id, &owner, None).await {
+                        Some(ObjState::Inline(bytes)) => {
+                            spec_args.push(ArgSpec::Inline(bytes.to_vec()))
+                        }
+                        Some(ObjState::Stored(at)) => spec_args.push(ArgSpec::Stored { id, at }),
+                        Some(ObjState::Failed(f)) => return Err(f),
+                        Some(ObjState::Lost(why)) => {
+                            return Err(failure(
+                                FailureKind::ArgumentLost,
+                                format!("argument {index} (object {id}) is lost: {why}"),
+                            ))
+                        }
+                        Some(ObjState::Pending) | None => {
+                            return Err(failure(
+                                FailureKind::ArgumentLost,
+                                format!("argument {index} (object {id}) never became ready"),
+                            ))
+                        }
+                    }
+                }
+            }
+        }
+        Ok((spec_args, keep_alive))
     }
 
     async fn run_task(
@@ -460,48 +518,12 @@ impl Core {
             backtrace: None,
             attempts,
         };
-        let mut spec_args = Vec::with_capacity(args.len());
         // The references stay alive until the task is done: a stored
         // argument must not be freed while a worker may still read it.
-        let mut keep_alive = Vec::new();
-        for (index, arg) in args.into_iter().enumerate() {
-            match arg {
-                ArgValue::Bytes(bytes) => spec_args.push(ArgSpec::Inline(bytes)),
-                ArgValue::Bad(message) => {
-                    return ObjState::Failed(failure(
-                        FailureKind::BadArguments,
-                        format!("argument {index} cannot be encoded: {message}"),
-                        0,
-                    ))
-                }
-                ArgValue::Ref { id, owner, _keep } => {
-                    keep_alive.push(_keep);
-                    let state = self.wait_state(id, &owner, None).await;
-                    match state {
-                        Some(ObjState::Inline(bytes)) => {
-                            spec_args.push(ArgSpec::Inline(bytes.to_vec()))
-                        }
-                        Some(ObjState::Stored(at)) => spec_args.push(ArgSpec::Stored { id, at }),
-                        // A task whose argument failed fails the same way.
-                        Some(ObjState::Failed(f)) => return ObjState::Failed(f),
-                        Some(ObjState::Lost(why)) => {
-                            return ObjState::Failed(failure(
-                                FailureKind::ArgumentLost,
-                                format!("argument {index} (object {id}) is lost: {why}"),
-                                0,
-                            ))
-                        }
-                        Some(ObjState::Pending) | None => {
-                            return ObjState::Failed(failure(
-                                FailureKind::ArgumentLost,
-                                format!("argument {index} (object {id}) never became ready"),
-                                0,
-                            ))
-                        }
-                    }
-                }
-            }
-        }
+        let (spec_args, _keep_alive) = match self.resolve_args(function.name, task_id, args).await {
+            Ok(resolved) => resolved,
+            Err(f) => return ObjState::Failed(f),
+        };
         let mut attempt = 0u32;
         loop {
             let leased = self.leases.acquire(self, &options.resources).await;
@@ -880,49 +902,62 @@ impl Core {
         Ok(id)
     }
 
-    /// Runs a pushed task here (worker processes and threads).
-    pub(crate) async fn execute(self: &Arc<Self>, spec: TaskSpec, executor: Executor) -> TaskReply {
-        let mut args = Vec::with_capacity(spec.args.len());
-        let mut lost = None;
-        for arg in &spec.args {
+    /// The bytes of task arguments, stored ones fetched from their nodes.
+    pub(crate) async fn fetch_args(&self, args: &[ArgSpec]) -> Result<Vec<Vec<u8>>> {
+        let mut out = Vec::with_capacity(args.len());
+        for arg in args {
             match arg {
-                ArgSpec::Inline(bytes) => args.push(bytes.clone()),
-                ArgSpec::Stored { id, at } => match self.fetch_stored(*id, at).await {
-                    Ok(bytes) => args.push(bytes),
-                    Err(e) => {
-                        lost = Some(e.to_string());
-                        break;
-                    }
-                },
+                ArgSpec::Inline(bytes) => out.push(bytes.clone()),
+                ArgSpec::Stored { id, at } => out.push(self.fetch_stored(*id, at).await?),
             }
         }
-        let outcome = match lost {
-            Some(message) => TaskOutcome::Failed(TaskFailure {
+        Ok(out)
+    }
+
+    /// A result, inline or (when large) stored in this node's store.
+    pub(crate) async fn outcome_of(
+        &self,
+        id: ObjectId,
+        bytes: Vec<u8>,
+        function: &str,
+        task_id: TaskId,
+        executor: Executor,
+    ) -> TaskOutcome {
+        if bytes.len() <= INLINE_BYTES_MAX {
+            return TaskOutcome::Inline(bytes);
+        }
+        match self.store_on_node(id, &bytes).await {
+            Ok(at) => TaskOutcome::Stored(at),
+            Err(e) => TaskOutcome::Failed(TaskFailure {
+                kind: FailureKind::BadReturn,
+                function: function.to_string(),
+                task_id,
+                node_id: Some(executor.node_id),
+                message: format!("the result could not be stored: {e}"),
+                backtrace: None,
+                attempts: 1,
+            }),
+        }
+    }
+
+    /// Runs a pushed task here (worker processes and threads).
+    pub(crate) async fn execute(self: &Arc<Self>, spec: TaskSpec, executor: Executor) -> TaskReply {
+        let outcome = match self.fetch_args(&spec.args).await {
+            Err(e) => TaskOutcome::Failed(TaskFailure {
                 kind: FailureKind::ArgumentLost,
                 function: spec.function.name.clone(),
                 task_id: spec.task_id,
                 node_id: Some(executor.node_id),
-                message,
+                message: e.to_string(),
                 backtrace: None,
                 attempts: spec.attempt + 1,
             }),
-            None => match exec::invoke(&spec, args, executor).await {
-                Ok(bytes) if bytes.len() <= INLINE_BYTES_MAX => TaskOutcome::Inline(bytes),
-                Ok(bytes) => match self
-                    .store_on_node(spec.task_id.return_object(0), &bytes)
-                    .await
-                {
-                    Ok(at) => TaskOutcome::Stored(at),
-                    Err(e) => TaskOutcome::Failed(TaskFailure {
-                        kind: FailureKind::BadReturn,
-                        function: spec.function.name.clone(),
-                        task_id: spec.task_id,
-                        node_id: Some(executor.node_id),
-                        message: format!("the result could not be stored: {e}"),
-                        backtrace: None,
-                        attempts: spec.attempt + 1,
-                    }),
-                },
+            Ok(args) => match exec::invoke(&spec, args, executor).await {
+                Ok(bytes) => {
+                    let id = spec.task_id.return_object(0);
+                    self.outcome_of(id, bytes, &spec.function.name, spec.task_id, executor)
+                        .await
+                }
                 Err(failure) => TaskOutcome::Failed(failure),
             },
         };
@@ -933,6 +968,17 @@ impl Core {
             worker_id: executor.worker_id,
             outcome,
         }
+    }
+
+    /// A pending slot for an object this process will own.
+    pub(crate) fn register_pending(&self, id: ObjectId) {
+        self.objects.insert(id, Slot::new(ObjState::Pending, true));
+        self.refs.add_local(id);
+    }
+
+    /// Sets an owned object's final state.
+    pub(crate) fn complete_object(&self, id: ObjectId, state: ObjState) {
+        self.complete(id, state);
     }
 
     /// An owned object's value for a borrower; waits up to `wait`.
@@ -1026,6 +1072,46 @@ impl Service for WorkerService {
                     .spawn(async move { core2.execute(spec, executor).await })
                     .await
                     .map_err(|e| ServiceError::new(ServiceErrorKind::Internal, e.to_string()))?;
+                Ok(WorkerReply::TaskDone(reply))
+            }
+            WorkerRequest::CreateActor {
+                actor_id,
+                class,
+                args,
+                max_concurrency,
+            } => {
+                let executor = self.executor.ok_or_else(|| {
+                    ServiceError::new(
+                        ServiceErrorKind::PermissionDenied,
+                        "this process does not host actors",
+                    )
+                })?;
+                let core2 = Arc::clone(&core);
+                let failure = core
+                    .handle
+                    .spawn(async move {
+                        core2
+                            .actors
+                            .create(&core2, actor_id, &class, args, max_concurrency, executor)
+                            .await
+                    })
+                    .await
+                    .map_err(|e| ServiceError::new(ServiceErrorKind::Internal, e.to_string()))?;
+                Ok(WorkerReply::ActorCreated { failure })
+            }
+            WorkerRequest::ActorCall(call) => {
+                let executor = self.executor.ok_or_else(|| {
+                    ServiceError::new(
+                        ServiceErrorKind::PermissionDenied,
+                        "this process does not host actors",
+                    )
+                })?;
+                let core2 = Arc::clone(&core);
+                let reply = core
+                    .handle
+                    .spawn(async move { core2.actors.call(&core2, call, executor).await })
+                    .await
+                    .map_err(|e| ServiceError::new(ServiceErrorKind::Internal, e.to_string()))??;
                 Ok(WorkerReply::TaskDone(reply))
             }
             WorkerRequest::Logs(lines) => {

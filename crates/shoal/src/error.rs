@@ -51,6 +51,14 @@ pub enum Error {
         /// The last failure.
         message: String,
     },
+    /// The actor is gone: its process or node died, or it was killed.
+    #[error("actor of class {class} died: {message}")]
+    ActorDied {
+        /// The actor's class.
+        class: String,
+        /// What happened, with the actor's id.
+        message: String,
+    },
     /// The worker does not have the function (another build of the program,
     /// or an unknown id).
     #[error("function {function} is not registered in the worker on node {node_id:?}: {message}")]
@@ -129,6 +137,10 @@ impl Error {
             FailureKind::FunctionNotFound => Error::FunctionNotFound {
                 function: f.function,
                 node_id: f.node_id,
+                message: f.message,
+            },
+            FailureKind::ActorDied => Error::ActorDied {
+                class: f.function,
                 message: f.message,
             },
             FailureKind::WorkerCrashed => Error::WorkerCrashed {

@@ -30,6 +30,14 @@ pub struct InvokeError {
 }
 
 impl InvokeError {
+    /// An actor method was called on state of another type (a bug).
+    pub fn wrong_actor(expected: &str) -> Self {
+        Self {
+            kind: FailureKind::FunctionNotFound,
+            message: format!("the actor's state is not a {expected}"),
+        }
+    }
+
     /// The function returned `Err(e)`.
     pub fn app(e: &dyn std::fmt::Display) -> Self {
         Self {
@@ -94,7 +102,7 @@ pub fn install_panic_hook() {
     });
 }
 
-fn take_panic() -> (String, String) {
+pub(crate) fn take_panic() -> (String, String) {
     LAST_PANIC
         .with(|p| p.borrow_mut().take())
         .unwrap_or_else(|| ("panicked".to_string(), String::new()))

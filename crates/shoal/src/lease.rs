@@ -295,6 +295,7 @@ async fn lease_worker(
         binary_hash: core.binary_hash.clone(),
         resources: resources.clone(),
         driver: Some(core.driver.clone()),
+        dedicated: false,
     };
     let worker = match node.call(&grant, Duration::from_secs(90)).await {
         Ok(NodeReply::WorkerGranted { worker }) => worker,

@@ -43,6 +43,7 @@
 #[allow(unused_extern_crates)]
 extern crate self as shoal;
 
+pub mod actor;
 mod bytes;
 pub mod client;
 mod config;
@@ -63,6 +64,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use shoal_proto::Role;
 
+pub use actor::{Actor, ActorHandle, ActorOptions};
 pub use bytes::Bytes;
 pub use client::ClusterClient;
 pub use config::Config;
@@ -70,14 +72,14 @@ pub use error::{Error, Result, TaskError};
 pub use local::{LocalCluster, LocalConfig};
 pub use object_ref::{Arg, ObjectRef};
 pub use options::TaskOptions;
-pub use shoal_macros::{main, remote};
+pub use shoal_macros::{actor, main, remote};
 pub use shoal_proto::{
     ClusterStatus, JobId, NodeId, NodeState, NodeStatus, ObjectId, ResourceSet, TaskId, WorkerId,
 };
 
 /// What most programs need: `use shoal::prelude::*;`.
 pub mod prelude {
-    pub use crate::{Arg, Bytes, Config, Error, ObjectRef, Result, TaskError};
+    pub use crate::{ActorHandle, Arg, Bytes, Config, Error, ObjectRef, Result, TaskError};
 }
 
 /// Where the calling code runs.
@@ -346,6 +348,28 @@ pub mod __private {
         args: Vec<ArgValue>,
     ) -> ObjectRef<T> {
         crate::ensure_core().submit(function, options, args)
+    }
+
+    pub use crate::actor::RawActor;
+    pub use crate::registry::{
+        ActorClass, ActorState, MethodInvoker, ReadGuard, RegisteredActor, WriteGuard,
+    };
+
+    /// Creates an actor of `A`.
+    pub fn create_actor<A: crate::Actor>(
+        options: crate::ActorOptions,
+        args: Vec<ArgValue>,
+    ) -> crate::Result<crate::ActorHandle<A>> {
+        crate::actor::create(options, args)
+    }
+
+    /// Calls an actor method.
+    pub fn call_actor<T>(
+        actor: &RawActor,
+        method: &'static str,
+        args: Vec<ArgValue>,
+    ) -> ObjectRef<T> {
+        crate::actor::call(actor, method, args)
     }
 
     /// Encodes one argument.

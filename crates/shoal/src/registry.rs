@@ -66,3 +66,52 @@ pub fn digest() -> u64 {
             .fold(h, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
     })
 }
+
+/// An actor's state, as its host holds it.
+pub type ActorState = Box<dyn std::any::Any + Send + Sync>;
+
+/// Shared read access to an actor's state, held across an `async` method.
+pub type ReadGuard = tokio::sync::OwnedRwLockReadGuard<ActorState>;
+/// Exclusive access to an actor's state, held across an `async` method.
+pub type WriteGuard = tokio::sync::OwnedRwLockWriteGuard<ActorState>;
+
+/// How to call one actor method: by receiver and asyncness.
+pub enum MethodInvoker {
+    /// `fn m(&self, ..)`: may run on several threads at once.
+    Ref(fn(&ActorState, Vec<Vec<u8>>) -> Invocation),
+    /// `fn m(&mut self, ..)`: runs alone.
+    Mut(fn(&mut ActorState, Vec<Vec<u8>>) -> Invocation),
+    /// `async fn m(&self, ..)`: interleaves with other such calls.
+    AsyncRef(fn(ReadGuard, Vec<Vec<u8>>) -> BoxFuture<Invocation>),
+    /// `async fn m(&mut self, ..)`: runs alone.
+    AsyncMut(fn(WriteGuard, Vec<Vec<u8>>) -> BoxFuture<Invocation>),
+}
+
+/// A registered actor class: its constructor and methods.
+pub struct ActorClass {
+    /// `module_path!()` and the type's name.
+    pub name: &'static str,
+    /// Runs the constructor on encoded arguments.
+    pub construct: fn(Vec<Vec<u8>>) -> Result<ActorState, InvokeError>,
+    /// The methods, by name.
+    pub methods: &'static [(&'static str, MethodInvoker)],
+}
+
+/// The registry entry `inventory` collects for actor classes.
+pub struct RegisteredActor(pub &'static ActorClass);
+
+inventory::collect!(RegisteredActor);
+
+/// The actor class registered under `name`.
+pub fn actor_class(name: &str) -> Option<&'static ActorClass> {
+    static TABLE: OnceLock<HashMap<&'static str, &'static ActorClass>> = OnceLock::new();
+    TABLE
+        .get_or_init(|| {
+            inventory::iter::<RegisteredActor>
+                .into_iter()
+                .map(|r| (r.0.name, r.0))
+                .collect()
+        })
+        .get(name)
+        .copied()
+}

@@ -1,0 +1,684 @@
+//! Actors: a struct living in its own worker process, called through a
+//! typed handle.
+//!
+//! Creating an actor leases resources from the head, asks the lease's node
+//! for a dedicated worker, and runs the constructor there. Method calls go
+//! from the caller straight to that worker (the head is not on the path).
+//! Each handle is a caller with its own sequence numbers: the host starts
+//! one caller's calls in the order they were made. `&mut self` methods run
+//! alone (a write lock); `&self` methods share a read lock, up to
+//! `max_concurrency` at once, on threads, or interleaved on the runtime for
+//! `async` ones. The borrow checker, through these locks, keeps the state
+//! safe: an actor type must be `Send + Sync`.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::ops::Deref;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use serde::{Deserialize, Serialize};
+use shoal_proto::head::{Lease, LeaseRequest};
+use shoal_proto::worker::ActorCall;
+use shoal_proto::{
+    ActorId, Address, ArgSpec, FailureKind, HeadReply, HeadRequest, NodeReply, NodeRequest,
+    ResourceSet, TaskFailure, TaskId, TaskOutcome, TaskReply, WorkerId, WorkerReply, WorkerRequest,
+};
+use tokio::sync::{watch, RwLock, Semaphore};
+
+use crate::core::{self, Core, Executor, ObjState};
+use crate::error::{Error, Result};
+use crate::object_ref::{ArgValue, ObjectRef};
+use crate::registry::{self, ActorClass, ActorState, MethodInvoker};
+
+/// Calls a worker waits for a method; a dead actor is noticed sooner.
+const CALL_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Implemented by `#[shoal::actor]` for an actor type.
+pub trait Actor: Send + Sync + Sized + 'static {
+    /// The generated type with one method per actor method, which an
+    /// [`ActorHandle`] dereferences to.
+    type Methods: From<RawActor> + AsRef<RawActor> + Send + Sync;
+    /// The class's registered name.
+    const CLASS: &'static str;
+}
+
+/// A typed handle to an actor: call its methods as `handle.method(args)`,
+/// each returning an `ObjectRef` of the result. `Clone`, `Send` and
+/// serializable: pass it to tasks and other actors, which call it directly.
+pub struct ActorHandle<A: Actor> {
+    methods: A::Methods,
+    _type: PhantomData<fn() -> A>,
+}
+
+impl<A: Actor> ActorHandle<A> {
+    pub(crate) fn new(raw: RawActor) -> Self {
+        Self {
+            methods: A::Methods::from(raw),
+            _type: PhantomData,
+        }
+    }
+
+    /// The actor's id.
+    pub fn id(&self) -> ActorId {
+        self.methods.as_ref().actor_id
+    }
+}
+
+impl<A: Actor> Deref for ActorHandle<A> {
+    type Target = A::Methods;
+
+    fn deref(&self) -> &A::Methods {
+        &self.methods
+    }
+}
+
+impl<A: Actor> Clone for ActorHandle<A> {
+    fn clone(&self) -> Self {
+        Self::new(self.methods.as_ref().clone())
+    }
+}
+
+impl<A: Actor> std::fmt::Debug for ActorHandle<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ActorHandle<{}>({})", A::CLASS, self.id())
+    }
+}
+
+impl<A: Actor> Serialize for ActorHandle<A> {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        let raw = self.methods.as_ref();
+        // A handle that left its process keeps the actor for the job's life.
+        raw.lifetime.escaped.store(true, Ordering::Relaxed);
+        WireActor {
+            actor_id: raw.actor_id,
+            class: raw.class.clone(),
+            worker: raw.worker.clone(),
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de, A: Actor> Deserialize<'de> for ActorHandle<A> {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        let wire = WireActor::deserialize(deserializer)?;
+        Ok(Self::new(RawActor::borrowed(wire)))
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct WireActor {
+    actor_id: ActorId,
+    class: String,
+    worker: Address,
+}
+
+/// Ends the actor when the creator's last handle is dropped (unless a
+/// handle escaped to another process).
+pub(crate) struct Lifetime {
+    escaped: std::sync::atomic::AtomicBool,
+    /// The lease and node holding the actor's worker (creator only).
+    lease: Option<(Lease, String)>,
+}
+
+impl Drop for Lifetime {
+    fn drop(&mut self) {
+        if self.escaped.load(Ordering::Relaxed) {
+            return;
+        }
+        let (Some((lease, node)), Some(core)) = (self.lease.take(), core::try_get()) else {
+            return;
+        };
+        let core2 = Arc::clone(core);
+        core.handle.spawn(async move {
+            if let Ok(node) = core2.node(&node).await {
+                let release = NodeRequest::ReleaseWorker {
+                    lease_id: lease.lease_id,
+                    kill: true,
+                };
+                let _ = node.call(&release, Duration::from_secs(5)).await;
+            }
+            let _ = core2
+                .head
+                .call(
+                    &HeadRequest::ReturnLease {
+                        lease_id: lease.lease_id,
+                    },
+                    Duration::from_secs(5),
+                )
+                .await;
+        });
+    }
+}
+
+/// The untyped part of a handle (used by the generated code).
+#[derive(Clone)]
+pub struct RawActor {
+    pub(crate) actor_id: ActorId,
+    pub(crate) class: String,
+    pub(crate) worker: Address,
+    /// This handle's caller id and next sequence number, shared by clones
+    /// in this process.
+    caller: WorkerId,
+    seq: Arc<AtomicU64>,
+    lifetime: Arc<Lifetime>,
+}
+
+impl RawActor {
+    fn borrowed(wire: WireActor) -> Self {
+        Self {
+            actor_id: wire.actor_id,
+            class: wire.class,
+            worker: wire.worker,
+            caller: WorkerId::random(),
+            seq: Arc::new(AtomicU64::new(0)),
+            lifetime: Arc::new(Lifetime {
+                escaped: true.into(),
+                lease: None,
+            }),
+        }
+    }
+}
+
+/// Options of an actor's creation.
+#[derive(Clone, Debug)]
+pub struct ActorOptions {
+    pub(crate) resources: ResourceSet,
+    pub(crate) max_concurrency: Option<u32>,
+}
+
+impl Default for ActorOptions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ActorOptions {
+    /// No CPUs held while the actor lives (as Ray's default), one call at a
+    /// time for sync methods, 1000 for async ones.
+    pub fn new() -> Self {
+        Self {
+            resources: ResourceSet::new(),
+            max_concurrency: None,
+        }
+    }
+
+    /// CPUs the actor holds for its life.
+    pub fn num_cpus(mut self, n: f64) -> Self {
+        self.resources.set(shoal_proto::resources::CPU, n);
+        self
+    }
+
+    /// A custom resource the actor holds for its life.
+    pub fn resource(mut self, name: &str, quantity: f64) -> Self {
+        self.resources.set(name, quantity);
+        self
+    }
+
+    /// Calls that may run at once (`&self` methods on threads, `async`
+    /// methods on the runtime); `&mut self` methods always run alone.
+    pub fn max_concurrency(mut self, n: u32) -> Self {
+        self.max_concurrency = Some(n.max(1));
+        self
+    }
+}
+
+/// Creates an actor of `A` with constructor arguments `args`.
+pub(crate) fn create<A: Actor>(
+    options: ActorOptions,
+    args: Vec<ArgValue>,
+) -> Result<ActorHandle<A>> {
+    let core = crate::ensure_core();
+    let class = A::CLASS.to_string();
+    let has_async = registry::actor_class(&class).is_some_and(|c| {
+        c.methods
+            .iter()
+            .any(|(_, m)| matches!(m, MethodInvoker::AsyncRef(_) | MethodInvoker::AsyncMut(_)))
+    });
+    let max_concurrency = options
+        .max_concurrency
+        .unwrap_or(if has_async { 1000 } else { 1 });
+    let core2 = Arc::clone(&core);
+    let raw = core.block_on(async move {
+        create_raw(&core2, class, options.resources, max_concurrency, args).await
+    })?;
+    Ok(ActorHandle::new(raw))
+}
+
+async fn create_raw(
+    core: &Arc<Core>,
+    class: String,
+    resources: ResourceSet,
+    max_concurrency: u32,
+    args: Vec<ArgValue>,
+) -> Result<RawActor> {
+    let actor_id = ActorId::random();
+    let task_id = TaskId::fresh();
+    let args = core
+        .resolve_args(&class, task_id, args)
+        .await
+        .map_err(Error::from_failure)?
+        .0;
+    let lease = loop {
+        let request = HeadRequest::RequestLease(LeaseRequest {
+            job_id: core.job_id,
+            owner: core.me.worker_id,
+            resources: resources.clone(),
+            preferred_node: Some(core.home.node_id),
+            wait_ms: 2000,
+        });
+        match core.head.call(&request, Duration::from_secs(15)).await? {
+            HeadReply::LeaseGranted(lease) => break lease,
+            HeadReply::LeasePending { infeasible: true } => {
+                tracing::warn!(%class, ?resources, "no node can ever fit this actor; it waits (see `shoal status`)");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            HeadReply::LeasePending { .. } => {}
+            other => {
+                return Err(Error::Protocol(format!(
+                    "{other:?} in answer to a lease request"
+                )))
+            }
+        }
+    };
+    let node = core.node(&lease.node_address).await?;
+    let grant = NodeRequest::GrantWorker {
+        lease_id: lease.lease_id,
+        job_id: core.job_id,
+        binary_hash: core.binary_hash.clone(),
+        resources: resources.clone(),
+        driver: Some(core.driver.clone()),
+        dedicated: true,
+    };
+    let worker = match node.call(&grant, Duration::from_secs(90)).await? {
+        NodeReply::WorkerGranted { worker } => worker,
+        other => {
+            return Err(Error::Protocol(format!(
+                "{other:?} in answer to GrantWorker"
+            )))
+        }
+    };
+    let lifetime = Arc::new(Lifetime {
+        escaped: false.into(),
+        lease: Some((lease, node_address(&node))),
+    });
+    let client = core.worker(&worker.address).await?;
+    let create = WorkerRequest::CreateActor {
+        actor_id,
+        class: class.clone(),
+        args,
+        max_concurrency,
+    };
+    match client.call(&create, Duration::from_secs(600)).await? {
+        WorkerReply::ActorCreated { failure: None } => {}
+        WorkerReply::ActorCreated { failure: Some(f) } => return Err(Error::from_failure(f)),
+        other => {
+            return Err(Error::Protocol(format!(
+                "{other:?} in answer to CreateActor"
+            )))
+        }
+    }
+    Ok(RawActor {
+        actor_id,
+        class,
+        worker,
+        caller: WorkerId::random(),
+        seq: Arc::new(AtomicU64::new(0)),
+        lifetime,
+    })
+}
+
+fn node_address(node: &crate::core::NodeClient) -> String {
+    node.remote_address().to_string()
+}
+
+/// Calls `method` on the actor; the reference resolves to its result.
+pub(crate) fn call<T>(raw: &RawActor, method: &'static str, args: Vec<ArgValue>) -> ObjectRef<T> {
+    let core = crate::ensure_core();
+    let seq = raw.seq.fetch_add(1, Ordering::SeqCst);
+    let task_id = TaskId::fresh();
+    let id = task_id.return_object(0);
+    core.register_pending(id);
+    let raw = raw.clone();
+    let core2 = Arc::clone(&core);
+    core.handle.spawn(async move {
+        let state = call_raw(&core2, &raw, seq, task_id, method, args).await;
+        core2.complete_object(id, state);
+        // The handle (and its lifetime) lives until the call is answered.
+        drop(raw);
+    });
+    ObjectRef::adopt(id, core.me.clone())
+}
+
+async fn call_raw(
+    core: &Arc<Core>,
+    raw: &RawActor,
+    seq: u64,
+    task_id: TaskId,
+    method: &'static str,
+    args: Vec<ArgValue>,
+) -> ObjState {
+    let function = format!("{}::{method}", raw.class);
+    let (args, failed) = match core.resolve_args(&function, task_id, args).await {
+        Ok((args, _keep)) => (Some(args), None),
+        Err(f) => (None, Some(f)),
+    };
+    let died = |message: String| {
+        ObjState::Failed(TaskFailure {
+            kind: FailureKind::ActorDied,
+            function: raw.class.clone(),
+            task_id,
+            node_id: None,
+            message: format!("actor {}: {message}", raw.actor_id),
+            backtrace: None,
+            attempts: 1,
+        })
+    };
+    let client = match core.worker(&raw.worker.address).await {
+        Ok(c) => c,
+        Err(e) => return died(format!("its worker is unreachable ({e})")),
+    };
+    // Sent even when an argument failed, so the actor moves past `seq`.
+    let request = WorkerRequest::ActorCall(ActorCall {
+        actor_id: raw.actor_id,
+        caller: raw.caller,
+        seq,
+        task_id,
+        method: method.to_string(),
+        args,
+    });
+    let reply = client.call(&request, CALL_TIMEOUT).await;
+    if let Some(f) = failed {
+        return ObjState::Failed(f);
+    }
+    match reply {
+        Ok(WorkerReply::TaskDone(reply)) => match reply.outcome {
+            TaskOutcome::Inline(bytes) => ObjState::Inline(Arc::new(bytes)),
+            TaskOutcome::Stored(at) => ObjState::Stored(at),
+            TaskOutcome::Failed(f) => ObjState::Failed(f),
+        },
+        Ok(other) => died(format!("its worker answered {other:?}")),
+        Err(shoal_net::RpcError::Service(e))
+            if e.kind == shoal_proto::ServiceErrorKind::NotFound =>
+        {
+            died(e.message)
+        }
+        Err(e) => died(format!("the call was lost ({e})")),
+    }
+}
+
+/// An actor hosted by this worker.
+pub(crate) struct Hosted {
+    class: &'static ActorClass,
+    state: Arc<RwLock<ActorState>>,
+    permits: Arc<Semaphore>,
+    /// Per caller: the next sequence number allowed to start.
+    callers: Mutex<HashMap<WorkerId, watch::Sender<u64>>>,
+}
+
+/// The actors this worker hosts.
+#[derive(Default)]
+pub(crate) struct Host {
+    actors: dashmap::DashMap<ActorId, Arc<Hosted>>,
+}
+
+fn failure(
+    kind: FailureKind,
+    function: &str,
+    task_id: TaskId,
+    executor: Executor,
+    message: String,
+) -> TaskFailure {
+    TaskFailure {
+        kind,
+        function: function.to_string(),
+        task_id,
+        node_id: Some(executor.node_id),
+        message,
+        backtrace: None,
+        attempts: 1,
+    }
+}
+
+impl Host {
+    /// Runs the constructor and keeps the actor.
+    pub(crate) async fn create(
+        &self,
+        core: &Arc<Core>,
+        actor_id: ActorId,
+        class_name: &str,
+        args: Vec<ArgSpec>,
+        max_concurrency: u32,
+        executor: Executor,
+    ) -> Option<TaskFailure> {
+        let fail = |kind, message| {
+            Some(failure(
+                kind,
+                class_name,
+                TaskId::fresh(),
+                executor,
+                message,
+            ))
+        };
+        let Some(class) = registry::actor_class(class_name) else {
+            return fail(
+                FailureKind::FunctionNotFound,
+                format!("no actor class named {class_name:?} in this executable"),
+            );
+        };
+        let args = match core.fetch_args(&args).await {
+            Ok(args) => args,
+            Err(e) => return fail(FailureKind::ArgumentLost, e.to_string()),
+        };
+        let construct = class.construct;
+        let built = tokio::task::spawn_blocking(move || {
+            std::panic::catch_unwind(AssertUnwindSafe(|| construct(args)))
+        })
+        .await;
+        let state = match built {
+            Ok(Ok(Ok(state))) => state,
+            Ok(Ok(Err(e))) => return fail(e.kind, e.message),
+            Ok(Err(_)) => {
+                let (message, _) = crate::exec::take_panic();
+                return fail(
+                    FailureKind::Panic,
+                    format!("the constructor panicked: {message}"),
+                );
+            }
+            Err(e) => {
+                return fail(
+                    FailureKind::Panic,
+                    format!("the constructor's thread failed: {e}"),
+                )
+            }
+        };
+        let hosted = Hosted {
+            class,
+            state: Arc::new(RwLock::new(state)),
+            permits: Arc::new(Semaphore::new(max_concurrency.max(1) as usize)),
+            callers: Mutex::new(HashMap::new()),
+        };
+        self.actors.insert(actor_id, Arc::new(hosted));
+        None
+    }
+
+    /// Runs one call, in its caller's order.
+    pub(crate) async fn call(
+        &self,
+        core: &Arc<Core>,
+        call: ActorCall,
+        executor: Executor,
+    ) -> std::result::Result<TaskReply, shoal_proto::ServiceError> {
+        let hosted = self
+            .actors
+            .get(&call.actor_id)
+            .map(|h| Arc::clone(&h))
+            .ok_or_else(|| {
+                shoal_proto::ServiceError::new(
+                    shoal_proto::ServiceErrorKind::NotFound,
+                    format!("actor {} is not hosted here", call.actor_id),
+                )
+            })?;
+        let function = format!("{}::{}", hosted.class.name, call.method);
+        let reply = |outcome| TaskReply {
+            task_id: call.task_id,
+            attempt: 0,
+            node_id: executor.node_id,
+            worker_id: executor.worker_id,
+            outcome,
+        };
+        // Arguments are fetched before our turn: they need no ordering.
+        let args = match &call.args {
+            Some(args) => Some(core.fetch_args(args).await),
+            None => None,
+        };
+        let turn = {
+            let mut callers = hosted.callers.lock().unwrap_or_else(|e| e.into_inner());
+            callers
+                .entry(call.caller)
+                .or_insert_with(|| watch::channel(0).0)
+                .clone()
+        };
+        let mut turn_rx = turn.subscribe();
+        let _ = turn_rx.wait_for(|next| *next >= call.seq).await;
+        let advance = || turn.send_modify(|next| *next = (*next).max(call.seq + 1));
+        let args = match args {
+            None => {
+                advance();
+                let f = failure(
+                    FailureKind::ArgumentLost,
+                    &function,
+                    call.task_id,
+                    executor,
+                    "abandoned by its caller".into(),
+                );
+                return Ok(reply(TaskOutcome::Failed(f)));
+            }
+            Some(Err(e)) => {
+                advance();
+                let f = failure(
+                    FailureKind::ArgumentLost,
+                    &function,
+                    call.task_id,
+                    executor,
+                    e.to_string(),
+                );
+                return Ok(reply(TaskOutcome::Failed(f)));
+            }
+            Some(Ok(args)) => args,
+        };
+        let Some((_, invoker)) = hosted
+            .class
+            .methods
+            .iter()
+            .find(|(name, _)| *name == call.method)
+        else {
+            advance();
+            let f = failure(
+                FailureKind::FunctionNotFound,
+                &function,
+                call.task_id,
+                executor,
+                "no such method".into(),
+            );
+            return Ok(reply(TaskOutcome::Failed(f)));
+        };
+        // Our place is taken once we hold a permit and the lock; only then
+        // may the caller's next call start competing.
+        let permit = Arc::clone(&hosted.permits).acquire_owned().await;
+        let state = Arc::clone(&hosted.state);
+        let running = core::Running {
+            task: call.task_id,
+            executor,
+        };
+        let outcome = match invoker {
+            MethodInvoker::Ref(f) => {
+                let guard = state.read_owned().await;
+                advance();
+                let f = *f;
+                blocking(running, move || f(&guard, args)).await
+            }
+            MethodInvoker::Mut(f) => {
+                let mut guard = state.write_owned().await;
+                advance();
+                let f = *f;
+                blocking(running, move || f(&mut guard, args)).await
+            }
+            MethodInvoker::AsyncRef(f) => {
+                let guard = state.read_owned().await;
+                advance();
+                let fut = f(guard, args);
+                core::scope_current_task(running, AssertUnwindSafe(fut).catch_unwind())
+                    .await
+                    .map_err(|_| crate::exec::take_panic())
+            }
+            MethodInvoker::AsyncMut(f) => {
+                let guard = state.write_owned().await;
+                advance();
+                let fut = f(guard, args);
+                core::scope_current_task(running, AssertUnwindSafe(fut).catch_unwind())
+                    .await
+                    .map_err(|_| crate::exec::take_panic())
+            }
+        };
+        drop(permit);
+        let outcome = match outcome {
+            Ok(Ok(bytes)) => {
+                core.outcome_of(
+                    call.task_id.return_object(0),
+                    bytes,
+                    &function,
+                    call.task_id,
+                    executor,
+                )
+                .await
+            }
+            Ok(Err(e)) => TaskOutcome::Failed(failure(
+                e.kind,
+                &function,
+                call.task_id,
+                executor,
+                e.message,
+            )),
+            Err((message, backtrace)) => {
+                let mut f = failure(
+                    FailureKind::Panic,
+                    &function,
+                    call.task_id,
+                    executor,
+                    message,
+                );
+                f.backtrace = Some(backtrace);
+                TaskOutcome::Failed(f)
+            }
+        };
+        Ok(reply(outcome))
+    }
+}
+
+type Invoked = std::result::Result<crate::registry::Invocation, (String, String)>;
+
+/// Runs a sync method on a blocking thread, catching panics.
+async fn blocking(
+    running: core::Running,
+    f: impl FnOnce() -> crate::registry::Invocation + Send + 'static,
+) -> Invoked {
+    let joined = tokio::task::spawn_blocking(move || {
+        core::with_current_task(running, || {
+            std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|_| crate::exec::take_panic())
+        })
+    })
+    .await;
+    match joined {
+        Ok(result) => result,
+        Err(e) => Err((format!("the method's thread failed: {e}"), String::new())),
+    }
+}
