@@ -51,7 +51,10 @@ fn main() -> shoal::Result<()> {
     println!("incr(5) = {}", r.get()?);
     let results: Vec<ObjectRef<u64>> = (0..100).map(|_| c.incr(1)).collect();
     let seen = shoal::get_all(&results)?;
-    assert!(seen.windows(2).all(|w| w[1] == w[0] + 1), "calls from one caller run in order");
+    assert!(
+        seen.windows(2).all(|w| w[1] == w[0] + 1),
+        "calls from one caller run in order"
+    );
     println!("100 increments in order, last {}", seen[99]);
     println!("slow_read = {}", c.slow_read(20).get()?);
     let from_task = add_from_a_task::remote(c.clone(), 10).get()?;

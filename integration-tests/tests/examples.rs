@@ -19,6 +19,7 @@ fn check(name: &str, out: &str) {
         "fanout" => "64 leaves, 85 tasks",
         "hybrid" => "all results check out",
         "quickstart" => "fetch(0) failed as expected",
+        "counter" => "final value 115",
         other => panic!("no expectation for {other}"),
     };
     assert!(out.contains(expect), "{name} printed:\n{out}");
@@ -30,6 +31,7 @@ const EXAMPLES: &[(&str, &[&str])] = &[
     ("fanout", &["3", "4"]),
     ("hybrid", &[]),
     ("quickstart", &[]),
+    ("counter", &[]),
 ];
 
 #[test]

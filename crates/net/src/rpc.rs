@@ -345,6 +345,36 @@ async fn serve_request<S: Service>(
     let _ = send.finish();
 }
 
+/// A request sent, its reply still to come.
+pub struct InFlight<Rep> {
+    id: u64,
+    recv: quinn::RecvStream,
+    codec: CodecLimits,
+    _reply: PhantomData<fn() -> Rep>,
+}
+
+impl<Rep: DeserializeOwned> InFlight<Rep> {
+    /// Waits for the reply (no deadline of its own: wrap it in one).
+    pub async fn reply(mut self) -> Result<Rep, RpcError> {
+        let reply: ReplyEnvelope<Rep> =
+            read_frame(&mut self.recv, &self.codec)
+                .await
+                .map_err(|e| match e {
+                    FrameReadError::Connection(c) => RpcError::Connection(c),
+                    FrameReadError::Stream(s) => RpcError::Stream(s),
+                    FrameReadError::Decode(d) => RpcError::Decode(d),
+                })?;
+        match reply.result {
+            Err(e) => Err(RpcError::Service(e)),
+            Ok(_) if reply.id != self.id => Err(RpcError::IdMismatch {
+                expected: self.id,
+                got: reply.id,
+            }),
+            Ok(rep) => Ok(rep),
+        }
+    }
+}
+
 /// An authenticated connection that sends `Req` and receives `Rep`.
 pub struct RpcClient<Req, Rep> {
     conn: quinn::Connection,
@@ -414,41 +444,36 @@ impl<Req: Serialize + Sync, Rep: DeserializeOwned> RpcClient<Req, Rep> {
 
     /// Sends `request` and waits up to `timeout` for its reply.
     pub async fn call(&self, request: &Req, timeout: Duration) -> Result<Rep, RpcError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let exchange = async {
-            let (mut send, mut recv) = self.conn.open_bi().await?;
-            let envelope = RequestEnvelope {
-                id,
-                timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
-                body: request,
-            };
-            write_frame(&mut send, &envelope, &self.codec)
-                .await
-                .map_err(|e| match e {
-                    FrameWriteError::Encode(e) => RpcError::Encode(e),
-                    FrameWriteError::Stream(e) => RpcError::Stream(e.to_string()),
-                })?;
-            let _ = send.finish();
-            let reply: ReplyEnvelope<Rep> =
-                read_frame(&mut recv, &self.codec)
-                    .await
-                    .map_err(|e| match e {
-                        FrameReadError::Connection(c) => RpcError::Connection(c),
-                        FrameReadError::Stream(s) => RpcError::Stream(s),
-                        FrameReadError::Decode(d) => RpcError::Decode(d),
-                    })?;
-            match reply.result {
-                Err(e) => Err(RpcError::Service(e)),
-                Ok(_) if reply.id != id => Err(RpcError::IdMismatch {
-                    expected: id,
-                    got: reply.id,
-                }),
-                Ok(rep) => Ok(rep),
-            }
-        };
+        let exchange = async { self.send(request, timeout).await?.reply().await };
         tokio::time::timeout(timeout, exchange)
             .await
             .map_err(|_| RpcError::Timeout(timeout))?
+    }
+
+    /// Sends `request` (its stream opened and written, in the order calls
+    /// to `send` complete) without waiting for the reply; `timeout` is the
+    /// deadline the server is told.
+    pub async fn send(&self, request: &Req, timeout: Duration) -> Result<InFlight<Rep>, RpcError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (mut send, recv) = self.conn.open_bi().await?;
+        let envelope = RequestEnvelope {
+            id,
+            timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            body: request,
+        };
+        write_frame(&mut send, &envelope, &self.codec)
+            .await
+            .map_err(|e| match e {
+                FrameWriteError::Encode(e) => RpcError::Encode(e),
+                FrameWriteError::Stream(e) => RpcError::Stream(e.to_string()),
+            })?;
+        let _ = send.finish();
+        Ok(InFlight {
+            id,
+            recv,
+            codec: self.codec,
+            _reply: PhantomData,
+        })
     }
 
     /// The node id the server announced in its `Welcome`, if it is a node.

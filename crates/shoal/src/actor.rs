@@ -169,6 +169,10 @@ pub struct RawActor {
     /// in this process.
     caller: WorkerId,
     seq: Arc<AtomicU64>,
+    /// The next sequence number whose request may go out: requests leave in
+    /// order, so the host's wait for a caller's earlier calls always ends
+    /// (it never waits on a request stuck behind the stream limit).
+    sent: Arc<watch::Sender<u64>>,
     lifetime: Arc<Lifetime>,
 }
 
@@ -180,6 +184,7 @@ impl RawActor {
             worker: wire.worker,
             caller: WorkerId::random(),
             seq: Arc::new(AtomicU64::new(0)),
+            sent: Arc::new(watch::channel(0).0),
             lifetime: Arc::new(Lifetime {
                 escaped: true.into(),
                 lease: None,
@@ -332,6 +337,7 @@ async fn create_raw(
         worker,
         caller: WorkerId::random(),
         seq: Arc::new(AtomicU64::new(0)),
+        sent: Arc::new(watch::channel(0).0),
         lifetime,
     })
 }
@@ -384,7 +390,12 @@ async fn call_raw(
     };
     let client = match core.worker(&raw.worker.address).await {
         Ok(c) => c,
-        Err(e) => return died(format!("its worker is unreachable ({e})")),
+        Err(e) => {
+            // Later calls must not wait for this one to be sent.
+            let _ = raw.sent.subscribe().wait_for(|next| *next >= seq).await;
+            raw.sent.send_modify(|next| *next = (*next).max(seq + 1));
+            return died(format!("its worker is unreachable ({e})"));
+        }
     };
     // Sent even when an argument failed, so the actor moves past `seq`.
     let request = WorkerRequest::ActorCall(ActorCall {
@@ -395,7 +406,13 @@ async fn call_raw(
         method: method.to_string(),
         args,
     });
-    let reply = client.call(&request, CALL_TIMEOUT).await;
+    let _ = raw.sent.subscribe().wait_for(|next| *next >= seq).await;
+    let in_flight = client.send(&request, CALL_TIMEOUT).await;
+    raw.sent.send_modify(|next| *next = (*next).max(seq + 1));
+    let reply = match in_flight {
+        Ok(in_flight) => in_flight.reply().await,
+        Err(e) => Err(e),
+    };
     if let Some(f) = failed {
         return ObjState::Failed(f);
     }

@@ -203,6 +203,8 @@ pub(crate) struct Core {
     pub(crate) head: HeadClient,
     nodes: DashMap<String, NodeClient>,
     workers: DashMap<String, WorkerClient>,
+    /// Per address: held while a connection to it is being made.
+    connecting: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
     objects: DashMap<ObjectId, Arc<Slot>>,
     refs: RefTable,
     /// Woken whenever any owned object completes (for `wait`).
@@ -304,6 +306,7 @@ impl Core {
             head,
             nodes: DashMap::new(),
             workers: DashMap::new(),
+            connecting: DashMap::new(),
             objects: DashMap::new(),
             refs: RefTable::default(),
             changed: Notify::new(),
@@ -390,6 +393,15 @@ impl Core {
         Req: serde::Serialize + Sync,
         Rep: DeserializeOwned,
     {
+        if let Some(client) = cache.get(address) {
+            if client.close_reason().is_none() {
+                return Ok(client.clone());
+            }
+        }
+        // One connection attempt per address at a time: a burst of calls to
+        // a new peer shares one handshake instead of flooding it.
+        let gate = Arc::clone(&self.connecting.entry(address.to_string()).or_default());
+        let _one_at_a_time = gate.lock().await;
         if let Some(client) = cache.get(address) {
             if client.close_reason().is_none() {
                 return Ok(client.clone());

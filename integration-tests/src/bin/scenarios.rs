@@ -110,6 +110,86 @@ async fn level1(x: i64) -> i64 {
     level2::remote(x).await.expect("level 2") + 100
 }
 
+/// Records calls per caller, to check each caller's order.
+#[shoal::actor]
+pub struct Recorder {
+    seen: std::collections::HashMap<u32, Vec<u32>>,
+    barrier: std::sync::Arc<std::sync::Barrier>,
+    async_barrier: std::sync::Arc<tokio::sync::Barrier>,
+}
+
+#[shoal::actor]
+impl Recorder {
+    pub fn new(parties: u32) -> Self {
+        Recorder {
+            seen: Default::default(),
+            barrier: std::sync::Arc::new(std::sync::Barrier::new(parties as usize)),
+            async_barrier: std::sync::Arc::new(tokio::sync::Barrier::new(parties as usize)),
+        }
+    }
+
+    pub fn record(&mut self, caller: u32, i: u32) -> u32 {
+        self.seen.entry(caller).or_default().push(i);
+        i
+    }
+
+    /// For each caller, whether it recorded 0, 1, 2, ... in order, and how many.
+    pub fn orders(&self) -> Vec<(u32, bool, usize)> {
+        let mut out: Vec<_> = self
+            .seen
+            .iter()
+            .map(|(c, v)| {
+                (
+                    *c,
+                    v.iter().enumerate().all(|(i, x)| *x as usize == i),
+                    v.len(),
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Returns once `parties` calls are inside at the same time.
+    pub fn meet(&self) -> bool {
+        self.barrier.wait();
+        true
+    }
+
+    pub async fn meet_async(&self) -> bool {
+        self.async_barrier.wait().await;
+        true
+    }
+
+    pub fn explode(&self, why: String) -> u32 {
+        panic!("actor method exploded: {why}");
+    }
+}
+
+/// Makes `n` calls on the recorder as caller `caller`, from a task.
+#[shoal::remote]
+fn record_from_task(recorder: ActorHandle<Recorder>, caller: u32, n: u32) -> u32 {
+    let refs: Vec<_> = (0..n).map(|i| recorder.record(caller, i)).collect();
+    shoal::get_all(&refs).expect("records").len() as u32
+}
+
+/// An actor that calls another through a handle it was given.
+#[shoal::actor]
+pub struct Relay {
+    target: ActorHandle<Recorder>,
+}
+
+#[shoal::actor]
+impl Relay {
+    pub fn new(target: ActorHandle<Recorder>) -> Self {
+        Relay { target }
+    }
+
+    pub fn relay(&self, caller: u32, i: u32) -> u32 {
+        self.target.record(caller, i).get().expect("relayed call")
+    }
+}
+
 fn result(value: serde_json::Value) {
     println!("RESULT {value}");
 }
@@ -279,6 +359,52 @@ fn main() -> shoal::Result<()> {
             std::io::stdout().flush().ok();
             let mut line = String::new();
             let _ = std::io::stdin().read_line(&mut line);
+        }
+        "actor-order" => {
+            let n: u32 = arg(1).parse().unwrap_or(10_000);
+            let recorder = Recorder::remote(1)?;
+            let refs: Vec<_> = (0..n).map(|i| recorder.record(0, i)).collect();
+            let values = shoal::get_all(&refs)?;
+            let one_caller_in_order = values.iter().enumerate().all(|(i, v)| *v as usize == i);
+            // Four more callers: tasks that each got the handle.
+            let tasks: Vec<_> = (1..=4)
+                .map(|c| record_from_task::remote(recorder.clone(), c, 1000))
+                .collect();
+            shoal::get_all(&tasks)?;
+            let orders = recorder.orders().get()?;
+            result(json!({"one_caller_in_order": one_caller_in_order, "orders": orders}));
+        }
+        "actor-concurrency" => {
+            let parties = 4;
+            let four = Recorder::options().max_concurrency(4).remote(parties)?;
+            let sync_met = shoal::get_all(&(0..4).map(|_| four.meet()).collect::<Vec<_>>())?;
+            let async_met = shoal::get_all(&(0..4).map(|_| four.meet_async()).collect::<Vec<_>>())?;
+            let two = Recorder::options().max_concurrency(2).remote(parties)?;
+            let stuck: Vec<_> = (0..4).map(|_| two.meet()).collect();
+            let (ready, _) = shoal::wait(&stuck, 4, Some(Duration::from_secs(3)))?;
+            result(json!({
+                "met_with_4": sync_met.iter().all(|m| *m) && sync_met.len() == 4,
+                "met_async_with_4": async_met.iter().all(|m| *m) && async_met.len() == 4,
+                "met_with_2": ready.len() == 4,
+            }));
+        }
+        "actor-errors" => {
+            let recorder = Recorder::remote(1)?;
+            let boom = recorder.explode("on purpose".to_string()).get();
+            let Err(Error::Task(e)) = boom else {
+                panic!("expected Error::Task, got {boom:?}")
+            };
+            let after = recorder.record(0, 0).get()?;
+            let relay = Relay::remote(recorder.clone())?;
+            let relayed = relay.relay(9, 0).get()?;
+            let orders = recorder.orders().get()?;
+            result(json!({
+                "panic_message": e.message,
+                "panicked": e.panicked,
+                "function": e.function,
+                "still_serving": after == 0,
+                "relayed": relayed == 0 && orders.iter().any(|(c, ok, n)| *c == 9 && *ok && *n == 1),
+            }));
         }
         "infeasible" => {
             // No node offers this: the task waits, reported as infeasible.

@@ -1,0 +1,74 @@
+//! Actors as real programs: the `scenarios` driver against a head and two
+//! node daemons as processes, and in local mode.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use shoal_integration_tests::{result_of, run_driver, sibling_bin, ProcessCluster};
+
+fn scenario(env: &[(&str, String)], args: &[&str]) -> Value {
+    result_of(&run_driver(
+        &sibling_bin("scenarios"),
+        args,
+        env,
+        Duration::from_secs(300),
+    ))
+}
+
+fn environments(cluster: &ProcessCluster) -> Vec<Vec<(&'static str, String)>> {
+    vec![
+        cluster.driver_env(),
+        vec![],
+        vec![("SHOAL_WORKER_PROCESSES", "1".to_string())],
+    ]
+}
+
+#[test]
+fn calls_from_one_caller_run_in_order_and_each_caller_keeps_its_own() {
+    let cluster = ProcessCluster::three_process();
+    for env in environments(&cluster) {
+        let out = scenario(&env, &["actor-order", "10000"]);
+        assert_eq!(out["one_caller_in_order"], true, "{out}");
+        let orders = out["orders"].as_array().expect("orders");
+        assert_eq!(orders.len(), 5, "{out}");
+        for (caller, order) in orders.iter().enumerate() {
+            let expected = if caller == 0 { 10_000 } else { 1000 };
+            assert_eq!(order, &json!([caller, true, expected]), "{out}");
+        }
+    }
+}
+
+#[test]
+fn concurrency_is_real_for_threaded_and_async_methods() {
+    let cluster = ProcessCluster::three_process();
+    for env in environments(&cluster) {
+        let out = scenario(&env, &["actor-concurrency"]);
+        assert_eq!(out["met_with_4"], true, "{out}");
+        assert_eq!(out["met_async_with_4"], true, "{out}");
+        assert_eq!(
+            out["met_with_2"], false,
+            "a barrier of 4 cannot be met two at a time: {out}"
+        );
+    }
+}
+
+#[test]
+fn a_panicking_method_is_a_task_error_and_the_actor_keeps_serving() {
+    let cluster = ProcessCluster::three_process();
+    for env in environments(&cluster) {
+        let out = scenario(&env, &["actor-errors"]);
+        assert!(
+            out["panic_message"]
+                .as_str()
+                .is_some_and(|m| m.contains("exploded: on purpose")),
+            "{out}"
+        );
+        assert_eq!(out["panicked"], true);
+        assert_eq!(out["function"], "scenarios::Recorder::explode");
+        assert_eq!(out["still_serving"], true);
+        assert_eq!(
+            out["relayed"], true,
+            "a handle passed to another actor is called from there: {out}"
+        );
+    }
+}
