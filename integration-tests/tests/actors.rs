@@ -72,3 +72,26 @@ fn a_panicking_method_is_a_task_error_and_the_actor_keeps_serving() {
         );
     }
 }
+
+#[test]
+fn calls_past_max_pending_calls_fail_fast_with_a_typed_error() {
+    let cluster = ProcessCluster::three_process();
+    for env in environments(&cluster) {
+        let out = scenario(&env, &["actor-pending"]);
+        assert_eq!(out["other"], json!([]), "{out}");
+        assert_eq!(out["ok"], 100, "the first 100 calls are accepted: {out}");
+        assert_eq!(out["refused"], 900, "{out}");
+        assert_eq!(out["accepts_again"], true);
+    }
+}
+
+#[test]
+fn calls_to_an_actor_whose_worker_was_killed_get_actor_died() {
+    let cluster = ProcessCluster::three_process();
+    // Process workers only: a thread worker cannot be killed apart from us.
+    for env in [cluster.driver_env(), vec![("SHOAL_WORKER_PROCESSES", "1".to_string())]] {
+        let out = scenario(&env, &["actor-kill"]);
+        assert_eq!(out["in_flight_died"], true, "{out}");
+        assert_eq!(out["later_call_died"], true, "{out}");
+    }
+}

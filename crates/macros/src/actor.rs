@@ -305,6 +305,8 @@ fn codegen(a: ActorImpl) -> TokenStream {
             pub fn resource(self, name: &str, quantity: f64) -> Self { Self(self.0.resource(name, quantity)) }
             /// Calls that may run at once (`&self` and `async` methods).
             pub fn max_concurrency(self, n: u32) -> Self { Self(self.0.max_concurrency(n)) }
+            /// Calls a handle may have unanswered; more fail at once.
+            pub fn max_pending_calls(self, n: u32) -> Self { Self(self.0.max_pending_calls(n)) }
             /// Creates the actor with these options.
             pub fn remote(self, #(#ctor_names: impl ::core::convert::Into<::shoal::Arg<#ctor_types>>),*) -> ::shoal::Result<::shoal::ActorHandle<#ty>> {
                 ::shoal::__private::create_actor::<#ty>(self.0, ::std::vec![#(::shoal::__private::arg::<#ctor_types>(#ctor_names.into())),*])

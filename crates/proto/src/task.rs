@@ -143,4 +143,6 @@ pub enum FailureKind {
     WorkerCrashed,
     /// The actor is gone (its process or node died, or it was killed).
     ActorDied,
+    /// The actor handle already has `max_pending_calls` calls waiting.
+    PendingCallsExceeded,
 }

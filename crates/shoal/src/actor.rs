@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::ops::Deref;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,6 +28,7 @@ use shoal_proto::{
     ResourceSet, TaskFailure, TaskId, TaskOutcome, TaskReply, WorkerId, WorkerReply, WorkerRequest,
 };
 use tokio::sync::{watch, RwLock, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 use crate::core::{self, Core, Executor, ObjState};
 use crate::error::{Error, Result};
@@ -100,6 +101,8 @@ impl<A: Actor> Serialize for ActorHandle<A> {
             actor_id: raw.actor_id,
             class: raw.class.clone(),
             worker: raw.worker.clone(),
+            node: raw.node.clone(),
+            max_pending_calls: raw.caller.max_pending,
         }
         .serialize(serializer)
     }
@@ -119,6 +122,8 @@ struct WireActor {
     actor_id: ActorId,
     class: String,
     worker: Address,
+    node: String,
+    max_pending_calls: Option<u32>,
 }
 
 /// Ends the actor when the creator's last handle is dropped (unless a
@@ -159,38 +164,102 @@ impl Drop for Lifetime {
     }
 }
 
+/// One caller of an actor: a handle and its clones in one process.
+struct Caller {
+    id: WorkerId,
+    /// The next sequence number to hand out.
+    seq: AtomicU64,
+    /// The next sequence number whose request may go out: requests leave in
+    /// order, so the host's wait for a caller's earlier calls always ends
+    /// (it never waits on a request stuck behind the stream limit).
+    sent: watch::Sender<u64>,
+    /// Calls made and not yet answered.
+    pending: AtomicU32,
+    max_pending: Option<u32>,
+    /// Cancelled when the actor's worker is gone.
+    dead: CancellationToken,
+}
+
 /// The untyped part of a handle (used by the generated code).
 #[derive(Clone)]
 pub struct RawActor {
     pub(crate) actor_id: ActorId,
     pub(crate) class: String,
     pub(crate) worker: Address,
-    /// This handle's caller id and next sequence number, shared by clones
-    /// in this process.
-    caller: WorkerId,
-    seq: Arc<AtomicU64>,
-    /// The next sequence number whose request may go out: requests leave in
-    /// order, so the host's wait for a caller's earlier calls always ends
-    /// (it never waits on a request stuck behind the stream limit).
-    sent: Arc<watch::Sender<u64>>,
+    /// The node hosting the worker, which says when it exits.
+    node: String,
+    caller: Arc<Caller>,
     lifetime: Arc<Lifetime>,
 }
 
 impl RawActor {
-    fn borrowed(wire: WireActor) -> Self {
+    fn new(core: &Arc<Core>, wire: WireActor, lifetime: Arc<Lifetime>) -> Self {
+        let caller = Arc::new(Caller {
+            id: WorkerId::random(),
+            seq: AtomicU64::new(0),
+            sent: watch::channel(0).0,
+            pending: AtomicU32::new(0),
+            max_pending: wire.max_pending_calls,
+            dead: CancellationToken::new(),
+        });
+        watch_actor(
+            core,
+            wire.node.clone(),
+            wire.worker.worker_id,
+            Arc::downgrade(&caller),
+        );
         Self {
             actor_id: wire.actor_id,
             class: wire.class,
             worker: wire.worker,
-            caller: WorkerId::random(),
-            seq: Arc::new(AtomicU64::new(0)),
-            sent: Arc::new(watch::channel(0).0),
-            lifetime: Arc::new(Lifetime {
-                escaped: true.into(),
-                lease: None,
-            }),
+            node: wire.node,
+            caller,
+            lifetime,
         }
     }
+
+    fn borrowed(wire: WireActor) -> Self {
+        let lifetime = Arc::new(Lifetime {
+            escaped: true.into(),
+            lease: None,
+        });
+        Self::new(&crate::ensure_core(), wire, lifetime)
+    }
+}
+
+/// Watches the actor's worker through its node while any handle of this
+/// caller lives; marks the caller's actor dead when the worker exits.
+fn watch_actor(
+    core: &Arc<Core>,
+    node: String,
+    worker_id: WorkerId,
+    caller: std::sync::Weak<Caller>,
+) {
+    let core2 = Arc::clone(core);
+    core.handle.spawn(async move {
+        let watch = NodeRequest::WatchWorker {
+            worker_id,
+            wait_ms: 20_000,
+        };
+        loop {
+            if caller.strong_count() == 0 {
+                return;
+            }
+            let alive = match core2.node(&node).await {
+                Ok(client) => matches!(
+                    client.call(&watch, Duration::from_secs(30)).await,
+                    Ok(NodeReply::WorkerStatus { alive: true })
+                ),
+                Err(_) => false,
+            };
+            if !alive {
+                if let Some(caller) = caller.upgrade() {
+                    caller.dead.cancel();
+                }
+                return;
+            }
+        }
+    });
 }
 
 /// Options of an actor's creation.
@@ -198,6 +267,7 @@ impl RawActor {
 pub struct ActorOptions {
     pub(crate) resources: ResourceSet,
     pub(crate) max_concurrency: Option<u32>,
+    pub(crate) max_pending_calls: Option<u32>,
 }
 
 impl Default for ActorOptions {
@@ -213,6 +283,7 @@ impl ActorOptions {
         Self {
             resources: ResourceSet::new(),
             max_concurrency: None,
+            max_pending_calls: None,
         }
     }
 
@@ -234,6 +305,13 @@ impl ActorOptions {
         self.max_concurrency = Some(n.max(1));
         self
     }
+
+    /// Calls a handle may have unanswered; more fail at once with
+    /// [`Error::PendingCallsExceeded`].
+    pub fn max_pending_calls(mut self, n: u32) -> Self {
+        self.max_pending_calls = Some(n);
+        self
+    }
 }
 
 /// Creates an actor of `A` with constructor arguments `args`.
@@ -252,19 +330,19 @@ pub(crate) fn create<A: Actor>(
         .max_concurrency
         .unwrap_or(if has_async { 1000 } else { 1 });
     let core2 = Arc::clone(&core);
-    let raw = core.block_on(async move {
-        create_raw(&core2, class, options.resources, max_concurrency, args).await
-    })?;
+    let raw = core
+        .block_on(async move { create_raw(&core2, class, options, max_concurrency, args).await })?;
     Ok(ActorHandle::new(raw))
 }
 
 async fn create_raw(
     core: &Arc<Core>,
     class: String,
-    resources: ResourceSet,
+    options: ActorOptions,
     max_concurrency: u32,
     args: Vec<ArgValue>,
 ) -> Result<RawActor> {
+    let resources = options.resources;
     let actor_id = ActorId::random();
     let task_id = TaskId::fresh();
     let args = core
@@ -311,9 +389,10 @@ async fn create_raw(
             )))
         }
     };
+    let node_address = node_address(&node);
     let lifetime = Arc::new(Lifetime {
         escaped: false.into(),
-        lease: Some((lease, node_address(&node))),
+        lease: Some((lease, node_address.clone())),
     });
     let client = core.worker(&worker.address).await?;
     let create = WorkerRequest::CreateActor {
@@ -331,15 +410,14 @@ async fn create_raw(
             )))
         }
     }
-    Ok(RawActor {
+    let wire = WireActor {
         actor_id,
         class,
         worker,
-        caller: WorkerId::random(),
-        seq: Arc::new(AtomicU64::new(0)),
-        sent: Arc::new(watch::channel(0).0),
-        lifetime,
-    })
+        node: node_address,
+        max_pending_calls: options.max_pending_calls,
+    };
+    Ok(RawActor::new(core, wire, lifetime))
 }
 
 fn node_address(node: &crate::core::NodeClient) -> String {
@@ -349,14 +427,44 @@ fn node_address(node: &crate::core::NodeClient) -> String {
 /// Calls `method` on the actor; the reference resolves to its result.
 pub(crate) fn call<T>(raw: &RawActor, method: &'static str, args: Vec<ArgValue>) -> ObjectRef<T> {
     let core = crate::ensure_core();
-    let seq = raw.seq.fetch_add(1, Ordering::SeqCst);
     let task_id = TaskId::fresh();
     let id = task_id.return_object(0);
     core.register_pending(id);
+    let refused = |kind, message: String| {
+        let f = TaskFailure {
+            kind,
+            function: format!("{}::{method}", raw.class),
+            task_id,
+            node_id: None,
+            message,
+            backtrace: None,
+            attempts: 0,
+        };
+        core.complete_object(id, ObjState::Failed(f));
+        ObjectRef::adopt(id, core.me.clone())
+    };
+    if raw.caller.dead.is_cancelled() {
+        return refused(
+            FailureKind::ActorDied,
+            format!("actor {}: its worker has exited", raw.actor_id),
+        );
+    }
+    let pending = raw.caller.pending.fetch_add(1, Ordering::SeqCst);
+    if raw.caller.max_pending.is_some_and(|max| pending >= max) {
+        raw.caller.pending.fetch_sub(1, Ordering::SeqCst);
+        let max = raw.caller.max_pending.unwrap_or_default();
+        return refused(
+            FailureKind::PendingCallsExceeded,
+            format!("{max} calls are already waiting on this handle (max_pending_calls)"),
+        );
+    }
+    let seq = raw.caller.seq.fetch_add(1, Ordering::SeqCst);
+
     let raw = raw.clone();
     let core2 = Arc::clone(&core);
     core.handle.spawn(async move {
         let state = call_raw(&core2, &raw, seq, task_id, method, args).await;
+        raw.caller.pending.fetch_sub(1, Ordering::SeqCst);
         core2.complete_object(id, state);
         // The handle (and its lifetime) lives until the call is answered.
         drop(raw);
@@ -392,25 +500,44 @@ async fn call_raw(
         Ok(c) => c,
         Err(e) => {
             // Later calls must not wait for this one to be sent.
-            let _ = raw.sent.subscribe().wait_for(|next| *next >= seq).await;
-            raw.sent.send_modify(|next| *next = (*next).max(seq + 1));
+            let _ = raw
+                .caller
+                .sent
+                .subscribe()
+                .wait_for(|next| *next >= seq)
+                .await;
+            raw.caller
+                .sent
+                .send_modify(|next| *next = (*next).max(seq + 1));
             return died(format!("its worker is unreachable ({e})"));
         }
     };
     // Sent even when an argument failed, so the actor moves past `seq`.
     let request = WorkerRequest::ActorCall(ActorCall {
         actor_id: raw.actor_id,
-        caller: raw.caller,
+        caller: raw.caller.id,
         seq,
         task_id,
         method: method.to_string(),
         args,
     });
-    let _ = raw.sent.subscribe().wait_for(|next| *next >= seq).await;
+    let _ = raw
+        .caller
+        .sent
+        .subscribe()
+        .wait_for(|next| *next >= seq)
+        .await;
     let in_flight = client.send(&request, CALL_TIMEOUT).await;
-    raw.sent.send_modify(|next| *next = (*next).max(seq + 1));
+    raw.caller
+        .sent
+        .send_modify(|next| *next = (*next).max(seq + 1));
     let reply = match in_flight {
-        Ok(in_flight) => in_flight.reply().await,
+        Ok(in_flight) => tokio::select! {
+            reply = in_flight.reply() => reply,
+            // The node saw the worker exit: no need to wait for the
+            // connection to time out.
+            _ = raw.caller.dead.cancelled() => Err(shoal_net::RpcError::Stream("the actor's worker exited".into())),
+        },
         Err(e) => Err(e),
     };
     if let Some(f) = failed {

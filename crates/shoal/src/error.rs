@@ -59,6 +59,14 @@ pub enum Error {
         /// What happened, with the actor's id.
         message: String,
     },
+    /// An actor handle already has `max_pending_calls` calls waiting.
+    #[error("{function}: {message}")]
+    PendingCallsExceeded {
+        /// The method called.
+        function: String,
+        /// Details.
+        message: String,
+    },
     /// The worker does not have the function (another build of the program,
     /// or an unknown id).
     #[error("function {function} is not registered in the worker on node {node_id:?}: {message}")]
@@ -141,6 +149,10 @@ impl Error {
             },
             FailureKind::ActorDied => Error::ActorDied {
                 class: f.function,
+                message: f.message,
+            },
+            FailureKind::PendingCallsExceeded => Error::PendingCallsExceeded {
+                function: f.function,
                 message: f.message,
             },
             FailureKind::WorkerCrashed => Error::WorkerCrashed {

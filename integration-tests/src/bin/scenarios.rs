@@ -161,6 +161,15 @@ impl Recorder {
         true
     }
 
+    pub fn pid(&self) -> u32 {
+        std::process::id()
+    }
+
+    pub fn nap(&self, ms: u64) -> u64 {
+        std::thread::sleep(Duration::from_millis(ms));
+        ms
+    }
+
     pub fn explode(&self, why: String) -> u32 {
         panic!("actor method exploded: {why}");
     }
@@ -404,6 +413,38 @@ fn main() -> shoal::Result<()> {
                 "function": e.function,
                 "still_serving": after == 0,
                 "relayed": relayed == 0 && orders.iter().any(|(c, ok, n)| *c == 9 && *ok && *n == 1),
+            }));
+        }
+        "actor-pending" => {
+            let recorder = Recorder::options().max_pending_calls(100).remote(1)?;
+            let calls: Vec<_> = (0..1000).map(|_| recorder.nap(20)).collect();
+            let (mut ok, mut refused, mut other) = (0, 0, Vec::new());
+            for call in &calls {
+                match call.get() {
+                    Ok(_) => ok += 1,
+                    Err(Error::PendingCallsExceeded { .. }) => refused += 1,
+                    Err(e) => other.push(e.to_string()),
+                }
+            }
+            let after = recorder.nap(1).get().is_ok();
+            result(json!({"ok": ok, "refused": refused, "other": other, "accepts_again": after}));
+        }
+        "actor-kill" => {
+            let recorder = Recorder::remote(1)?;
+            let pid = recorder.pid().get()?;
+            let in_flight = recorder.nap(30_000);
+            // Make sure the long call is running before the worker dies.
+            let _ = recorder.record(0, 0).get_timeout(Duration::from_millis(300));
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL)
+                .expect("kill the actor's worker");
+            let started = Instant::now();
+            let during = in_flight.get();
+            let after = recorder.record(0, 1).get();
+            result(json!({
+                "in_flight_died": matches!(during, Err(Error::ActorDied { .. })),
+                "later_call_died": matches!(after, Err(Error::ActorDied { .. })),
+                "noticed_within_seconds": started.elapsed().as_secs_f64(),
+                "in_flight": format!("{during:?}"),
             }));
         }
         "infeasible" => {
