@@ -89,7 +89,10 @@ fn calls_past_max_pending_calls_fail_fast_with_a_typed_error() {
 fn calls_to_an_actor_whose_worker_was_killed_get_actor_died() {
     let cluster = ProcessCluster::three_process();
     // Process workers only: a thread worker cannot be killed apart from us.
-    for env in [cluster.driver_env(), vec![("SHOAL_WORKER_PROCESSES", "1".to_string())]] {
+    for env in [
+        cluster.driver_env(),
+        vec![("SHOAL_WORKER_PROCESSES", "1".to_string())],
+    ] {
         let out = scenario(&env, &["actor-kill"]);
         assert_eq!(out["in_flight_died"], true, "{out}");
         assert_eq!(out["later_call_died"], true, "{out}");

@@ -20,6 +20,8 @@ fn check(name: &str, out: &str) {
         "hybrid" => "all results check out",
         "quickstart" => "fetch(0) failed as expected",
         "counter" => "final value 115",
+        "parameter_server" => "loss below 0.01",
+        "pipeline" => "pipeline result matches",
         other => panic!("no expectation for {other}"),
     };
     assert!(out.contains(expect), "{name} printed:\n{out}");
@@ -32,6 +34,8 @@ const EXAMPLES: &[(&str, &[&str])] = &[
     ("hybrid", &[]),
     ("quickstart", &[]),
     ("counter", &[]),
+    ("parameter_server", &["4", "40"]),
+    ("pipeline", &["30"]),
 ];
 
 #[test]

@@ -434,9 +434,14 @@ fn main() -> shoal::Result<()> {
             let pid = recorder.pid().get()?;
             let in_flight = recorder.nap(30_000);
             // Make sure the long call is running before the worker dies.
-            let _ = recorder.record(0, 0).get_timeout(Duration::from_millis(300));
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL)
-                .expect("kill the actor's worker");
+            let _ = recorder
+                .record(0, 0)
+                .get_timeout(Duration::from_millis(300));
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .expect("kill the actor's worker");
             let started = Instant::now();
             let during = in_flight.get();
             let after = recorder.record(0, 1).get();
