@@ -98,3 +98,57 @@ fn calls_to_an_actor_whose_worker_was_killed_get_actor_died() {
         assert_eq!(out["later_call_died"], true, "{out}");
     }
 }
+
+#[test]
+fn a_detached_named_actor_outlives_its_driver_and_kill_frees_its_name() {
+    let cluster = ProcessCluster::three_process();
+    let env = cluster.driver_env();
+    let created = scenario(&env, &["detached-create", "keeper"]);
+    assert_eq!(created["name_taken"], true, "{created}");
+    // The creating driver has exited; the actor is still listed and alive.
+    let listed: Value =
+        serde_json::from_str(&cluster.shoal_ok(&["list", "actors", "--json"])).expect("json");
+    let keeper = listed
+        .as_array()
+        .expect("actors")
+        .iter()
+        .find(|a| a["name"] == "keeper")
+        .cloned()
+        .expect("keeper listed");
+    assert_eq!(keeper["state"], "ALIVE", "{listed}");
+    assert_eq!(keeper["detached"], true);
+    let status = cluster.status();
+    let hosting = status["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| n["actors_alive"].as_u64().unwrap_or(0))
+        .sum::<u64>();
+    assert_eq!(
+        hosting, 1,
+        "status counts the actor on its node: {status:#}"
+    );
+    // A second driver finds it by name, calls it, kills it.
+    let used = scenario(&env, &["detached-use", "keeper"]);
+    assert_eq!(used["id"], created["created"]);
+    assert_eq!(
+        used["orders"],
+        json!([[0, true, 2]]),
+        "both drivers' calls reached the same actor: {used}"
+    );
+    assert_eq!(used["wrong_class_refused"], true);
+    assert_eq!(used["dead_after_kill"], true);
+    assert_eq!(used["name_free_after_kill"], true);
+    assert_eq!(used["name_reused"], true);
+    let listed: Value =
+        serde_json::from_str(&cluster.shoal_ok(&["list", "actors", "--json"])).expect("json");
+    assert!(
+        listed
+            .as_array()
+            .expect("actors")
+            .iter()
+            .all(|a| a["state"] == "DEAD"),
+        "{listed}"
+    );
+    assert!(cluster.shoal_ok(&["list", "actors"]).contains("keeper"));
+}

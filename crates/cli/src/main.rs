@@ -6,10 +6,11 @@
 //! Modules:
 //! - `cluster_file`: the TOML cluster file read by `--config`;
 //! - `session`: the session directory (pid files, logs, token, addresses);
-//! - `start`, `stop`, `status`: one per subcommand;
+//! - `start`, `stop`, `status`, `list`: one per subcommand;
 //! - `logging`: `tracing` set up from `SHOAL_LOG` or `RUST_LOG`.
 
 mod cluster_file;
+mod list;
 mod logging;
 mod session;
 mod start;
@@ -41,6 +42,8 @@ enum Command {
     Stop(stop::StopArgs),
     /// Show the cluster's nodes, their states and resources.
     Status(status::StatusArgs),
+    /// List what the cluster runs: `shoal list actors [--json]`.
+    List(list::ListArgs),
 }
 
 /// Where session directories live unless `--session-dir` says otherwise.
@@ -61,6 +64,7 @@ fn main() -> ExitCode {
         Command::Start(args) => start::run(args),
         Command::Stop(args) => stop::run(args),
         Command::Status(args) => status::run(args),
+        Command::List(args) => list::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -27,36 +27,111 @@ pub struct StatusArgs {
     session: SessionArgs,
 }
 
+/// The head to ask and the token to prove, from flags, the environment or
+/// the newest session under the root.
+pub struct HeadTarget {
+    pub address: String,
+    pub token: JoinToken,
+}
+
+impl HeadTarget {
+    pub fn resolve(
+        address: Option<&str>,
+        token: Option<&str>,
+        session: &SessionArgs,
+    ) -> Result<Self> {
+        let latest = Session::latest(&session.root);
+        let address = match (address, &latest) {
+            (Some(a), _) => a.to_string(),
+            (None, Some(s)) => s
+                .head_address()
+                .context("the newest session has no head_address")?,
+            (None, None) => anyhow::bail!(
+                "no cluster found under {}: pass --address HOST:PORT",
+                session.root.display()
+            ),
+        };
+        let token: JoinToken = match (token, &latest) {
+            (Some(t), _) => t.parse().context("parsing the join token")?,
+            (None, Some(s)) => shoal_net::identity::read_token(&s.token_path())
+                .context("reading the session's join token; pass --token")?,
+            (None, None) => anyhow::bail!("no join token: pass --token or set SHOAL_TOKEN"),
+        };
+        Ok(Self { address, token })
+    }
+}
+
 pub fn run(args: StatusArgs) -> Result<()> {
     crate::logging::init("warn");
-    let session = Session::latest(&args.session.root);
-    let address = match (&args.address, &session) {
-        (Some(a), _) => a.clone(),
-        (None, Some(s)) => s
-            .head_address()
-            .context("the newest session has no head_address")?,
-        (None, None) => anyhow::bail!(
-            "no cluster found under {}: pass --address HOST:PORT",
-            args.session.root.display()
-        ),
+    let target = HeadTarget::resolve(
+        args.address.as_deref(),
+        args.token.as_deref(),
+        &args.session,
+    )?;
+    let timeout = Duration::from_secs(10);
+    let status = fetch(&target.address, &target.token, timeout)?;
+    let actors = match ask(
+        &target.address,
+        &target.token,
+        HeadRequest::ListActors,
+        timeout,
+    )? {
+        HeadReply::Actors(actors) => actors,
+        other => anyhow::bail!("unexpected reply from the head: {other:?}"),
     };
-    let token: JoinToken = match (&args.token, &session) {
-        (Some(t), _) => t.parse().context("parsing the join token")?,
-        (None, Some(s)) => shoal_net::identity::read_token(&s.token_path())
-            .context("reading the session's join token; pass --token")?,
-        (None, None) => anyhow::bail!("no join token: pass --token or set SHOAL_TOKEN"),
-    };
-    let status = fetch(&address, &token, Duration::from_secs(10))?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&to_json(&status))?);
+        let mut value = to_json(&status);
+        if let Some(nodes) = value["nodes"].as_array_mut() {
+            for node in nodes {
+                let id = node["node_id"].as_str().unwrap_or_default().to_string();
+                let alive = actors
+                    .iter()
+                    .filter(|a| {
+                        a.state == shoal_proto::ActorState::Alive && a.node_id.to_string() == id
+                    })
+                    .count();
+                node["actors_alive"] = json!(alive);
+            }
+        }
+        println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         print!("{}", render(&status));
+        let alive: Vec<_> = actors
+            .iter()
+            .filter(|a| a.state == shoal_proto::ActorState::Alive)
+            .collect();
+        if !alive.is_empty() {
+            out_actor_counts(&status, &alive);
+        }
     }
     Ok(())
 }
 
+fn out_actor_counts(status: &ClusterStatus, alive: &[&shoal_proto::ActorInfo]) {
+    println!("\nActors alive: {}", alive.len());
+    for node in &status.nodes {
+        let n = alive.iter().filter(|a| a.node_id == node.node_id).count();
+        if n > 0 {
+            println!("  node {}: {n}", node.node_id);
+        }
+    }
+}
+
 /// Asks the head at `address` for the cluster status.
 pub fn fetch(address: &str, token: &JoinToken, timeout: Duration) -> Result<ClusterStatus> {
+    match ask(address, token, HeadRequest::GetClusterStatus, timeout)? {
+        HeadReply::ClusterStatus(status) => Ok(status),
+        other => anyhow::bail!("unexpected reply from the head: {other:?}"),
+    }
+}
+
+/// Sends one request to the head at `address` as a client.
+pub fn ask(
+    address: &str,
+    token: &JoinToken,
+    request: HeadRequest,
+    timeout: Duration,
+) -> Result<HeadReply> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -83,13 +158,10 @@ pub fn fetch(address: &str, token: &JoinToken, timeout: Duration) -> Result<Clus
             .connect(addr)
             .await
             .with_context(|| format!("connecting to the head at {address}"))?;
-        let reply = head.call(&HeadRequest::GetClusterStatus, timeout).await;
+        let reply = head.call(&request, timeout).await;
         head.close();
         transport.endpoint().wait_idle().await;
-        match reply.context("asking the head for its status")? {
-            HeadReply::ClusterStatus(status) => Ok(status),
-            other => anyhow::bail!("unexpected reply from the head: {other:?}"),
-        }
+        reply.context("asking the head")
     })
 }
 

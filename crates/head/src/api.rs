@@ -14,6 +14,7 @@ use shoal_proto::{
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
+use crate::actors::Actors;
 use crate::config::HeadConfig;
 use crate::jobs::{Binaries, Jobs};
 use crate::membership::{Fenced, Membership};
@@ -29,6 +30,7 @@ struct State {
     membership: Membership,
     scheduler: Scheduler,
     jobs: Jobs,
+    actors: Actors,
 }
 
 impl State {
@@ -75,6 +77,7 @@ impl HeadService {
                 membership: Membership::new(config.nodes_max, config.dead_nodes_kept),
                 scheduler: Scheduler::new(),
                 jobs: Jobs::default(),
+                actors: Actors::default(),
             }),
             binaries: Mutex::new(Binaries::default()),
             resources_changed: Notify::new(),
@@ -106,6 +109,7 @@ impl HeadService {
             let dead = state.membership.sweep(Instant::now(), self.node_timeout);
             for node_id in &dead {
                 state.scheduler.node_died(*node_id);
+                state.actors.node_died(*node_id);
             }
             dead
         };
@@ -213,6 +217,10 @@ impl HeadService {
             if !state.jobs.finish(job_id) {
                 return;
             }
+            let ended = state.actors.job_finished(job_id);
+            for actor in ended {
+                state.scheduler.release(actor.lease_id);
+            }
             state.scheduler.job_finished(job_id)
         };
         self.resources_changed.notify_waiters();
@@ -277,6 +285,12 @@ impl Service for HeadService {
                         for worker in dead_workers.iter().take(10_000) {
                             reclaimed += state.scheduler.owner_died(*worker);
                         }
+                        for actor in state
+                            .actors
+                            .workers_died(&dead_workers[..dead_workers.len().min(10_000)])
+                        {
+                            reclaimed += usize::from(state.scheduler.release(actor.lease_id));
+                        }
                         let finished_jobs = state.jobs.not_running(&jobs[..jobs.len().min(10_000)]);
                         drop(state);
                         if reclaimed > 0 {
@@ -293,6 +307,7 @@ impl Service for HeadService {
                     let mut state = self.state();
                     let left = state.membership.unregister(node_id);
                     state.scheduler.node_died(node_id);
+                    state.actors.node_died(node_id);
                     left
                 };
                 if left {
@@ -360,6 +375,58 @@ impl Service for HeadService {
                 }
                 Ok(HeadReply::LeaseReturned)
             }
+            HeadRequest::RegisterActor(info) => {
+                peer.require(&[Role::Driver, Role::Worker])?;
+                if info.name.as_ref().is_some_and(|n| n.len() > 256) || info.namespace.len() > 256 {
+                    return Err(bad_request(
+                        "actor names and namespaces are limited to 256 bytes",
+                    ));
+                }
+                let mut state = self.state();
+                if info.detached {
+                    state.scheduler.detach(info.lease_id);
+                }
+                state
+                    .actors
+                    .register(info.clone())
+                    .map_err(|e| bad_request(e.to_string()))?;
+                Ok(HeadReply::Actor(info))
+            }
+            HeadRequest::GetNamedActor { namespace, name } => {
+                let state = self.state();
+                let info = state
+                    .actors
+                    .named(&namespace, &name)
+                    .cloned()
+                    .ok_or_else(|| {
+                        ServiceError::new(
+                            ServiceErrorKind::NotFound,
+                            format!("no live actor named {name:?} in namespace {namespace:?}"),
+                        )
+                    })?;
+                Ok(HeadReply::Actor(info))
+            }
+            HeadRequest::KillActor { actor_id } => {
+                peer.require(&[Role::Driver, Role::Worker, Role::Client])?;
+                let killed = {
+                    let mut state = self.state();
+                    let killed = state.actors.kill(actor_id);
+                    if let Some(actor) = &killed {
+                        state.scheduler.release(actor.lease_id);
+                    }
+                    killed
+                };
+                let info = killed.ok_or_else(|| {
+                    ServiceError::new(
+                        ServiceErrorKind::NotFound,
+                        format!("no live actor {actor_id}"),
+                    )
+                })?;
+                self.resources_changed.notify_waiters();
+                info!(%actor_id, class = %info.class, "actor killed");
+                Ok(HeadReply::Actor(info))
+            }
+            HeadRequest::ListActors => Ok(HeadReply::Actors(self.state().actors.list())),
             HeadRequest::FinishJob { job_id } => {
                 peer.require(&[Role::Driver])?;
                 self.finish_job(job_id);

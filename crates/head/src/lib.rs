@@ -15,12 +15,14 @@
 //! - [`scheduler`]: the resource ledger and lease placement, a state machine
 //!   with no I/O.
 //! - [`jobs`]: the job table and the executables workers run.
+//! - [`actors`]: the actor directory: locations, names, lifetimes.
 //! - [`api`]: the head service: [`HeadRequest`](shoal_proto::HeadRequest) in,
 //!   [`HeadReply`](shoal_proto::HeadReply) out.
 //!
 //! The entry point is [`Head::bind`] then [`Head::run`], or [`run`] for both;
 //! the CLI, local mode and the tests all go through it.
 
+pub mod actors;
 pub mod api;
 pub mod config;
 pub mod jobs;

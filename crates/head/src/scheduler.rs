@@ -201,6 +201,14 @@ impl Scheduler {
         ids.len()
     }
 
+    /// Moves a lease out of its job: a detached actor's lease is not
+    /// reclaimed when the job that created it ends.
+    pub fn detach(&mut self, lease_id: LeaseId) {
+        if let Some(lease) = self.leases.get_mut(&lease_id) {
+            lease.job_id = JobId::from_uuid(shoal_proto::ids::Uuid::nil());
+        }
+    }
+
     /// Reclaims every lease on a dead node.
     pub fn node_died(&mut self, node_id: NodeId) -> usize {
         let n = self.release_where(|l| l.node_id == node_id);

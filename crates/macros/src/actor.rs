@@ -307,6 +307,12 @@ fn codegen(a: ActorImpl) -> TokenStream {
             pub fn max_concurrency(self, n: u32) -> Self { Self(self.0.max_concurrency(n)) }
             /// Calls a handle may have unanswered; more fail at once.
             pub fn max_pending_calls(self, n: u32) -> Self { Self(self.0.max_pending_calls(n)) }
+            /// A name, unique in its namespace, for `shoal::get_actor`.
+            pub fn name(self, name: &str) -> Self { Self(self.0.name(name)) }
+            /// The namespace of the name.
+            pub fn namespace(self, namespace: &str) -> Self { Self(self.0.namespace(namespace)) }
+            /// The actor outlives its creator's job, until killed.
+            pub fn lifetime_detached(self) -> Self { Self(self.0.lifetime_detached()) }
             /// Creates the actor with these options.
             pub fn remote(self, #(#ctor_names: impl ::core::convert::Into<::shoal::Arg<#ctor_types>>),*) -> ::shoal::Result<::shoal::ActorHandle<#ty>> {
                 ::shoal::__private::create_actor::<#ty>(self.0, ::std::vec![#(::shoal::__private::arg::<#ctor_types>(#ctor_names.into())),*])

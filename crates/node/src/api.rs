@@ -81,14 +81,20 @@ impl Service for NodeService {
                 resources,
                 driver,
                 dedicated,
+                detached,
             } => {
                 peer.require(&[Role::Driver, Role::Worker])?;
+                let tenancy = match (dedicated, detached) {
+                    (_, true) => crate::worker_pool::Tenancy::Detached,
+                    (true, false) => crate::worker_pool::Tenancy::Dedicated,
+                    (false, false) => crate::worker_pool::Tenancy::Shared,
+                };
                 resources
                     .validate()
                     .map_err(|e| ServiceError::new(ServiceErrorKind::BadRequest, e.to_string()))?;
                 let worker = self
                     .pool
-                    .grant(lease_id, job_id, &binary_hash, resources, driver, dedicated)
+                    .grant(lease_id, job_id, &binary_hash, resources, driver, tenancy)
                     .await?;
                 Ok(NodeReply::WorkerGranted { worker })
             }
@@ -133,6 +139,11 @@ impl Service for NodeService {
             }
             NodeRequest::DeleteObjects { ids } => {
                 self.store().delete(&ids);
+                Ok(NodeReply::Ok)
+            }
+            NodeRequest::KillWorker { worker_id } => {
+                peer.require(&[Role::Driver, Role::Worker])?;
+                self.pool.kill_worker(worker_id);
                 Ok(NodeReply::Ok)
             }
             NodeRequest::WatchWorker { worker_id, wait_ms } => {

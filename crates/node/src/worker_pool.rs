@@ -23,6 +23,17 @@ use tracing::{info, warn};
 
 use crate::binaries::BinaryCache;
 
+/// Who a granted worker serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tenancy {
+    /// Tasks of its job, one lease after another (reused).
+    Shared,
+    /// One lease only (an actor): stopped when it ends.
+    Dedicated,
+    /// One lease, outliving its job (a detached actor).
+    Detached,
+}
+
 /// What a launcher needs to start one worker.
 #[derive(Clone, Debug)]
 pub struct LaunchSpec {
@@ -205,6 +216,8 @@ struct WorkerEntry {
     job_id: JobId,
     /// Serves one lease only (an actor): stopped when it ends, never reused.
     dedicated: bool,
+    /// Outlives its job (a detached actor).
+    detached: bool,
     /// Woken when the worker is removed.
     gone: Arc<tokio::sync::Notify>,
     state: WorkerState,
@@ -221,6 +234,7 @@ impl WorkerEntry {
         let entry = WorkerEntry {
             job_id,
             dedicated: false,
+            detached: false,
             gone: Arc::new(tokio::sync::Notify::new()),
             state: WorkerState::Starting(vec![tx]),
             address: None,
@@ -307,8 +321,10 @@ impl WorkerPool {
         binary_hash: &str,
         resources: ResourceSet,
         driver: Option<Address>,
-        dedicated: bool,
+        tenancy: Tenancy,
     ) -> Result<Address, ServiceError> {
+        let dedicated = tenancy != Tenancy::Shared;
+        let detached = tenancy == Tenancy::Detached;
         let (worker_id, started) = {
             let mut state = self.state();
             if let Some((worker_id, _)) = state.leases.get(&lease_id) {
@@ -358,6 +374,7 @@ impl WorkerPool {
                     let worker_id = WorkerId::random();
                     let (mut entry, rx) = WorkerEntry::starting(job_id);
                     entry.dedicated = dedicated;
+                    entry.detached = detached;
                     state.workers.insert(worker_id, entry);
                     state.leases.insert(lease_id, (worker_id, resources));
                     (worker_id, rx)
@@ -629,9 +646,20 @@ impl WorkerPool {
         tokio::time::timeout(wait, notified).await.is_ok()
     }
 
-    /// Jobs with workers here.
+    /// Stops a worker at once (an actor being killed).
+    pub fn kill_worker(&self, worker_id: WorkerId) {
+        self.remove_worker(worker_id);
+    }
+
+    /// Jobs with workers here (detached actors' jobs excluded: they outlive them).
     pub fn jobs(&self) -> Vec<JobId> {
-        let mut jobs: Vec<JobId> = self.state().workers.values().map(|w| w.job_id).collect();
+        let mut jobs: Vec<JobId> = self
+            .state()
+            .workers
+            .values()
+            .filter(|w| !w.detached)
+            .map(|w| w.job_id)
+            .collect();
         jobs.sort();
         jobs.dedup();
         jobs
@@ -653,7 +681,7 @@ impl WorkerPool {
             .state()
             .workers
             .iter()
-            .filter(|(_, w)| jobs.contains(&w.job_id))
+            .filter(|(_, w)| jobs.contains(&w.job_id) && !w.detached)
             .map(|(id, _)| *id)
             .collect();
         for worker_id in doomed {

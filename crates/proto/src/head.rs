@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{ClusterId, JobId, LeaseId, NodeId, WorkerId};
+use crate::ids::{ActorId, ClusterId, JobId, LeaseId, NodeId, WorkerId};
 use crate::resources::ResourceSet;
 use crate::task::Address;
 
@@ -74,6 +74,24 @@ pub enum HeadRequest {
         /// Blocked or resumed.
         blocked: bool,
     },
+    /// An owner created an actor: record where it lives (and reserve its
+    /// name, refused if taken in its namespace).
+    RegisterActor(ActorInfo),
+    /// The actor with this name in this namespace.
+    GetNamedActor {
+        /// The namespace.
+        namespace: String,
+        /// The name.
+        name: String,
+    },
+    /// Ends an actor: its name is freed and its lease returned. The caller
+    /// stops its worker through the node (the reply says where).
+    KillActor {
+        /// The actor.
+        actor_id: ActorId,
+    },
+    /// Every actor the head knows.
+    ListActors,
     /// A driver's job is over: its leases are reclaimed and workers stopped.
     FinishJob {
         /// The job.
@@ -93,6 +111,53 @@ pub struct RegisterJob {
     pub binary_size: u64,
     /// Where the driver serves its owner requests.
     pub driver: Address,
+}
+
+/// An actor as the head records it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct ActorInfo {
+    /// The actor.
+    pub actor_id: ActorId,
+    /// Its class's registered name.
+    pub class: String,
+    /// Its name, if named.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Its namespace (names are unique within one).
+    #[serde(default)]
+    pub namespace: String,
+    /// Lives on after its creator's job ends, until killed.
+    #[serde(default)]
+    pub detached: bool,
+    /// The job that created it.
+    pub job_id: JobId,
+    /// Its node.
+    pub node_id: NodeId,
+    /// Its node's address.
+    pub node_address: String,
+    /// Its worker.
+    pub worker: Address,
+    /// Its worker's process id.
+    pub pid: u32,
+    /// The lease holding its resources.
+    pub lease_id: LeaseId,
+    /// Alive, or dead (killed, or its worker or node died).
+    pub state: ActorState,
+    /// Calls a handle may have waiting (from its options).
+    #[serde(default)]
+    pub max_pending_calls: Option<u32>,
+}
+
+/// Whether an actor is alive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ActorState {
+    /// Running.
+    Alive,
+    /// Gone for good.
+    Dead,
 }
 
 /// A request for a worker lease.
@@ -203,6 +268,10 @@ pub enum HeadReply {
     },
     /// The lease was returned (or was already gone).
     LeaseReturned,
+    /// An actor's record.
+    Actor(ActorInfo),
+    /// Every actor the head knows.
+    Actors(Vec<ActorInfo>),
     /// The job is over.
     JobFinished,
 }

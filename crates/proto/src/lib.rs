@@ -39,7 +39,9 @@ pub mod task;
 pub mod worker;
 
 pub use codec::{CodecLimits, DecodeError, EncodeError, FrameError};
-pub use head::{ClusterStatus, HeadReply, HeadRequest, NodeState, NodeStatus};
+pub use head::{
+    ActorInfo, ActorState, ClusterStatus, HeadReply, HeadRequest, NodeState, NodeStatus,
+};
 pub use hello::{HandshakeRefusal, Hello, HelloReply, Role, PROTOCOL_VERSION};
 pub use ids::*;
 pub use node::{NodeReply, NodeRequest};

@@ -31,6 +31,14 @@ pub enum NodeRequest {
         /// stopped when the lease ends.
         #[serde(default)]
         dedicated: bool,
+        /// A dedicated worker that outlives its job (a detached actor).
+        #[serde(default)]
+        detached: bool,
+    },
+    /// Stops a worker of this node at once (an actor being killed).
+    KillWorker {
+        /// The worker.
+        worker_id: WorkerId,
     },
     /// A lease holder is done with a worker.
     ReleaseWorker {

@@ -54,6 +54,9 @@ pub enum WorkerReply {
         /// The constructor's failure, if it failed.
         #[serde(default)]
         failure: Option<TaskFailure>,
+        /// The hosting worker's process id.
+        #[serde(default)]
+        pid: u32,
     },
 }
 

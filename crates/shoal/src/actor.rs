@@ -35,6 +35,9 @@ use crate::error::{Error, Result};
 use crate::object_ref::{ArgValue, ObjectRef};
 use crate::registry::{self, ActorClass, ActorState, MethodInvoker};
 
+/// The namespace of actor names when none is given.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
 /// Calls a worker waits for a method; a dead actor is noticed sooner.
 const CALL_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -66,6 +69,10 @@ impl<A: Actor> ActorHandle<A> {
     /// The actor's id.
     pub fn id(&self) -> ActorId {
         self.methods.as_ref().actor_id
+    }
+
+    pub(crate) fn as_raw(&self) -> &RawActor {
+        self.methods.as_ref()
     }
 }
 
@@ -268,6 +275,9 @@ pub struct ActorOptions {
     pub(crate) resources: ResourceSet,
     pub(crate) max_concurrency: Option<u32>,
     pub(crate) max_pending_calls: Option<u32>,
+    pub(crate) name: Option<String>,
+    pub(crate) namespace: String,
+    pub(crate) detached: bool,
 }
 
 impl Default for ActorOptions {
@@ -284,6 +294,9 @@ impl ActorOptions {
             resources: ResourceSet::new(),
             max_concurrency: None,
             max_pending_calls: None,
+            name: None,
+            namespace: DEFAULT_NAMESPACE.to_string(),
+            detached: false,
         }
     }
 
@@ -303,6 +316,25 @@ impl ActorOptions {
     /// methods on the runtime); `&mut self` methods always run alone.
     pub fn max_concurrency(mut self, n: u32) -> Self {
         self.max_concurrency = Some(n.max(1));
+        self
+    }
+
+    /// A name, unique in the namespace, by which any driver can find the
+    /// actor with `shoal::get_actor`.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// The namespace of the name (default `"default"`).
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// The actor outlives its creator's job, until `shoal::kill`.
+    pub fn lifetime_detached(mut self) -> Self {
+        self.detached = true;
         self
     }
 
@@ -373,6 +405,7 @@ async fn create_raw(
         }
     };
     let node = core.node(&lease.node_address).await?;
+    let detached = options.detached;
     let grant = NodeRequest::GrantWorker {
         lease_id: lease.lease_id,
         job_id: core.job_id,
@@ -380,6 +413,7 @@ async fn create_raw(
         resources: resources.clone(),
         driver: Some(core.driver.clone()),
         dedicated: true,
+        detached,
     };
     let worker = match node.call(&grant, Duration::from_secs(90)).await? {
         NodeReply::WorkerGranted { worker } => worker,
@@ -390,6 +424,10 @@ async fn create_raw(
         }
     };
     let node_address = node_address(&node);
+    let lease_id = lease.lease_id;
+    let node_id = lease.node_id;
+    // Until it is registered, dropping this ends the worker: a failed
+    // creation leaves nothing behind.
     let lifetime = Arc::new(Lifetime {
         escaped: false.into(),
         lease: Some((lease, node_address.clone())),
@@ -401,15 +439,47 @@ async fn create_raw(
         args,
         max_concurrency,
     };
-    match client.call(&create, Duration::from_secs(600)).await? {
-        WorkerReply::ActorCreated { failure: None } => {}
-        WorkerReply::ActorCreated { failure: Some(f) } => return Err(Error::from_failure(f)),
+    let pid = match client.call(&create, Duration::from_secs(600)).await? {
+        WorkerReply::ActorCreated { failure: None, pid } => pid,
+        WorkerReply::ActorCreated {
+            failure: Some(f), ..
+        } => return Err(Error::from_failure(f)),
         other => {
             return Err(Error::Protocol(format!(
                 "{other:?} in answer to CreateActor"
             )))
         }
+    };
+    let info = shoal_proto::ActorInfo {
+        actor_id,
+        class: class.clone(),
+        name: options.name.clone(),
+        namespace: options.namespace.clone(),
+        detached,
+        job_id: core.job_id,
+        node_id,
+        node_address: node_address.clone(),
+        worker: worker.clone(),
+        pid,
+        lease_id,
+        state: shoal_proto::ActorState::Alive,
+        max_pending_calls: options.max_pending_calls,
+    };
+    match core
+        .head
+        .call(&HeadRequest::RegisterActor(info), Duration::from_secs(30))
+        .await
+    {
+        Ok(_) => {}
+        Err(shoal_net::RpcError::Service(e))
+            if e.kind == shoal_proto::ServiceErrorKind::BadRequest =>
+        {
+            return Err(Error::ActorNameTaken(e.message))
+        }
+        Err(e) => return Err(e.into()),
     }
+    // A detached actor is not ended by its creator's handles.
+    lifetime.escaped.store(detached, Ordering::Relaxed);
     let wire = WireActor {
         actor_id,
         class,
@@ -418,6 +488,81 @@ async fn create_raw(
         max_pending_calls: options.max_pending_calls,
     };
     Ok(RawActor::new(core, wire, lifetime))
+}
+
+/// The actor named `name` in `namespace`, checked to be of class `A`.
+pub(crate) fn get_named<A: Actor>(name: &str, namespace: &str) -> Result<ActorHandle<A>> {
+    let core = crate::ensure_core();
+    let ask = HeadRequest::GetNamedActor {
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+    };
+    let core2 = Arc::clone(&core);
+    let reply =
+        core.block_on(async move { Ok(core2.head.call(&ask, Duration::from_secs(30)).await) })?;
+    let info = match reply {
+        Ok(HeadReply::Actor(info)) => info,
+        Ok(other) => {
+            return Err(Error::Protocol(format!(
+                "{other:?} in answer to GetNamedActor"
+            )))
+        }
+        Err(shoal_net::RpcError::Service(e))
+            if e.kind == shoal_proto::ServiceErrorKind::NotFound =>
+        {
+            return Err(Error::NotFound(e.message))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if info.class != A::CLASS {
+        return Err(Error::NotFound(format!(
+            "the actor named {name:?} in namespace {namespace:?} is a {}, not a {}",
+            info.class,
+            A::CLASS
+        )));
+    }
+    let wire = WireActor {
+        actor_id: info.actor_id,
+        class: info.class,
+        worker: info.worker,
+        node: info.node_address,
+        max_pending_calls: info.max_pending_calls,
+    };
+    Ok(ActorHandle::new(RawActor::borrowed(wire)))
+}
+
+/// Ends an actor now: the head forgets it (its name is free again) and its
+/// node stops its worker. Calls in flight and later get `Error::ActorDied`.
+pub(crate) fn kill(raw: &RawActor) -> Result<()> {
+    let core = crate::ensure_core();
+    let core2 = Arc::clone(&core);
+    let actor_id = raw.actor_id;
+    let info = core.block_on(async move {
+        match core2
+            .head
+            .call(
+                &HeadRequest::KillActor { actor_id },
+                Duration::from_secs(30),
+            )
+            .await?
+        {
+            HeadReply::Actor(info) => Ok(info),
+            other => Err(Error::Protocol(format!("{other:?} in answer to KillActor"))),
+        }
+    })?;
+    raw.caller.dead.cancel();
+    let core2 = Arc::clone(&core);
+    core.block_on(async move {
+        let node = core2.node(&info.node_address).await?;
+        node.call(
+            &NodeRequest::KillWorker {
+                worker_id: info.worker.worker_id,
+            },
+            Duration::from_secs(10),
+        )
+        .await?;
+        Ok(())
+    })
 }
 
 fn node_address(node: &crate::core::NodeClient) -> String {

@@ -1109,7 +1109,10 @@ impl Service for WorkerService {
                     })
                     .await
                     .map_err(|e| ServiceError::new(ServiceErrorKind::Internal, e.to_string()))?;
-                Ok(WorkerReply::ActorCreated { failure })
+                Ok(WorkerReply::ActorCreated {
+                    failure,
+                    pid: std::process::id(),
+                })
             }
             WorkerRequest::ActorCall(call) => {
                 let executor = self.executor.ok_or_else(|| {

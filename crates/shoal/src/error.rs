@@ -59,6 +59,9 @@ pub enum Error {
         /// What happened, with the actor's id.
         message: String,
     },
+    /// Another live actor has this name in its namespace.
+    #[error("{0}")]
+    ActorNameTaken(String),
     /// An actor handle already has `max_pending_calls` calls waiting.
     #[error("{function}: {message}")]
     PendingCallsExceeded {

@@ -296,6 +296,7 @@ async fn lease_worker(
         resources: resources.clone(),
         driver: Some(core.driver.clone()),
         dedicated: false,
+        detached: false,
     };
     let worker = match node.call(&grant, Duration::from_secs(90)).await {
         Ok(NodeReply::WorkerGranted { worker }) => worker,

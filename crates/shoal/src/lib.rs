@@ -82,6 +82,20 @@ pub mod prelude {
     pub use crate::{ActorHandle, Arg, Bytes, Config, Error, ObjectRef, Result, TaskError};
 }
 
+/// The live actor named `name` in `namespace`, as a handle of type `A`
+/// (an error if it is of another class, or there is none).
+pub fn get_actor<A: Actor>(name: &str, namespace: &str) -> Result<ActorHandle<A>> {
+    actor::get_named(name, namespace)
+}
+
+/// Ends an actor now; calls in flight and later fail with
+/// [`Error::ActorDied`]. Its name is free again. (`no_restart` will matter
+/// once actors restart; today no actor is restarted.)
+pub fn kill<A: Actor>(actor: &ActorHandle<A>, no_restart: bool) -> Result<()> {
+    let _ = no_restart;
+    actor::kill(actor.as_raw())
+}
+
 /// Where the calling code runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Context {

@@ -452,6 +452,45 @@ fn main() -> shoal::Result<()> {
                 "in_flight": format!("{during:?}"),
             }));
         }
+        "detached-create" => {
+            let name = arg(1);
+            let recorder = Recorder::options()
+                .name(&name)
+                .namespace("tests")
+                .lifetime_detached()
+                .remote(1)?;
+            recorder.record(0, 0).get()?;
+            // A second actor with the same name is refused while this one lives.
+            let taken = matches!(
+                Recorder::options().name(&name).namespace("tests").remote(1),
+                Err(Error::ActorNameTaken(_))
+            );
+            result(json!({"created": recorder.id().to_string(), "name_taken": taken}));
+        }
+        "detached-use" => {
+            let name = arg(1);
+            let recorder: ActorHandle<Recorder> = shoal::get_actor(&name, "tests")?;
+            recorder.record(0, 1).get()?;
+            let orders = recorder.orders().get()?;
+            let wrong_class = shoal::get_actor::<Relay>(&name, "tests").is_err();
+            shoal::kill(&recorder, true)?;
+            let after_kill = recorder.record(0, 2).get();
+            let gone = shoal::get_actor::<Recorder>(&name, "tests").is_err();
+            let again = Recorder::options()
+                .name(&name)
+                .namespace("tests")
+                .remote(1)?;
+            let reused = again.record(0, 0).get().is_ok();
+            shoal::kill(&again, true)?;
+            result(json!({
+                "id": recorder.id().to_string(),
+                "orders": orders,
+                "wrong_class_refused": wrong_class,
+                "dead_after_kill": matches!(after_kill, Err(Error::ActorDied { .. })),
+                "name_free_after_kill": gone,
+                "name_reused": reused,
+            }));
+        }
         "infeasible" => {
             // No node offers this: the task waits, reported as infeasible.
             let never = where_am_i::options().resource("unobtainium", 1.0).remote(0);

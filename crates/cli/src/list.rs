@@ -1,0 +1,93 @@
+//! `shoal list actors`: the actors the head knows.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use serde_json::json;
+use shoal_proto::{ActorState, HeadReply, HeadRequest};
+
+use crate::status::{ask, HeadTarget};
+use crate::SessionArgs;
+
+#[derive(Debug, clap::Args)]
+pub struct ListArgs {
+    /// What to list.
+    #[arg(value_enum)]
+    what: What,
+    /// The head's HOST:PORT (default: the newest session on this machine).
+    #[arg(long, value_name = "HOST:PORT", env = "SHOAL_ADDRESS")]
+    address: Option<String>,
+    /// The join token (default: SHOAL_TOKEN, then the session directory's).
+    #[arg(long, env = "SHOAL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    session: SessionArgs,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum What {
+    /// Actors: state, class, name, node, pid.
+    Actors,
+}
+
+pub fn run(args: ListArgs) -> Result<()> {
+    crate::logging::init("warn");
+    let target = HeadTarget::resolve(
+        args.address.as_deref(),
+        args.token.as_deref(),
+        &args.session,
+    )?;
+    let What::Actors = args.what;
+    let actors = match ask(
+        &target.address,
+        &target.token,
+        HeadRequest::ListActors,
+        Duration::from_secs(10),
+    )? {
+        HeadReply::Actors(actors) => actors,
+        other => anyhow::bail!("unexpected reply from the head: {other:?}"),
+    };
+    if args.json {
+        let rows: Vec<_> = actors
+            .iter()
+            .map(|a| {
+                json!({
+                    "actor_id": a.actor_id.to_string(),
+                    "class": a.class,
+                    "name": a.name,
+                    "namespace": a.namespace,
+                    "state": match a.state { ActorState::Alive => "ALIVE", ActorState::Dead => "DEAD" },
+                    "detached": a.detached,
+                    "job_id": a.job_id.to_string(),
+                    "node_id": a.node_id.to_string(),
+                    "pid": a.pid,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<32}  {:<5}  {:<30}  {:<20}  {:<32}  {:>7}",
+        "ACTOR", "STATE", "CLASS", "NAME", "NODE", "PID"
+    );
+    for a in &actors {
+        let state = match a.state {
+            ActorState::Alive => "ALIVE",
+            ActorState::Dead => "DEAD",
+        };
+        let name = a
+            .name
+            .as_ref()
+            .map(|n| format!("{}/{n}", a.namespace))
+            .unwrap_or_default();
+        println!(
+            "{:<32}  {:<5}  {:<30}  {:<20}  {:<32}  {:>7}",
+            a.actor_id, state, a.class, name, a.node_id, a.pid
+        );
+    }
+    Ok(())
+}
