@@ -21,6 +21,29 @@ fn noop(i: u32) -> u32 {
     i
 }
 
+/// An actor whose method does nothing: the cost of a call.
+#[shoal::actor]
+#[derive(Default)]
+pub struct Echoer {
+    calls: u64,
+}
+
+#[shoal::actor]
+impl Echoer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn echo(&mut self, i: u32) -> u32 {
+        self.calls += 1;
+        i
+    }
+
+    pub async fn echo_async(&self, i: u32) -> u32 {
+        i
+    }
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -153,6 +176,45 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 format!("10 000 no-op tasks at once, round {round} ({mode})"),
                 10_000.0 / secs
             );
+        }
+        let actor = Echoer::remote()?;
+        shoal::get_all(&(0..200).map(|i| actor.echo(i)).collect::<Vec<_>>())?;
+        let mut samples = Vec::new();
+        for i in 0..2000 {
+            let start = Instant::now();
+            actor.echo(i).get()?;
+            samples.push(start.elapsed());
+        }
+        let total: Duration = samples.iter().sum();
+        println!(
+            "{:<44} {:>10.0} per second",
+            format!("1:1 actor calls sync ({mode})"),
+            2000.0 / total.as_secs_f64()
+        );
+        report(&format!("one actor call, call and get ({mode})"), samples);
+        for (what, asynchronous) in [
+            ("1:1 actor calls async", false),
+            ("1:1 async-actor calls async", true),
+        ] {
+            for round in 0..3 {
+                let start = Instant::now();
+                let refs: Vec<_> = (0..1000)
+                    .map(|i| {
+                        if asynchronous {
+                            actor.echo_async(i)
+                        } else {
+                            actor.echo(i)
+                        }
+                    })
+                    .collect();
+                shoal::get_all(&refs)?;
+                let secs = start.elapsed().as_secs_f64();
+                println!(
+                    "{:<44} {:>10.0} per second",
+                    format!("{what}, round {round} ({mode})"),
+                    1000.0 / secs
+                );
+            }
         }
     }
     quic_floor(5000, 10_000)
