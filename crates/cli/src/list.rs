@@ -6,25 +6,18 @@ use anyhow::Result;
 use serde_json::json;
 use shoal_proto::{ActorState, HeadReply, HeadRequest};
 
-use crate::status::{ask, HeadTarget};
-use crate::SessionArgs;
+use crate::status::{ask, HeadArgs, HeadTarget};
 
 #[derive(Debug, clap::Args)]
 pub struct ListArgs {
     /// What to list.
     #[arg(value_enum)]
     what: What,
-    /// The head's HOST:PORT (default: the newest session on this machine).
-    #[arg(long, value_name = "HOST:PORT", env = "SHOAL_ADDRESS")]
-    address: Option<String>,
-    /// The join token (default: SHOAL_TOKEN, then the session directory's).
-    #[arg(long, env = "SHOAL_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    #[command(flatten)]
+    head: HeadArgs,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
-    #[command(flatten)]
-    session: SessionArgs,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -35,11 +28,7 @@ enum What {
 
 pub fn run(args: ListArgs) -> Result<()> {
     crate::logging::init("warn");
-    let target = HeadTarget::resolve(
-        args.address.as_deref(),
-        args.token.as_deref(),
-        &args.session,
-    )?;
+    let target = HeadTarget::from_args(&args.head)?;
     let What::Actors = args.what;
     let actors = match ask(
         &target.address,

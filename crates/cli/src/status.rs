@@ -12,19 +12,26 @@ use shoal_proto::{ClusterStatus, HeadReply, HeadRequest, NodeState, ResourceSet,
 use crate::session::Session;
 use crate::SessionArgs;
 
+/// Which head to ask, for the commands that query a running cluster.
 #[derive(Debug, clap::Args)]
-pub struct StatusArgs {
+pub struct HeadArgs {
     /// The head's HOST:PORT (default: the newest session on this machine).
     #[arg(long, value_name = "HOST:PORT", env = "SHOAL_ADDRESS")]
     address: Option<String>,
     /// The join token (default: SHOAL_TOKEN, then the session directory's).
     #[arg(long, env = "SHOAL_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    #[command(flatten)]
+    session: SessionArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    head: HeadArgs,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
-    #[command(flatten)]
-    session: SessionArgs,
 }
 
 /// The head to ask and the token to prove, from flags, the environment or
@@ -35,11 +42,15 @@ pub struct HeadTarget {
 }
 
 impl HeadTarget {
-    pub fn resolve(
-        address: Option<&str>,
-        token: Option<&str>,
-        session: &SessionArgs,
-    ) -> Result<Self> {
+    pub fn from_args(args: &HeadArgs) -> Result<Self> {
+        Self::resolve(
+            args.address.as_deref(),
+            args.token.as_deref(),
+            &args.session,
+        )
+    }
+
+    fn resolve(address: Option<&str>, token: Option<&str>, session: &SessionArgs) -> Result<Self> {
         let latest = Session::latest(&session.root);
         let address = match (address, &latest) {
             (Some(a), _) => a.to_string(),
@@ -63,11 +74,7 @@ impl HeadTarget {
 
 pub fn run(args: StatusArgs) -> Result<()> {
     crate::logging::init("warn");
-    let target = HeadTarget::resolve(
-        args.address.as_deref(),
-        args.token.as_deref(),
-        &args.session,
-    )?;
+    let target = HeadTarget::from_args(&args.head)?;
     let timeout = Duration::from_secs(10);
     let status = fetch(&target.address, &target.token, timeout)?;
     let actors = match ask(
