@@ -377,11 +377,12 @@ async fn create_raw(
     let resources = options.resources;
     let actor_id = ActorId::random();
     let task_id = TaskId::fresh();
-    let args = core
+    // Kept until the constructor has run: its stored arguments must not be
+    // freed before the worker reads them.
+    let (args, _keep_alive) = core
         .resolve_args(&class, task_id, args)
         .await
-        .map_err(Error::from_failure)?
-        .0;
+        .map_err(Error::from_failure)?;
     let lease = loop {
         let request = HeadRequest::RequestLease(LeaseRequest {
             job_id: core.job_id,
@@ -626,9 +627,11 @@ async fn call_raw(
     args: Vec<ArgValue>,
 ) -> ObjState {
     let function = format!("{}::{method}", raw.class);
-    let (args, failed) = match core.resolve_args(&function, task_id, args).await {
-        Ok((args, _keep)) => (Some(args), None),
-        Err(f) => (None, Some(f)),
+    // The argument references stay alive until the call is answered: a
+    // stored argument must not be freed before the actor has read it.
+    let (args, failed, _keep_alive) = match core.resolve_args(&function, task_id, args).await {
+        Ok((args, keep)) => (Some(args), None, keep),
+        Err(f) => (None, Some(f), Vec::new()),
     };
     let died = |message: String| {
         ObjState::Failed(TaskFailure {

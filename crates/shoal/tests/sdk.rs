@@ -56,6 +56,38 @@ fn where_() -> (String, Option<String>) {
     (c.node_id.to_string(), c.task_id.map(|t| t.to_string()))
 }
 
+/// An actor that measures what it is given.
+#[shoal::actor]
+#[derive(Default)]
+pub struct Measurer {
+    calls: u32,
+}
+
+#[shoal::actor]
+impl Measurer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn length(&mut self, data: shoal::Bytes) -> usize {
+        self.calls += 1;
+        data.len()
+    }
+}
+
+#[test]
+fn a_large_argument_outlives_the_callers_reference_until_the_actor_has_it() {
+    shoal();
+    let measurer = Measurer::remote().expect("actor");
+    for _ in 0..5 {
+        let big = shoal::put(shoal::Bytes(vec![3u8; 2 << 20])).expect("put");
+        let length = measurer.length(&big);
+        // The caller lets go at once; the call still holds the object.
+        drop(big);
+        assert_eq!(length.get().expect("the actor read its argument"), 2 << 20);
+    }
+}
+
 #[test]
 fn structs_round_trip_through_tasks_and_put() {
     shoal();
