@@ -406,8 +406,8 @@ mod tests {
         assert!(err(quote!(impl C { fn new() -> Self { C } fn eat(self) {} })).contains("&self"));
         assert!(err(quote!(
             impl<T> C<T> {
-                fn new() -> Self {
-                    todo!()
+                fn new(t: T) -> Self {
+                    C(t)
                 }
             }
         ))
