@@ -907,18 +907,12 @@ impl Host {
             MethodInvoker::AsyncRef(f) => {
                 let guard = state.read_owned().await;
                 advance();
-                let fut = f(guard, args);
-                core::scope_current_task(running, AssertUnwindSafe(fut).catch_unwind())
-                    .await
-                    .map_err(|_| crate::exec::take_panic())
+                in_task(running, f(guard, args)).await
             }
             MethodInvoker::AsyncMut(f) => {
                 let guard = state.write_owned().await;
                 advance();
-                let fut = f(guard, args);
-                core::scope_current_task(running, AssertUnwindSafe(fut).catch_unwind())
-                    .await
-                    .map_err(|_| crate::exec::take_panic())
+                in_task(running, f(guard, args)).await
             }
         };
         drop(permit);
@@ -957,6 +951,16 @@ impl Host {
 }
 
 type Invoked = std::result::Result<crate::registry::Invocation, (String, String)>;
+
+/// Runs an async method as the current task, catching panics.
+async fn in_task(
+    running: core::Running,
+    method: crate::registry::BoxFuture<crate::registry::Invocation>,
+) -> Invoked {
+    core::scope_current_task(running, AssertUnwindSafe(method).catch_unwind())
+        .await
+        .map_err(|_| crate::exec::take_panic())
+}
 
 /// Runs a sync method on a blocking thread, catching panics.
 async fn blocking(

@@ -1049,6 +1049,31 @@ pub(crate) struct WorkerService {
     pub(crate) executor: Option<Executor>,
 }
 
+impl WorkerService {
+    fn executor(&self) -> std::result::Result<Executor, ServiceError> {
+        self.executor.ok_or_else(|| {
+            ServiceError::new(
+                ServiceErrorKind::PermissionDenied,
+                "this process runs no tasks or actors",
+            )
+        })
+    }
+}
+
+/// Runs `work` on the core's runtime (whatever runtime serves the request)
+/// and waits for it.
+async fn on_core<T, F, Fut>(core: &Arc<Core>, work: F) -> std::result::Result<T, ServiceError>
+where
+    T: Send + 'static,
+    F: FnOnce(Arc<Core>) -> Fut,
+    Fut: Future<Output = T> + Send + 'static,
+{
+    core.handle
+        .spawn(work(Arc::clone(core)))
+        .await
+        .map_err(|e| ServiceError::new(ServiceErrorKind::Internal, e.to_string()))
+}
+
 impl Service for WorkerService {
     type Request = WorkerRequest;
     type Reply = WorkerReply;
@@ -1062,12 +1087,7 @@ impl Service for WorkerService {
             get().map_err(|e| ServiceError::new(ServiceErrorKind::Unavailable, e.to_string()))?;
         match request {
             WorkerRequest::PushTask(spec) => {
-                let executor = self.executor.ok_or_else(|| {
-                    ServiceError::new(
-                        ServiceErrorKind::PermissionDenied,
-                        "this process does not run tasks",
-                    )
-                })?;
+                let executor = self.executor()?;
                 if spec.job_id != core.job_id {
                     return Err(ServiceError::new(
                         ServiceErrorKind::BadRequest,
@@ -1077,13 +1097,10 @@ impl Service for WorkerService {
                         ),
                     ));
                 }
-                let core2 = Arc::clone(&core);
-                // Run on the core's runtime, whatever runtime serves us.
-                let reply = core
-                    .handle
-                    .spawn(async move { core2.execute(spec, executor).await })
-                    .await
-                    .map_err(|e| ServiceError::new(ServiceErrorKind::Internal, e.to_string()))?;
+                let reply = on_core(&core, move |core| async move {
+                    core.execute(spec, executor).await
+                })
+                .await?;
                 Ok(WorkerReply::TaskDone(reply))
             }
             WorkerRequest::CreateActor {
@@ -1092,41 +1109,24 @@ impl Service for WorkerService {
                 args,
                 max_concurrency,
             } => {
-                let executor = self.executor.ok_or_else(|| {
-                    ServiceError::new(
-                        ServiceErrorKind::PermissionDenied,
-                        "this process does not host actors",
-                    )
-                })?;
-                let core2 = Arc::clone(&core);
-                let failure = core
-                    .handle
-                    .spawn(async move {
-                        core2
-                            .actors
-                            .create(&core2, actor_id, &class, args, max_concurrency, executor)
-                            .await
-                    })
-                    .await
-                    .map_err(|e| ServiceError::new(ServiceErrorKind::Internal, e.to_string()))?;
+                let executor = self.executor()?;
+                let failure = on_core(&core, move |core| async move {
+                    core.actors
+                        .create(&core, actor_id, &class, args, max_concurrency, executor)
+                        .await
+                })
+                .await?;
                 Ok(WorkerReply::ActorCreated {
                     failure,
                     pid: std::process::id(),
                 })
             }
             WorkerRequest::ActorCall(call) => {
-                let executor = self.executor.ok_or_else(|| {
-                    ServiceError::new(
-                        ServiceErrorKind::PermissionDenied,
-                        "this process does not host actors",
-                    )
-                })?;
-                let core2 = Arc::clone(&core);
-                let reply = core
-                    .handle
-                    .spawn(async move { core2.actors.call(&core2, call, executor).await })
-                    .await
-                    .map_err(|e| ServiceError::new(ServiceErrorKind::Internal, e.to_string()))??;
+                let executor = self.executor()?;
+                let reply = on_core(&core, move |core| async move {
+                    core.actors.call(&core, call, executor).await
+                })
+                .await??;
                 Ok(WorkerReply::TaskDone(reply))
             }
             WorkerRequest::Logs(lines) => {
