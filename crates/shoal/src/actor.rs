@@ -152,21 +152,8 @@ impl Drop for Lifetime {
         let core2 = Arc::clone(core);
         core.handle.spawn(async move {
             if let Ok(node) = core2.node(&node).await {
-                let release = NodeRequest::ReleaseWorker {
-                    lease_id: lease.lease_id,
-                    kill: true,
-                };
-                let _ = node.call(&release, Duration::from_secs(5)).await;
+                crate::lease::release_lease(&core2, &node, lease.lease_id, true).await;
             }
-            let _ = core2
-                .head
-                .call(
-                    &HeadRequest::ReturnLease {
-                        lease_id: lease.lease_id,
-                    },
-                    Duration::from_secs(5),
-                )
-                .await;
         });
     }
 }
@@ -185,6 +172,18 @@ struct Caller {
     max_pending: Option<u32>,
     /// Cancelled when the actor's worker is gone.
     dead: CancellationToken,
+}
+
+impl Caller {
+    /// Waits until the request of call `seq` may go out.
+    async fn wait_turn(&self, seq: u64) {
+        let _ = self.sent.subscribe().wait_for(|next| *next >= seq).await;
+    }
+
+    /// Lets the request of the call after `seq` go out.
+    fn pass_turn(&self, seq: u64) {
+        self.sent.send_modify(|next| *next = (*next).max(seq + 1));
+    }
 }
 
 /// The untyped part of a handle (used by the generated code).
@@ -407,15 +406,7 @@ async fn create_raw(
     };
     let node = core.node(&lease.node_address).await?;
     let detached = options.detached;
-    let grant = NodeRequest::GrantWorker {
-        lease_id: lease.lease_id,
-        job_id: core.job_id,
-        binary_hash: core.binary_hash.clone(),
-        resources: resources.clone(),
-        driver: Some(core.driver.clone()),
-        dedicated: true,
-        detached,
-    };
+    let grant = crate::lease::grant_request(core, &lease, (true, detached));
     let worker = match node.call(&grant, Duration::from_secs(90)).await? {
         NodeReply::WorkerGranted { worker } => worker,
         other => {
@@ -648,15 +639,8 @@ async fn call_raw(
         Ok(c) => c,
         Err(e) => {
             // Later calls must not wait for this one to be sent.
-            let _ = raw
-                .caller
-                .sent
-                .subscribe()
-                .wait_for(|next| *next >= seq)
-                .await;
-            raw.caller
-                .sent
-                .send_modify(|next| *next = (*next).max(seq + 1));
+            raw.caller.wait_turn(seq).await;
+            raw.caller.pass_turn(seq);
             return died(format!("its worker is unreachable ({e})"));
         }
     };
@@ -669,16 +653,9 @@ async fn call_raw(
         method: method.to_string(),
         args,
     });
-    let _ = raw
-        .caller
-        .sent
-        .subscribe()
-        .wait_for(|next| *next >= seq)
-        .await;
+    raw.caller.wait_turn(seq).await;
     let in_flight = client.send(&request, CALL_TIMEOUT).await;
-    raw.caller
-        .sent
-        .send_modify(|next| *next = (*next).max(seq + 1));
+    raw.caller.pass_turn(seq);
     let reply = match in_flight {
         Ok(in_flight) => tokio::select! {
             reply = in_flight.reply() => reply,

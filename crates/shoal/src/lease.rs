@@ -191,12 +191,37 @@ fn give_back(core: &Arc<Core>, worker: LeasedWorker, kill: bool) {
 async fn return_lease(core: &Core, worker: LeasedWorker, kill: bool) {
     // Ends the watcher too.
     worker.lost.cancel();
-    let lease_id = worker.lease.lease_id;
+    release_lease(core, &worker.node, worker.lease.lease_id, kill).await;
+}
+
+/// Ends a lease: its node releases (or, with `kill`, stops) the worker, and
+/// the head gets the resources back. Best effort: the head reclaims the
+/// leases of finished jobs and dead nodes anyway.
+pub(crate) async fn release_lease(
+    core: &Core,
+    node: &NodeClient,
+    lease_id: shoal_proto::LeaseId,
+    kill: bool,
+) {
     let release = NodeRequest::ReleaseWorker { lease_id, kill };
-    if let Err(e) = worker.node.call(&release, Duration::from_secs(5)).await {
+    if let Err(e) = node.call(&release, Duration::from_secs(5)).await {
         debug!(%lease_id, error = %e, "could not release the worker (its node may be gone)");
     }
     return_to_head(core, lease_id).await;
+}
+
+/// What a lease holder asks a lease's node for: a worker for the job.
+pub(crate) fn grant_request(core: &Core, lease: &Lease, tenancy: (bool, bool)) -> NodeRequest {
+    let (dedicated, detached) = tenancy;
+    NodeRequest::GrantWorker {
+        lease_id: lease.lease_id,
+        job_id: core.job_id,
+        binary_hash: core.binary_hash.clone(),
+        resources: lease.resources.clone(),
+        driver: Some(core.driver.clone()),
+        dedicated,
+        detached,
+    }
 }
 
 /// Gives a lease back to the head (best effort: the head reclaims the
@@ -289,15 +314,7 @@ async fn lease_worker(
             return Err(format!("cannot reach node {}: {e}", lease.node_id));
         }
     };
-    let grant = NodeRequest::GrantWorker {
-        lease_id: lease.lease_id,
-        job_id: core.job_id,
-        binary_hash: core.binary_hash.clone(),
-        resources: resources.clone(),
-        driver: Some(core.driver.clone()),
-        dedicated: false,
-        detached: false,
-    };
+    let grant = grant_request(core, &lease, (false, false));
     let worker = match node.call(&grant, Duration::from_secs(90)).await {
         Ok(NodeReply::WorkerGranted { worker }) => worker,
         other => {
@@ -308,12 +325,7 @@ async fn lease_worker(
     let client = match core.worker(&worker.address).await {
         Ok(c) => c,
         Err(e) => {
-            let release = NodeRequest::ReleaseWorker {
-                lease_id: lease.lease_id,
-                kill: true,
-            };
-            let _ = node.call(&release, Duration::from_secs(5)).await;
-            return_to_head(core, lease.lease_id).await;
+            release_lease(core, &node, lease.lease_id, true).await;
             return Err(format!("cannot reach worker {}: {e}", worker.worker_id));
         }
     };
