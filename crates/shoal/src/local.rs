@@ -242,7 +242,21 @@ impl LocalCluster {
             limits: self.config.limits.clone(),
             ..HeadConfig::default()
         };
-        let head = Head::bind(config, self.identity.clone())?;
+        // The stopped head's socket is released by quinn's endpoint driver,
+        // a task that ends a moment after the head does: poll the bind until
+        // the port is free again, with a deadline.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let head = loop {
+            match Head::bind(config.clone(), self.identity.clone()) {
+                Err(shoal_head::HeadError::Bind { source, .. })
+                    if source.kind() == std::io::ErrorKind::AddrInUse
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                bound => break bound?,
+            }
+        };
         self.head = Some(spawn(|token| head.run(token)));
         Ok(())
     }
