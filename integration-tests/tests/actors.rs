@@ -100,6 +100,29 @@ fn calls_to_an_actor_whose_worker_was_killed_get_actor_died() {
 }
 
 #[test]
+fn a_killed_actor_with_restarts_left_comes_back_as_a_new_incarnation() {
+    let cluster = ProcessCluster::three_process();
+    // Process workers only: a thread worker cannot be killed apart from us.
+    for env in [
+        cluster.driver_env(),
+        vec![("SHOAL_WORKER_PROCESSES", "1".to_string())],
+    ] {
+        let out = scenario(&env, &["actor-restart"]);
+        assert_eq!(out["in_flight_died"], true, "{out}");
+        assert_eq!(out["restarted_with_new_pid"], true, "{out}");
+        assert_eq!(
+            out["state_is_new"], true,
+            "the constructor ran again: {out}"
+        );
+        assert_eq!(out["died_after_last_restart"], true, "{out}");
+        assert_eq!(out["resent_call"], "Ok(1500)", "{out}");
+        assert_eq!(out["resent_on_new_pid"], true, "{out}");
+        assert_eq!(out["kill_restarts"], true, "{out}");
+        assert_eq!(out["kill_no_restart_final"], true, "{out}");
+    }
+}
+
+#[test]
 fn a_detached_named_actor_outlives_its_driver_and_kill_frees_its_name() {
     let cluster = ProcessCluster::three_process();
     let env = cluster.driver_env();

@@ -48,7 +48,10 @@ pub fn run(args: ListArgs) -> Result<()> {
                     "class": a.class,
                     "name": a.name,
                     "namespace": a.namespace,
-                    "state": match a.state { ActorState::Alive => "ALIVE", ActorState::Dead => "DEAD" },
+                    "state": state_name(a.state),
+                    "incarnation": a.incarnation,
+                    "num_restarts": a.num_restarts,
+                    "max_restarts": a.max_restarts,
                     "detached": a.detached,
                     "job_id": a.job_id.to_string(),
                     "node_id": a.node_id.to_string(),
@@ -60,23 +63,28 @@ pub fn run(args: ListArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<32}  {:<5}  {:<30}  {:<20}  {:<32}  {:>7}",
-        "ACTOR", "STATE", "CLASS", "NAME", "NODE", "PID"
+        "{:<32}  {:<10}  {:<30}  {:<20}  {:<32}  {:>7}  {:>8}",
+        "ACTOR", "STATE", "CLASS", "NAME", "NODE", "PID", "RESTARTS"
     );
     for a in &actors {
-        let state = match a.state {
-            ActorState::Alive => "ALIVE",
-            ActorState::Dead => "DEAD",
-        };
+        let state = state_name(a.state);
         let name = a
             .name
             .as_ref()
             .map(|n| format!("{}/{n}", a.namespace))
             .unwrap_or_default();
         println!(
-            "{:<32}  {:<5}  {:<30}  {:<20}  {:<32}  {:>7}",
-            a.actor_id, state, a.class, name, a.node_id, a.pid
+            "{:<32}  {:<10}  {:<30}  {:<20}  {:<32}  {:>7}  {:>8}",
+            a.actor_id, state, a.class, name, a.node_id, a.pid, a.num_restarts
         );
     }
     Ok(())
+}
+
+fn state_name(state: ActorState) -> &'static str {
+    match state {
+        ActorState::Alive => "ALIVE",
+        ActorState::Restarting => "RESTARTING",
+        ActorState::Dead => "DEAD",
+    }
 }

@@ -1,9 +1,16 @@
-//! The actor directory: where every actor lives, names per namespace, and
-//! which actors end with their job.
+//! The actor directory: where every actor lives, names per namespace,
+//! which actors end with their job, and which restart when their worker
+//! dies.
+//!
+//! A restart is a new incarnation: the actor waits in `Restarting` for a
+//! lease, the lease's node is ordered to run the constructor again (on its
+//! next heartbeat), and its report makes the actor `Alive` at the new
+//! worker. Reports for any other incarnation are ignored.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
-use shoal_proto::{ActorId, ActorInfo, ActorState, JobId, NodeId, WorkerId};
+use shoal_proto::head::ActorSpec;
+use shoal_proto::{ActorId, ActorInfo, ActorState, Address, JobId, LeaseId, NodeId, WorkerId};
 
 /// Why an actor could not be registered.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -24,16 +31,41 @@ pub enum ActorError {
 /// Actors remembered at most (live and dead).
 const ACTORS_MAX: usize = 100_000;
 
+/// An actor whose worker or node died, as the directory decided.
+#[derive(Debug)]
+pub struct Died {
+    /// The actor after the decision (dead, or restarting).
+    pub info: ActorInfo,
+    /// The lease its old worker held, to release.
+    pub lease_id: LeaseId,
+}
+
+/// A restart placed on a node, waiting for the node's report.
+#[derive(Clone, Debug)]
+pub struct Placed {
+    /// The node ordered to create it.
+    pub node_id: NodeId,
+    /// The lease its new worker holds.
+    pub lease_id: LeaseId,
+}
+
 /// The directory.
 #[derive(Debug, Default)]
 pub struct Actors {
     actors: HashMap<ActorId, ActorInfo>,
     names: HashMap<(String, String), ActorId>,
+    /// Creation specs of actors that may restart.
+    specs: HashMap<ActorId, ActorSpec>,
+    /// Restarting actors waiting for a lease, oldest first.
+    waiting: VecDeque<ActorId>,
+    /// Restarting actors whose new worker is being created.
+    placed: HashMap<ActorId, Placed>,
 }
 
 impl Actors {
-    /// Records a new actor (alive); its name must be free.
-    pub fn register(&mut self, mut info: ActorInfo) -> Result<(), ActorError> {
+    /// Records a new actor (alive); its name must be free. The spec is kept
+    /// when the actor may restart.
+    pub fn register(&mut self, mut info: ActorInfo, spec: ActorSpec) -> Result<(), ActorError> {
         if self.actors.len() >= ACTORS_MAX {
             self.actors.retain(|_, a| a.state == ActorState::Alive);
             if self.actors.len() >= ACTORS_MAX {
@@ -53,53 +85,177 @@ impl Actors {
             self.names.insert(key, info.actor_id);
         }
         info.state = ActorState::Alive;
+        info.incarnation = 0;
+        info.num_restarts = 0;
+        if info.max_restarts > 0 {
+            self.specs.insert(info.actor_id, spec);
+        }
         self.actors.insert(info.actor_id, info);
         Ok(())
     }
 
-    /// The live actor with this name.
-    pub fn named(&self, namespace: &str, name: &str) -> Option<&ActorInfo> {
-        let id = self.names.get(&(namespace.to_string(), name.to_string()))?;
-        self.actors.get(id).filter(|a| a.state == ActorState::Alive)
+    /// The actor, alive or not.
+    pub fn get(&self, actor_id: ActorId) -> Option<&ActorInfo> {
+        self.actors.get(&actor_id)
     }
 
-    /// Marks an actor dead and frees its name; returns it if it was alive.
-    pub fn kill(&mut self, actor_id: ActorId) -> Option<ActorInfo> {
+    /// The live (or restarting) actor with this name.
+    pub fn named(&self, namespace: &str, name: &str) -> Option<&ActorInfo> {
+        let id = self.names.get(&(namespace.to_string(), name.to_string()))?;
+        self.actors.get(id).filter(|a| a.state != ActorState::Dead)
+    }
+
+    /// Marks an actor dead and frees its name; returns it, and the leases it
+    /// held (its worker's, and a restart's), if it was not dead already.
+    pub fn kill(&mut self, actor_id: ActorId) -> Option<(ActorInfo, Vec<LeaseId>)> {
         let actor = self.actors.get_mut(&actor_id)?;
         if actor.state == ActorState::Dead {
             return None;
+        }
+        let mut leases = Vec::new();
+        if actor.state == ActorState::Alive {
+            leases.push(actor.lease_id);
         }
         actor.state = ActorState::Dead;
         let info = actor.clone();
         if let Some(name) = &info.name {
             self.names.remove(&(info.namespace.clone(), name.clone()));
         }
-        Some(info)
+        self.specs.remove(&actor_id);
+        self.waiting.retain(|id| *id != actor_id);
+        if let Some(placed) = self.placed.remove(&actor_id) {
+            leases.push(placed.lease_id);
+        }
+        Some((info, leases))
     }
 
-    fn kill_where(&mut self, pred: impl Fn(&ActorInfo) -> bool) -> Vec<ActorInfo> {
+    /// The actor's worker (or node) died: it restarts if it has restarts
+    /// left, otherwise it is dead.
+    fn died(&mut self, actor_id: ActorId) -> Option<Died> {
+        let actor = self.actors.get_mut(&actor_id)?;
+        if actor.state != ActorState::Alive {
+            return None;
+        }
+        let lease_id = actor.lease_id;
+        if actor.num_restarts < actor.max_restarts && self.specs.contains_key(&actor_id) {
+            actor.state = ActorState::Restarting;
+            actor.num_restarts += 1;
+            actor.incarnation += 1;
+            self.waiting.push_back(actor_id);
+            return Some(Died {
+                info: actor.clone(),
+                lease_id,
+            });
+        }
+        let (info, _) = self.kill(actor_id)?;
+        Some(Died { info, lease_id })
+    }
+
+    fn died_where(&mut self, pred: impl Fn(&ActorInfo) -> bool) -> Vec<Died> {
         let ids: Vec<ActorId> = self
             .actors
             .values()
             .filter(|a| a.state == ActorState::Alive && pred(a))
             .map(|a| a.actor_id)
             .collect();
-        ids.into_iter().filter_map(|id| self.kill(id)).collect()
+        ids.into_iter().filter_map(|id| self.died(id)).collect()
     }
 
     /// Actors whose worker exited.
-    pub fn workers_died(&mut self, workers: &[WorkerId]) -> Vec<ActorInfo> {
-        self.kill_where(|a| workers.contains(&a.worker.worker_id))
+    pub fn workers_died(&mut self, workers: &[WorkerId]) -> Vec<Died> {
+        self.died_where(|a| workers.contains(&a.worker.worker_id))
     }
 
-    /// Actors on a dead node.
-    pub fn node_died(&mut self, node: NodeId) -> Vec<ActorInfo> {
-        self.kill_where(|a| a.node_id == node)
+    /// Actors on a dead node; restarts placed there are placed again (their
+    /// leases there are gone with the node). Returns the actors that died.
+    pub fn node_died(&mut self, node: NodeId) -> Vec<Died> {
+        let lost: Vec<ActorId> = self
+            .placed
+            .iter()
+            .filter(|(_, p)| p.node_id == node)
+            .map(|(id, _)| *id)
+            .collect();
+        for actor_id in lost {
+            self.placed.remove(&actor_id);
+            if let Some(actor) = self.actors.get_mut(&actor_id) {
+                // A report from the lost attempt must not count.
+                actor.incarnation += 1;
+                self.waiting.push_back(actor_id);
+            }
+        }
+        self.died_where(|a| a.node_id == node)
     }
 
-    /// The job's actors that are not detached.
-    pub fn job_finished(&mut self, job: JobId) -> Vec<ActorInfo> {
-        self.kill_where(|a| a.job_id == job && !a.detached)
+    /// The job's actors that are not detached: ended, with the leases they
+    /// held.
+    pub fn job_finished(&mut self, job: JobId) -> Vec<(ActorInfo, Vec<LeaseId>)> {
+        let ids: Vec<ActorId> = self
+            .actors
+            .values()
+            .filter(|a| a.state != ActorState::Dead && a.job_id == job && !a.detached)
+            .map(|a| a.actor_id)
+            .collect();
+        ids.into_iter().filter_map(|id| self.kill(id)).collect()
+    }
+
+    /// Restarting actors waiting for a lease, with their specs.
+    pub fn waiting(&self) -> Vec<(ActorInfo, ActorSpec)> {
+        self.waiting
+            .iter()
+            .filter_map(|id| Some((self.actors.get(id)?.clone(), self.specs.get(id)?.clone())))
+            .collect()
+    }
+
+    /// A waiting restart got a lease: its node is ordered to create it.
+    pub fn place(&mut self, actor_id: ActorId, placed: Placed) {
+        self.waiting.retain(|id| *id != actor_id);
+        self.placed.insert(actor_id, placed);
+    }
+
+    /// A node's report on a restart it was ordered to run. Returns the
+    /// leases to release (the restart's, when it failed or was stale) and
+    /// the actor as it now stands.
+    pub fn restarted(
+        &mut self,
+        node_id: NodeId,
+        node_address: &str,
+        actor_id: ActorId,
+        incarnation: u32,
+        outcome: Result<(Address, u32), String>,
+    ) -> (Option<ActorInfo>, Vec<LeaseId>) {
+        let current = self
+            .actors
+            .get(&actor_id)
+            .is_some_and(|a| a.state == ActorState::Restarting && a.incarnation == incarnation)
+            && self
+                .placed
+                .get(&actor_id)
+                .is_some_and(|p| p.node_id == node_id);
+        if !current {
+            return (None, Vec::new());
+        }
+        let Some(placed) = self.placed.remove(&actor_id) else {
+            return (None, Vec::new());
+        };
+        match outcome {
+            Ok((worker, pid)) => {
+                let Some(actor) = self.actors.get_mut(&actor_id) else {
+                    return (None, vec![placed.lease_id]);
+                };
+                actor.state = ActorState::Alive;
+                actor.node_id = node_id;
+                actor.node_address = node_address.to_string();
+                actor.worker = worker;
+                actor.pid = pid;
+                actor.lease_id = placed.lease_id;
+                (Some(actor.clone()), Vec::new())
+            }
+            // The constructor failed: as in Ray, the actor is dead.
+            Err(_) => {
+                let killed = self.kill(actor_id).map(|(info, _)| info);
+                (killed, vec![placed.lease_id])
+            }
+        }
     }
 
     /// Every actor, live ones first.
@@ -139,6 +295,19 @@ mod tests {
             lease_id: LeaseId::random(),
             state: ActorState::Alive,
             max_pending_calls: None,
+            incarnation: 0,
+            max_restarts: 0,
+            num_restarts: 0,
+            max_task_retries: 0,
+        }
+    }
+
+    fn spec() -> ActorSpec {
+        ActorSpec {
+            args: vec![],
+            max_concurrency: 1,
+            resources: shoal_proto::ResourceSet::new(),
+            owner: WorkerId::random(),
         }
     }
 
@@ -147,14 +316,14 @@ mod tests {
         let mut a = Actors::default();
         let job = JobId::random();
         let first = actor(Some("hits"), false, job);
-        a.register(first.clone()).expect("free");
+        a.register(first.clone(), spec()).expect("free");
         assert!(matches!(
-            a.register(actor(Some("hits"), false, job)),
+            a.register(actor(Some("hits"), false, job), spec()),
             Err(ActorError::NameTaken { .. })
         ));
         let mut elsewhere = actor(Some("hits"), false, job);
         elsewhere.namespace = "other".into();
-        a.register(elsewhere).expect("another namespace");
+        a.register(elsewhere, spec()).expect("another namespace");
         assert_eq!(
             a.named("ns", "hits").map(|x| x.actor_id),
             Some(first.actor_id)
@@ -162,7 +331,7 @@ mod tests {
         assert!(a.kill(first.actor_id).is_some());
         assert!(a.kill(first.actor_id).is_none(), "already dead");
         assert!(a.named("ns", "hits").is_none());
-        a.register(actor(Some("hits"), false, job))
+        a.register(actor(Some("hits"), false, job), spec())
             .expect("free again");
     }
 
@@ -172,15 +341,95 @@ mod tests {
         let job = JobId::random();
         let owned = actor(None, false, job);
         let detached = actor(Some("d"), true, job);
-        a.register(owned.clone()).expect("ok");
-        a.register(detached.clone()).expect("ok");
+        a.register(owned.clone(), spec()).expect("ok");
+        a.register(detached.clone(), spec()).expect("ok");
         let ended = a.job_finished(job);
         assert_eq!(
-            ended.iter().map(|x| x.actor_id).collect::<Vec<_>>(),
+            ended.iter().map(|x| x.0.actor_id).collect::<Vec<_>>(),
             vec![owned.actor_id]
         );
         assert!(a.named("ns", "d").is_some());
         assert_eq!(a.workers_died(&[detached.worker.worker_id]).len(), 1);
         assert!(a.named("ns", "d").is_none());
+    }
+
+    #[test]
+    fn a_dead_worker_restarts_its_actor_while_restarts_last() {
+        let mut a = Actors::default();
+        let mut info = actor(Some("r"), false, JobId::random());
+        info.max_restarts = 1;
+        a.register(info.clone(), spec()).expect("ok");
+        let died = a.workers_died(&[info.worker.worker_id]);
+        assert_eq!(died.len(), 1);
+        assert_eq!(died[0].info.state, ActorState::Restarting);
+        assert_eq!(died[0].info.incarnation, 1);
+        assert_eq!(died[0].lease_id, info.lease_id);
+        assert!(a.named("ns", "r").is_some(), "the name stays reserved");
+        assert_eq!(a.waiting().len(), 1);
+        let node = NodeId::random();
+        let lease = LeaseId::random();
+        a.place(
+            info.actor_id,
+            Placed {
+                node_id: node,
+                lease_id: lease,
+            },
+        );
+        assert!(a.waiting().is_empty());
+        let worker = Address {
+            worker_id: WorkerId::random(),
+            address: "w2".into(),
+        };
+        // A report for another incarnation is ignored.
+        let (stale, _) = a.restarted(node, "n2", info.actor_id, 0, Ok((worker.clone(), 2)));
+        assert!(stale.is_none());
+        let (now, release) = a.restarted(node, "n2", info.actor_id, 1, Ok((worker.clone(), 2)));
+        let now = now.expect("restarted");
+        assert!(release.is_empty());
+        assert_eq!(
+            (now.state, now.pid, now.lease_id, now.node_id),
+            (ActorState::Alive, 2, lease, node)
+        );
+        // No restarts left: the next death is final.
+        let died = a.workers_died(&[worker.worker_id]);
+        assert_eq!(died[0].info.state, ActorState::Dead);
+        assert!(a.named("ns", "r").is_none());
+    }
+
+    #[test]
+    fn a_restart_lost_with_its_node_is_placed_again_and_kill_releases_it() {
+        let mut a = Actors::default();
+        let mut info = actor(None, false, JobId::random());
+        info.max_restarts = 3;
+        a.register(info.clone(), spec()).expect("ok");
+        a.workers_died(&[info.worker.worker_id]);
+        let node = NodeId::random();
+        let lease = LeaseId::random();
+        a.place(
+            info.actor_id,
+            Placed {
+                node_id: node,
+                lease_id: lease,
+            },
+        );
+        a.node_died(node);
+        let waiting = a.waiting();
+        assert_eq!(waiting.len(), 1);
+        assert_eq!(waiting[0].0.incarnation, 2, "the lost attempt is stale");
+        let other = LeaseId::random();
+        a.place(
+            info.actor_id,
+            Placed {
+                node_id: NodeId::random(),
+                lease_id: other,
+            },
+        );
+        let (killed, leases) = a.kill(info.actor_id).expect("killed");
+        assert_eq!(killed.state, ActorState::Dead);
+        assert_eq!(
+            leases,
+            vec![other],
+            "the old worker's lease went at its death"
+        );
     }
 }

@@ -1,20 +1,21 @@
 //! The head service: answers [`HeadRequest`]s.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use shoal_net::handshake::HandshakeStats;
 use shoal_net::{ClusterIdentity, Peer, Service};
-use shoal_proto::head::{LeaseRequest, NodeRegistered, RegisterNode};
+use shoal_proto::head::{LeaseRequest, NodeRegistered, RegisterNode, RestartActor};
 use shoal_proto::{
-    ClusterId, ClusterStatus, HeadReply, HeadRequest, NodeId, NodeState, Role, ServiceError,
-    ServiceErrorKind,
+    ActorState, ClusterId, ClusterStatus, HeadReply, HeadRequest, NodeId, NodeState, Role,
+    ServiceError, ServiceErrorKind,
 };
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use crate::actors::Actors;
+use crate::actors::{Actors, Died, Placed};
 use crate::config::HeadConfig;
 use crate::jobs::{Binaries, Jobs};
 use crate::membership::{Fenced, Membership};
@@ -31,9 +32,77 @@ struct State {
     scheduler: Scheduler,
     jobs: Jobs,
     actors: Actors,
+    /// Restarts each node is to run, handed over on its next heartbeat.
+    restart_orders: HashMap<NodeId, Vec<RestartActor>>,
 }
 
 impl State {
+    /// Releases the leases of actors whose worker died; true if any was
+    /// held.
+    fn actors_died(&mut self, died: Vec<Died>) -> bool {
+        let mut released = false;
+        for actor in died {
+            released |= self.scheduler.release(actor.lease_id);
+            if actor.info.state == ActorState::Restarting {
+                info!(actor_id = %actor.info.actor_id, class = %actor.info.class, incarnation = actor.info.incarnation, "actor's worker died; restarting it");
+            } else {
+                info!(actor_id = %actor.info.actor_id, class = %actor.info.class, "actor's worker died; the actor is dead");
+            }
+        }
+        released
+    }
+
+    /// Leases nodes to the restarts waiting for one; each placed restart
+    /// becomes an order to its node.
+    fn place_restarts(&mut self) {
+        let waiting = self.actors.waiting();
+        if waiting.is_empty() {
+            return;
+        }
+        let live = self.live_nodes();
+        for (info, spec) in waiting {
+            let Some(job) = self.jobs.get(info.job_id).cloned() else {
+                // The job is forgotten: its executable may be too.
+                self.actors.kill(info.actor_id);
+                continue;
+            };
+            let request = LeaseRequest {
+                job_id: info.job_id,
+                owner: spec.owner,
+                resources: spec.resources.clone(),
+                preferred_node: None,
+                wait_ms: 0,
+            };
+            let Decision::Granted(lease) = self.scheduler.request(&live, &request) else {
+                continue;
+            };
+            if info.detached {
+                self.scheduler.detach(lease.lease_id);
+            }
+            self.actors.place(
+                info.actor_id,
+                Placed {
+                    node_id: lease.node_id,
+                    lease_id: lease.lease_id,
+                },
+            );
+            self.restart_orders
+                .entry(lease.node_id)
+                .or_default()
+                .push(RestartActor {
+                    actor_id: info.actor_id,
+                    incarnation: info.incarnation,
+                    class: info.class,
+                    spec,
+                    lease,
+                    job_id: info.job_id,
+                    binary_hash: job.binary_hash,
+                    driver: job.driver,
+                    detached: info.detached,
+                });
+        }
+    }
+
     fn live_nodes(&self) -> Vec<NodeView> {
         self.membership
             .status(Instant::now())
@@ -55,6 +124,8 @@ pub struct HeadService {
     binaries: Mutex<Binaries>,
     /// Woken when resources may have been freed or added.
     resources_changed: Notify,
+    /// Woken when an actor's record changes (a restart ends, or it dies).
+    actors_changed: Notify,
     stats: Arc<HandshakeStats>,
     heartbeat_interval: Duration,
     node_timeout: Duration,
@@ -78,9 +149,11 @@ impl HeadService {
                 scheduler: Scheduler::new(),
                 jobs: Jobs::default(),
                 actors: Actors::default(),
+                restart_orders: HashMap::new(),
             }),
             binaries: Mutex::new(Binaries::default()),
             resources_changed: Notify::new(),
+            actors_changed: Notify::new(),
             stats,
             heartbeat_interval: config.heartbeat_interval,
             node_timeout: config.node_timeout,
@@ -102,19 +175,57 @@ impl HeadService {
         self.binaries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Declares silent nodes dead and reclaims their leases.
+    /// Declares silent nodes dead and reclaims their leases; places
+    /// waiting actor restarts.
     pub fn sweep(&self) {
         let dead = {
             let mut state = self.state();
             let dead = state.membership.sweep(Instant::now(), self.node_timeout);
             for node_id in &dead {
-                state.scheduler.node_died(*node_id);
-                state.actors.node_died(*node_id);
+                self.node_gone(&mut state, *node_id);
             }
+            state.place_restarts();
             dead
         };
+        if !dead.is_empty() {
+            self.actors_changed.notify_waiters();
+        }
         for node_id in dead {
             warn!(%node_id, timeout = ?self.node_timeout, "node missed its heartbeats; declared dead");
+        }
+    }
+
+    /// A node died or left: its leases are gone, its actors die or restart.
+    fn node_gone(&self, state: &mut State, node_id: NodeId) {
+        state.scheduler.node_died(node_id);
+        state.restart_orders.remove(&node_id);
+        let died = state.actors.node_died(node_id);
+        state.actors_died(died);
+    }
+
+    /// The actor's record; with `known`, held up to `wait` while the actor
+    /// is still that incarnation and not dead.
+    async fn get_actor(
+        &self,
+        actor_id: shoal_proto::ActorId,
+        known: Option<u32>,
+        wait: Duration,
+    ) -> Result<HeadReply, ServiceError> {
+        let deadline = tokio::time::Instant::now() + wait.min(LEASE_WAIT_MAX);
+        loop {
+            let notified = self.actors_changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let info = self.state().actors.get(actor_id).cloned().ok_or_else(|| {
+                ServiceError::new(ServiceErrorKind::NotFound, format!("no actor {actor_id}"))
+            })?;
+            let settled = match known {
+                Some(k) => info.incarnation != k && info.state == ActorState::Alive,
+                None => true,
+            } || info.state == ActorState::Dead;
+            if settled || tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(HeadReply::Actor(info));
+            }
         }
     }
 
@@ -217,13 +328,15 @@ impl HeadService {
             if !state.jobs.finish(job_id) {
                 return;
             }
-            let ended = state.actors.job_finished(job_id);
-            for actor in ended {
-                state.scheduler.release(actor.lease_id);
+            for (_, leases) in state.actors.job_finished(job_id) {
+                for lease in leases {
+                    state.scheduler.release(lease);
+                }
             }
             state.scheduler.job_finished(job_id)
         };
         self.resources_changed.notify_waiters();
+        self.actors_changed.notify_waiters();
         info!(%job_id, leases_reclaimed = reclaimed, "job finished");
     }
 }
@@ -281,22 +394,31 @@ impl Service for HeadService {
                     Instant::now(),
                 ) {
                     Ok(()) => {
+                        let dead_workers = &dead_workers[..dead_workers.len().min(10_000)];
                         let mut reclaimed = 0;
-                        for worker in dead_workers.iter().take(10_000) {
+                        for worker in dead_workers {
                             reclaimed += state.scheduler.owner_died(*worker);
                         }
-                        for actor in state
-                            .actors
-                            .workers_died(&dead_workers[..dead_workers.len().min(10_000)])
-                        {
-                            reclaimed += usize::from(state.scheduler.release(actor.lease_id));
+                        let died = state.actors.workers_died(dead_workers);
+                        let actors_died = !died.is_empty();
+                        reclaimed += usize::from(state.actors_died(died));
+                        if actors_died {
+                            state.place_restarts();
                         }
                         let finished_jobs = state.jobs.not_running(&jobs[..jobs.len().min(10_000)]);
+                        let restart_actors =
+                            state.restart_orders.remove(&node_id).unwrap_or_default();
                         drop(state);
                         if reclaimed > 0 {
                             self.resources_changed.notify_waiters();
                         }
-                        Ok(HeadReply::HeartbeatAck { finished_jobs })
+                        if actors_died {
+                            self.actors_changed.notify_waiters();
+                        }
+                        Ok(HeadReply::HeartbeatAck {
+                            finished_jobs,
+                            restart_actors,
+                        })
                     }
                     Err(Fenced(node_id)) => Ok(HeadReply::NodeFenced { node_id }),
                 }
@@ -306,13 +428,13 @@ impl Service for HeadService {
                 let left = {
                     let mut state = self.state();
                     let left = state.membership.unregister(node_id);
-                    state.scheduler.node_died(node_id);
-                    state.actors.node_died(node_id);
+                    self.node_gone(&mut state, node_id);
                     left
                 };
                 if left {
                     info!(%node_id, "node left");
                     self.resources_changed.notify_waiters();
+                    self.actors_changed.notify_waiters();
                 }
                 Ok(HeadReply::NodeUnregistered)
             }
@@ -375,22 +497,82 @@ impl Service for HeadService {
                 }
                 Ok(HeadReply::LeaseReturned)
             }
-            HeadRequest::RegisterActor(info) => {
+            HeadRequest::RegisterActor { info, spec } => {
                 peer.require(&[Role::Driver, Role::Worker])?;
-                if info.name.as_ref().is_some_and(|n| n.len() > 256) || info.namespace.len() > 256 {
-                    return Err(bad_request(
-                        "actor names and namespaces are limited to 256 bytes",
-                    ));
+                if info.name.as_ref().is_some_and(|n| n.len() > NAME_BYTES_MAX)
+                    || info.namespace.len() > NAME_BYTES_MAX
+                {
+                    return Err(bad_request(format!(
+                        "actor names and namespaces are limited to {NAME_BYTES_MAX} bytes"
+                    )));
                 }
+                spec.resources
+                    .validate()
+                    .map_err(|e| bad_request(e.to_string()))?;
                 let mut state = self.state();
                 if info.detached {
                     state.scheduler.detach(info.lease_id);
                 }
                 state
                     .actors
-                    .register(info.clone())
+                    .register(info.clone(), spec)
                     .map_err(|e| bad_request(e.to_string()))?;
                 Ok(HeadReply::Actor(info))
+            }
+            HeadRequest::GetActor {
+                actor_id,
+                known_incarnation,
+                wait_ms,
+            } => {
+                self.get_actor(actor_id, known_incarnation, Duration::from_millis(wait_ms))
+                    .await
+            }
+            HeadRequest::ActorRestarted {
+                node_id,
+                actor_id,
+                incarnation,
+                worker,
+                pid,
+                failure,
+            } => {
+                peer.require(&[Role::Node])?;
+                let outcome = match (worker, failure) {
+                    (Some(worker), None) => Ok((worker, pid)),
+                    (_, failure) => Err(failure.unwrap_or_else(|| "no worker".into())),
+                };
+                let (info, release) = {
+                    let mut state = self.state();
+                    let address = state
+                        .live_nodes()
+                        .into_iter()
+                        .find(|n| n.node_id == node_id)
+                        .map(|n| n.address)
+                        .unwrap_or_default();
+                    let failed = outcome.as_ref().err().cloned();
+                    let (info, release) =
+                        state
+                            .actors
+                            .restarted(node_id, &address, actor_id, incarnation, outcome);
+                    for lease in &release {
+                        state.scheduler.release(*lease);
+                    }
+                    if let (Some(info), Some(why)) = (&info, failed) {
+                        warn!(%actor_id, class = %info.class, %why, "actor restart failed; the actor is dead");
+                    }
+                    (info, release)
+                };
+                if !release.is_empty() {
+                    self.resources_changed.notify_waiters();
+                }
+                let mut accepted = false;
+                if let Some(info) = &info {
+                    if info.state == ActorState::Alive {
+                        accepted = true;
+                        info!(%actor_id, class = %info.class, incarnation, node = %node_id, pid = info.pid, "actor restarted");
+                    }
+                    self.actors_changed.notify_waiters();
+                }
+                Ok(HeadReply::RestartAccepted { accepted })
             }
             HeadRequest::GetNamedActor { namespace, name } => {
                 let state = self.state();
@@ -406,23 +588,43 @@ impl Service for HeadService {
                     })?;
                 Ok(HeadReply::Actor(info))
             }
-            HeadRequest::KillActor { actor_id } => {
+            HeadRequest::KillActor {
+                actor_id,
+                no_restart,
+            } => {
                 peer.require(&[Role::Driver, Role::Worker, Role::Client])?;
-                let killed = {
-                    let mut state = self.state();
-                    let killed = state.actors.kill(actor_id);
-                    if let Some(actor) = &killed {
-                        state.scheduler.release(actor.lease_id);
-                    }
-                    killed
-                };
-                let info = killed.ok_or_else(|| {
+                let not_found = || {
                     ServiceError::new(
                         ServiceErrorKind::NotFound,
                         format!("no live actor {actor_id}"),
                     )
-                })?;
+                };
+                if !no_restart {
+                    // The caller stops the worker; its death restarts the
+                    // actor if it has restarts left.
+                    let info = self
+                        .state()
+                        .actors
+                        .get(actor_id)
+                        .filter(|a| a.state != ActorState::Dead)
+                        .cloned()
+                        .ok_or_else(not_found)?;
+                    info!(%actor_id, class = %info.class, "actor's worker killed (restart allowed)");
+                    return Ok(HeadReply::Actor(info));
+                }
+                let killed = {
+                    let mut state = self.state();
+                    let killed = state.actors.kill(actor_id);
+                    if let Some((_, leases)) = &killed {
+                        for lease in leases {
+                            state.scheduler.release(*lease);
+                        }
+                    }
+                    killed
+                };
+                let (info, _) = killed.ok_or_else(not_found)?;
                 self.resources_changed.notify_waiters();
+                self.actors_changed.notify_waiters();
                 info!(%actor_id, class = %info.class, "actor killed");
                 Ok(HeadReply::Actor(info))
             }

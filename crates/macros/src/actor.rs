@@ -313,6 +313,10 @@ fn codegen(a: ActorImpl) -> TokenStream {
             pub fn namespace(self, namespace: &str) -> Self { Self(self.0.namespace(namespace)) }
             /// The actor outlives its creator's job, until killed.
             pub fn lifetime_detached(self) -> Self { Self(self.0.lifetime_detached()) }
+            /// Restarts (the constructor run again) after its worker or node dies (default 0).
+            pub fn max_restarts(self, n: u32) -> Self { Self(self.0.max_restarts(n)) }
+            /// Resends of a call in flight when the worker died (default 0).
+            pub fn max_task_retries(self, n: u32) -> Self { Self(self.0.max_task_retries(n)) }
             /// Creates the actor with these options.
             pub fn remote(self, #(#ctor_names: impl ::core::convert::Into<::shoal::Arg<#ctor_types>>),*) -> ::shoal::Result<::shoal::ActorHandle<#ty>> {
                 ::shoal::__private::create_actor::<#ty>(self.0, ::std::vec![#(::shoal::__private::arg::<#ctor_types>(#ctor_names.into())),*])

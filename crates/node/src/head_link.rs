@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use shoal_net::handshake::ServerAuth;
 use shoal_net::{endpoint, tls, IssuedCert, RpcError, Transport};
-use shoal_proto::head::{NodeRegistered, RegisterNode};
-use shoal_proto::{HeadReply, HeadRequest, NodeId, ResourceSet};
+use shoal_proto::head::{NodeRegistered, RegisterNode, RestartActor};
+use shoal_proto::{HeadReply, HeadRequest, NodeId, ResourceSet, WorkerReply, WorkerRequest};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -41,7 +41,7 @@ pub(crate) struct HeadLink<'a, T: Transport> {
     pub store_capacity: u64,
 }
 
-impl<T: Transport> HeadLink<'_, T> {
+impl<T: Transport + Clone> HeadLink<'_, T> {
     pub(crate) async fn run(self, shutdown: CancellationToken) {
         let mut client: Option<HeadClient> = None;
         let mut interval = crate::config::defaults::HEARTBEAT_INTERVAL;
@@ -107,11 +107,23 @@ impl<T: Transport> HeadLink<'_, T> {
                 break;
             };
             match reply {
-                Ok(HeadReply::HeartbeatAck { finished_jobs }) => {
+                Ok(HeadReply::HeartbeatAck {
+                    finished_jobs,
+                    restart_actors,
+                }) => {
                     failures = 0;
                     if !finished_jobs.is_empty() {
                         info!(jobs = ?finished_jobs, "jobs finished; stopping their workers");
                         self.pool.finish_jobs(&finished_jobs);
+                    }
+                    for order in restart_actors {
+                        tokio::spawn(restart_actor(
+                            order,
+                            node_id,
+                            head.clone(),
+                            self.transport.clone(),
+                            self.pool.clone(),
+                        ));
                     }
                 }
                 Ok(HeadReply::NodeFenced { .. }) => {
@@ -229,6 +241,99 @@ impl<T: Transport> HeadLink<'_, T> {
 }
 
 /// A random non-zero registration key.
+/// Runs an actor's constructor again in a new worker, as the head ordered,
+/// and reports the outcome. A worker the head does not take is stopped.
+async fn restart_actor<T: Transport>(
+    order: RestartActor,
+    node_id: NodeId,
+    head: HeadClient,
+    transport: T,
+    pool: Arc<crate::worker_pool::WorkerPool>,
+) {
+    let RestartActor {
+        actor_id,
+        incarnation,
+        class,
+        spec,
+        lease,
+        job_id,
+        binary_hash,
+        driver,
+        detached,
+    } = order;
+    let tenancy = if detached {
+        crate::worker_pool::Tenancy::Detached
+    } else {
+        crate::worker_pool::Tenancy::Dedicated
+    };
+    let created = async {
+        let worker = pool
+            .grant(
+                lease.lease_id,
+                job_id,
+                &binary_hash,
+                lease.resources.clone(),
+                Some(driver),
+                tenancy,
+            )
+            .await
+            .map_err(|e| format!("no worker: {}", e.message))?;
+        let addr: SocketAddr = worker
+            .address
+            .parse()
+            .map_err(|e| format!("bad worker address {:?}: {e}", worker.address))?;
+        let client = transport
+            .connect::<WorkerRequest, WorkerReply>(addr)
+            .await
+            .map_err(|e| format!("cannot reach the new worker: {e}"))?;
+        let create = WorkerRequest::CreateActor {
+            actor_id,
+            class: class.clone(),
+            args: spec.args,
+            max_concurrency: spec.max_concurrency,
+            incarnation,
+        };
+        let reply = client.call(&create, ACTOR_CREATE_TIMEOUT).await;
+        client.close();
+        match reply {
+            Ok(WorkerReply::ActorCreated { failure: None, pid }) => Ok((worker, pid)),
+            Ok(WorkerReply::ActorCreated {
+                failure: Some(f), ..
+            }) => Err(format!("the constructor failed: {}", f.message)),
+            Ok(other) => Err(format!("{other:?} in answer to CreateActor")),
+            Err(e) => Err(format!("CreateActor: {e}")),
+        }
+    }
+    .await;
+    let (worker, pid, failure) = match created {
+        Ok((worker, pid)) => (Some(worker), pid, None),
+        Err(why) => (None, 0, Some(why)),
+    };
+    let report = HeadRequest::ActorRestarted {
+        node_id,
+        actor_id,
+        incarnation,
+        worker,
+        pid,
+        failure: failure.clone(),
+    };
+    let accepted = matches!(
+        head.call(&report, Duration::from_secs(30)).await,
+        Ok(HeadReply::RestartAccepted { accepted: true })
+    );
+    if accepted {
+        info!(%actor_id, %class, incarnation, pid, "actor restarted here");
+    } else {
+        if let Some(why) = failure {
+            warn!(%actor_id, %class, incarnation, %why, "actor restart failed");
+        }
+        pool.release(lease.lease_id, true);
+    }
+}
+
+/// Longest a restarted actor's constructor may run.
+const ACTOR_CREATE_TIMEOUT: Duration = Duration::from_secs(600);
+
 fn new_key() -> u64 {
     shoal_proto::NodeId::random().as_uuid().as_u64_pair().0 | 1
 }

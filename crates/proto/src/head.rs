@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{ActorId, ClusterId, JobId, LeaseId, NodeId, WorkerId};
 use crate::resources::ResourceSet;
-use crate::task::Address;
+use crate::task::{Address, ArgSpec};
 
 /// A request to the head.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -75,8 +75,43 @@ pub enum HeadRequest {
         blocked: bool,
     },
     /// An owner created an actor: record where it lives (and reserve its
-    /// name, refused if taken in its namespace).
-    RegisterActor(ActorInfo),
+    /// name, refused if taken in its namespace). The spec is kept to run the
+    /// constructor again when the actor may restart.
+    RegisterActor {
+        /// Where it lives, and its options.
+        info: ActorInfo,
+        /// How to create it again.
+        spec: ActorSpec,
+    },
+    /// The actor's record. With `known_incarnation`, the head holds the
+    /// answer up to `wait_ms` while the actor is still that incarnation and
+    /// not dead (a caller that saw its worker exit waits for the restart).
+    GetActor {
+        /// The actor.
+        actor_id: ActorId,
+        /// The incarnation the caller last used.
+        #[serde(default)]
+        known_incarnation: Option<u32>,
+        /// How long to hold the answer.
+        #[serde(default)]
+        wait_ms: u64,
+    },
+    /// A node ran an actor's constructor again, as the head ordered (see
+    /// [`HeadReply::HeartbeatAck`]), or failed to.
+    ActorRestarted {
+        /// The node reporting.
+        node_id: NodeId,
+        /// The actor.
+        actor_id: ActorId,
+        /// The incarnation the head ordered.
+        incarnation: u32,
+        /// The new worker, on success.
+        worker: Option<Address>,
+        /// Its process id.
+        pid: u32,
+        /// Why it failed, otherwise.
+        failure: Option<String>,
+    },
     /// The actor with this name in this namespace.
     GetNamedActor {
         /// The namespace.
@@ -89,6 +124,10 @@ pub enum HeadRequest {
     KillActor {
         /// The actor.
         actor_id: ActorId,
+        /// Forbid restarts: the actor ends for good. Otherwise an actor with
+        /// restarts left comes back (the killed worker is reported dead).
+        #[serde(default = "yes")]
+        no_restart: bool,
     },
     /// Every actor the head knows.
     ListActors,
@@ -111,6 +150,50 @@ pub struct RegisterJob {
     pub binary_size: u64,
     /// Where the driver serves its owner requests.
     pub driver: Address,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// What the head needs to create an actor again.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct ActorSpec {
+    /// The constructor's arguments.
+    pub args: Vec<ArgSpec>,
+    /// Calls that may run at once.
+    pub max_concurrency: u32,
+    /// The resources it holds.
+    pub resources: ResourceSet,
+    /// The process that created it (holds its lease).
+    pub owner: WorkerId,
+}
+
+/// An order to a node: create this actor again in a new worker, under a
+/// lease the head has granted, then report with
+/// [`HeadRequest::ActorRestarted`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct RestartActor {
+    /// The actor.
+    pub actor_id: ActorId,
+    /// Its new incarnation.
+    pub incarnation: u32,
+    /// Its class.
+    pub class: String,
+    /// How to create it.
+    pub spec: ActorSpec,
+    /// The lease on this node its worker holds.
+    pub lease: Lease,
+    /// The actor's job.
+    pub job_id: JobId,
+    /// The job's executable.
+    pub binary_hash: String,
+    /// The job's driver (which shows the worker's output).
+    pub driver: Address,
+    /// Outlives its job.
+    pub detached: bool,
 }
 
 /// An actor as the head records it.
@@ -147,6 +230,18 @@ pub struct ActorInfo {
     /// Calls a handle may have waiting (from its options).
     #[serde(default)]
     pub max_pending_calls: Option<u32>,
+    /// Which life this is: 0 at creation, one more at each restart.
+    #[serde(default)]
+    pub incarnation: u32,
+    /// Restarts allowed after its worker or node dies.
+    #[serde(default)]
+    pub max_restarts: u32,
+    /// Restarts so far.
+    #[serde(default)]
+    pub num_restarts: u32,
+    /// Times a call in flight when the actor died is sent again.
+    #[serde(default)]
+    pub max_task_retries: u32,
 }
 
 /// Whether an actor is alive.
@@ -156,6 +251,8 @@ pub struct ActorInfo {
 pub enum ActorState {
     /// Running.
     Alive,
+    /// Its worker died; its constructor is being run again.
+    Restarting,
     /// Gone for good.
     Dead,
 }
@@ -227,6 +324,9 @@ pub enum HeadReply {
         /// stops their workers.
         #[serde(default)]
         finished_jobs: Vec<JobId>,
+        /// Actors to create again on this node.
+        #[serde(default)]
+        restart_actors: Vec<RestartActor>,
     },
     /// The node is not (or no longer) a member: it was declared dead, or the
     /// head restarted. The node must register again, as a new node.
@@ -274,6 +374,12 @@ pub enum HeadReply {
     Actors(Vec<ActorInfo>),
     /// The job is over.
     JobFinished,
+    /// Whether a node's restart report was taken: when not (the actor was
+    /// killed meanwhile, or the report is stale), the node stops the worker.
+    RestartAccepted {
+        /// Taken.
+        accepted: bool,
+    },
 }
 
 /// The head's welcome to a new node.

@@ -23,6 +23,9 @@ pub enum WorkerRequest {
         /// Calls that may run at once (threads for `&self` methods, tasks
         /// for `async` ones); `&mut self` methods always run alone.
         max_concurrency: u32,
+        /// Which life of the actor this is.
+        #[serde(default)]
+        incarnation: u32,
     },
     /// Call a method of an actor hosted here. Calls from one caller start in
     /// `seq` order (0, 1, 2, ...), whatever order they arrive in.
@@ -69,7 +72,12 @@ pub struct ActorCall {
     /// Identifies the caller (a handle in one process): calls are ordered
     /// per caller.
     pub caller: WorkerId,
-    /// The call's place in the caller's order.
+    /// The actor's incarnation the caller addresses: a call meant for an
+    /// earlier life is refused, never run twice.
+    #[serde(default)]
+    pub incarnation: u32,
+    /// The call's place in the caller's order, counted from 0 in each
+    /// incarnation.
     pub seq: u64,
     /// The id of this call (as a task, for its result object).
     pub task_id: TaskId,

@@ -104,14 +104,7 @@ impl<A: Actor> Serialize for ActorHandle<A> {
         let raw = self.methods.as_ref();
         // A handle that left its process keeps the actor for the job's life.
         raw.lifetime.escaped.store(true, Ordering::Relaxed);
-        WireActor {
-            actor_id: raw.actor_id,
-            class: raw.class.clone(),
-            worker: raw.worker.clone(),
-            node: raw.node.clone(),
-            max_pending_calls: raw.caller.max_pending,
-        }
-        .serialize(serializer)
+        raw.wire().serialize(serializer)
     }
 }
 
@@ -124,6 +117,7 @@ impl<'de, A: Actor> Deserialize<'de> for ActorHandle<A> {
     }
 }
 
+/// A handle as it travels: the actor and where it lived last.
 #[derive(Serialize, Deserialize)]
 struct WireActor {
     actor_id: ActorId,
@@ -131,14 +125,46 @@ struct WireActor {
     worker: Address,
     node: String,
     max_pending_calls: Option<u32>,
+    #[serde(default)]
+    incarnation: u32,
+    #[serde(default)]
+    max_restarts: u32,
+    #[serde(default)]
+    max_task_retries: u32,
+    /// The actor is between incarnations (its last worker is gone).
+    #[serde(default)]
+    restarting: bool,
+}
+
+impl WireActor {
+    fn from_info(info: shoal_proto::ActorInfo) -> Self {
+        Self {
+            actor_id: info.actor_id,
+            class: info.class,
+            restarting: info.state != shoal_proto::ActorState::Alive,
+            worker: info.worker,
+            node: info.node_address,
+            max_pending_calls: info.max_pending_calls,
+            incarnation: info.incarnation,
+            max_restarts: info.max_restarts,
+            max_task_retries: info.max_task_retries,
+        }
+    }
 }
 
 /// Ends the actor when the creator's last handle is dropped (unless a
-/// handle escaped to another process).
+/// handle escaped to another process, or the actor is detached).
 pub(crate) struct Lifetime {
+    actor_id: ActorId,
     escaped: std::sync::atomic::AtomicBool,
-    /// The lease and node holding the actor's worker (creator only).
+    /// Set once the head knows the actor: from then on it is ended through
+    /// the head (which stops its restarts), before only through its lease.
+    registered: std::sync::atomic::AtomicBool,
+    /// The lease and node holding the first worker (creator only).
     lease: Option<(Lease, String)>,
+    /// The constructor's argument objects, kept while the actor may have to
+    /// run its constructor again.
+    _ctor_args: Mutex<Vec<crate::object_ref::KeepAlive>>,
 }
 
 impl Drop for Lifetime {
@@ -146,10 +172,22 @@ impl Drop for Lifetime {
         if self.escaped.load(Ordering::Relaxed) {
             return;
         }
-        let (Some((lease, node)), Some(core)) = (self.lease.take(), core::try_get()) else {
+        let Some(core) = core::try_get() else {
             return;
         };
         let core2 = Arc::clone(core);
+        if self.registered.load(Ordering::Relaxed) {
+            let actor_id = self.actor_id;
+            core.handle.spawn(async move {
+                if let Err(e) = end_actor(&core2, actor_id).await {
+                    tracing::debug!(%actor_id, error = %e, "could not end the actor");
+                }
+            });
+            return;
+        }
+        let Some((lease, node)) = self.lease.take() else {
+            return;
+        };
         core.handle.spawn(async move {
             if let Ok(node) = core2.node(&node).await {
                 crate::lease::release_lease(&core2, &node, lease.lease_id, true).await;
@@ -158,9 +196,37 @@ impl Drop for Lifetime {
     }
 }
 
+/// Where one incarnation of the actor lives, as one caller uses it.
+struct Location {
+    incarnation: u32,
+    worker: Address,
+    /// The node hosting the worker, which says when it exits.
+    node: String,
+    /// Identifies the caller to this worker; calls are ordered per caller,
+    /// numbered from 0 at each location.
+    caller_id: WorkerId,
+    next_seq: AtomicU64,
+    /// Cancelled when the worker is gone (or unreachable).
+    dead: CancellationToken,
+}
+
+impl Location {
+    fn new(core: &Arc<Core>, incarnation: u32, worker: Address, node: String) -> Arc<Self> {
+        let location = Arc::new(Self {
+            incarnation,
+            worker,
+            node,
+            caller_id: WorkerId::random(),
+            next_seq: AtomicU64::new(0),
+            dead: CancellationToken::new(),
+        });
+        watch_worker(core, &location);
+        location
+    }
+}
+
 /// One caller of an actor: a handle and its clones in one process.
 struct Caller {
-    id: WorkerId,
     /// The next sequence number to hand out.
     seq: AtomicU64,
     /// The next sequence number whose request may go out: requests leave in
@@ -170,8 +236,12 @@ struct Caller {
     /// Calls made and not yet answered.
     pending: AtomicU32,
     max_pending: Option<u32>,
-    /// Cancelled when the actor's worker is gone.
-    dead: CancellationToken,
+    max_restarts: u32,
+    max_task_retries: u32,
+    /// Where the actor lives, as far as this caller knows.
+    location: Mutex<Arc<Location>>,
+    /// Cancelled when the actor is dead for good.
+    gone: CancellationToken,
 }
 
 impl Caller {
@@ -184,41 +254,48 @@ impl Caller {
     fn pass_turn(&self, seq: u64) {
         self.sent.send_modify(|next| *next = (*next).max(seq + 1));
     }
+
+    fn location(&self) -> Arc<Location> {
+        Arc::clone(&self.location.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The actor is dead for good, as far as a new call can tell.
+    fn known_dead(&self) -> bool {
+        self.gone.is_cancelled() || (self.max_restarts == 0 && self.location().dead.is_cancelled())
+    }
 }
+
+/// Longest a call waits for its actor to come back after its worker died.
+const RESTART_WAIT: Duration = Duration::from_secs(120);
 
 /// The untyped part of a handle (used by the generated code).
 #[derive(Clone)]
 pub struct RawActor {
     pub(crate) actor_id: ActorId,
     pub(crate) class: String,
-    pub(crate) worker: Address,
-    /// The node hosting the worker, which says when it exits.
-    node: String,
     caller: Arc<Caller>,
     lifetime: Arc<Lifetime>,
 }
 
 impl RawActor {
     fn new(core: &Arc<Core>, wire: WireActor, lifetime: Arc<Lifetime>) -> Self {
+        let location = Location::new(core, wire.incarnation, wire.worker, wire.node);
+        if wire.restarting {
+            location.dead.cancel();
+        }
         let caller = Arc::new(Caller {
-            id: WorkerId::random(),
             seq: AtomicU64::new(0),
             sent: watch::channel(0).0,
             pending: AtomicU32::new(0),
             max_pending: wire.max_pending_calls,
-            dead: CancellationToken::new(),
+            max_restarts: wire.max_restarts,
+            max_task_retries: wire.max_task_retries,
+            location: Mutex::new(location),
+            gone: CancellationToken::new(),
         });
-        watch_actor(
-            core,
-            wire.node.clone(),
-            wire.worker.worker_id,
-            Arc::downgrade(&caller),
-        );
         Self {
             actor_id: wire.actor_id,
             class: wire.class,
-            worker: wire.worker,
-            node: wire.node,
             caller,
             lifetime,
         }
@@ -226,29 +303,104 @@ impl RawActor {
 
     fn borrowed(wire: WireActor) -> Self {
         let lifetime = Arc::new(Lifetime {
+            actor_id: wire.actor_id,
             escaped: true.into(),
+            registered: false.into(),
             lease: None,
+            _ctor_args: Mutex::new(Vec::new()),
         });
         Self::new(&crate::ensure_core(), wire, lifetime)
     }
+
+    fn wire(&self) -> WireActor {
+        let location = self.caller.location();
+        WireActor {
+            actor_id: self.actor_id,
+            class: self.class.clone(),
+            worker: location.worker.clone(),
+            node: location.node.clone(),
+            max_pending_calls: self.caller.max_pending,
+            incarnation: location.incarnation,
+            max_restarts: self.caller.max_restarts,
+            max_task_retries: self.caller.max_task_retries,
+            restarting: location.dead.is_cancelled(),
+        }
+    }
+
+    /// Where the actor lives now. Called in a call's turn: when the known
+    /// worker is gone and the actor may restart, asks the head for its new
+    /// incarnation (waiting for the restart); later calls wait their turn
+    /// meanwhile, so order holds across the restart.
+    async fn current(&self, core: &Arc<Core>) -> std::result::Result<Arc<Location>, String> {
+        if self.caller.gone.is_cancelled() {
+            return Err("it is dead".into());
+        }
+        let known = self.caller.location();
+        if !known.dead.is_cancelled() {
+            return Ok(known);
+        }
+        if self.caller.max_restarts == 0 {
+            return Err("its worker has exited".into());
+        }
+        let deadline = tokio::time::Instant::now() + RESTART_WAIT;
+        loop {
+            let ask = HeadRequest::GetActor {
+                actor_id: self.actor_id,
+                known_incarnation: Some(known.incarnation),
+                wait_ms: 5000,
+            };
+            match core.head.call(&ask, Duration::from_secs(30)).await {
+                Ok(HeadReply::Actor(info)) => match info.state {
+                    shoal_proto::ActorState::Dead => {
+                        self.caller.gone.cancel();
+                        return Err("its worker exited and it has no restarts left".into());
+                    }
+                    shoal_proto::ActorState::Alive if info.incarnation != known.incarnation => {
+                        let location =
+                            Location::new(core, info.incarnation, info.worker, info.node_address);
+                        *self
+                            .caller
+                            .location
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner()) = Arc::clone(&location);
+                        return Ok(location);
+                    }
+                    _ => {}
+                },
+                Ok(other) => return Err(format!("the head answered {other:?}")),
+                Err(shoal_net::RpcError::Service(e))
+                    if e.kind == shoal_proto::ServiceErrorKind::NotFound =>
+                {
+                    self.caller.gone.cancel();
+                    return Err(e.message);
+                }
+                Err(e) => {
+                    tracing::debug!(actor_id = %self.actor_id, error = %e, "asking the head where the actor lives")
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "its worker exited and it did not come back within {RESTART_WAIT:?}"
+                ));
+            }
+        }
+    }
 }
 
-/// Watches the actor's worker through its node while any handle of this
-/// caller lives; marks the caller's actor dead when the worker exits.
-fn watch_actor(
-    core: &Arc<Core>,
-    node: String,
-    worker_id: WorkerId,
-    caller: std::sync::Weak<Caller>,
-) {
+/// Watches a location's worker through its node while the location is in
+/// use; marks it dead when the worker exits.
+fn watch_worker(core: &Arc<Core>, location: &Arc<Location>) {
     let core2 = Arc::clone(core);
+    let node = location.node.clone();
+    let worker_id = location.worker.worker_id;
+    let location = Arc::downgrade(location);
     core.handle.spawn(async move {
         let watch = NodeRequest::WatchWorker {
             worker_id,
             wait_ms: 20_000,
         };
         loop {
-            if caller.strong_count() == 0 {
+            if location.strong_count() == 0 {
                 return;
             }
             let alive = match core2.node(&node).await {
@@ -259,8 +411,8 @@ fn watch_actor(
                 Err(_) => false,
             };
             if !alive {
-                if let Some(caller) = caller.upgrade() {
-                    caller.dead.cancel();
+                if let Some(location) = location.upgrade() {
+                    location.dead.cancel();
                 }
                 return;
             }
@@ -277,6 +429,8 @@ pub struct ActorOptions {
     pub(crate) name: Option<String>,
     pub(crate) namespace: String,
     pub(crate) detached: bool,
+    pub(crate) max_restarts: u32,
+    pub(crate) max_task_retries: u32,
 }
 
 impl Default for ActorOptions {
@@ -296,6 +450,8 @@ impl ActorOptions {
             name: None,
             namespace: DEFAULT_NAMESPACE.to_string(),
             detached: false,
+            max_restarts: 0,
+            max_task_retries: 0,
         }
     }
 
@@ -343,6 +499,22 @@ impl ActorOptions {
         self.max_pending_calls = Some(n);
         self
     }
+
+    /// Times the actor is restarted (its constructor run again in a new
+    /// worker, a new incarnation) when its worker or node dies. Default 0:
+    /// the actor dies with its worker.
+    pub fn max_restarts(mut self, n: u32) -> Self {
+        self.max_restarts = n;
+        self
+    }
+
+    /// Times a call in flight when the actor's worker died is sent again to
+    /// the restarted actor (so it may run twice). Default 0: such calls fail
+    /// with [`Error::ActorDied`].
+    pub fn max_task_retries(mut self, n: u32) -> Self {
+        self.max_task_retries = n;
+        self
+    }
 }
 
 /// Creates an actor of `A` with constructor arguments `args`.
@@ -376,9 +548,10 @@ async fn create_raw(
     let resources = options.resources;
     let actor_id = ActorId::random();
     let task_id = TaskId::fresh();
-    // Kept until the constructor has run: its stored arguments must not be
-    // freed before the worker reads them.
-    let (args, _keep_alive) = core
+    // Kept until the constructor has run (its stored arguments must not be
+    // freed before the worker reads them), or for the actor's life when it
+    // may run the constructor again.
+    let (args, keep_args) = core
         .resolve_args(&class, task_id, args)
         .await
         .map_err(Error::from_failure)?;
@@ -418,18 +591,28 @@ async fn create_raw(
     let node_address = node_address(&node);
     let lease_id = lease.lease_id;
     let node_id = lease.node_id;
+    let restartable = options.max_restarts > 0;
     // Until it is registered, dropping this ends the worker: a failed
     // creation leaves nothing behind.
+    let (keep_args, ctor_args) = if restartable {
+        (Vec::new(), keep_args)
+    } else {
+        (keep_args, Vec::new())
+    };
     let lifetime = Arc::new(Lifetime {
+        actor_id,
         escaped: false.into(),
+        registered: false.into(),
         lease: Some((lease, node_address.clone())),
+        _ctor_args: Mutex::new(ctor_args),
     });
     let client = core.worker(&worker.address).await?;
     let create = WorkerRequest::CreateActor {
         actor_id,
         class: class.clone(),
-        args,
+        args: args.clone(),
         max_concurrency,
+        incarnation: 0,
     };
     let pid = match client.call(&create, Duration::from_secs(600)).await? {
         WorkerReply::ActorCreated { failure: None, pid } => pid,
@@ -442,6 +625,7 @@ async fn create_raw(
             )))
         }
     };
+    drop(keep_args);
     let info = shoal_proto::ActorInfo {
         actor_id,
         class: class.clone(),
@@ -456,10 +640,27 @@ async fn create_raw(
         lease_id,
         state: shoal_proto::ActorState::Alive,
         max_pending_calls: options.max_pending_calls,
+        incarnation: 0,
+        max_restarts: options.max_restarts,
+        num_restarts: 0,
+        max_task_retries: options.max_task_retries,
+    };
+    let spec = shoal_proto::head::ActorSpec {
+        // Only a restartable actor's spec is kept.
+        args: if restartable { args } else { Vec::new() },
+        max_concurrency,
+        resources,
+        owner: core.me.worker_id,
     };
     match core
         .head
-        .call(&HeadRequest::RegisterActor(info), Duration::from_secs(30))
+        .call(
+            &HeadRequest::RegisterActor {
+                info: info.clone(),
+                spec,
+            },
+            Duration::from_secs(30),
+        )
         .await
     {
         Ok(_) => {}
@@ -470,16 +671,10 @@ async fn create_raw(
         }
         Err(e) => return Err(e.into()),
     }
+    lifetime.registered.store(true, Ordering::Relaxed);
     // A detached actor is not ended by its creator's handles.
     lifetime.escaped.store(detached, Ordering::Relaxed);
-    let wire = WireActor {
-        actor_id,
-        class,
-        worker,
-        node: node_address,
-        max_pending_calls: options.max_pending_calls,
-    };
-    Ok(RawActor::new(core, wire, lifetime))
+    Ok(RawActor::new(core, WireActor::from_info(info), lifetime))
 }
 
 /// The actor named `name` in `namespace`, checked to be of class `A`.
@@ -513,48 +708,58 @@ pub(crate) fn get_named<A: Actor>(name: &str, namespace: &str) -> Result<ActorHa
             A::CLASS
         )));
     }
-    let wire = WireActor {
-        actor_id: info.actor_id,
-        class: info.class,
-        worker: info.worker,
-        node: info.node_address,
-        max_pending_calls: info.max_pending_calls,
+    Ok(ActorHandle::new(RawActor::borrowed(WireActor::from_info(
+        info,
+    ))))
+}
+
+/// Asks the head to end the actor (`no_restart`) or only its worker, then
+/// stops the worker through its node.
+async fn stop_actor(core: &Arc<Core>, actor_id: ActorId, no_restart: bool) -> Result<()> {
+    let info = match core
+        .head
+        .call(
+            &HeadRequest::KillActor {
+                actor_id,
+                no_restart,
+            },
+            Duration::from_secs(30),
+        )
+        .await?
+    {
+        HeadReply::Actor(info) => info,
+        other => return Err(Error::Protocol(format!("{other:?} in answer to KillActor"))),
     };
-    Ok(ActorHandle::new(RawActor::borrowed(wire)))
+    let node = core.node(&info.node_address).await?;
+    node.call(
+        &NodeRequest::KillWorker {
+            worker_id: info.worker.worker_id,
+        },
+        Duration::from_secs(10),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Ends the actor for good (its creator's last handle is gone).
+async fn end_actor(core: &Arc<Core>, actor_id: ActorId) -> Result<()> {
+    stop_actor(core, actor_id, true).await
 }
 
 /// Ends an actor now: the head forgets it (its name is free again) and its
-/// node stops its worker. Calls in flight and later get `Error::ActorDied`.
-pub(crate) fn kill(raw: &RawActor) -> Result<()> {
+/// node stops its worker; calls in flight and later get `Error::ActorDied`.
+/// Without `no_restart`, only its worker is stopped: an actor with restarts
+/// left comes back, as after a crash.
+pub(crate) fn kill(raw: &RawActor, no_restart: bool) -> Result<()> {
     let core = crate::ensure_core();
     let core2 = Arc::clone(&core);
     let actor_id = raw.actor_id;
-    let info = core.block_on(async move {
-        match core2
-            .head
-            .call(
-                &HeadRequest::KillActor { actor_id },
-                Duration::from_secs(30),
-            )
-            .await?
-        {
-            HeadReply::Actor(info) => Ok(info),
-            other => Err(Error::Protocol(format!("{other:?} in answer to KillActor"))),
-        }
-    })?;
-    raw.caller.dead.cancel();
-    let core2 = Arc::clone(&core);
-    core.block_on(async move {
-        let node = core2.node(&info.node_address).await?;
-        node.call(
-            &NodeRequest::KillWorker {
-                worker_id: info.worker.worker_id,
-            },
-            Duration::from_secs(10),
-        )
-        .await?;
-        Ok(())
-    })
+    core.block_on(async move { stop_actor(&core2, actor_id, no_restart).await })?;
+    if no_restart {
+        raw.caller.gone.cancel();
+    }
+    raw.caller.location().dead.cancel();
+    Ok(())
 }
 
 fn node_address(node: &crate::core::NodeClient) -> String {
@@ -580,7 +785,7 @@ pub(crate) fn call<T>(raw: &RawActor, method: &'static str, args: Vec<ArgValue>)
         core.complete_object(id, ObjState::Failed(f));
         ObjectRef::adopt(id, core.me.clone())
     };
-    if raw.caller.dead.is_cancelled() {
+    if raw.caller.known_dead() {
         return refused(
             FailureKind::ActorDied,
             format!("actor {}: its worker has exited", raw.actor_id),
@@ -609,10 +814,18 @@ pub(crate) fn call<T>(raw: &RawActor, method: &'static str, args: Vec<ArgValue>)
     ObjectRef::adopt(id, core.me.clone())
 }
 
+/// How one attempt of a call ended.
+enum Sent {
+    /// The actor answered (or the call failed for good).
+    Done(ObjState),
+    /// The actor's worker died with the call in flight: it may be resent.
+    Lost(String),
+}
+
 async fn call_raw(
     core: &Arc<Core>,
     raw: &RawActor,
-    seq: u64,
+    mut seq: u64,
     task_id: TaskId,
     method: &'static str,
     args: Vec<ArgValue>,
@@ -624,7 +837,7 @@ async fn call_raw(
         Ok((args, keep)) => (Some(args), None, keep),
         Err(f) => (None, Some(f), Vec::new()),
     };
-    let died = |message: String| {
+    let died = |message: String, attempts: u32| {
         ObjState::Failed(TaskFailure {
             kind: FailureKind::ActorDied,
             function: raw.class.clone(),
@@ -632,28 +845,75 @@ async fn call_raw(
             node_id: None,
             message: format!("actor {}: {message}", raw.actor_id),
             backtrace: None,
-            attempts: 1,
+            attempts,
         })
     };
-    let client = match core.worker(&raw.worker.address).await {
-        Ok(c) => c,
-        Err(e) => {
-            // Later calls must not wait for this one to be sent.
-            raw.caller.wait_turn(seq).await;
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let sent = send_call(core, raw, seq, task_id, method, &args).await;
+        if let Some(f) = failed {
+            return ObjState::Failed(f);
+        }
+        match sent {
+            Sent::Done(state) => return state,
+            Sent::Lost(message) => {
+                if attempt > raw.caller.max_task_retries || raw.caller.max_restarts == 0 {
+                    return died(message, attempt);
+                }
+                // Sent again after the calls made meanwhile.
+                tracing::debug!(actor_id = %raw.actor_id, %function, %message, "resending a call lost with the actor's worker");
+                seq = raw.caller.seq.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+/// Sends one attempt of a call in its turn, and waits for the answer.
+async fn send_call(
+    core: &Arc<Core>,
+    raw: &RawActor,
+    seq: u64,
+    task_id: TaskId,
+    method: &'static str,
+    args: &Option<Vec<ArgSpec>>,
+) -> Sent {
+    raw.caller.wait_turn(seq).await;
+    // Later calls must not wait for this one whatever happens: each path
+    // below passes the turn once the request is out (or cannot go).
+    let location = match raw.current(core).await {
+        Ok(location) => location,
+        Err(message) => {
             raw.caller.pass_turn(seq);
-            return died(format!("its worker is unreachable ({e})"));
+            return Sent::Done(ObjState::Failed(TaskFailure {
+                kind: FailureKind::ActorDied,
+                function: raw.class.clone(),
+                task_id,
+                node_id: None,
+                message: format!("actor {}: {message}", raw.actor_id),
+                backtrace: None,
+                attempts: 1,
+            }));
         }
     };
-    // Sent even when an argument failed, so the actor moves past `seq`.
+    let client = match core.worker(&location.worker.address).await {
+        Ok(c) => c,
+        Err(e) => {
+            location.dead.cancel();
+            raw.caller.pass_turn(seq);
+            return Sent::Lost(format!("its worker is unreachable ({e})"));
+        }
+    };
+    // Sent even when an argument failed, so the actor moves past this call.
     let request = WorkerRequest::ActorCall(ActorCall {
         actor_id: raw.actor_id,
-        caller: raw.caller.id,
-        seq,
+        caller: location.caller_id,
+        incarnation: location.incarnation,
+        seq: location.next_seq.fetch_add(1, Ordering::SeqCst),
         task_id,
         method: method.to_string(),
-        args,
+        args: args.clone(),
     });
-    raw.caller.wait_turn(seq).await;
     let in_flight = client.send(&request, CALL_TIMEOUT).await;
     raw.caller.pass_turn(seq);
     let reply = match in_flight {
@@ -661,32 +921,36 @@ async fn call_raw(
             reply = in_flight.reply() => reply,
             // The node saw the worker exit: no need to wait for the
             // connection to time out.
-            _ = raw.caller.dead.cancelled() => Err(shoal_net::RpcError::Stream("the actor's worker exited".into())),
+            _ = location.dead.cancelled() => Err(shoal_net::RpcError::Stream("the actor's worker exited".into())),
         },
         Err(e) => Err(e),
     };
-    if let Some(f) = failed {
-        return ObjState::Failed(f);
-    }
     match reply {
-        Ok(WorkerReply::TaskDone(reply)) => match reply.outcome {
+        Ok(WorkerReply::TaskDone(reply)) => Sent::Done(match reply.outcome {
             TaskOutcome::Inline(bytes) => ObjState::Inline(Arc::new(bytes)),
             TaskOutcome::Stored(at) => ObjState::Stored(at),
             TaskOutcome::Failed(f) => ObjState::Failed(f),
-        },
-        Ok(other) => died(format!("its worker answered {other:?}")),
+        }),
+        Ok(other) => Sent::Lost(format!("its worker answered {other:?}")),
         Err(shoal_net::RpcError::Service(e))
             if e.kind == shoal_proto::ServiceErrorKind::NotFound =>
         {
-            died(e.message)
+            location.dead.cancel();
+            Sent::Lost(e.message)
         }
-        Err(e) => died(format!("the call was lost ({e})")),
+        Err(e) => {
+            if e.is_connection_lost() {
+                location.dead.cancel();
+            }
+            Sent::Lost(format!("the call was lost ({e})"))
+        }
     }
 }
 
 /// An actor hosted by this worker.
 pub(crate) struct Hosted {
     class: &'static ActorClass,
+    incarnation: u32,
     state: Arc<RwLock<ActorState>>,
     permits: Arc<Semaphore>,
     /// Per caller: the next sequence number allowed to start.
@@ -725,7 +989,7 @@ impl Host {
         actor_id: ActorId,
         class_name: &str,
         args: Vec<ArgSpec>,
-        max_concurrency: u32,
+        (max_concurrency, incarnation): (u32, u32),
         executor: Executor,
     ) -> Option<TaskFailure> {
         let fail = |kind, message| {
@@ -771,6 +1035,7 @@ impl Host {
         };
         let hosted = Hosted {
             class,
+            incarnation,
             state: Arc::new(RwLock::new(state)),
             permits: Arc::new(Semaphore::new(max_concurrency.max(1) as usize)),
             callers: Mutex::new(HashMap::new()),
@@ -790,10 +1055,14 @@ impl Host {
             .actors
             .get(&call.actor_id)
             .map(|h| Arc::clone(&h))
+            .filter(|h| h.incarnation == call.incarnation)
             .ok_or_else(|| {
                 shoal_proto::ServiceError::new(
                     shoal_proto::ServiceErrorKind::NotFound,
-                    format!("actor {} is not hosted here", call.actor_id),
+                    format!(
+                        "actor {} (incarnation {}) is not hosted here",
+                        call.actor_id, call.incarnation
+                    ),
                 )
             })?;
         let function = format!("{}::{}", hosted.class.name, call.method);

@@ -1108,11 +1108,19 @@ impl Service for WorkerService {
                 class,
                 args,
                 max_concurrency,
+                incarnation,
             } => {
                 let executor = self.executor()?;
                 let failure = on_core(&core, move |core| async move {
                     core.actors
-                        .create(&core, actor_id, &class, args, max_concurrency, executor)
+                        .create(
+                            &core,
+                            actor_id,
+                            &class,
+                            args,
+                            (max_concurrency, incarnation),
+                            executor,
+                        )
                         .await
                 })
                 .await?;

@@ -88,12 +88,13 @@ pub fn get_actor<A: Actor>(name: &str, namespace: &str) -> Result<ActorHandle<A>
     actor::get_named(name, namespace)
 }
 
-/// Ends an actor now; calls in flight and later fail with
-/// [`Error::ActorDied`]. Its name is free again. (`no_restart` will matter
-/// once actors restart; today no actor is restarted.)
+/// Ends an actor's worker now; calls in flight fail with
+/// [`Error::ActorDied`]. With `no_restart` (or no restarts left) the actor
+/// is dead for good: later calls fail the same way and its name is free
+/// again. Otherwise it restarts as after a crash, and later calls go to the
+/// new incarnation.
 pub fn kill<A: Actor>(actor: &ActorHandle<A>, no_restart: bool) -> Result<()> {
-    let _ = no_restart;
-    actor::kill(actor.as_raw())
+    actor::kill(actor.as_raw(), no_restart)
 }
 
 /// Where the calling code runs.

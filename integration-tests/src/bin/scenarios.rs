@@ -452,6 +452,64 @@ fn main() -> shoal::Result<()> {
                 "in_flight": format!("{during:?}"),
             }));
         }
+        "actor-restart" => {
+            let sigkill = |pid: u32| {
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                )
+                .expect("kill the actor's worker")
+            };
+            // One restart, no call retries: the call in flight dies, later
+            // calls reach the new incarnation (its constructor re-run).
+            let recorder = Recorder::options().max_restarts(1).remote(1)?;
+            recorder.record(0, 0).get()?;
+            let first_pid = recorder.pid().get()?;
+            let in_flight = recorder.nap(30_000);
+            let _ = recorder
+                .record(0, 1)
+                .get_timeout(Duration::from_millis(300));
+            sigkill(first_pid);
+            let during = in_flight.get();
+            let second_pid = recorder.pid().get();
+            let orders_after = recorder.orders().get();
+            // No restarts left: the next death is final.
+            let second_pid_value = *second_pid.as_ref().unwrap_or(&0);
+            if second_pid_value != 0 {
+                sigkill(second_pid_value);
+            }
+            let after_last = recorder.pid().get();
+            // A call in flight is resent to the new incarnation when
+            // max_task_retries allows.
+            let retried = Recorder::options()
+                .max_restarts(1)
+                .max_task_retries(1)
+                .remote(1)?;
+            let retried_pid = retried.pid().get()?;
+            let resent = retried.nap(1500);
+            let _ = retried.record(0, 0).get_timeout(Duration::from_millis(300));
+            sigkill(retried_pid);
+            let resent = resent.get();
+            let retried_new_pid = retried.pid().get();
+            // kill without no_restart restarts the actor, as a crash does.
+            let killed = Recorder::options().max_restarts(1).remote(1)?;
+            let killed_pid = killed.pid().get()?;
+            shoal::kill(&killed, false)?;
+            let killed_new_pid = killed.pid().get();
+            shoal::kill(&killed, true)?;
+            let killed_for_good = killed.pid().get();
+            result(json!({
+                "in_flight_died": matches!(during, Err(Error::ActorDied { .. })),
+                "restarted_with_new_pid": matches!(second_pid, Ok(p) if p != first_pid),
+                "state_is_new": matches!(&orders_after, Ok(o) if o.is_empty()),
+                "died_after_last_restart": matches!(after_last, Err(Error::ActorDied { .. })),
+                "resent_call": format!("{resent:?}"),
+                "resent_on_new_pid": matches!(retried_new_pid, Ok(p) if p != retried_pid),
+                "kill_restarts": matches!(killed_new_pid, Ok(p) if p != killed_pid),
+                "kill_no_restart_final": matches!(killed_for_good, Err(Error::ActorDied { .. })),
+                "debug": format!("{second_pid:?} {orders_after:?} {after_last:?} {killed_new_pid:?}"),
+            }));
+        }
         "detached-create" => {
             let name = arg(1);
             let recorder = Recorder::options()
