@@ -517,11 +517,36 @@ impl ActorOptions {
     }
 }
 
+/// Longest actor name or namespace, in bytes.
+pub const NAME_BYTES_MAX: usize = 256;
+
+impl ActorOptions {
+    /// Refuses names the head would refuse, before any work is done.
+    fn check(&self) -> Result<()> {
+        let bad = |what: &str, value: &str| {
+            Error::InvalidOptions(format!(
+                "an actor {what} must be 1 to {NAME_BYTES_MAX} bytes (got {} bytes)",
+                value.len()
+            ))
+        };
+        if let Some(name) = &self.name {
+            if name.is_empty() || name.len() > NAME_BYTES_MAX {
+                return Err(bad("name", name));
+            }
+        }
+        if self.namespace.is_empty() || self.namespace.len() > NAME_BYTES_MAX {
+            return Err(bad("namespace", &self.namespace));
+        }
+        Ok(())
+    }
+}
+
 /// Creates an actor of `A` with constructor arguments `args`.
 pub(crate) fn create<A: Actor>(
     options: ActorOptions,
     args: Vec<ArgValue>,
 ) -> Result<ActorHandle<A>> {
+    options.check()?;
     let core = crate::ensure_core();
     let class = A::CLASS.to_string();
     let has_async = registry::actor_class(&class).is_some_and(|c| {
@@ -1222,5 +1247,28 @@ async fn blocking(
     match joined {
         Ok(result) => result,
         Err(e) => Err((format!("the method's thread failed: {e}"), String::new())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_namespaces_past_the_limit_are_refused_before_any_work() {
+        let at_limit = "n".repeat(NAME_BYTES_MAX);
+        assert!(ActorOptions::new().name(at_limit.clone()).check().is_ok());
+        assert!(ActorOptions::new().namespace(at_limit).check().is_ok());
+        let long = "n".repeat(NAME_BYTES_MAX + 1);
+        for options in [
+            ActorOptions::new().name(long.clone()),
+            ActorOptions::new().namespace(long),
+            ActorOptions::new().name(""),
+        ] {
+            assert!(
+                matches!(options.check(), Err(Error::InvalidOptions(ref m)) if m.contains("bytes")),
+                "{options:?}"
+            );
+        }
     }
 }

@@ -139,6 +139,9 @@ pub enum Error {
     /// A local-cluster verb named something that does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// Options that cannot be used, and why.
+    #[error("invalid options: {0}")]
+    InvalidOptions(String),
 }
 
 impl Error {
