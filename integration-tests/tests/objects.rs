@@ -1,4 +1,4 @@
-//! Objects: freeing, and a full store.
+//! Objects: freeing, spilling, zero-copy reads, and a full store.
 
 use std::time::Duration;
 
@@ -34,8 +34,48 @@ fn a_thousand_rounds_of_put_and_drop_keep_the_store_flat() {
 }
 
 #[test]
-fn a_full_store_refuses_put_with_a_typed_error_and_keeps_serving() {
+fn three_times_the_store_in_live_objects_spills_and_reads_back_identical() {
     let cluster = ProcessCluster::three_process_with(&["--object-store-memory", STORE]);
+    let out = result_of(&run_driver(
+        &sibling_bin("scenarios"),
+        &["spill", "30", "10"],
+        &cluster.driver_env(),
+        Duration::from_secs(600),
+    ));
+    assert_eq!(out["kept"], 30, "{out}");
+    assert_eq!(out["identical"], 30, "{out}");
+}
+
+#[test]
+fn a_large_buffer_read_on_its_node_is_mapped_not_copied() {
+    let cluster = ProcessCluster::three_process();
+    for env in [cluster.driver_env(), vec![]] {
+        let out = result_of(&run_driver(
+            &sibling_bin("scenarios"),
+            &["zero-copy", "200"],
+            &env,
+            Duration::from_secs(300),
+        ));
+        assert_eq!(out["mapped"], true, "{out}");
+        assert_eq!(out["len"], 200 << 20, "{out}");
+        assert_eq!(out["identical"], true, "{out}");
+        let growth = out["anon_growth_kib"].as_u64().expect("growth");
+        assert!(
+            growth < 50 << 10,
+            "reading 200 MiB grew private memory by {growth} KiB: {out}"
+        );
+    }
+}
+
+#[test]
+fn a_full_store_refuses_put_with_a_typed_error_and_keeps_serving() {
+    // No spilling: the store itself must fill.
+    let cluster = ProcessCluster::three_process_with(&[
+        "--object-store-memory",
+        STORE,
+        "--object-spill-bytes",
+        "0",
+    ]);
     let out = result_of(&run_driver(
         &sibling_bin("scenarios"),
         &["fill", "10"],

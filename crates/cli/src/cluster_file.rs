@@ -58,6 +58,8 @@ pub struct HeadSection {
     pub resources: BTreeMap<String, f64>,
     /// The head node's object store capacity in bytes.
     pub object_store_bytes: Option<u64>,
+    /// The head node's limit of bytes spilled to disk.
+    pub object_spill_bytes: Option<u64>,
 }
 
 /// A `[[nodes]]` entry.
@@ -66,6 +68,8 @@ pub struct HeadSection {
 pub struct NodeSection {
     /// Object store capacity in bytes.
     pub object_store_bytes: Option<u64>,
+    /// Most bytes spilled to disk.
+    pub object_spill_bytes: Option<u64>,
     /// The IP to bind and advertise.
     pub node_ip: Option<IpAddr>,
     /// CPUs offered.

@@ -56,8 +56,13 @@ pub struct StartArgs {
     #[arg(long, value_name = "BYTES")]
     memory: Option<u64>,
     /// Object store capacity of this node, in bytes (default: 30% of memory).
+    /// Above 80% of it, objects spill to disk.
     #[arg(long, value_name = "BYTES")]
     object_store_memory: Option<u64>,
+    /// Most bytes this node spills to disk (default: while the disk stays
+    /// under 95% full). Past it, `put` fails with ObjectStoreFull.
+    #[arg(long, value_name = "BYTES")]
+    object_spill_bytes: Option<u64>,
     /// Custom resources this node offers, as JSON: '{"GPU": 1, "disk": 2}'.
     #[arg(long, value_name = "JSON", value_parser = parse_resources)]
     resources: Option<BTreeMap<String, f64>>,
@@ -128,6 +133,7 @@ fn node_settings(args: &StartArgs, section: NodeSection, file: &ClusterFile) -> 
         num_cpus: args.num_cpus.or(section.num_cpus),
         memory_bytes: args.memory.or(section.memory_bytes),
         object_store_bytes: args.object_store_memory.or(section.object_store_bytes),
+        object_spill_bytes: args.object_spill_bytes.or(section.object_spill_bytes),
         resources,
         limits: file.limits.clone(),
         ..NodeConfig::default()
@@ -203,6 +209,7 @@ fn run_head(args: &StartArgs, file: &ClusterFile) -> Result<()> {
         memory_bytes: file.head.memory_bytes,
         resources: file.head.resources.clone(),
         object_store_bytes: file.head.object_store_bytes,
+        object_spill_bytes: file.head.object_spill_bytes,
     };
     let mut node_config = node_settings(args, head_section, file);
     node_config.is_head_node = true;

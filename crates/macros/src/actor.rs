@@ -209,7 +209,7 @@ fn codegen(a: ActorImpl) -> TokenStream {
         let (func, variant) = match (m.receiver, m.is_async) {
             (Receiver::Ref, false) => (
                 quote! {
-                    fn #invoke(__state: &::shoal::__private::ActorState, __args: ::std::vec::Vec<::std::vec::Vec<u8>>) -> ::shoal::registry::Invocation {
+                    fn #invoke(__state: &::shoal::__private::ActorState, __args: ::shoal::__private::Args) -> ::shoal::registry::Invocation {
                         let this = __state.downcast_ref::<#ty>().ok_or_else(|| #wrong)?;
                         #decode
                         let __out = #call;
@@ -220,7 +220,7 @@ fn codegen(a: ActorImpl) -> TokenStream {
             ),
             (Receiver::Mut, false) => (
                 quote! {
-                    fn #invoke(__state: &mut ::shoal::__private::ActorState, __args: ::std::vec::Vec<::std::vec::Vec<u8>>) -> ::shoal::registry::Invocation {
+                    fn #invoke(__state: &mut ::shoal::__private::ActorState, __args: ::shoal::__private::Args) -> ::shoal::registry::Invocation {
                         let this = __state.downcast_mut::<#ty>().ok_or_else(|| #wrong)?;
                         #decode
                         let __out = #call;
@@ -231,7 +231,7 @@ fn codegen(a: ActorImpl) -> TokenStream {
             ),
             (Receiver::Ref, true) => (
                 quote! {
-                    fn #invoke(__guard: ::shoal::__private::ReadGuard, __args: ::std::vec::Vec<::std::vec::Vec<u8>>) -> ::shoal::__private::BoxFuture<::shoal::registry::Invocation> {
+                    fn #invoke(__guard: ::shoal::__private::ReadGuard, __args: ::shoal::__private::Args) -> ::shoal::__private::BoxFuture<::shoal::registry::Invocation> {
                         ::std::boxed::Box::pin(async move {
                             let this = __guard.downcast_ref::<#ty>().ok_or_else(|| #wrong)?;
                             #decode
@@ -244,7 +244,7 @@ fn codegen(a: ActorImpl) -> TokenStream {
             ),
             (Receiver::Mut, true) => (
                 quote! {
-                    fn #invoke(mut __guard: ::shoal::__private::WriteGuard, __args: ::std::vec::Vec<::std::vec::Vec<u8>>) -> ::shoal::__private::BoxFuture<::shoal::registry::Invocation> {
+                    fn #invoke(mut __guard: ::shoal::__private::WriteGuard, __args: ::shoal::__private::Args) -> ::shoal::__private::BoxFuture<::shoal::registry::Invocation> {
                         ::std::boxed::Box::pin(async move {
                             let this = __guard.downcast_mut::<#ty>().ok_or_else(|| #wrong)?;
                             #decode
@@ -342,7 +342,7 @@ fn codegen(a: ActorImpl) -> TokenStream {
 
         #[allow(non_snake_case, clippy::all)]
         const _: () = {
-            fn __construct(__args: ::std::vec::Vec<::std::vec::Vec<u8>>) -> ::core::result::Result<::shoal::__private::ActorState, ::shoal::__private::InvokeError> {
+            fn __construct(__args: ::shoal::__private::Args) -> ::core::result::Result<::shoal::__private::ActorState, ::shoal::__private::InvokeError> {
                 #ctor_decode
                 ::core::result::Result::Ok(::std::boxed::Box::new(<#ty>::new(#(#ctor_vars),*)))
             }

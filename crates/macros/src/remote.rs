@@ -228,7 +228,7 @@ fn codegen(f: RemoteFn) -> TokenStream {
     };
     let invoker = if is_async {
         quote! {
-            fn __invoke(__args: ::std::vec::Vec<::std::vec::Vec<u8>>) -> ::shoal::__private::BoxFuture<::core::result::Result<::std::vec::Vec<u8>, ::shoal::__private::InvokeError>> {
+            fn __invoke(__args: ::shoal::__private::Args) -> ::shoal::__private::BoxFuture<::core::result::Result<::std::vec::Vec<u8>, ::shoal::__private::InvokeError>> {
                 ::std::boxed::Box::pin(async move {
                     #decode
                     let __out = #call;
@@ -239,7 +239,7 @@ fn codegen(f: RemoteFn) -> TokenStream {
         }
     } else {
         quote! {
-            fn __invoke(__args: ::std::vec::Vec<::std::vec::Vec<u8>>) -> ::core::result::Result<::std::vec::Vec<u8>, ::shoal::__private::InvokeError> {
+            fn __invoke(__args: ::shoal::__private::Args) -> ::core::result::Result<::std::vec::Vec<u8>, ::shoal::__private::InvokeError> {
                 #decode
                 let __out = #call;
                 #finish

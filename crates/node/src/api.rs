@@ -56,6 +56,7 @@ fn store_error(e: StoreError) -> ServiceError {
         StoreError::Full { .. } => ServiceErrorKind::Unavailable,
         StoreError::BadPart { .. } => ServiceErrorKind::BadRequest,
         StoreError::NotFound(_) => ServiceErrorKind::NotFound,
+        StoreError::Io { .. } => ServiceErrorKind::Internal,
     };
     ServiceError::new(kind, e.to_string())
 }
@@ -73,6 +74,7 @@ impl Service for NodeService {
                 pid: std::process::id(),
                 resources_total: self.resources.clone(),
                 resources_available: self.pool.available(),
+                store_dir: self.store().dir().display().to_string(),
             }),
             NodeRequest::GrantWorker {
                 lease_id,
@@ -125,16 +127,28 @@ impl Service for NodeService {
                 Ok(NodeReply::ObjectWritten { sealed })
             }
             NodeRequest::ReadObject { id, offset, len } => {
-                let object = self.store().get(id).map_err(store_error)?;
-                let start = usize::try_from(offset)
-                    .unwrap_or(usize::MAX)
-                    .min(object.len());
-                let end = start
-                    .saturating_add(len.min(OBJECT_CHUNK_MAX) as usize)
-                    .min(object.len());
-                Ok(NodeReply::ObjectChunk {
-                    total: object.len() as u64,
-                    data: object[start..end].to_vec(),
+                let (data, total) = self
+                    .store()
+                    .read(id, offset, u64::from(len.min(OBJECT_CHUNK_MAX)))
+                    .map_err(store_error)?;
+                Ok(NodeReply::ObjectChunk { total, data })
+            }
+            NodeRequest::CreateObject { id, total } => {
+                let path = self.store().create(id, total).map_err(store_error)?;
+                Ok(NodeReply::ObjectFile {
+                    path: path.display().to_string(),
+                    size: total,
+                })
+            }
+            NodeRequest::SealObject { id } => {
+                self.store().seal(id).map_err(store_error)?;
+                Ok(NodeReply::Ok)
+            }
+            NodeRequest::OpenObject { id } => {
+                let (path, size) = self.store().open(id).map_err(store_error)?;
+                Ok(NodeReply::ObjectFile {
+                    path: path.display().to_string(),
+                    size,
                 })
             }
             NodeRequest::DeleteObjects { ids } => {

@@ -55,6 +55,9 @@ pub struct NodeConfig {
     pub session_dir: Option<std::path::PathBuf>,
     /// Object store capacity in bytes; 30% of memory when unset.
     pub object_store_bytes: Option<u64>,
+    /// Most bytes spilled to disk; when unset, spilling goes on while the
+    /// disk stays under 95% full.
+    pub object_spill_bytes: Option<u64>,
     /// Idle workers are stopped after this long.
     #[serde(with = "humantime_serde")]
     pub worker_idle_timeout: Duration,
@@ -79,6 +82,7 @@ impl Default for NodeConfig {
             head_request_timeout: defaults::HEAD_REQUEST_TIMEOUT,
             session_dir: None,
             object_store_bytes: None,
+            object_spill_bytes: None,
             worker_idle_timeout: defaults::WORKER_IDLE_TIMEOUT,
             worker_start_timeout: defaults::WORKER_START_TIMEOUT,
             limits: NetLimits::default(),

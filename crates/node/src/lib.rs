@@ -62,6 +62,9 @@ pub enum NodeError {
     /// A configured resource is invalid.
     #[error(transparent)]
     Resource(#[from] shoal_proto::resources::InvalidResource),
+    /// The object store's directories could not be made.
+    #[error("cannot set up the object store: {0}")]
+    ObjectStore(#[from] object_store::StoreError),
 }
 
 /// A view of a running node daemon, for its embedder and tests.
@@ -228,7 +231,13 @@ impl Node {
             let memory = machine::detect_memory_bytes().unwrap_or(4 << 30) as f64;
             (memory * config::defaults::OBJECT_STORE_MEMORY_SHARE) as u64
         });
-        let store = Arc::new(Mutex::new(ObjectStore::new(store_bytes)));
+        let store = ObjectStore::new(
+            &object_store::default_root(&session_dir),
+            &session_dir.join("spill"),
+            store_bytes,
+            config.object_spill_bytes,
+        )?;
+        let store = Arc::new(Mutex::new(store));
         let handle = NodeHandle {
             node_id: rx,
             local_addr,

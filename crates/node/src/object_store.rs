@@ -1,11 +1,26 @@
-//! The node's store of large objects: written in parts, immutable once
-//! sealed, bounded in bytes. (Shared memory, spilling and eviction come with
-//! the object-plane work; today objects live in this process's heap.)
+//! The node's store of large objects: one file per object in shared memory
+//! (a tmpfs directory, `/dev/shm` when the machine has it), immutable once
+//! sealed, bounded in bytes, spilling to disk when nearly full.
+//!
+//! Writers on this host create the file through the store and fill it
+//! themselves (one copy); peers elsewhere write it in parts over the
+//! network. Readers on this host map the sealed file (no copy, see the SDK's
+//! `shm` module); peers read it in parts. Above [`SPILL_AT`] of capacity the
+//! least recently used sealed objects move to the spill directory on disk
+//! and come back when read. The store's directory is removed when the store
+//! is dropped, and directories left by daemons that died are removed when
+//! the next store starts.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 
 use shoal_proto::ObjectId;
+
+/// Share of capacity above which objects spill to disk.
+pub const SPILL_AT: f64 = 0.8;
 
 /// Why the store refused a request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -31,35 +46,201 @@ pub enum StoreError {
     /// The object is not here (or not sealed yet).
     #[error("object {0} is not in this node's store")]
     NotFound(ObjectId),
+    /// The file system failed.
+    #[error("object store file error on {what}: {message}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        message: String,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
+    let what = what.into();
+    move |e| StoreError::Io {
+        what,
+        message: e.to_string(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Being written: `written` bytes so far (parts), or by a local writer.
+    Writing { written: u64 },
+    /// Sealed, in shared memory.
+    InMemory,
+    /// Sealed, moved to the spill directory.
+    Spilled,
 }
 
 #[derive(Debug)]
 struct Entry {
-    data: Vec<u8>,
     total: u64,
-    sealed: Option<Arc<Vec<u8>>>,
+    state: State,
+    /// For least-recently-used spilling.
+    last_used: u64,
+}
+
+/// An object as `shoal list objects` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectListing {
+    /// The object.
+    pub id: ObjectId,
+    /// Its size.
+    pub size: u64,
+    /// On disk rather than in memory.
+    pub spilled: bool,
 }
 
 /// The store.
 #[derive(Debug)]
 pub struct ObjectStore {
+    dir: PathBuf,
+    spill_dir: PathBuf,
     objects: HashMap<ObjectId, Entry>,
+    /// Bytes in shared memory (partial objects reserved whole).
     used: u64,
+    spilled: u64,
     max: u64,
+    /// Most bytes spilled (else: while the disk stays under 95% full).
+    spill_max: Option<u64>,
+    clock: u64,
+}
+
+/// Prefix of store directories, followed by the daemon's process id.
+const DIR_PREFIX: &str = "shoal-objects-";
+
+/// Where stores live: the shared-memory file system when there is one.
+pub fn default_root(fallback: &Path) -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        fallback.to_path_buf()
+    }
 }
 
 impl ObjectStore {
-    /// An empty store of `max` bytes.
-    pub fn new(max: u64) -> Self {
-        Self {
+    /// An empty store of `max` bytes with its files in a new directory
+    /// under `root` and spilled objects under `spill_root`.
+    pub fn new(
+        root: &Path,
+        spill_root: &Path,
+        max: u64,
+        spill_max: Option<u64>,
+    ) -> Result<Self, StoreError> {
+        remove_orphans(root);
+        let tag = format!("{DIR_PREFIX}{}-{:08x}", std::process::id(), rand_tag());
+        let dir = root.join(&tag);
+        let spill_dir = spill_root.join(&tag);
+        std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+        std::fs::create_dir_all(&spill_dir)
+            .map_err(io(format!("creating {}", spill_dir.display())))?;
+        Ok(Self {
+            dir,
+            spill_dir,
             objects: HashMap::new(),
             used: 0,
+            spilled: 0,
             max,
+            spill_max,
+            clock: 0,
+        })
+    }
+
+    /// The directory holding the objects' files.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn path(&self, id: ObjectId) -> PathBuf {
+        self.dir.join(id.to_string())
+    }
+
+    fn spill_path(&self, id: ObjectId) -> PathBuf {
+        self.spill_dir.join(id.to_string())
+    }
+
+    fn touch(&mut self, id: ObjectId) {
+        self.clock += 1;
+        let clock = self.clock;
+        if let Some(entry) = self.objects.get_mut(&id) {
+            entry.last_used = clock;
         }
     }
 
-    /// Writes a part. The whole size is reserved at the first part, so
-    /// concurrent writers cannot overcommit. Returns true once sealed.
+    /// Starts an object of `total` bytes whose file a writer on this host
+    /// fills; returns its path. [`ObjectStore::seal`] makes it readable.
+    pub fn create(&mut self, id: ObjectId, total: u64) -> Result<PathBuf, StoreError> {
+        if total == 0 {
+            return Err(StoreError::BadPart {
+                id,
+                reason: "an object in the store cannot be empty".into(),
+            });
+        }
+        if let Some(entry) = self.objects.get(&id) {
+            return match entry.state {
+                State::Writing { .. } if entry.total == total => Ok(self.path(id)),
+                State::Writing { .. } => Err(StoreError::BadPart {
+                    id,
+                    reason: format!("size changed from {} to {total}", entry.total),
+                }),
+                _ => Err(StoreError::BadPart {
+                    id,
+                    reason: "already sealed".into(),
+                }),
+            };
+        }
+        self.reserve(id, total)?;
+        let path = self.path(id);
+        let made = File::create(&path).and_then(|f| f.set_len(total));
+        if let Err(e) = made {
+            self.used -= total;
+            let _ = std::fs::remove_file(&path);
+            return Err(io(format!("creating {}", path.display()))(e));
+        }
+        self.objects.insert(
+            id,
+            Entry {
+                total,
+                state: State::Writing { written: 0 },
+                last_used: 0,
+            },
+        );
+        self.touch(id);
+        Ok(path)
+    }
+
+    /// Seals an object a local writer filled.
+    pub fn seal(&mut self, id: ObjectId) -> Result<(), StoreError> {
+        let path = self.path(id);
+        let entry = self.objects.get_mut(&id).ok_or(StoreError::NotFound(id))?;
+        if entry.state != (State::Writing { written: 0 }) {
+            return match entry.state {
+                State::Writing { .. } => Err(StoreError::BadPart {
+                    id,
+                    reason: "written in parts: sealed by its last part".into(),
+                }),
+                _ => Ok(()),
+            };
+        }
+        let len = std::fs::metadata(&path)
+            .map_err(io(format!("checking {}", path.display())))?
+            .len();
+        if len != entry.total {
+            return Err(StoreError::BadPart {
+                id,
+                reason: format!("the file has {len} bytes, not {}", entry.total),
+            });
+        }
+        entry.state = State::InMemory;
+        Ok(())
+    }
+
+    /// Writes a part (a writer elsewhere). The whole size is reserved at the
+    /// first part, so concurrent writers cannot overcommit. Returns true
+    /// once sealed.
     pub fn put(
         &mut self,
         id: ObjectId,
@@ -72,62 +253,76 @@ impl ObjectStore {
             if offset != 0 {
                 return Err(bad(format!("first part must start at 0, not {offset}")));
             }
-            self.reserve(total)?;
-            let capacity = usize::try_from(total).map_err(|_| bad("too large".into()))?;
-            self.objects.insert(
-                id,
-                Entry {
-                    data: Vec::with_capacity(capacity),
-                    total,
-                    sealed: None,
-                },
-            );
+            self.create(id, total)?;
         }
+        let path = self.path(id);
         let entry = self.objects.get_mut(&id).ok_or(StoreError::NotFound(id))?;
-        if entry.sealed.is_some() {
+        let written = match entry.state {
+            State::Writing { written } => written,
             // A retried write of an object already sealed: immutable, done.
-            return Ok(true);
-        }
+            State::InMemory | State::Spilled => return Ok(true),
+        };
         if entry.total != total {
             return Err(bad(format!("size changed from {} to {total}", entry.total)));
         }
-        if offset != entry.data.len() as u64 {
-            return Err(bad(format!(
-                "expected offset {}, got {offset}",
-                entry.data.len()
-            )));
+        if offset != written {
+            return Err(bad(format!("expected offset {written}, got {offset}")));
         }
         if offset + data.len() as u64 > total {
             return Err(bad(format!("part ends past the size {total}")));
         }
-        entry.data.extend_from_slice(data);
-        if entry.data.len() as u64 == total {
-            entry.sealed = Some(Arc::new(std::mem::take(&mut entry.data)));
-            return Ok(true);
-        }
-        Ok(false)
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(io(format!("opening {}", path.display())))?;
+        file.write_all_at(data, offset)
+            .map_err(io(format!("writing {}", path.display())))?;
+        let written = offset + data.len() as u64;
+        entry.state = if written == total {
+            State::InMemory
+        } else {
+            State::Writing { written }
+        };
+        Ok(written == total)
     }
 
     /// Stores a whole object at once.
-    pub fn put_whole(&mut self, id: ObjectId, data: Vec<u8>) -> Result<(), StoreError> {
-        if self.objects.get(&id).is_some_and(|e| e.sealed.is_some()) {
+    pub fn put_whole(&mut self, id: ObjectId, data: &[u8]) -> Result<(), StoreError> {
+        if self.objects.contains_key(&id) {
             return Ok(());
         }
-        let total = data.len() as u64;
-        self.reserve(total)?;
-        self.objects.insert(
-            id,
-            Entry {
-                data: Vec::new(),
-                total,
-                sealed: Some(Arc::new(data)),
-            },
-        );
-        Ok(())
+        let path = self.create(id, data.len() as u64)?;
+        let written = File::create(&path).and_then(|mut f| f.write_all(data));
+        if let Err(e) = written {
+            self.delete(&[id]);
+            return Err(io(format!("writing {}", path.display()))(e));
+        }
+        self.seal(id)
     }
 
-    /// Counts `bytes` as used, if they fit.
-    fn reserve(&mut self, bytes: u64) -> Result<(), StoreError> {
+    /// Makes room for `bytes`: spills the least recently used sealed objects
+    /// while the store would pass [`SPILL_AT`], then counts them as used if
+    /// they fit.
+    fn reserve(&mut self, keep: ObjectId, bytes: u64) -> Result<(), StoreError> {
+        let threshold = (self.max as f64 * SPILL_AT) as u64;
+        if self.used.saturating_add(bytes) > threshold {
+            let mut candidates: Vec<(u64, ObjectId)> = self
+                .objects
+                .iter()
+                .filter(|(id, e)| e.state == State::InMemory && **id != keep)
+                .map(|(id, e)| (e.last_used, *id))
+                .collect();
+            candidates.sort_unstable();
+            for (_, id) in candidates {
+                if self.used.saturating_add(bytes) <= threshold {
+                    break;
+                }
+                if let Err(e) = self.spill(id) {
+                    // A smaller object may still fit where this one did not.
+                    tracing::debug!(%id, error = %e, "could not spill an object to disk");
+                }
+            }
+        }
         if self.used.saturating_add(bytes) > self.max {
             return Err(StoreError::Full {
                 used: self.used,
@@ -139,26 +334,118 @@ impl ObjectStore {
         Ok(())
     }
 
-    /// A sealed object.
-    pub fn get(&self, id: ObjectId) -> Result<Arc<Vec<u8>>, StoreError> {
-        self.objects
-            .get(&id)
-            .and_then(|e| e.sealed.clone())
-            .ok_or(StoreError::NotFound(id))
+    fn spill(&mut self, id: ObjectId) -> Result<(), StoreError> {
+        let total = self.objects.get(&id).map_or(0, |e| e.total);
+        let room = match self.spill_max {
+            Some(max) => self.spilled.saturating_add(total) <= max,
+            None => disk_has_room(&self.spill_dir, total),
+        };
+        if !room {
+            return Err(StoreError::Io {
+                what: "spilling".into(),
+                message: "no room left for spilled objects".into(),
+            });
+        }
+        let (from, to) = (self.path(id), self.spill_path(id));
+        // Readers that mapped the file keep their mapping; the memory goes
+        // when they unmap it.
+        std::fs::copy(&from, &to).map_err(io(format!("spilling {}", from.display())))?;
+        std::fs::remove_file(&from).map_err(io(format!("removing {}", from.display())))?;
+        if let Some(entry) = self.objects.get_mut(&id) {
+            entry.state = State::Spilled;
+            self.used -= entry.total;
+            self.spilled += entry.total;
+        }
+        tracing::debug!(%id, "object spilled to disk");
+        Ok(())
+    }
+
+    fn restore(&mut self, id: ObjectId) -> Result<(), StoreError> {
+        let total = self.objects.get(&id).ok_or(StoreError::NotFound(id))?.total;
+        self.reserve(id, total)?;
+        let (from, to) = (self.spill_path(id), self.path(id));
+        if let Err(e) = std::fs::copy(&from, &to) {
+            self.used -= total;
+            let _ = std::fs::remove_file(&to);
+            return Err(io(format!("restoring {}", from.display()))(e));
+        }
+        let _ = std::fs::remove_file(&from);
+        if let Some(entry) = self.objects.get_mut(&id) {
+            entry.state = State::InMemory;
+            self.spilled -= total;
+        }
+        tracing::debug!(%id, "object restored from disk");
+        Ok(())
+    }
+
+    /// The path of a sealed object's file in shared memory (restored first
+    /// if it was spilled), and its size.
+    pub fn open(&mut self, id: ObjectId) -> Result<(PathBuf, u64), StoreError> {
+        let entry = self.objects.get(&id).ok_or(StoreError::NotFound(id))?;
+        let total = entry.total;
+        match entry.state {
+            State::Writing { .. } => return Err(StoreError::NotFound(id)),
+            State::Spilled => self.restore(id)?,
+            State::InMemory => {}
+        }
+        self.touch(id);
+        Ok((self.path(id), total))
+    }
+
+    /// Reads up to `len` bytes of a sealed object from `offset`; returns
+    /// them and the object's size.
+    pub fn read(
+        &mut self,
+        id: ObjectId,
+        offset: u64,
+        len: u64,
+    ) -> Result<(Vec<u8>, u64), StoreError> {
+        let (path, total) = self.open(id)?;
+        let start = offset.min(total);
+        let end = start.saturating_add(len).min(total);
+        let mut data = vec![0u8; (end - start) as usize];
+        File::open(&path)
+            .and_then(|f| f.read_exact_at(&mut data, start))
+            .map_err(io(format!("reading {}", path.display())))?;
+        Ok((data, total))
     }
 
     /// Frees objects; unknown ids are ignored.
     pub fn delete(&mut self, ids: &[ObjectId]) {
         for id in ids {
             if let Some(entry) = self.objects.remove(id) {
-                self.used -= entry.total;
+                if entry.state == State::Spilled {
+                    self.spilled -= entry.total;
+                    let _ = std::fs::remove_file(self.spill_path(*id));
+                } else {
+                    self.used -= entry.total;
+                    let _ = std::fs::remove_file(self.path(*id));
+                }
             }
         }
     }
 
-    /// Bytes in use (reserved by partial objects included).
+    /// Bytes in shared memory (reserved by partial objects included).
     pub fn used(&self) -> u64 {
         self.used
+    }
+
+    /// Bytes spilled to disk.
+    pub fn spilled(&self) -> u64 {
+        self.spilled
+    }
+
+    /// Every object held.
+    pub fn list(&self) -> Vec<ObjectListing> {
+        self.objects
+            .iter()
+            .filter(|(_, e)| !matches!(e.state, State::Writing { .. }))
+            .map(|(id, e)| ObjectListing {
+                id: *id,
+                size: e.total,
+                spilled: e.state == State::Spilled,
+            })
+            .collect()
     }
 
     /// Objects held.
@@ -172,19 +459,85 @@ impl ObjectStore {
     }
 }
 
+impl Drop for ObjectStore {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.spill_dir);
+    }
+}
+
+/// True if `bytes` more keep the file system holding `dir` under 95% full.
+fn disk_has_room(dir: &Path, bytes: u64) -> bool {
+    let Ok(fs) = nix::sys::statvfs::statvfs(dir) else {
+        return false;
+    };
+    let block = fs.fragment_size().max(1);
+    let total = fs.blocks() * block;
+    let free = fs.blocks_available() * block;
+    let used_after = total.saturating_sub(free).saturating_add(bytes);
+    (used_after as f64) <= total as f64 * 0.95
+}
+
+fn rand_tag() -> u32 {
+    let mut b = [0u8; 4];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).ok();
+    u32::from_le_bytes(b)
+}
+
+/// Removes store directories under `root` whose daemon is no longer running
+/// (killed before it could remove its own).
+fn remove_orphans(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(DIR_PREFIX)) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        let alive = matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Ok(()) | Err(nix::errno::Errno::EPERM)
+        );
+        if !alive {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use shoal_proto::TaskId;
 
+    fn store(max: u64) -> (tempfile::TempDir, ObjectStore) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = ObjectStore::new(
+            &dir.path().join("shm"),
+            &dir.path().join("spill"),
+            max,
+            None,
+        )
+        .expect("store");
+        (dir, s)
+    }
+
+    fn read_all(s: &mut ObjectStore, id: ObjectId) -> Vec<u8> {
+        s.read(id, 0, u64::MAX).expect("readable").0
+    }
+
     #[test]
     fn parts_seal_and_read_back() {
-        let mut s = ObjectStore::new(100);
+        let (_d, mut s) = store(100);
         let id = TaskId::fresh().return_object(0);
         assert_eq!(s.put(id, 0, 10, b"hello"), Ok(false));
-        assert!(s.get(id).is_err(), "unsealed objects are not readable");
+        assert!(s.open(id).is_err(), "unsealed objects are not readable");
         assert_eq!(s.put(id, 5, 10, b"world"), Ok(true));
-        assert_eq!(s.get(id).expect("sealed").as_slice(), b"helloworld");
+        assert_eq!(read_all(&mut s, id), b"helloworld");
+        assert_eq!(s.read(id, 5, 3).expect("part").0, b"wor");
         assert_eq!(
             s.put(id, 0, 10, b"again"),
             Ok(true),
@@ -194,11 +547,30 @@ mod tests {
         s.delete(&[id]);
         assert_eq!(s.used(), 0);
         assert!(s.is_empty());
+        assert_eq!(std::fs::read_dir(s.dir()).expect("dir").count(), 0);
+    }
+
+    #[test]
+    fn a_local_writer_fills_the_file_and_seals_it() {
+        let (_d, mut s) = store(100);
+        let id = TaskId::fresh().return_object(0);
+        let path = s.create(id, 4).expect("created");
+        assert!(matches!(s.open(id), Err(StoreError::NotFound(_))));
+        std::fs::write(&path, b"abcd").expect("written");
+        s.seal(id).expect("sealed");
+        assert_eq!(read_all(&mut s, id), b"abcd");
+        let other = TaskId::fresh().return_object(0);
+        let path = s.create(other, 8).expect("created");
+        std::fs::write(&path, b"too long!").expect("written");
+        assert!(
+            matches!(s.seal(other), Err(StoreError::BadPart { .. })),
+            "a file of the wrong size is refused"
+        );
     }
 
     #[test]
     fn bad_parts_and_overflow_are_refused() {
-        let mut s = ObjectStore::new(16);
+        let (_d, mut s) = store(16);
         let id = TaskId::fresh().return_object(0);
         assert!(matches!(
             s.put(id, 3, 8, b"x"),
@@ -207,6 +579,10 @@ mod tests {
         assert!(matches!(
             s.put(id, 0, 32, b"x"),
             Err(StoreError::Full { .. })
+        ));
+        assert!(matches!(
+            s.put(id, 0, 0, b""),
+            Err(StoreError::BadPart { .. })
         ));
         assert_eq!(s.put(id, 0, 8, b"abcd"), Ok(false));
         assert!(matches!(
@@ -223,9 +599,68 @@ mod tests {
         ));
         let other = TaskId::fresh().return_object(0);
         assert!(
-            matches!(s.put_whole(other, vec![0; 9]), Err(StoreError::Full { .. })),
-            "8 reserved"
+            matches!(s.put_whole(other, &[0; 9]), Err(StoreError::Full { .. })),
+            "8 reserved, and a partial object cannot spill"
         );
         assert!(s.put(other, 0, u64::MAX, b"x").is_err());
+    }
+
+    #[test]
+    fn objects_spill_past_the_threshold_and_come_back_when_read() {
+        let (_d, mut s) = store(100);
+        let ids: Vec<ObjectId> = (0..10).map(|_| TaskId::fresh().return_object(0)).collect();
+        for (i, id) in ids.iter().enumerate() {
+            s.put_whole(*id, &[i as u8; 30])
+                .expect("room is made by spilling");
+            assert!(s.used() <= 80, "used {} past the spill threshold", s.used());
+        }
+        assert_eq!(s.used() + s.spilled(), 300);
+        assert!(s.list().iter().filter(|o| o.spilled).count() >= 8);
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(read_all(&mut s, *id), vec![i as u8; 30], "object {i}");
+        }
+        s.delete(&ids);
+        assert_eq!((s.used(), s.spilled()), (0, 0));
+    }
+
+    #[test]
+    fn the_directory_goes_with_the_store_and_orphans_are_removed() {
+        let root = tempfile::tempdir().expect("tempdir");
+        // A directory left by a daemon that is not running.
+        let orphan = root.path().join(format!("{DIR_PREFIX}{}-0", i32::MAX));
+        std::fs::create_dir_all(&orphan).expect("orphan");
+        let s = ObjectStore::new(root.path(), &root.path().join("spill"), 10, None).expect("store");
+        assert!(!orphan.exists(), "the orphan was removed");
+        let dir = s.dir().to_path_buf();
+        assert!(dir.exists());
+        drop(s);
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn past_the_spill_limit_the_store_is_full() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = ObjectStore::new(
+            &dir.path().join("shm"),
+            &dir.path().join("spill"),
+            100,
+            Some(30),
+        )
+        .expect("store");
+        let id = |_| TaskId::fresh().return_object(0);
+        let ids: Vec<ObjectId> = (0..4).map(id).collect();
+        s.put_whole(ids[0], &[0; 40]).expect("fits");
+        s.put_whole(ids[1], &[1; 30])
+            .expect("fits, spilling nothing yet");
+        s.put_whole(ids[2], &[2; 31])
+            .expect("the 30-byte object spills (the 40-byte one is past the limit)");
+        assert_eq!((s.used(), s.spilled()), (71, 30));
+        assert!(
+            matches!(s.put_whole(ids[3], &[3; 50]), Err(StoreError::Full { .. })),
+            "nothing more can spill"
+        );
+        s.delete(&[ids[2]]);
+        assert_eq!(read_all(&mut s, ids[1]), vec![1; 30], "restored");
+        assert_eq!((s.used(), s.spilled()), (70, 0));
     }
 }

@@ -79,6 +79,26 @@ pub enum NodeRequest {
         /// Most bytes wanted.
         len: u32,
     },
+    /// A writer on this host starts an object: the node reserves room and
+    /// creates its file in shared memory, which the writer fills and seals
+    /// with [`NodeRequest::SealObject`].
+    CreateObject {
+        /// The object.
+        id: ObjectId,
+        /// Its size in bytes.
+        total: u64,
+    },
+    /// A local writer has filled the object's file.
+    SealObject {
+        /// The object.
+        id: ObjectId,
+    },
+    /// A reader on this host asks for a sealed object's file in shared
+    /// memory (brought back from disk if it was spilled), to map it.
+    OpenObject {
+        /// The object.
+        id: ObjectId,
+    },
     /// Free objects.
     DeleteObjects {
         /// The objects.
@@ -122,6 +142,10 @@ pub enum NodeReply {
         resources_total: ResourceSet,
         /// What it has free.
         resources_available: ResourceSet,
+        /// The directory of its object store's files: a process that sees
+        /// it is on the node's host and may map objects directly.
+        #[serde(default)]
+        store_dir: String,
     },
     /// Whether the watched worker is still running.
     WorkerStatus {
@@ -139,6 +163,13 @@ pub enum NodeReply {
     ObjectWritten {
         /// True once the last part is written.
         sealed: bool,
+    },
+    /// An object's file in shared memory, and its size.
+    ObjectFile {
+        /// The file's path on the node's host.
+        path: String,
+        /// The object's size.
+        size: u64,
     },
     /// Part of an object.
     ObjectChunk {

@@ -195,6 +195,9 @@ pub(crate) struct Core {
     /// The job's driver (this process, for a driver).
     pub(crate) driver: Address,
     pub(crate) home: HomeNode,
+    /// The home node's store directory, when this process is on its host
+    /// (asked once): objects there are written and mapped directly.
+    local_store: tokio::sync::OnceCell<Option<std::path::PathBuf>>,
     pub(crate) binary_hash: String,
     endpoint: shoal_net::quinn::Endpoint,
     client_config: shoal_net::quinn::ClientConfig,
@@ -298,6 +301,7 @@ impl Core {
             driver: setup.driver.unwrap_or_else(|| me.clone()),
             me,
             home,
+            local_store: tokio::sync::OnceCell::new(),
             binary_hash,
             endpoint: ep.clone(),
             client_config,
@@ -740,13 +744,13 @@ impl Core {
             return Err(Error::Timeout(timeout.unwrap_or_default()));
         };
         let bytes = match state {
-            ObjState::Inline(bytes) => bytes,
-            ObjState::Stored(at) => Arc::new(self.fetch_stored(id, &at).await?),
+            ObjState::Inline(bytes) => crate::shm::Blob::Owned(bytes),
+            ObjState::Stored(at) => self.fetch_stored(id, &at).await?,
             ObjState::Failed(f) => return Err(Error::from_failure(f)),
             ObjState::Lost(reason) => return Err(Error::ObjectLost { id, reason }),
             ObjState::Pending => return Err(Error::Timeout(timeout.unwrap_or_default())),
         };
-        exec::decode(&bytes).map_err(|message| Error::Decode {
+        crate::shm::decode(&bytes).map_err(|message| Error::Decode {
             what: format!("object {id} as {}", std::any::type_name::<T>()),
             message,
         })
@@ -792,8 +796,61 @@ impl Core {
             .is_some_and(|s| !matches!(s.state(), ObjState::Pending))
     }
 
-    /// Reads a large object from the node that stores it.
-    pub(crate) async fn fetch_stored(&self, id: ObjectId, at: &StoredAt) -> Result<Vec<u8>> {
+    /// The home node's store directory, if this process is on its host.
+    async fn local_store(&self) -> Option<&std::path::PathBuf> {
+        self.local_store
+            .get_or_init(|| async {
+                let node = self.node(&self.home.address).await.ok()?;
+                match node.call(&NodeRequest::GetNodeInfo, CONTROL_TIMEOUT).await {
+                    Ok(NodeReply::NodeInfo { store_dir, .. }) if !store_dir.is_empty() => {
+                        let dir = std::path::PathBuf::from(store_dir);
+                        dir.is_dir().then_some(dir)
+                    }
+                    _ => None,
+                }
+            })
+            .await
+            .as_ref()
+    }
+
+    /// Maps a large object stored on this process's home node, on its host.
+    async fn map_local(&self, id: ObjectId, at: &StoredAt) -> Option<crate::shm::Blob> {
+        if at.node_id != self.home.node_id {
+            return None;
+        }
+        self.local_store().await?;
+        let node = self.node(&self.home.address).await.ok()?;
+        let (path, size) = match node
+            .call(&NodeRequest::OpenObject { id }, CONTROL_TIMEOUT)
+            .await
+        {
+            Ok(NodeReply::ObjectFile { path, size }) => (path, size),
+            _ => return None,
+        };
+        match crate::shm::Mapping::open(std::path::Path::new(&path), size) {
+            Ok(mapping) => Some(crate::shm::Blob::Mapped(mapping)),
+            Err(e) => {
+                tracing::debug!(%id, error = %e, "cannot map the object; reading it over the network");
+                None
+            }
+        }
+    }
+
+    /// A large object's bytes: mapped when it is on this process's home
+    /// node, otherwise read from the node that stores it.
+    pub(crate) async fn fetch_stored(
+        &self,
+        id: ObjectId,
+        at: &StoredAt,
+    ) -> Result<crate::shm::Blob> {
+        if let Some(mapped) = self.map_local(id, at).await {
+            return Ok(mapped);
+        }
+        self.read_stored(id, at).await.map(crate::shm::Blob::from)
+    }
+
+    /// Reads a large object from the node that stores it, in parts.
+    async fn read_stored(&self, id: ObjectId, at: &StoredAt) -> Result<Vec<u8>> {
         let lost = |reason: String| Error::ObjectLost { id, reason };
         let node = self
             .node(&at.node_address)
@@ -824,10 +881,57 @@ impl Core {
         Ok(bytes)
     }
 
-    /// Writes a large object into this process's home node store.
+    /// Writes a large object into this process's home node store: into its
+    /// file directly on the node's host, else in parts over the network.
     pub(crate) async fn store_on_node(&self, id: ObjectId, bytes: &[u8]) -> Result<StoredAt> {
         let node = self.node(&self.home.address).await?;
         let total = bytes.len() as u64;
+        let stored = StoredAt {
+            node_id: self.home.node_id,
+            node_address: self.home.address.clone(),
+            size: total,
+        };
+        if self.local_store().await.is_some() {
+            let mut full_since = None;
+            loop {
+                let create = NodeRequest::CreateObject { id, total };
+                match node.call(&create, CONTROL_TIMEOUT).await {
+                    Ok(NodeReply::ObjectFile { path, .. }) => {
+                        let written = std::fs::OpenOptions::new()
+                            .write(true)
+                            .open(&path)
+                            .and_then(|mut f| std::io::Write::write_all(&mut f, bytes));
+                        if let Err(e) = written {
+                            return Err(Error::Protocol(format!(
+                                "writing object {id} to {path}: {e}"
+                            )));
+                        }
+                        node.call(&NodeRequest::SealObject { id }, CONTROL_TIMEOUT)
+                            .await?;
+                        return Ok(stored);
+                    }
+                    Err(shoal_net::RpcError::Service(e))
+                        if e.kind == ServiceErrorKind::Unavailable =>
+                    {
+                        // Freed objects are deleted asynchronously: wait a
+                        // little for room before giving up.
+                        if full_since
+                            .get_or_insert_with(std::time::Instant::now)
+                            .elapsed()
+                            < STORE_FULL_WAIT
+                        {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue;
+                        }
+                        return Err(Error::ObjectStoreFull(e.message));
+                    }
+                    Ok(other) => {
+                        return Err(Error::Protocol(format!("creating object {id}: {other:?}")))
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
         let mut offset = 0usize;
         let mut full_since = None;
         loop {
@@ -861,11 +965,7 @@ impl Core {
                 Err(e) => return Err(e.into()),
             }
         }
-        Ok(StoredAt {
-            node_id: self.home.node_id,
-            node_address: self.home.address.clone(),
-            size: total,
-        })
+        Ok(stored)
     }
 
     fn delete_stored(&self, id: ObjectId, at: StoredAt) {
@@ -915,11 +1015,11 @@ impl Core {
     }
 
     /// The bytes of task arguments, stored ones fetched from their nodes.
-    pub(crate) async fn fetch_args(&self, args: &[ArgSpec]) -> Result<Vec<Vec<u8>>> {
+    pub(crate) async fn fetch_args(&self, args: &[ArgSpec]) -> Result<crate::shm::Args> {
         let mut out = Vec::with_capacity(args.len());
         for arg in args {
             match arg {
-                ArgSpec::Inline(bytes) => out.push(bytes.clone()),
+                ArgSpec::Inline(bytes) => out.push(crate::shm::Blob::from(bytes.clone())),
                 ArgSpec::Stored { id, at } => out.push(self.fetch_stored(*id, at).await?),
             }
         }

@@ -49,7 +49,7 @@ impl InvokeError {
 
 /// Decodes argument `index` (called by the `#[remote]` expansion).
 pub fn decode_arg<T: DeserializeOwned>(
-    bytes: Option<Vec<u8>>,
+    bytes: Option<crate::shm::Blob>,
     index: usize,
     name: &str,
 ) -> Result<T, InvokeError> {
@@ -57,7 +57,7 @@ pub fn decode_arg<T: DeserializeOwned>(
         kind: FailureKind::BadArguments,
         message: format!("argument {index} (`{name}`) is missing"),
     })?;
-    decode(&bytes).map_err(|e| InvokeError {
+    crate::shm::decode(&bytes).map_err(|e| InvokeError {
         kind: FailureKind::BadArguments,
         message: format!("argument {index} (`{name}`) does not decode as its parameter type: {e}"),
     })
@@ -111,7 +111,7 @@ pub(crate) fn take_panic() -> (String, String) {
 /// Runs `spec`'s function on `args` (already fetched), catching panics.
 pub(crate) async fn invoke(
     spec: &TaskSpec,
-    args: Vec<Vec<u8>>,
+    args: crate::shm::Args,
     executor: crate::core::Executor,
 ) -> Result<Vec<u8>, TaskFailure> {
     let node_id = executor.node_id;

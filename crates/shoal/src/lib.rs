@@ -55,6 +55,7 @@ pub mod local;
 pub mod object_ref;
 mod options;
 pub mod registry;
+mod shm;
 mod worker;
 
 use std::sync::Arc;
@@ -72,6 +73,7 @@ pub use error::{Error, Result, TaskError};
 pub use local::{LocalCluster, LocalConfig};
 pub use object_ref::{Arg, ObjectRef};
 pub use options::TaskOptions;
+pub use shm::{Buffer, Number};
 pub use shoal_macros::{actor, main, remote};
 pub use shoal_proto::{
     ClusterStatus, JobId, NodeId, NodeState, NodeStatus, ObjectId, ResourceSet, TaskId, WorkerId,
@@ -351,6 +353,7 @@ pub mod __private {
     pub use crate::exec::{decode_arg, encode_return, InvokeError};
     pub use crate::object_ref::ArgValue;
     pub use crate::registry::{BoxFuture, Invoker, Registered, RemoteFunction};
+    pub use crate::shm::{Args, Blob};
     pub use crate::worker::run_worker_if_worker;
     pub use inventory;
 

@@ -20,9 +20,9 @@ pub type Invocation = Result<Vec<u8>, InvokeError>;
 /// Calls the function with encoded arguments and encodes its result.
 pub enum Invoker {
     /// A plain `fn`: runs on a blocking thread.
-    Sync(fn(Vec<Vec<u8>>) -> Invocation),
+    Sync(fn(crate::shm::Args) -> Invocation),
     /// An `async fn`: runs on the worker's runtime.
-    Async(fn(Vec<Vec<u8>>) -> BoxFuture<Invocation>),
+    Async(fn(crate::shm::Args) -> BoxFuture<Invocation>),
 }
 
 /// A registered remote function.
@@ -78,13 +78,13 @@ pub type WriteGuard = tokio::sync::OwnedRwLockWriteGuard<ActorState>;
 /// How to call one actor method: by receiver and asyncness.
 pub enum MethodInvoker {
     /// `fn m(&self, ..)`: may run on several threads at once.
-    Ref(fn(&ActorState, Vec<Vec<u8>>) -> Invocation),
+    Ref(fn(&ActorState, crate::shm::Args) -> Invocation),
     /// `fn m(&mut self, ..)`: runs alone.
-    Mut(fn(&mut ActorState, Vec<Vec<u8>>) -> Invocation),
+    Mut(fn(&mut ActorState, crate::shm::Args) -> Invocation),
     /// `async fn m(&self, ..)`: interleaves with other such calls.
-    AsyncRef(fn(ReadGuard, Vec<Vec<u8>>) -> BoxFuture<Invocation>),
+    AsyncRef(fn(ReadGuard, crate::shm::Args) -> BoxFuture<Invocation>),
     /// `async fn m(&mut self, ..)`: runs alone.
-    AsyncMut(fn(WriteGuard, Vec<Vec<u8>>) -> BoxFuture<Invocation>),
+    AsyncMut(fn(WriteGuard, crate::shm::Args) -> BoxFuture<Invocation>),
 }
 
 /// A registered actor class: its constructor and methods.
@@ -92,7 +92,7 @@ pub struct ActorClass {
     /// `module_path!()` and the type's name.
     pub name: &'static str,
     /// Runs the constructor on encoded arguments.
-    pub construct: fn(Vec<Vec<u8>>) -> Result<ActorState, InvokeError>,
+    pub construct: fn(crate::shm::Args) -> Result<ActorState, InvokeError>,
     /// The methods, by name.
     pub methods: &'static [(&'static str, MethodInvoker)],
 }

@@ -169,7 +169,7 @@ fn get_with_a_deadline_times_out_with_a_typed_error() {
 #[test]
 fn an_unknown_function_is_function_not_found() {
     shoal();
-    fn never_called(_: Vec<Vec<u8>>) -> shoal::registry::Invocation {
+    fn never_called(_: shoal::__private::Args) -> shoal::registry::Invocation {
         unreachable!("an unregistered function is never invoked")
     }
     // Not submitted to the registry: the worker must refuse it, not guess.

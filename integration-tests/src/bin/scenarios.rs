@@ -199,6 +199,16 @@ impl Relay {
     }
 }
 
+/// This process's private (anonymous) resident memory, in KiB.
+fn rss_anon_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
 fn result(value: serde_json::Value) {
     println!("RESULT {value}");
 }
@@ -340,6 +350,48 @@ fn main() -> shoal::Result<()> {
                 drop(object);
             }
             result(json!({"rounds": rounds, "seconds": start.elapsed().as_secs_f64()}));
+        }
+        "spill" => {
+            // Keeps `count` objects of `mb` MiB, each with its own bytes,
+            // then reads every one back.
+            let count: u32 = arg(1).parse().unwrap_or(30);
+            let mb: usize = arg(2).parse().unwrap_or(10);
+            let pattern = |i: u32| -> Vec<u8> {
+                (0..mb << 20)
+                    .map(|j| (j as u32).wrapping_mul(31).wrapping_add(i) as u8)
+                    .collect()
+            };
+            let mut kept = Vec::new();
+            for i in 0..count {
+                kept.push(shoal::put(shoal::Buffer::from_vec(pattern(i)))?);
+            }
+            let mut identical = 0;
+            for (i, object) in kept.iter().enumerate() {
+                if *object.get()? == *pattern(i as u32) {
+                    identical += 1;
+                }
+            }
+            result(json!({"kept": kept.len(), "identical": identical}));
+        }
+        "zero-copy" => {
+            // A large buffer read back on its own node maps the object: the
+            // reader's private memory does not grow by its size.
+            let mb: usize = arg(1).parse().unwrap_or(200);
+            let bytes: Vec<u8> = (0..mb << 20).map(|j| (j % 251) as u8).collect();
+            let sum: u64 = bytes.iter().map(|b| u64::from(*b)).sum();
+            let object = shoal::put(shoal::Buffer::from_vec(bytes))?;
+            let before = rss_anon_kib();
+            let buffer = object.get()?;
+            let after_get = rss_anon_kib();
+            let read_sum: u64 = buffer.iter().map(|b| u64::from(*b)).sum();
+            let after_read = rss_anon_kib();
+            result(json!({
+                "mapped": buffer.is_mapped(),
+                "len": buffer.len(),
+                "identical": read_sum == sum,
+                "anon_growth_kib": after_read.saturating_sub(before),
+                "anon_growth_at_get_kib": after_get.saturating_sub(before),
+            }));
         }
         "fill" => {
             // Keeps every object: the store must refuse, with a typed error.
