@@ -59,6 +59,39 @@ fn a_50_mb_object_made_on_one_node_is_used_on_the_other() {
     assert_eq!(out["used_on"], node_id_offering(&cluster, "user"));
 }
 
+#[test]
+fn a_1_gb_object_is_pulled_once_for_8_readers_on_the_other_node() {
+    let cluster = ProcessCluster::three_process();
+    let mut env = cluster.driver_env();
+    env.push((
+        "SHOAL_BIN",
+        shoal_integration_tests::shoal_bin().display().to_string(),
+    ));
+    let out = scenario(&env, &["transfer", "1024", "8"]);
+    assert_eq!(out["readers"], 8, "{out}");
+    assert_eq!(out["identical"], true, "checksums: {out}");
+    assert_eq!(out["mapped"], true, "readers map the pulled copy: {out}");
+    assert_eq!(out["driver_copy_identical"], true, "{out}");
+    let user = node_id_offering(&cluster, "user");
+    assert_eq!(out["read_on"], serde_json::json!([user]), "{out}");
+    assert_eq!(
+        out["listed_copies"], 2,
+        "the head's directory lists the primary and the pulled copy: {out}"
+    );
+    // The 8 readers shared one pull (reported with the next heartbeat).
+    let pulled = poll_until(Duration::from_secs(10), "the pull to be reported", || {
+        let status = cluster.status();
+        let node = status["nodes"]
+            .as_array()?
+            .iter()
+            .find(|n| n["node_id"] == user.as_str())?
+            .clone();
+        let pulled = node["objects_pulled"].as_u64()?;
+        (pulled > 0).then_some(pulled)
+    });
+    assert_eq!(pulled, 1, "one pull for 8 readers");
+}
+
 fn check_errors(out: &Value) {
     assert_eq!(out["error_function"], "scenarios::fails");
     assert_eq!(out["error_message"], "boom: the reason");

@@ -42,7 +42,7 @@ enum Command {
     Stop(stop::StopArgs),
     /// Show the cluster's nodes, their states and resources.
     Status(status::StatusArgs),
-    /// List what the cluster runs: `shoal list actors [--json]`.
+    /// List what the cluster holds: `shoal list actors|objects [--json]`.
     List(list::ListArgs),
 }
 

@@ -197,6 +197,7 @@ pub fn to_json(status: &ClusterStatus) -> Value {
                 "resources_available": resources_json(&n.resources_available),
                 "last_heartbeat_ms_ago": n.last_heartbeat_ms_ago,
                 "object_store_used_bytes": n.object_store_used_bytes,
+                "objects_pulled": n.objects_pulled,
                 "object_store_capacity_bytes": n.object_store_capacity_bytes,
             })
         })

@@ -85,6 +85,14 @@ pub fn run(args: StopArgs) -> Result<()> {
     for daemon in &daemons {
         if !daemon.running() {
             let _ = std::fs::remove_file(&daemon.pid_file);
+            // A daemon killed before it could clean up leaves its object
+            // store (shared memory, spill files) behind.
+            if let Some(session) = daemon.pid_file.parent() {
+                shoal_node::object_store::remove_orphans(&session.join("spill"));
+                shoal_node::object_store::remove_orphans(&shoal_node::object_store::default_root(
+                    session,
+                ));
+            }
         }
     }
     if !left.is_empty() {

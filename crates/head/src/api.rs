@@ -32,6 +32,7 @@ struct State {
     scheduler: Scheduler,
     jobs: Jobs,
     actors: Actors,
+    objects: crate::objects::Objects,
     /// Restarts each node is to run, handed over on its next heartbeat.
     restart_orders: HashMap<NodeId, Vec<RestartActor>>,
 }
@@ -149,6 +150,7 @@ impl HeadService {
                 scheduler: Scheduler::new(),
                 jobs: Jobs::default(),
                 actors: Actors::default(),
+                objects: crate::objects::Objects::default(),
                 restart_orders: HashMap::new(),
             }),
             binaries: Mutex::new(Binaries::default()),
@@ -198,6 +200,7 @@ impl HeadService {
     /// A node died or left: its leases are gone, its actors die or restart.
     fn node_gone(&self, state: &mut State, node_id: NodeId) {
         state.scheduler.node_died(node_id);
+        state.objects.node_died(node_id);
         state.restart_orders.remove(&node_id);
         let died = state.actors.node_died(node_id);
         state.actors_died(died);
@@ -381,6 +384,8 @@ impl Service for HeadService {
                 jobs,
                 dead_workers,
                 object_store_used_bytes,
+                object_changes,
+                objects_pulled,
             } => {
                 peer.require(&[Role::Node])?;
                 resources_available
@@ -394,6 +399,11 @@ impl Service for HeadService {
                     Instant::now(),
                 ) {
                     Ok(()) => {
+                        state.membership.set_objects_pulled(node_id, objects_pulled);
+                        state.objects.apply(
+                            node_id,
+                            &object_changes[..object_changes.len().min(100_000)],
+                        );
                         let dead_workers = &dead_workers[..dead_workers.len().min(10_000)];
                         let mut reclaimed = 0;
                         for worker in dead_workers {
@@ -629,6 +639,7 @@ impl Service for HeadService {
                 Ok(HeadReply::Actor(info))
             }
             HeadRequest::ListActors => Ok(HeadReply::Actors(self.state().actors.list())),
+            HeadRequest::ListObjects => Ok(HeadReply::Objects(self.state().objects.list())),
             HeadRequest::FinishJob { job_id } => {
                 peer.require(&[Role::Driver])?;
                 self.finish_job(job_id);

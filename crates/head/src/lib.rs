@@ -27,6 +27,7 @@ pub mod api;
 pub mod config;
 pub mod jobs;
 pub mod membership;
+pub mod objects;
 pub mod scheduler;
 
 use std::net::SocketAddr;

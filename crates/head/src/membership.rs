@@ -24,6 +24,7 @@ struct Entry {
     resources_available: ResourceSet,
     last_heard: Instant,
     store_used: u64,
+    objects_pulled: u64,
 }
 
 /// The node table.
@@ -88,6 +89,7 @@ impl Membership {
             state: NodeState::Alive,
             last_heard: now,
             store_used: 0,
+            objects_pulled: 0,
         };
         self.nodes.insert(id, entry);
         self.order.push(id);
@@ -111,6 +113,13 @@ impl Membership {
                 Ok(())
             }
             _ => Err(Fenced(id)),
+        }
+    }
+
+    /// Records the objects a node has pulled (reported with its heartbeat).
+    pub fn set_objects_pulled(&mut self, id: NodeId, pulled: u64) {
+        if let Some(entry) = self.nodes.get_mut(&id) {
+            entry.objects_pulled = pulled;
         }
     }
 
@@ -187,6 +196,7 @@ impl Membership {
                 resources_total: e.info.resources_total.clone(),
                 resources_available: e.resources_available.clone(),
                 object_store_used_bytes: e.store_used,
+                objects_pulled: e.objects_pulled,
                 object_store_capacity_bytes: e.info.object_store_capacity_bytes,
                 last_heartbeat_ms_ago: u64::try_from(
                     now.saturating_duration_since(e.last_heard).as_millis(),

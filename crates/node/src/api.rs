@@ -21,6 +21,7 @@ pub struct NodeService {
     resources: ResourceSet,
     pool: Arc<WorkerPool>,
     store: Arc<Mutex<ObjectStore>>,
+    transfers: Arc<crate::transfer::Transfers>,
 }
 
 impl NodeService {
@@ -31,6 +32,7 @@ impl NodeService {
         resources: ResourceSet,
         pool: Arc<WorkerPool>,
         store: Arc<Mutex<ObjectStore>>,
+        transfers: Arc<crate::transfer::Transfers>,
     ) -> Self {
         Self {
             node_id,
@@ -38,6 +40,7 @@ impl NodeService {
             resources,
             pool,
             store,
+            transfers,
         }
     }
 
@@ -51,7 +54,7 @@ impl NodeService {
     }
 }
 
-fn store_error(e: StoreError) -> ServiceError {
+pub(crate) fn store_error(e: StoreError) -> ServiceError {
     let kind = match e {
         StoreError::Full { .. } => ServiceErrorKind::Unavailable,
         StoreError::BadPart { .. } => ServiceErrorKind::BadRequest,
@@ -119,10 +122,11 @@ impl Service for NodeService {
                 offset,
                 total,
                 data,
+                owner,
             } => {
                 let sealed = self
                     .store()
-                    .put(id, offset, total, &data)
+                    .put(id, offset, total, &data, owner)
                     .map_err(store_error)?;
                 Ok(NodeReply::ObjectWritten { sealed })
             }
@@ -133,8 +137,8 @@ impl Service for NodeService {
                     .map_err(store_error)?;
                 Ok(NodeReply::ObjectChunk { total, data })
             }
-            NodeRequest::CreateObject { id, total } => {
-                let path = self.store().create(id, total).map_err(store_error)?;
+            NodeRequest::CreateObject { id, total, owner } => {
+                let path = self.store().create(id, total, owner).map_err(store_error)?;
                 Ok(NodeReply::ObjectFile {
                     path: path.display().to_string(),
                     size: total,
@@ -143,6 +147,13 @@ impl Service for NodeService {
             NodeRequest::SealObject { id } => {
                 self.store().seal(id).map_err(store_error)?;
                 Ok(NodeReply::Ok)
+            }
+            NodeRequest::PullObject { id, from } => {
+                let (path, size) = self.transfers.pull(id, from).await?;
+                Ok(NodeReply::ObjectFile {
+                    path: path.display().to_string(),
+                    size,
+                })
             }
             NodeRequest::OpenObject { id } => {
                 let (path, size) = self.store().open(id).map_err(store_error)?;

@@ -39,6 +39,8 @@ pub(crate) struct HeadLink<'a, T: Transport> {
     pub pool: &'a Arc<crate::worker_pool::WorkerPool>,
     pub store: &'a Arc<std::sync::Mutex<crate::object_store::ObjectStore>>,
     pub store_capacity: u64,
+    pub peer_config: &'a watch::Sender<Option<shoal_net::quinn::ClientConfig>>,
+    pub transfers: &'a Arc<crate::transfer::Transfers>,
 }
 
 impl<T: Transport + Clone> HeadLink<'_, T> {
@@ -93,12 +95,15 @@ impl<T: Transport + Clone> HeadLink<'_, T> {
             };
             self.pool.reap_idle();
             let dead_workers = self.pool.take_dead();
+            let object_changes = self.store().take_changes();
             let beat = HeadRequest::Heartbeat {
                 node_id,
                 resources_available: self.pool.available(),
                 jobs: self.pool.jobs(),
                 dead_workers: dead_workers.clone(),
                 object_store_used_bytes: self.store_used(),
+                object_changes: object_changes.clone(),
+                objects_pulled: self.transfers.pulled(),
             };
             let Some(reply) = shutdown
                 .run_until_cancelled(head.call(&beat, self.config.head_request_timeout))
@@ -136,6 +141,7 @@ impl<T: Transport + Clone> HeadLink<'_, T> {
                 Err(e) => {
                     // Report them again with the next heartbeat.
                     self.pool.requeue_dead(dead_workers);
+                    self.store().requeue_changes(object_changes);
                     failures += 1;
                     warn!(error = %e, failures, "heartbeat failed");
                     if e.is_connection_lost() || failures >= FAILURES_BEFORE_RECONNECT {
@@ -153,8 +159,12 @@ impl<T: Transport + Clone> HeadLink<'_, T> {
         self.leave(client).await;
     }
 
+    fn store(&self) -> std::sync::MutexGuard<'_, crate::object_store::ObjectStore> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn store_used(&self) -> u64 {
-        self.store.lock().unwrap_or_else(|e| e.into_inner()).used()
+        self.store().used()
     }
 
     async fn connect(&self) -> Result<HeadClient, String> {
@@ -206,6 +216,16 @@ impl<T: Transport + Clone> HeadLink<'_, T> {
         match server {
             Ok(server) => self.server.set_server_config(Some(server)),
             Err(e) => warn!(error = %e, "the head's certificate is unusable; not serving peers"),
+        }
+        let client = tls::mtls_client_config(&cert, &registered.ca_cert_der)
+            .and_then(|tls| endpoint::client_config(tls, &self.config.limits));
+        match client {
+            Ok(client) => {
+                self.peer_config.send_replace(Some(client));
+            }
+            Err(e) => {
+                warn!(error = %e, "the head's certificate is unusable; not pulling from peers")
+            }
         }
         self.auth.set_node_id(registered.node_id);
         let local_ip = match self.advertised.ip() {

@@ -24,6 +24,7 @@ pub mod config;
 pub mod head_link;
 pub mod machine;
 pub mod object_store;
+pub mod transfer;
 pub mod worker_pool;
 
 use std::net::SocketAddr;
@@ -132,6 +133,10 @@ pub struct Node {
     pool: Arc<WorkerPool>,
     store: Arc<Mutex<ObjectStore>>,
     store_capacity: u64,
+    /// The client configuration toward peer nodes (mutual TLS), once the
+    /// head has issued this node its certificate.
+    peer_config: watch::Sender<Option<shoal_net::quinn::ClientConfig>>,
+    transfers: Arc<transfer::Transfers>,
     /// Worker output on its way to drivers (process workers only).
     logs: Mutex<
         Option<tokio::sync::mpsc::Receiver<(shoal_proto::Address, shoal_proto::worker::LogLine)>>,
@@ -238,6 +243,14 @@ impl Node {
             config.object_spill_bytes,
         )?;
         let store = Arc::new(Mutex::new(store));
+        let peer_config = watch::channel(None).0;
+        let transfers = Arc::new(transfer::Transfers::new(
+            store.clone(),
+            transport.endpoint().clone(),
+            peer_config.subscribe(),
+            token.clone(),
+            config.limits.clone(),
+        ));
         let handle = NodeHandle {
             node_id: rx,
             local_addr,
@@ -255,6 +268,8 @@ impl Node {
             pool,
             store,
             store_capacity: store_bytes,
+            peer_config,
+            transfers,
             logs: Mutex::new(logs),
             _scratch: scratch,
             handle,
@@ -276,6 +291,7 @@ impl Node {
             self.resources.clone(),
             self.pool.clone(),
             self.store.clone(),
+            self.transfers.clone(),
         ));
         let stats = Arc::new(HandshakeStats::default());
         let server = shoal_net::rpc::serve(
@@ -299,6 +315,8 @@ impl Node {
             pool: &self.pool,
             store: &self.store,
             store_capacity: self.store_capacity,
+            peer_config: &self.peer_config,
+            transfers: &self.transfers,
         };
         let logs = self.logs.lock().unwrap_or_else(|e| e.into_inner()).take();
         let forward = async {
@@ -308,6 +326,7 @@ impl Node {
         };
         tokio::join!(server, link.run(shutdown.clone()), forward);
         self.pool.stop_all();
+        self.store.lock().unwrap_or_else(|e| e.into_inner()).close();
         self.transport
             .endpoint()
             .close(shoal_net::close_code::SHUTDOWN.into(), b"node stopping");

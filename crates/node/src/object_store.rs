@@ -17,7 +17,8 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use shoal_proto::ObjectId;
+use shoal_proto::head::ObjectCopyChange as CopyChange;
+use shoal_proto::{ObjectId, WorkerId};
 
 /// Share of capacity above which objects spill to disk.
 pub const SPILL_AT: f64 = 0.8;
@@ -78,8 +79,12 @@ enum State {
 struct Entry {
     total: u64,
     state: State,
-    /// For least-recently-used spilling.
+    /// For least-recently-used eviction and spilling.
     last_used: u64,
+    /// The copy its owner wrote (spilled when room is short), or a copy
+    /// pulled from another node (evicted when room is short).
+    primary: bool,
+    owner: Option<WorkerId>,
 }
 
 /// An object as `shoal list objects` shows it.
@@ -91,6 +96,8 @@ pub struct ObjectListing {
     pub size: u64,
     /// On disk rather than in memory.
     pub spilled: bool,
+    /// The owner's copy (not one pulled from elsewhere).
+    pub primary: bool,
 }
 
 /// The store.
@@ -106,7 +113,13 @@ pub struct ObjectStore {
     /// Most bytes spilled (else: while the disk stays under 95% full).
     spill_max: Option<u64>,
     clock: u64,
+    /// Changes not yet reported to the head.
+    changes: Vec<CopyChange>,
 }
+
+/// Changes kept for the head at most (older ones are dropped; the head's
+/// directory is a hint, readers fall back to the owner's location).
+const CHANGES_MAX: usize = 100_000;
 
 /// Prefix of store directories, followed by the daemon's process id.
 const DIR_PREFIX: &str = "shoal-objects-";
@@ -146,6 +159,7 @@ impl ObjectStore {
             max,
             spill_max,
             clock: 0,
+            changes: Vec::new(),
         })
     }
 
@@ -172,7 +186,28 @@ impl ObjectStore {
 
     /// Starts an object of `total` bytes whose file a writer on this host
     /// fills; returns its path. [`ObjectStore::seal`] makes it readable.
-    pub fn create(&mut self, id: ObjectId, total: u64) -> Result<PathBuf, StoreError> {
+    pub fn create(
+        &mut self,
+        id: ObjectId,
+        total: u64,
+        owner: Option<WorkerId>,
+    ) -> Result<PathBuf, StoreError> {
+        self.create_copy(id, total, true, owner)
+    }
+
+    /// Starts a copy of an object that lives elsewhere, pulled here in parts
+    /// ([`ObjectStore::write_part`]); evicted first when room is short.
+    pub fn create_secondary(&mut self, id: ObjectId, total: u64) -> Result<PathBuf, StoreError> {
+        self.create_copy(id, total, false, None)
+    }
+
+    fn create_copy(
+        &mut self,
+        id: ObjectId,
+        total: u64,
+        primary: bool,
+        owner: Option<WorkerId>,
+    ) -> Result<PathBuf, StoreError> {
         if total == 0 {
             return Err(StoreError::BadPart {
                 id,
@@ -206,6 +241,8 @@ impl ObjectStore {
                 total,
                 state: State::Writing { written: 0 },
                 last_used: 0,
+                primary,
+                owner,
             },
         );
         self.touch(id);
@@ -235,7 +272,76 @@ impl ObjectStore {
             });
         }
         entry.state = State::InMemory;
+        self.sealed(id, len);
         Ok(())
+    }
+
+    fn sealed(&mut self, id: ObjectId, size: u64) {
+        let Some(entry) = self.objects.get(&id) else {
+            return;
+        };
+        let change = CopyChange::Added {
+            id,
+            size,
+            owner: entry.owner,
+            primary: entry.primary,
+        };
+        self.record(change);
+    }
+
+    fn record(&mut self, change: CopyChange) {
+        if self.changes.len() < CHANGES_MAX {
+            self.changes.push(change);
+        }
+    }
+
+    /// Writes part of a pulled copy at any offset (parts may arrive out of
+    /// order); the caller seals it with [`ObjectStore::seal_pulled`].
+    pub fn write_part(&mut self, id: ObjectId, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        let path = self.path(id);
+        let entry = self.objects.get(&id).ok_or(StoreError::NotFound(id))?;
+        if !matches!(entry.state, State::Writing { .. }) || entry.primary {
+            return Err(StoreError::BadPart {
+                id,
+                reason: "not a copy being pulled".into(),
+            });
+        }
+        if offset.saturating_add(data.len() as u64) > entry.total {
+            return Err(StoreError::BadPart {
+                id,
+                reason: format!("part ends past the size {}", entry.total),
+            });
+        }
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(io(format!("opening {}", path.display())))?;
+        file.write_all_at(data, offset)
+            .map_err(io(format!("writing {}", path.display())))
+    }
+
+    /// Seals a pulled copy once every part is written.
+    pub fn seal_pulled(&mut self, id: ObjectId) -> Result<(), StoreError> {
+        let entry = self.objects.get_mut(&id).ok_or(StoreError::NotFound(id))?;
+        if !matches!(entry.state, State::Writing { .. }) {
+            return Ok(());
+        }
+        entry.state = State::InMemory;
+        let total = entry.total;
+        self.sealed(id, total);
+        Ok(())
+    }
+
+    /// Changes since the last call, for the head.
+    pub fn take_changes(&mut self) -> Vec<CopyChange> {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// Puts changes back that could not be reported.
+    pub fn requeue_changes(&mut self, mut changes: Vec<CopyChange>) {
+        changes.append(&mut self.changes);
+        changes.truncate(CHANGES_MAX);
+        self.changes = changes;
     }
 
     /// Writes a part (a writer elsewhere). The whole size is reserved at the
@@ -247,13 +353,14 @@ impl ObjectStore {
         offset: u64,
         total: u64,
         data: &[u8],
+        owner: Option<WorkerId>,
     ) -> Result<bool, StoreError> {
         let bad = |reason: String| StoreError::BadPart { id, reason };
         if !self.objects.contains_key(&id) {
             if offset != 0 {
                 return Err(bad(format!("first part must start at 0, not {offset}")));
             }
-            self.create(id, total)?;
+            self.create(id, total, owner)?;
         }
         let path = self.path(id);
         let entry = self.objects.get_mut(&id).ok_or(StoreError::NotFound(id))?;
@@ -283,6 +390,9 @@ impl ObjectStore {
         } else {
             State::Writing { written }
         };
+        if written == total {
+            self.sealed(id, total);
+        }
         Ok(written == total)
     }
 
@@ -291,7 +401,7 @@ impl ObjectStore {
         if self.objects.contains_key(&id) {
             return Ok(());
         }
-        let path = self.create(id, data.len() as u64)?;
+        let path = self.create(id, data.len() as u64, None)?;
         let written = File::create(&path).and_then(|mut f| f.write_all(data));
         if let Err(e) = written {
             self.delete(&[id]);
@@ -306,10 +416,26 @@ impl ObjectStore {
     fn reserve(&mut self, keep: ObjectId, bytes: u64) -> Result<(), StoreError> {
         let threshold = (self.max as f64 * SPILL_AT) as u64;
         if self.used.saturating_add(bytes) > threshold {
+            // Copies pulled from elsewhere go first: they can be pulled again.
+            let mut copies: Vec<(u64, ObjectId)> = self
+                .objects
+                .iter()
+                .filter(|(id, e)| e.state == State::InMemory && !e.primary && **id != keep)
+                .map(|(id, e)| (e.last_used, *id))
+                .collect();
+            copies.sort_unstable();
+            for (_, id) in copies {
+                if self.used.saturating_add(bytes) <= threshold {
+                    break;
+                }
+                self.delete(&[id]);
+            }
+        }
+        if self.used.saturating_add(bytes) > threshold {
             let mut candidates: Vec<(u64, ObjectId)> = self
                 .objects
                 .iter()
-                .filter(|(id, e)| e.state == State::InMemory && **id != keep)
+                .filter(|(id, e)| e.state == State::InMemory && e.primary && **id != keep)
                 .map(|(id, e)| (e.last_used, *id))
                 .collect();
             candidates.sort_unstable();
@@ -356,6 +482,7 @@ impl ObjectStore {
             self.used -= entry.total;
             self.spilled += entry.total;
         }
+        self.record(CopyChange::Spilled { id, spilled: true });
         tracing::debug!(%id, "object spilled to disk");
         Ok(())
     }
@@ -374,6 +501,7 @@ impl ObjectStore {
             entry.state = State::InMemory;
             self.spilled -= total;
         }
+        self.record(CopyChange::Spilled { id, spilled: false });
         tracing::debug!(%id, "object restored from disk");
         Ok(())
     }
@@ -414,6 +542,9 @@ impl ObjectStore {
     pub fn delete(&mut self, ids: &[ObjectId]) {
         for id in ids {
             if let Some(entry) = self.objects.remove(id) {
+                if !matches!(entry.state, State::Writing { .. }) {
+                    self.record(CopyChange::Removed { id: *id });
+                }
                 if entry.state == State::Spilled {
                     self.spilled -= entry.total;
                     let _ = std::fs::remove_file(self.spill_path(*id));
@@ -444,6 +575,7 @@ impl ObjectStore {
                 id: *id,
                 size: e.total,
                 spilled: e.state == State::Spilled,
+                primary: e.primary,
             })
             .collect()
     }
@@ -459,10 +591,21 @@ impl ObjectStore {
     }
 }
 
-impl Drop for ObjectStore {
-    fn drop(&mut self) {
+impl ObjectStore {
+    /// Removes every object and the store's directories (the node is
+    /// stopping). Readers that mapped an object keep their mapping.
+    pub fn close(&mut self) {
+        self.objects.clear();
+        self.used = 0;
+        self.spilled = 0;
         let _ = std::fs::remove_dir_all(&self.dir);
         let _ = std::fs::remove_dir_all(&self.spill_dir);
+    }
+}
+
+impl Drop for ObjectStore {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
@@ -486,7 +629,7 @@ fn rand_tag() -> u32 {
 
 /// Removes store directories under `root` whose daemon is no longer running
 /// (killed before it could remove its own).
-fn remove_orphans(root: &Path) {
+pub fn remove_orphans(root: &Path) {
     let Ok(entries) = std::fs::read_dir(root) else {
         return;
     };
@@ -498,14 +641,22 @@ fn remove_orphans(root: &Path) {
         let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
             continue;
         };
-        let alive = matches!(
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
-            Ok(()) | Err(nix::errno::Errno::EPERM)
-        );
-        if !alive {
+        if !running(pid) {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
+}
+
+/// True while `pid` is a process that has not exited (a zombie has).
+fn running(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    !matches!(
+        stat.rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next()),
+        None | Some('Z') | Some('X')
+    )
 }
 
 #[cfg(test)]
@@ -533,13 +684,13 @@ mod tests {
     fn parts_seal_and_read_back() {
         let (_d, mut s) = store(100);
         let id = TaskId::fresh().return_object(0);
-        assert_eq!(s.put(id, 0, 10, b"hello"), Ok(false));
+        assert_eq!(s.put(id, 0, 10, b"hello", None), Ok(false));
         assert!(s.open(id).is_err(), "unsealed objects are not readable");
-        assert_eq!(s.put(id, 5, 10, b"world"), Ok(true));
+        assert_eq!(s.put(id, 5, 10, b"world", None), Ok(true));
         assert_eq!(read_all(&mut s, id), b"helloworld");
         assert_eq!(s.read(id, 5, 3).expect("part").0, b"wor");
         assert_eq!(
-            s.put(id, 0, 10, b"again"),
+            s.put(id, 0, 10, b"again", None),
             Ok(true),
             "retried writes are no-ops"
         );
@@ -554,13 +705,13 @@ mod tests {
     fn a_local_writer_fills_the_file_and_seals_it() {
         let (_d, mut s) = store(100);
         let id = TaskId::fresh().return_object(0);
-        let path = s.create(id, 4).expect("created");
+        let path = s.create(id, 4, None).expect("created");
         assert!(matches!(s.open(id), Err(StoreError::NotFound(_))));
         std::fs::write(&path, b"abcd").expect("written");
         s.seal(id).expect("sealed");
         assert_eq!(read_all(&mut s, id), b"abcd");
         let other = TaskId::fresh().return_object(0);
-        let path = s.create(other, 8).expect("created");
+        let path = s.create(other, 8, None).expect("created");
         std::fs::write(&path, b"too long!").expect("written");
         assert!(
             matches!(s.seal(other), Err(StoreError::BadPart { .. })),
@@ -573,28 +724,28 @@ mod tests {
         let (_d, mut s) = store(16);
         let id = TaskId::fresh().return_object(0);
         assert!(matches!(
-            s.put(id, 3, 8, b"x"),
+            s.put(id, 3, 8, b"x", None),
             Err(StoreError::BadPart { .. })
         ));
         assert!(matches!(
-            s.put(id, 0, 32, b"x"),
+            s.put(id, 0, 32, b"x", None),
             Err(StoreError::Full { .. })
         ));
         assert!(matches!(
-            s.put(id, 0, 0, b""),
+            s.put(id, 0, 0, b"", None),
             Err(StoreError::BadPart { .. })
         ));
-        assert_eq!(s.put(id, 0, 8, b"abcd"), Ok(false));
+        assert_eq!(s.put(id, 0, 8, b"abcd", None), Ok(false));
         assert!(matches!(
-            s.put(id, 2, 8, b"x"),
-            Err(StoreError::BadPart { .. })
-        ));
-        assert!(matches!(
-            s.put(id, 4, 8, b"abcdefgh"),
+            s.put(id, 2, 8, b"x", None),
             Err(StoreError::BadPart { .. })
         ));
         assert!(matches!(
-            s.put(id, 4, 9, b"x"),
+            s.put(id, 4, 8, b"abcdefgh", None),
+            Err(StoreError::BadPart { .. })
+        ));
+        assert!(matches!(
+            s.put(id, 4, 9, b"x", None),
             Err(StoreError::BadPart { .. })
         ));
         let other = TaskId::fresh().return_object(0);
@@ -602,7 +753,7 @@ mod tests {
             matches!(s.put_whole(other, &[0; 9]), Err(StoreError::Full { .. })),
             "8 reserved, and a partial object cannot spill"
         );
-        assert!(s.put(other, 0, u64::MAX, b"x").is_err());
+        assert!(s.put(other, 0, u64::MAX, b"x", None).is_err());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{ActorId, ClusterId, JobId, LeaseId, NodeId, WorkerId};
+use crate::ids::{ActorId, ClusterId, JobId, LeaseId, NodeId, ObjectId, WorkerId};
 use crate::resources::ResourceSet;
 use crate::task::{Address, ArgSpec};
 
@@ -27,6 +27,13 @@ pub enum HeadRequest {
         /// Bytes in use in the node's object store.
         #[serde(default)]
         object_store_used_bytes: u64,
+        /// Copies of objects the node's store gained or lost since the last
+        /// heartbeat, for the head's object directory.
+        #[serde(default)]
+        object_changes: Vec<ObjectCopyChange>,
+        /// Objects the node has pulled from other nodes since it started.
+        #[serde(default)]
+        objects_pulled: u64,
     },
     /// A node daemon leaves on purpose (graceful stop).
     UnregisterNode {
@@ -131,11 +138,68 @@ pub enum HeadRequest {
     },
     /// Every actor the head knows.
     ListActors,
+    /// Every object with a copy in some node's store.
+    ListObjects,
     /// A driver's job is over: its leases are reclaimed and workers stopped.
     FinishJob {
         /// The job.
         job_id: JobId,
     },
+}
+
+/// A change to the copies one node holds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub enum ObjectCopyChange {
+    /// A sealed copy is here.
+    Added {
+        /// The object.
+        id: ObjectId,
+        /// Its size.
+        size: u64,
+        /// The process that owns it, when known.
+        owner: Option<WorkerId>,
+        /// The owner's copy, not one pulled from elsewhere.
+        primary: bool,
+    },
+    /// The copy moved to disk (`true`) or back to memory.
+    Spilled {
+        /// The object.
+        id: ObjectId,
+        /// On disk now.
+        spilled: bool,
+    },
+    /// The copy is gone.
+    Removed {
+        /// The object.
+        id: ObjectId,
+    },
+}
+
+/// An object as the head's directory knows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct ObjectInfo {
+    /// The object.
+    pub id: ObjectId,
+    /// Its size.
+    pub size: u64,
+    /// The process that owns it, when known.
+    pub owner: Option<WorkerId>,
+    /// Where its copies are.
+    pub copies: Vec<ObjectCopy>,
+}
+
+/// One copy of an object.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct ObjectCopy {
+    /// The node holding it.
+    pub node_id: NodeId,
+    /// The owner's copy, not one pulled from elsewhere.
+    pub primary: bool,
+    /// On disk rather than in shared memory.
+    pub spilled: bool,
 }
 
 /// A driver's job registration.
@@ -372,6 +436,8 @@ pub enum HeadReply {
     Actor(ActorInfo),
     /// Every actor the head knows.
     Actors(Vec<ActorInfo>),
+    /// Every object in the directory.
+    Objects(Vec<ObjectInfo>),
     /// The job is over.
     JobFinished,
     /// Whether a node's restart report was taken: when not (the actor was
@@ -456,6 +522,9 @@ pub struct NodeStatus {
     /// Its object store capacity.
     #[serde(default)]
     pub object_store_capacity_bytes: u64,
+    /// Objects it has pulled from other nodes, as of its last heartbeat.
+    #[serde(default)]
+    pub objects_pulled: u64,
 }
 
 /// Whether a node is a live member.

@@ -69,6 +69,9 @@ pub enum NodeRequest {
         /// The part.
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
+        /// The process that owns the object.
+        #[serde(default)]
+        owner: Option<crate::ids::WorkerId>,
     },
     /// Read part of a sealed object.
     ReadObject {
@@ -87,6 +90,9 @@ pub enum NodeRequest {
         id: ObjectId,
         /// Its size in bytes.
         total: u64,
+        /// The process that owns the object.
+        #[serde(default)]
+        owner: Option<crate::ids::WorkerId>,
     },
     /// A local writer has filled the object's file.
     SealObject {
@@ -98,6 +104,15 @@ pub enum NodeRequest {
     OpenObject {
         /// The object.
         id: ObjectId,
+    },
+    /// A process on this node's host needs an object stored on another
+    /// node: this node pulls a copy (once, however many ask) and answers
+    /// with its file, as [`NodeRequest::OpenObject`] does.
+    PullObject {
+        /// The object.
+        id: ObjectId,
+        /// Where its primary copy is.
+        from: crate::task::StoredAt,
     },
     /// Free objects.
     DeleteObjects {

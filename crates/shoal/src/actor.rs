@@ -1192,8 +1192,7 @@ impl Host {
                 core.outcome_of(
                     call.task_id.return_object(0),
                     bytes,
-                    &function,
-                    call.task_id,
+                    (&function, call.task_id, None),
                     executor,
                 )
                 .await

@@ -42,6 +42,8 @@ pub(crate) type WorkerClient = RpcClient<WorkerRequest, WorkerReply>;
 pub const INLINE_BYTES_MAX: usize = 100 << 10;
 /// Bytes per part when moving large objects.
 const CHUNK_BYTES: u32 = 8 << 20;
+/// Longest a process waits for its node to pull an object from another.
+const PULL_TIMEOUT: Duration = Duration::from_secs(600);
 /// A pushed task may run this long before its caller gives up on the reply
 /// (a dead worker is noticed much sooner, by the connection's idle timeout).
 const TASK_CALL_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -813,19 +815,29 @@ impl Core {
             .as_ref()
     }
 
-    /// Maps a large object stored on this process's home node, on its host.
+    /// Maps a large object from this process's home node store, on its
+    /// host; an object stored elsewhere is pulled there first.
     async fn map_local(&self, id: ObjectId, at: &StoredAt) -> Option<crate::shm::Blob> {
-        if at.node_id != self.home.node_id {
-            return None;
-        }
         self.local_store().await?;
         let node = self.node(&self.home.address).await.ok()?;
-        let (path, size) = match node
-            .call(&NodeRequest::OpenObject { id }, CONTROL_TIMEOUT)
-            .await
-        {
+        let ask = if at.node_id == self.home.node_id {
+            NodeRequest::OpenObject { id }
+        } else {
+            NodeRequest::PullObject {
+                id,
+                from: at.clone(),
+            }
+        };
+        let (path, size) = match node.call(&ask, PULL_TIMEOUT).await {
             Ok(NodeReply::ObjectFile { path, size }) => (path, size),
-            _ => return None,
+            Ok(other) => {
+                tracing::debug!(%id, reply = ?other, "unexpected answer to an object request");
+                return None;
+            }
+            Err(e) => {
+                tracing::debug!(%id, error = %e, "the home node could not provide the object");
+                return None;
+            }
         };
         match crate::shm::Mapping::open(std::path::Path::new(&path), size) {
             Ok(mapping) => Some(crate::shm::Blob::Mapped(mapping)),
@@ -883,7 +895,12 @@ impl Core {
 
     /// Writes a large object into this process's home node store: into its
     /// file directly on the node's host, else in parts over the network.
-    pub(crate) async fn store_on_node(&self, id: ObjectId, bytes: &[u8]) -> Result<StoredAt> {
+    pub(crate) async fn store_on_node(
+        &self,
+        id: ObjectId,
+        bytes: &[u8],
+        owner: Option<WorkerId>,
+    ) -> Result<StoredAt> {
         let node = self.node(&self.home.address).await?;
         let total = bytes.len() as u64;
         let stored = StoredAt {
@@ -894,7 +911,7 @@ impl Core {
         if self.local_store().await.is_some() {
             let mut full_since = None;
             loop {
-                let create = NodeRequest::CreateObject { id, total };
+                let create = NodeRequest::CreateObject { id, total, owner };
                 match node.call(&create, CONTROL_TIMEOUT).await {
                     Ok(NodeReply::ObjectFile { path, .. }) => {
                         let written = std::fs::OpenOptions::new()
@@ -937,6 +954,7 @@ impl Core {
         loop {
             let end = (offset + CHUNK_BYTES as usize).min(bytes.len());
             let put = NodeRequest::PutObject {
+                owner,
                 id,
                 offset: offset as u64,
                 total,
@@ -1007,7 +1025,10 @@ impl Core {
         let state = if bytes.len() <= INLINE_BYTES_MAX {
             ObjState::Inline(Arc::new(bytes))
         } else {
-            ObjState::Stored(self.store_on_node(id, &bytes).await?)
+            ObjState::Stored(
+                self.store_on_node(id, &bytes, Some(self.me.worker_id))
+                    .await?,
+            )
         };
         self.objects.insert(id, Slot::new(state, true));
         self.refs.add_local(id);
@@ -1031,14 +1052,13 @@ impl Core {
         &self,
         id: ObjectId,
         bytes: Vec<u8>,
-        function: &str,
-        task_id: TaskId,
+        (function, task_id, owner): (&str, TaskId, Option<WorkerId>),
         executor: Executor,
     ) -> TaskOutcome {
         if bytes.len() <= INLINE_BYTES_MAX {
             return TaskOutcome::Inline(bytes);
         }
-        match self.store_on_node(id, &bytes).await {
+        match self.store_on_node(id, &bytes, owner).await {
             Ok(at) => TaskOutcome::Stored(at),
             Err(e) => TaskOutcome::Failed(TaskFailure {
                 kind: FailureKind::BadReturn,
@@ -1067,8 +1087,12 @@ impl Core {
             Ok(args) => match exec::invoke(&spec, args, executor).await {
                 Ok(bytes) => {
                     let id = spec.task_id.return_object(0);
-                    self.outcome_of(id, bytes, &spec.function.name, spec.task_id, executor)
-                        .await
+                    let made = (
+                        spec.function.name.as_str(),
+                        spec.task_id,
+                        Some(spec.owner.worker_id),
+                    );
+                    self.outcome_of(id, bytes, made, executor).await
                 }
                 Err(failure) => TaskOutcome::Failed(failure),
             },

@@ -38,6 +38,41 @@ fn checksum(data: Vec<u8>) -> (u64, u64, String) {
     (data.len() as u64, fnv(&data), node)
 }
 
+/// The bytes of object `seed`, `mb` MiB: every 8-byte word differs.
+fn pattern(seed: u64, mb: u64) -> Vec<u8> {
+    let words = (mb << 20) / 8;
+    let mut v = Vec::with_capacity((mb << 20) as usize);
+    for i in 0..words {
+        v.extend_from_slice(&(i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seed).to_le_bytes());
+    }
+    v
+}
+
+/// A fast checksum: the wrapping sum of the 8-byte words, weighted by place.
+fn word_sum(data: &[u8]) -> u64 {
+    data.chunks_exact(8)
+        .enumerate()
+        .fold(data.len() as u64, |acc, (i, w)| {
+            let word = u64::from_le_bytes(w.try_into().unwrap_or([0; 8]));
+            acc.wrapping_add(word.wrapping_mul(i as u64 | 1))
+        })
+}
+
+#[shoal::remote]
+fn make_buffer(seed: u64, mb: u64) -> shoal::Buffer {
+    shoal::Buffer::from_vec(pattern(seed, mb))
+}
+
+/// The buffer's length and checksum, where it was read, and whether it
+/// was mapped from the node's store.
+#[shoal::remote]
+fn read_buffer(data: shoal::Buffer) -> (u64, u64, String, bool) {
+    let node = shoal::context()
+        .map(|c| c.node_id.to_string())
+        .unwrap_or_default();
+    (data.len() as u64, word_sum(&data), node, data.is_mapped())
+}
+
 fn fnv(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
@@ -350,6 +385,64 @@ fn main() -> shoal::Result<()> {
                 drop(object);
             }
             result(json!({"rounds": rounds, "seconds": start.elapsed().as_secs_f64()}));
+        }
+        "transfer" => {
+            // An object made on the "maker" node, read by `readers` tasks at
+            // once on the "user" node.
+            let mb: u64 = arg(1).parse().unwrap_or(1024);
+            let readers: usize = arg(2).parse().unwrap_or(8);
+            let expected = word_sum(&pattern(7, mb));
+            let made = make_buffer::options()
+                .resource("maker", 0.01)
+                .remote(7u64, mb);
+            shoal::wait(std::slice::from_ref(&made), 1, None)?;
+            let started = Instant::now();
+            let reads: Vec<_> = (0..readers)
+                .map(|_| {
+                    read_buffer::options()
+                        .resource("user", 0.01)
+                        .num_cpus(0.1)
+                        .remote(&made)
+                })
+                .collect();
+            let out = shoal::get_all(&reads)?;
+            let seconds = started.elapsed().as_secs_f64();
+            let nodes: BTreeSet<&String> = out.iter().map(|r| &r.2).collect();
+            // The head's directory lists both copies.
+            let mut copies = 0;
+            if let Ok(shoal_bin) = std::env::var("SHOAL_BIN") {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while copies < 2 && Instant::now() < deadline {
+                    let listed = std::process::Command::new(&shoal_bin)
+                        .args(["list", "objects", "--json"])
+                        .output()
+                        .ok()
+                        .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok());
+                    copies = listed
+                        .as_ref()
+                        .and_then(|l| l.as_array())
+                        .and_then(|l| {
+                            l.iter()
+                                .find(|o| o["object_id"] == made.id().to_string())
+                                .and_then(|o| o["locations"].as_array().map(Vec::len))
+                        })
+                        .unwrap_or(0);
+                    if copies < 2 {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+            let local = made.get()?;
+            result(json!({
+                "readers": out.len(),
+                "identical": out.iter().all(|r| r.0 == mb << 20 && r.1 == expected),
+                "mapped": out.iter().all(|r| r.3),
+                "read_on": nodes.into_iter().collect::<Vec<_>>(),
+                "driver_copy_identical": word_sum(&local) == expected,
+                "listed_copies": copies,
+                "seconds": seconds,
+                "gb_per_second": (mb as f64 / 1024.0) / seconds,
+            }));
         }
         "spill" => {
             // Keeps `count` objects of `mb` MiB, each with its own bytes,

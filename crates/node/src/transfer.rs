@@ -1,0 +1,236 @@
+//! Pulling objects from other nodes into this node's store.
+//!
+//! A process on this host that needs an object stored elsewhere asks its
+//! node to pull it ([`NodeRequest::PullObject`]): the node fetches it from
+//! the holding node in parts, [`PULL_PARTS_IN_FLIGHT`] at a time, into a
+//! secondary copy in its store, which the asker then maps. Concurrent
+//! requests for one object share one pull. Peers are reached over mutual
+//! TLS with the certificate the head issued this node.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use shoal_net::handshake::ClientAuth;
+use shoal_net::{NetLimits, RpcClient};
+use shoal_proto::{
+    NodeReply, NodeRequest, ObjectId, Role, ServiceError, ServiceErrorKind, StoredAt,
+};
+use tokio::sync::watch;
+
+use crate::object_store::{ObjectStore, StoreError};
+
+/// Parts of one object requested from its holder at once.
+pub const PULL_PARTS_IN_FLIGHT: usize = 4;
+/// Size of one part.
+const PART_BYTES: u64 = 8 << 20;
+/// Deadline of one part.
+const PART_TIMEOUT: Duration = Duration::from_secs(60);
+
+type PeerClient = RpcClient<NodeRequest, NodeReply>;
+type Outcome = Option<Result<(), String>>;
+
+/// The node's puller.
+pub struct Transfers {
+    store: Arc<Mutex<ObjectStore>>,
+    endpoint: shoal_net::quinn::Endpoint,
+    /// The client configuration toward peers, once the head has issued this
+    /// node its certificate.
+    peer_config: watch::Receiver<Option<shoal_net::quinn::ClientConfig>>,
+    auth: ClientAuth,
+    limits: NetLimits,
+    peers: Mutex<HashMap<String, PeerClient>>,
+    /// Pulls under way: later askers wait for the first one's outcome.
+    pulling: Mutex<HashMap<ObjectId, watch::Receiver<Outcome>>>,
+    /// Objects pulled since the node started.
+    pulled: AtomicU64,
+}
+
+fn unavailable(message: impl Into<String>) -> ServiceError {
+    ServiceError::new(ServiceErrorKind::Unavailable, message)
+}
+
+fn store_error(e: StoreError) -> ServiceError {
+    crate::api::store_error(e)
+}
+
+impl Transfers {
+    /// A puller storing into `store`, connecting from `endpoint`.
+    pub fn new(
+        store: Arc<Mutex<ObjectStore>>,
+        endpoint: shoal_net::quinn::Endpoint,
+        peer_config: watch::Receiver<Option<shoal_net::quinn::ClientConfig>>,
+        token: shoal_net::JoinToken,
+        limits: NetLimits,
+    ) -> Self {
+        Self {
+            store,
+            endpoint,
+            peer_config,
+            auth: ClientAuth {
+                token,
+                role: Role::Node,
+            },
+            limits,
+            peers: Mutex::new(HashMap::new()),
+            pulling: Mutex::new(HashMap::new()),
+            pulled: AtomicU64::new(0),
+        }
+    }
+
+    /// Objects pulled since the node started.
+    pub fn pulled(&self) -> u64 {
+        self.pulled.load(Ordering::Relaxed)
+    }
+
+    fn store(&self) -> std::sync::MutexGuard<'_, ObjectStore> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The object's file in this node's store, pulled from `from` first if
+    /// it is not here.
+    pub async fn pull(
+        self: &Arc<Self>,
+        id: ObjectId,
+        from: StoredAt,
+    ) -> Result<(PathBuf, u64), ServiceError> {
+        if let Ok(found) = self.store().open(id) {
+            return Ok(found);
+        }
+        let mut outcome = {
+            let mut pulling = self.pulling.lock().unwrap_or_else(|e| e.into_inner());
+            match pulling.get(&id) {
+                Some(rx) => rx.clone(),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    pulling.insert(id, rx.clone());
+                    // A task of its own: the pull finishes for the others
+                    // even if this asker goes away.
+                    let this = Arc::clone(self);
+                    tokio::spawn(async move {
+                        let result = this.fetch(id, &from).await;
+                        if let Err(e) = &result {
+                            tracing::warn!(%id, from = %from.node_address, error = %e, "pulling an object failed");
+                        }
+                        this.pulling
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&id);
+                        tx.send_replace(Some(result));
+                    });
+                    rx
+                }
+            }
+        };
+        let result = outcome
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| unavailable("the pull was abandoned"))?
+            .clone();
+        match result {
+            Some(Ok(())) => self.store().open(id).map_err(store_error),
+            Some(Err(e)) => Err(unavailable(e)),
+            None => Err(unavailable("the pull was abandoned")),
+        }
+    }
+
+    async fn peer(&self, address: &str) -> Result<PeerClient, String> {
+        let cached = self
+            .peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(address)
+            .cloned();
+        if let Some(client) = cached.filter(|c| c.close_reason().is_none()) {
+            return Ok(client);
+        }
+        let config = self
+            .peer_config
+            .borrow()
+            .clone()
+            .ok_or("this node has no certificate yet")?;
+        let addr: SocketAddr = tokio::net::lookup_host(address)
+            .await
+            .map_err(|e| format!("cannot resolve {address}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{address} resolves to nothing"))?;
+        let client = RpcClient::connect(
+            &self.endpoint,
+            config,
+            addr,
+            shoal_net::NODE_SERVER_NAME,
+            &self.auth,
+            &self.limits,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        self.peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(address.to_string(), client.clone());
+        Ok(client)
+    }
+
+    /// Copies the object from its holder into a secondary copy here.
+    async fn fetch(&self, id: ObjectId, from: &StoredAt) -> Result<(), String> {
+        let peer = self.peer(&from.node_address).await?;
+        self.store()
+            .create_secondary(id, from.size)
+            .map_err(|e| e.to_string())?;
+        let copied = self.copy_parts(&peer, id, from.size).await;
+        let sealed = copied.and_then(|()| self.store().seal_pulled(id).map_err(|e| e.to_string()));
+        match &sealed {
+            Ok(()) => {
+                self.pulled.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => self.store().delete(&[id]),
+        }
+        sealed
+    }
+
+    async fn copy_parts(&self, peer: &PeerClient, id: ObjectId, size: u64) -> Result<(), String> {
+        let offsets: Vec<u64> = (0..size.div_ceil(PART_BYTES))
+            .map(|i| i * PART_BYTES)
+            .collect();
+        let mut parts = tokio::task::JoinSet::new();
+        let mut next = offsets.into_iter();
+        loop {
+            while parts.len() < PULL_PARTS_IN_FLIGHT {
+                let Some(offset) = next.next() else { break };
+                let peer = peer.clone();
+                let len = PART_BYTES.min(size - offset) as u32;
+                parts.spawn(async move {
+                    let read = NodeRequest::ReadObject { id, offset, len };
+                    match peer.call(&read, PART_TIMEOUT).await {
+                        Ok(NodeReply::ObjectChunk { total, data })
+                            if total == size && data.len() == len as usize =>
+                        {
+                            Ok((offset, data))
+                        }
+                        Ok(other) => Err(format!("the holder answered {}", short(&other))),
+                        Err(e) => Err(format!("reading part at {offset}: {e}")),
+                    }
+                });
+            }
+            let Some(joined) = parts.join_next().await else {
+                return Ok(());
+            };
+            let (offset, data) = joined.map_err(|e| e.to_string())??;
+            self.store()
+                .write_part(id, offset, &data)
+                .map_err(|e| e.to_string())?;
+        }
+    }
+}
+
+fn short(reply: &NodeReply) -> String {
+    match reply {
+        NodeReply::ObjectChunk { total, data } => {
+            format!("a part of {} bytes of an object of {total}", data.len())
+        }
+        other => format!("{other:?}"),
+    }
+}
