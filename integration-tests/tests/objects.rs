@@ -68,6 +68,25 @@ fn a_large_buffer_read_on_its_node_is_mapped_not_copied() {
 }
 
 #[test]
+fn a_put_object_dies_with_its_owner() {
+    let cluster = ProcessCluster::three_process();
+    // Process workers only: a thread worker cannot be killed apart from us.
+    for env in [
+        cluster.driver_env(),
+        vec![("SHOAL_WORKER_PROCESSES", "1".to_string())],
+    ] {
+        let out = result_of(&run_driver(
+            &sibling_bin("scenarios"),
+            &["owner-died"],
+            &env,
+            Duration::from_secs(120),
+        ));
+        assert_eq!(out["read_while_owner_lived"], true, "{out}");
+        assert_eq!(out["owner_died"], true, "{out}");
+    }
+}
+
+#[test]
 fn a_full_store_refuses_put_with_a_typed_error_and_keeps_serving() {
     // No spilling: the store itself must fill.
     let cluster = ProcessCluster::three_process_with(&[

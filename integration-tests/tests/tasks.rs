@@ -92,6 +92,66 @@ fn a_1_gb_object_is_pulled_once_for_8_readers_on_the_other_node() {
     assert_eq!(pulled, 1, "one pull for 8 readers");
 }
 
+#[test]
+fn a_result_lost_with_its_node_is_rebuilt_by_its_task_and_lost_without_retries() {
+    let cluster = ProcessCluster::three_process();
+    let mut child = Command::new(sibling_bin("scenarios"))
+        .arg("lineage")
+        .envs(cluster.driver_env())
+        .env("SHOAL_BIN", shoal_integration_tests::shoal_bin())
+        .env("SHOAL_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("driver");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let victim = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("VICTIM ").map(str::to_string));
+    let Some(victim) = victim else {
+        let _ = child.kill();
+        let stderr =
+            std::io::read_to_string(child.stderr.take().expect("stderr")).unwrap_or_default();
+        panic!("the driver never named the node holding its results:\n{stderr}");
+    };
+    let pid = cluster.status()["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["node_id"] == victim.as_str())
+        .and_then(|n| n["pid"].as_u64())
+        .unwrap_or_else(|| panic!("no node {victim}")) as u32;
+    signal(pid, Signal::SIGKILL);
+    poll_until(
+        Duration::from_secs(20),
+        "the node to be declared dead",
+        || ProcessCluster::node_by_pid(&cluster.status(), pid, "DEAD"),
+    );
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        writeln!(stdin, "go").expect("go-ahead");
+    }
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().expect("driver exit");
+    let stderr = std::io::read_to_string(child.stderr.take().expect("stderr")).unwrap_or_default();
+    assert!(status.success(), "driver failed: {rest:?}\n{stderr}");
+    let out = result_of(&rest.join("\n"));
+    assert_eq!(
+        out["argument_rebuilt"], true,
+        "a task given the lost result runs once it is rebuilt: {out}"
+    );
+    assert_eq!(out["rebuilt_identical"], true, "{out}");
+    assert_ne!(out["rebuilt_on"], out["victim"], "{out}");
+    assert_eq!(
+        out["lost"], true,
+        "without retries the result is lost: {out}"
+    );
+}
+
 fn check_errors(out: &Value) {
     assert_eq!(out["error_function"], "scenarios::fails");
     assert_eq!(out["error_message"], "boom: the reason");

@@ -35,6 +35,8 @@ struct State {
     objects: crate::objects::Objects,
     /// Restarts each node is to run, handed over on its next heartbeat.
     restart_orders: HashMap<NodeId, Vec<RestartActor>>,
+    /// Copies each node is to delete (their primary is gone).
+    delete_orders: HashMap<NodeId, Vec<shoal_proto::ObjectId>>,
 }
 
 impl State {
@@ -152,6 +154,7 @@ impl HeadService {
                 actors: Actors::default(),
                 objects: crate::objects::Objects::default(),
                 restart_orders: HashMap::new(),
+                delete_orders: HashMap::new(),
             }),
             binaries: Mutex::new(Binaries::default()),
             resources_changed: Notify::new(),
@@ -202,6 +205,7 @@ impl HeadService {
         state.scheduler.node_died(node_id);
         state.objects.node_died(node_id);
         state.restart_orders.remove(&node_id);
+        state.delete_orders.remove(&node_id);
         let died = state.actors.node_died(node_id);
         state.actors_died(died);
     }
@@ -400,10 +404,16 @@ impl Service for HeadService {
                 ) {
                     Ok(()) => {
                         state.membership.set_objects_pulled(node_id, objects_pulled);
-                        state.objects.apply(
+                        let orphans = state.objects.apply(
                             node_id,
                             &object_changes[..object_changes.len().min(100_000)],
                         );
+                        for (holder, id) in orphans {
+                            let orders = state.delete_orders.entry(holder).or_default();
+                            if orders.len() < 100_000 {
+                                orders.push(id);
+                            }
+                        }
                         let dead_workers = &dead_workers[..dead_workers.len().min(10_000)];
                         let mut reclaimed = 0;
                         for worker in dead_workers {
@@ -418,6 +428,8 @@ impl Service for HeadService {
                         let finished_jobs = state.jobs.not_running(&jobs[..jobs.len().min(10_000)]);
                         let restart_actors =
                             state.restart_orders.remove(&node_id).unwrap_or_default();
+                        let delete_objects =
+                            state.delete_orders.remove(&node_id).unwrap_or_default();
                         drop(state);
                         if reclaimed > 0 {
                             self.resources_changed.notify_waiters();
@@ -428,6 +440,7 @@ impl Service for HeadService {
                         Ok(HeadReply::HeartbeatAck {
                             finished_jobs,
                             restart_actors,
+                            delete_objects,
                         })
                     }
                     Err(Fenced(node_id)) => Ok(HeadReply::NodeFenced { node_id }),

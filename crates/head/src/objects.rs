@@ -30,8 +30,11 @@ pub struct Objects {
 }
 
 impl Objects {
-    /// Applies a node's reported changes.
-    pub fn apply(&mut self, node: NodeId, changes: &[ObjectCopyChange]) {
+    /// Applies a node's reported changes. Returns the copies elsewhere of
+    /// objects whose primary copy is gone (freed by its owner, or its owner
+    /// died): those nodes are told to delete them.
+    pub fn apply(&mut self, node: NodeId, changes: &[ObjectCopyChange]) -> Vec<(NodeId, ObjectId)> {
+        let mut orphans = Vec::new();
         for change in changes {
             match change {
                 ObjectCopyChange::Added {
@@ -66,9 +69,22 @@ impl Objects {
                         copy.spilled = *spilled;
                     }
                 }
-                ObjectCopyChange::Removed { id } => self.remove_copy(*id, node),
+                ObjectCopyChange::Removed { id } => {
+                    let was_primary = self
+                        .records
+                        .get(id)
+                        .and_then(|r| r.copies.get(&node))
+                        .is_some_and(|c| c.primary);
+                    self.remove_copy(*id, node);
+                    if was_primary {
+                        if let Some(record) = self.records.remove(id) {
+                            orphans.extend(record.copies.keys().map(|n| (*n, *id)));
+                        }
+                    }
+                }
             }
         }
+        orphans
     }
 
     fn remove_copy(&mut self, id: ObjectId, node: NodeId) {
@@ -152,6 +168,31 @@ mod tests {
         d.node_died(a);
         assert_eq!(d.list()[0].copies.len(), 1);
         d.apply(b, &[ObjectCopyChange::Removed { id }]);
+        assert!(d.list().is_empty());
+    }
+
+    #[test]
+    fn a_removed_primary_orders_its_copies_deleted() {
+        let mut d = Objects::default();
+        let (a, b) = (NodeId::random(), NodeId::random());
+        let id = TaskId::fresh().return_object(0);
+        let added = |primary| ObjectCopyChange::Added {
+            id,
+            size: 10,
+            owner: None,
+            primary,
+        };
+        d.apply(a, &[added(true)]);
+        d.apply(b, &[added(false)]);
+        assert!(
+            d.apply(b, &[ObjectCopyChange::Removed { id }]).is_empty(),
+            "an evicted copy orders nothing"
+        );
+        d.apply(b, &[added(false)]);
+        assert_eq!(
+            d.apply(a, &[ObjectCopyChange::Removed { id }]),
+            vec![(b, id)]
+        );
         assert!(d.list().is_empty());
     }
 }

@@ -95,6 +95,10 @@ impl<T: Transport + Clone> HeadLink<'_, T> {
             };
             self.pool.reap_idle();
             let dead_workers = self.pool.take_dead();
+            let orphaned = self.store().delete_owned_by(&dead_workers);
+            if orphaned > 0 {
+                debug!(objects = orphaned, "freed objects whose owner died");
+            }
             let object_changes = self.store().take_changes();
             let beat = HeadRequest::Heartbeat {
                 node_id,
@@ -115,8 +119,10 @@ impl<T: Transport + Clone> HeadLink<'_, T> {
                 Ok(HeadReply::HeartbeatAck {
                     finished_jobs,
                     restart_actors,
+                    delete_objects,
                 }) => {
                     failures = 0;
+                    self.store().delete_copies(&delete_objects);
                     if !finished_jobs.is_empty() {
                         info!(jobs = ?finished_jobs, "jobs finished; stopping their workers");
                         self.pool.finish_jobs(&finished_jobs);

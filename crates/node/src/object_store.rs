@@ -556,6 +556,32 @@ impl ObjectStore {
         }
     }
 
+    /// Deletes the pulled copies among `ids` (their primary is gone).
+    pub fn delete_copies(&mut self, ids: &[ObjectId]) {
+        let copies: Vec<ObjectId> = ids
+            .iter()
+            .filter(|id| self.objects.get(id).is_some_and(|e| !e.primary))
+            .copied()
+            .collect();
+        self.delete(&copies);
+    }
+
+    /// Frees the primary copies owned by processes that died: nobody can
+    /// free them any more, and readers get `OwnerDied` (as in Ray).
+    pub fn delete_owned_by(&mut self, owners: &[WorkerId]) -> usize {
+        if owners.is_empty() {
+            return 0;
+        }
+        let ids: Vec<ObjectId> = self
+            .objects
+            .iter()
+            .filter(|(_, e)| e.primary && e.owner.is_some_and(|o| owners.contains(&o)))
+            .map(|(id, _)| *id)
+            .collect();
+        self.delete(&ids);
+        ids.len()
+    }
+
     /// Bytes in shared memory (reserved by partial objects included).
     pub fn used(&self) -> u64 {
         self.used

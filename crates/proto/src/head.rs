@@ -391,6 +391,9 @@ pub enum HeadReply {
         /// Actors to create again on this node.
         #[serde(default)]
         restart_actors: Vec<RestartActor>,
+        /// Copies to delete: their primary copy is gone.
+        #[serde(default)]
+        delete_objects: Vec<ObjectId>,
     },
     /// The node is not (or no longer) a member: it was declared dead, or the
     /// head restarted. The node must register again, as a new node.

@@ -95,6 +95,22 @@ pub(crate) enum ObjState {
     Stored(StoredAt),
     Failed(TaskFailure),
     Lost(String),
+    /// A borrowed object whose owner is gone.
+    OwnerDied(String),
+}
+
+/// How to make a task's stored result again if its copy is lost: the task
+/// and its arguments (whose objects are kept alive meanwhile).
+pub(crate) struct Lineage {
+    task_id: TaskId,
+    function: &'static RemoteFunction,
+    options: TaskOptions,
+    args: Mutex<Vec<ArgSpec>>,
+    _keep_alive: Mutex<Vec<crate::object_ref::KeepAlive>>,
+    /// Re-executions left (the task's `max_retries`).
+    left: std::sync::atomic::AtomicU32,
+    /// One rebuild at a time.
+    rebuilding: tokio::sync::Mutex<()>,
 }
 
 /// An object's state and the waiters for it.
@@ -103,6 +119,8 @@ pub(crate) struct Slot {
     notify: Notify,
     /// True if this process owns the object (else it is a cached borrow).
     owned: bool,
+    /// For a stored task result this process owns: how to rebuild it.
+    lineage: Mutex<Option<Arc<Lineage>>>,
 }
 
 impl Slot {
@@ -111,7 +129,15 @@ impl Slot {
             state: Mutex::new(state),
             notify: Notify::new(),
             owned,
+            lineage: Mutex::new(None),
         })
+    }
+
+    fn lineage(&self) -> Option<Arc<Lineage>> {
+        self.lineage
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub(crate) fn state(&self) -> ObjState {
@@ -458,10 +484,122 @@ impl Core {
         self.register_pending(id);
         let core = Arc::clone(self);
         self.handle.spawn(async move {
-            let outcome = core.run_task(task_id, function, &options, args).await;
+            let (outcome, lineage) = core.run_task(task_id, function, options, args).await;
+            if let Some(lineage) = lineage {
+                if let Some(slot) = core.objects.get(&id) {
+                    *slot.lineage.lock().unwrap_or_else(|e| e.into_inner()) = Some(lineage);
+                }
+            }
             core.complete(id, outcome);
         });
         ObjectRef::adopt(id, self.me.clone())
+    }
+
+    /// Runs a lost stored result's task again (after rebuilding its own
+    /// lost arguments the same way); returns where the new copy is.
+    pub(crate) async fn reconstruct(
+        self: &Arc<Self>,
+        id: ObjectId,
+        lost_at: &StoredAt,
+        why: String,
+    ) -> Result<StoredAt> {
+        let lost = |reason: String| Error::ObjectLost { id, reason };
+        let slot = self
+            .objects
+            .get(&id)
+            .map(|s| Arc::clone(&s))
+            .filter(|s| s.owned)
+            .ok_or_else(|| lost(why.clone()))?;
+        let lineage = slot.lineage().ok_or_else(|| {
+            lost(format!(
+                "{why}; it cannot be rebuilt (not a task result, or max_retries = 0)"
+            ))
+        })?;
+        let _one_at_a_time = lineage.rebuilding.lock().await;
+        // Rebuilt by another reader meanwhile?
+        if let ObjState::Stored(at) = slot.state() {
+            if at.node_id != lost_at.node_id {
+                return Ok(at);
+            }
+        }
+        loop {
+            let left = lineage.left.load(Ordering::SeqCst);
+            if left == 0 {
+                return Err(lost(format!("{why}; its task's retries are used up")));
+            }
+            lineage.left.store(left - 1, Ordering::SeqCst);
+            warn!(%id, function = lineage.function.name, "a task's result was lost with its node; running the task again");
+            let args = lineage
+                .args
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let attempt = lineage.options.max_retries - left + 1;
+            let state = self
+                .run_resolved(
+                    lineage.task_id,
+                    lineage.function,
+                    &lineage.options,
+                    &args,
+                    attempt,
+                )
+                .await;
+            match state {
+                ObjState::Stored(at) => {
+                    slot.set(ObjState::Stored(at.clone()));
+                    return Ok(at);
+                }
+                ObjState::Failed(f) if f.kind == FailureKind::ArgumentLost => {
+                    // Rebuild the arguments this process owns, then retry.
+                    let rebuilt = Box::pin(self.reconstruct_args(&args)).await;
+                    *lineage.args.lock().unwrap_or_else(|e| e.into_inner()) = rebuilt;
+                }
+                ObjState::Failed(f) => return Err(Error::from_failure(f)),
+                other => {
+                    return Err(lost(format!(
+                        "{why}; its task ran again but gave {other:?}"
+                    )))
+                }
+            }
+        }
+    }
+
+    /// The arguments with each stored one this process owns checked, and
+    /// rebuilt if its copy is gone.
+    async fn reconstruct_args(self: &Arc<Self>, args: &[ArgSpec]) -> Vec<ArgSpec> {
+        let mut out = Vec::with_capacity(args.len());
+        for arg in args {
+            let ArgSpec::Stored { id, at } = arg else {
+                out.push(arg.clone());
+                continue;
+            };
+            let readable = self.read_stored_part(*id, at).await;
+            let at = match readable {
+                Ok(()) => at.clone(),
+                Err(e) => match self.reconstruct(*id, at, e.to_string()).await {
+                    Ok(at) => at,
+                    Err(_) => at.clone(),
+                },
+            };
+            out.push(ArgSpec::Stored { id: *id, at });
+        }
+        out
+    }
+
+    /// Checks that a stored object's copy can still be read (its first byte).
+    async fn read_stored_part(&self, id: ObjectId, at: &StoredAt) -> Result<()> {
+        let node = self.node(&at.node_address).await?;
+        let read = NodeRequest::ReadObject {
+            id,
+            offset: 0,
+            len: 1,
+        };
+        match node.call(&read, CONTROL_TIMEOUT).await? {
+            NodeReply::ObjectChunk { .. } => Ok(()),
+            other => Err(Error::Protocol(format!(
+                "{other:?} in answer to ReadObject"
+            ))),
+        }
     }
 
     /// Waits for reference arguments and turns every argument into what
@@ -501,7 +639,7 @@ impl Core {
                         }
                         Some(ObjState::Stored(at)) => spec_args.push(ArgSpec::Stored { id, at }),
                         Some(ObjState::Failed(f)) => return Err(f),
-                        Some(ObjState::Lost(why)) => {
+                        Some(ObjState::Lost(why) | ObjState::OwnerDied(why)) => {
                             return Err(failure(
                                 FailureKind::ArgumentLost,
                                 format!("argument {index} (object {id}) is lost: {why}"),
@@ -520,12 +658,64 @@ impl Core {
         Ok((spec_args, keep_alive))
     }
 
+    /// Runs a task to its result; a stored result keeps its lineage when the
+    /// task may be retried.
     async fn run_task(
         self: &Arc<Self>,
         task_id: TaskId,
         function: &'static RemoteFunction,
-        options: &TaskOptions,
+        options: TaskOptions,
         args: Vec<ArgValue>,
+    ) -> (ObjState, Option<Arc<Lineage>>) {
+        // The references stay alive until the task is done: a stored
+        // argument must not be freed while a worker may still read it.
+        let (spec_args, keep_alive) = match self.resolve_args(function.name, task_id, args).await {
+            Ok(resolved) => resolved,
+            Err(f) => return (ObjState::Failed(f), None),
+        };
+        let mut spec_args = spec_args;
+        let mut state = self
+            .run_resolved(task_id, function, &options, &spec_args, 0)
+            .await;
+        // An argument's copy was lost with its node: rebuild the ones this
+        // process owns from their lineage, and run once more.
+        if matches!(&state, ObjState::Failed(f) if f.kind == FailureKind::ArgumentLost)
+            && spec_args
+                .iter()
+                .any(|a| matches!(a, ArgSpec::Stored { .. }))
+        {
+            let rebuilt = self.reconstruct_args(&spec_args).await;
+            if rebuilt != spec_args {
+                spec_args = rebuilt;
+                state = self
+                    .run_resolved(task_id, function, &options, &spec_args, 1)
+                    .await;
+            }
+        }
+        let lineage =
+            (matches!(state, ObjState::Stored(_)) && options.max_retries > 0).then(|| {
+                Arc::new(Lineage {
+                    task_id,
+                    function,
+                    left: options.max_retries.into(),
+                    options,
+                    args: Mutex::new(spec_args),
+                    _keep_alive: Mutex::new(keep_alive),
+                    rebuilding: tokio::sync::Mutex::new(()),
+                })
+            });
+        (state, lineage)
+    }
+
+    /// Runs a task whose arguments are resolved, retrying as its options
+    /// allow, counting attempts from `first_attempt`.
+    async fn run_resolved(
+        self: &Arc<Self>,
+        task_id: TaskId,
+        function: &'static RemoteFunction,
+        options: &TaskOptions,
+        spec_args: &[ArgSpec],
+        first_attempt: u32,
     ) -> ObjState {
         let failure = |kind, message: String, attempts| TaskFailure {
             kind,
@@ -536,13 +726,7 @@ impl Core {
             backtrace: None,
             attempts,
         };
-        // The references stay alive until the task is done: a stored
-        // argument must not be freed while a worker may still read it.
-        let (spec_args, _keep_alive) = match self.resolve_args(function.name, task_id, args).await {
-            Ok(resolved) => resolved,
-            Err(f) => return ObjState::Failed(f),
-        };
-        let mut attempt = 0u32;
+        let mut attempt = first_attempt;
         loop {
             let leased = self.leases.acquire(self, &options.resources).await;
             let spec = TaskSpec {
@@ -553,7 +737,7 @@ impl Core {
                     name: function.name.to_string(),
                     signature: function.signature,
                 },
-                args: spec_args.clone(),
+                args: spec_args.to_vec(),
                 resources: options.resources.clone(),
                 owner: self.me.clone(),
             };
@@ -639,7 +823,7 @@ impl Core {
             let owner_client = match self.worker(&owner.address).await {
                 Ok(c) => c,
                 Err(e) => {
-                    return ObjState::Lost(format!(
+                    return ObjState::OwnerDied(format!(
                         "its owner at {} is unreachable: {e}",
                         owner.address
                     ))
@@ -660,6 +844,12 @@ impl Core {
                     return ObjState::Lost("its owner no longer has it".into())
                 }
                 Ok(other) => return ObjState::Lost(format!("its owner answered {other:?}")),
+                Err(e) if e.is_connection_lost() => {
+                    return ObjState::OwnerDied(format!(
+                        "its owner at {} is gone: {e}",
+                        owner.address
+                    ))
+                }
                 Err(e) => {
                     return ObjState::Lost(format!("its owner at {} failed: {e}", owner.address))
                 }
@@ -747,9 +937,34 @@ impl Core {
         };
         let bytes = match state {
             ObjState::Inline(bytes) => crate::shm::Blob::Owned(bytes),
-            ObjState::Stored(at) => self.fetch_stored(id, &at).await?,
+            ObjState::Stored(at) => match self.fetch_stored(id, &at).await {
+                Ok(bytes) => bytes,
+                // The copy is gone (its node died): a task result is made
+                // again from its lineage.
+                Err(Error::ObjectLost { reason, .. }) if slot.owned => {
+                    let at = self.reconstruct(id, &at, reason).await?;
+                    self.fetch_stored(id, &at).await?
+                }
+                // A borrowed copy is gone: ask its owner again (it may have
+                // rebuilt it, or be gone too).
+                Err(Error::ObjectLost { reason, .. }) => {
+                    match self.fetch_from_owner(id, owner).await {
+                        ObjState::Stored(now) if now != at => {
+                            slot.set(ObjState::Stored(now.clone()));
+                            self.fetch_stored(id, &now).await?
+                        }
+                        ObjState::OwnerDied(why) => {
+                            slot.set(ObjState::OwnerDied(why.clone()));
+                            return Err(Error::OwnerDied { id, reason: why });
+                        }
+                        _ => return Err(Error::ObjectLost { id, reason }),
+                    }
+                }
+                Err(e) => return Err(e),
+            },
             ObjState::Failed(f) => return Err(Error::from_failure(f)),
             ObjState::Lost(reason) => return Err(Error::ObjectLost { id, reason }),
+            ObjState::OwnerDied(reason) => return Err(Error::OwnerDied { id, reason }),
             ObjState::Pending => return Err(Error::Timeout(timeout.unwrap_or_default())),
         };
         crate::shm::decode(&bytes).map_err(|message| Error::Decode {
@@ -1132,7 +1347,7 @@ impl Core {
             Some(ObjState::Inline(bytes)) => ObjectValue::Inline(bytes.to_vec()),
             Some(ObjState::Stored(at)) => ObjectValue::Stored(at),
             Some(ObjState::Failed(f)) => ObjectValue::Failed(f),
-            Some(ObjState::Lost(_)) => ObjectValue::Unknown,
+            Some(ObjState::Lost(_) | ObjState::OwnerDied(_)) => ObjectValue::Unknown,
         }
     }
 

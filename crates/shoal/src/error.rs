@@ -89,6 +89,16 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A borrowed object's owner (the process that made or put it) died,
+    /// so the object cannot be read (as in Ray, a `put` object dies with
+    /// its owner).
+    #[error("object {id} is lost with its owner: {reason}")]
+    OwnerDied {
+        /// The object.
+        id: ObjectId,
+        /// Why.
+        reason: String,
+    },
     /// A value did not decode as the expected type.
     #[error("cannot decode {what}: {message}")]
     Decode {

@@ -73,6 +73,59 @@ fn read_buffer(data: shoal::Buffer) -> (u64, u64, String, bool) {
     (data.len() as u64, word_sum(&data), node, data.is_mapped())
 }
 
+/// A buffer made where the task ran, tagged with that node.
+#[shoal::remote]
+fn make_tagged(seed: u64, mb: u64) -> (String, shoal::Buffer) {
+    let node = shoal::context()
+        .map(|c| c.node_id.to_string())
+        .unwrap_or_default();
+    (node, shoal::Buffer::from_vec(pattern(seed, mb)))
+}
+
+/// Puts an object (this worker owns it) and returns the reference.
+#[shoal::remote]
+fn put_inside(mb: u64) -> (u32, ObjectRef<shoal::Buffer>) {
+    let object = shoal::put(shoal::Buffer::from_vec(pattern(3, mb))).expect("put");
+    (std::process::id(), object)
+}
+
+/// The length of a tagged buffer.
+#[shoal::remote]
+fn tagged_len(tagged: (String, shoal::Buffer)) -> u64 {
+    tagged.1.len() as u64
+}
+
+/// The nodes holding a copy of `id`, from `shoal list objects` (polled
+/// until the head has heard of at least one).
+fn object_locations(id: shoal::ObjectId) -> Vec<String> {
+    let Ok(shoal_bin) = std::env::var("SHOAL_BIN") else {
+        return Vec::new();
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let listed = std::process::Command::new(&shoal_bin)
+            .args(["list", "objects", "--json"])
+            .output()
+            .ok()
+            .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok());
+        let nodes: Vec<String> = listed
+            .as_ref()
+            .and_then(|l| l.as_array())
+            .and_then(|l| l.iter().find(|o| o["object_id"] == id.to_string()))
+            .and_then(|o| o["locations"].as_array())
+            .map(|l| {
+                l.iter()
+                    .filter_map(|c| c["node_id"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !nodes.is_empty() || Instant::now() > deadline {
+            return nodes;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn fnv(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
@@ -442,6 +495,71 @@ fn main() -> shoal::Result<()> {
                 "listed_copies": copies,
                 "seconds": seconds,
                 "gb_per_second": (mb as f64 / 1024.0) / seconds,
+            }));
+        }
+        "lineage" => {
+            // Two 10 MiB task results on one node: one may be retried, one
+            // not. The test kills their node; reading them again rebuilds
+            // the first by running its task again, and loses the second.
+            let retried = make_tagged::remote(1u64, 10u64);
+            shoal::wait(std::slice::from_ref(&retried), 1, None)?;
+            let node = object_locations(retried.id())
+                .first()
+                .cloned()
+                .unwrap_or_default();
+            let mut single = None;
+            for _ in 0..40 {
+                let candidate = make_tagged::options().max_retries(0).remote(2u64, 10u64);
+                shoal::wait(std::slice::from_ref(&candidate), 1, None)?;
+                if object_locations(candidate.id()).contains(&node) {
+                    single = Some(candidate);
+                    break;
+                }
+            }
+            let single = single.expect("a result on the same node");
+            println!("VICTIM {node}");
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .expect("the test's go-ahead");
+            // A task given the lost result as its argument: rebuilt first.
+            let used_as_argument = tagged_len::remote(&retried).get();
+            let rebuilt = retried.get();
+            let lost = single.get();
+            result(json!({
+                "victim": node,
+                "rebuilt_identical": matches!(&rebuilt, Ok((_, b)) if word_sum(b) == word_sum(&pattern(1, 10))),
+                "rebuilt_on": rebuilt.as_ref().map(|(n, _)| n.clone()).unwrap_or_default(),
+                "rebuilt": format!("{:?}", rebuilt.as_ref().map(|(n, b)| (n, b.len()))),
+                "argument_rebuilt": matches!(used_as_argument, Ok(n) if n == 10 << 20),
+                "argument": format!("{used_as_argument:?}"),
+                "lost": matches!(lost, Err(Error::ObjectLost { .. })),
+                "lost_error": format!("{:?}", lost.map(|(n, _)| n)),
+            }));
+        }
+        "owner-died" => {
+            // A worker puts an object and hands us the reference, then dies:
+            // the object died with its owner.
+            let (pid, object) = put_inside::remote(2u64).get()?;
+            let before = object.get().map(|b| b.len());
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .expect("kill the owner");
+            // The copies go within a few heartbeats.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let after = loop {
+                let after = object.get();
+                if after.is_err() || Instant::now() > deadline {
+                    break after;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            result(json!({
+                "read_while_owner_lived": matches!(before, Ok(n) if n == 2 << 20),
+                "owner_died": matches!(after, Err(Error::OwnerDied { .. })),
+                "after": format!("{:?}", after.map(|b| b.len())),
             }));
         }
         "spill" => {
