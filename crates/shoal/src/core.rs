@@ -1108,6 +1108,104 @@ impl Core {
         Ok(bytes)
     }
 
+    /// Starts an object in the home node's store when this process is on
+    /// its host: the path of the file to fill, then [`Core::seal_local`].
+    /// `None` when the store is not local. Waits a little for room.
+    pub(crate) async fn create_local(
+        &self,
+        id: ObjectId,
+        total: u64,
+        owner: Option<WorkerId>,
+    ) -> Result<Option<std::path::PathBuf>> {
+        if self.local_store().await.is_none() {
+            return Ok(None);
+        }
+        let node = self.node(&self.home.address).await?;
+        let mut full_since = None;
+        loop {
+            let create = NodeRequest::CreateObject { id, total, owner };
+            match node.call(&create, CONTROL_TIMEOUT).await {
+                Ok(NodeReply::ObjectFile { path, .. }) => return Ok(Some(path.into())),
+                Err(shoal_net::RpcError::Service(e)) if e.kind == ServiceErrorKind::Unavailable => {
+                    // Freed objects are deleted asynchronously: wait a
+                    // little for room before giving up.
+                    if full_since
+                        .get_or_insert_with(std::time::Instant::now)
+                        .elapsed()
+                        < STORE_FULL_WAIT
+                    {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                    return Err(Error::ObjectStoreFull(e.message));
+                }
+                Ok(other) => {
+                    return Err(Error::Protocol(format!("creating object {id}: {other:?}")))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Seals an object whose file this process filled.
+    pub(crate) async fn seal_local(&self, id: ObjectId) -> Result<()> {
+        let node = self.node(&self.home.address).await?;
+        node.call(&NodeRequest::SealObject { id }, CONTROL_TIMEOUT)
+            .await?;
+        Ok(())
+    }
+
+    /// Puts a large value by encoding it straight into its file in the home
+    /// node's store (no intermediate copy); `None` when the store is not on
+    /// this host. Called off the runtime: it writes the file.
+    pub(crate) fn put_streamed<T: serde::Serialize>(
+        self: &Arc<Self>,
+        value: &T,
+        size: u64,
+    ) -> Result<Option<ObjectId>> {
+        let id = self.next_put_id();
+        let owner = Some(self.me.worker_id);
+        let core = Arc::clone(self);
+        let Some(path) = self.block_on(async move { core.create_local(id, size, owner).await })?
+        else {
+            return Ok(None);
+        };
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|file| {
+                let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+                exec::encode_into(&mut out, value)?;
+                std::io::Write::flush(&mut out).map_err(|e| e.to_string())
+            });
+        if let Err(message) = written {
+            let core = Arc::clone(self);
+            self.delete_stored(
+                id,
+                StoredAt {
+                    node_id: core.home.node_id,
+                    node_address: core.home.address.clone(),
+                    size,
+                },
+            );
+            return Err(Error::Encode {
+                what: format!("put value into {}", path.display()),
+                message,
+            });
+        }
+        let core = Arc::clone(self);
+        self.block_on(async move { core.seal_local(id).await })?;
+        let at = StoredAt {
+            node_id: self.home.node_id,
+            node_address: self.home.address.clone(),
+            size,
+        };
+        self.objects.insert(id, Slot::new(ObjState::Stored(at), true));
+        self.refs.add_local(id);
+        Ok(Some(id))
+    }
+
     /// Writes a large object into this process's home node store: into its
     /// file directly on the node's host, else in parts over the network.
     pub(crate) async fn store_on_node(
@@ -1123,46 +1221,19 @@ impl Core {
             node_address: self.home.address.clone(),
             size: total,
         };
-        if self.local_store().await.is_some() {
-            let mut full_since = None;
-            loop {
-                let create = NodeRequest::CreateObject { id, total, owner };
-                match node.call(&create, CONTROL_TIMEOUT).await {
-                    Ok(NodeReply::ObjectFile { path, .. }) => {
-                        let written = std::fs::OpenOptions::new()
-                            .write(true)
-                            .open(&path)
-                            .and_then(|mut f| std::io::Write::write_all(&mut f, bytes));
-                        if let Err(e) = written {
-                            return Err(Error::Protocol(format!(
-                                "writing object {id} to {path}: {e}"
-                            )));
-                        }
-                        node.call(&NodeRequest::SealObject { id }, CONTROL_TIMEOUT)
-                            .await?;
-                        return Ok(stored);
-                    }
-                    Err(shoal_net::RpcError::Service(e))
-                        if e.kind == ServiceErrorKind::Unavailable =>
-                    {
-                        // Freed objects are deleted asynchronously: wait a
-                        // little for room before giving up.
-                        if full_since
-                            .get_or_insert_with(std::time::Instant::now)
-                            .elapsed()
-                            < STORE_FULL_WAIT
-                        {
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                            continue;
-                        }
-                        return Err(Error::ObjectStoreFull(e.message));
-                    }
-                    Ok(other) => {
-                        return Err(Error::Protocol(format!("creating object {id}: {other:?}")))
-                    }
-                    Err(e) => return Err(e.into()),
-                }
+        if let Some(path) = self.create_local(id, total, owner).await? {
+            let written = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, bytes));
+            if let Err(e) = written {
+                return Err(Error::Protocol(format!(
+                    "writing object {id} to {}: {e}",
+                    path.display()
+                )));
             }
+            self.seal_local(id).await?;
+            return Ok(stored);
         }
         let mut offset = 0usize;
         let mut full_since = None;

@@ -307,10 +307,22 @@ pub fn get_all<T: DeserializeOwned + Send + 'static>(objects: &[ObjectRef<T>]) -
 /// [`Error::ObjectStoreFull`].
 pub fn put<T: Serialize + Send + 'static>(value: T) -> Result<ObjectRef<T>> {
     let core = ensure_core();
-    let bytes = exec::encode(&value).map_err(|message| Error::Encode {
+    let encode_error = |message| Error::Encode {
         what: "put value".into(),
         message,
-    })?;
+    };
+    // A small value is kept in this process; a large one goes straight
+    // into its file in the node's store when the store is on this host.
+    let bytes = match exec::encode_small(&value, core::INLINE_BYTES_MAX).map_err(encode_error)? {
+        Some(bytes) => bytes,
+        None => {
+            let size = exec::encoded_len(&value).map_err(encode_error)?;
+            if let Some(id) = core.put_streamed(&value, size)? {
+                return Ok(ObjectRef::adopt(id, core.me.clone()));
+            }
+            exec::encode(&value).map_err(encode_error)?
+        }
+    };
     let core2 = Arc::clone(&core);
     let id = core.block_on(async move { core2.put_bytes(bytes).await })?;
     Ok(ObjectRef::adopt(id, core.me.clone()))
