@@ -148,8 +148,8 @@ impl Service for NodeService {
                 self.store().seal(id).map_err(store_error)?;
                 Ok(NodeReply::Ok)
             }
-            NodeRequest::PullObject { id, from } => {
-                let (path, size) = self.transfers.pull(id, from).await?;
+            NodeRequest::PullObject { id, from, priority } => {
+                let (path, size) = self.transfers.pull(id, from, priority).await?;
                 Ok(NodeReply::ObjectFile {
                     path: path.display().to_string(),
                     size,

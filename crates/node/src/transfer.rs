@@ -17,7 +17,7 @@ use std::time::Duration;
 use shoal_net::handshake::ClientAuth;
 use shoal_net::{NetLimits, RpcClient};
 use shoal_proto::{
-    NodeReply, NodeRequest, ObjectId, Role, ServiceError, ServiceErrorKind, StoredAt,
+    NodeReply, NodeRequest, ObjectId, PullPriority, Role, ServiceError, ServiceErrorKind, StoredAt,
 };
 use tokio::sync::watch;
 
@@ -25,6 +25,8 @@ use crate::object_store::{ObjectStore, StoreError};
 
 /// Parts of one object requested from its holder at once.
 pub const PULL_PARTS_IN_FLIGHT: usize = 4;
+/// Objects pulled at once; more wait, by priority then arrival.
+pub const PULLS_AT_ONCE: usize = 2;
 /// Size of one part.
 const PART_BYTES: u64 = 8 << 20;
 /// Deadline of one part.
@@ -47,6 +49,45 @@ pub struct Transfers {
     pulling: Mutex<HashMap<ObjectId, watch::Receiver<Outcome>>>,
     /// Objects pulled since the node started.
     pulled: AtomicU64,
+    queue: Mutex<PullQueue>,
+}
+
+/// Pulls running, and those waiting to start (a `get`'s before a task
+/// argument's, then oldest first).
+#[derive(Default)]
+pub struct PullQueue {
+    running: usize,
+    arrivals: u64,
+    waiting: std::collections::BTreeMap<(PullPriority, u64), tokio::sync::oneshot::Sender<()>>,
+}
+
+impl PullQueue {
+    /// Starts a pull now if fewer than `limit` run; else a receiver that
+    /// fires when it may start.
+    pub fn admit(
+        &mut self,
+        priority: PullPriority,
+        limit: usize,
+    ) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        if self.running < limit {
+            self.running += 1;
+            return None;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.arrivals += 1;
+        self.waiting.insert((priority, self.arrivals), tx);
+        Some(rx)
+    }
+
+    /// A pull finished: the first waiting one takes its place.
+    pub fn release(&mut self) {
+        while let Some((_, next)) = self.waiting.pop_first() {
+            if next.send(()).is_ok() {
+                return;
+            }
+        }
+        self.running = self.running.saturating_sub(1);
+    }
 }
 
 fn unavailable(message: impl Into<String>) -> ServiceError {
@@ -78,6 +119,7 @@ impl Transfers {
             peers: Mutex::new(HashMap::new()),
             pulling: Mutex::new(HashMap::new()),
             pulled: AtomicU64::new(0),
+            queue: Mutex::new(PullQueue::default()),
         }
     }
 
@@ -96,6 +138,7 @@ impl Transfers {
         self: &Arc<Self>,
         id: ObjectId,
         from: StoredAt,
+        priority: PullPriority,
     ) -> Result<(PathBuf, u64), ServiceError> {
         if let Ok(found) = self.store().open(id) {
             return Ok(found);
@@ -111,7 +154,19 @@ impl Transfers {
                     // even if this asker goes away.
                     let this = Arc::clone(self);
                     tokio::spawn(async move {
+                        let turn = this
+                            .queue
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .admit(priority, PULLS_AT_ONCE);
+                        if let Some(turn) = turn {
+                            let _ = turn.await;
+                        }
                         let result = this.fetch(id, &from).await;
+                        this.queue
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .release();
                         if let Err(e) = &result {
                             tracing::warn!(%id, from = %from.node_address, error = %e, "pulling an object failed");
                         }
@@ -232,5 +287,28 @@ fn short(reply: &NodeReply) -> String {
             format!("a part of {} bytes of an object of {total}", data.len())
         }
         other => format!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queued_pulls_start_by_priority_then_arrival() {
+        let mut q = PullQueue::default();
+        assert!(q.admit(PullPriority::Argument, 1).is_none(), "a free slot");
+        let mut arg = q.admit(PullPriority::Argument, 1).expect("queued");
+        let mut get = q.admit(PullPriority::Get, 1).expect("queued");
+        let mut later_get = q.admit(PullPriority::Get, 1).expect("queued");
+        q.release();
+        assert!(get.try_recv().is_ok(), "a get goes first");
+        assert!(later_get.try_recv().is_err() && arg.try_recv().is_err());
+        q.release();
+        assert!(later_get.try_recv().is_ok(), "then the next get");
+        q.release();
+        assert!(arg.try_recv().is_ok(), "then task arguments");
+        q.release();
+        assert_eq!(q.running, 0);
     }
 }

@@ -44,7 +44,7 @@ pub use head::{
 };
 pub use hello::{HandshakeRefusal, Hello, HelloReply, Role, PROTOCOL_VERSION};
 pub use ids::*;
-pub use node::{NodeReply, NodeRequest};
+pub use node::{NodeReply, NodeRequest, PullPriority};
 pub use resources::ResourceSet;
 pub use rpc::{ReplyEnvelope, RequestEnvelope, ServiceError, ServiceErrorKind};
 pub use task::{

@@ -113,6 +113,9 @@ pub enum NodeRequest {
         id: ObjectId,
         /// Where its primary copy is.
         from: crate::task::StoredAt,
+        /// What the asker needs it for: pulls start in this order.
+        #[serde(default)]
+        priority: PullPriority,
     },
     /// Free objects.
     DeleteObjects {
@@ -136,6 +139,20 @@ pub enum NodeRequest {
         /// True when it starts waiting, false when it resumes.
         blocked: bool,
     },
+}
+
+/// Why an object is pulled: when pulls queue, a `get` goes before a task's
+/// arguments. (`wait` only checks readiness; it pulls nothing.)
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub enum PullPriority {
+    /// A program waits in `get`.
+    Get,
+    /// A task's argument.
+    #[default]
+    Argument,
 }
 
 /// A reply from a node daemon.

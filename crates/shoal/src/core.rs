@@ -42,6 +42,8 @@ pub(crate) type WorkerClient = RpcClient<WorkerRequest, WorkerReply>;
 pub const INLINE_BYTES_MAX: usize = 100 << 10;
 /// Bytes per part when moving large objects.
 const CHUNK_BYTES: u32 = 8 << 20;
+/// Pulls for a program waiting in `get` go first.
+const GET: shoal_proto::PullPriority = shoal_proto::PullPriority::Get;
 /// Longest a process waits for its node to pull an object from another.
 const PULL_TIMEOUT: Duration = Duration::from_secs(600);
 /// A pushed task may run this long before its caller gives up on the reply
@@ -937,13 +939,13 @@ impl Core {
         };
         let bytes = match state {
             ObjState::Inline(bytes) => crate::shm::Blob::Owned(bytes),
-            ObjState::Stored(at) => match self.fetch_stored(id, &at).await {
+            ObjState::Stored(at) => match self.fetch_stored(id, &at, GET).await {
                 Ok(bytes) => bytes,
                 // The copy is gone (its node died): a task result is made
                 // again from its lineage.
                 Err(Error::ObjectLost { reason, .. }) if slot.owned => {
                     let at = self.reconstruct(id, &at, reason).await?;
-                    self.fetch_stored(id, &at).await?
+                    self.fetch_stored(id, &at, GET).await?
                 }
                 // A borrowed copy is gone: ask its owner again (it may have
                 // rebuilt it, or be gone too).
@@ -951,7 +953,7 @@ impl Core {
                     match self.fetch_from_owner(id, owner).await {
                         ObjState::Stored(now) if now != at => {
                             slot.set(ObjState::Stored(now.clone()));
-                            self.fetch_stored(id, &now).await?
+                            self.fetch_stored(id, &now, GET).await?
                         }
                         ObjState::OwnerDied(why) => {
                             slot.set(ObjState::OwnerDied(why.clone()));
@@ -1032,7 +1034,12 @@ impl Core {
 
     /// Maps a large object from this process's home node store, on its
     /// host; an object stored elsewhere is pulled there first.
-    async fn map_local(&self, id: ObjectId, at: &StoredAt) -> Option<crate::shm::Blob> {
+    async fn map_local(
+        &self,
+        id: ObjectId,
+        at: &StoredAt,
+        priority: shoal_proto::PullPriority,
+    ) -> Option<crate::shm::Blob> {
         self.local_store().await?;
         let node = self.node(&self.home.address).await.ok()?;
         let ask = if at.node_id == self.home.node_id {
@@ -1041,6 +1048,7 @@ impl Core {
             NodeRequest::PullObject {
                 id,
                 from: at.clone(),
+                priority,
             }
         };
         let (path, size) = match node.call(&ask, PULL_TIMEOUT).await {
@@ -1069,8 +1077,9 @@ impl Core {
         &self,
         id: ObjectId,
         at: &StoredAt,
+        priority: shoal_proto::PullPriority,
     ) -> Result<crate::shm::Blob> {
-        if let Some(mapped) = self.map_local(id, at).await {
+        if let Some(mapped) = self.map_local(id, at, priority).await {
             return Ok(mapped);
         }
         self.read_stored(id, at).await.map(crate::shm::Blob::from)
@@ -1201,7 +1210,8 @@ impl Core {
             node_address: self.home.address.clone(),
             size,
         };
-        self.objects.insert(id, Slot::new(ObjState::Stored(at), true));
+        self.objects
+            .insert(id, Slot::new(ObjState::Stored(at), true));
         self.refs.add_local(id);
         Ok(Some(id))
     }
@@ -1327,7 +1337,10 @@ impl Core {
         for arg in args {
             match arg {
                 ArgSpec::Inline(bytes) => out.push(crate::shm::Blob::from(bytes.clone())),
-                ArgSpec::Stored { id, at } => out.push(self.fetch_stored(*id, at).await?),
+                ArgSpec::Stored { id, at } => out.push(
+                    self.fetch_stored(*id, at, shoal_proto::PullPriority::Argument)
+                        .await?,
+                ),
             }
         }
         Ok(out)

@@ -36,7 +36,10 @@ pub fn encoded_len<T: Serialize + ?Sized>(value: &T) -> Result<u64, String> {
 
 /// Encodes a value if its encoding is at most `limit` bytes; `Ok(None)`
 /// when it is larger (nothing more than `limit` bytes is buffered).
-pub fn encode_small<T: Serialize + ?Sized>(value: &T, limit: usize) -> Result<Option<Vec<u8>>, String> {
+pub fn encode_small<T: Serialize + ?Sized>(
+    value: &T,
+    limit: usize,
+) -> Result<Option<Vec<u8>>, String> {
     struct Limited {
         out: Vec<u8>,
         limit: usize,
