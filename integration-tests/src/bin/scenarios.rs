@@ -258,6 +258,20 @@ impl Recorder {
         ms
     }
 
+    /// Returns once `path` exists (polled, at most a minute): a gate the
+    /// driver opens when it is ready. `&mut self`: no other call runs
+    /// meanwhile.
+    pub fn wait_for_file(&mut self, path: String) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !std::path::Path::new(&path).exists() {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
     pub fn explode(&self, why: String) -> u32 {
         panic!("actor method exploded: {why}");
     }
@@ -680,8 +694,20 @@ fn main() -> shoal::Result<()> {
         }
         "actor-pending" => {
             let recorder = Recorder::options().max_pending_calls(100).remote(1)?;
-            let calls: Vec<_> = (0..1000).map(|_| recorder.nap(20)).collect();
+            // The first call holds the actor until every call is made, so
+            // none is answered meanwhile: exactly 100 are accepted.
+            let gate = std::env::temp_dir().join(format!("shoal-gate-{}", std::process::id()));
+            let _ = std::fs::remove_file(&gate);
+            let held = recorder.wait_for_file(gate.display().to_string());
+            let calls: Vec<_> = (1..1000).map(|_| recorder.nap(1)).collect();
+            std::fs::write(&gate, b"open").expect("open the gate");
             let (mut ok, mut refused, mut other) = (0, 0, Vec::new());
+            match held.get() {
+                Ok(true) => ok += 1,
+                Ok(false) => other.push("the gate never opened".to_string()),
+                Err(e) => other.push(e.to_string()),
+            }
+            let _ = std::fs::remove_file(&gate);
             for call in &calls {
                 match call.get() {
                     Ok(_) => ok += 1,
