@@ -5,7 +5,7 @@ CARGO ?= cargo
 export CARGO_BUILD_JOBS ?= 2
 SHOAL := target/debug/shoal
 
-.PHONY: build test lint fmt demo demo-cluster clean
+.PHONY: build test lint fmt demo demo-cluster bench clean
 
 build:
 	$(CARGO) build --workspace
@@ -38,6 +38,13 @@ demo-cluster: build
 	$(SHOAL) status --session-dir "$$root" && \
 	SHOAL_ADDRESS="$$(cat $$root/session_latest/head_address)" SHOAL_SESSION_DIR="$$root" SHOAL_LOG=warn target/debug/wordcount && \
 	$(SHOAL) stop --session-dir "$$root"
+
+# Ray's microbenchmark metric set on a local cluster with worker processes
+# (release build; about 4 minutes on 2 cores). BENCH_ARGS=--json for JSON;
+# SHOAL_BENCH_FILTER=substring for a subset.
+bench:
+	$(CARGO) build --release -p shoal-cli
+	target/release/shoal microbenchmark $(BENCH_ARGS)
 
 clean:
 	$(CARGO) clean

@@ -6,12 +6,13 @@
 //! Modules:
 //! - `cluster_file`: the TOML cluster file read by `--config`;
 //! - `session`: the session directory (pid files, logs, token, addresses);
-//! - `start`, `stop`, `status`, `list`: one per subcommand;
+//! - `start`, `stop`, `status`, `list`, `microbenchmark`: one per subcommand;
 //! - `logging`: `tracing` set up from `SHOAL_LOG` or `RUST_LOG`.
 
 mod cluster_file;
 mod list;
 mod logging;
+mod microbenchmark;
 mod session;
 mod start;
 mod status;
@@ -44,6 +45,9 @@ enum Command {
     Status(status::StatusArgs),
     /// List what the cluster holds: `shoal list actors|objects [--json]`.
     List(list::ListArgs),
+    /// Run Ray's microbenchmark metric set on a local cluster (worker
+    /// processes); `SHOAL_BENCH_FILTER=substring` runs a subset.
+    Microbenchmark(microbenchmark::MicrobenchmarkArgs),
 }
 
 /// Where session directories live unless `--session-dir` says otherwise.
@@ -59,12 +63,16 @@ pub struct SessionArgs {
 }
 
 fn main() -> ExitCode {
+    // This binary carries the benchmark's remote functions and actors: run
+    // as a worker by a node daemon, it serves them instead.
+    shoal::__private::run_worker_if_worker();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Start(args) => start::run(args),
         Command::Stop(args) => stop::run(args),
         Command::Status(args) => status::run(args),
         Command::List(args) => list::run(args),
+        Command::Microbenchmark(args) => microbenchmark::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,453 @@
+//! `shoal microbenchmark`: Ray's microbenchmark metric set, on a local
+//! cluster with worker processes (this binary re-run in worker mode).
+//!
+//! Method (as Ray's): each metric runs its operation in a loop for a 1 s
+//! warm-up, then 4 rounds of 2 s (both scaled by `--duration-scale`); a
+//! round's rate is operations x the metric's multiplier / seconds. Printed
+//! as `NAME per second MEAN +- SD`. `SHOAL_BENCH_FILTER=substring` runs the
+//! metrics whose name contains it.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use shoal::prelude::*;
+use shoal::{ActorHandle, Buffer};
+
+#[derive(Debug, clap::Args)]
+pub struct MicrobenchmarkArgs {
+    /// Print the figures as JSON (one object with a row per metric).
+    #[arg(long)]
+    json: bool,
+    /// Scale every duration (warm-up and rounds) by this factor; a small one
+    /// (0.01) only proves each metric runs.
+    #[arg(long, value_name = "F", default_value_t = 1.0)]
+    duration_scale: f64,
+    /// Scale the number of calls, tasks and puts in one operation (at least
+    /// one each); the figures stay per call. Below 1 only for smoke runs:
+    /// the metrics are defined at 1.
+    #[arg(long, value_name = "F", default_value_t = 1.0)]
+    batch_scale: f64,
+}
+
+/// The small value Ray's workloads return.
+fn ok() -> Vec<u8> {
+    b"ok".to_vec()
+}
+
+#[shoal::remote]
+fn small_value() -> Vec<u8> {
+    ok()
+}
+
+#[shoal::remote]
+fn small_value_arg(_x: Buffer) -> Vec<u8> {
+    ok()
+}
+
+#[shoal::remote(num_cpus = 0)]
+fn do_puts(n: u32) -> u32 {
+    for _ in 0..n {
+        drop(shoal::put(0u64).expect("put"));
+    }
+    n
+}
+
+#[shoal::remote(num_cpus = 0)]
+fn do_large_puts(n: u32, bytes: u64) -> u32 {
+    for _ in 0..n {
+        drop(shoal::put(Buffer::from_vec(vec![0u8; bytes as usize])).expect("put"));
+    }
+    n
+}
+
+#[shoal::remote(num_cpus = 0)]
+fn call_actors(actors: Vec<ActorHandle<Sink>>, calls: u32) -> u32 {
+    let refs: Vec<_> = (0..calls)
+        .map(|i| actors[i as usize % actors.len()].small_value())
+        .collect();
+    shoal::get_all(&refs).expect("calls").len() as u32
+}
+
+#[shoal::remote(num_cpus = 0)]
+fn call_async_actors(actors: Vec<ActorHandle<AsyncSink>>, calls: u32) -> u32 {
+    let refs: Vec<_> = (0..calls)
+        .map(|i| actors[i as usize % actors.len()].small_value())
+        .collect();
+    shoal::get_all(&refs).expect("calls").len() as u32
+}
+
+/// An actor whose methods return the small value.
+#[shoal::actor]
+pub struct Sink;
+
+#[shoal::actor]
+impl Sink {
+    pub fn new() -> Self {
+        Sink
+    }
+
+    pub fn small_value(&self) -> Vec<u8> {
+        ok()
+    }
+
+    pub fn small_value_arg(&self, _x: Buffer) -> Vec<u8> {
+        ok()
+    }
+}
+
+/// The same with `async fn` methods.
+#[shoal::actor]
+pub struct AsyncSink;
+
+#[shoal::actor]
+impl AsyncSink {
+    pub fn new() -> Self {
+        AsyncSink
+    }
+
+    pub async fn small_value(&self) -> Vec<u8> {
+        ok()
+    }
+
+    pub async fn small_value_arg(&self, _x: Buffer) -> Vec<u8> {
+        ok()
+    }
+}
+
+/// An actor that calls other actors, or submits tasks, from its process.
+#[shoal::actor]
+pub struct Client {
+    sinks: Vec<ActorHandle<Sink>>,
+    async_sinks: Vec<ActorHandle<AsyncSink>>,
+}
+
+#[shoal::actor]
+impl Client {
+    pub fn new(sinks: Vec<ActorHandle<Sink>>, async_sinks: Vec<ActorHandle<AsyncSink>>) -> Self {
+        Client { sinks, async_sinks }
+    }
+
+    /// `calls` calls to each sink, then get them all.
+    pub fn call_each(&self, calls: u32) -> u32 {
+        let mut refs = Vec::new();
+        for sink in &self.sinks {
+            refs.extend((0..calls).map(|_| sink.small_value()));
+        }
+        let mut async_refs = Vec::new();
+        for sink in &self.async_sinks {
+            async_refs.extend((0..calls).map(|_| sink.small_value()));
+        }
+        (shoal::get_all(&refs).expect("calls").len()
+            + shoal::get_all(&async_refs).expect("calls").len()) as u32
+    }
+
+    /// `calls` calls with a put object as argument to each sink.
+    pub fn call_each_with_arg(&self, calls: u32) -> u32 {
+        let arg = shoal::put(Buffer::from_vec(vec![0u8; 1024])).expect("put");
+        let mut refs = Vec::new();
+        for sink in &self.sinks {
+            refs.extend((0..calls).map(|_| sink.small_value_arg(&arg)));
+        }
+        shoal::get_all(&refs).expect("calls").len() as u32
+    }
+
+    /// Submits `n` small tasks and gets them.
+    pub fn submit_tasks(&self, n: u32) -> u32 {
+        let refs: Vec<_> = (0..n).map(|_| small_value::remote()).collect();
+        shoal::get_all(&refs).expect("tasks").len() as u32
+    }
+}
+
+/// One metric's result.
+struct Figure {
+    name: String,
+    mean: f64,
+    sd: f64,
+}
+
+struct Bench {
+    scale: f64,
+    filter: Option<String>,
+    figures: Vec<Figure>,
+    json: bool,
+}
+
+impl Bench {
+    fn wanted(&self, name: &str) -> bool {
+        self.filter
+            .as_ref()
+            .is_none_or(|f| name.contains(f.as_str()))
+    }
+
+    /// Runs `op` (worth `multiplier` of the metric's unit) for the warm-up
+    /// and the 4 rounds; each round runs it at least once.
+    fn run(
+        &mut self,
+        name: &str,
+        multiplier: f64,
+        mut op: impl FnMut() -> Result<()>,
+    ) -> Result<()> {
+        if !self.wanted(name) {
+            return Ok(());
+        }
+        let timed = |secs: f64, op: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+            let limit = Duration::from_secs_f64(secs * self.scale);
+            let start = Instant::now();
+            let mut count = 0u64;
+            while count == 0 || start.elapsed() < limit {
+                op().with_context(|| name.to_string())?;
+                count += 1;
+            }
+            Ok(count as f64 * multiplier / start.elapsed().as_secs_f64())
+        };
+        timed(1.0, &mut op)?;
+        let rounds = (0..4)
+            .map(|_| timed(2.0, &mut op))
+            .collect::<Result<Vec<f64>>>()?;
+        let mean = rounds.iter().sum::<f64>() / rounds.len() as f64;
+        let var = rounds.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / rounds.len() as f64;
+        let figure = Figure {
+            name: name.to_string(),
+            mean,
+            sd: var.sqrt(),
+        };
+        if !self.json {
+            println!(
+                "{} per second {:.2} +- {:.2}",
+                figure.name, figure.mean, figure.sd
+            );
+        }
+        self.figures.push(figure);
+        Ok(())
+    }
+}
+
+fn get_ok<T: serde::de::DeserializeOwned + Send + 'static>(r: ObjectRef<T>) -> Result<()> {
+    r.get()?;
+    Ok(())
+}
+
+pub fn run(args: MicrobenchmarkArgs) -> Result<()> {
+    let cpus = shoal_node::machine::detect_cpus().max(2);
+    let _shoal = shoal::init(shoal::Config::local().worker_processes(true))
+        .context("starting a local cluster")?;
+    let mut b = Bench {
+        scale: args.duration_scale.max(0.0),
+        filter: std::env::var("SHOAL_BENCH_FILTER")
+            .ok()
+            .filter(|f| !f.is_empty()),
+        figures: Vec::new(),
+        json: args.json,
+    };
+    let n = (cpus / 2).max(1);
+    let batch = args.batch_scale.clamp(0.0, 1.0);
+    let k = |count: u32| ((f64::from(count) * batch).round() as u32).max(1);
+    let (k10, k100, k1000, k5000, k10k) = (k(10), k(100), k(1000), k(5000), k(10_000));
+
+    // Objects.
+    let small = shoal::put(ok())?;
+    b.run("single client get calls (Plasma Store)", 1.0, || {
+        small.get()?;
+        Ok(())
+    })?;
+    b.run("single client put calls (Plasma Store)", 1.0, || {
+        drop(shoal::put(0u64)?);
+        Ok(())
+    })?;
+    b.run(
+        "multi client put calls (Plasma Store)",
+        f64::from(k10 * k100),
+        || {
+            let refs: Vec<_> = (0..k10).map(|_| do_puts::remote(k100)).collect();
+            shoal::get_all(&refs)?;
+            Ok(())
+        },
+    )?;
+    b.run("single client put gigabytes", 0.8, || {
+        drop(shoal::put(Buffer::from_vec(vec![0u8; 800_000_000]))?);
+        Ok(())
+    })?;
+    b.run("single client tasks and get batch", 1.0, || {
+        let refs: Vec<_> = (0..k1000).map(|_| small_value::remote()).collect();
+        shoal::get_all(&refs)?;
+        Ok(())
+    })?;
+    b.run(
+        "multi client put gigabytes",
+        f64::from(k10 * k10) * 0.08,
+        || {
+            let refs: Vec<_> = (0..k10)
+                .map(|_| do_large_puts::remote(k10, 80_000_000u64))
+                .collect();
+            shoal::get_all(&refs)?;
+            Ok(())
+        },
+    )?;
+    if b.wanted("single client get object containing 10k refs") {
+        let refs: Vec<ObjectRef<Vec<u8>>> = (0..k10k)
+            .map(|_| shoal::put(ok()))
+            .collect::<shoal::Result<_>>()?;
+        let holder = shoal::put(refs)?;
+        b.run("single client get object containing 10k refs", 1.0, || {
+            let got: Vec<ObjectRef<Vec<u8>>> = holder.get()?;
+            anyhow::ensure!(got.len() == k10k as usize, "got {} refs", got.len());
+            Ok(())
+        })?;
+    }
+    b.run("single client wait 1k refs", 1.0, || {
+        let mut pending: Vec<_> = (0..k1000).map(|_| small_value::remote()).collect();
+        while !pending.is_empty() {
+            let (_, rest) = shoal::wait(&pending, 1, None)?;
+            pending = rest;
+        }
+        Ok(())
+    })?;
+
+    // Tasks.
+    b.run("single client tasks sync", 1.0, || {
+        get_ok(small_value::remote())
+    })?;
+    b.run("single client tasks async", f64::from(k1000), || {
+        let refs: Vec<_> = (0..k1000).map(|_| small_value::remote()).collect();
+        shoal::get_all(&refs)?;
+        Ok(())
+    })?;
+    if b.wanted("multi client tasks async") {
+        let clients: Vec<_> = (0..4)
+            .map(|_| {
+                Client::remote(
+                    Vec::<ActorHandle<Sink>>::new(),
+                    Vec::<ActorHandle<AsyncSink>>::new(),
+                )
+            })
+            .collect::<shoal::Result<_>>()?;
+        b.run("multi client tasks async", f64::from(4 * k10k), || {
+            let refs: Vec<_> = clients.iter().map(|c| c.submit_tasks(k10k)).collect();
+            shoal::get_all(&refs)?;
+            Ok(())
+        })?;
+    }
+
+    // Actors.
+    let sink = Sink::remote()?;
+    b.run("1:1 actor calls sync", 1.0, || get_ok(sink.small_value()))?;
+    b.run("1:1 actor calls async", f64::from(k1000), || {
+        let refs: Vec<_> = (0..k1000).map(|_| sink.small_value()).collect();
+        shoal::get_all(&refs)?;
+        Ok(())
+    })?;
+    if b.wanted("1:1 actor calls concurrent") {
+        let concurrent = Sink::options().max_concurrency(16).remote()?;
+        b.run("1:1 actor calls concurrent", f64::from(k1000), || {
+            let refs: Vec<_> = (0..k1000).map(|_| concurrent.small_value()).collect();
+            shoal::get_all(&refs)?;
+            Ok(())
+        })?;
+    }
+    if b.wanted("1:n actor calls async") {
+        let sinks: Vec<_> = (0..n)
+            .map(|_| Sink::remote())
+            .collect::<shoal::Result<_>>()?;
+        let client = Client::remote(sinks, Vec::<ActorHandle<AsyncSink>>::new())?;
+        b.run("1:n actor calls async", f64::from(k5000) * n as f64, || {
+            get_ok(client.call_each(k5000))
+        })?;
+    }
+    if b.wanted("n:n actor calls async") {
+        let sinks: Vec<_> = (0..n)
+            .map(|_| Sink::remote())
+            .collect::<shoal::Result<_>>()?;
+        b.run("n:n actor calls async", f64::from(4 * k5000), || {
+            let refs: Vec<_> = (0..4)
+                .map(|_| call_actors::remote(sinks.clone(), k5000))
+                .collect();
+            shoal::get_all(&refs)?;
+            Ok(())
+        })?;
+    }
+    if b.wanted("n:n actor calls with arg async") {
+        let clients: Vec<_> = (0..n)
+            .map(|_| Client::remote(vec![Sink::remote()?], Vec::<ActorHandle<AsyncSink>>::new()))
+            .collect::<shoal::Result<_>>()?;
+        b.run(
+            "n:n actor calls with arg async",
+            f64::from(k1000) * n as f64,
+            || {
+                let refs: Vec<_> = clients
+                    .iter()
+                    .map(|c| c.call_each_with_arg(k1000))
+                    .collect();
+                shoal::get_all(&refs)?;
+                Ok(())
+            },
+        )?;
+    }
+    let async_sink = AsyncSink::remote()?;
+    b.run("1:1 async-actor calls sync", 1.0, || {
+        get_ok(async_sink.small_value())
+    })?;
+    b.run("1:1 async-actor calls async", f64::from(k1000), || {
+        let refs: Vec<_> = (0..k1000).map(|_| async_sink.small_value()).collect();
+        shoal::get_all(&refs)?;
+        Ok(())
+    })?;
+    if b.wanted("1:1 async-actor calls with args async") {
+        let arg = shoal::put(Buffer::from_vec(vec![0u8; 1024]))?;
+        b.run(
+            "1:1 async-actor calls with args async",
+            f64::from(k1000),
+            || {
+                let refs: Vec<_> = (0..k1000)
+                    .map(|_| async_sink.small_value_arg(&arg))
+                    .collect();
+                shoal::get_all(&refs)?;
+                Ok(())
+            },
+        )?;
+    }
+    if b.wanted("1:n async-actor calls async") {
+        let sinks: Vec<_> = (0..n)
+            .map(|_| AsyncSink::remote())
+            .collect::<shoal::Result<_>>()?;
+        let client = Client::remote(Vec::<ActorHandle<Sink>>::new(), sinks)?;
+        b.run(
+            "1:n async-actor calls async",
+            f64::from(k5000) * n as f64,
+            || get_ok(client.call_each(k5000)),
+        )?;
+    }
+    if b.wanted("n:n async-actor calls async") {
+        let sinks: Vec<_> = (0..n)
+            .map(|_| AsyncSink::remote())
+            .collect::<shoal::Result<_>>()?;
+        b.run("n:n async-actor calls async", f64::from(4 * k5000), || {
+            let refs: Vec<_> = (0..4)
+                .map(|_| call_async_actors::remote(sinks.clone(), k5000))
+                .collect();
+            shoal::get_all(&refs)?;
+            Ok(())
+        })?;
+    }
+    let skipped = "placement group create/removal";
+    if b.wanted(skipped) && !args.json {
+        println!("{skipped} skipped: placement groups not implemented");
+    }
+    if args.json {
+        let rows: Vec<_> = b
+            .figures
+            .iter()
+            .map(|f| json!({"name": f.name, "per_second": f.mean, "sd": f.sd}))
+            .collect();
+        let skipped_rows: Vec<_> = b
+            .wanted(skipped)
+            .then(|| json!({"name": skipped, "skipped": "placement groups not implemented"}))
+            .into_iter()
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"metrics": rows, "skipped": skipped_rows}))?
+        );
+    }
+    Ok(())
+}
