@@ -77,7 +77,8 @@ fn the_filter_runs_a_subset_and_json_lists_it() {
         &[("SHOAL_BENCH_FILTER", "tasks sync".to_string())],
         Duration::from_secs(300),
     );
-    let json: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let json: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
     let names: Vec<&str> = json["metrics"]
         .as_array()
         .expect("metrics")
@@ -85,5 +86,7 @@ fn the_filter_runs_a_subset_and_json_lists_it() {
         .filter_map(|m| m["name"].as_str())
         .collect();
     assert_eq!(names, vec!["single client tasks sync"], "{json}");
-    assert!(json["metrics"][0]["per_second"].as_f64().is_some_and(|r| r > 0.0));
+    assert!(json["metrics"][0]["per_second"]
+        .as_f64()
+        .is_some_and(|r| r > 0.0));
 }
