@@ -27,13 +27,14 @@ use shoal_proto::{
     ActorId, Address, ArgSpec, FailureKind, HeadReply, HeadRequest, NodeReply, NodeRequest,
     ResourceSet, TaskFailure, TaskId, TaskOutcome, TaskReply, WorkerId, WorkerReply, WorkerRequest,
 };
-use tokio::sync::{watch, RwLock, Semaphore};
+use tokio::sync::{RwLock, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::core::{self, Core, Executor, ObjState};
 use crate::error::{Error, Result};
 use crate::object_ref::{ArgValue, ObjectRef};
 use crate::registry::{self, ActorClass, ActorState, MethodInvoker};
+use crate::turns::Turns;
 
 /// The namespace of actor names when none is given.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -232,7 +233,7 @@ struct Caller {
     /// The next sequence number whose request may go out: requests leave in
     /// order, so the host's wait for a caller's earlier calls always ends
     /// (it never waits on a request stuck behind the stream limit).
-    sent: watch::Sender<u64>,
+    sent: Turns,
     /// Calls made and not yet answered.
     pending: AtomicU32,
     max_pending: Option<u32>,
@@ -247,12 +248,12 @@ struct Caller {
 impl Caller {
     /// Waits until the request of call `seq` may go out.
     async fn wait_turn(&self, seq: u64) {
-        let _ = self.sent.subscribe().wait_for(|next| *next >= seq).await;
+        self.sent.wait(seq).await;
     }
 
     /// Lets the request of the call after `seq` go out.
     fn pass_turn(&self, seq: u64) {
-        self.sent.send_modify(|next| *next = (*next).max(seq + 1));
+        self.sent.pass(seq);
     }
 
     fn location(&self) -> Arc<Location> {
@@ -285,7 +286,7 @@ impl RawActor {
         }
         let caller = Arc::new(Caller {
             seq: AtomicU64::new(0),
-            sent: watch::channel(0).0,
+            sent: Turns::default(),
             pending: AtomicU32::new(0),
             max_pending: wire.max_pending_calls,
             max_restarts: wire.max_restarts,
@@ -979,7 +980,7 @@ pub(crate) struct Hosted {
     state: Arc<RwLock<ActorState>>,
     permits: Arc<Semaphore>,
     /// Per caller: the next sequence number allowed to start.
-    callers: Mutex<HashMap<WorkerId, watch::Sender<u64>>>,
+    callers: Mutex<HashMap<WorkerId, Arc<Turns>>>,
 }
 
 /// The actors this worker hosts.
@@ -1105,14 +1106,10 @@ impl Host {
         };
         let turn = {
             let mut callers = hosted.callers.lock().unwrap_or_else(|e| e.into_inner());
-            callers
-                .entry(call.caller)
-                .or_insert_with(|| watch::channel(0).0)
-                .clone()
+            callers.entry(call.caller).or_default().clone()
         };
-        let mut turn_rx = turn.subscribe();
-        let _ = turn_rx.wait_for(|next| *next >= call.seq).await;
-        let advance = || turn.send_modify(|next| *next = (*next).max(call.seq + 1));
+        turn.wait(call.seq).await;
+        let advance = || turn.pass(call.seq);
         let args = match args {
             None => {
                 advance();

@@ -56,6 +56,7 @@ pub mod object_ref;
 mod options;
 pub mod registry;
 mod shm;
+mod turns;
 mod worker;
 
 use std::sync::Arc;
