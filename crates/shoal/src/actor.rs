@@ -27,6 +27,7 @@ use shoal_proto::{
     ActorId, Address, ArgSpec, FailureKind, HeadReply, HeadRequest, NodeReply, NodeRequest,
     ResourceSet, TaskFailure, TaskId, TaskOutcome, TaskReply, WorkerId, WorkerReply, WorkerRequest,
 };
+use std::future::Future;
 use tokio::sync::{RwLock, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -981,6 +982,59 @@ pub(crate) struct Hosted {
     permits: Arc<Semaphore>,
     /// Per caller: the next sequence number allowed to start.
     callers: Mutex<HashMap<WorkerId, Arc<Turns>>>,
+    /// For an actor of sync methods that runs one call at a time: its own
+    /// thread, fed calls in order (the next call is queued while this one
+    /// runs, so back-to-back calls cost no thread hand-offs).
+    lane: Option<Lane>,
+}
+
+/// A call queued on an actor's own thread.
+type LaneJob = Box<dyn FnOnce() + Send>;
+
+/// An actor's own thread; it ends when the actor is dropped.
+struct Lane {
+    jobs: std::sync::mpsc::Sender<LaneJob>,
+}
+
+impl Lane {
+    fn start(class: &str) -> std::io::Result<Self> {
+        let (jobs, queue) = std::sync::mpsc::channel::<LaneJob>();
+        std::thread::Builder::new()
+            .name(format!(
+                "actor {}",
+                class.rsplit("::").next().unwrap_or(class)
+            ))
+            .spawn(move || {
+                while let Ok(job) = queue.recv() {
+                    job();
+                }
+            })?;
+        Ok(Self { jobs })
+    }
+
+    /// Queues `f` on the actor's thread, after the calls queued before it
+    /// (the queueing is done when this returns); the future is its result.
+    fn queue(
+        &self,
+        running: core::Running,
+        f: impl FnOnce() -> crate::registry::Invocation + Send + 'static,
+    ) -> impl Future<Output = Invoked> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: LaneJob = Box::new(move || {
+            let out = core::with_current_task(running, || {
+                std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|_| crate::exec::take_panic())
+            });
+            let _ = tx.send(out);
+        });
+        let stopped = || Err(("the actor's thread has stopped".into(), String::new()));
+        let sent = self.jobs.send(job).is_ok();
+        async move {
+            if !sent {
+                return stopped();
+            }
+            rx.await.unwrap_or_else(|_| stopped())
+        }
+    }
 }
 
 /// The actors this worker hosts.
@@ -1059,12 +1113,30 @@ impl Host {
                 )
             }
         };
+        let all_sync = class
+            .methods
+            .iter()
+            .all(|(_, m)| matches!(m, MethodInvoker::Ref(_) | MethodInvoker::Mut(_)));
+        let lane = if max_concurrency <= 1 && all_sync {
+            match Lane::start(class.name) {
+                Ok(lane) => Some(lane),
+                Err(e) => {
+                    return fail(
+                        FailureKind::Panic,
+                        format!("cannot start the actor's thread: {e}"),
+                    )
+                }
+            }
+        } else {
+            None
+        };
         let hosted = Hosted {
             class,
             incarnation,
             state: Arc::new(RwLock::new(state)),
             permits: Arc::new(Semaphore::new(max_concurrency.max(1) as usize)),
             callers: Mutex::new(HashMap::new()),
+            lane,
         };
         self.actors.insert(actor_id, Arc::new(hosted));
         None
@@ -1151,14 +1223,45 @@ impl Host {
             );
             return Ok(reply(TaskOutcome::Failed(f)));
         };
-        // Our place is taken once we hold a permit and the lock; only then
-        // may the caller's next call start competing.
-        let permit = Arc::clone(&hosted.permits).acquire_owned().await;
         let state = Arc::clone(&hosted.state);
         let running = core::Running {
             task: call.task_id,
             executor,
         };
+        // On the actor's own thread, the place in line is taken by queueing.
+        if let Some(lane) = &hosted.lane {
+            let method: Box<dyn FnOnce() -> crate::registry::Invocation + Send> = match invoker {
+                MethodInvoker::Ref(f) => {
+                    let f = *f;
+                    Box::new(move || f(&state.blocking_read(), args))
+                }
+                MethodInvoker::Mut(f) => {
+                    let f = *f;
+                    Box::new(move || f(&mut state.blocking_write(), args))
+                }
+                MethodInvoker::AsyncRef(_) | MethodInvoker::AsyncMut(_) => {
+                    advance();
+                    let f = failure(
+                        FailureKind::Panic,
+                        &function,
+                        call.task_id,
+                        executor,
+                        "an async method on an actor run by its own thread".into(),
+                    );
+                    return Ok(reply(TaskOutcome::Failed(f)));
+                }
+            };
+            let queued = lane.queue(running, method);
+            advance();
+            let outcome = queued.await;
+            return Ok(reply(
+                self.outcome(core, &call, &function, executor, outcome)
+                    .await,
+            ));
+        }
+        // Our place is taken once we hold a permit and the lock; only then
+        // may the caller's next call start competing.
+        let permit = Arc::clone(&hosted.permits).acquire_owned().await;
         let outcome = match invoker {
             MethodInvoker::Ref(f) => {
                 let guard = state.read_owned().await;
@@ -1184,27 +1287,38 @@ impl Host {
             }
         };
         drop(permit);
-        let outcome = match outcome {
+        Ok(reply(
+            self.outcome(core, &call, &function, executor, outcome)
+                .await,
+        ))
+    }
+
+    /// What a call's invocation made of its result.
+    async fn outcome(
+        &self,
+        core: &Arc<Core>,
+        call: &ActorCall,
+        function: &str,
+        executor: Executor,
+        outcome: Invoked,
+    ) -> TaskOutcome {
+        match outcome {
             Ok(Ok(bytes)) => {
                 core.outcome_of(
                     call.task_id.return_object(0),
                     bytes,
-                    (&function, call.task_id, None),
+                    (function, call.task_id, None),
                     executor,
                 )
                 .await
             }
-            Ok(Err(e)) => TaskOutcome::Failed(failure(
-                e.kind,
-                &function,
-                call.task_id,
-                executor,
-                e.message,
-            )),
+            Ok(Err(e)) => {
+                TaskOutcome::Failed(failure(e.kind, function, call.task_id, executor, e.message))
+            }
             Err((message, backtrace)) => {
                 let mut f = failure(
                     FailureKind::Panic,
-                    &function,
+                    function,
                     call.task_id,
                     executor,
                     message,
@@ -1212,8 +1326,7 @@ impl Host {
                 f.backtrace = Some(backtrace);
                 TaskOutcome::Failed(f)
             }
-        };
-        Ok(reply(outcome))
+        }
     }
 }
 

@@ -1315,6 +1315,39 @@ impl Core {
         }
     }
 
+    /// Keeps a small encoded value this process owns (no runtime involved).
+    pub(crate) fn put_inline(&self, bytes: Vec<u8>) -> ObjectId {
+        let id = self.next_put_id();
+        self.objects
+            .insert(id, Slot::new(ObjState::Inline(Arc::new(bytes)), true));
+        self.refs.add_local(id);
+        id
+    }
+
+    /// The value of an object already here in memory (or its failure),
+    /// without the runtime: `None` when it must be waited for or read
+    /// from a store.
+    pub(crate) fn try_get_here<T: DeserializeOwned>(&self, id: ObjectId) -> Option<Result<T>> {
+        let state = {
+            let slot = self.objects.get(&id)?;
+            let state = slot.state.lock().unwrap_or_else(|e| e.into_inner());
+            match &*state {
+                ObjState::Inline(bytes) => Ok(Arc::clone(bytes)),
+                ObjState::Failed(f) => Err(Error::from_failure(f.clone())),
+                ObjState::Pending
+                | ObjState::Stored(_)
+                | ObjState::Lost(_)
+                | ObjState::OwnerDied(_) => return None,
+            }
+        };
+        Some(state.and_then(|bytes| {
+            crate::shm::decode(&crate::shm::Blob::Owned(bytes)).map_err(|message| Error::Decode {
+                what: format!("object {id} as {}", std::any::type_name::<T>()),
+                message,
+            })
+        }))
+    }
+
     /// Stores a value this process owns.
     pub(crate) async fn put_bytes(self: &Arc<Self>, bytes: Vec<u8>) -> Result<ObjectId> {
         let id = self.next_put_id();

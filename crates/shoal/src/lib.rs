@@ -291,11 +291,22 @@ pub fn get<T: DeserializeOwned + Send + 'static>(object: &ObjectRef<T>) -> Resul
 /// Waits for every object, in order, and returns their values.
 pub fn get_all<T: DeserializeOwned + Send + 'static>(objects: &[ObjectRef<T>]) -> Result<Vec<T>> {
     let core = core::get()?;
-    let parts: Vec<_> = objects.iter().map(object_ref::parts).collect();
+    // The values already here are decoded on this thread; the runtime only
+    // waits for the rest.
+    let mut out = Vec::with_capacity(objects.len());
+    for object in objects {
+        match core.try_get_here::<T>(object.id()) {
+            Some(value) => out.push(value?),
+            None => break,
+        }
+    }
+    if out.len() == objects.len() {
+        return Ok(out);
+    }
+    let parts: Vec<_> = objects[out.len()..].iter().map(object_ref::parts).collect();
     let executor = core::current_executor();
     core.block_on(async move {
         let core = core::get()?;
-        let mut out = Vec::with_capacity(parts.len());
         for (id, owner) in &parts {
             out.push(core.get_value::<T>(*id, owner, None, executor).await?);
         }
@@ -324,8 +335,12 @@ pub fn put<T: Serialize + Send + 'static>(value: T) -> Result<ObjectRef<T>> {
             exec::encode(&value).map_err(encode_error)?
         }
     };
-    let core2 = Arc::clone(&core);
-    let id = core.block_on(async move { core2.put_bytes(bytes).await })?;
+    let id = if bytes.len() <= core::INLINE_BYTES_MAX {
+        core.put_inline(bytes)
+    } else {
+        let core2 = Arc::clone(&core);
+        core.block_on(async move { core2.put_bytes(bytes).await })?
+    };
     Ok(ObjectRef::adopt(id, core.me.clone()))
 }
 
@@ -343,12 +358,21 @@ pub fn wait<T>(
     let want = num_returns.min(objects.len());
     let parts: Vec<_> = objects.iter().map(object_ref::parts).collect();
     let executor = core::current_executor();
-    let flags = core.block_on(async move {
-        let core = core::get()?;
-        Ok(core
-            .while_blocked(executor, core.wait_many(&parts, want, timeout))
-            .await)
-    })?;
+    // Enough already ready: no need for the runtime.
+    let here: Vec<bool> = parts
+        .iter()
+        .map(|(id, owner)| core.is_ready(*id, owner))
+        .collect();
+    let flags = if here.iter().filter(|r| **r).count() >= want {
+        here
+    } else {
+        core.block_on(async move {
+            let core = core::get()?;
+            Ok(core
+                .while_blocked(executor, core.wait_many(&parts, want, timeout))
+                .await)
+        })?
+    };
     let (mut ready, mut pending) = (Vec::new(), Vec::new());
     for (object, is_ready) in objects.iter().zip(flags) {
         if is_ready && ready.len() < want {
