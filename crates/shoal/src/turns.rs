@@ -78,15 +78,15 @@ mod tests {
                 let (turns, order) = (Arc::clone(&turns), Arc::clone(&order));
                 tokio::spawn(async move {
                     turns.wait(seq).await;
-                    order.lock().unwrap().push(seq);
+                    order.lock().expect("order").push(seq);
                     turns.pass(seq);
                 })
             })
             .collect();
         for t in tasks {
-            t.await.unwrap();
+            t.await.expect("a turn task");
         }
-        assert_eq!(*order.lock().unwrap(), (0..50).collect::<Vec<_>>());
+        assert_eq!(*order.lock().expect("order"), (0..50).collect::<Vec<_>>());
     }
 
     #[tokio::test]
