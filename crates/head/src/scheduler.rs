@@ -126,11 +126,16 @@ impl Scheduler {
                 blocked: false,
             },
         );
+        let node_address = node.address.clone();
+        let room_for_another = nodes
+            .iter()
+            .any(|n| fits(&request.resources, |r| self.free(n, r)));
         Decision::Granted(Lease {
             lease_id,
             node_id: node.node_id,
-            node_address: node.address.clone(),
+            node_address,
             resources: request.resources.clone(),
+            room_for_another,
         })
     }
 

@@ -350,6 +350,11 @@ pub struct Lease {
     pub node_address: String,
     /// The resources held.
     pub resources: ResourceSet,
+    /// Whether the cluster had room for another lease of this shape when
+    /// this one was granted (else the holder queues work on the workers it
+    /// has rather than waiting for more).
+    #[serde(default)]
+    pub room_for_another: bool,
 }
 
 /// What a joining node says about itself.

@@ -249,6 +249,10 @@ pub(crate) struct Core {
     pub(crate) actors: crate::actor::Host,
     /// Per worker running here: how many of its gets are waiting.
     blocked: DashMap<WorkerId, usize>,
+    /// Per worker running here: one permit, held by the pushed task that
+    /// runs (tasks pushed meanwhile queue for it); lent to the next task
+    /// while the running one is blocked in a get.
+    task_gates: DashMap<WorkerId, Arc<tokio::sync::Semaphore>>,
     pub(crate) shutdown: CancellationToken,
     /// Cancelled when the job starts to end: no more lease requests.
     pub(crate) stopping: CancellationToken,
@@ -348,6 +352,7 @@ impl Core {
             root_task: TaskId::fresh(),
             put_counter: AtomicU32::new(0),
             blocked: DashMap::new(),
+            task_gates: DashMap::new(),
             actors: crate::actor::Host::default(),
             shutdown: shutdown.clone(),
             stopping: CancellationToken::new(),
@@ -753,7 +758,7 @@ impl Core {
             };
             match reply {
                 Ok(WorkerReply::TaskDone(reply)) => {
-                    self.leases.release(self, leased);
+                    self.leases.release(self, &leased);
                     let retryable = matches!(&reply.outcome, TaskOutcome::Failed(f)
                         if matches!(f.kind, FailureKind::Error | FailureKind::Panic));
                     if retryable && options.retry_exceptions && attempt < options.max_retries {
@@ -763,7 +768,7 @@ impl Core {
                     return outcome_state(reply);
                 }
                 Ok(other) => {
-                    self.leases.discard(self, leased);
+                    self.leases.discard(self, &leased);
                     return ObjState::Failed(failure(
                         FailureKind::BadReturn,
                         format!("the worker answered {other:?}"),
@@ -772,7 +777,7 @@ impl Core {
                 }
                 Err(e) => {
                     warn!(%task_id, function = function.name, attempt, worker = %leased.worker_id, error = %e, "lost the worker running a task");
-                    self.leases.discard(self, leased);
+                    self.leases.discard(self, &leased);
                     if attempt >= options.max_retries {
                         return ObjState::Failed(failure(
                             FailureKind::WorkerCrashed,
@@ -882,9 +887,25 @@ impl Core {
         let Some(executor) = executor else {
             return fut.await;
         };
+        // Each waiting get lets one more task pushed to this worker start
+        // (it may be the one waited for).
+        let gate = self.task_gate(executor.worker_id);
+        gate.add_permits(1);
         self.set_blocked(executor.worker_id, true).await;
         let out = fut.await;
         self.set_blocked(executor.worker_id, false).await;
+        // Take the lent permit back; if the task it let in still runs, as
+        // soon as one ends (this task goes on meanwhile).
+        match gate.clone().try_acquire_owned() {
+            Ok(permit) => permit.forget(),
+            Err(_) => {
+                self.handle.spawn(async move {
+                    if let Ok(permit) = gate.acquire_owned().await {
+                        permit.forget();
+                    }
+                });
+            }
+        }
         out
     }
 
@@ -1011,8 +1032,16 @@ impl Core {
 
     /// True once the object is ready (or failed).
     pub(crate) fn is_ready(self: &Arc<Self>, id: ObjectId, owner: &Address) -> bool {
-        self.slot(id, owner)
-            .is_some_and(|s| !matches!(s.state(), ObjState::Pending))
+        let pending = |slot: &Slot| {
+            matches!(
+                *slot.state.lock().unwrap_or_else(|e| e.into_inner()),
+                ObjState::Pending
+            )
+        };
+        if let Some(slot) = self.objects.get(&id) {
+            return !pending(&slot);
+        }
+        self.slot(id, owner).is_some_and(|s| !pending(&s))
     }
 
     /// The home node's store directory, if this process is on its host.
@@ -1328,6 +1357,13 @@ impl Core {
     /// without the runtime: `None` when it must be waited for or read
     /// from a store.
     pub(crate) fn try_get_here<T: DeserializeOwned>(&self, id: ObjectId) -> Option<Result<T>> {
+        // A blocking get is refused inside a single-threaded runtime whether
+        // or not the value is ready (block_on says so).
+        if tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread)
+        {
+            return None;
+        }
         let state = {
             let slot = self.objects.get(&id)?;
             let state = slot.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -1346,6 +1382,21 @@ impl Core {
                 message,
             })
         }))
+    }
+
+    /// Blocks this thread (outside any runtime and task) until an object
+    /// this process already tracks is no longer pending; false when that
+    /// cannot be done here (the caller then waits through the runtime).
+    /// One wake-up from the completing thread, no runtime task in between.
+    pub(crate) fn wait_here(&self, id: ObjectId) -> bool {
+        if tokio::runtime::Handle::try_current().is_ok() || current_executor().is_some() {
+            return false;
+        }
+        let Some(slot) = self.objects.get(&id).map(|s| Arc::clone(&s)) else {
+            return false;
+        };
+        park_on(slot.ready(None));
+        true
     }
 
     /// Stores a value this process owns.
@@ -1404,9 +1455,21 @@ impl Core {
         }
     }
 
-    /// Runs a pushed task here (worker processes and threads).
+    fn task_gate(&self, worker_id: WorkerId) -> Arc<tokio::sync::Semaphore> {
+        Arc::clone(
+            &self
+                .task_gates
+                .entry(worker_id)
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(1))),
+        )
+    }
+
+    /// Runs a pushed task here (worker processes and threads), after the
+    /// tasks pushed to this worker before it.
     pub(crate) async fn execute(self: &Arc<Self>, spec: TaskSpec, executor: Executor) -> TaskReply {
-        let outcome = match self.fetch_args(&spec.args).await {
+        let fetched = self.fetch_args(&spec.args).await;
+        let _turn = self.task_gate(executor.worker_id).acquire_owned().await;
+        let outcome = match fetched {
             Err(e) => TaskOutcome::Failed(TaskFailure {
                 kind: FailureKind::ArgumentLost,
                 function: spec.function.name.clone(),
@@ -1499,6 +1562,29 @@ fn outcome_state(reply: TaskReply) -> ObjState {
     }
 }
 
+/// Wakes a parked thread.
+struct Unpark(std::thread::Thread);
+
+impl std::task::Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// Polls `fut` on this thread, parking between polls (for futures that
+/// need no runtime, such as a wait on a slot).
+fn park_on<F: Future>(fut: F) -> F::Output {
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        if let std::task::Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
+            return out;
+        }
+        std::thread::park();
+    }
+}
+
 /// The worker service every Shoal process serves: tasks pushed to it (if it
 /// is a worker) and objects it owns, for borrowers.
 pub(crate) struct WorkerService {
@@ -1524,8 +1610,13 @@ where
     F: FnOnce(Arc<Core>) -> Fut,
     Fut: Future<Output = T> + Send + 'static,
 {
+    let work = work(Arc::clone(core));
+    // Already there (a worker process has one runtime): no hand-off.
+    if tokio::runtime::Handle::try_current().is_ok_and(|h| h.id() == core.handle.id()) {
+        return Ok(work.await);
+    }
     core.handle
-        .spawn(work(Arc::clone(core)))
+        .spawn(work)
         .await
         .map_err(|e| ServiceError::new(ServiceErrorKind::Internal, e.to_string()))
 }

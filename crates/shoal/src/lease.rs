@@ -1,12 +1,17 @@
 //! Worker leases, per scheduling class (a resource shape).
 //!
 //! A task needs a worker holding its resources. The lease manager keeps, per
-//! class, the leased workers that are idle and the tasks waiting for one.
-//! When tasks wait and too few lease requests are in flight, it asks the head
-//! for more (the head long-polls while the cluster is full); a granted lease
-//! is turned into a worker by the lease's node, and the worker then runs the
-//! class's tasks one after another, with no head on the path. Leases idle for
-//! a while are handed back.
+//! class, the leased workers (with the tasks in flight to each) and the tasks
+//! waiting for one. When tasks wait and too few lease requests are in flight,
+//! it asks the head for more (the head long-polls while the cluster is full);
+//! a granted lease is turned into a worker by the lease's node, and the
+//! worker then runs the class's tasks one after another, with no head on the
+//! path. While the cluster has room a task waits for an idle worker (so tasks
+//! spread over the CPUs); once it is full (the head says so with the grant,
+//! or by holding a request) up to [`PIPELINE_DEPTH`] tasks are pushed to each
+//! worker, so the next task is there when one ends. A worker that dies fails
+//! (or retries) every task in flight to it. Leases idle for a while are
+//! handed back.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -22,6 +27,10 @@ use crate::core::{Core, NodeClient, WorkerClient};
 
 /// Lease requests in flight per class.
 const REQUESTS_IN_FLIGHT_MAX: usize = 8;
+/// Tasks pushed to one leased worker at once: it runs them one after
+/// another, and the next is already there when one ends (no round trip
+/// between tasks).
+const PIPELINE_DEPTH: usize = 16;
 /// A lease idle this long is returned.
 /// Long enough to keep a lease across a submit-get-submit loop, short
 /// enough that other owners (nested tasks) soon get the CPU back.
@@ -64,12 +73,81 @@ fn watch_worker(core: &Arc<Core>, node: NodeClient, worker_id: WorkerId, lost: C
     });
 }
 
+/// A leased worker as the lease manager holds it.
+struct Held {
+    worker: Arc<LeasedWorker>,
+    /// Tasks pushed to it and not answered.
+    in_flight: usize,
+    /// When its last task was answered, while it has none.
+    idle_since: Option<Instant>,
+}
+
 #[derive(Default)]
 struct Class {
-    idle: Vec<(LeasedWorker, Instant)>,
-    waiters: VecDeque<oneshot::Sender<LeasedWorker>>,
+    workers: Vec<Held>,
+    waiters: VecDeque<oneshot::Sender<Arc<LeasedWorker>>>,
     requesting: usize,
     infeasible_reported: bool,
+    /// The cluster had no room for another worker of the class when last
+    /// asked: tasks queue on the workers held instead of waiting for one.
+    saturated: bool,
+}
+
+impl Class {
+    /// Tasks that would start sooner with another lease: the ones waiting
+    /// for a worker and the ones queued behind another task on one.
+    fn backlog(&self) -> usize {
+        let queued: usize = self
+            .workers
+            .iter()
+            .map(|h| h.in_flight.saturating_sub(1))
+            .sum();
+        self.waiters.iter().filter(|w| !w.is_closed()).count() + queued
+    }
+
+    /// Takes a place on an idle worker, or (when the cluster is full) on
+    /// the least loaded worker with room, if any.
+    fn take_place(&mut self) -> Option<Arc<LeasedWorker>> {
+        let depth = if self.saturated { PIPELINE_DEPTH } else { 1 };
+        let held = self
+            .workers
+            .iter_mut()
+            .filter(|h| h.in_flight < depth)
+            .min_by_key(|h| h.in_flight)?;
+        held.in_flight += 1;
+        held.idle_since = None;
+        Some(Arc::clone(&held.worker))
+    }
+
+    fn held(&mut self, lease_id: shoal_proto::LeaseId) -> Option<&mut Held> {
+        self.workers
+            .iter_mut()
+            .find(|h| h.worker.lease.lease_id == lease_id)
+    }
+
+    /// Hands places on the class's workers to waiting tasks.
+    fn serve_waiters(&mut self) {
+        while !self.waiters.is_empty() {
+            let Some(worker) = self.take_place() else {
+                return;
+            };
+            let lease_id = worker.lease.lease_id;
+            let mut worker = worker;
+            loop {
+                let Some(waiter) = self.waiters.pop_front() else {
+                    // Nobody took it after all.
+                    if let Some(held) = self.held(lease_id) {
+                        held.in_flight -= 1;
+                    }
+                    return;
+                };
+                match waiter.send(worker) {
+                    Ok(()) => break,
+                    Err(back) => worker = back,
+                }
+            }
+        }
+    }
 }
 
 /// The lease manager.
@@ -87,19 +165,31 @@ impl LeaseManager {
         self.classes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A worker for one task of `resources`' class.
-    pub(crate) async fn acquire(&self, core: &Arc<Core>, resources: &ResourceSet) -> LeasedWorker {
+    /// A place on a worker for one task of `resources`' class: the worker
+    /// runs its tasks one at a time, this one after those pushed before it.
+    /// Hand it back with [`release`](Self::release) or
+    /// [`discard`](Self::discard).
+    pub(crate) async fn acquire(
+        &self,
+        core: &Arc<Core>,
+        resources: &ResourceSet,
+    ) -> Arc<LeasedWorker> {
         loop {
             let rx = {
                 let key = class_key(resources);
                 let mut classes = self.classes();
                 let class = classes.entry(key.clone()).or_default();
-                if let Some((worker, _)) = class.idle.pop() {
-                    return worker;
-                }
-                let (tx, rx) = oneshot::channel();
-                class.waiters.push_back(tx);
-                if class.requesting < class.waiters.len().min(REQUESTS_IN_FLIGHT_MAX) {
+                let placed = class.take_place();
+                let rx = if placed.is_none() {
+                    let (tx, rx) = oneshot::channel();
+                    class.waiters.push_back(tx);
+                    Some(rx)
+                } else {
+                    None
+                };
+                // Queued work asks for more workers (the head holds the
+                // request while the cluster is full).
+                if class.requesting < class.backlog().min(REQUESTS_IN_FLIGHT_MAX) {
                     class.requesting += 1;
                     let core = Arc::clone(core);
                     let resources = resources.clone();
@@ -107,7 +197,11 @@ impl LeaseManager {
                         .clone()
                         .spawn(async move { request_leases(core, key, resources).await });
                 }
-                rx
+                match (placed, rx) {
+                    (Some(worker), _) => return worker,
+                    (None, Some(rx)) => rx,
+                    (None, None) => continue,
+                }
             };
             if let Ok(worker) = rx.await {
                 return worker;
@@ -115,28 +209,53 @@ impl LeaseManager {
         }
     }
 
-    /// Hands a worker whose task finished to the next waiting task, or keeps
-    /// it idle.
-    pub(crate) fn release(&self, core: &Arc<Core>, worker: LeasedWorker) {
+    /// A newly leased worker joins its class.
+    fn add(&self, core: &Arc<Core>, worker: LeasedWorker) {
         let key = class_key(&worker.lease.resources);
+        let lease_id = worker.lease.lease_id;
         let mut classes = self.classes();
         let class = classes.entry(key).or_default();
-        let mut worker = worker;
-        while let Some(waiter) = class.waiters.pop_front() {
-            match waiter.send(worker) {
-                Ok(()) => return,
-                Err(back) => worker = back,
-            }
-        }
+        class.saturated = !worker.lease.room_for_another;
+        class.workers.push(Held {
+            worker: Arc::new(worker),
+            in_flight: 0,
+            idle_since: None,
+        });
+        class.serve_waiters();
+        self.idle_check(core, class, lease_id);
+    }
+
+    /// A task's place on `worker` is free again (its task was answered).
+    pub(crate) fn release(&self, core: &Arc<Core>, worker: &LeasedWorker) {
+        let key = class_key(&worker.lease.resources);
+        let lease_id = worker.lease.lease_id;
+        let mut classes = self.classes();
+        let class = classes.entry(key).or_default();
+        let Some(held) = class.held(lease_id) else {
+            return;
+        };
+        held.in_flight = held.in_flight.saturating_sub(1);
+        class.serve_waiters();
+        self.idle_check(core, class, lease_id);
+    }
+
+    /// Starts the idle clock of a worker with nothing in flight: it is
+    /// returned if no task takes it meanwhile (at once when stopping).
+    fn idle_check(&self, core: &Arc<Core>, class: &mut Class, lease_id: shoal_proto::LeaseId) {
+        let Some(at) = class
+            .workers
+            .iter()
+            .position(|h| h.worker.lease.lease_id == lease_id && h.in_flight == 0)
+        else {
+            return;
+        };
         if core.stopping.is_cancelled() {
-            drop(classes);
-            give_back(core, worker, false);
+            give_back(core, class.workers.swap_remove(at).worker, false);
             return;
         }
+        let held = &mut class.workers[at];
         let since = Instant::now();
-        let lease_id = worker.lease.lease_id;
-        class.idle.push((worker, since));
-        drop(classes);
+        held.idle_since = Some(since);
         // Give the lease back if no task of the class takes it meanwhile.
         let core2 = Arc::clone(core);
         core.handle.spawn(async move {
@@ -145,9 +264,23 @@ impl LeaseManager {
         });
     }
 
-    /// Gives up a worker that failed: it is stopped and its lease returned.
-    pub(crate) fn discard(&self, core: &Arc<Core>, worker: LeasedWorker) {
-        give_back(core, worker, true);
+    /// Gives up a worker that failed: it is stopped and its lease returned
+    /// (once, however many of its tasks report it).
+    pub(crate) fn discard(&self, core: &Arc<Core>, worker: &LeasedWorker) {
+        let key = class_key(&worker.lease.resources);
+        let lease_id = worker.lease.lease_id;
+        let removed = {
+            let mut classes = self.classes();
+            let class = classes.entry(key).or_default();
+            class
+                .workers
+                .iter()
+                .position(|h| h.worker.lease.lease_id == lease_id)
+                .map(|at| class.workers.swap_remove(at).worker)
+        };
+        if let Some(worker) = removed {
+            give_back(core, worker, true);
+        }
     }
 
     /// Returns a lease still idle since `since`.
@@ -155,11 +288,12 @@ impl LeaseManager {
         let stale = {
             let mut classes = self.classes();
             classes.values_mut().find_map(|class| {
-                let at = class
-                    .idle
-                    .iter()
-                    .position(|(w, s)| w.lease.lease_id == lease_id && *s == since)?;
-                Some(class.idle.swap_remove(at).0)
+                let at = class.workers.iter().position(|h| {
+                    h.worker.lease.lease_id == lease_id
+                        && h.in_flight == 0
+                        && h.idle_since == Some(since)
+                })?;
+                Some(class.workers.swap_remove(at).worker)
             })
         };
         if let Some(worker) = stale {
@@ -169,26 +303,32 @@ impl LeaseManager {
 
     /// Returns every idle lease (at shutdown).
     pub(crate) async fn return_all(&self, core: &Core) {
-        let idle: Vec<LeasedWorker> = {
+        let idle: Vec<Arc<LeasedWorker>> = {
             let mut classes = self.classes();
             classes
                 .values_mut()
-                .flat_map(|c| c.idle.drain(..).map(|(w, _)| w))
+                .flat_map(|c| {
+                    let (idle, busy) = std::mem::take(&mut c.workers)
+                        .into_iter()
+                        .partition::<Vec<_>, _>(|h| h.in_flight == 0);
+                    c.workers = busy;
+                    idle.into_iter().map(|h| h.worker)
+                })
                 .collect()
         };
         for worker in idle {
-            return_lease(core, worker, false).await;
+            return_lease(core, &worker, false).await;
         }
     }
 }
 
-fn give_back(core: &Arc<Core>, worker: LeasedWorker, kill: bool) {
+fn give_back(core: &Arc<Core>, worker: Arc<LeasedWorker>, kill: bool) {
     let core2 = Arc::clone(core);
     core.handle
-        .spawn(async move { return_lease(&core2, worker, kill).await });
+        .spawn(async move { return_lease(&core2, &worker, kill).await });
 }
 
-async fn return_lease(core: &Core, worker: LeasedWorker, kill: bool) {
+async fn return_lease(core: &Core, worker: &LeasedWorker, kill: bool) {
     // Ends the watcher too.
     worker.lost.cancel();
     release_lease(core, &worker.node, worker.lease.lease_id, kill).await;
@@ -239,9 +379,7 @@ async fn request_leases(core: Arc<Core>, key: String, resources: ResourceSet) {
     loop {
         let waiting = {
             let classes = core.leases.classes();
-            classes
-                .get(&key)
-                .is_some_and(|c| c.waiters.iter().any(|w| !w.is_closed()))
+            classes.get(&key).is_some_and(|c| c.backlog() > 0)
         };
         if !waiting || core.stopping.is_cancelled() {
             break;
@@ -249,9 +387,16 @@ async fn request_leases(core: Arc<Core>, key: String, resources: ResourceSet) {
         match lease_worker(&core, &resources).await {
             Ok(Some(worker)) => {
                 backoff = Duration::from_millis(50);
-                core.leases.release(&core, worker);
+                core.leases.add(&core, worker);
             }
-            Ok(None) => {}
+            Ok(None) => {
+                // The head held the request and the cluster stayed full.
+                let mut classes = core.leases.classes();
+                if let Some(class) = classes.get_mut(&key) {
+                    class.saturated = true;
+                    class.serve_waiters();
+                }
+            }
             Err(_) if core.stopping.is_cancelled() => break,
             Err(e) => {
                 warn!(resources = ?resources, error = %e, "could not lease a worker; retrying");

@@ -74,7 +74,7 @@ pub use error::{Error, Result, TaskError};
 pub use local::{LocalCluster, LocalConfig};
 pub use object_ref::{Arg, ObjectRef};
 pub use options::TaskOptions;
-pub use shm::{Buffer, Number};
+pub use shm::{Buffer, BufferMut, Number};
 pub use shoal_macros::{actor, main, remote};
 pub use shoal_proto::{
     ClusterStatus, JobId, NodeId, NodeState, NodeStatus, ObjectId, ResourceSet, TaskId, WorkerId,
@@ -295,7 +295,11 @@ pub fn get_all<T: DeserializeOwned + Send + 'static>(objects: &[ObjectRef<T>]) -
     // waits for the rest.
     let mut out = Vec::with_capacity(objects.len());
     for object in objects {
-        match core.try_get_here::<T>(object.id()) {
+        let mut here = core.try_get_here::<T>(object.id());
+        if here.is_none() && core.wait_here(object.id()) {
+            here = core.try_get_here::<T>(object.id());
+        }
+        match here {
             Some(value) => out.push(value?),
             None => break,
         }
@@ -356,16 +360,16 @@ pub fn wait<T>(
 ) -> Result<Split<T>> {
     let core = core::get()?;
     let want = num_returns.min(objects.len());
-    let parts: Vec<_> = objects.iter().map(object_ref::parts).collect();
-    let executor = core::current_executor();
     // Enough already ready: no need for the runtime.
-    let here: Vec<bool> = parts
+    let here: Vec<bool> = objects
         .iter()
-        .map(|(id, owner)| core.is_ready(*id, owner))
+        .map(|o| core.is_ready(o.id(), o.owner()))
         .collect();
     let flags = if here.iter().filter(|r| **r).count() >= want {
         here
     } else {
+        let parts: Vec<_> = objects.iter().map(object_ref::parts).collect();
+        let executor = core::current_executor();
         core.block_on(async move {
             let core = core::get()?;
             Ok(core

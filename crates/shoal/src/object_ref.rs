@@ -4,6 +4,7 @@
 use std::future::{Future, IntoFuture};
 use std::marker::PhantomData;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -22,29 +23,43 @@ use crate::error::Result;
 ///
 /// [`get`]: ObjectRef::get
 pub struct ObjectRef<T> {
+    /// Shared by the clones: the process's reference count (which frees the
+    /// object) counts this, not each clone.
+    inner: Arc<Counted>,
+    _type: PhantomData<fn() -> T>,
+}
+
+/// One counted reference of this process.
+struct Counted {
     id: ObjectId,
     owner: Address,
-    _type: PhantomData<fn() -> T>,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if let Some(core) = core::try_get() {
+            core.release_ref(self.id);
+        }
+    }
 }
 
 impl<T> ObjectRef<T> {
     /// Wraps an id this process just registered a reference for.
     pub(crate) fn adopt(id: ObjectId, owner: Address) -> Self {
         Self {
-            id,
-            owner,
+            inner: Arc::new(Counted { id, owner }),
             _type: PhantomData,
         }
     }
 
     /// The object's id.
     pub fn id(&self) -> ObjectId {
-        self.id
+        self.inner.id
     }
 
     /// The process that owns the object.
     pub(crate) fn owner(&self) -> &Address {
-        &self.owner
+        &self.inner.owner
     }
 }
 
@@ -57,10 +72,15 @@ impl<T: DeserializeOwned + Send + 'static> ObjectRef<T> {
     /// [`Error::BlockingGetInAsync`]: crate::Error::BlockingGetInAsync
     pub fn get(&self) -> Result<T> {
         let core = core::get()?;
-        if let Some(value) = core.try_get_here(self.id) {
+        if let Some(value) = core.try_get_here(self.id()) {
             return value;
         }
-        let (id, owner, executor) = (self.id, self.owner.clone(), core::current_executor());
+        if core.wait_here(self.id()) {
+            if let Some(value) = core.try_get_here(self.id()) {
+                return value;
+            }
+        }
+        let (id, owner, executor) = (self.id(), self.owner().clone(), core::current_executor());
         core.block_on(async move {
             core::get()?
                 .get_value::<T>(id, &owner, None, executor)
@@ -73,7 +93,7 @@ impl<T: DeserializeOwned + Send + 'static> ObjectRef<T> {
     /// [`Error::Timeout`]: crate::Error::Timeout
     pub fn get_timeout(&self, timeout: Duration) -> Result<T> {
         let core = core::get()?;
-        let (id, owner, executor) = (self.id, self.owner.clone(), core::current_executor());
+        let (id, owner, executor) = (self.id(), self.owner().clone(), core::current_executor());
         core.block_on(async move {
             core::get()?
                 .get_value::<T>(id, &owner, Some(timeout), executor)
@@ -84,7 +104,7 @@ impl<T: DeserializeOwned + Send + 'static> ObjectRef<T> {
     /// Waits for the object without blocking a thread.
     pub async fn get_async(&self) -> Result<T> {
         let core = core::get()?;
-        let (id, owner, executor) = (self.id, self.owner.clone(), core::current_executor());
+        let (id, owner, executor) = (self.id(), self.owner().clone(), core::current_executor());
         core.spawn_and_wait(async move {
             core::get()?
                 .get_value::<T>(id, &owner, None, executor)
@@ -115,34 +135,27 @@ impl<T: DeserializeOwned + Send + 'static> IntoFuture for &ObjectRef<T> {
 
 impl<T> Clone for ObjectRef<T> {
     fn clone(&self) -> Self {
-        if let Some(core) = core::try_get() {
-            core.refs().add_local(self.id);
-        }
         Self {
-            id: self.id,
-            owner: self.owner.clone(),
+            inner: Arc::clone(&self.inner),
             _type: PhantomData,
-        }
-    }
-}
-
-impl<T> Drop for ObjectRef<T> {
-    fn drop(&mut self) {
-        if let Some(core) = core::try_get() {
-            core.release_ref(self.id);
         }
     }
 }
 
 impl<T> std::fmt::Debug for ObjectRef<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ObjectRef<{}>({})", std::any::type_name::<T>(), self.id)
+        write!(
+            f,
+            "ObjectRef<{}>({})",
+            std::any::type_name::<T>(),
+            self.id()
+        )
     }
 }
 
 impl<T> PartialEq for ObjectRef<T> {
     fn eq(&self, other: &Self) -> bool {
-        self.id == other.id
+        self.id() == other.id()
     }
 }
 
@@ -150,7 +163,7 @@ impl<T> Eq for ObjectRef<T> {}
 
 impl<T> std::hash::Hash for ObjectRef<T> {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.id.hash(state)
+        self.id().hash(state)
     }
 }
 
@@ -165,11 +178,11 @@ impl<T> Serialize for ObjectRef<T> {
     /// object for the rest of the job (see the crate docs on freeing).
     fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
         if let Some(core) = core::try_get() {
-            core.refs().mark_escaped(self.id);
+            core.refs().mark_escaped(self.id());
         }
         WireRef {
-            id: self.id,
-            owner: self.owner.clone(),
+            id: self.id(),
+            owner: self.owner().clone(),
         }
         .serialize(serializer)
     }
@@ -181,11 +194,7 @@ impl<'de, T> Deserialize<'de> for ObjectRef<T> {
         if let Some(core) = core::try_get() {
             core.refs().add_local(wire.id);
         }
-        Ok(Self {
-            id: wire.id,
-            owner: wire.owner,
-            _type: PhantomData,
-        })
+        Ok(Self::adopt(wire.id, wire.owner))
     }
 }
 
@@ -253,7 +262,7 @@ pub(crate) fn arg_value<T: Serialize + Send + 'static>(arg: Arg<T>) -> ArgValue 
 
 /// Shared by the free functions: the core of an `ObjectRef`.
 pub(crate) fn parts<T>(r: &ObjectRef<T>) -> (ObjectId, Address) {
-    (r.id, r.owner.clone())
+    (r.id(), r.owner().clone())
 }
 
 #[cfg(test)]
