@@ -982,11 +982,15 @@ pub(crate) struct Hosted {
     permits: Arc<Semaphore>,
     /// Per caller: the next sequence number allowed to start.
     callers: Mutex<HashMap<WorkerId, Arc<Turns>>>,
-    /// For an actor of sync methods that runs one call at a time: its own
-    /// thread, fed calls in order (the next call is queued while this one
+    /// For an actor of sync methods: its own threads (`max_concurrency` of
+    /// them), fed calls in order (the next call is queued while this one
     /// runs, so back-to-back calls cost no thread hand-offs).
     lane: Option<Lane>,
 }
+
+/// Most threads of an actor's own (past this, its calls run on the
+/// runtime's blocking threads).
+const LANE_THREADS_MAX: u32 = 64;
 
 /// A call queued on an actor's own thread.
 type LaneJob = Box<dyn FnOnce() + Send>;
@@ -994,22 +998,100 @@ type LaneJob = Box<dyn FnOnce() + Send>;
 /// An actor's own thread; it ends when the actor is dropped.
 struct Lane {
     jobs: std::sync::mpsc::Sender<LaneJob>,
+    threads: u32,
+    /// Calls queued or running.
+    busy: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A sync method and its arguments.
+enum SyncCall {
+    Ref(
+        fn(&ActorState, crate::shm::Args) -> crate::registry::Invocation,
+        crate::shm::Args,
+    ),
+    Mut(
+        fn(&mut ActorState, crate::shm::Args) -> crate::registry::Invocation,
+        crate::shm::Args,
+    ),
+}
+
+impl SyncCall {
+    /// Runs under the state's lock: `&self` methods share it unless
+    /// `exclusive` (an actor running one call at a time).
+    fn run_locked(
+        self,
+        state: &RwLock<ActorState>,
+        exclusive: bool,
+    ) -> crate::registry::Invocation {
+        match self {
+            SyncCall::Ref(f, args) if !exclusive => f(&state.blocking_read(), args),
+            SyncCall::Ref(f, args) => f(&state.blocking_write(), args),
+            SyncCall::Mut(f, args) => f(&mut state.blocking_write(), args),
+        }
+    }
+
+    fn run_on(self, state: &mut ActorState) -> crate::registry::Invocation {
+        match self {
+            SyncCall::Ref(f, args) => f(state, args),
+            SyncCall::Mut(f, args) => f(state, args),
+        }
+    }
 }
 
 impl Lane {
-    fn start(class: &str) -> std::io::Result<Self> {
+    /// `threads` threads taking calls from one queue, in order.
+    fn start(class: &str, threads: u32) -> std::io::Result<Self> {
         let (jobs, queue) = std::sync::mpsc::channel::<LaneJob>();
-        std::thread::Builder::new()
-            .name(format!(
-                "actor {}",
-                class.rsplit("::").next().unwrap_or(class)
-            ))
-            .spawn(move || {
-                while let Ok(job) = queue.recv() {
-                    job();
-                }
-            })?;
-        Ok(Self { jobs })
+        let queue = Arc::new(Mutex::new(queue));
+        for _ in 0..threads.max(1) {
+            let queue = Arc::clone(&queue);
+            std::thread::Builder::new()
+                .name(format!(
+                    "actor {}",
+                    class.rsplit("::").next().unwrap_or(class)
+                ))
+                .spawn(move || loop {
+                    let job = queue.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                })?;
+        }
+        Ok(Self {
+            jobs,
+            threads: threads.max(1),
+            busy: Arc::default(),
+        })
+    }
+
+    /// For an actor running one call at a time with nothing queued or
+    /// running: claims the actor and its state for a call run by the
+    /// caller's thread (release with [`Lane::done`]).
+    fn run_here(
+        &self,
+        state: &Arc<RwLock<ActorState>>,
+    ) -> Option<tokio::sync::OwnedRwLockWriteGuard<ActorState>> {
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if self.threads != 1 || !multi_thread {
+            return None;
+        }
+        self.busy
+            .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst)
+            .ok()?;
+        match Arc::clone(state).try_write_owned() {
+            Ok(guard) => Some(guard),
+            Err(_) => {
+                self.done();
+                None
+            }
+        }
+    }
+
+    /// A call claimed or queued has ended.
+    fn done(&self) {
+        self.busy.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Queues `f` on the actor's thread, after the calls queued before it
@@ -1020,14 +1102,20 @@ impl Lane {
         f: impl FnOnce() -> crate::registry::Invocation + Send + 'static,
     ) -> impl Future<Output = Invoked> {
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let busy = Arc::clone(&self.busy);
         let job: LaneJob = Box::new(move || {
             let out = core::with_current_task(running, || {
                 std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|_| crate::exec::take_panic())
             });
+            busy.fetch_sub(1, Ordering::SeqCst);
             let _ = tx.send(out);
         });
         let stopped = || Err(("the actor's thread has stopped".into(), String::new()));
+        self.busy.fetch_add(1, Ordering::SeqCst);
         let sent = self.jobs.send(job).is_ok();
+        if !sent {
+            self.done();
+        }
         async move {
             if !sent {
                 return stopped();
@@ -1117,8 +1205,8 @@ impl Host {
             .methods
             .iter()
             .all(|(_, m)| matches!(m, MethodInvoker::Ref(_) | MethodInvoker::Mut(_)));
-        let lane = if max_concurrency <= 1 && all_sync {
-            match Lane::start(class.name) {
+        let lane = if max_concurrency <= LANE_THREADS_MAX && all_sync {
+            match Lane::start(class.name, max_concurrency) {
                 Ok(lane) => Some(lane),
                 Err(e) => {
                     return fail(
@@ -1230,15 +1318,9 @@ impl Host {
         };
         // On the actor's own thread, the place in line is taken by queueing.
         if let Some(lane) = &hosted.lane {
-            let method: Box<dyn FnOnce() -> crate::registry::Invocation + Send> = match invoker {
-                MethodInvoker::Ref(f) => {
-                    let f = *f;
-                    Box::new(move || f(&state.blocking_read(), args))
-                }
-                MethodInvoker::Mut(f) => {
-                    let f = *f;
-                    Box::new(move || f(&mut state.blocking_write(), args))
-                }
+            let method = match invoker {
+                MethodInvoker::Ref(f) => SyncCall::Ref(*f, args),
+                MethodInvoker::Mut(f) => SyncCall::Mut(*f, args),
                 MethodInvoker::AsyncRef(_) | MethodInvoker::AsyncMut(_) => {
                     advance();
                     let f = failure(
@@ -1251,9 +1333,29 @@ impl Host {
                     return Ok(reply(TaskOutcome::Failed(f)));
                 }
             };
-            let queued = lane.queue(running, method);
-            advance();
-            let outcome = queued.await;
+            let outcome = match lane.run_here(&state) {
+                // Nothing queued or running: run it on this thread now (the
+                // runtime's other work moves to another thread meanwhile),
+                // which spares the hand-off to the actor's thread and back.
+                Some(mut guard) => {
+                    advance();
+                    let ran = tokio::task::block_in_place(|| {
+                        core::with_current_task(running, || {
+                            std::panic::catch_unwind(AssertUnwindSafe(|| method.run_on(&mut guard)))
+                                .map_err(|_| crate::exec::take_panic())
+                        })
+                    });
+                    drop(guard);
+                    lane.done();
+                    ran
+                }
+                None => {
+                    let exclusive = lane.threads == 1;
+                    let queued = lane.queue(running, move || method.run_locked(&state, exclusive));
+                    advance();
+                    queued.await
+                }
+            };
             return Ok(reply(
                 self.outcome(core, &call, &function, executor, outcome)
                     .await,
