@@ -95,14 +95,16 @@ struct Class {
 
 impl Class {
     /// Tasks that would start sooner with another lease: the ones waiting
-    /// for a worker and the ones queued behind another task on one.
+    /// for a worker and the ones queued behind another task on one. (A
+    /// waiter whose task was dropped counts until a worker is offered to
+    /// it: looking at each would make a million queued tasks quadratic.)
     fn backlog(&self) -> usize {
         let queued: usize = self
             .workers
             .iter()
             .map(|h| h.in_flight.saturating_sub(1))
             .sum();
-        self.waiters.iter().filter(|w| !w.is_closed()).count() + queued
+        self.waiters.len() + queued
     }
 
     /// Takes a place on an idle worker, or (when the cluster is full) on
