@@ -234,6 +234,16 @@ fn nested_tasks_three_levels_deep() {
 }
 
 #[test]
+fn tasks_spread_over_free_cpus_instead_of_queueing_on_one_worker() {
+    for env in [local(), local_processes()] {
+        let mut env = env;
+        env.push(("SHOAL_NUM_CPUS", "2".to_string()));
+        let out = scenario(&env, &["meet"]);
+        assert_eq!(out["met"], true, "the two tasks did not run at once: {out}");
+    }
+}
+
+#[test]
 fn local_mode_runs_tasks_with_threads_and_with_processes() {
     for env in [local(), local_processes()] {
         let out = scenario(&env, &["many", "2000"]);

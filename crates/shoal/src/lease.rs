@@ -91,6 +91,9 @@ struct Class {
     /// The cluster had no room for another worker of the class when last
     /// asked: tasks queue on the workers held instead of waiting for one.
     saturated: bool,
+    /// Leases granted by the head whose workers are still being started:
+    /// no task is queued behind another until they have arrived.
+    granting: usize,
 }
 
 impl Class {
@@ -110,7 +113,11 @@ impl Class {
     /// Takes a place on an idle worker, or (when the cluster is full) on
     /// the least loaded worker with room, if any.
     fn take_place(&mut self) -> Option<Arc<LeasedWorker>> {
-        let depth = if self.saturated { PIPELINE_DEPTH } else { 1 };
+        let depth = if self.saturated && self.granting == 0 {
+            PIPELINE_DEPTH
+        } else {
+            1
+        };
         let held = self
             .workers
             .iter_mut()
@@ -119,6 +126,13 @@ impl Class {
         held.in_flight += 1;
         held.idle_since = None;
         Some(Arc::clone(&held.worker))
+    }
+
+    /// Takes a worker out of the class (to give its lease back): the
+    /// cluster has room again, as far as this class knows.
+    fn remove(&mut self, at: usize) -> Arc<LeasedWorker> {
+        self.saturated = false;
+        self.workers.swap_remove(at).worker
     }
 
     fn held(&mut self, lease_id: shoal_proto::LeaseId) -> Option<&mut Held> {
@@ -218,6 +232,7 @@ impl LeaseManager {
         let mut classes = self.classes();
         let class = classes.entry(key).or_default();
         class.saturated = !worker.lease.room_for_another;
+        class.granting = class.granting.saturating_sub(1);
         class.workers.push(Held {
             worker: Arc::new(worker),
             in_flight: 0,
@@ -252,7 +267,7 @@ impl LeaseManager {
             return;
         };
         if core.stopping.is_cancelled() {
-            give_back(core, class.workers.swap_remove(at).worker, false);
+            give_back(core, class.remove(at), false);
             return;
         }
         let held = &mut class.workers[at];
@@ -266,6 +281,20 @@ impl LeaseManager {
         });
     }
 
+    /// Counts a lease granted (`+1`) until its worker joins ([`add`]) or
+    /// cannot be had (`-1`).
+    ///
+    /// [`add`]: Self::add
+    fn granting(&self, resources: &ResourceSet, delta: isize) {
+        let mut classes = self.classes();
+        let class = classes.entry(class_key(resources)).or_default();
+        class.granting = class.granting.saturating_add_signed(delta);
+        if delta < 0 {
+            // Tasks held back for the worker that is not coming.
+            class.serve_waiters();
+        }
+    }
+
     /// Gives up a worker that failed: it is stopped and its lease returned
     /// (once, however many of its tasks report it).
     pub(crate) fn discard(&self, core: &Arc<Core>, worker: &LeasedWorker) {
@@ -274,11 +303,11 @@ impl LeaseManager {
         let removed = {
             let mut classes = self.classes();
             let class = classes.entry(key).or_default();
-            class
+            let at = class
                 .workers
                 .iter()
-                .position(|h| h.worker.lease.lease_id == lease_id)
-                .map(|at| class.workers.swap_remove(at).worker)
+                .position(|h| h.worker.lease.lease_id == lease_id);
+            at.map(|at| class.remove(at))
         };
         if let Some(worker) = removed {
             give_back(core, worker, true);
@@ -295,7 +324,7 @@ impl LeaseManager {
                         && h.in_flight == 0
                         && h.idle_since == Some(since)
                 })?;
-                Some(class.workers.swap_remove(at).worker)
+                Some(class.remove(at))
             })
         };
         if let Some(worker) = stale {
@@ -434,6 +463,7 @@ async fn lease_worker(
     {
         Ok(HeadReply::LeaseGranted(lease)) => {
             debug!(lease_id = %lease.lease_id, node = %lease.node_id, waited = ?asked.elapsed(), "lease granted");
+            core.leases.granting(resources, 1);
             lease
         }
         Ok(HeadReply::LeasePending { infeasible }) => {
@@ -457,6 +487,7 @@ async fn lease_worker(
     let node = match core.node(&lease.node_address).await {
         Ok(node) => node,
         Err(e) => {
+            core.leases.granting(resources, -1);
             return_to_head(core, lease.lease_id).await;
             return Err(format!("cannot reach node {}: {e}", lease.node_id));
         }
@@ -465,6 +496,7 @@ async fn lease_worker(
     let worker = match node.call(&grant, Duration::from_secs(90)).await {
         Ok(NodeReply::WorkerGranted { worker }) => worker,
         other => {
+            core.leases.granting(resources, -1);
             return_to_head(core, lease.lease_id).await;
             return Err(format!("node {} gave no worker: {other:?}", lease.node_id));
         }
@@ -472,6 +504,7 @@ async fn lease_worker(
     let client = match core.worker(&worker.address).await {
         Ok(c) => c,
         Err(e) => {
+            core.leases.granting(resources, -1);
             release_lease(core, &node, lease.lease_id, true).await;
             return Err(format!("cannot reach worker {}: {e}", worker.worker_id));
         }

@@ -21,6 +21,24 @@ fn where_am_i(i: u64) -> (u64, String) {
     (i, node)
 }
 
+/// Marks `dir/me` and waits (at most 30 s) for `dir/other`: true when the
+/// other task was running at the same time.
+#[shoal::remote]
+fn meet(dir: String, me: u32, other: u32) -> bool {
+    let dir = std::path::Path::new(&dir);
+    if std::fs::write(dir.join(me.to_string()), b"here").is_err() {
+        return false;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !dir.join(other.to_string()).exists() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
+}
+
 /// `size` bytes of a known pattern.
 #[shoal::remote]
 fn make_blob(size: u64) -> Vec<u8> {
@@ -335,6 +353,19 @@ fn main() -> shoal::Result<()> {
             result(
                 json!({"count": out.len(), "in_order": in_order, "nodes": nodes.len(), "tasks_per_second": n as f64 / secs}),
             );
+        }
+        "meet" => {
+            // Two 1-CPU tasks on a cluster with 2 free CPUs: each waits to
+            // see the other start, so they meet only if they run at once
+            // (not queued one behind the other on a single worker).
+            let dir = std::env::temp_dir().join(format!("shoal-meet-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("a scratch directory");
+            let path = dir.display().to_string();
+            let a = meet::remote(path.clone(), 0, 1);
+            let b = meet::remote(path, 1, 0);
+            let met = (a.get()?, b.get()?);
+            let _ = std::fs::remove_dir_all(&dir);
+            result(json!({"met": met.0 && met.1, "each": [met.0, met.1]}));
         }
         "big-object" => {
             let mb: u64 = arg(1).parse().unwrap_or(50);
