@@ -9,7 +9,7 @@
 //! The in-process cluster is `shoal::LocalCluster`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -114,6 +114,32 @@ pub fn run_driver(
             program.display()
         ),
     }
+}
+
+/// Runs the `scenarios` driver to completion (see [`run_driver`]) and
+/// returns the JSON of its `RESULT` line.
+pub fn scenario_result(args: &[&str], env: &[(&str, String)], timeout: Duration) -> Value {
+    result_of(&run_driver(&sibling_bin("scenarios"), args, env, timeout))
+}
+
+/// Starts the `scenarios` driver with its stdin, stdout and stderr piped,
+/// for a test that talks to it or acts while it runs. The caller waits
+/// for it (or kills it).
+pub fn spawn_scenario(args: &[&str], env: &[(&str, String)]) -> Child {
+    Command::new(sibling_bin("scenarios"))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v)))
+        .env("SHOAL_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the scenarios driver")
+}
+
+/// The environment of a local-mode driver whose workers are processes.
+pub fn local_processes() -> Vec<(&'static str, String)> {
+    vec![("SHOAL_WORKER_PROCESSES", "1".to_string())]
 }
 
 /// The JSON of the `RESULT {...}` line a scenario prints.

@@ -4,23 +4,14 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use shoal_integration_tests::{result_of, run_driver, sibling_bin, ProcessCluster};
+use shoal_integration_tests::{local_processes, scenario_result, ProcessCluster};
 
 fn scenario(env: &[(&str, String)], args: &[&str]) -> Value {
-    result_of(&run_driver(
-        &sibling_bin("scenarios"),
-        args,
-        env,
-        Duration::from_secs(300),
-    ))
+    scenario_result(args, env, Duration::from_secs(300))
 }
 
 fn environments(cluster: &ProcessCluster) -> Vec<Vec<(&'static str, String)>> {
-    vec![
-        cluster.driver_env(),
-        vec![],
-        vec![("SHOAL_WORKER_PROCESSES", "1".to_string())],
-    ]
+    vec![cluster.driver_env(), vec![], local_processes()]
 }
 
 #[test]
@@ -89,10 +80,7 @@ fn calls_past_max_pending_calls_fail_fast_with_a_typed_error() {
 fn calls_to_an_actor_whose_worker_was_killed_get_actor_died() {
     let cluster = ProcessCluster::three_process();
     // Process workers only: a thread worker cannot be killed apart from us.
-    for env in [
-        cluster.driver_env(),
-        vec![("SHOAL_WORKER_PROCESSES", "1".to_string())],
-    ] {
+    for env in [cluster.driver_env(), local_processes()] {
         let out = scenario(&env, &["actor-kill"]);
         assert_eq!(out["in_flight_died"], true, "{out}");
         assert_eq!(out["later_call_died"], true, "{out}");
@@ -103,10 +91,7 @@ fn calls_to_an_actor_whose_worker_was_killed_get_actor_died() {
 fn a_killed_actor_with_restarts_left_comes_back_as_a_new_incarnation() {
     let cluster = ProcessCluster::three_process();
     // Process workers only: a thread worker cannot be killed apart from us.
-    for env in [
-        cluster.driver_env(),
-        vec![("SHOAL_WORKER_PROCESSES", "1".to_string())],
-    ] {
+    for env in [cluster.driver_env(), local_processes()] {
         let out = scenario(&env, &["actor-restart"]);
         assert_eq!(out["in_flight_died"], true, "{out}");
         assert_eq!(out["restarted_with_new_pid"], true, "{out}");

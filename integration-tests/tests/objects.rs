@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use shoal_integration_tests::{poll_until, result_of, run_driver, sibling_bin, ProcessCluster};
+use shoal_integration_tests::{local_processes, poll_until, scenario_result, ProcessCluster};
 
 const STORE: &str = "104857600"; // 100 MiB per node
 
@@ -10,12 +10,11 @@ const STORE: &str = "104857600"; // 100 MiB per node
 fn a_thousand_rounds_of_put_and_drop_keep_the_store_flat() {
     let cluster = ProcessCluster::three_process_with(&["--object-store-memory", STORE]);
     // 1000 x 10 MB is 100 times the store: only freeing lets this finish.
-    let out = result_of(&run_driver(
-        &sibling_bin("scenarios"),
+    let out = scenario_result(
         &["put-drop", "1000", "10"],
         &cluster.driver_env(),
         Duration::from_secs(600),
-    ));
+    );
     assert_eq!(out["rounds"], 1000);
     poll_until(Duration::from_secs(20), "every store to be empty", || {
         let status = cluster.status();
@@ -36,12 +35,11 @@ fn a_thousand_rounds_of_put_and_drop_keep_the_store_flat() {
 #[test]
 fn three_times_the_store_in_live_objects_spills_and_reads_back_identical() {
     let cluster = ProcessCluster::three_process_with(&["--object-store-memory", STORE]);
-    let out = result_of(&run_driver(
-        &sibling_bin("scenarios"),
+    let out = scenario_result(
         &["spill", "30", "10"],
         &cluster.driver_env(),
         Duration::from_secs(600),
-    ));
+    );
     assert_eq!(out["kept"], 30, "{out}");
     assert_eq!(out["identical"], 30, "{out}");
 }
@@ -50,12 +48,7 @@ fn three_times_the_store_in_live_objects_spills_and_reads_back_identical() {
 fn a_large_buffer_read_on_its_node_is_mapped_not_copied() {
     let cluster = ProcessCluster::three_process();
     for env in [cluster.driver_env(), vec![]] {
-        let out = result_of(&run_driver(
-            &sibling_bin("scenarios"),
-            &["zero-copy", "200"],
-            &env,
-            Duration::from_secs(300),
-        ));
+        let out = scenario_result(&["zero-copy", "200"], &env, Duration::from_secs(300));
         assert_eq!(out["mapped"], true, "{out}");
         assert_eq!(out["len"], 200 << 20, "{out}");
         assert_eq!(out["identical"], true, "{out}");
@@ -71,16 +64,8 @@ fn a_large_buffer_read_on_its_node_is_mapped_not_copied() {
 fn a_put_object_dies_with_its_owner() {
     let cluster = ProcessCluster::three_process();
     // Process workers only: a thread worker cannot be killed apart from us.
-    for env in [
-        cluster.driver_env(),
-        vec![("SHOAL_WORKER_PROCESSES", "1".to_string())],
-    ] {
-        let out = result_of(&run_driver(
-            &sibling_bin("scenarios"),
-            &["owner-died"],
-            &env,
-            Duration::from_secs(120),
-        ));
+    for env in [cluster.driver_env(), local_processes()] {
+        let out = scenario_result(&["owner-died"], &env, Duration::from_secs(120));
         assert_eq!(out["read_while_owner_lived"], true, "{out}");
         assert_eq!(out["owner_died"], true, "{out}");
     }
@@ -95,12 +80,11 @@ fn a_full_store_refuses_put_with_a_typed_error_and_keeps_serving() {
         "--object-spill-bytes",
         "0",
     ]);
-    let out = result_of(&run_driver(
-        &sibling_bin("scenarios"),
+    let out = scenario_result(
         &["fill", "10"],
         &cluster.driver_env(),
         Duration::from_secs(120),
-    ));
+    );
     assert_eq!(out["object_store_full"], true, "{out}");
     // Each object is 10 MiB plus 5 bytes of encoding: nine fit in 100 MiB.
     assert_eq!(out["kept"], 9, "{out}");
@@ -117,11 +101,10 @@ fn a_full_store_refuses_put_with_a_typed_error_and_keeps_serving() {
             alive.then_some(())
         },
     );
-    let again = result_of(&run_driver(
-        &sibling_bin("scenarios"),
+    let again = scenario_result(
         &["put-drop", "5", "10"],
         &cluster.driver_env(),
         Duration::from_secs(120),
-    ));
+    );
     assert_eq!(again["rounds"], 5);
 }

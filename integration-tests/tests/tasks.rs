@@ -8,21 +8,18 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use shoal_integration_tests::{
-    poll_until, result_of, run_driver, sibling_bin, signal, ProcessCluster,
+    local_processes, poll_until, result_of, scenario_result, sibling_bin, signal, spawn_scenario,
+    ProcessCluster,
 };
 
 const DEADLINE: Duration = Duration::from_secs(240);
 
 fn scenario(env: &[(&str, String)], args: &[&str]) -> Value {
-    result_of(&run_driver(&sibling_bin("scenarios"), args, env, DEADLINE))
+    scenario_result(args, env, DEADLINE)
 }
 
 fn local() -> Vec<(&'static str, String)> {
     vec![]
-}
-
-fn local_processes() -> Vec<(&'static str, String)> {
-    vec![("SHOAL_WORKER_PROCESSES", "1".to_string())]
 }
 
 fn node_id_offering(cluster: &ProcessCluster, resource: &str) -> String {
@@ -95,16 +92,12 @@ fn a_1_gb_object_is_pulled_once_for_8_readers_on_the_other_node() {
 #[test]
 fn a_result_lost_with_its_node_is_rebuilt_by_its_task_and_lost_without_retries() {
     let cluster = ProcessCluster::three_process();
-    let mut child = Command::new(sibling_bin("scenarios"))
-        .arg("lineage")
-        .envs(cluster.driver_env())
-        .env("SHOAL_BIN", shoal_integration_tests::shoal_bin())
-        .env("SHOAL_LOG", "warn")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("driver");
+    let mut env = cluster.driver_env();
+    env.push((
+        "SHOAL_BIN",
+        shoal_integration_tests::shoal_bin().display().to_string(),
+    ));
+    let mut child = spawn_scenario(&["lineage"], &env);
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
     let victim = lines
@@ -267,14 +260,7 @@ fn every_result_arrives_when_a_node_daemon_is_killed_mid_job() {
             .and_then(|n| n["pid"].as_u64())
             .expect("user node pid") as u32
     };
-    let mut child = Command::new(sibling_bin("scenarios"))
-        .args(["slow-many", "1000", "20"])
-        .envs(cluster.driver_env())
-        .env("SHOAL_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("driver");
+    let mut child = spawn_scenario(&["slow-many", "1000", "20"], &cluster.driver_env());
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
     let started = lines.by_ref().map_while(Result::ok).any(|l| l == "STARTED");
@@ -328,15 +314,7 @@ fn an_infeasible_task_is_reported_in_status() {
 #[test]
 fn worker_output_is_streamed_to_the_driver_with_pid_and_node() {
     let cluster = ProcessCluster::three_process();
-    let mut child = Command::new(sibling_bin("scenarios"))
-        .args(["print"])
-        .envs(cluster.driver_env())
-        .env("SHOAL_LOG", "warn")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("driver");
+    let mut child = spawn_scenario(&["print"], &cluster.driver_env());
     let stdout = child.stdout.take().expect("stdout");
     let stderr = child.stderr.take().expect("stderr");
     let (warned, warnings) = std::sync::mpsc::channel();

@@ -63,20 +63,22 @@ fn do_large_puts(n: u32, bytes: u64) -> u32 {
     n
 }
 
-#[shoal::remote(num_cpus = 0)]
-fn call_actors(actors: Vec<ActorHandle<Sink>>, calls: u32) -> u32 {
+/// `calls` calls of `call` spread over `actors` in turn, then gets them.
+fn round_robin<A>(actors: &[A], calls: u32, call: impl Fn(&A) -> ObjectRef<Vec<u8>>) -> u32 {
     let refs: Vec<_> = (0..calls)
-        .map(|i| actors[i as usize % actors.len()].small_value())
+        .map(|i| call(&actors[i as usize % actors.len()]))
         .collect();
     shoal::get_all(&refs).expect("calls").len() as u32
 }
 
 #[shoal::remote(num_cpus = 0)]
+fn call_actors(actors: Vec<ActorHandle<Sink>>, calls: u32) -> u32 {
+    round_robin(&actors, calls, |a| a.small_value())
+}
+
+#[shoal::remote(num_cpus = 0)]
 fn call_async_actors(actors: Vec<ActorHandle<AsyncSink>>, calls: u32) -> u32 {
-    let refs: Vec<_> = (0..calls)
-        .map(|i| actors[i as usize % actors.len()].small_value())
-        .collect();
-    shoal::get_all(&refs).expect("calls").len() as u32
+    round_robin(&actors, calls, |a| a.small_value())
 }
 
 /// An actor whose methods return the small value.
@@ -230,6 +232,15 @@ fn get_ok<T: serde::de::DeserializeOwned + Send + 'static>(r: ObjectRef<T>) -> R
     Ok(())
 }
 
+/// Submits everything `refs` makes, then gets them all.
+fn all_ok<T: serde::de::DeserializeOwned + Send + 'static>(
+    refs: impl IntoIterator<Item = ObjectRef<T>>,
+) -> Result<()> {
+    let refs: Vec<_> = refs.into_iter().collect();
+    shoal::get_all(&refs)?;
+    Ok(())
+}
+
 pub fn run(args: MicrobenchmarkArgs) -> Result<()> {
     let cpus = shoal_node::machine::detect_cpus().max(2);
     let _shoal = shoal::init(shoal::Config::local().worker_processes(true))
@@ -260,11 +271,7 @@ pub fn run(args: MicrobenchmarkArgs) -> Result<()> {
     b.run(
         "multi client put calls (Plasma Store)",
         f64::from(k10 * k100),
-        || {
-            let refs: Vec<_> = (0..k10).map(|_| do_puts::remote(k100)).collect();
-            shoal::get_all(&refs)?;
-            Ok(())
-        },
+        || all_ok((0..k10).map(|_| do_puts::remote(k100))),
     )?;
     if b.wanted("single client put gigabytes") {
         // As Ray's: one buffer made before the loop, put again and again.
@@ -275,20 +282,12 @@ pub fn run(args: MicrobenchmarkArgs) -> Result<()> {
         })?;
     }
     b.run("single client tasks and get batch", 1.0, || {
-        let refs: Vec<_> = (0..k1000).map(|_| small_value::remote()).collect();
-        shoal::get_all(&refs)?;
-        Ok(())
+        all_ok((0..k1000).map(|_| small_value::remote()))
     })?;
     b.run(
         "multi client put gigabytes",
         f64::from(k10 * k10) * 0.08,
-        || {
-            let refs: Vec<_> = (0..k10)
-                .map(|_| do_large_puts::remote(k10, 80_000_000u64))
-                .collect();
-            shoal::get_all(&refs)?;
-            Ok(())
-        },
+        || all_ok((0..k10).map(|_| do_large_puts::remote(k10, 80_000_000u64))),
     )?;
     if b.wanted("single client get object containing 10k refs") {
         let refs: Vec<ObjectRef<Vec<u8>>> = (0..k10k)
@@ -315,9 +314,7 @@ pub fn run(args: MicrobenchmarkArgs) -> Result<()> {
         get_ok(small_value::remote())
     })?;
     b.run("single client tasks async", f64::from(k1000), || {
-        let refs: Vec<_> = (0..k1000).map(|_| small_value::remote()).collect();
-        shoal::get_all(&refs)?;
-        Ok(())
+        all_ok((0..k1000).map(|_| small_value::remote()))
     })?;
     if b.wanted("multi client tasks async") {
         let clients: Vec<_> = (0..4)
@@ -329,9 +326,7 @@ pub fn run(args: MicrobenchmarkArgs) -> Result<()> {
             })
             .collect::<shoal::Result<_>>()?;
         b.run("multi client tasks async", f64::from(4 * k10k), || {
-            let refs: Vec<_> = clients.iter().map(|c| c.submit_tasks(k10k)).collect();
-            shoal::get_all(&refs)?;
-            Ok(())
+            all_ok(clients.iter().map(|c| c.submit_tasks(k10k)))
         })?;
     }
 
@@ -339,16 +334,12 @@ pub fn run(args: MicrobenchmarkArgs) -> Result<()> {
     let sink = Sink::remote()?;
     b.run("1:1 actor calls sync", 1.0, || get_ok(sink.small_value()))?;
     b.run("1:1 actor calls async", f64::from(k1000), || {
-        let refs: Vec<_> = (0..k1000).map(|_| sink.small_value()).collect();
-        shoal::get_all(&refs)?;
-        Ok(())
+        all_ok((0..k1000).map(|_| sink.small_value()))
     })?;
     if b.wanted("1:1 actor calls concurrent") {
         let concurrent = Sink::options().max_concurrency(16).remote()?;
         b.run("1:1 actor calls concurrent", f64::from(k1000), || {
-            let refs: Vec<_> = (0..k1000).map(|_| concurrent.small_value()).collect();
-            shoal::get_all(&refs)?;
-            Ok(())
+            all_ok((0..k1000).map(|_| concurrent.small_value()))
         })?;
     }
     if b.wanted("1:n actor calls async") {
@@ -365,11 +356,7 @@ pub fn run(args: MicrobenchmarkArgs) -> Result<()> {
             .map(|_| Sink::remote())
             .collect::<shoal::Result<_>>()?;
         b.run("n:n actor calls async", f64::from(4 * k5000), || {
-            let refs: Vec<_> = (0..4)
-                .map(|_| call_actors::remote(sinks.clone(), k5000))
-                .collect();
-            shoal::get_all(&refs)?;
-            Ok(())
+            all_ok((0..4).map(|_| call_actors::remote(sinks.clone(), k5000)))
         })?;
     }
     if b.wanted("n:n actor calls with arg async") {
@@ -379,14 +366,7 @@ pub fn run(args: MicrobenchmarkArgs) -> Result<()> {
         b.run(
             "n:n actor calls with arg async",
             f64::from(k1000) * n as f64,
-            || {
-                let refs: Vec<_> = clients
-                    .iter()
-                    .map(|c| c.call_each_with_arg(k1000))
-                    .collect();
-                shoal::get_all(&refs)?;
-                Ok(())
-            },
+            || all_ok(clients.iter().map(|c| c.call_each_with_arg(k1000))),
         )?;
     }
     let async_sink = AsyncSink::remote()?;
@@ -394,22 +374,14 @@ pub fn run(args: MicrobenchmarkArgs) -> Result<()> {
         get_ok(async_sink.small_value())
     })?;
     b.run("1:1 async-actor calls async", f64::from(k1000), || {
-        let refs: Vec<_> = (0..k1000).map(|_| async_sink.small_value()).collect();
-        shoal::get_all(&refs)?;
-        Ok(())
+        all_ok((0..k1000).map(|_| async_sink.small_value()))
     })?;
     if b.wanted("1:1 async-actor calls with args async") {
         let arg = shoal::put(Buffer::from_vec(vec![0u8; 1024]))?;
         b.run(
             "1:1 async-actor calls with args async",
             f64::from(k1000),
-            || {
-                let refs: Vec<_> = (0..k1000)
-                    .map(|_| async_sink.small_value_arg(&arg))
-                    .collect();
-                shoal::get_all(&refs)?;
-                Ok(())
-            },
+            || all_ok((0..k1000).map(|_| async_sink.small_value_arg(&arg))),
         )?;
     }
     if b.wanted("1:n async-actor calls async") {
@@ -428,11 +400,7 @@ pub fn run(args: MicrobenchmarkArgs) -> Result<()> {
             .map(|_| AsyncSink::remote())
             .collect::<shoal::Result<_>>()?;
         b.run("n:n async-actor calls async", f64::from(4 * k5000), || {
-            let refs: Vec<_> = (0..4)
-                .map(|_| call_async_actors::remote(sinks.clone(), k5000))
-                .collect();
-            shoal::get_all(&refs)?;
-            Ok(())
+            all_ok((0..4).map(|_| call_async_actors::remote(sinks.clone(), k5000)))
         })?;
     }
     let skipped = "placement group create/removal";

@@ -77,6 +77,11 @@ impl Scheduler {
         node.total.get(name) - used
     }
 
+    /// Whether `resources` fit in what `node` has free now.
+    fn has_room(&self, node: &NodeView, resources: &ResourceSet) -> bool {
+        fits(resources, |r| self.free(node, r))
+    }
+
     fn cpu_utilisation(&self, node: &NodeView) -> f64 {
         let total = node.total.get(CPU);
         if total <= 0.0 {
@@ -97,7 +102,7 @@ impl Scheduler {
             self.note_infeasible(request);
             return Decision::Infeasible;
         }
-        let fitting = |n: &&NodeView| fits(&request.resources, |r| self.free(n, r));
+        let fitting = |n: &&NodeView| self.has_room(n, &request.resources);
         let preferred = request
             .preferred_node
             .and_then(|id| nodes.iter().find(|n| n.node_id == id))
@@ -126,14 +131,11 @@ impl Scheduler {
                 blocked: false,
             },
         );
-        let node_address = node.address.clone();
-        let room_for_another = nodes
-            .iter()
-            .any(|n| fits(&request.resources, |r| self.free(n, r)));
+        let room_for_another = nodes.iter().any(|n| self.has_room(n, &request.resources));
         Decision::Granted(Lease {
             lease_id,
             node_id: node.node_id,
-            node_address,
+            node_address: node.address.clone(),
             resources: request.resources.clone(),
             room_for_another,
         })
@@ -307,6 +309,19 @@ mod tests {
             a.node_id, b.node_id,
             "the second lease goes to the idle node"
         );
+    }
+
+    #[test]
+    fn a_grant_says_whether_another_of_its_shape_would_fit() {
+        let nodes = vec![node(1.0), node(2.0)];
+        let mut s = Scheduler::new();
+        let room: Vec<bool> = (0..3)
+            .map(|_| match s.request(&nodes, &request(1.0)) {
+                Decision::Granted(l) => l.room_for_another,
+                d => panic!("{d:?}"),
+            })
+            .collect();
+        assert_eq!(room, [true, true, false], "the third takes the last CPU");
     }
 
     #[test]

@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::FutureExt;
 use serde::{Deserialize, Serialize};
 use shoal_proto::head::{Lease, LeaseRequest};
 use shoal_proto::worker::ActorCall;
@@ -33,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::{self, Core, Executor, ObjState};
 use crate::error::{Error, Result};
+use crate::exec::{await_caught, run_caught};
 use crate::object_ref::{ArgValue, ObjectRef};
 use crate::registry::{self, ActorClass, ActorState, MethodInvoker};
 use crate::turns::Turns;
@@ -1072,8 +1072,8 @@ impl Lane {
         &self,
         state: &Arc<RwLock<ActorState>>,
     ) -> Option<tokio::sync::OwnedRwLockWriteGuard<ActorState>> {
-        let multi_thread = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let multi_thread =
+            core::runtime_flavor() == Some(tokio::runtime::RuntimeFlavor::MultiThread);
         if self.threads != 1 || !multi_thread {
             return None;
         }
@@ -1104,9 +1104,7 @@ impl Lane {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let busy = Arc::clone(&self.busy);
         let job: LaneJob = Box::new(move || {
-            let out = core::with_current_task(running, || {
-                std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|_| crate::exec::take_panic())
-            });
+            let out = run_caught(running, f);
             busy.fetch_sub(1, Ordering::SeqCst);
             let _ = tx.send(out);
         });
@@ -1340,10 +1338,7 @@ impl Host {
                 Some(mut guard) => {
                     advance();
                     let ran = tokio::task::block_in_place(|| {
-                        core::with_current_task(running, || {
-                            std::panic::catch_unwind(AssertUnwindSafe(|| method.run_on(&mut guard)))
-                                .map_err(|_| crate::exec::take_panic())
-                        })
+                        run_caught(running, || method.run_on(&mut guard))
                     });
                     drop(guard);
                     lane.done();
@@ -1357,8 +1352,7 @@ impl Host {
                 }
             };
             return Ok(reply(
-                self.outcome(core, &call, &function, executor, outcome)
-                    .await,
+                call_outcome(core, &call, &function, executor, outcome).await,
             ));
         }
         // Our place is taken once we hold a permit and the lock; only then
@@ -1380,81 +1374,64 @@ impl Host {
             MethodInvoker::AsyncRef(f) => {
                 let guard = state.read_owned().await;
                 advance();
-                in_task(running, f(guard, args)).await
+                await_caught(running, f(guard, args)).await
             }
             MethodInvoker::AsyncMut(f) => {
                 let guard = state.write_owned().await;
                 advance();
-                in_task(running, f(guard, args)).await
+                await_caught(running, f(guard, args)).await
             }
         };
         drop(permit);
         Ok(reply(
-            self.outcome(core, &call, &function, executor, outcome)
-                .await,
+            call_outcome(core, &call, &function, executor, outcome).await,
         ))
     }
+}
 
-    /// What a call's invocation made of its result.
-    async fn outcome(
-        &self,
-        core: &Arc<Core>,
-        call: &ActorCall,
-        function: &str,
-        executor: Executor,
-        outcome: Invoked,
-    ) -> TaskOutcome {
-        match outcome {
-            Ok(Ok(bytes)) => {
-                core.outcome_of(
-                    call.task_id.return_object(0),
-                    bytes,
-                    (function, call.task_id, None),
-                    executor,
-                )
-                .await
-            }
-            Ok(Err(e)) => {
-                TaskOutcome::Failed(failure(e.kind, function, call.task_id, executor, e.message))
-            }
-            Err((message, backtrace)) => {
-                let mut f = failure(
-                    FailureKind::Panic,
-                    function,
-                    call.task_id,
-                    executor,
-                    message,
-                );
-                f.backtrace = Some(backtrace);
-                TaskOutcome::Failed(f)
-            }
+/// What a call's invocation made of its result.
+async fn call_outcome(
+    core: &Arc<Core>,
+    call: &ActorCall,
+    function: &str,
+    executor: Executor,
+    outcome: Invoked,
+) -> TaskOutcome {
+    match outcome {
+        Ok(Ok(bytes)) => {
+            core.outcome_of(
+                call.task_id.return_object(0),
+                bytes,
+                (function, call.task_id, None),
+                executor,
+            )
+            .await
+        }
+        Ok(Err(e)) => {
+            TaskOutcome::Failed(failure(e.kind, function, call.task_id, executor, e.message))
+        }
+        Err((message, backtrace)) => {
+            let mut f = failure(
+                FailureKind::Panic,
+                function,
+                call.task_id,
+                executor,
+                message,
+            );
+            f.backtrace = Some(backtrace);
+            TaskOutcome::Failed(f)
         }
     }
 }
 
-type Invoked = std::result::Result<crate::registry::Invocation, (String, String)>;
-
-/// Runs an async method as the current task, catching panics.
-async fn in_task(
-    running: core::Running,
-    method: crate::registry::BoxFuture<crate::registry::Invocation>,
-) -> Invoked {
-    core::scope_current_task(running, AssertUnwindSafe(method).catch_unwind())
-        .await
-        .map_err(|_| crate::exec::take_panic())
-}
+type Invoked = std::result::Result<crate::registry::Invocation, crate::exec::Caught>;
 
 /// Runs a sync method on a blocking thread, catching panics.
 async fn blocking(
     running: core::Running,
     f: impl FnOnce() -> crate::registry::Invocation + Send + 'static,
 ) -> Invoked {
-    let joined = tokio::task::spawn_blocking(move || {
-        core::with_current_task(running, || {
-            std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|_| crate::exec::take_panic())
-        })
-    })
-    .await;
+    let joined = tokio::task::spawn_blocking(move || run_caught(running, f)).await;
     match joined {
         Ok(result) => result,
         Err(e) => Err((format!("the method's thread failed: {e}"), String::new())),

@@ -109,10 +109,9 @@ pub(crate) struct Lineage {
     options: TaskOptions,
     args: Mutex<Vec<ArgSpec>>,
     _keep_alive: Mutex<Vec<crate::object_ref::KeepAlive>>,
-    /// Re-executions left (the task's `max_retries`).
-    left: std::sync::atomic::AtomicU32,
-    /// One rebuild at a time.
-    rebuilding: tokio::sync::Mutex<()>,
+    /// Re-executions left (from the task's `max_retries`); held through a
+    /// rebuild, so there is one at a time.
+    left: tokio::sync::Mutex<u32>,
 }
 
 /// An object's state and the waiters for it.
@@ -144,6 +143,13 @@ impl Slot {
 
     pub(crate) fn state(&self) -> ObjState {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn is_pending(&self) -> bool {
+        matches!(
+            *self.state.lock().unwrap_or_else(|e| e.into_inner()),
+            ObjState::Pending
+        )
     }
 
     fn set(&self, state: ObjState) {
@@ -388,26 +394,15 @@ impl Core {
         T: Send + 'static,
         F: Future<Output = Result<T>> + Send + 'static,
     {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let wait = move || rx.recv();
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread => {
-                return Err(Error::BlockingGetInAsync)
-            }
-            Ok(_) => {
-                self.handle.spawn(async move {
-                    let _ = tx.send(fut.await);
-                });
-                tokio::task::block_in_place(wait)
-            }
-            Err(_) => {
-                self.handle.spawn(async move {
-                    let _ = tx.send(fut.await);
-                });
-                wait()
-            }
+        if runtime_flavor() == Some(tokio::runtime::RuntimeFlavor::CurrentThread) {
+            return Err(Error::BlockingGetInAsync);
         }
-        .map_err(|_| Error::NotInitialized("the runtime stopped".into()))?
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.handle.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        block_thread(move || rx.recv())?
+            .map_err(|_| Error::NotInitialized("the runtime stopped".into()))?
     }
 
     /// Runs `fut` on this runtime and awaits it from any runtime.
@@ -522,7 +517,7 @@ impl Core {
                 "{why}; it cannot be rebuilt (not a task result, or max_retries = 0)"
             ))
         })?;
-        let _one_at_a_time = lineage.rebuilding.lock().await;
+        let mut left = lineage.left.lock().await;
         // Rebuilt by another reader meanwhile?
         if let ObjState::Stored(at) = slot.state() {
             if at.node_id != lost_at.node_id {
@@ -530,18 +525,17 @@ impl Core {
             }
         }
         loop {
-            let left = lineage.left.load(Ordering::SeqCst);
-            if left == 0 {
+            if *left == 0 {
                 return Err(lost(format!("{why}; its task's retries are used up")));
             }
-            lineage.left.store(left - 1, Ordering::SeqCst);
+            *left -= 1;
             warn!(%id, function = lineage.function.name, "a task's result was lost with its node; running the task again");
             let args = lineage
                 .args
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone();
-            let attempt = lineage.options.max_retries - left + 1;
+            let attempt = lineage.options.max_retries - *left;
             let state = self
                 .run_resolved(
                     lineage.task_id,
@@ -704,11 +698,10 @@ impl Core {
                 Arc::new(Lineage {
                     task_id,
                     function,
-                    left: options.max_retries.into(),
+                    left: tokio::sync::Mutex::new(options.max_retries),
                     options,
                     args: Mutex::new(spec_args),
                     _keep_alive: Mutex::new(keep_alive),
-                    rebuilding: tokio::sync::Mutex::new(()),
                 })
             });
         (state, lineage)
@@ -950,7 +943,7 @@ impl Core {
             });
         };
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
-        let ready = if matches!(slot.state(), ObjState::Pending) {
+        let ready = if slot.is_pending() {
             self.while_blocked(executor, slot.ready(deadline)).await
         } else {
             slot.ready(deadline).await
@@ -990,10 +983,7 @@ impl Core {
             ObjState::OwnerDied(reason) => return Err(Error::OwnerDied { id, reason }),
             ObjState::Pending => return Err(Error::Timeout(timeout.unwrap_or_default())),
         };
-        crate::shm::decode(&bytes).map_err(|message| Error::Decode {
-            what: format!("object {id} as {}", std::any::type_name::<T>()),
-            message,
-        })
+        decode_object(id, &bytes)
     }
 
     /// Waits until `want` of `objects` are ready or the timeout passes;
@@ -1032,16 +1022,10 @@ impl Core {
 
     /// True once the object is ready (or failed).
     pub(crate) fn is_ready(self: &Arc<Self>, id: ObjectId, owner: &Address) -> bool {
-        let pending = |slot: &Slot| {
-            matches!(
-                *slot.state.lock().unwrap_or_else(|e| e.into_inner()),
-                ObjState::Pending
-            )
-        };
         if let Some(slot) = self.objects.get(&id) {
-            return !pending(&slot);
+            return !slot.is_pending();
         }
-        self.slot(id, owner).is_some_and(|s| !pending(&s))
+        self.slot(id, owner).is_some_and(|s| !s.is_pending())
     }
 
     /// The home node's store directory, if this process is on its host.
@@ -1159,20 +1143,13 @@ impl Core {
             return Ok(None);
         }
         let node = self.node(&self.home.address).await?;
-        let mut full_since = None;
+        let mut room = RoomWait::default();
         loop {
             let create = NodeRequest::CreateObject { id, total, owner };
             match node.call(&create, CONTROL_TIMEOUT).await {
                 Ok(NodeReply::ObjectFile { path, .. }) => return Ok(Some(path.into())),
                 Err(shoal_net::RpcError::Service(e)) if e.kind == ServiceErrorKind::Unavailable => {
-                    // Freed objects are deleted asynchronously: wait a
-                    // little for room before giving up.
-                    if full_since
-                        .get_or_insert_with(std::time::Instant::now)
-                        .elapsed()
-                        < STORE_FULL_WAIT
-                    {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    if room.again().await {
                         continue;
                     }
                     return Err(Error::ObjectStoreFull(e.message));
@@ -1218,15 +1195,7 @@ impl Core {
                 std::io::Write::flush(&mut out).map_err(|e| e.to_string())
             });
         if let Err(message) = written {
-            let core = Arc::clone(self);
-            self.delete_stored(
-                id,
-                StoredAt {
-                    node_id: core.home.node_id,
-                    node_address: core.home.address.clone(),
-                    size,
-                },
-            );
+            self.delete_stored(id, self.home_at(size));
             return Err(Error::Encode {
                 what: format!("put value into {}", path.display()),
                 message,
@@ -1234,14 +1203,7 @@ impl Core {
         }
         let core = Arc::clone(self);
         self.block_on(async move { core.seal_local(id).await })?;
-        let at = StoredAt {
-            node_id: self.home.node_id,
-            node_address: self.home.address.clone(),
-            size,
-        };
-        self.objects
-            .insert(id, Slot::new(ObjState::Stored(at), true));
-        self.refs.add_local(id);
+        self.own(id, ObjState::Stored(self.home_at(size)));
         Ok(Some(id))
     }
 
@@ -1255,11 +1217,7 @@ impl Core {
     ) -> Result<StoredAt> {
         let node = self.node(&self.home.address).await?;
         let total = bytes.len() as u64;
-        let stored = StoredAt {
-            node_id: self.home.node_id,
-            node_address: self.home.address.clone(),
-            size: total,
-        };
+        let stored = self.home_at(total);
         if let Some(path) = self.create_local(id, total, owner).await? {
             let written = std::fs::OpenOptions::new()
                 .write(true)
@@ -1275,7 +1233,7 @@ impl Core {
             return Ok(stored);
         }
         let mut offset = 0usize;
-        let mut full_since = None;
+        let mut room = RoomWait::default();
         loop {
             let end = (offset + CHUNK_BYTES as usize).min(bytes.len());
             let put = NodeRequest::PutObject {
@@ -1292,15 +1250,7 @@ impl Core {
                     return Err(Error::Protocol(format!("storing object {id}: {other:?}")))
                 }
                 Err(shoal_net::RpcError::Service(e)) if e.kind == ServiceErrorKind::Unavailable => {
-                    // Freed objects are deleted asynchronously: wait a little
-                    // for room before giving up.
-                    if offset == 0
-                        && full_since
-                            .get_or_insert_with(std::time::Instant::now)
-                            .elapsed()
-                            < STORE_FULL_WAIT
-                    {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    if offset == 0 && room.again().await {
                         continue;
                     }
                     return Err(Error::ObjectStoreFull(e.message));
@@ -1347,9 +1297,7 @@ impl Core {
     /// Keeps a small encoded value this process owns (no runtime involved).
     pub(crate) fn put_inline(&self, bytes: Vec<u8>) -> ObjectId {
         let id = self.next_put_id();
-        self.objects
-            .insert(id, Slot::new(ObjState::Inline(Arc::new(bytes)), true));
-        self.refs.add_local(id);
+        self.own(id, ObjState::Inline(Arc::new(bytes)));
         id
     }
 
@@ -1359,9 +1307,7 @@ impl Core {
     pub(crate) fn try_get_here<T: DeserializeOwned>(&self, id: ObjectId) -> Option<Result<T>> {
         // A blocking get is refused inside a single-threaded runtime whether
         // or not the value is ready (block_on says so).
-        if tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread)
-        {
+        if runtime_flavor() == Some(tokio::runtime::RuntimeFlavor::CurrentThread) {
             return None;
         }
         let state = {
@@ -1376,12 +1322,14 @@ impl Core {
                 | ObjState::OwnerDied(_) => return None,
             }
         };
-        Some(state.and_then(|bytes| {
-            crate::shm::decode(&crate::shm::Blob::Owned(bytes)).map_err(|message| Error::Decode {
-                what: format!("object {id} as {}", std::any::type_name::<T>()),
-                message,
-            })
-        }))
+        Some(state.and_then(|bytes| decode_object(id, &crate::shm::Blob::Owned(bytes))))
+    }
+
+    /// [`Core::try_get_here`], parking this thread first (outside the
+    /// runtime) while the object is pending.
+    pub(crate) fn get_here<T: DeserializeOwned>(&self, id: ObjectId) -> Option<Result<T>> {
+        self.try_get_here(id)
+            .or_else(|| self.wait_here(id).then(|| self.try_get_here(id)).flatten())
     }
 
     /// Blocks this thread (outside any runtime and task) until an object
@@ -1399,19 +1347,14 @@ impl Core {
         true
     }
 
-    /// Stores a value this process owns.
-    pub(crate) async fn put_bytes(self: &Arc<Self>, bytes: Vec<u8>) -> Result<ObjectId> {
+    /// Stores a large encoded value this process owns in its home node's
+    /// store (from a host other than the store's).
+    pub(crate) async fn put_stored(self: &Arc<Self>, bytes: Vec<u8>) -> Result<ObjectId> {
         let id = self.next_put_id();
-        let state = if bytes.len() <= INLINE_BYTES_MAX {
-            ObjState::Inline(Arc::new(bytes))
-        } else {
-            ObjState::Stored(
-                self.store_on_node(id, &bytes, Some(self.me.worker_id))
-                    .await?,
-            )
-        };
-        self.objects.insert(id, Slot::new(state, true));
-        self.refs.add_local(id);
+        let at = self
+            .store_on_node(id, &bytes, Some(self.me.worker_id))
+            .await?;
+        self.own(id, ObjState::Stored(at));
         Ok(id)
     }
 
@@ -1503,8 +1446,22 @@ impl Core {
 
     /// A pending slot for an object this process will own.
     pub(crate) fn register_pending(&self, id: ObjectId) {
-        self.objects.insert(id, Slot::new(ObjState::Pending, true));
+        self.own(id, ObjState::Pending);
+    }
+
+    /// Records an object this process owns, with one local reference.
+    fn own(&self, id: ObjectId, state: ObjState) {
+        self.objects.insert(id, Slot::new(state, true));
         self.refs.add_local(id);
+    }
+
+    /// Where an object of `size` bytes in the home node's store is.
+    fn home_at(&self, size: u64) -> StoredAt {
+        StoredAt {
+            node_id: self.home.node_id,
+            node_address: self.home.address.clone(),
+            size,
+        }
     }
 
     /// Sets an owned object's final state.
@@ -1559,6 +1516,56 @@ fn outcome_state(reply: TaskReply) -> ObjState {
         TaskOutcome::Inline(bytes) => ObjState::Inline(Arc::new(bytes)),
         TaskOutcome::Stored(at) => ObjState::Stored(at),
         TaskOutcome::Failed(f) => ObjState::Failed(f),
+    }
+}
+
+/// Waiting for room in a full store: freed objects are deleted
+/// asynchronously, so a write refused for room is tried again for a while.
+#[derive(Default)]
+struct RoomWait {
+    since: Option<std::time::Instant>,
+}
+
+impl RoomWait {
+    /// Waits a moment and says yes while [`STORE_FULL_WAIT`] has not passed
+    /// since the first refusal.
+    async fn again(&mut self) -> bool {
+        if self
+            .since
+            .get_or_insert_with(std::time::Instant::now)
+            .elapsed()
+            >= STORE_FULL_WAIT
+        {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        true
+    }
+}
+
+/// An object's bytes decoded as `T`.
+fn decode_object<T: DeserializeOwned>(id: ObjectId, bytes: &crate::shm::Blob) -> Result<T> {
+    crate::shm::decode(bytes).map_err(|message| Error::Decode {
+        what: format!("object {id} as {}", std::any::type_name::<T>()),
+        message,
+    })
+}
+
+/// The flavor of the runtime this thread is in, if any.
+pub(crate) fn runtime_flavor() -> Option<tokio::runtime::RuntimeFlavor> {
+    tokio::runtime::Handle::try_current()
+        .ok()
+        .map(|h| h.runtime_flavor())
+}
+
+/// Runs `wait`, which blocks this thread: inside a multi-threaded runtime
+/// under `block_in_place` (its other tasks move to another thread); refused
+/// inside a single-threaded one, which it would stall.
+pub(crate) fn block_thread<R>(wait: impl FnOnce() -> R) -> Result<R> {
+    match runtime_flavor() {
+        Some(tokio::runtime::RuntimeFlavor::CurrentThread) => Err(Error::BlockingGetInAsync),
+        Some(_) => Ok(tokio::task::block_in_place(wait)),
+        None => Ok(wait()),
     }
 }
 

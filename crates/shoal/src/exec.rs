@@ -163,6 +163,29 @@ pub fn install_panic_hook() {
     });
 }
 
+/// A panic caught while running a task: its message and backtrace.
+pub(crate) type Caught = (String, String);
+
+/// Runs `f` on this thread as `running`'s task, catching a panic.
+pub(crate) fn run_caught<R>(
+    running: crate::core::Running,
+    f: impl FnOnce() -> R,
+) -> Result<R, Caught> {
+    crate::core::with_current_task(running, || {
+        std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|_| take_panic())
+    })
+}
+
+/// Awaits `fut` as `running`'s task, catching a panic.
+pub(crate) async fn await_caught<F: std::future::Future>(
+    running: crate::core::Running,
+    fut: F,
+) -> Result<F::Output, Caught> {
+    crate::core::scope_current_task(running, AssertUnwindSafe(fut).catch_unwind())
+        .await
+        .map_err(|_| take_panic())
+}
+
 pub(crate) fn take_panic() -> (String, String) {
     LAST_PANIC
         .with(|p| p.borrow_mut().take())
@@ -209,24 +232,14 @@ pub(crate) async fn invoke(
     let outcome = match &function.invoke {
         Invoker::Sync(call) => {
             let call = *call;
-            let joined = tokio::task::spawn_blocking(move || {
-                crate::core::with_current_task(running, || {
-                    std::panic::catch_unwind(AssertUnwindSafe(|| call(args)))
-                        .map_err(|_| take_panic())
-                })
-            })
-            .await;
+            let joined =
+                tokio::task::spawn_blocking(move || run_caught(running, || call(args))).await;
             match joined {
                 Ok(result) => result,
                 Err(e) => Err((format!("the task's thread failed: {e}"), String::new())),
             }
         }
-        Invoker::Async(call) => {
-            let future = call(args);
-            crate::core::scope_current_task(running, AssertUnwindSafe(future).catch_unwind())
-                .await
-                .map_err(|_| take_panic())
-        }
+        Invoker::Async(call) => await_caught(running, call(args)).await,
     };
     match outcome {
         Ok(Ok(bytes)) => Ok(bytes),

@@ -41,6 +41,8 @@ const LEASE_WAIT: Duration = Duration::from_secs(2);
 /// A worker held under a lease.
 pub(crate) struct LeasedWorker {
     pub(crate) lease: Lease,
+    /// Its class's key (see [`class_key`]).
+    class: String,
     pub(crate) worker_id: WorkerId,
     pub(crate) worker: WorkerClient,
     node: NodeClient,
@@ -135,10 +137,15 @@ impl Class {
         self.workers.swap_remove(at).worker
     }
 
-    fn held(&mut self, lease_id: shoal_proto::LeaseId) -> Option<&mut Held> {
+    fn position(&self, lease_id: shoal_proto::LeaseId) -> Option<usize> {
         self.workers
-            .iter_mut()
-            .find(|h| h.worker.lease.lease_id == lease_id)
+            .iter()
+            .position(|h| h.worker.lease.lease_id == lease_id)
+    }
+
+    fn held(&mut self, lease_id: shoal_proto::LeaseId) -> Option<&mut Held> {
+        let at = self.position(lease_id)?;
+        Some(&mut self.workers[at])
     }
 
     /// Hands places on the class's workers to waiting tasks.
@@ -195,14 +202,11 @@ impl LeaseManager {
                 let key = class_key(resources);
                 let mut classes = self.classes();
                 let class = classes.entry(key.clone()).or_default();
-                let placed = class.take_place();
-                let rx = if placed.is_none() {
+                let placed = class.take_place().ok_or_else(|| {
                     let (tx, rx) = oneshot::channel();
                     class.waiters.push_back(tx);
-                    Some(rx)
-                } else {
-                    None
-                };
+                    rx
+                });
                 // Queued work asks for more workers (the head holds the
                 // request while the cluster is full).
                 if class.requesting < class.backlog().min(REQUESTS_IN_FLIGHT_MAX) {
@@ -213,10 +217,9 @@ impl LeaseManager {
                         .clone()
                         .spawn(async move { request_leases(core, key, resources).await });
                 }
-                match (placed, rx) {
-                    (Some(worker), _) => return worker,
-                    (None, Some(rx)) => rx,
-                    (None, None) => continue,
+                match placed {
+                    Ok(worker) => return worker,
+                    Err(rx) => rx,
                 }
             };
             if let Ok(worker) = rx.await {
@@ -227,10 +230,9 @@ impl LeaseManager {
 
     /// A newly leased worker joins its class.
     fn add(&self, core: &Arc<Core>, worker: LeasedWorker) {
-        let key = class_key(&worker.lease.resources);
         let lease_id = worker.lease.lease_id;
         let mut classes = self.classes();
-        let class = classes.entry(key).or_default();
+        let class = classes.entry(worker.class.clone()).or_default();
         class.saturated = !worker.lease.room_for_another;
         class.granting = class.granting.saturating_sub(1);
         class.workers.push(Held {
@@ -244,10 +246,11 @@ impl LeaseManager {
 
     /// A task's place on `worker` is free again (its task was answered).
     pub(crate) fn release(&self, core: &Arc<Core>, worker: &LeasedWorker) {
-        let key = class_key(&worker.lease.resources);
         let lease_id = worker.lease.lease_id;
         let mut classes = self.classes();
-        let class = classes.entry(key).or_default();
+        let Some(class) = classes.get_mut(&worker.class) else {
+            return;
+        };
         let Some(held) = class.held(lease_id) else {
             return;
         };
@@ -260,9 +263,8 @@ impl LeaseManager {
     /// returned if no task takes it meanwhile (at once when stopping).
     fn idle_check(&self, core: &Arc<Core>, class: &mut Class, lease_id: shoal_proto::LeaseId) {
         let Some(at) = class
-            .workers
-            .iter()
-            .position(|h| h.worker.lease.lease_id == lease_id && h.in_flight == 0)
+            .position(lease_id)
+            .filter(|&at| class.workers[at].in_flight == 0)
         else {
             return;
         };
@@ -285,9 +287,9 @@ impl LeaseManager {
     /// cannot be had (`-1`).
     ///
     /// [`add`]: Self::add
-    fn granting(&self, resources: &ResourceSet, delta: isize) {
+    fn granting(&self, key: &str, delta: isize) {
         let mut classes = self.classes();
-        let class = classes.entry(class_key(resources)).or_default();
+        let class = classes.entry(key.to_string()).or_default();
         class.granting = class.granting.saturating_add_signed(delta);
         if delta < 0 {
             // Tasks held back for the worker that is not coming.
@@ -298,16 +300,13 @@ impl LeaseManager {
     /// Gives up a worker that failed: it is stopped and its lease returned
     /// (once, however many of its tasks report it).
     pub(crate) fn discard(&self, core: &Arc<Core>, worker: &LeasedWorker) {
-        let key = class_key(&worker.lease.resources);
         let lease_id = worker.lease.lease_id;
         let removed = {
             let mut classes = self.classes();
-            let class = classes.entry(key).or_default();
-            let at = class
-                .workers
-                .iter()
-                .position(|h| h.worker.lease.lease_id == lease_id);
-            at.map(|at| class.remove(at))
+            classes.get_mut(&worker.class).and_then(|class| {
+                let at = class.position(lease_id)?;
+                Some(class.remove(at))
+            })
         };
         if let Some(worker) = removed {
             give_back(core, worker, true);
@@ -319,10 +318,9 @@ impl LeaseManager {
         let stale = {
             let mut classes = self.classes();
             classes.values_mut().find_map(|class| {
-                let at = class.workers.iter().position(|h| {
-                    h.worker.lease.lease_id == lease_id
-                        && h.in_flight == 0
-                        && h.idle_since == Some(since)
+                let at = class.position(lease_id).filter(|&at| {
+                    let held = &class.workers[at];
+                    held.in_flight == 0 && held.idle_since == Some(since)
                 })?;
                 Some(class.remove(at))
             })
@@ -415,7 +413,7 @@ async fn request_leases(core: Arc<Core>, key: String, resources: ResourceSet) {
         if !waiting || core.stopping.is_cancelled() {
             break;
         }
-        match lease_worker(&core, &resources).await {
+        match lease_worker(&core, &key, &resources).await {
             Ok(Some(worker)) => {
                 backoff = Duration::from_millis(50);
                 core.leases.add(&core, worker);
@@ -446,6 +444,7 @@ async fn request_leases(core: Arc<Core>, key: String, resources: ResourceSet) {
 /// `Ok(None)` when the head had nothing yet.
 async fn lease_worker(
     core: &Arc<Core>,
+    key: &str,
     resources: &ResourceSet,
 ) -> Result<Option<LeasedWorker>, String> {
     let request = HeadRequest::RequestLease(LeaseRequest {
@@ -463,7 +462,7 @@ async fn lease_worker(
     {
         Ok(HeadReply::LeaseGranted(lease)) => {
             debug!(lease_id = %lease.lease_id, node = %lease.node_id, waited = ?asked.elapsed(), "lease granted");
-            core.leases.granting(resources, 1);
+            core.leases.granting(key, 1);
             lease
         }
         Ok(HeadReply::LeasePending { infeasible }) => {
@@ -471,7 +470,7 @@ async fn lease_worker(
             if infeasible {
                 let first = {
                     let mut classes = core.leases.classes();
-                    let class = classes.entry(class_key(resources)).or_default();
+                    let class = classes.entry(key.to_string()).or_default();
                     !std::mem::replace(&mut class.infeasible_reported, true)
                 };
                 if first {
@@ -487,7 +486,7 @@ async fn lease_worker(
     let node = match core.node(&lease.node_address).await {
         Ok(node) => node,
         Err(e) => {
-            core.leases.granting(resources, -1);
+            core.leases.granting(key, -1);
             return_to_head(core, lease.lease_id).await;
             return Err(format!("cannot reach node {}: {e}", lease.node_id));
         }
@@ -496,7 +495,7 @@ async fn lease_worker(
     let worker = match node.call(&grant, Duration::from_secs(90)).await {
         Ok(NodeReply::WorkerGranted { worker }) => worker,
         other => {
-            core.leases.granting(resources, -1);
+            core.leases.granting(key, -1);
             return_to_head(core, lease.lease_id).await;
             return Err(format!("node {} gave no worker: {other:?}", lease.node_id));
         }
@@ -504,7 +503,7 @@ async fn lease_worker(
     let client = match core.worker(&worker.address).await {
         Ok(c) => c,
         Err(e) => {
-            core.leases.granting(resources, -1);
+            core.leases.granting(key, -1);
             release_lease(core, &node, lease.lease_id, true).await;
             return Err(format!("cannot reach worker {}: {e}", worker.worker_id));
         }
@@ -513,6 +512,7 @@ async fn lease_worker(
     watch_worker(core, node.clone(), worker.worker_id, lost.clone());
     Ok(Some(LeasedWorker {
         lease,
+        class: key.to_string(),
         worker_id: worker.worker_id,
         worker: client,
         node,

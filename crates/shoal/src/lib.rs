@@ -169,13 +169,7 @@ pub fn init(config: Config) -> Result<Shoal> {
     rt.spawn(async move {
         let _ = tx.send(start_driver(config).await);
     });
-    let started = match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread => {
-            return Err(Error::BlockingGetInAsync)
-        }
-        Ok(_) => tokio::task::block_in_place(|| rx.recv()),
-        Err(_) => rx.recv(),
-    };
+    let started = core::block_thread(|| rx.recv())?;
     let core = started.map_err(|_| Error::NotInitialized("the runtime stopped".into()))??;
     if !core::install(core) {
         return Ok(Shoal { owns: false });
@@ -295,11 +289,7 @@ pub fn get_all<T: DeserializeOwned + Send + 'static>(objects: &[ObjectRef<T>]) -
     // waits for the rest.
     let mut out = Vec::with_capacity(objects.len());
     for object in objects {
-        let mut here = core.try_get_here::<T>(object.id());
-        if here.is_none() && core.wait_here(object.id()) {
-            here = core.try_get_here::<T>(object.id());
-        }
-        match here {
+        match core.get_here::<T>(object.id()) {
             Some(value) => out.push(value?),
             None => break,
         }
@@ -329,21 +319,19 @@ pub fn put<T: Serialize + Send + 'static>(value: T) -> Result<ObjectRef<T>> {
     };
     // A small value is kept in this process; a large one goes straight
     // into its file in the node's store when the store is on this host.
-    let bytes = match exec::encode_small(&value, core::INLINE_BYTES_MAX).map_err(encode_error)? {
-        Some(bytes) => bytes,
+    let id = match exec::encode_small(&value, core::INLINE_BYTES_MAX).map_err(encode_error)? {
+        Some(bytes) => core.put_inline(bytes),
         None => {
             let size = exec::encoded_len(&value).map_err(encode_error)?;
-            if let Some(id) = core.put_streamed(&value, size)? {
-                return Ok(ObjectRef::adopt(id, core.me.clone()));
+            match core.put_streamed(&value, size)? {
+                Some(id) => id,
+                None => {
+                    let bytes = exec::encode(&value).map_err(encode_error)?;
+                    let core2 = Arc::clone(&core);
+                    core.block_on(async move { core2.put_stored(bytes).await })?
+                }
             }
-            exec::encode(&value).map_err(encode_error)?
         }
-    };
-    let id = if bytes.len() <= core::INLINE_BYTES_MAX {
-        core.put_inline(bytes)
-    } else {
-        let core2 = Arc::clone(&core);
-        core.block_on(async move { core2.put_bytes(bytes).await })?
     };
     Ok(ObjectRef::adopt(id, core.me.clone()))
 }

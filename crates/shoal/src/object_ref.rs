@@ -72,13 +72,8 @@ impl<T: DeserializeOwned + Send + 'static> ObjectRef<T> {
     /// [`Error::BlockingGetInAsync`]: crate::Error::BlockingGetInAsync
     pub fn get(&self) -> Result<T> {
         let core = core::get()?;
-        if let Some(value) = core.try_get_here(self.id()) {
+        if let Some(value) = core.get_here(self.id()) {
             return value;
-        }
-        if core.wait_here(self.id()) {
-            if let Some(value) = core.try_get_here(self.id()) {
-                return value;
-            }
         }
         let (id, owner, executor) = (self.id(), self.owner().clone(), core::current_executor());
         core.block_on(async move {
