@@ -90,3 +90,36 @@ fn the_filter_runs_a_subset_and_json_lists_it() {
         .as_f64()
         .is_some_and(|r| r > 0.0));
 }
+
+#[test]
+fn bad_scales_and_a_filter_matching_nothing_are_refused_before_any_cluster_starts() {
+    let run = |args: &[&str], filter: &str| {
+        let out = std::process::Command::new(shoal_bin())
+            .arg("microbenchmark")
+            .args(args)
+            .env("SHOAL_BENCH_FILTER", filter)
+            .output()
+            .expect("shoal runs");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for args in [
+        &["--batch-scale", "2"][..],
+        &["--batch-scale", "0"],
+        &["--duration-scale", "nan"],
+        &["--duration-scale", "-1"],
+        &["--duration-scale", "fast"],
+    ] {
+        let (code, stderr) = run(args, "");
+        assert_eq!(code, Some(2), "{args:?} accepted: {stderr}");
+        assert!(stderr.contains("error:"), "{args:?}: {stderr}");
+    }
+    let (code, stderr) = run(&[], "no such metric");
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("matches no metric") && stderr.contains("1:1 actor calls sync"),
+        "{stderr}"
+    );
+}

@@ -19,15 +19,59 @@ pub struct MicrobenchmarkArgs {
     /// Print the figures as JSON (one object with a row per metric).
     #[arg(long)]
     json: bool,
-    /// Scale every duration (warm-up and rounds) by this factor; a small one
-    /// (0.01) only proves each metric runs.
-    #[arg(long, value_name = "F", default_value_t = 1.0)]
+    /// Scale every duration (warm-up and rounds) by this factor, above 0;
+    /// a small one (0.01) only proves each metric runs.
+    #[arg(long, value_name = "F", default_value_t = 1.0, value_parser = factor)]
     duration_scale: f64,
     /// Scale the number of calls, tasks and puts in one operation (at least
-    /// one each); the figures stay per call. Below 1 only for smoke runs:
-    /// the metrics are defined at 1.
-    #[arg(long, value_name = "F", default_value_t = 1.0)]
+    /// one each), in (0, 1]; the figures stay per call. Below 1 only for
+    /// smoke runs: the metrics are defined at 1.
+    #[arg(long, value_name = "F", default_value_t = 1.0, value_parser = batch_factor)]
     batch_scale: f64,
+}
+
+/// Every metric, in the order they run (Ray's).
+const METRICS: &[&str] = &[
+    "single client get calls (Plasma Store)",
+    "single client put calls (Plasma Store)",
+    "multi client put calls (Plasma Store)",
+    "single client put gigabytes",
+    "single client tasks and get batch",
+    "multi client put gigabytes",
+    "single client get object containing 10k refs",
+    "single client wait 1k refs",
+    "single client tasks sync",
+    "single client tasks async",
+    "multi client tasks async",
+    "1:1 actor calls sync",
+    "1:1 actor calls async",
+    "1:1 actor calls concurrent",
+    "1:n actor calls async",
+    "n:n actor calls async",
+    "n:n actor calls with arg async",
+    "1:1 async-actor calls sync",
+    "1:1 async-actor calls async",
+    "1:1 async-actor calls with args async",
+    "1:n async-actor calls async",
+    "n:n async-actor calls async",
+    PLACEMENT_GROUPS,
+];
+
+/// The metric that is skipped until placement groups exist.
+const PLACEMENT_GROUPS: &str = "placement group create/removal";
+
+fn factor(s: &str) -> Result<f64, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|f| f.is_finite() && *f > 0.0)
+        .ok_or_else(|| format!("{s:?} is not a number above 0"))
+}
+
+fn batch_factor(s: &str) -> Result<f64, String> {
+    match factor(s)? {
+        f if f > 1.0 => Err(format!("{s} is above 1 (the metrics are defined at 1)")),
+        f => Ok(f),
+    }
 }
 
 /// The small value Ray's workloads return.
@@ -192,6 +236,7 @@ impl Bench {
         multiplier: f64,
         mut op: impl FnMut() -> Result<()>,
     ) -> Result<()> {
+        debug_assert!(METRICS.contains(&name), "{name} is missing from METRICS");
         if !self.wanted(name) {
             return Ok(());
         }
@@ -242,19 +287,27 @@ fn all_ok<T: serde::de::DeserializeOwned + Send + 'static>(
 }
 
 pub fn run(args: MicrobenchmarkArgs) -> Result<()> {
+    let filter = std::env::var("SHOAL_BENCH_FILTER")
+        .ok()
+        .filter(|f| !f.is_empty());
+    if let Some(f) = &filter {
+        anyhow::ensure!(
+            METRICS.iter().any(|m| m.contains(f.as_str())),
+            "SHOAL_BENCH_FILTER={f:?} matches no metric; the metrics are:\n  {}",
+            METRICS.join("\n  ")
+        );
+    }
     let cpus = shoal_node::machine::detect_cpus().max(2);
     let _shoal = shoal::init(shoal::Config::local().worker_processes(true))
         .context("starting a local cluster")?;
     let mut b = Bench {
-        scale: args.duration_scale.max(0.0),
-        filter: std::env::var("SHOAL_BENCH_FILTER")
-            .ok()
-            .filter(|f| !f.is_empty()),
+        scale: args.duration_scale,
+        filter,
         figures: Vec::new(),
         json: args.json,
     };
     let n = (cpus / 2).max(1);
-    let batch = args.batch_scale.clamp(0.0, 1.0);
+    let batch = args.batch_scale;
     let k = |count: u32| ((f64::from(count) * batch).round() as u32).max(1);
     let (k10, k100, k1000, k5000, k10k) = (k(10), k(100), k(1000), k(5000), k(10_000));
 
@@ -403,7 +456,7 @@ pub fn run(args: MicrobenchmarkArgs) -> Result<()> {
             all_ok((0..4).map(|_| call_async_actors::remote(sinks.clone(), k5000)))
         })?;
     }
-    let skipped = "placement group create/removal";
+    let skipped = PLACEMENT_GROUPS;
     if b.wanted(skipped) && !args.json {
         println!("{skipped} skipped: placement groups not implemented");
     }

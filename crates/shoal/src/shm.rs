@@ -345,6 +345,10 @@ mod tests {
             crate::exec::decode(&crate::exec::encode(&frozen).expect("enc")).expect("dec");
         assert_eq!(back, frozen);
         assert!(BufferMut::zeroed(0).expect("empty").freeze().is_empty());
+        assert!(
+            BufferMut::zeroed(usize::MAX).is_err(),
+            "memory that cannot be had is an error, not a panic"
+        );
     }
 
     #[test]
