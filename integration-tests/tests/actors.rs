@@ -55,6 +55,12 @@ fn a_panicking_method_is_a_task_error_and_the_actor_keeps_serving() {
             "{out}"
         );
         assert_eq!(out["panicked"], true);
+        assert!(
+            out["constructor_error"]
+                .as_str()
+                .is_some_and(|m| m.contains("constructor refused on purpose")),
+            "a constructor's panic message reaches the creator: {out}"
+        );
         assert_eq!(out["function"], "scenarios::Recorder::explode");
         assert_eq!(out["still_serving"], true);
         assert_eq!(

@@ -14,7 +14,6 @@
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::ops::Deref;
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -1178,15 +1177,12 @@ impl Host {
             Err(e) => return fail(FailureKind::ArgumentLost, e.to_string()),
         };
         let construct = class.construct;
-        let built = tokio::task::spawn_blocking(move || {
-            std::panic::catch_unwind(AssertUnwindSafe(|| construct(args)))
-        })
-        .await;
+        let built =
+            tokio::task::spawn_blocking(move || crate::exec::caught(|| construct(args))).await;
         let state = match built {
             Ok(Ok(Ok(state))) => state,
             Ok(Ok(Err(e))) => return fail(e.kind, e.message),
-            Ok(Err(_)) => {
-                let (message, _) = crate::exec::take_panic();
+            Ok(Err((message, _))) => {
                 return fail(
                     FailureKind::Panic,
                     format!("the constructor panicked: {message}"),

@@ -166,14 +166,18 @@ pub fn install_panic_hook() {
 /// A panic caught while running a task: its message and backtrace.
 pub(crate) type Caught = (String, String);
 
+/// Runs `f`, catching a panic (read on the thread that panicked: the
+/// message is kept per thread).
+pub(crate) fn caught<R>(f: impl FnOnce() -> R) -> Result<R, Caught> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|_| take_panic())
+}
+
 /// Runs `f` on this thread as `running`'s task, catching a panic.
 pub(crate) fn run_caught<R>(
     running: crate::core::Running,
     f: impl FnOnce() -> R,
 ) -> Result<R, Caught> {
-    crate::core::with_current_task(running, || {
-        std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|_| take_panic())
-    })
+    crate::core::with_current_task(running, || caught(f))
 }
 
 /// Awaits `fut` as `running`'s task, catching a panic.

@@ -216,6 +216,22 @@ async fn level1(x: i64) -> i64 {
     level2::remote(x).await.expect("level 2") + 100
 }
 
+/// An actor whose constructor panics when asked to.
+#[shoal::actor]
+pub struct Fragile;
+
+#[shoal::actor]
+impl Fragile {
+    pub fn new(fail: bool) -> Self {
+        assert!(!fail, "constructor refused on purpose");
+        Fragile
+    }
+
+    pub fn ping(&self) -> u32 {
+        1
+    }
+}
+
 /// Records calls per caller, to check each caller's order.
 #[shoal::actor]
 pub struct Recorder {
@@ -715,7 +731,12 @@ fn main() -> shoal::Result<()> {
             let relay = Relay::remote(recorder.clone())?;
             let relayed = relay.relay(9, 0).get()?;
             let orders = recorder.orders().get()?;
+            let constructor = match Fragile::remote(true) {
+                Ok(_) => "created".to_string(),
+                Err(e) => e.to_string(),
+            };
             result(json!({
+                "constructor_error": constructor,
                 "panic_message": e.message,
                 "panicked": e.panicked,
                 "function": e.function,
