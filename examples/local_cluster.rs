@@ -50,7 +50,7 @@ async fn main() -> shoal::Result<()> {
     );
     show(&client.status().await?);
 
-    let killed = cluster.kill_node(a)?;
+    let killed = cluster.kill_node(a).await?;
     println!("killed node {killed}; waiting for the head to notice (timeout {timeout:?})");
     let started = Instant::now();
     loop {

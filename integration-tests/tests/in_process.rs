@@ -53,7 +53,7 @@ async fn killed_node_is_declared_dead_and_a_restart_is_a_new_node() {
     let mut cluster = LocalCluster::start(config).await.expect("cluster");
     let index = cluster.add_node(cpus(2.0)).await.expect("node");
     let client = cluster.client().await.expect("client");
-    let killed = cluster.kill_node(index).expect("kill");
+    let killed = cluster.kill_node(index).await.expect("kill");
     let started = std::time::Instant::now();
     poll_until_async(
         timeout * 5,

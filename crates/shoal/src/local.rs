@@ -199,7 +199,7 @@ impl LocalCluster {
     /// Kills node `index` abruptly: its tasks are dropped mid-flight and it
     /// never says goodbye, as if its process had been SIGKILLed. The head
     /// notices only by its silence.
-    pub fn kill_node(&mut self, index: usize) -> Result<NodeId> {
+    pub async fn kill_node(&mut self, index: usize) -> Result<NodeId> {
         let node = self
             .nodes
             .get_mut(index)
@@ -209,9 +209,13 @@ impl LocalCluster {
             .node_id()
             .ok_or_else(|| Error::NotFound(format!("node {index} never joined")))?;
         if let Some(running) = node.running.take() {
-            // Abort first: the node must not say goodbye. Then cancel, so the
-            // connection tasks it spawned stop serving too.
+            // Abort first and wait until the task is gone: the node must not
+            // say goodbye. Cancelling while an abort is still pending lets a
+            // poll already under way see the cancellation and send its
+            // UnregisterNode. Then cancel, so the connection tasks it spawned
+            // stop serving too.
             running.task.abort();
+            let _ = running.task.await;
             running.shutdown.cancel();
         }
         Ok(id)
