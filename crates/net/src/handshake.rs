@@ -24,8 +24,8 @@ use crate::identity::JoinToken;
 use crate::rpc::{read_frame, write_frame, FrameReadError};
 
 const EXPORTER_LABEL: &[u8] = b"EXPORTER-shoal-hello-v1";
-const CLIENT_SIDE: &[u8] = b"shoal client proof";
-const SERVER_SIDE: &[u8] = b"shoal server proof";
+pub(crate) const CLIENT_SIDE: &[u8] = b"shoal client proof";
+pub(crate) const SERVER_SIDE: &[u8] = b"shoal server proof";
 
 /// What a client proves in its `Hello`.
 #[derive(Clone, Debug)]
@@ -70,7 +70,7 @@ impl ServerAuth {
         *guard = Some(node_id);
     }
 
-    fn node_id(&self) -> Option<NodeId> {
+    pub(crate) fn node_id(&self) -> Option<NodeId> {
         *self.node_id.read().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -91,14 +91,19 @@ fn exported(conn: &quinn::Connection, role: Role) -> Option<[u8; 32]> {
     Some(out)
 }
 
-fn proof(token: &JoinToken, side: &[u8], exported: &[u8; 32]) -> Vec<u8> {
+pub(crate) fn proof(token: &JoinToken, side: &[u8], exported: &[u8; 32]) -> Vec<u8> {
     let mut ctx = hmac::Context::with_key(&token.hmac_key());
     ctx.update(side);
     ctx.update(exported);
     ctx.sign().as_ref().to_vec()
 }
 
-fn proof_matches(token: &JoinToken, side: &[u8], exported: &[u8; 32], claimed: &[u8]) -> bool {
+pub(crate) fn proof_matches(
+    token: &JoinToken,
+    side: &[u8],
+    exported: &[u8; 32],
+    claimed: &[u8],
+) -> bool {
     let mut msg = Vec::with_capacity(side.len() + exported.len());
     msg.extend_from_slice(side);
     msg.extend_from_slice(exported);
@@ -198,7 +203,13 @@ pub async fn server_handshake(
         .await
         .map_err(|e| HandshakeFailure::Stream(e.to_string()))?;
     let verdict = match read_frame::<Hello>(&mut recv, &CodecLimits::HANDSHAKE).await {
-        Ok(hello) => check_hello(conn, auth, &hello).map(|()| hello.role),
+        Ok(hello) => check_hello(
+            auth,
+            &hello,
+            conn.peer_identity().is_some(),
+            exported(conn, hello.role),
+        )
+        .map(|()| hello.role),
         Err(FrameReadError::Decode(e)) => Err(HandshakeRefusal::Malformed(e.to_string())),
         Err(e) => {
             stats.refused.fetch_add(1, Ordering::Relaxed);
@@ -231,10 +242,14 @@ pub async fn server_handshake(
     }
 }
 
-fn check_hello(
-    conn: &quinn::Connection,
+/// Checks a `Hello`: version, cluster, role (and its certificate, if the
+/// role needs one) and the token proof over `binding`, the bytes that tie
+/// the proof to this one connection and role.
+pub(crate) fn check_hello(
     auth: &ServerAuth,
     hello: &Hello,
+    has_certificate: bool,
+    binding: Option<[u8; 32]>,
 ) -> Result<(), HandshakeRefusal> {
     if hello.protocol_version != PROTOCOL_VERSION {
         return Err(HandshakeRefusal::ProtocolVersion {
@@ -246,12 +261,12 @@ fn check_hello(
         return Err(HandshakeRefusal::ClusterMismatch);
     }
     if !auth.allowed_roles.contains(&hello.role)
-        || (auth.certificate_required.contains(&hello.role) && conn.peer_identity().is_none())
+        || (auth.certificate_required.contains(&hello.role) && !has_certificate)
     {
         return Err(HandshakeRefusal::RoleNotAllowed(hello.role));
     }
-    let exported = exported(conn, hello.role)
-        .ok_or_else(|| HandshakeRefusal::Malformed("no TLS keying material".into()))?;
+    let exported =
+        binding.ok_or_else(|| HandshakeRefusal::Malformed("no TLS keying material".into()))?;
     if !proof_matches(&auth.token, CLIENT_SIDE, &exported, &hello.token_proof) {
         return Err(HandshakeRefusal::BadToken);
     }

@@ -34,6 +34,7 @@ pub mod limits;
 pub mod rpc;
 pub mod tls;
 pub mod transport;
+mod unix;
 
 pub use error::{ConnectError, IdentityError, RpcError};
 pub use identity::{ClusterIdentity, IssuedCert, JoinToken};

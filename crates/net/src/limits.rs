@@ -41,6 +41,10 @@ pub struct NetLimits {
     /// Longest deadline a server honours for one request.
     #[serde(with = "humantime_serde")]
     pub request_timeout_max: Duration,
+    /// Servers on loopback also listen on a Unix socket, and clients of a
+    /// loopback address use it (see `unix`); on unless
+    /// `SHOAL_LOCAL_SOCKETS=0`.
+    pub same_host_sockets: bool,
 }
 
 impl Default for NetLimits {
@@ -60,6 +64,7 @@ impl Default for NetLimits {
             keep_alive_interval: Duration::from_secs(1),
             handshake_timeout: Duration::from_secs(10),
             request_timeout_max: Duration::from_secs(300),
+            same_host_sockets: std::env::var("SHOAL_LOCAL_SOCKETS").map_or(true, |v| v != "0"),
         }
     }
 }

@@ -120,7 +120,7 @@ pub struct Peer {
     pub connection_id: u64,
 }
 
-static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
+pub(crate) static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
 
 impl Peer {
     /// Refuses the request unless the peer's role is one of `roles`.
@@ -162,8 +162,26 @@ pub trait Service: Send + Sync + 'static {
 /// connections, runs the handshake on each, then answers its requests.
 /// On shutdown it stops accepting, closes every connection and waits (bounded)
 /// for the endpoint to go idle.
-pub async fn serve<S: Service>(
+///
+/// Peers on this host may come through a Unix socket instead (see `unix`);
+/// it is bound when `serve` is called, so a peer told the address right
+/// after finds it. Must be called inside a tokio runtime.
+pub fn serve<S: Service>(
     endpoint: quinn::Endpoint,
+    service: Arc<S>,
+    auth: Arc<ServerAuth>,
+    limits: NetLimits,
+    stats: Arc<HandshakeStats>,
+    shutdown: CancellationToken,
+) -> impl Future<Output = ()> + Send {
+    let bound = endpoint.local_addr().ok();
+    let same_host = bound.and_then(|b| crate::unix::listen(b, &limits));
+    serve_quic(endpoint, same_host, service, auth, limits, stats, shutdown)
+}
+
+async fn serve_quic<S: Service>(
+    endpoint: quinn::Endpoint,
+    same_host: Option<tokio::net::UnixListener>,
     service: Arc<S>,
     auth: Arc<ServerAuth>,
     limits: NetLimits,
@@ -172,6 +190,17 @@ pub async fn serve<S: Service>(
 ) {
     let tracker = TaskTracker::new();
     let handshakes = Arc::new(tokio::sync::Semaphore::new(limits.handshakes_max.max(1)));
+    if let Some(listener) = same_host {
+        tracker.spawn(crate::unix::serve_listener(
+            listener,
+            service.clone(),
+            auth.clone(),
+            limits.clone(),
+            stats.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+    }
     loop {
         tokio::select! {
             // Stop accepting first; connections see the cancellation too.
@@ -345,25 +374,40 @@ async fn serve_request<S: Service>(
     let _ = send.finish();
 }
 
+/// Where a reply will come from.
+enum Awaited {
+    /// The request's own QUIC stream.
+    Quic(quinn::RecvStream),
+    /// The same-host connection, matched by id.
+    Unix(crate::unix::Awaiting),
+}
+
 /// A request sent, its reply still to come.
 pub struct InFlight<Rep> {
     id: u64,
-    recv: quinn::RecvStream,
+    awaited: Awaited,
     codec: CodecLimits,
     _reply: PhantomData<fn() -> Rep>,
 }
 
 impl<Rep: DeserializeOwned> InFlight<Rep> {
     /// Waits for the reply (no deadline of its own: wrap it in one).
-    pub async fn reply(mut self) -> Result<Rep, RpcError> {
-        let reply: ReplyEnvelope<Rep> =
-            read_frame(&mut self.recv, &self.codec)
-                .await
-                .map_err(|e| match e {
-                    FrameReadError::Connection(c) => RpcError::Connection(c),
-                    FrameReadError::Stream(s) => RpcError::Stream(s),
-                    FrameReadError::Decode(d) => RpcError::Decode(d),
-                })?;
+    pub async fn reply(self) -> Result<Rep, RpcError> {
+        let reply: ReplyEnvelope<Rep> = match self.awaited {
+            Awaited::Quic(mut recv) => {
+                read_frame(&mut recv, &self.codec)
+                    .await
+                    .map_err(|e| match e {
+                        FrameReadError::Connection(c) => RpcError::Connection(c),
+                        FrameReadError::Stream(s) => RpcError::Stream(s),
+                        FrameReadError::Decode(d) => RpcError::Decode(d),
+                    })?
+            }
+            Awaited::Unix(mut awaiting) => {
+                let body = awaiting.body().await?;
+                codec::decode(&body, &self.codec)?
+            }
+        };
         match reply.result {
             Err(e) => Err(RpcError::Service(e)),
             Ok(_) if reply.id != self.id => Err(RpcError::IdMismatch {
@@ -375,9 +419,18 @@ impl<Rep: DeserializeOwned> InFlight<Rep> {
     }
 }
 
+/// The connection under an [`RpcClient`].
+#[derive(Clone)]
+enum Link {
+    Quic(quinn::Connection),
+    /// A Unix socket to a server on this host (see [`crate::unix`]).
+    Unix(Arc<crate::unix::Link>),
+}
+
 /// An authenticated connection that sends `Req` and receives `Rep`.
 pub struct RpcClient<Req, Rep> {
-    conn: quinn::Connection,
+    link: Link,
+    remote: SocketAddr,
     next_id: Arc<AtomicU64>,
     codec: CodecLimits,
     peer_node: Option<NodeId>,
@@ -387,7 +440,8 @@ pub struct RpcClient<Req, Rep> {
 impl<Req, Rep> Clone for RpcClient<Req, Rep> {
     fn clone(&self) -> Self {
         Self {
-            conn: self.conn.clone(),
+            link: self.link.clone(),
+            remote: self.remote,
             next_id: self.next_id.clone(),
             codec: self.codec,
             peer_node: self.peer_node,
@@ -398,12 +452,18 @@ impl<Req, Rep> Clone for RpcClient<Req, Rep> {
 
 impl<Req, Rep> std::fmt::Debug for RpcClient<Req, Rep> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "RpcClient({})", self.conn.remote_address())
+        let via = match self.link {
+            Link::Quic(_) => "quic",
+            Link::Unix(_) => "unix",
+        };
+        write!(f, "RpcClient({} via {via})", self.remote)
     }
 }
 
 impl<Req: Serialize + Sync, Rep: DeserializeOwned> RpcClient<Req, Rep> {
-    /// Opens a QUIC connection to `addr` and runs the handshake.
+    /// Opens a connection to `addr` and runs the handshake: over the
+    /// server's same-host socket when `addr` is a loopback address and one
+    /// answers (not for node daemons, which prove a certificate), else QUIC.
     pub async fn connect(
         endpoint: &quinn::Endpoint,
         config: quinn::ClientConfig,
@@ -412,6 +472,21 @@ impl<Req: Serialize + Sync, Rep: DeserializeOwned> RpcClient<Req, Rep> {
         auth: &ClientAuth,
         limits: &NetLimits,
     ) -> Result<Self, ConnectError> {
+        if limits.same_host_sockets && addr.ip().is_loopback() && auth.role != Role::Node {
+            match crate::unix::connect(addr, auth, limits).await {
+                Ok((link, peer_node)) => {
+                    return Ok(Self {
+                        link: Link::Unix(link),
+                        remote: addr,
+                        next_id: Arc::new(AtomicU64::new(1)),
+                        codec: limits.codec(),
+                        peer_node,
+                        _types: PhantomData,
+                    })
+                }
+                Err(e) => debug!(%addr, error = %e, "no same-host connection; using QUIC"),
+            }
+        }
         let setup = async {
             let conn = endpoint
                 .connect_with(config, addr, server_name)
@@ -434,7 +509,8 @@ impl<Req: Serialize + Sync, Rep: DeserializeOwned> RpcClient<Req, Rep> {
                 addr: addr.to_string(),
             })??;
         Ok(Self {
-            conn,
+            link: Link::Quic(conn),
+            remote: addr,
             next_id: Arc::new(AtomicU64::new(1)),
             codec: limits.codec(),
             peer_node,
@@ -455,12 +531,24 @@ impl<Req: Serialize + Sync, Rep: DeserializeOwned> RpcClient<Req, Rep> {
     /// deadline the server is told.
     pub async fn send(&self, request: &Req, timeout: Duration) -> Result<InFlight<Rep>, RpcError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (mut send, recv) = self.conn.open_bi().await?;
         let envelope = RequestEnvelope {
             id,
             timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
             body: request,
         };
+        let conn = match &self.link {
+            Link::Quic(conn) => conn,
+            Link::Unix(link) => {
+                let frame = crate::unix::encode_message(id, &envelope, &self.codec)?;
+                return Ok(InFlight {
+                    id,
+                    awaited: Awaited::Unix(link.send(id, frame)?),
+                    codec: self.codec,
+                    _reply: PhantomData,
+                });
+            }
+        };
+        let (mut send, recv) = conn.open_bi().await?;
         write_frame(&mut send, &envelope, &self.codec)
             .await
             .map_err(|e| match e {
@@ -470,7 +558,7 @@ impl<Req: Serialize + Sync, Rep: DeserializeOwned> RpcClient<Req, Rep> {
         let _ = send.finish();
         Ok(InFlight {
             id,
-            recv,
+            awaited: Awaited::Quic(recv),
             codec: self.codec,
             _reply: PhantomData,
         })
@@ -483,17 +571,28 @@ impl<Req: Serialize + Sync, Rep: DeserializeOwned> RpcClient<Req, Rep> {
 
     /// The server's address.
     pub fn remote_address(&self) -> SocketAddr {
-        self.conn.remote_address()
+        self.remote
+    }
+
+    /// Whether the connection is a same-host Unix socket rather than QUIC.
+    pub fn is_same_host(&self) -> bool {
+        matches!(self.link, Link::Unix(_))
     }
 
     /// Why the connection closed, once it has.
     pub fn close_reason(&self) -> Option<quinn::ConnectionError> {
-        self.conn.close_reason()
+        match &self.link {
+            Link::Quic(conn) => conn.close_reason(),
+            Link::Unix(link) => link.close_reason(),
+        }
     }
 
     /// Closes the connection.
     pub fn close(&self) {
-        self.conn.close(close_code::DONE.into(), b"done");
+        match &self.link {
+            Link::Quic(conn) => conn.close(close_code::DONE.into(), b"done"),
+            Link::Unix(link) => link.close(),
+        }
     }
 }
 
@@ -536,14 +635,37 @@ mod tests {
 
     struct Server {
         addr: SocketAddr,
+        limits: NetLimits,
         identity: ClusterIdentity,
         shutdown: CancellationToken,
         task: tokio::task::JoinHandle<()>,
     }
 
+    /// A server and clients on QUIC only.
     fn start(allowed: Vec<Role>) -> Server {
+        start_with(
+            allowed,
+            NetLimits {
+                same_host_sockets: false,
+                ..NetLimits::default()
+            },
+        )
+    }
+
+    /// A server that also listens on its same-host socket, and clients that
+    /// use it.
+    fn start_same_host(allowed: Vec<Role>) -> Server {
+        start_with(
+            allowed,
+            NetLimits {
+                same_host_sockets: true,
+                ..NetLimits::default()
+            },
+        )
+    }
+
+    fn start_with(allowed: Vec<Role>, limits: NetLimits) -> Server {
         let identity = ClusterIdentity::generate().expect("identity");
-        let limits = NetLimits::default();
         let cert = identity.issue_head_cert().expect("cert");
         let server = endpoint::server_config(tls::server_config(&cert).expect("tls"), &limits)
             .expect("server config");
@@ -556,12 +678,13 @@ mod tests {
             ep,
             Arc::new(Echo),
             auth,
-            limits,
+            limits.clone(),
             Arc::new(HandshakeStats::default()),
             shutdown.clone(),
         ));
         Server {
             addr,
+            limits,
             identity,
             shutdown,
             task,
@@ -575,7 +698,7 @@ mod tests {
                 role,
             };
             let transport =
-                QuicTransport::token_client(auth, HEAD_SERVER_NAME, NetLimits::default())?;
+                QuicTransport::token_client(auth, HEAD_SERVER_NAME, self.limits.clone())?;
             transport.connect(self.addr).await
         }
 
@@ -666,7 +789,10 @@ mod tests {
             &[0, 0, 0, 2, 0xc1, 0xc1][..],
             &[0, 0, 0, 1, 0xc0][..],
         ] {
-            let (mut send, mut recv) = client.conn.open_bi().await.expect("stream");
+            let Link::Quic(conn) = &client.link else {
+                panic!("a node's connection is QUIC");
+            };
+            let (mut send, mut recv) = conn.open_bi().await.expect("stream");
             send.write_all(garbage).await.expect("write");
             let _ = send.finish();
             let reply: ReplyEnvelope<String> = read_frame(&mut recv, &CodecLimits::CONTROL)
@@ -888,5 +1014,91 @@ mod tests {
             err.is_connection_lost() || matches!(err, RpcError::Stream(_)),
             "{err:?}"
         );
+    }
+
+    /// A client of a loopback address on this host goes through the server's
+    /// Unix socket and sees exactly what a QUIC client sees: replies by id,
+    /// typed errors, deadlines, many requests at once. A node daemon's
+    /// connection stays on QUIC (it must show its certificate).
+    #[tokio::test]
+    async fn same_host_clients_use_the_unix_socket_with_the_same_semantics() {
+        let server = start_same_host(vec![Role::Driver, Role::Node]);
+        let client = server.client(Role::Driver).await.expect("connect");
+        assert!(client.is_same_host(), "{client:?}");
+        assert_eq!(client.remote_address(), server.addr);
+        for i in 0..20 {
+            let reply = client
+                .call(&EchoRequest::Echo(i.to_string()), T)
+                .await
+                .expect("echo");
+            assert_eq!(reply, format!("Driver:{i}"));
+        }
+        let err = client.call(&EchoRequest::Fail, T).await.expect_err("fails");
+        assert!(
+            matches!(
+                err,
+                RpcError::Service(ServiceError {
+                    kind: ServiceErrorKind::NotFound,
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+        let calls = (0..200).map(|i| {
+            let client = client.clone();
+            async move { client.call(&EchoRequest::Echo(i.to_string()), T).await }
+        });
+        for (i, reply) in futures_join_all(calls).await.into_iter().enumerate() {
+            assert_eq!(reply.expect("reply"), format!("Driver:{i}"));
+        }
+        let err = client
+            .call(&EchoRequest::Sleep(5_000), Duration::from_millis(100))
+            .await
+            .expect_err("times out");
+        assert!(matches!(err, RpcError::Timeout(_)), "{err:?}");
+        assert_eq!(
+            client
+                .call(&EchoRequest::Echo("after".into()), T)
+                .await
+                .expect("echo"),
+            "Driver:after"
+        );
+        let node = server.client(Role::Node).await.expect("node connects");
+        assert!(!node.is_same_host(), "{node:?}");
+        assert_eq!(
+            node.call(&EchoRequest::Echo("n".into()), T)
+                .await
+                .expect("echo"),
+            "Node:n"
+        );
+        client.close();
+        assert!(client.close_reason().is_some());
+        let err = client
+            .call(&EchoRequest::Echo("closed".into()), T)
+            .await
+            .expect_err("closed");
+        assert!(err.is_connection_lost(), "{err:?}");
+        server.stop().await;
+    }
+
+    /// A server that stops ends its same-host connections: the client sees
+    /// the connection lost, as with QUIC, instead of waiting for deadlines.
+    #[tokio::test]
+    async fn a_stopped_server_ends_its_same_host_connections() {
+        let server = start_same_host(vec![Role::Driver]);
+        let client = server.client(Role::Driver).await.expect("connect");
+        assert!(client.is_same_host());
+        let pending = {
+            let client = client.clone();
+            tokio::spawn(async move { client.call(&EchoRequest::Sleep(60_000), T * 12).await })
+        };
+        server.stop().await;
+        let err = tokio::time::timeout(T, pending)
+            .await
+            .expect("the pending call ends with the server")
+            .expect("task")
+            .expect_err("no reply");
+        assert!(err.is_connection_lost(), "{err:?}");
+        assert!(client.close_reason().is_some());
     }
 }
