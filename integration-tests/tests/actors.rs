@@ -43,6 +43,19 @@ fn concurrency_is_real_for_threaded_and_async_methods() {
     }
 }
 
+/// A sync method that ran quickly runs next time on the runtime thread that
+/// received the call; when two such methods turn slow at once, the runtime
+/// must still have a thread for everything else (local mode with threads,
+/// where actors share the driver's runtime).
+#[test]
+fn quick_methods_turned_slow_do_not_hold_up_the_whole_runtime() {
+    let out = scenario(&[], &["held"]);
+    assert_eq!(out["quick"], true, "{out}");
+    assert_eq!(out["both_holding"], true, "{out}");
+    assert_eq!(out["pinged"], true, "{out}");
+    assert_eq!(out["released_by_the_ping"], true, "{out}");
+}
+
 #[test]
 fn a_panicking_method_is_a_task_error_and_the_actor_keeps_serving() {
     let cluster = ProcessCluster::three_process();

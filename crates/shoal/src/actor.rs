@@ -994,12 +994,27 @@ const LANE_THREADS_MAX: u32 = 64;
 /// A call queued on an actor's own thread.
 type LaneJob = Box<dyn FnOnce() + Send>;
 
+/// A method whose last run took less than this runs on the runtime thread
+/// that received the call, without handing that thread's other work away
+/// first (`block_in_place` costs about 20 us, a quarter of a sync round
+/// trip). A longer method, or one not yet seen, runs under
+/// `block_in_place`. A `get` inside a method hands the thread's work away
+/// by itself (`core::block_thread`). One such call at a time per process
+/// ([`RUNNING_INLINE`]), and only on a runtime of two threads or more, so a
+/// quick method turned slow holds up one thread, never the whole runtime.
+const QUICK_METHOD: Duration = Duration::from_micros(200);
+
+/// Set while a method runs on a runtime thread without `block_in_place`.
+static RUNNING_INLINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// An actor's own thread; it ends when the actor is dropped.
 struct Lane {
     jobs: std::sync::mpsc::Sender<LaneJob>,
     threads: u32,
     /// Calls queued or running.
     busy: Arc<std::sync::atomic::AtomicUsize>,
+    /// Per method (in the class's order): its last run was quick.
+    quick: Box<[std::sync::atomic::AtomicBool]>,
 }
 
 /// A sync method and its arguments.
@@ -1038,8 +1053,9 @@ impl SyncCall {
 }
 
 impl Lane {
-    /// `threads` threads taking calls from one queue, in order.
-    fn start(class: &str, threads: u32) -> std::io::Result<Self> {
+    /// `threads` threads taking calls from one queue, in order, for an
+    /// actor of `methods` methods.
+    fn start(class: &str, threads: u32, methods: usize) -> std::io::Result<Self> {
         let (jobs, queue) = std::sync::mpsc::channel::<LaneJob>();
         let queue = Arc::new(Mutex::new(queue));
         for _ in 0..threads.max(1) {
@@ -1061,6 +1077,7 @@ impl Lane {
             jobs,
             threads: threads.max(1),
             busy: Arc::default(),
+            quick: (0..methods).map(|_| Default::default()).collect(),
         })
     }
 
@@ -1091,6 +1108,30 @@ impl Lane {
     /// A call claimed or queued has ended.
     fn done(&self) {
         self.busy.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Runs a call claimed with [`Lane::run_here`] on this runtime thread:
+    /// directly if method `index` was quick last time, else with the
+    /// thread's other work handed away first.
+    fn run_claimed(&self, index: usize, run: impl FnOnce() -> Invoked) -> Invoked {
+        let quick = self.quick.get(index);
+        let inline = quick.is_some_and(|q| q.load(Ordering::Relaxed))
+            && tokio::runtime::Handle::current().metrics().num_workers() >= 2
+            && RUNNING_INLINE
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok();
+        let started = std::time::Instant::now();
+        let ran = if inline {
+            let ran = run();
+            RUNNING_INLINE.store(false, Ordering::Release);
+            ran
+        } else {
+            tokio::task::block_in_place(run)
+        };
+        if let Some(quick) = quick {
+            quick.store(started.elapsed() < QUICK_METHOD, Ordering::Relaxed);
+        }
+        ran
     }
 
     /// Queues `f` on the actor's thread, after the calls queued before it
@@ -1200,7 +1241,7 @@ impl Host {
             .iter()
             .all(|(_, m)| matches!(m, MethodInvoker::Ref(_) | MethodInvoker::Mut(_)));
         let lane = if max_concurrency <= LANE_THREADS_MAX && all_sync {
-            match Lane::start(class.name, max_concurrency) {
+            match Lane::start(class.name, max_concurrency, class.methods.len()) {
                 Ok(lane) => Some(lane),
                 Err(e) => {
                     return fail(
@@ -1289,11 +1330,12 @@ impl Host {
             }
             Some(Ok(args)) => args,
         };
-        let Some((_, invoker)) = hosted
+        let Some((index, (_, invoker))) = hosted
             .class
             .methods
             .iter()
-            .find(|(name, _)| *name == call.method)
+            .enumerate()
+            .find(|(_, (name, _))| *name == call.method)
         else {
             advance();
             let f = failure(
@@ -1328,14 +1370,12 @@ impl Host {
                 }
             };
             let outcome = match lane.run_here(&state) {
-                // Nothing queued or running: run it on this thread now (the
-                // runtime's other work moves to another thread meanwhile),
+                // Nothing queued or running: run it on this thread now,
                 // which spares the hand-off to the actor's thread and back.
                 Some(mut guard) => {
                     advance();
-                    let ran = tokio::task::block_in_place(|| {
-                        run_caught(running, || method.run_on(&mut guard))
-                    });
+                    let ran = lane
+                        .run_claimed(index, || run_caught(running, || method.run_on(&mut guard)));
                     drop(guard);
                     lane.done();
                     ran

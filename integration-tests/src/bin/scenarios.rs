@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::io::Write;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -232,6 +233,44 @@ impl Fragile {
     }
 }
 
+/// Holders running `hold(true)` right now, and whether `ping` has come
+/// (local mode with threads: the actors live in the driver's process).
+static HOLDING: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+static PINGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A sync actor whose `hold(true)` keeps its thread until some actor's
+/// `ping` has run (or 60 s pass: then it answers false).
+#[shoal::actor]
+#[derive(Default)]
+pub struct Holder;
+
+#[shoal::actor]
+impl Holder {
+    pub fn new() -> Self {
+        Holder
+    }
+
+    pub fn hold(&self, wait: bool) -> bool {
+        if !wait {
+            return true;
+        }
+        HOLDING.fetch_add(1, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !PINGED.load(Ordering::SeqCst) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
+    pub fn ping(&self) -> bool {
+        PINGED.store(true, Ordering::SeqCst);
+        true
+    }
+}
+
 /// Records calls per caller, to check each caller's order.
 #[shoal::actor]
 pub struct Recorder {
@@ -369,6 +408,26 @@ fn main() -> shoal::Result<()> {
             result(
                 json!({"count": out.len(), "in_order": in_order, "nodes": nodes.len(), "tasks_per_second": n as f64 / secs}),
             );
+        }
+        "held" => {
+            // Two actors' quick method turns slow at once: the runtime must
+            // still serve a third actor's call (it is what ends the wait).
+            let (a, b, c) = (Holder::remote()?, Holder::remote()?, Holder::remote()?);
+            let quick = (a.hold(false).get()?, b.hold(false).get()?);
+            let held = (a.hold(true), b.hold(true));
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while HOLDING.load(Ordering::SeqCst) < 2 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let both_holding = HOLDING.load(Ordering::SeqCst) == 2;
+            let pinged = c.ping().get()?;
+            let released = (held.0.get()?, held.1.get()?);
+            result(json!({
+                "quick": quick.0 && quick.1,
+                "both_holding": both_holding,
+                "pinged": pinged,
+                "released_by_the_ping": released.0 && released.1,
+            }));
         }
         "meet" => {
             // Two 1-CPU tasks on a cluster with 2 free CPUs: each waits to
