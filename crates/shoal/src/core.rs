@@ -117,6 +117,8 @@ pub(crate) struct Lineage {
 /// An object's state and the waiters for it.
 pub(crate) struct Slot {
     state: Mutex<ObjState>,
+    /// `state` is not `Pending` (read without the lock by `wait`'s scans).
+    ready: std::sync::atomic::AtomicBool,
     notify: Notify,
     /// True if this process owns the object (else it is a cached borrow).
     owned: bool,
@@ -127,6 +129,7 @@ pub(crate) struct Slot {
 impl Slot {
     fn new(state: ObjState, owned: bool) -> Arc<Self> {
         Arc::new(Self {
+            ready: std::sync::atomic::AtomicBool::new(!matches!(state, ObjState::Pending)),
             state: Mutex::new(state),
             notify: Notify::new(),
             owned,
@@ -145,15 +148,17 @@ impl Slot {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn is_pending(&self) -> bool {
-        matches!(
-            *self.state.lock().unwrap_or_else(|e| e.into_inner()),
-            ObjState::Pending
-        )
+    pub(crate) fn is_pending(&self) -> bool {
+        !self.ready.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn set(&self, state: ObjState) {
-        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = state;
+        let ready = !matches!(state, ObjState::Pending);
+        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        *guard = state;
+        self.ready
+            .store(ready, std::sync::atomic::Ordering::Release);
+        drop(guard);
         self.notify.notify_waiters();
     }
 
@@ -798,7 +803,7 @@ impl Core {
     }
 
     /// The slot for `id`: owned, cached, or a new borrow fetched from its owner.
-    fn slot(self: &Arc<Self>, id: ObjectId, owner: &Address) -> Option<Arc<Slot>> {
+    pub(crate) fn slot(self: &Arc<Self>, id: ObjectId, owner: &Address) -> Option<Arc<Slot>> {
         if let Some(slot) = self.objects.get(&id) {
             return Some(Arc::clone(&slot));
         }

@@ -351,7 +351,7 @@ pub fn wait<T>(
     // Enough already ready: no need for the runtime.
     let here: Vec<bool> = objects
         .iter()
-        .map(|o| core.is_ready(o.id(), o.owner()))
+        .map(|o| object_ref::is_ready(&core, o))
         .collect();
     let flags = if here.iter().filter(|r| **r).count() >= want {
         here

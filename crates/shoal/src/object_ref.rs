@@ -33,6 +33,10 @@ pub struct ObjectRef<T> {
 struct Counted {
     id: ObjectId,
     owner: Address,
+    /// The object's slot in this process, once looked up: it stays the same
+    /// while a reference lives (slots are made once per id and removed with
+    /// the last reference), so `wait`'s scans skip the map.
+    slot: std::sync::OnceLock<Arc<core::Slot>>,
 }
 
 impl Drop for Counted {
@@ -47,7 +51,11 @@ impl<T> ObjectRef<T> {
     /// Wraps an id this process just registered a reference for.
     pub(crate) fn adopt(id: ObjectId, owner: Address) -> Self {
         Self {
-            inner: Arc::new(Counted { id, owner }),
+            inner: Arc::new(Counted {
+                id,
+                owner,
+                slot: std::sync::OnceLock::new(),
+            }),
             _type: PhantomData,
         }
     }
@@ -256,6 +264,17 @@ pub(crate) fn arg_value<T: Serialize + Send + 'static>(arg: Arg<T>) -> ArgValue 
 }
 
 /// Shared by the free functions: the core of an `ObjectRef`.
+/// True once the object is ready (or failed); see [`core::Core::is_ready`].
+pub(crate) fn is_ready<T>(core: &Arc<core::Core>, r: &ObjectRef<T>) -> bool {
+    if let Some(slot) = r.inner.slot.get() {
+        return !slot.is_pending();
+    }
+    match core.slot(r.id(), r.owner()) {
+        Some(slot) => !r.inner.slot.get_or_init(|| slot).is_pending(),
+        None => false,
+    }
+}
+
 pub(crate) fn parts<T>(r: &ObjectRef<T>) -> (ObjectId, Address) {
     (r.id(), r.owner().clone())
 }
