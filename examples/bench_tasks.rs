@@ -1,6 +1,7 @@
 //! Measures what one task costs: the round trip of one small task (p50, p99)
 //! and the rate of 10 000 no-op tasks submitted at once, next to the floor
-//! they sit on: a bare request/reply over Shoal's QUIC transport on loopback.
+//! they sit on: a bare request/reply over Shoal's transport on loopback, QUIC
+//! and the same-host Unix socket that processes of one host use.
 //!
 //! Run: `cargo run --release -p shoal-examples --bin bench_tasks`
 //! (on a cluster: prefix `SHOAL_ADDRESS=host:port`; `--floor-only` skips tasks)
@@ -73,14 +74,23 @@ impl Service for Echo {
     }
 }
 
-/// A bare request/reply over the transport tasks use, on loopback.
-fn quic_floor(round_trips: usize, batch: usize) -> Result<(), Box<dyn std::error::Error>> {
+/// A bare request/reply on loopback, over QUIC or (`same_host`) the Unix
+/// socket beside it.
+fn floor(
+    same_host: bool,
+    round_trips: usize,
+    batch: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let via = if same_host { "Unix socket" } else { "QUIC" };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
         let identity = ClusterIdentity::generate()?;
-        let limits = NetLimits::default();
+        let limits = NetLimits {
+            same_host_sockets: same_host,
+            ..NetLimits::default()
+        };
         let cert = identity.issue_head_cert()?;
         let server = endpoint::server_config(tls::server_config(&cert)?, &limits)?;
         let ep = endpoint::endpoint(([127, 0, 0, 1], 0).into(), Some(server), &limits)?;
@@ -107,6 +117,7 @@ fn quic_floor(round_trips: usize, batch: usize) -> Result<(), Box<dyn std::error
             limits,
         )?;
         let client: RpcClient<Ping, u32> = transport.connect(addr).await?;
+        assert_eq!(client.is_same_host(), same_host, "{client:?}");
         let timeout = Duration::from_secs(10);
         for i in 0..200 {
             client.call(&Ping(i), timeout).await?;
@@ -117,7 +128,7 @@ fn quic_floor(round_trips: usize, batch: usize) -> Result<(), Box<dyn std::error
             client.call(&Ping(i as u32), timeout).await?;
             samples.push(start.elapsed());
         }
-        report("bare QUIC request/reply (floor)", samples);
+        report(&format!("bare {via} request/reply (floor)"), samples);
         let start = Instant::now();
         let mut handles = Vec::new();
         for i in 0..batch {
@@ -132,7 +143,7 @@ fn quic_floor(round_trips: usize, batch: usize) -> Result<(), Box<dyn std::error
         let secs = start.elapsed().as_secs_f64();
         println!(
             "{:<44} {:>10.0} per second",
-            format!("bare QUIC, {batch} requests at once"),
+            format!("bare {via}, {batch} requests at once"),
             batch as f64 / secs
         );
         client.close();
@@ -217,5 +228,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     }
-    quic_floor(5000, 10_000)
+    floor(false, 5000, 10_000)?;
+    floor(true, 5000, 10_000)
 }

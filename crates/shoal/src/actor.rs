@@ -994,19 +994,6 @@ const LANE_THREADS_MAX: u32 = 64;
 /// A call queued on an actor's own thread.
 type LaneJob = Box<dyn FnOnce() + Send>;
 
-/// A method whose last run took less than this runs on the runtime thread
-/// that received the call, without handing that thread's other work away
-/// first (`block_in_place` costs about 20 us, a quarter of a sync round
-/// trip). A longer method, or one not yet seen, runs under
-/// `block_in_place`. A `get` inside a method hands the thread's work away
-/// by itself (`core::block_thread`). One such call at a time per process
-/// ([`RUNNING_INLINE`]), and only on a runtime of two threads or more, so a
-/// quick method turned slow holds up one thread, never the whole runtime.
-const QUICK_METHOD: Duration = Duration::from_micros(200);
-
-/// Set while a method runs on a runtime thread without `block_in_place`.
-static RUNNING_INLINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
 /// An actor's own thread; it ends when the actor is dropped.
 struct Lane {
     jobs: std::sync::mpsc::Sender<LaneJob>,
@@ -1111,27 +1098,17 @@ impl Lane {
     }
 
     /// Runs a call claimed with [`Lane::run_here`] on this runtime thread:
-    /// directly if method `index` was quick last time, else with the
-    /// thread's other work handed away first.
+    /// directly if method `index` was quick last time (see
+    /// [`crate::exec::inline_slot`]), else with the thread's other work handed
+    /// away first.
     fn run_claimed(&self, index: usize, run: impl FnOnce() -> Invoked) -> Invoked {
-        let quick = self.quick.get(index);
-        let inline = quick.is_some_and(|q| q.load(Ordering::Relaxed))
-            && tokio::runtime::Handle::current().metrics().num_workers() >= 2
-            && RUNNING_INLINE
-                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-                .is_ok();
-        let started = std::time::Instant::now();
-        let ran = if inline {
-            let ran = run();
-            RUNNING_INLINE.store(false, Ordering::Release);
-            ran
-        } else {
-            tokio::task::block_in_place(run)
+        let Some(quick) = self.quick.get(index) else {
+            return tokio::task::block_in_place(run);
         };
-        if let Some(quick) = quick {
-            quick.store(started.elapsed() < QUICK_METHOD, Ordering::Relaxed);
+        match crate::exec::inline_slot(quick) {
+            Some(_slot) => crate::exec::timed(quick, run),
+            None => tokio::task::block_in_place(|| crate::exec::timed(quick, run)),
         }
-        ran
     }
 
     /// Queues `f` on the actor's thread, after the calls queued before it

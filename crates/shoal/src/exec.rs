@@ -196,6 +196,52 @@ pub(crate) fn take_panic() -> (String, String) {
         .unwrap_or_else(|| ("panicked".to_string(), String::new()))
 }
 
+/// A sync call whose last run took less than this may run on the runtime
+/// thread that received it, sparing the hand-off to another thread and
+/// back (`spawn_blocking` or `block_in_place`: 10-20 us, a fifth of a sync
+/// round trip). A longer call, or one not yet seen, is handed off. A `get`
+/// inside a call hands the thread's work away by itself
+/// (`core::block_thread`).
+const QUICK_CALL: std::time::Duration = std::time::Duration::from_micros(200);
+
+/// Set while a call runs on a runtime thread without a hand-off.
+static RUNNING_INLINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The runtime thread, claimed for one quick call; released on drop.
+pub(crate) struct InlineSlot(());
+
+impl Drop for InlineSlot {
+    fn drop(&mut self) {
+        RUNNING_INLINE.store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// Claims this runtime thread for a call whose last run was `quick`. Only
+/// one such call per process at a time, and only on a runtime of two
+/// threads or more: a quick call turned slow holds up one thread, never
+/// the runtime.
+pub(crate) fn inline_slot(quick: &std::sync::atomic::AtomicBool) -> Option<InlineSlot> {
+    use std::sync::atomic::Ordering;
+    let eligible = quick.load(Ordering::Relaxed)
+        && tokio::runtime::Handle::try_current().is_ok_and(|h| h.metrics().num_workers() >= 2)
+        && RUNNING_INLINE
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok();
+    eligible.then_some(InlineSlot(()))
+}
+
+/// Runs `run` and records in `quick` whether it took less than
+/// [`QUICK_CALL`].
+pub(crate) fn timed<R>(quick: &std::sync::atomic::AtomicBool, run: impl FnOnce() -> R) -> R {
+    let started = std::time::Instant::now();
+    let out = run();
+    quick.store(
+        started.elapsed() < QUICK_CALL,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    out
+}
+
 /// Runs `spec`'s function on `args` (already fetched), catching panics.
 pub(crate) async fn invoke(
     spec: &TaskSpec,
@@ -212,7 +258,7 @@ pub(crate) async fn invoke(
         backtrace,
         attempts: spec.attempt + 1,
     };
-    let Some(function) = registry::lookup(&spec.function.name) else {
+    let Some(entry) = registry::entry(&spec.function.name) else {
         return Err(failure(
             FailureKind::FunctionNotFound,
             format!(
@@ -222,6 +268,7 @@ pub(crate) async fn invoke(
             None,
         ));
     };
+    let function = entry.function;
     if function.signature != spec.function.signature {
         return Err(failure(
             FailureKind::FunctionNotFound,
@@ -235,12 +282,14 @@ pub(crate) async fn invoke(
     };
     let outcome = match &function.invoke {
         Invoker::Sync(call) => {
-            let call = *call;
-            let joined =
-                tokio::task::spawn_blocking(move || run_caught(running, || call(args))).await;
-            match joined {
-                Ok(result) => result,
-                Err(e) => Err((format!("the task's thread failed: {e}"), String::new())),
+            let (call, quick) = (*call, &entry.quick);
+            let run = move || timed(quick, || run_caught(running, || call(args)));
+            match inline_slot(quick) {
+                Some(_slot) => run(),
+                None => match tokio::task::spawn_blocking(run).await {
+                    Ok(result) => result,
+                    Err(e) => Err((format!("the task's thread failed: {e}"), String::new())),
+                },
             }
         }
         Invoker::Async(call) => await_caught(running, call(args)).await,

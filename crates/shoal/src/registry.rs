@@ -40,25 +40,46 @@ pub struct Registered(pub &'static RemoteFunction);
 
 inventory::collect!(Registered);
 
-fn table() -> &'static HashMap<&'static str, &'static RemoteFunction> {
-    static TABLE: OnceLock<HashMap<&'static str, &'static RemoteFunction>> = OnceLock::new();
+/// A function in this executable's table.
+pub(crate) struct Entry {
+    pub function: &'static RemoteFunction,
+    /// Its last run was quick (see [`crate::exec::inline_slot`]).
+    pub quick: std::sync::atomic::AtomicBool,
+}
+
+fn table() -> &'static HashMap<&'static str, Entry> {
+    static TABLE: OnceLock<HashMap<&'static str, Entry>> = OnceLock::new();
     TABLE.get_or_init(|| {
         inventory::iter::<Registered>
             .into_iter()
-            .map(|r| (r.0.name, r.0))
+            .map(|r| {
+                let entry = Entry {
+                    function: r.0,
+                    quick: Default::default(),
+                };
+                (r.0.name, entry)
+            })
             .collect()
     })
 }
 
 /// The function registered under `name`.
 pub fn lookup(name: &str) -> Option<&'static RemoteFunction> {
-    table().get(name).copied()
+    entry(name).map(|e| e.function)
+}
+
+/// The table entry of the function registered under `name`.
+pub(crate) fn entry(name: &str) -> Option<&'static Entry> {
+    table().get(name)
 }
 
 /// A digest of the whole function table (names and signatures), so a
 /// worker built from other code can be told apart.
 pub fn digest() -> u64 {
-    let mut entries: Vec<(&str, u64)> = table().iter().map(|(n, f)| (*n, f.signature)).collect();
+    let mut entries: Vec<(&str, u64)> = table()
+        .iter()
+        .map(|(n, e)| (*n, e.function.signature))
+        .collect();
     entries.sort();
     entries.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, (n, s)| {
         n.bytes()
