@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::core::{self, Core, Executor, ObjState};
 use crate::error::{Error, Result};
 use crate::exec::{await_caught, run_caught};
+use crate::lease;
 use crate::object_ref::{ArgValue, ObjectRef};
 use crate::registry::{self, ActorClass, ActorState, MethodInvoker};
 use crate::turns::Turns;
@@ -396,26 +397,26 @@ fn watch_worker(core: &Arc<Core>, location: &Arc<Location>) {
     let worker_id = location.worker.worker_id;
     let location = Arc::downgrade(location);
     core.handle.spawn(async move {
-        let watch = NodeRequest::WatchWorker {
-            worker_id,
-            wait_ms: 20_000,
-        };
+        let watch = lease::watch_request(worker_id);
+        let mut unsure = 0;
         loop {
             if location.strong_count() == 0 {
                 return;
             }
-            let alive = match core2.node(&node).await {
-                Ok(client) => matches!(
-                    client.call(&watch, Duration::from_secs(30)).await,
-                    Ok(NodeReply::WorkerStatus { alive: true })
-                ),
-                Err(_) => false,
+            // A node that cannot be reached at all is taken for dead with
+            // its workers; a poll without an answer is tried again.
+            let said = match core2.node(&node).await {
+                Ok(client) => lease::watched(client.call(&watch, lease::WATCH_TIMEOUT).await),
+                Err(_) => lease::Watched::Exited,
             };
-            if !alive {
+            if said == lease::Watched::Exited || lease::too_unsure(said, &mut unsure) {
                 if let Some(location) = location.upgrade() {
                     location.dead.cancel();
                 }
                 return;
+            }
+            if said == lease::Watched::Unsure {
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
     });
@@ -985,6 +986,9 @@ pub(crate) struct Hosted {
     /// them), fed calls in order (the next call is queued while this one
     /// runs, so back-to-back calls cost no thread hand-offs).
     lane: Option<Lane>,
+    /// Per method (in the class's order): its last run was quick (see
+    /// [`crate::exec::inline_slot`]).
+    quick: Arc<[std::sync::atomic::AtomicBool]>,
 }
 
 /// Most threads of an actor's own (past this, its calls run on the
@@ -1000,8 +1004,6 @@ struct Lane {
     threads: u32,
     /// Calls queued or running.
     busy: Arc<std::sync::atomic::AtomicUsize>,
-    /// Per method (in the class's order): its last run was quick.
-    quick: Box<[std::sync::atomic::AtomicBool]>,
 }
 
 /// A sync method and its arguments.
@@ -1040,9 +1042,8 @@ impl SyncCall {
 }
 
 impl Lane {
-    /// `threads` threads taking calls from one queue, in order, for an
-    /// actor of `methods` methods.
-    fn start(class: &str, threads: u32, methods: usize) -> std::io::Result<Self> {
+    /// `threads` threads taking calls from one queue, in order.
+    fn start(class: &str, threads: u32) -> std::io::Result<Self> {
         let (jobs, queue) = std::sync::mpsc::channel::<LaneJob>();
         let queue = Arc::new(Mutex::new(queue));
         for _ in 0..threads.max(1) {
@@ -1064,7 +1065,6 @@ impl Lane {
             jobs,
             threads: threads.max(1),
             busy: Arc::default(),
-            quick: (0..methods).map(|_| Default::default()).collect(),
         })
     }
 
@@ -1098,13 +1098,13 @@ impl Lane {
     }
 
     /// Runs a call claimed with [`Lane::run_here`] on this runtime thread:
-    /// directly if method `index` was quick last time (see
+    /// directly if the method was `quick` last time (see
     /// [`crate::exec::inline_slot`]), else with the thread's other work handed
     /// away first.
-    fn run_claimed(&self, index: usize, run: impl FnOnce() -> Invoked) -> Invoked {
-        let Some(quick) = self.quick.get(index) else {
-            return tokio::task::block_in_place(run);
-        };
+    fn run_claimed(
+        quick: &std::sync::atomic::AtomicBool,
+        run: impl FnOnce() -> Invoked,
+    ) -> Invoked {
         match crate::exec::inline_slot(quick) {
             Some(_slot) => crate::exec::timed(quick, run),
             None => tokio::task::block_in_place(|| crate::exec::timed(quick, run)),
@@ -1218,7 +1218,7 @@ impl Host {
             .iter()
             .all(|(_, m)| matches!(m, MethodInvoker::Ref(_) | MethodInvoker::Mut(_)));
         let lane = if max_concurrency <= LANE_THREADS_MAX && all_sync {
-            match Lane::start(class.name, max_concurrency, class.methods.len()) {
+            match Lane::start(class.name, max_concurrency) {
                 Ok(lane) => Some(lane),
                 Err(e) => {
                     return fail(
@@ -1237,6 +1237,7 @@ impl Host {
             permits: Arc::new(Semaphore::new(max_concurrency.max(1) as usize)),
             callers: Mutex::new(HashMap::new()),
             lane,
+            quick: class.methods.iter().map(|_| Default::default()).collect(),
         };
         self.actors.insert(actor_id, Arc::new(hosted));
         None
@@ -1351,8 +1352,9 @@ impl Host {
                 // which spares the hand-off to the actor's thread and back.
                 Some(mut guard) => {
                     advance();
-                    let ran = lane
-                        .run_claimed(index, || run_caught(running, || method.run_on(&mut guard)));
+                    let ran = Lane::run_claimed(&hosted.quick[index], || {
+                        run_caught(running, || method.run_on(&mut guard))
+                    });
                     drop(guard);
                     lane.done();
                     ran
@@ -1376,13 +1378,13 @@ impl Host {
                 let guard = state.read_owned().await;
                 advance();
                 let f = *f;
-                blocking(running, move || f(&guard, args)).await
+                sync_call(&hosted.quick, index, running, move || f(&guard, args)).await
             }
             MethodInvoker::Mut(f) => {
                 let mut guard = state.write_owned().await;
                 advance();
                 let f = *f;
-                blocking(running, move || f(&mut guard, args)).await
+                sync_call(&hosted.quick, index, running, move || f(&mut guard, args)).await
             }
             MethodInvoker::AsyncRef(f) => {
                 let guard = state.read_owned().await;
@@ -1440,11 +1442,23 @@ async fn call_outcome(
 type Invoked = std::result::Result<crate::registry::Invocation, crate::exec::Caught>;
 
 /// Runs a sync method on a blocking thread, catching panics.
-async fn blocking(
+/// Runs sync method `index` of an actor that also has async methods: on
+/// this runtime thread if it was quick last time (see
+/// [`crate::exec::inline_slot`]), else on a blocking thread.
+async fn sync_call(
+    quick: &Arc<[std::sync::atomic::AtomicBool]>,
+    index: usize,
     running: core::Running,
     f: impl FnOnce() -> crate::registry::Invocation + Send + 'static,
 ) -> Invoked {
-    let joined = tokio::task::spawn_blocking(move || run_caught(running, f)).await;
+    if let Some(_slot) = crate::exec::inline_slot(&quick[index]) {
+        return crate::exec::timed(&quick[index], || run_caught(running, f));
+    }
+    let quick = Arc::clone(quick);
+    let joined = tokio::task::spawn_blocking(move || {
+        crate::exec::timed(&quick[index], || run_caught(running, f))
+    })
+    .await;
     match joined {
         Ok(result) => result,
         Err(e) => Err((format!("the method's thread failed: {e}"), String::new())),
