@@ -177,6 +177,15 @@ impl Service for NodeService {
                 let exited = self.pool.watch(worker_id, wait).await;
                 Ok(NodeReply::WorkerStatus { alive: !exited })
             }
+            NodeRequest::WatchWorkers {
+                worker_ids,
+                wait_ms,
+            } => {
+                let wait = std::time::Duration::from_millis(wait_ms)
+                    .min(std::time::Duration::from_secs(60));
+                let worker_ids = self.pool.watch_any(&worker_ids, wait).await;
+                Ok(NodeReply::WorkersExited { worker_ids })
+            }
             NodeRequest::WorkerBlocked { worker_id, blocked } => {
                 peer.require(&[Role::Driver, Role::Worker])?;
                 if let Some(lease_id) = self.pool.set_blocked(worker_id, blocked) {

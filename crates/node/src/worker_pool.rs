@@ -271,6 +271,8 @@ pub struct PoolConfig {
 /// The worker pool.
 pub struct WorkerPool {
     state: Mutex<PoolState>,
+    /// Woken whenever a worker is removed (see [`WorkerPool::watch_any`]).
+    any_gone: tokio::sync::Notify,
     launcher: Arc<dyn WorkerLauncher>,
     binaries: BinaryCache,
     config: PoolConfig,
@@ -296,6 +298,7 @@ impl WorkerPool {
     ) -> Self {
         Self {
             state: Mutex::new(PoolState::default()),
+            any_gone: tokio::sync::Notify::new(),
             launcher,
             binaries,
             config,
@@ -607,6 +610,7 @@ impl WorkerPool {
             kill();
         }
         entry.gone.notify_waiters();
+        self.any_gone.notify_waiters();
         if let WorkerState::Starting(waiters) = entry.state {
             for waiter in waiters {
                 let _ = waiter.send(Err("worker removed".into()));
@@ -644,6 +648,31 @@ impl WorkerPool {
             return true;
         }
         tokio::time::timeout(wait, notified).await.is_ok()
+    }
+
+    /// Waits up to `wait` until any of `workers` is gone; returns those
+    /// gone (none if all are still running when the wait ends).
+    pub async fn watch_any(&self, workers: &[WorkerId], wait: Duration) -> Vec<WorkerId> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.any_gone.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let gone: Vec<WorkerId> = {
+                let state = self.state();
+                workers
+                    .iter()
+                    .filter(|w| !state.workers.contains_key(w))
+                    .copied()
+                    .collect()
+            };
+            if !gone.is_empty() {
+                return gone;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Vec::new();
+            }
+        }
     }
 
     /// Stops a worker at once (an actor being killed).

@@ -130,6 +130,15 @@ pub enum NodeRequest {
         /// Longest wait.
         wait_ms: u64,
     },
+    /// Answers as soon as any of the workers has exited (with those that
+    /// have), or after `wait_ms` with none: one long poll for all of a
+    /// process's workers on the node.
+    WatchWorkers {
+        /// The workers.
+        worker_ids: Vec<WorkerId>,
+        /// Longest wait.
+        wait_ms: u64,
+    },
     /// A worker's task is blocked waiting for other tasks' results (or has
     /// resumed): while blocked its lease's CPUs are lent back, so nested
     /// tasks cannot deadlock the cluster.
@@ -183,6 +192,11 @@ pub enum NodeReply {
     WorkerStatus {
         /// False once it has exited.
         alive: bool,
+    },
+    /// Of the watched workers, those that have exited (none: all alive).
+    WorkersExited {
+        /// The workers.
+        worker_ids: Vec<WorkerId>,
     },
     /// A worker for the lease.
     WorkerGranted {

@@ -32,7 +32,6 @@ use tokio_util::sync::CancellationToken;
 use crate::core::{self, Core, Executor, ObjState};
 use crate::error::{Error, Result};
 use crate::exec::{await_caught, run_caught};
-use crate::lease;
 use crate::object_ref::{ArgValue, ObjectRef};
 use crate::registry::{self, ActorClass, ActorState, MethodInvoker};
 use crate::turns::Turns;
@@ -222,8 +221,20 @@ impl Location {
             next_seq: AtomicU64::new(0),
             dead: CancellationToken::new(),
         });
-        watch_worker(core, &location);
+        core.watches.watch(
+            core,
+            &location.node,
+            location.worker.worker_id,
+            location.dead.clone(),
+        );
         location
+    }
+}
+
+impl Drop for Location {
+    /// Ends the watch of its worker.
+    fn drop(&mut self) {
+        self.dead.cancel();
     }
 }
 
@@ -387,39 +398,6 @@ impl RawActor {
             }
         }
     }
-}
-
-/// Watches a location's worker through its node while the location is in
-/// use; marks it dead when the worker exits.
-fn watch_worker(core: &Arc<Core>, location: &Arc<Location>) {
-    let core2 = Arc::clone(core);
-    let node = location.node.clone();
-    let worker_id = location.worker.worker_id;
-    let location = Arc::downgrade(location);
-    core.handle.spawn(async move {
-        let watch = lease::watch_request(worker_id);
-        let mut unsure = 0;
-        loop {
-            if location.strong_count() == 0 {
-                return;
-            }
-            // A node that cannot be reached at all is taken for dead with
-            // its workers; a poll without an answer is tried again.
-            let said = match core2.node(&node).await {
-                Ok(client) => lease::watched(client.call(&watch, lease::WATCH_TIMEOUT).await),
-                Err(_) => lease::Watched::Exited,
-            };
-            if said == lease::Watched::Exited || lease::too_unsure(said, &mut unsure) {
-                if let Some(location) = location.upgrade() {
-                    location.dead.cancel();
-                }
-                return;
-            }
-            if said == lease::Watched::Unsure {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    });
 }
 
 /// Options of an actor's creation.

@@ -254,6 +254,8 @@ pub(crate) struct Core {
     /// Woken whenever any owned object completes (for `wait`).
     pub(crate) changed: Notify,
     pub(crate) leases: LeaseManager,
+    /// This process's watches of the workers it uses (one poll per node).
+    pub(crate) watches: crate::watch::Watches,
     root_task: TaskId,
     put_counter: AtomicU32,
     /// The actors this worker hosts.
@@ -360,6 +362,7 @@ impl Core {
             refs: RefTable::default(),
             changed: Notify::new(),
             leases: LeaseManager::default(),
+            watches: Default::default(),
             root_task: TaskId::fresh(),
             put_counter: AtomicU32::new(0),
             blocked: DashMap::new(),

@@ -51,80 +51,6 @@ pub(crate) struct LeasedWorker {
     pub(crate) lost: CancellationToken,
 }
 
-/// What one `WatchWorker` long poll said about a worker.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Watched {
-    Alive,
-    Exited,
-    /// No answer either way: the poll timed out or the node refused it
-    /// (busy, or the connection's request limit reached).
-    Unsure,
-}
-
-/// Consecutive unsure polls after which a worker is taken for dead (its
-/// node has not answered for minutes).
-pub(crate) const WATCH_UNSURE_MAX: u32 = 4;
-
-/// A worker's long poll, as the owner sends it.
-pub(crate) fn watch_request(worker_id: WorkerId) -> NodeRequest {
-    NodeRequest::WatchWorker {
-        worker_id,
-        wait_ms: 20_000,
-    }
-}
-
-/// How long the owner waits for one watch reply.
-pub(crate) const WATCH_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Reads a watch reply: only the node's word, or the loss of the
-/// connection to it (a node's workers end with it), means the worker
-/// exited. Taking a timeout for a death made actors "die" by the hundred
-/// once a driver held more watches than its connection's request limit.
-pub(crate) fn watched(reply: std::result::Result<NodeReply, shoal_net::RpcError>) -> Watched {
-    match reply {
-        Ok(NodeReply::WorkerStatus { alive: true }) => Watched::Alive,
-        Ok(NodeReply::WorkerStatus { alive: false }) => Watched::Exited,
-        Err(e) if e.is_connection_lost() => Watched::Exited,
-        Ok(_) | Err(_) => Watched::Unsure,
-    }
-}
-
-/// Counts unsure polls in a row; true once there were too many.
-pub(crate) fn too_unsure(watched: Watched, unsure: &mut u32) -> bool {
-    if watched == Watched::Unsure {
-        *unsure += 1;
-    } else {
-        *unsure = 0;
-    }
-    *unsure >= WATCH_UNSURE_MAX
-}
-
-/// Watches a leased worker through its node until it exits or the lease
-/// ends (`lost` is also cancelled when the lease is given back).
-fn watch_worker(core: &Arc<Core>, node: NodeClient, worker_id: WorkerId, lost: CancellationToken) {
-    core.handle.spawn(async move {
-        let watch = watch_request(worker_id);
-        let mut unsure = 0;
-        loop {
-            let reply = tokio::select! {
-                _ = lost.cancelled() => return,
-                reply = node.call(&watch, WATCH_TIMEOUT) => reply,
-            };
-            let said = watched(reply);
-            if said == Watched::Exited || too_unsure(said, &mut unsure) {
-                lost.cancel();
-                return;
-            }
-            if said == Watched::Unsure {
-                tokio::select! {
-                    _ = lost.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            }
-        }
-    });
-}
-
 /// A leased worker as the lease manager holds it.
 struct Held {
     worker: Arc<LeasedWorker>,
@@ -559,7 +485,8 @@ async fn lease_worker(
         }
     };
     let lost = CancellationToken::new();
-    watch_worker(core, node.clone(), worker.worker_id, lost.clone());
+    core.watches
+        .watch(core, &lease.node_address, worker.worker_id, lost.clone());
     Ok(Some(LeasedWorker {
         lease,
         class: key.to_string(),
@@ -568,47 +495,4 @@ async fn lease_worker(
         node,
         lost,
     }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use shoal_net::RpcError;
-    use shoal_proto::{ServiceError, ServiceErrorKind};
-
-    #[test]
-    fn only_the_nodes_word_or_a_lost_connection_means_a_worker_exited() {
-        let alive = Ok(NodeReply::WorkerStatus { alive: true });
-        let exited = Ok(NodeReply::WorkerStatus { alive: false });
-        let lost = Err(RpcError::Connection(
-            shoal_net::quinn::ConnectionError::Reset,
-        ));
-        let timed_out = Err(RpcError::Timeout(WATCH_TIMEOUT));
-        let refused = Err(RpcError::Service(ServiceError::new(
-            ServiceErrorKind::Unavailable,
-            "busy",
-        )));
-        assert_eq!(watched(alive), Watched::Alive);
-        assert_eq!(watched(exited), Watched::Exited);
-        assert_eq!(watched(lost), Watched::Exited);
-        assert_eq!(watched(timed_out), Watched::Unsure);
-        assert_eq!(watched(refused), Watched::Unsure);
-        assert_eq!(watched(Ok(NodeReply::Ok)), Watched::Unsure);
-    }
-
-    #[test]
-    fn a_worker_is_taken_for_dead_only_after_several_unsure_polls_in_a_row() {
-        let mut unsure = 0;
-        for _ in 1..WATCH_UNSURE_MAX {
-            assert!(!too_unsure(Watched::Unsure, &mut unsure));
-        }
-        assert!(
-            !too_unsure(Watched::Alive, &mut unsure),
-            "an answer resets the count"
-        );
-        for _ in 1..WATCH_UNSURE_MAX {
-            assert!(!too_unsure(Watched::Unsure, &mut unsure));
-        }
-        assert!(too_unsure(Watched::Unsure, &mut unsure));
-    }
 }

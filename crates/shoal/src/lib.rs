@@ -57,6 +57,7 @@ mod options;
 pub mod registry;
 mod shm;
 mod turns;
+mod watch;
 mod worker;
 
 use std::sync::Arc;

@@ -1,0 +1,222 @@
+//! Knowing when the workers this process uses exit: one long poll per node.
+//!
+//! A leased worker and an actor's worker are watched through their node
+//! (`NodeRequest::WatchWorkers`), so a task in flight to a worker that died
+//! is retried, and calls to a dead actor fail, at once. One poll per node
+//! carries all of this process's workers there: the node answers as soon as
+//! any of them exits (with those that have), or after [`POLL`] with none.
+//! A poll per worker would hold one request slot of the connection each,
+//! and a driver with more than about 1 000 actors on a node filled its
+//! connection's request limit (`streams_max`) with polls. A worker added
+//! while a poll is out joins the next one, within [`POLL`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use shoal_proto::{NodeReply, NodeRequest, WorkerId};
+use tokio_util::sync::CancellationToken;
+
+use crate::core::Core;
+
+/// The longest one poll waits with no worker exiting.
+const POLL: Duration = Duration::from_secs(2);
+
+/// How long the owner waits for one poll's reply.
+const POLL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Consecutive polls without an answer after which the node's workers are
+/// taken for dead (it has not answered for minutes).
+const UNANSWERED_MAX: u32 = 4;
+
+/// What one poll said.
+#[derive(Debug, PartialEq, Eq)]
+enum Polled {
+    /// These workers exited (none: all running).
+    Exited(Vec<WorkerId>),
+    /// The node is gone: so are its workers.
+    NodeLost,
+    /// No answer either way: the poll timed out or the node refused it.
+    Unanswered,
+}
+
+/// Reads a poll's reply: only the node's word, or the loss of the
+/// connection to it (a node's workers end with it), means a worker exited.
+/// Taking a timeout for a death made actors "die" by the hundred once
+/// polls queued behind a full connection.
+fn polled(reply: std::result::Result<NodeReply, shoal_net::RpcError>) -> Polled {
+    match reply {
+        Ok(NodeReply::WorkersExited { worker_ids }) => Polled::Exited(worker_ids),
+        Err(e) if e.is_connection_lost() => Polled::NodeLost,
+        Ok(_) | Err(_) => Polled::Unanswered,
+    }
+}
+
+/// The workers watched on one node: each with the tokens to cancel when
+/// it exits (a token cancelled by its holder stops its watch).
+#[derive(Default)]
+struct NodeWatch {
+    workers: Mutex<HashMap<WorkerId, Vec<CancellationToken>>>,
+}
+
+impl NodeWatch {
+    fn workers(&self) -> MutexGuard<'_, HashMap<WorkerId, Vec<CancellationToken>>> {
+        self.workers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Drops watches nobody waits on; the workers still watched.
+    fn still_watched(&self) -> Vec<WorkerId> {
+        let mut workers = self.workers();
+        workers.retain(|_, tokens| {
+            tokens.retain(|t| !t.is_cancelled());
+            !tokens.is_empty()
+        });
+        workers.keys().copied().collect()
+    }
+
+    /// Tells the watchers of `exited` that their worker is gone.
+    fn exited(&self, exited: &[WorkerId]) {
+        let mut workers = self.workers();
+        for worker in exited {
+            for token in workers.remove(worker).unwrap_or_default() {
+                token.cancel();
+            }
+        }
+    }
+}
+
+/// This process's watches, by node address.
+#[derive(Default)]
+pub(crate) struct Watches {
+    nodes: Mutex<HashMap<String, Arc<NodeWatch>>>,
+}
+
+impl Watches {
+    fn nodes(&self) -> MutexGuard<'_, HashMap<String, Arc<NodeWatch>>> {
+        self.nodes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Cancels `gone` when worker `worker` of the node at `node` exits (or
+    /// the node is lost). The watch ends when `gone` is cancelled, by this or
+    /// by its holder.
+    pub(crate) fn watch(
+        &self,
+        core: &Arc<Core>,
+        node: &str,
+        worker: WorkerId,
+        gone: CancellationToken,
+    ) {
+        let mut nodes = self.nodes();
+        let (watch, first) = match nodes.get(node) {
+            Some(watch) => (Arc::clone(watch), false),
+            None => {
+                let watch = Arc::new(NodeWatch::default());
+                nodes.insert(node.to_string(), Arc::clone(&watch));
+                (watch, true)
+            }
+        };
+        watch.workers().entry(worker).or_default().push(gone);
+        drop(nodes);
+        if first {
+            core.handle
+                .spawn(poll_node(Arc::clone(core), node.to_string(), watch));
+        }
+    }
+}
+
+/// Polls one node while any of its workers is watched.
+async fn poll_node(core: Arc<Core>, node: String, watch: Arc<NodeWatch>) {
+    let mut unanswered = 0;
+    loop {
+        let workers = watch.still_watched();
+        if workers.is_empty() {
+            // Under the table's lock, so a watch added meanwhile is seen.
+            let mut nodes = core.watches.nodes();
+            if watch.still_watched().is_empty() {
+                nodes.remove(&node);
+                return;
+            }
+            continue;
+        }
+        let request = NodeRequest::WatchWorkers {
+            worker_ids: workers.clone(),
+            wait_ms: POLL.as_millis() as u64,
+        };
+        // A node that cannot be reached at all is taken for lost.
+        let said = match core.node(&node).await {
+            Ok(client) => polled(client.call(&request, POLL_TIMEOUT).await),
+            Err(_) => Polled::NodeLost,
+        };
+        match said {
+            Polled::Exited(exited) => {
+                unanswered = 0;
+                watch.exited(&exited);
+            }
+            Polled::NodeLost => watch.exited(&workers),
+            Polled::Unanswered => {
+                unanswered += 1;
+                if unanswered >= UNANSWERED_MAX {
+                    watch.exited(&workers);
+                    unanswered = 0;
+                } else {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_net::RpcError;
+    use shoal_proto::{ServiceError, ServiceErrorKind};
+
+    #[test]
+    fn only_the_nodes_word_or_a_lost_connection_means_workers_exited() {
+        let a = WorkerId::random();
+        let exited = Ok(NodeReply::WorkersExited {
+            worker_ids: vec![a],
+        });
+        let none = Ok(NodeReply::WorkersExited { worker_ids: vec![] });
+        let lost = Err(RpcError::Connection(
+            shoal_net::quinn::ConnectionError::Reset,
+        ));
+        let timed_out = Err(RpcError::Timeout(POLL_TIMEOUT));
+        let refused = Err(RpcError::Service(ServiceError::new(
+            ServiceErrorKind::Unavailable,
+            "busy",
+        )));
+        assert_eq!(polled(exited), Polled::Exited(vec![a]));
+        assert_eq!(polled(none), Polled::Exited(vec![]));
+        assert_eq!(polled(lost), Polled::NodeLost);
+        assert_eq!(polled(timed_out), Polled::Unanswered);
+        assert_eq!(polled(refused), Polled::Unanswered);
+        assert_eq!(polled(Ok(NodeReply::Ok)), Polled::Unanswered);
+    }
+
+    #[test]
+    fn exits_cancel_their_watchers_and_cancelled_watches_are_dropped() {
+        let watch = NodeWatch::default();
+        let (a, b, c) = (WorkerId::random(), WorkerId::random(), WorkerId::random());
+        let (ta1, ta2, tb, tc) = (
+            CancellationToken::new(),
+            CancellationToken::new(),
+            CancellationToken::new(),
+            CancellationToken::new(),
+        );
+        watch.workers().insert(a, vec![ta1.clone(), ta2.clone()]);
+        watch.workers().insert(b, vec![tb.clone()]);
+        watch.workers().insert(c, vec![tc.clone()]);
+        tc.cancel();
+        let mut still = watch.still_watched();
+        still.sort();
+        let mut expected = vec![a, b];
+        expected.sort();
+        assert_eq!(still, expected, "c's only watcher left");
+        watch.exited(&[a]);
+        assert!(ta1.is_cancelled() && ta2.is_cancelled());
+        assert!(!tb.is_cancelled());
+        assert_eq!(watch.still_watched(), vec![b]);
+    }
+}
