@@ -56,6 +56,17 @@ fn quick_methods_turned_slow_do_not_hold_up_the_whole_runtime() {
     assert_eq!(out["released_by_the_ping"], true, "{out}");
 }
 
+/// A quick sync method that then waits for the caller's next call (an
+/// actor with async methods too, two calls at once) must not hold the
+/// thread that call was woken on; local threads and worker processes.
+#[test]
+fn a_quick_method_waiting_for_the_next_call_lets_it_run() {
+    for env in [vec![], local_processes()] {
+        let out = scenario(&env, &["flagged"]);
+        assert_eq!(out["all_released"], true, "{out}");
+    }
+}
+
 #[test]
 fn a_panicking_method_is_a_task_error_and_the_actor_keeps_serving() {
     let cluster = ProcessCluster::three_process();

@@ -181,7 +181,7 @@ pub fn serve<S: Service>(
 
 async fn serve_quic<S: Service>(
     endpoint: quinn::Endpoint,
-    same_host: Option<tokio::net::UnixListener>,
+    same_host: Option<crate::unix::Listener>,
     service: Arc<S>,
     auth: Arc<ServerAuth>,
     limits: NetLimits,

@@ -67,15 +67,25 @@ fn socket_name(addr: SocketAddr) -> String {
     format!("\0shoal/1/{addr}")
 }
 
+/// A same-host listener and the name it is bound to.
+pub(crate) struct Listener {
+    listener: UnixListener,
+    name: Arc<str>,
+}
+
 /// Listens beside a QUIC server bound to `bound`, if that address can be
 /// reached on loopback. `None` when turned off, not loopback, or the name is
 /// taken (another server answers for it; clients will use QUIC).
-pub(crate) fn listen(bound: SocketAddr, limits: &NetLimits) -> Option<UnixListener> {
+pub(crate) fn listen(bound: SocketAddr, limits: &NetLimits) -> Option<Listener> {
     if !limits.same_host_sockets || !(bound.ip().is_loopback() || bound.ip().is_unspecified()) {
         return None;
     }
-    match UnixListener::bind(socket_name(bound)) {
-        Ok(listener) => Some(listener),
+    let name = socket_name(bound);
+    match UnixListener::bind(&name) {
+        Ok(listener) => Some(Listener {
+            listener,
+            name: name.into(),
+        }),
         Err(e) => {
             debug!(%bound, error = %e, "no same-host socket; QUIC only");
             None
@@ -97,15 +107,44 @@ fn candidates(addr: SocketAddr) -> [String; 2] {
     ]
 }
 
-fn binding(server_nonce: &[u8; NONCE_LEN], client_nonce: &[u8; NONCE_LEN], role: u8) -> [u8; 32] {
+/// What the proofs are bound to: the socket name as each side knows it (the
+/// name the client connected to, the name the server bound), so a process
+/// that binds a name the server left free and relays to the real one gets
+/// proofs that do not match; the nonces, so a proof is good for one
+/// connection; and the role.
+fn binding(
+    name: &str,
+    server_nonce: &[u8; NONCE_LEN],
+    client_nonce: &[u8; NONCE_LEN],
+    role: u8,
+) -> [u8; 32] {
     let mut ctx = digest::Context::new(&digest::SHA256);
     ctx.update(BINDING_LABEL);
+    ctx.update(&(name.len() as u64).to_be_bytes());
+    ctx.update(name.as_bytes());
     ctx.update(server_nonce);
     ctx.update(client_nonce);
     ctx.update(&[role]);
     let mut out = [0u8; 32];
     out.copy_from_slice(ctx.finish().as_ref());
     out
+}
+
+/// This process's user id (the owner of `/proc/self`).
+fn own_uid() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    static UID: OnceLock<Option<u32>> = OnceLock::new();
+    *UID.get_or_init(|| std::fs::metadata("/proc/self").ok().map(|m| m.uid()))
+}
+
+/// Whether the process at the other end of `stream` runs as this user:
+/// the only peers either side takes on this path (another user's process
+/// that took a name first is not talked to; QUIC with TLS remains).
+fn same_user(stream: &UnixStream) -> bool {
+    match (stream.peer_cred(), own_uid()) {
+        (Ok(peer), Some(me)) => peer.uid() == me,
+        _ => false,
+    }
 }
 
 fn nonce() -> std::io::Result<[u8; NONCE_LEN]> {
@@ -184,14 +223,32 @@ pub(crate) fn encode_message<T: Serialize>(
     Ok(buf)
 }
 
+/// A frame queued for writing, with what must live until it is written.
+struct Outgoing {
+    frame: Vec<u8>,
+    /// On a server: the in-flight slot of the request this answers, so a
+    /// peer that does not read its replies stops getting requests served
+    /// instead of piling replies up here.
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
 /// Writes queued frames until the queue closes, `stop` is cancelled or the
-/// socket fails; then cancels `stop` so the reading side ends too.
+/// socket fails; then cancels `stop` so the reading side ends too. On a
+/// client, `awaited` says which requests are still waited for: one given up
+/// (its deadline passed while queued) is not sent, as with QUIC, where its
+/// stream would not have opened either, so it cannot run after a retry.
 async fn write_loop(
     mut io: OwnedWriteHalf,
-    mut frames: mpsc::UnboundedReceiver<Vec<u8>>,
+    mut frames: mpsc::UnboundedReceiver<Outgoing>,
     stop: CancellationToken,
+    awaited: Option<Arc<Shared>>,
 ) {
+    let wanted = |out: &Outgoing| match (&awaited, out.frame.first_chunk::<8>()) {
+        (Some(shared), Some(id)) => shared.pending().contains_key(&u64::from_be_bytes(*id)),
+        _ => true,
+    };
     let mut gathered = Vec::new();
+    let mut written = Vec::new();
     loop {
         let first = tokio::select! {
             _ = stop.cancelled() => break,
@@ -200,23 +257,27 @@ async fn write_loop(
                 None => break,
             },
         };
-        let written = match frames.try_recv() {
-            Err(_) => io.write_all(&first).await,
-            Ok(second) => {
-                gathered.clear();
-                gathered.extend_from_slice(&first);
-                gathered.extend_from_slice(&second);
-                while gathered.len() < GATHER_BYTES {
-                    match frames.try_recv() {
-                        Ok(more) => gathered.extend_from_slice(&more),
-                        Err(_) => break,
-                    }
-                }
-                io.write_all(&gathered).await
+        gathered.clear();
+        let mut next = Some(first);
+        while let Some(out) = next.take() {
+            if wanted(&out) {
+                gathered.extend_from_slice(&out.frame);
+                written.push(out);
             }
-        };
-        if written.is_err() {
+            if gathered.len() < GATHER_BYTES {
+                next = frames.try_recv().ok();
+            }
+        }
+        if gathered.is_empty() {
+            continue;
+        }
+        if io.write_all(&gathered).await.is_err() {
             break;
+        }
+        // Written: their slots are free again.
+        written.clear();
+        if gathered.capacity() > 4 * GATHER_BYTES {
+            gathered = Vec::new();
         }
     }
     stop.cancel();
@@ -227,7 +288,7 @@ async fn write_loop(
 /// Accepts same-host connections until `shutdown`, serving each like a QUIC
 /// connection (see [`crate::rpc::serve`]).
 pub(crate) async fn serve_listener<S: Service>(
-    listener: UnixListener,
+    listener: Listener,
     service: Arc<S>,
     auth: Arc<ServerAuth>,
     limits: NetLimits,
@@ -239,7 +300,7 @@ pub(crate) async fn serve_listener<S: Service>(
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
+            accepted = listener.listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
                     // Out of descriptors and the like: back off, keep serving.
@@ -249,12 +310,18 @@ pub(crate) async fn serve_listener<S: Service>(
                 }
             },
         };
+        if !same_user(&stream) {
+            stats.refused.fetch_add(1, Ordering::Relaxed);
+            info!("same-host connection from another user refused");
+            continue;
+        }
         let Ok(slot) = handshakes.clone().try_acquire_owned() else {
             stats.refused.fetch_add(1, Ordering::Relaxed);
             continue;
         };
         tracker.spawn(serve_connection(
             stream,
+            Arc::clone(&listener.name),
             slot,
             service.clone(),
             auth.clone(),
@@ -268,6 +335,7 @@ pub(crate) async fn serve_listener<S: Service>(
 
 async fn server_handshake(
     stream: &mut UnixStream,
+    name: &str,
     auth: &ServerAuth,
     stats: &HandshakeStats,
 ) -> Result<shoal_proto::Role, String> {
@@ -286,7 +354,7 @@ async fn server_handshake(
     };
     let verdict = match read.await {
         Ok(hello) => {
-            let bound = binding(&server_nonce, &client_nonce, hello.role.tag());
+            let bound = binding(name, &server_nonce, &client_nonce, hello.role.tag());
             handshake::check_hello(auth, &hello, false, Some(bound)).map(|()| hello.role)
         }
         Err(ReadError::Decode(e)) => Err(HandshakeRefusal::Malformed(e.to_string())),
@@ -300,7 +368,7 @@ async fn server_handshake(
             server_proof: handshake::proof(
                 &auth.token,
                 SERVER_SIDE,
-                &binding(&server_nonce, &client_nonce, role.tag()),
+                &binding(name, &server_nonce, &client_nonce, role.tag()),
             ),
             node_id: auth.node_id(),
         },
@@ -323,6 +391,7 @@ async fn server_handshake(
 #[allow(clippy::too_many_arguments)]
 async fn serve_connection<S: Service>(
     mut stream: UnixStream,
+    name: Arc<str>,
     handshake_slot: tokio::sync::OwnedSemaphorePermit,
     service: Arc<S>,
     auth: Arc<ServerAuth>,
@@ -333,7 +402,7 @@ async fn serve_connection<S: Service>(
 ) {
     let shaken = tokio::time::timeout(
         limits.handshake_timeout,
-        server_handshake(&mut stream, &auth, &stats),
+        server_handshake(&mut stream, &name, &auth, &stats),
     );
     let role = match shaken.await {
         Ok(Ok(role)) => role,
@@ -357,7 +426,7 @@ async fn serve_connection<S: Service>(
     let (read, write) = stream.into_split();
     let (replies, queued) = mpsc::unbounded_channel();
     let stop = shutdown.child_token();
-    tracker.spawn(write_loop(write, queued, stop.clone()));
+    tracker.spawn(write_loop(write, queued, stop.clone(), None));
     let codec = limits.codec();
     let in_flight = Arc::new(Semaphore::new(limits.streams_max.max(1) as usize));
     let mut read = BufReader::with_capacity(64 << 10, read);
@@ -389,12 +458,16 @@ async fn serve_connection<S: Service>(
         };
         let request = serve_request(service.clone(), peer.clone(), id, body, limits.clone());
         let replies = replies.clone();
-        let stop = stop.clone();
+        // As over QUIC, a request runs to its end (or its deadline) even if
+        // the peer goes: only the server's shutdown cuts it short.
+        let shutdown = shutdown.clone();
         tracker.spawn(async move {
-            if let Some(frame) = stop.run_until_cancelled(request).await {
-                let _ = replies.send(frame);
+            if let Some(frame) = shutdown.run_until_cancelled(request).await {
+                let _ = replies.send(Outgoing {
+                    frame,
+                    _slot: Some(permit),
+                });
             }
-            drop(permit);
         });
     }
     stop.cancel();
@@ -410,7 +483,9 @@ async fn serve_request<S: Service>(
     limits: NetLimits,
 ) -> Vec<u8> {
     let codec = limits.codec();
-    let result = match codec::decode::<RequestEnvelope<S::Request>>(&body, &codec) {
+    let decoded = codec::decode::<RequestEnvelope<S::Request>>(&body, &codec);
+    drop(body);
+    let result = match decoded {
         Err(e) => {
             warn!(error = %e, "undecodable same-host request");
             Err(ServiceError::new(
@@ -471,7 +546,7 @@ impl Shared {
 /// A client's same-host connection; dropping the last handle closes it.
 pub(crate) struct Link {
     shared: Arc<Shared>,
-    frames: mpsc::UnboundedSender<Vec<u8>>,
+    frames: mpsc::UnboundedSender<Outgoing>,
     stop: CancellationToken,
 }
 
@@ -537,7 +612,9 @@ impl Link {
         if let Some(lost) = self.close_reason() {
             return Err(lost);
         }
-        self.frames.send(frame).map_err(|_| self.lost())?;
+        self.frames
+            .send(Outgoing { frame, _slot: None })
+            .map_err(|_| self.lost())?;
         Ok(awaiting)
     }
 
@@ -559,14 +636,18 @@ pub(crate) async fn connect(
         addr: addr.to_string(),
         reason,
     };
-    let mut stream = None;
+    let mut found = None;
     for name in candidates(addr) {
-        if let Ok(found) = UnixStream::connect(&name).await {
-            stream = Some(found);
-            break;
+        match UnixStream::connect(&name).await {
+            Ok(stream) if same_user(&stream) => {
+                found = Some((stream, name));
+                break;
+            }
+            Ok(_) => debug!(%addr, "a same-host socket of another user; not used"),
+            Err(_) => {}
         }
     }
-    let mut stream = stream.ok_or_else(|| failed("no same-host socket".into()))?;
+    let (mut stream, name) = found.ok_or_else(|| failed("no same-host socket".into()))?;
     let shake = async {
         let mut server_nonce = [0u8; NONCE_LEN];
         stream
@@ -574,7 +655,7 @@ pub(crate) async fn connect(
             .await
             .map_err(|e| failed(e.to_string()))?;
         let client_nonce = nonce().map_err(|e| failed(e.to_string()))?;
-        let bound = binding(&server_nonce, &client_nonce, auth.role.tag());
+        let bound = binding(&name, &server_nonce, &client_nonce, auth.role.tag());
         let hello = Hello {
             protocol_version: PROTOCOL_VERSION,
             cluster_id: auth.token.cluster_id,
@@ -617,7 +698,12 @@ pub(crate) async fn connect(
     let (frames, queued) = mpsc::unbounded_channel();
     let stop = CancellationToken::new();
     let shared = Arc::new(Shared::default());
-    tokio::spawn(write_loop(write, queued, stop.clone()));
+    tokio::spawn(write_loop(
+        write,
+        queued,
+        stop.clone(),
+        Some(shared.clone()),
+    ));
     tokio::spawn(read_replies(
         read,
         shared.clone(),
@@ -797,6 +883,72 @@ mod tests {
             call(&link, 2, "still").await.result,
             Ok("STILL".to_string())
         );
+    }
+
+    /// A process that takes the name a client tries first and relays the
+    /// bytes to the real server (bound under another name) gets nowhere:
+    /// the proofs are bound to the name each side used.
+    #[tokio::test]
+    async fn a_relay_under_another_name_is_refused() {
+        let identity = ClusterIdentity::generate().expect("identity");
+        let limits = NetLimits {
+            same_host_sockets: true,
+            ..NetLimits::default()
+        };
+        // The real server is bound to the unspecified address of a port.
+        let held = std::net::UdpSocket::bind("0.0.0.0:0").expect("a free port");
+        let port = held.local_addr().expect("addr").port();
+        let real = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port);
+        let shutdown = CancellationToken::new();
+        let stats = Arc::new(HandshakeStats::default());
+        tokio::spawn(serve_listener(
+            listen(real, &limits).expect("listener"),
+            Arc::new(Upper),
+            Arc::new(ServerAuth::new(
+                identity.token().clone(),
+                vec![Role::Driver],
+            )),
+            limits.clone(),
+            stats.clone(),
+            shutdown.clone(),
+            TaskTracker::new(),
+        ));
+        let asked = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
+        let auth = ClientAuth {
+            token: identity.token().clone(),
+            role: Role::Driver,
+        };
+        // Without the relay the client finds the real server by the
+        // unspecified address's name.
+        let (link, _) = connect(asked, &auth, &limits).await.expect("direct");
+        assert_eq!(
+            call(&link, 1, "direct").await.result,
+            Ok("DIRECT".to_string())
+        );
+        // The relay takes the name tried first.
+        let relay = UnixListener::bind(socket_name(asked)).expect("relay bind");
+        let relaying = tokio::spawn(async move {
+            let (mut client, _) = relay.accept().await.expect("accept");
+            let mut server = UnixStream::connect(socket_name(real))
+                .await
+                .expect("connect");
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+        });
+        let result = connect(asked, &auth, &limits).await;
+        assert!(
+            matches!(
+                result,
+                Err(ConnectError::Refused {
+                    refusal: HandshakeRefusal::BadToken,
+                    ..
+                })
+            ),
+            "{:?}",
+            result.map(|_| ())
+        );
+        assert_eq!(stats.refused.load(Ordering::Relaxed), 1);
+        relaying.abort();
+        shutdown.cancel();
     }
 
     /// A listener that does not hold the token cannot fake its proof.

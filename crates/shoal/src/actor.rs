@@ -1079,11 +1079,11 @@ impl Lane {
     /// directly if the method was `quick` last time (see
     /// [`crate::exec::inline_slot`]), else with the thread's other work handed
     /// away first.
-    fn run_claimed(
+    async fn run_claimed(
         quick: &std::sync::atomic::AtomicBool,
         run: impl FnOnce() -> Invoked,
     ) -> Invoked {
-        match crate::exec::inline_slot(quick) {
+        match crate::exec::inline_slot(quick).await {
             Some(_slot) => crate::exec::timed(quick, run),
             None => tokio::task::block_in_place(|| crate::exec::timed(quick, run)),
         }
@@ -1332,7 +1332,8 @@ impl Host {
                     advance();
                     let ran = Lane::run_claimed(&hosted.quick[index], || {
                         run_caught(running, || method.run_on(&mut guard))
-                    });
+                    })
+                    .await;
                     drop(guard);
                     lane.done();
                     ran
@@ -1429,7 +1430,7 @@ async fn sync_call(
     running: core::Running,
     f: impl FnOnce() -> crate::registry::Invocation + Send + 'static,
 ) -> Invoked {
-    if let Some(_slot) = crate::exec::inline_slot(&quick[index]) {
+    if let Some(_slot) = crate::exec::inline_slot(&quick[index]).await {
         return crate::exec::timed(&quick[index], || run_caught(running, f));
     }
     let quick = Arc::clone(quick);

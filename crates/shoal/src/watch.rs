@@ -142,10 +142,11 @@ async fn poll_node(core: Arc<Core>, node: String, watch: Arc<NodeWatch>) {
             worker_ids: workers.clone(),
             wait_ms: POLL.as_millis() as u64,
         };
-        // A node that cannot be reached at all is taken for lost.
+        // A node that cannot be connected to counts as no answer: a refused
+        // connection (the node busy with handshakes) is not a death.
         let said = match core.node(&node).await {
             Ok(client) => polled(client.call(&request, POLL_TIMEOUT).await),
-            Err(_) => Polled::NodeLost,
+            Err(_) => Polled::Unanswered,
         };
         match said {
             Polled::Exited(exited) => {

@@ -271,6 +271,46 @@ impl Holder {
     }
 }
 
+/// An actor with a sync method that waits for another call of the same
+/// caller (`max_concurrency` 2), and an async method, so sync methods run
+/// outside a lane.
+#[shoal::actor]
+#[derive(Default)]
+pub struct Flagged {
+    flag: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+}
+
+#[shoal::actor]
+impl Flagged {
+    pub fn new() -> Self {
+        Flagged::default()
+    }
+
+    /// With `wait`, waits (up to 60 s) until `set` has run; true if it did.
+    pub fn wait(&self, wait: bool) -> bool {
+        if !wait {
+            return true;
+        }
+        let (lock, cond) = &*self.flag;
+        let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (set, _) = cond
+            .wait_timeout_while(guard, Duration::from_secs(60), |set| !*set)
+            .unwrap_or_else(|e| e.into_inner());
+        *set
+    }
+
+    pub fn set(&self) -> bool {
+        let (lock, cond) = &*self.flag;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cond.notify_all();
+        true
+    }
+
+    pub async fn ping(&self) -> bool {
+        true
+    }
+}
+
 /// Records calls per caller, to check each caller's order.
 #[shoal::actor]
 pub struct Recorder {
@@ -408,6 +448,21 @@ fn main() -> shoal::Result<()> {
             result(
                 json!({"count": out.len(), "in_order": in_order, "nodes": nodes.len(), "tasks_per_second": n as f64 / secs}),
             );
+        }
+        "flagged" => {
+            // A quick sync method turned waiting for the caller's next
+            // call: that call must still run (it was woken on the thread
+            // the method then holds).
+            let mut waited = Vec::new();
+            for _ in 0..20 {
+                let actor = Flagged::options().max_concurrency(2).remote()?;
+                actor.ping().get()?;
+                actor.wait(false).get()?;
+                let wait = actor.wait(true);
+                let set = actor.set();
+                waited.push(wait.get()? && set.get()?);
+            }
+            result(json!({"all_released": waited.iter().all(|w| *w), "waited": waited}));
         }
         "held" => {
             // Two actors' quick method turns slow at once: the runtime must
