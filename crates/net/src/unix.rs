@@ -257,8 +257,22 @@ async fn write_loop(
                 None => break,
             },
         };
+        // One frame alone (a round trip's): written as it is, no copy.
+        let second = match frames.try_recv() {
+            Ok(second) => second,
+            Err(_) => {
+                if wanted(&first) && io.write_all(&first.frame).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+        };
         gathered.clear();
-        let mut next = Some(first);
+        if wanted(&first) {
+            gathered.extend_from_slice(&first.frame);
+            written.push(first);
+        }
+        let mut next = Some(second);
         while let Some(out) = next.take() {
             if wanted(&out) {
                 gathered.extend_from_slice(&out.frame);

@@ -1079,11 +1079,11 @@ impl Lane {
     /// directly if the method was `quick` last time (see
     /// [`crate::exec::inline_slot`]), else with the thread's other work handed
     /// away first.
-    async fn run_claimed(
+    fn run_claimed(
         quick: &std::sync::atomic::AtomicBool,
         run: impl FnOnce() -> Invoked,
     ) -> Invoked {
-        match crate::exec::inline_slot(quick).await {
+        match crate::exec::inline_slot(quick) {
             Some(_slot) => crate::exec::timed(quick, run),
             None => tokio::task::block_in_place(|| crate::exec::timed(quick, run)),
         }
@@ -1332,8 +1332,7 @@ impl Host {
                     advance();
                     let ran = Lane::run_claimed(&hosted.quick[index], || {
                         run_caught(running, || method.run_on(&mut guard))
-                    })
-                    .await;
+                    });
                     drop(guard);
                     lane.done();
                     ran
@@ -1430,7 +1429,10 @@ async fn sync_call(
     running: core::Running,
     f: impl FnOnce() -> crate::registry::Invocation + Send + 'static,
 ) -> Invoked {
-    if let Some(_slot) = crate::exec::inline_slot(&quick[index]).await {
+    if let Some(_slot) = crate::exec::inline_slot(&quick[index]) {
+        // The caller's next call may be what this one waits for, and it was
+        // woken on this thread (see `inline_slot`).
+        tokio::task::yield_now().await;
         return crate::exec::timed(&quick[index], || run_caught(running, f));
     }
     let quick = Arc::clone(quick);

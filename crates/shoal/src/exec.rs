@@ -219,23 +219,23 @@ impl Drop for InlineSlot {
 /// Claims this runtime thread for a call whose last run was `quick`. Only
 /// one such call per process at a time, and only on a runtime of two
 /// threads or more: a quick call turned slow holds up one thread, never
-/// the runtime. Yields once before answering yes: a task this one woke
-/// (the caller's next call, say) sits in a slot of this thread that other
-/// threads cannot steal, and must run before the thread is held, or a call
-/// that waits for it would wait forever.
-pub(crate) async fn inline_slot(quick: &std::sync::atomic::AtomicBool) -> Option<InlineSlot> {
+/// the runtime.
+///
+/// A task the caller woke in the same poll sits in a slot of this thread
+/// that other threads cannot steal (tokio's LIFO slot) until the thread is
+/// free again. Where the call may wait for such a task (a method of an
+/// actor running calls at once, waiting for the caller's next call), the
+/// caller yields first (`tokio::task::yield_now`). An exclusive actor's
+/// call cannot wait for its next call, and a task's next task waits for
+/// it on the worker's gate, so those do not pay for the yield.
+pub(crate) fn inline_slot(quick: &std::sync::atomic::AtomicBool) -> Option<InlineSlot> {
     use std::sync::atomic::Ordering;
     let eligible = quick.load(Ordering::Relaxed)
         && tokio::runtime::Handle::try_current().is_ok_and(|h| h.metrics().num_workers() >= 2)
         && RUNNING_INLINE
             .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
             .is_ok();
-    if !eligible {
-        return None;
-    }
-    let slot = InlineSlot(());
-    tokio::task::yield_now().await;
-    Some(slot)
+    eligible.then_some(InlineSlot(()))
 }
 
 /// Runs `run` and records in `quick` whether it took less than
@@ -292,7 +292,7 @@ pub(crate) async fn invoke(
         Invoker::Sync(call) => {
             let (call, quick) = (*call, &entry.quick);
             let run = move || timed(quick, || run_caught(running, || call(args)));
-            match inline_slot(quick).await {
+            match inline_slot(quick) {
                 Some(_slot) => run(),
                 None => match tokio::task::spawn_blocking(run).await {
                     Ok(result) => result,
