@@ -351,22 +351,13 @@ async fn serve_request<S: Service>(
             return;
         }
     };
-    let deadline = Duration::from_millis(request.timeout_ms).min(limits.request_timeout_max);
-    let result = match tokio::time::timeout(deadline, service.handle(&peer, request.body)).await {
-        Ok(result) => result,
-        Err(_) => Err(ServiceError::new(
-            ServiceErrorKind::DeadlineExceeded,
-            format!("no answer within the request's {deadline:?}"),
-        )),
-    };
-    let reply = ReplyEnvelope {
-        id: request.id,
-        result,
-    };
+    let id = request.id;
+    let result = answer(&*service, &peer, request, &limits).await;
+    let reply = ReplyEnvelope { id, result };
     if let Err(FrameWriteError::Encode(e)) = write_frame(&mut send, &reply, &codec).await {
         warn!(error = %e, "reply cannot be encoded");
         let fallback: ReplyEnvelope<S::Reply> = ReplyEnvelope {
-            id: request.id,
+            id,
             result: Err(ServiceError::new(ServiceErrorKind::Internal, e.to_string())),
         };
         let _ = write_frame(&mut send, &fallback, &codec).await;
@@ -380,6 +371,24 @@ enum Awaited {
     Quic(quinn::RecvStream),
     /// The same-host connection, matched by id.
     Unix(crate::unix::Awaiting),
+}
+
+/// Answers one decoded request within its deadline (capped by
+/// `request_timeout_max`), whichever transport brought it.
+pub(crate) async fn answer<S: Service>(
+    service: &S,
+    peer: &Peer,
+    request: RequestEnvelope<S::Request>,
+    limits: &NetLimits,
+) -> Result<S::Reply, ServiceError> {
+    let deadline = Duration::from_millis(request.timeout_ms).min(limits.request_timeout_max);
+    match tokio::time::timeout(deadline, service.handle(peer, request.body)).await {
+        Ok(result) => result,
+        Err(_) => Err(ServiceError::new(
+            ServiceErrorKind::DeadlineExceeded,
+            format!("no answer within the request's {deadline:?}"),
+        )),
+    }
 }
 
 /// A request sent, its reply still to come.

@@ -507,17 +507,7 @@ async fn serve_request<S: Service>(
                 e.to_string(),
             ))
         }
-        Ok(request) => {
-            let deadline =
-                Duration::from_millis(request.timeout_ms).min(limits.request_timeout_max);
-            match tokio::time::timeout(deadline, service.handle(&peer, request.body)).await {
-                Ok(result) => result,
-                Err(_) => Err(ServiceError::new(
-                    ServiceErrorKind::DeadlineExceeded,
-                    format!("no answer within the request's {deadline:?}"),
-                )),
-            }
-        }
+        Ok(request) => crate::rpc::answer(&*service, &peer, request, &limits).await,
     };
     let reply = ReplyEnvelope { id, result };
     match encode_message(id, &reply, &codec) {
