@@ -171,12 +171,6 @@ impl Service for NodeService {
                 self.pool.kill_worker(worker_id);
                 Ok(NodeReply::Ok)
             }
-            NodeRequest::WatchWorker { worker_id, wait_ms } => {
-                let wait = std::time::Duration::from_millis(wait_ms)
-                    .min(std::time::Duration::from_secs(60));
-                let exited = self.pool.watch(worker_id, wait).await;
-                Ok(NodeReply::WorkerStatus { alive: !exited })
-            }
             NodeRequest::WatchWorkers {
                 worker_ids,
                 wait_ms,

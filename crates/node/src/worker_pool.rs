@@ -218,8 +218,6 @@ struct WorkerEntry {
     dedicated: bool,
     /// Outlives its job (a detached actor).
     detached: bool,
-    /// Woken when the worker is removed.
-    gone: Arc<tokio::sync::Notify>,
     state: WorkerState,
     address: Option<String>,
     pid: Option<u32>,
@@ -235,7 +233,6 @@ impl WorkerEntry {
             job_id,
             dedicated: false,
             detached: false,
-            gone: Arc::new(tokio::sync::Notify::new()),
             state: WorkerState::Starting(vec![tx]),
             address: None,
             pid: None,
@@ -609,7 +606,6 @@ impl WorkerPool {
         if let Some(kill) = &entry.kill {
             kill();
         }
-        entry.gone.notify_waiters();
         self.any_gone.notify_waiters();
         if let WorkerState::Starting(waiters) = entry.state {
             for waiter in waiters {
@@ -629,25 +625,6 @@ impl WorkerPool {
                 }
             }
         }
-    }
-
-    /// Waits until the worker has exited (true) or `wait` passed (false).
-    pub async fn watch(&self, worker_id: WorkerId, wait: Duration) -> bool {
-        let gone = {
-            let state = self.state();
-            match state.workers.get(&worker_id) {
-                None => return true,
-                Some(entry) => Arc::clone(&entry.gone),
-            }
-        };
-        let notified = gone.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        // Removed between the look and the enable: it is gone.
-        if !self.state().workers.contains_key(&worker_id) {
-            return true;
-        }
-        tokio::time::timeout(wait, notified).await.is_ok()
     }
 
     /// Waits up to `wait` until any of `workers` is gone; returns those

@@ -122,14 +122,6 @@ pub enum NodeRequest {
         /// The objects.
         ids: Vec<ObjectId>,
     },
-    /// Answers when the worker has exited, or after `wait_ms` if it has not
-    /// (lease holders watch their workers this way, to retry at once).
-    WatchWorker {
-        /// The worker.
-        worker_id: WorkerId,
-        /// Longest wait.
-        wait_ms: u64,
-    },
     /// Answers as soon as any of the workers has exited (with those that
     /// have), or after `wait_ms` with none: one long poll for all of a
     /// process's workers on the node.
@@ -187,11 +179,6 @@ pub enum NodeReply {
         /// it is on the node's host and may map objects directly.
         #[serde(default)]
         store_dir: String,
-    },
-    /// Whether the watched worker is still running.
-    WorkerStatus {
-        /// False once it has exited.
-        alive: bool,
     },
     /// Of the watched workers, those that have exited (none: all alive).
     WorkersExited {
