@@ -785,23 +785,33 @@ mod tests {
         }
     }
 
+    /// A free loopback address (of a UDP socket just closed) to name a
+    /// listener after.
+    fn free_addr() -> SocketAddr {
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .expect("a free port")
+    }
+
     /// A same-host listener for a made-up loopback address.
     fn start() -> Server {
+        start_on(free_addr(), Upper)
+    }
+
+    /// `service` on a same-host listener named after `addr`, admitting
+    /// drivers.
+    fn start_on<S: Service>(addr: SocketAddr, service: S) -> Server {
         let identity = ClusterIdentity::generate().expect("identity");
         let limits = NetLimits {
             same_host_sockets: true,
             ..NetLimits::default()
         };
-        // A port of a UDP socket we hold, so no other server has its name.
-        let addr = std::net::UdpSocket::bind("127.0.0.1:0")
-            .and_then(|s| s.local_addr())
-            .expect("a free port");
         let listener = listen(addr, &limits).expect("listener");
         let stats = Arc::new(HandshakeStats::default());
         let shutdown = CancellationToken::new();
         tokio::spawn(serve_listener(
             listener,
-            Arc::new(Upper),
+            Arc::new(service),
             Arc::new(ServerAuth::new(
                 identity.token().clone(),
                 vec![Role::Driver],
@@ -894,37 +904,20 @@ mod tests {
     /// the proofs are bound to the name each side used.
     #[tokio::test]
     async fn a_relay_under_another_name_is_refused() {
-        let identity = ClusterIdentity::generate().expect("identity");
-        let limits = NetLimits {
-            same_host_sockets: true,
-            ..NetLimits::default()
-        };
         // The real server is bound to the unspecified address of a port.
         let held = std::net::UdpSocket::bind("0.0.0.0:0").expect("a free port");
         let port = held.local_addr().expect("addr").port();
         let real = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port);
-        let shutdown = CancellationToken::new();
-        let stats = Arc::new(HandshakeStats::default());
-        tokio::spawn(serve_listener(
-            listen(real, &limits).expect("listener"),
-            Arc::new(Upper),
-            Arc::new(ServerAuth::new(
-                identity.token().clone(),
-                vec![Role::Driver],
-            )),
-            limits.clone(),
-            stats.clone(),
-            shutdown.clone(),
-            TaskTracker::new(),
-        ));
+        let server = start_on(real, Upper);
+        let (limits, stats) = (&server.limits, &server.stats);
         let asked = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
         let auth = ClientAuth {
-            token: identity.token().clone(),
+            token: server.identity.token().clone(),
             role: Role::Driver,
         };
         // Without the relay the client finds the real server by the
         // unspecified address's name.
-        let (link, _) = connect(asked, &auth, &limits).await.expect("direct");
+        let (link, _) = connect(asked, &auth, limits).await.expect("direct");
         assert_eq!(
             call(&link, 1, "direct").await.result,
             Ok("DIRECT".to_string())
@@ -938,7 +931,7 @@ mod tests {
                 .expect("connect");
             let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
         });
-        let result = connect(asked, &auth, &limits).await;
+        let result = connect(asked, &auth, limits).await;
         assert!(
             matches!(
                 result,
@@ -952,16 +945,14 @@ mod tests {
         );
         assert_eq!(stats.refused.load(Ordering::Relaxed), 1);
         relaying.abort();
-        shutdown.cancel();
+        drop(server);
     }
 
     /// A listener that does not hold the token cannot fake its proof.
     #[tokio::test]
     async fn a_socket_without_the_token_is_not_trusted() {
         let identity = ClusterIdentity::generate().expect("identity");
-        let addr = std::net::UdpSocket::bind("127.0.0.1:0")
-            .and_then(|s| s.local_addr())
-            .expect("a free port");
+        let addr = free_addr();
         let listener = UnixListener::bind(socket_name(addr)).expect("bind");
         let fake = tokio::spawn(async move {
             let (mut stream, _) = listener.accept().await.expect("accept");
@@ -1057,33 +1048,9 @@ mod tests {
                 self.0.fetch_add(1, Ordering::Relaxed);
             }
         }
-        let identity = ClusterIdentity::generate().expect("identity");
-        let limits = NetLimits {
-            same_host_sockets: true,
-            ..NetLimits::default()
-        };
-        let addr = std::net::UdpSocket::bind("127.0.0.1:0")
-            .and_then(|s| s.local_addr())
-            .expect("a free port");
         let gone = Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let shutdown = CancellationToken::new();
-        tokio::spawn(serve_listener(
-            listen(addr, &limits).expect("listener"),
-            Arc::new(Counting(gone.clone())),
-            Arc::new(ServerAuth::new(
-                identity.token().clone(),
-                vec![Role::Driver],
-            )),
-            limits.clone(),
-            Arc::new(HandshakeStats::default()),
-            shutdown.clone(),
-            TaskTracker::new(),
-        ));
-        let auth = ClientAuth {
-            token: identity.token().clone(),
-            role: Role::Driver,
-        };
-        let (link, _) = connect(addr, &auth, &limits).await.expect("connect");
+        let server = start_on(free_addr(), Counting(gone.clone()));
+        let link = server.connect(Role::Driver).await.expect("connect");
         assert_eq!(call(&link, 1, "x").await.result, Ok("x".to_string()));
         drop(link);
         let deadline = std::time::Instant::now() + T;
@@ -1094,6 +1061,6 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        shutdown.cancel();
+        drop(server);
     }
 }
