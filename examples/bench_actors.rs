@@ -51,13 +51,33 @@ const MEMORY_SHARE: f64 = 0.6;
 /// Creation making no progress for this long is reported as a stall.
 const STALL: Duration = Duration::from_secs(120);
 
+/// Refuses bad arguments with the usage line (exit 2).
+fn usage(why: &str) -> ! {
+    eprintln!("bench_actors: {why}\nusage: bench_actors [threads|processes] [N] [CREATORS] [BUDGET_SECONDS]");
+    std::process::exit(2)
+}
+
+/// Argument `i` as a whole number, `default` if absent.
+fn number(args: &[String], i: usize, default: u64) -> u64 {
+    match args.get(i) {
+        None => default,
+        Some(a) => a
+            .parse()
+            .unwrap_or_else(|_| usage(&format!("argument {i} ({a:?}) is not a whole number"))),
+    }
+}
+
 #[shoal::main]
 fn main() -> shoal::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let processes = args.get(1).map(String::as_str) == Some("processes");
-    let asked: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(10_000);
-    let creators: usize = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(8).max(1);
-    let budget = Duration::from_secs(args.get(4).and_then(|a| a.parse().ok()).unwrap_or(600));
+    let processes = match args.get(1).map(String::as_str) {
+        None | Some("threads") => false,
+        Some("processes") => true,
+        Some(other) => usage(&format!("mode {other:?} is neither threads nor processes")),
+    };
+    let asked = number(&args, 2, 10_000) as usize;
+    let creators = number(&args, 3, 8).max(1) as usize;
+    let budget = Duration::from_secs(number(&args, 4, 600));
     let _shoal = shoal::init(shoal::Config::local().worker_processes(processes))?;
     let mode = if processes {
         "worker processes"

@@ -53,10 +53,21 @@ fn main() -> Result<(), Error> {
     if args.get(1).map(String::as_str) == Some("--serve-head") {
         return serve_head();
     }
-    let arg = |i: usize, default: u64| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default);
-    let nodes = arg(1, 1000) as usize;
-    let seconds = arg(2, 30);
-    let per_endpoint = arg(3, 1).max(1) as usize;
+    let arg = |i: usize, default: u64| -> Result<u64, Error> {
+        match args.get(i) {
+            None => Ok(default),
+            Some(a) => a.parse().map_err(|_| {
+                format!(
+                    "argument {i} ({a:?}) is not a whole number; \
+                     usage: bench_heartbeats [NODES] [SECONDS] [NODES_PER_ENDPOINT]"
+                )
+                .into()
+            }),
+        }
+    };
+    let nodes = arg(1, 1000)? as usize;
+    let seconds = arg(2, 30)?;
+    let per_endpoint = arg(3, 1)?.max(1) as usize;
 
     let mut head = Command::new(std::env::current_exe()?)
         .arg("--serve-head")

@@ -61,3 +61,22 @@ fn every_example_runs_on_a_three_process_cluster() {
     }
     cluster.assert_no_panics();
 }
+
+/// The measuring programs refuse arguments they cannot read, saying how to
+/// call them, instead of running with a default in their place.
+#[test]
+fn bench_programs_refuse_arguments_they_cannot_read() {
+    for (name, args) in [
+        ("bench_actors", &["proccesses"][..]),
+        ("bench_actors", &["threads", "1e4"][..]),
+        ("bench_heartbeats", &["ten"][..]),
+    ] {
+        let out = std::process::Command::new(sibling_bin(name))
+            .args(args)
+            .output()
+            .expect("runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name} {args:?} ran: {stderr}");
+        assert!(stderr.contains("usage: "), "{name} {args:?}: {stderr}");
+    }
+}
