@@ -71,7 +71,7 @@ fn generated_text(bytes: usize) -> String {
         let u = (state % 10_000) as f64 / 10_000.0;
         let index = ((u * u) * VOCABULARY.len() as f64) as usize;
         text.push_str(VOCABULARY[index.min(VOCABULARY.len() - 1)]);
-        text.push(if state % 17 == 0 { '\n' } else { ' ' });
+        text.push(if state.is_multiple_of(17) { '\n' } else { ' ' });
     }
     text
 }

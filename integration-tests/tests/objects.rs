@@ -61,6 +61,21 @@ fn a_large_buffer_read_on_its_node_is_mapped_not_copied() {
 }
 
 #[test]
+fn a_mapped_buffer_outlives_its_object_being_freed_and_its_memory_reused() {
+    let cluster = ProcessCluster::three_process_with(&["--object-store-memory", STORE]);
+    for env in [cluster.driver_env(), vec![]] {
+        let out = scenario_result(
+            &["freed-while-mapped", "20"],
+            &env,
+            Duration::from_secs(120),
+        );
+        assert_eq!(out["mapped"], true, "{out}");
+        assert_eq!(out["freed"], true, "{out}");
+        assert_eq!(out["intact"], true, "{out}");
+    }
+}
+
+#[test]
 fn a_put_object_dies_with_its_owner() {
     let cluster = ProcessCluster::three_process();
     // Process workers only: a thread worker cannot be killed apart from us.

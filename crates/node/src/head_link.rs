@@ -418,7 +418,7 @@ impl Backoff {
 
     async fn log_and_wait(&mut self, error: &str, shutdown: &CancellationToken) {
         self.failures += 1;
-        if self.failures == 1 || self.failures % 20 == 0 {
+        if self.failures == 1 || self.failures.is_multiple_of(20) {
             warn!(error = %error, attempts = self.failures, "cannot reach the head; retrying");
         } else {
             debug!(error = %error, attempts = self.failures, "cannot reach the head; retrying");

@@ -133,6 +133,16 @@ const CHANGES_MAX: usize = 100_000;
 /// Prefix of store directories, followed by the daemon's process id.
 const DIR_PREFIX: &str = "shoal-objects-";
 
+/// True when a process holds a lock on the file at `path` (it maps or
+/// writes the object), or the file cannot be checked.
+fn file_in_use(path: &Path) -> bool {
+    match File::open(path) {
+        // The exclusive lock is released when `file` closes.
+        Ok(file) => file.try_lock().is_err(),
+        Err(_) => true,
+    }
+}
+
 /// Where stores live: the shared-memory file system when there is one.
 pub fn default_root(fallback: &Path) -> PathBuf {
     let shm = Path::new("/dev/shm");
@@ -181,6 +191,14 @@ impl ObjectStore {
     }
 
     /// Keeps a freed object's file for reuse, or removes it.
+    ///
+    /// A process that maps an object, or writes one, holds a shared lock
+    /// on the file ([`file_in_use`]): such a file is only unlinked (its
+    /// memory goes when the last mapping does), never given to a new
+    /// object, whose writes the old mapping would see (or, truncated,
+    /// fault on). The file is renamed before the check, so a reader that
+    /// opens it by its object path and locks it after the check finds the
+    /// path gone and does not use it.
     fn free_file(&mut self, path: PathBuf, size: u64) {
         if self.pooled.saturating_add(size) > self.pool_max() {
             let _ = std::fs::remove_file(&path);
@@ -188,12 +206,16 @@ impl ObjectStore {
         }
         self.pool_counter += 1;
         let kept = self.dir.join(format!("free-{}", self.pool_counter));
-        if std::fs::rename(&path, &kept).is_ok() {
-            self.pool.push((size, kept));
-            self.pooled += size;
-        } else {
+        if std::fs::rename(&path, &kept).is_err() {
             let _ = std::fs::remove_file(&path);
+            return;
         }
+        if file_in_use(&kept) {
+            let _ = std::fs::remove_file(&kept);
+            return;
+        }
+        self.pool.push((size, kept));
+        self.pooled += size;
     }
 
     /// Takes the pooled file closest in size to `total`, if any.
@@ -828,6 +850,27 @@ mod tests {
         let f = TaskId::fresh().return_object(0);
         s.create(f, 150, None).expect("created");
         assert_eq!((s.used(), s.spilled(), files(&s)), (750, 0, 2));
+    }
+
+    #[test]
+    fn a_freed_file_a_process_still_maps_is_removed_not_reused() {
+        let (_d, mut s) = store(1000);
+        let files = |s: &ObjectStore| std::fs::read_dir(s.dir()).expect("dir").count();
+        let a = TaskId::fresh().return_object(0);
+        let path = s.create(a, 200, None).expect("created");
+        std::fs::write(&path, [7u8; 200]).expect("written");
+        s.seal(a).expect("sealed");
+        // A reader's lock, as `shoal::shm` takes while it maps the file.
+        let reader = File::open(&path).expect("opened");
+        reader.try_lock_shared().expect("locked");
+        s.delete(&[a]);
+        assert_eq!((s.used(), files(&s)), (0, 0), "removed, not kept");
+        let b = TaskId::fresh().return_object(0);
+        let new = s.create(b, 200, None).expect("created");
+        std::fs::write(&new, [9u8; 200]).expect("written");
+        let mut seen = Vec::new();
+        std::io::Read::read_to_end(&mut &reader, &mut seen).expect("read");
+        assert_eq!(seen, vec![7u8; 200], "the reader's file is untouched");
     }
 
     #[test]

@@ -239,6 +239,8 @@ pub(crate) struct Core {
     /// The home node's store directory, when this process is on its host
     /// (asked once): objects there are written and mapped directly.
     local_store: tokio::sync::OnceCell<Option<std::path::PathBuf>>,
+    /// Mappings of the store files this process wrote large objects into.
+    write_maps: Arc<crate::shm::WriteMaps>,
     pub(crate) binary_hash: String,
     endpoint: shoal_net::quinn::Endpoint,
     client_config: shoal_net::quinn::ClientConfig,
@@ -349,6 +351,7 @@ impl Core {
             me,
             home,
             local_store: tokio::sync::OnceCell::new(),
+            write_maps: Arc::default(),
             binary_hash,
             endpoint: ep.clone(),
             client_config,
@@ -1193,15 +1196,21 @@ impl Core {
         else {
             return Ok(None);
         };
-        let written = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|file| {
-                let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
-                exec::encode_into(&mut out, value)?;
-                std::io::Write::flush(&mut out).map_err(|e| e.to_string())
-            });
+        let file = crate::shm::open_locked(&path, true).map_err(|e| e.to_string());
+        let written = file.and_then(|file| {
+            if size >= crate::shm::WRITE_MAP_MIN {
+                let sweep = self
+                    .write_maps
+                    .write(&file, size, |out| exec::encode_into(out, value))?;
+                if sweep {
+                    self.sweep_write_maps();
+                }
+                return Ok(());
+            }
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+            exec::encode_into(&mut out, value)?;
+            std::io::Write::flush(&mut out).map_err(|e| e.to_string())
+        });
         if let Err(message) = written {
             self.delete_stored(id, self.home_at(size));
             return Err(Error::Encode {
@@ -1213,6 +1222,24 @@ impl Core {
         self.block_on(async move { core.seal_local(id).await })?;
         self.own(id, ObjState::Stored(self.home_at(size)));
         Ok(Some(id))
+    }
+
+    /// Drops, every second, the kept mappings of files the store removed
+    /// (so they do not hold the memory), until none is kept.
+    fn sweep_write_maps(&self) {
+        let maps = Arc::clone(&self.write_maps);
+        let shutdown = self.shutdown.clone();
+        self.handle.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                if !maps.sweep() {
+                    return;
+                }
+            }
+        });
     }
 
     /// Writes a large object into this process's home node store: into its
@@ -1227,9 +1254,7 @@ impl Core {
         let total = bytes.len() as u64;
         let stored = self.home_at(total);
         if let Some(path) = self.create_local(id, total, owner).await? {
-            let written = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&path)
+            let written = crate::shm::open_locked(&path, true)
                 .and_then(|mut f| std::io::Write::write_all(&mut f, bytes));
             if let Err(e) = written {
                 return Err(Error::Protocol(format!(

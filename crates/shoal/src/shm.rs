@@ -20,12 +20,15 @@ use serde::{Deserialize, Serialize};
 /// A sealed object's file, mapped read-only.
 pub struct Mapping {
     map: memmap2::Mmap,
+    /// Open, with a shared lock, while mapped: the store does not give a
+    /// locked file to a new object once this one is freed.
+    _file: File,
 }
 
 impl Mapping {
     /// Maps the file at `path`, which must hold exactly `size` bytes.
     pub(crate) fn open(path: &Path, size: u64) -> std::io::Result<Arc<Self>> {
-        let file = File::open(path)?;
+        let file = open_locked(path, false)?;
         let len = file.metadata()?.len();
         if len != size || size == 0 {
             return Err(std::io::Error::other(format!(
@@ -41,11 +44,194 @@ impl Mapping {
         // still truncate it (and a read past the new end would fault); the
         // store directory is private to the cluster's user for that reason.
         let map = unsafe { memmap2::MmapOptions::new().len(len).map(&file)? };
-        Ok(Arc::new(Self { map }))
+        Ok(Arc::new(Self { map, _file: file }))
     }
 
     fn bytes(&self) -> &[u8] {
         &self.map
+    }
+}
+
+/// Opens an object's file in the store and takes a shared lock on it,
+/// which tells the store that the file is in use (it then never reuses the
+/// file for another object). Fails if the path no longer names the locked
+/// file: the object was freed between the open and the lock.
+pub(crate) fn open_locked(path: &Path, write: bool) -> std::io::Result<File> {
+    use std::os::unix::fs::MetadataExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(path)?;
+    file.try_lock_shared().map_err(std::io::Error::other)?;
+    let (locked, named) = (file.metadata()?, std::fs::metadata(path)?);
+    if (locked.dev(), locked.ino()) != (named.dev(), named.ino()) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{} was freed while being opened", path.display()),
+        ));
+    }
+    Ok(file)
+}
+
+/// Writable mappings of the store files this process wrote large objects
+/// into, kept after sealing: when the store gives a freed file to this
+/// process's next object (it keeps freed files for reuse), writing it is a
+/// plain `memcpy` into pages already mapped, with no page faults and no
+/// `write` system call going page by page. A kept mapping holds no lock,
+/// so the store may reuse or remove the file: an entry is used again only
+/// when the store hands this process the same file at the same size, and
+/// entries whose file was removed are dropped (each put, and by
+/// [`WriteMaps::sweep`]) so they do not keep its memory.
+#[derive(Default)]
+pub(crate) struct WriteMaps {
+    kept: std::sync::Mutex<Kept>,
+}
+
+#[derive(Default)]
+struct Kept {
+    maps: Vec<WriteMap>,
+    /// A task calls [`WriteMaps::sweep`] every second while maps are kept.
+    swept: bool,
+}
+
+struct WriteMap {
+    file: File,
+    key: (u64, u64),
+    map: memmap2::MmapMut,
+}
+
+/// Objects smaller than this are written with `write`: mapping costs more.
+pub(crate) const WRITE_MAP_MIN: u64 = 8 << 20;
+/// Most mappings kept, and most bytes mapped by them.
+const WRITE_MAPS_KEPT: usize = 16;
+const WRITE_MAPS_BYTES: u64 = 8 << 30;
+
+impl WriteMaps {
+    /// Writes exactly `size` bytes into `file` (an object being written,
+    /// opened by [`open_locked`] for writing, holding exactly `size`
+    /// bytes) through a mapping, kept afterwards for the next object.
+    /// `Ok(true)` when the caller must start the task that calls
+    /// [`WriteMaps::sweep`].
+    pub(crate) fn write(
+        &self,
+        file: &File,
+        size: u64,
+        fill: impl FnOnce(&mut SliceWriter<'_>) -> Result<(), String>,
+    ) -> Result<bool, String> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = file.metadata().map_err(|e| e.to_string())?;
+        let len = usize::try_from(size).map_err(|e| e.to_string())?;
+        if meta.len() != size || len == 0 {
+            return Err(format!(
+                "the object's file has {} bytes, not {size}",
+                meta.len()
+            ));
+        }
+        let key = (meta.dev(), meta.ino());
+        let reused = {
+            let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+            kept.maps.retain(|m| m.key == key || m.file_is_linked());
+            let at = kept.maps.iter().position(|m| m.key == key);
+            at.map(|i| kept.maps.swap_remove(i))
+        };
+        let mut entry = match reused {
+            Some(entry) if entry.map.len() == len => entry,
+            _ => WriteMap {
+                file: file.try_clone().map_err(|e| e.to_string())?,
+                key,
+                // SAFETY: the file is an object being written by this
+                // process: the store gave it to this process alone, does
+                // not truncate it while it is being written, and holds
+                // `len` bytes (checked above). Once the object is sealed
+                // the mapping is only unmapped, or written again after the
+                // store hands the same file of the same size to this
+                // process for a new object (checked above, each time).
+                map: unsafe {
+                    memmap2::MmapOptions::new()
+                        .len(len)
+                        .populate()
+                        .map_mut(file)
+                        .map_err(|e| e.to_string())?
+                },
+            },
+        };
+        let mut out = SliceWriter {
+            out: &mut entry.map[..],
+            at: 0,
+        };
+        let filled = fill(&mut out).and_then(|()| {
+            if out.at == len {
+                Ok(())
+            } else {
+                Err(format!("the value encoded to {} bytes, not {len}", out.at))
+            }
+        });
+        // A new entry's file is a clone of `file`: the same open file
+        // description, whose lock would outlive closing `file`. The object
+        // is written: release the lock (a kept mapping holds none).
+        let _ = entry.file.unlock();
+        filled.map(|()| self.keep(entry))
+    }
+
+    /// Keeps a mapping (the oldest go past the bounds); true when no task
+    /// sweeps yet.
+    fn keep(&self, entry: WriteMap) -> bool {
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        kept.maps.push(entry);
+        let mut bytes: u64 = kept.maps.iter().map(|m| m.map.len() as u64).sum();
+        while kept.maps.len() > WRITE_MAPS_KEPT || bytes > WRITE_MAPS_BYTES {
+            bytes -= kept.maps.remove(0).map.len() as u64;
+        }
+        !std::mem::replace(&mut kept.swept, true)
+    }
+
+    /// Drops the mappings of files the store removed. False when none is
+    /// left: the sweeping task ends (the next kept mapping starts one).
+    pub(crate) fn sweep(&self) -> bool {
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        kept.maps.retain(WriteMap::file_is_linked);
+        kept.swept = !kept.maps.is_empty();
+        kept.swept
+    }
+
+    /// Mappings kept.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.kept
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .maps
+            .len()
+    }
+}
+
+impl WriteMap {
+    fn file_is_linked(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        self.file.metadata().is_ok_and(|m| m.nlink() > 0)
+    }
+}
+
+/// Writes into a slice, failing when it is full.
+pub(crate) struct SliceWriter<'a> {
+    out: &'a mut [u8],
+    at: usize,
+}
+
+impl std::io::Write for SliceWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let end = self
+            .at
+            .checked_add(buf.len())
+            .filter(|&end| end <= self.out.len())
+            .ok_or_else(|| std::io::Error::other("the value is larger than its object"))?;
+        self.out[self.at..end].copy_from_slice(buf);
+        self.at = end;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -182,7 +368,7 @@ impl Buffer {
     /// length is not a multiple of the number's size.
     pub fn to_vec_of<N: Number>(&self) -> Option<Vec<N>> {
         let size = std::mem::size_of::<N>();
-        if self.len() % size != 0 {
+        if !self.len().is_multiple_of(size) {
             return None;
         }
         Some(self.chunks_exact(size).map(N::read_from).collect())
@@ -330,6 +516,91 @@ mod tests {
         std::fs::write(&path, b"abc").expect("written");
         assert!(Mapping::open(&path, 4).is_err());
         assert!(Mapping::open(&path, 3).is_ok());
+    }
+
+    #[test]
+    fn a_mapped_file_is_locked_and_a_freed_one_is_not_mapped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("object");
+        std::fs::write(&path, b"abc").expect("written");
+        let mapping = Mapping::open(&path, 3).expect("mapped");
+        let other = File::open(&path).expect("opened");
+        assert!(other.try_lock().is_err(), "the store sees the file in use");
+        drop(mapping);
+        assert!(other.try_lock().is_ok(), "unmapped, the lock is gone");
+        other.unlock().expect("unlocked");
+        // Renamed away (freed) after the open: not used.
+        let opened = File::open(&path).expect("opened");
+        std::fs::rename(&path, dir.path().join("free-1")).expect("renamed");
+        std::fs::write(&path, b"new").expect("a new file of that name");
+        drop(opened);
+        let again = Mapping::open(&path, 3).expect("the new file maps");
+        assert_eq!(again.bytes(), b"new");
+    }
+
+    fn object_file(dir: &Path, name: &str, len: u64) -> (std::path::PathBuf, File) {
+        let path = dir.join(name);
+        File::create(&path)
+            .and_then(|f| f.set_len(len))
+            .expect("file");
+        let file = open_locked(&path, true).expect("opened");
+        (path, file)
+    }
+
+    #[test]
+    fn write_maps_reuse_a_file_given_back_and_drop_removed_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let maps = WriteMaps::default();
+        let (a, file) = object_file(dir.path(), "a", 4096);
+        let fill = |byte: u8| {
+            move |out: &mut SliceWriter<'_>| {
+                std::io::Write::write_all(out, &[byte; 4096]).map_err(|e| e.to_string())
+            }
+        };
+        assert_eq!(
+            maps.write(&file, 4096, fill(1)),
+            Ok(true),
+            "a sweeper starts"
+        );
+        drop(file);
+        assert!(
+            File::open(&a).expect("opened").try_lock().is_ok(),
+            "a kept mapping holds no lock"
+        );
+        assert_eq!(std::fs::read(&a).expect("read"), vec![1; 4096]);
+        // The same file comes back for a new object: written again.
+        let file = open_locked(&a, true).expect("opened");
+        assert_eq!(maps.write(&file, 4096, fill(2)), Ok(false), "one sweeper");
+        drop(file);
+        assert_eq!(std::fs::read(&a).expect("read"), vec![2; 4096]);
+        assert_eq!(maps.len(), 1, "one mapping for one file");
+        // At another size, the file is mapped anew at its size.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&a)
+            .and_then(|f| f.set_len(100))
+            .expect("resized");
+        let file = open_locked(&a, true).expect("opened");
+        let short = |out: &mut SliceWriter<'_>| {
+            std::io::Write::write_all(out, &[3; 100]).map_err(|e| e.to_string())
+        };
+        assert_eq!(maps.write(&file, 100, short), Ok(false));
+        assert_eq!(std::fs::read(&a).expect("read"), vec![3; 100]);
+        // A value that does not fill the object exactly is an error.
+        assert!(maps.write(&file, 100, fill(4)).is_err(), "too long");
+        assert!(maps.write(&file, 100, |_| Ok(())).is_err(), "too short");
+        assert!(
+            maps.write(&file, 99, |_| Ok(())).is_err(),
+            "not the file's size"
+        );
+        assert_eq!(maps.len(), 0, "a failed write keeps no mapping");
+        assert_eq!(maps.write(&file, 100, short), Ok(false));
+        drop(file);
+        // Removed by the store: the mapping goes at the next sweep.
+        assert!(maps.sweep());
+        std::fs::remove_file(&a).expect("removed");
+        assert!(!maps.sweep(), "nothing is kept");
+        assert_eq!(maps.len(), 0);
     }
 
     #[test]

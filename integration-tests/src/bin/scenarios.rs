@@ -779,6 +779,51 @@ fn main() -> shoal::Result<()> {
                 "anon_growth_at_get_kib": after_get.saturating_sub(before),
             }));
         }
+        "freed-while-mapped" => {
+            // A buffer mapped from an object stays intact after the object
+            // is freed and the store makes new objects (it reuses freed
+            // objects' files): the store must not reuse a mapped file.
+            let mb: u64 = arg(1).parse().unwrap_or(20);
+            let bytes = pattern(7, mb);
+            let object = shoal::put(shoal::Buffer::from_vec(bytes.clone()))?;
+            let buffer = object.get()?;
+            let name = format!("/{}", object.id());
+            drop(object);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let freed = loop {
+                let maps = std::fs::read_to_string("/proc/self/maps").expect("/proc/self/maps");
+                if !maps.lines().any(|l| l.ends_with(&name)) {
+                    break true;
+                }
+                if Instant::now() > deadline {
+                    break false;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            };
+            // Smaller, equal and larger objects: any reused file is
+            // resized and overwritten.
+            let mut made = Vec::new();
+            for size in [mb / 2, mb, mb / 4, mb * 2] {
+                made.push(shoal::put(shoal::Buffer::from_vec(vec![
+                    0xee;
+                    (size << 20)
+                        as usize
+                ]))?);
+            }
+            drop(made);
+            for size in [mb / 2, mb] {
+                drop(shoal::put(shoal::Buffer::from_vec(vec![
+                    0x11;
+                    (size << 20)
+                        as usize
+                ]))?);
+            }
+            result(json!({
+                "mapped": buffer.is_mapped(),
+                "freed": freed,
+                "intact": *buffer == *bytes,
+            }));
+        }
         "fill" => {
             // Keeps every object: the store must refuse, with a typed error.
             let mb: usize = arg(1).parse().unwrap_or(10);
