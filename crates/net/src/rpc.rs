@@ -417,14 +417,19 @@ impl<Rep: DeserializeOwned> InFlight<Rep> {
                 codec::decode(&body, &self.codec)?
             }
         };
-        match reply.result {
-            Err(e) => Err(RpcError::Service(e)),
-            Ok(_) if reply.id != self.id => Err(RpcError::IdMismatch {
-                expected: self.id,
-                got: reply.id,
-            }),
-            Ok(rep) => Ok(rep),
-        }
+        unwrap_reply(self.id, reply)
+    }
+}
+
+/// The reply to request `id`, or the error it carries.
+fn unwrap_reply<Rep>(id: u64, reply: ReplyEnvelope<Rep>) -> Result<Rep, RpcError> {
+    match reply.result {
+        Err(e) => Err(RpcError::Service(e)),
+        Ok(_) if reply.id != id => Err(RpcError::IdMismatch {
+            expected: id,
+            got: reply.id,
+        }),
+        Ok(rep) => Ok(rep),
     }
 }
 
@@ -571,6 +576,47 @@ impl<Req: Serialize + Sync, Rep: DeserializeOwned> RpcClient<Req, Rep> {
             codec: self.codec,
             _reply: PhantomData,
         })
+    }
+
+    /// On a same-host connection: sends `request`, written from this
+    /// thread when the connection is idle, and calls `then` with the reply
+    /// (or the connection's end) on the task that reads replies, so the
+    /// round trip wakes no other task of this runtime. `then` must be
+    /// quick: it holds up the connection's other replies. `None` over QUIC
+    /// (nothing is sent); `Some(Err)` when nothing could be sent (and
+    /// `then` is not called).
+    pub fn send_then<F>(
+        &self,
+        request: &Req,
+        timeout: Duration,
+        then: F,
+    ) -> Option<Result<(), RpcError>>
+    where
+        Rep: Send + 'static,
+        F: FnOnce(Result<Rep, RpcError>) + Send + 'static,
+    {
+        let Link::Unix(link) = &self.link else {
+            return None;
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let envelope = RequestEnvelope {
+            id,
+            timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            body: request,
+        };
+        let frame = match crate::unix::encode_message(id, &envelope, &self.codec) {
+            Ok(frame) => frame,
+            Err(e) => return Some(Err(e.into())),
+        };
+        let codec = self.codec;
+        let answered = Box::new(move |body: Result<Vec<u8>, quinn::ConnectionError>| {
+            let reply = body.map_err(RpcError::from).and_then(|body| {
+                let reply: ReplyEnvelope<Rep> = codec::decode(&body, &codec)?;
+                unwrap_reply(id, reply)
+            });
+            then(reply);
+        });
+        Some(link.send_then(id, frame, answered).map_err(RpcError::from))
     }
 
     /// The node id the server announced in its `Welcome`, if it is a node.

@@ -21,7 +21,11 @@
 //! body. Requests are served concurrently (up to `streams_max` per
 //! connection, then the server stops reading); replies go back as they are
 //! ready, matched by id. One task per direction writes, gathering whatever
-//! frames are queued into one `write` call.
+//! frames are queued into one `write` call. A client may instead write a
+//! request straight from its own thread when nothing is queued or being
+//! written ([`Link::send_then`]), and have the reply handed to a callback
+//! on the reading task: a round trip then wakes no task of the client's
+//! runtime but the reader.
 //!
 //! `NetLimits::same_host_sockets` (off with `SHOAL_LOCAL_SOCKETS=0`) turns the
 //! whole path off: QUIC everywhere.
@@ -230,6 +234,77 @@ struct Outgoing {
     /// peer that does not read its replies stops getting requests served
     /// instead of piling replies up here.
     _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The rest of a frame whose start was written directly: written
+    /// whatever happens, or the stream would be cut mid-frame.
+    rest: bool,
+}
+
+/// The writing side of a connection, shared by its writer task and (on a
+/// client) the threads that write requests directly.
+struct Writer {
+    io: OwnedWriteHalf,
+    state: Mutex<WriterState>,
+}
+
+#[derive(Default)]
+struct WriterState {
+    /// Frames in the writer task's queue.
+    queued: usize,
+    /// The writer task is writing (its frames are not all out yet).
+    writing: bool,
+}
+
+impl Writer {
+    fn new(io: OwnedWriteHalf) -> Arc<Self> {
+        Arc::new(Self {
+            io,
+            state: Mutex::new(WriterState::default()),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, WriterState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes all of `bytes` (the writer task's way).
+    async fn write_all(&self, mut bytes: &[u8]) -> std::io::Result<()> {
+        while !bytes.is_empty() {
+            self.io.writable().await?;
+            match self.io.try_write(bytes) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => bytes = &bytes[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues `out` for the writer task, or, when `direct` and nothing is
+    /// queued or being written, writes it from this thread (what the
+    /// socket does not take at once is queued). False if the writer task
+    /// has ended.
+    fn send(
+        &self,
+        queue: &mpsc::UnboundedSender<Outgoing>,
+        mut out: Outgoing,
+        direct: bool,
+    ) -> bool {
+        let mut state = self.state();
+        if direct && state.queued == 0 && !state.writing {
+            match self.io.try_write(&out.frame) {
+                Ok(n) if n == out.frame.len() => return true,
+                Ok(n) => {
+                    out.frame.drain(..n);
+                    out.rest = n > 0;
+                }
+                // Full, or failed: the writer task finds out and ends.
+                Err(_) => {}
+            }
+        }
+        state.queued += 1;
+        queue.send(out).is_ok()
+    }
 }
 
 /// Writes queued frames until the queue closes, `stop` is cancelled or the
@@ -238,29 +313,40 @@ struct Outgoing {
 /// (its deadline passed while queued) is not sent, as with QUIC, where its
 /// stream would not have opened either, so it cannot run after a retry.
 async fn write_loop(
-    mut io: OwnedWriteHalf,
+    io: Arc<Writer>,
     mut frames: mpsc::UnboundedReceiver<Outgoing>,
     stop: CancellationToken,
     awaited: Option<Arc<Shared>>,
 ) {
     let wanted = |out: &Outgoing| match (&awaited, out.frame.first_chunk::<8>()) {
+        _ if out.rest => true,
         (Some(shared), Some(id)) => shared.pending().contains_key(&u64::from_be_bytes(*id)),
         _ => true,
+    };
+    // Takes the next queued frame, marking the writer busy with it.
+    let take = |frame: Option<Outgoing>| {
+        if frame.is_some() {
+            let mut state = io.state();
+            state.queued = state.queued.saturating_sub(1);
+            state.writing = true;
+        }
+        frame
     };
     let mut gathered = Vec::new();
     let mut written = Vec::new();
     loop {
+        io.state().writing = false;
         let first = tokio::select! {
             _ = stop.cancelled() => break,
-            first = frames.recv() => match first {
+            first = frames.recv() => match take(first) {
                 Some(first) => first,
                 None => break,
             },
         };
         // One frame alone (a round trip's): written as it is, no copy.
-        let second = match frames.try_recv() {
-            Ok(second) => second,
-            Err(_) => {
+        let second = match take(frames.try_recv().ok()) {
+            Some(second) => second,
+            None => {
                 if wanted(&first) && io.write_all(&first.frame).await.is_err() {
                     break;
                 }
@@ -279,7 +365,7 @@ async fn write_loop(
                 written.push(out);
             }
             if gathered.len() < GATHER_BYTES {
-                next = frames.try_recv().ok();
+                next = take(frames.try_recv().ok());
             }
         }
         if gathered.is_empty() {
@@ -439,8 +525,9 @@ async fn serve_connection<S: Service>(
     debug!(?role, "same-host peer connected");
     let (read, write) = stream.into_split();
     let (replies, queued) = mpsc::unbounded_channel();
+    let writer = Writer::new(write);
     let stop = shutdown.child_token();
-    tracker.spawn(write_loop(write, queued, stop.clone(), None));
+    tracker.spawn(write_loop(writer.clone(), queued, stop.clone(), None));
     let codec = limits.codec();
     let in_flight = Arc::new(Semaphore::new(limits.streams_max.max(1) as usize));
     let mut read = BufReader::with_capacity(64 << 10, read);
@@ -471,16 +558,22 @@ async fn serve_connection<S: Service>(
             }
         };
         let request = serve_request(service.clone(), peer.clone(), id, body, limits.clone());
-        let replies = replies.clone();
+        // Weak: a request still running after the connection ended must not
+        // keep its socket open.
+        let (replies, writer) = (replies.clone(), Arc::downgrade(&writer));
         // As over QUIC, a request runs to its end (or its deadline) even if
         // the peer goes: only the server's shutdown cuts it short.
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
             if let Some(frame) = shutdown.run_until_cancelled(request).await {
-                let _ = replies.send(Outgoing {
+                let out = Outgoing {
                     frame,
                     _slot: Some(permit),
-                });
+                    rest: false,
+                };
+                if let Some(writer) = writer.upgrade() {
+                    writer.send(&replies, out, false);
+                }
             }
         });
     }
@@ -526,24 +619,53 @@ async fn serve_request<S: Service>(
 
 // ---------------------------------------------------------------- client
 
+/// Called on the reading task with a reply's body, or why the connection
+/// ended first.
+pub(crate) type Then = Box<dyn FnOnce(Result<Vec<u8>, quinn::ConnectionError>) + Send>;
+
+/// Who gets a reply.
+enum Waiter {
+    /// A task awaiting [`Awaiting::body`].
+    Task(oneshot::Sender<Vec<u8>>),
+    /// A callback ([`Link::send_then`]).
+    Then(Then),
+}
+
 /// What the client's reading task shares with senders.
 #[derive(Default)]
 struct Shared {
     /// Reply bodies awaited, by request id.
-    pending: Mutex<HashMap<u64, oneshot::Sender<Vec<u8>>>>,
+    pending: Mutex<HashMap<u64, Waiter>>,
     /// Why the connection ended, once it has.
     lost: OnceLock<quinn::ConnectionError>,
 }
 
 impl Shared {
-    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Vec<u8>>>> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Waiter>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands a reply to its waiter (outside the table's lock).
+    fn answer(&self, id: u64, body: Vec<u8>) {
+        let waiter = self.pending().remove(&id);
+        match waiter {
+            Some(Waiter::Task(tx)) => {
+                let _ = tx.send(body);
+            }
+            Some(Waiter::Then(then)) => then(Ok(body)),
+            None => {}
+        }
     }
 
     /// Marks the connection lost and fails every waiting request.
     fn end(&self, why: quinn::ConnectionError) {
-        let _ = self.lost.set(why);
-        self.pending().clear();
+        let _ = self.lost.set(why.clone());
+        let waiters: Vec<Waiter> = self.pending().drain().map(|(_, w)| w).collect();
+        for waiter in waiters {
+            if let Waiter::Then(then) = waiter {
+                then(Err(why.clone()));
+            }
+        }
     }
 }
 
@@ -551,6 +673,7 @@ impl Shared {
 pub(crate) struct Link {
     shared: Arc<Shared>,
     frames: mpsc::UnboundedSender<Outgoing>,
+    writer: Arc<Writer>,
     stop: CancellationToken,
 }
 
@@ -607,19 +730,53 @@ impl Link {
         let (tx, rx) = oneshot::channel();
         // Register before checking for loss: the reader marks the loss
         // before it clears the table, so a request is never left waiting.
-        self.shared.pending().insert(id, tx);
+        self.shared.pending().insert(id, Waiter::Task(tx));
         let awaiting = Awaiting {
             link: self.clone(),
             id,
             reply: rx,
         };
+        self.write(frame, false)?;
+        Ok(awaiting)
+    }
+
+    /// Sends a request frame, written from this thread when the connection
+    /// is idle, and has `then` called on the reading task with the reply
+    /// (or with why the connection ended). `then` is not called when this
+    /// returns an error: nothing was sent.
+    pub(crate) fn send_then(
+        &self,
+        id: u64,
+        frame: Vec<u8>,
+        then: Then,
+    ) -> Result<(), quinn::ConnectionError> {
+        self.shared.pending().insert(id, Waiter::Then(then));
+        let Err(e) = self.write(frame, true) else {
+            return Ok(());
+        };
+        // Not sent: take the callback back, unless the reader has already
+        // called it with the connection's end (then that was the answer).
+        let taken = self.shared.pending().remove(&id);
+        match taken {
+            Some(_) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn write(&self, frame: Vec<u8>, direct: bool) -> Result<(), quinn::ConnectionError> {
         if let Some(lost) = self.close_reason() {
             return Err(lost);
         }
-        self.frames
-            .send(Outgoing { frame, _slot: None })
-            .map_err(|_| self.lost())?;
-        Ok(awaiting)
+        let out = Outgoing {
+            frame,
+            _slot: None,
+            rest: false,
+        };
+        if self.writer.send(&self.frames, out, direct) {
+            Ok(())
+        } else {
+            Err(self.lost())
+        }
     }
 
     /// Closes the connection; waiting requests fail.
@@ -700,10 +857,11 @@ pub(crate) async fn connect(
         })??;
     let (read, write) = stream.into_split();
     let (frames, queued) = mpsc::unbounded_channel();
+    let writer = Writer::new(write);
     let stop = CancellationToken::new();
     let shared = Arc::new(Shared::default());
     tokio::spawn(write_loop(
-        write,
+        writer.clone(),
         queued,
         stop.clone(),
         Some(shared.clone()),
@@ -717,6 +875,7 @@ pub(crate) async fn connect(
     let link = Arc::new(Link {
         shared,
         frames,
+        writer,
         stop,
     });
     Ok((link, node_id))
@@ -736,11 +895,7 @@ async fn read_replies(
             message = read_message(&mut read, &codec) => message,
         };
         match message {
-            Ok((id, body)) => {
-                if let Some(waiting) = shared.pending().remove(&id) {
-                    let _ = waiting.send(body);
-                }
-            }
+            Ok((id, body)) => shared.answer(id, body),
             Err(e) => {
                 debug!(error = %e, "same-host connection ended");
                 break quinn::ConnectionError::Reset;
@@ -865,6 +1020,105 @@ mod tests {
             .expect("a reply in time")
             .expect("connection alive");
         codec::decode(&body, &CodecLimits::CONTROL).expect("a reply envelope")
+    }
+
+    fn frame_of(id: u64, text: &str) -> Vec<u8> {
+        let envelope = RequestEnvelope {
+            id,
+            timeout_ms: 5_000,
+            body: text.to_string(),
+        };
+        encode_message(id, &envelope, &CodecLimits::CONTROL).expect("encode")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn direct_and_queued_requests_interleave_without_mixing_frames() {
+        let server = start();
+        let link = server.connect(Role::Driver).await.expect("connect");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        // Plain threads write directly (a large body now and then, which the
+        // socket may take in part) while tasks queue theirs.
+        let mut threads = Vec::new();
+        for t in 0..4u64 {
+            let (link, tx) = (link.clone(), tx.clone());
+            threads.push(std::thread::spawn(move || {
+                for i in 0..500u64 {
+                    let id = (t << 32) | i;
+                    let text = if i % 50 == 0 {
+                        "z".repeat(300_000)
+                    } else {
+                        format!("d{id}")
+                    };
+                    let tx = tx.clone();
+                    let expected = text.to_uppercase();
+                    let then: Then = Box::new(move |body| {
+                        let reply: ReplyEnvelope<String> =
+                            codec::decode(&body.expect("alive"), &CodecLimits::CONTROL)
+                                .expect("envelope");
+                        let _ = tx.send((id, reply.id, reply.result == Ok(expected)));
+                    });
+                    link.send_then(id, frame_of(id, &text), then).expect("sent");
+                }
+            }));
+        }
+        let queued: Vec<_> = (0..4u64)
+            .map(|t| {
+                let link = link.clone();
+                tokio::spawn(async move {
+                    for i in 0..500u64 {
+                        let id = ((t + 4) << 32) | i;
+                        let reply = reply_to(&link, id, frame_of(id, &format!("q{id}"))).await;
+                        assert_eq!((reply.id, reply.result), (id, Ok(format!("Q{id}"))));
+                    }
+                })
+            })
+            .collect();
+        for task in queued {
+            task.await.expect("queued requests answered");
+        }
+        for thread in threads {
+            thread.join().expect("direct requests sent");
+        }
+        drop(tx);
+        let mut answered = 0;
+        while let Some((id, reply_id, right)) = tokio::time::timeout(T, rx.recv())
+            .await
+            .expect("replies in time")
+        {
+            assert_eq!(id, reply_id);
+            assert!(right, "reply {id} is its request's");
+            answered += 1;
+        }
+        assert_eq!(answered, 2000);
+    }
+
+    #[tokio::test]
+    async fn a_callback_learns_of_the_connection_ending() {
+        struct Never;
+        impl Service for Never {
+            type Request = String;
+            type Reply = String;
+            async fn handle(&self, _: &Peer, _: String) -> Result<String, ServiceError> {
+                std::future::pending().await
+            }
+        }
+        let server = start_on(free_addr(), Never);
+        let link = server.connect(Role::Driver).await.expect("connect");
+        let (tx, rx) = oneshot::channel();
+        let then: Then = Box::new(move |body| {
+            let _ = tx.send(body.is_err());
+        });
+        link.send_then(1, frame_of(1, "x"), then).expect("sent");
+        drop(server);
+        let failed = tokio::time::timeout(T, rx).await.expect("called in time");
+        assert_eq!(failed, Ok(true), "called with the connection's end");
+        // Once the connection is gone nothing is sent, and the callback is
+        // given back unused rather than called.
+        let called = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = called.clone();
+        let then: Then = Box::new(move |_| flag.store(true, Ordering::SeqCst));
+        assert!(link.send_then(2, frame_of(2, "y"), then).is_err());
+        assert!(!called.load(Ordering::SeqCst));
     }
 
     #[tokio::test]

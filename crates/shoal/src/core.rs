@@ -475,6 +475,12 @@ impl Core {
             .await
     }
 
+    /// The open connection to the worker at `address`, if there is one.
+    pub(crate) fn cached_worker(&self, address: &str) -> Option<WorkerClient> {
+        let client = self.workers.get(address)?;
+        client.close_reason().is_none().then(|| client.clone())
+    }
+
     pub(crate) async fn worker(&self, address: &str) -> Result<WorkerClient> {
         self.connect_to(&self.workers, address, WORKER_SERVER_NAME)
             .await

@@ -46,6 +46,11 @@ impl Turns {
         }
     }
 
+    /// True when every number below `seq` has passed its turn.
+    pub(crate) fn is_turn(&self, seq: u64) -> bool {
+        self.inner().next >= seq
+    }
+
     /// `seq` has had its turn: the numbers after it may go.
     pub(crate) fn pass(&self, seq: u64) {
         let mut inner = self.inner();
