@@ -1097,7 +1097,7 @@ pub(crate) struct Hosted {
     /// runs, so back-to-back calls cost no thread hand-offs).
     lane: Option<Lane>,
     /// Per method (in the class's order): its last run was quick (see
-    /// [`crate::exec::inline_slot`]).
+    /// [`crate::exec::claim_inline`]).
     quick: Arc<[std::sync::atomic::AtomicBool]>,
 }
 
@@ -1209,13 +1209,13 @@ impl Lane {
 
     /// Runs a call claimed with [`Lane::run_here`] on this runtime thread:
     /// directly if the method was `quick` last time (see
-    /// [`crate::exec::inline_slot`]), else with the thread's other work handed
+    /// [`crate::exec::claim_inline`]), else with the thread's other work handed
     /// away first.
-    fn run_claimed(
+    async fn run_claimed(
         quick: &std::sync::atomic::AtomicBool,
         run: impl FnOnce() -> Invoked,
     ) -> Invoked {
-        match crate::exec::inline_slot(quick) {
+        match crate::exec::claim_inline(quick).await {
             Some(_slot) => crate::exec::timed(quick, run),
             None => tokio::task::block_in_place(|| crate::exec::timed(quick, run)),
         }
@@ -1464,7 +1464,8 @@ impl Host {
                     advance();
                     let ran = Lane::run_claimed(&hosted.quick[index], || {
                         run_caught(running, || method.run_on(&mut guard))
-                    });
+                    })
+                    .await;
                     drop(guard);
                     lane.done();
                     ran
@@ -1554,17 +1555,14 @@ type Invoked = std::result::Result<crate::registry::Invocation, crate::exec::Cau
 /// Runs a sync method on a blocking thread, catching panics.
 /// Runs sync method `index` of an actor that also has async methods: on
 /// this runtime thread if it was quick last time (see
-/// [`crate::exec::inline_slot`]), else on a blocking thread.
+/// [`crate::exec::claim_inline`]), else on a blocking thread.
 async fn sync_call(
     quick: &Arc<[std::sync::atomic::AtomicBool]>,
     index: usize,
     running: core::Running,
     f: impl FnOnce() -> crate::registry::Invocation + Send + 'static,
 ) -> Invoked {
-    if let Some(_slot) = crate::exec::inline_slot(&quick[index]) {
-        // The caller's next call may be what this one waits for, and it was
-        // woken on this thread (see `inline_slot`).
-        tokio::task::yield_now().await;
+    if let Some(_slot) = crate::exec::claim_inline(&quick[index]).await {
         return crate::exec::timed(&quick[index], || run_caught(running, f));
     }
     let quick = Arc::clone(quick);
