@@ -369,18 +369,16 @@ impl Limits {
             })
             .unwrap_or(0);
         let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
-        let nproc = limits
-            .lines()
-            .find(|l| l.starts_with("Max processes"))
-            .and_then(|l| l.split_whitespace().nth(2))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(usize::MAX);
-        let nofile = limits
-            .lines()
-            .find(|l| l.starts_with("Max open files"))
-            .and_then(|l| l.split_whitespace().nth(3))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(usize::MAX);
+        // The soft limit: the first field after the limit's name.
+        let soft_limit = |name: &str| {
+            limits
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(usize::MAX)
+        };
+        let (nproc, nofile) = (soft_limit("Max processes"), soft_limit("Max open files"));
         let cap = num("/proc/sys/kernel/pid_max").min(num("/proc/sys/kernel/threads-max"));
         Self {
             mem_total: meminfo("MemTotal:"),

@@ -230,6 +230,25 @@ impl Location {
         );
         location
     }
+
+    /// The request of a call here: the next in this caller's order.
+    fn request(
+        &self,
+        raw: &RawActor,
+        task_id: TaskId,
+        method: &str,
+        args: Option<Vec<ArgSpec>>,
+    ) -> WorkerRequest {
+        WorkerRequest::ActorCall(ActorCall {
+            actor_id: raw.actor_id,
+            caller: self.caller_id,
+            incarnation: self.incarnation,
+            seq: self.next_seq.fetch_add(1, Ordering::SeqCst),
+            task_id,
+            method: method.to_string(),
+            args,
+        })
+    }
 }
 
 impl Drop for Location {
@@ -853,15 +872,15 @@ fn call_now(
     id: ObjectId,
     args: Vec<ArgValue>,
 ) -> std::result::Result<(), Vec<ArgValue>> {
-    let plain = args.iter().all(|a| matches!(a, ArgValue::Bytes(_)));
-    let size: usize = args
+    // Their total size, when all are plain values.
+    let plain: Option<usize> = args
         .iter()
         .map(|a| match a {
-            ArgValue::Bytes(b) => b.len(),
-            _ => 0,
+            ArgValue::Bytes(b) => Some(b.len()),
+            _ => None,
         })
         .sum();
-    if !plain || size > CALL_NOW_ARGS_MAX || !raw.caller.sent.is_turn(seq) {
+    if plain.is_none_or(|size| size > CALL_NOW_ARGS_MAX) || !raw.caller.sent.is_turn(seq) {
         return Err(args);
     }
     let location = raw.caller.location();
@@ -881,44 +900,50 @@ fn call_now(
             _ => None,
         })
         .collect();
-    let request = WorkerRequest::ActorCall(ActorCall {
-        actor_id: raw.actor_id,
-        caller: location.caller_id,
-        incarnation: location.incarnation,
-        seq: location.next_seq.fetch_add(1, Ordering::SeqCst),
-        task_id,
-        method: method.to_string(),
-        args: Some(specs.clone()),
-    });
-    // After a lost attempt, the task path takes over (resends, restarts).
-    let resend = {
-        let (core, raw) = (Arc::clone(core), raw.clone());
-        move |sent: Sent| match sent {
-            Sent::Done(state) => finish_call(&core, &raw, id, state),
-            lost => {
-                let handle = core.handle.clone();
-                handle.spawn(async move {
-                    let args = Some(specs);
-                    let state = attempts(&core, &raw, task_id, method, &args, Some(lost)).await;
-                    finish_call(&core, &raw, id, state);
-                });
-            }
-        }
-    };
+    let request = location.request(raw, task_id, method, Some(specs.clone()));
     let answered = {
-        let location = Arc::clone(&location);
-        let resend = resend.clone();
+        let (core, raw, location) = (Arc::clone(core), raw.clone(), Arc::clone(&location));
         move |reply: std::result::Result<WorkerReply, shoal_net::RpcError>| {
-            resend(judge_reply(reply, &location));
+            let sent = judge_reply(reply, &location);
+            after_first(&core, &raw, id, task_id, method, specs, sent);
         }
     };
-    match client.send_then(&request, CALL_TIMEOUT, answered) {
-        Some(Ok(())) => {}
-        Some(Err(e)) => resend(judge_reply(Err(e), &location)),
-        None => resend(Sent::Lost("its connection changed".into())),
+    // Not sent: the callback is dropped, and the request gives the
+    // arguments back.
+    let unsent = match client.send_then(&request, CALL_TIMEOUT, answered) {
+        Some(Ok(())) => None,
+        Some(Err(e)) => Some(judge_reply(Err(e), &location)),
+        None => Some(Sent::Lost("its connection changed".into())),
+    };
+    if let (Some(sent), WorkerRequest::ActorCall(call)) = (unsent, request) {
+        let specs = call.args.unwrap_or_default();
+        after_first(core, raw, id, task_id, method, specs, sent);
     }
     raw.caller.pass_turn(seq);
     Ok(())
+}
+
+/// Resolves a call sent by [`call_now`] once its first attempt ended; a
+/// lost attempt goes on in the task path (resends, restarts).
+fn after_first(
+    core: &Arc<Core>,
+    raw: &RawActor,
+    id: ObjectId,
+    task_id: TaskId,
+    method: &'static str,
+    specs: Vec<ArgSpec>,
+    sent: Sent,
+) {
+    if let Sent::Done(state) = sent {
+        return finish_call(core, raw, id, state);
+    }
+    let (core, raw) = (Arc::clone(core), raw.clone());
+    let handle = core.handle.clone();
+    handle.spawn(async move {
+        let args = Some(specs);
+        let state = attempts(&core, &raw, task_id, method, &args, Some(sent)).await;
+        finish_call(&core, &raw, id, state);
+    });
 }
 
 /// How one attempt of a call ended.
@@ -1034,15 +1059,7 @@ async fn send_call(
         }
     };
     // Sent even when an argument failed, so the actor moves past this call.
-    let request = WorkerRequest::ActorCall(ActorCall {
-        actor_id: raw.actor_id,
-        caller: location.caller_id,
-        incarnation: location.incarnation,
-        seq: location.next_seq.fetch_add(1, Ordering::SeqCst),
-        task_id,
-        method: method.to_string(),
-        args: args.clone(),
-    });
+    let request = location.request(raw, task_id, method, args.clone());
     let in_flight = client.send(&request, CALL_TIMEOUT).await;
     raw.caller.pass_turn(seq);
     let reply = match in_flight {

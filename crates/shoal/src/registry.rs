@@ -43,7 +43,7 @@ inventory::collect!(Registered);
 /// A function in this executable's table.
 pub(crate) struct Entry {
     pub function: &'static RemoteFunction,
-    /// Its last run was quick (see [`crate::exec::claim_inline`]).
+    /// Its last run was quick (see [`crate::exec::inline_slot`]).
     pub quick: std::sync::atomic::AtomicBool,
 }
 
