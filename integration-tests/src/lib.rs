@@ -2,6 +2,9 @@
 //!
 //! - [`ProcessCluster`]: a cluster of real `shoal` processes on 127.0.0.1, in a
 //!   session root of its own, stopped (SIGKILL) when dropped, pass or fail.
+//! - [`hosts::Hosts`]: hosts of their own (Docker containers on a private
+//!   network) for multi-host clusters, with verbs to stop, freeze and cut
+//!   one off.
 //! - [`poll_until`]: wait for a state with a deadline, never a bare sleep.
 //! - [`raw`]: a peer that speaks QUIC and TLS but sends whatever bytes a test
 //!   wants in the handshake, to check how the head refuses bad input.
@@ -13,6 +16,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+pub mod hosts;
 
 /// Calls `probe` every 50 ms until it returns `Some`, or panics with `what`
 /// after `timeout`.

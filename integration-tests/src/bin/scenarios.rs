@@ -217,6 +217,54 @@ async fn level1(x: i64) -> i64 {
     level2::remote(x).await.expect("level 2") + 100
 }
 
+/// An actor that says where it runs and counts.
+#[shoal::actor]
+pub struct Placed {
+    n: u64,
+}
+
+#[shoal::actor]
+impl Placed {
+    pub fn new() -> Self {
+        Placed { n: 0 }
+    }
+
+    /// The node and host this actor lives on.
+    pub fn whereabouts(&self) -> (String, String) {
+        let node = shoal::context()
+            .map(|c| c.node_id.to_string())
+            .unwrap_or_default();
+        (node, host_name())
+    }
+
+    pub fn add(&mut self, by: u64) -> u64 {
+        self.n += by;
+        self.n
+    }
+}
+
+/// Calls the actor from a task, and says where the task ran.
+#[shoal::remote]
+fn add_from_task(actor: ActorHandle<Placed>, by: u64) -> (u64, String) {
+    let total = actor.add(by).get().unwrap_or(0);
+    (total, host_name())
+}
+
+/// This host's name (a container's own).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// The resource names a placed scenario pins its work with: `maker` and
+/// `user`, or `MAKER_RESOURCE` and `USER_RESOURCE`.
+fn placed_on() -> (String, String) {
+    let name = |key: &str, default: &str| std::env::var(key).unwrap_or_else(|_| default.into());
+    (name("MAKER_RESOURCE", "maker"), name("USER_RESOURCE", "user"))
+}
+
 /// An actor whose constructor panics when asked to.
 #[shoal::actor]
 pub struct Fragile;
@@ -502,9 +550,10 @@ fn main() -> shoal::Result<()> {
             let size = mb << 20;
             // With PLACE=1 the cluster has nodes offering "maker" and "user".
             let (maker, user) = if flag("PLACE") {
+                let (on, by) = placed_on();
                 (
-                    make_blob::options().resource("maker", 0.01),
-                    checksum::options().resource("user", 0.01),
+                    make_blob::options().resource(&on, 0.01),
+                    checksum::options().resource(&by, 0.01),
                 )
             } else {
                 (make_blob::options(), checksum::options())
@@ -520,6 +569,26 @@ fn main() -> shoal::Result<()> {
                 "identical": len == size && sum == fnv(&expected),
                 "driver_copy_identical": local == expected,
                 "used_on": used_on,
+            }));
+        }
+        "actor-placed" => {
+            // An actor pinned to the "maker" resource's host, called by this
+            // driver and by a task pinned to the "user" resource's host.
+            let (on, by) = placed_on();
+            let actor = Placed::options().resource(&on, 0.01).remote()?;
+            let (actor_node, actor_host) = actor.whereabouts().get()?;
+            let first = actor.add(1).get()?;
+            let (from_task, task_host) = add_from_task::options()
+                .resource(&by, 0.01)
+                .remote(actor.clone(), 10)
+                .get()?;
+            let last = actor.add(100).get()?;
+            result(json!({
+                "actor_node": actor_node,
+                "actor_host": actor_host,
+                "task_host": task_host,
+                "driver_host": host_name(),
+                "totals": [first, from_task, last],
             }));
         }
         "errors" => {
@@ -616,19 +685,18 @@ fn main() -> shoal::Result<()> {
         }
         "transfer" => {
             // An object made on the "maker" node, read by `readers` tasks at
-            // once on the "user" node.
+            // once on the "user" node (or those of `placed_on`).
             let mb: u64 = arg(1).parse().unwrap_or(1024);
             let readers: usize = arg(2).parse().unwrap_or(8);
             let expected = word_sum(&pattern(7, mb));
-            let made = make_buffer::options()
-                .resource("maker", 0.01)
-                .remote(7u64, mb);
+            let (on, by) = placed_on();
+            let made = make_buffer::options().resource(&on, 0.01).remote(7u64, mb);
             shoal::wait(std::slice::from_ref(&made), 1, None)?;
             let started = Instant::now();
             let reads: Vec<_> = (0..readers)
                 .map(|_| {
                     read_buffer::options()
-                        .resource("user", 0.01)
+                        .resource(&by, 0.01)
                         .num_cpus(0.1)
                         .remote(&made)
                 })

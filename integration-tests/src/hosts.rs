@@ -1,0 +1,523 @@
+//! Hosts of their own for multi-host tests: Docker containers on a private
+//! network, each with its own address, hostname, filesystem and `/dev/shm`.
+//!
+//! There is no image registry: the image is built here, once per test
+//! process, with `docker import` of a root filesystem holding only the
+//! shared libraries the project's binaries link (found with `ldd`) and
+//! `sleep` as each container's idle main process. The binaries themselves
+//! (`target/debug`) are mounted read-only at `/shoal`, so every host runs
+//! the build under test; workers are the driver's executable fetched from
+//! the head, as on real machines. Each host's `/tmp/shoal` (its session
+//! root) is a directory of the test's, so the test can read tokens and logs.
+//!
+//! The network is `--internal` (no route out) on a /24 of 198.18.0.0/15,
+//! the range set aside for such tests. Verbs for faults: [`Hosts::stop`]
+//! (`docker kill`), [`Hosts::freeze`]/[`Hosts::thaw`] (`docker
+//! pause`/`unpause`) and [`Hosts::cut`]/[`Hosts::reconnect`] (`docker
+//! network disconnect`/`connect`). Dropping a [`Hosts`] removes its
+//! containers and network, pass or fail; containers a killed test run left
+//! behind are removed by the next run.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The head's port on its host.
+pub const HEAD_PORT: u16 = 7100;
+/// Where each host's session root is, inside it.
+const SESSION_ROOT: &str = "/tmp/shoal";
+/// The label every container and network of these tests carries, with the
+/// test process's pid as its value.
+const LABEL: &str = "shoal-test-pid";
+/// Fast failure detection, for the head.
+pub const FAST_CONFIG: &str =
+    "[timeouts]\nheartbeat_interval = \"200ms\"\nnode_timeout = \"2s\"\n";
+
+/// Runs `docker ARGS`; its output.
+fn docker(args: &[&str]) -> Output {
+    Command::new("docker")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("these tests need a Docker engine; `docker` failed: {e}"))
+}
+
+/// Runs `docker ARGS`, panicking with its output unless it succeeds.
+fn docker_ok(args: &[&str]) -> String {
+    let out = docker(args);
+    assert!(
+        out.status.success(),
+        "docker {args:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The directory of the binaries under test (`target/debug`).
+fn binaries() -> PathBuf {
+    crate::shoal_bin()
+        .parent()
+        .expect("the target directory")
+        .to_path_buf()
+}
+
+/// The shared libraries `binary` links, as absolute paths.
+fn linked(binary: &Path) -> Vec<PathBuf> {
+    let out = Command::new("ldd")
+        .arg(binary)
+        .output()
+        .unwrap_or_else(|e| panic!("ldd {}: {e}", binary.display()));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
+            // "/lib64/ld-linux-x86-64.so.2 (0x...)".
+            let path = match line.split_once("=>") {
+                Some((_, right)) => right.split_whitespace().next()?,
+                None => line.split_whitespace().next()?,
+            };
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect()
+}
+
+/// The image's tag, built on first use: the libraries of `shoal`,
+/// `scenarios` and `sleep`, and `sleep` itself.
+fn image() -> &'static str {
+    static TAG: OnceLock<String> = OnceLock::new();
+    TAG.get_or_init(|| {
+        remove_leftovers();
+        let sleep = PathBuf::from("/bin/sleep");
+        let mut files = vec![sleep.clone()];
+        for binary in [crate::shoal_bin(), crate::sibling_bin("scenarios"), sleep] {
+            files.extend(linked(&binary));
+        }
+        files.sort();
+        files.dedup();
+        // Named after what goes in, so a changed system builds a new one.
+        let mut digest = 0xcbf2_9ce4_8422_2325u64;
+        for file in &files {
+            let len = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+            for b in file.display().to_string().bytes().chain(len.to_le_bytes()) {
+                digest = (digest ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        let tag = format!("shoal-test-host:{digest:016x}");
+        if docker(&["image", "inspect", &tag]).status.success() {
+            return tag;
+        }
+        let root = tempfile::tempdir().expect("a staging directory");
+        for file in &files {
+            let to = root.path().join(file.strip_prefix("/").expect("absolute"));
+            std::fs::create_dir_all(to.parent().expect("a parent")).expect("staging dirs");
+            std::fs::copy(file, &to).unwrap_or_else(|e| panic!("copying {}: {e}", file.display()));
+        }
+        for dir in ["tmp/shoal", "shoal", "dev/shm", "proc", "sys", "etc"] {
+            std::fs::create_dir_all(root.path().join(dir)).expect("staging dirs");
+        }
+        let tar = Command::new("tar")
+            .args(["-C"])
+            .arg(root.path())
+            .args(["-cf", "-", "."])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("tar");
+        let imported = Command::new("docker")
+            .args(["import", "-", &tag])
+            .stdin(tar.stdout.expect("tar's output"))
+            .output()
+            .expect("docker import");
+        assert!(
+            imported.status.success(),
+            "docker import failed: {}",
+            String::from_utf8_lossy(&imported.stderr)
+        );
+        tag
+    })
+}
+
+/// Removes containers and networks of test processes that are gone.
+fn remove_leftovers() {
+    let gone = |pid: &str| {
+        pid.parse::<u32>()
+            .map_or(true, |pid| pid != std::process::id() && !crate::process_alive(pid))
+    };
+    let format = format!("{{{{.ID}}}} {{{{.Label \"{LABEL}\"}}}}");
+    let filter = format!("label={LABEL}");
+    let listed = docker_ok(&["ps", "-a", "--filter", &filter, "--format", &format]);
+    let stale: Vec<&str> = listed
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(_, pid)| gone(pid))
+        .map(|(id, _)| id)
+        .collect();
+    if !stale.is_empty() {
+        let mut args = vec!["rm", "-f"];
+        args.extend(stale);
+        docker(&args);
+    }
+    let listed = docker_ok(&["network", "ls", "--filter", &filter, "--format", &format]);
+    for (id, _) in listed
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(_, pid)| gone(pid))
+    {
+        docker(&["network", "rm", id]);
+    }
+}
+
+/// One host of a [`Hosts`].
+#[derive(Debug)]
+pub struct Host {
+    /// The container's name.
+    pub container: String,
+    /// Its hostname.
+    pub hostname: String,
+    /// Its address on the network.
+    pub ip: String,
+    /// Its session root, as the test sees it.
+    dir: tempfile::TempDir,
+}
+
+/// Hosts on a private network of their own.
+#[derive(Debug)]
+pub struct Hosts {
+    network: String,
+    hosts: Vec<Host>,
+}
+
+impl Hosts {
+    /// Starts one host per name (its hostname), on a new network.
+    pub fn start(names: &[&str]) -> Hosts {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let image = image();
+        let pid = std::process::id();
+        let label = format!("{LABEL}={pid}");
+        // A /24 of 198.18.0.0/15 no other fixture uses: tried in turn.
+        let mut made = None;
+        for _ in 0..64 {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let block = (pid.wrapping_mul(7).wrapping_add(n * 13)) % 500 + 2;
+            let subnet = format!("198.{}.{}", 18 + block / 256, block % 256);
+            let network = format!("shoal-{pid}-{n}");
+            let out = docker(&[
+                "network",
+                "create",
+                "--internal",
+                "--label",
+                &label,
+                "--subnet",
+                &format!("{subnet}.0/24"),
+                &network,
+            ]);
+            if out.status.success() {
+                made = Some((network, subnet));
+                break;
+            }
+        }
+        let (network, subnet) = made.expect("a free 198.18.0.0/15 subnet for a test network");
+        let mut hosts = Hosts {
+            network,
+            hosts: Vec::new(),
+        };
+        let bins = binaries();
+        for (i, name) in names.iter().enumerate() {
+            let dir = tempfile::Builder::new()
+                .prefix("shoal-host-")
+                .tempdir()
+                .expect("a session root");
+            let container = format!("{}-{name}", hosts.network);
+            let ip = format!("{subnet}.{}", 10 + i);
+            docker_ok(&[
+                "run",
+                "-d",
+                "--init",
+                "--name",
+                &container,
+                "--hostname",
+                name,
+                "--label",
+                &label,
+                "--network",
+                &hosts.network,
+                "--ip",
+                &ip,
+                "--shm-size",
+                "1g",
+                "-v",
+                &format!("{}:/shoal:ro", bins.display()),
+                "-v",
+                &format!("{}:{SESSION_ROOT}", dir.path().display()),
+                image,
+                "/bin/sleep",
+                "infinity",
+            ]);
+            hosts.hosts.push(Host {
+                container,
+                hostname: name.to_string(),
+                ip,
+                dir,
+            });
+        }
+        hosts
+    }
+
+    /// Host `i`.
+    pub fn host(&self, i: usize) -> &Host {
+        &self.hosts[i]
+    }
+
+    /// Runs `program ARGS` on host `i` with `env`, waiting at most
+    /// `timeout`.
+    pub fn exec(
+        &self,
+        i: usize,
+        program: &str,
+        args: &[&str],
+        env: &[(&str, String)],
+        timeout: Duration,
+    ) -> Output {
+        let mut child = self.spawn(i, program, args, env);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if child.try_wait().expect("waiting on docker exec").is_some() {
+                return child.wait_with_output().expect("docker exec output");
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("docker exec output");
+                panic!(
+                    "{program} {args:?} on {} did not finish within {timeout:?}:\nstdout:\n{}\nstderr:\n{}",
+                    self.hosts[i].hostname,
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts `program ARGS` on host `i` with `env`, its stdio piped.
+    pub fn spawn(&self, i: usize, program: &str, args: &[&str], env: &[(&str, String)]) -> Child {
+        let mut command = Command::new("docker");
+        command.args(["exec", "-i"]);
+        for (k, v) in env {
+            command.arg("-e").arg(format!("{k}={v}"));
+        }
+        command
+            .arg(&self.hosts[i].container)
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("docker exec")
+    }
+
+    /// `shoal ARGS --session-dir /tmp/shoal` on host `i`.
+    pub fn shoal(&self, i: usize, args: &[&str]) -> Output {
+        let mut all = args.to_vec();
+        all.extend(["--session-dir", SESSION_ROOT]);
+        self.exec(i, "/shoal/shoal", &all, &[], Duration::from_secs(90))
+    }
+
+    /// Like [`Hosts::shoal`], panicking with its output unless it succeeds.
+    pub fn shoal_ok(&self, i: usize, args: &[&str]) -> String {
+        let out = self.shoal(i, args);
+        assert!(
+            out.status.success(),
+            "shoal {args:?} on {} failed ({}):\nstdout: {}\nstderr: {}",
+            self.hosts[i].hostname,
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Writes a file into host `i`'s session root; its path there.
+    pub fn write_file(&self, i: usize, name: &str, text: &str) -> String {
+        std::fs::write(self.hosts[i].dir.path().join(name), text).expect("writing a file");
+        format!("{SESSION_ROOT}/{name}")
+    }
+
+    /// Starts the head on host `i` at [`HEAD_PORT`], with fast failure
+    /// detection, as a user would (no `--node-ip`); returns its address.
+    pub fn start_head(&self, i: usize, extra: &[&str]) -> String {
+        let config = self.write_file(i, "fast.toml", FAST_CONFIG);
+        let port = HEAD_PORT.to_string();
+        let mut args = vec!["start", "--head", "--port", &port, "--config", &config];
+        args.extend_from_slice(extra);
+        self.shoal_ok(i, &args);
+        self.head_address()
+    }
+
+    /// Starts a node daemon on host `i` that joins the head, as a user
+    /// would on another machine (address and token given).
+    pub fn start_node(&self, i: usize, extra: &[&str]) -> String {
+        let address = self.head_address();
+        let token = self.token();
+        let mut args = vec!["start", "--address", &address, "--token", &token];
+        args.extend_from_slice(extra);
+        self.shoal_ok(i, &args)
+    }
+
+    /// The host whose session root has a head.
+    fn head_host(&self) -> usize {
+        self.hosts
+            .iter()
+            .position(|h| h.dir.path().join("session_latest/head_address").exists())
+            .expect("a host runs the head")
+    }
+
+    fn head_file(&self, name: &str) -> String {
+        let path = self.hosts[self.head_host()]
+            .dir
+            .path()
+            .join("session_latest")
+            .join(name);
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .trim()
+            .to_string()
+    }
+
+    /// The head's address, as its session directory says.
+    pub fn head_address(&self) -> String {
+        self.head_file("head_address")
+    }
+
+    /// The join token.
+    pub fn token(&self) -> String {
+        self.head_file("token")
+    }
+
+    /// `shoal status --json`, asked on the head's host.
+    pub fn status(&self) -> Value {
+        let out = self.shoal_ok(self.head_host(), &["status", "--json"]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("status is not JSON ({e}): {out}"))
+    }
+
+    /// The environment of a driver on any host.
+    pub fn driver_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("SHOAL_ADDRESS", self.head_address()),
+            ("SHOAL_TOKEN", self.token()),
+            ("SHOAL_BIN", "/shoal/shoal".to_string()),
+            ("SHOAL_LOG", "warn".to_string()),
+        ]
+    }
+
+    /// Runs the `scenarios` driver on host `i`; the JSON of its `RESULT`
+    /// line. Panics with its output if it fails.
+    pub fn scenario(
+        &self,
+        i: usize,
+        args: &[&str],
+        env: &[(&str, String)],
+        timeout: Duration,
+    ) -> Value {
+        let out = self.exec(i, "/shoal/scenarios", args, env, timeout);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "scenarios {args:?} on {} failed ({}):\nstdout:\n{stdout}\nstderr:\n{}",
+            self.hosts[i].hostname,
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        crate::result_of(&stdout)
+    }
+
+    /// Kills every process of host `i` (`docker kill`): a machine lost.
+    pub fn stop(&self, i: usize) {
+        docker_ok(&["kill", &self.hosts[i].container]);
+    }
+
+    /// Freezes every process of host `i` (`docker pause`): a machine that
+    /// hangs, its sockets open.
+    pub fn freeze(&self, i: usize) {
+        docker_ok(&["pause", &self.hosts[i].container]);
+    }
+
+    /// Undoes [`Hosts::freeze`].
+    pub fn thaw(&self, i: usize) {
+        docker_ok(&["unpause", &self.hosts[i].container]);
+    }
+
+    /// Cuts host `i` off the network (`docker network disconnect`): its
+    /// processes run on, reaching no one.
+    pub fn cut(&self, i: usize) {
+        docker_ok(&[
+            "network",
+            "disconnect",
+            "--force",
+            &self.network,
+            &self.hosts[i].container,
+        ]);
+    }
+
+    /// Undoes [`Hosts::cut`], with the host's old address.
+    pub fn reconnect(&self, i: usize) {
+        docker_ok(&[
+            "network",
+            "connect",
+            "--ip",
+            &self.hosts[i].ip,
+            &self.network,
+            &self.hosts[i].container,
+        ]);
+    }
+
+    /// Panics if a daemon log on any host records a panic.
+    pub fn assert_no_panics(&self) {
+        for host in &self.hosts {
+            for log in crate::logs(host.dir.path()) {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                assert!(
+                    !text.contains("panicked"),
+                    "{} on {} records a panic:\n{text}",
+                    log.display(),
+                    host.hostname
+                );
+            }
+        }
+    }
+
+    /// Every daemon log of every host, for a failing test's message.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for host in &self.hosts {
+            for log in crate::logs(host.dir.path()) {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                out.push_str(&format!("== {} {}\n", host.hostname, log.display()));
+                for line in tail.into_iter().rev() {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        // Pass or fail, leave nothing running. Paused containers are
+        // removed by `rm -f` too.
+        let mut args = vec!["rm", "-f"];
+        args.extend(self.hosts.iter().map(|h| h.container.as_str()));
+        if self.hosts.len() > 0 {
+            docker(&args);
+        }
+        docker(&["network", "rm", &self.network]);
+    }
+}

@@ -1,0 +1,223 @@
+//! The cluster across hosts of its own (Docker containers on a private
+//! network, see `shoal_integration_tests::hosts`): the head on one, nodes
+//! on others, each started as a user would on another machine, without
+//! `--node-ip`; work pinned to a host with a resource only it offers;
+//! drivers on any host.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::time::Duration;
+
+use serde_json::Value;
+use shoal_integration_tests::hosts::{Hosts, HEAD_PORT};
+use shoal_integration_tests::{poll_until, result_of};
+
+const DEADLINE: Duration = Duration::from_secs(240);
+
+/// A head on host 0 offering `hostA`, nodes on hosts 1 and 2 offering
+/// `hostB` and `hostC`; two CPUs each.
+fn three_hosts() -> Hosts {
+    let hosts = Hosts::start(&["host-a", "host-b", "host-c"]);
+    hosts.start_head(
+        0,
+        &["--num-cpus", "2", "--resources", r#"{"hostA": 1}"#],
+    );
+    hosts.start_node(1, &["--num-cpus", "2", "--resources", r#"{"hostB": 1}"#]);
+    hosts.start_node(2, &["--num-cpus", "2", "--resources", r#"{"hostC": 1}"#]);
+    hosts
+}
+
+fn nodes(status: &Value) -> Vec<Value> {
+    status["nodes"].as_array().cloned().unwrap_or_default()
+}
+
+/// The env of a driver whose work is made on `maker` and used on `user`.
+fn placed(hosts: &Hosts, maker: &str, user: &str) -> Vec<(&'static str, String)> {
+    let mut env = hosts.driver_env();
+    env.push(("PLACE", "1".into()));
+    env.push(("MAKER_RESOURCE", maker.into()));
+    env.push(("USER_RESOURCE", user.into()));
+    env
+}
+
+#[test]
+fn every_address_a_host_hands_out_is_its_own_ip_not_loopback() {
+    let hosts = three_hosts();
+    let head = hosts.head_address();
+    assert_eq!(
+        head,
+        format!("{}:{HEAD_PORT}", hosts.host(0).ip),
+        "a head started without --node-ip advertises its host's IP"
+    );
+    let status = hosts.status();
+    let all = nodes(&status);
+    assert_eq!(all.len(), 3, "{status:#}");
+    let mut host_ids = BTreeSet::new();
+    for (i, name) in ["host-a", "host-b", "host-c"].iter().enumerate() {
+        let node = all
+            .iter()
+            .find(|n| n["hostname"] == *name)
+            .unwrap_or_else(|| panic!("no node on {name}: {status:#}"));
+        let address = node["address"].as_str().expect("an address");
+        assert!(
+            address.starts_with(&format!("{}:", hosts.host(i).ip)),
+            "the node on {name} advertises {address}, not its host's IP {}",
+            hosts.host(i).ip
+        );
+        assert_eq!(node["state"], "ALIVE");
+        host_ids.insert(node["host_id"].as_str().expect("a host id").to_string());
+    }
+    assert_eq!(host_ids.len(), 3, "each host has its own identity: {status:#}");
+    hosts.assert_no_panics();
+}
+
+#[test]
+fn a_large_result_crosses_hosts_both_ways_and_reaches_a_driver_on_a_third() {
+    let hosts = three_hosts();
+    // Made on the head's host, used on B, read by a driver on C; then the
+    // other way round, with the driver on the head's host.
+    for (driver, maker, user) in [(2, "hostA", "hostB"), (0, "hostB", "hostA"), (1, "hostC", "hostA")] {
+        let out = hosts.scenario(
+            driver,
+            &["big-object", "20"],
+            &placed(&hosts, maker, user),
+            DEADLINE,
+        );
+        assert_eq!(out["identical"], true, "{maker} -> {user}: {out}");
+        assert_eq!(
+            out["driver_copy_identical"], true,
+            "the driver on host {driver} reads the result made on {maker}: {out}"
+        );
+        assert_eq!(out["len"], 20 << 20);
+    }
+    hosts.assert_no_panics();
+}
+
+#[test]
+fn a_driver_on_another_host_creates_and_calls_an_actor_on_the_heads_host() {
+    let hosts = three_hosts();
+    let out = hosts.scenario(
+        1,
+        &["actor-placed"],
+        &placed(&hosts, "hostA", "hostC"),
+        DEADLINE,
+    );
+    assert_eq!(out["actor_host"], "host-a", "{out}");
+    assert_eq!(out["task_host"], "host-c", "{out}");
+    assert_eq!(out["driver_host"], "host-b", "{out}");
+    assert_eq!(out["totals"], serde_json::json!([1, 11, 111]), "{out}");
+    hosts.assert_no_panics();
+}
+
+#[test]
+fn tasks_spread_over_the_hosts_and_nest() {
+    let hosts = three_hosts();
+    let env = hosts.driver_env();
+    let out = hosts.scenario(2, &["many", "5000"], &env, DEADLINE);
+    assert_eq!(out["count"], 5000, "{out}");
+    assert_eq!(out["in_order"], true, "{out}");
+    assert!(
+        out["nodes"].as_u64() >= Some(2),
+        "the tasks spread past the driver's host: {out}"
+    );
+    let nested = hosts.scenario(1, &["nested"], &env, DEADLINE);
+    assert_eq!(nested["values"], serde_json::json!([102, 104, 106, 108]));
+    // A 1 GiB-class pull made smaller: 64 MiB read by 4 tasks on another host.
+    let out = hosts.scenario(
+        0,
+        &["transfer", "64", "4"],
+        &placed(&hosts, "hostB", "hostC"),
+        DEADLINE,
+    );
+    assert_eq!(out["identical"], true, "{out}");
+    assert_eq!(out["driver_copy_identical"], true, "{out}");
+    assert_eq!(out["listed_copies"], 2, "the copy on C is in the directory: {out}");
+    hosts.assert_no_panics();
+}
+
+#[test]
+fn a_result_lost_with_its_host_is_rebuilt_on_another() {
+    let hosts = Hosts::start(&["host-a", "host-b", "host-c"]);
+    // The head's host runs no tasks: the results land on B or C.
+    hosts.start_head(0, &["--num-cpus", "0"]);
+    hosts.start_node(1, &["--num-cpus", "2"]);
+    hosts.start_node(2, &["--num-cpus", "2"]);
+    let mut child = hosts.spawn(0, "/shoal/scenarios", &["lineage"], &hosts.driver_env());
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let victim = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("VICTIM ").map(str::to_string));
+    let Some(victim) = victim else {
+        let _ = child.kill();
+        let stderr =
+            std::io::read_to_string(child.stderr.take().expect("stderr")).unwrap_or_default();
+        panic!("the driver never named the node holding its results:\n{stderr}");
+    };
+    let status = hosts.status();
+    let name = nodes(&status)
+        .iter()
+        .find(|n| n["node_id"] == victim.as_str())
+        .and_then(|n| n["hostname"].as_str().map(str::to_string))
+        .unwrap_or_else(|| panic!("no node {victim}: {status:#}"));
+    let i = if name == "host-b" { 1 } else { 2 };
+    hosts.stop(i);
+    poll_until(Duration::from_secs(30), "the lost host's node to be DEAD", || {
+        nodes(&hosts.status())
+            .iter()
+            .any(|n| n["node_id"] == victim.as_str() && n["state"] == "DEAD")
+            .then_some(())
+    });
+    writeln!(child.stdin.take().expect("stdin"), "go").expect("go-ahead");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let exit = child.wait().expect("driver exit");
+    let stderr = std::io::read_to_string(child.stderr.take().expect("stderr")).unwrap_or_default();
+    assert!(exit.success(), "driver failed: {rest:?}\n{stderr}");
+    let out = result_of(&rest.join("\n"));
+    assert_eq!(out["argument_rebuilt"], true, "{out}");
+    assert_eq!(out["rebuilt_identical"], true, "{out}");
+    assert_ne!(out["rebuilt_on"], out["victim"], "{out}");
+    assert_eq!(out["lost"], true, "without retries the result is lost: {out}");
+    hosts.assert_no_panics();
+}
+
+#[test]
+fn a_host_killed_frozen_or_cut_off_is_declared_dead_and_a_thawed_one_rejoins() {
+    let hosts = Hosts::start(&["host-a", "host-b", "host-c", "host-d"]);
+    hosts.start_head(0, &["--num-cpus", "1"]);
+    for i in 1..4 {
+        hosts.start_node(i, &["--num-cpus", "1"]);
+    }
+    let id_on = |name: &str| {
+        nodes(&hosts.status())
+            .iter()
+            .find(|n| n["hostname"] == name && n["state"] == "ALIVE")
+            .and_then(|n| n["node_id"].as_str().map(str::to_string))
+    };
+    let (b, c, d) = (
+        id_on("host-b").expect("B alive"),
+        id_on("host-c").expect("C alive"),
+        id_on("host-d").expect("D alive"),
+    );
+    hosts.stop(1);
+    hosts.freeze(2);
+    hosts.cut(3);
+    let dead = |id: &str| {
+        nodes(&hosts.status())
+            .iter()
+            .any(|n| n["node_id"] == id && n["state"] == "DEAD")
+    };
+    poll_until(Duration::from_secs(30), "B, C and D to be DEAD", || {
+        (dead(&b) && dead(&c) && dead(&d)).then_some(())
+    });
+    // A frozen host that wakes finds itself fenced and joins as a new node;
+    // so does one whose network comes back.
+    hosts.thaw(2);
+    hosts.reconnect(3);
+    poll_until(Duration::from_secs(60), "C and D back as new nodes", || {
+        let (c2, d2) = (id_on("host-c")?, id_on("host-d")?);
+        (c2 != c && d2 != d).then_some(())
+    });
+    hosts.assert_no_panics();
+}
