@@ -309,6 +309,7 @@ async fn node(
         address: format!("127.0.0.1:{}", 20_000 + i),
         pid: std::process::id(),
         hostname: format!("sim-{i}"),
+        host_id: format!("sim-{i}"),
         resources_total: resources.clone(),
         is_head_node: false,
         registration_key: ((i as u64) << 1) | 1,

@@ -34,8 +34,7 @@ const SESSION_ROOT: &str = "/tmp/shoal";
 /// test process's pid as its value.
 const LABEL: &str = "shoal-test-pid";
 /// Fast failure detection, for the head.
-pub const FAST_CONFIG: &str =
-    "[timeouts]\nheartbeat_interval = \"200ms\"\nnode_timeout = \"2s\"\n";
+pub const FAST_CONFIG: &str = "[timeouts]\nheartbeat_interval = \"200ms\"\nnode_timeout = \"2s\"\n";
 
 /// Runs `docker ARGS`; its output.
 fn docker(args: &[&str]) -> Output {
@@ -121,7 +120,7 @@ fn image() -> &'static str {
         for dir in ["tmp/shoal", "shoal", "dev/shm", "proc", "sys", "etc"] {
             std::fs::create_dir_all(root.path().join(dir)).expect("staging dirs");
         }
-        let tar = Command::new("tar")
+        let mut tar = Command::new("tar")
             .args(["-C"])
             .arg(root.path())
             .args(["-cf", "-", "."])
@@ -130,9 +129,11 @@ fn image() -> &'static str {
             .expect("tar");
         let imported = Command::new("docker")
             .args(["import", "-", &tag])
-            .stdin(tar.stdout.expect("tar's output"))
+            .stdin(tar.stdout.take().expect("tar's output"))
             .output()
             .expect("docker import");
+        let packed = tar.wait().expect("tar's exit");
+        assert!(packed.success(), "tar of the image's root failed: {packed}");
         assert!(
             imported.status.success(),
             "docker import failed: {}",
@@ -145,8 +146,9 @@ fn image() -> &'static str {
 /// Removes containers and networks of test processes that are gone.
 fn remove_leftovers() {
     let gone = |pid: &str| {
-        pid.parse::<u32>()
-            .map_or(true, |pid| pid != std::process::id() && !crate::process_alive(pid))
+        pid.parse::<u32>().map_or(true, |pid| {
+            pid != std::process::id() && !crate::process_alive(pid)
+        })
     };
     let format = format!("{{{{.ID}}}} {{{{.Label \"{LABEL}\"}}}}");
     let filter = format!("label={LABEL}");
@@ -515,7 +517,7 @@ impl Drop for Hosts {
         // removed by `rm -f` too.
         let mut args = vec!["rm", "-f"];
         args.extend(self.hosts.iter().map(|h| h.container.as_str()));
-        if self.hosts.len() > 0 {
+        if !self.hosts.is_empty() {
             docker(&args);
         }
         docker(&["network", "rm", &self.network]);

@@ -18,10 +18,7 @@ const DEADLINE: Duration = Duration::from_secs(240);
 /// `hostB` and `hostC`; two CPUs each.
 fn three_hosts() -> Hosts {
     let hosts = Hosts::start(&["host-a", "host-b", "host-c"]);
-    hosts.start_head(
-        0,
-        &["--num-cpus", "2", "--resources", r#"{"hostA": 1}"#],
-    );
+    hosts.start_head(0, &["--num-cpus", "2", "--resources", r#"{"hostA": 1}"#]);
     hosts.start_node(1, &["--num-cpus", "2", "--resources", r#"{"hostB": 1}"#]);
     hosts.start_node(2, &["--num-cpus", "2", "--resources", r#"{"hostC": 1}"#]);
     hosts
@@ -67,7 +64,11 @@ fn every_address_a_host_hands_out_is_its_own_ip_not_loopback() {
         assert_eq!(node["state"], "ALIVE");
         host_ids.insert(node["host_id"].as_str().expect("a host id").to_string());
     }
-    assert_eq!(host_ids.len(), 3, "each host has its own identity: {status:#}");
+    assert_eq!(
+        host_ids.len(),
+        3,
+        "each host has its own identity: {status:#}"
+    );
     hosts.assert_no_panics();
 }
 
@@ -76,7 +77,11 @@ fn a_large_result_crosses_hosts_both_ways_and_reaches_a_driver_on_a_third() {
     let hosts = three_hosts();
     // Made on the head's host, used on B, read by a driver on C; then the
     // other way round, with the driver on the head's host.
-    for (driver, maker, user) in [(2, "hostA", "hostB"), (0, "hostB", "hostA"), (1, "hostC", "hostA")] {
+    for (driver, maker, user) in [
+        (2, "hostA", "hostB"),
+        (0, "hostB", "hostA"),
+        (1, "hostC", "hostA"),
+    ] {
         let out = hosts.scenario(
             driver,
             &["big-object", "20"],
@@ -131,7 +136,10 @@ fn tasks_spread_over_the_hosts_and_nest() {
     );
     assert_eq!(out["identical"], true, "{out}");
     assert_eq!(out["driver_copy_identical"], true, "{out}");
-    assert_eq!(out["listed_copies"], 2, "the copy on C is in the directory: {out}");
+    assert_eq!(
+        out["listed_copies"], 2,
+        "the copy on C is in the directory: {out}"
+    );
     hosts.assert_no_panics();
 }
 
@@ -163,12 +171,16 @@ fn a_result_lost_with_its_host_is_rebuilt_on_another() {
         .unwrap_or_else(|| panic!("no node {victim}: {status:#}"));
     let i = if name == "host-b" { 1 } else { 2 };
     hosts.stop(i);
-    poll_until(Duration::from_secs(30), "the lost host's node to be DEAD", || {
-        nodes(&hosts.status())
-            .iter()
-            .any(|n| n["node_id"] == victim.as_str() && n["state"] == "DEAD")
-            .then_some(())
-    });
+    poll_until(
+        Duration::from_secs(30),
+        "the lost host's node to be DEAD",
+        || {
+            nodes(&hosts.status())
+                .iter()
+                .any(|n| n["node_id"] == victim.as_str() && n["state"] == "DEAD")
+                .then_some(())
+        },
+    );
     writeln!(child.stdin.take().expect("stdin"), "go").expect("go-ahead");
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     let exit = child.wait().expect("driver exit");
@@ -178,7 +190,10 @@ fn a_result_lost_with_its_host_is_rebuilt_on_another() {
     assert_eq!(out["argument_rebuilt"], true, "{out}");
     assert_eq!(out["rebuilt_identical"], true, "{out}");
     assert_ne!(out["rebuilt_on"], out["victim"], "{out}");
-    assert_eq!(out["lost"], true, "without retries the result is lost: {out}");
+    assert_eq!(
+        out["lost"], true,
+        "without retries the result is lost: {out}"
+    );
     hosts.assert_no_panics();
 }
 

@@ -158,3 +158,75 @@ async fn graceful_node_stop_is_seen_at_once() {
     client.close().await;
     cluster.shutdown().await;
 }
+
+/// A task run twice (retried after its first attempt stored its result, or
+/// rebuilt from its lineage while that result was only unreachable) stores
+/// the same object id on the same node again: the node says it is stored,
+/// instead of refusing it as "already sealed".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storing_a_result_a_second_time_finds_it_stored() {
+    use shoal_net::handshake::ClientAuth;
+    use shoal_net::{endpoint, tls, NetLimits, RpcClient};
+    use shoal_proto::{NodeReply, NodeRequest, ObjectId, Role, TaskId};
+
+    let cluster = LocalCluster::start(fast()).await.expect("cluster");
+    let limits = NetLimits::default();
+    let ep = endpoint::endpoint(([127, 0, 0, 1], 0).into(), None, &limits).expect("endpoint");
+    let config = endpoint::client_config(tls::token_client_config().expect("tls"), &limits)
+        .expect("client config");
+    let auth = ClientAuth {
+        token: cluster.token().clone(),
+        role: Role::Worker,
+    };
+    let node: RpcClient<NodeRequest, NodeReply> = RpcClient::connect(
+        &ep,
+        config,
+        cluster.node_address(0).expect("node 0"),
+        shoal_net::NODE_SERVER_NAME,
+        &auth,
+        &limits,
+    )
+    .await
+    .expect("connected to the node");
+    let id: ObjectId = TaskId::fresh().return_object(0);
+    let bytes = vec![7u8; 200 << 10];
+    let create = NodeRequest::CreateObject {
+        id,
+        total: bytes.len() as u64,
+        owner: None,
+    };
+    let t = Duration::from_secs(10);
+    let Ok(NodeReply::ObjectFile { path, .. }) = node.call(&create, t).await else {
+        panic!("a new object is a file to fill");
+    };
+    std::fs::write(&path, &bytes).expect("filled");
+    node.call(&NodeRequest::SealObject { id }, t)
+        .await
+        .expect("sealed");
+    // The second attempt's store.
+    let again = node.call(&create, t).await;
+    assert!(
+        matches!(again, Ok(NodeReply::ObjectWritten { sealed: true })),
+        "the second store of a sealed object: {again:?}"
+    );
+    assert_eq!(
+        std::fs::read(&path).expect("read"),
+        bytes,
+        "the bytes are kept"
+    );
+    // The same over the network path (in parts) is done at once too.
+    let put = NodeRequest::PutObject {
+        id,
+        offset: 0,
+        total: bytes.len() as u64,
+        data: bytes[..1024].to_vec(),
+        owner: None,
+    };
+    let parts = node.call(&put, t).await;
+    assert!(
+        matches!(parts, Ok(NodeReply::ObjectWritten { sealed: true })),
+        "{parts:?}"
+    );
+    node.close();
+    cluster.shutdown().await;
+}

@@ -129,13 +129,6 @@ fn ensure_private_root(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// This machine's host name.
-pub fn hostname() -> String {
-    fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "unknown".to_string())
-}
-
 /// Every pid file under every session of `root`.
 pub fn all_pid_files(root: &Path) -> Vec<PathBuf> {
     let Ok(sessions) = fs::read_dir(root) else {

@@ -66,10 +66,24 @@ pub struct StartArgs {
     /// Custom resources this node offers, as JSON: '{"GPU": 1, "disk": 2}'.
     #[arg(long, value_name = "JSON", value_parser = parse_resources)]
     resources: Option<BTreeMap<String, f64>>,
-    /// The IP to listen on and advertise (default: all interfaces, advertising
-    /// the one that reaches the head).
+    /// The IP other machines reach this node (and its workers) on; the
+    /// daemon listens on it only. Default: listen on all interfaces and
+    /// advertise the local address of the route to the head, else (for the
+    /// head, or a head on loopback) the primary interface's. Never loopback
+    /// unless given: every address this node hands out must be reachable
+    /// from other hosts.
     #[arg(long, value_name = "IP")]
     node_ip: Option<IpAddr>,
+    /// The UDP port the node daemon serves workers, drivers and peer nodes
+    /// on (default: a free one). Open it, the head's --port and the worker
+    /// ports in the firewall.
+    #[arg(long, value_name = "PORT")]
+    node_port: Option<u16>,
+    /// The UDP ports this node's worker processes bind, one each, as LO-HI
+    /// (like Ray's --min-worker-port/--max-worker-port; default: free
+    /// ports). A worker that finds none free fails to start.
+    #[arg(long, value_name = "LO-HI", value_parser = parse_port_range)]
+    worker_port_range: Option<(u16, u16)>,
     /// A TOML cluster file (see cluster-config/); flags override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -84,6 +98,18 @@ pub struct StartArgs {
     /// The session directory a daemon started by `shoal start` uses.
     #[arg(long, hide = true, value_name = "DIR")]
     session_path: Option<PathBuf>,
+}
+
+fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
+    let bad =
+        || format!("expected LO-HI with 1 <= LO <= HI <= 65535, like 10002-10999, got {text:?}");
+    let (lo, hi) = text.split_once('-').ok_or_else(bad)?;
+    let lo: u16 = lo.trim().parse().map_err(|_| bad())?;
+    let hi: u16 = hi.trim().parse().map_err(|_| bad())?;
+    if lo == 0 || lo > hi {
+        return Err(bad());
+    }
+    Ok((lo, hi))
 }
 
 fn parse_resources(text: &str) -> Result<BTreeMap<String, f64>, String> {
@@ -136,6 +162,13 @@ fn node_settings(args: &StartArgs, section: NodeSection, file: &ClusterFile) -> 
         object_spill_bytes: args.object_spill_bytes.or(section.object_spill_bytes),
         resources,
         limits: file.limits.clone(),
+        listen: SocketAddr::new(
+            args.node_ip
+                .or(section.node_ip)
+                .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            args.node_port.unwrap_or(0),
+        ),
+        worker_port_range: args.worker_port_range,
         ..NodeConfig::default()
     }
 }
@@ -214,9 +247,11 @@ fn run_head(args: &StartArgs, file: &ClusterFile) -> Result<()> {
     let mut node_config = node_settings(args, head_section, file);
     node_config.is_head_node = true;
     node_config.session_dir = Some(session.dir.clone());
-    if let Some(ip) = node_ip {
-        node_config.listen = SocketAddr::new(ip, 0);
-    }
+    // One IP for the head and its node: the given one, else the primary
+    // interface's (the node reaches the head on loopback, which says
+    // nothing of how other hosts reach it).
+    let advertised_ip = shoal_net::host::advertised_ip(node_ip, None);
+    node_config.node_ip = Some(advertised_ip);
 
     runtime()?.block_on(async move {
         let shutdown = shutdown_on_signals()?;
@@ -225,7 +260,7 @@ fn run_head(args: &StartArgs, file: &ClusterFile) -> Result<()> {
         // Local commands reach the head on loopback when it listens everywhere.
         let local_ip = node_ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
         node_config.head_address = SocketAddr::new(local_ip, bound.port()).to_string();
-        let advertised = SocketAddr::new(node_ip.unwrap_or_else(primary_ip), bound.port());
+        let advertised = SocketAddr::new(advertised_ip, bound.port());
         std::fs::write(session.head_address_path(), advertised.to_string())
             .context("writing head_address")?;
         let node = shoal_node::Node::bind(node_config, identity.token().clone())?; // The log may be read by others than the token's owner: no token here.
@@ -258,9 +293,6 @@ fn run_node(args: &StartArgs, file: &ClusterFile) -> Result<()> {
     let mut config = node_settings(args, section, file);
     config.head_address = address;
     config.session_dir = Some(session.dir.clone());
-    if let Some(ip) = config.node_ip {
-        config.listen = SocketAddr::new(ip, 0);
-    }
     let _pid = PidFile::write(session.pid_path(&format!("node-{}", std::process::id())))?;
     runtime()?.block_on(async move {
         let shutdown = shutdown_on_signals()?;
@@ -331,11 +363,11 @@ fn spawn_daemon(args: &StartArgs) -> Result<()> {
             return Err(e.context(format!("see the daemon's log: {}", log.display())));
         }
     };
-    let host = crate::session::hostname();
+    let host = shoal_net::host::host_id();
     let node = status
         .nodes
         .iter()
-        .find(|n| n.pid == pid && n.hostname == host && n.state == NodeState::Alive);
+        .find(|n| n.pid == pid && n.host_id == host && n.state == NodeState::Alive);
     if args.head {
         println!("Started a Shoal head at {address} (pid {pid})");
         println!("  cluster:  {}", status.cluster_id);
@@ -384,9 +416,9 @@ fn wait_until_ready(
         if let (Some(address), Some(token)) = (address, token) {
             match status::fetch(&address, &token, Duration::from_secs(2)) {
                 Ok(status) => {
-                    let host = crate::session::hostname();
+                    let host = shoal_net::host::host_id();
                     let ours = |n: &&shoal_proto::NodeStatus| {
-                        n.pid == pid && n.hostname == host && n.state == NodeState::Alive
+                        n.pid == pid && n.host_id == host && n.state == NodeState::Alive
                     };
                     if status.nodes.iter().any(|n| ours(&n)) {
                         return Ok((address, token, status));
@@ -419,24 +451,6 @@ fn args_without_token(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std
     out
 }
 
-/// The first non-loopback IPv4 address of an interface that is up, else
-/// loopback: what other machines most likely reach this one on.
-fn primary_ip() -> IpAddr {
-    use nix::net::if_::InterfaceFlags;
-    let found = nix::ifaddrs::getifaddrs().ok().and_then(|addrs| {
-        addrs
-            .filter(|a| {
-                a.flags.contains(InterfaceFlags::IFF_UP)
-                    && !a.flags.contains(InterfaceFlags::IFF_LOOPBACK)
-            })
-            .find_map(|a| {
-                a.address
-                    .and_then(|s| s.as_sockaddr_in().map(|v4| IpAddr::V4(v4.ip())))
-            })
-    });
-    found.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -464,5 +478,14 @@ mod tests {
         assert!(parse_resources(r#"{"CPU": 1}"#).is_err());
         assert!(parse_resources(r#"{"memory": 1}"#).is_err());
         assert!(parse_resources(r#"{"GPU": -1}"#).is_err());
+    }
+
+    #[test]
+    fn worker_port_ranges_are_checked() {
+        assert_eq!(parse_port_range("10002-10999"), Ok((10002, 10999)));
+        assert_eq!(parse_port_range("7000-7000"), Ok((7000, 7000)));
+        for bad in ["", "7000", "0-10", "9-8", "1-70000", "a-b", "-5"] {
+            assert!(parse_port_range(bad).is_err(), "{bad:?} was taken");
+        }
     }
 }

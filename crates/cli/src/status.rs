@@ -192,6 +192,7 @@ pub fn to_json(status: &ClusterStatus) -> Value {
                 "state": match n.state { NodeState::Alive => "ALIVE", NodeState::Dead => "DEAD" },
                 "pid": n.pid,
                 "hostname": n.hostname,
+                "host_id": n.host_id,
                 "is_head_node": n.is_head_node,
                 "resources_total": resources_json(&n.resources_total),
                 "resources_available": resources_json(&n.resources_available),

@@ -357,7 +357,10 @@ const NAME_BYTES_MAX: usize = 256;
 const RESOURCES_MAX: usize = 64;
 
 fn check_registration(info: &RegisterNode) -> Result<(), ServiceError> {
-    if info.address.len() > NAME_BYTES_MAX || info.hostname.len() > NAME_BYTES_MAX {
+    if info.address.len() > NAME_BYTES_MAX
+        || info.hostname.len() > NAME_BYTES_MAX
+        || info.host_id.len() > NAME_BYTES_MAX
+    {
         return Err(bad_request(format!(
             "address and hostname are limited to {NAME_BYTES_MAX} bytes"
         )));

@@ -29,6 +29,7 @@
 pub mod endpoint;
 pub mod error;
 pub mod handshake;
+pub mod host;
 pub mod identity;
 pub mod limits;
 pub mod rpc;

@@ -476,8 +476,10 @@ impl<Req, Rep> std::fmt::Debug for RpcClient<Req, Rep> {
 
 impl<Req: Serialize + Sync, Rep: DeserializeOwned> RpcClient<Req, Rep> {
     /// Opens a connection to `addr` and runs the handshake: over the
-    /// server's same-host socket when `addr` is a loopback address and one
-    /// answers (not for node daemons, which prove a certificate), else QUIC.
+    /// server's same-host socket when `addr` is on this host (loopback, or an
+    /// address of this network namespace: [`crate::host::is_local_ip`]) and
+    /// one answers (not for node daemons, which prove a certificate), else
+    /// QUIC.
     pub async fn connect(
         endpoint: &quinn::Endpoint,
         config: quinn::ClientConfig,
@@ -486,7 +488,10 @@ impl<Req: Serialize + Sync, Rep: DeserializeOwned> RpcClient<Req, Rep> {
         auth: &ClientAuth,
         limits: &NetLimits,
     ) -> Result<Self, ConnectError> {
-        if limits.same_host_sockets && addr.ip().is_loopback() && auth.role != Role::Node {
+        if limits.same_host_sockets
+            && auth.role != Role::Node
+            && crate::host::is_local_ip(addr.ip())
+        {
             match crate::unix::connect(addr, auth, limits).await {
                 Ok((link, peer_node)) => {
                     return Ok(Self {

@@ -2,13 +2,14 @@
 //!
 //! A QUIC round trip on loopback costs about 50 us here, most of it packet
 //! protection, acknowledgements and the connection's timers: more than the
-//! rest of a small task. Every server that [`crate::rpc::serve`]s on a
-//! loopback or unspecified address therefore also listens on an abstract
-//! Unix socket named after that address (`\0shoal/1/127.0.0.1:PORT`), and
-//! [`crate::rpc::RpcClient::connect`] to a loopback address tries it first.
-//! Abstract names live in the network namespace, as loopback addresses do, so
-//! the socket is reachable exactly where the loopback address is; they leave
-//! no file behind when a process dies.
+//! rest of a small task. Every server that [`crate::rpc::serve`]s therefore
+//! also listens on an abstract Unix socket named after its bound address
+//! (`\0shoal/1/0.0.0.0:PORT`), and [`crate::rpc::RpcClient::connect`] to an
+//! address on this host (loopback, or one of this network namespace's
+//! interfaces) tries it first. Abstract names live in the network
+//! namespace, as those addresses do, so the socket is reachable exactly
+//! where a connection to the address would stay on this host; they leave no
+//! file behind when a process dies.
 //!
 //! The handshake is the QUIC one with the TLS binding replaced: the server
 //! sends a fresh 32-byte nonce, the client one of its own and its `Hello`;
@@ -77,11 +78,11 @@ pub(crate) struct Listener {
     name: Arc<str>,
 }
 
-/// Listens beside a QUIC server bound to `bound`, if that address can be
-/// reached on loopback. `None` when turned off, not loopback, or the name is
-/// taken (another server answers for it; clients will use QUIC).
+/// Listens beside a QUIC server bound to `bound`. `None` when turned off,
+/// or the name is taken (another server answers for it; clients will use
+/// QUIC).
 pub(crate) fn listen(bound: SocketAddr, limits: &NetLimits) -> Option<Listener> {
-    if !limits.same_host_sockets || !(bound.ip().is_loopback() || bound.ip().is_unspecified()) {
+    if !limits.same_host_sockets {
         return None;
     }
     let name = socket_name(bound);
@@ -97,9 +98,10 @@ pub(crate) fn listen(bound: SocketAddr, limits: &NetLimits) -> Option<Listener> 
     }
 }
 
-/// The names a client tries for a server on loopback address `addr`: the
-/// address itself, then the unspecified address of its family (a server bound
-/// to `0.0.0.0:PORT` answers on `127.0.0.1:PORT`).
+/// The names a client tries for a server on this host's address `addr`:
+/// the address itself, then the unspecified address of its family (a server
+/// bound to `0.0.0.0:PORT` answers on `127.0.0.1:PORT` and on every address
+/// of the host).
 fn candidates(addr: SocketAddr) -> [String; 2] {
     let any: IpAddr = match addr {
         SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),

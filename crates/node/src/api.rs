@@ -8,7 +8,7 @@ use shoal_proto::{
 };
 use tokio::sync::watch;
 
-use crate::object_store::{ObjectStore, StoreError};
+use crate::object_store::{Created, ObjectStore, StoreError};
 use crate::worker_pool::WorkerPool;
 
 /// Largest part of an object sent in one reply.
@@ -138,11 +138,14 @@ impl Service for NodeService {
                 Ok(NodeReply::ObjectChunk { total, data })
             }
             NodeRequest::CreateObject { id, total, owner } => {
-                let path = self.store().create(id, total, owner).map_err(store_error)?;
-                Ok(NodeReply::ObjectFile {
-                    path: path.display().to_string(),
-                    size: total,
-                })
+                match self.store().begin(id, total, owner).map_err(store_error)? {
+                    Created::File(path) => Ok(NodeReply::ObjectFile {
+                        path: path.display().to_string(),
+                        size: total,
+                    }),
+                    // Stored before (a task run twice): nothing to write.
+                    Created::Sealed => Ok(NodeReply::ObjectWritten { sealed: true }),
+                }
             }
             NodeRequest::SealObject { id } => {
                 self.store().seal(id).map_err(store_error)?;

@@ -33,8 +33,9 @@ pub struct NodeConfig {
     pub head_address: String,
     /// Where to serve peers (port 0 picks a free port).
     pub listen: SocketAddr,
-    /// The IP peers should use to reach this node; when unset, the address
-    /// this machine uses to reach the head.
+    /// The IP peers should use to reach this node; when unset, the host's
+    /// advertised IP (`shoal_net::host::advertised_ip`: the route to the
+    /// head, else the primary interface).
     pub node_ip: Option<std::net::IpAddr>,
     /// CPUs offered; detected when unset.
     pub num_cpus: Option<f64>,
@@ -64,6 +65,9 @@ pub struct NodeConfig {
     /// A new worker must register within this.
     #[serde(with = "humantime_serde")]
     pub worker_start_timeout: Duration,
+    /// The ports worker processes bind, `(lo, hi)` inclusive; free ports
+    /// when unset.
+    pub worker_port_range: Option<(u16, u16)>,
     /// Transport limits.
     pub limits: NetLimits,
 }
@@ -85,6 +89,7 @@ impl Default for NodeConfig {
             object_spill_bytes: None,
             worker_idle_timeout: defaults::WORKER_IDLE_TIMEOUT,
             worker_start_timeout: defaults::WORKER_START_TIMEOUT,
+            worker_port_range: None,
             limits: NetLimits::default(),
         }
     }

@@ -79,9 +79,9 @@ impl<T: Transport + Clone> HeadLink<'_, T> {
                     break;
                 };
                 match registered {
-                    Ok(registered) => {
+                    Ok((registered, ip)) => {
                         interval = Duration::from_millis(registered.heartbeat_interval_ms.max(10));
-                        self.apply(registered);
+                        self.apply(registered, ip);
                         backoff.reset();
                     }
                     Err(e) => {
@@ -185,15 +185,15 @@ impl<T: Transport + Clone> HeadLink<'_, T> {
         &self,
         head: &HeadClient,
         registration_key: u64,
-    ) -> Result<NodeRegistered, RpcError> {
-        let ip = match self.config.node_ip {
-            Some(ip) => ip,
-            None => outbound_ip(head.remote_address()),
-        };
+    ) -> Result<(NodeRegistered, IpAddr), RpcError> {
+        // The host's advertised IP (shoal_net::host): never the loopback
+        // address a head on this host is reached on.
+        let ip = shoal_net::host::advertised_ip(self.config.node_ip, Some(head.remote_address()));
         let request = HeadRequest::RegisterNode(RegisterNode {
             address: SocketAddr::new(ip, self.advertised.port()).to_string(),
             pid: std::process::id(),
             hostname: hostname(),
+            host_id: shoal_net::host::host_id().to_string(),
             resources_total: self.resources.clone(),
             is_head_node: self.config.is_head_node,
             registration_key,
@@ -203,7 +203,7 @@ impl<T: Transport + Clone> HeadLink<'_, T> {
             .call(&request, self.config.head_request_timeout)
             .await?
         {
-            HeadReply::NodeRegistered(registered) => Ok(registered),
+            HeadReply::NodeRegistered(registered) => Ok((registered, ip)),
             other => Err(RpcError::Stream(format!(
                 "unexpected reply to registration: {other:?}"
             ))),
@@ -212,7 +212,7 @@ impl<T: Transport + Clone> HeadLink<'_, T> {
 
     /// Adopts a new registration: serve peers with the issued certificate and
     /// announce the new id.
-    fn apply(&self, registered: NodeRegistered) {
+    fn apply(&self, registered: NodeRegistered, ip: IpAddr) {
         let cert = IssuedCert {
             cert_der: registered.node_cert_der,
             key_der: registered.node_key_der,
@@ -234,20 +234,23 @@ impl<T: Transport + Clone> HeadLink<'_, T> {
             }
         }
         self.auth.set_node_id(registered.node_id);
-        let local_ip = match self.advertised.ip() {
-            ip if ip.is_unspecified() => IpAddr::from([127, 0, 0, 1]),
-            ip => ip,
-        };
-        self.pool.set_env(vec![
+        // Workers reach this node on its advertised address (a same-host
+        // socket underneath) and advertise the same IP themselves.
+        let mut env = vec![
             ("SHOAL_WORKER".into(), "1".into()),
             ("SHOAL_NODE_ID".into(), registered.node_id.to_string()),
             (
                 "SHOAL_NODE_ADDRESS".into(),
-                SocketAddr::new(local_ip, self.advertised.port()).to_string(),
+                SocketAddr::new(ip, self.advertised.port()).to_string(),
             ),
+            ("SHOAL_NODE_IP".into(), ip.to_string()),
             ("SHOAL_ADDRESS".into(), self.config.head_address.clone()),
             ("SHOAL_TOKEN".into(), self.token.to_string()),
-        ]);
+        ];
+        if let Some((lo, hi)) = self.config.worker_port_range {
+            env.push(("SHOAL_WORKER_PORT_RANGE".into(), format!("{lo}-{hi}")));
+        }
+        self.pool.set_env(env);
         info!(node_id = %registered.node_id, "joined the cluster");
         self.node_id.send_replace(Some(registered.node_id));
     }
@@ -370,20 +373,6 @@ async fn resolve(address: &str) -> Result<SocketAddr, String> {
         .map_err(|e| format!("cannot resolve head address {address:?}: {e}"))?
         .next()
         .ok_or_else(|| format!("head address {address:?} resolves to nothing"))
-}
-
-/// The local IP this machine uses to reach `peer` (no packet is sent:
-/// connecting a UDP socket only picks a route).
-fn outbound_ip(peer: SocketAddr) -> IpAddr {
-    let unspecified: SocketAddr = if peer.is_ipv4() {
-        ([0, 0, 0, 0], 0).into()
-    } else {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    };
-    std::net::UdpSocket::bind(unspecified)
-        .and_then(|s| s.connect(peer).and_then(|()| s.local_addr()))
-        .map(|a| a.ip())
-        .unwrap_or(peer.ip())
 }
 
 fn hostname() -> String {

@@ -269,6 +269,27 @@ impl ObjectStore {
         self.create_copy(id, total, true, owner)
     }
 
+    /// Like [`ObjectStore::create`], for a writer that may be storing an
+    /// object again: a task run twice (retried, or rebuilt from its lineage
+    /// while its first result was only unreachable) stores the same object
+    /// id. An object already sealed at that size is [`Created::Sealed`]:
+    /// immutable, so the writer has nothing to do.
+    pub fn begin(
+        &mut self,
+        id: ObjectId,
+        total: u64,
+        owner: Option<WorkerId>,
+    ) -> Result<Created, StoreError> {
+        match self.objects.get(&id) {
+            Some(entry)
+                if entry.total == total && !matches!(entry.state, State::Writing { .. }) =>
+            {
+                Ok(Created::Sealed)
+            }
+            _ => self.create(id, total, owner).map(Created::File),
+        }
+    }
+
     /// Starts a copy of an object that lives elsewhere, pulled here in parts
     /// ([`ObjectStore::write_part`]); evicted first when room is short.
     pub fn create_secondary(&mut self, id: ObjectId, total: u64) -> Result<PathBuf, StoreError> {
@@ -776,6 +797,15 @@ fn running(pid: i32) -> bool {
     )
 }
 
+/// What [`ObjectStore::begin`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Created {
+    /// A file to fill, then seal.
+    File(PathBuf),
+    /// The object is here, sealed, at that size already.
+    Sealed,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -795,6 +825,22 @@ mod tests {
 
     fn read_all(s: &mut ObjectStore, id: ObjectId) -> Vec<u8> {
         s.read(id, 0, u64::MAX).expect("readable").0
+    }
+
+    #[test]
+    fn storing_a_sealed_object_again_finds_it_sealed() {
+        let (_dir, mut s) = store(1000);
+        let id = ObjectId::random();
+        let Created::File(path) = s.begin(id, 4, None).expect("begun") else {
+            panic!("a new object is a file to fill")
+        };
+        std::fs::write(&path, b"abcd").expect("filled");
+        s.seal(id).expect("sealed");
+        // The retried task's write: nothing to do, and the bytes are kept.
+        assert_eq!(s.begin(id, 4, None).expect("again"), Created::Sealed);
+        assert_eq!(std::fs::read(&path).expect("read"), b"abcd");
+        // Another size under the same id is still refused.
+        assert!(s.begin(id, 5, None).is_err());
     }
 
     #[test]

@@ -367,6 +367,10 @@ pub struct RegisterNode {
     pub pid: u32,
     /// The host's name, for humans.
     pub hostname: String,
+    /// The host's identity (`shoal_net::host::host_id`): processes with the
+    /// same one share loopback and shared memory with the node.
+    #[serde(default)]
+    pub host_id: String,
     /// Everything the node offers.
     pub resources_total: ResourceSet,
     /// True for the node daemon inside the head process.
@@ -516,6 +520,9 @@ pub struct NodeStatus {
     pub pid: u32,
     /// The host's name.
     pub hostname: String,
+    /// The host's identity, as the node registered it.
+    #[serde(default)]
+    pub host_id: String,
     /// True for the node daemon inside the head process.
     pub is_head_node: bool,
     /// Everything the node offers.

@@ -10,15 +10,48 @@ pub struct Config {
     pub(crate) session_root: Option<PathBuf>,
     pub(crate) worker_processes: bool,
     pub(crate) num_cpus: Option<f64>,
+    pub(crate) node_ip: Option<std::net::IpAddr>,
+    pub(crate) driver_port: Option<u16>,
+    /// Environment variables that did not parse: `init` refuses to start.
+    pub(crate) bad_env: Vec<String>,
 }
 
 impl Config {
     /// From the environment: `SHOAL_ADDRESS` (`host:port` of a head; unset
     /// means local mode), `SHOAL_TOKEN` (else the token in the newest session
     /// under `SHOAL_SESSION_DIR`, default `/tmp/shoal`), and
-    /// `SHOAL_WORKER_PROCESSES=1` for process workers in local mode.
+    /// `SHOAL_WORKER_PROCESSES=1` for process workers in local mode,
+    /// `SHOAL_NODE_IP` (the IP other hosts reach this program on; by default
+    /// its host's advertised IP) and `SHOAL_DRIVER_PORT` (a fixed port for
+    /// this program's endpoint, for firewalls; by default a free one). A
+    /// value that does not parse makes `init` fail with a message naming it.
     pub fn from_env() -> Self {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let mut bad_env = Vec::new();
+        fn parse<T: std::str::FromStr>(
+            value: Option<String>,
+            key: &str,
+            what: &str,
+            bad: &mut Vec<String>,
+        ) -> Option<T> {
+            let value = value?;
+            value.parse().ok().or_else(|| {
+                bad.push(format!("{key}={value:?} is not {what}"));
+                None
+            })
+        }
+        let node_ip = parse(
+            var("SHOAL_NODE_IP"),
+            "SHOAL_NODE_IP",
+            "an IP address",
+            &mut bad_env,
+        );
+        let driver_port = parse(
+            var("SHOAL_DRIVER_PORT"),
+            "SHOAL_DRIVER_PORT",
+            "a port number (0-65535)",
+            &mut bad_env,
+        );
         Self {
             address: var("SHOAL_ADDRESS"),
             token: var("SHOAL_TOKEN"),
@@ -26,6 +59,9 @@ impl Config {
             worker_processes: var("SHOAL_WORKER_PROCESSES")
                 .is_some_and(|v| v == "1" || v == "true"),
             num_cpus: var("SHOAL_NUM_CPUS").and_then(|v| v.parse().ok()),
+            node_ip,
+            driver_port,
+            bad_env,
         }
     }
 
@@ -56,6 +92,23 @@ impl Config {
     /// In local mode, the CPUs offered (default: this machine's).
     pub fn num_cpus(mut self, n: f64) -> Self {
         self.num_cpus = Some(n);
+        self
+    }
+
+    /// The IP other hosts reach this program on (default: its host's
+    /// advertised IP: that of the cluster's node on this host, else the
+    /// local address of the route to the head, else the primary
+    /// interface's).
+    pub fn node_ip(mut self, ip: std::net::IpAddr) -> Self {
+        self.node_ip = Some(ip);
+        self
+    }
+
+    /// A fixed port for this program's endpoint, which workers and nodes
+    /// of other hosts connect to (open it in the firewall); default: a free
+    /// port.
+    pub fn driver_port(mut self, port: u16) -> Self {
+        self.driver_port = Some(port);
         self
     }
 

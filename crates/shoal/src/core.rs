@@ -219,6 +219,38 @@ impl RefTable {
 pub(crate) struct HomeNode {
     pub node_id: NodeId,
     pub address: String,
+    /// True when the node is on this process's host (same host identity):
+    /// only then are its store files written and mapped directly.
+    pub same_host: bool,
+}
+
+/// What [`Core::create_local`] found.
+pub(crate) enum LocalFile {
+    /// A new object's file to fill, then seal.
+    Fill(std::path::PathBuf),
+    /// The object is stored whole already.
+    Sealed,
+}
+
+/// Which port this process's endpoint binds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum Ports {
+    /// Any free port.
+    #[default]
+    Any,
+    /// This one (a driver's `SHOAL_DRIVER_PORT`).
+    Fixed(u16),
+    /// The first free one of `lo..=hi` (a worker's `--worker-port-range`).
+    Range(u16, u16),
+}
+
+impl Ports {
+    /// `LO-HI`, as a node hands it to its workers.
+    pub(crate) fn parse_range(text: &str) -> Option<Ports> {
+        let (lo, hi) = text.split_once('-')?;
+        let (lo, hi): (u16, u16) = (lo.trim().parse().ok()?, hi.trim().parse().ok()?);
+        (lo > 0 && lo <= hi).then_some(Ports::Range(lo, hi))
+    }
 }
 
 /// What this process is, for the worker service.
@@ -291,6 +323,11 @@ pub(crate) struct CoreSetup {
     pub driver: Option<Address>,
     /// The job executable's hash, when known (workers get it from the node).
     pub binary_hash: Option<String>,
+    /// The IP to advertise, when given (`SHOAL_NODE_IP`, `Config::node_ip`;
+    /// a node tells its workers its own).
+    pub node_ip: Option<std::net::IpAddr>,
+    /// The port to bind.
+    pub ports: Ports,
 }
 
 impl Core {
@@ -301,13 +338,13 @@ impl Core {
         let limits = NetLimits::default();
         let cert = tls::self_signed(WORKER_SERVER_NAME)?;
         let server = endpoint::server_config(tls::server_config(&cert)?, &limits)?;
-        let bind: SocketAddr = if setup.head_address.ip().is_loopback() {
-            ([127, 0, 0, 1], 0).into()
-        } else {
-            ([0, 0, 0, 0], 0).into()
+        // Reachable from other hosts unless this process was told it lives
+        // on loopback (local mode, a single-host cluster on 127.0.0.1).
+        let bind_ip: std::net::IpAddr = match setup.node_ip {
+            Some(ip) if ip.is_loopback() => ip,
+            _ => std::net::Ipv4Addr::UNSPECIFIED.into(),
         };
-        let ep = endpoint::endpoint(bind, Some(server), &limits)
-            .map_err(|e| Error::NotInitialized(format!("cannot bind an endpoint: {e}")))?;
+        let ep = bind_endpoint(bind_ip, setup.ports, server, &limits)?;
         let port = ep
             .local_addr()
             .map_err(|e| Error::NotInitialized(e.to_string()))?
@@ -326,7 +363,19 @@ impl Core {
             &limits,
         )
         .await?;
-        let my_ip = outbound_ip(setup.head_address);
+        let home = match setup.home {
+            Some(home) => home,
+            None => find_home(&head).await?,
+        };
+        // The host's advertised IP: given, else that of the cluster's node on
+        // this host, else the route to the head, else the primary interface.
+        let home_ip = home
+            .same_host
+            .then(|| home.address.parse::<SocketAddr>().ok().map(|a| a.ip()))
+            .flatten()
+            .filter(|ip| !ip.is_unspecified());
+        let my_ip =
+            shoal_net::host::advertised_ip(setup.node_ip.or(home_ip), Some(setup.head_address));
         let me = Address {
             worker_id: setup.worker_id,
             address: SocketAddr::new(my_ip, port).to_string(),
@@ -338,10 +387,6 @@ impl Core {
         let job_id = match setup.job_id {
             Some(job) => job,
             None => register_job(&head, &me, &binary_hash, setup.upload_binary).await?,
-        };
-        let home = match setup.home {
-            Some(home) => home,
-            None => find_home(&head).await?,
         };
         let shutdown = CancellationToken::new();
         let core = Arc::new(Core {
@@ -1049,6 +1094,9 @@ impl Core {
     async fn local_store(&self) -> Option<&std::path::PathBuf> {
         self.local_store
             .get_or_init(|| async {
+                if !self.home.same_host {
+                    return None;
+                }
                 let node = self.node(&self.home.address).await.ok()?;
                 match node.call(&NodeRequest::GetNodeInfo, CONTROL_TIMEOUT).await {
                     Ok(NodeReply::NodeInfo { store_dir, .. }) if !store_dir.is_empty() => {
@@ -1148,14 +1196,16 @@ impl Core {
     }
 
     /// Starts an object in the home node's store when this process is on
-    /// its host: the path of the file to fill, then [`Core::seal_local`].
-    /// `None` when the store is not local. Waits a little for room.
+    /// its host: the path of the file to fill, then [`Core::seal_local`], or
+    /// [`LocalFile::Sealed`] when it is stored already (a task run again
+    /// stores the same id). `None` when the store is not local. Waits a
+    /// little for room.
     pub(crate) async fn create_local(
         &self,
         id: ObjectId,
         total: u64,
         owner: Option<WorkerId>,
-    ) -> Result<Option<std::path::PathBuf>> {
+    ) -> Result<Option<LocalFile>> {
         if self.local_store().await.is_none() {
             return Ok(None);
         }
@@ -1164,7 +1214,12 @@ impl Core {
         loop {
             let create = NodeRequest::CreateObject { id, total, owner };
             match node.call(&create, CONTROL_TIMEOUT).await {
-                Ok(NodeReply::ObjectFile { path, .. }) => return Ok(Some(path.into())),
+                Ok(NodeReply::ObjectFile { path, .. }) => {
+                    return Ok(Some(LocalFile::Fill(path.into())))
+                }
+                Ok(NodeReply::ObjectWritten { sealed: true }) => {
+                    return Ok(Some(LocalFile::Sealed))
+                }
                 Err(shoal_net::RpcError::Service(e)) if e.kind == ServiceErrorKind::Unavailable => {
                     if room.again().await {
                         continue;
@@ -1198,9 +1253,14 @@ impl Core {
         let id = self.next_put_id();
         let owner = Some(self.me.worker_id);
         let core = Arc::clone(self);
-        let Some(path) = self.block_on(async move { core.create_local(id, size, owner).await })?
-        else {
-            return Ok(None);
+        let path = match self.block_on(async move { core.create_local(id, size, owner).await })? {
+            None => return Ok(None),
+            Some(LocalFile::Fill(path)) => path,
+            // A fresh put id is never stored yet; if it were, it is whole.
+            Some(LocalFile::Sealed) => {
+                self.own(id, ObjState::Stored(self.home_at(size)));
+                return Ok(Some(id));
+            }
         };
         let file = crate::shm::open_locked(&path, true).map_err(|e| e.to_string());
         let written = file.and_then(|file| {
@@ -1259,17 +1319,10 @@ impl Core {
         let node = self.node(&self.home.address).await?;
         let total = bytes.len() as u64;
         let stored = self.home_at(total);
-        if let Some(path) = self.create_local(id, total, owner).await? {
-            let written = crate::shm::open_locked(&path, true)
-                .and_then(|mut f| std::io::Write::write_all(&mut f, bytes));
-            if let Err(e) = written {
-                return Err(Error::Protocol(format!(
-                    "writing object {id} to {}: {e}",
-                    path.display()
-                )));
-            }
-            self.seal_local(id).await?;
-            return Ok(stored);
+        match self.create_local(id, total, owner).await? {
+            Some(LocalFile::Sealed) => return Ok(stored),
+            Some(LocalFile::Fill(path)) => return self.fill_local(id, &path, bytes, stored).await,
+            None => {}
         }
         let mut offset = 0usize;
         let mut room = RoomWait::default();
@@ -1297,6 +1350,26 @@ impl Core {
                 Err(e) => return Err(e.into()),
             }
         }
+        Ok(stored)
+    }
+
+    /// Writes `bytes` into the object's file on this host and seals it.
+    async fn fill_local(
+        &self,
+        id: ObjectId,
+        path: &std::path::Path,
+        bytes: &[u8],
+        stored: StoredAt,
+    ) -> Result<StoredAt> {
+        let written = crate::shm::open_locked(path, true)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, bytes));
+        if let Err(e) = written {
+            return Err(Error::Protocol(format!(
+                "writing object {id} to {}: {e}",
+                path.display()
+            )));
+        }
+        self.seal_local(id).await?;
         Ok(stored)
     }
 
@@ -1797,12 +1870,41 @@ pub(crate) async fn scope_current_task<F: Future>(running: Running, fut: F) -> F
 }
 
 /// The local IP used to reach `peer` (no packet is sent).
-fn outbound_ip(peer: SocketAddr) -> std::net::IpAddr {
-    let unspecified: SocketAddr = ([0, 0, 0, 0], 0).into();
-    std::net::UdpSocket::bind(unspecified)
-        .and_then(|s| s.connect(peer).and_then(|()| s.local_addr()))
-        .map(|a| a.ip())
-        .unwrap_or(peer.ip())
+/// This process's endpoint on `ip`, at the port `ports` asks for.
+fn bind_endpoint(
+    ip: std::net::IpAddr,
+    ports: Ports,
+    server: shoal_net::quinn::ServerConfig,
+    limits: &NetLimits,
+) -> Result<shoal_net::quinn::Endpoint> {
+    let bind =
+        |port: u16| endpoint::endpoint(SocketAddr::new(ip, port), Some(server.clone()), limits);
+    match ports {
+        Ports::Any => bind(0)
+            .map_err(|e| Error::NotInitialized(format!("cannot bind an endpoint on {ip}: {e}"))),
+        Ports::Fixed(port) => bind(port).map_err(|e| {
+            Error::NotInitialized(format!(
+                "cannot bind the driver port {ip}:{port} (SHOAL_DRIVER_PORT): {e}"
+            ))
+        }),
+        Ports::Range(lo, hi) => {
+            // Start at a point of the range picked by the pid, so workers
+            // starting at once do not all race for its first port.
+            let span = u32::from(hi - lo) + 1;
+            let first = std::process::id() % span;
+            let mut last = String::new();
+            for i in 0..span {
+                let port = lo + ((first + i) % span) as u16;
+                match bind(port) {
+                    Ok(ep) => return Ok(ep),
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            Err(Error::NotInitialized(format!(
+                "no free port in the worker port range {lo}-{hi} on {ip} (last: {last})"
+            )))
+        }
+    }
 }
 
 /// Hex SHA-256 of this process's executable.
@@ -1873,23 +1975,25 @@ async fn find_home(head: &HeadClient) -> Result<HomeNode> {
             )))
         }
     };
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .unwrap_or_default()
-        .trim()
-        .to_string();
+    // The node on this host (by host identity, not by name: containers and
+    // namespaces share names), preferring one that runs tasks.
+    let host = shoal_net::host::host_id();
     let live: Vec<_> = status
         .nodes
         .iter()
         .filter(|n| n.state == shoal_proto::NodeState::Alive)
         .collect();
+    let here = |n: &&&shoal_proto::NodeStatus| n.host_id == host;
     let pick = live
         .iter()
-        .find(|n| n.hostname == host && n.resources_total.get(shoal_proto::resources::CPU) > 0.0)
-        .or_else(|| live.iter().find(|n| n.hostname == host))
+        .filter(here)
+        .find(|n| n.resources_total.get(shoal_proto::resources::CPU) > 0.0)
+        .or_else(|| live.iter().find(here))
         .or_else(|| live.first())
         .ok_or_else(|| Error::NotInitialized("the cluster has no live node".into()))?;
     Ok(HomeNode {
         node_id: pick.node_id,
         address: pick.address.clone(),
+        same_host: pick.host_id == host,
     })
 }

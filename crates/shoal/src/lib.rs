@@ -196,6 +196,12 @@ pub(crate) fn init_logging() {
 }
 
 async fn start_driver(config: Config) -> Result<Arc<core::Core>> {
+    if !config.bad_env.is_empty() {
+        return Err(Error::NotInitialized(format!(
+            "bad environment: {}",
+            config.bad_env.join("; ")
+        )));
+    }
     let (head_address, token, local) = match &config.address {
         Some(address) => {
             let head = tokio::net::lookup_host(address)
@@ -227,8 +233,18 @@ async fn start_driver(config: Config) -> Result<Arc<core::Core>> {
         Some(core::HomeNode {
             node_id: c.node_id(0)?,
             address: c.node_address(0)?.to_string(),
+            same_host: true,
         })
     });
+    // Local mode lives on loopback: nothing in it is reached from another
+    // host.
+    let node_ip = match &local {
+        Some(_) => Some(std::net::Ipv4Addr::LOCALHOST.into()),
+        None => config.node_ip,
+    };
+    let ports = config
+        .driver_port
+        .map_or(core::Ports::Any, core::Ports::Fixed);
     let core = core::Core::connect(core::CoreSetup {
         head_address,
         token,
@@ -240,6 +256,8 @@ async fn start_driver(config: Config) -> Result<Arc<core::Core>> {
         upload_binary: config.address.is_some() || config.worker_processes,
         driver: None,
         binary_hash: None,
+        node_ip,
+        ports,
     })
     .await?;
     *core.local.lock().unwrap_or_else(|e| e.into_inner()) = local;

@@ -48,6 +48,20 @@ fn worker_main() -> Result<()> {
     let head = env("SHOAL_ADDRESS")?;
     let token: JoinToken = env("SHOAL_TOKEN")?.parse()?;
     let binary_hash = std::env::var("SHOAL_BINARY_HASH").ok();
+    let node_ip = match std::env::var("SHOAL_NODE_IP") {
+        Ok(ip) => Some(ip.parse().map_err(|_| {
+            Error::NotInitialized(format!("worker mode with a malformed SHOAL_NODE_IP {ip:?}"))
+        })?),
+        Err(_) => None,
+    };
+    let ports = match std::env::var("SHOAL_WORKER_PORT_RANGE") {
+        Ok(range) => core::Ports::parse_range(&range).ok_or_else(|| {
+            Error::NotInitialized(format!(
+                "worker mode with a malformed SHOAL_WORKER_PORT_RANGE {range:?}"
+            ))
+        })?,
+        Err(_) => core::Ports::Any,
+    };
     let driver = match (
         std::env::var("SHOAL_DRIVER_ADDRESS"),
         std::env::var("SHOAL_DRIVER_ID"),
@@ -75,11 +89,14 @@ fn worker_main() -> Result<()> {
             home: Some(HomeNode {
                 node_id,
                 address: node_address.clone(),
+                same_host: true,
             }),
             executor: Some(Executor { node_id, worker_id }),
             upload_binary: false,
             driver,
             binary_hash,
+            node_ip,
+            ports,
         })
         .await?;
         core::install(Arc::clone(&core));

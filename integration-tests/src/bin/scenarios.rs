@@ -225,8 +225,8 @@ pub struct Placed {
 
 #[shoal::actor]
 impl Placed {
-    pub fn new() -> Self {
-        Placed { n: 0 }
+    pub fn new(start: u64) -> Self {
+        Placed { n: start }
     }
 
     /// The node and host this actor lives on.
@@ -262,7 +262,10 @@ fn host_name() -> String {
 /// `user`, or `MAKER_RESOURCE` and `USER_RESOURCE`.
 fn placed_on() -> (String, String) {
     let name = |key: &str, default: &str| std::env::var(key).unwrap_or_else(|_| default.into());
-    (name("MAKER_RESOURCE", "maker"), name("USER_RESOURCE", "user"))
+    (
+        name("MAKER_RESOURCE", "maker"),
+        name("USER_RESOURCE", "user"),
+    )
 }
 
 /// An actor whose constructor panics when asked to.
@@ -575,7 +578,7 @@ fn main() -> shoal::Result<()> {
             // An actor pinned to the "maker" resource's host, called by this
             // driver and by a task pinned to the "user" resource's host.
             let (on, by) = placed_on();
-            let actor = Placed::options().resource(&on, 0.01).remote()?;
+            let actor = Placed::options().resource(&on, 0.01).remote(0)?;
             let (actor_node, actor_host) = actor.whereabouts().get()?;
             let first = actor.add(1).get()?;
             let (from_task, task_host) = add_from_task::options()

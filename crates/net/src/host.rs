@@ -1,0 +1,150 @@
+//! This host as other processes see it: the IP it is reached on, and the
+//! identity that tells two processes they share it.
+//!
+//! The rule (docs/architecture.md, "Addresses"): any address handed to
+//! another process is the host's advertised IP: the one given (`--node-ip`,
+//! `Config::node_ip`, `SHOAL_NODE_IP`), else the local address of the route
+//! to the head, else the primary interface's. Never loopback or unspecified
+//! unless given so on purpose (a single-host cluster on 127.0.0.1), or when
+//! the host has no other interface at all.
+//!
+//! Loopback, the same-host socket and mapping another process's store
+//! files are shortcuts: a process takes them only when it knows the peer is
+//! on its host. For sockets that is an IP assigned to an interface of this
+//! network namespace ([`is_local_ip`]): such a connection never leaves the
+//! namespace, exactly like loopback. For files it is [`host_id`], which
+//! nodes report when they register.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::OnceLock;
+
+/// The IP to advertise: `given` if set, else the local address of the route
+/// to `head` (when the head is not on loopback), else [`primary_ip`], else
+/// loopback (a host with no other interface).
+pub fn advertised_ip(given: Option<IpAddr>, head: Option<SocketAddr>) -> IpAddr {
+    if let Some(ip) = given {
+        return ip;
+    }
+    head.and_then(route_ip)
+        .or_else(primary_ip)
+        .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
+}
+
+/// The local IP this host uses to reach `peer`, unless the peer is on
+/// loopback or unspecified (then the route says nothing about how others
+/// reach us). No packet is sent: connecting a UDP socket only picks a route.
+pub fn route_ip(peer: SocketAddr) -> Option<IpAddr> {
+    if peer.ip().is_loopback() || peer.ip().is_unspecified() {
+        return None;
+    }
+    let unspecified: SocketAddr = if peer.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = std::net::UdpSocket::bind(unspecified).ok()?;
+    socket.connect(peer).ok()?;
+    let ip = socket.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+/// The first IPv4 address of an interface that is up and not loopback:
+/// what other machines most likely reach this one on.
+pub fn primary_ip() -> Option<IpAddr> {
+    use nix::net::if_::InterfaceFlags;
+    let addrs = nix::ifaddrs::getifaddrs().ok()?;
+    addrs
+        .filter(|a| {
+            a.flags.contains(InterfaceFlags::IFF_UP)
+                && !a.flags.contains(InterfaceFlags::IFF_LOOPBACK)
+        })
+        .find_map(|a| {
+            a.address
+                .and_then(|s| s.as_sockaddr_in().map(|v4| IpAddr::V4(v4.ip())))
+        })
+}
+
+/// True when `ip` is loopback or assigned to an interface of this network
+/// namespace: a connection to it stays on this host, and an abstract Unix
+/// socket bound here is the one a server on that address bound.
+pub fn is_local_ip(ip: IpAddr) -> bool {
+    if ip.is_loopback() {
+        return true;
+    }
+    if ip.is_unspecified() {
+        return false;
+    }
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return false;
+    };
+    addrs.into_iter().any(|a| {
+        a.address.is_some_and(|s| {
+            s.as_sockaddr_in()
+                .map(|v4| IpAddr::V4(v4.ip()) == ip)
+                .or_else(|| s.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()) == ip))
+                .unwrap_or(false)
+        })
+    })
+}
+
+/// This host's identity: a digest of the kernel's boot id, the network
+/// namespace and the `/dev/shm` this process sees. Two processes with the
+/// same id share loopback, abstract sockets and shared memory; containers
+/// and network namespaces on one machine get different ids, as separate
+/// machines do. Not a secret: it only picks shortcuts, never grants access.
+pub fn host_id() -> &'static str {
+    static ID: OnceLock<String> = OnceLock::new();
+    ID.get_or_init(|| {
+        use std::os::unix::fs::MetadataExt;
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+        let netns = std::fs::read_link("/proc/self/ns/net")
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        let shm = std::fs::metadata("/dev/shm")
+            .map(|m| format!("{}:{}", m.dev(), m.ino()))
+            .unwrap_or_default();
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        for part in [boot.trim(), &netns, &shm] {
+            ctx.update(&(part.len() as u64).to_be_bytes());
+            ctx.update(part.as_bytes());
+        }
+        ctx.finish().as_ref()[..12]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_given_ip_wins_and_loopback_heads_say_nothing_of_the_route() {
+        let given: IpAddr = "198.18.0.7".parse().expect("ip");
+        assert_eq!(advertised_ip(Some(given), None), given);
+        assert_eq!(route_ip(([127, 0, 0, 1], 6380).into()), None);
+        assert_eq!(route_ip(([0, 0, 0, 0], 6380).into()), None);
+        // Without a route to a real head, the primary interface (or, on a
+        // host with none, loopback).
+        let ip = advertised_ip(None, Some(([127, 0, 0, 1], 6380).into()));
+        assert_eq!(ip, primary_ip().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+    }
+
+    #[test]
+    fn local_ips_are_this_hosts_and_others_are_not() {
+        assert!(is_local_ip(Ipv4Addr::LOCALHOST.into()));
+        assert!(!is_local_ip(Ipv4Addr::UNSPECIFIED.into()));
+        if let Some(primary) = primary_ip() {
+            assert!(is_local_ip(primary), "{primary}");
+        }
+        // A test-net address no interface here has.
+        assert!(!is_local_ip("198.51.100.77".parse().expect("ip")));
+    }
+
+    #[test]
+    fn the_host_id_is_stable_and_short() {
+        assert_eq!(host_id(), host_id());
+        assert_eq!(host_id().len(), 24);
+    }
+}
