@@ -197,6 +197,12 @@ pub struct Hosts {
 impl Hosts {
     /// Starts one host per name (its hostname), on a new network.
     pub fn start(names: &[&str]) -> Hosts {
+        Self::start_with(names, &[])
+    }
+
+    /// Like [`Hosts::start`], with more `docker run` options for every host
+    /// (`--memory 3g`, `--shm-size 64m`: they override the defaults).
+    pub fn start_with(names: &[&str], docker_args: &[&str]) -> Hosts {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let image = image();
         let pid = std::process::id();
@@ -236,7 +242,7 @@ impl Hosts {
                 .expect("a session root");
             let container = format!("{}-{name}", hosts.network);
             let ip = format!("{subnet}.{}", 10 + i);
-            docker_ok(&[
+            let mut args = vec![
                 "run",
                 "-d",
                 "--init",
@@ -252,14 +258,13 @@ impl Hosts {
                 &ip,
                 "--shm-size",
                 "1g",
-                "-v",
-                &format!("{}:/shoal:ro", bins.display()),
-                "-v",
-                &format!("{}:{SESSION_ROOT}", dir.path().display()),
-                image,
-                "/bin/sleep",
-                "infinity",
-            ]);
+            ];
+            let bins_mount = format!("{}:/shoal:ro", bins.display());
+            let session_mount = format!("{}:{SESSION_ROOT}", dir.path().display());
+            args.extend(["-v", &bins_mount, "-v", &session_mount]);
+            args.extend_from_slice(docker_args);
+            args.extend([image, "/bin/sleep", "infinity"]);
+            docker_ok(&args);
             hosts.hosts.push(Host {
                 container,
                 hostname: name.to_string(),

@@ -236,3 +236,156 @@ fn a_host_killed_frozen_or_cut_off_is_declared_dead_and_a_thawed_one_rejoins() {
     });
     hosts.assert_no_panics();
 }
+
+#[test]
+fn fixed_ports_for_firewalls_are_the_ones_advertised() {
+    let hosts = Hosts::start(&["host-a", "host-b"]);
+    hosts.start_head(
+        0,
+        &[
+            "--num-cpus",
+            "1",
+            "--resources",
+            r#"{"hostA": 1}"#,
+            "--node-port",
+            "7200",
+            "--worker-port-range",
+            "7300-7309",
+        ],
+    );
+    hosts.start_node(
+        1,
+        &[
+            "--num-cpus",
+            "1",
+            "--resources",
+            r#"{"hostB": 1}"#,
+            "--node-port",
+            "7201",
+            "--worker-port-range",
+            "7400-7409",
+        ],
+    );
+    let status = hosts.status();
+    let address_on = |name: &str| {
+        nodes(&status)
+            .iter()
+            .find(|n| n["hostname"] == name)
+            .and_then(|n| n["address"].as_str().map(str::to_string))
+            .unwrap_or_else(|| panic!("no node on {name}: {status:#}"))
+    };
+    assert_eq!(address_on("host-a"), format!("{}:7200", hosts.host(0).ip));
+    assert_eq!(address_on("host-b"), format!("{}:7201", hosts.host(1).ip));
+    // A driver on B with a fixed port; the actor on A, the task on B.
+    let mut env = placed(&hosts, "hostA", "hostB");
+    env.push(("SHOAL_DRIVER_PORT", "7500".into()));
+    let out = hosts.scenario(1, &["actor-placed"], &env, DEADLINE);
+    let port = |address: &Value| -> u16 {
+        address
+            .as_str()
+            .and_then(|a| a.rsplit_once(':'))
+            .and_then(|(_, p)| p.parse().ok())
+            .unwrap_or_else(|| panic!("not an address: {address}"))
+    };
+    let actor = &out["actor_address"];
+    assert!(
+        actor
+            .as_str()
+            .is_some_and(|a| a.starts_with(&hosts.host(0).ip)),
+        "the actor's worker is on A's IP: {out}"
+    );
+    assert!((7300..=7309).contains(&port(actor)), "{out}");
+    assert_eq!(
+        out["driver_address_seen_by_worker"],
+        format!("{}:7500", hosts.host(1).ip),
+        "{out}"
+    );
+    // A port the driver cannot have is a clear error, not a silent default.
+    let mut bad = hosts.driver_env();
+    bad.push(("SHOAL_DRIVER_PORT", "seventy".into()));
+    let failed = hosts.exec(1, "/shoal/scenarios", &["many", "1"], &bad, DEADLINE);
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(!failed.status.success());
+    assert!(stderr.contains("SHOAL_DRIVER_PORT"), "{stderr}");
+    hosts.assert_no_panics();
+}
+
+#[test]
+fn a_host_with_little_memory_and_shm_gets_a_store_that_fits_or_is_told_what_to_do() {
+    let hosts = Hosts::start_with(&["small"], &["--memory", "3g", "--shm-size", "64m"]);
+    hosts.start_head(0, &["--num-cpus", "1"]);
+    let status = hosts.status();
+    let node = &nodes(&status)[0];
+    assert_eq!(
+        node["resources_total"]["memory"].as_f64(),
+        Some((3u64 << 30) as f64),
+        "memory is the container's limit: {node:#}"
+    );
+    let capacity = node["object_store_capacity_bytes"]
+        .as_u64()
+        .expect("capacity");
+    assert!(
+        capacity > 0 && capacity <= 64 << 20,
+        "the default store fits in the 64 MiB /dev/shm: {capacity}"
+    );
+    // More than /dev/shm asked for: refused at start, saying what to do.
+    let address = hosts.head_address();
+    let out = hosts.shoal(
+        0,
+        &[
+            "start",
+            "--address",
+            &address,
+            "--object-store-memory",
+            "1000000000",
+        ],
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("--shm-size"), "{text}");
+    hosts.assert_no_panics();
+}
+
+#[test]
+fn a_copy_on_another_host_serves_a_read_when_the_primarys_host_is_lost() {
+    let hosts = three_hosts();
+    // Made on B with no retries, pulled to C by a reader there; the owner
+    // is a driver on the head's host.
+    let env = placed(&hosts, "hostB", "hostC");
+    let mut child = hosts.spawn(0, "/shoal/scenarios", &["copy-survives", "24"], &env);
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let ready = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("READY ").map(str::to_string));
+    let Some(copies) = ready else {
+        let _ = child.kill();
+        let stderr =
+            std::io::read_to_string(child.stderr.take().expect("stderr")).unwrap_or_default();
+        panic!("the driver never got ready:\n{stderr}");
+    };
+    assert_eq!(
+        copies, "2",
+        "the directory lists the primary and the pulled copy"
+    );
+    hosts.stop(1);
+    poll_until(Duration::from_secs(30), "B's node to be DEAD", || {
+        nodes(&hosts.status())
+            .iter()
+            .any(|n| n["hostname"] == "host-b" && n["state"] == "DEAD")
+            .then_some(())
+    });
+    writeln!(child.stdin.take().expect("stdin"), "go").expect("go-ahead");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let exit = child.wait().expect("driver exit");
+    let stderr = std::io::read_to_string(child.stderr.take().expect("stderr")).unwrap_or_default();
+    assert!(exit.success(), "driver failed: {rest:?}\n{stderr}");
+    let out = result_of(&rest.join("\n"));
+    assert_eq!(out["identical"], true, "read from the copy on C: {out}");
+    hosts.assert_no_panics();
+}

@@ -59,6 +59,7 @@ pub fn run(args: ListArgs) -> Result<()> {
                     "detached": a.detached,
                     "job_id": a.job_id.to_string(),
                     "node_id": a.node_id.to_string(),
+                    "address": a.worker.address,
                     "pid": a.pid,
                 })
             })

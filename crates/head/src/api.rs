@@ -656,6 +656,22 @@ impl Service for HeadService {
             }
             HeadRequest::ListActors => Ok(HeadReply::Actors(self.state().actors.list())),
             HeadRequest::ListObjects => Ok(HeadReply::Objects(self.state().objects.list())),
+            HeadRequest::LocateObject { id } => {
+                let state = self.state();
+                let copies = state
+                    .objects
+                    .copies(id)
+                    .into_iter()
+                    .filter_map(|(node_id, size)| {
+                        Some(shoal_proto::StoredAt {
+                            node_id,
+                            node_address: state.membership.address(node_id)?.to_string(),
+                            size,
+                        })
+                    })
+                    .collect();
+                Ok(HeadReply::ObjectLocations(copies))
+            }
             HeadRequest::FinishJob { job_id } => {
                 peer.require(&[Role::Driver])?;
                 self.finish_job(job_id);

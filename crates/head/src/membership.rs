@@ -176,6 +176,14 @@ impl Membership {
             .count()
     }
 
+    /// A live node's address.
+    pub fn address(&self, id: NodeId) -> Option<&str> {
+        self.nodes
+            .get(&id)
+            .filter(|e| e.state == NodeState::Alive)
+            .map(|e| e.info.address.as_str())
+    }
+
     /// The state of a node, if remembered.
     pub fn state(&self, id: NodeId) -> Option<NodeState> {
         self.nodes.get(&id).map(|e| e.state)

@@ -104,6 +104,23 @@ impl Objects {
         });
     }
 
+    /// The nodes holding a copy of `id`, the primary first.
+    pub fn copies(&self, id: ObjectId) -> Vec<(NodeId, u64)> {
+        let Some(record) = self.records.get(&id) else {
+            return Vec::new();
+        };
+        let mut copies: Vec<(bool, NodeId)> = record
+            .copies
+            .iter()
+            .map(|(node, c)| (!c.primary, *node))
+            .collect();
+        copies.sort();
+        copies
+            .into_iter()
+            .map(|(_, node)| (node, record.size))
+            .collect()
+    }
+
     /// Every object, largest first.
     pub fn list(&self) -> Vec<ObjectInfo> {
         let mut all: Vec<ObjectInfo> = self

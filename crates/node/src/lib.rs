@@ -66,6 +66,56 @@ pub enum NodeError {
     /// The object store's directories could not be made.
     #[error("cannot set up the object store: {0}")]
     ObjectStore(#[from] object_store::StoreError),
+    /// The object store asked for does not fit in its shared-memory file
+    /// system.
+    #[error(
+        "--object-store-memory {asked} bytes does not fit in {dir} ({size} bytes): give this \
+         host a larger {dir} (docker run --shm-size=SIZE, or mount -o remount,size=SIZE {dir}) \
+         or ask for at most {size} bytes"
+    )]
+    StoreTooLarge {
+        /// The bytes asked for.
+        asked: u64,
+        /// The file system's directory.
+        dir: String,
+        /// Its size.
+        size: u64,
+    },
+}
+
+/// The object store's capacity: as configured, else 30% of the memory this
+/// node may use (the cgroup's limit in a container). Past the size of the
+/// shared-memory file system the store lives on, a configured size is
+/// refused with what to do, and the default is cut to it with a warning
+/// (objects past 80% of it spill to disk).
+fn store_size(configured: Option<u64>, root: &std::path::Path) -> Result<u64, NodeError> {
+    let room = machine::file_system_bytes(root).filter(|_| root.starts_with("/dev/shm"));
+    if let Some(asked) = configured {
+        return match room {
+            Some(size) if asked > size => Err(NodeError::StoreTooLarge {
+                asked,
+                dir: root.display().to_string(),
+                size,
+            }),
+            _ => Ok(asked),
+        };
+    }
+    let memory = machine::detect_memory_bytes().unwrap_or(4 << 30) as f64;
+    let wanted = (memory * config::defaults::OBJECT_STORE_MEMORY_SHARE) as u64;
+    match room {
+        Some(size) if size < wanted => {
+            tracing::warn!(
+                dir = %root.display(),
+                size,
+                wanted,
+                "the shared-memory file system is smaller than the default object store; \
+                 the store is cut to its size and objects spill to disk sooner. Give this host \
+                 a larger /dev/shm (docker run --shm-size=SIZE) for a larger store"
+            );
+            Ok(size)
+        }
+        _ => Ok(wanted),
+    }
 }
 
 /// A view of a running node daemon, for its embedder and tests.
@@ -232,12 +282,10 @@ impl Node {
                     .filter(|d| std::fs::create_dir_all(d).is_ok()),
             },
         ));
-        let store_bytes = config.object_store_bytes.unwrap_or_else(|| {
-            let memory = machine::detect_memory_bytes().unwrap_or(4 << 30) as f64;
-            (memory * config::defaults::OBJECT_STORE_MEMORY_SHARE) as u64
-        });
+        let store_root = object_store::default_root(&session_dir);
+        let store_bytes = store_size(config.object_store_bytes, &store_root)?;
         let store = ObjectStore::new(
-            &object_store::default_root(&session_dir),
+            &store_root,
             &session_dir.join("spill"),
             store_bytes,
             config.object_spill_bytes,

@@ -12,10 +12,73 @@ pub fn detect_cpus() -> usize {
         .unwrap_or(1)
 }
 
-/// Total memory in bytes, from `/proc/meminfo`; `None` where unreadable.
+/// Memory this process may use, in bytes: `/proc/meminfo`'s total, or the
+/// cgroup's limit when lower (a container's `--memory`); `None` where
+/// neither can be read.
 pub fn detect_memory_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    parse_mem_total(&text)
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| parse_mem_total(&text));
+    match (total, cgroup_memory_limit()) {
+        (Some(total), Some(limit)) => Some(total.min(limit)),
+        (total, limit) => total.or(limit),
+    }
+}
+
+/// The memory limit of this process's cgroup (v2 `memory.max`, v1
+/// `memory.limit_in_bytes`), if it has one.
+pub fn cgroup_memory_limit() -> Option<u64> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let mut candidates = Vec::new();
+    for (version, path) in cgroup_paths(&own) {
+        let file = match version {
+            2 => format!("/sys/fs/cgroup{path}/memory.max"),
+            _ => format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"),
+        };
+        candidates.push(file);
+    }
+    // Inside a container the cgroup file system is mounted at its own
+    // cgroup, whatever path /proc/self/cgroup names.
+    candidates.push("/sys/fs/cgroup/memory.max".into());
+    candidates.push("/sys/fs/cgroup/memory/memory.limit_in_bytes".into());
+    candidates
+        .iter()
+        .filter_map(|file| std::fs::read_to_string(file).ok())
+        .filter_map(|text| parse_limit(&text))
+        .min()
+}
+
+/// `(version, path)` of the memory controller's cgroup in
+/// `/proc/self/cgroup`: `0::/path` (v2) or `N:...memory...:/path` (v1).
+fn cgroup_paths(text: &str) -> Vec<(u8, String)> {
+    text.lines()
+        .filter_map(|line| {
+            let mut parts = line.splitn(3, ':');
+            let (id, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            if id == "0" && controllers.is_empty() {
+                Some((2, path.to_string()))
+            } else if controllers.split(',').any(|c| c == "memory") {
+                Some((1, path.to_string()))
+            } else {
+                None
+            }
+        })
+        .map(|(v, path)| (v, if path == "/" { String::new() } else { path }))
+        .collect()
+}
+
+/// A limit file's bytes; `None` for "max" or v1's "unlimited" (a value
+/// near `i64::MAX`).
+fn parse_limit(text: &str) -> Option<u64> {
+    let bytes: u64 = text.trim().parse().ok()?;
+    (bytes < 1 << 60).then_some(bytes)
+}
+
+/// The size of the file system holding `dir` (a tmpfs such as `/dev/shm`),
+/// in bytes.
+pub fn file_system_bytes(dir: &std::path::Path) -> Option<u64> {
+    let fs = nix::sys::statvfs::statvfs(dir).ok()?;
+    Some(fs.blocks().saturating_mul(fs.fragment_size().max(1)))
 }
 
 fn parse_mem_total(meminfo: &str) -> Option<u64> {
@@ -45,6 +108,33 @@ mod tests {
         assert_eq!(parse_mem_total(text), Some(24_576_000 * 1024));
         assert_eq!(parse_mem_total("garbage"), None);
         assert_eq!(parse_mem_total("MemTotal: lots kB"), None);
+    }
+
+    #[test]
+    fn cgroup_limits_are_read_for_both_versions() {
+        assert_eq!(
+            cgroup_paths("0::/user.slice/session-1.scope\n"),
+            vec![(2, "/user.slice/session-1.scope".to_string())]
+        );
+        assert_eq!(
+            cgroup_paths("9:name=systemd:/docker/ab\n4:memory:/docker/ab\n3:cpu,cpuacct:/x\n"),
+            vec![(1, "/docker/ab".to_string())]
+        );
+        assert_eq!(cgroup_paths("0::/\n"), vec![(2, String::new())]);
+        assert_eq!(parse_limit("3221225472\n"), Some(3 << 30));
+        assert_eq!(parse_limit("max\n"), None);
+        assert_eq!(parse_limit("9223372036854771712\n"), None);
+        assert_eq!(parse_limit(""), None);
+    }
+
+    #[test]
+    fn detected_memory_is_within_the_machines() {
+        let total = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|t| parse_mem_total(&t));
+        if let (Some(total), Some(found)) = (total, detect_memory_bytes()) {
+            assert!(found <= total && found > 0, "{found} of {total}");
+        }
     }
 
     #[test]

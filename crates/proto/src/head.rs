@@ -140,6 +140,12 @@ pub enum HeadRequest {
     ListActors,
     /// Every object with a copy in some node's store.
     ListObjects,
+    /// The live copies of one object, for a reader whose copy could not be
+    /// reached; answered [`HeadReply::ObjectLocations`].
+    LocateObject {
+        /// The object.
+        id: ObjectId,
+    },
     /// A driver's job is over: its leases are reclaimed and workers stopped.
     FinishJob {
         /// The job.
@@ -450,6 +456,8 @@ pub enum HeadReply {
     Actors(Vec<ActorInfo>),
     /// Every object in the directory.
     Objects(Vec<ObjectInfo>),
+    /// Where an object's copies are, on live nodes: primary first.
+    ObjectLocations(Vec<crate::task::StoredAt>),
     /// The job is over.
     JobFinished,
     /// Whether a node's restart report was taken: when not (the actor was

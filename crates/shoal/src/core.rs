@@ -1160,16 +1160,65 @@ impl Core {
         if let Some(mapped) = self.map_local(id, at, priority).await {
             return Ok(mapped);
         }
-        self.read_stored(id, at).await.map(crate::shm::Blob::from)
+        let reason = match self.read_stored(id, at).await {
+            Ok(bytes) => return Ok(crate::shm::Blob::from(bytes)),
+            Err(Error::ObjectLost { reason, .. }) => reason,
+            Err(e) => return Err(e),
+        };
+        // That copy cannot be read: another one may (a node that pulled
+        // it), before the caller turns to lineage.
+        let mut tried = Vec::new();
+        for other in self.other_copies(id, at).await {
+            if let Some(mapped) = self.map_local(id, &other, priority).await {
+                return Ok(mapped);
+            }
+            match self.read_stored(id, &other).await {
+                Ok(bytes) => return Ok(crate::shm::Blob::from(bytes)),
+                Err(e) => tried.push(e.to_string()),
+            }
+        }
+        let reason = match tried.is_empty() {
+            true => format!("{reason}; the head knows no other copy"),
+            false => format!(
+                "{reason}; no other copy could be read: {}",
+                tried.join("; ")
+            ),
+        };
+        Err(Error::ObjectLost { id, reason })
+    }
+
+    /// The copies of `id` on live nodes other than `at`'s, as the head's
+    /// object directory knows them.
+    async fn other_copies(&self, id: ObjectId, at: &StoredAt) -> Vec<StoredAt> {
+        match self
+            .head
+            .call(&HeadRequest::LocateObject { id }, CONTROL_TIMEOUT)
+            .await
+        {
+            Ok(HeadReply::ObjectLocations(copies)) => copies
+                .into_iter()
+                .filter(|c| c.node_id != at.node_id && c.size == at.size)
+                .collect(),
+            Ok(other) => {
+                tracing::debug!(%id, reply = ?other, "unexpected answer to LocateObject");
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::debug!(%id, error = %e, "could not ask the head for other copies");
+                Vec::new()
+            }
+        }
     }
 
     /// Reads a large object from the node that stores it, in parts.
     async fn read_stored(&self, id: ObjectId, at: &StoredAt) -> Result<Vec<u8>> {
         let lost = |reason: String| Error::ObjectLost { id, reason };
-        let node = self
-            .node(&at.node_address)
-            .await
-            .map_err(|e| lost(format!("its node {} is unreachable: {e}", at.node_id)))?;
+        let node = self.node(&at.node_address).await.map_err(|e| {
+            lost(format!(
+                "its node {} at {} is unreachable: {e}",
+                at.node_id, at.node_address
+            ))
+        })?;
         let capacity =
             usize::try_from(at.size).map_err(|_| lost("too large for this machine".into()))?;
         let mut bytes = Vec::with_capacity(capacity);
@@ -1186,8 +1235,8 @@ impl Core {
                 Ok(other) => return Err(lost(format!("its node answered {other:?}"))),
                 Err(e) => {
                     return Err(lost(format!(
-                        "reading it from node {} failed: {e}",
-                        at.node_id
+                        "reading it from node {} at {} failed: {e}",
+                        at.node_id, at.node_address
                     )))
                 }
             }

@@ -243,11 +243,13 @@ impl Placed {
     }
 }
 
-/// Calls the actor from a task, and says where the task ran.
+/// Calls the actor from a task; says where the task ran and the driver
+/// address its worker was handed.
 #[shoal::remote]
-fn add_from_task(actor: ActorHandle<Placed>, by: u64) -> (u64, String) {
+fn add_from_task(actor: ActorHandle<Placed>, by: u64) -> (u64, String, String) {
     let total = actor.add(by).get().unwrap_or(0);
-    (total, host_name())
+    let driver = std::env::var("SHOAL_DRIVER_ADDRESS").unwrap_or_default();
+    (total, host_name(), driver)
 }
 
 /// This host's name (a container's own).
@@ -581,15 +583,32 @@ fn main() -> shoal::Result<()> {
             let actor = Placed::options().resource(&on, 0.01).remote(0)?;
             let (actor_node, actor_host) = actor.whereabouts().get()?;
             let first = actor.add(1).get()?;
-            let (from_task, task_host) = add_from_task::options()
+            let (from_task, task_host, driver_address) = add_from_task::options()
                 .resource(&by, 0.01)
                 .remote(actor.clone(), 10)
                 .get()?;
             let last = actor.add(100).get()?;
+            // Where the head says the actor's worker is reached.
+            let listed = std::env::var("SHOAL_BIN").ok().and_then(|bin| {
+                let out = std::process::Command::new(bin)
+                    .args(["list", "actors", "--json"])
+                    .output()
+                    .ok()?;
+                let rows: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+                rows.as_array()?
+                    .iter()
+                    .find(|a| {
+                        a["class"].as_str().is_some_and(|c| c.ends_with("Placed"))
+                            && a["state"] == "ALIVE"
+                    })
+                    .and_then(|a| a["address"].as_str().map(str::to_string))
+            });
             result(json!({
                 "actor_node": actor_node,
                 "actor_host": actor_host,
+                "actor_address": listed,
                 "task_host": task_host,
+                "driver_address_seen_by_worker": driver_address,
                 "driver_host": host_name(),
                 "totals": [first, from_task, last],
             }));
@@ -741,6 +760,39 @@ fn main() -> shoal::Result<()> {
                 "listed_copies": copies,
                 "seconds": seconds,
                 "gb_per_second": (mb as f64 / 1024.0) / seconds,
+            }));
+        }
+        "copy-survives" => {
+            // A result made on the "maker" host with no retries, read by a
+            // task on the "user" host (which pulls a copy there). The test
+            // then kills the maker's host: the owner's read must find the
+            // copy that survives (lineage cannot rebuild it).
+            let (on, by) = placed_on();
+            let mb: u64 = arg(1).parse().unwrap_or(24);
+            let made = make_buffer::options()
+                .resource(&on, 0.01)
+                .max_retries(0)
+                .remote(9u64, mb);
+            let read = read_buffer::options()
+                .resource(&by, 0.01)
+                .remote(&made)
+                .get()?;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while object_locations(made.id()).len() < 2 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            println!("READY {}", object_locations(made.id()).len());
+            std::io::stdout().flush().expect("stdout");
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .expect("the test's go-ahead");
+            let expected = word_sum(&pattern(9, mb));
+            let got = made.get();
+            result(json!({
+                "read_on_user": read.2,
+                "identical": matches!(&got, Ok(b) if word_sum(b) == expected),
+                "got": format!("{:?}", got.as_ref().map(|b| b.len())),
             }));
         }
         "lineage" => {
