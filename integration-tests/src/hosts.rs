@@ -264,13 +264,16 @@ impl Hosts {
             args.extend(["-v", &bins_mount, "-v", &session_mount]);
             args.extend_from_slice(docker_args);
             args.extend([image, "/bin/sleep", "infinity"]);
-            docker_ok(&args);
+            let run = args.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+            // Pushed first: a container `docker run` made before failing is
+            // removed on drop too.
             hosts.hosts.push(Host {
                 container,
                 hostname: name.to_string(),
                 ip,
                 dir,
             });
+            docker_ok(&run.iter().map(String::as_str).collect::<Vec<_>>());
         }
         hosts
     }
@@ -281,7 +284,8 @@ impl Hosts {
     }
 
     /// Runs `program ARGS` on host `i` with `env`, waiting at most
-    /// `timeout`.
+    /// `timeout` (its output read meanwhile, so a chatty program never
+    /// blocks on a full pipe).
     pub fn exec(
         &self,
         i: usize,
@@ -290,24 +294,38 @@ impl Hosts {
         env: &[(&str, String)],
         timeout: Duration,
     ) -> Output {
-        let mut child = self.spawn(i, program, args, env);
-        let deadline = Instant::now() + timeout;
-        loop {
-            if child.try_wait().expect("waiting on docker exec").is_some() {
-                return child.wait_with_output().expect("docker exec output");
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let out = child.wait_with_output().expect("docker exec output");
+        let child = self.spawn(i, program, args, env);
+        let pid = child.id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        match rx.recv_timeout(timeout) {
+            Ok(out) => out.expect("docker exec output"),
+            Err(_) => {
+                let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX));
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                let out = rx.recv().ok().and_then(Result::ok);
+                let (stdout, stderr) = out
+                    .map(|o| {
+                        (
+                            String::from_utf8_lossy(&o.stdout).into_owned(),
+                            String::from_utf8_lossy(&o.stderr).into_owned(),
+                        )
+                    })
+                    .unwrap_or_default();
                 panic!(
-                    "{program} {args:?} on {} did not finish within {timeout:?}:\nstdout:\n{}\nstderr:\n{}",
-                    self.hosts[i].hostname,
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
+                    "{program} {args:?} on {} did not finish within {timeout:?}:\nstdout:\n{stdout}\nstderr:\n{stderr}",
+                    self.hosts[i].hostname
                 );
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Starts the `scenarios` driver on host `i` for a test that talks to
+    /// it while it runs (see [`Driver`]).
+    pub fn driver(&self, i: usize, args: &[&str], env: &[(&str, String)]) -> Driver {
+        Driver::new(self.spawn(i, "/shoal/scenarios", args, env))
     }
 
     /// Starts `program ARGS` on host `i` with `env`, its stdio piped.
@@ -526,5 +544,117 @@ impl Drop for Hosts {
             docker(&args);
         }
         docker(&["network", "rm", &self.network]);
+    }
+}
+
+/// A driver a test talks to while it runs: its output read on threads (so
+/// neither pipe fills), lines waited for with a deadline, killed on drop.
+pub struct Driver {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Driver {
+    fn new(mut child: Child) -> Driver {
+        use std::io::{BufRead, Read};
+        let (tx, lines) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().expect("piped stdout");
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().expect("piped stderr");
+        let sink = std::sync::Arc::clone(&stderr);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    return;
+                }
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                sink.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push_str(&text);
+            }
+        });
+        Driver {
+            child,
+            lines,
+            stderr,
+        }
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The rest of the first line starting with `prefix`, waiting at most
+    /// `timeout`; panics with the driver's stderr otherwise.
+    pub fn wait_for(&mut self, prefix: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix(prefix) {
+                        return rest.to_string();
+                    }
+                }
+                Err(_) => panic!(
+                    "the driver printed no {prefix:?} line within {timeout:?}:\n{}",
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
+    /// Writes `line` to the driver's stdin.
+    pub fn say(&mut self, line: &str) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().expect("piped stdin");
+        writeln!(stdin, "{line}").expect("writing to the driver");
+        stdin.flush().expect("flushing to the driver");
+    }
+
+    /// Waits at most `timeout` for the driver to exit successfully; the
+    /// JSON of its `RESULT` line. Panics with its output otherwise.
+    pub fn result(mut self, timeout: Duration) -> Value {
+        let line = self.wait_for("RESULT ", timeout);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting on the driver") {
+                assert!(
+                    status.success(),
+                    "driver failed ({status}):\n{}",
+                    self.stderr()
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the driver did not exit within {timeout:?}:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad RESULT json ({e}): {line}"))
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -5,12 +5,11 @@
 //! drivers on any host.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Write};
 use std::time::Duration;
 
 use serde_json::Value;
 use shoal_integration_tests::hosts::{Hosts, HEAD_PORT};
-use shoal_integration_tests::{poll_until, result_of};
+use shoal_integration_tests::poll_until;
 
 const DEADLINE: Duration = Duration::from_secs(240);
 
@@ -111,6 +110,23 @@ fn a_driver_on_another_host_creates_and_calls_an_actor_on_the_heads_host() {
     assert_eq!(out["task_host"], "host-c", "{out}");
     assert_eq!(out["driver_host"], "host-b", "{out}");
     assert_eq!(out["totals"], serde_json::json!([1, 11, 111]), "{out}");
+    // A driver on the head's host that reaches the head on loopback still
+    // hands out its host's IP: a worker on C gets it as the driver's
+    // address, and the actor on B is reached.
+    let mut env = placed(&hosts, "hostB", "hostC");
+    env[0].1 = format!("127.0.0.1:{HEAD_PORT}");
+    let out = hosts.scenario(0, &["actor-placed"], &env, DEADLINE);
+    assert_eq!(out["actor_host"], "host-b", "{out}");
+    assert_eq!(out["task_host"], "host-c", "{out}");
+    assert_eq!(out["totals"], serde_json::json!([1, 11, 111]), "{out}");
+    let driver = out["driver_address_seen_by_worker"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        driver.starts_with(&format!("{}:", hosts.host(0).ip)),
+        "the driver advertised {driver}, not host-a's IP {}",
+        hosts.host(0).ip
+    );
     hosts.assert_no_panics();
 }
 
@@ -150,19 +166,8 @@ fn a_result_lost_with_its_host_is_rebuilt_on_another() {
     hosts.start_head(0, &["--num-cpus", "0"]);
     hosts.start_node(1, &["--num-cpus", "2"]);
     hosts.start_node(2, &["--num-cpus", "2"]);
-    let mut child = hosts.spawn(0, "/shoal/scenarios", &["lineage"], &hosts.driver_env());
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let victim = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .find_map(|l| l.strip_prefix("VICTIM ").map(str::to_string));
-    let Some(victim) = victim else {
-        let _ = child.kill();
-        let stderr =
-            std::io::read_to_string(child.stderr.take().expect("stderr")).unwrap_or_default();
-        panic!("the driver never named the node holding its results:\n{stderr}");
-    };
+    let mut driver = hosts.driver(0, &["lineage"], &hosts.driver_env());
+    let victim = driver.wait_for("VICTIM ", DEADLINE);
     let status = hosts.status();
     let name = nodes(&status)
         .iter()
@@ -181,12 +186,8 @@ fn a_result_lost_with_its_host_is_rebuilt_on_another() {
                 .then_some(())
         },
     );
-    writeln!(child.stdin.take().expect("stdin"), "go").expect("go-ahead");
-    let rest: Vec<String> = lines.map_while(Result::ok).collect();
-    let exit = child.wait().expect("driver exit");
-    let stderr = std::io::read_to_string(child.stderr.take().expect("stderr")).unwrap_or_default();
-    assert!(exit.success(), "driver failed: {rest:?}\n{stderr}");
-    let out = result_of(&rest.join("\n"));
+    driver.say("go");
+    let out = driver.result(DEADLINE);
     assert_eq!(out["argument_rebuilt"], true, "{out}");
     assert_eq!(out["rebuilt_identical"], true, "{out}");
     assert_ne!(out["rebuilt_on"], out["victim"], "{out}");
@@ -316,9 +317,17 @@ fn a_host_with_little_memory_and_shm_gets_a_store_that_fits_or_is_told_what_to_d
     hosts.start_head(0, &["--num-cpus", "1"]);
     let status = hosts.status();
     let node = &nodes(&status)[0];
+    let machine = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })
+        .expect("MemTotal");
     assert_eq!(
         node["resources_total"]["memory"].as_f64(),
-        Some((3u64 << 30) as f64),
+        Some((3u64 << 30).min(machine) as f64),
         "memory is the container's limit: {node:#}"
     );
     let capacity = node["object_store_capacity_bytes"]
@@ -356,19 +365,8 @@ fn a_copy_on_another_host_serves_a_read_when_the_primarys_host_is_lost() {
     // Made on B with no retries, pulled to C by a reader there; the owner
     // is a driver on the head's host.
     let env = placed(&hosts, "hostB", "hostC");
-    let mut child = hosts.spawn(0, "/shoal/scenarios", &["copy-survives", "24"], &env);
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let ready = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .find_map(|l| l.strip_prefix("READY ").map(str::to_string));
-    let Some(copies) = ready else {
-        let _ = child.kill();
-        let stderr =
-            std::io::read_to_string(child.stderr.take().expect("stderr")).unwrap_or_default();
-        panic!("the driver never got ready:\n{stderr}");
-    };
+    let mut driver = hosts.driver(0, &["copy-survives", "24"], &env);
+    let copies = driver.wait_for("READY ", DEADLINE);
     assert_eq!(
         copies, "2",
         "the directory lists the primary and the pulled copy"
@@ -380,12 +378,8 @@ fn a_copy_on_another_host_serves_a_read_when_the_primarys_host_is_lost() {
             .any(|n| n["hostname"] == "host-b" && n["state"] == "DEAD")
             .then_some(())
     });
-    writeln!(child.stdin.take().expect("stdin"), "go").expect("go-ahead");
-    let rest: Vec<String> = lines.map_while(Result::ok).collect();
-    let exit = child.wait().expect("driver exit");
-    let stderr = std::io::read_to_string(child.stderr.take().expect("stderr")).unwrap_or_default();
-    assert!(exit.success(), "driver failed: {rest:?}\n{stderr}");
-    let out = result_of(&rest.join("\n"));
+    driver.say("go");
+    let out = driver.result(DEADLINE);
     assert_eq!(out["identical"], true, "read from the copy on C: {out}");
     hosts.assert_no_panics();
 }

@@ -362,7 +362,7 @@ fn check_registration(info: &RegisterNode) -> Result<(), ServiceError> {
         || info.host_id.len() > NAME_BYTES_MAX
     {
         return Err(bad_request(format!(
-            "address and hostname are limited to {NAME_BYTES_MAX} bytes"
+            "address, hostname and host id are limited to {NAME_BYTES_MAX} bytes each"
         )));
     }
     if info.resources_total.0.len() > RESOURCES_MAX {

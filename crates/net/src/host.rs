@@ -27,7 +27,13 @@ pub fn advertised_ip(given: Option<IpAddr>, head: Option<SocketAddr>) -> IpAddr 
     }
     head.and_then(route_ip)
         .or_else(primary_ip)
-        .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
+        .unwrap_or_else(|| {
+            tracing::warn!(
+                "this host has no IPv4 address but loopback: advertising 127.0.0.1, which no \
+             other host can reach (give --node-ip or SHOAL_NODE_IP)"
+            );
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        })
 }
 
 /// The local IP this host uses to reach `peer`, unless the peer is on
@@ -48,20 +54,45 @@ pub fn route_ip(peer: SocketAddr) -> Option<IpAddr> {
     (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
 }
 
-/// The first IPv4 address of an interface that is up and not loopback:
-/// what other machines most likely reach this one on.
+/// What other machines most likely reach this one on: the source address
+/// of the default route (the route to a public address; no packet is
+/// sent), else the first IPv4 address of an interface that is up and
+/// running, not loopback, not link-local and not a local bridge (Docker's
+/// `docker0`, libvirt's `virbr0` and the like, which every such host has).
 pub fn primary_ip() -> Option<IpAddr> {
+    // A public address, only to pick the default route's source.
+    if let Some(ip) = route_ip(SocketAddr::from(([8, 8, 8, 8], 53))) {
+        if !is_link_local(ip) {
+            return Some(ip);
+        }
+    }
     use nix::net::if_::InterfaceFlags;
     let addrs = nix::ifaddrs::getifaddrs().ok()?;
-    addrs
-        .filter(|a| {
-            a.flags.contains(InterfaceFlags::IFF_UP)
-                && !a.flags.contains(InterfaceFlags::IFF_LOOPBACK)
-        })
-        .find_map(|a| {
-            a.address
-                .and_then(|s| s.as_sockaddr_in().map(|v4| IpAddr::V4(v4.ip())))
-        })
+    let mut found = addrs.filter(|a| {
+        a.flags.contains(InterfaceFlags::IFF_UP)
+            && a.flags.contains(InterfaceFlags::IFF_RUNNING)
+            && !a.flags.contains(InterfaceFlags::IFF_LOOPBACK)
+    });
+    found.find_map(|a| {
+        let ip = IpAddr::V4(a.address?.as_sockaddr_in()?.ip());
+        (!is_link_local(ip) && !is_local_bridge(&a.interface_name)).then_some(ip)
+    })
+}
+
+fn is_link_local(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
+    }
+}
+
+/// Bridges and virtual links a host makes for its own containers or VMs.
+fn is_local_bridge(name: &str) -> bool {
+    [
+        "docker", "br-", "virbr", "veth", "cni", "flannel", "podman", "lxc",
+    ]
+    .iter()
+    .any(|prefix| name.starts_with(prefix))
 }
 
 /// True when `ip` is loopback or assigned to an interface of this network
@@ -140,6 +171,20 @@ mod tests {
         }
         // A test-net address no interface here has.
         assert!(!is_local_ip("198.51.100.77".parse().expect("ip")));
+    }
+
+    #[test]
+    fn local_bridges_and_link_local_addresses_are_not_advertised() {
+        assert!(is_local_bridge("docker0"));
+        assert!(is_local_bridge("br-96996bea493d"));
+        assert!(is_local_bridge("virbr0"));
+        assert!(!is_local_bridge("eth0"));
+        assert!(!is_local_bridge("enp3s0"));
+        assert!(is_link_local("169.254.3.4".parse().expect("ip")));
+        assert!(!is_link_local("198.18.0.2".parse().expect("ip")));
+        if let Some(ip) = primary_ip() {
+            assert!(!ip.is_loopback() && !is_link_local(ip), "{ip}");
+        }
     }
 
     #[test]

@@ -69,9 +69,9 @@ pub enum NodeError {
     /// The object store asked for does not fit in its shared-memory file
     /// system.
     #[error(
-        "--object-store-memory {asked} bytes does not fit in {dir} ({size} bytes): give this \
-         host a larger {dir} (docker run --shm-size=SIZE, or mount -o remount,size=SIZE {dir}) \
-         or ask for at most {size} bytes"
+        "--object-store-memory {asked} bytes does not fit in {dir} ({size} bytes free): give \
+         this host a larger {dir} (docker run --shm-size=SIZE, or mount -o remount,size=SIZE \
+         {dir}) or ask for at most {size} bytes"
     )]
     StoreTooLarge {
         /// The bytes asked for.
@@ -84,12 +84,13 @@ pub enum NodeError {
 }
 
 /// The object store's capacity: as configured, else 30% of the memory this
-/// node may use (the cgroup's limit in a container). Past the size of the
-/// shared-memory file system the store lives on, a configured size is
-/// refused with what to do, and the default is cut to it with a warning
-/// (objects past 80% of it spill to disk).
+/// node may use (the cgroup's limit in a container). Past the free space of
+/// the shared-memory file system the store lives on (objects are written
+/// through mappings: a full tmpfs would fault the writer), a configured
+/// size is refused with what to do, and the default is cut to it with a
+/// warning (objects past 80% of it spill to disk).
 fn store_size(configured: Option<u64>, root: &std::path::Path) -> Result<u64, NodeError> {
-    let room = machine::file_system_bytes(root).filter(|_| root.starts_with("/dev/shm"));
+    let room = machine::file_system_free_bytes(root).filter(|_| root.starts_with("/dev/shm"));
     if let Some(asked) = configured {
         return match room {
             Some(size) if asked > size => Err(NodeError::StoreTooLarge {

@@ -74,11 +74,14 @@ fn parse_limit(text: &str) -> Option<u64> {
     (bytes < 1 << 60).then_some(bytes)
 }
 
-/// The size of the file system holding `dir` (a tmpfs such as `/dev/shm`),
-/// in bytes.
-pub fn file_system_bytes(dir: &std::path::Path) -> Option<u64> {
+/// The bytes free on the file system holding `dir` (a tmpfs such as
+/// `/dev/shm`, which other stores and programs on the host share).
+pub fn file_system_free_bytes(dir: &std::path::Path) -> Option<u64> {
     let fs = nix::sys::statvfs::statvfs(dir).ok()?;
-    Some(fs.blocks().saturating_mul(fs.fragment_size().max(1)))
+    Some(
+        fs.blocks_available()
+            .saturating_mul(fs.fragment_size().max(1)),
+    )
 }
 
 fn parse_mem_total(meminfo: &str) -> Option<u64> {

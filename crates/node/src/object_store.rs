@@ -284,10 +284,26 @@ impl ObjectStore {
             Some(entry)
                 if entry.total == total && !matches!(entry.state, State::Writing { .. }) =>
             {
+                self.promote(id, owner);
                 Ok(Created::Sealed)
             }
             _ => self.create(id, total, owner).map(Created::File),
         }
+    }
+
+    /// A writer stored an object this node holds as a pulled copy: the copy
+    /// is now the owner's (spilled, not evicted, when room is short).
+    fn promote(&mut self, id: ObjectId, owner: Option<WorkerId>) {
+        let Some(entry) = self.objects.get_mut(&id) else {
+            return;
+        };
+        if entry.primary {
+            return;
+        }
+        entry.primary = true;
+        entry.owner = owner.or(entry.owner);
+        let size = entry.total;
+        self.sealed(id, size);
     }
 
     /// Starts a copy of an object that lives elsewhere, pulled here in parts
@@ -476,7 +492,10 @@ impl ObjectStore {
         let written = match entry.state {
             State::Writing { written } => written,
             // A retried write of an object already sealed: immutable, done.
-            State::InMemory | State::Spilled => return Ok(true),
+            State::InMemory | State::Spilled => {
+                self.promote(id, owner);
+                return Ok(true);
+            }
         };
         if entry.total != total {
             return Err(bad(format!("size changed from {} to {total}", entry.total)));
@@ -841,6 +860,24 @@ mod tests {
         assert_eq!(std::fs::read(&path).expect("read"), b"abcd");
         // Another size under the same id is still refused.
         assert!(s.begin(id, 5, None).is_err());
+    }
+
+    #[test]
+    fn storing_over_a_pulled_copy_makes_it_the_owners() {
+        let (_dir, mut s) = store(1000);
+        let id = ObjectId::random();
+        let owner = WorkerId::random();
+        s.create_secondary(id, 4).expect("a pulled copy");
+        s.write_part(id, 0, b"abcd").expect("its part");
+        s.seal_pulled(id).expect("sealed");
+        s.take_changes();
+        assert_eq!(s.begin(id, 4, Some(owner)).expect("again"), Created::Sealed);
+        let changes = s.take_changes();
+        assert!(
+            changes.iter().any(|c| matches!(c,
+                CopyChange::Added { primary: true, owner: Some(o), .. } if *o == owner)),
+            "{changes:?}"
+        );
     }
 
     #[test]

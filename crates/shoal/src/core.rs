@@ -1169,12 +1169,19 @@ impl Core {
         // it), before the caller turns to lineage.
         let mut tried = Vec::new();
         for other in self.other_copies(id, at).await {
-            if let Some(mapped) = self.map_local(id, &other, priority).await {
-                return Ok(mapped);
-            }
-            match self.read_stored(id, &other).await {
-                Ok(bytes) => return Ok(crate::shm::Blob::from(bytes)),
-                Err(e) => tried.push(e.to_string()),
+            let found = match self.map_local(id, &other, priority).await {
+                Some(mapped) => Some(mapped),
+                None => match self.read_stored(id, &other).await {
+                    Ok(bytes) => Some(crate::shm::Blob::from(bytes)),
+                    Err(e) => {
+                        tried.push(e.to_string());
+                        None
+                    }
+                },
+            };
+            if let Some(found) = found {
+                self.moved(id, at, other);
+                return Ok(found);
             }
         }
         let reason = match tried.is_empty() {
@@ -1185,6 +1192,16 @@ impl Core {
             ),
         };
         Err(Error::ObjectLost { id, reason })
+    }
+
+    /// An object this process owns was read from `to` because `from` could
+    /// not be: later reads (and borrowers asking) go to `to`.
+    fn moved(&self, id: ObjectId, from: &StoredAt, to: StoredAt) {
+        if let Some(slot) = self.objects.get(&id) {
+            if slot.owned && matches!(slot.state(), ObjState::Stored(at) if at == *from) {
+                slot.set(ObjState::Stored(to));
+            }
+        }
     }
 
     /// The copies of `id` on live nodes other than `at`'s, as the head's
@@ -1933,7 +1950,7 @@ fn bind_endpoint(
             .map_err(|e| Error::NotInitialized(format!("cannot bind an endpoint on {ip}: {e}"))),
         Ports::Fixed(port) => bind(port).map_err(|e| {
             Error::NotInitialized(format!(
-                "cannot bind the driver port {ip}:{port} (SHOAL_DRIVER_PORT): {e}"
+                "cannot bind the driver port {ip}:{port} (SHOAL_DRIVER_PORT or Config::driver_port): {e}"
             ))
         }),
         Ports::Range(lo, hi) => {
@@ -2033,11 +2050,19 @@ async fn find_home(head: &HeadClient) -> Result<HomeNode> {
         .filter(|n| n.state == shoal_proto::NodeState::Alive)
         .collect();
     let here = |n: &&&shoal_proto::NodeStatus| n.host_id == host;
+    // Without one, a node this process reaches without leaving its network
+    // namespace (a sidecar with a /dev/shm of its own), else any.
+    let near = |n: &&&shoal_proto::NodeStatus| {
+        n.address
+            .parse::<SocketAddr>()
+            .is_ok_and(|a| shoal_net::host::is_local_ip(a.ip()))
+    };
     let pick = live
         .iter()
         .filter(here)
         .find(|n| n.resources_total.get(shoal_proto::resources::CPU) > 0.0)
         .or_else(|| live.iter().find(here))
+        .or_else(|| live.iter().find(near))
         .or_else(|| live.first())
         .ok_or_else(|| Error::NotInitialized("the cluster has no live node".into()))?;
     Ok(HomeNode {
