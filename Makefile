@@ -1,5 +1,6 @@
 # Thin wrappers over cargo. `make demo` and `make test` are the two commands
-# the README promises work on a fresh machine with only the Rust toolchain.
+# the README promises work on a fresh machine with the Rust toolchain (and,
+# for make test's multi-host tests, a Docker engine: .ci/run starts one).
 
 CARGO ?= cargo
 export CARGO_BUILD_JOBS ?= 2
