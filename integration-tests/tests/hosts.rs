@@ -254,6 +254,12 @@ fn fixed_ports_for_firewalls_are_the_ones_advertised() {
             "7300-7309",
         ],
     );
+    // B's ports from a cluster file, as cluster-config/firewalled.toml.
+    let ports = hosts.write_file(
+        1,
+        "ports.toml",
+        "[[nodes]]\nnode_port = 7201\nworker_port_range = \"7400-7409\"\n",
+    );
     hosts.start_node(
         1,
         &[
@@ -261,10 +267,8 @@ fn fixed_ports_for_firewalls_are_the_ones_advertised() {
             "1",
             "--resources",
             r#"{"hostB": 1}"#,
-            "--node-port",
-            "7201",
-            "--worker-port-range",
-            "7400-7409",
+            "--config",
+            &ports,
         ],
     );
     let status = hosts.status();
@@ -281,6 +285,12 @@ fn fixed_ports_for_firewalls_are_the_ones_advertised() {
     let mut env = placed(&hosts, "hostA", "hostB");
     env.push(("SHOAL_DRIVER_PORT", "7500".into()));
     let out = hosts.scenario(1, &["actor-placed"], &env, DEADLINE);
+    let worker_on_b = hosts.scenario(
+        1,
+        &["actor-placed"],
+        &placed(&hosts, "hostB", "hostA"),
+        DEADLINE,
+    );
     let port = |address: &Value| -> u16 {
         address
             .as_str()
@@ -296,6 +306,10 @@ fn fixed_ports_for_firewalls_are_the_ones_advertised() {
         "the actor's worker is on A's IP: {out}"
     );
     assert!((7300..=7309).contains(&port(actor)), "{out}");
+    assert!(
+        (7400..=7409).contains(&port(&worker_on_b["actor_address"])),
+        "B's workers take the file's range: {worker_on_b}"
+    );
     assert_eq!(
         out["driver_address_seen_by_worker"],
         format!("{}:7500", hosts.host(1).ip),

@@ -5,6 +5,8 @@
 //! port = 6380
 //! num_cpus = 0                 # a head that runs no tasks
 //! node_ip = "127.0.0.1"
+//! node_port = 7200             # the head node's daemon port (UDP)
+//! worker_port_range = "7300-7399"
 //!
 //! [timeouts]
 //! heartbeat_interval = "1s"
@@ -50,6 +52,10 @@ pub struct HeadSection {
     pub port: Option<u16>,
     /// The IP to bind and advertise.
     pub node_ip: Option<IpAddr>,
+    /// The head node's daemon port.
+    pub node_port: Option<u16>,
+    /// The ports the head node's workers bind, `"LO-HI"`.
+    pub worker_port_range: Option<String>,
     /// The head node's CPUs (0: runs no tasks).
     pub num_cpus: Option<f64>,
     /// The head node's memory, in bytes.
@@ -72,6 +78,10 @@ pub struct NodeSection {
     pub object_spill_bytes: Option<u64>,
     /// The IP to bind and advertise.
     pub node_ip: Option<IpAddr>,
+    /// The node daemon's port.
+    pub node_port: Option<u16>,
+    /// The ports this node's workers bind, `"LO-HI"`.
+    pub worker_port_range: Option<String>,
     /// CPUs offered.
     pub num_cpus: Option<f64>,
     /// Memory offered, in bytes.
@@ -122,8 +132,33 @@ impl ClusterFile {
             !file.timeouts.heartbeat_interval.is_zero(),
             "heartbeat_interval must be positive"
         );
+        let ranges = std::iter::once(("[head]".to_string(), &file.head.worker_port_range)).chain(
+            file.nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (format!("[[nodes]] entry {i}"), &n.worker_port_range)),
+        );
+        for (section, range) in ranges {
+            if let Some(range) = range {
+                parse_port_range(range)
+                    .map_err(|e| anyhow::anyhow!("{section}: worker_port_range: {e}"))?;
+            }
+        }
         Ok(file)
     }
+}
+
+/// `LO-HI` worker ports, `1 <= LO <= HI`.
+pub fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
+    let bad =
+        || format!("expected LO-HI with 1 <= LO <= HI <= 65535, like 10002-10999, got {text:?}");
+    let (lo, hi) = text.split_once('-').ok_or_else(bad)?;
+    let lo: u16 = lo.trim().parse().map_err(|_| bad())?;
+    let hi: u16 = hi.trim().parse().map_err(|_| bad())?;
+    if lo == 0 || lo > hi {
+        return Err(bad());
+    }
+    Ok((lo, hi))
 }
 
 #[cfg(test)]
@@ -166,6 +201,14 @@ mod tests {
         assert!(ClusterFile::parse("[timeouts]\nnode_timeout = \"soon\"\n").is_err());
         assert!(ClusterFile::parse("[timeouts]\nheartbeat_interval = \"20s\"\n").is_err());
         assert!(ClusterFile::parse("[head]\nport = 70000\n").is_err());
+        assert!(ClusterFile::parse("[head]\nworker_port_range = \"9-8\"\n").is_err());
+        assert!(ClusterFile::parse("[[nodes]]\nworker_port_range = \"7000\"\n").is_err());
+        let ok = ClusterFile::parse(
+            "[head]\nnode_port = 7200\nworker_port_range = \"7300-7399\"\n[[nodes]]\nnode_port = 7201\n",
+        )
+        .expect("ports parse");
+        assert_eq!(ok.head.node_port, Some(7200));
+        assert_eq!(ok.nodes[0].node_port, Some(7201));
         assert!(
             ClusterFile::parse("").is_ok(),
             "an empty file means all defaults"

@@ -82,7 +82,7 @@ pub struct StartArgs {
     /// The UDP ports this node's worker processes bind, one each, as LO-HI
     /// (like Ray's --min-worker-port/--max-worker-port; default: free
     /// ports). A worker that finds none free fails to start.
-    #[arg(long, value_name = "LO-HI", value_parser = parse_port_range)]
+    #[arg(long, value_name = "LO-HI", value_parser = crate::cluster_file::parse_port_range)]
     worker_port_range: Option<(u16, u16)>,
     /// A TOML cluster file (see cluster-config/); flags override it.
     #[arg(long, value_name = "FILE")]
@@ -98,18 +98,6 @@ pub struct StartArgs {
     /// The session directory a daemon started by `shoal start` uses.
     #[arg(long, hide = true, value_name = "DIR")]
     session_path: Option<PathBuf>,
-}
-
-fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
-    let bad =
-        || format!("expected LO-HI with 1 <= LO <= HI <= 65535, like 10002-10999, got {text:?}");
-    let (lo, hi) = text.split_once('-').ok_or_else(bad)?;
-    let lo: u16 = lo.trim().parse().map_err(|_| bad())?;
-    let hi: u16 = hi.trim().parse().map_err(|_| bad())?;
-    if lo == 0 || lo > hi {
-        return Err(bad());
-    }
-    Ok((lo, hi))
 }
 
 fn parse_resources(text: &str) -> Result<BTreeMap<String, f64>, String> {
@@ -166,9 +154,15 @@ fn node_settings(args: &StartArgs, section: NodeSection, file: &ClusterFile) -> 
             args.node_ip
                 .or(section.node_ip)
                 .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
-            args.node_port.unwrap_or(0),
+            args.node_port.or(section.node_port).unwrap_or(0),
         ),
-        worker_port_range: args.worker_port_range,
+        // Checked when the file was parsed.
+        worker_port_range: args.worker_port_range.or_else(|| {
+            section
+                .worker_port_range
+                .as_deref()
+                .and_then(|r| crate::cluster_file::parse_port_range(r).ok())
+        }),
         ..NodeConfig::default()
     }
 }
@@ -243,6 +237,8 @@ fn run_head(args: &StartArgs, file: &ClusterFile) -> Result<()> {
         resources: file.head.resources.clone(),
         object_store_bytes: file.head.object_store_bytes,
         object_spill_bytes: file.head.object_spill_bytes,
+        node_port: file.head.node_port,
+        worker_port_range: file.head.worker_port_range.clone(),
     };
     let mut node_config = node_settings(args, head_section, file);
     node_config.is_head_node = true;
@@ -482,10 +478,19 @@ mod tests {
 
     #[test]
     fn worker_port_ranges_are_checked() {
-        assert_eq!(parse_port_range("10002-10999"), Ok((10002, 10999)));
-        assert_eq!(parse_port_range("7000-7000"), Ok((7000, 7000)));
+        assert_eq!(
+            crate::cluster_file::parse_port_range("10002-10999"),
+            Ok((10002, 10999))
+        );
+        assert_eq!(
+            crate::cluster_file::parse_port_range("7000-7000"),
+            Ok((7000, 7000))
+        );
         for bad in ["", "7000", "0-10", "9-8", "1-70000", "a-b", "-5"] {
-            assert!(parse_port_range(bad).is_err(), "{bad:?} was taken");
+            assert!(
+                crate::cluster_file::parse_port_range(bad).is_err(),
+                "{bad:?} was taken"
+            );
         }
     }
 }
