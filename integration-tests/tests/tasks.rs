@@ -381,3 +381,17 @@ impl TaskLine for String {
         self.split(") hello from task ").nth(1)?.trim().parse().ok()
     }
 }
+
+#[test]
+fn a_task_and_an_actor_method_may_run_longer_than_the_request_cap() {
+    // The cap lowered to 1 s; each runs 3 s. Their liveness is judged by
+    // the worker process and its node, never by a reply deadline.
+    for mut env in [local(), local_processes()] {
+        env.push(("SHOAL_REQUEST_TIMEOUT_MAX", "1s".to_string()));
+        let out = scenario(&env, &["long", "3000"]);
+        assert_eq!(out["task"], "Ok(42)", "{out}");
+        assert_eq!(out["method"], "Ok(5)", "{out}");
+        assert_eq!(out["task_runs"], 1, "the task ran once: {out}");
+        assert_eq!(out["method_runs"], 1, "the method ran once: {out}");
+    }
+}

@@ -38,7 +38,10 @@ pub struct NetLimits {
     /// Time for a peer to finish the QUIC and `Hello` handshakes.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
-    /// Longest deadline a server honours for one request.
+    /// Longest deadline a server honours for one request (not for tasks and
+    /// actor methods, which run as long as they take). `SHOAL_REQUEST_TIMEOUT_MAX`
+    /// (`"300s"`, `"2m"`) sets the default; one that does not parse is
+    /// ignored with a warning.
     #[serde(with = "humantime_serde")]
     pub request_timeout_max: Duration,
     /// Servers on loopback also listen on a Unix socket, and clients of a
@@ -63,8 +66,23 @@ impl Default for NetLimits {
             idle_timeout: Duration::from_secs(6),
             keep_alive_interval: Duration::from_secs(1),
             handshake_timeout: Duration::from_secs(10),
-            request_timeout_max: Duration::from_secs(300),
+            request_timeout_max: request_timeout_max_from_env(),
             same_host_sockets: std::env::var("SHOAL_LOCAL_SOCKETS").map_or(true, |v| v != "0"),
+        }
+    }
+}
+
+/// `SHOAL_REQUEST_TIMEOUT_MAX`, else 300 s.
+fn request_timeout_max_from_env() -> Duration {
+    const DEFAULT: Duration = Duration::from_secs(300);
+    let Ok(text) = std::env::var("SHOAL_REQUEST_TIMEOUT_MAX") else {
+        return DEFAULT;
+    };
+    match humantime::parse_duration(&text) {
+        Ok(d) if !d.is_zero() => d,
+        _ => {
+            tracing::warn!(value = %text, "SHOAL_REQUEST_TIMEOUT_MAX is not a duration above 0 (like \"300s\"); using 300s");
+            DEFAULT
         }
     }
 }

@@ -154,6 +154,14 @@ pub trait Service: Send + Sync + 'static {
         request: Self::Request,
     ) -> impl Future<Output = Result<Self::Reply, ServiceError>> + Send;
 
+    /// Whether the request's deadline (capped by `request_timeout_max`)
+    /// bounds its handler. False for requests that run user code for as
+    /// long as it takes (a task, an actor method): their liveness is judged
+    /// by the worker process and its node, never by a reply deadline.
+    fn deadline_applies(&self, _request: &Self::Request) -> bool {
+        true
+    }
+
     /// Called once when an authenticated connection has closed.
     fn disconnected(&self, _peer: &Peer) {}
 }
@@ -374,13 +382,17 @@ enum Awaited {
 }
 
 /// Answers one decoded request within its deadline (capped by
-/// `request_timeout_max`), whichever transport brought it.
+/// `request_timeout_max`) unless the service says none applies to it,
+/// whichever transport brought it.
 pub(crate) async fn answer<S: Service>(
     service: &S,
     peer: &Peer,
     request: RequestEnvelope<S::Request>,
     limits: &NetLimits,
 ) -> Result<S::Reply, ServiceError> {
+    if !service.deadline_applies(&request.body) {
+        return service.handle(peer, request.body).await;
+    }
     let deadline = Duration::from_millis(request.timeout_ms).min(limits.request_timeout_max);
     match tokio::time::timeout(deadline, service.handle(peer, request.body)).await {
         Ok(result) => result,

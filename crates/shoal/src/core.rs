@@ -1810,6 +1810,17 @@ impl Service for WorkerService {
     type Request = WorkerRequest;
     type Reply = WorkerReply;
 
+    /// Tasks and actor methods run as long as they take: the owner judges
+    /// them by this worker's process and node, not by a reply deadline.
+    fn deadline_applies(&self, request: &WorkerRequest) -> bool {
+        !matches!(
+            request,
+            WorkerRequest::PushTask(_)
+                | WorkerRequest::ActorCall(_)
+                | WorkerRequest::CreateActor { .. }
+        )
+    }
+
     async fn handle(
         &self,
         _peer: &Peer,

@@ -241,6 +241,33 @@ impl Placed {
         self.n += by;
         self.n
     }
+
+    /// Adds after `ms` milliseconds, marking `file` each time it runs.
+    pub fn slow_add(&mut self, by: u64, ms: u64, file: String) -> u64 {
+        mark(&file);
+        std::thread::sleep(Duration::from_millis(ms));
+        self.n += by;
+        self.n
+    }
+}
+
+/// Appends a line to `file`: how many times something ran.
+fn mark(file: &str) {
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file)
+    {
+        let _ = writeln!(f, "ran");
+    }
+}
+
+/// Returns `value` after `ms` milliseconds, marking `file` each time it runs.
+#[shoal::remote]
+fn long_task(ms: u64, value: u64, file: String) -> u64 {
+    mark(&file);
+    std::thread::sleep(Duration::from_millis(ms));
+    value
 }
 
 /// Calls the actor from a task; says where the task ran and the driver
@@ -575,6 +602,37 @@ fn main() -> shoal::Result<()> {
                 "driver_copy_identical": local == expected,
                 "used_on": used_on,
             }));
+        }
+        "long" => {
+            // A task and an actor method that each run `ms`, longer than
+            // the request cap the test sets (SHOAL_REQUEST_TIMEOUT_MAX):
+            // both return their value, each having run once.
+            let ms: u64 = arg(1).parse().unwrap_or(3000);
+            let dir = std::env::temp_dir().join(format!("shoal-long-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("a scratch directory");
+            let (task_file, method_file) = (
+                dir.join("task").display().to_string(),
+                dir.join("method").display().to_string(),
+            );
+            let task = long_task::options()
+                .max_retries(0)
+                .remote(ms, 42, task_file.clone());
+            let actor = Placed::options().max_task_retries(0).remote(0)?;
+            let method = actor.slow_add(5, ms, method_file.clone());
+            let (task, method) = (task.get(), method.get());
+            let runs = |file: &str| {
+                std::fs::read_to_string(file)
+                    .map(|s| s.lines().count())
+                    .unwrap_or(0)
+            };
+            let out = json!({
+                "task": format!("{task:?}"),
+                "method": format!("{method:?}"),
+                "task_runs": runs(&task_file),
+                "method_runs": runs(&method_file),
+            });
+            let _ = std::fs::remove_dir_all(&dir);
+            result(out);
         }
         "actor-placed" => {
             // An actor pinned to the "maker" resource's host, called by this
