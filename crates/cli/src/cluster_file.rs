@@ -55,7 +55,8 @@ pub struct HeadSection {
     /// The head node's daemon port.
     pub node_port: Option<u16>,
     /// The ports the head node's workers bind, `"LO-HI"`.
-    pub worker_port_range: Option<String>,
+    #[serde(deserialize_with = "port_range")]
+    pub worker_port_range: Option<(u16, u16)>,
     /// The head node's CPUs (0: runs no tasks).
     pub num_cpus: Option<f64>,
     /// The head node's memory, in bytes.
@@ -81,7 +82,8 @@ pub struct NodeSection {
     /// The node daemon's port.
     pub node_port: Option<u16>,
     /// The ports this node's workers bind, `"LO-HI"`.
-    pub worker_port_range: Option<String>,
+    #[serde(deserialize_with = "port_range")]
+    pub worker_port_range: Option<(u16, u16)>,
     /// CPUs offered.
     pub num_cpus: Option<f64>,
     /// Memory offered, in bytes.
@@ -132,33 +134,16 @@ impl ClusterFile {
             !file.timeouts.heartbeat_interval.is_zero(),
             "heartbeat_interval must be positive"
         );
-        let ranges = std::iter::once(("[head]".to_string(), &file.head.worker_port_range)).chain(
-            file.nodes
-                .iter()
-                .enumerate()
-                .map(|(i, n)| (format!("[[nodes]] entry {i}"), &n.worker_port_range)),
-        );
-        for (section, range) in ranges {
-            if let Some(range) = range {
-                parse_port_range(range)
-                    .map_err(|e| anyhow::anyhow!("{section}: worker_port_range: {e}"))?;
-            }
-        }
         Ok(file)
     }
 }
 
-/// `LO-HI` worker ports, `1 <= LO <= HI`.
-pub fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
-    let bad =
-        || format!("expected LO-HI with 1 <= LO <= HI <= 65535, like 10002-10999, got {text:?}");
-    let (lo, hi) = text.split_once('-').ok_or_else(bad)?;
-    let lo: u16 = lo.trim().parse().map_err(|_| bad())?;
-    let hi: u16 = hi.trim().parse().map_err(|_| bad())?;
-    if lo == 0 || lo > hi {
-        return Err(bad());
-    }
-    Ok((lo, hi))
+/// A `"LO-HI"` worker port range, checked as it is read.
+fn port_range<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<(u16, u16)>, D::Error> {
+    let text = String::deserialize(d)?;
+    shoal_node::config::parse_port_range(&text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 #[cfg(test)]
@@ -209,6 +194,7 @@ mod tests {
         .expect("ports parse");
         assert_eq!(ok.head.node_port, Some(7200));
         assert_eq!(ok.nodes[0].node_port, Some(7201));
+        assert_eq!(ok.head.worker_port_range, Some((7300, 7399)));
         assert!(
             ClusterFile::parse("").is_ok(),
             "an empty file means all defaults"

@@ -82,7 +82,7 @@ pub struct StartArgs {
     /// The UDP ports this node's worker processes bind, one each, as LO-HI
     /// (like Ray's --min-worker-port/--max-worker-port; default: free
     /// ports). A worker that finds none free fails to start.
-    #[arg(long, value_name = "LO-HI", value_parser = crate::cluster_file::parse_port_range)]
+    #[arg(long, value_name = "LO-HI", value_parser = shoal_node::config::parse_port_range)]
     worker_port_range: Option<(u16, u16)>,
     /// A TOML cluster file (see cluster-config/); flags override it.
     #[arg(long, value_name = "FILE")]
@@ -156,13 +156,7 @@ fn node_settings(args: &StartArgs, section: NodeSection, file: &ClusterFile) -> 
                 .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
             args.node_port.or(section.node_port).unwrap_or(0),
         ),
-        // Checked when the file was parsed.
-        worker_port_range: args.worker_port_range.or_else(|| {
-            section
-                .worker_port_range
-                .as_deref()
-                .and_then(|r| crate::cluster_file::parse_port_range(r).ok())
-        }),
+        worker_port_range: args.worker_port_range.or(section.worker_port_range),
         ..NodeConfig::default()
     }
 }
@@ -238,7 +232,7 @@ fn run_head(args: &StartArgs, file: &ClusterFile) -> Result<()> {
         object_store_bytes: file.head.object_store_bytes,
         object_spill_bytes: file.head.object_spill_bytes,
         node_port: file.head.node_port,
-        worker_port_range: file.head.worker_port_range.clone(),
+        worker_port_range: file.head.worker_port_range,
     };
     let mut node_config = node_settings(args, head_section, file);
     node_config.is_head_node = true;
@@ -479,16 +473,16 @@ mod tests {
     #[test]
     fn worker_port_ranges_are_checked() {
         assert_eq!(
-            crate::cluster_file::parse_port_range("10002-10999"),
+            shoal_node::config::parse_port_range("10002-10999"),
             Ok((10002, 10999))
         );
         assert_eq!(
-            crate::cluster_file::parse_port_range("7000-7000"),
+            shoal_node::config::parse_port_range("7000-7000"),
             Ok((7000, 7000))
         );
         for bad in ["", "7000", "0-10", "9-8", "1-70000", "a-b", "-5"] {
             assert!(
-                crate::cluster_file::parse_port_range(bad).is_err(),
+                shoal_node::config::parse_port_range(bad).is_err(),
                 "{bad:?} was taken"
             );
         }

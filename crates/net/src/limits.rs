@@ -74,11 +74,15 @@ impl Default for NetLimits {
 
 /// `SHOAL_REQUEST_TIMEOUT_MAX`, else 300 s.
 fn request_timeout_max_from_env() -> Duration {
+    request_timeout_max_from(std::env::var("SHOAL_REQUEST_TIMEOUT_MAX").ok().as_deref())
+}
+
+fn request_timeout_max_from(text: Option<&str>) -> Duration {
     const DEFAULT: Duration = Duration::from_secs(300);
-    let Ok(text) = std::env::var("SHOAL_REQUEST_TIMEOUT_MAX") else {
+    let Some(text) = text else {
         return DEFAULT;
     };
-    match humantime::parse_duration(&text) {
+    match humantime::parse_duration(text) {
         Ok(d) if !d.is_zero() => d,
         _ => {
             tracing::warn!(value = %text, "SHOAL_REQUEST_TIMEOUT_MAX is not a duration above 0 (like \"300s\"); using 300s");
@@ -93,6 +97,28 @@ impl NetLimits {
         CodecLimits {
             frame_bytes_max: self.frame_bytes_max,
             depth_max: self.decode_depth_max,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_request_cap_is_read_and_a_bad_one_keeps_the_default() {
+        assert_eq!(request_timeout_max_from(None), Duration::from_secs(300));
+        assert_eq!(
+            request_timeout_max_from(Some("2m")),
+            Duration::from_secs(120)
+        );
+        assert_eq!(request_timeout_max_from(Some("1s")), Duration::from_secs(1));
+        for bad in ["soon", "0s", "", "-1s"] {
+            assert_eq!(
+                request_timeout_max_from(Some(bad)),
+                Duration::from_secs(300),
+                "{bad:?}"
+            );
         }
     }
 }

@@ -7,6 +7,21 @@ use serde::{Deserialize, Serialize};
 use shoal_net::NetLimits;
 use shoal_proto::ResourceSet;
 
+/// `LO-HI` worker ports, `1 <= LO <= HI` (`--worker-port-range`, a cluster
+/// file's `worker_port_range`, and `SHOAL_WORKER_PORT_RANGE` as a node hands
+/// it to its workers).
+pub fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
+    let bad =
+        || format!("expected LO-HI with 1 <= LO <= HI <= 65535, like 10002-10999, got {text:?}");
+    let (lo, hi) = text.split_once('-').ok_or_else(bad)?;
+    let lo: u16 = lo.trim().parse().map_err(|_| bad())?;
+    let hi: u16 = hi.trim().parse().map_err(|_| bad())?;
+    if lo == 0 || lo > hi {
+        return Err(bad());
+    }
+    Ok((lo, hi))
+}
+
 /// Default values, in one place.
 pub mod defaults {
     use std::time::Duration;

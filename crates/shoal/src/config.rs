@@ -26,9 +26,14 @@ impl Config {
     /// this program's endpoint, for firewalls; by default a free one). A
     /// value that does not parse makes `init` fail with a message naming it.
     pub fn from_env() -> Self {
-        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Self::from_vars(|key| std::env::var(key).ok())
+    }
+
+    /// [`Config::from_env`] over any source of variables.
+    fn from_vars(get: impl Fn(&str) -> Option<String>) -> Self {
+        let var = |k: &str| get(k).filter(|v| !v.is_empty());
         let mut bad_env = Vec::new();
-        fn parse<T: std::str::FromStr>(
+        fn parsed<T: std::str::FromStr>(
             value: Option<String>,
             key: &str,
             what: &str,
@@ -40,13 +45,13 @@ impl Config {
                 None
             })
         }
-        let node_ip = parse(
+        let node_ip = parsed(
             var("SHOAL_NODE_IP"),
             "SHOAL_NODE_IP",
             "an IP address",
             &mut bad_env,
         );
-        let driver_port = parse(
+        let driver_port = parsed(
             var("SHOAL_DRIVER_PORT"),
             "SHOAL_DRIVER_PORT",
             "a port number (0-65535)",
@@ -116,5 +121,43 @@ impl Config {
     pub fn session_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.session_root = Some(dir.into());
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from(vars: &[(&str, &str)]) -> Config {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_vars(|key| vars.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()))
+    }
+
+    #[test]
+    fn node_ip_and_driver_port_are_read_and_bad_values_named() {
+        let good = from(&[
+            ("SHOAL_NODE_IP", "198.18.0.2"),
+            ("SHOAL_DRIVER_PORT", "7500"),
+        ]);
+        assert_eq!(good.node_ip, Some("198.18.0.2".parse().expect("ip")));
+        assert_eq!(good.driver_port, Some(7500));
+        assert!(good.bad_env.is_empty());
+        let bad = from(&[("SHOAL_NODE_IP", "host-a"), ("SHOAL_DRIVER_PORT", "70000")]);
+        assert_eq!((bad.node_ip, bad.driver_port), (None, None));
+        assert_eq!(bad.bad_env.len(), 2, "{:?}", bad.bad_env);
+        assert!(
+            bad.bad_env[0].contains("SHOAL_NODE_IP"),
+            "{:?}",
+            bad.bad_env
+        );
+        assert!(
+            bad.bad_env[1].contains("SHOAL_DRIVER_PORT"),
+            "{:?}",
+            bad.bad_env
+        );
+        assert!(from(&[]).bad_env.is_empty(), "unset is not bad");
     }
 }

@@ -247,9 +247,8 @@ pub(crate) enum Ports {
 impl Ports {
     /// `LO-HI`, as a node hands it to its workers.
     pub(crate) fn parse_range(text: &str) -> Option<Ports> {
-        let (lo, hi) = text.split_once('-')?;
-        let (lo, hi): (u16, u16) = (lo.trim().parse().ok()?, hi.trim().parse().ok()?);
-        (lo > 0 && lo <= hi).then_some(Ports::Range(lo, hi))
+        let (lo, hi) = shoal_node::config::parse_port_range(text).ok()?;
+        Some(Ports::Range(lo, hi))
     }
 }
 
@@ -1157,11 +1156,8 @@ impl Core {
         at: &StoredAt,
         priority: shoal_proto::PullPriority,
     ) -> Result<crate::shm::Blob> {
-        if let Some(mapped) = self.map_local(id, at, priority).await {
-            return Ok(mapped);
-        }
-        let reason = match self.read_stored(id, at).await {
-            Ok(bytes) => return Ok(crate::shm::Blob::from(bytes)),
+        let reason = match self.read_copy(id, at, priority).await {
+            Ok(blob) => return Ok(blob),
             Err(Error::ObjectLost { reason, .. }) => reason,
             Err(e) => return Err(e),
         };
@@ -1169,19 +1165,12 @@ impl Core {
         // it), before the caller turns to lineage.
         let mut tried = Vec::new();
         for other in self.other_copies(id, at).await {
-            let found = match self.map_local(id, &other, priority).await {
-                Some(mapped) => Some(mapped),
-                None => match self.read_stored(id, &other).await {
-                    Ok(bytes) => Some(crate::shm::Blob::from(bytes)),
-                    Err(e) => {
-                        tried.push(e.to_string());
-                        None
-                    }
-                },
-            };
-            if let Some(found) = found {
-                self.moved(id, at, other);
-                return Ok(found);
+            match self.read_copy(id, &other, priority).await {
+                Ok(blob) => {
+                    self.moved(id, at, other);
+                    return Ok(blob);
+                }
+                Err(e) => tried.push(e.to_string()),
             }
         }
         let reason = match tried.is_empty() {
@@ -1192,6 +1181,20 @@ impl Core {
             ),
         };
         Err(Error::ObjectLost { id, reason })
+    }
+
+    /// One copy's bytes: mapped when it is on (or pulled to) this process's
+    /// home node, else read from the node that holds it.
+    async fn read_copy(
+        &self,
+        id: ObjectId,
+        at: &StoredAt,
+        priority: shoal_proto::PullPriority,
+    ) -> Result<crate::shm::Blob> {
+        if let Some(mapped) = self.map_local(id, at, priority).await {
+            return Ok(mapped);
+        }
+        self.read_stored(id, at).await.map(crate::shm::Blob::from)
     }
 
     /// An object this process owns was read from `to` because `from` could
