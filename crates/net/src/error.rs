@@ -115,10 +115,17 @@ pub enum RpcError {
         /// The reply's id.
         got: u64,
     },
+    /// A fault injected by `SHOAL_TESTING_RPC_FAILURE` (see
+    /// [`crate::faults`]): the request was dropped before it was sent, or
+    /// its reply discarded after the server handled it. The connection is
+    /// fine; retry as after a timeout.
+    #[error("injected fault: {0}")]
+    Injected(String),
 }
 
 impl RpcError {
-    /// True when the connection is unusable and must be replaced.
+    /// True when the connection is unusable and must be replaced. Not for
+    /// [`RpcError::Injected`]: the connection is fine.
     pub fn is_connection_lost(&self) -> bool {
         matches!(self, RpcError::Connection(_))
     }

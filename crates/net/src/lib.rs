@@ -14,6 +14,9 @@
 //! - [`rpc`]: request/reply over one bidirectional stream per request, with
 //!   request ids and deadlines: the client ([`rpc::RpcClient`]) and the server
 //!   loop ([`rpc::serve`]) around a [`rpc::Service`].
+//! - [`faults`]: fault injection in the RPC client for tests, off unless
+//!   `SHOAL_TESTING_RPC_FAILURE` is set (drop a request before it is sent,
+//!   or a reply after its handler ran, by method, count or probability).
 //! - [`transport`]: the small [`transport::Transport`] trait that daemons use to
 //!   reach each other, the seam for an in-memory or simulated transport later.
 //!
@@ -28,6 +31,7 @@
 
 pub mod endpoint;
 pub mod error;
+pub mod faults;
 pub mod handshake;
 pub mod host;
 pub mod identity;

@@ -27,6 +27,7 @@ use tracing::{debug, info, warn};
 
 use crate::close_code;
 use crate::error::{ConnectError, RpcError};
+use crate::faults::{Fault, Faults};
 use crate::handshake::{self, ClientAuth, HandshakeFailure, HandshakeStats, ServerAuth};
 use crate::limits::NetLimits;
 
@@ -408,6 +409,9 @@ pub struct InFlight<Rep> {
     id: u64,
     awaited: Awaited,
     codec: CodecLimits,
+    /// An injected reply fault: the reply is awaited, then discarded for
+    /// this error's message.
+    discard: Option<String>,
     _reply: PhantomData<fn() -> Rep>,
 }
 
@@ -429,6 +433,9 @@ impl<Rep: DeserializeOwned> InFlight<Rep> {
                 codec::decode(&body, &self.codec)?
             }
         };
+        if let Some(message) = self.discard {
+            return Err(RpcError::Injected(message));
+        }
         unwrap_reply(self.id, reply)
     }
 }
@@ -460,6 +467,9 @@ pub struct RpcClient<Req, Rep> {
     next_id: Arc<AtomicU64>,
     codec: CodecLimits,
     peer_node: Option<NodeId>,
+    /// Faults to inject ([`crate::faults`]): the process's, captured at
+    /// connect; `None` (the rule) costs one check per request.
+    faults: Option<Arc<Faults>>,
     _types: PhantomData<fn(Req) -> Rep>,
 }
 
@@ -471,6 +481,7 @@ impl<Req, Rep> Clone for RpcClient<Req, Rep> {
             next_id: self.next_id.clone(),
             codec: self.codec,
             peer_node: self.peer_node,
+            faults: self.faults.clone(),
             _types: PhantomData,
         }
     }
@@ -512,6 +523,7 @@ impl<Req: Serialize + Sync, Rep: DeserializeOwned> RpcClient<Req, Rep> {
                         next_id: Arc::new(AtomicU64::new(1)),
                         codec: limits.codec(),
                         peer_node,
+                        faults: crate::faults::global().cloned(),
                         _types: PhantomData,
                     })
                 }
@@ -545,8 +557,32 @@ impl<Req: Serialize + Sync, Rep: DeserializeOwned> RpcClient<Req, Rep> {
             next_id: Arc::new(AtomicU64::new(1)),
             codec: limits.codec(),
             peer_node,
+            faults: crate::faults::global().cloned(),
             _types: PhantomData,
         })
+    }
+
+    /// Replaces the faults this client (and its later clones) injects:
+    /// `None` for none. For tests, which give each client its own plan
+    /// rather than share the process's.
+    #[doc(hidden)]
+    pub fn with_faults(mut self, faults: Option<Faults>) -> Self {
+        self.faults = faults.map(Arc::new);
+        self
+    }
+
+    /// Decides whether to inject a fault in this exchange of `request`:
+    /// `Err` for a dropped request, `Ok(Some)` with the message for a
+    /// reply to discard.
+    fn inject(&self, request: &Req) -> Result<Option<String>, RpcError> {
+        let Some(faults) = &self.faults else {
+            return Ok(None);
+        };
+        match faults.decide_for(request) {
+            None => Ok(None),
+            Some((Fault::Request, message)) => Err(RpcError::Injected(message)),
+            Some((Fault::Reply, message)) => Ok(Some(message)),
+        }
     }
 
     /// Sends `request` and waits up to `timeout` for its reply.
@@ -561,6 +597,7 @@ impl<Req: Serialize + Sync, Rep: DeserializeOwned> RpcClient<Req, Rep> {
     /// to `send` complete) without waiting for the reply; `timeout` is the
     /// deadline the server is told.
     pub async fn send(&self, request: &Req, timeout: Duration) -> Result<InFlight<Rep>, RpcError> {
+        let discard = self.inject(request)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let envelope = RequestEnvelope {
             id,
@@ -575,6 +612,7 @@ impl<Req: Serialize + Sync, Rep: DeserializeOwned> RpcClient<Req, Rep> {
                     id,
                     awaited: Awaited::Unix(link.send(id, frame)?),
                     codec: self.codec,
+                    discard,
                     _reply: PhantomData,
                 });
             }
@@ -591,6 +629,7 @@ impl<Req: Serialize + Sync, Rep: DeserializeOwned> RpcClient<Req, Rep> {
             id,
             awaited: Awaited::Quic(recv),
             codec: self.codec,
+            discard,
             _reply: PhantomData,
         })
     }
@@ -601,7 +640,7 @@ impl<Req: Serialize + Sync, Rep: DeserializeOwned> RpcClient<Req, Rep> {
     /// round trip wakes no other task of this runtime. `then` must be
     /// quick: it holds up the connection's other replies. `None` over QUIC
     /// (nothing is sent); `Some(Err)` when nothing could be sent (and
-    /// `then` is not called).
+    /// `then` is not called), as when an injected fault drops the request.
     pub fn send_then<F>(
         &self,
         request: &Req,
@@ -614,6 +653,10 @@ impl<Req: Serialize + Sync, Rep: DeserializeOwned> RpcClient<Req, Rep> {
     {
         let Link::Unix(link) = &self.link else {
             return None;
+        };
+        let discard = match self.inject(request) {
+            Ok(discard) => discard,
+            Err(e) => return Some(Err(e)),
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let envelope = RequestEnvelope {
@@ -628,6 +671,9 @@ impl<Req: Serialize + Sync, Rep: DeserializeOwned> RpcClient<Req, Rep> {
         let codec = self.codec;
         let answered = Box::new(move |body: Result<Vec<u8>, quinn::ConnectionError>| {
             let reply = body.map_err(RpcError::from).and_then(|body| {
+                if let Some(message) = discard {
+                    return Err(RpcError::Injected(message));
+                }
                 let reply: ReplyEnvelope<Rep> = codec::decode(&body, &codec)?;
                 unwrap_reply(id, reply)
             });
@@ -684,13 +730,18 @@ mod tests {
         Fail,
     }
 
-    struct Echo;
+    /// Answers requests and counts the ones it handled.
+    #[derive(Default)]
+    struct Echo {
+        handled: AtomicU64,
+    }
 
     impl Service for Echo {
         type Request = EchoRequest;
         type Reply = String;
 
         async fn handle(&self, peer: &Peer, request: EchoRequest) -> Result<String, ServiceError> {
+            self.handled.fetch_add(1, Ordering::SeqCst);
             match request {
                 EchoRequest::Echo(s) => Ok(format!("{:?}:{s}", peer.role)),
                 EchoRequest::Sleep(ms) => {
@@ -711,6 +762,7 @@ mod tests {
         identity: ClusterIdentity,
         shutdown: CancellationToken,
         task: tokio::task::JoinHandle<()>,
+        echo: Arc<Echo>,
     }
 
     /// A server and clients on QUIC only.
@@ -746,9 +798,10 @@ mod tests {
         let addr = ep.local_addr().expect("addr");
         let auth = Arc::new(ServerAuth::new(identity.token().clone(), allowed));
         let shutdown = CancellationToken::new();
+        let echo = Arc::new(Echo::default());
         let task = tokio::spawn(serve(
             ep,
-            Arc::new(Echo),
+            echo.clone(),
             auth,
             limits.clone(),
             Arc::new(HandshakeStats::default()),
@@ -760,6 +813,7 @@ mod tests {
             identity,
             shutdown,
             task,
+            echo,
         }
     }
 
@@ -772,6 +826,11 @@ mod tests {
             let transport =
                 QuicTransport::token_client(auth, HEAD_SERVER_NAME, self.limits.clone())?;
             transport.connect(self.addr).await
+        }
+
+        /// How many requests the server's handler has run.
+        fn handled(&self) -> u64 {
+            self.echo.handled.load(Ordering::SeqCst)
         }
 
         async fn stop(self) {
@@ -996,7 +1055,7 @@ mod tests {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(serve(
             ep,
-            Arc::new(Echo),
+            Arc::new(Echo::default()),
             auth,
             limits.clone(),
             Arc::new(HandshakeStats::default()),
@@ -1172,5 +1231,150 @@ mod tests {
             .expect_err("no reply");
         assert!(err.is_connection_lost(), "{err:?}");
         assert!(client.close_reason().is_some());
+    }
+
+    fn faulty(spec: &str) -> Option<crate::faults::Faults> {
+        Some(crate::faults::Faults::from_spec(spec, 1).expect("spec"))
+    }
+
+    fn assert_injected(err: &RpcError, side: &str) {
+        match err {
+            RpcError::Injected(message) => {
+                assert!(message.starts_with(&format!("Echo {side}:")), "{err}");
+            }
+            other => panic!("expected an injected fault, got {other:?}"),
+        }
+        assert!(!err.is_connection_lost(), "{err:?}");
+    }
+
+    /// A request fault fails the call without sending anything: the
+    /// server's handler never runs, and the next request goes through.
+    /// Other methods are untouched. Over QUIC and the same-host socket.
+    #[tokio::test]
+    async fn an_injected_request_fault_never_reaches_the_server() {
+        for server in [
+            start(vec![Role::Driver]),
+            start_same_host(vec![Role::Driver]),
+        ] {
+            let client = server
+                .client(Role::Driver)
+                .await
+                .expect("connect")
+                .with_faults(faulty("Echo=req:1"));
+            let err = client
+                .call(&EchoRequest::Echo("a".into()), T)
+                .await
+                .expect_err("dropped");
+            assert_injected(&err, "req");
+            assert_eq!(server.handled(), 0, "the handler did not run");
+            let err = client.call(&EchoRequest::Fail, T).await.expect_err("fails");
+            assert!(matches!(err, RpcError::Service(_)), "{err:?}");
+            assert_eq!(
+                client
+                    .call(&EchoRequest::Echo("b".into()), T)
+                    .await
+                    .expect("the second goes through"),
+                "Driver:b"
+            );
+            assert_eq!(server.handled(), 2);
+            server.stop().await;
+        }
+    }
+
+    /// A reply fault sends the request and lets the handler run, then
+    /// discards the reply; the connection stays usable.
+    #[tokio::test]
+    async fn an_injected_reply_fault_runs_the_handler_and_discards_the_reply() {
+        for server in [
+            start(vec![Role::Driver]),
+            start_same_host(vec![Role::Driver]),
+        ] {
+            let client = server
+                .client(Role::Driver)
+                .await
+                .expect("connect")
+                .with_faults(faulty("Echo=rep:1"));
+            let err = client
+                .call(&EchoRequest::Echo("a".into()), T)
+                .await
+                .expect_err("discarded");
+            assert_injected(&err, "rep");
+            assert_eq!(server.handled(), 1, "the handler ran");
+            // Through `send` and `InFlight::reply` too, on a clone sharing
+            // the counters: the fault was used up.
+            let reply = client
+                .clone()
+                .send(&EchoRequest::Echo("b".into()), T)
+                .await
+                .expect("sent")
+                .reply()
+                .await
+                .expect("the second goes through");
+            assert_eq!(reply, "Driver:b");
+            assert_eq!(server.handled(), 2);
+            server.stop().await;
+        }
+    }
+
+    /// `send_then` (same-host only): a request fault is `Some(Err)` with
+    /// the callback never called; a reply fault reaches the callback as an
+    /// error after the handler ran.
+    #[tokio::test]
+    async fn send_then_injects_both_faults() {
+        let server = start_same_host(vec![Role::Driver]);
+        let client = server
+            .client(Role::Driver)
+            .await
+            .expect("connect")
+            .with_faults(faulty("Echo=req:1,rep:1"));
+        assert!(client.is_same_host());
+        let send_then = |text: &str| {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let sent = client.send_then(&EchoRequest::Echo(text.into()), T, move |reply| {
+                let _ = tx.send(reply);
+            });
+            (sent, rx)
+        };
+        let (sent, rx) = send_then("a");
+        assert_injected(&sent.expect("same host").expect_err("dropped"), "req");
+        assert!(rx.await.is_err(), "the callback is dropped uncalled");
+        assert_eq!(server.handled(), 0);
+        let (sent, rx) = send_then("b");
+        sent.expect("same host").expect("sent");
+        let reply = tokio::time::timeout(T, rx)
+            .await
+            .expect("answered")
+            .expect("callback called");
+        assert_injected(&reply.expect_err("discarded"), "rep");
+        assert_eq!(server.handled(), 1);
+        let (sent, rx) = send_then("c");
+        sent.expect("same host").expect("sent");
+        let reply = tokio::time::timeout(T, rx)
+            .await
+            .expect("answered")
+            .expect("callback called");
+        assert_eq!(reply.expect("goes through"), "Driver:c");
+        assert_eq!(server.handled(), 2);
+        server.stop().await;
+    }
+
+    /// A client told to inject nothing injects nothing, whatever the
+    /// process's environment says.
+    #[tokio::test]
+    async fn a_client_without_faults_is_untouched() {
+        let server = start(vec![Role::Driver]);
+        let client = server
+            .client(Role::Driver)
+            .await
+            .expect("connect")
+            .with_faults(None);
+        for i in 0..5 {
+            client
+                .call(&EchoRequest::Echo(i.to_string()), T)
+                .await
+                .expect("echo");
+        }
+        assert_eq!(server.handled(), 5);
+        server.stop().await;
     }
 }
