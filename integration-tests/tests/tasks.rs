@@ -237,6 +237,31 @@ fn tasks_spread_over_free_cpus_instead_of_queueing_on_one_worker() {
 }
 
 #[test]
+fn a_short_task_never_waits_behind_a_long_one_while_a_worker_is_free() {
+    // FT-15: wait(2) over 1500, 10 and 300 ms tasks on 2 CPUs gives
+    // [10, 300] every round (the 300 ms task queued behind the 1500 ms one
+    // gave [1500, 10] from the second round on), and fib(12) submitted
+    // while a 5 s task runs is not queued behind it.
+    for mut env in [local(), local_processes()] {
+        env.push(("SHOAL_NUM_CPUS", "2".to_string()));
+        let out = scenario(&env, &["head-of-line", "5"]);
+        for (round, first) in out["firsts"].as_array().expect("rounds").iter().enumerate() {
+            assert_eq!(
+                first,
+                &serde_json::json!([10, 300]),
+                "round {round}: the 300 ms task waited behind the 1500 ms one: {out}"
+            );
+        }
+        assert_eq!(out["firsts"].as_array().map(Vec::len), Some(5), "{out}");
+        assert_eq!(out["fib"], 144, "{out}");
+        assert_eq!(
+            out["fib_before_the_sleeper"], true,
+            "fib(12) was queued behind a 5 s task: {out}"
+        );
+    }
+}
+
+#[test]
 fn local_mode_runs_tasks_with_threads_and_with_processes() {
     for env in [local(), local_processes()] {
         let out = scenario(&env, &["many", "2000"]);

@@ -99,6 +99,11 @@ pub struct TaskReply {
     pub worker_id: WorkerId,
     /// Its result.
     pub outcome: TaskOutcome,
+    /// How long the function ran, in microseconds (its wait for the
+    /// worker's turn not included): the owner queues tasks behind a
+    /// function's runs only while they are short.
+    #[serde(default)]
+    pub run_us: u64,
 }
 
 /// Why a task failed, as its caller will see it.

@@ -1398,6 +1398,7 @@ impl Host {
             node_id: executor.node_id,
             worker_id: executor.worker_id,
             outcome,
+            run_us: 0,
         };
         // Arguments are fetched before our turn: they need no ordering.
         let args = match &call.args {

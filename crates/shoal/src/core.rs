@@ -788,8 +788,10 @@ impl Core {
             attempts,
         };
         let mut attempt = first_attempt;
+        let kind = crate::lease::TaskKind::of(function.name);
         loop {
-            let leased = self.leases.acquire(self, &options.resources).await;
+            let place = self.leases.acquire(self, &options.resources, kind).await;
+            let leased = &place.worker;
             let spec = TaskSpec {
                 task_id,
                 attempt,
@@ -812,7 +814,8 @@ impl Core {
             };
             match reply {
                 Ok(WorkerReply::TaskDone(reply)) => {
-                    self.leases.release(self, &leased);
+                    kind.ran_for(reply.run_us);
+                    self.leases.release(self, &place);
                     let retryable = matches!(&reply.outcome, TaskOutcome::Failed(f)
                         if matches!(f.kind, FailureKind::Error | FailureKind::Panic));
                     if retryable && options.retry_exceptions && attempt < options.max_retries {
@@ -822,7 +825,7 @@ impl Core {
                     return outcome_state(reply);
                 }
                 Ok(other) => {
-                    self.leases.discard(self, &leased);
+                    self.leases.discard(self, leased);
                     return ObjState::Failed(failure(
                         FailureKind::BadReturn,
                         format!("the worker answered {other:?}"),
@@ -831,7 +834,7 @@ impl Core {
                 }
                 Err(e) => {
                     warn!(%task_id, function = function.name, attempt, worker = %leased.worker_id, error = %e, "lost the worker running a task");
-                    self.leases.discard(self, &leased);
+                    self.leases.discard(self, leased);
                     if attempt >= options.max_retries {
                         return ObjState::Failed(failure(
                             FailureKind::WorkerCrashed,
@@ -1593,6 +1596,7 @@ impl Core {
     pub(crate) async fn execute(self: &Arc<Self>, spec: TaskSpec, executor: Executor) -> TaskReply {
         let fetched = self.fetch_args(&spec.args).await;
         let _turn = self.task_gate(executor.worker_id).acquire_owned().await;
+        let started = std::time::Instant::now();
         let outcome = match fetched {
             Err(e) => TaskOutcome::Failed(TaskFailure {
                 kind: FailureKind::ArgumentLost,
@@ -1622,6 +1626,7 @@ impl Core {
             node_id: executor.node_id,
             worker_id: executor.worker_id,
             outcome,
+            run_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
         }
     }
 

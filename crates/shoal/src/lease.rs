@@ -6,12 +6,15 @@
 //! it asks the head for more (the head long-polls while the cluster is full);
 //! a granted lease is turned into a worker by the lease's node, and the
 //! worker then runs the class's tasks one after another, with no head on the
-//! path. While the cluster has room a task waits for an idle worker (so tasks
-//! spread over the CPUs); once it is full (the head says so with the grant,
-//! or by holding a request) up to [`PIPELINE_DEPTH`] tasks are pushed to each
-//! worker, so the next task is there when one ends. A worker that dies fails
-//! (or retries) every task in flight to it. Leases idle for a while are
-//! handed back.
+//! path. A task waits for an idle worker (so tasks spread over the CPUs),
+//! with one exception: once the cluster is full (the head says so with the
+//! grant, or by holding a request) a task may be pushed to a busy worker
+//! whose tasks are all of functions whose last runs were short, up to
+//! [`PIPELINE_DEPTH`], so the next task is there when one ends. Nothing
+//! queues behind a task that may run long: it would wait while another
+//! worker may be free (head-of-line blocking). A worker that dies fails (or
+//! retries) every task in flight to it. Leases idle for a while are handed
+//! back.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -56,18 +59,54 @@ struct Held {
     worker: Arc<LeasedWorker>,
     /// Tasks pushed to it and not answered.
     in_flight: usize,
+    /// Those of them whose function is not known to run short: nothing is
+    /// queued behind such a task (it could run for hours while another
+    /// worker is free).
+    unsure: usize,
     /// When its last task was answered, while it has none.
     idle_since: Option<Instant>,
+}
+
+/// What kind of task takes a place: whether tasks may queue behind it.
+#[derive(Clone, Copy)]
+pub(crate) struct TaskKind(Option<&'static crate::registry::Entry>);
+
+impl TaskKind {
+    /// A task of the function registered under `name` (unknown functions
+    /// are never short).
+    pub(crate) fn of(name: &str) -> Self {
+        TaskKind(crate::registry::entry(name))
+    }
+
+    /// Decided when the task takes its place, from the function's last runs.
+    fn short(self) -> bool {
+        self.0.is_some_and(|e| e.is_short())
+    }
+
+    /// Records how long a run took, as its worker reported.
+    pub(crate) fn ran_for(self, run_us: u64) {
+        if let Some(entry) = self.0 {
+            entry.ran_for(run_us);
+        }
+    }
+}
+
+/// A task's place on a leased worker.
+pub(crate) struct Place {
+    pub(crate) worker: Arc<LeasedWorker>,
+    /// Tasks may queue behind this one (see [`TaskKind`]).
+    short: bool,
 }
 
 #[derive(Default)]
 struct Class {
     workers: Vec<Held>,
-    waiters: VecDeque<oneshot::Sender<Arc<LeasedWorker>>>,
+    waiters: VecDeque<(oneshot::Sender<Place>, TaskKind)>,
     requesting: usize,
     infeasible_reported: bool,
     /// The cluster had no room for another worker of the class when last
-    /// asked: tasks queue on the workers held instead of waiting for one.
+    /// asked: short tasks queue on the workers held instead of waiting for
+    /// one.
     saturated: bool,
     /// Leases granted by the head whose workers are still being started:
     /// no task is queued behind another until they have arrived.
@@ -88,22 +127,38 @@ impl Class {
         self.waiters.len() + queued
     }
 
-    /// Takes a place on an idle worker, or (when the cluster is full) on
-    /// the least loaded worker with room, if any.
-    fn take_place(&mut self) -> Option<Arc<LeasedWorker>> {
-        let depth = if self.saturated && self.granting == 0 {
-            PIPELINE_DEPTH
-        } else {
-            1
-        };
-        let held = self
-            .workers
-            .iter_mut()
-            .filter(|h| h.in_flight < depth)
-            .min_by_key(|h| h.in_flight)?;
+    /// A place for the next task: an idle worker; or, when no other worker
+    /// can be had (the cluster is full and none is being started), the
+    /// least loaded worker whose tasks in flight are all short, up to
+    /// [`PIPELINE_DEPTH`]. A task never queues behind one that may run
+    /// long: it waits for a worker to be free instead, as in Ray, which
+    /// dropped pipelining for this.
+    fn find_place(&self) -> Option<usize> {
+        if let Some(idle) = self.workers.iter().position(|h| h.in_flight == 0) {
+            return Some(idle);
+        }
+        if !self.saturated || self.granting > 0 {
+            return None;
+        }
+        self.workers
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.unsure == 0 && h.in_flight < PIPELINE_DEPTH)
+            .min_by_key(|(_, h)| h.in_flight)
+            .map(|(at, _)| at)
+    }
+
+    /// Takes the place at `at` for a task of `kind`.
+    fn take(&mut self, at: usize, kind: TaskKind) -> Place {
+        let short = kind.short();
+        let held = &mut self.workers[at];
         held.in_flight += 1;
+        held.unsure += usize::from(!short);
         held.idle_since = None;
-        Some(Arc::clone(&held.worker))
+        Place {
+            worker: Arc::clone(&held.worker),
+            short,
+        }
     }
 
     /// Takes a worker out of the class (to give its lease back): the
@@ -124,27 +179,29 @@ impl Class {
         Some(&mut self.workers[at])
     }
 
-    /// Hands places on the class's workers to waiting tasks.
+    /// Hands places on the class's workers to waiting tasks, in order.
     fn serve_waiters(&mut self) {
         while !self.waiters.is_empty() {
-            let Some(worker) = self.take_place() else {
+            let Some(at) = self.find_place() else {
                 return;
             };
-            let lease_id = worker.lease.lease_id;
-            let mut worker = worker;
-            loop {
-                let Some(waiter) = self.waiters.pop_front() else {
-                    // Nobody took it after all.
-                    if let Some(held) = self.held(lease_id) {
-                        held.in_flight -= 1;
-                    }
-                    return;
-                };
-                match waiter.send(worker) {
+            // The first waiter still there takes it (a dropped task's
+            // waiter is skipped).
+            while let Some((waiter, kind)) = self.waiters.pop_front() {
+                let place = self.take(at, kind);
+                match waiter.send(place) {
                     Ok(()) => break,
-                    Err(back) => worker = back,
+                    Err(place) => self.put_back(&place),
                 }
             }
+        }
+    }
+
+    /// Undoes [`take`](Self::take) for a place nobody used.
+    fn put_back(&mut self, place: &Place) {
+        if let Some(held) = self.held(place.worker.lease.lease_id) {
+            held.in_flight = held.in_flight.saturating_sub(1);
+            held.unsure = held.unsure.saturating_sub(usize::from(!place.short));
         }
     }
 }
@@ -165,24 +222,28 @@ impl LeaseManager {
     }
 
     /// A place on a worker for one task of `resources`' class: the worker
-    /// runs its tasks one at a time, this one after those pushed before it.
-    /// Hand it back with [`release`](Self::release) or
-    /// [`discard`](Self::discard).
+    /// runs its tasks one at a time, this one after those pushed before it
+    /// (only ever short ones). Hand it back with [`release`](Self::release)
+    /// or [`discard`](Self::discard).
     pub(crate) async fn acquire(
         &self,
         core: &Arc<Core>,
         resources: &ResourceSet,
-    ) -> Arc<LeasedWorker> {
+        kind: TaskKind,
+    ) -> Place {
         loop {
             let rx = {
                 let key = class_key(resources);
                 let mut classes = self.classes();
                 let class = classes.entry(key.clone()).or_default();
-                let placed = class.take_place().ok_or_else(|| {
-                    let (tx, rx) = oneshot::channel();
-                    class.waiters.push_back(tx);
-                    rx
-                });
+                let placed = match class.find_place() {
+                    Some(at) => Ok(class.take(at, kind)),
+                    None => {
+                        let (tx, rx) = oneshot::channel();
+                        class.waiters.push_back((tx, kind));
+                        Err(rx)
+                    }
+                };
                 // Queued work asks for more workers (the head holds the
                 // request while the cluster is full).
                 if class.requesting < class.backlog().min(REQUESTS_IN_FLIGHT_MAX) {
@@ -194,12 +255,12 @@ impl LeaseManager {
                         .spawn(async move { request_leases(core, key, resources).await });
                 }
                 match placed {
-                    Ok(worker) => return worker,
+                    Ok(place) => return place,
                     Err(rx) => rx,
                 }
             };
-            if let Ok(worker) = rx.await {
-                return worker;
+            if let Ok(place) = rx.await {
+                return place;
             }
         }
     }
@@ -214,23 +275,24 @@ impl LeaseManager {
         class.workers.push(Held {
             worker: Arc::new(worker),
             in_flight: 0,
+            unsure: 0,
             idle_since: None,
         });
         class.serve_waiters();
         self.idle_check(core, class, lease_id);
     }
 
-    /// A task's place on `worker` is free again (its task was answered).
-    pub(crate) fn release(&self, core: &Arc<Core>, worker: &LeasedWorker) {
-        let lease_id = worker.lease.lease_id;
+    /// A task's place is free again (its task was answered).
+    pub(crate) fn release(&self, core: &Arc<Core>, place: &Place) {
+        let lease_id = place.worker.lease.lease_id;
         let mut classes = self.classes();
-        let Some(class) = classes.get_mut(&worker.class) else {
+        let Some(class) = classes.get_mut(&place.worker.class) else {
             return;
         };
-        let Some(held) = class.held(lease_id) else {
+        if class.held(lease_id).is_none() {
             return;
-        };
-        held.in_flight = held.in_flight.saturating_sub(1);
+        }
+        class.put_back(place);
         class.serve_waiters();
         self.idle_check(core, class, lease_id);
     }

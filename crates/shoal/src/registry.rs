@@ -45,6 +45,35 @@ pub(crate) struct Entry {
     pub function: &'static RemoteFunction,
     /// Its last run was quick (see [`crate::exec::inline_slot`]).
     pub quick: std::sync::atomic::AtomicBool,
+    /// As an owner sees it: how many of its last runs in a row were short
+    /// (see [`Entry::is_short`]).
+    pub short_runs: std::sync::atomic::AtomicU32,
+}
+
+/// A run this short may have tasks queued behind it on its worker.
+const SHORT_RUN_US: u64 = 1_000;
+/// Runs in a row that must have been short before tasks queue behind the
+/// function's next one.
+const SHORT_RUNS_TRUSTED: u32 = 3;
+
+impl Entry {
+    /// Whether tasks may queue behind a run of this function on a leased
+    /// worker: its last few runs were all short. A task behind an unknown
+    /// or long one would wait for it while another worker may be free.
+    pub(crate) fn is_short(&self) -> bool {
+        self.short_runs.load(std::sync::atomic::Ordering::Relaxed) >= SHORT_RUNS_TRUSTED
+    }
+
+    /// Records how long a run took (its worker's word).
+    pub(crate) fn ran_for(&self, run_us: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if run_us < SHORT_RUN_US {
+            let runs = self.short_runs.load(Relaxed);
+            self.short_runs.store(runs.saturating_add(1), Relaxed);
+        } else {
+            self.short_runs.store(0, Relaxed);
+        }
+    }
 }
 
 fn table() -> &'static HashMap<&'static str, Entry> {
@@ -56,6 +85,7 @@ fn table() -> &'static HashMap<&'static str, Entry> {
                 let entry = Entry {
                     function: r.0,
                     quick: Default::default(),
+                    short_runs: Default::default(),
                 };
                 (r.0.name, entry)
             })

@@ -207,6 +207,17 @@ fn level3(x: i64) -> i64 {
     x + 1
 }
 
+/// The `n`th Fibonacci number, as a tree of nested tasks each blocking in
+/// `get` on its two children.
+#[shoal::remote]
+fn fib(n: u64) -> u64 {
+    if n < 2 {
+        return n;
+    }
+    let (a, b) = (fib::remote(n - 1), fib::remote(n - 2));
+    a.get().expect("fib(n - 1)") + b.get().expect("fib(n - 2)")
+}
+
 #[shoal::remote]
 fn level2(x: i64) -> i64 {
     level3::remote(x).get().expect("level 3") * 2
@@ -735,6 +746,48 @@ fn main() -> shoal::Result<()> {
                 "waited_seconds": waited,
                 "returned_before_the_slow_tasks": waited < 15.0,
                 "num_returns_respected": all_ready.len() == 2 && ids(&all_ready) == ids(&fast[..2]),
+            }));
+        }
+        "head-of-line" => {
+            // Rounds of wait(2) over tasks of 1500, 10 and 300 ms (on 2
+            // CPUs): the 300 ms task must not queue behind the 1500 ms one
+            // while the 10 ms one's worker is free, so every round's first
+            // two are [10, 300]. Then fib(12) submitted while a 5 s task
+            // runs must finish first.
+            let rounds: u32 = arg(1).parse().unwrap_or(5);
+            let mut firsts = Vec::new();
+            let mut seconds = Vec::new();
+            for _ in 0..rounds {
+                let refs: Vec<_> = [1500u64, 10, 300]
+                    .iter()
+                    .map(|&ms| sleep_then::remote(ms, ms as u32))
+                    .collect();
+                let start = Instant::now();
+                let (ready, _) = shoal::wait(&refs, 2, Some(Duration::from_secs(10)))?;
+                seconds.push(start.elapsed().as_secs_f64());
+                firsts.push(shoal::get_all(&ready)?);
+                shoal::get_all(&refs)?;
+            }
+            let sleeper = sleep_then::remote(5000, 5000);
+            let start = Instant::now();
+            let fib12 = fib::remote(12);
+            shoal::wait(
+                std::slice::from_ref(&fib12),
+                1,
+                Some(Duration::from_secs(60)),
+            )?;
+            let fib_seconds = start.elapsed().as_secs_f64();
+            let (sleeper_done, _) =
+                shoal::wait(std::slice::from_ref(&sleeper), 1, Some(Duration::ZERO))?;
+            let fib_first = sleeper_done.is_empty();
+            let fib_value = fib12.get()?;
+            sleeper.get()?;
+            result(json!({
+                "firsts": firsts,
+                "seconds": seconds,
+                "fib": fib_value,
+                "fib_before_the_sleeper": fib_first,
+                "fib_seconds": fib_seconds,
             }));
         }
         "nested" => {
