@@ -340,6 +340,7 @@ async fn node(
         object_store_used_bytes: 0,
         object_changes: Vec::new(),
         objects_pulled: 0,
+        orders_acked: 0,
     };
     while !stop.is_cancelled() {
         let sent = Instant::now();

@@ -127,6 +127,79 @@ pub fn scenario_result(args: &[&str], env: &[(&str, String)], timeout: Duration)
     result_of(&run_driver(&sibling_bin("scenarios"), args, env, timeout))
 }
 
+/// The lines a child prints, read on a thread of their own so that a test
+/// waits for them with a deadline (a driver that hangs fails the test, it
+/// does not hang it).
+pub struct Lines {
+    rx: std::sync::mpsc::Receiver<String>,
+}
+
+impl Lines {
+    /// Reads `out` line by line until it closes.
+    pub fn read(out: impl std::io::Read + Send + 'static) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Self { rx }
+    }
+
+    /// Waits up to `timeout` for a line equal to `line`; the lines before it
+    /// are dropped. False if it did not come (or the output closed).
+    pub fn wait_for(&self, line: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(l) if l == line => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for a line starting with `prefix`, and returns it.
+    pub fn wait_for_prefix(&self, prefix: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(l) if l.starts_with(prefix) => return Some(l),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Every line until the output closes, or until `timeout` has passed.
+    pub fn rest(self, timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        let mut lines = Vec::new();
+        while let Ok(line) = self
+            .rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            lines.push(line);
+        }
+        lines
+    }
+}
+
+/// A child process killed (and reaped) when dropped, pass or fail.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts the `scenarios` driver with its stdin, stdout and stderr piped,
 /// for a test that talks to it or acts while it runs. The caller waits
 /// for it (or kills it).
@@ -170,6 +243,8 @@ pub fn sibling_bin(name: &str) -> PathBuf {
 /// A cluster of real `shoal` processes sharing one session root.
 pub struct ProcessCluster {
     root: tempfile::TempDir,
+    /// Environment the daemons start with (`shoal start` only).
+    daemon_env: Vec<(String, String)>,
 }
 
 impl Default for ProcessCluster {
@@ -186,7 +261,19 @@ impl ProcessCluster {
                 .prefix("shoal-test-")
                 .tempdir()
                 .expect("tempdir"),
+            daemon_env: Vec::new(),
         }
+    }
+
+    /// An empty session root whose daemons start with `env` (and their
+    /// workers, which inherit it).
+    pub fn with_daemon_env(env: &[(&str, &str)]) -> Self {
+        let mut cluster = Self::new();
+        cluster.daemon_env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        cluster
     }
 
     /// The session root.
@@ -196,14 +283,17 @@ impl ProcessCluster {
 
     /// Runs `shoal ARGS --session-dir ROOT` and returns its output.
     pub fn shoal(&self, args: &[&str]) -> Output {
-        Command::new(shoal_bin())
+        let mut command = Command::new(shoal_bin());
+        command
             .args(args)
             .arg("--session-dir")
             .arg(self.root())
             .env_remove("SHOAL_TOKEN")
-            .env_remove("SHOAL_ADDRESS")
-            .output()
-            .expect("running shoal")
+            .env_remove("SHOAL_ADDRESS");
+        if args.first() == Some(&"start") {
+            command.envs(self.daemon_env.iter().map(|(k, v)| (k, v)));
+        }
+        command.output().expect("running shoal")
     }
 
     /// Like [`shoal`](Self::shoal), panicking with its output unless it succeeds.
@@ -260,7 +350,13 @@ impl ProcessCluster {
     /// Like [`three_process`](Self::three_process), with `extra` flags for
     /// both node daemons.
     pub fn three_process_with(extra: &[&str]) -> Self {
-        let cluster = Self::new();
+        Self::new().started_three(extra)
+    }
+
+    /// Starts [`three_process`](Self::three_process)'s head and nodes in
+    /// this session root.
+    pub fn started_three(self, extra: &[&str]) -> Self {
+        let cluster = self;
         let config = cluster.write_config(
             "fast.toml",
             "[timeouts]\nheartbeat_interval = \"200ms\"\nnode_timeout = \"2s\"\n",
@@ -338,6 +434,17 @@ impl ProcessCluster {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// Every log file under the root (daemons' and workers'), with its text.
+    pub fn daemon_logs(&self) -> Vec<(PathBuf, String)> {
+        logs(self.root())
+            .into_iter()
+            .map(|log| {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                (log, text)
+            })
+            .collect()
     }
 
     /// Panics if any daemon log under the root records a panic.

@@ -1,11 +1,14 @@
 //! The cluster as real processes: `shoal start --head`, two `shoal start
 //! --address` daemons, `shoal status --json`, SIGKILL, `shoal stop`.
 
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use shoal_integration_tests::{poll_until, process_alive, signal, ProcessCluster};
+use shoal_integration_tests::{
+    poll_until, process_alive, result_of, signal, spawn_scenario, KillOnDrop, Lines, ProcessCluster,
+};
 
 /// Fast failure detection so the tests take seconds.
 const CONFIG: &str = r#"
@@ -355,4 +358,92 @@ fn the_local_cluster_example_runs() {
         .unwrap_or_default();
     assert_eq!(tail.matches("ALIVE").count(), 3, "{stdout}");
     assert_eq!(tail.matches("DEAD").count(), 1, "{stdout}");
+}
+
+#[test]
+fn a_node_declared_dead_is_fenced_its_actor_lives_once_and_its_late_reply_is_rejected() {
+    // Two nodes offering one `spot` each; the actor takes one, so its
+    // restart goes to the other node.
+    let cluster = ProcessCluster::new();
+    let config = cluster.write_config("fast.toml", CONFIG);
+    let config = config.to_str().expect("utf8 path");
+    cluster.start_head(&["--num-cpus", "0", "--config", config]);
+    for _ in 0..2 {
+        cluster.start_node(&["--num-cpus", "2", "--resources", r#"{"spot": 1}"#]);
+    }
+    let mut guard = KillOnDrop(spawn_scenario(&["fence"], &cluster.driver_env()));
+    let driver = &mut guard.0;
+    let lines = Lines::read(driver.stdout.take().expect("stdout"));
+    let Some(line) = lines.wait_for_prefix("ACTOR ", Duration::from_secs(120)) else {
+        let _ = driver.kill();
+        let _ = driver.wait();
+        let stderr =
+            std::io::read_to_string(driver.stderr.take().expect("stderr")).unwrap_or_default();
+        panic!("the driver never named its actor's node:\n{stderr}");
+    };
+    let mut words = line.split_whitespace().skip(1);
+    let (node_id, old_pid) = (
+        words.next().expect("node id").to_string(),
+        words
+            .next()
+            .and_then(|p| p.parse::<u32>().ok())
+            .expect("pid"),
+    );
+    let daemon = cluster.status()["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["node_id"] == node_id.as_str())
+        .and_then(|n| n["pid"].as_u64())
+        .unwrap_or_else(|| panic!("no node {node_id}")) as u32;
+    // The daemon stops; its worker (the actor, busy with the slow call)
+    // does not.
+    signal(daemon, Signal::SIGSTOP);
+    let Some(line) = lines.wait_for_prefix("RESULT ", Duration::from_secs(120)) else {
+        signal(daemon, Signal::SIGCONT);
+        let _ = driver.kill();
+        let _ = driver.wait();
+        let stderr =
+            std::io::read_to_string(driver.stderr.take().expect("stderr")).unwrap_or_default();
+        panic!("the driver gave no result:\n{stderr}");
+    };
+    let out = result_of(&line);
+    assert_ne!(
+        out["new_node"], out["old_node"],
+        "restarted elsewhere: {out}"
+    );
+    assert_ne!(out["new_pid"], out["old_pid"], "{out}");
+    assert_eq!(
+        out["slow_answered_by_new"], true,
+        "the call in flight was answered by the new incarnation, not the fenced one: {out}"
+    );
+    // Back from SIGSTOP while the job still runs, the daemon learns it was
+    // declared dead: it stops the old actor's worker before it rejoins, as
+    // a new node.
+    assert!(process_alive(old_pid), "the old instance ran on meanwhile");
+    signal(daemon, Signal::SIGCONT);
+    poll_until(
+        Duration::from_secs(30),
+        "the fenced node's worker to be gone",
+        || (!process_alive(old_pid)).then_some(()),
+    );
+    let rejoined = poll_until(Duration::from_secs(30), "the daemon to rejoin", || {
+        ProcessCluster::node_by_pid(&cluster.status(), daemon, "ALIVE")
+    });
+    assert_ne!(rejoined["node_id"], node_id.as_str(), "a new node id");
+    let status = cluster.status();
+    let alive: Vec<&Value> = status["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter(|n| n["state"] == "ALIVE")
+        .collect();
+    assert_eq!(alive.len(), 3, "the fenced node counted once: {status:#}");
+    assert_eq!(alive.iter().map(|n| cpu(n)).sum::<f64>(), 4.0, "{status:#}");
+    {
+        let mut stdin = driver.stdin.take().expect("stdin");
+        writeln!(stdin, "go").expect("go-ahead");
+    }
+    assert!(driver.wait().expect("driver exit").success());
+    cluster.assert_no_panics();
 }

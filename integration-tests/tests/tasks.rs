@@ -241,7 +241,7 @@ fn a_short_task_never_waits_behind_a_long_one_while_a_worker_is_free() {
     // FT-15: wait(2) over 1500, 10 and 300 ms tasks on 2 CPUs gives
     // [10, 300] every round (the 300 ms task queued behind the 1500 ms one
     // gave [1500, 10] from the second round on), and fib(12) submitted
-    // while a 5 s task runs is not queued behind it.
+    // while a long task runs is not queued behind it.
     for mut env in [local(), local_processes()] {
         env.push(("SHOAL_NUM_CPUS", "2".to_string()));
         let out = scenario(&env, &["head-of-line", "5"]);
@@ -256,7 +256,7 @@ fn a_short_task_never_waits_behind_a_long_one_while_a_worker_is_free() {
         assert_eq!(out["fib"], 144, "{out}");
         assert_eq!(
             out["fib_before_the_sleeper"], true,
-            "fib(12) was queued behind a 5 s task: {out}"
+            "fib(12) was queued behind a long task: {out}"
         );
     }
 }

@@ -66,6 +66,11 @@ impl Actors {
     /// Records a new actor (alive); its name must be free. The spec is kept
     /// when the actor may restart.
     pub fn register(&mut self, mut info: ActorInfo, spec: ActorSpec) -> Result<(), ActorError> {
+        // A retried registration (its reply lost) changes nothing: the
+        // actor may have died or restarted since the first.
+        if self.actors.contains_key(&info.actor_id) {
+            return Ok(());
+        }
         if self.actors.len() >= ACTORS_MAX {
             self.actors.retain(|_, a| a.state == ActorState::Alive);
             if self.actors.len() >= ACTORS_MAX {
@@ -223,6 +228,16 @@ impl Actors {
         incarnation: u32,
         outcome: Result<(Address, u32), String>,
     ) -> (Option<ActorInfo>, Vec<LeaseId>) {
+        // The same report again (its reply was lost): accepted again.
+        if let (Some(actor), Ok((worker, _))) = (self.actors.get(&actor_id), &outcome) {
+            if actor.state == ActorState::Alive
+                && actor.incarnation == incarnation
+                && actor.node_id == node_id
+                && actor.worker == *worker
+            {
+                return (Some(actor.clone()), Vec::new());
+            }
+        }
         let current = self
             .actors
             .get(&actor_id)

@@ -33,10 +33,50 @@ struct State {
     jobs: Jobs,
     actors: Actors,
     objects: crate::objects::Objects,
-    /// Restarts each node is to run, handed over on its next heartbeat.
-    restart_orders: HashMap<NodeId, Vec<RestartActor>>,
-    /// Copies each node is to delete (their primary is gone).
-    delete_orders: HashMap<NodeId, Vec<shoal_proto::ObjectId>>,
+    /// What each node is to do (restart actors, delete copies), handed
+    /// over with its heartbeats' acknowledgments until it says it has them.
+    orders: HashMap<NodeId, NodeOrders>,
+}
+
+/// Orders for one node, numbered, kept until the node acknowledges them: a
+/// lost heartbeat reply loses no order.
+#[derive(Default)]
+struct NodeOrders {
+    /// The newest order's number.
+    seq: u64,
+    restarts: Vec<(u64, RestartActor)>,
+    deletes: Vec<(u64, shoal_proto::ObjectId)>,
+}
+
+/// Deletions held for one node at most (past it, the copies stay until the
+/// node frees them for room).
+const DELETE_ORDERS_MAX: usize = 100_000;
+
+impl NodeOrders {
+    fn restart(&mut self, order: RestartActor) {
+        self.seq += 1;
+        self.restarts.push((self.seq, order));
+    }
+
+    fn delete(&mut self, id: shoal_proto::ObjectId) {
+        if self.deletes.len() < DELETE_ORDERS_MAX {
+            self.seq += 1;
+            self.deletes.push((self.seq, id));
+        }
+    }
+
+    /// Forgets the orders the node has acted on (numbered up to `acked`).
+    fn acked(&mut self, acked: u64) {
+        self.restarts.retain(|(seq, _)| *seq > acked);
+        self.deletes.retain(|(seq, _)| *seq > acked);
+    }
+
+    /// The orders not yet acknowledged, and the newest one's number.
+    fn pending(&self) -> (Vec<RestartActor>, Vec<shoal_proto::ObjectId>, u64) {
+        let restarts = self.restarts.iter().map(|(_, o)| o.clone()).collect();
+        let deletes = self.deletes.iter().map(|(_, id)| *id).collect();
+        (restarts, deletes, self.seq)
+    }
 }
 
 impl State {
@@ -75,6 +115,7 @@ impl State {
                 resources: spec.resources.clone(),
                 preferred_node: None,
                 wait_ms: 0,
+                request_id: 0,
             };
             let Decision::Granted(lease) = self.scheduler.request(&live, &request) else {
                 continue;
@@ -89,10 +130,10 @@ impl State {
                     lease_id: lease.lease_id,
                 },
             );
-            self.restart_orders
+            self.orders
                 .entry(lease.node_id)
                 .or_default()
-                .push(RestartActor {
+                .restart(RestartActor {
                     actor_id: info.actor_id,
                     incarnation: info.incarnation,
                     class: info.class,
@@ -153,8 +194,7 @@ impl HeadService {
                 jobs: Jobs::default(),
                 actors: Actors::default(),
                 objects: crate::objects::Objects::default(),
-                restart_orders: HashMap::new(),
-                delete_orders: HashMap::new(),
+                orders: HashMap::new(),
             }),
             binaries: Mutex::new(Binaries::default()),
             resources_changed: Notify::new(),
@@ -204,8 +244,7 @@ impl HeadService {
     fn node_gone(&self, state: &mut State, node_id: NodeId) {
         state.scheduler.node_died(node_id);
         state.objects.node_died(node_id);
-        state.restart_orders.remove(&node_id);
-        state.delete_orders.remove(&node_id);
+        state.orders.remove(&node_id);
         let died = state.actors.node_died(node_id);
         state.actors_died(died);
     }
@@ -261,28 +300,30 @@ impl HeadService {
     fn register_node(&self, peer: &Peer, info: RegisterNode) -> Result<HeadReply, ServiceError> {
         check_registration(&info)?;
         let address = info.address.clone();
-        // The id is fixed before the certificate is issued, and the node is
-        // admitted only once issuing succeeded.
-        let known = self
-            .state()
-            .membership
-            .registered_with(info.registration_key);
-        let node_id = known.unwrap_or_else(NodeId::random);
-        let cert = self.identity.issue_node_cert(node_id).map_err(|e| {
-            ServiceError::new(
-                ServiceErrorKind::Internal,
-                format!("issuing certificate: {e}"),
-            )
-        })?;
-        {
+        // One registration key, one node, however many times the request
+        // is sent (a lost reply, or retries racing each other): the lookup,
+        // the admission and the certificate for the admitted id happen under
+        // one lock, so no reply ever carries an id that was not stored.
+        let (node_id, cert) = {
             let mut state = self.state();
-            state
+            let id = state
                 .membership
-                .register(node_id, info, Instant::now())
+                .registered_with(info.registration_key)
+                .unwrap_or_else(NodeId::random);
+            let node_id = state
+                .membership
+                .register(id, info, Instant::now())
                 .map_err(|e| ServiceError::new(ServiceErrorKind::Unavailable, e.to_string()))?;
+            let cert = self.identity.issue_node_cert(node_id).map_err(|e| {
+                ServiceError::new(
+                    ServiceErrorKind::Internal,
+                    format!("issuing certificate: {e}"),
+                )
+            })?;
             let live = state.live_nodes();
             state.scheduler.recheck_infeasible(&live);
-        }
+            (node_id, cert)
+        };
         self.resources_changed.notify_waiters();
         info!(%node_id, %address, remote = %peer.remote, "node registered");
         Ok(HeadReply::NodeRegistered(NodeRegistered {
@@ -393,6 +434,7 @@ impl Service for HeadService {
                 object_store_used_bytes,
                 object_changes,
                 objects_pulled,
+                orders_acked,
             } => {
                 peer.require(&[Role::Node])?;
                 resources_available
@@ -412,10 +454,7 @@ impl Service for HeadService {
                             &object_changes[..object_changes.len().min(100_000)],
                         );
                         for (holder, id) in orphans {
-                            let orders = state.delete_orders.entry(holder).or_default();
-                            if orders.len() < 100_000 {
-                                orders.push(id);
-                            }
+                            state.orders.entry(holder).or_default().delete(id);
                         }
                         let dead_workers = &dead_workers[..dead_workers.len().min(10_000)];
                         let mut reclaimed = 0;
@@ -429,10 +468,9 @@ impl Service for HeadService {
                             state.place_restarts();
                         }
                         let finished_jobs = state.jobs.not_running(&jobs[..jobs.len().min(10_000)]);
-                        let restart_actors =
-                            state.restart_orders.remove(&node_id).unwrap_or_default();
-                        let delete_objects =
-                            state.delete_orders.remove(&node_id).unwrap_or_default();
+                        let orders = state.orders.entry(node_id).or_default();
+                        orders.acked(orders_acked);
+                        let (restart_actors, delete_objects, orders_seq) = orders.pending();
                         drop(state);
                         if reclaimed > 0 {
                             self.resources_changed.notify_waiters();
@@ -444,6 +482,7 @@ impl Service for HeadService {
                             finished_jobs,
                             restart_actors,
                             delete_objects,
+                            orders_seq,
                         })
                     }
                     Err(Fenced(node_id)) => Ok(HeadReply::NodeFenced { node_id }),
@@ -648,7 +687,18 @@ impl Service for HeadService {
                     }
                     killed
                 };
-                let (info, _) = killed.ok_or_else(not_found)?;
+                let Some((info, _)) = killed else {
+                    // Killed already (a retried request whose reply was
+                    // lost): the answer is the same.
+                    let dead = self
+                        .state()
+                        .actors
+                        .get(actor_id)
+                        .filter(|a| a.state == ActorState::Dead)
+                        .cloned()
+                        .ok_or_else(not_found)?;
+                    return Ok(HeadReply::Actor(dead));
+                };
                 self.resources_changed.notify_waiters();
                 self.actors_changed.notify_waiters();
                 info!(%actor_id, class = %info.class, "actor killed");
@@ -671,6 +721,25 @@ impl Service for HeadService {
                     })
                     .collect();
                 Ok(HeadReply::ObjectLocations(copies))
+            }
+            HeadRequest::WatchNodeDeaths { after, wait_ms } => {
+                peer.require(&[Role::Driver, Role::Worker])?;
+                let wait = Duration::from_millis(wait_ms).min(LEASE_WAIT_MAX);
+                let deadline = tokio::time::Instant::now() + wait;
+                loop {
+                    // Every node death wakes `actors_changed` (its actors die
+                    // or restart); registered before looking.
+                    let notified = self.actors_changed.notified();
+                    tokio::pin!(notified);
+                    notified.as_mut().enable();
+                    let (seq, nodes) = self.state().membership.deaths_after(after);
+                    if !nodes.is_empty()
+                        || seq < after
+                        || tokio::time::timeout_at(deadline, notified).await.is_err()
+                    {
+                        return Ok(HeadReply::NodeDeaths { seq, nodes });
+                    }
+                }
             }
             HeadRequest::FinishJob { job_id } => {
                 peer.require(&[Role::Driver])?;

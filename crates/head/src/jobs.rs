@@ -41,6 +41,15 @@ pub struct Jobs {
 impl Jobs {
     /// Starts a job under a new id.
     pub fn register(&mut self, request: &RegisterJob, connection_id: u64) -> JobId {
+        // A driver registers one job: a retried request (its reply lost)
+        // gets the job the first one made.
+        let known = self
+            .jobs
+            .iter()
+            .find(|(_, j)| j.running && j.driver.worker_id == request.driver.worker_id);
+        if let Some((id, _)) = known {
+            return *id;
+        }
         let id = JobId::random();
         self.jobs.insert(
             id,
@@ -173,6 +182,10 @@ impl Binaries {
         if *declared != total {
             return Err(UploadError::BadSize(*declared));
         }
+        // The part received last, sent again (its reply was lost).
+        if offset < buf.len() as u64 && offset + data.len() as u64 == buf.len() as u64 {
+            return Ok(false);
+        }
         if offset != buf.len() as u64 {
             return Err(UploadError::OutOfOrder {
                 expected: buf.len() as u64,
@@ -219,6 +232,11 @@ mod tests {
         let hash = sha256_hex(&data);
         let mut b = Binaries::default();
         assert_eq!(b.upload(&hash, 0, 10_000, &data[..4000]), Ok(false));
+        assert_eq!(
+            b.upload(&hash, 0, 10_000, &data[..4000]),
+            Ok(false),
+            "the last part again (its reply lost) is taken once"
+        );
         assert_eq!(
             b.upload(&hash, 0, 10_000, &data[..10]),
             Err(UploadError::OutOfOrder {

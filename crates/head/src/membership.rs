@@ -4,7 +4,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use shoal_proto::head::RegisterNode;
+use shoal_proto::head::{DeadNode, RegisterNode};
 use shoal_proto::{NodeId, NodeState, NodeStatus, ResourceSet};
 
 /// A heartbeat or request from a node that is not a live member.
@@ -38,6 +38,10 @@ pub struct Membership {
     order: Vec<NodeId>,
     /// Dead nodes, oldest first, to forget beyond `dead_kept`.
     dead: VecDeque<NodeId>,
+    /// Deaths numbered in order (the most recent `dead_kept`), for owners
+    /// that watch for them; and the newest number.
+    deaths: VecDeque<(u64, DeadNode)>,
+    deaths_seq: u64,
     nodes_max: usize,
     dead_kept: usize,
 }
@@ -51,6 +55,8 @@ impl Membership {
             keys: HashMap::new(),
             order: Vec::new(),
             dead: VecDeque::new(),
+            deaths: VecDeque::new(),
+            deaths_seq: 0,
             nodes_max,
             dead_kept,
         }
@@ -158,6 +164,17 @@ impl Membership {
         if self.keys.get(&key) == Some(&id) {
             self.keys.remove(&key);
         }
+        self.deaths_seq += 1;
+        self.deaths.push_back((
+            self.deaths_seq,
+            DeadNode {
+                node_id: id,
+                address: entry.info.address.clone(),
+            },
+        ));
+        if self.deaths.len() > self.dead_kept.max(1) {
+            self.deaths.pop_front();
+        }
         self.dead.push_back(id);
         while self.dead.len() > self.dead_kept {
             if let Some(old) = self.dead.pop_front() {
@@ -166,6 +183,18 @@ impl Membership {
             }
         }
         true
+    }
+
+    /// The deaths numbered after `after` (those still kept), and the newest
+    /// number.
+    pub fn deaths_after(&self, after: u64) -> (u64, Vec<DeadNode>) {
+        let nodes = self
+            .deaths
+            .iter()
+            .filter(|(seq, _)| *seq > after)
+            .map(|(_, dead)| dead.clone())
+            .collect();
+        (self.deaths_seq, nodes)
     }
 
     /// Live nodes.
@@ -277,6 +306,31 @@ mod tests {
         let b = reg(&mut m, info(1.0), t0).expect("room");
         assert_ne!(a, b);
         assert_eq!(m.alive_count(), 2);
+    }
+
+    #[test]
+    fn deaths_are_numbered_for_watchers_and_counted_once() {
+        let mut m = Membership::new(10, 2);
+        let t0 = Instant::now();
+        assert_eq!(m.deaths_after(0), (0, vec![]));
+        let ids: Vec<NodeId> = (0..3)
+            .map(|_| reg(&mut m, info(1.0), t0).expect("room"))
+            .collect();
+        assert!(m.unregister(ids[0]));
+        assert!(!m.unregister(ids[0]), "a node dies once");
+        let (seq, dead) = m.deaths_after(0);
+        assert_eq!(seq, 1);
+        assert_eq!(dead.iter().map(|d| d.node_id).collect::<Vec<_>>(), [ids[0]]);
+        assert_eq!(m.deaths_after(seq), (1, vec![]), "nothing new");
+        m.unregister(ids[1]);
+        m.unregister(ids[2]);
+        let (seq, dead) = m.deaths_after(0);
+        assert_eq!(seq, 3);
+        assert_eq!(
+            dead.iter().map(|d| d.node_id).collect::<Vec<_>>(),
+            [ids[1], ids[2]],
+            "only the most recent are kept"
+        );
     }
 
     #[test]

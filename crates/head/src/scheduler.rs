@@ -48,6 +48,9 @@ struct LeaseEntry {
     resources: ResourceSet,
     /// Its worker waits on other tasks: its resources are lent back.
     blocked: bool,
+    /// The request that was granted it, when it carried an id, and the
+    /// grant: a retry of that request gets this lease again.
+    granted_for: Option<(u64, Lease)>,
 }
 
 /// What one node has handed out.
@@ -66,6 +69,8 @@ struct NodeLedger {
 #[derive(Debug, Default)]
 pub struct Scheduler {
     leases: HashMap<LeaseId, LeaseEntry>,
+    /// Leases by the request (owner, request id) they were granted for.
+    by_request: HashMap<(WorkerId, u64), LeaseId>,
     /// Only nodes with running leases have an entry.
     ledgers: HashMap<NodeId, NodeLedger>,
     infeasible: Vec<InfeasibleRequest>,
@@ -113,6 +118,16 @@ impl Scheduler {
 
     /// Tries to place `request` on one of `nodes` (the live nodes).
     pub fn request(&mut self, nodes: &[NodeView], request: &LeaseRequest) -> Decision {
+        // A retry of a request already granted (its reply was lost) gets
+        // the same lease, never a second one.
+        let key = (request.request_id != 0).then_some((request.owner, request.request_id));
+        if let Some(granted) = key
+            .and_then(|k| self.by_request.get(&k))
+            .and_then(|id| self.leases.get(id))
+            .and_then(|l| l.granted_for.as_ref())
+        {
+            return Decision::Granted(granted.1.clone());
+        }
         let can_ever_fit = nodes
             .iter()
             .any(|n| fits(&request.resources, |r| n.total.get(r)));
@@ -135,25 +150,31 @@ impl Scheduler {
             return Decision::Wait;
         };
         let lease_id = LeaseId::random();
-        self.debit(node.node_id, &request.resources);
+        let (node_id, node_address) = (node.node_id, node.address.clone());
+        self.debit(node_id, &request.resources);
+        let room_for_another = nodes.iter().any(|n| self.has_room(n, &request.resources));
+        let lease = Lease {
+            lease_id,
+            node_id,
+            node_address,
+            resources: request.resources.clone(),
+            room_for_another,
+        };
+        if let Some(key) = key {
+            self.by_request.insert(key, lease_id);
+        }
         self.leases.insert(
             lease_id,
             LeaseEntry {
-                node_id: node.node_id,
+                node_id,
                 job_id: request.job_id,
                 owner: request.owner,
                 resources: request.resources.clone(),
                 blocked: false,
+                granted_for: key.map(|(_, id)| (id, lease.clone())),
             },
         );
-        let room_for_another = nodes.iter().any(|n| self.has_room(n, &request.resources));
-        Decision::Granted(Lease {
-            lease_id,
-            node_id: node.node_id,
-            node_address: node.address.clone(),
-            resources: request.resources.clone(),
-            room_for_another,
-        })
+        Decision::Granted(lease)
     }
 
     fn note_infeasible(&mut self, request: &LeaseRequest) {
@@ -175,6 +196,9 @@ impl Scheduler {
         let Some(lease) = self.leases.remove(&lease_id) else {
             return false;
         };
+        if let Some((request_id, _)) = &lease.granted_for {
+            self.by_request.remove(&(lease.owner, *request_id));
+        }
         if !lease.blocked {
             self.credit(lease.node_id, &lease.resources);
         }
@@ -343,6 +367,7 @@ mod tests {
             resources,
             preferred_node: None,
             wait_ms: 0,
+            request_id: 0,
         }
     }
 
@@ -480,6 +505,40 @@ mod tests {
         ));
         assert_eq!(s.node_died(nodes[0].node_id), 1);
         assert_eq!(s.lease_count(), 0);
+    }
+
+    #[test]
+    fn a_retried_request_gets_the_lease_it_was_granted_not_a_second() {
+        let nodes = vec![node(2.0)];
+        let mut s = Scheduler::new();
+        let mut r = request(1.0);
+        r.request_id = 7;
+        let Decision::Granted(first) = s.request(&nodes, &r) else {
+            panic!("fits")
+        };
+        let Decision::Granted(again) = s.request(&nodes, &r) else {
+            panic!("the same lease")
+        };
+        assert_eq!(first, again, "a retry after a lost reply");
+        assert_eq!(s.lease_count(), 1, "no second lease");
+        assert_eq!(s.allocated(nodes[0].node_id).get(CPU), 1.0);
+        r.request_id = 8;
+        let Decision::Granted(other) = s.request(&nodes, &r) else {
+            panic!("fits")
+        };
+        assert_ne!(
+            other.lease_id, first.lease_id,
+            "another request, another lease"
+        );
+        assert!(s.release(first.lease_id));
+        r.request_id = 7;
+        let Decision::Granted(late) = s.request(&nodes, &r) else {
+            panic!("fits again")
+        };
+        assert_ne!(
+            late.lease_id, first.lease_id,
+            "a returned lease is never handed out again"
+        );
     }
 
     #[test]
@@ -714,6 +773,7 @@ mod tests {
                     resources: shape(REQUEST_CPU[cpu], REQUEST_GPU[gpu]),
                     preferred_node: every.get(preferred % (every.len() + 1)).copied(),
                     wait_ms: 0,
+                    request_id: 0,
                 };
                 let feasible = m.live.iter().any(|n| fits_total(n, &req.resources));
                 let roomy: Vec<NodeId> = m

@@ -129,4 +129,17 @@ impl RpcError {
     pub fn is_connection_lost(&self) -> bool {
         matches!(self, RpcError::Connection(_))
     }
+
+    /// True when the exchange ended without an answer on a connection that
+    /// may still work (a lost request or reply, a timeout, a broken stream):
+    /// an idempotent request may be sent again.
+    pub fn is_worth_retrying(&self) -> bool {
+        matches!(
+            self,
+            RpcError::Injected(_)
+                | RpcError::Timeout(_)
+                | RpcError::Stream(_)
+                | RpcError::IdMismatch { .. }
+        )
+    }
 }

@@ -404,6 +404,10 @@ pub(crate) async fn answer<S: Service>(
     }
 }
 
+/// Tries of a control request whose exchange failed without an answer
+/// ([`RpcClient::call_idempotent`]).
+pub const CONTROL_ATTEMPTS: u32 = 4;
+
 /// A request sent, its reply still to come.
 pub struct InFlight<Rep> {
     id: u64,
@@ -582,6 +586,29 @@ impl<Req: Serialize + Sync, Rep: DeserializeOwned> RpcClient<Req, Rep> {
             None => Ok(None),
             Some((Fault::Request, message)) => Err(RpcError::Injected(message)),
             Some((Fault::Reply, message)) => Ok(Some(message)),
+        }
+    }
+
+    /// Sends an idempotent `request` (every control request is: see the
+    /// reliability rules in the architecture notes), trying again when the
+    /// exchange ended without an answer: a request or reply lost (injected
+    /// faults too), a timeout, a broken stream. Up to [`CONTROL_ATTEMPTS`]
+    /// tries, `timeout` each, with a short backoff. A typed answer from the
+    /// service ends it at once, and so does a lost connection (the caller
+    /// connects again and decides).
+    pub async fn call_idempotent(&self, request: &Req, timeout: Duration) -> Result<Rep, RpcError> {
+        let mut backoff = Duration::from_millis(20);
+        let mut tried = 1;
+        loop {
+            match self.call(request, timeout).await {
+                Err(e) if tried < CONTROL_ATTEMPTS && e.is_worth_retrying() => {
+                    debug!(remote = %self.remote, error = %e, tried, "control request failed; trying again");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                    tried += 1;
+                }
+                other => return other,
+            }
         }
     }
 

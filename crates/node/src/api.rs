@@ -189,11 +189,18 @@ impl Service for NodeService {
                     let head = self.head.borrow().clone();
                     if let Some(head) = head {
                         let tell = shoal_proto::HeadRequest::LeaseBlocked { lease_id, blocked };
-                        head.call(&tell, std::time::Duration::from_secs(10))
-                            .await
-                            .map_err(|e| {
-                                ServiceError::new(ServiceErrorKind::Unavailable, e.to_string())
-                            })?;
+                        let told = head
+                            .call_idempotent(&tell, std::time::Duration::from_secs(10))
+                            .await;
+                        if let Err(e) = told {
+                            // Undone, so the worker's retry tells the head
+                            // again: the pool and the head stay in step.
+                            self.pool.set_blocked(worker_id, !blocked);
+                            return Err(ServiceError::new(
+                                ServiceErrorKind::Unavailable,
+                                e.to_string(),
+                            ));
+                        }
                     }
                 }
                 Ok(NodeReply::Ok)

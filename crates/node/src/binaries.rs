@@ -79,7 +79,10 @@ impl BinaryCache {
                 offset,
                 len: CHUNK_BYTES,
             };
-            let (total, data) = match head.call(&request, Duration::from_secs(60)).await {
+            let (total, data) = match head
+                .call_idempotent(&request, Duration::from_secs(60))
+                .await
+            {
                 Ok(HeadReply::BinaryChunk { total, data }) => (total, data),
                 Ok(other) => {
                     return Err(format!(

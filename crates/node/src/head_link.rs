@@ -52,6 +52,11 @@ impl<T: Transport + Clone> HeadLink<'_, T> {
         // Same key for every retry of one registration, so a lost reply does
         // not make a phantom second node; a new key once fenced.
         let mut registration_key = new_key();
+        // The head sends its orders until acknowledged; each is acted on
+        // once (a restart order may arrive again if our acknowledgment was
+        // lost).
+        let mut orders_acked = 0u64;
+        let mut restarts_seen = Seen::default();
         while !shutdown.is_cancelled() {
             let Some(head) = client.clone() else {
                 let Some(connected) = shutdown.run_until_cancelled(self.connect()).await else {
@@ -108,6 +113,7 @@ impl<T: Transport + Clone> HeadLink<'_, T> {
                 object_store_used_bytes: self.store_used(),
                 object_changes: object_changes.clone(),
                 objects_pulled: self.transfers.pulled(),
+                orders_acked,
             };
             let Some(reply) = shutdown
                 .run_until_cancelled(head.call(&beat, self.config.head_request_timeout))
@@ -120,14 +126,19 @@ impl<T: Transport + Clone> HeadLink<'_, T> {
                     finished_jobs,
                     restart_actors,
                     delete_objects,
+                    orders_seq,
                 }) => {
                     failures = 0;
+                    orders_acked = orders_seq;
                     self.store().delete_copies(&delete_objects);
                     if !finished_jobs.is_empty() {
                         info!(jobs = ?finished_jobs, "jobs finished; stopping their workers");
                         self.pool.finish_jobs(&finished_jobs);
                     }
                     for order in restart_actors {
+                        if !restarts_seen.first(order.actor_id, order.incarnation) {
+                            continue;
+                        }
                         tokio::spawn(restart_actor(
                             order,
                             node_id,
@@ -138,9 +149,14 @@ impl<T: Transport + Clone> HeadLink<'_, T> {
                     }
                 }
                 Ok(HeadReply::NodeFenced { .. }) => {
-                    warn!(%node_id, "the head does not know this node (it restarted, or declared it dead); joining again as a new node");
-                    self.node_id.send_replace(None);
+                    warn!(%node_id, "the head does not know this node (it restarted, or declared it dead); stopping every worker and freeing every object, then joining again as a new node");
+                    // Fenced: the head has placed this node's work elsewhere
+                    // (restarted its actors, retried its tasks), so nothing
+                    // of it may go on: never two live instances of an actor.
+                    self.fence();
                     registration_key = new_key();
+                    orders_acked = 0;
+                    restarts_seen = Seen::default();
                     continue;
                 }
                 Ok(other) => warn!(reply = ?other, "unexpected reply to a heartbeat"),
@@ -163,6 +179,20 @@ impl<T: Transport + Clone> HeadLink<'_, T> {
             }
         }
         self.leave(client).await;
+    }
+
+    /// Ends everything this node ran under its old id, before it rejoins.
+    fn fence(&self) {
+        let workers = self.pool.worker_count();
+        // Their exits are reported with the next heartbeats, so the leases
+        // they held as owners elsewhere are reclaimed.
+        self.pool.stop_all();
+        let objects = self.store().clear();
+        info!(
+            workers,
+            objects, "fenced: stopped the workers and freed the objects of the old node"
+        );
+        self.node_id.send_replace(None);
     }
 
     fn store(&self) -> std::sync::MutexGuard<'_, crate::object_store::ObjectStore> {
@@ -200,7 +230,7 @@ impl<T: Transport + Clone> HeadLink<'_, T> {
             object_store_capacity_bytes: self.store_capacity,
         });
         match head
-            .call(&request, self.config.head_request_timeout)
+            .call_idempotent(&request, self.config.head_request_timeout)
             .await?
         {
             HeadReply::NodeRegistered(registered) => Ok((registered, ip)),
@@ -262,14 +292,38 @@ impl<T: Transport + Clone> HeadLink<'_, T> {
             return;
         };
         let bye = HeadRequest::UnregisterNode { node_id };
-        if let Err(e) = head.call(&bye, Duration::from_secs(2)).await {
+        if let Err(e) = head.call_idempotent(&bye, Duration::from_secs(2)).await {
             debug!(error = %e, "could not tell the head we are leaving");
         }
         head.close();
     }
 }
 
-/// A random non-zero registration key.
+/// Restart orders acted on, by actor and incarnation (the most recent few).
+#[derive(Default)]
+struct Seen {
+    order: std::collections::VecDeque<(shoal_proto::ActorId, u32)>,
+    set: std::collections::HashSet<(shoal_proto::ActorId, u32)>,
+}
+
+impl Seen {
+    const KEPT: usize = 4096;
+
+    /// True the first time this restart is seen.
+    fn first(&mut self, actor_id: shoal_proto::ActorId, incarnation: u32) -> bool {
+        if !self.set.insert((actor_id, incarnation)) {
+            return false;
+        }
+        self.order.push_back((actor_id, incarnation));
+        if self.order.len() > Self::KEPT {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        true
+    }
+}
+
 /// Runs an actor's constructor again in a new worker, as the head ordered,
 /// and reports the outcome. A worker the head does not take is stopped.
 async fn restart_actor<T: Transport>(
@@ -346,8 +400,10 @@ async fn restart_actor<T: Transport>(
         pid,
         failure: failure.clone(),
     };
+    // Idempotent: a report whose reply was lost is sent again, and the head
+    // answers it the same (it must not stop a worker the head made alive).
     let accepted = matches!(
-        head.call(&report, Duration::from_secs(30)).await,
+        head.call_idempotent(&report, Duration::from_secs(30)).await,
         Ok(HeadReply::RestartAccepted { accepted: true })
     );
     if accepted {
@@ -363,6 +419,7 @@ async fn restart_actor<T: Transport>(
 /// Longest a restarted actor's constructor may run.
 const ACTOR_CREATE_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// A random non-zero registration key.
 fn new_key() -> u64 {
     shoal_proto::NodeId::random().as_uuid().as_u64_pair().0 | 1
 }

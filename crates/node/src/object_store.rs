@@ -500,6 +500,10 @@ impl ObjectStore {
         if entry.total != total {
             return Err(bad(format!("size changed from {} to {total}", entry.total)));
         }
+        // The part written last, sent again (its reply was lost): written.
+        if offset < written && offset + data.len() as u64 == written {
+            return Ok(false);
+        }
         if offset != written {
             return Err(bad(format!("expected offset {written}, got {offset}")));
         }
@@ -683,6 +687,17 @@ impl ObjectStore {
                 }
             }
         }
+    }
+
+    /// Frees every object: the node was fenced (declared dead), so its
+    /// copies count for nothing (owners rebuilt or gave them up), and it
+    /// rejoins as a new node with an empty store. No change is reported:
+    /// the head forgot the old node's copies with it.
+    pub fn clear(&mut self) -> usize {
+        let ids: Vec<ObjectId> = self.objects.keys().copied().collect();
+        self.delete(&ids);
+        self.changes.clear();
+        ids.len()
     }
 
     /// Deletes the pulled copies among `ids` (their primary is gone).
@@ -899,6 +914,30 @@ mod tests {
         assert_eq!(s.used(), 0);
         assert!(s.is_empty());
         assert!(!s.path(id).exists());
+    }
+
+    #[test]
+    fn a_part_and_a_creation_sent_again_are_done_once() {
+        let (_d, mut s) = store(100);
+        let id = TaskId::fresh().return_object(0);
+        let path = s.create(id, 10, None).expect("created");
+        assert_eq!(s.create(id, 10, None).expect("again"), path, "same file");
+        assert_eq!(s.used(), 10, "reserved once");
+        s.delete(&[id]);
+        let id = TaskId::fresh().return_object(0);
+        assert_eq!(s.put(id, 0, 10, b"hello", None), Ok(false));
+        assert_eq!(
+            s.put(id, 0, 10, b"hello", None),
+            Ok(false),
+            "the last part again (its reply lost)"
+        );
+        assert!(
+            s.put(id, 3, 10, b"lowo", None).is_err(),
+            "a part overlapping what is written and going past it"
+        );
+        assert_eq!(s.put(id, 5, 10, b"world", None), Ok(true));
+        assert_eq!(read_all(&mut s, id), b"helloworld");
+        assert_eq!(s.used(), 10);
     }
 
     #[test]

@@ -205,6 +205,13 @@ async fn pump_lines(
     }
 }
 
+/// A grant's worker being started: by this grant, or by an earlier try of
+/// the same lease.
+enum Started {
+    New(oneshot::Receiver<Result<String, String>>),
+    Again(oneshot::Receiver<Result<String, String>>),
+}
+
 enum WorkerState {
     /// Started, not registered yet; these wait for its address.
     Starting(Vec<oneshot::Sender<Result<String, String>>>),
@@ -327,58 +334,80 @@ impl WorkerPool {
         let detached = tenancy == Tenancy::Detached;
         let (worker_id, started) = {
             let mut state = self.state();
+            // A retried grant (its reply lost, or given up while the
+            // worker started) gets the worker of the first, once it serves.
             if let Some((worker_id, _)) = state.leases.get(&lease_id) {
                 let worker_id = *worker_id;
-                return match state.workers.get_mut(&worker_id) {
+                match state.workers.get_mut(&worker_id) {
                     Some(WorkerEntry {
                         address: Some(address),
                         ..
-                    }) => Ok(Address {
-                        worker_id,
-                        address: address.clone(),
-                    }),
-                    _ => Err(unavailable(
-                        "the worker for this lease is still starting; ask again",
-                    )),
-                };
-            }
-            // The head's ledger places leases; the node trusts them (after a
-            // blocked task resumes it may run past capacity for a while, as
-            // the head allows) and refuses only what it could never hold.
-            if !fits(&resources, &ResourceSet::new(), &self.config.total) {
-                return Err(ServiceError::new(
-                    ServiceErrorKind::BadRequest,
-                    format!(
-                        "this node offers {:?}; a lease of {resources:?} cannot run here",
-                        self.config.total
-                    ),
-                ));
-            }
-            state.allocated.add(&resources);
-            let idle = state.workers.iter().find_map(|(id, w)| {
-                (!dedicated && w.job_id == job_id && matches!(w.state, WorkerState::Idle(_)))
-                    .then_some(*id)
-            });
-            match idle {
-                Some(worker_id) => {
-                    state.leases.insert(lease_id, (worker_id, resources));
-                    let entry = state
-                        .workers
-                        .get_mut(&worker_id)
-                        .ok_or_else(|| unavailable("worker vanished"))?;
-                    entry.state = WorkerState::Leased(lease_id);
-                    let address = entry.address.clone().unwrap_or_default();
-                    return Ok(Address { worker_id, address });
+                    }) => {
+                        return Ok(Address {
+                            worker_id,
+                            address: address.clone(),
+                        })
+                    }
+                    Some(WorkerEntry {
+                        state: WorkerState::Starting(waiters),
+                        ..
+                    }) => {
+                        let (tx, rx) = oneshot::channel();
+                        waiters.push(tx);
+                        (worker_id, Started::Again(rx))
+                    }
+                    _ => return Err(unavailable("the worker for this lease is gone")),
                 }
-                None => {
-                    let worker_id = WorkerId::random();
-                    let (mut entry, rx) = WorkerEntry::starting(job_id);
-                    entry.dedicated = dedicated;
-                    entry.detached = detached;
-                    state.workers.insert(worker_id, entry);
-                    state.leases.insert(lease_id, (worker_id, resources));
-                    (worker_id, rx)
+            } else {
+                // The head's ledger places leases; the node trusts them (after a
+                // blocked task resumes it may run past capacity for a while, as
+                // the head allows) and refuses only what it could never hold.
+                if !fits(&resources, &ResourceSet::new(), &self.config.total) {
+                    return Err(ServiceError::new(
+                        ServiceErrorKind::BadRequest,
+                        format!(
+                            "this node offers {:?}; a lease of {resources:?} cannot run here",
+                            self.config.total
+                        ),
+                    ));
                 }
+                state.allocated.add(&resources);
+                let idle = state.workers.iter().find_map(|(id, w)| {
+                    (!dedicated && w.job_id == job_id && matches!(w.state, WorkerState::Idle(_)))
+                        .then_some(*id)
+                });
+                match idle {
+                    Some(worker_id) => {
+                        state.leases.insert(lease_id, (worker_id, resources));
+                        let entry = state
+                            .workers
+                            .get_mut(&worker_id)
+                            .ok_or_else(|| unavailable("worker vanished"))?;
+                        entry.state = WorkerState::Leased(lease_id);
+                        let address = entry.address.clone().unwrap_or_default();
+                        return Ok(Address { worker_id, address });
+                    }
+                    None => {
+                        let worker_id = WorkerId::random();
+                        let (mut entry, rx) = WorkerEntry::starting(job_id);
+                        entry.dedicated = dedicated;
+                        entry.detached = detached;
+                        state.workers.insert(worker_id, entry);
+                        state.leases.insert(lease_id, (worker_id, resources));
+                        (worker_id, Started::New(rx))
+                    }
+                }
+            }
+        };
+        let started = match started {
+            Started::New(rx) => rx,
+            Started::Again(rx) => {
+                let address = tokio::time::timeout(self.config.start_timeout, rx)
+                    .await
+                    .map_err(|_| unavailable("the worker for this lease did not start in time"))?
+                    .map_err(|_| unavailable("the worker for this lease is gone"))?
+                    .map_err(|e| unavailable(format!("worker failed to start: {e}")))?;
+                return Ok(Address { worker_id, address });
             }
         };
         match self
@@ -386,11 +415,32 @@ impl WorkerPool {
             .await
         {
             Ok(address) => {
-                {
+                let released = {
                     let mut state = self.state();
+                    // The lease may have been released while the worker
+                    // started (its holder gave up waiting): the worker is
+                    // then idle, or stopped if it was to serve that lease
+                    // alone, never left leased to nobody.
+                    let still = state
+                        .leases
+                        .get(&lease_id)
+                        .is_some_and(|(w, _)| *w == worker_id);
                     if let Some(entry) = state.workers.get_mut(&worker_id) {
-                        entry.state = WorkerState::Leased(lease_id);
+                        entry.state = if still {
+                            WorkerState::Leased(lease_id)
+                        } else {
+                            WorkerState::Idle(Instant::now())
+                        };
                     }
+                    !still
+                };
+                if released {
+                    if dedicated {
+                        self.remove_worker(worker_id);
+                    }
+                    return Err(unavailable(
+                        "the lease was released while its worker started",
+                    ));
                 }
                 if !dedicated {
                     self.prestart(job_id, binary_hash.to_string(), driver);
@@ -528,6 +578,10 @@ impl WorkerPool {
             )
         })?;
         let WorkerState::Starting(waiters) = &mut entry.state else {
+            // The same registration again (its reply was lost) is fine.
+            if entry.address.as_deref() == Some(address.as_str()) {
+                return Ok(());
+            }
             return Err(ServiceError::new(
                 ServiceErrorKind::BadRequest,
                 "worker already registered",

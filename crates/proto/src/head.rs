@@ -34,6 +34,10 @@ pub enum HeadRequest {
         /// Objects the node has pulled from other nodes since it started.
         #[serde(default)]
         objects_pulled: u64,
+        /// The `orders_seq` of the last acknowledgment the node acted on:
+        /// the head sends orders again until they are acknowledged.
+        #[serde(default)]
+        orders_acked: u64,
     },
     /// A node daemon leaves on purpose (graceful stop).
     UnregisterNode {
@@ -150,6 +154,16 @@ pub enum HeadRequest {
     FinishJob {
         /// The job.
         job_id: JobId,
+    },
+    /// The nodes declared dead after the `after`th death the head counted,
+    /// held up to `wait_ms` while there is none: owners and callers stop
+    /// using a dead node's workers (its late results are rejected), even
+    /// when they can still reach it. Answered [`HeadReply::NodeDeaths`].
+    WatchNodeDeaths {
+        /// The newest death the caller knows (0: none).
+        after: u64,
+        /// How long the head may hold the request.
+        wait_ms: u64,
     },
 }
 
@@ -342,6 +356,10 @@ pub struct LeaseRequest {
     pub preferred_node: Option<NodeId>,
     /// How long the head may hold the request waiting for resources.
     pub wait_ms: u64,
+    /// The same for every try of one request (0: none): a retry after a
+    /// lost reply gets the lease the first try was granted, not a second.
+    #[serde(default)]
+    pub request_id: u64,
 }
 
 /// A granted lease.
@@ -409,6 +427,11 @@ pub enum HeadReply {
         /// Copies to delete: their primary copy is gone.
         #[serde(default)]
         delete_objects: Vec<ObjectId>,
+        /// The newest order's number: orders are sent with every
+        /// acknowledgment until the node's `orders_acked` reaches it (a
+        /// lost reply loses no order; the node acts on each once).
+        #[serde(default)]
+        orders_seq: u64,
     },
     /// The node is not (or no longer) a member: it was declared dead, or the
     /// head restarted. The node must register again, as a new node.
@@ -466,6 +489,24 @@ pub enum HeadReply {
         /// Taken.
         accepted: bool,
     },
+    /// Nodes declared dead, oldest first.
+    NodeDeaths {
+        /// The newest death's number: the next request's `after`.
+        seq: u64,
+        /// The dead nodes after the request's `after` (the head keeps the
+        /// most recent ones only; a caller far behind gets those).
+        nodes: Vec<DeadNode>,
+    },
+}
+
+/// A node the head declared dead (or that left).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct DeadNode {
+    /// Its id in the incarnation that died.
+    pub node_id: NodeId,
+    /// The address it served on.
+    pub address: String,
 }
 
 /// The head's welcome to a new node.

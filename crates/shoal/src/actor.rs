@@ -225,6 +225,7 @@ impl Location {
         core.watches.watch(
             core,
             &location.node,
+            None,
             location.worker.worker_id,
             location.dead.clone(),
         );
@@ -382,7 +383,11 @@ impl RawActor {
                 known_incarnation: Some(known.incarnation),
                 wait_ms: 5000,
             };
-            match core.head.call(&ask, Duration::from_secs(30)).await {
+            match core
+                .head
+                .call_idempotent(&ask, Duration::from_secs(30))
+                .await
+            {
                 Ok(HeadReply::Actor(info)) => match info.state {
                     shoal_proto::ActorState::Dead => {
                         self.caller.gone.cancel();
@@ -580,6 +585,9 @@ async fn create_raw(
         .resolve_args(&class, task_id, args)
         .await
         .map_err(Error::from_failure)?;
+    // One request id for all tries: a retry after a lost grant gets that
+    // grant, so no lease leaks.
+    let request_id = crate::lease::fresh_request_id();
     let lease = loop {
         let request = HeadRequest::RequestLease(LeaseRequest {
             job_id: core.job_id,
@@ -587,8 +595,13 @@ async fn create_raw(
             resources: resources.clone(),
             preferred_node: Some(core.home.node_id),
             wait_ms: 2000,
+            request_id,
         });
-        match core.head.call(&request, Duration::from_secs(15)).await? {
+        match core
+            .head
+            .call_idempotent(&request, Duration::from_secs(15))
+            .await?
+        {
             HeadReply::LeaseGranted(lease) => break lease,
             HeadReply::LeasePending { infeasible: true } => {
                 tracing::warn!(%class, ?resources, "no node can ever fit this actor; it waits (see `shoal status`)");
@@ -602,15 +615,24 @@ async fn create_raw(
             }
         }
     };
-    let node = core.node(&lease.node_address).await?;
+    let node = match core.node(&lease.node_address).await {
+        Ok(node) => node,
+        Err(e) => {
+            crate::lease::return_to_head(core, lease.lease_id).await;
+            return Err(e);
+        }
+    };
     let detached = options.detached;
     let grant = crate::lease::grant_request(core, &lease, (true, detached));
-    let worker = match node.call(&grant, Duration::from_secs(90)).await? {
-        NodeReply::WorkerGranted { worker } => worker,
+    let worker = match node.call_idempotent(&grant, Duration::from_secs(90)).await {
+        Ok(NodeReply::WorkerGranted { worker }) => worker,
         other => {
-            return Err(Error::Protocol(format!(
-                "{other:?} in answer to GrantWorker"
-            )))
+            // The node may have granted a worker we never heard of.
+            crate::lease::release_lease(core, &node, lease.lease_id, true).await;
+            return Err(match other {
+                Err(e) => e.into(),
+                Ok(other) => Error::Protocol(format!("{other:?} in answer to GrantWorker")),
+            });
         }
     };
     let node_address = node_address(&node);
@@ -679,7 +701,7 @@ async fn create_raw(
     };
     match core
         .head
-        .call(
+        .call_idempotent(
             &HeadRequest::RegisterActor {
                 info: info.clone(),
                 spec,
@@ -710,8 +732,12 @@ pub(crate) fn get_named<A: Actor>(name: &str, namespace: &str) -> Result<ActorHa
         name: name.to_string(),
     };
     let core2 = Arc::clone(&core);
-    let reply =
-        core.block_on(async move { Ok(core2.head.call(&ask, Duration::from_secs(30)).await) })?;
+    let reply = core.block_on(async move {
+        Ok(core2
+            .head
+            .call_idempotent(&ask, Duration::from_secs(30))
+            .await)
+    })?;
     let info = match reply {
         Ok(HeadReply::Actor(info)) => info,
         Ok(other) => {
@@ -743,7 +769,7 @@ pub(crate) fn get_named<A: Actor>(name: &str, namespace: &str) -> Result<ActorHa
 async fn stop_actor(core: &Arc<Core>, actor_id: ActorId, no_restart: bool) -> Result<()> {
     let info = match core
         .head
-        .call(
+        .call_idempotent(
             &HeadRequest::KillActor {
                 actor_id,
                 no_restart,
@@ -756,7 +782,7 @@ async fn stop_actor(core: &Arc<Core>, actor_id: ActorId, no_restart: bool) -> Re
         other => return Err(Error::Protocol(format!("{other:?} in answer to KillActor"))),
     };
     let node = core.node(&info.node_address).await?;
-    node.call(
+    node.call_idempotent(
         &NodeRequest::KillWorker {
             worker_id: info.worker.worker_id,
         },
@@ -1080,6 +1106,17 @@ fn judge_reply(
     location: &Location,
 ) -> Sent {
     match reply {
+        // A late answer from a node the head declared dead: the actor lives
+        // on elsewhere (or is dead), and this instance is fenced.
+        Ok(WorkerReply::TaskDone(reply))
+            if crate::core::try_get().is_some_and(|core| core.watches.is_dead(reply.node_id)) =>
+        {
+            location.dead.cancel();
+            Sent::Lost(format!(
+                "its node {} was declared dead; its answer is not used",
+                reply.node_id
+            ))
+        }
         Ok(WorkerReply::TaskDone(reply)) => Sent::Done(match reply.outcome {
             TaskOutcome::Inline(bytes) => ObjState::Inline(Arc::new(bytes)),
             TaskOutcome::Stored(at) => ObjState::Stored(at),

@@ -656,7 +656,7 @@ impl Core {
             offset: 0,
             len: 1,
         };
-        match node.call(&read, CONTROL_TIMEOUT).await? {
+        match node.call_idempotent(&read, CONTROL_TIMEOUT).await? {
             NodeReply::ObjectChunk { .. } => Ok(()),
             other => Err(Error::Protocol(format!(
                 "{other:?} in answer to ReadObject"
@@ -813,6 +813,20 @@ impl Core {
                 _ = leased.lost.cancelled() => Err(shoal_net::RpcError::Stream("the worker exited".into())),
             };
             match reply {
+                Ok(WorkerReply::TaskDone(reply)) if self.watches.is_dead(reply.node_id) => {
+                    // A late result from a node the head declared dead: its
+                    // task may be running again elsewhere already.
+                    warn!(%task_id, function = function.name, node = %reply.node_id, "rejected a result from a node declared dead");
+                    self.leases.discard(self, leased);
+                    if attempt >= options.max_retries {
+                        return ObjState::Failed(failure(
+                            FailureKind::WorkerCrashed,
+                            format!("its node {} was declared dead", reply.node_id),
+                            attempt + 1,
+                        ));
+                    }
+                    attempt += 1;
+                }
                 Ok(WorkerReply::TaskDone(reply)) => {
                     kind.ran_for(reply.run_us);
                     self.leases.release(self, &place);
@@ -897,7 +911,10 @@ impl Core {
                 id,
                 wait_ms: 10_000,
             };
-            match owner_client.call(&ask, Duration::from_secs(20)).await {
+            match owner_client
+                .call_idempotent(&ask, Duration::from_secs(20))
+                .await
+            {
                 Ok(WorkerReply::Object(ObjectValue::NotReady)) => continue,
                 Ok(WorkerReply::Object(ObjectValue::Inline(bytes))) => {
                     return ObjState::Inline(Arc::new(bytes))
@@ -983,7 +1000,7 @@ impl Core {
         let tell = NodeRequest::WorkerBlocked { worker_id, blocked };
         match self.node(&self.home.address).await {
             Ok(node) => {
-                if let Err(e) = node.call(&tell, CONTROL_TIMEOUT).await {
+                if let Err(e) = node.call_idempotent(&tell, CONTROL_TIMEOUT).await {
                     debug!(error = %e, "could not tell the node the worker is blocked");
                 }
             }
@@ -1100,7 +1117,10 @@ impl Core {
                     return None;
                 }
                 let node = self.node(&self.home.address).await.ok()?;
-                match node.call(&NodeRequest::GetNodeInfo, CONTROL_TIMEOUT).await {
+                match node
+                    .call_idempotent(&NodeRequest::GetNodeInfo, CONTROL_TIMEOUT)
+                    .await
+                {
                     Ok(NodeReply::NodeInfo { store_dir, .. }) if !store_dir.is_empty() => {
                         let dir = std::path::PathBuf::from(store_dir);
                         dir.is_dir().then_some(dir)
@@ -1131,7 +1151,7 @@ impl Core {
                 priority,
             }
         };
-        let (path, size) = match node.call(&ask, PULL_TIMEOUT).await {
+        let (path, size) = match node.call_idempotent(&ask, PULL_TIMEOUT).await {
             Ok(NodeReply::ObjectFile { path, size }) => (path, size),
             Ok(other) => {
                 tracing::debug!(%id, reply = ?other, "unexpected answer to an object request");
@@ -1215,7 +1235,7 @@ impl Core {
     async fn other_copies(&self, id: ObjectId, at: &StoredAt) -> Vec<StoredAt> {
         match self
             .head
-            .call(&HeadRequest::LocateObject { id }, CONTROL_TIMEOUT)
+            .call_idempotent(&HeadRequest::LocateObject { id }, CONTROL_TIMEOUT)
             .await
         {
             Ok(HeadReply::ObjectLocations(copies)) => copies
@@ -1251,7 +1271,7 @@ impl Core {
                 offset: bytes.len() as u64,
                 len: CHUNK_BYTES,
             };
-            match node.call(&read, CONTROL_TIMEOUT).await {
+            match node.call_idempotent(&read, CONTROL_TIMEOUT).await {
                 Ok(NodeReply::ObjectChunk { data, .. }) if !data.is_empty() => {
                     bytes.extend_from_slice(&data)
                 }
@@ -1285,7 +1305,7 @@ impl Core {
         let mut room = RoomWait::default();
         loop {
             let create = NodeRequest::CreateObject { id, total, owner };
-            match node.call(&create, CONTROL_TIMEOUT).await {
+            match node.call_idempotent(&create, CONTROL_TIMEOUT).await {
                 Ok(NodeReply::ObjectFile { path, .. }) => {
                     return Ok(Some(LocalFile::Fill(path.into())))
                 }
@@ -1309,7 +1329,7 @@ impl Core {
     /// Seals an object whose file this process filled.
     pub(crate) async fn seal_local(&self, id: ObjectId) -> Result<()> {
         let node = self.node(&self.home.address).await?;
-        node.call(&NodeRequest::SealObject { id }, CONTROL_TIMEOUT)
+        node.call_idempotent(&NodeRequest::SealObject { id }, CONTROL_TIMEOUT)
             .await?;
         Ok(())
     }
@@ -1407,7 +1427,7 @@ impl Core {
                 total,
                 data: bytes[offset..end].to_vec(),
             };
-            match node.call(&put, CONTROL_TIMEOUT).await {
+            match node.call_idempotent(&put, CONTROL_TIMEOUT).await {
                 Ok(NodeReply::ObjectWritten { sealed: true }) => break,
                 Ok(NodeReply::ObjectWritten { sealed: false }) => offset = end,
                 Ok(other) => {
@@ -1452,7 +1472,7 @@ impl Core {
                 let Some(core) = core else { return };
                 if let Ok(node) = core.node(&at.node_address).await {
                     let _ = node
-                        .call(
+                        .call_idempotent(
                             &NodeRequest::DeleteObjects { ids: vec![id] },
                             CONTROL_TIMEOUT,
                         )
@@ -1685,7 +1705,7 @@ impl Core {
         self.leases.return_all(self).await;
         let _ = self
             .head
-            .call(
+            .call_idempotent(
                 &HeadRequest::FinishJob {
                     job_id: self.job_id,
                 },
@@ -2017,7 +2037,7 @@ async fn register_job(head: &HeadClient, me: &Address, hash: &str, upload: bool)
         binary_size: size,
         driver: me.clone(),
     });
-    let (job_id, present) = match head.call(&request, CONTROL_TIMEOUT).await? {
+    let (job_id, present) = match head.call_idempotent(&request, CONTROL_TIMEOUT).await? {
         HeadReply::JobRegistered {
             job_id,
             binary_present,
@@ -2039,7 +2059,7 @@ async fn register_job(head: &HeadClient, me: &Address, hash: &str, upload: bool)
                 total,
                 data: part.to_vec(),
             };
-            head.call(&upload, CONTROL_TIMEOUT).await?;
+            head.call_idempotent(&upload, CONTROL_TIMEOUT).await?;
         }
         debug!(bytes = total, "uploaded the executable");
     }
@@ -2050,7 +2070,7 @@ async fn register_job(head: &HeadClient, me: &Address, hash: &str, upload: bool)
 /// host, else any live node on it, else any live node.
 async fn find_home(head: &HeadClient) -> Result<HomeNode> {
     let status = match head
-        .call(&HeadRequest::GetClusterStatus, CONTROL_TIMEOUT)
+        .call_idempotent(&HeadRequest::GetClusterStatus, CONTROL_TIMEOUT)
         .await?
     {
         HeadReply::ClusterStatus(s) => s,

@@ -411,7 +411,7 @@ pub(crate) async fn release_lease(
     kill: bool,
 ) {
     let release = NodeRequest::ReleaseWorker { lease_id, kill };
-    if let Err(e) = node.call(&release, Duration::from_secs(5)).await {
+    if let Err(e) = node.call_idempotent(&release, Duration::from_secs(5)).await {
         debug!(%lease_id, error = %e, "could not release the worker (its node may be gone)");
     }
     return_to_head(core, lease_id).await;
@@ -433,9 +433,13 @@ pub(crate) fn grant_request(core: &Core, lease: &Lease, tenancy: (bool, bool)) -
 
 /// Gives a lease back to the head (best effort: the head reclaims the
 /// leases of finished jobs and dead nodes anyway).
-async fn return_to_head(core: &Core, lease_id: shoal_proto::LeaseId) {
+pub(crate) async fn return_to_head(core: &Core, lease_id: shoal_proto::LeaseId) {
     let give_back = HeadRequest::ReturnLease { lease_id };
-    if let Err(e) = core.head.call(&give_back, Duration::from_secs(5)).await {
+    if let Err(e) = core
+        .head
+        .call_idempotent(&give_back, Duration::from_secs(5))
+        .await
+    {
         debug!(%lease_id, error = %e, "could not return the lease");
     }
 }
@@ -443,6 +447,9 @@ async fn return_to_head(core: &Core, lease_id: shoal_proto::LeaseId) {
 /// Asks the head for leases while tasks of the class wait.
 async fn request_leases(core: Arc<Core>, key: String, resources: ResourceSet) {
     let mut backoff = Duration::from_millis(50);
+    // One id per lease wanted, kept while tries of it fail: a retry after
+    // a lost grant gets that grant, so no lease leaks.
+    let mut request_id = fresh_request_id();
     loop {
         let waiting = {
             let classes = core.leases.classes();
@@ -451,7 +458,11 @@ async fn request_leases(core: Arc<Core>, key: String, resources: ResourceSet) {
         if !waiting || core.stopping.is_cancelled() {
             break;
         }
-        match lease_worker(&core, &key, &resources).await {
+        let asked = lease_worker(&core, &key, &resources, request_id).await;
+        if !matches!(asked, Err(LeaseError::NoAnswer(_))) {
+            request_id = fresh_request_id();
+        }
+        match asked {
             Ok(Some(worker)) => {
                 backoff = Duration::from_millis(50);
                 core.leases.add(&core, worker);
@@ -478,19 +489,43 @@ async fn request_leases(core: Arc<Core>, key: String, resources: ResourceSet) {
     }
 }
 
+/// A new lease request's id (never 0, which means none).
+pub(crate) fn fresh_request_id() -> u64 {
+    shoal_proto::LeaseId::random().as_uuid().as_u64_pair().0 | 1
+}
+
+/// Why no worker came of a lease request.
+#[derive(Debug)]
+enum LeaseError {
+    /// The head's answer did not arrive: ask again with the same request id.
+    NoAnswer(String),
+    /// Anything else (the lease, if one was granted, is given back).
+    Failed(String),
+}
+
+impl std::fmt::Display for LeaseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LeaseError::NoAnswer(e) | LeaseError::Failed(e) => f.write_str(e),
+        }
+    }
+}
+
 /// One lease: granted by the head, turned into a worker by its node.
 /// `Ok(None)` when the head had nothing yet.
 async fn lease_worker(
     core: &Arc<Core>,
     key: &str,
     resources: &ResourceSet,
-) -> Result<Option<LeasedWorker>, String> {
+    request_id: u64,
+) -> Result<Option<LeasedWorker>, LeaseError> {
     let request = HeadRequest::RequestLease(LeaseRequest {
         job_id: core.job_id,
         owner: core.me.worker_id,
         resources: resources.clone(),
         preferred_node: Some(core.home.node_id),
         wait_ms: LEASE_WAIT.as_millis() as u64,
+        request_id,
     });
     let asked = std::time::Instant::now();
     let lease = match core
@@ -518,24 +553,40 @@ async fn lease_worker(
             }
             return Ok(None);
         }
-        Ok(other) => return Err(format!("unexpected reply to a lease request: {other:?}")),
-        Err(e) => return Err(format!("lease request failed: {e}")),
+        Ok(other) => {
+            return Err(LeaseError::Failed(format!(
+                "unexpected reply to a lease request: {other:?}"
+            )))
+        }
+        Err(e) if e.is_worth_retrying() || e.is_connection_lost() => {
+            return Err(LeaseError::NoAnswer(format!("lease request failed: {e}")))
+        }
+        Err(e) => return Err(LeaseError::Failed(format!("lease request failed: {e}"))),
     };
     let node = match core.node(&lease.node_address).await {
         Ok(node) => node,
         Err(e) => {
             core.leases.granting(key, -1);
             return_to_head(core, lease.lease_id).await;
-            return Err(format!("cannot reach node {}: {e}", lease.node_id));
+            return Err(LeaseError::Failed(format!(
+                "cannot reach node {}: {e}",
+                lease.node_id
+            )));
         }
     };
     let grant = grant_request(core, &lease, (false, false));
-    let worker = match node.call(&grant, Duration::from_secs(90)).await {
+    // Idempotent per lease: a retry gets the worker the first try got.
+    let worker = match node.call_idempotent(&grant, Duration::from_secs(90)).await {
         Ok(NodeReply::WorkerGranted { worker }) => worker,
         other => {
+            // The node may have granted a worker we never heard of: it is
+            // released there too, not only the lease at the head.
             core.leases.granting(key, -1);
-            return_to_head(core, lease.lease_id).await;
-            return Err(format!("node {} gave no worker: {other:?}", lease.node_id));
+            release_lease(core, &node, lease.lease_id, true).await;
+            return Err(LeaseError::Failed(format!(
+                "node {} gave no worker: {other:?}",
+                lease.node_id
+            )));
         }
     };
     let client = match core.worker(&worker.address).await {
@@ -543,12 +594,20 @@ async fn lease_worker(
         Err(e) => {
             core.leases.granting(key, -1);
             release_lease(core, &node, lease.lease_id, true).await;
-            return Err(format!("cannot reach worker {}: {e}", worker.worker_id));
+            return Err(LeaseError::Failed(format!(
+                "cannot reach worker {}: {e}",
+                worker.worker_id
+            )));
         }
     };
     let lost = CancellationToken::new();
-    core.watches
-        .watch(core, &lease.node_address, worker.worker_id, lost.clone());
+    core.watches.watch(
+        core,
+        &lease.node_address,
+        Some(lease.node_id),
+        worker.worker_id,
+        lost.clone(),
+    );
     Ok(Some(LeasedWorker {
         lease,
         class: key.to_string(),

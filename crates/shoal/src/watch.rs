@@ -9,12 +9,20 @@
 //! and a driver with more than about 1 000 actors on a node filled its
 //! connection's request limit (`streams_max`) with polls. A worker added
 //! while a poll is out joins the next one, within [`POLL`].
+//!
+//! The head's word counts too: a node it declared dead (silent past its
+//! timeout, or cut off from the head while this process can still reach
+//! it) is fenced. This process learns of each death by a long poll of the
+//! head (`HeadRequest::WatchNodeDeaths`, started with the first watch), its
+//! watches of that node's workers end as if they exited (tasks are retried
+//! elsewhere, callers move to the actor's next incarnation), and results
+//! that node's workers send later are rejected ([`Watches::is_dead`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use shoal_proto::{NodeReply, NodeRequest, WorkerId};
+use shoal_proto::{HeadReply, HeadRequest, NodeId, NodeReply, NodeRequest, WorkerId};
 use tokio_util::sync::CancellationToken;
 
 use crate::core::Core;
@@ -57,6 +65,10 @@ fn polled(reply: std::result::Result<NodeReply, shoal_net::RpcError>) -> Polled 
 #[derive(Default)]
 struct NodeWatch {
     workers: Mutex<HashMap<WorkerId, Vec<CancellationToken>>>,
+    /// The node id each worker was leased under, where known: a node that
+    /// rejoins under a new id keeps its address, and the old id's death
+    /// must not end the new id's watches.
+    node_ids: Mutex<HashMap<WorkerId, NodeId>>,
 }
 
 impl NodeWatch {
@@ -74,8 +86,24 @@ impl NodeWatch {
         workers.keys().copied().collect()
     }
 
+    /// The workers watched here that may belong to node `node_id`.
+    fn of_node(&self, node_id: NodeId) -> Vec<WorkerId> {
+        let ids = self.node_ids.lock().unwrap_or_else(|e| e.into_inner());
+        self.workers()
+            .keys()
+            .filter(|w| ids.get(w).is_none_or(|id| *id == node_id))
+            .copied()
+            .collect()
+    }
+
     /// Tells the watchers of `exited` that their worker is gone.
     fn exited(&self, exited: &[WorkerId]) {
+        {
+            let mut ids = self.node_ids.lock().unwrap_or_else(|e| e.into_inner());
+            for worker in exited {
+                ids.remove(worker);
+            }
+        }
         let mut workers = self.workers();
         for worker in exited {
             for token in workers.remove(worker).unwrap_or_default() {
@@ -85,10 +113,24 @@ impl NodeWatch {
     }
 }
 
+/// Node deaths remembered (ids), at most: beyond it the oldest are
+/// forgotten (their late results are long over).
+const DEAD_KEPT: usize = 10_000;
+
+/// How long the head may hold one poll for node deaths.
+const DEATHS_POLL: Duration = Duration::from_secs(10);
+
 /// This process's watches, by node address.
 #[derive(Default)]
 pub(crate) struct Watches {
     nodes: Mutex<HashMap<String, Arc<NodeWatch>>>,
+    /// Set once the head is being polled for node deaths.
+    deaths_watched: std::sync::atomic::AtomicBool,
+    /// Nodes the head declared dead, in the order learned.
+    dead: Mutex<(
+        std::collections::HashSet<NodeId>,
+        std::collections::VecDeque<NodeId>,
+    )>,
 }
 
 impl Watches {
@@ -99,13 +141,26 @@ impl Watches {
     /// Cancels `gone` when worker `worker` of the node at `node` exits (or
     /// the node is lost). The watch ends when `gone` is cancelled, by this or
     /// by its holder.
+    /// `node_id` is the node's id when known (a lease's): see
+    /// [`NodeWatch::node_ids`].
     pub(crate) fn watch(
         &self,
         core: &Arc<Core>,
         node: &str,
+        node_id: Option<NodeId>,
         worker: WorkerId,
         gone: CancellationToken,
     ) {
+        if !self
+            .deaths_watched
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            core.handle.spawn(watch_deaths(Arc::clone(core)));
+        }
+        if node_id.is_some_and(|id| self.is_dead(id)) {
+            gone.cancel();
+            return;
+        }
         let mut nodes = self.nodes();
         let (watch, first) = match nodes.get(node) {
             Some(watch) => (Arc::clone(watch), false),
@@ -116,10 +171,86 @@ impl Watches {
             }
         };
         watch.workers().entry(worker).or_default().push(gone);
+        if let Some(id) = node_id {
+            watch
+                .node_ids
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(worker, id);
+        }
         drop(nodes);
         if first {
             core.handle
                 .spawn(poll_node(Arc::clone(core), node.to_string(), watch));
+        }
+    }
+}
+
+impl Watches {
+    /// Whether the head declared node `node_id` dead: its workers' results
+    /// are not to be used.
+    pub(crate) fn is_dead(&self, node_id: NodeId) -> bool {
+        self.dead
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .contains(&node_id)
+    }
+
+    /// The head declared node `node_id` (at `address`) dead: its workers are
+    /// gone for this process, whatever the node itself may still say.
+    fn node_died(&self, node_id: NodeId, address: &str) {
+        {
+            let mut dead = self.dead.lock().unwrap_or_else(|e| e.into_inner());
+            if !dead.0.insert(node_id) {
+                return;
+            }
+            dead.1.push_back(node_id);
+            if dead.1.len() > DEAD_KEPT {
+                if let Some(old) = dead.1.pop_front() {
+                    dead.0.remove(&old);
+                }
+            }
+        }
+        let watch = self.nodes().get(address).cloned();
+        if let Some(watch) = watch {
+            let workers = watch.of_node(node_id);
+            tracing::warn!(%node_id, %address, workers = workers.len(), "the head declared a node dead; its workers are no longer used");
+            watch.exited(&workers);
+        }
+    }
+}
+
+/// Learns of node deaths from the head, for as long as this process runs.
+async fn watch_deaths(core: Arc<Core>) {
+    let mut after = 0u64;
+    while !core.shutdown.is_cancelled() {
+        let ask = HeadRequest::WatchNodeDeaths {
+            after,
+            wait_ms: DEATHS_POLL.as_millis() as u64,
+        };
+        let reply = tokio::select! {
+            reply = core.head.call(&ask, DEATHS_POLL + POLL_TIMEOUT) => reply,
+            _ = core.shutdown.cancelled() => return,
+        };
+        match reply {
+            Ok(HeadReply::NodeDeaths { seq, nodes }) => {
+                // The first answer lists the deaths the head still keeps,
+                // older ones too: a lease granted just before its node
+                // died is caught as well, and a dead node is dead for good.
+                for dead in nodes {
+                    core.watches.node_died(dead.node_id, &dead.address);
+                }
+                after = seq;
+            }
+            Ok(other) => {
+                tracing::debug!(reply = ?other, "unexpected answer to WatchNodeDeaths");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "watching for node deaths; trying again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
         }
     }
 }
@@ -219,5 +350,38 @@ mod tests {
         assert!(ta1.is_cancelled() && ta2.is_cancelled());
         assert!(!tb.is_cancelled());
         assert_eq!(watch.still_watched(), vec![b]);
+    }
+
+    #[test]
+    fn a_node_declared_dead_ends_the_watches_of_its_workers_only() {
+        let watches = Watches::default();
+        let watch = Arc::new(NodeWatch::default());
+        watches
+            .nodes()
+            .insert("10.0.0.1:7000".into(), Arc::clone(&watch));
+        let (old_id, new_id) = (NodeId::random(), NodeId::random());
+        // Leased under the old id, under the new id (the node rejoined at
+        // the same address), and an actor's worker (no id known).
+        let (a, b, c) = (WorkerId::random(), WorkerId::random(), WorkerId::random());
+        let (ta, tb, tc) = (
+            CancellationToken::new(),
+            CancellationToken::new(),
+            CancellationToken::new(),
+        );
+        watch.workers().insert(a, vec![ta.clone()]);
+        watch.workers().insert(b, vec![tb.clone()]);
+        watch.workers().insert(c, vec![tc.clone()]);
+        {
+            let mut ids = watch.node_ids.lock().expect("unpoisoned");
+            ids.insert(a, old_id);
+            ids.insert(b, new_id);
+        }
+        assert!(!watches.is_dead(old_id));
+        watches.node_died(old_id, "10.0.0.1:7000");
+        assert!(watches.is_dead(old_id));
+        assert!(ta.is_cancelled(), "leased on the dead node");
+        assert!(tc.is_cancelled(), "no id known: taken as the dead node's");
+        assert!(!tb.is_cancelled(), "the node's next incarnation is alive");
+        assert!(!watches.is_dead(new_id));
     }
 }

@@ -106,7 +106,8 @@ fn worker_main() -> Result<()> {
             address: core.me.address.clone(),
             pid: std::process::id(),
         };
-        node.call(&register, Duration::from_secs(30)).await?;
+        node.call_idempotent(&register, Duration::from_secs(30))
+            .await?;
         // Serve until the node daemon that started us is gone.
         loop {
             tokio::time::sleep(Duration::from_millis(250)).await;

@@ -207,6 +207,10 @@ fn level3(x: i64) -> i64 {
     x + 1
 }
 
+/// Does nothing.
+#[shoal::remote]
+fn noop() {}
+
 /// The `n`th Fibonacci number, as a tree of nested tasks each blocking in
 /// `get` on its two children.
 #[shoal::remote]
@@ -505,6 +509,49 @@ impl Relay {
     }
 }
 
+/// An actor whose constructor marks a file each time it runs.
+#[shoal::actor]
+pub struct Counted {
+    n: u64,
+}
+
+#[shoal::actor]
+impl Counted {
+    pub fn new(file: String) -> Self {
+        mark(&file);
+        Counted { n: 0 }
+    }
+
+    pub fn add(&mut self, by: u64) -> u64 {
+        self.n += by;
+        self.n
+    }
+
+    pub fn pid(&self) -> u32 {
+        std::process::id()
+    }
+
+    /// This process's id, after `ms` milliseconds.
+    pub fn slow_pid(&self, ms: u64) -> u32 {
+        std::thread::sleep(Duration::from_millis(ms));
+        std::process::id()
+    }
+
+    /// The node this actor lives on.
+    pub fn node(&self) -> String {
+        shoal::context()
+            .map(|c| c.node_id.to_string())
+            .unwrap_or_default()
+    }
+}
+
+/// Lines in `file`: how many times something ran.
+fn runs(file: &str) -> usize {
+    std::fs::read_to_string(file)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+}
+
 /// This process's private (anonymous) resident memory, in KiB.
 fn rss_anon_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -748,12 +795,144 @@ fn main() -> shoal::Result<()> {
                 "num_returns_respected": all_ready.len() == 2 && ids(&all_ready) == ids(&fast[..2]),
             }));
         }
+        "control-faults" => {
+            // Every kind of control request once: run with requests and
+            // replies dropped (SHOAL_TESTING_RPC_FAILURE), each operation
+            // must still happen exactly once.
+            let dir = std::env::temp_dir().join(format!("shoal-faults-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("a scratch directory");
+            let file = |name: String| dir.join(name).display().to_string();
+            // Tasks that must not run twice.
+            let refs: Vec<_> = (0..20u64)
+                .map(|i| {
+                    long_task::options()
+                        .max_retries(0)
+                        .remote(0, i, file(format!("task-{i}")))
+                })
+                .collect();
+            let values = shoal::get_all(&refs)?;
+            let tasks_ran_once = (0..20).all(|i| runs(&file(format!("task-{i}"))) == 1);
+            // Nested tasks block in get (WorkerBlocked, LeaseBlocked).
+            let nested = shoal::get_all(&(0..4).map(level1::remote).collect::<Vec<_>>())?;
+            // Objects: a put read back, a large result made on the node
+            // offering `user` and pulled here.
+            let blob = pattern(7, 10);
+            let put = shoal::put(blob.clone())?;
+            let put_back: Vec<u8> = put.get()?;
+            let (_, by) = placed_on();
+            let made = make_blob::options().resource(&by, 1.0).remote(24 << 20);
+            let made_len = made.get()?.len();
+            // A named actor with one restart: created once, restarted once
+            // by kill(no_restart = false), then ended.
+            let ctor = file("ctor".into());
+            let actor = Counted::options()
+                .name("faulty")
+                .max_restarts(1)
+                .remote(ctor.clone())?;
+            actor.add(2).get()?;
+            let named: ActorHandle<Counted> = shoal::get_actor("faulty", "default")?;
+            let through_name = named.add(3).get()?;
+            let first_pid = actor.pid().get()?;
+            shoal::kill(&actor, false)?;
+            let second_pid = actor.pid().get()?;
+            let after_restart = actor.add(1).get()?;
+            shoal::kill(&actor, true)?;
+            let ended = actor.add(1).get();
+            // The job still runs: the test checks that every lease is back
+            // (none leaked by a lost grant or release), then lets us end.
+            println!("IDLE");
+            std::io::stdout().flush().expect("stdout");
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .expect("the test's go-ahead");
+            let out = json!({
+                "values_in_order": values == (0..20).collect::<Vec<u64>>(),
+                "tasks_ran_once": tasks_ran_once,
+                "nested": nested,
+                "put_intact": put_back == blob,
+                "made_len": made_len,
+                "through_name": through_name,
+                "restarted": second_pid != first_pid,
+                "after_restart": after_restart,
+                "constructor_runs": runs(&ctor),
+                "ended": matches!(ended, Err(Error::ActorDied { .. })),
+            });
+            let _ = std::fs::remove_dir_all(&dir);
+            result(out);
+        }
+        "queued" => {
+            // RL-4: n no-op tasks submitted at once; they queue in this
+            // driver (the head sees a few lease requests, not n tasks).
+            // Reports the driver's memory per pending task.
+            let n: usize = arg(1).parse().unwrap_or(1_000_000);
+            let before = rss_anon_kib();
+            let start = Instant::now();
+            let refs: Vec<ObjectRef<()>> = (0..n).map(|_| noop::remote()).collect();
+            let submitted = start.elapsed().as_secs_f64();
+            let pending = rss_anon_kib();
+            println!("QUEUED {n}");
+            std::io::stdout().flush().expect("stdout");
+            // Wait in slices, so a reference is freed once its task is done.
+            let mut done = 0usize;
+            for chunk in refs.chunks(10_000) {
+                done += shoal::get_all(chunk)?.len();
+            }
+            let seconds = start.elapsed().as_secs_f64();
+            let bytes = pending.saturating_sub(before) as f64 * 1024.0;
+            result(json!({
+                "tasks": n,
+                "done": done,
+                "submit_seconds": submitted,
+                "seconds": seconds,
+                "tasks_per_second": n as f64 / seconds,
+                "rss_before_kib": before,
+                "rss_pending_kib": pending,
+                "bytes_per_pending_task": bytes / n as f64,
+            }));
+        }
+        "fence" => {
+            // An actor on the node the test stops (SIGSTOP) with a slow call
+            // in flight: once the head declares the node dead the call is
+            // answered by the actor's next incarnation, never by the old
+            // instance (which still runs, and answers later).
+            let ctor = std::env::temp_dir()
+                .join(format!("shoal-fence-{}", std::process::id()))
+                .display()
+                .to_string();
+            let actor = Counted::options()
+                .resource("spot", 1.0)
+                .max_restarts(1)
+                .max_task_retries(1)
+                .remote(ctor.clone())?;
+            let (node, old_pid) = (actor.node().get()?, actor.pid().get()?);
+            let slow = actor.slow_pid(8000);
+            println!("ACTOR {node} {old_pid}");
+            std::io::stdout().flush().expect("stdout");
+            let answered = slow.get();
+            let (new_node, new_pid) = (actor.node().get()?, actor.pid().get()?);
+            let _ = std::fs::remove_file(&ctor);
+            result(json!({
+                "old_pid": old_pid,
+                "new_pid": new_pid,
+                "old_node": node,
+                "new_node": new_node,
+                "slow_answered_by": format!("{answered:?}"),
+                "slow_answered_by_new": matches!(answered, Ok(p) if p == new_pid),
+            }));
+            // The job goes on while the test looks at the fenced node.
+            std::io::stdout().flush().expect("stdout");
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .expect("the test's go-ahead");
+        }
         "head-of-line" => {
             // Rounds of wait(2) over tasks of 1500, 10 and 300 ms (on 2
             // CPUs): the 300 ms task must not queue behind the 1500 ms one
             // while the 10 ms one's worker is free, so every round's first
-            // two are [10, 300]. Then fib(12) submitted while a 5 s task
-            // runs must finish first.
+            // two are [10, 300]. Then fib(12) submitted while a long task
+            // runs must finish first (queued behind it, it waited for it).
             let rounds: u32 = arg(1).parse().unwrap_or(5);
             let mut firsts = Vec::new();
             let mut seconds = Vec::new();
@@ -768,7 +947,9 @@ fn main() -> shoal::Result<()> {
                 firsts.push(shoal::get_all(&ready)?);
                 shoal::get_all(&refs)?;
             }
-            let sleeper = sleep_then::remote(5000, 5000);
+            // Long enough that fib(12) finishes first even with worker
+            // processes on a loaded machine; its end is not waited for.
+            let sleeper = sleep_then::remote(60_000, 60);
             let start = Instant::now();
             let fib12 = fib::remote(12);
             shoal::wait(
@@ -781,7 +962,6 @@ fn main() -> shoal::Result<()> {
                 shoal::wait(std::slice::from_ref(&sleeper), 1, Some(Duration::ZERO))?;
             let fib_first = sleeper_done.is_empty();
             let fib_value = fib12.get()?;
-            sleeper.get()?;
             result(json!({
                 "firsts": firsts,
                 "seconds": seconds,
