@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -35,6 +35,7 @@ use crate::error::{Error, Result};
 use crate::exec::{await_caught, run_caught};
 use crate::object_ref::{ArgValue, ObjectRef};
 use crate::registry::{self, ActorClass, ActorState, MethodInvoker};
+use crate::replies::{KeptReplies, Seen};
 use crate::turns::Turns;
 
 /// The namespace of actor names when none is given.
@@ -244,6 +245,7 @@ impl Location {
             caller: self.caller_id,
             incarnation: self.incarnation,
             seq: self.next_seq.fetch_add(1, Ordering::SeqCst),
+            done_below: 0,
             task_id,
             method: method.to_string(),
             args,
@@ -1107,8 +1109,8 @@ pub(crate) struct Hosted {
     incarnation: u32,
     state: Arc<RwLock<ActorState>>,
     permits: Arc<Semaphore>,
-    /// Per caller: the next sequence number allowed to start.
-    callers: Mutex<HashMap<WorkerId, Arc<Turns>>>,
+    /// Per caller: its turns and the replies kept for its resends.
+    callers: Mutex<HashMap<WorkerId, Arc<CallerLine>>>,
     /// For an actor of sync methods: its own threads (`max_concurrency` of
     /// them), fed calls in order (the next call is queued while this one
     /// runs, so back-to-back calls cost no thread hand-offs).
@@ -1116,6 +1118,66 @@ pub(crate) struct Hosted {
     /// Per method (in the class's order): its last run was quick (see
     /// [`crate::exec::claim_inline`]).
     quick: Arc<[std::sync::atomic::AtomicBool]>,
+}
+
+/// One caller's calls at a hosted actor.
+#[derive(Default)]
+struct CallerLine {
+    /// The next sequence number allowed to start.
+    turns: Turns,
+    /// The replies of calls that ran, for their resends.
+    kept: Mutex<KeptReplies<TaskReply>>,
+}
+
+impl CallerLine {
+    fn kept(&self) -> MutexGuard<'_, KeptReplies<TaskReply>> {
+        self.kept.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether some run of call `seq` has taken its turn.
+    fn turn_passed(&self, seq: u64) -> bool {
+        self.turns.is_turn(seq.saturating_add(1))
+    }
+
+    /// What the table says of call `seq` (it takes no place).
+    fn seen(&self, seq: u64) -> Seen<TaskReply> {
+        let mut kept = self.kept();
+        kept.seen(seq, self.turn_passed(seq))
+    }
+
+    /// In `seq`'s turn: [`Seen::New`] when this copy is to run it (its run
+    /// is then recorded as started), else how to answer it.
+    fn begin(&self, seq: u64) -> Seen<TaskReply> {
+        let mut kept = self.kept();
+        let seen = kept.seen(seq, self.turn_passed(seq));
+        if matches!(seen, Seen::New) {
+            kept.start(seq);
+        }
+        seen
+    }
+}
+
+/// A call's run: its reply is kept when it ends; dropped before that (its
+/// handler abandoned), the copies waiting for it get an error.
+struct Running {
+    line: Arc<CallerLine>,
+    seq: u64,
+    ended: bool,
+}
+
+impl Running {
+    fn finish(mut self, reply: TaskReply) {
+        self.ended = true;
+        self.line.kept().finish(self.seq, reply);
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.line.kept().abandon(self.seq);
+        }
+    }
 }
 
 /// Most threads of an actor's own (past this, its calls run on the
@@ -1370,7 +1432,9 @@ impl Host {
         None
     }
 
-    /// Runs one call, in its caller's order.
+    /// Runs one call, in its caller's order, once: a call sent again (its
+    /// reply was lost) is answered with the reply its run gave, or waits
+    /// for that run to end, and is never run a second time.
     pub(crate) async fn call(
         &self,
         core: &Arc<Core>,
@@ -1391,6 +1455,91 @@ impl Host {
                     ),
                 )
             })?;
+        let line = hosted.line(call.caller);
+        line.kept().forget_below(call.done_below);
+        // Seen before (a resend): answered without fetching its arguments.
+        let seen = line.seen(call.seq);
+        if !matches!(seen, Seen::New) {
+            return Ok(hosted.again(seen, &call, executor).await);
+        }
+        // Arguments are fetched before our turn: they need no ordering.
+        let args = match &call.args {
+            Some(args) => Some(core.fetch_args(args).await),
+            None => None,
+        };
+        line.turns.wait(call.seq).await;
+        // In its turn: the first copy of the call to get here runs it; a
+        // copy that arrived meanwhile waits for that run's reply.
+        let seen = line.begin(call.seq);
+        if !matches!(seen, Seen::New) {
+            return Ok(hosted.again(seen, &call, executor).await);
+        }
+        let running = Running {
+            line: Arc::clone(&line),
+            seq: call.seq,
+            ended: false,
+        };
+        let reply = hosted.run(core, &call, args, executor, &line.turns).await;
+        running.finish(reply.clone());
+        Ok(reply)
+    }
+}
+
+impl Hosted {
+    /// The line of `caller`'s calls (made at its first call).
+    fn line(&self, caller: WorkerId) -> Arc<CallerLine> {
+        let mut callers = self.callers.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(callers.entry(caller).or_default())
+    }
+
+    /// The answer to a call that already ran or runs here.
+    async fn again(
+        &self,
+        seen: Seen<TaskReply>,
+        call: &ActorCall,
+        executor: Executor,
+    ) -> TaskReply {
+        let function = format!("{}::{}", self.class.name, call.method);
+        let dropped = |message: String| TaskReply {
+            task_id: call.task_id,
+            attempt: 0,
+            node_id: executor.node_id,
+            worker_id: executor.worker_id,
+            outcome: TaskOutcome::Failed(failure(
+                FailureKind::ReplyDropped,
+                &function,
+                call.task_id,
+                executor,
+                message,
+            )),
+            run_us: 0,
+        };
+        match seen {
+            Seen::Replay(reply) => reply,
+            Seen::Wait(first) => first.await.unwrap_or_else(|_| {
+                dropped(format!(
+                    "call {} of this caller ended here without a reply; it is not run again",
+                    call.seq
+                ))
+            }),
+            Seen::Forgotten | Seen::New => dropped(format!(
+                "call {} of this caller ran here, and its reply is no longer kept (the last {} are); it is not run again",
+                call.seq,
+                crate::replies::KEPT_MAX
+            )),
+        }
+    }
+
+    /// Runs a call in its turn (`turn`, passed once the call has its place).
+    async fn run(
+        &self,
+        core: &Arc<Core>,
+        call: &ActorCall,
+        args: Option<Result<crate::shm::Args>>,
+        executor: Executor,
+        turn: &Turns,
+    ) -> TaskReply {
+        let hosted = self;
         let function = format!("{}::{}", hosted.class.name, call.method);
         let reply = |outcome| TaskReply {
             task_id: call.task_id,
@@ -1400,16 +1549,6 @@ impl Host {
             outcome,
             run_us: 0,
         };
-        // Arguments are fetched before our turn: they need no ordering.
-        let args = match &call.args {
-            Some(args) => Some(core.fetch_args(args).await),
-            None => None,
-        };
-        let turn = {
-            let mut callers = hosted.callers.lock().unwrap_or_else(|e| e.into_inner());
-            callers.entry(call.caller).or_default().clone()
-        };
-        turn.wait(call.seq).await;
         let advance = || turn.pass(call.seq);
         let args = match args {
             None => {
@@ -1421,7 +1560,7 @@ impl Host {
                     executor,
                     "abandoned by its caller".into(),
                 );
-                return Ok(reply(TaskOutcome::Failed(f)));
+                return reply(TaskOutcome::Failed(f));
             }
             Some(Err(e)) => {
                 advance();
@@ -1432,7 +1571,7 @@ impl Host {
                     executor,
                     e.to_string(),
                 );
-                return Ok(reply(TaskOutcome::Failed(f)));
+                return reply(TaskOutcome::Failed(f));
             }
             Some(Ok(args)) => args,
         };
@@ -1451,7 +1590,7 @@ impl Host {
                 executor,
                 "no such method".into(),
             );
-            return Ok(reply(TaskOutcome::Failed(f)));
+            return reply(TaskOutcome::Failed(f));
         };
         let state = Arc::clone(&hosted.state);
         let running = core::Running {
@@ -1472,7 +1611,7 @@ impl Host {
                         executor,
                         "an async method on an actor run by its own thread".into(),
                     );
-                    return Ok(reply(TaskOutcome::Failed(f)));
+                    return reply(TaskOutcome::Failed(f));
                 }
             };
             let outcome = match lane.run_here(&state) {
@@ -1495,9 +1634,7 @@ impl Host {
                     queued.await
                 }
             };
-            return Ok(reply(
-                call_outcome(core, &call, &function, executor, outcome).await,
-            ));
+            return reply(call_outcome(core, call, &function, executor, outcome).await);
         }
         // Our place is taken once we hold a permit and the lock; only then
         // may the caller's next call start competing.
@@ -1527,9 +1664,7 @@ impl Host {
             }
         };
         drop(permit);
-        Ok(reply(
-            call_outcome(core, &call, &function, executor, outcome).await,
-        ))
+        reply(call_outcome(core, call, &function, executor, outcome).await)
     }
 }
 

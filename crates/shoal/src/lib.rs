@@ -35,7 +35,8 @@
 //!
 //! Modules: [`object_ref`] (references and arguments), `core` (the
 //! per-process runtime), `lease` (worker leases), `exec` (running tasks),
-//! [`registry`], [`local`] (in-process clusters), [`client`].
+//! [`registry`], [`local`] (in-process clusters), [`client`], [`actor`]
+//! (with `replies`, the replies an actor keeps for resends).
 
 #![warn(missing_docs)]
 
@@ -55,6 +56,7 @@ pub mod local;
 pub mod object_ref;
 mod options;
 pub mod registry;
+mod replies;
 mod shm;
 mod turns;
 mod watch;
