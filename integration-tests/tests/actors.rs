@@ -190,3 +190,86 @@ fn a_detached_named_actor_outlives_its_driver_and_kill_frees_its_name() {
     );
     assert!(cluster.shoal_ok(&["list", "actors"]).contains("keeper"));
 }
+
+/// The fault injector discards a fifth of the actor calls' replies after
+/// the actor ran the call: with no restarts and no call retries, every
+/// call is still answered (sent again, answered by the actor's kept
+/// reply) and ran exactly once, in its caller's order; three callers
+/// (the driver and two tasks), local threads and local processes.
+#[test]
+fn lost_replies_are_sent_again_and_each_call_runs_once_in_order() {
+    for (seed, processes) in [(7, false), (11, true)] {
+        let mut env = vec![
+            ("SHOAL_TESTING_RPC_FAILURE", "ActorCall=rep:0.2".to_string()),
+            ("SHOAL_TESTING_RPC_FAILURE_SEED", seed.to_string()),
+        ];
+        if processes {
+            env.extend(local_processes());
+        }
+        let n = 400;
+        let out = scenario(&env, &["actor-replies-lost", &n.to_string()]);
+        assert_eq!(out["errors"], json!([]), "{out}");
+        assert_eq!(out["answered"], json!([n, n, n]), "{out}");
+        assert_eq!(
+            out["orders"],
+            json!([[0, true, n], [1, true, n], [2, true, n]]),
+            "each number recorded once, in order: {out}"
+        );
+    }
+}
+
+/// A forwarder with `max_restarts(1).max_task_retries(3)` is killed while
+/// numbered calls from three callers are in flight and more are being
+/// made: every call is answered, and the recorder it forwards to (not
+/// killed) saw each caller's numbers in order, calls lost with the first
+/// incarnation resent to the second ahead of later calls (at least once:
+/// duplicates are counted, not refused). Once more with a fifth of the
+/// actor calls' requests dropped and a fifth of their replies discarded.
+#[test]
+fn calls_lost_with_a_restarted_actor_are_resent_in_their_callers_order() {
+    let cluster = ProcessCluster::three_process();
+    let mut faulty = local_processes();
+    faulty.extend([
+        (
+            "SHOAL_TESTING_RPC_FAILURE",
+            "ActorCall=req:0.2,rep:0.2".to_string(),
+        ),
+        ("SHOAL_TESTING_RPC_FAILURE_SEED", "5".to_string()),
+    ]);
+    // Process workers only: a thread worker cannot be killed apart from us.
+    for env in [cluster.driver_env(), local_processes(), faulty] {
+        let n = 300;
+        let out = scenario(&env, &["actor-restart-order", &n.to_string()]);
+        assert_eq!(out["errors"], json!([]), "{out}");
+        assert_eq!(out["answered"], json!([n, n, n]), "{out}");
+        assert_eq!(out["restarted"], true, "{out}");
+        let callers = out["callers"].as_array().expect("callers");
+        assert_eq!(callers.len(), 3, "{out}");
+        for caller in callers {
+            assert_eq!(caller["in_order"], true, "{out}");
+        }
+        assert_eq!(out["out_of_order"], json!([]), "{out}");
+    }
+}
+
+/// The driver's connections to workers are closed (a network blip) while
+/// numbered calls are in flight to a live actor with `max_restarts(0)`:
+/// a lost connection is not a death, so the calls are sent again on a new
+/// connection and each is answered, run once, in order; the handle keeps
+/// working. Local threads and local processes.
+#[test]
+fn a_lost_connection_to_a_live_actor_is_reopened_and_its_calls_sent_again() {
+    for env in [vec![], local_processes()] {
+        let n = 2000;
+        let out = scenario(&env, &["actor-blip", &n.to_string()]);
+        assert!(out["closed"].as_u64().is_some_and(|c| c >= 1), "{out}");
+        assert_eq!(out["errors"], json!([]), "{out}");
+        assert_eq!(out["answered"], n, "{out}");
+        assert_eq!(out["after"], true, "{out}");
+        assert_eq!(
+            out["orders"],
+            json!([[0, true, n], [1, true, 1]]),
+            "each number recorded once, in order: {out}"
+        );
+    }
+}

@@ -150,4 +150,8 @@ pub enum FailureKind {
     ActorDied,
     /// The actor handle already has `max_pending_calls` calls waiting.
     PendingCallsExceeded,
+    /// An actor call was resent after the actor had run it and dropped its
+    /// kept reply (past the bound of replies kept per caller): it is not
+    /// run again, and its result is lost.
+    ReplyDropped,
 }

@@ -77,8 +77,14 @@ pub struct ActorCall {
     #[serde(default)]
     pub incarnation: u32,
     /// The call's place in the caller's order, counted from 0 in each
-    /// incarnation.
+    /// incarnation. A resend of a call (its reply was lost) carries the
+    /// same `seq`: the host answers it with the reply it kept, never runs it
+    /// twice.
     pub seq: u64,
+    /// The caller's lowest `seq` at this incarnation still unanswered: it
+    /// has the reply of every call below, so the host may forget them.
+    #[serde(default)]
+    pub done_below: u64,
     /// The id of this call (as a task, for its result object).
     pub task_id: TaskId,
     /// The method's name.

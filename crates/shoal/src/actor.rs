@@ -5,7 +5,12 @@
 //! for a dedicated worker, and runs the constructor there. Method calls go
 //! from the caller straight to that worker (the head is not on the path).
 //! Each handle is a caller with its own sequence numbers: the host starts
-//! one caller's calls in the order they were made. `&mut self` methods run
+//! one caller's calls in the order they were made. A call whose reply is
+//! lost is sent again with the same number, and the host answers it with
+//! the reply it kept (`replies`), never running it twice; calls lost with
+//! a connection, or with an incarnation that restarted, are sent again in
+//! the order they were made, ahead of later calls (`outbox`). Only the
+//! node's or the head's word makes an incarnation dead. `&mut self` methods run
 //! alone (a write lock); `&self` methods share a read lock, up to
 //! `max_concurrency` at once, on threads, or interleaved on the runtime for
 //! `async` ones. The borrow checker, through these locks, keeps the state
@@ -14,8 +19,8 @@
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::ops::Deref;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -34,7 +39,9 @@ use crate::core::{self, Core, Executor, ObjState};
 use crate::error::{Error, Result};
 use crate::exec::{await_caught, run_caught};
 use crate::object_ref::{ArgValue, ObjectRef};
+use crate::outbox::Outbox;
 use crate::registry::{self, ActorClass, ActorState, MethodInvoker};
+use crate::replies::{KeptReplies, Seen};
 use crate::turns::Turns;
 
 /// The namespace of actor names when none is given.
@@ -205,10 +212,11 @@ struct Location {
     /// The node hosting the worker, which says when it exits.
     node: String,
     /// Identifies the caller to this worker; calls are ordered per caller,
-    /// numbered from 0 at each location.
+    /// numbered from 0 at each location (see [`Outbox`]).
     caller_id: WorkerId,
-    next_seq: AtomicU64,
-    /// Cancelled when the worker is gone (or unreachable).
+    /// Cancelled when this incarnation is gone: on the word of its node
+    /// (the worker exited) or of the head, or by `kill`. A lost connection
+    /// alone is not a death.
     dead: CancellationToken,
 }
 
@@ -219,7 +227,6 @@ impl Location {
             worker,
             node,
             caller_id: WorkerId::random(),
-            next_seq: AtomicU64::new(0),
             dead: CancellationToken::new(),
         });
         core.watches.watch(
@@ -232,21 +239,23 @@ impl Location {
         location
     }
 
-    /// The request of a call here: the next in this caller's order.
+    /// The request of a call at `slot` here (`args` `None`: a skip, which
+    /// only moves the host past the slot).
     fn request(
         &self,
         raw: &RawActor,
-        task_id: TaskId,
-        method: &str,
+        order: &Order,
+        slot: &CallSlot,
         args: Option<Vec<ArgSpec>>,
     ) -> WorkerRequest {
         WorkerRequest::ActorCall(ActorCall {
             actor_id: raw.actor_id,
             caller: self.caller_id,
             incarnation: self.incarnation,
-            seq: self.next_seq.fetch_add(1, Ordering::SeqCst),
-            task_id,
-            method: method.to_string(),
+            seq: slot.seq,
+            done_below: slot.done_below,
+            task_id: order.task_id,
+            method: order.method.to_string(),
             args,
         })
     }
@@ -259,48 +268,88 @@ impl Drop for Location {
     }
 }
 
+/// A caller's way to one incarnation over one connection: its requests
+/// leave in position order (so a host's wait for a caller's earlier calls
+/// always ends: it never waits on a request stuck behind the stream limit).
+struct Route {
+    location: Arc<Location>,
+    /// Positions taking turns to send.
+    sent: Turns,
+    /// Cancelled when a new route replaces this one.
+    superseded: CancellationToken,
+}
+
+impl Route {
+    fn new(location: Arc<Location>) -> Arc<Self> {
+        Arc::new(Self {
+            location,
+            sent: Turns::default(),
+            superseded: CancellationToken::new(),
+        })
+    }
+
+    /// A new route took this one's calls: those waiting their turn here,
+    /// or a reply, go on there.
+    fn supersede(&self) {
+        self.superseded.cancel();
+        self.sent.pass(u64::MAX - 1);
+    }
+}
+
+/// A call's slot: its route, its seq there and its turn to send.
+type CallSlot = crate::outbox::Slot<Arc<Route>>;
+
 /// One caller of an actor: a handle and its clones in one process.
 struct Caller {
-    /// The next sequence number to hand out.
-    seq: AtomicU64,
-    /// The next sequence number whose request may go out: requests leave in
-    /// order, so the host's wait for a caller's earlier calls always ends
-    /// (it never waits on a request stuck behind the stream limit).
-    sent: Turns,
+    /// The calls made and not yet answered at their slot, and the route.
+    outbox: Mutex<Outbox<Arc<Route>>>,
+    /// One relocation (asking the head for the new incarnation) at a time.
+    relocating: tokio::sync::Mutex<()>,
     /// Calls made and not yet answered.
     pending: AtomicU32,
     max_pending: Option<u32>,
     max_restarts: u32,
     max_task_retries: u32,
-    /// Where the actor lives, as far as this caller knows.
-    location: Mutex<Arc<Location>>,
     /// Cancelled when the actor is dead for good.
     gone: CancellationToken,
 }
 
 impl Caller {
-    /// Waits until the request of call `seq` may go out.
-    async fn wait_turn(&self, seq: u64) {
-        self.sent.wait(seq).await;
-    }
-
-    /// Lets the request of the call after `seq` go out.
-    fn pass_turn(&self, seq: u64) {
-        self.sent.pass(seq);
+    fn outbox(&self) -> MutexGuard<'_, Outbox<Arc<Route>>> {
+        self.outbox.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn location(&self) -> Arc<Location> {
-        Arc::clone(&self.location.lock().unwrap_or_else(|e| e.into_inner()))
+        Arc::clone(&self.outbox().route().location)
     }
 
     /// The actor is dead for good, as far as a new call can tell.
     fn known_dead(&self) -> bool {
         self.gone.is_cancelled() || (self.max_restarts == 0 && self.location().dead.is_cancelled())
     }
+
+    /// The connection of route `from` was lost: unless another call did it
+    /// already, every open call moves to a new route to the same
+    /// incarnation, keeping its seq (the host answers again what it ran),
+    /// to be sent again in the order the calls were made.
+    fn reroute(&self, from: u64) {
+        let mut outbox = self.outbox();
+        if outbox.route_id() != from {
+            return;
+        }
+        let location = Arc::clone(&outbox.route().location);
+        let old = outbox.reroute(Route::new(location));
+        drop(outbox);
+        old.supersede();
+    }
 }
 
 /// Longest a call waits for its actor to come back after its worker died.
 const RESTART_WAIT: Duration = Duration::from_secs(120);
+
+/// Longest a caller keeps trying to reach a worker the head says is alive
+/// before it gives that incarnation up.
+const REACH_WAIT: Duration = Duration::from_secs(120);
 
 /// The untyped part of a handle (used by the generated code).
 #[derive(Clone)]
@@ -318,13 +367,12 @@ impl RawActor {
             location.dead.cancel();
         }
         let caller = Arc::new(Caller {
-            seq: AtomicU64::new(0),
-            sent: Turns::default(),
+            outbox: Mutex::new(Outbox::new(Route::new(location))),
+            relocating: tokio::sync::Mutex::new(()),
             pending: AtomicU32::new(0),
             max_pending: wire.max_pending_calls,
             max_restarts: wire.max_restarts,
             max_task_retries: wire.max_task_retries,
-            location: Mutex::new(location),
             gone: CancellationToken::new(),
         });
         Self {
@@ -361,26 +409,25 @@ impl RawActor {
         }
     }
 
-    /// Where the actor lives now. Called in a call's turn: when the known
-    /// worker is gone and the actor may restart, asks the head for its new
-    /// incarnation (waiting for the restart); later calls wait their turn
-    /// meanwhile, so order holds across the restart.
-    async fn current(&self, core: &Arc<Core>) -> std::result::Result<Arc<Location>, String> {
-        if self.caller.gone.is_cancelled() {
-            return Err("it is dead".into());
+    /// The incarnation of `from` is dead: asks the head for the next one
+    /// (held until the restart ends) and moves every open call there, in
+    /// the order the calls were made, ahead of later calls. Called by a
+    /// call holding its turn on `from`'s route, so later calls wait
+    /// meanwhile; a call that finds the move done already returns at once.
+    async fn relocate(&self, core: &Arc<Core>, from: &CallSlot) -> std::result::Result<(), String> {
+        let _one = self.caller.relocating.lock().await;
+        if self.caller.outbox().route_id() != from.route_id {
+            return Ok(());
         }
-        let known = self.caller.location();
-        if !known.dead.is_cancelled() {
-            return Ok(known);
-        }
-        if self.caller.max_restarts == 0 {
-            return Err("its worker has exited".into());
-        }
+        let known = from.route.location.incarnation;
         let deadline = tokio::time::Instant::now() + RESTART_WAIT;
         loop {
+            if self.caller.gone.is_cancelled() {
+                return Err("it is dead".into());
+            }
             let ask = HeadRequest::GetActor {
                 actor_id: self.actor_id,
-                known_incarnation: Some(known.incarnation),
+                known_incarnation: Some(known),
                 wait_ms: 5000,
             };
             match core
@@ -393,15 +440,12 @@ impl RawActor {
                         self.caller.gone.cancel();
                         return Err("its worker exited and it has no restarts left".into());
                     }
-                    shoal_proto::ActorState::Alive if info.incarnation != known.incarnation => {
+                    shoal_proto::ActorState::Alive if info.incarnation != known => {
                         let location =
                             Location::new(core, info.incarnation, info.worker, info.node_address);
-                        *self
-                            .caller
-                            .location
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner()) = Arc::clone(&location);
-                        return Ok(location);
+                        let old = self.caller.outbox().relocate(Route::new(location));
+                        old.supersede();
+                        return Ok(());
                     }
                     _ => {}
                 },
@@ -413,7 +457,8 @@ impl RawActor {
                     return Err(e.message);
                 }
                 Err(e) => {
-                    tracing::debug!(actor_id = %self.actor_id, error = %e, "asking the head where the actor lives")
+                    tracing::debug!(actor_id = %self.actor_id, error = %e, "asking the head where the actor lives");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
             if tokio::time::Instant::now() >= deadline {
@@ -423,6 +468,81 @@ impl RawActor {
             }
         }
     }
+
+    /// The worker of `location` could not be reached (`error`). A failed
+    /// connection is not a death: the head says whether the incarnation
+    /// lives. Returns when the call should look again: after a pause when
+    /// the head lists it alive at that worker (for up to [`REACH_WAIT`]
+    /// from `reach.since`, then this handle gives the incarnation up), at
+    /// once when the head says it was restarted (the location is then
+    /// dead) or is dead (the caller is then gone).
+    async fn unreachable(
+        &self,
+        core: &Arc<Core>,
+        location: &Location,
+        error: Error,
+        reach: &mut Reach,
+    ) {
+        let since = *reach.since.get_or_insert_with(tokio::time::Instant::now);
+        reach.tries += 1;
+        let ask = HeadRequest::GetActor {
+            actor_id: self.actor_id,
+            known_incarnation: None,
+            wait_ms: 0,
+        };
+        match core.head.call(&ask, Duration::from_secs(30)).await {
+            Ok(HeadReply::Actor(info)) => match info.state {
+                shoal_proto::ActorState::Dead => {
+                    self.caller.gone.cancel();
+                    return;
+                }
+                shoal_proto::ActorState::Alive
+                    if info.incarnation == location.incarnation
+                        && info.worker.worker_id == location.worker.worker_id => {}
+                // Restarting, or alive elsewhere: this incarnation is gone.
+                _ => {
+                    location.dead.cancel();
+                    return;
+                }
+            },
+            Err(shoal_net::RpcError::Service(e))
+                if e.kind == shoal_proto::ServiceErrorKind::NotFound =>
+            {
+                self.caller.gone.cancel();
+                return;
+            }
+            Ok(other) => {
+                tracing::debug!(actor_id = %self.actor_id, ?other, "unexpected answer to GetActor")
+            }
+            Err(e) => {
+                tracing::debug!(actor_id = %self.actor_id, error = %e, "asking the head whether the actor lives")
+            }
+        }
+        if since.elapsed() >= REACH_WAIT {
+            tracing::warn!(actor_id = %self.actor_id, worker = %location.worker.address, %error,
+                "the actor's worker could not be reached for {REACH_WAIT:?} although the head lists it alive; giving this incarnation up");
+            location.dead.cancel();
+            return;
+        }
+        tracing::debug!(actor_id = %self.actor_id, %error, "the actor's worker could not be reached; trying again");
+        tokio::select! {
+            _ = tokio::time::sleep(backoff(reach.tries)) => {}
+            _ = location.dead.cancelled() => {}
+        }
+    }
+}
+
+/// Tries at reaching an actor's worker that did not answer a connection.
+#[derive(Default)]
+struct Reach {
+    since: Option<tokio::time::Instant>,
+    tries: u32,
+}
+
+/// The pause before try `n` (from 1) again: 10 ms doubling, at most 1 s.
+fn backoff(n: u32) -> Duration {
+    Duration::from_millis(10u64.saturating_mul(1 << n.saturating_sub(1).min(7)))
+        .min(Duration::from_secs(1))
 }
 
 /// Options of an actor's creation.
@@ -851,23 +971,28 @@ pub(crate) fn call<T>(raw: &RawActor, method: &'static str, args: Vec<ArgValue>)
             format!("{max} calls are already waiting on this handle (max_pending_calls)"),
         );
     }
-    let seq = raw.caller.seq.fetch_add(1, Ordering::SeqCst);
+    let (turn, slot) = raw.caller.outbox().open();
+    let order = Order {
+        turn,
+        task_id,
+        method,
+        id,
+    };
     // A handle with no other call in flight (a call, then its get) sends
     // from this thread when it can.
     let args = if pending == 0 {
-        match call_now(&core, raw, seq, task_id, method, id, args) {
+        match call_now(&core, raw, order, &slot, args) {
             Ok(()) => return ObjectRef::adopt(id, core.me.clone()),
             Err(args) => args,
         }
     } else {
         args
     };
-
+    drop(slot);
     let raw = raw.clone();
     let core2 = Arc::clone(&core);
     core.handle.spawn(async move {
-        let state = call_raw(&core2, &raw, seq, task_id, method, args).await;
-        finish_call(&core2, &raw, id, state);
+        call_raw(&core2, &raw, order, args).await;
     });
     ObjectRef::adopt(id, core.me.clone())
 }
@@ -876,6 +1001,17 @@ pub(crate) fn call<T>(raw: &RawActor, method: &'static str, args: Vec<ArgValue>)
 fn finish_call(core: &Arc<Core>, raw: &RawActor, id: ObjectId, state: ObjState) {
     raw.caller.pending.fetch_sub(1, Ordering::SeqCst);
     core.complete_object(id, state);
+}
+
+/// One call: its place in the caller's order, and what it resolves.
+#[derive(Clone, Copy)]
+struct Order {
+    /// Its turn in the caller's [`Outbox`].
+    turn: u64,
+    task_id: TaskId,
+    method: &'static str,
+    /// The reference of its result.
+    id: ObjectId,
 }
 
 /// Arguments this big at most are sent from the caller's thread (a copy is
@@ -892,10 +1028,8 @@ const CALL_NOW_ARGS_MAX: usize = 4 << 10;
 fn call_now(
     core: &Arc<Core>,
     raw: &RawActor,
-    seq: u64,
-    task_id: TaskId,
-    method: &'static str,
-    id: ObjectId,
+    order: Order,
+    slot: &CallSlot,
     args: Vec<ArgValue>,
 ) -> std::result::Result<(), Vec<ArgValue>> {
     // Their total size, when all are plain values.
@@ -906,10 +1040,10 @@ fn call_now(
             _ => None,
         })
         .sum();
-    if plain.is_none_or(|size| size > CALL_NOW_ARGS_MAX) || !raw.caller.sent.is_turn(seq) {
+    if plain.is_none_or(|size| size > CALL_NOW_ARGS_MAX) || !slot.route.sent.is_turn(slot.pos) {
         return Err(args);
     }
-    let location = raw.caller.location();
+    let location = &slot.route.location;
     if location.dead.is_cancelled() || raw.caller.gone.is_cancelled() {
         return Err(args);
     }
@@ -926,185 +1060,373 @@ fn call_now(
             _ => None,
         })
         .collect();
-    let request = location.request(raw, task_id, method, Some(specs.clone()));
+    let request = location.request(raw, &order, slot, Some(specs.clone()));
+    let sent = Sent {
+        route: Arc::clone(&slot.route),
+        route_id: slot.route_id,
+        seq: slot.seq,
+    };
     let answered = {
-        let (core, raw, location) = (Arc::clone(core), raw.clone(), Arc::clone(&location));
-        move |reply: std::result::Result<WorkerReply, shoal_net::RpcError>| {
-            let sent = judge_reply(reply, &location);
-            after_first(&core, &raw, id, task_id, method, specs, sent);
+        let (core, raw) = (Arc::clone(core), raw.clone());
+        move |reply: std::result::Result<WorkerReply, shoal_net::RpcError>| match reply {
+            // Answered at the slot it was sent to: done, with no task.
+            Ok(WorkerReply::TaskDone(done))
+                if raw.caller.outbox().close_on(order.turn, sent.route_id) =>
+            {
+                finish_call(&core, &raw, order.id, outcome_state(done.outcome));
+            }
+            // Lost (or moved meanwhile): the task path goes on.
+            reply => {
+                let mut drive = Drive::new(&core, &raw, order, Some(specs));
+                drive.tried = Some(Arc::clone(&sent.route.location));
+                core.handle.spawn(drive.run(Step::Reply(sent, reply)));
+            }
         }
     };
-    // Not sent: the callback is dropped, and the request gives the
-    // arguments back.
-    let unsent = match client.send_then(&request, CALL_TIMEOUT, answered) {
-        Some(Ok(())) => None,
-        Some(Err(e)) => Some(judge_reply(Err(e), &location)),
-        None => Some(Sent::Lost("its connection changed".into())),
-    };
-    if let (Some(sent), WorkerRequest::ActorCall(call)) = (unsent, request) {
-        let specs = call.args.unwrap_or_default();
-        after_first(core, raw, id, task_id, method, specs, sent);
+    // Not sent: the callback is dropped, the request gives the arguments
+    // back, and the call, still holding its turn, takes the task path.
+    match client.send_then(&request, CALL_TIMEOUT, answered) {
+        Some(Ok(())) => slot.route.sent.pass(slot.pos),
+        Some(Err(_)) | None => {
+            let WorkerRequest::ActorCall(call) = request else {
+                unreachable!("Location::request makes an ActorCall")
+            };
+            let drive = Drive::new(core, raw, order, call.args);
+            core.handle.spawn(drive.run(Step::Send));
+        }
     }
-    raw.caller.pass_turn(seq);
     Ok(())
 }
 
-/// Resolves a call sent by [`call_now`] once its first attempt ended; a
-/// lost attempt goes on in the task path (resends, restarts).
-fn after_first(
-    core: &Arc<Core>,
-    raw: &RawActor,
-    id: ObjectId,
-    task_id: TaskId,
-    method: &'static str,
-    specs: Vec<ArgSpec>,
-    sent: Sent,
-) {
-    if let Sent::Done(state) = sent {
-        return finish_call(core, raw, id, state);
+/// What a worker's reply to a call says its result is.
+fn outcome_state(outcome: TaskOutcome) -> ObjState {
+    match outcome {
+        TaskOutcome::Inline(bytes) => ObjState::Inline(Arc::new(bytes)),
+        TaskOutcome::Stored(at) => ObjState::Stored(at),
+        TaskOutcome::Failed(f) => ObjState::Failed(f),
     }
-    let (core, raw) = (Arc::clone(core), raw.clone());
-    let handle = core.handle.clone();
-    handle.spawn(async move {
-        let args = Some(specs);
-        let state = attempts(&core, &raw, task_id, method, &args, Some(sent)).await;
-        finish_call(&core, &raw, id, state);
-    });
 }
 
-/// How one attempt of a call ended.
-enum Sent {
-    /// The actor answered (or the call failed for good).
-    Done(ObjState),
-    /// The actor's worker died with the call in flight: it may be resent.
-    Lost(String),
-}
-
-async fn call_raw(
-    core: &Arc<Core>,
-    raw: &RawActor,
-    seq: u64,
-    task_id: TaskId,
-    method: &'static str,
-    args: Vec<ArgValue>,
-) -> ObjState {
-    let function = format!("{}::{method}", raw.class);
+/// Resolves the call's arguments, then drives it to its answer.
+async fn call_raw(core: &Arc<Core>, raw: &RawActor, order: Order, args: Vec<ArgValue>) {
+    let function = format!("{}::{}", raw.class, order.method);
     // The argument references stay alive until the call is answered: a
     // stored argument must not be freed before the actor has read it.
-    let (args, failed, _keep_alive) = match core.resolve_args(&function, task_id, args).await {
+    let (args, failed, _keep_alive) = match core.resolve_args(&function, order.task_id, args).await
+    {
         Ok((args, keep)) => (Some(args), None, keep),
         Err(f) => (None, Some(f), Vec::new()),
     };
+    let mut drive = Drive::new(core, raw, order, args);
     if let Some(f) = failed {
-        // Sent even so, so the actor moves past this call.
-        let _ = send_call(core, raw, seq, task_id, method, &args).await;
-        return ObjState::Failed(f);
+        // Its slot is filled even so (a skip), so the actor moves past it.
+        drive.answer(ObjState::Failed(f));
     }
-    let first = send_call(core, raw, seq, task_id, method, &args).await;
-    attempts(core, raw, task_id, method, &args, Some(first)).await
+    drive.run(Step::Send).await;
 }
 
-/// The attempts of a call, after the first (`sent`): a call lost with the
-/// actor's worker is sent again, in a new turn, within `max_task_retries`.
-async fn attempts(
-    core: &Arc<Core>,
-    raw: &RawActor,
-    task_id: TaskId,
-    method: &'static str,
-    args: &Option<Vec<ArgSpec>>,
-    mut sent: Option<Sent>,
-) -> ObjState {
-    let function = format!("{}::{method}", raw.class);
-    let died = |message: String, attempts: u32| {
+/// A request that went out: on which route, as which seq.
+struct Sent {
+    route: Arc<Route>,
+    route_id: u64,
+    seq: u64,
+}
+
+/// Where a call's drive goes on from.
+enum Step {
+    /// Send at the call's current slot, in its turn there (a slot whose
+    /// turn has passed sends again at once: the host answers a call it ran
+    /// with its kept reply).
+    Send,
+    /// The reply, or its loss, to the request sent as [`Sent`].
+    Reply(Sent, std::result::Result<WorkerReply, shoal_net::RpcError>),
+}
+
+/// What a reply (or its loss) means for a call.
+enum Judged {
+    /// Answered.
+    Done(ObjState),
+    /// Answered with something that is not a call's reply: failed.
+    Failed(String),
+    /// Lost on a live connection to a live worker: send again, same slot.
+    Again(String),
+    /// The connection was lost: every open call goes to a new one.
+    Reconnect(String),
+    /// The incarnation is gone (its location is now dead).
+    Dead(String),
+}
+
+/// Times a call is sent again at one slot (its replies lost on a live
+/// connection) before it fails.
+const RESENDS_MAX: u32 = 100;
+
+/// One call on its way to an answer, after its first attempt if that was
+/// made from the caller's thread: sent in its turn; sent again (same slot)
+/// when a reply is lost on a live worker; moved with the other open calls
+/// to a new connection or, after a restart, a new incarnation (resent
+/// there within `max_task_retries`, else answered `ActorDied`); and once
+/// its result is known, its slot there filled with a skip, so later calls
+/// are not held.
+struct Drive {
+    core: Arc<Core>,
+    raw: RawActor,
+    order: Order,
+    args: Option<Vec<ArgSpec>>,
+    /// The reference is resolved.
+    answered: bool,
+    /// The incarnation the call was last sent to with its arguments (it
+    /// may have run there).
+    tried: Option<Arc<Location>>,
+    /// Times it was sent again to a new incarnation.
+    retries: u32,
+    /// Times it was sent again at one slot.
+    resends: u32,
+    reach: Reach,
+}
+
+impl Drive {
+    fn new(core: &Arc<Core>, raw: &RawActor, order: Order, args: Option<Vec<ArgSpec>>) -> Self {
+        Self {
+            core: Arc::clone(core),
+            raw: raw.clone(),
+            order,
+            args,
+            answered: false,
+            tried: None,
+            retries: 0,
+            resends: 0,
+            reach: Reach::default(),
+        }
+    }
+
+    /// Resolves the call's reference, once.
+    fn answer(&mut self, state: ObjState) {
+        if !self.answered {
+            self.answered = true;
+            finish_call(&self.core, &self.raw, self.order.id, state);
+        }
+    }
+
+    fn died(&self, message: &str) -> ObjState {
         ObjState::Failed(TaskFailure {
             kind: FailureKind::ActorDied,
-            function: raw.class.clone(),
-            task_id,
+            function: self.raw.class.clone(),
+            task_id: self.order.task_id,
             node_id: None,
-            message: format!("actor {}: {message}", raw.actor_id),
+            message: format!("actor {}: {message}", self.raw.actor_id),
             backtrace: None,
-            attempts,
+            attempts: self.retries + 1,
         })
-    };
-    let mut attempt = 0u32;
-    loop {
-        attempt += 1;
-        let sent = match sent.take() {
-            Some(sent) => sent,
-            None => {
-                let seq = raw.caller.seq.fetch_add(1, Ordering::SeqCst);
-                send_call(core, raw, seq, task_id, method, args).await
+    }
+
+    /// Until the call has left the outbox.
+    async fn run(mut self, mut step: Step) {
+        loop {
+            let next = match step {
+                Step::Send => self.send().await,
+                Step::Reply(sent, reply) => self.on_reply(sent, reply).await,
+            };
+            match next {
+                Some(next) => step = next,
+                None => break,
+            }
+        }
+        // Left without an answer only if another path closed it.
+        let died = self.died("the call was abandoned");
+        self.answer(died);
+    }
+
+    /// Fails the call, leaves the outbox and passes its turn on `slot`.
+    fn fail(&mut self, slot: &CallSlot, message: &str) -> Option<Step> {
+        let died = self.died(message);
+        self.answer(died);
+        self.raw.caller.outbox().close(self.order.turn);
+        slot.route.sent.pass(slot.pos);
+        None
+    }
+
+    /// Sends the call (or its skip) at its current slot, in its turn.
+    async fn send(&mut self) -> Option<Step> {
+        let caller = Arc::clone(&self.raw.caller);
+        let slot = caller.outbox().slot(self.order.turn)?;
+        slot.route.sent.wait(slot.pos).await;
+        // Moved while it waited (the old route let its waiters go).
+        if caller.outbox().route_id() != slot.route_id {
+            return Some(Step::Send);
+        }
+        // The call holds its turn from here: each path passes it, or goes
+        // round again holding it (a new route lets it go).
+        let location = Arc::clone(&slot.route.location);
+        if caller.gone.is_cancelled() {
+            return self.fail(&slot, "it is dead");
+        }
+        if location.dead.is_cancelled() {
+            if caller.max_restarts == 0 {
+                return self.fail(&slot, "its worker has exited");
+            }
+            return match self.raw.relocate(&self.core, &slot).await {
+                Ok(()) => Some(Step::Send),
+                Err(message) => self.fail(&slot, &message),
+            };
+        }
+        // Sent with its arguments to an incarnation that died since, the
+        // call may have run there: sending it here is a retry (counted
+        // once it is sent).
+        let retry = !self.answered
+            && self
+                .tried
+                .as_ref()
+                .is_some_and(|tried| !Arc::ptr_eq(tried, &location));
+        if retry && self.retries >= caller.max_task_retries {
+            let died = self.died("its worker exited with the call in flight");
+            self.answer(died);
+        }
+        // Once answered, only a skip: the host moves past the slot.
+        let args = if self.answered {
+            None
+        } else {
+            self.args.clone()
+        };
+        let with_args = args.is_some();
+        let request = location.request(&self.raw, &self.order, &slot, args);
+        let client = tokio::select! {
+            client = self.core.worker(&location.worker.address) => client,
+            _ = location.dead.cancelled() => return Some(Step::Send),
+        };
+        let client = match client {
+            Ok(client) => {
+                self.reach = Reach::default();
+                client
+            }
+            Err(e) => {
+                self.raw
+                    .unreachable(&self.core, &location, e, &mut self.reach)
+                    .await;
+                return Some(Step::Send);
             }
         };
-        match sent {
-            Sent::Done(state) => return state,
-            Sent::Lost(message) => {
-                if attempt > raw.caller.max_task_retries || raw.caller.max_restarts == 0 {
-                    return died(message, attempt);
+        match client.send(&request, CALL_TIMEOUT).await {
+            Ok(in_flight) => {
+                slot.route.sent.pass(slot.pos);
+                if with_args {
+                    if retry {
+                        self.retries += 1;
+                        tracing::debug!(actor_id = %self.raw.actor_id, method = self.order.method, retries = self.retries, "resent a call lost with the actor's worker");
+                    }
+                    self.tried = Some(Arc::clone(&location));
                 }
-                // Sent again after the calls made meanwhile.
-                tracing::debug!(actor_id = %raw.actor_id, %function, %message, "resending a call lost with the actor's worker");
+                let reply = tokio::select! {
+                    reply = in_flight.reply() => reply,
+                    // The node saw the worker exit: no need to wait for
+                    // the connection to time out.
+                    _ = location.dead.cancelled() => Err(shoal_net::RpcError::Stream("the actor's worker exited".into())),
+                    // The calls moved on (to a new connection or
+                    // incarnation): so does this one, from its new slot.
+                    _ = slot.route.superseded.cancelled() => return Some(Step::Send),
+                };
+                let sent = Sent {
+                    route: slot.route,
+                    route_id: slot.route_id,
+                    seq: slot.seq,
+                };
+                Some(Step::Reply(sent, reply))
+            }
+            // Not sent: the call keeps its turn and tries again.
+            Err(e) if e.is_connection_lost() => {
+                caller.reroute(slot.route_id);
+                Some(Step::Send)
+            }
+            Err(e) => self.again(&e.to_string(), Some(&slot)).await,
+        }
+    }
+
+    /// Pauses before sending again at the same slot (`holding` its turn
+    /// there, when the request could not be sent); fails the call past
+    /// [`RESENDS_MAX`].
+    async fn again(&mut self, why: &str, holding: Option<&CallSlot>) -> Option<Step> {
+        self.resends += 1;
+        if self.resends > RESENDS_MAX {
+            let message = format!("{RESENDS_MAX} attempts at the call were lost; the last: {why}");
+            return match holding {
+                Some(slot) => self.fail(slot, &message),
+                None => {
+                    let died = self.died(&message);
+                    self.answer(died);
+                    self.raw.caller.outbox().close(self.order.turn);
+                    None
+                }
+            };
+        }
+        tracing::debug!(actor_id = %self.raw.actor_id, method = self.order.method, %why, "sending an actor call again");
+        let location = self.raw.caller.location();
+        tokio::select! {
+            _ = tokio::time::sleep(backoff(self.resends)) => {}
+            _ = location.dead.cancelled() => {}
+        }
+        Some(Step::Send)
+    }
+
+    /// Acts on the reply (or its loss) to the request sent as `sent`.
+    async fn on_reply(
+        &mut self,
+        sent: Sent,
+        reply: std::result::Result<WorkerReply, shoal_net::RpcError>,
+    ) -> Option<Step> {
+        let location = Arc::clone(&sent.route.location);
+        match judge(reply, &location) {
+            Judged::Done(state) => {
+                self.answer(state);
+                self.leave(&sent).await
+            }
+            Judged::Again(why) => self.again(&why, None).await,
+            Judged::Failed(why) => {
+                let died = self.died(&why);
+                self.answer(died);
+                self.leave(&sent).await
+            }
+            Judged::Reconnect(why) => {
+                tracing::debug!(actor_id = %self.raw.actor_id, %why, "the connection to the actor's worker was lost; sending its open calls again");
+                self.raw.caller.reroute(sent.route_id);
+                Some(Step::Send)
+            }
+            Judged::Dead(why) => {
+                tracing::debug!(actor_id = %self.raw.actor_id, %why, "the actor's incarnation is gone");
+                location.dead.cancel();
+                Some(Step::Send)
             }
         }
     }
+
+    /// The host of `sent` answered: the call leaves the outbox, unless it
+    /// has moved since to a new incarnation, where its slot gets a skip.
+    async fn leave(&mut self, sent: &Sent) -> Option<Step> {
+        let turn = self.order.turn;
+        let slot = {
+            let mut outbox = self.raw.caller.outbox();
+            if outbox.close_on(turn, sent.route_id) {
+                return None;
+            }
+            let slot = outbox.slot(turn)?;
+            if !Arc::ptr_eq(&slot.route.location, &sent.route.location) || slot.seq != sent.seq {
+                return Some(Step::Send);
+            }
+            // Moved to a new connection to the same incarnation, same seq:
+            // that host has answered; only its turn there is owed.
+            outbox.close(turn);
+            slot
+        };
+        slot.route.sent.wait(slot.pos).await;
+        slot.route.sent.pass(slot.pos);
+        None
+    }
 }
 
-/// Sends one attempt of a call in its turn, and waits for the answer.
-async fn send_call(
-    core: &Arc<Core>,
-    raw: &RawActor,
-    seq: u64,
-    task_id: TaskId,
-    method: &'static str,
-    args: &Option<Vec<ArgSpec>>,
-) -> Sent {
-    raw.caller.wait_turn(seq).await;
-    // Later calls must not wait for this one whatever happens: each path
-    // below passes the turn once the request is out (or cannot go).
-    let location = match raw.current(core).await {
-        Ok(location) => location,
-        Err(message) => {
-            raw.caller.pass_turn(seq);
-            return Sent::Done(ObjState::Failed(TaskFailure {
-                kind: FailureKind::ActorDied,
-                function: raw.class.clone(),
-                task_id,
-                node_id: None,
-                message: format!("actor {}: {message}", raw.actor_id),
-                backtrace: None,
-                attempts: 1,
-            }));
-        }
-    };
-    let client = match core.worker(&location.worker.address).await {
-        Ok(c) => c,
-        Err(e) => {
-            location.dead.cancel();
-            raw.caller.pass_turn(seq);
-            return Sent::Lost(format!("its worker is unreachable ({e})"));
-        }
-    };
-    // Sent even when an argument failed, so the actor moves past this call.
-    let request = location.request(raw, task_id, method, args.clone());
-    let in_flight = client.send(&request, CALL_TIMEOUT).await;
-    raw.caller.pass_turn(seq);
-    let reply = match in_flight {
-        Ok(in_flight) => tokio::select! {
-            reply = in_flight.reply() => reply,
-            // The node saw the worker exit: no need to wait for the
-            // connection to time out.
-            _ = location.dead.cancelled() => Err(shoal_net::RpcError::Stream("the actor's worker exited".into())),
-        },
-        Err(e) => Err(e),
-    };
-    judge_reply(reply, &location)
-}
-
-/// What the actor's worker answered to a call, as an attempt's outcome.
-fn judge_reply(
+/// What the actor's worker answered to a call (or how it was lost).
+fn judge(
     reply: std::result::Result<WorkerReply, shoal_net::RpcError>,
     location: &Location,
-) -> Sent {
+) -> Judged {
+    let refused = Judged::Failed;
     match reply {
         // A late answer from a node the head declared dead: the actor lives
         // on elsewhere (or is dead), and this instance is fenced.
@@ -1112,29 +1434,37 @@ fn judge_reply(
             if crate::core::try_get().is_some_and(|core| core.watches.is_dead(reply.node_id)) =>
         {
             location.dead.cancel();
-            Sent::Lost(format!(
+            Judged::Dead(format!(
                 "its node {} was declared dead; its answer is not used",
                 reply.node_id
             ))
         }
-        Ok(WorkerReply::TaskDone(reply)) => Sent::Done(match reply.outcome {
-            TaskOutcome::Inline(bytes) => ObjState::Inline(Arc::new(bytes)),
-            TaskOutcome::Stored(at) => ObjState::Stored(at),
-            TaskOutcome::Failed(f) => ObjState::Failed(f),
-        }),
-        Ok(other) => Sent::Lost(format!("its worker answered {other:?}")),
+        Ok(WorkerReply::TaskDone(reply)) => Judged::Done(outcome_state(reply.outcome)),
+        Ok(other) => refused(format!("its worker answered {other:?}")),
+        Err(e) if location.dead.is_cancelled() => Judged::Dead(e.to_string()),
+        // The worker's word that it does not host this incarnation.
         Err(shoal_net::RpcError::Service(e))
             if e.kind == shoal_proto::ServiceErrorKind::NotFound =>
         {
-            location.dead.cancel();
-            Sent::Lost(e.message)
+            Judged::Dead(e.message)
         }
-        Err(e) => {
-            if e.is_connection_lost() {
-                location.dead.cancel();
-            }
-            Sent::Lost(format!("the call was lost ({e})"))
+        Err(shoal_net::RpcError::Service(e))
+            if e.kind == shoal_proto::ServiceErrorKind::Unavailable =>
+        {
+            Judged::Again(e.to_string())
         }
+        Err(shoal_net::RpcError::Service(e)) => {
+            refused(format!("its worker refused the call: {e}"))
+        }
+        Err(e @ (shoal_net::RpcError::Connection(_) | shoal_net::RpcError::Stream(_))) => {
+            Judged::Reconnect(e.to_string())
+        }
+        // The request reached the worker (a discarded reply), or may have:
+        // the host answers a resend with the reply of the call's one run.
+        Err(e @ (shoal_net::RpcError::Injected(_) | shoal_net::RpcError::Timeout(_))) => {
+            Judged::Again(e.to_string())
+        }
+        Err(e) => refused(format!("the call failed: {e}")),
     }
 }
 
@@ -1144,8 +1474,8 @@ pub(crate) struct Hosted {
     incarnation: u32,
     state: Arc<RwLock<ActorState>>,
     permits: Arc<Semaphore>,
-    /// Per caller: the next sequence number allowed to start.
-    callers: Mutex<HashMap<WorkerId, Arc<Turns>>>,
+    /// Per caller: its turns and the replies kept for its resends.
+    callers: Mutex<HashMap<WorkerId, Arc<CallerLine>>>,
     /// For an actor of sync methods: its own threads (`max_concurrency` of
     /// them), fed calls in order (the next call is queued while this one
     /// runs, so back-to-back calls cost no thread hand-offs).
@@ -1153,6 +1483,66 @@ pub(crate) struct Hosted {
     /// Per method (in the class's order): its last run was quick (see
     /// [`crate::exec::claim_inline`]).
     quick: Arc<[std::sync::atomic::AtomicBool]>,
+}
+
+/// One caller's calls at a hosted actor.
+#[derive(Default)]
+struct CallerLine {
+    /// The next sequence number allowed to start.
+    turns: Turns,
+    /// The replies of calls that ran, for their resends.
+    kept: Mutex<KeptReplies<TaskReply>>,
+}
+
+impl CallerLine {
+    fn kept(&self) -> MutexGuard<'_, KeptReplies<TaskReply>> {
+        self.kept.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether some run of call `seq` has taken its turn.
+    fn turn_passed(&self, seq: u64) -> bool {
+        self.turns.is_turn(seq.saturating_add(1))
+    }
+
+    /// What the table says of call `seq` (it takes no place).
+    fn seen(&self, seq: u64) -> Seen<TaskReply> {
+        let mut kept = self.kept();
+        kept.seen(seq, self.turn_passed(seq))
+    }
+
+    /// In `seq`'s turn: [`Seen::New`] when this copy is to run it (its run
+    /// is then recorded as started), else how to answer it.
+    fn begin(&self, seq: u64) -> Seen<TaskReply> {
+        let mut kept = self.kept();
+        let seen = kept.seen(seq, self.turn_passed(seq));
+        if matches!(seen, Seen::New) {
+            kept.start(seq);
+        }
+        seen
+    }
+}
+
+/// A call's run: its reply is kept when it ends; dropped before that (its
+/// handler abandoned), the copies waiting for it get an error.
+struct Running {
+    line: Arc<CallerLine>,
+    seq: u64,
+    ended: bool,
+}
+
+impl Running {
+    fn finish(mut self, reply: TaskReply) {
+        self.ended = true;
+        self.line.kept().finish(self.seq, reply);
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.line.kept().abandon(self.seq);
+        }
+    }
 }
 
 /// Most threads of an actor's own (past this, its calls run on the
@@ -1407,7 +1797,9 @@ impl Host {
         None
     }
 
-    /// Runs one call, in its caller's order.
+    /// Runs one call, in its caller's order, once: a call sent again (its
+    /// reply was lost) is answered with the reply its run gave, or waits
+    /// for that run to end, and is never run a second time.
     pub(crate) async fn call(
         &self,
         core: &Arc<Core>,
@@ -1428,6 +1820,91 @@ impl Host {
                     ),
                 )
             })?;
+        let line = hosted.line(call.caller);
+        line.kept().forget_below(call.done_below);
+        // Seen before (a resend): answered without fetching its arguments.
+        let seen = line.seen(call.seq);
+        if !matches!(seen, Seen::New) {
+            return Ok(hosted.again(seen, &call, executor).await);
+        }
+        // Arguments are fetched before our turn: they need no ordering.
+        let args = match &call.args {
+            Some(args) => Some(core.fetch_args(args).await),
+            None => None,
+        };
+        line.turns.wait(call.seq).await;
+        // In its turn: the first copy of the call to get here runs it; a
+        // copy that arrived meanwhile waits for that run's reply.
+        let seen = line.begin(call.seq);
+        if !matches!(seen, Seen::New) {
+            return Ok(hosted.again(seen, &call, executor).await);
+        }
+        let running = Running {
+            line: Arc::clone(&line),
+            seq: call.seq,
+            ended: false,
+        };
+        let reply = hosted.run(core, &call, args, executor, &line.turns).await;
+        running.finish(reply.clone());
+        Ok(reply)
+    }
+}
+
+impl Hosted {
+    /// The line of `caller`'s calls (made at its first call).
+    fn line(&self, caller: WorkerId) -> Arc<CallerLine> {
+        let mut callers = self.callers.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(callers.entry(caller).or_default())
+    }
+
+    /// The answer to a call that already ran or runs here.
+    async fn again(
+        &self,
+        seen: Seen<TaskReply>,
+        call: &ActorCall,
+        executor: Executor,
+    ) -> TaskReply {
+        let function = format!("{}::{}", self.class.name, call.method);
+        let dropped = |message: String| TaskReply {
+            task_id: call.task_id,
+            attempt: 0,
+            node_id: executor.node_id,
+            worker_id: executor.worker_id,
+            outcome: TaskOutcome::Failed(failure(
+                FailureKind::ReplyDropped,
+                &function,
+                call.task_id,
+                executor,
+                message,
+            )),
+            run_us: 0,
+        };
+        match seen {
+            Seen::Replay(reply) => reply,
+            Seen::Wait(first) => first.await.unwrap_or_else(|_| {
+                dropped(format!(
+                    "call {} of this caller ended here without a reply; it is not run again",
+                    call.seq
+                ))
+            }),
+            Seen::Forgotten | Seen::New => dropped(format!(
+                "call {} of this caller ran here, and its reply is no longer kept (the last {} are); it is not run again",
+                call.seq,
+                crate::replies::KEPT_MAX
+            )),
+        }
+    }
+
+    /// Runs a call in its turn (`turn`, passed once the call has its place).
+    async fn run(
+        &self,
+        core: &Arc<Core>,
+        call: &ActorCall,
+        args: Option<Result<crate::shm::Args>>,
+        executor: Executor,
+        turn: &Turns,
+    ) -> TaskReply {
+        let hosted = self;
         let function = format!("{}::{}", hosted.class.name, call.method);
         let reply = |outcome| TaskReply {
             task_id: call.task_id,
@@ -1437,16 +1914,6 @@ impl Host {
             outcome,
             run_us: 0,
         };
-        // Arguments are fetched before our turn: they need no ordering.
-        let args = match &call.args {
-            Some(args) => Some(core.fetch_args(args).await),
-            None => None,
-        };
-        let turn = {
-            let mut callers = hosted.callers.lock().unwrap_or_else(|e| e.into_inner());
-            callers.entry(call.caller).or_default().clone()
-        };
-        turn.wait(call.seq).await;
         let advance = || turn.pass(call.seq);
         let args = match args {
             None => {
@@ -1458,7 +1925,7 @@ impl Host {
                     executor,
                     "abandoned by its caller".into(),
                 );
-                return Ok(reply(TaskOutcome::Failed(f)));
+                return reply(TaskOutcome::Failed(f));
             }
             Some(Err(e)) => {
                 advance();
@@ -1469,7 +1936,7 @@ impl Host {
                     executor,
                     e.to_string(),
                 );
-                return Ok(reply(TaskOutcome::Failed(f)));
+                return reply(TaskOutcome::Failed(f));
             }
             Some(Ok(args)) => args,
         };
@@ -1488,7 +1955,7 @@ impl Host {
                 executor,
                 "no such method".into(),
             );
-            return Ok(reply(TaskOutcome::Failed(f)));
+            return reply(TaskOutcome::Failed(f));
         };
         let state = Arc::clone(&hosted.state);
         let running = core::Running {
@@ -1509,7 +1976,7 @@ impl Host {
                         executor,
                         "an async method on an actor run by its own thread".into(),
                     );
-                    return Ok(reply(TaskOutcome::Failed(f)));
+                    return reply(TaskOutcome::Failed(f));
                 }
             };
             let outcome = match lane.run_here(&state) {
@@ -1532,9 +1999,7 @@ impl Host {
                     queued.await
                 }
             };
-            return Ok(reply(
-                call_outcome(core, &call, &function, executor, outcome).await,
-            ));
+            return reply(call_outcome(core, call, &function, executor, outcome).await);
         }
         // Our place is taken once we hold a permit and the lock; only then
         // may the caller's next call start competing.
@@ -1564,9 +2029,7 @@ impl Host {
             }
         };
         drop(permit);
-        Ok(reply(
-            call_outcome(core, &call, &function, executor, outcome).await,
-        ))
+        reply(call_outcome(core, call, &function, executor, outcome).await)
     }
 }
 

@@ -519,6 +519,20 @@ impl Core {
             .await
     }
 
+    /// Closes this process's connections to workers, as a network blip
+    /// would (requests in flight on them fail); returns how many. For tests
+    /// of what callers do then.
+    pub(crate) fn close_worker_connections(&self) -> usize {
+        let mut closed = 0;
+        for client in self.workers.iter() {
+            if client.close_reason().is_none() {
+                client.close();
+                closed += 1;
+            }
+        }
+        closed
+    }
+
     /// The open connection to the worker at `address`, if there is one.
     pub(crate) fn cached_worker(&self, address: &str) -> Option<WorkerClient> {
         let client = self.workers.get(address)?;

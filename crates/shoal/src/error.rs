@@ -59,6 +59,16 @@ pub enum Error {
         /// What happened, with the actor's id.
         message: String,
     },
+    /// An actor call's reply was lost and, when it was asked for again, the
+    /// actor had already dropped it (it keeps 4096 per caller): the call ran
+    /// once and is not run again, but its result is gone.
+    #[error("{function}: {message}")]
+    ReplyDropped {
+        /// The method called.
+        function: String,
+        /// Details.
+        message: String,
+    },
     /// Another live actor has this name in its namespace.
     #[error("{0}")]
     ActorNameTaken(String),
@@ -165,6 +175,10 @@ impl Error {
             },
             FailureKind::ActorDied => Error::ActorDied {
                 class: f.function,
+                message: f.message,
+            },
+            FailureKind::ReplyDropped => Error::ReplyDropped {
+                function: f.function,
                 message: f.message,
             },
             FailureKind::PendingCallsExceeded => Error::PendingCallsExceeded {

@@ -35,7 +35,9 @@
 //!
 //! Modules: [`object_ref`] (references and arguments), `core` (the
 //! per-process runtime), `lease` (worker leases), `exec` (running tasks),
-//! [`registry`], [`local`] (in-process clusters), [`client`].
+//! [`registry`], [`local`] (in-process clusters), [`client`], [`actor`]
+//! (with `outbox`, a caller's open calls, and `replies`, the replies an
+//! actor keeps for resends).
 
 #![warn(missing_docs)]
 
@@ -54,7 +56,9 @@ mod lease;
 pub mod local;
 pub mod object_ref;
 mod options;
+mod outbox;
 pub mod registry;
+mod replies;
 mod shm;
 mod turns;
 mod watch;
@@ -436,6 +440,13 @@ pub mod __private {
         args: Vec<ArgValue>,
     ) -> ObjectRef<T> {
         crate::actor::call(actor, method, args)
+    }
+
+    /// Closes this process's connections to workers, as a network blip
+    /// would; returns how many were open. For tests of what callers do
+    /// then (actor calls in flight must be sent again, not failed).
+    pub fn testing_close_worker_connections() -> usize {
+        crate::ensure_core().close_worker_connections()
     }
 
     /// Encodes one argument.

@@ -570,6 +570,163 @@ fn flag(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| v == "1")
 }
 
+/// Makes `n` numbered calls on the recorder as caller `caller`, from a
+/// task: each `Ok` answer counted, each error's text kept. Half are
+/// pipelined, half made one at a time (a call, then its `get`).
+#[shoal::remote]
+fn record_numbers(recorder: ActorHandle<Recorder>, caller: u32, n: u32) -> (u32, Vec<String>) {
+    calls_in_order(&recorder, caller, n)
+}
+
+fn calls_in_order(recorder: &ActorHandle<Recorder>, caller: u32, n: u32) -> (u32, Vec<String>) {
+    let (mut answered, mut errors) = (0, Vec::new());
+    let mut tally = |got: shoal::Result<u32>, i: u32| match got {
+        Ok(v) if v == i => answered += 1,
+        Ok(v) => errors.push(format!("call {i} answered {v}")),
+        Err(e) => errors.push(e.to_string()),
+    };
+    let half = n / 2;
+    let refs: Vec<_> = (0..half).map(|i| recorder.record(caller, i)).collect();
+    for (i, r) in refs.iter().enumerate() {
+        tally(r.get(), i as u32);
+    }
+    for i in half..n {
+        tally(recorder.record(caller, i).get(), i);
+    }
+    (answered, errors)
+}
+
+/// Records numbered calls per caller, duplicates and all.
+#[shoal::actor]
+#[derive(Default)]
+pub struct Sequences {
+    seen: std::collections::BTreeMap<u32, Vec<u32>>,
+}
+
+#[shoal::actor]
+impl Sequences {
+    pub fn new() -> Self {
+        Sequences::default()
+    }
+
+    pub fn record(&mut self, caller: u32, i: u32) -> u32 {
+        self.seen.entry(caller).or_default().push(i);
+        i
+    }
+
+    /// Numbers recorded, all callers together.
+    pub fn count(&self) -> usize {
+        self.seen.values().map(Vec::len).sum()
+    }
+
+    /// Each caller's numbers, in the order they were recorded.
+    pub fn sequences(&self) -> Vec<(u32, Vec<u32>)> {
+        self.seen.iter().map(|(c, v)| (*c, v.clone())).collect()
+    }
+}
+
+/// Forwards numbered calls to a recorder, after a short nap; restartable
+/// (its recorder is not restarted with it).
+#[shoal::actor]
+pub struct Forwarder {
+    target: ActorHandle<Sequences>,
+}
+
+#[shoal::actor]
+impl Forwarder {
+    pub fn new(target: ActorHandle<Sequences>) -> Self {
+        Forwarder { target }
+    }
+
+    pub fn forward(&mut self, caller: u32, i: u32) -> u32 {
+        std::thread::sleep(Duration::from_millis(2));
+        self.target.record(caller, i).get().expect("recorded")
+    }
+
+    pub fn pid(&self) -> u32 {
+        std::process::id()
+    }
+}
+
+/// Makes `n` numbered calls on the forwarder as caller `caller`, one
+/// every 4 ms without waiting for answers (so calls are made while
+/// its worker is dead and restarting), then waits for them all: the count
+/// of `Ok` answers and each error's text.
+#[shoal::remote]
+fn forward_numbers(forwarder: ActorHandle<Forwarder>, caller: u32, n: u32) -> (u32, Vec<String>) {
+    forward_in_order(&forwarder, caller, n)
+}
+
+fn forward_in_order(forwarder: &ActorHandle<Forwarder>, caller: u32, n: u32) -> (u32, Vec<String>) {
+    let refs: Vec<_> = (0..n)
+        .map(|i| {
+            std::thread::sleep(Duration::from_millis(4));
+            forwarder.forward(caller, i)
+        })
+        .collect();
+    let (mut answered, mut errors) = (0, Vec::new());
+    for (i, r) in refs.iter().enumerate() {
+        match r.get() {
+            Ok(v) if v as usize == i => answered += 1,
+            Ok(v) => errors.push(format!("call {i} answered {v}")),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    (answered, errors)
+}
+
+/// Whether one caller's recorded numbers `0..n` kept its order across at
+/// most `restarts` restarts. Each incarnation runs the calls it gets in
+/// order, so the record is at most `restarts + 1` increasing runs: the
+/// first is 0, 1, 2, ... with no gap (nothing is lost while the actor
+/// lives); each later one starts at or before where the last one ended
+/// (calls that may have run are sent again, ahead of later calls); every
+/// number appears. Returns (in order, runs, duplicates).
+fn runs_in_order(seen: &[u32], n: u32, restarts: usize) -> (bool, usize, usize) {
+    let mut runs: Vec<&[u32]> = Vec::new();
+    let mut start = 0;
+    for i in 1..=seen.len() {
+        if i == seen.len() || seen[i] <= seen[i - 1] {
+            runs.push(&seen[start..i]);
+            start = i;
+        }
+    }
+    let first_ok = runs
+        .first()
+        .is_some_and(|run| run.iter().enumerate().all(|(i, x)| *x as usize == i));
+    let later_ok = runs.windows(2).all(|pair| {
+        let ended = pair[0].last().copied().unwrap_or(0);
+        pair[1].first().is_some_and(|first| *first <= ended + 1)
+    });
+    let distinct: std::collections::BTreeSet<_> = seen.iter().collect();
+    let all = distinct.len() == n as usize && seen.iter().all(|x| *x < n);
+    let ok = first_ok && later_ok && all && runs.len() <= restarts + 1;
+    (ok, runs.len(), seen.len() - distinct.len())
+}
+
+/// Makes `n` numbered calls as caller `caller`, 100 at a time every 10 ms
+/// without waiting, then waits for them all: the count of right answers
+/// and the first errors.
+fn paced_calls(recorder: &ActorHandle<Recorder>, caller: u32, n: u32) -> (u32, Vec<String>) {
+    let mut refs = Vec::new();
+    for i in 0..n {
+        if i % 100 == 0 {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        refs.push(recorder.record(caller, i));
+    }
+    let (mut answered, mut errors) = (0, Vec::new());
+    for (i, r) in refs.iter().enumerate() {
+        match r.get() {
+            Ok(v) if v as usize == i => answered += 1,
+            Ok(v) => errors.push(format!("call {i} answered {v}")),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    errors.truncate(10);
+    (answered, errors)
+}
+
 fn main() -> shoal::Result<()> {
     let _shoal = shoal::init(shoal::Config::from_env())?;
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -1265,6 +1422,137 @@ fn main() -> shoal::Result<()> {
             std::io::stdout().flush().ok();
             let mut line = String::new();
             let _ = std::io::stdin().read_line(&mut line);
+        }
+        "actor-blip" => {
+            // This process's connections to workers are closed (as a
+            // network blip would) while numbered calls are in flight to a
+            // live actor with no restarts: they are sent again on a new
+            // connection, each answered and run once, in order, and the
+            // handle still works after.
+            let n: u32 = arg(1).parse().unwrap_or(2000);
+            let recorder = Recorder::options().max_restarts(0).remote(1)?;
+            recorder.orders().get()?;
+            let blips = std::thread::spawn(|| {
+                (0..10)
+                    .map(|_| {
+                        std::thread::sleep(Duration::from_millis(15));
+                        shoal::__private::testing_close_worker_connections()
+                    })
+                    .sum::<usize>()
+            });
+            let (answered, errors) = paced_calls(&recorder, 0, n);
+            let closed = blips.join().expect("the blip thread");
+            let after = recorder.record(1, 0).get().is_ok();
+            let orders = recorder.orders().get()?;
+            result(json!({
+                "n": n,
+                "answered": answered,
+                "errors": errors,
+                "orders": orders,
+                "closed": closed,
+                "after": after,
+            }));
+        }
+        "actor-replies-lost" => {
+            // Meant to run with SHOAL_TESTING_RPC_FAILURE="ActorCall=rep:0.2":
+            // a fifth of the actor calls' replies are discarded after the
+            // actor ran the call. No restarts: each call must still be
+            // answered, and run exactly once, in its caller's order.
+            let n: u32 = arg(1).parse().unwrap_or(400);
+            let recorder = Recorder::options().max_restarts(0).remote(1)?;
+            // Two more callers: tasks that each got the handle.
+            let tasks: Vec<_> = (1..=2)
+                .map(|c| {
+                    record_numbers::options()
+                        .max_retries(0)
+                        .remote(recorder.clone(), c, n)
+                })
+                .collect();
+            let mut answered = vec![];
+            let mut errors = vec![];
+            let (mine, my_errors) = calls_in_order(&recorder, 0, n);
+            answered.push(mine);
+            errors.extend(my_errors);
+            for task in &tasks {
+                let (theirs, their_errors) = task.get()?;
+                answered.push(theirs);
+                errors.extend(their_errors);
+            }
+            let orders = recorder.orders().get()?;
+            errors.truncate(10);
+            result(json!({"n": n, "answered": answered, "errors": errors, "orders": orders}));
+        }
+        "actor-restart-order" => {
+            // A forwarder with one restart and call retries, killed while
+            // numbered calls from three callers are in flight (and more are
+            // being made); the recorder it forwards to lives on.
+            let n: u32 = arg(1).parse().unwrap_or(300);
+            let recorder = Sequences::remote()?;
+            let forwarder = Forwarder::options()
+                .max_restarts(1)
+                .max_task_retries(3)
+                .remote(recorder.clone())?;
+            let first_pid = forwarder.pid().get()?;
+            let tasks: Vec<_> = (1..=2)
+                .map(|c| {
+                    forward_numbers::options()
+                        .max_retries(0)
+                        .remote(forwarder.clone(), c, n)
+                })
+                .collect();
+            let killer = {
+                let recorder = recorder.clone();
+                std::thread::spawn(move || {
+                    // Once a third of the calls are recorded.
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    while Instant::now() < deadline {
+                        let recorded = recorder.count().get().unwrap_or(0);
+                        if recorded >= n as usize {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(first_pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    )
+                    .expect("kill the forwarder's worker");
+                })
+            };
+            let mut answered = vec![];
+            let mut errors = vec![];
+            let (mine, my_errors) = forward_in_order(&forwarder, 0, n);
+            answered.push(mine);
+            errors.extend(my_errors);
+            for task in &tasks {
+                let (theirs, their_errors) = task.get()?;
+                answered.push(theirs);
+                errors.extend(their_errors);
+            }
+            killer.join().expect("the killer thread");
+            let second_pid = forwarder.pid().get()?;
+            let seen = recorder.sequences().get()?;
+            let callers: Vec<_> = seen
+                .iter()
+                .map(|(caller, numbers)| {
+                    let (in_order, runs, duplicates) = runs_in_order(numbers, n, 1);
+                    json!({"caller": caller, "in_order": in_order, "runs": runs, "duplicates": duplicates, "recorded": numbers.len()})
+                })
+                .collect();
+            let out_of_order: Vec<_> = seen
+                .iter()
+                .filter(|(_, numbers)| !runs_in_order(numbers, n, 1).0)
+                .map(|(caller, numbers)| json!([caller, numbers]))
+                .collect();
+            errors.truncate(10);
+            result(json!({
+                "n": n,
+                "answered": answered,
+                "errors": errors,
+                "callers": callers,
+                "restarted": second_pid != first_pid,
+                "out_of_order": out_of_order,
+            }));
         }
         "actor-order" => {
             let n: u32 = arg(1).parse().unwrap_or(10_000);
