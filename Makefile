@@ -6,7 +6,7 @@ CARGO ?= cargo
 export CARGO_BUILD_JOBS ?= 2
 SHOAL := target/debug/shoal
 
-.PHONY: build test lint fmt demo demo-cluster bench clean
+.PHONY: build test lint fmt demo demo-cluster bench chaos clean
 
 build:
 	$(CARGO) build --workspace
@@ -22,6 +22,16 @@ lint:
 test: lint
 	$(CARGO) build --workspace
 	$(CARGO) test --workspace
+
+# The fault suites at full size (minutes; make test runs them as a short
+# smoke): FT-1 (10 000 nested tasks while node daemons are killed), FT-2
+# (numbered calls through restarting actors, checked for loss, duplicates
+# and order), FT-3, FT-11 (a host cut off for 30 s), then FT-10 and FT-13.
+# Each prints its seed; SHOAL_CHAOS_SEED=N replays one.
+chaos: build
+	SHOAL_CHAOS=full $(CARGO) test -p shoal-integration-tests --test chaos -- --test-threads=1 --nocapture
+	$(CARGO) test -p shoal-integration-tests --test processes a_node_declared_dead -- --nocapture
+	$(CARGO) test -p shoal-integration-tests --test faults -- --nocapture
 
 # A real job in local mode (no cluster to set up): word count as MapReduce
 # over a text generated on the spot, checked against a sequential count.

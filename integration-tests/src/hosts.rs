@@ -501,6 +501,21 @@ impl Hosts {
         ]);
     }
 
+    /// The command lines of the processes running on host `i` (`docker
+    /// top`), its idle `sleep` included.
+    pub fn processes(&self, i: usize) -> Vec<String> {
+        // `docker top` wants a pid column; it is dropped here.
+        docker_ok(&["top", &self.hosts[i].container, "-o", "pid,args"])
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                l.trim_start()
+                    .split_once(' ')
+                    .map(|(_, args)| args.trim().to_string())
+            })
+            .collect()
+    }
+
     /// Panics if a daemon log on any host records a panic.
     pub fn assert_no_panics(&self) {
         for host in &self.hosts {
@@ -556,7 +571,8 @@ pub struct Driver {
 }
 
 impl Driver {
-    fn new(mut child: Child) -> Driver {
+    /// Takes over `child`, whose stdin, stdout and stderr are piped.
+    pub fn new(mut child: Child) -> Driver {
         use std::io::{BufRead, Read};
         let (tx, lines) = std::sync::mpsc::channel();
         let stdout = child.stdout.take().expect("piped stdout");
@@ -617,6 +633,12 @@ impl Driver {
                 ),
             }
         }
+    }
+
+    /// The `RESULT` line's JSON, once printed (the driver may go on).
+    pub fn result_line(&mut self, timeout: Duration) -> Value {
+        let line = self.wait_for("RESULT ", timeout);
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad RESULT json ({e}): {line}"))
     }
 
     /// Writes `line` to the driver's stdin.

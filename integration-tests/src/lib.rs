@@ -6,6 +6,8 @@
 //!   network) for multi-host clusters, with verbs to stop, freeze and cut
 //!   one off.
 //! - [`poll_until`]: wait for a state with a deadline, never a bare sleep.
+//! - [`history`]: the chaos suites' checker of lost, duplicated and
+//!   reordered operations; [`Chaos`]: their seed and scale.
 //! - [`raw`]: a peer that speaks QUIC and TLS but sends whatever bytes a test
 //!   wants in the handshake, to check how the head refuses bad input.
 //!
@@ -17,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod history;
 pub mod hosts;
 
 /// Calls `probe` every 50 ms until it returns `Some`, or panics with `what`
@@ -127,77 +130,68 @@ pub fn scenario_result(args: &[&str], env: &[(&str, String)], timeout: Duration)
     result_of(&run_driver(&sibling_bin("scenarios"), args, env, timeout))
 }
 
-/// The lines a child prints, read on a thread of their own so that a test
-/// waits for them with a deadline (a driver that hangs fails the test, it
-/// does not hang it).
-pub struct Lines {
-    rx: std::sync::mpsc::Receiver<String>,
+/// A chaos test's seed (from `SHOAL_CHAOS_SEED`, else the clock; printed so
+/// a run can be replayed) and scale (`SHOAL_CHAOS=full` for `make chaos`;
+/// otherwise the short smoke `make test` runs).
+pub struct Chaos {
+    /// The seed.
+    pub seed: u64,
+    /// Full size (minutes) rather than the smoke.
+    pub full: bool,
+    state: u64,
 }
 
-impl Lines {
-    /// Reads `out` line by line until it closes.
-    pub fn read(out: impl std::io::Read + Send + 'static) -> Self {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Self { rx }
-    }
-
-    /// Waits up to `timeout` for a line equal to `line`; the lines before it
-    /// are dropped. False if it did not come (or the output closed).
-    pub fn wait_for(&self, line: &str, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.rx.recv_timeout(left) {
-                Ok(l) if l == line => return true,
-                Ok(_) => {}
-                Err(_) => return false,
-            }
+impl Chaos {
+    /// Reads the seed and scale, and prints them for test `name`.
+    pub fn from_env(name: &str) -> Self {
+        let seed = std::env::var("SHOAL_CHAOS_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1)
+                    ^ u64::from(std::process::id())
+            });
+        let full = std::env::var("SHOAL_CHAOS").is_ok_and(|v| v == "full");
+        println!(
+            "{name}: SHOAL_CHAOS_SEED={seed} ({})",
+            if full { "full" } else { "smoke" }
+        );
+        Self {
+            seed,
+            full,
+            state: seed,
         }
     }
 
-    /// Waits up to `timeout` for a line starting with `prefix`, and returns it.
-    pub fn wait_for_prefix(&self, prefix: &str, timeout: Duration) -> Option<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.rx.recv_timeout(left) {
-                Ok(l) if l.starts_with(prefix) => return Some(l),
-                Ok(_) => {}
-                Err(_) => return None,
-            }
-        }
+    /// The next pseudo-random number (splitmix64).
+    pub fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
     }
 
-    /// Every line until the output closes, or until `timeout` has passed.
-    pub fn rest(self, timeout: Duration) -> Vec<String> {
-        let deadline = Instant::now() + timeout;
-        let mut lines = Vec::new();
-        while let Ok(line) = self
-            .rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        {
-            lines.push(line);
-        }
-        lines
+    /// A duration between `lo` and `hi`.
+    pub fn between(&mut self, lo: Duration, hi: Duration) -> Duration {
+        let span = hi.saturating_sub(lo).as_millis().max(1) as u64;
+        lo + Duration::from_millis(self.next_u64() % span)
+    }
+
+    /// An index below `n` (n > 0).
+    pub fn pick(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
     }
 }
 
-/// A child process killed (and reaped) when dropped, pass or fail.
-pub struct KillOnDrop(pub Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// Starts the `scenarios` driver on this host for a test that talks to it
+/// while it runs (see [`hosts::Driver`]: lines waited for with a deadline,
+/// killed on drop).
+pub fn driver(args: &[&str], env: &[(&str, String)]) -> hosts::Driver {
+    hosts::Driver::new(spawn_scenario(args, env))
 }
 
 /// Starts the `scenarios` driver with its stdin, stdout and stderr piped,

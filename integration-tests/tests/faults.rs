@@ -4,12 +4,9 @@
 //! operation still completes, and completes once (no double lease, no
 //! leaked reservation, no double run, no phantom node).
 
-use std::io::Write;
 use std::time::Duration;
 
-use shoal_integration_tests::{
-    poll_until, result_of, spawn_scenario, KillOnDrop, Lines, ProcessCluster,
-};
+use shoal_integration_tests::{driver, ProcessCluster};
 
 /// The control requests: the head's and the node daemon's services.
 const CONTROL_METHODS: &[&str] = &[
@@ -73,37 +70,31 @@ fn every_control_request_survives_a_lost_request_and_a_lost_reply_once() {
     let mut env = cluster.driver_env();
     env.push(("SHOAL_TESTING_RPC_FAILURE", spec.clone()));
     env.push(("SHOAL_TESTING_RPC_FAILURE_SEED", seed.clone()));
-    let mut guard = KillOnDrop(spawn_scenario(&["control-faults"], &env));
-    let driver = &mut guard.0;
-    let lines = Lines::read(driver.stdout.take().expect("stdout"));
-    if !lines.wait_for("IDLE", Duration::from_secs(240)) {
-        let _ = driver.kill();
-        let _ = driver.wait();
-        let stderr =
-            std::io::read_to_string(driver.stderr.take().expect("stderr")).unwrap_or_default();
-        panic!("the driver did not finish its work within 240 s:\n{stderr}");
-    }
+    let mut driver = driver(&["control-faults"], &env);
+    driver.wait_for("IDLE", Duration::from_secs(240));
     // While the job still runs (its leases are not reclaimed by its end):
     // no phantom node from a retried registration, and every lease back.
-    poll_until(Duration::from_secs(30), "every lease returned", || {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
         let status = cluster.status();
-        let nodes = status["nodes"].as_array()?.clone();
+        let nodes = status["nodes"].as_array().cloned().unwrap_or_default();
         let alive: Vec<_> = nodes.iter().filter(|n| n["state"] == "ALIVE").collect();
         assert_eq!(alive.len(), 3, "a head node and two nodes: {status:#}");
-        alive
+        if alive
             .iter()
             .all(|n| n["resources_available"] == n["resources_total"])
-            .then_some(())
-    });
-    {
-        let mut stdin = driver.stdin.take().expect("stdin");
-        writeln!(stdin, "go").expect("go-ahead");
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a lease was not returned within 30 s: {status:#}\nactors: {}",
+            cluster.shoal_ok(&["list", "actors", "--json"])
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
-    let rest = lines.rest(Duration::from_secs(60));
-    let status = driver.wait().expect("driver exit");
-    let stderr = std::io::read_to_string(driver.stderr.take().expect("stderr")).unwrap_or_default();
-    assert!(status.success(), "driver failed: {rest:?}\n{stderr}");
-    let out = result_of(&rest.join("\n"));
+    driver.say("go");
+    let out = driver.result(Duration::from_secs(60));
     assert_eq!(out["values_in_order"], true, "{out}");
     assert_eq!(out["tasks_ran_once"], true, "a task ran twice: {out}");
     assert_eq!(

@@ -1,14 +1,11 @@
 //! The cluster as real processes: `shoal start --head`, two `shoal start
 //! --address` daemons, `shoal status --json`, SIGKILL, `shoal stop`.
 
-use std::io::Write;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use shoal_integration_tests::{
-    poll_until, process_alive, result_of, signal, spawn_scenario, KillOnDrop, Lines, ProcessCluster,
-};
+use shoal_integration_tests::{driver, poll_until, process_alive, signal, ProcessCluster};
 
 /// Fast failure detection so the tests take seconds.
 const CONFIG: &str = r#"
@@ -362,8 +359,8 @@ fn the_local_cluster_example_runs() {
 
 #[test]
 fn a_node_declared_dead_is_fenced_its_actor_lives_once_and_its_late_reply_is_rejected() {
-    // Two nodes offering one `spot` each; the actor takes one, so its
-    // restart goes to the other node.
+    // FT-10 on one host. Two nodes offering one `spot` each; the actor takes
+    // one, so its restart goes to the other node.
     let cluster = ProcessCluster::new();
     let config = cluster.write_config("fast.toml", CONFIG);
     let config = config.to_str().expect("utf8 path");
@@ -371,17 +368,9 @@ fn a_node_declared_dead_is_fenced_its_actor_lives_once_and_its_late_reply_is_rej
     for _ in 0..2 {
         cluster.start_node(&["--num-cpus", "2", "--resources", r#"{"spot": 1}"#]);
     }
-    let mut guard = KillOnDrop(spawn_scenario(&["fence"], &cluster.driver_env()));
-    let driver = &mut guard.0;
-    let lines = Lines::read(driver.stdout.take().expect("stdout"));
-    let Some(line) = lines.wait_for_prefix("ACTOR ", Duration::from_secs(120)) else {
-        let _ = driver.kill();
-        let _ = driver.wait();
-        let stderr =
-            std::io::read_to_string(driver.stderr.take().expect("stderr")).unwrap_or_default();
-        panic!("the driver never named its actor's node:\n{stderr}");
-    };
-    let mut words = line.split_whitespace().skip(1);
+    let mut driver = driver(&["fence"], &cluster.driver_env());
+    let line = driver.wait_for("ACTOR ", Duration::from_secs(120));
+    let mut words = line.split_whitespace();
     let (node_id, old_pid) = (
         words.next().expect("node id").to_string(),
         words
@@ -399,15 +388,13 @@ fn a_node_declared_dead_is_fenced_its_actor_lives_once_and_its_late_reply_is_rej
     // The daemon stops; its worker (the actor, busy with the slow call)
     // does not.
     signal(daemon, Signal::SIGSTOP);
-    let Some(line) = lines.wait_for_prefix("RESULT ", Duration::from_secs(120)) else {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        driver.result_line(Duration::from_secs(120))
+    }));
+    let out = result.unwrap_or_else(|e| {
         signal(daemon, Signal::SIGCONT);
-        let _ = driver.kill();
-        let _ = driver.wait();
-        let stderr =
-            std::io::read_to_string(driver.stderr.take().expect("stderr")).unwrap_or_default();
-        panic!("the driver gave no result:\n{stderr}");
-    };
-    let out = result_of(&line);
+        std::panic::resume_unwind(e)
+    });
     assert_ne!(
         out["new_node"], out["old_node"],
         "restarted elsewhere: {out}"
@@ -440,10 +427,6 @@ fn a_node_declared_dead_is_fenced_its_actor_lives_once_and_its_late_reply_is_rej
         .collect();
     assert_eq!(alive.len(), 3, "the fenced node counted once: {status:#}");
     assert_eq!(alive.iter().map(|n| cpu(n)).sum::<f64>(), 4.0, "{status:#}");
-    {
-        let mut stdin = driver.stdin.take().expect("stdin");
-        writeln!(stdin, "go").expect("go-ahead");
-    }
-    assert!(driver.wait().expect("driver exit").success());
+    driver.say("go");
     cluster.assert_no_panics();
 }

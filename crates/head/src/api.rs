@@ -46,6 +46,7 @@ struct NodeOrders {
     seq: u64,
     restarts: Vec<(u64, RestartActor)>,
     deletes: Vec<(u64, shoal_proto::ObjectId)>,
+    releases: Vec<(u64, shoal_proto::LeaseId)>,
 }
 
 /// Deletions held for one node at most (past it, the copies stay until the
@@ -65,21 +66,46 @@ impl NodeOrders {
         }
     }
 
+    fn release(&mut self, lease_id: shoal_proto::LeaseId) {
+        self.seq += 1;
+        self.releases.push((self.seq, lease_id));
+    }
+
     /// Forgets the orders the node has acted on (numbered up to `acked`).
     fn acked(&mut self, acked: u64) {
         self.restarts.retain(|(seq, _)| *seq > acked);
         self.deletes.retain(|(seq, _)| *seq > acked);
+        self.releases.retain(|(seq, _)| *seq > acked);
     }
 
     /// The orders not yet acknowledged, and the newest one's number.
-    fn pending(&self) -> (Vec<RestartActor>, Vec<shoal_proto::ObjectId>, u64) {
-        let restarts = self.restarts.iter().map(|(_, o)| o.clone()).collect();
-        let deletes = self.deletes.iter().map(|(_, id)| *id).collect();
-        (restarts, deletes, self.seq)
+    fn pending(&self) -> Pending {
+        Pending {
+            restarts: self.restarts.iter().map(|(_, o)| o.clone()).collect(),
+            deletes: self.deletes.iter().map(|(_, id)| *id).collect(),
+            releases: self.releases.iter().map(|(_, id)| *id).collect(),
+            seq: self.seq,
+        }
     }
 }
 
+/// A node's orders not yet acknowledged.
+struct Pending {
+    restarts: Vec<RestartActor>,
+    deletes: Vec<shoal_proto::ObjectId>,
+    releases: Vec<shoal_proto::LeaseId>,
+    seq: u64,
+}
+
 impl State {
+    /// Orders the nodes holding leases whose owner died to stop those
+    /// workers: they work for no one now.
+    fn order_orphan_releases(&mut self) {
+        for (node_id, lease_id) in self.scheduler.take_orphaned() {
+            self.orders.entry(node_id).or_default().release(lease_id);
+        }
+    }
+
     /// Releases the leases of actors whose worker died; true if any was
     /// held.
     fn actors_died(&mut self, died: Vec<Died>) -> bool {
@@ -116,6 +142,7 @@ impl State {
                 preferred_node: None,
                 wait_ms: 0,
                 request_id: 0,
+                owner_node: None,
             };
             let Decision::Granted(lease) = self.scheduler.request(&live, &request) else {
                 continue;
@@ -243,6 +270,7 @@ impl HeadService {
     /// A node died or left: its leases are gone, its actors die or restart.
     fn node_gone(&self, state: &mut State, node_id: NodeId) {
         state.scheduler.node_died(node_id);
+        state.order_orphan_releases();
         state.objects.node_died(node_id);
         state.orders.remove(&node_id);
         let died = state.actors.node_died(node_id);
@@ -461,6 +489,7 @@ impl Service for HeadService {
                         for worker in dead_workers {
                             reclaimed += state.scheduler.owner_died(*worker);
                         }
+                        state.order_orphan_releases();
                         let died = state.actors.workers_died(dead_workers);
                         let actors_died = !died.is_empty();
                         reclaimed += usize::from(state.actors_died(died));
@@ -470,7 +499,7 @@ impl Service for HeadService {
                         let finished_jobs = state.jobs.not_running(&jobs[..jobs.len().min(10_000)]);
                         let orders = state.orders.entry(node_id).or_default();
                         orders.acked(orders_acked);
-                        let (restart_actors, delete_objects, orders_seq) = orders.pending();
+                        let pending = orders.pending();
                         drop(state);
                         if reclaimed > 0 {
                             self.resources_changed.notify_waiters();
@@ -480,9 +509,10 @@ impl Service for HeadService {
                         }
                         Ok(HeadReply::HeartbeatAck {
                             finished_jobs,
-                            restart_actors,
-                            delete_objects,
-                            orders_seq,
+                            restart_actors: pending.restarts,
+                            delete_objects: pending.deletes,
+                            release_leases: pending.releases,
+                            orders_seq: pending.seq,
                         })
                     }
                     Err(Fenced(node_id)) => Ok(HeadReply::NodeFenced { node_id }),

@@ -51,6 +51,9 @@ struct LeaseEntry {
     /// The request that was granted it, when it carried an id, and the
     /// grant: a retry of that request gets this lease again.
     granted_for: Option<(u64, Lease)>,
+    /// The node hosting its owner, when the owner is a worker: the lease
+    /// goes when that node dies (its workers die with it, unreported).
+    owner_node: Option<NodeId>,
 }
 
 /// What one node has handed out.
@@ -73,6 +76,9 @@ pub struct Scheduler {
     by_request: HashMap<(WorkerId, u64), LeaseId>,
     /// Only nodes with running leases have an entry.
     ledgers: HashMap<NodeId, NodeLedger>,
+    /// Leases reclaimed because their owner died, on nodes still alive:
+    /// those nodes are to stop the workers (see [`Scheduler::take_orphaned`]).
+    orphaned: Vec<(NodeId, LeaseId)>,
     infeasible: Vec<InfeasibleRequest>,
 }
 
@@ -172,6 +178,7 @@ impl Scheduler {
                 resources: request.resources.clone(),
                 blocked: false,
                 granted_for: key.map(|(_, id)| (id, lease.clone())),
+                owner_node: request.owner_node,
             },
         );
         Decision::Granted(lease)
@@ -282,8 +289,38 @@ impl Scheduler {
         }
     }
 
-    /// Reclaims every lease on a dead node.
+    fn is_detached(lease: &LeaseEntry) -> bool {
+        lease.job_id == JobId::from_uuid(shoal_proto::ids::Uuid::nil())
+    }
+
+    /// Reclaims the leases whose owner died (not detached ones): their
+    /// nodes are told to stop the workers ([`Scheduler::take_orphaned`]).
+    fn release_orphans(&mut self, owner_died: impl Fn(&LeaseEntry) -> bool) -> usize {
+        let orphans: Vec<(NodeId, LeaseId)> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| owner_died(l) && !Self::is_detached(l))
+            .map(|(id, l)| (l.node_id, *id))
+            .collect();
+        for (_, id) in &orphans {
+            self.release(*id);
+        }
+        let n = orphans.len();
+        self.orphaned.extend(orphans);
+        n
+    }
+
+    /// Leases reclaimed since the last call because their owner died, by
+    /// node: the node is to stop each lease's worker (it works for no one).
+    pub fn take_orphaned(&mut self) -> Vec<(NodeId, LeaseId)> {
+        std::mem::take(&mut self.orphaned)
+    }
+
+    /// Reclaims every lease on a dead node, and those its workers held as
+    /// owners on other nodes.
     pub fn node_died(&mut self, node_id: NodeId) -> usize {
+        self.release_orphans(|l| l.owner_node == Some(node_id) && l.node_id != node_id);
+        self.orphaned.retain(|(node, _)| *node != node_id);
         let n = self.release_where(|l| l.node_id == node_id);
         debug_assert!(
             !self.ledgers.contains_key(&node_id),
@@ -299,9 +336,10 @@ impl Scheduler {
         self.release_where(|l| l.job_id == job_id)
     }
 
-    /// Reclaims every lease held by a dead owner.
+    /// Reclaims every lease held by a dead owner (detached actors' leases
+    /// outlive it).
     pub fn owner_died(&mut self, owner: WorkerId) -> usize {
-        self.release_where(|l| l.owner == owner)
+        self.release_orphans(|l| l.owner == owner)
     }
 
     /// Clears infeasible entries that some node in `nodes` can now fit.
@@ -368,6 +406,7 @@ mod tests {
             preferred_node: None,
             wait_ms: 0,
             request_id: 0,
+            owner_node: None,
         }
     }
 
@@ -505,6 +544,54 @@ mod tests {
         ));
         assert_eq!(s.node_died(nodes[0].node_id), 1);
         assert_eq!(s.lease_count(), 0);
+    }
+
+    #[test]
+    fn leases_whose_owner_died_are_reclaimed_and_their_nodes_told() {
+        let nodes = vec![node(2.0), node(2.0)];
+        let (a, b) = (nodes[0].node_id, nodes[1].node_id);
+        let mut s = Scheduler::new();
+        // A worker on A owns a lease on B (a nested task's); another owner
+        // (a driver) holds one on B too.
+        let mut nested = request(1.0);
+        nested.owner = WorkerId::random();
+        nested.owner_node = Some(a);
+        nested.preferred_node = Some(b);
+        let Decision::Granted(orphan) = s.request(&nodes, &nested) else {
+            panic!("fits")
+        };
+        let mut other = request(1.0);
+        other.preferred_node = Some(b);
+        let Decision::Granted(kept) = s.request(&nodes, &other) else {
+            panic!("fits")
+        };
+        assert_eq!((orphan.node_id, kept.node_id), (b, b));
+        s.node_died(a);
+        assert_eq!(
+            s.take_orphaned(),
+            vec![(b, orphan.lease_id)],
+            "B stops that worker"
+        );
+        assert!(s.take_orphaned().is_empty(), "told once");
+        assert!(
+            !s.release(orphan.lease_id),
+            "reclaimed with its owner's node"
+        );
+        assert!(s.release(kept.lease_id), "another owner's lease stays");
+        // A dead owner reported by its node: the same, but detached leases
+        // (a detached actor's) outlive it.
+        let mut owned = request(1.0);
+        owned.owner = WorkerId::random();
+        let Decision::Granted(plain) = s.request(&nodes, &owned) else {
+            panic!("fits")
+        };
+        let Decision::Granted(detached) = s.request(&nodes, &owned) else {
+            panic!("fits")
+        };
+        s.detach(detached.lease_id);
+        assert_eq!(s.owner_died(owned.owner), 1);
+        assert_eq!(s.take_orphaned(), vec![(plain.node_id, plain.lease_id)]);
+        assert_eq!(s.lease_count(), 1, "the detached lease");
     }
 
     #[test]
@@ -774,6 +861,7 @@ mod tests {
                     preferred_node: every.get(preferred % (every.len() + 1)).copied(),
                     wait_ms: 0,
                     request_id: 0,
+                    owner_node: None,
                 };
                 let feasible = m.live.iter().any(|n| fits_total(n, &req.resources));
                 let roomy: Vec<NodeId> = m
@@ -883,7 +971,8 @@ mod tests {
                 m.infeasible.retain(|r| r.job_id != job_id(j));
             }
             Event::OwnerDies(o) => {
-                let reclaimed = m.reclaim(|l| l.owner == o);
+                // A detached actor's lease outlives its creator.
+                let reclaimed = m.reclaim(|l| l.owner == o && l.job.is_some());
                 prop_assert_eq!(s.owner_died(owner_id(o)), reclaimed);
             }
         }
@@ -972,6 +1061,13 @@ mod tests {
                 1 => {
                     for o in 0..OWNERS {
                         step(&mut s, &mut m, Event::OwnerDies(o))?;
+                    }
+                    // Detached leases outlive their owners too.
+                    let left: Vec<LeaseId> = m.leases.keys().copied().collect();
+                    for id in left {
+                        prop_assert!(m.leases.get(&id).is_some_and(|l| l.job.is_none()));
+                        m.leases.remove(&id);
+                        prop_assert!(s.release(id));
                     }
                 }
                 _ => {

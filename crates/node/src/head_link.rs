@@ -126,10 +126,15 @@ impl<T: Transport + Clone> HeadLink<'_, T> {
                     finished_jobs,
                     restart_actors,
                     delete_objects,
+                    release_leases,
                     orders_seq,
                 }) => {
                     failures = 0;
                     orders_acked = orders_seq;
+                    // Their owners died: the workers work for no one.
+                    for lease_id in release_leases {
+                        self.pool.release(lease_id, true);
+                    }
                     self.store().delete_copies(&delete_objects);
                     if !finished_jobs.is_empty() {
                         info!(jobs = ?finished_jobs, "jobs finished; stopping their workers");

@@ -360,6 +360,10 @@ pub struct LeaseRequest {
     /// lost reply gets the lease the first try was granted, not a second.
     #[serde(default)]
     pub request_id: u64,
+    /// The node hosting the owner, when the owner is a worker: if that
+    /// node dies, the lease is reclaimed with it.
+    #[serde(default)]
+    pub owner_node: Option<NodeId>,
 }
 
 /// A granted lease.
@@ -427,6 +431,9 @@ pub enum HeadReply {
         /// Copies to delete: their primary copy is gone.
         #[serde(default)]
         delete_objects: Vec<ObjectId>,
+        /// Leases whose owner died: the node stops their workers.
+        #[serde(default)]
+        release_leases: Vec<LeaseId>,
         /// The newest order's number: orders are sent with every
         /// acknowledgment until the node's `orders_acked` reaches it (a
         /// lost reply loses no order; the node acts on each once).

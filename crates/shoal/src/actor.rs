@@ -716,6 +716,7 @@ async fn create_raw(
             preferred_node: Some(core.home.node_id),
             wait_ms: 2000,
             request_id,
+            owner_node: core.hosting_node,
         });
         match core
             .head
@@ -1069,9 +1070,11 @@ fn call_now(
     let answered = {
         let (core, raw) = (Arc::clone(core), raw.clone());
         move |reply: std::result::Result<WorkerReply, shoal_net::RpcError>| match reply {
-            // Answered at the slot it was sent to: done, with no task.
+            // Answered at the slot it was sent to (and not by a node the
+            // head declared dead): done, with no task.
             Ok(WorkerReply::TaskDone(done))
-                if raw.caller.outbox().close_on(order.turn, sent.route_id) =>
+                if !core.watches.is_dead(done.node_id)
+                    && raw.caller.outbox().close_on(order.turn, sent.route_id) =>
             {
                 finish_call(&core, &raw, order.id, outcome_state(done.outcome));
             }

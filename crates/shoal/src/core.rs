@@ -267,6 +267,9 @@ pub(crate) struct Core {
     /// The job's driver (this process, for a driver).
     pub(crate) driver: Address,
     pub(crate) home: HomeNode,
+    /// The node hosting this process, for a worker (a driver has none): its
+    /// leases go with that node when it dies.
+    pub(crate) hosting_node: Option<NodeId>,
     /// The home node's store directory, when this process is on its host
     /// (asked once): objects there are written and mapped directly.
     local_store: tokio::sync::OnceCell<Option<std::path::PathBuf>>,
@@ -394,6 +397,7 @@ impl Core {
             driver: setup.driver.unwrap_or_else(|| me.clone()),
             me,
             home,
+            hosting_node: setup.executor.map(|e| e.node_id),
             local_store: tokio::sync::OnceCell::new(),
             write_maps: Arc::default(),
             binary_hash,

@@ -526,6 +526,7 @@ async fn lease_worker(
         preferred_node: Some(core.home.node_id),
         wait_ms: LEASE_WAIT.as_millis() as u64,
         request_id,
+        owner_node: core.hosting_node,
     });
     let asked = std::time::Instant::now();
     let lease = match core

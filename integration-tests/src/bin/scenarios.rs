@@ -211,6 +211,47 @@ fn level3(x: i64) -> i64 {
 #[shoal::remote]
 fn noop() {}
 
+/// Appends `line` to this process's file in `$CHAOS_DIR`: the chaos suite
+/// counts how often each task ran.
+fn log_run(line: &str) {
+    let Ok(dir) = std::env::var("CHAOS_DIR") else {
+        return;
+    };
+    let path = std::path::Path::new(&dir).join(std::process::id().to_string());
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(f, "{line}");
+    }
+}
+
+/// Milliseconds since the Unix epoch (the chaos suite compares the times
+/// of its kills with the driver's).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// An inner task of the chaos job: its value says which it is.
+#[shoal::remote]
+fn chaos_inner(i: u64, j: u64) -> u64 {
+    log_run(&format!("i {i} {j}"));
+    std::thread::sleep(Duration::from_millis(5));
+    i * 1000 + j
+}
+
+/// An outer task of the chaos job: submits `k` inner tasks and sums them.
+#[shoal::remote]
+fn chaos_outer(i: u64, k: u64) -> u64 {
+    log_run(&format!("o {i}"));
+    let inner: Vec<_> = (0..k).map(|j| chaos_inner::remote(i, j)).collect();
+    shoal::get_all(&inner).expect("inner tasks").iter().sum()
+}
+
 /// The `n`th Fibonacci number, as a tree of nested tasks each blocking in
 /// `get` on its two children.
 #[shoal::remote]
@@ -529,6 +570,13 @@ impl Counted {
 
     pub fn pid(&self) -> u32 {
         std::process::id()
+    }
+
+    /// Marks `file`, then returns after `ms` milliseconds.
+    pub fn marked_nap(&self, ms: u64, file: String) -> u64 {
+        mark(&file);
+        std::thread::sleep(Duration::from_millis(ms));
+        ms
     }
 
     /// This process's id, after `ms` milliseconds.
@@ -1017,6 +1065,115 @@ fn main() -> shoal::Result<()> {
             });
             let _ = std::fs::remove_dir_all(&dir);
             result(out);
+        }
+        "chaos-nested" => {
+            // FT-1: n outer tasks of k inner ones each, while the test kills
+            // node daemons; every result must be right.
+            let n: u64 = arg(1).parse().unwrap_or(1000);
+            let k: u64 = arg(2).parse().unwrap_or(9);
+            let refs: Vec<_> = (0..n).map(|i| chaos_outer::remote(i, k)).collect();
+            println!("STARTED");
+            std::io::stdout().flush().expect("stdout");
+            let start = Instant::now();
+            let mut outcomes = Vec::with_capacity(refs.len());
+            for (i, r) in refs.iter().enumerate() {
+                let i = i as u64;
+                let expected = (0..k).map(|j| i * 1000 + j).sum::<u64>();
+                outcomes.push(match r.get() {
+                    Ok(v) if v == expected => "ok".to_string(),
+                    Ok(v) => format!("wrong: {v}, not {expected}"),
+                    Err(e) => format!("error: {e}"),
+                });
+            }
+            println!("DONE {}", unix_ms());
+            std::io::stdout().flush().expect("stdout");
+            // The test checks the ledger while the job still runs.
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .expect("the test's go-ahead");
+            result(json!({
+                "outcomes": outcomes,
+                "seconds": start.elapsed().as_secs_f64(),
+            }));
+        }
+        "chaos-actors" => {
+            // FT-2: f restartable forwarders (on nodes the test kills) each
+            // send m numbered calls to a recorder on a node never killed.
+            let f: u32 = arg(1).parse().unwrap_or(4);
+            let m: u32 = arg(2).parse().unwrap_or(500);
+            let recorder = Sequences::options().resource("stable", 1.0).remote()?;
+            let forwarders = (0..f)
+                .map(|_| {
+                    Forwarder::options()
+                        .resource("chaos", 1.0)
+                        .max_restarts(1000)
+                        .max_task_retries(1000)
+                        .remote(recorder.clone())
+                })
+                .collect::<shoal::Result<Vec<_>>>()?;
+            let calls: Vec<Vec<_>> = forwarders
+                .iter()
+                .enumerate()
+                .map(|(c, fw)| (0..m).map(|i| fw.forward(c as u32, i)).collect())
+                .collect();
+            println!("STARTED");
+            std::io::stdout().flush().expect("stdout");
+            let mut acks = Vec::new();
+            let mut errors = Vec::new();
+            for per_caller in &calls {
+                let mut caller_acks = Vec::new();
+                for call in per_caller {
+                    match call.get() {
+                        Ok(_) => caller_acks.push(true),
+                        Err(e) => {
+                            caller_acks.push(false);
+                            if errors.len() < 20 {
+                                errors.push(e.to_string());
+                            }
+                        }
+                    }
+                }
+                acks.push(caller_acks);
+            }
+            let answered_ms = unix_ms();
+            let seen = recorder.sequences().get()?;
+            result(
+                json!({"acks": acks, "seen": seen, "errors": errors, "answered_ms": answered_ms}),
+            );
+        }
+        "chaos-actor-death" => {
+            // FT-3: an actor (default retries) killed mid-call: the caller
+            // gets ActorDied long before the call would have ended, and the
+            // method body ran at most once.
+            let file = std::env::temp_dir()
+                .join(format!("shoal-ft3-{}", std::process::id()))
+                .display()
+                .to_string();
+            let actor = Counted::remote(format!("{file}.ctor"))?;
+            let pid = actor.pid().get()?;
+            let call = actor.marked_nap(60_000, file.clone());
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while runs(&file) == 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .expect("kill the actor's worker");
+            let killed = Instant::now();
+            let answer = call.get();
+            let seconds = killed.elapsed().as_secs_f64();
+            let body_runs = runs(&file);
+            let _ = std::fs::remove_file(&file);
+            let _ = std::fs::remove_file(format!("{file}.ctor"));
+            result(json!({
+                "actor_died": matches!(answer, Err(Error::ActorDied { .. })),
+                "answer": format!("{answer:?}"),
+                "seconds_to_error": seconds,
+                "body_runs": body_runs,
+            }));
         }
         "queued" => {
             // RL-4: n no-op tasks submitted at once; they queue in this
