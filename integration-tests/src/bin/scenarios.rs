@@ -1180,6 +1180,14 @@ fn main() -> shoal::Result<()> {
             // driver (the head sees a few lease requests, not n tasks).
             // Reports the driver's memory per pending task.
             let n: usize = arg(1).parse().unwrap_or(1_000_000);
+            // The test measures the head once this job is registered (its
+            // executable uploaded), before any task.
+            println!("READY");
+            std::io::stdout().flush().expect("stdout");
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .expect("the test's go-ahead");
             let before = rss_anon_kib();
             let start = Instant::now();
             let refs: Vec<ObjectRef<()>> = (0..n).map(|_| noop::remote()).collect();
