@@ -133,7 +133,7 @@ fn runs(dir: &Path) -> HashMap<String, usize> {
 fn ft1_a_nested_job_survives_node_daemons_killed_under_it() {
     let mut chaos = Chaos::from_env("FT-1");
     let (n, k, window) = if chaos.full {
-        (1000u64, 9u64, Duration::from_secs(6))
+        (1000u64, 9u64, Duration::from_secs(3))
     } else {
         (40, 4, Duration::from_secs(2))
     };
