@@ -99,6 +99,14 @@ impl Actors {
         Ok(())
     }
 
+    /// The live actor holding `lease_id`, if any.
+    pub fn with_lease(&self, lease_id: LeaseId) -> Option<ActorId> {
+        self.actors
+            .values()
+            .find(|a| a.state == ActorState::Alive && a.lease_id == lease_id)
+            .map(|a| a.actor_id)
+    }
+
     /// The actor, alive or not.
     pub fn get(&self, actor_id: ActorId) -> Option<&ActorInfo> {
         self.actors.get(&actor_id)

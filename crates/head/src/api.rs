@@ -100,8 +100,22 @@ struct Pending {
 impl State {
     /// Orders the nodes holding leases whose owner died to stop those
     /// workers: they work for no one now.
-    fn order_orphan_releases(&mut self) {
+    ///
+    /// An actor's lease is orphaned when its creator (a worker) died: with
+    /// the creator's node (`owner_node_died`), the actor dies with it, as in
+    /// Ray (never restarted: its owner is gone; detached actors' leases are
+    /// never orphaned). A creator whose own exit its node reported (an idle
+    /// worker reaped) leaves its actors running, as before.
+    fn order_orphan_releases(&mut self, owner_node_died: bool) {
         for (node_id, lease_id) in self.scheduler.take_orphaned() {
+            if let Some(actor_id) = self.actors.with_lease(lease_id) {
+                if !owner_node_died {
+                    continue;
+                }
+                if let Some((info, _)) = self.actors.kill(actor_id) {
+                    info!(%actor_id, class = %info.class, "the actor's owner died with its node; the actor is dead");
+                }
+            }
             self.orders.entry(node_id).or_default().release(lease_id);
         }
     }
@@ -270,7 +284,7 @@ impl HeadService {
     /// A node died or left: its leases are gone, its actors die or restart.
     fn node_gone(&self, state: &mut State, node_id: NodeId) {
         state.scheduler.node_died(node_id);
-        state.order_orphan_releases();
+        state.order_orphan_releases(true);
         state.objects.node_died(node_id);
         state.orders.remove(&node_id);
         let died = state.actors.node_died(node_id);
@@ -501,7 +515,7 @@ impl Service for HeadService {
                         for worker in dead_workers {
                             reclaimed += state.scheduler.owner_died(*worker);
                         }
-                        state.order_orphan_releases();
+                        state.order_orphan_releases(false);
                         let died = state.actors.workers_died(dead_workers);
                         let actors_died = !died.is_empty();
                         reclaimed += usize::from(state.actors_died(died));
@@ -774,7 +788,12 @@ impl Service for HeadService {
                     let notified = self.actors_changed.notified();
                     tokio::pin!(notified);
                     notified.as_mut().enable();
-                    let (seq, nodes) = self.state().membership.deaths_after(after);
+                    let (mut seq, mut nodes) = self.state().membership.deaths_after(after);
+                    if seq < after {
+                        // A head that restarted counts from 0 again: all of
+                        // its deaths are new to the caller.
+                        (seq, nodes) = self.state().membership.deaths_after(0);
+                    }
                     if !nodes.is_empty()
                         || seq < after
                         || tokio::time::timeout_at(deadline, notified).await.is_err()

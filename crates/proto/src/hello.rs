@@ -18,7 +18,11 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{ClusterId, NodeId};
 
 /// The protocol version this build speaks. Peers must match exactly.
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// 2: variants a version-1 peer cannot decode (`WatchNodeDeaths`,
+/// `NodeDeaths`, `FailureKind::ReplyDropped`); such a peer is refused at
+/// the handshake instead of failing on them later.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Length in bytes of a token proof (HMAC-SHA256).
 pub const PROOF_LEN: usize = 32;

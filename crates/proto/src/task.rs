@@ -100,10 +100,10 @@ pub struct TaskReply {
     /// Its result.
     pub outcome: TaskOutcome,
     /// How long the function ran, in microseconds (its wait for the
-    /// worker's turn not included): the owner queues tasks behind a
-    /// function's runs only while they are short.
+    /// worker's turn not included), when the worker says: the owner queues
+    /// tasks behind a function's runs only while they are short.
     #[serde(default)]
-    pub run_us: u64,
+    pub run_us: Option<u64>,
 }
 
 /// Why a task failed, as its caller will see it.

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use shoal_proto::head::{Lease, LeaseRequest};
+use shoal_proto::head::Lease;
 use shoal_proto::worker::ActorCall;
 use shoal_proto::{
     ActorId, Address, ArgSpec, FailureKind, HeadReply, HeadRequest, NodeReply, NodeRequest,
@@ -143,6 +143,10 @@ struct WireActor {
     /// The actor is between incarnations (its last worker is gone).
     #[serde(default)]
     restarting: bool,
+    /// The node's id (of this incarnation): its death, and only its, ends
+    /// the location (the same address may come back under a new id).
+    #[serde(default)]
+    node_id: Option<shoal_proto::NodeId>,
 }
 
 impl WireActor {
@@ -157,6 +161,7 @@ impl WireActor {
             incarnation: info.incarnation,
             max_restarts: info.max_restarts,
             max_task_retries: info.max_task_retries,
+            node_id: Some(info.node_id),
         }
     }
 }
@@ -211,6 +216,8 @@ struct Location {
     worker: Address,
     /// The node hosting the worker, which says when it exits.
     node: String,
+    /// That node's id, when known.
+    node_id: Option<shoal_proto::NodeId>,
     /// Identifies the caller to this worker; calls are ordered per caller,
     /// numbered from 0 at each location (see [`Outbox`]).
     caller_id: WorkerId,
@@ -221,18 +228,24 @@ struct Location {
 }
 
 impl Location {
-    fn new(core: &Arc<Core>, incarnation: u32, worker: Address, node: String) -> Arc<Self> {
+    fn new(
+        core: &Arc<Core>,
+        incarnation: u32,
+        worker: Address,
+        (node, node_id): (String, Option<shoal_proto::NodeId>),
+    ) -> Arc<Self> {
         let location = Arc::new(Self {
             incarnation,
             worker,
             node,
+            node_id,
             caller_id: WorkerId::random(),
             dead: CancellationToken::new(),
         });
         core.watches.watch(
             core,
             &location.node,
-            None,
+            location.node_id,
             location.worker.worker_id,
             location.dead.clone(),
         );
@@ -362,7 +375,12 @@ pub struct RawActor {
 
 impl RawActor {
     fn new(core: &Arc<Core>, wire: WireActor, lifetime: Arc<Lifetime>) -> Self {
-        let location = Location::new(core, wire.incarnation, wire.worker, wire.node);
+        let location = Location::new(
+            core,
+            wire.incarnation,
+            wire.worker,
+            (wire.node, wire.node_id),
+        );
         if wire.restarting {
             location.dead.cancel();
         }
@@ -406,6 +424,7 @@ impl RawActor {
             max_restarts: self.caller.max_restarts,
             max_task_retries: self.caller.max_task_retries,
             restarting: location.dead.is_cancelled(),
+            node_id: location.node_id,
         }
     }
 
@@ -441,8 +460,12 @@ impl RawActor {
                         return Err("its worker exited and it has no restarts left".into());
                     }
                     shoal_proto::ActorState::Alive if info.incarnation != known => {
-                        let location =
-                            Location::new(core, info.incarnation, info.worker, info.node_address);
+                        let location = Location::new(
+                            core,
+                            info.incarnation,
+                            info.worker,
+                            (info.node_address, Some(info.node_id)),
+                        );
                         let old = self.caller.outbox().relocate(Route::new(location));
                         old.supersede();
                         return Ok(());
@@ -709,30 +732,32 @@ async fn create_raw(
     // grant, so no lease leaks.
     let request_id = crate::lease::fresh_request_id();
     let lease = loop {
-        let request = HeadRequest::RequestLease(LeaseRequest {
-            job_id: core.job_id,
-            owner: core.me.worker_id,
-            resources: resources.clone(),
-            preferred_node: Some(core.home.node_id),
-            wait_ms: 2000,
-            request_id,
-            owner_node: core.hosting_node,
-        });
-        match core
+        let request = crate::lease::lease_request(core, &resources, request_id, 2000);
+        let asked = core
             .head
-            .call_idempotent(&request, Duration::from_secs(15))
-            .await?
-        {
-            HeadReply::LeaseGranted(lease) => break lease,
-            HeadReply::LeasePending { infeasible: true } => {
+            .call_idempotent(
+                &HeadRequest::RequestLease(request.clone()),
+                Duration::from_secs(15),
+            )
+            .await;
+        match asked {
+            Ok(HeadReply::LeaseGranted(lease)) => break lease,
+            Ok(HeadReply::LeasePending { infeasible: true }) => {
                 tracing::warn!(%class, ?resources, "no node can ever fit this actor; it waits (see `shoal status`)");
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
-            HeadReply::LeasePending { .. } => {}
-            other => {
+            Ok(HeadReply::LeasePending { .. }) => {}
+            Ok(other) => {
                 return Err(Error::Protocol(format!(
                     "{other:?} in answer to a lease request"
                 )))
+            }
+            Err(e) => {
+                // The head may have granted it, its answer lost.
+                if e.is_worth_retrying() || e.is_connection_lost() {
+                    crate::lease::abandon_request(core, request).await;
+                }
+                return Err(e.into());
             }
         }
     };
@@ -1082,7 +1107,8 @@ fn call_now(
             reply => {
                 let mut drive = Drive::new(&core, &raw, order, Some(specs));
                 drive.tried = Some(Arc::clone(&sent.route.location));
-                core.handle.spawn(drive.run(Step::Reply(sent, reply)));
+                core.handle
+                    .spawn(drive.run(Step::Reply(sent, Box::new(reply))));
             }
         }
     };
@@ -1141,8 +1167,12 @@ enum Step {
     /// turn has passed sends again at once: the host answers a call it ran
     /// with its kept reply).
     Send,
-    /// The reply, or its loss, to the request sent as [`Sent`].
-    Reply(Sent, std::result::Result<WorkerReply, shoal_net::RpcError>),
+    /// The reply, or its loss, to the request sent as [`Sent`] (boxed: a
+    /// reply is large, and a step is moved from turn to turn).
+    Reply(
+        Sent,
+        Box<std::result::Result<WorkerReply, shoal_net::RpcError>>,
+    ),
 }
 
 /// What a reply (or its loss) means for a call.
@@ -1227,7 +1257,7 @@ impl Drive {
         loop {
             let next = match step {
                 Step::Send => self.send().await,
-                Step::Reply(sent, reply) => self.on_reply(sent, reply).await,
+                Step::Reply(sent, reply) => self.on_reply(sent, *reply).await,
             };
             match next {
                 Some(next) => step = next,
@@ -1332,7 +1362,7 @@ impl Drive {
                     route_id: slot.route_id,
                     seq: slot.seq,
                 };
-                Some(Step::Reply(sent, reply))
+                Some(Step::Reply(sent, Box::new(reply)))
             }
             // Not sent: the call keeps its turn and tries again.
             Err(e) if e.is_connection_lost() => {
@@ -1880,7 +1910,7 @@ impl Hosted {
                 executor,
                 message,
             )),
-            run_us: 0,
+            run_us: None,
         };
         match seen {
             Seen::Replay(reply) => reply,
@@ -1915,7 +1945,7 @@ impl Hosted {
             node_id: executor.node_id,
             worker_id: executor.worker_id,
             outcome,
-            run_us: 0,
+            run_us: None,
         };
         let advance = || turn.pass(call.seq);
         let args = match args {

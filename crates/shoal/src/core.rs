@@ -1664,7 +1664,7 @@ impl Core {
             node_id: executor.node_id,
             worker_id: executor.worker_id,
             outcome,
-            run_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            run_us: Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX)),
         }
     }
 

@@ -83,9 +83,10 @@ impl TaskKind {
         self.0.is_some_and(|e| e.is_short())
     }
 
-    /// Records how long a run took, as its worker reported.
-    pub(crate) fn ran_for(self, run_us: u64) {
-        if let Some(entry) = self.0 {
+    /// Records how long a run took, as its worker reported (a worker that
+    /// does not say teaches nothing).
+    pub(crate) fn ran_for(self, run_us: Option<u64>) {
+        if let (Some(entry), Some(run_us)) = (self.0, run_us) {
             entry.ran_for(run_us);
         }
     }
@@ -450,6 +451,7 @@ async fn request_leases(core: Arc<Core>, key: String, resources: ResourceSet) {
     // One id per lease wanted, kept while tries of it fail: a retry after
     // a lost grant gets that grant, so no lease leaks.
     let mut request_id = fresh_request_id();
+    let mut unanswered = false;
     loop {
         let waiting = {
             let classes = core.leases.classes();
@@ -459,7 +461,8 @@ async fn request_leases(core: Arc<Core>, key: String, resources: ResourceSet) {
             break;
         }
         let asked = lease_worker(&core, &key, &resources, request_id).await;
-        if !matches!(asked, Err(LeaseError::NoAnswer(_))) {
+        unanswered = matches!(asked, Err(LeaseError::NoAnswer(_)));
+        if !unanswered {
             request_id = fresh_request_id();
         }
         match asked {
@@ -483,9 +486,42 @@ async fn request_leases(core: Arc<Core>, key: String, resources: ResourceSet) {
             }
         }
     }
+    if unanswered {
+        abandon_request(&core, lease_request(&core, &resources, request_id, 0)).await;
+    }
     let mut classes = core.leases.classes();
     if let Some(class) = classes.get_mut(&key) {
         class.requesting = class.requesting.saturating_sub(1);
+    }
+}
+
+/// A lease request from this process, as an owner.
+pub(crate) fn lease_request(
+    core: &Core,
+    resources: &ResourceSet,
+    request_id: u64,
+    wait_ms: u64,
+) -> LeaseRequest {
+    LeaseRequest {
+        job_id: core.job_id,
+        owner: core.me.worker_id,
+        resources: resources.clone(),
+        preferred_node: Some(core.home.node_id),
+        wait_ms,
+        request_id,
+        owner_node: core.hosting_node,
+    }
+}
+
+/// Gives up a request whose last try got no answer: the head may have
+/// granted it (the reply lost). Asked once more under its id without
+/// waiting, the head answers with that grant, which is returned; else
+/// nothing is held (best effort: the job's end reclaims the rest).
+pub(crate) async fn abandon_request(core: &Core, mut request: LeaseRequest) {
+    request.wait_ms = 0;
+    let ask = HeadRequest::RequestLease(request);
+    if let Ok(HeadReply::LeaseGranted(lease)) = core.head.call_idempotent(&ask, LEASE_WAIT).await {
+        return_to_head(core, lease.lease_id).await;
     }
 }
 
@@ -519,15 +555,12 @@ async fn lease_worker(
     resources: &ResourceSet,
     request_id: u64,
 ) -> Result<Option<LeasedWorker>, LeaseError> {
-    let request = HeadRequest::RequestLease(LeaseRequest {
-        job_id: core.job_id,
-        owner: core.me.worker_id,
-        resources: resources.clone(),
-        preferred_node: Some(core.home.node_id),
-        wait_ms: LEASE_WAIT.as_millis() as u64,
+    let request = HeadRequest::RequestLease(lease_request(
+        core,
+        resources,
         request_id,
-        owner_node: core.hosting_node,
-    });
+        LEASE_WAIT.as_millis() as u64,
+    ));
     let asked = std::time::Instant::now();
     let lease = match core
         .head

@@ -86,12 +86,17 @@ impl NodeWatch {
         workers.keys().copied().collect()
     }
 
-    /// The workers watched here that may belong to node `node_id`.
-    fn of_node(&self, node_id: NodeId) -> Vec<WorkerId> {
+    /// The workers watched here that may belong to node `node_id`: those
+    /// leased under that id, and (unless `known_only`) those whose node id
+    /// is not known.
+    fn of_node(&self, node_id: NodeId, known_only: bool) -> Vec<WorkerId> {
         let ids = self.node_ids.lock().unwrap_or_else(|e| e.into_inner());
         self.workers()
             .keys()
-            .filter(|w| ids.get(w).is_none_or(|id| *id == node_id))
+            .filter(|w| match ids.get(w) {
+                Some(id) => *id == node_id,
+                None => !known_only,
+            })
             .copied()
             .collect()
     }
@@ -198,8 +203,11 @@ impl Watches {
     }
 
     /// The head declared node `node_id` (at `address`) dead: its workers are
-    /// gone for this process, whatever the node itself may still say.
-    fn node_died(&self, node_id: NodeId, address: &str) {
+    /// gone for this process, whatever the node itself may still say. A
+    /// death learned late (`old`: from before this process watched, the
+    /// head's first answer) ends only watches of that very id: the address
+    /// may serve the node's next incarnation by now.
+    fn node_died(&self, node_id: NodeId, address: &str, old: bool) {
         {
             let mut dead = self.dead.lock().unwrap_or_else(|e| e.into_inner());
             if !dead.0.insert(node_id) {
@@ -214,7 +222,7 @@ impl Watches {
         }
         let watch = self.nodes().get(address).cloned();
         if let Some(watch) = watch {
-            let workers = watch.of_node(node_id);
+            let workers = watch.of_node(node_id, old);
             tracing::warn!(%node_id, %address, workers = workers.len(), "the head declared a node dead; its workers are no longer used");
             watch.exited(&workers);
         }
@@ -238,8 +246,9 @@ async fn watch_deaths(core: Arc<Core>) {
                 // The first answer lists the deaths the head still keeps,
                 // older ones too: a lease granted just before its node
                 // died is caught as well, and a dead node is dead for good.
+                let old = after == 0;
                 for dead in nodes {
-                    core.watches.node_died(dead.node_id, &dead.address);
+                    core.watches.node_died(dead.node_id, &dead.address, old);
                 }
                 after = seq;
             }
@@ -377,7 +386,7 @@ mod tests {
             ids.insert(b, new_id);
         }
         assert!(!watches.is_dead(old_id));
-        watches.node_died(old_id, "10.0.0.1:7000");
+        watches.node_died(old_id, "10.0.0.1:7000", false);
         assert!(watches.is_dead(old_id));
         assert!(ta.is_cancelled(), "leased on the dead node");
         assert!(tc.is_cancelled(), "no id known: taken as the dead node's");
