@@ -351,10 +351,7 @@ impl ProcessCluster {
     /// this session root.
     pub fn started_three(self, extra: &[&str]) -> Self {
         let cluster = self;
-        let config = cluster.write_config(
-            "fast.toml",
-            "[timeouts]\nheartbeat_interval = \"200ms\"\nnode_timeout = \"2s\"\n",
-        );
+        let config = cluster.write_config("fast.toml", hosts::FAST_CONFIG);
         cluster.start_head(&[
             "--num-cpus",
             "0",

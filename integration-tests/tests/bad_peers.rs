@@ -200,6 +200,41 @@ async fn a_client_may_not_act_as_a_node() {
         matches!(&err, shoal_net::RpcError::Service(e) if e.kind == shoal_proto::ServiceErrorKind::PermissionDenied),
         "{err:?}"
     );
+    // Nor hold long polls for node deaths (those are for owners).
+    let watch = HeadRequest::WatchNodeDeaths {
+        after: 0,
+        wait_ms: 1,
+    };
+    let err = head
+        .call(&watch, Duration::from_secs(5))
+        .await
+        .expect_err("a status client cannot watch for deaths");
+    assert!(
+        matches!(&err, shoal_net::RpcError::Service(e) if e.kind == shoal_proto::ServiceErrorKind::PermissionDenied),
+        "{err:?}"
+    );
+    // An owner's count past the head's (any u64) and a wait past any bound
+    // get an answer at once, not a hang: the head counts from 0 again.
+    let owner: RpcClient<HeadRequest, HeadReply> = QuicTransport::token_client(
+        ClientAuth {
+            token: cluster.token().clone(),
+            role: Role::Driver,
+        },
+        HEAD_SERVER_NAME,
+        NetLimits::default(),
+    )
+    .expect("transport")
+    .connect(cluster.address())
+    .await
+    .expect("connect");
+    let far = HeadRequest::WatchNodeDeaths {
+        after: u64::MAX,
+        wait_ms: u64::MAX,
+    };
+    match owner.call(&far, Duration::from_secs(5)).await {
+        Ok(HeadReply::NodeDeaths { seq: 0, nodes }) => assert!(nodes.is_empty()),
+        other => panic!("expected the head's count at once, got {other:?}"),
+    }
     let status = cluster
         .client()
         .await

@@ -13,14 +13,12 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use shoal_integration_tests::history::{self, Op};
-use shoal_integration_tests::hosts::Hosts;
+use shoal_integration_tests::hosts::{Hosts, FAST_CONFIG};
 use shoal_integration_tests::{driver, poll_until, scenario_result, signal, Chaos, ProcessCluster};
-
-const CONFIG: &str = "[timeouts]\nheartbeat_interval = \"200ms\"\nnode_timeout = \"2s\"\n";
 
 /// A head that runs nothing, with fast failure detection.
 fn head(cluster: &ProcessCluster) {
-    let config = cluster.write_config("fast.toml", CONFIG);
+    let config = cluster.write_config("fast.toml", FAST_CONFIG);
     cluster.start_head(&[
         "--num-cpus",
         "0",

@@ -788,12 +788,9 @@ impl Service for HeadService {
                     let notified = self.actors_changed.notified();
                     tokio::pin!(notified);
                     notified.as_mut().enable();
-                    let (mut seq, mut nodes) = self.state().membership.deaths_after(after);
-                    if seq < after {
-                        // A head that restarted counts from 0 again: all of
-                        // its deaths are new to the caller.
-                        (seq, nodes) = self.state().membership.deaths_after(0);
-                    }
+                    let (seq, nodes) = self.state().membership.deaths_after(after);
+                    // `seq < after`: this head restarted since the caller's
+                    // count; it moves to this head's.
                     if !nodes.is_empty()
                         || seq < after
                         || tokio::time::timeout_at(deadline, notified).await.is_err()

@@ -186,8 +186,11 @@ impl Membership {
     }
 
     /// The deaths numbered after `after` (those still kept), and the newest
-    /// number.
+    /// number. An `after` past the newest number is a count of another
+    /// head's (this one restarted and counts from 0 again): every death
+    /// kept is new to that caller.
     pub fn deaths_after(&self, after: u64) -> (u64, Vec<DeadNode>) {
+        let after = if after > self.deaths_seq { 0 } else { after };
         let nodes = self
             .deaths
             .iter()
@@ -330,6 +333,11 @@ mod tests {
             dead.iter().map(|d| d.node_id).collect::<Vec<_>>(),
             [ids[1], ids[2]],
             "only the most recent are kept"
+        );
+        assert_eq!(
+            m.deaths_after(9).1.len(),
+            2,
+            "a count from another head (this one restarted): all of them"
         );
     }
 

@@ -205,13 +205,6 @@ async fn pump_lines(
     }
 }
 
-/// A grant's worker being started: by this grant, or by an earlier try of
-/// the same lease.
-enum Started {
-    New(oneshot::Receiver<Result<String, String>>),
-    Again(oneshot::Receiver<Result<String, String>>),
-}
-
 enum WorkerState {
     /// Started, not registered yet; these wait for its address.
     Starting(Vec<oneshot::Sender<Result<String, String>>>),
@@ -332,7 +325,9 @@ impl WorkerPool {
     ) -> Result<Address, ServiceError> {
         let dedicated = tenancy != Tenancy::Shared;
         let detached = tenancy == Tenancy::Detached;
-        let (worker_id, started) = {
+        // `retried`: the worker is being started for an earlier try of this
+        // grant; this one only waits for it.
+        let (worker_id, started, retried) = {
             let mut state = self.state();
             // A retried grant (its reply lost, or given up while the
             // worker started) gets the worker of the first, once it serves.
@@ -354,7 +349,7 @@ impl WorkerPool {
                     }) => {
                         let (tx, rx) = oneshot::channel();
                         waiters.push(tx);
-                        (worker_id, Started::Again(rx))
+                        (worker_id, rx, true)
                     }
                     _ => return Err(unavailable("the worker for this lease is gone")),
                 }
@@ -394,22 +389,18 @@ impl WorkerPool {
                         entry.detached = detached;
                         state.workers.insert(worker_id, entry);
                         state.leases.insert(lease_id, (worker_id, resources));
-                        (worker_id, Started::New(rx))
+                        (worker_id, rx, false)
                     }
                 }
             }
         };
-        let started = match started {
-            Started::New(rx) => rx,
-            Started::Again(rx) => {
-                let address = tokio::time::timeout(self.config.start_timeout, rx)
-                    .await
-                    .map_err(|_| unavailable("the worker for this lease did not start in time"))?
-                    .map_err(|_| unavailable("the worker for this lease is gone"))?
-                    .map_err(|e| unavailable(format!("worker failed to start: {e}")))?;
-                return Ok(Address { worker_id, address });
-            }
-        };
+        if retried {
+            return self
+                .registered(started)
+                .await
+                .map(|address| Address { worker_id, address })
+                .map_err(|e| unavailable(format!("worker failed to start: {e}")));
+        }
         match self
             .start(worker_id, job_id, binary_hash, driver.clone(), started)
             .await
@@ -512,6 +503,15 @@ impl WorkerPool {
             let how = exited.await;
             pool.worker_exited(worker_id, &how);
         });
+        self.registered(registered).await
+    }
+
+    /// The address of a worker being started, once it registers (within
+    /// `start_timeout`).
+    async fn registered(
+        &self,
+        registered: oneshot::Receiver<Result<String, String>>,
+    ) -> Result<String, String> {
         match tokio::time::timeout(self.config.start_timeout, registered).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err("the worker exited before registering".into()),

@@ -830,21 +830,18 @@ impl Core {
                 // connection to time out.
                 _ = leased.lost.cancelled() => Err(shoal_net::RpcError::Stream("the worker exited".into())),
             };
-            match reply {
-                Ok(WorkerReply::TaskDone(reply)) if self.watches.is_dead(reply.node_id) => {
-                    // A late result from a node the head declared dead: its
-                    // task may be running again elsewhere already.
-                    warn!(%task_id, function = function.name, node = %reply.node_id, "rejected a result from a node declared dead");
-                    self.leases.discard(self, leased);
-                    if attempt >= options.max_retries {
-                        return ObjState::Failed(failure(
-                            FailureKind::WorkerCrashed,
-                            format!("its node {} was declared dead", reply.node_id),
-                            attempt + 1,
-                        ));
-                    }
-                    attempt += 1;
+            // A late result from a node the head declared dead counts as
+            // lost with its worker: its task may be running again elsewhere.
+            let reply = match reply {
+                Ok(WorkerReply::TaskDone(done)) if self.watches.is_dead(done.node_id) => {
+                    Err(shoal_net::RpcError::Stream(format!(
+                        "its node {} was declared dead; its result is not used",
+                        done.node_id
+                    )))
                 }
+                reply => reply,
+            };
+            match reply {
                 Ok(WorkerReply::TaskDone(reply)) => {
                     kind.ran_for(reply.run_us);
                     self.leases.release(self, &place);

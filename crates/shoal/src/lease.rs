@@ -192,18 +192,23 @@ impl Class {
                 let place = self.take(at, kind);
                 match waiter.send(place) {
                     Ok(()) => break,
-                    Err(place) => self.put_back(&place),
+                    Err(place) => {
+                        self.put_back(&place);
+                    }
                 }
             }
         }
     }
 
-    /// Undoes [`take`](Self::take) for a place nobody used.
-    fn put_back(&mut self, place: &Place) {
-        if let Some(held) = self.held(place.worker.lease.lease_id) {
-            held.in_flight = held.in_flight.saturating_sub(1);
-            held.unsure = held.unsure.saturating_sub(usize::from(!place.short));
-        }
+    /// Undoes [`take`](Self::take): the place is free again. False if its
+    /// worker is no longer held.
+    fn put_back(&mut self, place: &Place) -> bool {
+        let Some(held) = self.held(place.worker.lease.lease_id) else {
+            return false;
+        };
+        held.in_flight = held.in_flight.saturating_sub(1);
+        held.unsure = held.unsure.saturating_sub(usize::from(!place.short));
+        true
     }
 }
 
@@ -290,10 +295,9 @@ impl LeaseManager {
         let Some(class) = classes.get_mut(&place.worker.class) else {
             return;
         };
-        if class.held(lease_id).is_none() {
+        if !class.put_back(place) {
             return;
         }
-        class.put_back(place);
         class.serve_waiters();
         self.idle_check(core, class, lease_id);
     }
