@@ -57,12 +57,12 @@ mod tests {
     #[test]
     fn bytes_encode_as_one_block() {
         let b = Bytes(vec![7u8; 1000]);
-        let encoded = crate::exec::encode(&b).expect("encodes");
+        let encoded = crate::codec::encode(&b).expect("encodes");
         assert!(
             encoded.len() < 1010,
             "a bin block, not 1000 integers: {}",
             encoded.len()
         );
-        assert_eq!(crate::exec::decode::<Bytes>(&encoded).expect("decodes"), b);
+        assert_eq!(crate::codec::decode::<Bytes>(&encoded).expect("decodes"), b);
     }
 }

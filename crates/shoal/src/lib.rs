@@ -33,11 +33,13 @@
 //! its owner is dropped. A reference that was serialized (sent inside another
 //! value or argument) keeps its object alive until the job ends.
 //!
-//! Modules: [`object_ref`] (references and arguments), `core` (the
-//! per-process runtime), `lease` (worker leases), `exec` (running tasks),
-//! [`registry`], [`local`] (in-process clusters), [`client`], [`actor`]
-//! (with `outbox`, a caller's open calls, and `replies`, the replies an
-//! actor keeps for resends).
+//! Modules, from the bottom up: `codec`, `shm` and [`registry`] (values,
+//! buffers and the functions compiled in); `owner` (the owner's state
+//! machines: leases, tasks, objects; no I/O); `worker` (the worker side:
+//! its service, running tasks, the actor host); `core` (the shell that owns
+//! connections and carries out the owner's decisions); [`object_ref`] and
+//! [`actor`] (the handles users hold); `process` (worker mode); [`local`]
+//! (in-process clusters) and [`client`].
 
 #![warn(missing_docs)]
 
@@ -46,22 +48,22 @@
 extern crate self as shoal;
 
 pub mod actor;
+mod args;
 mod bytes;
 pub mod client;
+mod codec;
 mod config;
 mod core;
 mod error;
-mod exec;
-mod lease;
 pub mod local;
 pub mod object_ref;
 mod options;
-mod outbox;
+mod owner;
+mod process;
 pub mod registry;
-mod replies;
+mod rt;
 mod shm;
 mod turns;
-mod watch;
 mod worker;
 
 use std::sync::Arc;
@@ -122,12 +124,12 @@ pub struct Context {
 /// Where the calling code runs (like Ray's `get_runtime_context()`).
 pub fn context() -> Result<Context> {
     let core = core::get()?;
-    let executor = core::current_executor();
+    let executor = worker::context::current_executor();
     Ok(Context {
         job_id: core.job_id,
         node_id: executor.map_or(core.home.node_id, |e| e.node_id),
         worker_id: executor.map_or(core.me.worker_id, |e| e.worker_id),
-        task_id: core::current_task(),
+        task_id: worker::context::current_task(),
     })
 }
 
@@ -165,16 +167,16 @@ impl Drop for Shoal {
 /// nothing.
 pub fn init(config: Config) -> Result<Shoal> {
     init_logging();
-    worker::run_worker_if_worker();
+    process::run_worker_if_worker();
     if core::try_get().is_some() {
         return Ok(Shoal { owns: false });
     }
-    let rt = core::runtime()?;
+    let rt = rt::runtime()?;
     let (tx, rx) = std::sync::mpsc::channel();
     rt.spawn(async move {
         let _ = tx.send(start_driver(config).await);
     });
-    let started = core::block_thread(|| rx.recv())?;
+    let started = rt::block_thread(|| rx.recv())?;
     let core = started.map_err(|_| Error::NotInitialized("the runtime stopped".into()))??;
     if !core::install(core) {
         return Ok(Shoal { owns: false });
@@ -221,7 +223,7 @@ async fn start_driver(config: Config) -> Result<Arc<core::Core>> {
             let launcher: Option<Arc<dyn shoal_node::WorkerLauncher>> = if config.worker_processes {
                 None
             } else {
-                Some(Arc::new(worker::ThreadLauncher))
+                Some(Arc::new(process::ThreadLauncher))
             };
             let local_config = LocalConfig {
                 head_node_cpus: config
@@ -321,7 +323,7 @@ pub fn get_all<T: DeserializeOwned + Send + 'static>(objects: &[ObjectRef<T>]) -
         return Ok(out);
     }
     let parts: Vec<_> = objects[out.len()..].iter().map(object_ref::parts).collect();
-    let executor = core::current_executor();
+    let executor = worker::context::current_executor();
     core.block_on(async move {
         let core = core::get()?;
         for (id, owner) in &parts {
@@ -342,14 +344,14 @@ pub fn put<T: Serialize + Send + 'static>(value: T) -> Result<ObjectRef<T>> {
     };
     // A small value is kept in this process; a large one goes straight
     // into its file in the node's store when the store is on this host.
-    let id = match exec::encode_small(&value, core::INLINE_BYTES_MAX).map_err(encode_error)? {
+    let id = match codec::encode_small(&value, core::INLINE_BYTES_MAX).map_err(encode_error)? {
         Some(bytes) => core.put_inline(bytes),
         None => {
-            let size = exec::encoded_len(&value).map_err(encode_error)?;
+            let size = codec::encoded_len(&value).map_err(encode_error)?;
             match core.put_streamed(&value, size)? {
                 Some(id) => id,
                 None => {
-                    let bytes = exec::encode(&value).map_err(encode_error)?;
+                    let bytes = codec::encode(&value).map_err(encode_error)?;
                     let core2 = Arc::clone(&core);
                     core.block_on(async move { core2.put_stored(bytes).await })?
                 }
@@ -380,7 +382,7 @@ pub fn wait<T>(
         here
     } else {
         let parts: Vec<_> = objects.iter().map(object_ref::parts).collect();
-        let executor = core::current_executor();
+        let executor = worker::context::current_executor();
         core.block_on(async move {
             let core = core::get()?;
             Ok(core
@@ -402,11 +404,11 @@ pub fn wait<T>(
 /// Used by the macros' expansions; not a stable API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::exec::{decode_arg, encode_return, InvokeError};
     pub use crate::object_ref::ArgValue;
+    pub use crate::process::run_worker_if_worker;
+    pub use crate::registry::{decode_arg, encode_return, InvokeError};
     pub use crate::registry::{BoxFuture, Invoker, Registered, RemoteFunction};
     pub use crate::shm::{Args, Blob};
-    pub use crate::worker::run_worker_if_worker;
     pub use inventory;
 
     use crate::{Arg, ObjectRef, TaskOptions};
@@ -417,7 +419,9 @@ pub mod __private {
         options: TaskOptions,
         args: Vec<ArgValue>,
     ) -> ObjectRef<T> {
-        crate::ensure_core().submit(function, options, args)
+        let core = crate::ensure_core();
+        let id = core.submit(function, options, args);
+        ObjectRef::adopt(id, core.me.clone())
     }
 
     pub use crate::actor::RawActor;

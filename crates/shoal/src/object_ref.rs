@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use shoal_proto::{Address, ObjectId};
 
+pub use crate::args::{ArgValue, KeepAlive};
 use crate::core;
 use crate::error::Result;
 
@@ -36,7 +37,7 @@ struct Counted {
     /// The object's slot in this process, once looked up: it stays the same
     /// while a reference lives (slots are made once per id and removed with
     /// the last reference), so `wait`'s scans skip the map.
-    slot: std::sync::OnceLock<Arc<core::Slot>>,
+    slot: std::sync::OnceLock<Arc<crate::owner::objects::Slot>>,
 }
 
 impl Drop for Counted {
@@ -83,7 +84,11 @@ impl<T: DeserializeOwned + Send + 'static> ObjectRef<T> {
         if let Some(value) = core.get_here(self.id()) {
             return value;
         }
-        let (id, owner, executor) = (self.id(), self.owner().clone(), core::current_executor());
+        let (id, owner, executor) = (
+            self.id(),
+            self.owner().clone(),
+            crate::worker::context::current_executor(),
+        );
         core.block_on(async move {
             core::get()?
                 .get_value::<T>(id, &owner, None, executor)
@@ -96,7 +101,11 @@ impl<T: DeserializeOwned + Send + 'static> ObjectRef<T> {
     /// [`Error::Timeout`]: crate::Error::Timeout
     pub fn get_timeout(&self, timeout: Duration) -> Result<T> {
         let core = core::get()?;
-        let (id, owner, executor) = (self.id(), self.owner().clone(), core::current_executor());
+        let (id, owner, executor) = (
+            self.id(),
+            self.owner().clone(),
+            crate::worker::context::current_executor(),
+        );
         core.block_on(async move {
             core::get()?
                 .get_value::<T>(id, &owner, Some(timeout), executor)
@@ -107,7 +116,11 @@ impl<T: DeserializeOwned + Send + 'static> ObjectRef<T> {
     /// Waits for the object without blocking a thread.
     pub async fn get_async(&self) -> Result<T> {
         let core = core::get()?;
-        let (id, owner, executor) = (self.id(), self.owner().clone(), core::current_executor());
+        let (id, owner, executor) = (
+            self.id(),
+            self.owner().clone(),
+            crate::worker::context::current_executor(),
+        );
         core.spawn_and_wait(async move {
             core::get()?
                 .get_value::<T>(id, &owner, None, executor)
@@ -181,7 +194,7 @@ impl<T> Serialize for ObjectRef<T> {
     /// object for the rest of the job (see the crate docs on freeing).
     fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
         if let Some(core) = core::try_get() {
-            core.refs().mark_escaped(self.id());
+            core.objects.mark_escaped(self.id());
         }
         WireRef {
             id: self.id(),
@@ -195,7 +208,7 @@ impl<'de, T> Deserialize<'de> for ObjectRef<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
         let wire = WireRef::deserialize(deserializer)?;
         if let Some(core) = core::try_get() {
-            core.refs().add_local(wire.id);
+            core.objects.add_local(wire.id);
         }
         Ok(Self::adopt(wire.id, wire.owner))
     }
@@ -228,27 +241,10 @@ impl<T> From<&ObjectRef<T>> for Arg<T> {
     }
 }
 
-/// Keeps the references a submitted task uses alive until it finishes.
-#[doc(hidden)]
-pub type KeepAlive = Box<dyn std::any::Any + Send>;
-
-/// A task argument after encoding.
-#[doc(hidden)]
-pub enum ArgValue {
-    Bytes(Vec<u8>),
-    Ref {
-        id: ObjectId,
-        owner: Address,
-        _keep: KeepAlive,
-    },
-    /// Encoding failed: the task fails with this message.
-    Bad(String),
-}
-
 /// Encodes one argument (used by the `#[remote]` expansion).
 pub(crate) fn arg_value<T: Serialize + Send + 'static>(arg: Arg<T>) -> ArgValue {
     match arg {
-        Arg::Value(v) => match crate::exec::encode(&v) {
+        Arg::Value(v) => match crate::codec::encode(&v) {
             Ok(bytes) => ArgValue::Bytes(bytes),
             Err(e) => ArgValue::Bad(e),
         },

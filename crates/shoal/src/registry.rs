@@ -9,13 +9,64 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::OnceLock;
 
-use crate::exec::InvokeError;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use shoal_proto::FailureKind;
 
 /// A boxed future, as async functions' invokers return.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// Encoded arguments in, encoded result (or why not) out.
 pub type Invocation = Result<Vec<u8>, InvokeError>;
+
+/// Why invoking a function failed (other than a panic).
+#[derive(Debug)]
+pub struct InvokeError {
+    pub(crate) kind: FailureKind,
+    pub(crate) message: String,
+}
+
+impl InvokeError {
+    /// An actor method was called on state of another type (a bug).
+    pub fn wrong_actor(expected: &str) -> Self {
+        Self {
+            kind: FailureKind::FunctionNotFound,
+            message: format!("the actor's state is not a {expected}"),
+        }
+    }
+
+    /// The function returned `Err(e)`.
+    pub fn app(e: &dyn std::fmt::Display) -> Self {
+        Self {
+            kind: FailureKind::Error,
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Decodes argument `index` (called by the `#[remote]` expansion).
+pub fn decode_arg<T: DeserializeOwned>(
+    bytes: Option<crate::shm::Blob>,
+    index: usize,
+    name: &str,
+) -> Result<T, InvokeError> {
+    let bytes = bytes.ok_or_else(|| InvokeError {
+        kind: FailureKind::BadArguments,
+        message: format!("argument {index} (`{name}`) is missing"),
+    })?;
+    crate::shm::decode(&bytes).map_err(|e| InvokeError {
+        kind: FailureKind::BadArguments,
+        message: format!("argument {index} (`{name}`) does not decode as its parameter type: {e}"),
+    })
+}
+
+/// Encodes a return value (called by the `#[remote]` expansion).
+pub fn encode_return<T: Serialize>(value: &T) -> Result<Vec<u8>, InvokeError> {
+    crate::codec::encode(value).map_err(|e| InvokeError {
+        kind: FailureKind::BadReturn,
+        message: e,
+    })
+}
 
 /// Calls the function with encoded arguments and encodes its result.
 pub enum Invoker {
@@ -43,7 +94,7 @@ inventory::collect!(Registered);
 /// A function in this executable's table.
 pub(crate) struct Entry {
     pub function: &'static RemoteFunction,
-    /// Its last run was quick (see [`crate::exec::inline_slot`]).
+    /// Its last run was quick (see [`crate::worker::exec::inline_slot`]).
     pub quick: std::sync::atomic::AtomicBool,
     /// As an owner sees it: how many of its last runs in a row were short
     /// (see [`Entry::is_short`]).

@@ -336,10 +336,10 @@ thread_local! {
 /// Decodes a value from a blob; [`Buffer`]s in it borrow a mapped blob.
 pub(crate) fn decode<T: DeserializeOwned>(blob: &Blob) -> Result<T, String> {
     let Blob::Mapped(mapping) = blob else {
-        return crate::exec::decode(blob);
+        return crate::codec::decode(blob);
     };
     let previous = DECODING.with(|d| d.replace(Some(Arc::clone(mapping))));
-    let decoded = crate::exec::decode(mapping.bytes());
+    let decoded = crate::codec::decode(mapping.bytes());
     DECODING.with(|d| *d.borrow_mut() = previous);
     decoded
 }
@@ -556,7 +556,8 @@ mod tests {
     fn a_buffer_decoded_from_a_mapping_borrows_it() {
         let dir = tempfile::tempdir().expect("tempdir");
         let payload: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
-        let encoded = crate::exec::encode(&(7u32, Buffer::from_vec(payload.clone()))).expect("enc");
+        let encoded =
+            crate::codec::encode(&(7u32, Buffer::from_vec(payload.clone()))).expect("enc");
         let path = dir.path().join("object");
         std::fs::write(&path, &encoded).expect("written");
         let mapping = Mapping::open(&path, encoded.len() as u64).expect("mapped");
@@ -700,7 +701,7 @@ mod tests {
         assert_eq!(frozen.len(), 3 << 20);
         assert_eq!((frozen[5], frozen[(3 << 20) - 1]), (7, 9));
         let back: Buffer =
-            crate::exec::decode(&crate::exec::encode(&frozen).expect("enc")).expect("dec");
+            crate::codec::decode(&crate::codec::encode(&frozen).expect("enc")).expect("dec");
         assert_eq!(back, frozen);
         assert!(BufferMut::zeroed(0).expect("empty").freeze().is_empty());
         assert!(
@@ -714,9 +715,9 @@ mod tests {
         let xs: Vec<f32> = (0..1000).map(|i| i as f32 * 0.5).collect();
         let buffer = Buffer::from_slice_of(&xs);
         assert_eq!(buffer.len(), 4000);
-        let encoded = crate::exec::encode(&buffer).expect("enc");
+        let encoded = crate::codec::encode(&buffer).expect("enc");
         assert!(encoded.len() <= 4005, "one block: {} bytes", encoded.len());
-        let back: Buffer = crate::exec::decode(&encoded).expect("dec");
+        let back: Buffer = crate::codec::decode(&encoded).expect("dec");
         assert_eq!(back.to_vec_of::<f32>(), Some(xs));
         assert_eq!(back.to_vec_of::<f64>().map(|v| v.len()), Some(500));
         assert!(Buffer::from_vec(vec![0; 3]).to_vec_of::<u32>().is_none());

@@ -1,136 +1,15 @@
-//! Running tasks: encoding values, calling registered functions, catching
-//! panics with their message and backtrace.
+//! Running tasks: calling registered functions, catching panics with
+//! their message and backtrace, and running quick calls without a thread
+//! hand-off.
 
 use std::cell::RefCell;
 use std::panic::AssertUnwindSafe;
 use std::sync::Once;
 
 use futures_util::FutureExt;
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 use shoal_proto::{FailureKind, TaskFailure, TaskSpec};
 
 use crate::registry::{self, Invoker};
-
-/// Encodes a value (MessagePack, positional: both ends run the same build).
-pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, String> {
-    rmp_serde::to_vec(value).map_err(|e| e.to_string())
-}
-
-/// The size of a value's encoding, without making it.
-pub fn encoded_len<T: Serialize + ?Sized>(value: &T) -> Result<u64, String> {
-    struct Count(u64);
-    impl std::io::Write for Count {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len() as u64;
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut count = Count(0);
-    rmp_serde::encode::write(&mut count, value).map_err(|e| e.to_string())?;
-    Ok(count.0)
-}
-
-/// Encodes a value if its encoding is at most `limit` bytes; `Ok(None)`
-/// when it is larger (nothing more than `limit` bytes is buffered).
-pub fn encode_small<T: Serialize + ?Sized>(
-    value: &T,
-    limit: usize,
-) -> Result<Option<Vec<u8>>, String> {
-    struct Limited {
-        out: Vec<u8>,
-        limit: usize,
-        over: bool,
-    }
-    impl std::io::Write for Limited {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            if self.out.len() + buf.len() > self.limit {
-                self.over = true;
-                return Err(std::io::Error::other("over the limit"));
-            }
-            self.out.extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut w = Limited {
-        out: Vec::new(),
-        limit,
-        over: false,
-    };
-    match rmp_serde::encode::write(&mut w, value) {
-        Ok(()) => Ok(Some(w.out)),
-        Err(_) if w.over => Ok(None),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-/// Encodes a value into a writer (as [`encode`] does into memory).
-pub fn encode_into<T: Serialize + ?Sized>(
-    out: &mut impl std::io::Write,
-    value: &T,
-) -> Result<(), String> {
-    rmp_serde::encode::write(out, value).map_err(|e| e.to_string())
-}
-
-/// Decodes a value.
-pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
-    rmp_serde::from_slice(bytes).map_err(|e| e.to_string())
-}
-
-/// Why invoking a function failed (other than a panic).
-#[derive(Debug)]
-pub struct InvokeError {
-    pub(crate) kind: FailureKind,
-    pub(crate) message: String,
-}
-
-impl InvokeError {
-    /// An actor method was called on state of another type (a bug).
-    pub fn wrong_actor(expected: &str) -> Self {
-        Self {
-            kind: FailureKind::FunctionNotFound,
-            message: format!("the actor's state is not a {expected}"),
-        }
-    }
-
-    /// The function returned `Err(e)`.
-    pub fn app(e: &dyn std::fmt::Display) -> Self {
-        Self {
-            kind: FailureKind::Error,
-            message: e.to_string(),
-        }
-    }
-}
-
-/// Decodes argument `index` (called by the `#[remote]` expansion).
-pub fn decode_arg<T: DeserializeOwned>(
-    bytes: Option<crate::shm::Blob>,
-    index: usize,
-    name: &str,
-) -> Result<T, InvokeError> {
-    let bytes = bytes.ok_or_else(|| InvokeError {
-        kind: FailureKind::BadArguments,
-        message: format!("argument {index} (`{name}`) is missing"),
-    })?;
-    crate::shm::decode(&bytes).map_err(|e| InvokeError {
-        kind: FailureKind::BadArguments,
-        message: format!("argument {index} (`{name}`) does not decode as its parameter type: {e}"),
-    })
-}
-
-/// Encodes a return value (called by the `#[remote]` expansion).
-pub fn encode_return<T: Serialize>(value: &T) -> Result<Vec<u8>, InvokeError> {
-    encode(value).map_err(|e| InvokeError {
-        kind: FailureKind::BadReturn,
-        message: e,
-    })
-}
 
 thread_local! {
     /// The last panic on this thread: message and backtrace.
@@ -174,18 +53,18 @@ pub(crate) fn caught<R>(f: impl FnOnce() -> R) -> Result<R, Caught> {
 
 /// Runs `f` on this thread as `running`'s task, catching a panic.
 pub(crate) fn run_caught<R>(
-    running: crate::core::Running,
+    running: super::context::Running,
     f: impl FnOnce() -> R,
 ) -> Result<R, Caught> {
-    crate::core::with_current_task(running, || caught(f))
+    super::context::with_current_task(running, || caught(f))
 }
 
 /// Awaits `fut` as `running`'s task, catching a panic.
 pub(crate) async fn await_caught<F: std::future::Future>(
-    running: crate::core::Running,
+    running: super::context::Running,
     fut: F,
 ) -> Result<F::Output, Caught> {
-    crate::core::scope_current_task(running, AssertUnwindSafe(fut).catch_unwind())
+    super::context::scope_current_task(running, AssertUnwindSafe(fut).catch_unwind())
         .await
         .map_err(|_| take_panic())
 }
@@ -266,7 +145,7 @@ pub(crate) fn timed<R>(quick: &std::sync::atomic::AtomicBool, run: impl FnOnce()
 pub(crate) async fn invoke(
     spec: &TaskSpec,
     args: crate::shm::Args,
-    executor: crate::core::Executor,
+    executor: super::Executor,
 ) -> Result<Vec<u8>, TaskFailure> {
     let node_id = executor.node_id;
     let failure = |kind, message: String, backtrace: Option<String>| TaskFailure {
@@ -296,7 +175,7 @@ pub(crate) async fn invoke(
             None,
         ));
     }
-    let running = crate::core::Running {
+    let running = super::context::Running {
         task: spec.task_id,
         executor,
     };

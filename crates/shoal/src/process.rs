@@ -1,5 +1,6 @@
 //! Worker mode: the job's executable re-run by a node daemon, and the
-//! thread workers of local mode.
+//! thread workers of local mode. Each serves the worker service of
+//! `crate::worker` over this process's `Core`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,8 +11,10 @@ use shoal_node::{LaunchSpec, Launched, WorkerLauncher};
 use shoal_proto::{JobId, NodeId, NodeRequest, Role, WorkerId};
 use tokio_util::sync::CancellationToken;
 
-use crate::core::{self, Core, CoreSetup, Executor, HomeNode, WorkerService, WORKER_SERVER_NAME};
+use crate::core::{self, Core, CoreSetup, HomeNode, WORKER_SERVER_NAME};
 use crate::error::{Error, Result};
+use crate::worker::service::WorkerService;
+use crate::worker::Executor;
 
 /// If this process was started as a worker, runs the worker loop and exits;
 /// otherwise returns at once.
@@ -73,7 +76,7 @@ fn worker_main() -> Result<()> {
         _ => None,
     };
     let parent = nix::unistd::getppid();
-    let rt = core::runtime()?;
+    let rt = crate::rt::runtime()?;
     rt.block_on(async move {
         let head_address = tokio::net::lookup_host(&head)
             .await
@@ -150,12 +153,10 @@ impl WorkerLauncher for ThreadLauncher {
             .map_err(|e| e.to_string())?;
         let address = ep.local_addr().map_err(|e| e.to_string())?.to_string();
         let stop = CancellationToken::new();
-        let service = Arc::new(WorkerService {
-            executor: Some(Executor {
-                node_id,
-                worker_id: spec.worker_id,
-            }),
-        });
+        let service = Arc::new(WorkerService::<Core>::new(Some(Executor {
+            node_id,
+            worker_id: spec.worker_id,
+        })));
         let auth = Arc::new(ServerAuth::new(
             token,
             vec![Role::Driver, Role::Worker, Role::Node],

@@ -1,0 +1,579 @@
+//! Calling an actor: each call takes its turn in its caller's order, is
+//! sent (from the caller's thread when it can), sent again when its reply
+//! is lost, and moved with the caller's other open calls to a new
+//! connection or incarnation.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use shoal_proto::worker::ActorCall;
+use shoal_proto::{
+    ArgSpec, FailureKind, ObjectId, TaskFailure, TaskId, TaskOutcome, WorkerReply, WorkerRequest,
+};
+
+use super::{backoff, CallSlot, Location, RawActor, Reach, Route, CALL_TIMEOUT};
+use crate::args::ArgValue;
+use crate::core::Core;
+use crate::object_ref::ObjectRef;
+use crate::owner::objects::ObjState;
+
+impl Location {
+    /// The request of a call at `slot` here (`args` `None`: a skip, which
+    /// only moves the host past the slot).
+    fn request(
+        &self,
+        raw: &RawActor,
+        order: &Order,
+        slot: &CallSlot,
+        args: Option<Vec<ArgSpec>>,
+    ) -> WorkerRequest {
+        WorkerRequest::ActorCall(ActorCall {
+            actor_id: raw.actor_id,
+            caller: self.caller_id,
+            incarnation: self.incarnation,
+            seq: slot.seq,
+            done_below: slot.done_below,
+            task_id: order.task_id,
+            method: order.method.to_string(),
+            args,
+        })
+    }
+}
+
+/// Calls `method` on the actor; the reference resolves to its result.
+pub(crate) fn call<T>(raw: &RawActor, method: &'static str, args: Vec<ArgValue>) -> ObjectRef<T> {
+    let core = crate::ensure_core();
+    let task_id = TaskId::fresh();
+    let id = task_id.return_object(0);
+    core.register_pending(id);
+    let refused = |kind, message: String| {
+        let f = TaskFailure {
+            kind,
+            function: format!("{}::{method}", raw.class),
+            task_id,
+            node_id: None,
+            message,
+            backtrace: None,
+            attempts: 0,
+        };
+        core.complete_object(id, ObjState::Failed(f));
+        ObjectRef::adopt(id, core.me.clone())
+    };
+    if raw.caller.known_dead() {
+        return refused(
+            FailureKind::ActorDied,
+            format!("actor {}: its worker has exited", raw.actor_id),
+        );
+    }
+    let pending = raw.caller.pending.fetch_add(1, Ordering::SeqCst);
+    if raw.caller.max_pending.is_some_and(|max| pending >= max) {
+        raw.caller.pending.fetch_sub(1, Ordering::SeqCst);
+        let max = raw.caller.max_pending.unwrap_or_default();
+        return refused(
+            FailureKind::PendingCallsExceeded,
+            format!("{max} calls are already waiting on this handle (max_pending_calls)"),
+        );
+    }
+    let (turn, slot) = raw.caller.outbox().open();
+    let order = Order {
+        turn,
+        task_id,
+        method,
+        id,
+    };
+    // A handle with no other call in flight (a call, then its get) sends
+    // from this thread when it can.
+    let args = if pending == 0 {
+        match call_now(&core, raw, order, &slot, args) {
+            Ok(()) => return ObjectRef::adopt(id, core.me.clone()),
+            Err(args) => args,
+        }
+    } else {
+        args
+    };
+    drop(slot);
+    let raw = raw.clone();
+    let core2 = Arc::clone(&core);
+    core.handle.spawn(async move {
+        call_raw(&core2, &raw, order, args).await;
+    });
+    ObjectRef::adopt(id, core.me.clone())
+}
+
+/// A call is answered (or failed for good): its reference resolves.
+fn finish_call(core: &Arc<Core>, raw: &RawActor, id: ObjectId, state: ObjState) {
+    raw.caller.pending.fetch_sub(1, Ordering::SeqCst);
+    core.complete_object(id, state);
+}
+
+/// One call: its place in the caller's order, and what it resolves.
+#[derive(Clone, Copy)]
+struct Order {
+    /// Its turn in the caller's [`Outbox`].
+    turn: u64,
+    task_id: TaskId,
+    method: &'static str,
+    /// The reference of its result.
+    id: ObjectId,
+}
+
+/// Arguments this big at most are sent from the caller's thread (a copy is
+/// kept for a resend).
+const CALL_NOW_ARGS_MAX: usize = 4 << 10;
+
+/// Sends a call from the caller's thread, when its turn has come, its
+/// arguments are small plain values and the actor's worker is reached over
+/// a same-host socket already open; the reply completes the reference on
+/// the connection's reading task. A call and its `get` then wake no task of
+/// the runtime but that reader (the task path costs a hand-off to the
+/// runtime: a thread wake-up, tens of microseconds on these machines).
+/// Gives the arguments back when the call must take the task path.
+fn call_now(
+    core: &Arc<Core>,
+    raw: &RawActor,
+    order: Order,
+    slot: &CallSlot,
+    args: Vec<ArgValue>,
+) -> std::result::Result<(), Vec<ArgValue>> {
+    // Their total size, when all are plain values.
+    let plain: Option<usize> = args
+        .iter()
+        .map(|a| match a {
+            ArgValue::Bytes(b) => Some(b.len()),
+            _ => None,
+        })
+        .sum();
+    if plain.is_none_or(|size| size > CALL_NOW_ARGS_MAX) || !slot.route.sent.is_turn(slot.pos) {
+        return Err(args);
+    }
+    let location = &slot.route.location;
+    if location.dead.is_cancelled() || raw.caller.gone.is_cancelled() {
+        return Err(args);
+    }
+    let Some(client) = core.cached_worker(&location.worker.address) else {
+        return Err(args);
+    };
+    if !client.is_same_host() {
+        return Err(args);
+    }
+    let specs: Vec<ArgSpec> = args
+        .into_iter()
+        .filter_map(|a| match a {
+            ArgValue::Bytes(b) => Some(ArgSpec::Inline(b)),
+            _ => None,
+        })
+        .collect();
+    let request = location.request(raw, &order, slot, Some(specs.clone()));
+    let sent = Sent {
+        route: Arc::clone(&slot.route),
+        route_id: slot.route_id,
+        seq: slot.seq,
+    };
+    let answered = {
+        let (core, raw) = (Arc::clone(core), raw.clone());
+        move |reply: std::result::Result<WorkerReply, shoal_net::RpcError>| match reply {
+            // Answered at the slot it was sent to (and not by a node the
+            // head declared dead): done, with no task.
+            Ok(WorkerReply::TaskDone(done))
+                if !core.watches.is_dead(done.node_id)
+                    && raw.caller.outbox().close_on(order.turn, sent.route_id) =>
+            {
+                finish_call(&core, &raw, order.id, outcome_state(done.outcome));
+            }
+            // Lost (or moved meanwhile): the task path goes on.
+            reply => {
+                let mut drive = Drive::new(&core, &raw, order, Some(specs));
+                drive.tried = Some(Arc::clone(&sent.route.location));
+                core.handle
+                    .spawn(drive.run(Step::Reply(sent, Box::new(reply))));
+            }
+        }
+    };
+    // Not sent: the callback is dropped, the request gives the arguments
+    // back, and the call, still holding its turn, takes the task path.
+    match client.send_then(&request, CALL_TIMEOUT, answered) {
+        Some(Ok(())) => slot.route.sent.pass(slot.pos),
+        Some(Err(_)) | None => {
+            let WorkerRequest::ActorCall(call) = request else {
+                unreachable!("Location::request makes an ActorCall")
+            };
+            let drive = Drive::new(core, raw, order, call.args);
+            core.handle.spawn(drive.run(Step::Send));
+        }
+    }
+    Ok(())
+}
+
+/// What a worker's reply to a call says its result is.
+fn outcome_state(outcome: TaskOutcome) -> ObjState {
+    match outcome {
+        TaskOutcome::Inline(bytes) => ObjState::Inline(Arc::new(bytes)),
+        TaskOutcome::Stored(at) => ObjState::Stored(at),
+        TaskOutcome::Failed(f) => ObjState::Failed(f),
+    }
+}
+
+/// Resolves the call's arguments, then drives it to its answer.
+async fn call_raw(core: &Arc<Core>, raw: &RawActor, order: Order, args: Vec<ArgValue>) {
+    let function = format!("{}::{}", raw.class, order.method);
+    // The argument references stay alive until the call is answered: a
+    // stored argument must not be freed before the actor has read it.
+    let (args, failed, _keep_alive) = match core.resolve_args(&function, order.task_id, args).await
+    {
+        Ok((args, keep)) => (Some(args), None, keep),
+        Err(f) => (None, Some(f), Vec::new()),
+    };
+    let mut drive = Drive::new(core, raw, order, args);
+    if let Some(f) = failed {
+        // Its slot is filled even so (a skip), so the actor moves past it.
+        drive.answer(ObjState::Failed(f));
+    }
+    drive.run(Step::Send).await;
+}
+
+/// A request that went out: on which route, as which seq.
+struct Sent {
+    route: Arc<Route>,
+    route_id: u64,
+    seq: u64,
+}
+
+/// Where a call's drive goes on from.
+enum Step {
+    /// Send at the call's current slot, in its turn there (a slot whose
+    /// turn has passed sends again at once: the host answers a call it ran
+    /// with its kept reply).
+    Send,
+    /// The reply, or its loss, to the request sent as [`Sent`] (boxed: a
+    /// reply is large, and a step is moved from turn to turn).
+    Reply(
+        Sent,
+        Box<std::result::Result<WorkerReply, shoal_net::RpcError>>,
+    ),
+}
+
+/// What a reply (or its loss) means for a call.
+enum Judged {
+    /// Answered.
+    Done(ObjState),
+    /// Answered with something that is not a call's reply: failed.
+    Failed(String),
+    /// Lost on a live connection to a live worker: send again, same slot.
+    Again(String),
+    /// The connection was lost: every open call goes to a new one.
+    Reconnect(String),
+    /// The incarnation is gone (its location is now dead).
+    Dead(String),
+}
+
+/// Times a call is sent again at one slot (its replies lost on a live
+/// connection) before it fails.
+const RESENDS_MAX: u32 = 100;
+
+/// One call on its way to an answer, after its first attempt if that was
+/// made from the caller's thread: sent in its turn; sent again (same slot)
+/// when a reply is lost on a live worker; moved with the other open calls
+/// to a new connection or, after a restart, a new incarnation (resent
+/// there within `max_task_retries`, else answered `ActorDied`); and once
+/// its result is known, its slot there filled with a skip, so later calls
+/// are not held.
+struct Drive {
+    core: Arc<Core>,
+    raw: RawActor,
+    order: Order,
+    args: Option<Vec<ArgSpec>>,
+    /// The reference is resolved.
+    answered: bool,
+    /// The incarnation the call was last sent to with its arguments (it
+    /// may have run there).
+    tried: Option<Arc<Location>>,
+    /// Times it was sent again to a new incarnation.
+    retries: u32,
+    /// Times it was sent again at one slot.
+    resends: u32,
+    reach: Reach,
+}
+
+impl Drive {
+    fn new(core: &Arc<Core>, raw: &RawActor, order: Order, args: Option<Vec<ArgSpec>>) -> Self {
+        Self {
+            core: Arc::clone(core),
+            raw: raw.clone(),
+            order,
+            args,
+            answered: false,
+            tried: None,
+            retries: 0,
+            resends: 0,
+            reach: Reach::default(),
+        }
+    }
+
+    /// Resolves the call's reference, once.
+    fn answer(&mut self, state: ObjState) {
+        if !self.answered {
+            self.answered = true;
+            finish_call(&self.core, &self.raw, self.order.id, state);
+        }
+    }
+
+    fn died(&self, message: &str) -> ObjState {
+        ObjState::Failed(TaskFailure {
+            kind: FailureKind::ActorDied,
+            function: self.raw.class.clone(),
+            task_id: self.order.task_id,
+            node_id: None,
+            message: format!("actor {}: {message}", self.raw.actor_id),
+            backtrace: None,
+            attempts: self.retries + 1,
+        })
+    }
+
+    /// Until the call has left the outbox.
+    async fn run(mut self, mut step: Step) {
+        loop {
+            let next = match step {
+                Step::Send => self.send().await,
+                Step::Reply(sent, reply) => self.on_reply(sent, *reply).await,
+            };
+            match next {
+                Some(next) => step = next,
+                None => break,
+            }
+        }
+        // Left without an answer only if another path closed it.
+        let died = self.died("the call was abandoned");
+        self.answer(died);
+    }
+
+    /// Fails the call, leaves the outbox and passes its turn on `slot`.
+    fn fail(&mut self, slot: &CallSlot, message: &str) -> Option<Step> {
+        let died = self.died(message);
+        self.answer(died);
+        self.raw.caller.outbox().close(self.order.turn);
+        slot.route.sent.pass(slot.pos);
+        None
+    }
+
+    /// Sends the call (or its skip) at its current slot, in its turn.
+    async fn send(&mut self) -> Option<Step> {
+        let caller = Arc::clone(&self.raw.caller);
+        let slot = caller.outbox().slot(self.order.turn)?;
+        slot.route.sent.wait(slot.pos).await;
+        // Moved while it waited (the old route let its waiters go).
+        if caller.outbox().route_id() != slot.route_id {
+            return Some(Step::Send);
+        }
+        // The call holds its turn from here: each path passes it, or goes
+        // round again holding it (a new route lets it go).
+        let location = Arc::clone(&slot.route.location);
+        if caller.gone.is_cancelled() {
+            return self.fail(&slot, "it is dead");
+        }
+        if location.dead.is_cancelled() {
+            if caller.max_restarts == 0 {
+                return self.fail(&slot, "its worker has exited");
+            }
+            return match self.raw.relocate(&self.core, &slot).await {
+                Ok(()) => Some(Step::Send),
+                Err(message) => self.fail(&slot, &message),
+            };
+        }
+        // Sent with its arguments to an incarnation that died since, the
+        // call may have run there: sending it here is a retry (counted
+        // once it is sent).
+        let retry = !self.answered
+            && self
+                .tried
+                .as_ref()
+                .is_some_and(|tried| !Arc::ptr_eq(tried, &location));
+        if retry && self.retries >= caller.max_task_retries {
+            let died = self.died("its worker exited with the call in flight");
+            self.answer(died);
+        }
+        // Once answered, only a skip: the host moves past the slot.
+        let args = if self.answered {
+            None
+        } else {
+            self.args.clone()
+        };
+        let with_args = args.is_some();
+        let request = location.request(&self.raw, &self.order, &slot, args);
+        let client = tokio::select! {
+            client = self.core.worker(&location.worker.address) => client,
+            _ = location.dead.cancelled() => return Some(Step::Send),
+        };
+        let client = match client {
+            Ok(client) => {
+                self.reach = Reach::default();
+                client
+            }
+            Err(e) => {
+                self.raw
+                    .unreachable(&self.core, &location, e, &mut self.reach)
+                    .await;
+                return Some(Step::Send);
+            }
+        };
+        match client.send(&request, CALL_TIMEOUT).await {
+            Ok(in_flight) => {
+                slot.route.sent.pass(slot.pos);
+                if with_args {
+                    if retry {
+                        self.retries += 1;
+                        tracing::debug!(actor_id = %self.raw.actor_id, method = self.order.method, retries = self.retries, "resent a call lost with the actor's worker");
+                    }
+                    self.tried = Some(Arc::clone(&location));
+                }
+                let reply = tokio::select! {
+                    reply = in_flight.reply() => reply,
+                    // The node saw the worker exit: no need to wait for
+                    // the connection to time out.
+                    _ = location.dead.cancelled() => Err(shoal_net::RpcError::Stream("the actor's worker exited".into())),
+                    // The calls moved on (to a new connection or
+                    // incarnation): so does this one, from its new slot.
+                    _ = slot.route.superseded.cancelled() => return Some(Step::Send),
+                };
+                let sent = Sent {
+                    route: slot.route,
+                    route_id: slot.route_id,
+                    seq: slot.seq,
+                };
+                Some(Step::Reply(sent, Box::new(reply)))
+            }
+            // Not sent: the call keeps its turn and tries again.
+            Err(e) if e.is_connection_lost() => {
+                caller.reroute(slot.route_id);
+                Some(Step::Send)
+            }
+            Err(e) => self.again(&e.to_string(), Some(&slot)).await,
+        }
+    }
+
+    /// Pauses before sending again at the same slot (`holding` its turn
+    /// there, when the request could not be sent); fails the call past
+    /// [`RESENDS_MAX`].
+    async fn again(&mut self, why: &str, holding: Option<&CallSlot>) -> Option<Step> {
+        self.resends += 1;
+        if self.resends > RESENDS_MAX {
+            let message = format!("{RESENDS_MAX} attempts at the call were lost; the last: {why}");
+            return match holding {
+                Some(slot) => self.fail(slot, &message),
+                None => {
+                    let died = self.died(&message);
+                    self.answer(died);
+                    self.raw.caller.outbox().close(self.order.turn);
+                    None
+                }
+            };
+        }
+        tracing::debug!(actor_id = %self.raw.actor_id, method = self.order.method, %why, "sending an actor call again");
+        let location = self.raw.caller.location();
+        tokio::select! {
+            _ = tokio::time::sleep(backoff(self.resends)) => {}
+            _ = location.dead.cancelled() => {}
+        }
+        Some(Step::Send)
+    }
+
+    /// Acts on the reply (or its loss) to the request sent as `sent`.
+    async fn on_reply(
+        &mut self,
+        sent: Sent,
+        reply: std::result::Result<WorkerReply, shoal_net::RpcError>,
+    ) -> Option<Step> {
+        let location = Arc::clone(&sent.route.location);
+        match judge(reply, &location) {
+            Judged::Done(state) => {
+                self.answer(state);
+                self.leave(&sent).await
+            }
+            Judged::Again(why) => self.again(&why, None).await,
+            Judged::Failed(why) => {
+                let died = self.died(&why);
+                self.answer(died);
+                self.leave(&sent).await
+            }
+            Judged::Reconnect(why) => {
+                tracing::debug!(actor_id = %self.raw.actor_id, %why, "the connection to the actor's worker was lost; sending its open calls again");
+                self.raw.caller.reroute(sent.route_id);
+                Some(Step::Send)
+            }
+            Judged::Dead(why) => {
+                tracing::debug!(actor_id = %self.raw.actor_id, %why, "the actor's incarnation is gone");
+                location.dead.cancel();
+                Some(Step::Send)
+            }
+        }
+    }
+
+    /// The host of `sent` answered: the call leaves the outbox, unless it
+    /// has moved since to a new incarnation, where its slot gets a skip.
+    async fn leave(&mut self, sent: &Sent) -> Option<Step> {
+        let turn = self.order.turn;
+        let slot = {
+            let mut outbox = self.raw.caller.outbox();
+            if outbox.close_on(turn, sent.route_id) {
+                return None;
+            }
+            let slot = outbox.slot(turn)?;
+            if !Arc::ptr_eq(&slot.route.location, &sent.route.location) || slot.seq != sent.seq {
+                return Some(Step::Send);
+            }
+            // Moved to a new connection to the same incarnation, same seq:
+            // that host has answered; only its turn there is owed.
+            outbox.close(turn);
+            slot
+        };
+        slot.route.sent.wait(slot.pos).await;
+        slot.route.sent.pass(slot.pos);
+        None
+    }
+}
+
+/// What the actor's worker answered to a call (or how it was lost).
+fn judge(
+    reply: std::result::Result<WorkerReply, shoal_net::RpcError>,
+    location: &Location,
+) -> Judged {
+    let refused = Judged::Failed;
+    match reply {
+        // A late answer from a node the head declared dead: the actor lives
+        // on elsewhere (or is dead), and this instance is fenced.
+        Ok(WorkerReply::TaskDone(reply))
+            if crate::core::try_get().is_some_and(|core| core.watches.is_dead(reply.node_id)) =>
+        {
+            location.dead.cancel();
+            Judged::Dead(format!(
+                "its node {} was declared dead; its answer is not used",
+                reply.node_id
+            ))
+        }
+        Ok(WorkerReply::TaskDone(reply)) => Judged::Done(outcome_state(reply.outcome)),
+        Ok(other) => refused(format!("its worker answered {other:?}")),
+        Err(e) if location.dead.is_cancelled() => Judged::Dead(e.to_string()),
+        // The worker's word that it does not host this incarnation.
+        Err(shoal_net::RpcError::Service(e))
+            if e.kind == shoal_proto::ServiceErrorKind::NotFound =>
+        {
+            Judged::Dead(e.message)
+        }
+        Err(shoal_net::RpcError::Service(e))
+            if e.kind == shoal_proto::ServiceErrorKind::Unavailable =>
+        {
+            Judged::Again(e.to_string())
+        }
+        Err(shoal_net::RpcError::Service(e)) => {
+            refused(format!("its worker refused the call: {e}"))
+        }
+        Err(e @ (shoal_net::RpcError::Connection(_) | shoal_net::RpcError::Stream(_))) => {
+            Judged::Reconnect(e.to_string())
+        }
+        // The request reached the worker (a discarded reply), or may have:
+        // the host answers a resend with the reply of the call's one run.
+        Err(e @ (shoal_net::RpcError::Injected(_) | shoal_net::RpcError::Timeout(_))) => {
+            Judged::Again(e.to_string())
+        }
+        Err(e) => refused(format!("the call failed: {e}")),
+    }
+}

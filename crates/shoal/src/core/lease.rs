@@ -1,0 +1,390 @@
+//! The shell of `owner::leases`: it asks the head for leases, turns them
+//! into workers through their nodes, gives them back, and keeps the
+//! machine's timers. Every decision is the machine's.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use shoal_proto::head::{Lease, LeaseRequest};
+use shoal_proto::{HeadReply, HeadRequest, NodeReply, NodeRequest, ResourceSet, WorkerId};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::{Core, NodeClient, WorkerClient};
+use crate::owner::leases::{self, Answer, Ask, Command, Leases, LEASE_WAIT};
+
+/// A worker held under a lease.
+pub(crate) struct LeasedWorker {
+    pub(crate) lease: Lease,
+    pub(crate) worker_id: WorkerId,
+    pub(crate) worker: WorkerClient,
+    node: NodeClient,
+    /// Cancelled when the worker's node says it has exited (or the node is
+    /// unreachable): a task pushed to it is retried at once.
+    pub(crate) lost: CancellationToken,
+}
+
+/// A task's place on a leased worker.
+pub(crate) type Place = leases::Place<Arc<LeasedWorker>>;
+
+type Machine = Leases<Arc<LeasedWorker>, oneshot::Sender<Place>>;
+type Commands = Vec<Command<Arc<LeasedWorker>, oneshot::Sender<Place>>>;
+
+/// What kind of task takes a place: whether tasks may queue behind it.
+#[derive(Clone, Copy)]
+pub(crate) struct TaskKind(Option<&'static crate::registry::Entry>);
+
+impl TaskKind {
+    /// A task of the function registered under `name` (unknown functions
+    /// are never short).
+    pub(crate) fn of(name: &str) -> Self {
+        TaskKind(crate::registry::entry(name))
+    }
+
+    /// Decided when the task takes its place, from the function's last runs.
+    fn short(self) -> bool {
+        self.0.is_some_and(|e| e.is_short())
+    }
+
+    /// Records how long a run took, as its worker reported (a worker that
+    /// does not say teaches nothing).
+    pub(crate) fn ran_for(self, run_us: Option<u64>) {
+        if let (Some(entry), Some(run_us)) = (self.0, run_us) {
+            entry.ran_for(run_us);
+        }
+    }
+}
+
+/// The lease machine of this process, and the shell around it.
+#[derive(Default)]
+pub(crate) struct LeaseManager {
+    machine: Mutex<Machine>,
+}
+
+impl LeaseManager {
+    fn machine(&self) -> MutexGuard<'_, Machine> {
+        self.machine.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new lease request's id (for requests made outside the machine,
+    /// such as an actor's: one sequence, so they never collide).
+    pub(crate) fn fresh_request_id(&self) -> u64 {
+        self.machine().fresh_request_id()
+    }
+
+    /// A place on a worker for one task of `resources`' class: the worker
+    /// runs its tasks one at a time, this one after those pushed before it
+    /// (only ever short ones). Hand it back with [`release`](Self::release)
+    /// or [`discard`](Self::discard).
+    pub(crate) async fn acquire(
+        &self,
+        core: &Arc<Core>,
+        resources: &ResourceSet,
+        kind: TaskKind,
+    ) -> Place {
+        let class = leases::class_key(resources);
+        let short = kind.short();
+        loop {
+            let mut out = Vec::new();
+            let mut waiting = None;
+            let placed = self.machine().acquire(
+                &class,
+                resources,
+                short,
+                || {
+                    let (tx, rx) = oneshot::channel();
+                    waiting = Some(rx);
+                    tx
+                },
+                &mut out,
+            );
+            self.carry_out(core, out);
+            if let Some(place) = placed {
+                return place;
+            }
+            if let Some(Ok(place)) = match waiting {
+                Some(rx) => Some(rx.await),
+                None => None,
+            } {
+                return place;
+            }
+        }
+    }
+
+    /// A task's place is free again (its task was answered).
+    pub(crate) fn release(&self, core: &Arc<Core>, place: &Place) {
+        let mut out = Vec::new();
+        self.machine().release(place, &mut out);
+        self.carry_out(core, out);
+    }
+
+    /// Gives up a worker that failed: it is stopped and its lease returned
+    /// (once, however many of its tasks report it).
+    pub(crate) fn discard(&self, core: &Arc<Core>, place: &Place) {
+        let mut out = Vec::new();
+        self.machine()
+            .discard(&place.class, place.lease_id, &mut out);
+        self.carry_out(core, out);
+    }
+
+    /// Returns every idle lease and asks for no more (the job is ending);
+    /// busy ones go back as their tasks are answered.
+    pub(crate) async fn return_all(&self, core: &Arc<Core>) {
+        let mut out = Vec::new();
+        self.machine().stop(&mut out);
+        for command in out {
+            if let Command::Return { worker, kill, .. } = command {
+                return_lease(core, &worker, kill).await;
+            }
+        }
+    }
+
+    /// Carries out the machine's commands.
+    fn carry_out(&self, core: &Arc<Core>, out: Commands) {
+        for command in out {
+            match command {
+                Command::Give(waiter, place) => {
+                    if let Err(place) = waiter.send(place) {
+                        // The task was dropped: the place goes to the next.
+                        let mut more = Vec::new();
+                        self.machine().unplaced(&place, &mut more);
+                        self.carry_out(core, more);
+                    }
+                }
+                Command::Ask(ask) => {
+                    core.handle.spawn(ask_lease(Arc::clone(core), ask));
+                }
+                Command::WarnInfeasible(resources) => {
+                    warn!(?resources, "no node in the cluster can ever fit these resources; the task waits (see `shoal status`)");
+                }
+                Command::Return { worker, kill, .. } => {
+                    let core2 = Arc::clone(core);
+                    core.handle
+                        .spawn(async move { return_lease(&core2, &worker, kill).await });
+                }
+                Command::ArmIdle {
+                    class,
+                    lease_id,
+                    epoch,
+                } => {
+                    let core2 = Arc::clone(core);
+                    core.handle.spawn(async move {
+                        tokio::time::sleep(leases::IDLE_RETURN).await;
+                        let mut out = Vec::new();
+                        core2
+                            .leases
+                            .machine()
+                            .idle_expired(&class, lease_id, epoch, &mut out);
+                        core2.leases.carry_out(&core2, out);
+                    });
+                }
+                Command::Abandon(ask) => {
+                    let core2 = Arc::clone(core);
+                    core.handle.spawn(async move {
+                        let request = lease_request(&core2, &ask.resources, ask.request_id, 0);
+                        abandon_request(&core2, request).await;
+                    });
+                }
+            }
+        }
+    }
+
+    /// Reports to the machine and carries out what it says.
+    fn report(&self, core: &Arc<Core>, event: impl FnOnce(&mut Machine, &mut Commands)) {
+        let mut out = Vec::new();
+        event(&mut self.machine(), &mut out);
+        self.carry_out(core, out);
+    }
+}
+
+async fn return_lease(core: &Core, worker: &LeasedWorker, kill: bool) {
+    // Ends the watcher too.
+    worker.lost.cancel();
+    release_lease(core, &worker.node, worker.lease.lease_id, kill).await;
+}
+
+/// Ends a lease: its node releases (or, with `kill`, stops) the worker, and
+/// the head gets the resources back. Best effort: the head reclaims the
+/// leases of finished jobs and dead nodes anyway.
+pub(crate) async fn release_lease(
+    core: &Core,
+    node: &NodeClient,
+    lease_id: shoal_proto::LeaseId,
+    kill: bool,
+) {
+    let release = NodeRequest::ReleaseWorker { lease_id, kill };
+    if let Err(e) = node.call_idempotent(&release, Duration::from_secs(5)).await {
+        debug!(%lease_id, error = %e, "could not release the worker (its node may be gone)");
+    }
+    return_to_head(core, lease_id).await;
+}
+
+/// What a lease holder asks a lease's node for: a worker for the job.
+pub(crate) fn grant_request(core: &Core, lease: &Lease, tenancy: (bool, bool)) -> NodeRequest {
+    let (dedicated, detached) = tenancy;
+    NodeRequest::GrantWorker {
+        lease_id: lease.lease_id,
+        job_id: core.job_id,
+        binary_hash: core.binary_hash.clone(),
+        resources: lease.resources.clone(),
+        driver: Some(core.driver.clone()),
+        dedicated,
+        detached,
+    }
+}
+
+/// Gives a lease back to the head (best effort: the head reclaims the
+/// leases of finished jobs and dead nodes anyway).
+pub(crate) async fn return_to_head(core: &Core, lease_id: shoal_proto::LeaseId) {
+    let give_back = HeadRequest::ReturnLease { lease_id };
+    if let Err(e) = core
+        .head
+        .call_idempotent(&give_back, Duration::from_secs(5))
+        .await
+    {
+        debug!(%lease_id, error = %e, "could not return the lease");
+    }
+}
+
+/// A lease request from this process, as an owner.
+pub(crate) fn lease_request(
+    core: &Core,
+    resources: &ResourceSet,
+    request_id: u64,
+    wait_ms: u64,
+) -> LeaseRequest {
+    LeaseRequest {
+        job_id: core.job_id,
+        owner: core.me.worker_id,
+        resources: resources.clone(),
+        preferred_node: Some(core.home.node_id),
+        wait_ms,
+        request_id,
+        owner_node: core.hosting_node,
+    }
+}
+
+/// Gives up a request whose last try got no answer: the head may have
+/// granted it (the reply lost). Asked once more under its id without
+/// waiting, the head answers with that grant, which is returned; else
+/// nothing is held (best effort: the job's end reclaims the rest).
+pub(crate) async fn abandon_request(core: &Core, mut request: LeaseRequest) {
+    request.wait_ms = 0;
+    let ask = HeadRequest::RequestLease(request);
+    if let Ok(HeadReply::LeaseGranted(lease)) = core.head.call_idempotent(&ask, LEASE_WAIT).await {
+        return_to_head(core, lease.lease_id).await;
+    }
+}
+
+/// One try of a lease request: asks the head (after the machine's pause),
+/// and for a grant gets the worker from the lease's node.
+async fn ask_lease(core: Arc<Core>, ask: Ask) {
+    if !ask.after.is_zero() {
+        tokio::time::sleep(ask.after).await;
+    }
+    let mut wanted = false;
+    core.leases
+        .report(&core, |m, out| wanted = m.still_wanted(&ask, out));
+    if !wanted {
+        return;
+    }
+    let request = HeadRequest::RequestLease(lease_request(
+        &core,
+        &ask.resources,
+        ask.request_id,
+        LEASE_WAIT.as_millis() as u64,
+    ));
+    let asked = std::time::Instant::now();
+    let answer = match core
+        .head
+        .call(&request, LEASE_WAIT + Duration::from_secs(10))
+        .await
+    {
+        Ok(HeadReply::LeaseGranted(lease)) => {
+            debug!(lease_id = %lease.lease_id, node = %lease.node_id, waited = ?asked.elapsed(), "lease granted");
+            core.leases.report(&core, |m, out| {
+                m.answered(ask.clone(), Answer::Granted, out)
+            });
+            let room = lease.room_for_another;
+            match worker_for(&core, lease).await {
+                Ok(worker) => {
+                    let lease_id = worker.lease.lease_id;
+                    let worker = Arc::new(worker);
+                    core.leases
+                        .report(&core, |m, out| m.joined(ask, (worker, lease_id), room, out));
+                }
+                Err(e) => {
+                    warn!(resources = ?ask.resources, error = %e, "could not lease a worker; retrying");
+                    core.leases.report(&core, |m, out| m.grant_failed(ask, out));
+                }
+            }
+            return;
+        }
+        Ok(HeadReply::LeasePending { infeasible }) => {
+            debug!(infeasible, waited = ?asked.elapsed(), "no lease yet");
+            Answer::Pending { infeasible }
+        }
+        Ok(other) => {
+            warn!(reply = ?other, "unexpected reply to a lease request; retrying");
+            Answer::Failed
+        }
+        Err(e) => {
+            if !core.stopping.is_cancelled() {
+                warn!(resources = ?ask.resources, error = %e, "lease request failed; retrying");
+            }
+            if e.is_worth_retrying() || e.is_connection_lost() {
+                Answer::Lost
+            } else {
+                Answer::Failed
+            }
+        }
+    };
+    core.leases
+        .report(&core, |m, out| m.answered(ask, answer, out));
+}
+
+/// The worker of a granted lease, from the lease's node (the lease is
+/// returned if there is none).
+async fn worker_for(core: &Arc<Core>, lease: Lease) -> Result<LeasedWorker, String> {
+    let node = match core.node(&lease.node_address).await {
+        Ok(node) => node,
+        Err(e) => {
+            return_to_head(core, lease.lease_id).await;
+            return Err(format!("cannot reach node {}: {e}", lease.node_id));
+        }
+    };
+    let grant = grant_request(core, &lease, (false, false));
+    // Idempotent per lease: a retry gets the worker the first try got.
+    let worker = match node.call_idempotent(&grant, Duration::from_secs(90)).await {
+        Ok(NodeReply::WorkerGranted { worker }) => worker,
+        other => {
+            // The node may have granted a worker we never heard of: it is
+            // released there too, not only the lease at the head.
+            release_lease(core, &node, lease.lease_id, true).await;
+            return Err(format!("node {} gave no worker: {other:?}", lease.node_id));
+        }
+    };
+    let client = match core.worker(&worker.address).await {
+        Ok(c) => c,
+        Err(e) => {
+            release_lease(core, &node, lease.lease_id, true).await;
+            return Err(format!("cannot reach worker {}: {e}", worker.worker_id));
+        }
+    };
+    let lost = CancellationToken::new();
+    core.watches.watch(
+        core,
+        &lease.node_address,
+        Some(lease.node_id),
+        worker.worker_id,
+        lost.clone(),
+    );
+    Ok(LeasedWorker {
+        lease,
+        worker_id: worker.worker_id,
+        worker: client,
+        node,
+        lost,
+    })
+}

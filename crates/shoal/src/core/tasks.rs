@@ -1,0 +1,346 @@
+//! Running tasks as their owner: the shell of `owner::tasks`. It resolves
+//! arguments, takes places on leased workers, pushes tasks and waits for
+//! their replies; whether to retry, rebuild or finish is the machine's.
+
+use std::sync::{Arc, Mutex};
+
+use shoal_proto::{
+    ArgSpec, FailureKind, FunctionId, NodeReply, NodeRequest, ObjectId, StoredAt, TaskFailure,
+    TaskId, TaskSpec, WorkerReply, WorkerRequest,
+};
+use tracing::warn;
+
+use super::lease::TaskKind;
+use super::{Core, CONTROL_TIMEOUT, TASK_CALL_TIMEOUT};
+use crate::args::{ArgValue, KeepAlive};
+use crate::error::{Error, Result};
+use crate::options::TaskOptions;
+use crate::owner::objects::ObjState;
+use crate::owner::tasks::{Lineage, PlaceDone, Rebuild, Rebuilt, Rerun, TaskRun, Then, Tried};
+use crate::registry::RemoteFunction;
+
+impl Core {
+    /// Submits a task; returns the id of its result, which this process
+    /// owns (one reference is counted for the caller).
+    pub(crate) fn submit(
+        self: &Arc<Self>,
+        function: &'static RemoteFunction,
+        options: TaskOptions,
+        args: Vec<ArgValue>,
+    ) -> ObjectId {
+        let task_id = TaskId::fresh();
+        let id = task_id.return_object(0);
+        self.register_pending(id);
+        let core = Arc::clone(self);
+        self.handle.spawn(async move {
+            let (outcome, lineage) = core.run_task(task_id, function, options, args).await;
+            if let Some(lineage) = lineage {
+                core.objects.set_lineage(id, lineage);
+            }
+            core.complete_object(id, outcome);
+        });
+        id
+    }
+
+    /// Runs a lost stored result's task again (after rebuilding its own
+    /// lost arguments the same way); returns where the new copy is.
+    pub(crate) async fn reconstruct(
+        self: &Arc<Self>,
+        id: ObjectId,
+        lost_at: &StoredAt,
+        why: String,
+    ) -> Result<StoredAt> {
+        let lost = |reason: String| Error::ObjectLost { id, reason };
+        let slot = self.objects.owned(id).ok_or_else(|| lost(why.clone()))?;
+        let lineage = slot.lineage().ok_or_else(|| {
+            lost(format!(
+                "{why}; it cannot be rebuilt (not a task result, or max_retries = 0)"
+            ))
+        })?;
+        let mut rebuild = lineage.rebuild.lock().await;
+        // Rebuilt by another reader meanwhile?
+        if let ObjState::Stored(at) = slot.state() {
+            if at.node_id != lost_at.node_id {
+                return Ok(at);
+            }
+        }
+        loop {
+            let Rerun::Run { attempt } = rebuild.next() else {
+                return Err(lost(format!("{why}; its task's retries are used up")));
+            };
+            warn!(%id, function = lineage.function.name, "a task's result was lost with its node; running the task again");
+            let args = lineage
+                .args
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let run = TaskRun::new(
+                (lineage.task_id, lineage.function.name),
+                (
+                    lineage.options.max_retries,
+                    lineage.options.retry_exceptions,
+                ),
+                attempt,
+                false,
+            );
+            let state = self
+                .run_resolved(run, lineage.function, &lineage.options, &args)
+                .await;
+            match rebuild.ran(state) {
+                Rebuilt::Done(at) => {
+                    slot.set(ObjState::Stored(at.clone()));
+                    return Ok(at);
+                }
+                Rebuilt::ArgsLost => {
+                    // Rebuild the arguments this process owns, then retry.
+                    let rebuilt = Box::pin(self.reconstruct_args(&args)).await;
+                    *lineage.args.lock().unwrap_or_else(|e| e.into_inner()) = rebuilt;
+                }
+                Rebuilt::Failed(f) => return Err(Error::from_failure(f)),
+                Rebuilt::Unexpected(other) => {
+                    return Err(lost(format!(
+                        "{why}; its task ran again but gave {other:?}"
+                    )))
+                }
+            }
+        }
+    }
+
+    /// The arguments with each stored one this process owns checked, and
+    /// rebuilt if its copy is gone.
+    async fn reconstruct_args(self: &Arc<Self>, args: &[ArgSpec]) -> Vec<ArgSpec> {
+        let mut out = Vec::with_capacity(args.len());
+        for arg in args {
+            let ArgSpec::Stored { id, at } = arg else {
+                out.push(arg.clone());
+                continue;
+            };
+            let readable = self.read_stored_part(*id, at).await;
+            let at = match readable {
+                Ok(()) => at.clone(),
+                Err(e) => match self.reconstruct(*id, at, e.to_string()).await {
+                    Ok(at) => at,
+                    Err(_) => at.clone(),
+                },
+            };
+            out.push(ArgSpec::Stored { id: *id, at });
+        }
+        out
+    }
+
+    /// Checks that a stored object's copy can still be read (its first byte).
+    async fn read_stored_part(&self, id: ObjectId, at: &StoredAt) -> Result<()> {
+        let node = self.node(&at.node_address).await?;
+        let read = NodeRequest::ReadObject {
+            id,
+            offset: 0,
+            len: 1,
+        };
+        match node.call_idempotent(&read, CONTROL_TIMEOUT).await? {
+            NodeReply::ObjectChunk { .. } => Ok(()),
+            other => Err(Error::Protocol(format!(
+                "{other:?} in answer to ReadObject"
+            ))),
+        }
+    }
+
+    /// Waits for reference arguments and turns every argument into what
+    /// goes on the wire; returns the references to keep alive meanwhile. A
+    /// failed argument fails the call the same way.
+    pub(crate) async fn resolve_args(
+        self: &Arc<Self>,
+        function: &str,
+        task_id: TaskId,
+        args: Vec<ArgValue>,
+    ) -> std::result::Result<(Vec<ArgSpec>, Vec<KeepAlive>), TaskFailure> {
+        let failure = |kind, message: String| TaskFailure {
+            kind,
+            function: function.to_string(),
+            task_id,
+            node_id: None,
+            message,
+            backtrace: None,
+            attempts: 0,
+        };
+        let mut spec_args = Vec::with_capacity(args.len());
+        let mut keep_alive = Vec::new();
+        for (index, arg) in args.into_iter().enumerate() {
+            match arg {
+                ArgValue::Bytes(bytes) => spec_args.push(ArgSpec::Inline(bytes)),
+                ArgValue::Bad(message) => {
+                    return Err(failure(
+                        FailureKind::BadArguments,
+                        format!("argument {index} cannot be encoded: {message}"),
+                    ))
+                }
+                ArgValue::Ref { id, owner, _keep } => {
+                    keep_alive.push(_keep);
+                    match self.wait_state(id, &owner, None).await {
+                        Some(ObjState::Inline(bytes)) => {
+                            spec_args.push(ArgSpec::Inline(bytes.to_vec()))
+                        }
+                        Some(ObjState::Stored(at)) => spec_args.push(ArgSpec::Stored { id, at }),
+                        Some(ObjState::Failed(f)) => return Err(f),
+                        Some(ObjState::Lost(why) | ObjState::OwnerDied(why)) => {
+                            return Err(failure(
+                                FailureKind::ArgumentLost,
+                                format!("argument {index} (object {id}) is lost: {why}"),
+                            ))
+                        }
+                        Some(ObjState::Pending) | None => {
+                            return Err(failure(
+                                FailureKind::ArgumentLost,
+                                format!("argument {index} (object {id}) never became ready"),
+                            ))
+                        }
+                    }
+                }
+            }
+        }
+        Ok((spec_args, keep_alive))
+    }
+
+    /// Runs a task to its result; a stored result keeps its lineage when the
+    /// task may be retried.
+    async fn run_task(
+        self: &Arc<Self>,
+        task_id: TaskId,
+        function: &'static RemoteFunction,
+        options: TaskOptions,
+        args: Vec<ArgValue>,
+    ) -> (ObjState, Option<Arc<Lineage>>) {
+        // The references stay alive until the task is done: a stored
+        // argument must not be freed while a worker may still read it.
+        let (spec_args, keep_alive) = match self.resolve_args(function.name, task_id, args).await {
+            Ok(resolved) => resolved,
+            Err(f) => return (ObjState::Failed(f), None),
+        };
+        let stored_args = spec_args
+            .iter()
+            .any(|a| matches!(a, ArgSpec::Stored { .. }));
+        let run = TaskRun::new(
+            (task_id, function.name),
+            (options.max_retries, options.retry_exceptions),
+            0,
+            stored_args,
+        );
+        let (state, spec_args) = self.run_to_end(run, function, &options, spec_args).await;
+        let lineage =
+            (matches!(state, ObjState::Stored(_)) && options.max_retries > 0).then(|| {
+                Arc::new(Lineage {
+                    task_id,
+                    function,
+                    rebuild: tokio::sync::Mutex::new(Rebuild::new(options.max_retries)),
+                    options,
+                    args: Mutex::new(spec_args),
+                    _keep_alive: Mutex::new(keep_alive),
+                })
+            });
+        (state, lineage)
+    }
+
+    /// Runs a task whose arguments are resolved until the machine says it
+    /// is done, rebuilding lost arguments when it says so; returns the
+    /// final state and the arguments it last ran with.
+    async fn run_to_end(
+        self: &Arc<Self>,
+        mut run: TaskRun,
+        function: &'static RemoteFunction,
+        options: &TaskOptions,
+        mut spec_args: Vec<ArgSpec>,
+    ) -> (ObjState, Vec<ArgSpec>) {
+        loop {
+            match self.try_once(&mut run, function, options, &spec_args).await {
+                Then::Finish(state) => return (state, spec_args),
+                Then::Again => {}
+                Then::RebuildArgs => {
+                    // An argument's copy was lost with its node: rebuild
+                    // the ones this process owns from their lineage.
+                    let rebuilt = self.reconstruct_args(&spec_args).await;
+                    let changed = rebuilt != spec_args;
+                    spec_args = rebuilt;
+                    if let Then::Finish(state) = run.args_rebuilt(changed) {
+                        return (state, spec_args);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs a task whose arguments are resolved (a rerun for lineage:
+    /// lost arguments are the caller's to rebuild).
+    async fn run_resolved(
+        self: &Arc<Self>,
+        mut run: TaskRun,
+        function: &'static RemoteFunction,
+        options: &TaskOptions,
+        spec_args: &[ArgSpec],
+    ) -> ObjState {
+        loop {
+            match self.try_once(&mut run, function, options, spec_args).await {
+                Then::Finish(state) => return state,
+                Then::Again => {}
+                // A rerun does not rebuild here: the run ends as lost.
+                Then::RebuildArgs => match run.args_rebuilt(false) {
+                    Then::Finish(state) => return state,
+                    Then::Again | Then::RebuildArgs => {}
+                },
+            }
+        }
+    }
+
+    /// One try: a place on a leased worker, the push, and the reply (or
+    /// its loss), reported to the machine, whose verdict on the place is
+    /// carried out here.
+    async fn try_once(
+        self: &Arc<Self>,
+        run: &mut TaskRun,
+        function: &'static RemoteFunction,
+        options: &TaskOptions,
+        spec_args: &[ArgSpec],
+    ) -> Then {
+        let kind = TaskKind::of(function.name);
+        let place = self.leases.acquire(self, &options.resources, kind).await;
+        let leased = &place.worker;
+        let spec = TaskSpec {
+            task_id: run.task_id(),
+            attempt: run.attempt(),
+            job_id: self.job_id,
+            function: FunctionId {
+                name: function.name.to_string(),
+                signature: function.signature,
+            },
+            args: spec_args.to_vec(),
+            resources: options.resources.clone(),
+            owner: self.me.clone(),
+        };
+        let request = WorkerRequest::PushTask(spec);
+        let push = leased.worker.call(&request, TASK_CALL_TIMEOUT);
+        let reply = tokio::select! {
+            reply = push => reply,
+            // The node saw the worker exit: no need to wait for the
+            // connection to time out.
+            _ = leased.lost.cancelled() => Err(shoal_net::RpcError::Stream("the worker exited".into())),
+        };
+        let tried = match reply {
+            Ok(WorkerReply::TaskDone(done)) if self.watches.is_dead(done.node_id) => {
+                Tried::AnsweredFromDeadNode(done.node_id)
+            }
+            Ok(WorkerReply::TaskDone(done)) => {
+                kind.ran_for(done.run_us);
+                Tried::Answered(done.outcome)
+            }
+            Ok(other) => Tried::BadReply(format!("{other:?}")),
+            Err(e) => {
+                warn!(task_id = %run.task_id(), function = function.name, attempt = run.attempt(), worker = %leased.worker_id, error = %e, "lost the worker running a task");
+                Tried::Lost(e.to_string())
+            }
+        };
+        let (done, then) = run.tried(tried);
+        match done {
+            PlaceDone::Release => self.leases.release(self, &place),
+            PlaceDone::Discard => self.leases.discard(self, &place),
+        }
+        then
+    }
+}

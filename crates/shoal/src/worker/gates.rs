@@ -1,0 +1,61 @@
+//! Per worker running in this process: one task at a time.
+//!
+//! A pushed task holds its worker's gate while it runs; tasks pushed
+//! meanwhile queue for it. A task blocked in a `get` lends its permit to
+//! the next task (which may be the one it waits for), and takes it back
+//! when the get returns.
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use shoal_proto::WorkerId;
+use tokio::sync::Semaphore;
+
+/// The gates and blocked counts of the workers running here.
+#[derive(Default)]
+pub(crate) struct Gates {
+    gates: DashMap<WorkerId, Arc<Semaphore>>,
+    /// Per worker: how many of its gets are waiting.
+    blocked: DashMap<WorkerId, usize>,
+}
+
+impl Gates {
+    /// The gate of `worker_id` (one permit).
+    pub(crate) fn gate(&self, worker_id: WorkerId) -> Arc<Semaphore> {
+        Arc::clone(
+            &self
+                .gates
+                .entry(worker_id)
+                .or_insert_with(|| Arc::new(Semaphore::new(1))),
+        )
+    }
+
+    /// One more (or one fewer) get of `worker_id` waits; true when that
+    /// changes whether the worker is blocked (the node is then told).
+    pub(crate) fn set_blocked(&self, worker_id: WorkerId, blocked: bool) -> bool {
+        let mut count = self.blocked.entry(worker_id).or_insert(0);
+        if blocked {
+            *count += 1;
+            *count == 1
+        } else {
+            *count = count.saturating_sub(1);
+            *count == 0
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_first_and_last_of_nested_gets_change_the_blocked_state() {
+        let gates = Gates::default();
+        let w = WorkerId::random();
+        assert!(gates.set_blocked(w, true));
+        assert!(!gates.set_blocked(w, true));
+        assert!(!gates.set_blocked(w, false));
+        assert!(gates.set_blocked(w, false));
+        assert_eq!(gates.gate(w).available_permits(), 1);
+    }
+}

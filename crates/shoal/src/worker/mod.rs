@@ -1,0 +1,68 @@
+//! The worker side of a Shoal process: the service every process serves
+//! (tasks pushed to a worker, actor calls, objects asked of their owner),
+//! running tasks, the running task's context, and the actor host.
+//!
+//! It depends on proto types and on its process only through [`Process`],
+//! a narrow handle: reading arguments and storing results go through it,
+//! so this module knows nothing of connections, leases or the owner's
+//! tables.
+
+pub(crate) mod context;
+pub(crate) mod exec;
+pub(crate) mod gates;
+pub(crate) mod host;
+mod lane;
+pub(crate) mod replies;
+pub(crate) mod service;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_proto::{ArgSpec, JobId, ObjectId, ObjectValue, TaskId, TaskOutcome, WorkerId};
+
+pub(crate) use context::Executor;
+
+use crate::error::Result;
+
+/// Who made a task's result: its function, the task, and the owner (the
+/// store records the owner of a stored result).
+pub(crate) type MadeBy<'a> = (&'a str, TaskId, Option<WorkerId>);
+
+/// What the worker side needs of the process it runs in.
+pub(crate) trait Process: Send + Sync + Sized + 'static {
+    /// The process, once initialised.
+    fn current() -> Option<Arc<Self>>;
+
+    /// The job this process belongs to.
+    fn job_id(&self) -> JobId;
+
+    /// The runtime the process's own work runs on.
+    fn runtime(&self) -> &tokio::runtime::Handle;
+
+    /// The actors this process hosts.
+    fn host(&self) -> &host::Host;
+
+    /// The task gates of the workers running here.
+    fn gates(&self) -> &gates::Gates;
+
+    /// The bytes of task arguments, stored ones read from their nodes.
+    fn fetch_args(&self, args: &[ArgSpec])
+        -> impl Future<Output = Result<crate::shm::Args>> + Send;
+
+    /// A result: inline when small, else stored in this node's store.
+    fn store_result(
+        &self,
+        id: ObjectId,
+        bytes: Vec<u8>,
+        made: MadeBy<'_>,
+        executor: Executor,
+    ) -> impl Future<Output = TaskOutcome> + Send;
+
+    /// An object this process owns, for a borrower: waits up to `wait`.
+    fn object_value(
+        &self,
+        id: ObjectId,
+        wait: Duration,
+    ) -> impl Future<Output = ObjectValue> + Send;
+}
