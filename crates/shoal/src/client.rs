@@ -7,7 +7,7 @@ use shoal_net::handshake::ClientAuth;
 use shoal_net::{JoinToken, NetLimits, QuicTransport, RpcClient, Transport, HEAD_SERVER_NAME};
 use shoal_proto::{ClusterStatus, HeadReply, HeadRequest, Role};
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Deadline of one request to the head.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);

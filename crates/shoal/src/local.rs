@@ -12,7 +12,8 @@ use shoal_proto::{NodeId, ResourceSet, Role};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::{ClusterClient, Error, Result};
+use crate::client::ClusterClient;
+use crate::error::{Error, Result};
 
 /// How the local cluster is laid out and timed.
 #[derive(Clone, Debug)]

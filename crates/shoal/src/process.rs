@@ -22,7 +22,7 @@ pub fn run_worker_if_worker() {
     if std::env::var("SHOAL_WORKER").as_deref() != Ok("1") {
         return;
     }
-    crate::init_logging();
+    crate::rt::init_logging();
     let code = match worker_main() {
         Ok(()) => 0,
         Err(e) => {

@@ -60,3 +60,20 @@ pub(crate) fn park_on<F: Future>(fut: F) -> F::Output {
         std::thread::park();
     }
 }
+
+/// Logs through `tracing` when `SHOAL_LOG` (or `RUST_LOG`) asks for them and
+/// the program has not installed a subscriber of its own.
+pub(crate) fn init_logging() {
+    let Some(spec) = std::env::var("SHOAL_LOG")
+        .ok()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+    else {
+        return;
+    };
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_new(spec) {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+}

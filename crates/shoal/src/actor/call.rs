@@ -42,7 +42,7 @@ impl Location {
 
 /// Calls `method` on the actor; the reference resolves to its result.
 pub(crate) fn call<T>(raw: &RawActor, method: &'static str, args: Vec<ArgValue>) -> ObjectRef<T> {
-    let core = crate::ensure_core();
+    let core = crate::driver::ensure_core();
     let task_id = TaskId::fresh();
     let id = task_id.return_object(0);
     core.register_pending(id);

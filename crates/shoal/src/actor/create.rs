@@ -20,7 +20,7 @@ pub(crate) fn create<A: Actor>(
     args: Vec<ArgValue>,
 ) -> Result<ActorHandle<A>> {
     options.check()?;
-    let core = crate::ensure_core();
+    let core = crate::driver::ensure_core();
     let class = A::CLASS.to_string();
     let has_async = registry::actor_class(&class).is_some_and(|c| {
         c.methods
@@ -197,7 +197,7 @@ async fn create_raw(
 
 /// The actor named `name` in `namespace`, checked to be of class `A`.
 pub(crate) fn get_named<A: Actor>(name: &str, namespace: &str) -> Result<ActorHandle<A>> {
-    let core = crate::ensure_core();
+    let core = crate::driver::ensure_core();
     let ask = HeadRequest::GetNamedActor {
         namespace: namespace.to_string(),
         name: name.to_string(),
@@ -273,7 +273,7 @@ pub(super) async fn end_actor(core: &Arc<Core>, actor_id: ActorId) -> Result<()>
 /// Without `no_restart`, only its worker is stopped: an actor with restarts
 /// left comes back, as after a crash.
 pub(crate) fn kill(raw: &RawActor, no_restart: bool) -> Result<()> {
-    let core = crate::ensure_core();
+    let core = crate::driver::ensure_core();
     let core2 = Arc::clone(&core);
     let actor_id = raw.actor_id;
     core.block_on(async move { stop_actor(&core2, actor_id, no_restart).await })?;

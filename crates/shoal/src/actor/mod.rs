@@ -391,7 +391,7 @@ impl RawActor {
             lease: None,
             _ctor_args: Mutex::new(Vec::new()),
         });
-        Self::new(&crate::ensure_core(), wire, lifetime)
+        Self::new(&crate::driver::ensure_core(), wire, lifetime)
     }
 
     fn wire(&self) -> WireActor {
