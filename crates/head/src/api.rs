@@ -416,6 +416,12 @@ impl HeadService {
             match decision {
                 Decision::Granted(lease) => return Ok(HeadReply::LeaseGranted(lease)),
                 Decision::Infeasible => return Ok(HeadReply::LeasePending { infeasible: true }),
+                Decision::OwnerGone => {
+                    return Err(ServiceError::new(
+                        ServiceErrorKind::NotFound,
+                        format!("the owner {} was reported dead", request.owner),
+                    ))
+                }
                 Decision::Wait => {}
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {

@@ -12,7 +12,7 @@
 //! could fit even when idle is infeasible: it waits and is reported, never
 //! dropped silently.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use shoal_proto::head::{InfeasibleRequest, Lease, LeaseRequest};
 use shoal_proto::resources::CPU;
@@ -38,6 +38,9 @@ pub enum Decision {
     Wait,
     /// No live node could fit it even when idle.
     Infeasible,
+    /// Its owner was reported dead, or its owner's node is not live: a
+    /// lease granted now would never be returned.
+    OwnerGone,
 }
 
 #[derive(Clone, Debug)]
@@ -80,9 +83,17 @@ pub struct Scheduler {
     /// those nodes are to stop the workers (see [`Scheduler::take_orphaned`]).
     orphaned: Vec<(NodeId, LeaseId)>,
     infeasible: Vec<InfeasibleRequest>,
+    /// Owners reported dead, newest last (at most [`DEAD_OWNERS_KEPT`]): a
+    /// request of theirs still held or on its way is refused, since a lease
+    /// granted to a dead owner would never be returned.
+    dead_owners: HashSet<WorkerId>,
+    dead_order: VecDeque<WorkerId>,
 }
 
 const INFEASIBLE_KEPT: usize = 100;
+/// Dead owners remembered: a request of one arrives within seconds of its
+/// death, well before this many other owners die.
+const DEAD_OWNERS_KEPT: usize = 100_000;
 /// Quantities within this of each other are equal (float sums drift).
 const EPSILON: f64 = 1e-9;
 
@@ -124,6 +135,14 @@ impl Scheduler {
 
     /// Tries to place `request` on one of `nodes` (the live nodes).
     pub fn request(&mut self, nodes: &[NodeView], request: &LeaseRequest) -> Decision {
+        // A dead owner's lease would never be returned; an owner whose
+        // node is not live is dead too (it just has not noticed).
+        let node_gone = request
+            .owner_node
+            .is_some_and(|n| !nodes.iter().any(|v| v.node_id == n));
+        if node_gone || self.dead_owners.contains(&request.owner) {
+            return Decision::OwnerGone;
+        }
         // A retry of a request already granted (its reply was lost) gets
         // the same lease, never a second one.
         let key = (request.request_id != 0).then_some((request.owner, request.request_id));
@@ -338,7 +357,17 @@ impl Scheduler {
 
     /// Reclaims every lease held by a dead owner (detached actors' leases
     /// outlive it).
+    /// The owner is remembered as dead: its requests are refused from now
+    /// on ([`Decision::OwnerGone`]).
     pub fn owner_died(&mut self, owner: WorkerId) -> usize {
+        if self.dead_owners.insert(owner) {
+            self.dead_order.push_back(owner);
+            if self.dead_order.len() > DEAD_OWNERS_KEPT {
+                if let Some(old) = self.dead_order.pop_front() {
+                    self.dead_owners.remove(&old);
+                }
+            }
+        }
         self.release_orphans(|l| l.owner == owner)
     }
 
@@ -779,6 +808,8 @@ mod tests {
         /// Nodes a resumed blocked lease took past their total, until they
         /// are back within it: the only way past it.
         oversubscribed: Vec<NodeId>,
+        /// Owners reported dead: their requests are refused.
+        dead_owners: std::collections::HashSet<usize>,
     }
 
     impl Model {
@@ -870,7 +901,13 @@ mod tests {
                     .filter(|n| m.has_room(n, &req.resources))
                     .map(|n| n.node_id)
                     .collect();
-                match s.request(&m.live, &req) {
+                let decision = s.request(&m.live, &req);
+                if m.dead_owners.contains(&owner) {
+                    prop_assert_eq!(decision, Decision::OwnerGone);
+                    return check(s, m);
+                }
+                match decision {
+                    Decision::OwnerGone => prop_assert!(false, "owner {owner} is alive"),
                     Decision::Infeasible => {
                         prop_assert!(!feasible, "a live node fits {:?}", req.resources);
                         let entry = InfeasibleRequest {
@@ -974,6 +1011,7 @@ mod tests {
                 // A detached actor's lease outlives its creator.
                 let reclaimed = m.reclaim(|l| l.owner == o && l.job.is_some());
                 prop_assert_eq!(s.owner_died(owner_id(o)), reclaimed);
+                m.dead_owners.insert(o);
             }
         }
         let mut oversubscribed = std::mem::take(&mut m.oversubscribed);
@@ -1086,5 +1124,44 @@ mod tests {
                 prop_assert_eq!(s.available(n), n.total.clone());
             }
         }
+    }
+
+    #[test]
+    fn a_request_from_an_owner_reported_dead_is_refused_not_granted() {
+        // Found by the cluster simulation (shoal-sim, seed 14): a worker
+        // that owned tasks exited with a lease request held at the head
+        // (the cluster was full); its node reported it dead and its leases
+        // were reclaimed, then the held request was granted, to nobody, and
+        // the lease was never returned.
+        let nodes = vec![node(1.0)];
+        let mut s = Scheduler::new();
+        let first = match s.request(&nodes, &request(1.0)) {
+            Decision::Granted(l) => l,
+            d => panic!("{d:?}"),
+        };
+        let mut held = request(1.0);
+        held.owner = WorkerId::from_uuid(uuid_of(3));
+        held.request_id = 7;
+        assert_eq!(s.request(&nodes, &held), Decision::Wait);
+        assert_eq!(s.owner_died(held.owner), 0, "it held nothing yet");
+        assert!(s.release(first.lease_id));
+        assert_eq!(
+            s.request(&nodes, &held),
+            Decision::OwnerGone,
+            "room again, but the owner is gone"
+        );
+        assert_eq!(s.lease_count(), 0);
+        assert!(s.allocated(nodes[0].node_id).iter().next().is_none());
+    }
+
+    #[test]
+    fn a_request_whose_owners_node_is_not_live_is_refused() {
+        let nodes = vec![node(1.0), node(1.0)];
+        let mut s = Scheduler::new();
+        let mut r = request(1.0);
+        r.owner_node = Some(nodes[1].node_id);
+        assert!(matches!(s.request(&nodes, &r), Decision::Granted(_)));
+        r.request_id = 9;
+        assert_eq!(s.request(&nodes[..1], &r), Decision::OwnerGone);
     }
 }

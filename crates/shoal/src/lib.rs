@@ -59,7 +59,8 @@ mod error;
 pub mod local;
 pub mod object_ref;
 mod options;
-mod owner;
+#[doc(hidden)]
+pub mod owner;
 mod process;
 pub mod registry;
 mod rt;

@@ -65,7 +65,7 @@ impl Core {
             }
         }
         loop {
-            let Rerun::Run { attempt } = rebuild.next() else {
+            let Rerun::Run { attempt } = rebuild.next_rerun() else {
                 return Err(lost(format!("{why}; its task's retries are used up")));
             };
             warn!(%id, function = lineage.function.name, "a task's result was lost with its node; running the task again");

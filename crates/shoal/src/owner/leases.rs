@@ -21,34 +21,34 @@
 //! `W` is the shell's handle of a leased worker and `T` its handle of a
 //! waiting task (a channel to wake it, in the shell; a number in tests).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_proto::{LeaseId, ResourceSet};
 
 /// Lease requests out per class, at most.
-pub(crate) const REQUESTS_IN_FLIGHT_MAX: usize = 8;
+pub const REQUESTS_IN_FLIGHT_MAX: usize = 8;
 /// Tasks pushed to one leased worker at once: it runs them one after
 /// another, and the next is already there when one ends (no round trip
 /// between tasks).
-pub(crate) const PIPELINE_DEPTH: usize = 16;
+pub const PIPELINE_DEPTH: usize = 16;
 /// A lease idle this long is returned: long enough to keep it across a
 /// submit-get-submit loop, short enough that other owners (nested tasks)
 /// soon get the CPU back.
-pub(crate) const IDLE_RETURN: Duration = Duration::from_millis(10);
+pub const IDLE_RETURN: Duration = Duration::from_millis(10);
 /// How long the head may hold a lease request.
-pub(crate) const LEASE_WAIT: Duration = Duration::from_secs(2);
+pub const LEASE_WAIT: Duration = Duration::from_secs(2);
 /// The first pause before asking again after a failed request; it doubles
 /// up to [`BACKOFF_MAX`].
 const BACKOFF_FIRST: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// A scheduling class: its resource shape, as text.
-pub(crate) type ClassKey = Arc<str>;
+pub type ClassKey = Arc<str>;
 
 /// The class of `resources`.
-pub(crate) fn class_key(resources: &ResourceSet) -> ClassKey {
+pub fn class_key(resources: &ResourceSet) -> ClassKey {
     resources
         .iter()
         .map(|(k, v)| format!("{k}={v};"))
@@ -58,10 +58,10 @@ pub(crate) fn class_key(resources: &ResourceSet) -> ClassKey {
 
 /// A task's place on a leased worker.
 #[derive(Clone, Debug)]
-pub(crate) struct Place<W> {
-    pub(crate) worker: W,
-    pub(crate) lease_id: LeaseId,
-    pub(crate) class: ClassKey,
+pub struct Place<W> {
+    pub worker: W,
+    pub lease_id: LeaseId,
+    pub class: ClassKey,
     /// Tasks may queue behind this one.
     short: bool,
 }
@@ -69,14 +69,14 @@ pub(crate) struct Place<W> {
 /// One lease request being made: handed out with [`Command::Ask`] and
 /// handed back with its answer.
 #[derive(Clone, Debug, PartialEq)]
-pub(crate) struct Ask {
-    pub(crate) class: ClassKey,
-    pub(crate) resources: ResourceSet,
+pub struct Ask {
+    pub class: ClassKey,
+    pub resources: ResourceSet,
     /// The head keeps one grant per id: a retry after a lost answer gets
     /// the grant the first try got, so no lease leaks.
-    pub(crate) request_id: u64,
+    pub request_id: u64,
     /// Wait this long before asking.
-    pub(crate) after: Duration,
+    pub after: Duration,
     /// The pause after the next failure.
     backoff: Duration,
     /// The last try got no answer (the head may hold a grant under this id).
@@ -85,7 +85,7 @@ pub(crate) struct Ask {
 
 /// The head's answer to one try of a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Answer {
+pub enum Answer {
     /// A lease: the shell goes on to get its worker, then reports
     /// [`Leases::joined`] or [`Leases::grant_failed`].
     Granted,
@@ -101,7 +101,7 @@ pub(crate) enum Answer {
 
 /// What the shell must do.
 #[derive(Debug)]
-pub(crate) enum Command<W, T> {
+pub enum Command<W, T> {
     /// Give the waiting task `T` this place; if it is gone, report
     /// [`Leases::unplaced`].
     Give(T, Place<W>),
@@ -247,8 +247,8 @@ impl<W: Clone, T> Class<W, T> {
 }
 
 /// The lease state machine of one owner process.
-pub(crate) struct Leases<W, T> {
-    classes: HashMap<ClassKey, Class<W, T>>,
+pub struct Leases<W, T> {
+    classes: BTreeMap<ClassKey, Class<W, T>>,
     /// The job is ending: no more requests, idle leases go back at once.
     stopping: bool,
     /// Idle clocks started, for telling a stale one from the current.
@@ -261,7 +261,7 @@ pub(crate) struct Leases<W, T> {
 impl<W, T> Default for Leases<W, T> {
     fn default() -> Self {
         Self {
-            classes: HashMap::new(),
+            classes: BTreeMap::new(),
             stopping: false,
             epoch: 0,
             request_id: 0,
@@ -271,7 +271,7 @@ impl<W, T> Default for Leases<W, T> {
 
 impl<W: Clone, T> Leases<W, T> {
     /// A new lease request's id (never 0, which means none).
-    pub(crate) fn fresh_request_id(&mut self) -> u64 {
+    pub fn fresh_request_id(&mut self) -> u64 {
         self.request_id += 1;
         self.request_id
     }
@@ -279,7 +279,7 @@ impl<W: Clone, T> Leases<W, T> {
     /// A place for one task of class `class` (of `resources`), `short` if
     /// tasks may queue behind it: at once, or later through
     /// [`Command::Give`] to the waiter `waiter()` makes.
-    pub(crate) fn acquire(
+    pub fn acquire(
         &mut self,
         class: &ClassKey,
         resources: &ResourceSet,
@@ -326,7 +326,7 @@ impl<W: Clone, T> Leases<W, T> {
     }
 
     /// The answer to one try of `ask`.
-    pub(crate) fn answered(&mut self, mut ask: Ask, answer: Answer, out: &mut Vec<Command<W, T>>) {
+    pub fn answered(&mut self, mut ask: Ask, answer: Answer, out: &mut Vec<Command<W, T>>) {
         let Some(class) = self.classes.get_mut(&ask.class) else {
             return;
         };
@@ -360,7 +360,7 @@ impl<W: Clone, T> Leases<W, T> {
 
     /// The worker of a granted lease has joined: `room_for_another` is
     /// whether the cluster had room for one more of the class.
-    pub(crate) fn joined(
+    pub fn joined(
         &mut self,
         mut ask: Ask,
         (worker, lease_id): (W, LeaseId),
@@ -386,13 +386,15 @@ impl<W: Clone, T> Leases<W, T> {
         });
         class.serve_waiters(&key, out);
         self.idle_check(&key, lease_id, out);
+        // This try was answered (granted): the next lease is a new request.
+        ask.unanswered = false;
         ask.after = Duration::ZERO;
         ask.backoff = BACKOFF_FIRST;
         self.again(ask, out);
     }
 
     /// A granted lease gave no worker (the shell has returned it).
-    pub(crate) fn grant_failed(&mut self, mut ask: Ask, out: &mut Vec<Command<W, T>>) {
+    pub fn grant_failed(&mut self, mut ask: Ask, out: &mut Vec<Command<W, T>>) {
         let key = Arc::clone(&ask.class);
         if let Some(class) = self.classes.get_mut(&key) {
             class.granting = class.granting.saturating_sub(1);
@@ -425,7 +427,7 @@ impl<W: Clone, T> Leases<W, T> {
     }
 
     /// Whether a request due now is still wanted; if not it ends here.
-    pub(crate) fn still_wanted(&mut self, ask: &Ask, out: &mut Vec<Command<W, T>>) -> bool {
+    pub fn still_wanted(&mut self, ask: &Ask, out: &mut Vec<Command<W, T>>) -> bool {
         let stopping = self.stopping;
         let Some(class) = self.classes.get_mut(&ask.class) else {
             return false;
@@ -441,7 +443,7 @@ impl<W: Clone, T> Leases<W, T> {
     }
 
     /// A task's place is free again (its task was answered).
-    pub(crate) fn release(&mut self, place: &Place<W>, out: &mut Vec<Command<W, T>>) {
+    pub fn release(&mut self, place: &Place<W>, out: &mut Vec<Command<W, T>>) {
         let Some(class) = self.classes.get_mut(&place.class) else {
             return;
         };
@@ -453,7 +455,7 @@ impl<W: Clone, T> Leases<W, T> {
     }
 
     /// A place given to a task that was gone: it is free again.
-    pub(crate) fn unplaced(&mut self, place: &Place<W>, out: &mut Vec<Command<W, T>>) {
+    pub fn unplaced(&mut self, place: &Place<W>, out: &mut Vec<Command<W, T>>) {
         self.release(place, out);
     }
 
@@ -488,7 +490,7 @@ impl<W: Clone, T> Leases<W, T> {
 
     /// An idle clock ran out: the lease goes back if its worker has stayed
     /// idle since.
-    pub(crate) fn idle_expired(
+    pub fn idle_expired(
         &mut self,
         key: &ClassKey,
         lease_id: LeaseId,
@@ -514,12 +516,7 @@ impl<W: Clone, T> Leases<W, T> {
     /// A worker failed (its task's reply was lost with it): it is stopped
     /// and its lease returned, once however many of its tasks report it.
     /// Its other tasks in flight learn of it themselves.
-    pub(crate) fn discard(
-        &mut self,
-        key: &ClassKey,
-        lease_id: LeaseId,
-        out: &mut Vec<Command<W, T>>,
-    ) {
+    pub fn discard(&mut self, key: &ClassKey, lease_id: LeaseId, out: &mut Vec<Command<W, T>>) {
         let Some(class) = self.classes.get_mut(key) else {
             return;
         };
@@ -536,7 +533,7 @@ impl<W: Clone, T> Leases<W, T> {
 
     /// The job is ending: no more requests; idle leases go back now, busy
     /// ones when their tasks are answered.
-    pub(crate) fn stop(&mut self, out: &mut Vec<Command<W, T>>) {
+    pub fn stop(&mut self, out: &mut Vec<Command<W, T>>) {
         self.stopping = true;
         for class in self.classes.values_mut() {
             let (idle, busy): (Vec<_>, Vec<_>) = std::mem::take(&mut class.workers)

@@ -1,5 +1,7 @@
 //! The owner side of the SDK as state machines with no I/O: the process
-//! that submits a task owns it and its result.
+//! that submits a task owns it and its result. Public (hidden) so the
+//! cluster simulation (`shoal-sim`) drives the same machines; not a stable
+//! API.
 //!
 //! - [`leases`]: workers leased per scheduling class, and the tasks waiting
 //!   for a place on one;
@@ -13,6 +15,6 @@
 //! unit tests walk them through retries, lost replies and node deaths with
 //! no runtime.
 
-pub(crate) mod leases;
-pub(crate) mod objects;
-pub(crate) mod tasks;
+pub mod leases;
+pub mod objects;
+pub mod tasks;

@@ -20,7 +20,7 @@ use super::tasks::Lineage;
 
 /// The state of an object in this process.
 #[derive(Clone, Debug)]
-pub(crate) enum ObjState {
+pub enum ObjState {
     Pending,
     Inline(Arc<Vec<u8>>),
     Stored(StoredAt),
@@ -31,13 +31,13 @@ pub(crate) enum ObjState {
 }
 
 /// An object's state and the waiters for it.
-pub(crate) struct Slot {
+pub struct Slot {
     state: Mutex<ObjState>,
     /// `state` is not `Pending` (read without the lock by `wait`'s scans).
     ready: AtomicBool,
     notify: Notify,
     /// True if this process owns the object (else it is a cached borrow).
-    pub(crate) owned: bool,
+    pub owned: bool,
     /// For a stored task result this process owns: how to make it again.
     lineage: Mutex<Option<Arc<Lineage>>>,
 }
@@ -48,7 +48,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Slot {
-    pub(crate) fn new(state: ObjState, owned: bool) -> Arc<Self> {
+    pub fn new(state: ObjState, owned: bool) -> Arc<Self> {
         Arc::new(Self {
             ready: AtomicBool::new(!matches!(state, ObjState::Pending)),
             state: Mutex::new(state),
@@ -58,25 +58,25 @@ impl Slot {
         })
     }
 
-    pub(crate) fn lineage(&self) -> Option<Arc<Lineage>> {
+    pub fn lineage(&self) -> Option<Arc<Lineage>> {
         lock(&self.lineage).clone()
     }
 
-    pub(crate) fn state(&self) -> ObjState {
+    pub fn state(&self) -> ObjState {
         lock(&self.state).clone()
     }
 
     /// Runs `f` on the state under its lock (for reads that need no copy).
-    pub(crate) fn with_state<R>(&self, f: impl FnOnce(&ObjState) -> R) -> R {
+    pub fn with_state<R>(&self, f: impl FnOnce(&ObjState) -> R) -> R {
         f(&lock(&self.state))
     }
 
-    pub(crate) fn is_pending(&self) -> bool {
+    pub fn is_pending(&self) -> bool {
         !self.ready.load(Ordering::Acquire)
     }
 
     /// Sets the state and wakes its waiters.
-    pub(crate) fn set(&self, state: ObjState) {
+    pub fn set(&self, state: ObjState) {
         let ready = !matches!(state, ObjState::Pending);
         let mut guard = lock(&self.state);
         *guard = state;
@@ -87,16 +87,16 @@ impl Slot {
 
     /// Woken by every [`set`](Self::set) (enable it before reading the
     /// state, so no change is missed).
-    pub(crate) fn notify(&self) -> &Notify {
+    pub fn notify(&self) -> &Notify {
         &self.notify
     }
 }
 
 /// A stored object no reference needs any more: delete it from its node.
 #[derive(Debug, PartialEq)]
-pub(crate) struct Free {
-    pub(crate) id: ObjectId,
-    pub(crate) at: StoredAt,
+pub struct Free {
+    pub id: ObjectId,
+    pub at: StoredAt,
 }
 
 #[derive(Default)]
@@ -107,31 +107,31 @@ struct RefEntry {
 
 /// The object table of one process.
 #[derive(Default)]
-pub(crate) struct Objects {
+pub struct Objects {
     slots: DashMap<ObjectId, Arc<Slot>>,
     refs: DashMap<ObjectId, RefEntry>,
 }
 
 impl Objects {
     /// Records an object this process owns, with one local reference.
-    pub(crate) fn own(&self, id: ObjectId, state: ObjState) {
+    pub fn own(&self, id: ObjectId, state: ObjState) {
         self.slots.insert(id, Slot::new(state, true));
         self.add_local(id);
     }
 
     /// One more local reference (a reference received from elsewhere).
-    pub(crate) fn add_local(&self, id: ObjectId) {
+    pub fn add_local(&self, id: ObjectId) {
         self.refs.entry(id).or_default().count += 1;
     }
 
     /// A reference left this process: keep the object for the job's life.
-    pub(crate) fn mark_escaped(&self, id: ObjectId) {
+    pub fn mark_escaped(&self, id: ObjectId) {
         self.refs.entry(id).or_default().escaped = true;
     }
 
     /// Drops one local reference. With the last one the slot goes; an
     /// owned stored object that never escaped is to be freed.
-    pub(crate) fn release(&self, id: ObjectId) -> Option<Free> {
+    pub fn release(&self, id: ObjectId) -> Option<Free> {
         let mut last = false;
         self.refs.remove_if_mut(&id, |_, entry| {
             entry.count = entry.count.saturating_sub(1);
@@ -150,7 +150,7 @@ impl Objects {
 
     /// An owned object's final state; if nobody holds a reference any
     /// more, a stored result is to be freed.
-    pub(crate) fn complete(&self, id: ObjectId, state: ObjState) -> Option<Free> {
+    pub fn complete(&self, id: ObjectId, state: ObjState) -> Option<Free> {
         match self.get(id) {
             Some(slot) => {
                 slot.set(state);
@@ -164,18 +164,18 @@ impl Objects {
     }
 
     /// The slot of `id`, if this process has one.
-    pub(crate) fn get(&self, id: ObjectId) -> Option<Arc<Slot>> {
+    pub fn get(&self, id: ObjectId) -> Option<Arc<Slot>> {
         self.slots.get(&id).map(|s| Arc::clone(&s))
     }
 
     /// The slot of an object this process owns.
-    pub(crate) fn owned(&self, id: ObjectId) -> Option<Arc<Slot>> {
+    pub fn owned(&self, id: ObjectId) -> Option<Arc<Slot>> {
         self.get(id).filter(|s| s.owned)
     }
 
     /// The slot of `id`, made (pending, borrowed) if there is none; true
     /// when made, and the value is then to be asked of its owner.
-    pub(crate) fn borrow(&self, id: ObjectId) -> (Arc<Slot>, bool) {
+    pub fn borrow(&self, id: ObjectId) -> (Arc<Slot>, bool) {
         let mut made = false;
         let slot = self.slots.entry(id).or_insert_with(|| {
             made = true;
@@ -185,7 +185,7 @@ impl Objects {
     }
 
     /// Keeps the lineage of an owned stored result.
-    pub(crate) fn set_lineage(&self, id: ObjectId, lineage: Arc<Lineage>) {
+    pub fn set_lineage(&self, id: ObjectId, lineage: Arc<Lineage>) {
         if let Some(slot) = self.slots.get(&id) {
             *lock(&slot.lineage) = Some(lineage);
         }
@@ -193,7 +193,7 @@ impl Objects {
 
     /// An owned object was read from `to` because `from` could not be:
     /// later reads (and borrowers asking) go to `to`.
-    pub(crate) fn moved(&self, id: ObjectId, from: &StoredAt, to: StoredAt) {
+    pub fn moved(&self, id: ObjectId, from: &StoredAt, to: StoredAt) {
         if let Some(slot) = self.owned(id) {
             if matches!(slot.state(), ObjState::Stored(at) if at == *from) {
                 slot.set(ObjState::Stored(to));

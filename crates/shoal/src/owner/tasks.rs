@@ -26,19 +26,19 @@ use crate::registry::RemoteFunction;
 
 /// How to make a task's stored result again if its copy is lost: the task
 /// and its arguments (whose objects are kept alive meanwhile).
-pub(crate) struct Lineage {
-    pub(crate) task_id: TaskId,
-    pub(crate) function: &'static RemoteFunction,
-    pub(crate) options: TaskOptions,
-    pub(crate) args: Mutex<Vec<ArgSpec>>,
-    pub(crate) _keep_alive: Mutex<Vec<KeepAlive>>,
+pub struct Lineage {
+    pub task_id: TaskId,
+    pub function: &'static RemoteFunction,
+    pub options: TaskOptions,
+    pub args: Mutex<Vec<ArgSpec>>,
+    pub _keep_alive: Mutex<Vec<KeepAlive>>,
     /// Held through a rebuild, so there is one at a time.
-    pub(crate) rebuild: tokio::sync::Mutex<Rebuild>,
+    pub rebuild: tokio::sync::Mutex<Rebuild>,
 }
 
 /// How one try at a task ended, as the shell saw it.
 #[derive(Debug)]
-pub(crate) enum Tried {
+pub enum Tried {
     /// The worker answered with the task's outcome.
     Answered(TaskOutcome),
     /// An answer came from a node the head has declared dead: the task may
@@ -52,7 +52,7 @@ pub(crate) enum Tried {
 
 /// What becomes of the place on the worker the try used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum PlaceDone {
+pub enum PlaceDone {
     /// Free for the next task.
     Release,
     /// The worker failed: stop it and return its lease.
@@ -61,7 +61,7 @@ pub(crate) enum PlaceDone {
 
 /// What the task does next.
 #[derive(Debug)]
-pub(crate) enum Then {
+pub enum Then {
     /// Try again (as [`TaskRun::attempt`]).
     Again,
     /// Done: the result's final state.
@@ -73,7 +73,7 @@ pub(crate) enum Then {
 
 /// One task's tries.
 #[derive(Debug)]
-pub(crate) struct TaskRun {
+pub struct TaskRun {
     task_id: TaskId,
     function: &'static str,
     attempt: u32,
@@ -90,7 +90,7 @@ impl TaskRun {
     /// A task's tries from `first_attempt` (0 for a new task; a rebuild of
     /// a lost result counts on). `rebuild_args` when a lost stored argument
     /// may be rebuilt and the task run once more.
-    pub(crate) fn new(
+    pub fn new(
         (task_id, function): (TaskId, &'static str),
         (max_retries, retry_exceptions): (u32, bool),
         first_attempt: u32,
@@ -108,12 +108,12 @@ impl TaskRun {
     }
 
     /// The task.
-    pub(crate) fn task_id(&self) -> TaskId {
+    pub fn task_id(&self) -> TaskId {
         self.task_id
     }
 
     /// The number of the try to make now (from 0).
-    pub(crate) fn attempt(&self) -> u32 {
+    pub fn attempt(&self) -> u32 {
         self.attempt
     }
 
@@ -130,7 +130,7 @@ impl TaskRun {
     }
 
     /// A try ended as `tried`.
-    pub(crate) fn tried(&mut self, tried: Tried) -> (PlaceDone, Then) {
+    pub fn tried(&mut self, tried: Tried) -> (PlaceDone, Then) {
         let lost = match tried {
             Tried::Answered(outcome) => return (PlaceDone::Release, self.answered(outcome)),
             Tried::BadReply(what) => {
@@ -179,7 +179,7 @@ impl TaskRun {
 
     /// The lost arguments were looked at: `changed` if any was rebuilt (at
     /// a new place). The task then runs once more, as its second try.
-    pub(crate) fn args_rebuilt(&mut self, changed: bool) -> Then {
+    pub fn args_rebuilt(&mut self, changed: bool) -> Then {
         let lost = self.args_lost.take();
         match (changed, lost) {
             (true, _) => {
@@ -197,14 +197,14 @@ impl TaskRun {
 /// Making a lost stored result again from its lineage: one rerun of its
 /// task per loss, within the task's retries.
 #[derive(Debug)]
-pub(crate) struct Rebuild {
+pub struct Rebuild {
     max_retries: u32,
     left: u32,
 }
 
 /// What a rebuild does next.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Rerun {
+pub enum Rerun {
     /// Run the task again as this try.
     Run { attempt: u32 },
     /// No retries left: the object stays lost.
@@ -213,7 +213,7 @@ pub(crate) enum Rerun {
 
 /// What a rerun gave.
 #[derive(Debug)]
-pub(crate) enum Rebuilt {
+pub enum Rebuilt {
     /// The result is stored again, here.
     Done(StoredAt),
     /// Its own stored arguments are lost too: rebuild those, then rerun.
@@ -226,7 +226,7 @@ pub(crate) enum Rebuilt {
 
 impl Rebuild {
     /// Rebuilds of a result whose task allows `max_retries`.
-    pub(crate) fn new(max_retries: u32) -> Self {
+    pub fn new(max_retries: u32) -> Self {
         Self {
             max_retries,
             left: max_retries,
@@ -234,7 +234,7 @@ impl Rebuild {
     }
 
     /// The next rerun, if any is left.
-    pub(crate) fn next(&mut self) -> Rerun {
+    pub fn next_rerun(&mut self) -> Rerun {
         if self.left == 0 {
             return Rerun::UsedUp;
         }
@@ -245,7 +245,7 @@ impl Rebuild {
     }
 
     /// A rerun ended in `state`.
-    pub(crate) fn ran(&self, state: ObjState) -> Rebuilt {
+    pub fn ran(&self, state: ObjState) -> Rebuilt {
         match state {
             ObjState::Stored(at) => Rebuilt::Done(at),
             ObjState::Failed(f) if f.kind == FailureKind::ArgumentLost => Rebuilt::ArgsLost,
@@ -389,7 +389,7 @@ mod tests {
     #[test]
     fn a_lost_result_is_rebuilt_within_the_tasks_retries() {
         let mut r = Rebuild::new(2);
-        assert_eq!(r.next(), Rerun::Run { attempt: 1 });
+        assert_eq!(r.next_rerun(), Rerun::Run { attempt: 1 });
         assert!(matches!(
             r.ran(ObjState::Failed(TaskFailure {
                 kind: FailureKind::ArgumentLost,
@@ -402,14 +402,14 @@ mod tests {
             })),
             Rebuilt::ArgsLost
         ));
-        assert_eq!(r.next(), Rerun::Run { attempt: 2 });
+        assert_eq!(r.next_rerun(), Rerun::Run { attempt: 2 });
         let at = StoredAt {
             node_id: NodeId::random(),
             node_address: "198.18.0.2:7000".into(),
             size: 1 << 20,
         };
         assert!(matches!(r.ran(ObjState::Stored(at.clone())), Rebuilt::Done(a) if a == at));
-        assert_eq!(r.next(), Rerun::UsedUp);
-        assert_eq!(Rebuild::new(0).next(), Rerun::UsedUp);
+        assert_eq!(r.next_rerun(), Rerun::UsedUp);
+        assert_eq!(Rebuild::new(0).next_rerun(), Rerun::UsedUp);
     }
 }

@@ -311,3 +311,27 @@ fn stopping_returns_idle_leases_now_and_busy_ones_when_answered() {
     m.acquire(&class, &r, false, || 3, &mut out);
     assert!(asks(&out).is_empty());
 }
+
+#[test]
+fn the_request_after_a_grant_that_followed_a_lost_answer_has_a_new_id() {
+    // Found by the cluster simulation (shoal-sim, seed 23): a try lost,
+    // the retry (same id) granted; the next request reused the id, the
+    // head answered with the same lease, and its worker joined twice.
+    let (class, r) = cpu();
+    let mut m = Machine::default();
+    let mut out = Vec::new();
+    m.acquire(&class, &r, false, || 1, &mut out);
+    m.acquire(&class, &r, false, || 2, &mut out);
+    m.acquire(&class, &r, false, || 3, &mut out);
+    let first = asks(&out).remove(0);
+    let mut out = Vec::new();
+    m.answered(first.clone(), Answer::Lost, &mut out);
+    let retry = asks(&out).remove(0);
+    assert_eq!(retry.request_id, first.request_id);
+    let (_, out) = join(&mut m, retry.clone(), "w1", true);
+    let next = asks(&out).remove(0);
+    assert_ne!(
+        next.request_id, retry.request_id,
+        "that id's grant is held already"
+    );
+}
