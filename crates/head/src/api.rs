@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use shoal_net::handshake::HandshakeStats;
+use shoal_net::sync::MutexExt;
 use shoal_net::{ClusterIdentity, Peer, Service};
 use shoal_proto::head::{LeaseRequest, NodeRegistered, RegisterNode, RestartActor};
 use shoal_proto::{
@@ -254,11 +255,11 @@ impl HeadService {
     fn state(&self) -> MutexGuard<'_, State> {
         // Every method finishes its updates before returning, so a poisoned
         // lock's data is consistent.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.locked()
     }
 
     fn binaries(&self) -> MutexGuard<'_, Binaries> {
-        self.binaries.lock().unwrap_or_else(|e| e.into_inner())
+        self.binaries.locked()
     }
 
     /// Declares silent nodes dead and reclaims their leases; places

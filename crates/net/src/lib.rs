@@ -19,6 +19,8 @@
 //!   or a reply after its handler ran, by method, count or probability).
 //! - [`transport`]: the small [`transport::Transport`] trait that daemons use to
 //!   reach each other, the seam for an in-memory or simulated transport later.
+//! - [`sync`]: locks under the workspace's policy for poisoned locks
+//!   ([`sync::MutexExt`], [`sync::RwLockExt`]).
 //!
 //! # Security model
 //! Every connection is TLS 1.3. The head's certificate is signed by the
@@ -37,6 +39,7 @@ pub mod host;
 pub mod identity;
 pub mod limits;
 pub mod rpc;
+pub mod sync;
 pub mod tls;
 pub mod transport;
 mod unix;

@@ -58,6 +58,7 @@ use crate::error::ConnectError;
 use crate::handshake::{self, ClientAuth, HandshakeStats, ServerAuth, CLIENT_SIDE, SERVER_SIDE};
 use crate::limits::NetLimits;
 use crate::rpc::{Peer, Service, NEXT_CONNECTION_ID};
+use crate::sync::MutexExt;
 
 const NONCE_LEN: usize = 32;
 const BINDING_LABEL: &[u8] = b"shoal unix hello v1";
@@ -265,7 +266,7 @@ impl Writer {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, WriterState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.locked()
     }
 
     /// Writes all of `bytes` (the writer task's way).
@@ -644,7 +645,7 @@ struct Shared {
 
 impl Shared {
     fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Waiter>> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+        self.pending.locked()
     }
 
     /// Hands a reply to its waiter (outside the table's lock).

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_net::handshake::ServerAuth;
+use shoal_net::sync::MutexExt;
 use shoal_net::{endpoint, tls, IssuedCert, RpcError, Transport};
 use shoal_proto::head::{NodeRegistered, RegisterNode, RestartActor};
 use shoal_proto::{HeadReply, HeadRequest, NodeId, ResourceSet, WorkerReply, WorkerRequest};
@@ -201,7 +202,7 @@ impl<T: Transport + Clone> HeadLink<'_, T> {
     }
 
     fn store(&self) -> std::sync::MutexGuard<'_, crate::object_store::ObjectStore> {
-        self.store.lock().unwrap_or_else(|e| e.into_inner())
+        self.store.locked()
     }
 
     fn store_used(&self) -> u64 {

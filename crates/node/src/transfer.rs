@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use shoal_net::handshake::ClientAuth;
+use shoal_net::sync::MutexExt;
 use shoal_net::{NetLimits, RpcClient};
 use shoal_proto::{
     NodeReply, NodeRequest, ObjectId, PullPriority, Role, ServiceError, ServiceErrorKind, StoredAt,
@@ -129,7 +130,7 @@ impl Transfers {
     }
 
     fn store(&self) -> std::sync::MutexGuard<'_, ObjectStore> {
-        self.store.lock().unwrap_or_else(|e| e.into_inner())
+        self.store.locked()
     }
 
     /// The object's file in this node's store, pulled from `from` first if
@@ -144,7 +145,7 @@ impl Transfers {
             return Ok(found);
         }
         let mut outcome = {
-            let mut pulling = self.pulling.lock().unwrap_or_else(|e| e.into_inner());
+            let mut pulling = self.pulling.locked();
             match pulling.get(&id) {
                 Some(rx) => rx.clone(),
                 None => {
@@ -154,26 +155,16 @@ impl Transfers {
                     // even if this asker goes away.
                     let this = Arc::clone(self);
                     tokio::spawn(async move {
-                        let turn = this
-                            .queue
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .admit(priority, PULLS_AT_ONCE);
+                        let turn = this.queue.locked().admit(priority, PULLS_AT_ONCE);
                         if let Some(turn) = turn {
                             let _ = turn.await;
                         }
                         let result = this.fetch(id, &from).await;
-                        this.queue
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .release();
+                        this.queue.locked().release();
                         if let Err(e) = &result {
                             tracing::warn!(%id, from = %from.node_address, error = %e, "pulling an object failed");
                         }
-                        this.pulling
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .remove(&id);
+                        this.pulling.locked().remove(&id);
                         tx.send_replace(Some(result));
                     });
                     rx
@@ -193,12 +184,7 @@ impl Transfers {
     }
 
     async fn peer(&self, address: &str) -> Result<PeerClient, String> {
-        let cached = self
-            .peers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(address)
-            .cloned();
+        let cached = self.peers.locked().get(address).cloned();
         if let Some(client) = cached.filter(|c| c.close_reason().is_none()) {
             return Ok(client);
         }
@@ -223,8 +209,7 @@ impl Transfers {
         .await
         .map_err(|e| e.to_string())?;
         self.peers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .locked()
             .insert(address.to_string(), client.clone());
         Ok(client)
     }

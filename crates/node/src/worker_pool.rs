@@ -17,6 +17,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use shoal_net::sync::MutexExt;
 use shoal_proto::{Address, JobId, LeaseId, ResourceSet, ServiceError, ServiceErrorKind, WorkerId};
 use tokio::sync::oneshot;
 use tracing::{info, warn};
@@ -176,7 +177,7 @@ async fn pump_lines(
     let mut dropped = 0u64;
     while let Ok(Some(text)) = lines.next_line().await {
         if let Some(file) = &file {
-            let mut f = file.lock().unwrap_or_else(|e| e.into_inner());
+            let mut f = file.locked();
             let _ = writeln!(f, "{text}");
         }
         if let Some((sink, node_id, driver)) = &sink {
@@ -196,7 +197,7 @@ async fn pump_lines(
     }
     if dropped > 0 {
         if let Some(file) = &file {
-            let mut f = file.lock().unwrap_or_else(|e| e.into_inner());
+            let mut f = file.locked();
             let _ = writeln!(
                 f,
                 "[shoal: {dropped} lines were not forwarded to the driver: its queue was full]"
@@ -304,12 +305,12 @@ impl WorkerPool {
     }
 
     fn state(&self) -> MutexGuard<'_, PoolState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.locked()
     }
 
     /// Sets the environment new workers get.
     pub fn set_env(&self, env: Vec<(String, String)>) {
-        *self.env.lock().unwrap_or_else(|e| e.into_inner()) = env;
+        *self.env.locked() = env;
     }
 
     /// A worker of `job_id` for `lease_id`, holding `resources`: an idle one,
@@ -459,7 +460,7 @@ impl WorkerPool {
         } else {
             None
         };
-        let mut env = self.env.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut env = self.env.locked().clone();
         env.push(("SHOAL_WORKER_ID".into(), worker_id.to_string()));
         env.push(("SHOAL_JOB_ID".into(), job_id.to_string()));
         env.push(("SHOAL_BINARY_HASH".into(), binary_hash.to_string()));

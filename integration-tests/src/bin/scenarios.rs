@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use shoal::prelude::*;
+use shoal_net::sync::MutexExt;
 
 /// The node this task runs on.
 #[shoal::remote]
@@ -428,16 +429,18 @@ impl Flagged {
             return true;
         }
         let (lock, cond) = &*self.flag;
-        let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
-        let (set, _) = cond
-            .wait_timeout_while(guard, Duration::from_secs(60), |set| !*set)
-            .unwrap_or_else(|e| e.into_inner());
+        let guard = lock.locked();
+        let (set, _) = shoal_net::sync::recover(cond.wait_timeout_while(
+            guard,
+            Duration::from_secs(60),
+            |set| !*set,
+        ));
         *set
     }
 
     pub fn set(&self) -> bool {
         let (lock, cond) = &*self.flag;
-        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        *lock.locked() = true;
         cond.notify_all();
         true
     }
