@@ -291,7 +291,7 @@ impl Placed {
         let node = shoal::context()
             .map(|c| c.node_id.to_string())
             .unwrap_or_default();
-        (node, host_name())
+        (node, shoal_net::host::hostname())
     }
 
     pub fn add(&mut self, by: u64) -> u64 {
@@ -333,15 +333,7 @@ fn long_task(ms: u64, value: u64, file: String) -> u64 {
 fn add_from_task(actor: ActorHandle<Placed>, by: u64) -> (u64, String, String) {
     let total = actor.add(by).get().unwrap_or(0);
     let driver = std::env::var("SHOAL_DRIVER_ADDRESS").unwrap_or_default();
-    (total, host_name(), driver)
-}
-
-/// This host's name (a container's own).
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .unwrap_or_default()
-        .trim()
-        .to_string()
+    (total, shoal_net::host::hostname(), driver)
 }
 
 /// The resource names a placed scenario pins its work with: `maker` and
@@ -933,7 +925,7 @@ fn main() -> shoal::Result<()> {
                 "actor_address": listed,
                 "task_host": task_host,
                 "driver_address_seen_by_worker": driver_address,
-                "driver_host": host_name(),
+                "driver_host": shoal_net::host::hostname(),
                 "totals": [first, from_task, last],
             }));
         }
