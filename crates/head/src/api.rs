@@ -658,9 +658,9 @@ impl Service for HeadService {
                 failure,
             } => {
                 peer.require(&[Role::Node])?;
-                let outcome = match (worker, failure) {
-                    (Some(worker), None) => Ok((worker, pid)),
-                    (_, failure) => Err(failure.unwrap_or_else(|| "no worker".into())),
+                let (created, failed) = match (worker, failure) {
+                    (Some(worker), None) => (Some((worker, pid)), None),
+                    (_, failure) => (None, Some(failure.unwrap_or_else(|| "no worker".into()))),
                 };
                 let (info, release) = {
                     let mut state = self.state();
@@ -670,11 +670,10 @@ impl Service for HeadService {
                         .find(|n| n.node_id == node_id)
                         .map(|n| n.address)
                         .unwrap_or_default();
-                    let failed = outcome.as_ref().err().cloned();
                     let (info, release) =
                         state
                             .actors
-                            .restarted(node_id, &address, actor_id, incarnation, outcome);
+                            .restarted(node_id, &address, actor_id, incarnation, created);
                     for lease in &release {
                         state.scheduler.release(*lease);
                     }

@@ -55,7 +55,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::error::ConnectError;
-use crate::handshake::{self, ClientAuth, HandshakeStats, ServerAuth, CLIENT_SIDE, SERVER_SIDE};
+use crate::handshake::{
+    self, ClientAuth, HandshakeFailure, HandshakeStats, ServerAuth, CLIENT_SIDE, SERVER_SIDE,
+};
 use crate::limits::NetLimits;
 use crate::rpc::{Peer, Service, NEXT_CONNECTION_ID};
 use crate::sync::MutexExt;
@@ -441,12 +443,12 @@ async fn server_handshake(
     name: &str,
     auth: &ServerAuth,
     stats: &HandshakeStats,
-) -> Result<shoal_proto::Role, String> {
-    let server_nonce = nonce().map_err(|e| e.to_string())?;
+) -> Result<shoal_proto::Role, HandshakeFailure> {
+    let server_nonce = nonce().map_err(|e| HandshakeFailure::Stream(e.to_string()))?;
     stream
         .write_all(&server_nonce)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| HandshakeFailure::Stream(e.to_string()))?;
     let mut client_nonce = [0u8; NONCE_LEN];
     let read = async {
         stream
@@ -463,7 +465,7 @@ async fn server_handshake(
         Err(ReadError::Decode(e)) => Err(HandshakeRefusal::Malformed(e.to_string())),
         Err(ReadError::Io(e)) => {
             stats.refused.fetch_add(1, Ordering::Relaxed);
-            return Err(e.to_string());
+            return Err(HandshakeFailure::Stream(e.to_string()));
         }
     };
     let reply = match &verdict {
@@ -480,13 +482,13 @@ async fn server_handshake(
     let sent = write_plain(stream, &reply, &CodecLimits::HANDSHAKE).await;
     match verdict {
         Ok(role) => {
-            sent.map_err(|e| e.to_string())?;
+            sent.map_err(|e| HandshakeFailure::Stream(e.to_string()))?;
             stats.accepted.fetch_add(1, Ordering::Relaxed);
             Ok(role)
         }
         Err(refusal) => {
             stats.refused.fetch_add(1, Ordering::Relaxed);
-            Err(format!("refused: {refusal}"))
+            Err(HandshakeFailure::Refused(refusal))
         }
     }
 }
