@@ -26,6 +26,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use shoal::prelude::*;
+use shoal_net::sync::MutexExt;
 
 /// An actor that does nothing until called.
 #[shoal::actor]
@@ -91,16 +92,16 @@ fn main() -> shoal::Result<()> {
     let handles = Mutex::new(Vec::with_capacity(asked));
     let created = Creation::default();
     let run = |target: usize| {
-        let before = lock(&handles).len();
+        let before = handles.locked().len();
         let start = Instant::now();
         created.run(&handles, target, creators, budget);
         let took = start.elapsed();
-        let now = lock(&handles).len();
+        let now = handles.locked().len();
         println!(
             "created {} actors in {took:.2?}: {:.0} per second ({now} in all{})",
             now - before,
             (now - before) as f64 / took.as_secs_f64(),
-            match lock(&created.error).as_ref() {
+            match created.error.locked().as_ref() {
                 Some(e) => format!("; creation ended early: {e}"),
                 None => String::new(),
             }
@@ -140,7 +141,7 @@ fn main() -> shoal::Result<()> {
     } else {
         run(asked);
     }
-    let handles = std::mem::take(&mut *lock(&handles));
+    let handles = std::mem::take(&mut *handles.locked());
 
     for round in ["first", "second"] {
         let start = Instant::now();
@@ -229,7 +230,7 @@ impl Creation {
         creators: usize,
         budget: Duration,
     ) {
-        let next = AtomicUsize::new(lock(handles).len());
+        let next = AtomicUsize::new(handles.locked().len());
         let failed = AtomicBool::new(false);
         let done = AtomicBool::new(false);
         let start = Instant::now();
@@ -244,15 +245,15 @@ impl Creation {
                                 break;
                             }
                             if start.elapsed() > budget {
-                                let mut error = lock(&self.error);
+                                let mut error = self.error.locked();
                                 error.get_or_insert(format!("stopped at the {budget:?} budget"));
                                 break;
                             }
                             match Idle::remote(i as u32) {
-                                Ok(h) => lock(handles).push(h),
+                                Ok(h) => handles.locked().push(h),
                                 Err(e) => {
                                     failed.store(true, Ordering::Relaxed);
-                                    let mut error = lock(&self.error);
+                                    let mut error = self.error.locked();
                                     error.get_or_insert(format!("actor {i}: {e}"));
                                 }
                             }
@@ -275,10 +276,10 @@ impl Creation {
         done: &AtomicBool,
         failed: &AtomicBool,
     ) {
-        let (mut last, mut since) = (lock(handles).len(), Instant::now());
+        let (mut last, mut since) = (handles.locked().len(), Instant::now());
         while !done.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(100));
-            let now = lock(handles).len();
+            let now = handles.locked().len();
             if now != last && since.elapsed() >= Duration::from_secs(5) {
                 let s = Snapshot::take();
                 println!(
@@ -304,10 +305,6 @@ impl Creation {
             }
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn mib(bytes: u64) -> f64 {

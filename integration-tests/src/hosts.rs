@@ -24,6 +24,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use shoal_net::sync::MutexExt;
+
 use serde_json::Value;
 
 /// The head's port on its host.
@@ -596,9 +598,7 @@ impl Driver {
                     return;
                 }
                 let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-                sink.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push_str(&text);
+                sink.locked().push_str(&text);
             }
         });
         Driver {
@@ -609,10 +609,7 @@ impl Driver {
     }
 
     fn stderr(&self) -> String {
-        self.stderr
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.stderr.locked().clone()
     }
 
     /// The rest of the first line starting with `prefix`, waiting at most

@@ -60,16 +60,18 @@ const METRICS: &[&str] = &[
 /// The metric that is skipped until placement groups exist.
 const PLACEMENT_GROUPS: &str = "placement group create/removal";
 
-fn factor(s: &str) -> Result<f64, String> {
+// Flag parsers of this binary: anyhow, as everywhere in it (clap prints
+// the message).
+fn factor(s: &str) -> Result<f64> {
     s.parse::<f64>()
         .ok()
         .filter(|f| f.is_finite() && *f > 0.0)
-        .ok_or_else(|| format!("{s:?} is not a number above 0"))
+        .ok_or_else(|| anyhow::anyhow!("{s:?} is not a number above 0"))
 }
 
-fn batch_factor(s: &str) -> Result<f64, String> {
+fn batch_factor(s: &str) -> Result<f64> {
     match factor(s)? {
-        f if f > 1.0 => Err(format!("{s} is above 1 (the metrics are defined at 1)")),
+        f if f > 1.0 => anyhow::bail!("{s} is above 1 (the metrics are defined at 1)"),
         f => Ok(f),
     }
 }

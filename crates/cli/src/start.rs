@@ -100,21 +100,20 @@ pub struct StartArgs {
     session_path: Option<PathBuf>,
 }
 
-fn parse_resources(text: &str) -> Result<BTreeMap<String, f64>, String> {
+/// `--resources`' parser (clap prints the message).
+fn parse_resources(text: &str) -> Result<BTreeMap<String, f64>> {
     let map: BTreeMap<String, f64> = serde_json::from_str(text).map_err(|e| {
-        format!("expected a JSON object of names to numbers, like '{{\"GPU\": 1}}': {e}")
+        anyhow::anyhow!("expected a JSON object of names to numbers, like '{{\"GPU\": 1}}': {e}")
     })?;
     for name in map.keys() {
         if name == shoal_proto::resources::CPU {
-            return Err("use --num-cpus, not \"CPU\" in --resources".into());
+            bail!("use --num-cpus, not \"CPU\" in --resources");
         }
         if name == shoal_proto::resources::MEMORY {
-            return Err("use --memory, not \"memory\" in --resources".into());
+            bail!("use --memory, not \"memory\" in --resources");
         }
     }
-    ResourceSet(map.clone())
-        .validate()
-        .map_err(|e| e.to_string())?;
+    ResourceSet(map.clone()).validate()?;
     Ok(map)
 }
 

@@ -144,11 +144,7 @@ pub fn ask(
         .build()
         .context("starting tokio")?;
     runtime.block_on(async {
-        let addr = tokio::net::lookup_host(address)
-            .await
-            .with_context(|| format!("resolving {address}"))?
-            .next()
-            .with_context(|| format!("{address} resolves to no address"))?;
+        let addr = shoal_net::host::resolve(address).await?;
         let limits = NetLimits {
             handshake_timeout: timeout,
             ..NetLimits::default()

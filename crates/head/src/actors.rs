@@ -225,19 +225,20 @@ impl Actors {
         self.placed.insert(actor_id, placed);
     }
 
-    /// A node's report on a restart it was ordered to run. Returns the
-    /// leases to release (the restart's, when it failed or was stale) and
-    /// the actor as it now stands.
+    /// A node's report on a restart it was ordered to run: the new worker
+    /// and its pid, or `None` when the node could not create the actor (the
+    /// caller logs why). Returns the leases to release (the restart's, when
+    /// it failed or was stale) and the actor as it now stands.
     pub fn restarted(
         &mut self,
         node_id: NodeId,
         node_address: &str,
         actor_id: ActorId,
         incarnation: u32,
-        outcome: Result<(Address, u32), String>,
+        created: Option<(Address, u32)>,
     ) -> (Option<ActorInfo>, Vec<LeaseId>) {
         // The same report again (its reply was lost): accepted again.
-        if let (Some(actor), Ok((worker, _))) = (self.actors.get(&actor_id), &outcome) {
+        if let (Some(actor), Some((worker, _))) = (self.actors.get(&actor_id), &created) {
             if actor.state == ActorState::Alive
                 && actor.incarnation == incarnation
                 && actor.node_id == node_id
@@ -260,8 +261,8 @@ impl Actors {
         let Some(placed) = self.placed.remove(&actor_id) else {
             return (None, Vec::new());
         };
-        match outcome {
-            Ok((worker, pid)) => {
+        match created {
+            Some((worker, pid)) => {
                 let Some(actor) = self.actors.get_mut(&actor_id) else {
                     return (None, vec![placed.lease_id]);
                 };
@@ -274,7 +275,7 @@ impl Actors {
                 (Some(actor.clone()), Vec::new())
             }
             // The constructor failed: as in Ray, the actor is dead.
-            Err(_) => {
+            None => {
                 let killed = self.kill(actor_id).map(|(info, _)| info);
                 (killed, vec![placed.lease_id])
             }
@@ -404,9 +405,9 @@ mod tests {
             address: "w2".into(),
         };
         // A report for another incarnation is ignored.
-        let (stale, _) = a.restarted(node, "n2", info.actor_id, 0, Ok((worker.clone(), 2)));
+        let (stale, _) = a.restarted(node, "n2", info.actor_id, 0, Some((worker.clone(), 2)));
         assert!(stale.is_none());
-        let (now, release) = a.restarted(node, "n2", info.actor_id, 1, Ok((worker.clone(), 2)));
+        let (now, release) = a.restarted(node, "n2", info.actor_id, 1, Some((worker.clone(), 2)));
         let now = now.expect("restarted");
         assert!(release.is_empty());
         assert_eq!(

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use shoal_net::handshake::HandshakeStats;
+use shoal_net::sync::MutexExt;
 use shoal_net::{ClusterIdentity, Peer, Service};
 use shoal_proto::head::{LeaseRequest, NodeRegistered, RegisterNode, RestartActor};
 use shoal_proto::{
@@ -254,11 +255,11 @@ impl HeadService {
     fn state(&self) -> MutexGuard<'_, State> {
         // Every method finishes its updates before returning, so a poisoned
         // lock's data is consistent.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.locked()
     }
 
     fn binaries(&self) -> MutexGuard<'_, Binaries> {
-        self.binaries.lock().unwrap_or_else(|e| e.into_inner())
+        self.binaries.locked()
     }
 
     /// Declares silent nodes dead and reclaims their leases; places
@@ -663,9 +664,9 @@ impl Service for HeadService {
                 failure,
             } => {
                 peer.require(&[Role::Node])?;
-                let outcome = match (worker, failure) {
-                    (Some(worker), None) => Ok((worker, pid)),
-                    (_, failure) => Err(failure.unwrap_or_else(|| "no worker".into())),
+                let (created, failed) = match (worker, failure) {
+                    (Some(worker), None) => (Some((worker, pid)), None),
+                    (_, failure) => (None, Some(failure.unwrap_or_else(|| "no worker".into()))),
                 };
                 let (info, release) = {
                     let mut state = self.state();
@@ -675,11 +676,10 @@ impl Service for HeadService {
                         .find(|n| n.node_id == node_id)
                         .map(|n| n.address)
                         .unwrap_or_default();
-                    let failed = outcome.as_ref().err().cloned();
                     let (info, release) =
                         state
                             .actors
-                            .restarted(node_id, &address, actor_id, incarnation, outcome);
+                            .restarted(node_id, &address, actor_id, incarnation, created);
                     for lease in &release {
                         state.scheduler.release(*lease);
                     }

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use shoal_net::digest::{is_sha256_hex, sha256_hex};
 use shoal_proto::head::RegisterJob;
 use shoal_proto::{Address, JobId};
 
@@ -142,15 +143,6 @@ pub struct Binaries {
     partial: HashMap<String, (u64, Vec<u8>)>,
 }
 
-/// Hex SHA-256 of `bytes`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, bytes)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 impl Binaries {
     /// True if the executable is stored.
     pub fn has(&self, hash: &str) -> bool {
@@ -166,7 +158,7 @@ impl Binaries {
         total: u64,
         data: &[u8],
     ) -> Result<bool, UploadError> {
-        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if !is_sha256_hex(hash) {
             return Err(UploadError::BadHash(hash.chars().take(80).collect()));
         }
         if self.has(hash) {

@@ -34,6 +34,20 @@ pub enum IdentityError {
 /// Opening an authenticated connection failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
+    /// The address could not be resolved.
+    #[error("cannot resolve {addr:?}: {source}")]
+    Resolve {
+        /// The address as given (`host:port`).
+        addr: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// The address resolved to nothing.
+    #[error("{addr:?} resolves to no address")]
+    Unresolved {
+        /// The address as given.
+        addr: String,
+    },
     /// The local endpoint could not be created.
     #[error("cannot create local endpoint: {0}")]
     Endpoint(#[source] io::Error),

@@ -66,8 +66,10 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::sync::MutexExt;
 
 use serde::Serialize;
 use tracing::{error, info, warn};
@@ -388,7 +390,7 @@ impl Faults {
     /// `rep` item is judged only when the request is not dropped.
     pub fn decide(&self, method: &str) -> Option<Fault> {
         let rule = self.plan.rule_for(method)?;
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.state.locked();
         if let Some(trigger) = rule.request {
             if state.fires(method, 0, trigger) {
                 return Some(Fault::Request);

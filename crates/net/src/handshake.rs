@@ -22,6 +22,7 @@ use shoal_proto::{HandshakeRefusal, Hello, HelloReply, NodeId, Role, PROTOCOL_VE
 use crate::error::ConnectError;
 use crate::identity::JoinToken;
 use crate::rpc::{read_frame, write_frame, FrameReadError};
+use crate::sync::RwLockExt;
 
 const EXPORTER_LABEL: &[u8] = b"EXPORTER-shoal-hello-v1";
 pub(crate) const CLIENT_SIDE: &[u8] = b"shoal client proof";
@@ -64,14 +65,11 @@ impl ServerAuth {
 
     /// Sets the node id announced to peers.
     pub fn set_node_id(&self, node_id: NodeId) {
-        // A poisoned lock only means a panic elsewhere mid-write of a Copy
-        // value; the value is still whole.
-        let mut guard = self.node_id.write().unwrap_or_else(|e| e.into_inner());
-        *guard = Some(node_id);
+        *self.node_id.write_locked() = Some(node_id);
     }
 
     pub(crate) fn node_id(&self) -> Option<NodeId> {
-        *self.node_id.read().unwrap_or_else(|e| e.into_inner())
+        *self.node_id.read_locked()
     }
 }
 

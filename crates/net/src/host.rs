@@ -1,5 +1,6 @@
 //! This host as other processes see it: the IP it is reached on, and the
-//! identity that tells two processes they share it.
+//! identity that tells two processes they share it (and, for people, its
+//! name).
 //!
 //! The rule (docs/architecture.md, "Addresses"): any address handed to
 //! another process is the host's advertised IP: the one given (`--node-ip`,
@@ -17,6 +18,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::OnceLock;
+
+use crate::error::ConnectError;
 
 /// The IP to advertise: `given` if set, else the local address of the route
 /// to `head` (when the head is not on loopback), else [`primary_ip`], else
@@ -139,11 +142,33 @@ pub fn host_id() -> &'static str {
             ctx.update(&(part.len() as u64).to_be_bytes());
             ctx.update(part.as_bytes());
         }
-        ctx.finish().as_ref()[..12]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        shoal_proto::hex::encode(&ctx.finish().as_ref()[..12])
     })
+}
+
+/// The first socket address `address` (`host:port`) resolves to.
+pub async fn resolve(address: &str) -> Result<SocketAddr, ConnectError> {
+    tokio::net::lookup_host(address)
+        .await
+        .map_err(|source| ConnectError::Resolve {
+            addr: address.to_string(),
+            source,
+        })?
+        .next()
+        .ok_or_else(|| ConnectError::Unresolved {
+            addr: address.to_string(),
+        })
+}
+
+/// This host's name as the kernel has it (a container's own), for people
+/// reading `shoal status` and logs; `"unknown"` if it cannot be read. Never
+/// used to decide that two processes share a host: see [`host_id`].
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_string())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "unknown".to_string())
 }
 
 #[cfg(test)]
@@ -191,5 +216,22 @@ mod tests {
     fn the_host_id_is_stable_and_short() {
         assert_eq!(host_id(), host_id());
         assert_eq!(host_id().len(), 24);
+    }
+
+    #[tokio::test]
+    async fn addresses_resolve_or_say_why() {
+        let addr = resolve("127.0.0.1:6380").await.expect("resolves");
+        assert_eq!(addr, SocketAddr::from(([127, 0, 0, 1], 6380)));
+        let err = resolve("no port here").await.expect_err("no port");
+        assert!(matches!(err, ConnectError::Resolve { .. }), "{err}");
+        assert!(err.to_string().contains("no port here"), "{err}");
+    }
+
+    #[test]
+    fn the_hostname_is_one_trimmed_line() {
+        let name = hostname();
+        assert!(!name.is_empty());
+        assert_eq!(name, name.trim());
+        assert!(!name.contains('\n'));
     }
 }

@@ -62,8 +62,8 @@ impl JoinToken {
 
 impl fmt::Display for JoinToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{TOKEN_PREFIX}.{}.", self.cluster_id)?;
-        self.secret.iter().try_for_each(|b| write!(f, "{b:02x}"))
+        let secret = shoal_proto::hex::encode(&self.secret);
+        write!(f, "{TOKEN_PREFIX}.{}.{secret}", self.cluster_id)
     }
 }
 
@@ -95,17 +95,9 @@ impl FromStr for JoinToken {
         let cluster_id = cluster
             .parse()
             .map_err(|_| IdentityError::MalformedToken("cluster id is not 32 hex digits"))?;
-        if secret_hex.len() != 2 * SECRET_LEN {
-            return Err(IdentityError::MalformedToken("secret is not 64 hex digits"));
-        }
-        let mut secret = [0u8; SECRET_LEN];
-        for (i, byte) in secret.iter_mut().enumerate() {
-            let pair = secret_hex
-                .get(2 * i..2 * i + 2)
-                .ok_or(IdentityError::MalformedToken("secret is not 64 hex digits"))?;
-            *byte = u8::from_str_radix(pair, 16)
-                .map_err(|_| IdentityError::MalformedToken("secret is not 64 hex digits"))?;
-        }
+        let secret: [u8; SECRET_LEN] = shoal_proto::hex::decode(secret_hex)
+            .and_then(|bytes| bytes.try_into().ok())
+            .ok_or(IdentityError::MalformedToken("secret is not 64 hex digits"))?;
         Ok(Self { cluster_id, secret })
     }
 }

@@ -19,6 +19,11 @@
 //!   or a reply after its handler ran, by method, count or probability).
 //! - [`transport`]: the small [`transport::Transport`] trait that daemons use to
 //!   reach each other, the seam for an in-memory or simulated transport later.
+//! - [`host`]: this host as others see it: the advertised IP, local
+//!   addresses, the host identity, the hostname.
+//! - [`digest`]: SHA-256 as hex (content-addressed executables).
+//! - [`sync`]: locks under the workspace's policy for poisoned locks
+//!   ([`sync::MutexExt`], [`sync::RwLockExt`]).
 //!
 //! # Security model
 //! Every connection is TLS 1.3. The head's certificate is signed by the
@@ -29,6 +34,7 @@
 //! peer that has not proved the token. Nodes then talk to each other over
 //! mutual TLS with certificates the head issued them.
 
+pub mod digest;
 pub mod endpoint;
 pub mod error;
 pub mod faults;
@@ -37,6 +43,7 @@ pub mod host;
 pub mod identity;
 pub mod limits;
 pub mod rpc;
+pub mod sync;
 pub mod tls;
 pub mod transport;
 mod unix;

@@ -82,7 +82,7 @@ fn request_timeout_max_from(text: Option<&str>) -> Duration {
     let Some(text) = text else {
         return DEFAULT;
     };
-    match humantime::parse_duration(text) {
+    match humantime_serde::re::humantime::parse_duration(text) {
         Ok(d) if !d.is_zero() => d,
         _ => {
             tracing::warn!(value = %text, "SHOAL_REQUEST_TIMEOUT_MAX is not a duration above 0 (like \"300s\"); using 300s");

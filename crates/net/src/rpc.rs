@@ -256,13 +256,9 @@ async fn serve_connection<S: Service>(
 ) {
     let remote = incoming.remote_address();
     let setup = async {
-        let conn = incoming
-            .accept()
-            .map_err(|e| e.to_string())?
-            .await
-            .map_err(|e| e.to_string())?;
+        let conn = incoming.accept()?.await?;
         let role = handshake::server_handshake(&conn, &auth, &stats).await;
-        Ok::<_, String>((conn, role))
+        Ok::<_, quinn::ConnectionError>((conn, role))
     };
     let (conn, role) = match tokio::time::timeout(limits.handshake_timeout, setup).await {
         Ok(Ok((conn, Ok(role)))) => (conn, role),

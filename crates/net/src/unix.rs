@@ -55,9 +55,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::error::ConnectError;
-use crate::handshake::{self, ClientAuth, HandshakeStats, ServerAuth, CLIENT_SIDE, SERVER_SIDE};
+use crate::handshake::{
+    self, ClientAuth, HandshakeFailure, HandshakeStats, ServerAuth, CLIENT_SIDE, SERVER_SIDE,
+};
 use crate::limits::NetLimits;
 use crate::rpc::{Peer, Service, NEXT_CONNECTION_ID};
+use crate::sync::MutexExt;
 
 const NONCE_LEN: usize = 32;
 const BINDING_LABEL: &[u8] = b"shoal unix hello v1";
@@ -265,7 +268,7 @@ impl Writer {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, WriterState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.locked()
     }
 
     /// Writes all of `bytes` (the writer task's way).
@@ -440,12 +443,12 @@ async fn server_handshake(
     name: &str,
     auth: &ServerAuth,
     stats: &HandshakeStats,
-) -> Result<shoal_proto::Role, String> {
-    let server_nonce = nonce().map_err(|e| e.to_string())?;
+) -> Result<shoal_proto::Role, HandshakeFailure> {
+    let server_nonce = nonce().map_err(|e| HandshakeFailure::Stream(e.to_string()))?;
     stream
         .write_all(&server_nonce)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| HandshakeFailure::Stream(e.to_string()))?;
     let mut client_nonce = [0u8; NONCE_LEN];
     let read = async {
         stream
@@ -462,7 +465,7 @@ async fn server_handshake(
         Err(ReadError::Decode(e)) => Err(HandshakeRefusal::Malformed(e.to_string())),
         Err(ReadError::Io(e)) => {
             stats.refused.fetch_add(1, Ordering::Relaxed);
-            return Err(e.to_string());
+            return Err(HandshakeFailure::Stream(e.to_string()));
         }
     };
     let reply = match &verdict {
@@ -479,13 +482,13 @@ async fn server_handshake(
     let sent = write_plain(stream, &reply, &CodecLimits::HANDSHAKE).await;
     match verdict {
         Ok(role) => {
-            sent.map_err(|e| e.to_string())?;
+            sent.map_err(|e| HandshakeFailure::Stream(e.to_string()))?;
             stats.accepted.fetch_add(1, Ordering::Relaxed);
             Ok(role)
         }
         Err(refusal) => {
             stats.refused.fetch_add(1, Ordering::Relaxed);
-            Err(format!("refused: {refusal}"))
+            Err(HandshakeFailure::Refused(refusal))
         }
     }
 }
@@ -644,7 +647,7 @@ struct Shared {
 
 impl Shared {
     fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Waiter>> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+        self.pending.locked()
     }
 
     /// Hands a reply to its waiter (outside the table's lock).

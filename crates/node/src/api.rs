@@ -2,6 +2,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use shoal_net::sync::MutexExt;
 use shoal_net::{Peer, Service};
 use shoal_proto::{
     NodeId, NodeReply, NodeRequest, ResourceSet, Role, ServiceError, ServiceErrorKind,
@@ -50,7 +51,7 @@ impl NodeService {
     }
 
     fn store(&self) -> MutexGuard<'_, ObjectStore> {
-        self.store.lock().unwrap_or_else(|e| e.into_inner())
+        self.store.locked()
     }
 }
 

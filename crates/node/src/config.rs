@@ -10,9 +10,8 @@ use shoal_proto::ResourceSet;
 /// `LO-HI` worker ports, `1 <= LO <= HI` (`--worker-port-range`, a cluster
 /// file's `worker_port_range`, and `SHOAL_WORKER_PORT_RANGE` as a node hands
 /// it to its workers).
-pub fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
-    let bad =
-        || format!("expected LO-HI with 1 <= LO <= HI <= 65535, like 10002-10999, got {text:?}");
+pub fn parse_port_range(text: &str) -> Result<(u16, u16), BadPortRange> {
+    let bad = || BadPortRange(text.to_string());
     let (lo, hi) = text.split_once('-').ok_or_else(bad)?;
     let lo: u16 = lo.trim().parse().map_err(|_| bad())?;
     let hi: u16 = hi.trim().parse().map_err(|_| bad())?;
@@ -21,6 +20,11 @@ pub fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
     }
     Ok((lo, hi))
 }
+
+/// A port range that is not `LO-HI` with `1 <= LO <= HI <= 65535`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("expected LO-HI with 1 <= LO <= HI <= 65535, like 10002-10999, got {0:?}")]
+pub struct BadPortRange(pub String);
 
 /// Default values, in one place.
 pub mod defaults {

@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_net::handshake::ServerAuth;
-use shoal_net::{endpoint, tls, IssuedCert, RpcError, Transport};
+use shoal_net::sync::MutexExt;
+use shoal_net::{endpoint, tls, ConnectError, IssuedCert, RpcError, Transport};
 use shoal_proto::head::{NodeRegistered, RegisterNode, RestartActor};
 use shoal_proto::{HeadReply, HeadRequest, NodeId, ResourceSet, WorkerReply, WorkerRequest};
 use tokio::sync::watch;
@@ -93,7 +94,7 @@ impl<T: Transport + Clone> HeadLink<'_, T> {
                         if e.is_connection_lost() {
                             client = None;
                         }
-                        backoff.log_and_wait(&e.to_string(), &shutdown).await;
+                        backoff.log_and_wait(&e, &shutdown).await;
                     }
                 }
                 continue;
@@ -201,19 +202,16 @@ impl<T: Transport + Clone> HeadLink<'_, T> {
     }
 
     fn store(&self) -> std::sync::MutexGuard<'_, crate::object_store::ObjectStore> {
-        self.store.lock().unwrap_or_else(|e| e.into_inner())
+        self.store.locked()
     }
 
     fn store_used(&self) -> u64 {
         self.store().used()
     }
 
-    async fn connect(&self) -> Result<HeadClient, String> {
-        let addr = resolve(&self.config.head_address).await?;
-        self.transport
-            .connect(addr)
-            .await
-            .map_err(|e| e.to_string())
+    async fn connect(&self) -> Result<HeadClient, ConnectError> {
+        let addr = shoal_net::host::resolve(&self.config.head_address).await?;
+        self.transport.connect(addr).await
     }
 
     async fn register(
@@ -227,7 +225,7 @@ impl<T: Transport + Clone> HeadLink<'_, T> {
         let request = HeadRequest::RegisterNode(RegisterNode {
             address: SocketAddr::new(ip, self.advertised.port()).to_string(),
             pid: std::process::id(),
-            hostname: hostname(),
+            hostname: shoal_net::host::hostname(),
             host_id: shoal_net::host::host_id().to_string(),
             resources_total: self.resources.clone(),
             is_head_node: self.config.is_head_node,
@@ -429,20 +427,6 @@ fn new_key() -> u64 {
     shoal_proto::NodeId::random().as_uuid().as_u64_pair().0 | 1
 }
 
-async fn resolve(address: &str) -> Result<SocketAddr, String> {
-    tokio::net::lookup_host(address)
-        .await
-        .map_err(|e| format!("cannot resolve head address {address:?}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("head address {address:?} resolves to nothing"))
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "unknown".to_string())
-}
-
 /// Capped exponential backoff that logs the first failure loudly and
 /// repeats quietly.
 struct Backoff {
@@ -467,7 +451,11 @@ impl Backoff {
         self.failures = 0;
     }
 
-    async fn log_and_wait(&mut self, error: &str, shutdown: &CancellationToken) {
+    async fn log_and_wait(
+        &mut self,
+        error: &(dyn std::fmt::Display + Sync),
+        shutdown: &CancellationToken,
+    ) {
         self.failures += 1;
         if self.failures == 1 || self.failures.is_multiple_of(20) {
             warn!(error = %error, attempts = self.failures, "cannot reach the head; retrying");

@@ -31,6 +31,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use shoal_net::handshake::{ClientAuth, HandshakeStats, ServerAuth};
+use shoal_net::sync::MutexExt;
 use shoal_net::{endpoint, ConnectError, JoinToken, QuicTransport, RpcClient, HEAD_SERVER_NAME};
 use shoal_proto::{HeadReply, HeadRequest, NodeId, ResourceSet, Role};
 use tokio::sync::watch;
@@ -367,7 +368,7 @@ impl Node {
             peer_config: &self.peer_config,
             transfers: &self.transfers,
         };
-        let logs = self.logs.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let logs = self.logs.locked().take();
         let forward = async {
             if let Some(logs) = logs {
                 forward_logs(logs, &self.transport, shutdown.clone()).await;
@@ -375,7 +376,7 @@ impl Node {
         };
         tokio::join!(server, link.run(shutdown.clone()), forward);
         self.pool.stop_all();
-        self.store.lock().unwrap_or_else(|e| e.into_inner()).close();
+        self.store.locked().close();
         self.transport
             .endpoint()
             .close(shoal_net::close_code::SHUTDOWN.into(), b"node stopping");

@@ -8,14 +8,14 @@
 //! TLS with the certificate the head issued this node.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use shoal_net::handshake::ClientAuth;
-use shoal_net::{NetLimits, RpcClient};
+use shoal_net::sync::MutexExt;
+use shoal_net::{ConnectError, NetLimits, RpcClient, RpcError};
 use shoal_proto::{
     NodeReply, NodeRequest, ObjectId, PullPriority, Role, ServiceError, ServiceErrorKind, StoredAt,
 };
@@ -33,7 +33,37 @@ const PART_BYTES: u64 = 8 << 20;
 const PART_TIMEOUT: Duration = Duration::from_secs(60);
 
 type PeerClient = RpcClient<NodeRequest, NodeReply>;
-type Outcome = Option<Result<(), String>>;
+/// A pull's end, shared by everyone waiting for it.
+type Outcome = Option<Result<(), Arc<PullError>>>;
+
+/// Why a pull failed.
+#[derive(Debug, thiserror::Error)]
+enum PullError {
+    /// The head has not issued this node its certificate yet, so no peer
+    /// would accept it.
+    #[error("this node has no certificate yet")]
+    NoCertificate,
+    /// The holder could not be reached.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// This node's store refused the copy.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Reading a part from the holder failed.
+    #[error("reading part at {offset}: {source}")]
+    Read {
+        /// Where in the object.
+        offset: u64,
+        /// Why.
+        source: RpcError,
+    },
+    /// The holder answered a read with something else than that part.
+    #[error("the holder answered {0}")]
+    BadPart(String),
+    /// The task reading a part panicked or was cancelled.
+    #[error("reading a part: {0}")]
+    Part(#[from] tokio::task::JoinError),
+}
 
 /// The node's puller.
 pub struct Transfers {
@@ -129,7 +159,7 @@ impl Transfers {
     }
 
     fn store(&self) -> std::sync::MutexGuard<'_, ObjectStore> {
-        self.store.lock().unwrap_or_else(|e| e.into_inner())
+        self.store.locked()
     }
 
     /// The object's file in this node's store, pulled from `from` first if
@@ -144,7 +174,7 @@ impl Transfers {
             return Ok(found);
         }
         let mut outcome = {
-            let mut pulling = self.pulling.lock().unwrap_or_else(|e| e.into_inner());
+            let mut pulling = self.pulling.locked();
             match pulling.get(&id) {
                 Some(rx) => rx.clone(),
                 None => {
@@ -154,26 +184,16 @@ impl Transfers {
                     // even if this asker goes away.
                     let this = Arc::clone(self);
                     tokio::spawn(async move {
-                        let turn = this
-                            .queue
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .admit(priority, PULLS_AT_ONCE);
+                        let turn = this.queue.locked().admit(priority, PULLS_AT_ONCE);
                         if let Some(turn) = turn {
                             let _ = turn.await;
                         }
-                        let result = this.fetch(id, &from).await;
-                        this.queue
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .release();
+                        let result = this.fetch(id, &from).await.map_err(Arc::new);
+                        this.queue.locked().release();
                         if let Err(e) = &result {
                             tracing::warn!(%id, from = %from.node_address, error = %e, "pulling an object failed");
                         }
-                        this.pulling
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .remove(&id);
+                        this.pulling.locked().remove(&id);
                         tx.send_replace(Some(result));
                     });
                     rx
@@ -187,18 +207,13 @@ impl Transfers {
             .clone();
         match result {
             Some(Ok(())) => self.store().open(id).map_err(store_error),
-            Some(Err(e)) => Err(unavailable(e)),
+            Some(Err(e)) => Err(unavailable(e.to_string())),
             None => Err(unavailable("the pull was abandoned")),
         }
     }
 
-    async fn peer(&self, address: &str) -> Result<PeerClient, String> {
-        let cached = self
-            .peers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(address)
-            .cloned();
+    async fn peer(&self, address: &str) -> Result<PeerClient, PullError> {
+        let cached = self.peers.locked().get(address).cloned();
         if let Some(client) = cached.filter(|c| c.close_reason().is_none()) {
             return Ok(client);
         }
@@ -206,12 +221,8 @@ impl Transfers {
             .peer_config
             .borrow()
             .clone()
-            .ok_or("this node has no certificate yet")?;
-        let addr: SocketAddr = tokio::net::lookup_host(address)
-            .await
-            .map_err(|e| format!("cannot resolve {address}: {e}"))?
-            .next()
-            .ok_or_else(|| format!("{address} resolves to nothing"))?;
+            .ok_or(PullError::NoCertificate)?;
+        let addr = shoal_net::host::resolve(address).await?;
         let client = RpcClient::connect(
             &self.endpoint,
             config,
@@ -220,23 +231,19 @@ impl Transfers {
             &self.auth,
             &self.limits,
         )
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
         self.peers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .locked()
             .insert(address.to_string(), client.clone());
         Ok(client)
     }
 
     /// Copies the object from its holder into a secondary copy here.
-    async fn fetch(&self, id: ObjectId, from: &StoredAt) -> Result<(), String> {
+    async fn fetch(&self, id: ObjectId, from: &StoredAt) -> Result<(), PullError> {
         let peer = self.peer(&from.node_address).await?;
-        self.store()
-            .create_secondary(id, from.size)
-            .map_err(|e| e.to_string())?;
+        self.store().create_secondary(id, from.size)?;
         let copied = self.copy_parts(&peer, id, from.size).await;
-        let sealed = copied.and_then(|()| self.store().seal_pulled(id).map_err(|e| e.to_string()));
+        let sealed = copied.and_then(|()| Ok(self.store().seal_pulled(id)?));
         match &sealed {
             Ok(()) => {
                 self.pulled.fetch_add(1, Ordering::Relaxed);
@@ -246,7 +253,12 @@ impl Transfers {
         sealed
     }
 
-    async fn copy_parts(&self, peer: &PeerClient, id: ObjectId, size: u64) -> Result<(), String> {
+    async fn copy_parts(
+        &self,
+        peer: &PeerClient,
+        id: ObjectId,
+        size: u64,
+    ) -> Result<(), PullError> {
         let offsets: Vec<u64> = (0..size.div_ceil(PART_BYTES))
             .map(|i| i * PART_BYTES)
             .collect();
@@ -265,18 +277,16 @@ impl Transfers {
                         {
                             Ok((offset, data))
                         }
-                        Ok(other) => Err(format!("the holder answered {}", short(&other))),
-                        Err(e) => Err(format!("reading part at {offset}: {e}")),
+                        Ok(other) => Err(PullError::BadPart(short(&other))),
+                        Err(source) => Err(PullError::Read { offset, source }),
                     }
                 });
             }
             let Some(joined) = parts.join_next().await else {
                 return Ok(());
             };
-            let (offset, data) = joined.map_err(|e| e.to_string())??;
-            self.store()
-                .write_part(id, offset, &data)
-                .map_err(|e| e.to_string())?;
+            let (offset, data) = joined??;
+            self.store().write_part(id, offset, &data)?;
         }
     }
 }

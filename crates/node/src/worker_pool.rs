@@ -17,11 +17,35 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use shoal_net::sync::MutexExt;
 use shoal_proto::{Address, JobId, LeaseId, ResourceSet, ServiceError, ServiceErrorKind, WorkerId};
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
-use crate::binaries::BinaryCache;
+use crate::binaries::{BinaryCache, BinaryError};
+
+/// Why a worker this node started never came to serve.
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    /// The job's executable could not be had.
+    #[error(transparent)]
+    Executable(#[from] BinaryError),
+    /// The launcher could not start it, in its words.
+    #[error("{0}")]
+    Launch(String),
+    /// A launcher that starts workers ready gave an address the pool refused.
+    #[error("registering it: {0}")]
+    Register(#[source] ServiceError),
+    /// It was removed (it exited, or was stopped) before it registered.
+    #[error("the worker was removed before it registered")]
+    Removed,
+    /// Its process ended before it registered.
+    #[error("the worker exited before registering")]
+    Exited,
+    /// It did not register in time.
+    #[error("the worker did not register within {0:?}")]
+    Timeout(Duration),
+}
 
 /// Who a granted worker serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -176,7 +200,7 @@ async fn pump_lines(
     let mut dropped = 0u64;
     while let Ok(Some(text)) = lines.next_line().await {
         if let Some(file) = &file {
-            let mut f = file.lock().unwrap_or_else(|e| e.into_inner());
+            let mut f = file.locked();
             let _ = writeln!(f, "{text}");
         }
         if let Some((sink, node_id, driver)) = &sink {
@@ -196,7 +220,7 @@ async fn pump_lines(
     }
     if dropped > 0 {
         if let Some(file) = &file {
-            let mut f = file.lock().unwrap_or_else(|e| e.into_inner());
+            let mut f = file.locked();
             let _ = writeln!(
                 f,
                 "[shoal: {dropped} lines were not forwarded to the driver: its queue was full]"
@@ -207,7 +231,7 @@ async fn pump_lines(
 
 enum WorkerState {
     /// Started, not registered yet; these wait for its address.
-    Starting(Vec<oneshot::Sender<Result<String, String>>>),
+    Starting(Vec<oneshot::Sender<Result<String, StartError>>>),
     Idle(Instant),
     Leased(LeaseId),
 }
@@ -227,7 +251,7 @@ struct WorkerEntry {
 impl WorkerEntry {
     /// A worker of `job_id` being started, and the receiver told when it
     /// registers.
-    fn starting(job_id: JobId) -> (Self, oneshot::Receiver<Result<String, String>>) {
+    fn starting(job_id: JobId) -> (Self, oneshot::Receiver<Result<String, StartError>>) {
         let (tx, rx) = oneshot::channel();
         let entry = WorkerEntry {
             job_id,
@@ -304,12 +328,12 @@ impl WorkerPool {
     }
 
     fn state(&self) -> MutexGuard<'_, PoolState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.locked()
     }
 
     /// Sets the environment new workers get.
     pub fn set_env(&self, env: Vec<(String, String)>) {
-        *self.env.lock().unwrap_or_else(|e| e.into_inner()) = env;
+        *self.env.locked() = env;
     }
 
     /// A worker of `job_id` for `lease_id`, holding `resources`: an idle one,
@@ -452,14 +476,14 @@ impl WorkerPool {
         job_id: JobId,
         binary_hash: &str,
         driver: Option<Address>,
-        registered: oneshot::Receiver<Result<String, String>>,
-    ) -> Result<String, String> {
+        registered: oneshot::Receiver<Result<String, StartError>>,
+    ) -> Result<String, StartError> {
         let executable = if self.launcher.needs_executable() {
             Some(self.binaries.path(binary_hash).await?)
         } else {
             None
         };
-        let mut env = self.env.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut env = self.env.locked().clone();
         env.push(("SHOAL_WORKER_ID".into(), worker_id.to_string()));
         env.push(("SHOAL_JOB_ID".into(), job_id.to_string()));
         env.push(("SHOAL_BINARY_HASH".into(), binary_hash.to_string()));
@@ -472,20 +496,23 @@ impl WorkerPool {
             .log_dir
             .as_ref()
             .map(|d| d.join(format!("worker-{worker_id}.log")));
-        let launched = self.launcher.launch(LaunchSpec {
-            job_id,
-            worker_id,
-            executable,
-            env,
-            log_path,
-            driver,
-        })?;
+        let launched = self
+            .launcher
+            .launch(LaunchSpec {
+                job_id,
+                worker_id,
+                executable,
+                env,
+                log_path,
+                driver,
+            })
+            .map_err(StartError::Launch)?;
         {
             let mut state = self.state();
             let entry = state
                 .workers
                 .get_mut(&worker_id)
-                .ok_or("worker removed while starting")?;
+                .ok_or(StartError::Removed)?;
             entry.pid = launched.pid;
             entry.kill = Some(launched.kill);
         }
@@ -495,7 +522,7 @@ impl WorkerPool {
                 address,
                 launched.pid.unwrap_or_else(std::process::id),
             )
-            .map_err(|e| e.message)?;
+            .map_err(StartError::Register)?;
         }
         let pool = Arc::clone(self);
         let exited = launched.exited;
@@ -510,15 +537,12 @@ impl WorkerPool {
     /// `start_timeout`).
     async fn registered(
         &self,
-        registered: oneshot::Receiver<Result<String, String>>,
-    ) -> Result<String, String> {
+        registered: oneshot::Receiver<Result<String, StartError>>,
+    ) -> Result<String, StartError> {
         match tokio::time::timeout(self.config.start_timeout, registered).await {
             Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err("the worker exited before registering".into()),
-            Err(_) => Err(format!(
-                "the worker did not register within {:?}",
-                self.config.start_timeout
-            )),
+            Ok(Err(_)) => Err(StartError::Exited),
+            Err(_) => Err(StartError::Timeout(self.config.start_timeout)),
         }
     }
 
@@ -663,7 +687,7 @@ impl WorkerPool {
         self.any_gone.notify_waiters();
         if let WorkerState::Starting(waiters) = entry.state {
             for waiter in waiters {
-                let _ = waiter.send(Err("worker removed".into()));
+                let _ = waiter.send(Err(StartError::Removed));
             }
         }
         let leases: Vec<LeaseId> = state

@@ -319,16 +319,13 @@ mod tests {
     use super::*;
     use crate::head::{ClusterStatus, HeadReply, HeadRequest, NodeState, NodeStatus};
     use crate::hello::{HandshakeRefusal, Hello, HelloReply, Role};
+    use crate::hex;
     use crate::ids::{ClusterId, NodeId};
     use crate::node::{NodeReply, NodeRequest};
     use crate::resources::ResourceSet;
     use crate::rpc::{ReplyEnvelope, RequestEnvelope};
     use proptest::prelude::*;
     use uuid::Uuid;
-
-    fn hex(bytes: &[u8]) -> String {
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
-    }
 
     fn round_trip<T>(msg: &T)
     where
@@ -382,7 +379,7 @@ mod tests {
         };
         let mut frame = Vec::new();
         encode_frame(&hello, &CodecLimits::HANDSHAKE, &mut frame).expect("encodes");
-        assert_eq!(hex(&frame), GOLDEN_HELLO);
+        assert_eq!(hex::encode(&frame), GOLDEN_HELLO);
     }
 
     /// Pins a request envelope around a unit variant and a struct variant.
@@ -393,7 +390,10 @@ mod tests {
             timeout_ms: 5000,
             body: HeadRequest::GetClusterStatus,
         };
-        assert_eq!(hex(&encode(&status).expect("encodes")), GOLDEN_GET_STATUS);
+        assert_eq!(
+            hex::encode(&encode(&status).expect("encodes")),
+            GOLDEN_GET_STATUS
+        );
         let mut resources = ResourceSet::new();
         resources.set("CPU", 2.0);
         let heartbeat = RequestEnvelope {
@@ -410,14 +410,20 @@ mod tests {
                 orders_acked: 0,
             },
         };
-        assert_eq!(hex(&encode(&heartbeat).expect("encodes")), GOLDEN_HEARTBEAT);
+        assert_eq!(
+            hex::encode(&encode(&heartbeat).expect("encodes")),
+            GOLDEN_HEARTBEAT
+        );
     }
 
     /// Pins the reply shapes: `Ok`/`Err` results and the node state names.
     #[test]
     fn golden_replies() {
         let refused = HelloReply::Refused(HandshakeRefusal::BadToken);
-        assert_eq!(hex(&encode(&refused).expect("encodes")), GOLDEN_REFUSED);
+        assert_eq!(
+            hex::encode(&encode(&refused).expect("encodes")),
+            GOLDEN_REFUSED
+        );
         let status = ReplyEnvelope {
             id: 7,
             result: Ok(HeadReply::ClusterStatus(ClusterStatus {
@@ -441,17 +447,17 @@ mod tests {
                 infeasible: vec![],
             })),
         };
-        assert_eq!(hex(&encode(&status).expect("encodes")), GOLDEN_STATUS);
+        assert_eq!(
+            hex::encode(&encode(&status).expect("encodes")),
+            GOLDEN_STATUS
+        );
     }
 
     /// The wire rule at work: bytes from a peer that predates a field still
     /// decode, the field taking its default.
     #[test]
     fn replies_without_later_fields_still_decode() {
-        let bytes: Vec<u8> = (0..GOLDEN_STATUS_V1.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&GOLDEN_STATUS_V1[i..i + 2], 16).expect("hex"))
-            .collect();
+        let bytes = hex::decode(GOLDEN_STATUS_V1).expect("hex");
         let reply: ReplyEnvelope<HeadReply> =
             decode(&bytes, &CodecLimits::CONTROL).expect("decodes");
         match reply.result {
@@ -465,10 +471,7 @@ mod tests {
 
     #[test]
     fn heartbeats_without_later_fields_still_decode() {
-        let bytes: Vec<u8> = (0..GOLDEN_HEARTBEAT_V1.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&GOLDEN_HEARTBEAT_V1[i..i + 2], 16).expect("hex"))
-            .collect();
+        let bytes = hex::decode(GOLDEN_HEARTBEAT_V1).expect("hex");
         let request: RequestEnvelope<HeadRequest> =
             decode(&bytes, &CodecLimits::CONTROL).expect("decodes");
         match request.body {
@@ -492,7 +495,7 @@ mod tests {
             timeout_ms: 1,
             body: NodeRequest::Ping,
         };
-        assert_eq!(hex(&encode(&ping).expect("encodes")), GOLDEN_PING);
+        assert_eq!(hex::encode(&encode(&ping).expect("encodes")), GOLDEN_PING);
     }
 
     const GOLDEN_HELLO: &str = "0000004c84b070726f746f636f6c5f76657273696f6e01aa636c75737465725f6964c4100123456789abcdef0123456789abcdefa4726f6c65a44e6f6465ab746f6b656e5f70726f6f66c404aaaaaaaa";

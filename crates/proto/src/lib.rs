@@ -17,6 +17,8 @@
 //! - [`codec`]: the frame codec: a length prefix checked against a configured
 //!   maximum before anything is allocated, and a MessagePack body whose nesting
 //!   depth and claimed lengths are checked before it is decoded.
+//! - [`hex`]: the workspace's one hex encoder and decoder (content hashes,
+//!   the host identity, the join token's secret, golden bytes).
 //!
 //! # Wire compatibility
 //! Control messages are MessagePack maps with field names (`rmp_serde`'s named
@@ -31,6 +33,7 @@
 pub mod codec;
 pub mod head;
 pub mod hello;
+pub mod hex;
 pub mod ids;
 pub mod node;
 pub mod resources;

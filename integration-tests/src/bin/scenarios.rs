@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use shoal::prelude::*;
+use shoal_net::sync::MutexExt;
 
 /// The node this task runs on.
 #[shoal::remote]
@@ -290,7 +291,7 @@ impl Placed {
         let node = shoal::context()
             .map(|c| c.node_id.to_string())
             .unwrap_or_default();
-        (node, host_name())
+        (node, shoal_net::host::hostname())
     }
 
     pub fn add(&mut self, by: u64) -> u64 {
@@ -332,15 +333,7 @@ fn long_task(ms: u64, value: u64, file: String) -> u64 {
 fn add_from_task(actor: ActorHandle<Placed>, by: u64) -> (u64, String, String) {
     let total = actor.add(by).get().unwrap_or(0);
     let driver = std::env::var("SHOAL_DRIVER_ADDRESS").unwrap_or_default();
-    (total, host_name(), driver)
-}
-
-/// This host's name (a container's own).
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .unwrap_or_default()
-        .trim()
-        .to_string()
+    (total, shoal_net::host::hostname(), driver)
 }
 
 /// The resource names a placed scenario pins its work with: `maker` and
@@ -428,16 +421,18 @@ impl Flagged {
             return true;
         }
         let (lock, cond) = &*self.flag;
-        let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
-        let (set, _) = cond
-            .wait_timeout_while(guard, Duration::from_secs(60), |set| !*set)
-            .unwrap_or_else(|e| e.into_inner());
+        let guard = lock.locked();
+        let (set, _) = shoal_net::sync::recover(cond.wait_timeout_while(
+            guard,
+            Duration::from_secs(60),
+            |set| !*set,
+        ));
         *set
     }
 
     pub fn set(&self) -> bool {
         let (lock, cond) = &*self.flag;
-        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        *lock.locked() = true;
         cond.notify_all();
         true
     }
@@ -930,7 +925,7 @@ fn main() -> shoal::Result<()> {
                 "actor_address": listed,
                 "task_host": task_host,
                 "driver_address_seen_by_worker": driver_address,
-                "driver_host": host_name(),
+                "driver_host": shoal_net::host::hostname(),
                 "totals": [first, from_task, last],
             }));
         }
