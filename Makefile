@@ -14,9 +14,12 @@ build:
 fmt:
 	$(CARGO) fmt --all
 
+# The last line checks the SDK without local mode (`--no-default-features`:
+# no head or node daemon in its build).
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p shoal --no-default-features --all-targets -- -D warnings
 
 # The integration tests drive the built `shoal` binary, so build it first.
 test: lint

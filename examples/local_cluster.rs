@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use shoal::{LocalCluster, LocalConfig, NodeState, ResourceSet};
+use shoal::{LocalCluster, LocalClusterExt, LocalConfig, NodeState, ResourceSet};
 
 fn cpus(n: f64) -> ResourceSet {
     let mut r = ResourceSet::new();

@@ -5,7 +5,7 @@
 use std::net::UdpSocket;
 use std::time::Duration;
 
-use shoal::{LocalCluster, LocalConfig, NodeState};
+use shoal::{LocalCluster, LocalClusterExt, LocalConfig, NodeState};
 use shoal_integration_tests::raw;
 use shoal_net::handshake::ClientAuth;
 use shoal_net::{

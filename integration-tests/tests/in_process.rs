@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use shoal::{LocalCluster, LocalConfig, NodeState, ResourceSet};
+use shoal::{LocalCluster, LocalClusterExt, LocalConfig, NodeState, ResourceSet};
 use shoal_integration_tests::poll_until_async;
 
 fn fast() -> LocalConfig {

@@ -70,7 +70,8 @@ impl Config {
         }
     }
 
-    /// Local mode: a head and a node inside this process, workers as threads.
+    /// Local mode: a head and a node inside this process, workers as threads
+    /// (with the `local` feature, on by default; without it `init` fails).
     pub fn local() -> Self {
         Self::default()
     }

@@ -1,13 +1,14 @@
 //! Starting Shoal in a driver: connecting to a cluster, or starting a local
 //! one; and the guard that ends the job.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use shoal_net::JoinToken;
 use shoal_proto::{Role, WorkerId};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::local::{LocalCluster, LocalConfig};
 use crate::{core, process, rt};
 
 /// Keeps Shoal running; dropping it ends the job (and a local cluster).
@@ -25,9 +26,12 @@ impl Drop for Shoal {
             let core2 = Arc::clone(core);
             let _ = core.block_on(async move {
                 core2.shut_down().await;
-                let local = core2.local.lock().unwrap_or_else(|e| e.into_inner()).take();
-                if let Some(cluster) = local {
-                    cluster.shutdown().await;
+                #[cfg(feature = "local")]
+                {
+                    let local = core2.local.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    if let Some(cluster) = local {
+                        cluster.shutdown().await;
+                    }
                 }
                 Ok(())
             });
@@ -61,6 +65,20 @@ pub fn init(config: Config) -> Result<Shoal> {
     Ok(Shoal { owns: true })
 }
 
+/// Where a driver connects, and what it keeps alive.
+struct Joining {
+    head_address: SocketAddr,
+    token: JoinToken,
+    /// The node it puts objects on, when known before connecting (local
+    /// mode's).
+    home: Option<core::HomeNode>,
+    /// The IP it advertises, when given.
+    node_ip: Option<IpAddr>,
+    /// Local mode's cluster, kept by the core until the job ends.
+    #[cfg(feature = "local")]
+    local: Option<crate::local::LocalCluster>,
+}
+
 async fn start_driver(config: Config) -> Result<Arc<core::Core>> {
     if !config.bad_env.is_empty() {
         return Err(Error::NotInitialized(format!(
@@ -68,66 +86,84 @@ async fn start_driver(config: Config) -> Result<Arc<core::Core>> {
             config.bad_env.join("; ")
         )));
     }
-    let (head_address, token, local) = match &config.address {
-        Some(address) => {
-            let head = tokio::net::lookup_host(address)
-                .await
-                .map_err(|e| {
-                    Error::NotInitialized(format!("cannot resolve SHOAL_ADDRESS {address}: {e}"))
-                })?
-                .next()
-                .ok_or_else(|| Error::NotInitialized(format!("{address} resolves to nothing")))?;
-            (head, find_token(&config)?, None)
-        }
-        None => {
-            let launcher: Option<Arc<dyn shoal_node::WorkerLauncher>> = if config.worker_processes {
-                None
-            } else {
-                Some(Arc::new(process::ThreadLauncher))
-            };
-            let local_config = LocalConfig {
-                head_node_cpus: config
-                    .num_cpus
-                    .unwrap_or(LocalConfig::default().head_node_cpus),
-                ..LocalConfig::default()
-            };
-            let cluster = LocalCluster::start_with(local_config, launcher).await?;
-            (cluster.address(), cluster.token().clone(), Some(cluster))
-        }
-    };
-    let home = local.as_ref().and_then(|c| {
-        Some(core::HomeNode {
-            node_id: c.node_id(0)?,
-            address: c.node_address(0)?.to_string(),
-            same_host: true,
-        })
-    });
-    // Local mode lives on loopback: nothing in it is reached from another
-    // host.
-    let node_ip = match &local {
-        Some(_) => Some(std::net::Ipv4Addr::LOCALHOST.into()),
-        None => config.node_ip,
+    let joining = match &config.address {
+        Some(address) => join_cluster(&config, address).await?,
+        None => start_local(&config).await?,
     };
     let ports = config
         .driver_port
         .map_or(core::Ports::Any, core::Ports::Fixed);
     let core = core::Core::connect(core::CoreSetup {
-        head_address,
-        token,
+        head_address: joining.head_address,
+        token: joining.token,
         role: Role::Driver,
         job_id: None,
         worker_id: WorkerId::random(),
-        home,
+        home: joining.home,
         executor: None,
         upload_binary: config.address.is_some() || config.worker_processes,
         driver: None,
         binary_hash: None,
-        node_ip,
+        node_ip: joining.node_ip,
         ports,
     })
     .await?;
-    *core.local.lock().unwrap_or_else(|e| e.into_inner()) = local;
+    #[cfg(feature = "local")]
+    {
+        *core.local.lock().unwrap_or_else(|e| e.into_inner()) = joining.local;
+    }
     Ok(core)
+}
+
+/// The cluster at `address` (SHOAL_ADDRESS).
+async fn join_cluster(config: &Config, address: &str) -> Result<Joining> {
+    let head_address = tokio::net::lookup_host(address)
+        .await
+        .map_err(|e| Error::NotInitialized(format!("cannot resolve SHOAL_ADDRESS {address}: {e}")))?
+        .next()
+        .ok_or_else(|| Error::NotInitialized(format!("{address} resolves to nothing")))?;
+    Ok(Joining {
+        head_address,
+        token: find_token(config)?,
+        home: None,
+        node_ip: config.node_ip,
+        #[cfg(feature = "local")]
+        local: None,
+    })
+}
+
+/// Local mode: a cluster started in this process.
+#[cfg(feature = "local")]
+async fn start_local(config: &Config) -> Result<Joining> {
+    let cluster = crate::local::start(config).await?;
+    let home = cluster
+        .node_id(0)
+        .zip(cluster.node_address(0))
+        .map(|(node_id, address)| core::HomeNode {
+            node_id,
+            address: address.to_string(),
+            same_host: true,
+        });
+    Ok(Joining {
+        head_address: cluster.address(),
+        token: cluster.token().clone(),
+        home,
+        // Local mode lives on loopback: nothing in it is reached from
+        // another host.
+        node_ip: Some(std::net::Ipv4Addr::LOCALHOST.into()),
+        local: Some(cluster),
+    })
+}
+
+/// Local mode needs the `local` feature (the head and the node daemon).
+#[cfg(not(feature = "local"))]
+async fn start_local(_: &Config) -> Result<Joining> {
+    Err(Error::NotInitialized(
+        "local mode (no SHOAL_ADDRESS) needs the shoal crate's `local` feature, which this \
+         program was built without: set SHOAL_ADDRESS to join a cluster, or build with \
+         shoal's default features"
+            .into(),
+    ))
 }
 
 /// The token from the config, else the newest session's on this machine.
@@ -159,5 +195,24 @@ pub(crate) fn ensure_core() -> Arc<core::Core> {
     match core::get() {
         Ok(core) => core,
         Err(e) => panic!("shoal is not initialised: {e}"),
+    }
+}
+
+#[cfg(all(test, not(feature = "local")))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_the_local_feature_init_with_no_address_says_what_to_do() {
+        let err = init(Config::local())
+            .err()
+            .expect("no local mode without the feature");
+        let Error::NotInitialized(message) = &err else {
+            panic!("{err:?}");
+        };
+        assert!(
+            message.contains("`local` feature") && message.contains("SHOAL_ADDRESS"),
+            "{message}"
+        );
     }
 }

@@ -144,19 +144,20 @@ pub enum Error {
     /// A request to the cluster failed.
     #[error("request to the cluster failed: {0}")]
     Rpc(#[from] shoal_net::RpcError),
-    /// The embedded head could not start.
-    #[error("the local head could not start: {0}")]
-    Head(#[from] shoal_head::HeadError),
-    /// An embedded node daemon could not start.
-    #[error("a local node could not start: {0}")]
-    Node(#[from] shoal_node::NodeError),
+    /// The in-process cluster of local mode could not start, or a verb on a
+    /// `shoal::LocalCluster` failed. The cause is a
+    /// `shoal::LocalError` (`err.downcast_ref::<shoal::LocalError>()`);
+    /// it is boxed so this enum is the same with and without the `local`
+    /// feature.
+    #[error("local cluster: {0}")]
+    LocalCluster(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The cluster identity could not be made.
     #[error("cluster identity: {0}")]
     Identity(#[from] shoal_net::IdentityError),
     /// The cluster answered something this SDK does not expect.
     #[error("unexpected reply from the cluster: {0}")]
     Protocol(String),
-    /// A local-cluster verb named something that does not exist.
+    /// Something named does not exist (an actor looked up by name).
     #[error("{0}")]
     NotFound(String),
     /// Options that cannot be used, and why.
@@ -203,5 +204,31 @@ impl Error {
     }
 }
 
+#[cfg(feature = "local")]
+impl From<shoal_local::LocalError> for Error {
+    fn from(e: shoal_local::LocalError) -> Self {
+        Error::LocalCluster(Box::new(e))
+    }
+}
+
 /// `Result` with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(all(test, feature = "local"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_local_cluster_error_keeps_its_type_and_says_where_it_comes_from() {
+        let err = Error::from(shoal_local::LocalError::NoNode(3));
+        assert_eq!(err.to_string(), "local cluster: no local node 3");
+        let Error::LocalCluster(cause) = &err else {
+            panic!("{err:?}");
+        };
+        assert!(matches!(
+            cause.downcast_ref::<shoal_local::LocalError>(),
+            Some(shoal_local::LocalError::NoNode(3))
+        ));
+        assert!(std::error::Error::source(&err).is_some());
+    }
+}

@@ -38,8 +38,15 @@
 //! machines: leases, tasks, objects; no I/O); `worker` (the worker side:
 //! its service, running tasks, the actor host); `core` (the shell that owns
 //! connections and carries out the owner's decisions); [`object_ref`] and
-//! [`actor`] (the handles users hold); `process` (worker mode); [`local`]
-//! (in-process clusters) and [`client`].
+//! [`actor`] (the handles users hold); `process` (worker mode); `local`
+//! (local mode: the `shoal-local` crate's in-process cluster, with the
+//! thread workers; the `local` feature, on by default) and [`client`].
+//!
+//! # Features
+//! - `local` (default): local mode. Without it the SDK only joins clusters
+//!   (`SHOAL_ADDRESS`), `init` with no address fails with
+//!   [`Error::NotInitialized`], and the head and the node daemon are not
+//!   built into the program.
 
 #![warn(missing_docs)]
 
@@ -56,6 +63,7 @@ mod config;
 mod core;
 mod driver;
 mod error;
+#[cfg(feature = "local")]
 pub mod local;
 pub mod object_ref;
 mod options;
@@ -80,7 +88,8 @@ pub use client::ClusterClient;
 pub use config::Config;
 pub use driver::{init, Shoal};
 pub use error::{Error, Result, TaskError};
-pub use local::{LocalCluster, LocalConfig};
+#[cfg(feature = "local")]
+pub use local::{LocalCluster, LocalClusterExt, LocalConfig, LocalError};
 pub use object_ref::{Arg, ObjectRef};
 pub use options::TaskOptions;
 pub use shm::{Buffer, BufferMut, Number};

@@ -1,313 +1,117 @@
-//! A whole cluster inside this process: one head and node daemons, each on
-//! its own loopback port, talking QUIC exactly as separate processes do.
+//! Local mode (the `local` feature, on by default): a whole cluster inside
+//! this process, from the `shoal-local` crate, with the SDK's part of it:
+//! workers as threads of the driver (`ThreadLauncher`), and a client of
+//! the cluster's head ([`LocalClusterExt::client`]).
 
-use std::net::SocketAddr;
+use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
-use shoal_head::{Head, HeadConfig};
-use shoal_net::{ClusterIdentity, JoinToken, NetLimits};
-use shoal_node::{Node, NodeConfig, NodeHandle, WorkerLauncher};
-use shoal_proto::{NodeId, ResourceSet, Role};
-use tokio::task::JoinHandle;
+use shoal_net::handshake::{HandshakeStats, ServerAuth};
+use shoal_net::{endpoint, tls, JoinToken, NetLimits};
+use shoal_node::{LaunchSpec, Launched, WorkerLauncher};
+use shoal_proto::{NodeId, Role};
 use tokio_util::sync::CancellationToken;
 
+pub use shoal_local::{LocalCluster, LocalConfig, LocalError};
+
 use crate::client::ClusterClient;
-use crate::error::{Error, Result};
+use crate::config::Config;
+use crate::core::{Core, WORKER_SERVER_NAME};
+use crate::error::Result;
+use crate::worker::service::WorkerService;
+use crate::worker::Executor;
 
-/// How the local cluster is laid out and timed.
-#[derive(Clone, Debug)]
-pub struct LocalConfig {
-    /// CPUs of the node daemon that runs beside the head.
-    pub head_node_cpus: f64,
-    /// How often nodes heartbeat.
-    pub heartbeat_interval: Duration,
-    /// Silence after which the head declares a node dead.
-    pub node_timeout: Duration,
-    /// Transport limits for every daemon.
-    pub limits: NetLimits,
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::LocalCluster {}
 }
 
-impl Default for LocalConfig {
-    fn default() -> Self {
-        Self {
-            head_node_cpus: shoal_node::machine::detect_cpus() as f64,
-            heartbeat_interval: shoal_head::config::defaults::HEARTBEAT_INTERVAL,
-            node_timeout: shoal_head::config::defaults::NODE_TIMEOUT,
-            limits: NetLimits::default(),
-        }
+/// What the SDK adds to a [`LocalCluster`]: `use shoal::LocalClusterExt;`
+/// then `cluster.client()`.
+pub trait LocalClusterExt: sealed::Sealed {
+    /// A client connection to the cluster's head.
+    fn client(&self) -> impl Future<Output = Result<ClusterClient>> + Send;
+}
+
+impl LocalClusterExt for LocalCluster {
+    fn client(&self) -> impl Future<Output = Result<ClusterClient>> + Send {
+        ClusterClient::connect(self.address(), self.token().clone(), Role::Client)
     }
 }
 
-/// How long a new local node may take to join.
-const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
-
-struct Running {
-    shutdown: CancellationToken,
-    task: JoinHandle<()>,
+/// Starts local mode's cluster for a driver: a head and one node daemon with
+/// `config`'s CPUs, whose workers are threads of this process unless
+/// `config.worker_processes`.
+pub(crate) async fn start(config: &Config) -> Result<LocalCluster> {
+    let launcher: Option<Arc<dyn WorkerLauncher>> = if config.worker_processes {
+        None
+    } else {
+        Some(Arc::new(ThreadLauncher))
+    };
+    let defaults = LocalConfig::default();
+    let local_config = LocalConfig {
+        head_node_cpus: config.num_cpus.unwrap_or(defaults.head_node_cpus),
+        ..defaults
+    };
+    Ok(LocalCluster::start_with(local_config, launcher).await?)
 }
 
-struct LocalNode {
-    handle: NodeHandle,
-    running: Option<Running>,
-}
+/// Starts local-mode workers as tasks of this process: each serves the
+/// worker service on its own loopback endpoint, and runs sync functions on
+/// blocking threads.
+#[derive(Debug, Default)]
+pub(crate) struct ThreadLauncher;
 
-/// A head and node daemons running in this process.
-pub struct LocalCluster {
-    config: LocalConfig,
-    /// How nodes start workers; processes of the job's executable if unset.
-    launcher: Option<Arc<dyn WorkerLauncher>>,
-    identity: Arc<ClusterIdentity>,
-    head_addr: SocketAddr,
-    head: Option<Running>,
-    nodes: Vec<LocalNode>,
-}
-
-impl LocalCluster {
-    /// Starts a head on a free loopback port and its node daemon, and waits
-    /// until that node has joined.
-    pub async fn start(config: LocalConfig) -> Result<Self> {
-        Self::start_with(config, None).await
+impl WorkerLauncher for ThreadLauncher {
+    fn needs_executable(&self) -> bool {
+        false
     }
 
-    /// Like [`start`](Self::start), its nodes starting workers with
-    /// `launcher` (processes of the job's executable when `None`).
-    pub async fn start_with(
-        config: LocalConfig,
-        launcher: Option<Arc<dyn WorkerLauncher>>,
-    ) -> Result<Self> {
-        let identity = Arc::new(ClusterIdentity::generate()?);
-        let head_config = HeadConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            heartbeat_interval: config.heartbeat_interval,
-            node_timeout: config.node_timeout,
-            limits: config.limits.clone(),
-            ..HeadConfig::default()
+    fn launch(&self, spec: LaunchSpec) -> std::result::Result<Launched, String> {
+        let lookup = |key: &str| {
+            spec.env
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+                .ok_or(format!("no {key} for the worker"))
         };
-        let head = Head::bind(head_config, identity.clone())?;
-        let head_addr = head.local_addr().map_err(|e| {
-            Error::Head(shoal_head::HeadError::Bind {
-                addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-                source: e,
-            })
-        })?;
-        let mut cluster = Self {
-            config,
-            launcher,
-            identity,
-            head_addr,
-            head: None,
-            nodes: Vec::new(),
-        };
-        cluster.head = Some(spawn(|token| head.run(token)));
-        let mut resources = ResourceSet::new();
-        resources.set(shoal_proto::resources::CPU, cluster.config.head_node_cpus);
-        cluster.add_node_with(resources, true).await?;
-        Ok(cluster)
-    }
-
-    /// The head's address.
-    pub fn address(&self) -> SocketAddr {
-        self.head_addr
-    }
-
-    /// The join token.
-    pub fn token(&self) -> &JoinToken {
-        self.identity.token()
-    }
-
-    /// A client connection to the head.
-    pub async fn client(&self) -> Result<ClusterClient> {
-        ClusterClient::connect(self.head_addr, self.token().clone(), Role::Client).await
-    }
-
-    /// Adds a node daemon offering `resources` (CPU included) and waits until
-    /// it has joined. Returns its index for the other verbs.
-    pub async fn add_node(&mut self, resources: ResourceSet) -> Result<usize> {
-        self.add_node_with(resources, false).await
-    }
-
-    async fn add_node_with(
-        &mut self,
-        mut resources: ResourceSet,
-        is_head_node: bool,
-    ) -> Result<usize> {
-        let cpus = resources.0.remove(shoal_proto::resources::CPU);
-        let config = NodeConfig {
-            head_address: self.head_addr.to_string(),
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            node_ip: Some(std::net::Ipv4Addr::LOCALHOST.into()),
-            num_cpus: cpus,
-            resources,
-            is_head_node,
-            reconnect_backoff_max: Duration::from_millis(500),
-            limits: self.config.limits.clone(),
-            ..NodeConfig::default()
-        };
-        let node = match &self.launcher {
-            Some(launcher) => {
-                Node::bind_with_launcher(config, self.token().clone(), Arc::clone(launcher))?
-            }
-            None => Node::bind(config, self.token().clone())?,
-        };
-        let mut handle = node.handle();
-        let running = spawn(|token| node.run(token));
-        // Kept before waiting, so a node that never joins is still stopped
-        // with the cluster.
-        self.nodes.push(LocalNode {
-            handle: handle.clone(),
-            running: Some(running),
-        });
-        let index = self.nodes.len() - 1;
-        tokio::time::timeout(JOIN_TIMEOUT, handle.joined_other_than(None))
-            .await
-            .map_err(|_| {
-                Error::NotFound(format!(
-                    "local node {index} did not join within {JOIN_TIMEOUT:?}"
-                ))
-            })?;
-        Ok(index)
-    }
-
-    /// The current id of node `index` (0 is the head's node), if it has one.
-    pub fn node_id(&self, index: usize) -> Option<NodeId> {
-        self.nodes.get(index).and_then(|n| n.handle.node_id())
-    }
-
-    /// The address node `index` serves on.
-    pub fn node_address(&self, index: usize) -> Option<SocketAddr> {
-        self.nodes.get(index).map(|n| n.handle.local_addr())
-    }
-
-    /// Live workers of node `index`.
-    pub fn worker_count(&self, index: usize) -> usize {
-        self.nodes.get(index).map_or(0, |n| n.handle.worker_count())
-    }
-
-    /// Waits until node `index` has an id other than `previous` (it joined
-    /// again after the head restarted or fenced it).
-    pub async fn wait_node_rejoined(&self, index: usize, previous: NodeId) -> Result<NodeId> {
-        let node = self.node(index)?;
-        Ok(node.handle.clone().joined_other_than(Some(previous)).await)
-    }
-
-    fn node(&self, index: usize) -> Result<&LocalNode> {
-        self.nodes
-            .get(index)
-            .ok_or_else(|| Error::NotFound(format!("no local node {index}")))
-    }
-
-    /// Kills node `index` abruptly: its tasks are dropped mid-flight and it
-    /// never says goodbye, as if its process had been SIGKILLed. The head
-    /// notices only by its silence.
-    pub async fn kill_node(&mut self, index: usize) -> Result<NodeId> {
-        let node = self
-            .nodes
-            .get_mut(index)
-            .ok_or_else(|| Error::NotFound(format!("no local node {index}")))?;
-        let id = node
-            .handle
-            .node_id()
-            .ok_or_else(|| Error::NotFound(format!("node {index} never joined")))?;
-        if let Some(running) = node.running.take() {
-            // Abort first and wait until the task is gone: the node must not
-            // say goodbye. Cancelling while an abort is still pending lets a
-            // poll already under way see the cancellation and send its
-            // UnregisterNode. Then cancel, so the connection tasks it spawned
-            // stop serving too.
-            running.task.abort();
-            let _ = running.task.await;
-            running.shutdown.cancel();
-        }
-        Ok(id)
-    }
-
-    /// Stops node `index` gracefully: it tells the head it is leaving.
-    pub async fn stop_node(&mut self, index: usize) -> Result<()> {
-        let node = self
-            .nodes
-            .get_mut(index)
-            .ok_or_else(|| Error::NotFound(format!("no local node {index}")))?;
-        if let Some(running) = node.running.take() {
-            running.stop().await;
-        }
-        Ok(())
-    }
-
-    /// Stops the head (gracefully) and starts a new one on the same address
-    /// with the same identity: nodes reconnect and join again as new nodes.
-    pub async fn restart_head(&mut self) -> Result<()> {
-        if let Some(head) = self.head.take() {
-            head.stop().await;
-        }
-        let config = HeadConfig {
-            listen: self.head_addr,
-            heartbeat_interval: self.config.heartbeat_interval,
-            node_timeout: self.config.node_timeout,
-            limits: self.config.limits.clone(),
-            ..HeadConfig::default()
-        };
-        // The stopped head's socket is released by quinn's endpoint driver,
-        // a task that ends a moment after the head does: poll the bind until
-        // the port is free again, with a deadline.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        let head = loop {
-            match Head::bind(config.clone(), self.identity.clone()) {
-                Err(shoal_head::HeadError::Bind { source, .. })
-                    if source.kind() == std::io::ErrorKind::AddrInUse
-                        && tokio::time::Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                bound => break bound?,
-            }
-        };
-        self.head = Some(spawn(|token| head.run(token)));
-        Ok(())
-    }
-
-    /// Stops every node, then the head.
-    pub async fn shutdown(mut self) {
-        for node in &mut self.nodes {
-            if let Some(running) = node.running.take() {
-                running.stop().await;
-            }
-        }
-        if let Some(head) = self.head.take() {
-            head.stop().await;
-        }
-    }
-}
-
-impl Drop for LocalCluster {
-    fn drop(&mut self) {
-        // Dropped without shutdown (a test that failed): end every task now.
-        for node in &mut self.nodes {
-            if let Some(running) = node.running.take() {
-                running.shutdown.cancel();
-                running.task.abort();
-            }
-        }
-        if let Some(head) = self.head.take() {
-            head.shutdown.cancel();
-            head.task.abort();
-        }
-    }
-}
-
-fn spawn<F, Fut>(run: F) -> Running
-where
-    F: FnOnce(CancellationToken) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(run(shutdown.clone()));
-    Running { shutdown, task }
-}
-
-impl Running {
-    async fn stop(self) {
-        self.shutdown.cancel();
-        let _ = self.task.await;
+        let node_id: NodeId = lookup("SHOAL_NODE_ID")?
+            .parse()
+            .map_err(|_| "bad SHOAL_NODE_ID")?;
+        let token: JoinToken = lookup("SHOAL_TOKEN")?.parse().map_err(|e| format!("{e}"))?;
+        let limits = NetLimits::default();
+        let cert = tls::self_signed(WORKER_SERVER_NAME).map_err(|e| e.to_string())?;
+        let server = tls::server_config(&cert)
+            .and_then(|tls| endpoint::server_config(tls, &limits))
+            .map_err(|e| e.to_string())?;
+        let ep = endpoint::endpoint(([127, 0, 0, 1], 0).into(), Some(server), &limits)
+            .map_err(|e| e.to_string())?;
+        let address = ep.local_addr().map_err(|e| e.to_string())?.to_string();
+        let stop = CancellationToken::new();
+        let service = Arc::new(WorkerService::<Core>::new(Some(Executor {
+            node_id,
+            worker_id: spec.worker_id,
+        })));
+        let auth = Arc::new(ServerAuth::new(
+            token,
+            vec![Role::Driver, Role::Worker, Role::Node],
+        ));
+        let task = tokio::spawn(shoal_net::rpc::serve(
+            ep,
+            service,
+            auth,
+            limits,
+            Arc::new(HandshakeStats::default()),
+            stop.clone(),
+        ));
+        Ok(Launched {
+            pid: None,
+            exited: Box::pin(async move {
+                let _ = task.await;
+                "thread worker stopped".to_string()
+            }),
+            kill: Box::new(move || stop.cancel()),
+            address: Some(address),
+        })
     }
 }

@@ -1,19 +1,15 @@
-//! Worker mode: the job's executable re-run by a node daemon, and the
-//! thread workers of local mode. Each serves the worker service of
-//! `crate::worker` over this process's `Core`.
+//! Worker mode: the job's executable re-run by a node daemon, serving the
+//! worker service of `crate::worker` over this process's `Core`. (Local
+//! mode's thread workers are in `crate::local`.)
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use shoal_net::handshake::{HandshakeStats, ServerAuth};
-use shoal_net::{endpoint, tls, JoinToken, NetLimits};
-use shoal_node::{LaunchSpec, Launched, WorkerLauncher};
+use shoal_net::JoinToken;
 use shoal_proto::{JobId, NodeId, NodeRequest, Role, WorkerId};
-use tokio_util::sync::CancellationToken;
 
-use crate::core::{self, Core, CoreSetup, HomeNode, WORKER_SERVER_NAME};
+use crate::core::{self, Core, CoreSetup, HomeNode};
 use crate::error::{Error, Result};
-use crate::worker::service::WorkerService;
 use crate::worker::Executor;
 
 /// If this process was started as a worker, runs the worker loop and exits;
@@ -119,64 +115,4 @@ fn worker_main() -> Result<()> {
             }
         }
     })
-}
-
-/// Starts local-mode workers as tasks of this process: each serves the
-/// worker service on its own loopback endpoint, and runs sync functions on
-/// blocking threads.
-#[derive(Debug, Default)]
-pub(crate) struct ThreadLauncher;
-
-impl WorkerLauncher for ThreadLauncher {
-    fn needs_executable(&self) -> bool {
-        false
-    }
-
-    fn launch(&self, spec: LaunchSpec) -> std::result::Result<Launched, String> {
-        let lookup = |key: &str| {
-            spec.env
-                .iter()
-                .find(|(k, _)| k == key)
-                .map(|(_, v)| v.clone())
-                .ok_or(format!("no {key} for the worker"))
-        };
-        let node_id: NodeId = lookup("SHOAL_NODE_ID")?
-            .parse()
-            .map_err(|_| "bad SHOAL_NODE_ID")?;
-        let token: JoinToken = lookup("SHOAL_TOKEN")?.parse().map_err(|e| format!("{e}"))?;
-        let limits = NetLimits::default();
-        let cert = tls::self_signed(WORKER_SERVER_NAME).map_err(|e| e.to_string())?;
-        let server = tls::server_config(&cert)
-            .and_then(|tls| endpoint::server_config(tls, &limits))
-            .map_err(|e| e.to_string())?;
-        let ep = endpoint::endpoint(([127, 0, 0, 1], 0).into(), Some(server), &limits)
-            .map_err(|e| e.to_string())?;
-        let address = ep.local_addr().map_err(|e| e.to_string())?.to_string();
-        let stop = CancellationToken::new();
-        let service = Arc::new(WorkerService::<Core>::new(Some(Executor {
-            node_id,
-            worker_id: spec.worker_id,
-        })));
-        let auth = Arc::new(ServerAuth::new(
-            token,
-            vec![Role::Driver, Role::Worker, Role::Node],
-        ));
-        let task = tokio::spawn(shoal_net::rpc::serve(
-            ep,
-            service,
-            auth,
-            limits,
-            Arc::new(HandshakeStats::default()),
-            stop.clone(),
-        ));
-        Ok(Launched {
-            pid: None,
-            exited: Box::pin(async move {
-                let _ = task.await;
-                "thread worker stopped".to_string()
-            }),
-            kill: Box::new(move || stop.cancel()),
-            address: Some(address),
-        })
-    }
 }

@@ -29,7 +29,7 @@ pub(crate) use lease::{
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU32;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -123,10 +123,14 @@ pub(crate) enum Ports {
 }
 
 impl Ports {
-    /// `LO-HI`, as a node hands it to its workers.
+    /// `LO-HI` with `1 <= LO <= HI`, as a node hands it to its workers
+    /// (what `shoal_node::config::parse_port_range` accepts; parsed here so
+    /// the SDK builds without the node daemon).
     pub(crate) fn parse_range(text: &str) -> Option<Ports> {
-        let (lo, hi) = shoal_node::config::parse_port_range(text).ok()?;
-        Some(Ports::Range(lo, hi))
+        let (lo, hi) = text.split_once('-')?;
+        let lo: u16 = lo.trim().parse().ok()?;
+        let hi: u16 = hi.trim().parse().ok()?;
+        (lo != 0 && lo <= hi).then_some(Ports::Range(lo, hi))
     }
 }
 
@@ -174,7 +178,8 @@ pub(crate) struct Core {
     /// Deletes of freed objects under way: shutdown waits for them.
     deletes: tokio_util::task::TaskTracker,
     /// Keeps the in-process cluster of local mode alive.
-    pub(crate) local: Mutex<Option<crate::local::LocalCluster>>,
+    #[cfg(feature = "local")]
+    pub(crate) local: std::sync::Mutex<Option<shoal_local::LocalCluster>>,
 }
 
 /// What [`Core::connect`] needs.
@@ -286,7 +291,8 @@ impl Core {
             shutdown: shutdown.clone(),
             stopping: CancellationToken::new(),
             deletes: tokio_util::task::TaskTracker::new(),
-            local: Mutex::new(None),
+            #[cfg(feature = "local")]
+            local: std::sync::Mutex::new(None),
         });
         let service = Arc::new(worker::service::WorkerService::<Core>::new(setup.executor));
         let server_auth = Arc::new(ServerAuth::new(
@@ -611,4 +617,53 @@ async fn find_home(head: &HeadClient) -> Result<HomeNode> {
         address: pick.address.clone(),
         same_host: pick.host_id == host,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Ports;
+
+    #[test]
+    fn a_port_range_reads_as_the_node_writes_it() {
+        assert_eq!(
+            Ports::parse_range("10002-10999"),
+            Some(Ports::Range(10002, 10999))
+        );
+        assert_eq!(
+            Ports::parse_range("7000-7000"),
+            Some(Ports::Range(7000, 7000))
+        );
+        for bad in ["", "7000", "0-10", "10-9", "1-65536", "a-b", "-5", "5-"] {
+            assert_eq!(Ports::parse_range(bad), None, "{bad:?}");
+        }
+    }
+
+    /// The node's own parser (which checks `--worker-port-range`) and this
+    /// one agree.
+    #[cfg(feature = "local")]
+    #[test]
+    fn the_port_range_parser_agrees_with_the_nodes() {
+        for text in [
+            "10002-10999",
+            "7000-7000",
+            " 1 - 2 ",
+            "",
+            "7000",
+            "0-10",
+            "10-9",
+            "1-65536",
+            "a-b",
+            "-5",
+            "5-",
+            "1-2-3",
+            "65535-65535",
+        ] {
+            let node = shoal_node::config::parse_port_range(text).ok();
+            let ours = Ports::parse_range(text).map(|p| match p {
+                Ports::Range(lo, hi) => (lo, hi),
+                other => panic!("{other:?}"),
+            });
+            assert_eq!(ours, node, "{text:?}");
+        }
+    }
 }
