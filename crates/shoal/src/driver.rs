@@ -1,6 +1,7 @@
 //! Starting Shoal in a driver: connecting to a cluster, or starting a local
 //! one; and the guard that ends the job.
 
+use shoal_net::sync::MutexExt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -28,7 +29,7 @@ impl Drop for Shoal {
                 core2.shut_down().await;
                 #[cfg(feature = "local")]
                 {
-                    let local = core2.local.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    let local = core2.local.locked().take();
                     if let Some(cluster) = local {
                         cluster.shutdown().await;
                     }
@@ -110,7 +111,7 @@ async fn start_driver(config: Config) -> Result<Arc<core::Core>> {
     .await?;
     #[cfg(feature = "local")]
     {
-        *core.local.lock().unwrap_or_else(|e| e.into_inner()) = joining.local;
+        *core.local.locked() = joining.local;
     }
     Ok(core)
 }

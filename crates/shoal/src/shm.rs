@@ -8,6 +8,7 @@
 
 #![allow(unsafe_code)]
 
+use shoal_net::sync::MutexExt;
 use std::cell::RefCell;
 use std::fs::File;
 use std::ops::{Deref, Range};
@@ -129,7 +130,7 @@ impl WriteMaps {
         }
         let key = (meta.dev(), meta.ino());
         let reused = {
-            let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+            let mut kept = self.kept.locked();
             kept.maps.retain(|m| m.key == key || m.file_is_linked());
             let at = kept.maps.iter().position(|m| m.key == key);
             at.map(|i| kept.maps.swap_remove(i))
@@ -176,7 +177,7 @@ impl WriteMaps {
     /// Keeps a mapping (the oldest go past the bounds); true when no task
     /// sweeps yet.
     fn keep(&self, entry: WriteMap) -> bool {
-        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        let mut kept = self.kept.locked();
         kept.maps.push(entry);
         let mut bytes: u64 = kept.maps.iter().map(|m| m.map.len() as u64).sum();
         while kept.maps.len() > WRITE_MAPS_KEPT || bytes > WRITE_MAPS_BYTES {
@@ -188,7 +189,7 @@ impl WriteMaps {
     /// Drops the mappings of files the store removed. False when none is
     /// left: the sweeping task ends (the next kept mapping starts one).
     pub(crate) fn sweep(&self) -> bool {
-        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        let mut kept = self.kept.locked();
         kept.maps.retain(WriteMap::file_is_linked);
         kept.swept = !kept.maps.is_empty();
         kept.swept
@@ -197,11 +198,7 @@ impl WriteMaps {
     /// Mappings kept.
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.kept
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .maps
-            .len()
+        self.kept.locked().maps.len()
     }
 }
 

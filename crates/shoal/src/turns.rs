@@ -5,6 +5,7 @@
 //! queued that is a million wake-ups for a thousand calls); here an advance
 //! wakes only the waiters whose turn has come.
 
+use shoal_net::sync::MutexExt;
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
@@ -26,7 +27,7 @@ struct Inner {
 
 impl Turns {
     fn inner(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.locked()
     }
 
     /// Waits until every number below `seq` has passed its turn.

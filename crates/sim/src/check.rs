@@ -75,7 +75,11 @@ pub fn at_end(sim: &mut Sim, finished: bool) {
         return;
     }
     for (task, result) in sim.truth.results.clone() {
-        let fanout = if task.is_multiple_of(4) { sim.config.fanout } else { 0 };
+        let fanout = if task.is_multiple_of(4) {
+            sim.config.fanout
+        } else {
+            0
+        };
         let want = expected(task as i64, fanout);
         match result {
             Ok(value) if value != want => {

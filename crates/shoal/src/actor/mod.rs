@@ -26,6 +26,7 @@ mod create;
 mod options;
 mod outbox;
 
+use shoal_net::sync::MutexExt;
 use std::marker::PhantomData;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -311,7 +312,7 @@ struct Caller {
 
 impl Caller {
     fn outbox(&self) -> MutexGuard<'_, Outbox<Arc<Route>>> {
-        self.outbox.lock().unwrap_or_else(|e| e.into_inner())
+        self.outbox.locked()
     }
 
     fn location(&self) -> Arc<Location> {

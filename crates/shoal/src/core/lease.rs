@@ -2,6 +2,7 @@
 //! into workers through their nodes, gives them back, and keeps the
 //! machine's timers. Every decision is the machine's.
 
+use shoal_net::sync::MutexExt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -64,7 +65,7 @@ pub(crate) struct LeaseManager {
 
 impl LeaseManager {
     fn machine(&self) -> MutexGuard<'_, Machine> {
-        self.machine.lock().unwrap_or_else(|e| e.into_inner())
+        self.machine.locked()
     }
 
     /// A new lease request's id (for requests made outside the machine,

@@ -524,15 +524,7 @@ fn bind_endpoint(
 fn executable_hash() -> Result<String> {
     let bytes = std::fs::read("/proc/self/exe")
         .map_err(|e| Error::NotInitialized(format!("cannot read this executable: {e}")))?;
-    Ok(sha256_hex(&bytes))
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, bytes)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Ok(shoal_net::digest::sha256_hex(&bytes))
 }
 
 async fn register_job(head: &HeadClient, me: &Address, hash: &str, upload: bool) -> Result<JobId> {

@@ -2,6 +2,7 @@
 //! arguments, takes places on leased workers, pushes tasks and waits for
 //! their replies; whether to retry, rebuild or finish is the machine's.
 
+use shoal_net::sync::MutexExt;
 use std::sync::{Arc, Mutex};
 
 use shoal_proto::{
@@ -69,11 +70,7 @@ impl Core {
                 return Err(lost(format!("{why}; its task's retries are used up")));
             };
             warn!(%id, function = lineage.function.name, "a task's result was lost with its node; running the task again");
-            let args = lineage
-                .args
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
+            let args = lineage.args.locked().clone();
             let run = TaskRun::new(
                 (lineage.task_id, lineage.function.name),
                 (
@@ -94,7 +91,7 @@ impl Core {
                 Rebuilt::ArgsLost => {
                     // Rebuild the arguments this process owns, then retry.
                     let rebuilt = Box::pin(self.reconstruct_args(&args)).await;
-                    *lineage.args.lock().unwrap_or_else(|e| e.into_inner()) = rebuilt;
+                    *lineage.args.locked() = rebuilt;
                 }
                 Rebuilt::Failed(f) => return Err(Error::from_failure(f)),
                 Rebuilt::Unexpected(other) => {

@@ -18,6 +18,7 @@
 //! elsewhere, callers move to the actor's next incarnation), and results
 //! that node's workers send later are rejected ([`Watches::is_dead`]).
 
+use shoal_net::sync::MutexExt;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -73,7 +74,7 @@ struct NodeWatch {
 
 impl NodeWatch {
     fn workers(&self) -> MutexGuard<'_, HashMap<WorkerId, Vec<CancellationToken>>> {
-        self.workers.lock().unwrap_or_else(|e| e.into_inner())
+        self.workers.locked()
     }
 
     /// Drops watches nobody waits on; the workers still watched.
@@ -90,7 +91,7 @@ impl NodeWatch {
     /// leased under that id, and (unless `known_only`) those whose node id
     /// is not known.
     fn of_node(&self, node_id: NodeId, known_only: bool) -> Vec<WorkerId> {
-        let ids = self.node_ids.lock().unwrap_or_else(|e| e.into_inner());
+        let ids = self.node_ids.locked();
         self.workers()
             .keys()
             .filter(|w| match ids.get(w) {
@@ -104,7 +105,7 @@ impl NodeWatch {
     /// Tells the watchers of `exited` that their worker is gone.
     fn exited(&self, exited: &[WorkerId]) {
         {
-            let mut ids = self.node_ids.lock().unwrap_or_else(|e| e.into_inner());
+            let mut ids = self.node_ids.locked();
             for worker in exited {
                 ids.remove(worker);
             }
@@ -140,7 +141,7 @@ pub(crate) struct Watches {
 
 impl Watches {
     fn nodes(&self) -> MutexGuard<'_, HashMap<String, Arc<NodeWatch>>> {
-        self.nodes.lock().unwrap_or_else(|e| e.into_inner())
+        self.nodes.locked()
     }
 
     /// Cancels `gone` when worker `worker` of the node at `node` exits (or
@@ -177,11 +178,7 @@ impl Watches {
         };
         watch.workers().entry(worker).or_default().push(gone);
         if let Some(id) = node_id {
-            watch
-                .node_ids
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(worker, id);
+            watch.node_ids.locked().insert(worker, id);
         }
         drop(nodes);
         if first {
@@ -195,11 +192,7 @@ impl Watches {
     /// Whether the head declared node `node_id` dead: its workers' results
     /// are not to be used.
     pub(crate) fn is_dead(&self, node_id: NodeId) -> bool {
-        self.dead
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .0
-            .contains(&node_id)
+        self.dead.locked().0.contains(&node_id)
     }
 
     /// The head declared node `node_id` (at `address`) dead: its workers are
@@ -209,7 +202,7 @@ impl Watches {
     /// may serve the node's next incarnation by now.
     fn node_died(&self, node_id: NodeId, address: &str, old: bool) {
         {
-            let mut dead = self.dead.lock().unwrap_or_else(|e| e.into_inner());
+            let mut dead = self.dead.locked();
             if !dead.0.insert(node_id) {
                 return;
             }

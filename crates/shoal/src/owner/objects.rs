@@ -9,6 +9,7 @@
 //! dropped, unless a reference escaped (was serialized into another
 //! process's hands): then it is kept until the job ends.
 
+use shoal_net::sync::MutexExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -44,7 +45,7 @@ pub struct Slot {
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // No code under these locks can panic midway through a change.
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
+    mutex.locked()
 }
 
 impl Slot {

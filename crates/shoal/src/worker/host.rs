@@ -3,6 +3,7 @@
 //! actor's lock: `&mut self` methods alone, `&self` ones up to
 //! `max_concurrency` at once.
 
+use shoal_net::sync::MutexExt;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -49,7 +50,7 @@ struct CallerLine {
 
 impl CallerLine {
     fn kept(&self) -> MutexGuard<'_, KeptReplies<TaskReply>> {
-        self.kept.lock().unwrap_or_else(|e| e.into_inner())
+        self.kept.locked()
     }
 
     /// Whether some run of call `seq` has taken its turn.
@@ -259,7 +260,7 @@ impl Host {
 impl Hosted {
     /// The line of `caller`'s calls (made at its first call).
     fn line(&self, caller: WorkerId) -> Arc<CallerLine> {
-        let mut callers = self.callers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut callers = self.callers.locked();
         Arc::clone(callers.entry(caller).or_default())
     }
 

@@ -1,6 +1,7 @@
 //! An actor's own threads: calls of an actor of sync methods queue on
 //! them in order, so back-to-back calls cost no thread hand-offs.
 
+use shoal_net::sync::MutexExt;
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -77,7 +78,7 @@ impl Lane {
                     class.rsplit("::").next().unwrap_or(class)
                 ))
                 .spawn(move || loop {
-                    let job = queue.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    let job = queue.locked().recv();
                     match job {
                         Ok(job) => job(),
                         Err(_) => return,
