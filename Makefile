@@ -6,7 +6,7 @@ CARGO ?= cargo
 export CARGO_BUILD_JOBS ?= 2
 SHOAL := target/debug/shoal
 
-.PHONY: build test lint fmt demo demo-cluster bench chaos clean
+.PHONY: build test lint fmt demo demo-cluster bench chaos sim clean
 
 build:
 	$(CARGO) build --workspace
@@ -35,6 +35,16 @@ chaos: build
 	SHOAL_CHAOS=full $(CARGO) test -p shoal-integration-tests --test chaos -- --test-threads=1 --nocapture
 	$(CARGO) test -p shoal-integration-tests --test processes a_node_declared_dead -- --nocapture
 	$(CARGO) test -p shoal-integration-tests --test faults -- --nocapture
+
+# The deterministic cluster simulation (crates/sim): `make sim SEED=N` runs
+# one seed and prints `seed N: trace <hash>, <k> events, invariants ok` (or
+# the broken invariant and its step); `make sim SEEDS=N` runs seeds 0..N and
+# lists the failing ones. SHOAL_SIM_TRACE=1 prints every event.
+SEEDS ?= 200
+sim:
+	$(CARGO) build -p shoal-sim
+	@if [ -n "$(SEED)" ]; then target/debug/shoal-sim --seed $(SEED); \
+	else target/debug/shoal-sim --seeds $(SEEDS) --quiet; fi
 
 # A real job in local mode (no cluster to set up): word count as MapReduce
 # over a text generated on the spot, checked against a sequential count.

@@ -208,11 +208,17 @@ impl Sim {
                     }
                 }
             }
-            Msg::ReturnLease { lease } => {
+            Msg::ReturnLease { tag, lease } => {
+                self.send(HEAD, from, Msg::Ack { tag });
                 self.scheduler_release(lease);
                 self.head_retry_held();
             }
-            Msg::SetBlocked { lease, blocked } => {
+            Msg::SetBlocked {
+                tag,
+                lease,
+                blocked,
+            } => {
+                self.send(HEAD, from, Msg::Ack { tag });
                 if let Some(id) = self.scheduler_id(lease) {
                     self.head.scheduler.set_blocked(id, blocked);
                 }
@@ -545,7 +551,13 @@ impl Sim {
                     Msg::WorkerGranted { tag, worker: pid },
                 );
             }
-            Msg::ReleaseWorker { lease, .. } | Msg::KillLease { lease } => {
+            Msg::ReleaseWorker { tag, lease, .. } => {
+                self.send(node_pid(node), from, Msg::Ack { tag });
+                if let Some(pid) = self.nodes[node].workers.remove(&lease) {
+                    self.kill_worker(pid, true);
+                }
+            }
+            Msg::KillLease { lease } => {
                 if let Some(pid) = self.nodes[node].workers.remove(&lease) {
                     self.kill_worker(pid, true);
                 }

@@ -18,6 +18,9 @@ struct Args {
     /// The first seed of `--seeds`.
     #[arg(long, default_value_t = 0)]
     first: u64,
+    /// With `--seeds`: print only the failing seeds and the summary.
+    #[arg(long)]
+    quiet: bool,
 }
 
 fn main() {
@@ -26,9 +29,11 @@ fn main() {
         let mut failed = Vec::new();
         for seed in args.first..args.first + count {
             let report = shoal_sim::run(seed);
-            println!("{report}");
             if report.violation.is_some() {
                 failed.push(seed);
+                println!("{report}");
+            } else if !args.quiet {
+                println!("{report}");
             }
         }
         if failed.is_empty() {

@@ -62,9 +62,11 @@ pub enum Msg {
         tag: Tag,
     },
     ReturnLease {
+        tag: Tag,
         lease: u64,
     },
     SetBlocked {
+        tag: Tag,
         lease: u64,
         blocked: bool,
     },
@@ -86,8 +88,13 @@ pub enum Msg {
         tag: Tag,
     },
     ReleaseWorker {
+        tag: Tag,
         lease: u64,
         kill: bool,
+    },
+    /// The answer to an idempotent control request.
+    Ack {
+        tag: Tag,
     },
 
     // Owners and workers.
@@ -160,7 +167,10 @@ impl Msg {
             | Msg::GrantWorker { tag, .. }
             | Msg::Push { tag, .. }
             | Msg::GetActor { tag, .. }
-            | Msg::ActorCall { tag, .. } => Some(*tag),
+            | Msg::ActorCall { tag, .. }
+            | Msg::ReturnLease { tag, .. }
+            | Msg::SetBlocked { tag, .. }
+            | Msg::ReleaseWorker { tag, .. } => Some(*tag),
             _ => None,
         }
     }
@@ -176,9 +186,22 @@ impl Msg {
             | Msg::ActorAt { tag, .. }
             | Msg::ActorNotYet { tag }
             | Msg::ActorGone { tag }
-            | Msg::ActorReply { tag, .. } => Some(*tag),
+            | Msg::ActorReply { tag, .. }
+            | Msg::Ack { tag } => Some(*tag),
             _ => None,
         }
+    }
+
+    /// The same request under another tag (a retry).
+    pub fn with_tag(&self, new: Tag) -> Msg {
+        let mut msg = self.clone();
+        match &mut msg {
+            Msg::ReturnLease { tag, .. }
+            | Msg::SetBlocked { tag, .. }
+            | Msg::ReleaseWorker { tag, .. } => *tag = new,
+            _ => {}
+        }
+        msg
     }
 }
 
@@ -195,6 +218,14 @@ pub enum Timer {
     /// A lease request is due (the machine's pause is over).
     Ask {
         key: u64,
+    },
+    /// Send an idempotent control request again.
+    Retry {
+        tag: Tag,
+    },
+    /// Ask again to give up a lease request.
+    Abandon {
+        request_id: u64,
     },
     /// A lease's idle clock ran out.
     Idle {

@@ -44,7 +44,8 @@ pub struct Owner {
     asks_due: BTreeMap<u64, Ask>,
     next_ask: u64,
     asks: BTreeMap<Tag, Ask>,
-    abandons: BTreeSet<Tag>,
+    /// Abandon requests out, with the request id they give up.
+    abandons: BTreeMap<Tag, u64>,
     grants: BTreeMap<Tag, (Ask, u64, usize, NodeNo, bool)>,
     pushes: BTreeMap<Tag, (u64, Place<Held>)>,
     pub dead: BTreeSet<NodeNo>,
@@ -61,7 +62,7 @@ impl Owner {
             asks_due: BTreeMap::new(),
             next_ask: 0,
             asks: BTreeMap::new(),
-            abandons: BTreeSet::new(),
+            abandons: BTreeMap::new(),
             grants: BTreeMap::new(),
             pushes: BTreeMap::new(),
             dead: BTreeSet::new(),
@@ -104,6 +105,10 @@ pub struct Worker {
     queue: VecDeque<Job>,
     running: Option<Job>,
     pub actor: Option<Host>,
+    /// Blocked transitions to tell the head, one at a time in order (the
+    /// SDK awaits each before the next), and whether one is out.
+    blocked_queue: VecDeque<bool>,
+    blocked_out: bool,
 }
 
 impl Worker {
@@ -118,6 +123,8 @@ impl Worker {
             queue: VecDeque::new(),
             running: None,
             actor: None,
+            blocked_queue: VecDeque::new(),
+            blocked_out: false,
         }
     }
 
@@ -236,46 +243,49 @@ impl Sim {
                     self.timer(pid, after, Timer::Ask { key });
                 }
                 Command::WarnInfeasible(_) => self.note(format!("{pid:?} infeasible")),
-                Command::Return { worker, .. } => {
-                    self.send(
-                        pid,
-                        node_pid(worker.node),
-                        Msg::ReleaseWorker {
-                            lease: worker.lease,
-                            kill: false,
-                        },
-                    );
-                    self.send(
-                        pid,
-                        HEAD,
-                        Msg::ReturnLease {
-                            lease: worker.lease,
-                        },
-                    );
-                }
+                Command::Return { worker, kill } => self.return_lease(pid, &worker, kill),
                 Command::ArmIdle {
                     lease_id, epoch, ..
                 } => {
                     let lease = lease_id.as_uuid().as_u128() as u64;
                     self.timer(pid, 10 * MS, Timer::Idle { lease, epoch });
                 }
-                Command::Abandon(ask) => {
-                    let tag = self.tag();
-                    let owner_node = self.owners.get(&pid).and_then(|o| o.node);
-                    self.owner(pid).abandons.insert(tag);
-                    self.send(
-                        pid,
-                        HEAD,
-                        Msg::RequestLease {
-                            tag,
-                            request_id: ask.request_id,
-                            owner_node,
-                            wait: false,
-                        },
-                    );
-                }
+                Command::Abandon(ask) => self.owner_abandon(pid, ask.request_id),
             }
         }
+    }
+
+    /// Gives a lease back: its node releases (or stops) the worker and the
+    /// head gets the resources back, each asked until answered (4 tries).
+    fn return_lease(&mut self, pid: Pid, worker: &Held, kill: bool) {
+        let lease = worker.lease;
+        self.control(pid, node_pid(worker.node), |tag| Msg::ReleaseWorker {
+            tag,
+            lease,
+            kill,
+        });
+        self.control(pid, HEAD, |tag| Msg::ReturnLease { tag, lease });
+    }
+
+    /// Asks under `request_id` without waiting, until the head answers,
+    /// and returns what it grants.
+    pub fn owner_abandon(&mut self, pid: Pid, request_id: u64) {
+        if !self.is_alive(pid) {
+            return;
+        }
+        let tag = self.tag();
+        let owner_node = self.owners.get(&pid).and_then(|o| o.node);
+        self.owner(pid).abandons.insert(tag, request_id);
+        self.send(
+            pid,
+            HEAD,
+            Msg::RequestLease {
+                tag,
+                request_id,
+                owner_node,
+                wait: false,
+            },
+        );
     }
 
     pub fn owner_ask_due(&mut self, pid: Pid, key: u64) {
@@ -337,8 +347,8 @@ impl Sim {
                 node_id,
                 room,
             } => {
-                if self.owner(pid).abandons.remove(&tag) {
-                    self.send(pid, HEAD, Msg::ReturnLease { lease });
+                if self.owner(pid).abandons.remove(&tag).is_some() {
+                    self.control(pid, HEAD, |tag| Msg::ReturnLease { tag, lease });
                     return;
                 }
                 let Some(ask) = self.owner(pid).asks.get(&tag).cloned() else {
@@ -360,6 +370,9 @@ impl Sim {
                 );
             }
             Msg::LeasePending { tag } => {
+                if self.owner(pid).abandons.remove(&tag).is_some() {
+                    return;
+                }
                 self.owner_answered(pid, tag, Answer::Pending { infeasible: false })
             }
             Msg::WorkerGranted { tag, worker } => {
@@ -375,7 +388,7 @@ impl Sim {
                 };
                 if self.owner(pid).dead.contains(&node_id) {
                     // Granted on a node declared dead since: no use.
-                    self.send(pid, HEAD, Msg::ReturnLease { lease });
+                    self.control(pid, HEAD, |tag| Msg::ReturnLease { tag, lease });
                     let mut out = Vec::new();
                     self.owner(pid).leases.grant_failed(ask, &mut out);
                     self.owner_carry_out(pid, out);
@@ -416,8 +429,9 @@ impl Sim {
                     self.owner_grant_failed(pid, tag);
                 } else if let Some((key, place)) = o.pushes.remove(&tag) {
                     self.owner_tried(pid, key, place, Tried::Lost("connection lost".into()));
-                } else {
-                    o.abandons.remove(&tag);
+                } else if let Some(request_id) = o.abandons.remove(&tag) {
+                    let pause = self.rng.range(50 * MS, 500 * MS);
+                    self.timer(pid, pause, Timer::Abandon { request_id });
                 }
             }
             Msg::NodeDied { node_id } => {
@@ -450,12 +464,12 @@ impl Sim {
         let Some((ask, lease, node, _, _)) = self.owner(pid).grants.remove(&tag) else {
             return;
         };
-        self.send(
-            pid,
-            node_pid(node),
-            Msg::ReleaseWorker { lease, kill: true },
-        );
-        self.send(pid, HEAD, Msg::ReturnLease { lease });
+        self.control(pid, node_pid(node), |tag| Msg::ReleaseWorker {
+            tag,
+            lease,
+            kill: true,
+        });
+        self.control(pid, HEAD, |tag| Msg::ReturnLease { tag, lease });
         let mut out = Vec::new();
         self.owner(pid).leases.grant_failed(ask, &mut out);
         self.owner_carry_out(pid, out);
@@ -584,17 +598,45 @@ impl Sim {
         self.owners
             .entry(pid)
             .or_insert_with(|| Owner::new(pid, Some(node_id)));
-        self.send(
-            pid,
-            HEAD,
-            Msg::SetBlocked {
-                lease,
-                blocked: true,
-            },
-        );
+        self.worker_set_blocked(pid, lease, true);
         for c in 0..job.fanout {
             let child = self.next_child();
             self.owner_submit(pid, child, job.arg * 10 + i64::from(c), 0);
+        }
+    }
+
+    /// Tells the head this worker's lease is blocked (or not), after the
+    /// transitions told before.
+    fn worker_set_blocked(&mut self, pid: Pid, lease: u64, blocked: bool) {
+        let Some(worker) = self.workers.get_mut(&pid) else {
+            return;
+        };
+        worker.blocked_queue.push_back(blocked);
+        if !worker.blocked_out {
+            self.worker_blocked_next(pid, lease);
+        }
+    }
+
+    fn worker_blocked_next(&mut self, pid: Pid, lease: u64) {
+        let Some(worker) = self.workers.get_mut(&pid) else {
+            return;
+        };
+        let Some(blocked) = worker.blocked_queue.pop_front() else {
+            worker.blocked_out = false;
+            return;
+        };
+        worker.blocked_out = true;
+        self.control(pid, HEAD, |tag| Msg::SetBlocked {
+            tag,
+            lease,
+            blocked,
+        });
+    }
+
+    /// The last blocked transition was answered (or given up).
+    pub fn worker_blocked_done(&mut self, pid: Pid) {
+        if let Some(lease) = self.workers.get(&pid).map(|w| w.lease) {
+            self.worker_blocked_next(pid, lease);
         }
     }
 
@@ -648,14 +690,7 @@ impl Sim {
             return;
         };
         let (lease, node_id) = (worker.lease, worker.node_id);
-        self.send(
-            pid,
-            HEAD,
-            Msg::SetBlocked {
-                lease,
-                blocked: false,
-            },
-        );
+        self.worker_set_blocked(pid, lease, false);
         self.send(
             pid,
             job.from,

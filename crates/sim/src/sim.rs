@@ -42,6 +42,9 @@ pub struct Sim {
     /// fails them, as a connection would.
     pub outstanding: BTreeMap<Pid, BTreeSet<(Pid, Tag)>>,
     pub truth: Truth,
+    /// Idempotent control requests out, as `call_idempotent` makes them:
+    /// (caller, tag) -> (to, request, tries so far).
+    retrying: BTreeMap<(Pid, Tag), (Pid, Msg, u32)>,
     /// The driver as the actor's caller.
     pub caller: crate::actor::Caller,
     next_tag: Tag,
@@ -74,6 +77,7 @@ impl Sim {
             workers: BTreeMap::new(),
             outstanding: BTreeMap::new(),
             truth: Truth::default(),
+            retrying: BTreeMap::new(),
             caller: Default::default(),
             next_tag: 0,
             next_pid: 1000,
@@ -163,6 +167,47 @@ impl Sim {
         }
         let at = self.q.now + delay;
         self.q.at(at, Event::Deliver { from, to, msg });
+    }
+
+    /// Sends an idempotent control request (a lease returned, a worker
+    /// released, a worker blocked): tried up to 4 times, 20 ms apart and
+    /// doubling, as `RpcClient::call_idempotent` does; built by `make` with
+    /// its tag.
+    pub fn control(&mut self, from: Pid, to: Pid, make: impl FnOnce(Tag) -> Msg) {
+        let tag = self.tag();
+        let msg = make(tag);
+        self.retrying.insert((from, tag), (to, msg.clone(), 1));
+        self.send(from, to, msg);
+    }
+
+    /// The answer to a control request, or its loss; true if it was one.
+    fn control_answered(&mut self, pid: Pid, msg: &Msg) -> bool {
+        let (tag, lost) = match msg {
+            Msg::Ack { tag } => (*tag, false),
+            Msg::Lost { tag } => (*tag, true),
+            _ => return false,
+        };
+        let Some((to, request, tries)) = self.retrying.remove(&(pid, tag)) else {
+            return false;
+        };
+        if lost && tries < 4 {
+            let retry = self.tag();
+            self.retrying
+                .insert((pid, retry), (to, request.with_tag(retry), tries + 1));
+            self.timer(pid, 20 * MS << (tries - 1), Timer::Retry { tag: retry });
+        } else if matches!(request, Msg::SetBlocked { .. }) {
+            // The SDK awaits each blocked transition before the next.
+            self.worker_blocked_done(pid);
+        }
+        true
+    }
+
+    fn control_retry(&mut self, pid: Pid, tag: Tag) {
+        if let Some((to, request, _)) = self.retrying.get(&(pid, tag)).cloned() {
+            if self.is_alive(pid) {
+                self.send(pid, to, request);
+            }
+        }
     }
 
     /// Tells `caller` its request `tag` failed, after the time a lost
@@ -341,10 +386,15 @@ impl Sim {
             Timer::TaskEnd => self.worker_task_end(pid),
             Timer::Ask { key } => self.owner_ask_due(pid, key),
             Timer::Idle { lease, epoch } => self.owner_idle(pid, lease, epoch),
+            Timer::Abandon { request_id } => self.owner_abandon(pid, request_id),
+            Timer::Retry { tag } => self.control_retry(pid, tag),
         }
     }
 
     fn process_receive(&mut self, to: Pid, from: Pid, msg: Msg) {
+        if self.control_answered(to, &msg) {
+            return;
+        }
         match msg {
             Msg::Push { .. } | Msg::ActorCall { .. } => self.worker_receive(to, from, msg),
             Msg::ActorAt { .. } | Msg::ActorNotYet { .. } | Msg::ActorGone { .. } => {

@@ -267,14 +267,30 @@ pub(crate) fn lease_request(
 }
 
 /// Gives up a request whose last try got no answer: the head may have
-/// granted it (the reply lost). Asked once more under its id without
-/// waiting, the head answers with that grant, which is returned; else
-/// nothing is held (best effort: the job's end reclaims the rest).
+/// granted it (the reply lost). Asked again under its id without waiting
+/// until the head answers (with backoff, while this process lives): a
+/// grant is returned, else nothing is held. A lease left granted to a
+/// request nobody wants would hold its CPUs until the job ends (the
+/// cluster simulation found a job that waited forever for it).
 pub(crate) async fn abandon_request(core: &Core, mut request: LeaseRequest) {
     request.wait_ms = 0;
     let ask = HeadRequest::RequestLease(request);
-    if let Ok(HeadReply::LeaseGranted(lease)) = core.head.call_idempotent(&ask, LEASE_WAIT).await {
-        return_to_head(core, lease.lease_id).await;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match core.head.call(&ask, LEASE_WAIT).await {
+            Ok(HeadReply::LeaseGranted(lease)) => {
+                return_to_head(core, lease.lease_id).await;
+                return;
+            }
+            Ok(_) => return,
+            Err(e) if !(e.is_worth_retrying() || e.is_connection_lost()) => return,
+            Err(e) => debug!(error = %e, "giving up a lease request; asking again"),
+        }
+        tokio::select! {
+            () = core.shutdown.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
 
