@@ -194,7 +194,7 @@ impl Sim {
             let retry = self.tag();
             self.retrying
                 .insert((pid, retry), (to, request.with_tag(retry), tries + 1));
-            self.timer(pid, 20 * MS << (tries - 1), Timer::Retry { tag: retry });
+            self.timer(pid, (20 * MS) << (tries - 1), Timer::Retry { tag: retry });
         } else if matches!(request, Msg::SetBlocked { .. }) {
             // The SDK awaits each blocked transition before the next.
             self.worker_blocked_done(pid);
