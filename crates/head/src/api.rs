@@ -158,6 +158,7 @@ impl State {
                 wait_ms: 0,
                 request_id: 0,
                 owner_node: None,
+                abandon: false,
             };
             let Decision::Granted(lease) = self.scheduler.request(&live, &request) else {
                 continue;
@@ -417,6 +418,7 @@ impl HeadService {
             match decision {
                 Decision::Granted(lease) => return Ok(HeadReply::LeaseGranted(lease)),
                 Decision::Infeasible => return Ok(HeadReply::LeasePending { infeasible: true }),
+                Decision::Abandoned => return Ok(HeadReply::LeasePending { infeasible: false }),
                 Decision::OwnerGone => {
                     return Err(ServiceError::new(
                         ServiceErrorKind::NotFound,

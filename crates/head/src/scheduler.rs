@@ -41,6 +41,9 @@ pub enum Decision {
     /// Its owner was reported dead, or its owner's node is not live: a
     /// lease granted now would never be returned.
     OwnerGone,
+    /// Its owner gave the request up before it was granted: no try of it
+    /// is granted any more.
+    Abandoned,
 }
 
 #[derive(Clone, Debug)]
@@ -88,6 +91,10 @@ pub struct Scheduler {
     /// granted to a dead owner would never be returned.
     dead_owners: HashSet<WorkerId>,
     dead_order: VecDeque<WorkerId>,
+    /// Requests their owners gave up before a grant (at most
+    /// [`DEAD_OWNERS_KEPT`], oldest first): no try of one is granted.
+    abandoned: HashSet<(WorkerId, u64)>,
+    abandoned_order: VecDeque<(WorkerId, u64)>,
 }
 
 const INFEASIBLE_KEPT: usize = 100;
@@ -152,6 +159,23 @@ impl Scheduler {
             .and_then(|l| l.granted_for.as_ref())
         {
             return Decision::Granted(granted.1.clone());
+        }
+        if let Some(key) = key {
+            if self.abandoned.contains(&key) {
+                return Decision::Abandoned;
+            }
+            // Given up before any grant: a try of it still held (or on its
+            // way) must never be granted, since nobody would return it.
+            if request.abandon {
+                self.abandoned.insert(key);
+                self.abandoned_order.push_back(key);
+                if self.abandoned_order.len() > DEAD_OWNERS_KEPT {
+                    if let Some(old) = self.abandoned_order.pop_front() {
+                        self.abandoned.remove(&old);
+                    }
+                }
+                return Decision::Abandoned;
+            }
         }
         let can_ever_fit = nodes
             .iter()
@@ -436,6 +460,7 @@ mod tests {
             wait_ms: 0,
             request_id: 0,
             owner_node: None,
+            abandon: false,
         }
     }
 
@@ -893,6 +918,7 @@ mod tests {
                     wait_ms: 0,
                     request_id: 0,
                     owner_node: None,
+                    abandon: false,
                 };
                 let feasible = m.live.iter().any(|n| fits_total(n, &req.resources));
                 let roomy: Vec<NodeId> = m
@@ -908,6 +934,7 @@ mod tests {
                 }
                 match decision {
                     Decision::OwnerGone => prop_assert!(false, "owner {owner} is alive"),
+                    Decision::Abandoned => prop_assert!(false, "no request is abandoned here"),
                     Decision::Infeasible => {
                         prop_assert!(!feasible, "a live node fits {:?}", req.resources);
                         let entry = InfeasibleRequest {
@@ -1163,5 +1190,50 @@ mod tests {
         assert!(matches!(s.request(&nodes, &r), Decision::Granted(_)));
         r.request_id = 9;
         assert_eq!(s.request(&nodes[..1], &r), Decision::OwnerGone);
+    }
+
+    #[test]
+    fn an_abandoned_request_held_meanwhile_is_never_granted() {
+        // Found by the cluster simulation (shoal-sim, seed 1777): a lease
+        // request was held while the cluster was full and its reply was
+        // lost; the owner, wanting nothing more, gave the request up (the
+        // head had granted nothing yet); then the held try was granted,
+        // to nobody, and the lease held its CPU until the job ended.
+        let nodes = vec![node(1.0)];
+        let mut s = Scheduler::new();
+        let first = match s.request(&nodes, &request(1.0)) {
+            Decision::Granted(l) => l,
+            d => panic!("{d:?}"),
+        };
+        let mut held = request(1.0);
+        held.owner = WorkerId::from_uuid(uuid_of(3));
+        held.request_id = 7;
+        held.wait_ms = 2000;
+        assert_eq!(s.request(&nodes, &held), Decision::Wait);
+        let abandon = LeaseRequest {
+            abandon: true,
+            wait_ms: 0,
+            ..held.clone()
+        };
+        assert_eq!(s.request(&nodes, &abandon), Decision::Abandoned);
+        assert!(s.release(first.lease_id));
+        assert_eq!(
+            s.request(&nodes, &held),
+            Decision::Abandoned,
+            "the held try"
+        );
+        assert_eq!(s.lease_count(), 0);
+        // Given up after its grant: the grant is answered, to be returned.
+        let mut granted = request(1.0);
+        granted.request_id = 8;
+        let lease = match s.request(&nodes, &granted) {
+            Decision::Granted(l) => l,
+            d => panic!("{d:?}"),
+        };
+        let give_up = LeaseRequest {
+            abandon: true,
+            ..granted
+        };
+        assert_eq!(s.request(&nodes, &give_up), Decision::Granted(lease));
     }
 }

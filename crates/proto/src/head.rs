@@ -364,6 +364,11 @@ pub struct LeaseRequest {
     /// node dies, the lease is reclaimed with it.
     #[serde(default)]
     pub owner_node: Option<NodeId>,
+    /// The owner gives this request (`request_id`) up: its grant, if it
+    /// has one, is answered (for the owner to return); if not, no try of
+    /// the request still held or on its way is ever granted.
+    #[serde(default)]
+    pub abandon: bool,
 }
 
 /// A granted lease.

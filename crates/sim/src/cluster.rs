@@ -198,6 +198,8 @@ impl Sim {
                     wait_ms: if wait { 2000 } else { 0 },
                     request_id,
                     owner_node: owner_node.map(node_id),
+                    // Only an owner giving a request up asks without waiting.
+                    abandon: !wait,
                 };
                 if !self.head_try(tag, from, &request) {
                     if wait {
@@ -307,6 +309,10 @@ impl Sim {
             }
             // Its owner is dead: nobody waits for an answer.
             Decision::OwnerGone => true,
+            Decision::Abandoned => {
+                self.send(HEAD, from, Msg::LeasePending { tag });
+                true
+            }
             Decision::Wait | Decision::Infeasible => false,
         }
     }

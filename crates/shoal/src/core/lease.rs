@@ -263,6 +263,7 @@ pub(crate) fn lease_request(
         wait_ms,
         request_id,
         owner_node: core.hosting_node,
+        abandon: false,
     }
 }
 
@@ -274,6 +275,8 @@ pub(crate) fn lease_request(
 /// cluster simulation found a job that waited forever for it).
 pub(crate) async fn abandon_request(core: &Core, mut request: LeaseRequest) {
     request.wait_ms = 0;
+    // Also stops the head from granting a try of it that it still holds.
+    request.abandon = true;
     let ask = HeadRequest::RequestLease(request);
     let mut backoff = Duration::from_millis(50);
     loop {
