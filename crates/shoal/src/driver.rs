@@ -1,6 +1,7 @@
 //! Starting Shoal in a driver: connecting to a cluster, or starting a local
 //! one; and the guard that ends the job.
 
+#[cfg(feature = "local")]
 use shoal_net::sync::MutexExt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
