@@ -400,18 +400,6 @@ impl HeadService {
                         format!("job {} is not running", request.job_id),
                     ));
                 }
-                // An owner whose node died is dead too (it just has not
-                // noticed): a lease granted to it now, after that node's
-                // leases were reclaimed, would never be returned. A request
-                // held while the cluster was full is answered here.
-                if let Some(node) = request.owner_node {
-                    if state.membership.state(node) != Some(NodeState::Alive) {
-                        return Err(ServiceError::new(
-                            ServiceErrorKind::NotFound,
-                            format!("the owner's node {node} is not alive"),
-                        ));
-                    }
-                }
                 let live = state.live_nodes();
                 state.scheduler.request(&live, &request)
             };
@@ -422,7 +410,10 @@ impl HeadService {
                 Decision::OwnerGone => {
                     return Err(ServiceError::new(
                         ServiceErrorKind::NotFound,
-                        format!("the owner {} was reported dead", request.owner),
+                        format!(
+                            "the owner {} was reported dead, or its node is not alive",
+                            request.owner
+                        ),
                     ))
                 }
                 Decision::Wait => {}

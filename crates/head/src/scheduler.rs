@@ -92,7 +92,7 @@ pub struct Scheduler {
     dead_owners: HashSet<WorkerId>,
     dead_order: VecDeque<WorkerId>,
     /// Requests their owners gave up before a grant (at most
-    /// [`DEAD_OWNERS_KEPT`], oldest first): no try of one is granted.
+    /// [`ABANDONED_KEPT`], oldest first): no try of one is granted.
     abandoned: HashSet<(WorkerId, u64)>,
     abandoned_order: VecDeque<(WorkerId, u64)>,
 }
@@ -101,6 +101,9 @@ const INFEASIBLE_KEPT: usize = 100;
 /// Dead owners remembered: a request of one arrives within seconds of its
 /// death, well before this many other owners die.
 const DEAD_OWNERS_KEPT: usize = 100_000;
+/// Abandoned requests remembered: a held try of one is answered within
+/// seconds of its abandon.
+const ABANDONED_KEPT: usize = 100_000;
 /// Quantities within this of each other are equal (float sums drift).
 const EPSILON: f64 = 1e-9;
 
@@ -147,7 +150,10 @@ impl Scheduler {
         let node_gone = request
             .owner_node
             .is_some_and(|n| !nodes.iter().any(|v| v.node_id == n));
-        if node_gone || self.dead_owners.contains(&request.owner) {
+        // (The head's own requests, for actor restarts, carry no request
+        // id: an actor is placed again whatever became of its creator.)
+        let owner_dead = request.request_id != 0 && self.dead_owners.contains(&request.owner);
+        if node_gone || owner_dead {
             return Decision::OwnerGone;
         }
         // A retry of a request already granted (its reply was lost) gets
@@ -169,7 +175,7 @@ impl Scheduler {
             if request.abandon {
                 self.abandoned.insert(key);
                 self.abandoned_order.push_back(key);
-                if self.abandoned_order.len() > DEAD_OWNERS_KEPT {
+                if self.abandoned_order.len() > ABANDONED_KEPT {
                     if let Some(old) = self.abandoned_order.pop_front() {
                         self.abandoned.remove(&old);
                     }
@@ -928,7 +934,7 @@ mod tests {
                     .map(|n| n.node_id)
                     .collect();
                 let decision = s.request(&m.live, &req);
-                if m.dead_owners.contains(&owner) {
+                if m.dead_owners.contains(&owner) && req.request_id != 0 {
                     prop_assert_eq!(decision, Decision::OwnerGone);
                     return check(s, m);
                 }
@@ -1235,5 +1241,21 @@ mod tests {
             ..granted
         };
         assert_eq!(s.request(&nodes, &give_up), Decision::Granted(lease));
+    }
+
+    #[test]
+    fn the_heads_own_restart_request_is_placed_whatever_became_of_the_creator() {
+        // A review found it: the actor restart path asks under the
+        // creator's id with no request id; a creator that had exited made
+        // its actor wait forever in Restarting.
+        let nodes = vec![node(1.0)];
+        let mut s = Scheduler::new();
+        let restart = request(1.0);
+        assert_eq!(restart.request_id, 0);
+        s.owner_died(restart.owner);
+        assert!(matches!(s.request(&nodes, &restart), Decision::Granted(_)));
+        let mut owners = request(1.0);
+        owners.request_id = 5;
+        assert_eq!(s.request(&nodes, &owners), Decision::OwnerGone);
     }
 }

@@ -79,8 +79,12 @@ async fn create_raw(
             }
             Err(e) => {
                 // The head may have granted it, its answer lost.
+                // Given up in the background: the caller gets its error now.
                 if e.is_worth_retrying() || e.is_connection_lost() {
-                    crate::core::abandon_request(core, request).await;
+                    let core2 = Arc::clone(core);
+                    core.handle.spawn(async move {
+                        crate::core::abandon_request(&core2, request).await;
+                    });
                 }
                 return Err(e.into());
             }

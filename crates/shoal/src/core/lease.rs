@@ -26,6 +26,10 @@ pub(crate) struct LeasedWorker {
     pub(crate) lost: CancellationToken,
 }
 
+/// How long an owner keeps asking to give a lease request up: past it
+/// (the head unreachable that long), the job's end reclaims any grant.
+const ABANDON_FOR: Duration = Duration::from_secs(60);
+
 /// A task's place on a leased worker.
 pub(crate) type Place = leases::Place<Arc<LeasedWorker>>;
 
@@ -221,6 +225,13 @@ pub(crate) async fn release_lease(
     return_to_head(core, lease_id).await;
 }
 
+/// [`release_lease`] (with a kill) on the runtime, not awaited.
+fn release_in_background(core: &Arc<Core>, node: NodeClient, lease_id: shoal_proto::LeaseId) {
+    let core2 = Arc::clone(core);
+    core.handle
+        .spawn(async move { release_lease(&core2, &node, lease_id, true).await });
+}
+
 /// What a lease holder asks a lease's node for: a worker for the job.
 pub(crate) fn grant_request(core: &Core, lease: &Lease, tenancy: (bool, bool)) -> NodeRequest {
     let (dedicated, detached) = tenancy;
@@ -269,7 +280,7 @@ pub(crate) fn lease_request(
 
 /// Gives up a request whose last try got no answer: the head may have
 /// granted it (the reply lost). Asked again under its id without waiting
-/// until the head answers (with backoff, while this process lives): a
+/// until the head answers (with backoff, for up to [`ABANDON_FOR`]): a
 /// grant is returned, else nothing is held. A lease left granted to a
 /// request nobody wants would hold its CPUs until the job ends (the
 /// cluster simulation found a job that waited forever for it).
@@ -279,6 +290,7 @@ pub(crate) async fn abandon_request(core: &Core, mut request: LeaseRequest) {
     request.abandon = true;
     let ask = HeadRequest::RequestLease(request);
     let mut backoff = Duration::from_millis(50);
+    let give_up = tokio::time::Instant::now() + ABANDON_FOR;
     loop {
         match core.head.call(&ask, LEASE_WAIT).await {
             Ok(HeadReply::LeaseGranted(lease)) => {
@@ -288,6 +300,10 @@ pub(crate) async fn abandon_request(core: &Core, mut request: LeaseRequest) {
             Ok(_) => return,
             Err(e) if !(e.is_worth_retrying() || e.is_connection_lost()) => return,
             Err(e) => debug!(error = %e, "giving up a lease request; asking again"),
+        }
+        if tokio::time::Instant::now() + backoff > give_up {
+            debug!("could not give a lease request up: the head did not answer; the job's end reclaims any grant");
+            return;
         }
         tokio::select! {
             () = core.shutdown.cancelled() => return,
@@ -380,15 +396,16 @@ async fn worker_for(core: &Arc<Core>, lease: Lease) -> Result<LeasedWorker, Stri
         Ok(NodeReply::WorkerGranted { worker }) => worker,
         other => {
             // The node may have granted a worker we never heard of: it is
-            // released there too, not only the lease at the head.
-            release_lease(core, &node, lease.lease_id, true).await;
+            // released there too, not only the lease at the head (in the
+            // background: the machine hears of the failed grant at once).
+            release_in_background(core, node, lease.lease_id);
             return Err(format!("node {} gave no worker: {other:?}", lease.node_id));
         }
     };
     let client = match core.worker(&worker.address).await {
         Ok(c) => c,
         Err(e) => {
-            release_lease(core, &node, lease.lease_id, true).await;
+            release_in_background(core, node, lease.lease_id);
             return Err(format!("cannot reach worker {}: {e}", worker.worker_id));
         }
     };
