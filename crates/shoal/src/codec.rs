@@ -3,13 +3,30 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+/// A value that could not be encoded, decoded or written, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// The value could not be encoded.
+    #[error("{0}")]
+    Encode(#[from] rmp_serde::encode::Error),
+    /// The bytes do not decode as the type asked for.
+    #[error("{0}")]
+    Decode(#[from] rmp_serde::decode::Error),
+    /// Writing the encoding (into a file) failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The encoding does not fit the room made for it.
+    #[error("{0}")]
+    Size(String),
+}
+
 /// Encodes a value (MessagePack, positional: both ends run the same build).
-pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, String> {
-    rmp_serde::to_vec(value).map_err(|e| e.to_string())
+pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
+    Ok(rmp_serde::to_vec(value)?)
 }
 
 /// The size of a value's encoding, without making it.
-pub fn encoded_len<T: Serialize + ?Sized>(value: &T) -> Result<u64, String> {
+pub fn encoded_len<T: Serialize + ?Sized>(value: &T) -> Result<u64, CodecError> {
     struct Count(u64);
     impl std::io::Write for Count {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -21,7 +38,7 @@ pub fn encoded_len<T: Serialize + ?Sized>(value: &T) -> Result<u64, String> {
         }
     }
     let mut count = Count(0);
-    rmp_serde::encode::write(&mut count, value).map_err(|e| e.to_string())?;
+    rmp_serde::encode::write(&mut count, value)?;
     Ok(count.0)
 }
 
@@ -30,7 +47,7 @@ pub fn encoded_len<T: Serialize + ?Sized>(value: &T) -> Result<u64, String> {
 pub fn encode_small<T: Serialize + ?Sized>(
     value: &T,
     limit: usize,
-) -> Result<Option<Vec<u8>>, String> {
+) -> Result<Option<Vec<u8>>, CodecError> {
     struct Limited {
         out: Vec<u8>,
         limit: usize,
@@ -57,7 +74,7 @@ pub fn encode_small<T: Serialize + ?Sized>(
     match rmp_serde::encode::write(&mut w, value) {
         Ok(()) => Ok(Some(w.out)),
         Err(_) if w.over => Ok(None),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -65,11 +82,11 @@ pub fn encode_small<T: Serialize + ?Sized>(
 pub fn encode_into<T: Serialize + ?Sized>(
     out: &mut impl std::io::Write,
     value: &T,
-) -> Result<(), String> {
-    rmp_serde::encode::write(out, value).map_err(|e| e.to_string())
+) -> Result<(), CodecError> {
+    Ok(rmp_serde::encode::write(out, value)?)
 }
 
 /// Decodes a value.
-pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
-    rmp_serde::from_slice(bytes).map_err(|e| e.to_string())
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    Ok(rmp_serde::from_slice(bytes)?)
 }

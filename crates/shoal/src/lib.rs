@@ -180,9 +180,9 @@ pub fn get_all<T: DeserializeOwned + Send + 'static>(objects: &[ObjectRef<T>]) -
 /// [`Error::ObjectStoreFull`].
 pub fn put<T: Serialize + Send + 'static>(value: T) -> Result<ObjectRef<T>> {
     let core = driver::ensure_core();
-    let encode_error = |message| Error::Encode {
+    let encode_error = |e: codec::CodecError| Error::Encode {
         what: "put value".into(),
-        message,
+        message: e.to_string(),
     };
     // A small value is kept in this process; a large one goes straight
     // into its file in the node's store when the store is on this host.

@@ -246,7 +246,7 @@ pub(crate) fn arg_value<T: Serialize + Send + 'static>(arg: Arg<T>) -> ArgValue 
     match arg {
         Arg::Value(v) => match crate::codec::encode(&v) {
             Ok(bytes) => ArgValue::Bytes(bytes),
-            Err(e) => ArgValue::Bad(e),
+            Err(e) => ArgValue::Bad(e.to_string()),
         },
         Arg::Ref(r) => {
             let (id, owner) = (r.id(), r.owner().clone());

@@ -64,7 +64,7 @@ pub fn decode_arg<T: DeserializeOwned>(
 pub fn encode_return<T: Serialize>(value: &T) -> Result<Vec<u8>, InvokeError> {
     crate::codec::encode(value).map_err(|e| InvokeError {
         kind: FailureKind::BadReturn,
-        message: e,
+        message: e.to_string(),
     })
 }
 

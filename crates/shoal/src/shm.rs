@@ -8,6 +8,7 @@
 
 #![allow(unsafe_code)]
 
+use crate::codec::CodecError;
 use shoal_net::sync::MutexExt;
 use std::cell::RefCell;
 use std::fs::File;
@@ -117,16 +118,16 @@ impl WriteMaps {
         &self,
         file: &File,
         size: u64,
-        fill: impl FnOnce(&mut SliceWriter<'_>) -> Result<(), String>,
-    ) -> Result<bool, String> {
+        fill: impl FnOnce(&mut SliceWriter<'_>) -> Result<(), CodecError>,
+    ) -> Result<bool, CodecError> {
         use std::os::unix::fs::MetadataExt;
-        let meta = file.metadata().map_err(|e| e.to_string())?;
-        let len = usize::try_from(size).map_err(|e| e.to_string())?;
+        let meta = file.metadata()?;
+        let len = usize::try_from(size).map_err(|e| CodecError::Size(e.to_string()))?;
         if meta.len() != size || len == 0 {
-            return Err(format!(
+            return Err(CodecError::Size(format!(
                 "the object's file has {} bytes, not {size}",
                 meta.len()
-            ));
+            )));
         }
         let key = (meta.dev(), meta.ino());
         let reused = {
@@ -138,7 +139,7 @@ impl WriteMaps {
         let mut entry = match reused {
             Some(entry) if entry.map.len() == len => entry,
             _ => WriteMap {
-                file: file.try_clone().map_err(|e| e.to_string())?,
+                file: file.try_clone()?,
                 key,
                 // SAFETY: the file is an object being written by this
                 // process: the store gave it to this process alone, does
@@ -151,8 +152,7 @@ impl WriteMaps {
                     memmap2::MmapOptions::new()
                         .len(len)
                         .populate()
-                        .map_mut(file)
-                        .map_err(|e| e.to_string())?
+                        .map_mut(file)?
                 },
             },
         };
@@ -164,7 +164,10 @@ impl WriteMaps {
             if out.at == len {
                 Ok(())
             } else {
-                Err(format!("the value encoded to {} bytes, not {len}", out.at))
+                Err(CodecError::Size(format!(
+                    "the value encoded to {} bytes, not {len}",
+                    out.at
+                )))
             }
         });
         // A new entry's file is a clone of `file`: the same open file
@@ -331,7 +334,7 @@ thread_local! {
 }
 
 /// Decodes a value from a blob; [`Buffer`]s in it borrow a mapped blob.
-pub(crate) fn decode<T: DeserializeOwned>(blob: &Blob) -> Result<T, String> {
+pub(crate) fn decode<T: DeserializeOwned>(blob: &Blob) -> Result<T, crate::codec::CodecError> {
     let Blob::Mapped(mapping) = blob else {
         return crate::codec::decode(blob);
     };
@@ -613,12 +616,11 @@ mod tests {
         let (a, file) = object_file(dir.path(), "a", 4096);
         let fill = |byte: u8| {
             move |out: &mut SliceWriter<'_>| {
-                std::io::Write::write_all(out, &[byte; 4096]).map_err(|e| e.to_string())
+                std::io::Write::write_all(out, &[byte; 4096]).map_err(CodecError::from)
             }
         };
-        assert_eq!(
-            maps.write(&file, 4096, fill(1)),
-            Ok(true),
+        assert!(
+            matches!(maps.write(&file, 4096, fill(1)), Ok(true)),
             "a sweeper starts"
         );
         drop(file);
@@ -629,7 +631,10 @@ mod tests {
         assert_eq!(std::fs::read(&a).expect("read"), vec![1; 4096]);
         // The same file comes back for a new object: written again.
         let file = open_locked(&a, true).expect("opened");
-        assert_eq!(maps.write(&file, 4096, fill(2)), Ok(false), "one sweeper");
+        assert!(
+            matches!(maps.write(&file, 4096, fill(2)), Ok(false)),
+            "one sweeper"
+        );
         drop(file);
         assert_eq!(std::fs::read(&a).expect("read"), vec![2; 4096]);
         assert_eq!(maps.len(), 1, "one mapping for one file");
@@ -641,9 +646,9 @@ mod tests {
             .expect("resized");
         let file = open_locked(&a, true).expect("opened");
         let short = |out: &mut SliceWriter<'_>| {
-            std::io::Write::write_all(out, &[3; 100]).map_err(|e| e.to_string())
+            std::io::Write::write_all(out, &[3; 100]).map_err(CodecError::from)
         };
-        assert_eq!(maps.write(&file, 100, short), Ok(false));
+        assert!(matches!(maps.write(&file, 100, short), Ok(false)));
         assert_eq!(std::fs::read(&a).expect("read"), vec![3; 100]);
         // A value that does not fill the object exactly is an error.
         assert!(maps.write(&file, 100, fill(4)).is_err(), "too long");
@@ -653,7 +658,7 @@ mod tests {
             "not the file's size"
         );
         assert_eq!(maps.len(), 0, "a failed write keeps no mapping");
-        assert_eq!(maps.write(&file, 100, short), Ok(false));
+        assert!(matches!(maps.write(&file, 100, short), Ok(false)));
         drop(file);
         // Removed by the store: the mapping goes at the next sweep.
         assert!(maps.sweep());

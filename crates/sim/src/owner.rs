@@ -273,9 +273,14 @@ impl Sim {
         if !self.is_alive(pid) {
             return;
         }
+        let tag = self.request_lease(pid, request_id, false);
+        self.owner(pid).abandons.insert(tag, request_id);
+    }
+
+    /// Sends a lease request of `pid`'s under `request_id`; its tag.
+    fn request_lease(&mut self, pid: Pid, request_id: u64, wait: bool) -> Tag {
         let tag = self.tag();
         let owner_node = self.owners.get(&pid).and_then(|o| o.node);
-        self.owner(pid).abandons.insert(tag, request_id);
         self.send(
             pid,
             HEAD,
@@ -283,9 +288,10 @@ impl Sim {
                 tag,
                 request_id,
                 owner_node,
-                wait: false,
+                wait,
             },
         );
+        tag
     }
 
     pub fn owner_ask_due(&mut self, pid: Pid, key: u64) {
@@ -301,20 +307,8 @@ impl Sim {
         if !wanted {
             return;
         }
-        let tag = self.tag();
-        let request_id = ask.request_id;
-        let owner_node = self.owners.get(&pid).and_then(|o| o.node);
+        let tag = self.request_lease(pid, ask.request_id, true);
         self.owner(pid).asks.insert(tag, ask);
-        self.send(
-            pid,
-            HEAD,
-            Msg::RequestLease {
-                tag,
-                request_id,
-                owner_node,
-                wait: true,
-            },
-        );
     }
 
     pub fn owner_idle(&mut self, pid: Pid, lease: u64, epoch: u64) {

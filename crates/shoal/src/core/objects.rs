@@ -255,8 +255,8 @@ impl Core {
 
     /// True once the object is ready (or failed).
     pub(crate) fn is_ready(self: &Arc<Self>, id: ObjectId, owner: &Address) -> bool {
-        if let Some(slot) = self.objects.get(id) {
-            return !slot.is_pending();
+        if let Some(ready) = self.objects.with(id, |slot| !slot.is_pending()) {
+            return ready;
         }
         self.slot(id, owner).is_some_and(|s| !s.is_pending())
     }
@@ -284,14 +284,19 @@ impl Core {
         if runtime_flavor() == Some(tokio::runtime::RuntimeFlavor::CurrentThread) {
             return None;
         }
-        let state = self.objects.get(id)?.with_state(|state| match state {
-            ObjState::Inline(bytes) => Some(Ok(Arc::clone(bytes))),
-            ObjState::Failed(f) => Some(Err(Error::from_failure(f.clone()))),
-            ObjState::Pending
-            | ObjState::Stored(_)
-            | ObjState::Lost(_)
-            | ObjState::OwnerDied(_) => None,
-        })?;
+        let state = self
+            .objects
+            .with(id, |slot| {
+                slot.with_state(|state| match state {
+                    ObjState::Inline(bytes) => Some(Ok(Arc::clone(bytes))),
+                    ObjState::Failed(f) => Some(Err(Error::from_failure(f.clone()))),
+                    ObjState::Pending
+                    | ObjState::Stored(_)
+                    | ObjState::Lost(_)
+                    | ObjState::OwnerDied(_) => None,
+                })
+            })
+            .flatten()?;
         Some(state.and_then(|bytes| decode_object(id, &crate::shm::Blob::Owned(bytes))))
     }
 
@@ -364,8 +369,8 @@ impl Core {
 
 /// An object's bytes decoded as `T`.
 fn decode_object<T: DeserializeOwned>(id: ObjectId, bytes: &crate::shm::Blob) -> Result<T> {
-    crate::shm::decode(bytes).map_err(|message| Error::Decode {
+    crate::shm::decode(bytes).map_err(|e| Error::Decode {
         what: format!("object {id} as {}", std::any::type_name::<T>()),
-        message,
+        message: e.to_string(),
     })
 }

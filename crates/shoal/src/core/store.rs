@@ -13,6 +13,7 @@ use shoal_proto::{
 use super::{
     try_get, Core, CHUNK_BYTES, CONTROL_TIMEOUT, INLINE_BYTES_MAX, PULL_TIMEOUT, STORE_FULL_WAIT,
 };
+use crate::codec::CodecError;
 use crate::error::{Error, Result};
 use crate::owner::objects::ObjState;
 use crate::worker::context::current_task;
@@ -267,7 +268,7 @@ impl Core {
                 return Ok(Some(id));
             }
         };
-        let file = crate::shm::open_locked(&path, true).map_err(|e| e.to_string());
+        let file = crate::shm::open_locked(&path, true).map_err(CodecError::from);
         let written = file.and_then(|file| {
             if size >= crate::shm::WRITE_MAP_MIN {
                 let sweep = self
@@ -280,13 +281,13 @@ impl Core {
             }
             let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
             crate::codec::encode_into(&mut out, value)?;
-            std::io::Write::flush(&mut out).map_err(|e| e.to_string())
+            Ok(std::io::Write::flush(&mut out)?)
         });
-        if let Err(message) = written {
+        if let Err(e) = written {
             self.delete_stored(id, self.home_at(size));
             return Err(Error::Encode {
                 what: format!("put value into {}", path.display()),
-                message,
+                message: e.to_string(),
             });
         }
         let core = Arc::clone(self);

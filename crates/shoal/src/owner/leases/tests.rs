@@ -11,6 +11,23 @@ fn cpu() -> (ClassKey, ResourceSet) {
     (class_key(&r), r)
 }
 
+/// The place a long task took on `worker` under `lease_id`.
+fn place(worker: &'static str, lease_id: LeaseId, class: &ClassKey) -> Place<&'static str> {
+    Place {
+        worker,
+        lease_id,
+        class: Arc::clone(class),
+        short: false,
+    }
+}
+
+/// The head held the request: the cluster is full.
+fn held(m: &mut Machine, ask: Ask) -> Out {
+    let mut out = Vec::new();
+    m.answered(ask, Answer::Pending { infeasible: false }, &mut out);
+    out
+}
+
 fn asks(out: &Out) -> Vec<Ask> {
     out.iter()
         .filter_map(|c| match c {
@@ -80,12 +97,7 @@ fn a_released_worker_is_reused_then_returned_once_idle() {
     let mut out = Vec::new();
     m.acquire(&class, &r, false, || 1, &mut out);
     let (lease, _) = join(&mut m, asks(&out).remove(0), "w1", true);
-    let place = Place {
-        worker: "w1",
-        lease_id: lease,
-        class: Arc::clone(&class),
-        short: false,
-    };
+    let place = place("w1", lease, &class);
     let mut out = Vec::new();
     m.release(&place, &mut out);
     let (_, first) = arm(&out).expect("idle clock");
@@ -123,12 +135,7 @@ fn tasks_queue_behind_short_tasks_only_once_the_cluster_is_full() {
     assert_eq!(gives(&out), vec![(1, "w1")]);
     // The head holds the next request: the cluster is full, and short
     // tasks now queue on the busy worker.
-    let mut out = Vec::new();
-    m.answered(
-        pending.remove(0),
-        Answer::Pending { infeasible: false },
-        &mut out,
-    );
+    let out = held(&mut m, pending.remove(0));
     assert_eq!(gives(&out), vec![(2, "w1"), (3, "w1")]);
 }
 
@@ -142,12 +149,7 @@ fn nothing_queues_behind_a_task_that_may_run_long() {
     let mut pending = asks(&out);
     let (_, out) = join(&mut m, pending.remove(0), "w1", false);
     assert_eq!(gives(&out), vec![(1, "w1")], "task 2 waits: 1 may be long");
-    let mut out = Vec::new();
-    m.answered(
-        pending.remove(0),
-        Answer::Pending { infeasible: false },
-        &mut out,
-    );
+    let out = held(&mut m, pending.remove(0));
     assert!(gives(&out).is_empty());
     // Nor while another worker is being started.
     let (class2, r2) = {
@@ -244,12 +246,7 @@ fn a_failed_worker_is_returned_once_with_a_kill_and_replaced() {
     assert_eq!(m.counts(&class).1, 1);
     assert!(m.counts(&class).2 >= 1);
     // A late release of task 1's place changes nothing.
-    let place = Place {
-        worker: "w1",
-        lease_id: lease,
-        class: Arc::clone(&class),
-        short: false,
-    };
+    let place = place("w1", lease, &class);
     let mut out = Vec::new();
     m.release(&place, &mut out);
     assert!(out.is_empty(), "{out:?}");
@@ -286,23 +283,13 @@ fn stopping_returns_idle_leases_now_and_busy_ones_when_answered() {
     let mut pending = asks(&out);
     let (l1, _) = join(&mut m, pending.remove(0), "w1", true);
     let (l2, _) = join(&mut m, pending.remove(0), "w2", true);
-    let p1 = Place {
-        worker: "w1",
-        lease_id: l1,
-        class: Arc::clone(&class),
-        short: false,
-    };
+    let p1 = place("w1", l1, &class);
     let mut out = Vec::new();
     m.release(&p1, &mut out);
     let mut out = Vec::new();
     m.stop(&mut out);
     assert_eq!(returns(&out), vec![("w1", false)]);
-    let p2 = Place {
-        worker: "w2",
-        lease_id: l2,
-        class: Arc::clone(&class),
-        short: false,
-    };
+    let p2 = place("w2", l2, &class);
     let mut out = Vec::new();
     m.release(&p2, &mut out);
     assert_eq!(returns(&out), vec![("w2", false)]);
