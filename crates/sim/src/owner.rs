@@ -39,7 +39,7 @@ pub struct Owner {
     pub pid: Pid,
     /// The node hosting this owner (a worker's), as the head knows it.
     node: Option<NodeNo>,
-    pub leases: Leases<Held, u64>,
+    pub leases: Leases<Held, (u64, bool)>,
     pub tasks: BTreeMap<u64, OwnedTask>,
     asks_due: BTreeMap<u64, Ask>,
     next_ask: u64,
@@ -164,7 +164,7 @@ fn task_id(task: u64) -> TaskId {
     TaskId::from_uuid(uuid::Uuid::from_u128(u128::from(task) << 32))
 }
 
-type Out = Vec<Command<Held, u64>>;
+type Out = Vec<Command<Held, (u64, bool)>>;
 
 impl Sim {
     fn owner(&mut self, pid: Pid) -> &mut Owner {
@@ -197,9 +197,13 @@ impl Sim {
         let o = self.owner(pid);
         let class = Arc::clone(&o.class);
         // Leaf tasks run short: tasks may queue behind them.
-        let placed = o
-            .leases
-            .acquire(&class, &cpus(1.0), fanout == 0, || task, &mut out);
+        let placed = o.leases.acquire(
+            &class,
+            &cpus(1.0),
+            fanout == 0,
+            || (task, fanout == 0),
+            &mut out,
+        );
         if let Some(place) = placed {
             self.owner_push(pid, task, place);
         }
@@ -233,7 +237,7 @@ impl Sim {
     pub fn owner_carry_out(&mut self, pid: Pid, out: Out) {
         for command in out {
             match command {
-                Command::Give(task, place) => self.owner_push(pid, task, place),
+                Command::Give((task, _), place) => self.owner_push(pid, task, place),
                 Command::Ask(ask) => {
                     let o = self.owner(pid);
                     o.next_ask += 1;

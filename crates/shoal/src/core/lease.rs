@@ -33,8 +33,22 @@ const ABANDON_FOR: Duration = Duration::from_secs(60);
 /// A task's place on a leased worker.
 pub(crate) type Place = leases::Place<Arc<LeasedWorker>>;
 
-type Machine = Leases<Arc<LeasedWorker>, oneshot::Sender<Place>>;
-type Commands = Vec<Command<Arc<LeasedWorker>, oneshot::Sender<Place>>>;
+type Machine = Leases<Arc<LeasedWorker>, Waiter>;
+type Commands = Vec<Command<Arc<LeasedWorker>, Waiter>>;
+
+/// A task waiting for a place: how to wake it, and its kind.
+pub(crate) struct Waiter {
+    tx: oneshot::Sender<Place>,
+    kind: TaskKind,
+}
+
+impl leases::Waiting for Waiter {
+    /// Asked when it takes its place: the function's runs that ended
+    /// while it waited count.
+    fn short(&self) -> bool {
+        self.kind.short()
+    }
+}
 
 /// What kind of task takes a place: whether tasks may queue behind it.
 #[derive(Clone, Copy)]
@@ -100,7 +114,7 @@ impl LeaseManager {
                 || {
                     let (tx, rx) = oneshot::channel();
                     waiting = Some(rx);
-                    tx
+                    Waiter { tx, kind }
                 },
                 &mut out,
             );
@@ -150,7 +164,7 @@ impl LeaseManager {
         for command in out {
             match command {
                 Command::Give(waiter, place) => {
-                    if let Err(place) = waiter.send(place) {
+                    if let Err(place) = waiter.tx.send(place) {
                         // The task was dropped: the place goes to the next.
                         let mut more = Vec::new();
                         self.machine().unplaced(&place, &mut more);

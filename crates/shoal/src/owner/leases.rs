@@ -19,7 +19,10 @@
 //! handed back.
 //!
 //! `W` is the shell's handle of a leased worker and `T` its handle of a
-//! waiting task (a channel to wake it, in the shell; a number in tests).
+//! waiting task (a channel to wake it, in the shell; a number in tests),
+//! which says whether the task runs short ([`Waiting`]) when it takes its
+//! place: a task that waited while its function's first runs ended is
+//! judged by those runs.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -43,6 +46,20 @@ pub const LEASE_WAIT: Duration = Duration::from_secs(2);
 /// up to [`BACKOFF_MAX`].
 const BACKOFF_FIRST: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// A task waiting for a place.
+pub trait Waiting {
+    /// Whether tasks may queue behind this one (its function's last runs
+    /// were short), asked when it takes its place.
+    fn short(&self) -> bool;
+}
+
+/// A task handle with its shortness decided already.
+impl<X> Waiting for (X, bool) {
+    fn short(&self) -> bool {
+        self.1
+    }
+}
 
 /// A scheduling class: its resource shape, as text.
 pub type ClassKey = Arc<str>;
@@ -140,7 +157,7 @@ struct Held<W> {
 struct Class<W, T> {
     resources: ResourceSet,
     workers: Vec<Held<W>>,
-    waiters: VecDeque<(T, bool)>,
+    waiters: VecDeque<T>,
     /// Requests out (each a chain of tries).
     requesting: usize,
     infeasible_reported: bool,
@@ -152,7 +169,7 @@ struct Class<W, T> {
     granting: usize,
 }
 
-impl<W: Clone, T> Class<W, T> {
+impl<W: Clone, T: Waiting> Class<W, T> {
     fn new(resources: ResourceSet) -> Self {
         Self {
             resources,
@@ -238,8 +255,8 @@ impl<W: Clone, T> Class<W, T> {
             let Some(at) = self.find_place() else {
                 return;
             };
-            if let Some((waiter, short)) = self.waiters.pop_front() {
-                let place = self.take(at, class, short);
+            if let Some(waiter) = self.waiters.pop_front() {
+                let place = self.take(at, class, waiter.short());
                 out.push(Command::Give(waiter, place));
             }
         }
@@ -269,16 +286,16 @@ impl<W, T> Default for Leases<W, T> {
     }
 }
 
-impl<W: Clone, T> Leases<W, T> {
+impl<W: Clone, T: Waiting> Leases<W, T> {
     /// A new lease request's id (never 0, which means none).
     pub fn fresh_request_id(&mut self) -> u64 {
         self.request_id += 1;
         self.request_id
     }
 
-    /// A place for one task of class `class` (of `resources`), `short` if
-    /// tasks may queue behind it: at once, or later through
-    /// [`Command::Give`] to the waiter `waiter()` makes.
+    /// A place for one task of class `class` (of `resources`): at once
+    /// (`short` if tasks may queue behind it), or later through
+    /// [`Command::Give`] to the waiter `waiter()` makes (asked then).
     pub fn acquire(
         &mut self,
         class: &ClassKey,
@@ -294,7 +311,7 @@ impl<W: Clone, T> Leases<W, T> {
         let placed = match entry.find_place() {
             Some(at) => Some(entry.take(at, class, short)),
             None => {
-                entry.waiters.push_back((waiter(), short));
+                entry.waiters.push_back(waiter());
                 None
             }
         };
