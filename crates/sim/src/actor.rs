@@ -246,40 +246,33 @@ impl Sim {
         if host.incarnation != incarnation {
             return;
         }
+        // A resend of a call that ran is answered with its kept reply;
+        // otherwise every call whose turn has come runs, in order.
+        let mut replies = Vec::new();
         if seq < host.next {
             let value = host.kept.get(&seq).copied().unwrap_or_default();
-            self.send(
-                pid,
-                from,
-                Msg::ActorReply {
-                    tag,
-                    incarnation,
-                    seq,
-                    value,
-                    node_id,
-                },
-            );
-            return;
-        }
-        host.held.insert(seq, (tag, from));
-        // Run every call whose turn has come, in order.
-        let mut replies = Vec::new();
-        while let Some((tag, from)) = host.held.remove(&host.next) {
-            host.counter += 1;
-            let seq = host.next;
-            host.kept.insert(seq, host.counter);
-            host.next += 1;
-            replies.push((tag, from, seq, host.counter));
-        }
-        for (tag, from, seq, value) in replies {
-            let ran = self.truth.ran.entry(incarnation).or_default();
-            if ran.last().map_or(0, |l| l + 1) != seq {
-                let last = ran.last().copied();
-                self.violate(format!(
-                    "incarnation {incarnation} ran call {seq} after {last:?}: a caller's order was broken"
-                ));
+            replies.push((tag, from, seq, value, false));
+        } else {
+            host.held.insert(seq, (tag, from));
+            while let Some((tag, from)) = host.held.remove(&host.next) {
+                host.counter += 1;
+                let seq = host.next;
+                host.kept.insert(seq, host.counter);
+                host.next += 1;
+                replies.push((tag, from, seq, host.counter, true));
             }
-            self.truth.ran.entry(incarnation).or_default().push(seq);
+        }
+        for (tag, from, seq, value, ran) in replies {
+            if ran {
+                let order = self.truth.ran.entry(incarnation).or_default();
+                let last = order.last().copied();
+                order.push(seq);
+                if last.map_or(0, |l| l + 1) != seq {
+                    self.violate(format!(
+                        "incarnation {incarnation} ran call {seq} after {last:?}: a caller's order was broken"
+                    ));
+                }
+            }
             self.send(
                 pid,
                 from,

@@ -426,21 +426,13 @@ impl<W: Clone, T: Waiting> Leases<W, T> {
 
     /// After a try: ask again while tasks wait, else end the request.
     fn again(&mut self, mut ask: Ask, out: &mut Vec<Command<W, T>>) {
-        let stopping = self.stopping;
-        let Some(class) = self.classes.get_mut(&ask.class) else {
-            return;
-        };
-        if class.backlog() > 0 && !stopping {
-            if !ask.unanswered {
-                ask.request_id = self.fresh_request_id();
-            }
-            out.push(Command::Ask(ask));
+        if !self.still_wanted(&ask, out) {
             return;
         }
-        class.requesting = class.requesting.saturating_sub(1);
-        if ask.unanswered {
-            out.push(Command::Abandon(ask));
+        if !ask.unanswered {
+            ask.request_id = self.fresh_request_id();
         }
+        out.push(Command::Ask(ask));
     }
 
     /// Whether a request due now is still wanted; if not it ends here.

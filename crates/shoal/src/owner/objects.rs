@@ -11,7 +11,7 @@
 
 use shoal_net::sync::MutexExt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
 use shoal_proto::{ObjectId, StoredAt, TaskFailure};
@@ -43,11 +43,6 @@ pub struct Slot {
     lineage: Mutex<Option<Arc<Lineage>>>,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // No code under these locks can panic midway through a change.
-    mutex.locked()
-}
-
 impl Slot {
     pub fn new(state: ObjState, owned: bool) -> Arc<Self> {
         Arc::new(Self {
@@ -60,16 +55,16 @@ impl Slot {
     }
 
     pub fn lineage(&self) -> Option<Arc<Lineage>> {
-        lock(&self.lineage).clone()
+        self.lineage.locked().clone()
     }
 
     pub fn state(&self) -> ObjState {
-        lock(&self.state).clone()
+        self.state.locked().clone()
     }
 
     /// Runs `f` on the state under its lock (for reads that need no copy).
     pub fn with_state<R>(&self, f: impl FnOnce(&ObjState) -> R) -> R {
-        f(&lock(&self.state))
+        f(&self.state.locked())
     }
 
     pub fn is_pending(&self) -> bool {
@@ -79,7 +74,7 @@ impl Slot {
     /// Sets the state and wakes its waiters.
     pub fn set(&self, state: ObjState) {
         let ready = !matches!(state, ObjState::Pending);
-        let mut guard = lock(&self.state);
+        let mut guard = self.state.locked();
         *guard = state;
         self.ready.store(ready, Ordering::Release);
         drop(guard);
@@ -195,7 +190,7 @@ impl Objects {
     /// Keeps the lineage of an owned stored result.
     pub fn set_lineage(&self, id: ObjectId, lineage: Arc<Lineage>) {
         if let Some(slot) = self.slots.get(&id) {
-            *lock(&slot.lineage) = Some(lineage);
+            *slot.lineage.locked() = Some(lineage);
         }
     }
 
