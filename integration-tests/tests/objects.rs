@@ -33,6 +33,34 @@ fn a_thousand_rounds_of_put_and_drop_keep_the_store_flat() {
 }
 
 #[test]
+fn an_object_passed_inside_task_arguments_is_freed_when_the_borrowing_task_is_done() {
+    // No spilling: objects that are kept fill the 100 MiB store by round 10.
+    let cluster = ProcessCluster::three_process_with(&[
+        "--object-store-memory",
+        STORE,
+        "--object-spill-bytes",
+        "0",
+    ]);
+    let out = scenario_result(
+        &["nested-drop", "20", "10"],
+        &cluster.driver_env(),
+        Duration::from_secs(300),
+    );
+    assert_eq!(out["rounds"], 20, "{out}");
+    assert_eq!(
+        out["read"],
+        20 * (10 << 20),
+        "every borrower read its object: {out}"
+    );
+    assert_eq!(out["kept"], 1, "{out}");
+    assert_eq!(
+        out["late_read"],
+        10 << 20,
+        "a borrower that kept the reference read it after its task: {out}"
+    );
+}
+
+#[test]
 fn three_times_the_store_in_live_objects_spills_and_reads_back_identical() {
     let cluster = ProcessCluster::three_process_with(&["--object-store-memory", STORE]);
     let out = scenario_result(

@@ -71,6 +71,11 @@ pub struct TaskSpec {
     pub resources: ResourceSet,
     /// The process that submitted it and owns its result.
     pub owner: Address,
+    /// Objects whose references travel inside the argument values (not
+    /// as arguments themselves): the worker borrows them from the owner
+    /// and says in its reply which it still holds when the task is done.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub borrowed: Vec<ObjectId>,
 }
 
 /// What a task produced.
@@ -104,6 +109,11 @@ pub struct TaskReply {
     /// tasks behind a function's runs only while they are short.
     #[serde(default)]
     pub run_us: Option<u64>,
+    /// Of the task's `borrowed` objects, those this worker still holds
+    /// references to (or passed on) after the task: their owner keeps
+    /// them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kept: Vec<ObjectId>,
 }
 
 /// Why a task failed, as its caller will see it.

@@ -10,6 +10,12 @@ pub type KeepAlive = Box<dyn std::any::Any + Send>;
 #[doc(hidden)]
 pub enum ArgValue {
     Bytes(Vec<u8>),
+    /// A value with references inside, each lent to the task while it was
+    /// encoded (see `owner::objects::Borrows`).
+    Lending {
+        bytes: Vec<u8>,
+        lent: Vec<ObjectId>,
+    },
     Ref {
         id: ObjectId,
         owner: Address,

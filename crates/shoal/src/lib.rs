@@ -30,8 +30,13 @@
 //! Values up to 100 KiB travel inline and live in the owner's memory; larger
 //! ones stay in the store of the node that made them and are pulled in parts
 //! by whoever reads them. An object is freed when the last reference to it in
-//! its owner is dropped. A reference that was serialized (sent inside another
-//! value or argument) keeps its object alive until the job ends.
+//! its owner is dropped and no task borrows it. A reference inside a task's
+//! argument value is lent to the task: when the task is done, its object is
+//! freed with the owner's last reference, unless the worker still holds the
+//! reference (in a thread, or a task of its own still running) or was lost
+//! before it answered. A reference that was serialized anywhere else (inside
+//! a `put` value, a return value, an actor's arguments) keeps its object
+//! alive until the job ends.
 //!
 //! Modules, from the bottom up: `codec`, `shm` and [`registry`] (values,
 //! buffers and the functions compiled in); `owner` (the owner's state

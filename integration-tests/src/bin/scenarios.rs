@@ -109,6 +109,35 @@ fn put_inside(mb: u64) -> (u32, ObjectRef<shoal::Buffer>) {
     (std::process::id(), object)
 }
 
+/// The total length of the objects behind references passed inside a
+/// value (nested: the task borrows them from the caller).
+#[shoal::remote]
+fn nested_len(refs: Vec<ObjectRef<shoal::Bytes>>) -> u64 {
+    refs.iter()
+        .map(|r| r.get().map(|b| b.0.len() as u64).unwrap_or(0))
+        .sum()
+}
+
+/// Keeps a reference passed inside a value past its own end, in a thread
+/// that reads it later: the caller must not free the object meanwhile.
+#[shoal::remote]
+fn nested_keep(refs: Vec<ObjectRef<shoal::Bytes>>, dir: String) -> u64 {
+    let n = refs.len() as u64;
+    std::thread::spawn(move || {
+        let go = std::path::Path::new(&dir).join("go");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !go.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let read: u64 = refs
+            .iter()
+            .map(|r| r.get().map(|b| b.0.len() as u64).unwrap_or(0))
+            .sum();
+        let _ = std::fs::write(std::path::Path::new(&dir).join("read"), read.to_string());
+    });
+    n
+}
+
 /// The length of a tagged buffer.
 #[shoal::remote]
 fn tagged_len(tagged: (String, shoal::Buffer)) -> u64 {
@@ -1312,6 +1341,38 @@ fn main() -> shoal::Result<()> {
                 drop(object);
             }
             result(json!({"rounds": rounds, "seconds": start.elapsed().as_secs_f64()}));
+        }
+        "nested-drop" => {
+            // Objects passed only inside task arguments, then dropped: the
+            // task borrowed them and kept nothing, so each is freed when
+            // the task is done (with no spilling, a store that keeps them
+            // fills within a dozen rounds).
+            let rounds: u32 = arg(1).parse().unwrap_or(20);
+            let mb: usize = arg(2).parse().unwrap_or(10);
+            let mut read = 0;
+            for i in 0..rounds {
+                let object = shoal::put(shoal::Bytes(vec![i as u8; mb << 20]))?;
+                read += nested_len::remote(vec![object]).get()?;
+            }
+            // A borrower that keeps the reference after its task ended:
+            // the object outlives the caller's reference and is read.
+            let dir = std::env::temp_dir().join(format!("shoal-borrow-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("a scratch directory");
+            let object = shoal::put(shoal::Bytes(vec![1; mb << 20]))?;
+            let kept = nested_keep::remote(vec![object], dir.display().to_string()).get()?;
+            std::fs::write(dir.join("go"), b"go").expect("the go file");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let late = loop {
+                match std::fs::read_to_string(dir.join("read")) {
+                    Ok(read) => break read.parse::<u64>().unwrap_or(0),
+                    Err(_) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(10))
+                    }
+                    Err(_) => break 0,
+                }
+            };
+            let _ = std::fs::remove_dir_all(&dir);
+            result(json!({"rounds": rounds, "read": read, "kept": kept, "late_read": late}));
         }
         "transfer" => {
             // An object made on the "maker" node, read by `readers` tasks at

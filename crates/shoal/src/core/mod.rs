@@ -474,6 +474,10 @@ impl worker::Process for Core {
         self.outcome_of(id, bytes, made, executor)
     }
 
+    fn still_borrowed(&self, id: ObjectId) -> bool {
+        self.objects.still_borrowed(id)
+    }
+
     fn object_value(
         &self,
         id: ObjectId,

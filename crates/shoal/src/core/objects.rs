@@ -1,6 +1,7 @@
 //! Objects as their owner and borrowers see them: waiting, reading,
 //! reference counting (the shell of `owner::objects`).
 
+use shoal_net::sync::MutexExt;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +14,7 @@ use tracing::debug;
 
 use super::{Core, CONTROL_TIMEOUT, GET};
 use crate::error::{Error, Result};
-use crate::owner::objects::{ObjState, Slot};
+use crate::owner::objects::{Borrows, ObjState, Slot};
 use crate::rt::{park_on, runtime_flavor};
 use crate::worker::context::current_executor;
 use crate::worker::Executor;
@@ -35,7 +36,37 @@ pub(crate) async fn ready(slot: &Slot, deadline: Option<tokio::time::Instant>) -
     }
 }
 
+/// The references a task borrows inside its argument values, shared by
+/// its tries (and its lineage, for reruns). When the task is done with
+/// them (this is dropped), each borrow ends as [`Borrows::end`] says.
+pub(crate) struct Lent(pub(crate) Arc<std::sync::Mutex<Borrows>>);
+
+impl Lent {
+    pub(crate) fn new(ids: Vec<ObjectId>) -> Self {
+        Self(Arc::new(std::sync::Mutex::new(Borrows::new(ids))))
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        let ends = self.0.locked().end();
+        if let Some(core) = super::try_get() {
+            core.end_borrows(ends);
+        }
+    }
+}
+
 impl Core {
+    /// Ends tasks' borrows, each escaping or not; frees what nothing
+    /// needs any more.
+    pub(crate) fn end_borrows(&self, ends: impl IntoIterator<Item = (ObjectId, bool)>) {
+        for (id, kept) in ends {
+            if let Some(free) = self.objects.end_borrow(id, kept) {
+                self.delete_stored(free.id, free.at);
+            }
+        }
+    }
+
     /// The slot for `id`: owned, cached, or a new borrow fetched from its owner.
     pub(crate) fn slot(self: &Arc<Self>, id: ObjectId, owner: &Address) -> Option<Arc<Slot>> {
         if let Some(slot) = self.objects.get(id) {

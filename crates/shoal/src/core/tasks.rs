@@ -12,11 +12,12 @@ use shoal_proto::{
 use tracing::warn;
 
 use super::lease::TaskKind;
+use super::objects::Lent;
 use super::{Core, CONTROL_TIMEOUT, TASK_CALL_TIMEOUT};
 use crate::args::{ArgValue, KeepAlive};
 use crate::error::{Error, Result};
 use crate::options::TaskOptions;
-use crate::owner::objects::ObjState;
+use crate::owner::objects::{Borrows, ObjState};
 use crate::owner::tasks::{Lineage, PlaceDone, Rebuild, Rebuilt, Rerun, TaskRun, Then, Tried};
 use crate::registry::RemoteFunction;
 
@@ -81,7 +82,12 @@ impl Core {
                 false,
             );
             let state = self
-                .run_resolved(run, lineage.function, &lineage.options, &args)
+                .run_resolved(
+                    run,
+                    (lineage.function, &lineage.options),
+                    &args,
+                    lineage.borrows.as_deref(),
+                )
                 .await;
             match rebuild.ran(state) {
                 Rebuilt::Done(at) => {
@@ -142,14 +148,43 @@ impl Core {
     }
 
     /// Waits for reference arguments and turns every argument into what
-    /// goes on the wire; returns the references to keep alive meanwhile. A
-    /// failed argument fails the call the same way.
+    /// goes on the wire; returns the references to keep alive meanwhile
+    /// (an actor's: references inside its argument values are kept for
+    /// the job, as it may hold them for good). A failed argument fails the
+    /// call the same way.
     pub(crate) async fn resolve_args(
         self: &Arc<Self>,
         function: &str,
         task_id: TaskId,
         args: Vec<ArgValue>,
     ) -> std::result::Result<(Vec<ArgSpec>, Vec<KeepAlive>), TaskFailure> {
+        let (specs, mut keep_alive, lent) = self.resolve_lending(function, task_id, args).await?;
+        if let Some(lent) = lent {
+            lent.0.locked().keep_all();
+            keep_alive.push(Box::new(lent));
+        }
+        Ok((specs, keep_alive))
+    }
+
+    /// [`Core::resolve_args`], with the references inside argument values
+    /// lent to the task, if any (their borrows end when it is dropped).
+    #[allow(clippy::type_complexity)]
+    async fn resolve_lending(
+        self: &Arc<Self>,
+        function: &str,
+        task_id: TaskId,
+        args: Vec<ArgValue>,
+    ) -> std::result::Result<(Vec<ArgSpec>, Vec<KeepAlive>, Option<Lent>), TaskFailure> {
+        // Held from the start: a failure below returns them.
+        let lent: Vec<ObjectId> = args
+            .iter()
+            .flat_map(|a| match a {
+                ArgValue::Lending { lent, .. } => lent.as_slice(),
+                _ => &[],
+            })
+            .copied()
+            .collect();
+        let lent = (!lent.is_empty()).then(|| Lent::new(lent));
         let failure = |kind, message: String| TaskFailure {
             kind,
             function: function.to_string(),
@@ -163,7 +198,9 @@ impl Core {
         let mut keep_alive = Vec::new();
         for (index, arg) in args.into_iter().enumerate() {
             match arg {
-                ArgValue::Bytes(bytes) => spec_args.push(ArgSpec::Inline(bytes)),
+                ArgValue::Bytes(bytes) | ArgValue::Lending { bytes, .. } => {
+                    spec_args.push(ArgSpec::Inline(bytes))
+                }
                 ArgValue::Bad(message) => {
                     return Err(failure(
                         FailureKind::BadArguments,
@@ -194,7 +231,7 @@ impl Core {
                 }
             }
         }
-        Ok((spec_args, keep_alive))
+        Ok((spec_args, keep_alive, lent))
     }
 
     /// Runs a task to its result; a stored result keeps its lineage when the
@@ -208,10 +245,12 @@ impl Core {
     ) -> (ObjState, Option<Arc<Lineage>>) {
         // The references stay alive until the task is done: a stored
         // argument must not be freed while a worker may still read it.
-        let (spec_args, keep_alive) = match self.resolve_args(function.name, task_id, args).await {
-            Ok(resolved) => resolved,
-            Err(f) => return (ObjState::Failed(f), None),
-        };
+        let (spec_args, mut keep_alive, lent) =
+            match self.resolve_lending(function.name, task_id, args).await {
+                Ok(resolved) => resolved,
+                Err(f) => return (ObjState::Failed(f), None),
+            };
+        let borrows = lent.as_ref().map(|lent| Arc::clone(&lent.0));
         let stored_args = spec_args
             .iter()
             .any(|a| matches!(a, ArgSpec::Stored { .. }));
@@ -221,15 +260,21 @@ impl Core {
             0,
             stored_args,
         );
-        let (state, spec_args) = self.run_to_end(run, function, &options, spec_args).await;
+        let (state, spec_args) = self
+            .run_to_end(run, (function, &options), spec_args, borrows.as_deref())
+            .await;
+        // A rerun sends the same values: what they lend stays lent as long
+        // as the lineage (else the borrows end here, with `lent`).
         let lineage =
             (matches!(state, ObjState::Stored(_)) && options.max_retries > 0).then(|| {
+                keep_alive.extend(lent.map(|lent| Box::new(lent) as KeepAlive));
                 Arc::new(Lineage {
                     task_id,
                     function,
                     rebuild: tokio::sync::Mutex::new(Rebuild::new(options.max_retries)),
                     options,
                     args: Mutex::new(spec_args),
+                    borrows,
                     _keep_alive: Mutex::new(keep_alive),
                 })
             });
@@ -242,12 +287,12 @@ impl Core {
     async fn run_to_end(
         self: &Arc<Self>,
         mut run: TaskRun,
-        function: &'static RemoteFunction,
-        options: &TaskOptions,
+        task: (&'static RemoteFunction, &TaskOptions),
         mut spec_args: Vec<ArgSpec>,
+        borrows: Option<&Mutex<Borrows>>,
     ) -> (ObjState, Vec<ArgSpec>) {
         loop {
-            match self.try_once(&mut run, function, options, &spec_args).await {
+            match self.try_once(&mut run, task, &spec_args, borrows).await {
                 Then::Finish(state) => return (state, spec_args),
                 Then::Again => {}
                 Then::RebuildArgs => {
@@ -269,12 +314,12 @@ impl Core {
     async fn run_resolved(
         self: &Arc<Self>,
         mut run: TaskRun,
-        function: &'static RemoteFunction,
-        options: &TaskOptions,
+        task: (&'static RemoteFunction, &TaskOptions),
         spec_args: &[ArgSpec],
+        borrows: Option<&Mutex<Borrows>>,
     ) -> ObjState {
         loop {
-            match self.try_once(&mut run, function, options, spec_args).await {
+            match self.try_once(&mut run, task, spec_args, borrows).await {
                 Then::Finish(state) => return state,
                 Then::Again => {}
                 // A rerun does not rebuild here: the run ends as lost.
@@ -287,14 +332,14 @@ impl Core {
     }
 
     /// One try: a place on a leased worker, the push, and the reply (or
-    /// its loss), reported to the machine, whose verdict on the place is
-    /// carried out here.
+    /// its loss), reported to the machines (the task's and its borrows'),
+    /// whose verdict on the place is carried out here.
     async fn try_once(
         self: &Arc<Self>,
         run: &mut TaskRun,
-        function: &'static RemoteFunction,
-        options: &TaskOptions,
+        (function, options): (&'static RemoteFunction, &TaskOptions),
         spec_args: &[ArgSpec],
+        borrows: Option<&Mutex<Borrows>>,
     ) -> Then {
         let kind = TaskKind::of(function.name);
         let place = self.leases.acquire(self, &options.resources, kind).await;
@@ -310,6 +355,11 @@ impl Core {
             args: spec_args.to_vec(),
             resources: options.resources.clone(),
             owner: self.me.clone(),
+            borrowed: borrows.map_or_else(Vec::new, |b| {
+                let mut b = b.locked();
+                b.sent();
+                b.ids().to_vec()
+            }),
         };
         let request = WorkerRequest::PushTask(spec);
         let push = leased.worker.call(&request, TASK_CALL_TIMEOUT);
@@ -319,12 +369,14 @@ impl Core {
             // connection to time out.
             _ = leased.lost.cancelled() => Err(shoal_net::RpcError::Stream("the worker exited".into())),
         };
+        let mut kept = Vec::new();
         let tried = match reply {
             Ok(WorkerReply::TaskDone(done)) if self.watches.is_dead(done.node_id) => {
                 Tried::AnsweredFromDeadNode(done.node_id)
             }
             Ok(WorkerReply::TaskDone(done)) => {
                 kind.ran_for(done.run_us);
+                kept = done.kept;
                 Tried::Answered(done.outcome)
             }
             Ok(other) => Tried::BadReply(format!("{other:?}")),
@@ -333,6 +385,13 @@ impl Core {
                 Tried::Lost(e.to_string())
             }
         };
+        if let Some(borrows) = borrows {
+            let mut borrows = borrows.locked();
+            match tried {
+                Tried::Answered(_) => borrows.answered(&kept),
+                _ => borrows.lost(),
+            }
+        }
         let (done, then) = run.tried(tried);
         match done {
             PlaceDone::Release => self.leases.release(self, &place),

@@ -6,8 +6,16 @@
 //! copy, and, for a stored task result, the lineage to make it again.
 //! Each `ObjectRef` alive in this process counts once (its clones share
 //! one count). An owned object is freed when its last local reference is
-//! dropped, unless a reference escaped (was serialized into another
-//! process's hands): then it is kept until the job ends.
+//! dropped and no task borrows it, unless a reference escaped (was
+//! serialized into another process's hands in a way this process cannot
+//! follow: inside a `put` value, a return value, an actor's arguments):
+//! then it is kept until the job ends.
+//!
+//! A reference inside a task's argument values is lent to the task
+//! ([`Objects::lend`], [`Borrows`]): the worker that runs it borrows it,
+//! and says in its reply whether it still holds it. The borrow ends with
+//! the task; what a worker kept, or may have passed on before it was
+//! lost, escapes.
 
 use shoal_net::sync::MutexExt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -97,8 +105,87 @@ pub struct Free {
 
 #[derive(Default)]
 struct RefEntry {
+    /// Local references (`ObjectRef`s alive here).
     count: usize,
+    /// Tasks in flight that borrow it (see [`Borrows`]).
+    lent: usize,
     escaped: bool,
+}
+
+impl RefEntry {
+    /// Nothing here needs the object any more.
+    fn unused(&self) -> bool {
+        self.count == 0 && self.lent == 0 && !self.escaped
+    }
+}
+
+/// The references one task carries inside its argument values, lent to
+/// each worker that runs it, as its owner decides what becomes of them
+/// when the task is done:
+/// - a worker answered and no longer holds it: the borrow ends (the
+///   object is freed with its last reference);
+/// - a worker said it still holds it (in a thread, in an actor it made,
+///   in a task of its own still running): it escapes;
+/// - a try ended without an answer (the worker or its node lost): every
+///   one escapes, since the worker may have passed them on before it died.
+#[derive(Debug, Default)]
+pub struct Borrows {
+    ids: Vec<ObjectId>,
+    kept: Vec<ObjectId>,
+    all_kept: bool,
+    /// Tries sent and not yet answered or lost.
+    unanswered: u32,
+}
+
+impl Borrows {
+    /// The references lent (each already counted by [`Objects::lend`]).
+    pub fn new(ids: Vec<ObjectId>) -> Self {
+        Self {
+            ids,
+            ..Self::default()
+        }
+    }
+
+    /// The objects lent, as the task's spec names them.
+    pub fn ids(&self) -> &[ObjectId] {
+        &self.ids
+    }
+
+    /// A try was sent to a worker.
+    pub fn sent(&mut self) {
+        self.unanswered += 1;
+    }
+
+    /// A worker answered, still holding `kept`.
+    pub fn answered(&mut self, kept: &[ObjectId]) {
+        self.unanswered = self.unanswered.saturating_sub(1);
+        for id in kept {
+            if self.ids.contains(id) && !self.kept.contains(id) {
+                self.kept.push(*id);
+            }
+        }
+    }
+
+    /// A try ended without an answer.
+    pub fn lost(&mut self) {
+        self.unanswered = self.unanswered.saturating_sub(1);
+        self.all_kept = true;
+    }
+
+    /// Whoever receives them may keep them for good (an actor).
+    pub fn keep_all(&mut self) {
+        self.all_kept = true;
+    }
+
+    /// The task is done: each lent object, with whether it escapes. Once.
+    pub fn end(&mut self) -> Vec<(ObjectId, bool)> {
+        let all = self.all_kept || self.unanswered > 0;
+        let kept = std::mem::take(&mut self.kept);
+        std::mem::take(&mut self.ids)
+            .into_iter()
+            .map(|id| (id, all || kept.contains(&id)))
+            .collect()
+    }
 }
 
 /// The object table of one process.
@@ -125,16 +212,51 @@ impl Objects {
         self.refs.entry(id).or_default().escaped = true;
     }
 
-    /// Drops one local reference. With the last one the slot goes; an
-    /// owned stored object that never escaped is to be freed.
+    /// Drops one local reference. With the last one, unless a task
+    /// borrows it or it escaped, the slot goes, and an owned stored object
+    /// is to be freed.
     pub fn release(&self, id: ObjectId) -> Option<Free> {
-        let mut last = false;
+        self.forget_if(id, |entry| entry.count = entry.count.saturating_sub(1))
+    }
+
+    /// A reference was serialized into a task's argument values: the
+    /// task borrows the object until [`end_borrow`](Self::end_borrow).
+    pub fn lend(&self, id: ObjectId) {
+        self.refs.entry(id).or_default().lent += 1;
+    }
+
+    /// A task's borrow ended (see [`Borrows::end`]): `kept` when the
+    /// object escapes with it. The last use gone, as in
+    /// [`release`](Self::release).
+    pub fn end_borrow(&self, id: ObjectId, kept: bool) -> Option<Free> {
+        self.forget_if(id, |entry| {
+            entry.lent = entry.lent.saturating_sub(1);
+            entry.escaped |= kept;
+        })
+    }
+
+    /// Whether a worker that borrowed `id` still holds it: a reference, a
+    /// task it lent it to, or an escape. False for an object this process
+    /// owns (a task run by its owner's process is counted in this table
+    /// already).
+    pub fn still_borrowed(&self, id: ObjectId) -> bool {
+        if self.slots.get(&id).is_some_and(|slot| slot.owned) {
+            return false;
+        }
+        self.refs.contains_key(&id)
+    }
+
+    /// Applies `change` to the entry of `id`; if nothing here needs the
+    /// object after it, the entry and the slot go, and an owned stored
+    /// object is to be freed.
+    fn forget_if(&self, id: ObjectId, change: impl FnOnce(&mut RefEntry)) -> Option<Free> {
+        let mut unused = false;
         self.refs.remove_if_mut(&id, |_, entry| {
-            entry.count = entry.count.saturating_sub(1);
-            last = entry.count == 0 && !entry.escaped;
-            entry.count == 0
+            change(entry);
+            unused = entry.unused();
+            unused
         });
-        if !last {
+        if !unused {
             return None;
         }
         let (_, slot) = self.slots.remove(&id)?;
@@ -282,6 +404,117 @@ mod tests {
             None
         );
         assert!(!slot.is_pending());
+    }
+
+    #[test]
+    fn an_object_lent_to_a_task_outlives_its_last_reference_until_the_task_is_done() {
+        let objects = Objects::default();
+        let (a, at) = (id(), stored());
+        objects.own(a, ObjState::Stored(at.clone()));
+        objects.lend(a);
+        let mut borrows = Borrows::new(vec![a]);
+        assert_eq!(objects.release(a), None, "the task still borrows it");
+        assert!(objects.get(a).is_some());
+        borrows.sent();
+        borrows.answered(&[]);
+        let ends = borrows.end();
+        assert_eq!(ends, vec![(a, false)]);
+        assert_eq!(objects.end_borrow(a, false), Some(Free { id: a, at }));
+        assert!(objects.get(a).is_none());
+        assert!(borrows.end().is_empty(), "a borrow ends once");
+    }
+
+    #[test]
+    fn an_object_a_worker_kept_escapes_and_is_kept_for_the_job() {
+        let objects = Objects::default();
+        let (a, b) = (id(), id());
+        for x in [a, b] {
+            objects.own(x, ObjState::Stored(stored()));
+            objects.lend(x);
+        }
+        let mut borrows = Borrows::new(vec![a, b]);
+        borrows.sent();
+        // An id the task was not lent is ignored.
+        borrows.answered(&[b, id()]);
+        let ends = borrows.end();
+        assert_eq!(ends, vec![(a, false), (b, true)]);
+        for (x, kept) in ends {
+            assert_eq!(
+                objects.end_borrow(x, kept),
+                None,
+                "a local reference is left"
+            );
+            assert_eq!(objects.release(x).is_some(), x == a);
+        }
+        assert!(objects.get(b).is_some(), "the worker may still read it");
+    }
+
+    #[test]
+    fn a_try_lost_with_its_worker_or_node_keeps_every_lent_object() {
+        // The worker may have passed the references on before it died,
+        // even if a retry answered after it that it kept nothing.
+        let objects = Objects::default();
+        let a = id();
+        objects.own(a, ObjState::Stored(stored()));
+        objects.lend(a);
+        let mut borrows = Borrows::new(vec![a]);
+        borrows.sent();
+        borrows.lost();
+        borrows.sent();
+        borrows.answered(&[]);
+        assert_eq!(borrows.end(), vec![(a, true)]);
+        assert_eq!(objects.end_borrow(a, true), None);
+        assert_eq!(objects.release(a), None);
+        assert!(objects.get(a).is_some());
+
+        // A try still unanswered when the task ends (its owner gave up on
+        // it) counts the same.
+        let mut borrows = Borrows::new(vec![a]);
+        borrows.sent();
+        assert_eq!(borrows.end(), vec![(a, true)]);
+    }
+
+    #[test]
+    fn a_task_that_never_reached_a_worker_returns_what_it_borrowed() {
+        let objects = Objects::default();
+        let (a, at) = (id(), stored());
+        objects.own(a, ObjState::Stored(at.clone()));
+        objects.lend(a);
+        assert_eq!(objects.release(a), None);
+        let mut borrows = Borrows::new(vec![a]);
+        assert_eq!(borrows.end(), vec![(a, false)]);
+        assert_eq!(objects.end_borrow(a, false), Some(Free { id: a, at }));
+        // Lent to an actor: kept whatever it answers.
+        let b = id();
+        objects.own(b, ObjState::Stored(stored()));
+        let mut borrows = Borrows::new(vec![b]);
+        borrows.keep_all();
+        assert_eq!(borrows.end(), vec![(b, true)]);
+    }
+
+    #[test]
+    fn a_borrower_holds_a_reference_it_lent_on_or_that_escaped_it() {
+        // The worker's side: its table says what it still holds.
+        let objects = Objects::default();
+        let (held, passed, escaped, dropped) = (id(), id(), id(), id());
+        for x in [held, passed, escaped, dropped] {
+            objects.add_local(x);
+        }
+        objects.lend(passed);
+        objects.mark_escaped(escaped);
+        for x in [passed, escaped, dropped] {
+            assert_eq!(objects.release(x), None, "a borrower frees nothing");
+        }
+        assert!(objects.still_borrowed(held));
+        assert!(objects.still_borrowed(passed), "its own task borrows it");
+        assert!(objects.still_borrowed(escaped));
+        assert!(!objects.still_borrowed(dropped));
+        assert_eq!(objects.end_borrow(passed, false), None);
+        assert!(!objects.still_borrowed(passed));
+        // The owner's own process ran the task: its counts are exact.
+        let owned = id();
+        objects.own(owned, ObjState::Inline(Arc::new(vec![1])));
+        assert!(!objects.still_borrowed(owned));
     }
 
     #[test]

@@ -15,11 +15,11 @@
 //!   ([`Rebuild`]), as often as its retries left allow, one rebuild at a
 //!   time.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use shoal_proto::{ArgSpec, FailureKind, NodeId, StoredAt, TaskFailure, TaskId, TaskOutcome};
 
-use super::objects::ObjState;
+use super::objects::{Borrows, ObjState};
 use crate::args::KeepAlive;
 use crate::options::TaskOptions;
 use crate::registry::RemoteFunction;
@@ -31,6 +31,8 @@ pub struct Lineage {
     pub function: &'static RemoteFunction,
     pub options: TaskOptions,
     pub args: Mutex<Vec<ArgSpec>>,
+    /// What the arguments lend (kept lent while the lineage lives).
+    pub borrows: Option<Arc<Mutex<Borrows>>>,
     pub _keep_alive: Mutex<Vec<KeepAlive>>,
     /// Held through a rebuild, so there is one at a time.
     pub rebuild: tokio::sync::Mutex<Rebuild>,

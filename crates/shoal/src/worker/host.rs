@@ -285,6 +285,7 @@ impl Hosted {
                 message,
             )),
             run_us: None,
+            kept: Vec::new(),
         };
         match seen {
             Seen::Replay(reply) => reply,
@@ -320,6 +321,7 @@ impl Hosted {
             worker_id: executor.worker_id,
             outcome,
             run_us: None,
+            kept: Vec::new(),
         };
         let advance = || turn.pass(call.seq);
         let args = match args {

@@ -59,6 +59,10 @@ pub(crate) trait Process: Send + Sync + Sized + 'static {
         executor: Executor,
     ) -> impl Future<Output = TaskOutcome> + Send;
 
+    /// Whether this process still holds a reference it borrowed (see
+    /// `owner::objects::Objects::still_borrowed`).
+    fn still_borrowed(&self, id: ObjectId) -> bool;
+
     /// An object this process owns, for a borrower: waits up to `wait`.
     fn object_value(
         &self,

@@ -98,13 +98,23 @@ pub(crate) async fn execute<P: Process>(
             Err(failure) => TaskOutcome::Failed(failure),
         },
     };
+    let run_us = Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+    // The task's arguments are dropped by now: what is still referenced
+    // here was kept (in a thread, an actor, a task still running).
+    let kept = spec
+        .borrowed
+        .iter()
+        .copied()
+        .filter(|id| process.still_borrowed(*id))
+        .collect();
     TaskReply {
         task_id: spec.task_id,
         attempt: spec.attempt,
         node_id: executor.node_id,
         worker_id: executor.worker_id,
         outcome,
-        run_us: Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX)),
+        run_us,
+        kept,
     }
 }
 
