@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shoal_net::handshake::ClientAuth;
-use shoal_net::{JoinToken, NetLimits, QuicTransport, Transport, HEAD_SERVER_NAME};
+use shoal_net::{JoinToken, NetLimits, Transport, HEAD_SERVER_NAME};
 use shoal_proto::head::RegisterNode;
 use shoal_proto::{HeadReply, HeadRequest, NodeState, ResourceSet, Role};
 use tokio_util::sync::CancellationToken;
@@ -164,7 +164,7 @@ async fn simulate(
             token: token.clone(),
             role: Role::Node,
         };
-        transports.push(QuicTransport::token_client(
+        transports.push(Transport::token_client(
             auth,
             HEAD_SERVER_NAME,
             NetLimits::default(),
@@ -273,8 +273,8 @@ async fn simulate(
         status.nodes.len(),
         status.nodes.len() - dead,
     );
-    for t in &transports {
-        t.endpoint().close(0u32.into(), b"done");
+    for endpoint in transports.iter().filter_map(|t| t.endpoint()) {
+        endpoint.close(0u32.into(), b"done");
     }
     Ok(())
 }
@@ -282,7 +282,7 @@ async fn simulate(
 /// One simulated node: connect (retrying), register, heartbeat until `stop`.
 async fn node(
     i: usize,
-    transport: QuicTransport,
+    transport: Transport,
     addr: SocketAddr,
     start: Instant,
     counters: Arc<Counters>,

@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use shoal_net::handshake::{ClientAuth, HandshakeStats, ServerAuth};
-use shoal_net::{
-    endpoint, tls, ClusterIdentity, NetLimits, Peer, QuicTransport, RpcClient, Service, Transport,
-};
+use shoal_net::{endpoint, tls, ClusterIdentity, NetLimits, Peer, RpcClient, Service, Transport};
 use shoal_proto::{Role, ServiceError};
 use tokio_util::sync::CancellationToken;
 
@@ -108,7 +106,7 @@ fn floor(
             Arc::new(HandshakeStats::default()),
             stop.clone(),
         ));
-        let transport = QuicTransport::token_client(
+        let transport = Transport::token_client(
             ClientAuth {
                 token: identity.token().clone(),
                 role: Role::Driver,

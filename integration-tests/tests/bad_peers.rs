@@ -8,9 +8,7 @@ use std::time::Duration;
 use shoal::{LocalCluster, LocalClusterExt, LocalConfig, NodeState};
 use shoal_integration_tests::raw;
 use shoal_net::handshake::ClientAuth;
-use shoal_net::{
-    ConnectError, JoinToken, NetLimits, QuicTransport, RpcClient, Transport, HEAD_SERVER_NAME,
-};
+use shoal_net::{ConnectError, JoinToken, NetLimits, RpcClient, Transport, HEAD_SERVER_NAME};
 use shoal_proto::codec::{self, CodecLimits};
 use shoal_proto::{
     ClusterId, HandshakeRefusal, HeadReply, HeadRequest, Hello, HelloReply, Role, PROTOCOL_VERSION,
@@ -31,7 +29,7 @@ async fn connect_with(
     addr: std::net::SocketAddr,
     token: JoinToken,
 ) -> Result<RpcClient<HeadRequest, HeadReply>, ConnectError> {
-    let transport = QuicTransport::token_client(
+    let transport = Transport::token_client(
         ClientAuth {
             token,
             role: Role::Node,
@@ -177,7 +175,7 @@ async fn bad_peers_are_refused_and_the_head_keeps_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_may_not_act_as_a_node() {
     let cluster = LocalCluster::start(config()).await.expect("cluster");
-    let transport = QuicTransport::token_client(
+    let transport = Transport::token_client(
         ClientAuth {
             token: cluster.token().clone(),
             role: Role::Client,
@@ -215,7 +213,7 @@ async fn a_client_may_not_act_as_a_node() {
     );
     // An owner's count past the head's (any u64) and a wait past any bound
     // get an answer at once, not a hang: the head counts from 0 again.
-    let owner: RpcClient<HeadRequest, HeadReply> = QuicTransport::token_client(
+    let owner: RpcClient<HeadRequest, HeadReply> = Transport::token_client(
         ClientAuth {
             token: cluster.token().clone(),
             role: Role::Driver,

@@ -166,28 +166,21 @@ async fn graceful_node_stop_is_seen_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storing_a_result_a_second_time_finds_it_stored() {
     use shoal_net::handshake::ClientAuth;
-    use shoal_net::{endpoint, tls, NetLimits, RpcClient};
+    use shoal_net::{NetLimits, RpcClient, Transport};
     use shoal_proto::{NodeReply, NodeRequest, ObjectId, Role, TaskId};
 
     let cluster = LocalCluster::start(fast()).await.expect("cluster");
-    let limits = NetLimits::default();
-    let ep = endpoint::endpoint(([127, 0, 0, 1], 0).into(), None, &limits).expect("endpoint");
-    let config = endpoint::client_config(tls::token_client_config().expect("tls"), &limits)
-        .expect("client config");
     let auth = ClientAuth {
         token: cluster.token().clone(),
         role: Role::Worker,
     };
-    let node: RpcClient<NodeRequest, NodeReply> = RpcClient::connect(
-        &ep,
-        config,
-        cluster.node_address(0).expect("node 0"),
-        shoal_net::NODE_SERVER_NAME,
-        &auth,
-        &limits,
-    )
-    .await
-    .expect("connected to the node");
+    let transport =
+        Transport::token_client(auth, shoal_net::NODE_SERVER_NAME, NetLimits::default())
+            .expect("transport");
+    let node: RpcClient<NodeRequest, NodeReply> = transport
+        .connect(cluster.node_address(0).expect("node 0"))
+        .await
+        .expect("connected to the node");
     let id: ObjectId = TaskId::fresh().return_object(0);
     let bytes = vec![7u8; 200 << 10];
     let create = NodeRequest::CreateObject {

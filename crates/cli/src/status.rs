@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde_json::{json, Map, Value};
 use shoal_net::handshake::ClientAuth;
-use shoal_net::{JoinToken, NetLimits, QuicTransport, RpcClient, Transport, HEAD_SERVER_NAME};
+use shoal_net::{JoinToken, NetLimits, RpcClient, Transport, HEAD_SERVER_NAME};
 use shoal_proto::resources::{CPU, MEMORY};
 use shoal_proto::{ClusterStatus, HeadReply, HeadRequest, NodeState, ResourceSet, Role};
 
@@ -149,7 +149,7 @@ pub fn ask(
             handshake_timeout: timeout,
             ..NetLimits::default()
         };
-        let transport = QuicTransport::token_client(
+        let transport = Transport::token_client(
             ClientAuth {
                 token: token.clone(),
                 role: Role::Client,
@@ -163,7 +163,7 @@ pub fn ask(
             .with_context(|| format!("connecting to the head at {address}"))?;
         let reply = head.call(&request, timeout).await;
         head.close();
-        transport.endpoint().wait_idle().await;
+        transport.wait_idle().await;
         reply.context("asking the head")
     })
 }

@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_net::handshake::{HandshakeStats, ServerAuth};
-use shoal_net::{endpoint, tls, ClusterIdentity, IdentityError};
+use shoal_net::{endpoint, tls, ClusterIdentity, IdentityError, Listener};
 use shoal_proto::Role;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -60,7 +60,7 @@ pub enum HeadError {
 
 /// A head bound to its address, ready to [`run`](Head::run).
 pub struct Head {
-    endpoint: shoal_net::quinn::Endpoint,
+    listener: Listener,
     service: Arc<api::HeadService>,
     auth: Arc<ServerAuth>,
     stats: Arc<HandshakeStats>,
@@ -79,24 +79,30 @@ impl Head {
                     source,
                 }
             })?;
+        Ok(Self::on(endpoint.into(), config, identity))
+    }
+
+    /// A head that will serve on `listener` (QUIC, or an in-process
+    /// network: see `shoal_net::transport`); `config.listen` is not used.
+    pub fn on(listener: Listener, config: HeadConfig, identity: Arc<ClusterIdentity>) -> Self {
         let stats = Arc::new(HandshakeStats::default());
         let auth = Arc::new(ServerAuth::new(
             identity.token().clone(),
             vec![Role::Node, Role::Driver, Role::Worker, Role::Client],
         ));
         let service = Arc::new(api::HeadService::new(identity, &config, stats.clone()));
-        Ok(Self {
-            endpoint,
+        Self {
+            listener,
             service,
             auth,
             stats,
             config,
-        })
+        }
     }
 
     /// The address the head listens on (useful with port 0).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.endpoint.local_addr()
+        self.listener.local_addr()
     }
 
     /// Serves until `shutdown` is cancelled, then closes every connection.
@@ -106,7 +112,7 @@ impl Head {
         let detector =
             failure_detector(self.service.clone(), self.config.clone(), shutdown.clone());
         let server = shoal_net::rpc::serve(
-            self.endpoint,
+            self.listener,
             self.service,
             self.auth,
             self.config.limits.clone(),

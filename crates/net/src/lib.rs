@@ -17,8 +17,11 @@
 //! - [`faults`]: fault injection in the RPC client for tests, off unless
 //!   `SHOAL_TESTING_RPC_FAILURE` is set (drop a request before it is sent,
 //!   or a reply after its handler ran, by method, count or probability).
-//! - [`transport`]: the small [`transport::Transport`] trait that daemons use to
-//!   reach each other, the seam for an in-memory or simulated transport later.
+//! - [`transport`]: the seam every connection goes through: a
+//!   [`transport::Transport`] opens connections, a [`transport::Listener`] is
+//!   served; QUIC (with the same-host Unix link inside) or [`memory`].
+//! - [`memory`]: an in-process network that loses, delays and cuts messages
+//!   from a seed, behind the same seam, for tests of services under faults.
 //! - [`host`]: this host as others see it: the advertised IP, local
 //!   addresses, the host identity, the hostname.
 //! - [`digest`]: SHA-256 as hex (content-addressed executables).
@@ -42,6 +45,7 @@ pub mod handshake;
 pub mod host;
 pub mod identity;
 pub mod limits;
+pub mod memory;
 pub mod rpc;
 pub mod sync;
 pub mod tls;
@@ -51,8 +55,9 @@ mod unix;
 pub use error::{ConnectError, IdentityError, RpcError};
 pub use identity::{ClusterIdentity, IssuedCert, JoinToken};
 pub use limits::NetLimits;
+pub use memory::MemoryNet;
 pub use rpc::{Peer, RpcClient, Service};
-pub use transport::{QuicTransport, Transport};
+pub use transport::{Listener, Transport};
 
 /// The ALPN protocol name every Shoal connection negotiates.
 pub const ALPN: &[u8] = b"shoal/1";

@@ -10,6 +10,7 @@
 use std::future::Future;
 use std::marker::PhantomData;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +31,7 @@ use crate::error::{ConnectError, RpcError};
 use crate::faults::{Fault, Faults};
 use crate::handshake::{self, ClientAuth, HandshakeFailure, HandshakeStats, ServerAuth};
 use crate::limits::NetLimits;
+use crate::transport::Listener;
 
 /// Why a frame could not be read from a stream.
 #[derive(Debug, thiserror::Error)]
@@ -167,25 +169,34 @@ pub trait Service: Send + Sync + 'static {
     fn disconnected(&self, _peer: &Peer) {}
 }
 
-/// Serves `service` on `endpoint` until `shutdown` is cancelled: accepts
+/// Serves `service` on `listener` until `shutdown` is cancelled: accepts
 /// connections, runs the handshake on each, then answers its requests.
 /// On shutdown it stops accepting, closes every connection and waits (bounded)
 /// for the endpoint to go idle.
 ///
-/// Peers on this host may come through a Unix socket instead (see `unix`);
-/// it is bound when `serve` is called, so a peer told the address right
-/// after finds it. Must be called inside a tokio runtime.
+/// On QUIC, peers on this host may come through a Unix socket instead (see
+/// `unix`); it is bound when `serve` is called, so a peer told the address
+/// right after finds it. Must be called inside a tokio runtime.
 pub fn serve<S: Service>(
-    endpoint: quinn::Endpoint,
+    listener: impl Into<Listener>,
     service: Arc<S>,
     auth: Arc<ServerAuth>,
     limits: NetLimits,
     stats: Arc<HandshakeStats>,
     shutdown: CancellationToken,
-) -> impl Future<Output = ()> + Send {
-    let bound = endpoint.local_addr().ok();
-    let same_host = bound.and_then(|b| crate::unix::listen(b, &limits));
-    serve_quic(endpoint, same_host, service, auth, limits, stats, shutdown)
+) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    match listener.into() {
+        Listener::Quic(endpoint) => {
+            let bound = endpoint.local_addr().ok();
+            let same_host = bound.and_then(|b| crate::unix::listen(b, &limits));
+            Box::pin(serve_quic(
+                endpoint, same_host, service, auth, limits, stats, shutdown,
+            ))
+        }
+        Listener::Memory(listener) => Box::pin(crate::memory::MemoryNet::serve(
+            listener, service, auth, limits, stats, shutdown,
+        )),
+    }
 }
 
 async fn serve_quic<S: Service>(
@@ -376,6 +387,8 @@ enum Awaited {
     Quic(quinn::RecvStream),
     /// The same-host connection, matched by id.
     Unix(crate::unix::Awaiting),
+    /// An in-process link ([`crate::memory`]).
+    Memory(tokio::sync::oneshot::Receiver<crate::memory::Answer>),
 }
 
 /// Answers one decoded request within its deadline (capped by
@@ -432,6 +445,10 @@ impl<Rep: DeserializeOwned> InFlight<Rep> {
                 let body = awaiting.body().await?;
                 codec::decode(&body, &self.codec)?
             }
+            Awaited::Memory(answer) => {
+                let body = answer.await.unwrap_or(Err(quinn::ConnectionError::Reset))?;
+                codec::decode(&body, &self.codec)?
+            }
         };
         if let Some(message) = self.discard {
             return Err(RpcError::Injected(message));
@@ -458,6 +475,8 @@ enum Link {
     Quic(quinn::Connection),
     /// A Unix socket to a server on this host (see [`crate::unix`]).
     Unix(Arc<crate::unix::Link>),
+    /// An in-process link (see [`crate::memory`]).
+    Memory(Arc<crate::memory::Link>),
 }
 
 /// An authenticated connection that sends `Req` and receives `Rep`.
@@ -492,6 +511,7 @@ impl<Req, Rep> std::fmt::Debug for RpcClient<Req, Rep> {
         let via = match self.link {
             Link::Quic(_) => "quic",
             Link::Unix(_) => "unix",
+            Link::Memory(_) => "memory",
         };
         write!(f, "RpcClient({} via {via})", self.remote)
     }
@@ -502,8 +522,8 @@ impl<Req: Serialize + Sync, Rep: DeserializeOwned> RpcClient<Req, Rep> {
     /// server's same-host socket when `addr` is on this host (loopback, or an
     /// address of this network namespace: [`crate::host::is_local_ip`]) and
     /// one answers (not for node daemons, which prove a certificate), else
-    /// QUIC.
-    pub async fn connect(
+    /// QUIC. Reached through [`crate::Transport`] only.
+    pub(crate) async fn connect(
         endpoint: &quinn::Endpoint,
         config: quinn::ClientConfig,
         addr: SocketAddr,
@@ -560,6 +580,24 @@ impl<Req: Serialize + Sync, Rep: DeserializeOwned> RpcClient<Req, Rep> {
             faults: crate::faults::global().cloned(),
             _types: PhantomData,
         })
+    }
+
+    /// A client over an in-process link.
+    pub(crate) fn memory(
+        link: crate::memory::Link,
+        remote: SocketAddr,
+        peer_node: Option<NodeId>,
+        limits: &NetLimits,
+    ) -> Self {
+        Self {
+            link: Link::Memory(Arc::new(link)),
+            remote,
+            next_id: Arc::new(AtomicU64::new(1)),
+            codec: limits.codec(),
+            peer_node,
+            faults: crate::faults::global().cloned(),
+            _types: PhantomData,
+        }
     }
 
     /// Replaces the faults this client (and its later clones) injects:
@@ -629,6 +667,16 @@ impl<Req: Serialize + Sync, Rep: DeserializeOwned> RpcClient<Req, Rep> {
         };
         let conn = match &self.link {
             Link::Quic(conn) => conn,
+            Link::Memory(link) => {
+                let body = crate::memory::encode_body(&envelope, &self.codec)?;
+                return Ok(InFlight {
+                    id,
+                    awaited: Awaited::Memory(link.send(body)?),
+                    codec: self.codec,
+                    discard,
+                    _reply: PhantomData,
+                });
+            }
             Link::Unix(link) => {
                 let frame = crate::unix::encode_message(id, &envelope, &self.codec)?;
                 return Ok(InFlight {
@@ -725,6 +773,7 @@ impl<Req: Serialize + Sync, Rep: DeserializeOwned> RpcClient<Req, Rep> {
         match &self.link {
             Link::Quic(conn) => conn.close_reason(),
             Link::Unix(link) => link.close_reason(),
+            Link::Memory(link) => link.close_reason(),
         }
     }
 
@@ -733,6 +782,7 @@ impl<Req: Serialize + Sync, Rep: DeserializeOwned> RpcClient<Req, Rep> {
         match &self.link {
             Link::Quic(conn) => conn.close(close_code::DONE.into(), b"done"),
             Link::Unix(link) => link.close(),
+            Link::Memory(link) => link.close(),
         }
     }
 }
@@ -741,7 +791,7 @@ impl<Req: Serialize + Sync, Rep: DeserializeOwned> RpcClient<Req, Rep> {
 mod tests {
     use super::*;
     use crate::identity::ClusterIdentity;
-    use crate::transport::{QuicTransport, Transport};
+    use crate::transport::Transport;
     use crate::{endpoint, tls, ConnectError, HEAD_SERVER_NAME};
     use serde::Deserialize;
     use shoal_proto::HandshakeRefusal;
@@ -846,8 +896,7 @@ mod tests {
                 token: self.identity.token().clone(),
                 role,
             };
-            let transport =
-                QuicTransport::token_client(auth, HEAD_SERVER_NAME, self.limits.clone())?;
+            let transport = Transport::token_client(auth, HEAD_SERVER_NAME, self.limits.clone())?;
             transport.connect(self.addr).await
         }
 
@@ -994,7 +1043,7 @@ mod tests {
             token: impostor,
             role: Role::Node,
         };
-        let transport = QuicTransport::token_client(auth, HEAD_SERVER_NAME, NetLimits::default())
+        let transport = Transport::token_client(auth, HEAD_SERVER_NAME, NetLimits::default())
             .expect("transport");
         let result: Result<RpcClient<EchoRequest, String>, _> =
             transport.connect(server.addr).await;
@@ -1045,8 +1094,7 @@ mod tests {
             token: identity.token().clone(),
             role: Role::Node,
         };
-        let transport =
-            QuicTransport::token_client(auth, HEAD_SERVER_NAME, limits).expect("transport");
+        let transport = Transport::token_client(auth, HEAD_SERVER_NAME, limits).expect("transport");
         let result: Result<RpcClient<EchoRequest, String>, _> = transport.connect(addr).await;
         assert!(
             matches!(result, Err(ConnectError::ServerNotAuthenticated { .. })),

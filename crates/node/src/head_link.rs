@@ -27,10 +27,10 @@ use crate::HeadClient;
 /// Consecutive failed heartbeats after which the connection is replaced.
 const FAILURES_BEFORE_RECONNECT: u32 = 2;
 
-pub(crate) struct HeadLink<'a, T: Transport> {
+pub(crate) struct HeadLink<'a> {
     pub config: &'a NodeConfig,
     pub token: &'a shoal_net::JoinToken,
-    pub transport: &'a T,
+    pub transport: &'a Transport,
     pub resources: &'a ResourceSet,
     pub advertised: SocketAddr,
     pub server: &'a shoal_net::quinn::Endpoint,
@@ -44,7 +44,7 @@ pub(crate) struct HeadLink<'a, T: Transport> {
     pub transfers: &'a Arc<crate::transfer::Transfers>,
 }
 
-impl<T: Transport + Clone> HeadLink<'_, T> {
+impl HeadLink<'_> {
     pub(crate) async fn run(self, shutdown: CancellationToken) {
         let mut client: Option<HeadClient> = None;
         let mut interval = crate::config::defaults::HEARTBEAT_INTERVAL;
@@ -329,11 +329,11 @@ impl Seen {
 
 /// Runs an actor's constructor again in a new worker, as the head ordered,
 /// and reports the outcome. A worker the head does not take is stopped.
-async fn restart_actor<T: Transport>(
+async fn restart_actor(
     order: RestartActor,
     node_id: NodeId,
     head: HeadClient,
-    transport: T,
+    transport: Transport,
     pool: Arc<crate::worker_pool::WorkerPool>,
 ) {
     let RestartActor {

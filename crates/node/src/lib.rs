@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 
 use shoal_net::handshake::{ClientAuth, HandshakeStats, ServerAuth};
 use shoal_net::sync::MutexExt;
-use shoal_net::{endpoint, ConnectError, JoinToken, QuicTransport, RpcClient, HEAD_SERVER_NAME};
+use shoal_net::{endpoint, ConnectError, JoinToken, RpcClient, Transport, HEAD_SERVER_NAME};
 use shoal_proto::{HeadReply, HeadRequest, NodeId, ResourceSet, Role};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -178,7 +178,7 @@ pub struct Node {
     token: JoinToken,
     resources: ResourceSet,
     server: shoal_net::quinn::Endpoint,
-    transport: QuicTransport,
+    transport: Transport,
     auth: Arc<ServerAuth>,
     node_id: watch::Sender<Option<NodeId>>,
     head: watch::Sender<Option<HeadClient>>,
@@ -235,7 +235,7 @@ impl Node {
             addr: config.listen,
             source,
         })?;
-        let transport = QuicTransport::token_client(
+        let transport = Transport::token_client(
             ClientAuth {
                 token: token.clone(),
                 role: Role::Node,
@@ -296,10 +296,8 @@ impl Node {
         let peer_config = watch::channel(None).0;
         let transfers = Arc::new(transfer::Transfers::new(
             store.clone(),
-            transport.endpoint().clone(),
+            transport.clone(),
             peer_config.subscribe(),
-            token.clone(),
-            config.limits.clone(),
         ));
         let handle = NodeHandle {
             node_id: rx,
@@ -377,9 +375,9 @@ impl Node {
         tokio::join!(server, link.run(shutdown.clone()), forward);
         self.pool.stop_all();
         self.store.locked().close();
-        self.transport
-            .endpoint()
-            .close(shoal_net::close_code::SHUTDOWN.into(), b"node stopping");
+        if let Some(endpoint) = self.transport.endpoint() {
+            endpoint.close(shoal_net::close_code::SHUTDOWN.into(), b"node stopping");
+        }
         info!("node daemon stopped");
     }
 }
@@ -394,10 +392,9 @@ type DriverClient = RpcClient<shoal_proto::WorkerRequest, shoal_proto::WorkerRep
 /// Sends workers' output to their drivers, in batches.
 async fn forward_logs(
     mut lines: tokio::sync::mpsc::Receiver<(shoal_proto::Address, shoal_proto::worker::LogLine)>,
-    transport: &QuicTransport,
+    transport: &Transport,
     shutdown: CancellationToken,
 ) {
-    use shoal_net::Transport;
     let mut drivers: std::collections::HashMap<String, DriverClient> =
         std::collections::HashMap::new();
     loop {

@@ -13,11 +13,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use shoal_net::handshake::ClientAuth;
 use shoal_net::sync::MutexExt;
-use shoal_net::{ConnectError, NetLimits, RpcClient, RpcError};
+use shoal_net::{ConnectError, RpcClient, RpcError};
 use shoal_proto::{
-    NodeReply, NodeRequest, ObjectId, PullPriority, Role, ServiceError, ServiceErrorKind, StoredAt,
+    NodeReply, NodeRequest, ObjectId, PullPriority, ServiceError, ServiceErrorKind, StoredAt,
 };
 use tokio::sync::watch;
 
@@ -68,12 +67,11 @@ enum PullError {
 /// The node's puller.
 pub struct Transfers {
     store: Arc<Mutex<ObjectStore>>,
-    endpoint: shoal_net::quinn::Endpoint,
+    /// The node's transport (as a node, with the join token).
+    transport: shoal_net::Transport,
     /// The client configuration toward peers, once the head has issued this
     /// node its certificate.
     peer_config: watch::Receiver<Option<shoal_net::quinn::ClientConfig>>,
-    auth: ClientAuth,
-    limits: NetLimits,
     peers: Mutex<HashMap<String, PeerClient>>,
     /// Pulls under way: later askers wait for the first one's outcome.
     pulling: Mutex<HashMap<ObjectId, watch::Receiver<Outcome>>>,
@@ -129,23 +127,17 @@ fn store_error(e: StoreError) -> ServiceError {
 }
 
 impl Transfers {
-    /// A puller storing into `store`, connecting from `endpoint`.
+    /// A puller storing into `store`, connecting through `transport` (the
+    /// node's) with the peer configuration once there is one.
     pub fn new(
         store: Arc<Mutex<ObjectStore>>,
-        endpoint: shoal_net::quinn::Endpoint,
+        transport: shoal_net::Transport,
         peer_config: watch::Receiver<Option<shoal_net::quinn::ClientConfig>>,
-        token: shoal_net::JoinToken,
-        limits: NetLimits,
     ) -> Self {
         Self {
             store,
-            endpoint,
+            transport,
             peer_config,
-            auth: ClientAuth {
-                token,
-                role: Role::Node,
-            },
-            limits,
             peers: Mutex::new(HashMap::new()),
             pulling: Mutex::new(HashMap::new()),
             pulled: AtomicU64::new(0),
@@ -223,15 +215,11 @@ impl Transfers {
             .clone()
             .ok_or(PullError::NoCertificate)?;
         let addr = shoal_net::host::resolve(address).await?;
-        let client = RpcClient::connect(
-            &self.endpoint,
-            config,
-            addr,
-            shoal_net::NODE_SERVER_NAME,
-            &self.auth,
-            &self.limits,
-        )
-        .await?;
+        let client = self
+            .transport
+            .with_client_config(config, shoal_net::NODE_SERVER_NAME)
+            .connect(addr)
+            .await?;
         self.peers
             .locked()
             .insert(address.to_string(), client.clone());

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use shoal_net::handshake::ClientAuth;
-use shoal_net::{JoinToken, NetLimits, QuicTransport, RpcClient, Transport, HEAD_SERVER_NAME};
+use shoal_net::{JoinToken, NetLimits, RpcClient, Transport, HEAD_SERVER_NAME};
 use shoal_proto::{ClusterStatus, HeadReply, HeadRequest, Role};
 
 use crate::error::{Error, Result};
@@ -15,14 +15,14 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection to a cluster's head.
 #[derive(Debug)]
 pub struct ClusterClient {
-    transport: QuicTransport,
+    transport: Transport,
     head: RpcClient<HeadRequest, HeadReply>,
 }
 
 impl ClusterClient {
     /// Connects to the head at `addr` as `role`, proving `token`.
     pub async fn connect(addr: SocketAddr, token: JoinToken, role: Role) -> Result<Self> {
-        let transport = QuicTransport::token_client(
+        let transport = Transport::token_client(
             ClientAuth { token, role },
             HEAD_SERVER_NAME,
             NetLimits::default(),
@@ -48,6 +48,6 @@ impl ClusterClient {
     /// Closes the connection and waits for the close to reach the head.
     pub async fn close(self) {
         self.head.close();
-        self.transport.endpoint().wait_idle().await;
+        self.transport.wait_idle().await;
     }
 }

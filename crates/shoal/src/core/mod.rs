@@ -35,7 +35,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use serde::de::DeserializeOwned;
 use shoal_net::handshake::{ClientAuth, HandshakeStats, ServerAuth};
-use shoal_net::{endpoint, tls, JoinToken, NetLimits, RpcClient};
+use shoal_net::{endpoint, tls, JoinToken, NetLimits, RpcClient, Transport};
 use shoal_proto::{
     Address, ArgSpec, HeadReply, HeadRequest, JobId, NodeId, NodeReply, NodeRequest, ObjectId,
     ObjectValue, Role, TaskId, TaskOutcome, WorkerId, WorkerReply, WorkerRequest,
@@ -151,10 +151,8 @@ pub(crate) struct Core {
     /// Mappings of the store files this process wrote large objects into.
     write_maps: Arc<crate::shm::WriteMaps>,
     pub(crate) binary_hash: String,
-    endpoint: shoal_net::quinn::Endpoint,
-    client_config: shoal_net::quinn::ClientConfig,
-    auth: ClientAuth,
-    pub(crate) limits: NetLimits,
+    /// Every connection this process opens goes through it.
+    transport: Transport,
     pub(crate) head: HeadClient,
     nodes: DashMap<String, NodeClient>,
     workers: DashMap<String, WorkerClient>,
@@ -227,15 +225,14 @@ impl Core {
             token: setup.token.clone(),
             role: setup.role,
         };
-        let head: HeadClient = RpcClient::connect(
-            &ep,
-            client_config.clone(),
-            setup.head_address,
+        let transport = Transport::quic(
+            ep.clone(),
+            client_config,
             shoal_net::HEAD_SERVER_NAME,
-            &auth,
-            &limits,
-        )
-        .await?;
+            auth,
+            limits.clone(),
+        );
+        let head: HeadClient = transport.connect(setup.head_address).await?;
         let home = match setup.home {
             Some(home) => home,
             None => find_home(&head).await?,
@@ -272,10 +269,7 @@ impl Core {
             local_store: tokio::sync::OnceCell::new(),
             write_maps: Arc::default(),
             binary_hash,
-            endpoint: ep.clone(),
-            client_config,
-            auth,
-            limits: limits.clone(),
+            transport,
             head,
             nodes: DashMap::new(),
             workers: DashMap::new(),
@@ -369,15 +363,7 @@ impl Core {
             .map_err(|e| Error::Protocol(format!("cannot resolve {address}: {e}")))?
             .next()
             .ok_or_else(|| Error::Protocol(format!("{address} resolves to nothing")))?;
-        let client = RpcClient::connect(
-            &self.endpoint,
-            self.client_config.clone(),
-            addr,
-            server_name,
-            &self.auth,
-            &self.limits,
-        )
-        .await?;
+        let client = self.transport.connect_named(addr, server_name).await?;
         cache.insert(address.to_string(), client.clone());
         Ok(client)
     }
