@@ -11,6 +11,8 @@
 //!   to exactly zero.
 //! - Per-caller order: each incarnation runs the driver's calls once each,
 //!   in the order of their numbers (checked as they run).
+//! - No object is freed while a live worker may still read it (checked
+//!   when it is freed: see [`borrow`](crate::borrow)).
 
 use shoal_proto::resources::CPU;
 

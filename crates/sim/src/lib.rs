@@ -11,13 +11,16 @@
 //! the head declares the node dead, and fences it when it is back), and
 //! node crashes (the node comes back as a new node). The workload: tasks,
 //! nested tasks (a worker owning children, lending its CPU back while it
-//! waits), and numbered calls to an actor that restarts when its node dies.
+//! waits) whose arguments hold references lent by their owner (see
+//! [`borrow`]), and numbered calls to an actor that restarts when its node
+//! dies.
 //! The invariants are in [`check`](crate::check).
 //!
 //! The same seed gives the same trace (a hash over every event) on every
 //! run.
 
 pub mod actor;
+pub mod borrow;
 pub mod check;
 pub mod cluster;
 pub mod msg;

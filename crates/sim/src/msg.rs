@@ -104,12 +104,16 @@ pub enum Msg {
         attempt: u32,
         arg: i64,
         fanout: u32,
+        /// The driver's object whose reference the argument holds.
+        lent: Option<u64>,
     },
     Done {
         tag: Tag,
         task: u64,
         value: Result<i64, String>,
         node_id: NodeNo,
+        /// The worker still holds the reference it borrowed.
+        kept: bool,
     },
 
     /// The connection a request went on failed: no reply will come.

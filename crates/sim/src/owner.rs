@@ -79,6 +79,8 @@ struct Job {
     task: u64,
     arg: i64,
     fanout: u32,
+    /// The driver's object its argument holds a reference to.
+    lent: Option<u64>,
     /// Children not yet answered, and the sum of those that were.
     waiting: u32,
     sum: Result<i64, String>,
@@ -126,6 +128,14 @@ impl Worker {
             blocked_queue: VecDeque::new(),
             blocked_out: false,
         }
+    }
+
+    /// Whether a task queued or running here holds object `n`.
+    pub fn has_job_with(&self, n: u64) -> bool {
+        self.running
+            .iter()
+            .chain(self.queue.iter())
+            .any(|job| job.lent == Some(n))
     }
 
     pub fn host_actor(&mut self, incarnation: u32) {
@@ -221,6 +231,7 @@ impl Sim {
         let tag = self.tag();
         let worker = place.worker.worker;
         self.owner(pid).pushes.insert(tag, (task, place));
+        let lent = self.borrow_sent(pid, task);
         self.send(
             pid,
             worker,
@@ -230,6 +241,7 @@ impl Sim {
                 attempt,
                 arg,
                 fanout,
+                lent,
             },
         );
     }
@@ -404,6 +416,7 @@ impl Sim {
                 task,
                 value,
                 node_id,
+                kept,
             } => {
                 let Some((key, place)) = self.owner(pid).pushes.remove(&tag) else {
                     return;
@@ -412,6 +425,7 @@ impl Sim {
                 let tried = if self.owner(pid).dead.contains(&node_id) {
                     Tried::AnsweredFromDeadNode(node_id_of(node_id))
                 } else {
+                    self.borrow_tried(pid, key, Some(kept));
                     Tried::Answered(match value {
                         Ok(v) => TaskOutcome::Inline(v.to_le_bytes().to_vec()),
                         Err(e) => TaskOutcome::Failed(failed(task, e)),
@@ -477,7 +491,12 @@ impl Sim {
         let Some(task) = self.owner(pid).tasks.get_mut(&key) else {
             return;
         };
+        let answered = matches!(tried, Tried::Answered(_));
         let (done, then) = task.run.tried(tried);
+        if !answered {
+            // The worker may have passed the reference on before it was lost.
+            self.borrow_tried(pid, key, None);
+        }
         let mut out = Vec::new();
         {
             let o = self.owner(pid);
@@ -500,6 +519,7 @@ impl Sim {
 
     fn owner_finish(&mut self, pid: Pid, key: u64, state: ObjState) {
         self.owner(pid).tasks.remove(&key);
+        self.borrow_end(pid, key);
         let value = match state {
             ObjState::Inline(bytes) => {
                 let mut raw = [0u8; 8];
@@ -523,6 +543,7 @@ impl Sim {
         } else {
             0
         };
+        self.driver_lends(index, index);
         self.owner_submit(DRIVER, index, index as i64, fanout);
     }
 
@@ -549,6 +570,7 @@ impl Sim {
                 task,
                 arg,
                 fanout,
+                lent,
                 ..
             } => {
                 let Some(worker) = self.workers.get_mut(&pid) else {
@@ -560,6 +582,7 @@ impl Sim {
                     task,
                     arg,
                     fanout,
+                    lent,
                     waiting: fanout,
                     sum: Ok(0),
                 });
@@ -581,6 +604,9 @@ impl Sim {
         };
         worker.running = Some(job.clone());
         let (lease, node_id) = (worker.lease, worker.node_id);
+        if let Some(n) = job.lent {
+            self.worker_takes(pid, n);
+        }
         if job.fanout == 0 {
             let long = self.rng.chance(0.05);
             let span = if long {
@@ -599,6 +625,9 @@ impl Sim {
         self.worker_set_blocked(pid, lease, true);
         for c in 0..job.fanout {
             let child = self.next_child();
+            if let Some(n) = job.lent {
+                self.lend_on(pid, child, n);
+            }
             self.owner_submit(pid, child, job.arg * 10 + i64::from(c), 0);
         }
     }
@@ -653,6 +682,7 @@ impl Sim {
             return;
         };
         let node_id = worker.node_id;
+        let kept = job.lent.is_some_and(|n| self.worker_done_with(pid, n));
         self.send(
             pid,
             job.from,
@@ -661,6 +691,7 @@ impl Sim {
                 task: job.task,
                 value: Ok(leaf(job.arg)),
                 node_id,
+                kept,
             },
         );
         self.worker_start_next(pid);
@@ -689,6 +720,7 @@ impl Sim {
         };
         let (lease, node_id) = (worker.lease, worker.node_id);
         self.worker_set_blocked(pid, lease, false);
+        let kept = job.lent.is_some_and(|n| self.worker_done_with(pid, n));
         self.send(
             pid,
             job.from,
@@ -697,6 +729,7 @@ impl Sim {
                 task: job.task,
                 value: job.sum,
                 node_id,
+                kept,
             },
         );
         self.worker_start_next(pid);

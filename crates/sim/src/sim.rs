@@ -42,6 +42,8 @@ pub struct Sim {
     /// fails them, as a connection would.
     pub outstanding: BTreeMap<Pid, BTreeSet<(Pid, Tag)>>,
     pub truth: Truth,
+    /// Borrowed references: the processes' tables, the owners' borrows.
+    pub lending: crate::borrow::Lending,
     /// Idempotent control requests out, as `call_idempotent` makes them:
     /// (caller, tag) -> (to, request, tries so far).
     retrying: BTreeMap<(Pid, Tag), (Pid, Msg, u32)>,
@@ -77,6 +79,7 @@ impl Sim {
             workers: BTreeMap::new(),
             outstanding: BTreeMap::new(),
             truth: Truth::default(),
+            lending: Default::default(),
             retrying: BTreeMap::new(),
             caller: Default::default(),
             next_tag: 0,
