@@ -2,9 +2,9 @@
 //! (in the spirit of Ray's `testing_rpc_failure`).
 //!
 //! Off unless the environment variable `SHOAL_TESTING_RPC_FAILURE` holds a
-//! spec when the process first needs it (at its first
-//! [`RpcClient::connect`](crate::rpc::RpcClient::connect), or an explicit
-//! call to [`global`]); it is read once and never again. For example:
+//! spec when the process first needs it (its first connection through a
+//! [`Transport`](crate::Transport), or an explicit call to [`global`]); it
+//! is read once and never again. For example:
 //!
 //! ```text
 //! SHOAL_TESTING_RPC_FAILURE="RequestLease=req:1,rep:1;Heartbeat=rep:0.05"

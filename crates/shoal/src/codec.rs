@@ -90,3 +90,57 @@ pub fn encode_into<T: Serialize + ?Sized>(
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     Ok(rmp_serde::from_slice(bytes)?)
 }
+
+thread_local! {
+    /// While a task's argument value is encoded on this thread: the
+    /// references serialized into it, lent to the task.
+    static LENDING: std::cell::RefCell<Option<Vec<shoal_proto::ObjectId>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// A lending scope entered on this thread; the one outside it is put back
+/// when it is left or dropped (if encoding panics too).
+struct Scope(Option<Option<Vec<shoal_proto::ObjectId>>>);
+
+impl Scope {
+    fn enter(inner: Option<Vec<shoal_proto::ObjectId>>) -> Self {
+        Scope(Some(LENDING.with(|l| l.replace(inner))))
+    }
+
+    /// Leaves the scope: the references lent in it.
+    fn leave(mut self) -> Vec<shoal_proto::ObjectId> {
+        let outer = self.0.take().flatten();
+        LENDING.with(|l| l.replace(outer)).unwrap_or_default()
+    }
+}
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        if let Some(outer) = self.0.take() {
+            let _ = LENDING.try_with(|l| l.replace(outer));
+        }
+    }
+}
+
+/// Runs `encode` with every reference it serializes lent to a task rather
+/// than escaped; returns them with its result.
+pub fn lending<R>(encode: impl FnOnce() -> R) -> (R, Vec<shoal_proto::ObjectId>) {
+    let scope = Scope::enter(Some(Vec::new()));
+    let out = encode();
+    (out, scope.leave())
+}
+
+/// Runs `encode` with every reference it serializes escaped, even inside
+/// an argument's encoding (a value `put` or returned may be read by
+/// anyone, later).
+pub fn escaping<R>(encode: impl FnOnce() -> R) -> R {
+    let scope = Scope::enter(None);
+    let out = encode();
+    drop(scope);
+    out
+}
+
+/// Records `id` as lent if a lending scope is open on this thread.
+pub fn lend_in_scope(id: shoal_proto::ObjectId) -> bool {
+    LENDING.with(|l| l.borrow_mut().as_mut().map(|lent| lent.push(id)).is_some())
+}

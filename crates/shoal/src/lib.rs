@@ -31,8 +31,9 @@
 //! ones stay in the store of the node that made them and are pulled in parts
 //! by whoever reads them. An object is freed when the last reference to it in
 //! its owner is dropped and no task borrows it. A reference inside a task's
-//! argument value is lent to the task: when the task is done, its object is
-//! freed with the owner's last reference, unless the worker still holds the
+//! argument value is lent to the task: when the task is done (or, for a
+//! stored result that may be made again, when the result goes), its object
+//! is freed with the owner's last reference, unless the worker still holds the
 //! reference (in a thread, or a task of its own still running) or was lost
 //! before it answered. A reference that was serialized anywhere else (inside
 //! a `put` value, a return value, an actor's arguments) keeps its object
@@ -184,6 +185,12 @@ pub fn get_all<T: DeserializeOwned + Send + 'static>(objects: &[ObjectRef<T>]) -
 /// this machine's node store; when it is full, fails with
 /// [`Error::ObjectStoreFull`].
 pub fn put<T: Serialize + Send + 'static>(value: T) -> Result<ObjectRef<T>> {
+    // References inside it escape, even if this runs while an argument is
+    // encoded (a user's `Serialize`): the object may be read any time.
+    codec::escaping(|| put_escaping(value))
+}
+
+fn put_escaping<T: Serialize + Send + 'static>(value: T) -> Result<ObjectRef<T>> {
     let core = driver::ensure_core();
     let encode_error = |e: codec::CodecError| Error::Encode {
         what: "put value".into(),

@@ -189,21 +189,6 @@ struct WireRef {
     owner: Address,
 }
 
-thread_local! {
-    /// While a task's argument value is encoded: the references lent to it.
-    static LENDING: std::cell::RefCell<Option<Vec<ObjectId>>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-/// Runs `encode` with every reference it serializes lent to a task
-/// rather than escaped; returns them with its result.
-fn lending<R>(encode: impl FnOnce() -> R) -> (R, Vec<ObjectId>) {
-    let outer = LENDING.with(|l| l.replace(Some(Vec::new())));
-    let out = encode();
-    let lent = LENDING.with(|l| l.replace(outer)).unwrap_or_default();
-    (out, lent)
-}
-
 impl<T> Serialize for ObjectRef<T> {
     /// Inside a task's argument value the reference is lent to the task
     /// (its owner keeps the object until the task is done, or for the job
@@ -213,10 +198,10 @@ impl<T> Serialize for ObjectRef<T> {
     fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
         if let Some(core) = core::try_get() {
             let id = self.id();
-            let lent = LENDING.with(|l| l.borrow_mut().as_mut().map(|lent| lent.push(id)));
-            match lent {
-                Some(()) => core.objects.lend(id),
-                None => core.objects.mark_escaped(id),
+            if crate::codec::lend_in_scope(id) {
+                core.objects.lend(id);
+            } else {
+                core.objects.mark_escaped(id);
             }
         }
         WireRef {
@@ -267,7 +252,7 @@ impl<T> From<&ObjectRef<T>> for Arg<T> {
 /// Encodes one argument (used by the `#[remote]` expansion).
 pub(crate) fn arg_value<T: Serialize + Send + 'static>(arg: Arg<T>) -> ArgValue {
     match arg {
-        Arg::Value(v) => match lending(|| crate::codec::encode(&v)) {
+        Arg::Value(v) => match crate::codec::lending(|| crate::codec::encode(&v)) {
             (Ok(bytes), lent) if lent.is_empty() => ArgValue::Bytes(bytes),
             (Ok(bytes), lent) => ArgValue::Lending { bytes, lent },
             (Err(e), lent) => {

@@ -62,7 +62,7 @@ pub fn decode_arg<T: DeserializeOwned>(
 
 /// Encodes a return value (called by the `#[remote]` expansion).
 pub fn encode_return<T: Serialize>(value: &T) -> Result<Vec<u8>, InvokeError> {
-    crate::codec::encode(value).map_err(|e| InvokeError {
+    crate::codec::escaping(|| crate::codec::encode(value)).map_err(|e| InvokeError {
         kind: FailureKind::BadReturn,
         message: e.to_string(),
     })

@@ -11,7 +11,12 @@
 //! - A cut between two hosts loses everything between them, both ways,
 //!   until it is healed; a connection attempt across it times out (losses
 //!   alone only delay one, as QUIC sends its handshake again).
-//! - A server that stops resets its connections, as QUIC's close does.
+//! - A server that stops resets its connections and ends the handlers in
+//!   hand, as QUIC's close does; a link closed by its client, or whose last
+//!   client is dropped, is reported to the service (`disconnected`).
+//! - Every chance is drawn when a request is sent, so one caller's calls,
+//!   made one at a time, meet the same fates on every run; with delays,
+//!   timers run on the runtime's clock (paused time makes them repeat).
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -52,6 +57,8 @@ trait Serving: Send + Sync {
     fn spawn(&self, work: Pin<Box<dyn Future<Output = ()> + Send>>);
     /// Cancelled when the server stops.
     fn stopped(&self) -> &CancellationToken;
+    /// A link to the server ended (closed, or its last client dropped).
+    fn disconnected(&self, peer: &Peer);
 }
 
 struct Server<S: Service> {
@@ -106,6 +113,10 @@ impl<S: Service> Serving for Server<S> {
 
     fn stopped(&self) -> &CancellationToken {
         &self.stop
+    }
+
+    fn disconnected(&self, peer: &Peer) {
+        self.service.disconnected(peer);
     }
 }
 
@@ -178,10 +189,8 @@ impl Weather {
         z ^ (z >> 31)
     }
 
-    fn fate(&mut self, from: IpAddr, to: IpAddr) -> Fate {
-        if self.cuts.contains(&(from, to)) {
-            return Fate::Lose;
-        }
+    /// A message's fate by chance alone (cuts are checked as it leaves).
+    fn draw(&mut self) -> Fate {
         if self.loss_per_million > 0 && self.next() % 1_000_000 < u64::from(self.loss_per_million) {
             return Fate::Lose;
         }
@@ -190,7 +199,10 @@ impl Weather {
 
     fn delay(&mut self) -> Duration {
         let max = u64::try_from(self.delay_max.as_micros()).unwrap_or(u64::MAX);
-        Duration::from_micros(if max == 0 { 0 } else { self.next() % (max + 1) })
+        Duration::from_micros(match max.checked_add(1) {
+            Some(span) if max > 0 => self.next() % span,
+            _ => 0,
+        })
     }
 
     /// A connection attempt: lost only across a cut (QUIC sends its
@@ -267,8 +279,21 @@ impl MemoryNet {
         weather.cuts.remove(&(b, a));
     }
 
-    fn fate(&self, from: IpAddr, to: IpAddr) -> Fate {
-        self.net.weather.locked().fate(from, to)
+    /// Whether `from` is cut off from `to` now.
+    fn is_cut(&self, from: IpAddr, to: IpAddr) -> bool {
+        self.net.weather.locked().cuts.contains(&(from, to))
+    }
+
+    /// The fates of a request from `from` to `to` and of its reply, both
+    /// drawn now (so the order sends are made in, not the order their
+    /// tasks run in, decides them).
+    fn exchange_fates(&self, from: IpAddr, to: IpAddr) -> (Fate, Fate) {
+        let mut weather = self.net.weather.locked();
+        let (there, back) = (weather.draw(), weather.draw());
+        if weather.cuts.contains(&(from, to)) {
+            return (Fate::Lose, back);
+        }
+        (there, back)
     }
 
     /// Claims `addr` for a server ([`crate::rpc::serve`] it); port 0 picks
@@ -375,6 +400,7 @@ impl MemoryNet {
             server,
             peer,
             closed: CancellationToken::new(),
+            told: false.into(),
         };
         Ok((link, node_id))
     }
@@ -421,6 +447,8 @@ pub(crate) struct Link {
     server: Arc<dyn Serving>,
     peer: Peer,
     closed: CancellationToken,
+    /// The server was told the link ended.
+    told: std::sync::atomic::AtomicBool,
 }
 
 impl Link {
@@ -443,32 +471,43 @@ impl Link {
         if let Some(reason) = self.close_reason() {
             return Err(reason);
         }
-        let (tx, rx) = oneshot::channel();
+        let (mut tx, rx) = oneshot::channel();
         let (net, from, to) = (self.net.clone(), self.from, self.to.ip());
+        let (there, back) = net.exchange_fates(from, to);
         let (server, peer) = (Arc::clone(&self.server), self.peer.clone());
         let (closed, stopped) = (self.closed.clone(), self.server.stopped().clone());
         let exchange = async move {
-            // A lost message leaves the caller waiting until the link ends.
-            let ended = async {
-                tokio::select! {
-                    _ = closed.cancelled() => quinn::ConnectionError::LocallyClosed,
-                    _ = stopped.cancelled() => quinn::ConnectionError::Reset,
-                }
-            };
-            let Fate::Deliver(delay) = net.fate(from, to) else {
-                let _ = tx.send(Err(ended.await));
-                return;
-            };
-            pause(delay).await;
-            let reply = server.handle(peer, request).await;
-            match net.fate(to, from) {
+            let answer = match there {
+                Fate::Lose => held(&mut tx, &closed, &stopped).await.map(Err),
                 Fate::Deliver(delay) => {
-                    pause(delay).await;
-                    let _ = tx.send(Ok(reply));
+                    // The server's handlers end with it, as over QUIC.
+                    let handled = async {
+                        pause(delay).await;
+                        server.handle(peer, request).await
+                    };
+                    let reply = tokio::select! {
+                        reply = handled => reply,
+                        reason = ended(&closed, &stopped) => {
+                            let _ = tx.send(Err(reason));
+                            return;
+                        }
+                    };
+                    let back = if net.is_cut(to, from) {
+                        Fate::Lose
+                    } else {
+                        back
+                    };
+                    match back {
+                        Fate::Lose => held(&mut tx, &closed, &stopped).await.map(Err),
+                        Fate::Deliver(delay) => Some(tokio::select! {
+                            () = pause(delay) => Ok(reply),
+                            reason = ended(&closed, &stopped) => Err(reason),
+                        }),
+                    }
                 }
-                Fate::Lose => {
-                    let _ = tx.send(Err(ended.await));
-                }
+            };
+            if let Some(answer) = answer {
+                let _ = tx.send(answer);
             }
         };
         self.server.spawn(Box::pin(exchange));
@@ -478,6 +517,41 @@ impl Link {
     /// Closes the connection.
     pub(crate) fn close(&self) {
         self.closed.cancel();
+        self.gone();
+    }
+
+    /// Tells the server once that this link has ended.
+    fn gone(&self) {
+        if !self.told.swap(true, Ordering::AcqRel) {
+            self.server.disconnected(&self.peer);
+        }
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.gone();
+    }
+}
+
+/// Waits until the link ends (its reason), as a caller waits for a lost
+/// message; `None` when the caller stopped waiting first.
+async fn held(
+    tx: &mut oneshot::Sender<Answer>,
+    closed: &CancellationToken,
+    stopped: &CancellationToken,
+) -> Option<quinn::ConnectionError> {
+    tokio::select! {
+        reason = ended(closed, stopped) => Some(reason),
+        () = tx.closed() => None,
+    }
+}
+
+/// The link's end: closed by its client, or reset by its server stopping.
+async fn ended(closed: &CancellationToken, stopped: &CancellationToken) -> quinn::ConnectionError {
+    tokio::select! {
+        () = closed.cancelled() => quinn::ConnectionError::LocallyClosed,
+        () = stopped.cancelled() => quinn::ConnectionError::Reset,
     }
 }
 

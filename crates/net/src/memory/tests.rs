@@ -10,10 +10,12 @@ use crate::{JoinToken, RpcClient, RpcError, Transport};
 
 const SERVER: &str = "198.18.0.1:7000";
 
-/// Adds one to each number; counts what it handled.
+/// Adds one to each number (taking `n` ms over it from 1000 up); counts
+/// what it handled and the links that ended.
 #[derive(Default)]
 struct AddOne {
     handled: AtomicU64,
+    disconnected: AtomicU64,
 }
 
 impl Service for AddOne {
@@ -21,8 +23,15 @@ impl Service for AddOne {
     type Reply = (u64, Role);
 
     async fn handle(&self, peer: &Peer, n: u64) -> Result<(u64, Role), ServiceError> {
+        if n >= 1000 {
+            tokio::time::sleep(Duration::from_millis(n)).await;
+        }
         self.handled.fetch_add(1, Ordering::SeqCst);
         Ok((n + 1, peer.role))
+    }
+
+    fn disconnected(&self, _peer: &Peer) {
+        self.disconnected.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -187,6 +196,28 @@ async fn a_retried_control_request_gets_through_a_lossy_network() {
 }
 
 #[tokio::test]
+async fn a_link_closed_or_dropped_by_its_client_is_reported_to_the_service_once() {
+    let world = World::new(4).await;
+    let closed = world.client("198.18.0.2").await;
+    let dropped = world.client("198.18.0.3").await;
+    let clone = dropped.clone();
+    closed.close();
+    closed.close();
+    assert_eq!(world.service.disconnected.load(Ordering::SeqCst), 1);
+    let after = closed.call(&1, Duration::from_secs(5)).await;
+    assert!(matches!(after, Err(RpcError::Connection(_))), "{after:?}");
+    drop(dropped);
+    assert_eq!(
+        world.service.disconnected.load(Ordering::SeqCst),
+        1,
+        "a clone is left"
+    );
+    drop(clone);
+    assert_eq!(world.service.disconnected.load(Ordering::SeqCst), 2);
+    world.shutdown.cancel();
+}
+
+#[tokio::test]
 async fn a_cut_loses_everything_between_two_hosts_until_healed() {
     let world = World::new(5).await;
     let (near, far) = ("198.18.0.2", "198.18.0.3");
@@ -233,7 +264,15 @@ async fn a_cut_loses_everything_between_two_hosts_until_healed() {
 async fn a_stopped_server_resets_its_connections_and_its_address_is_free_again() {
     let world = World::new(9).await;
     let client = world.client("198.18.0.2").await;
+    // A request in hand when the server stops: its handler ends with it.
+    let slow = client
+        .send(&60_000, Duration::from_secs(120))
+        .await
+        .expect("sent");
     world.shutdown.cancel();
+    let reset = slow.reply().await;
+    assert!(matches!(reset, Err(RpcError::Connection(_))), "{reset:?}");
+    assert_eq!(world.service.handled.load(Ordering::SeqCst), 0);
     world.server.await.expect("server");
     assert!(client.close_reason().is_some());
     let after = client.call(&1, Duration::from_secs(5)).await;

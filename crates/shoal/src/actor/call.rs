@@ -139,7 +139,7 @@ fn call_now(
     let plain: Option<usize> = args
         .iter()
         .map(|a| match a {
-            ArgValue::Bytes(b) => Some(b.len()),
+            ArgValue::Bytes(bytes) | ArgValue::Lending { bytes, .. } => Some(bytes.len()),
             _ => None,
         })
         .sum();
@@ -160,6 +160,11 @@ fn call_now(
         .into_iter()
         .filter_map(|a| match a {
             ArgValue::Bytes(b) => Some(ArgSpec::Inline(b)),
+            ArgValue::Lending { bytes, lent } => {
+                // An actor may keep them for good.
+                core.end_borrows(lent.into_iter().map(|id| (id, true)));
+                Some(ArgSpec::Inline(bytes))
+            }
             _ => None,
         })
         .collect();

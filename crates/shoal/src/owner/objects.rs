@@ -156,14 +156,15 @@ impl Borrows {
         self.unanswered += 1;
     }
 
-    /// A worker answered, still holding `kept`.
+    /// A worker answered, still holding `kept` (what it names that was
+    /// not lent is ignored).
     pub fn answered(&mut self, kept: &[ObjectId]) {
         self.unanswered = self.unanswered.saturating_sub(1);
-        for id in kept {
-            if self.ids.contains(id) && !self.kept.contains(id) {
-                self.kept.push(*id);
-            }
+        if kept.is_empty() {
+            return;
         }
+        let lent: std::collections::HashSet<&ObjectId> = self.ids.iter().collect();
+        self.kept.extend(kept.iter().filter(|id| lent.contains(id)));
     }
 
     /// A try ended without an answer.
@@ -180,7 +181,8 @@ impl Borrows {
     /// The task is done: each lent object, with whether it escapes. Once.
     pub fn end(&mut self) -> Vec<(ObjectId, bool)> {
         let all = self.all_kept || self.unanswered > 0;
-        let kept = std::mem::take(&mut self.kept);
+        let kept: std::collections::HashSet<ObjectId> =
+            std::mem::take(&mut self.kept).into_iter().collect();
         std::mem::take(&mut self.ids)
             .into_iter()
             .map(|id| (id, all || kept.contains(&id)))
@@ -515,6 +517,20 @@ mod tests {
         let owned = id();
         objects.own(owned, ObjState::Inline(Arc::new(vec![1])));
         assert!(!objects.still_borrowed(owned));
+    }
+
+    #[test]
+    fn an_escaped_reference_stays_escaped_when_it_comes_back_and_goes_again() {
+        // Its entry is kept at zero references: a reference adopted again
+        // later (inside a result, say) must not free what others may read.
+        let objects = Objects::default();
+        let a = id();
+        objects.own(a, ObjState::Stored(stored()));
+        objects.mark_escaped(a);
+        assert_eq!(objects.release(a), None);
+        objects.add_local(a);
+        assert_eq!(objects.release(a), None, "another process may hold it");
+        assert!(objects.get(a).is_some());
     }
 
     #[test]
