@@ -11,11 +11,28 @@ use shoal_proto::{
     ArgSpec, FailureKind, ObjectId, TaskFailure, TaskId, TaskOutcome, WorkerReply, WorkerRequest,
 };
 
-use super::{backoff, CallSlot, Location, RawActor, Reach, Route, CALL_TIMEOUT};
+use super::{CallSlot, Location, RawActor, Reach, Route, CALL_TIMEOUT};
 use crate::args::ArgValue;
 use crate::core::Core;
 use crate::object_ref::ObjectRef;
+use crate::owner::calls::{AfterReply, AtTurn, CallTries, Heard};
 use crate::owner::objects::ObjState;
+
+/// An incarnation's location, as the call machine compares them: the same
+/// one, not an equal one.
+struct At(Arc<Location>);
+
+impl std::fmt::Debug for At {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "incarnation {} at {}", self.0.incarnation, self.0.worker.address)
+    }
+}
+
+impl PartialEq for At {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
 
 impl Location {
     /// The request of a call at `slot` here (`args` `None`: a skip, which
@@ -188,7 +205,9 @@ fn call_now(
             // Lost (or moved meanwhile): the task path goes on.
             reply => {
                 let mut drive = Drive::new(&core, &raw, order, Some(specs));
-                drive.tried = Some(Arc::clone(&sent.route.location));
+                drive
+                    .tries
+                    .first_sent_to(At(Arc::clone(&sent.route.location)));
                 core.handle
                     .spawn(drive.run(Step::Reply(sent, Box::new(reply))));
             }
@@ -257,67 +276,37 @@ enum Step {
     ),
 }
 
-/// What a reply (or its loss) means for a call.
-enum Judged {
-    /// Answered.
-    Done(ObjState),
-    /// Answered with something that is not a call's reply: failed.
-    Failed(String),
-    /// Lost on a live connection to a live worker: send again, same slot.
-    Again(String),
-    /// The connection was lost: every open call goes to a new one.
-    Reconnect(String),
-    /// The incarnation is gone (its location is now dead).
-    Dead(String),
-}
-
-/// Times a call is sent again at one slot (its replies lost on a live
-/// connection) before it fails.
-const RESENDS_MAX: u32 = 100;
-
 /// One call on its way to an answer, after its first attempt if that was
-/// made from the caller's thread: sent in its turn; sent again (same slot)
-/// when a reply is lost on a live worker; moved with the other open calls
-/// to a new connection or, after a restart, a new incarnation (resent
-/// there within `max_task_retries`, else answered `ActorDied`); and once
-/// its result is known, its slot there filled with a skip, so later calls
-/// are not held.
+/// made from the caller's thread: the shell of `owner::calls::CallTries`,
+/// which decides; this waits for the call's turn, sends, moves the
+/// caller's calls, and resolves the reference. Once its result is known,
+/// its slot at a later incarnation is still filled with a skip, so later
+/// calls are not held.
 struct Drive {
     core: Arc<Core>,
     raw: RawActor,
     order: Order,
     args: Option<Vec<ArgSpec>>,
-    /// The reference is resolved.
-    answered: bool,
-    /// The incarnation the call was last sent to with its arguments (it
-    /// may have run there).
-    tried: Option<Arc<Location>>,
-    /// Times it was sent again to a new incarnation.
-    retries: u32,
-    /// Times it was sent again at one slot.
-    resends: u32,
+    tries: CallTries<At>,
     reach: Reach,
 }
 
 impl Drive {
     fn new(core: &Arc<Core>, raw: &RawActor, order: Order, args: Option<Vec<ArgSpec>>) -> Self {
+        let tries = CallTries::new(raw.caller.max_task_retries, raw.caller.max_restarts);
         Self {
             core: Arc::clone(core),
             raw: raw.clone(),
             order,
             args,
-            answered: false,
-            tried: None,
-            retries: 0,
-            resends: 0,
+            tries,
             reach: Reach::default(),
         }
     }
 
     /// Resolves the call's reference, once.
     fn answer(&mut self, state: ObjState) {
-        if !self.answered {
-            self.answered = true;
+        if self.tries.answer() {
             finish_call(&self.core, &self.raw, self.order.id, state);
         }
     }
@@ -330,7 +319,7 @@ impl Drive {
             node_id: None,
             message: format!("actor {}: {message}", self.raw.actor_id),
             backtrace: None,
-            attempts: self.retries + 1,
+            attempts: self.tries.attempts(),
         })
     }
 
@@ -372,35 +361,28 @@ impl Drive {
         // The call holds its turn from here: each path passes it, or goes
         // round again holding it (a new route lets it go).
         let location = Arc::clone(&slot.route.location);
-        if caller.gone.is_cancelled() {
-            return self.fail(&slot, "it is dead");
-        }
-        if location.dead.is_cancelled() {
-            if caller.max_restarts == 0 {
-                return self.fail(&slot, "its worker has exited");
+        let here = At(Arc::clone(&location));
+        let turn = self.tries.turn(
+            &here,
+            caller.gone.is_cancelled(),
+            location.dead.is_cancelled(),
+        );
+        let args = match turn {
+            AtTurn::Fail(message) => return self.fail(&slot, &message),
+            AtTurn::Relocate => {
+                return match self.raw.relocate(&self.core, &slot).await {
+                    Ok(()) => Some(Step::Send),
+                    Err(message) => self.fail(&slot, &message),
+                }
             }
-            return match self.raw.relocate(&self.core, &slot).await {
-                Ok(()) => Some(Step::Send),
-                Err(message) => self.fail(&slot, &message),
-            };
-        }
-        // Sent with its arguments to an incarnation that died since, the
-        // call may have run there: sending it here is a retry (counted
-        // once it is sent).
-        let retry = !self.answered
-            && self
-                .tried
-                .as_ref()
-                .is_some_and(|tried| !Arc::ptr_eq(tried, &location));
-        if retry && self.retries >= caller.max_task_retries {
-            let died = self.died("its worker exited with the call in flight");
-            self.answer(died);
-        }
-        // Once answered, only a skip: the host moves past the slot.
-        let args = if self.answered {
-            None
-        } else {
-            self.args.clone()
+            AtTurn::Send { args, died } => {
+                if let Some(message) = died {
+                    let died = self.died(&message);
+                    finish_call(&self.core, &self.raw, self.order.id, died);
+                }
+                // Once answered, only a skip: the host moves past the slot.
+                args.then(|| self.args.clone()).flatten()
+            }
         };
         let with_args = args.is_some();
         let request = location.request(&self.raw, &self.order, &slot, args);
@@ -423,12 +405,8 @@ impl Drive {
         match client.send(&request, CALL_TIMEOUT).await {
             Ok(in_flight) => {
                 slot.route.sent.pass(slot.pos);
-                if with_args {
-                    if retry {
-                        self.retries += 1;
-                        tracing::debug!(actor_id = %self.raw.actor_id, method = self.order.method, retries = self.retries, "resent a call lost with the actor's worker");
-                    }
-                    self.tried = Some(Arc::clone(&location));
+                if self.tries.sent(here, with_args) {
+                    tracing::debug!(actor_id = %self.raw.actor_id, method = self.order.method, attempts = self.tries.attempts(), "resent a call lost with the actor's worker");
                 }
                 let reply = tokio::select! {
                     reply = in_flight.reply() => reply,
@@ -456,26 +434,27 @@ impl Drive {
     }
 
     /// Pauses before sending again at the same slot (`holding` its turn
-    /// there, when the request could not be sent); fails the call past
-    /// [`RESENDS_MAX`].
+    /// there, when the request could not be sent), or fails the call, as
+    /// the machine says.
     async fn again(&mut self, why: &str, holding: Option<&CallSlot>) -> Option<Step> {
-        self.resends += 1;
-        if self.resends > RESENDS_MAX {
-            let message = format!("{RESENDS_MAX} attempts at the call were lost; the last: {why}");
-            return match holding {
-                Some(slot) => self.fail(slot, &message),
-                None => {
-                    let died = self.died(&message);
-                    self.answer(died);
-                    self.raw.caller.outbox().close(self.order.turn);
-                    None
+        let pause = match self.tries.again(why) {
+            Ok(pause) => pause,
+            Err(message) => {
+                return match holding {
+                    Some(slot) => self.fail(slot, &message),
+                    None => {
+                        let died = self.died(&message);
+                        self.answer(died);
+                        self.raw.caller.outbox().close(self.order.turn);
+                        None
+                    }
                 }
-            };
-        }
+            }
+        };
         tracing::debug!(actor_id = %self.raw.actor_id, method = self.order.method, %why, "sending an actor call again");
         let location = self.raw.caller.location();
         tokio::select! {
-            _ = tokio::time::sleep(backoff(self.resends)) => {}
+            _ = tokio::time::sleep(pause) => {}
             _ = location.dead.cancelled() => {}
         }
         Some(Step::Send)
@@ -488,23 +467,23 @@ impl Drive {
         reply: std::result::Result<WorkerReply, shoal_net::RpcError>,
     ) -> Option<Step> {
         let location = Arc::clone(&sent.route.location);
-        match judge(reply, &location) {
-            Judged::Done(state) => {
+        match self.tries.heard(judge(reply, &location)) {
+            AfterReply::Answer(state) => {
                 self.answer(state);
                 self.leave(&sent).await
             }
-            Judged::Again(why) => self.again(&why, None).await,
-            Judged::Failed(why) => {
+            AfterReply::SendAgain(why) => self.again(&why, None).await,
+            AfterReply::Died(why) => {
                 let died = self.died(&why);
                 self.answer(died);
                 self.leave(&sent).await
             }
-            Judged::Reconnect(why) => {
+            AfterReply::Reconnect(why) => {
                 tracing::debug!(actor_id = %self.raw.actor_id, %why, "the connection to the actor's worker was lost; sending its open calls again");
                 self.raw.caller.reroute(sent.route_id);
                 Some(Step::Send)
             }
-            Judged::Dead(why) => {
+            AfterReply::MarkDead(why) => {
                 tracing::debug!(actor_id = %self.raw.actor_id, %why, "the actor's incarnation is gone");
                 location.dead.cancel();
                 Some(Step::Send)
@@ -536,12 +515,13 @@ impl Drive {
     }
 }
 
-/// What the actor's worker answered to a call (or how it was lost).
+/// What the actor's worker answered to a call (or how it was lost), as
+/// the call machine hears it.
 fn judge(
     reply: std::result::Result<WorkerReply, shoal_net::RpcError>,
     location: &Location,
-) -> Judged {
-    let refused = Judged::Failed;
+) -> Heard {
+    let refused = Heard::Refused;
     match reply {
         // A late answer from a node the head declared dead: the actor lives
         // on elsewhere (or is dead), and this instance is fenced.
@@ -549,35 +529,35 @@ fn judge(
             if crate::core::try_get().is_some_and(|core| core.watches.is_dead(reply.node_id)) =>
         {
             location.dead.cancel();
-            Judged::Dead(format!(
+            Heard::Dead(format!(
                 "its node {} was declared dead; its answer is not used",
                 reply.node_id
             ))
         }
-        Ok(WorkerReply::TaskDone(reply)) => Judged::Done(outcome_state(reply.outcome)),
+        Ok(WorkerReply::TaskDone(reply)) => Heard::Done(outcome_state(reply.outcome)),
         Ok(other) => refused(format!("its worker answered {other:?}")),
-        Err(e) if location.dead.is_cancelled() => Judged::Dead(e.to_string()),
+        Err(e) if location.dead.is_cancelled() => Heard::Dead(e.to_string()),
         // The worker's word that it does not host this incarnation.
         Err(shoal_net::RpcError::Service(e))
             if e.kind == shoal_proto::ServiceErrorKind::NotFound =>
         {
-            Judged::Dead(e.message)
+            Heard::Dead(e.message)
         }
         Err(shoal_net::RpcError::Service(e))
             if e.kind == shoal_proto::ServiceErrorKind::Unavailable =>
         {
-            Judged::Again(e.to_string())
+            Heard::Lost(e.to_string())
         }
         Err(shoal_net::RpcError::Service(e)) => {
             refused(format!("its worker refused the call: {e}"))
         }
         Err(e @ (shoal_net::RpcError::Connection(_) | shoal_net::RpcError::Stream(_))) => {
-            Judged::Reconnect(e.to_string())
+            Heard::ConnectionLost(e.to_string())
         }
         // The request reached the worker (a discarded reply), or may have:
         // the host answers a resend with the reply of the call's one run.
         Err(e @ (shoal_net::RpcError::Injected(_) | shoal_net::RpcError::Timeout(_))) => {
-            Judged::Again(e.to_string())
+            Heard::Lost(e.to_string())
         }
         Err(e) => refused(format!("the call failed: {e}")),
     }

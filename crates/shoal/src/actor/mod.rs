@@ -532,7 +532,7 @@ impl RawActor {
         }
         tracing::debug!(actor_id = %self.actor_id, %error, "the actor's worker could not be reached; trying again");
         tokio::select! {
-            _ = tokio::time::sleep(backoff(reach.tries)) => {}
+            _ = tokio::time::sleep(crate::owner::calls::backoff(reach.tries)) => {}
             _ = location.dead.cancelled() => {}
         }
     }
@@ -543,10 +543,4 @@ impl RawActor {
 struct Reach {
     since: Option<tokio::time::Instant>,
     tries: u32,
-}
-
-/// The pause before try `n` (from 1) again: 10 ms doubling, at most 1 s.
-fn backoff(n: u32) -> Duration {
-    Duration::from_millis(10u64.saturating_mul(1 << n.saturating_sub(1).min(7)))
-        .min(Duration::from_secs(1))
 }

@@ -6,6 +6,8 @@
 //! - [`leases`]: workers leased per scheduling class, and the tasks waiting
 //!   for a place on one;
 //! - [`tasks`]: a task's tries, retries and rebuilds from lineage;
+//! - [`calls`]: an actor call's tries: resends, retries on a new
+//!   incarnation, failing;
 //! - [`objects`]: the objects this process owns or caches, and its
 //!   reference counts.
 //!
@@ -15,6 +17,7 @@
 //! unit tests walk them through retries, lost replies and node deaths with
 //! no runtime.
 
+pub mod calls;
 pub mod leases;
 pub mod objects;
 pub mod tasks;
