@@ -24,7 +24,11 @@ struct At(Arc<Location>);
 
 impl std::fmt::Debug for At {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "incarnation {} at {}", self.0.incarnation, self.0.worker.address)
+        write!(
+            f,
+            "incarnation {} at {}",
+            self.0.incarnation, self.0.worker.address
+        )
     }
 }
 
