@@ -332,16 +332,7 @@ async fn node(
     };
     log.registered_after = Some(start.elapsed());
     counters.registered.fetch_add(1, Ordering::Relaxed);
-    let beat = HeadRequest::Heartbeat {
-        node_id,
-        resources_available: resources,
-        jobs: Vec::new(),
-        dead_workers: Vec::new(),
-        object_store_used_bytes: 0,
-        object_changes: Vec::new(),
-        objects_pulled: 0,
-        orders_acked: 0,
-    };
+    let beat = HeadRequest::idle_heartbeat(node_id, resources);
     while !stop.is_cancelled() {
         let sent = Instant::now();
         let reply = head.call(&beat, REQUEST_TIMEOUT).await;

@@ -48,16 +48,7 @@ async fn connect(
 }
 
 fn heartbeat(node_id: NodeId) -> HeadRequest {
-    HeadRequest::Heartbeat {
-        node_id,
-        resources_available: ResourceSet::default(),
-        jobs: Vec::new(),
-        dead_workers: Vec::new(),
-        object_store_used_bytes: 0,
-        object_changes: Vec::new(),
-        objects_pulled: 0,
-        orders_acked: 0,
-    }
+    HeadRequest::idle_heartbeat(node_id, ResourceSet::default())
 }
 
 async fn node_state(driver: &HeadClient, node_id: NodeId) -> Option<NodeState> {

@@ -418,6 +418,23 @@ pub struct RegisterNode {
     pub object_store_capacity_bytes: u64,
 }
 
+impl HeadRequest {
+    /// A heartbeat with nothing to report but the resources free (a node
+    /// with no jobs, workers or objects: tools and tests).
+    pub fn idle_heartbeat(node_id: NodeId, resources_available: ResourceSet) -> Self {
+        HeadRequest::Heartbeat {
+            node_id,
+            resources_available,
+            jobs: Vec::new(),
+            dead_workers: Vec::new(),
+            object_store_used_bytes: 0,
+            object_changes: Vec::new(),
+            objects_pulled: 0,
+            orders_acked: 0,
+        }
+    }
+}
+
 /// A reply from the head.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
