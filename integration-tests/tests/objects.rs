@@ -6,6 +6,9 @@ use shoal_integration_tests::{local_processes, poll_until, scenario_result, Proc
 
 const STORE: &str = "104857600"; // 100 MiB per node
 
+/// A 100 MiB store per node that never spills: what is kept fills it.
+const NO_SPILL: [&str; 4] = ["--object-store-memory", STORE, "--object-spill-bytes", "0"];
+
 #[test]
 fn a_thousand_rounds_of_put_and_drop_keep_the_store_flat() {
     let cluster = ProcessCluster::three_process_with(&["--object-store-memory", STORE]);
@@ -35,12 +38,7 @@ fn a_thousand_rounds_of_put_and_drop_keep_the_store_flat() {
 #[test]
 fn an_object_passed_inside_task_arguments_is_freed_when_the_borrowing_task_is_done() {
     // No spilling: objects that are kept fill the 100 MiB store by round 10.
-    let cluster = ProcessCluster::three_process_with(&[
-        "--object-store-memory",
-        STORE,
-        "--object-spill-bytes",
-        "0",
-    ]);
+    let cluster = ProcessCluster::three_process_with(&NO_SPILL);
     let out = scenario_result(
         &["nested-drop", "20", "10"],
         &cluster.driver_env(),
@@ -117,12 +115,7 @@ fn a_put_object_dies_with_its_owner() {
 #[test]
 fn a_full_store_refuses_put_with_a_typed_error_and_keeps_serving() {
     // No spilling: the store itself must fill.
-    let cluster = ProcessCluster::three_process_with(&[
-        "--object-store-memory",
-        STORE,
-        "--object-spill-bytes",
-        "0",
-    ]);
+    let cluster = ProcessCluster::three_process_with(&NO_SPILL);
     let out = scenario_result(
         &["fill", "10"],
         &cluster.driver_env(),

@@ -537,15 +537,7 @@ impl<Req: Serialize + Sync, Rep: DeserializeOwned> RpcClient<Req, Rep> {
         {
             match crate::unix::connect(addr, auth, limits).await {
                 Ok((link, peer_node)) => {
-                    return Ok(Self {
-                        link: Link::Unix(link),
-                        remote: addr,
-                        next_id: Arc::new(AtomicU64::new(1)),
-                        codec: limits.codec(),
-                        peer_node,
-                        faults: crate::faults::global().cloned(),
-                        _types: PhantomData,
-                    })
+                    return Ok(Self::over(Link::Unix(link), addr, peer_node, limits))
                 }
                 Err(e) => debug!(%addr, error = %e, "no same-host connection; using QUIC"),
             }
@@ -571,15 +563,7 @@ impl<Req: Serialize + Sync, Rep: DeserializeOwned> RpcClient<Req, Rep> {
                 what: "handshake",
                 addr: addr.to_string(),
             })??;
-        Ok(Self {
-            link: Link::Quic(conn),
-            remote: addr,
-            next_id: Arc::new(AtomicU64::new(1)),
-            codec: limits.codec(),
-            peer_node,
-            faults: crate::faults::global().cloned(),
-            _types: PhantomData,
-        })
+        Ok(Self::over(Link::Quic(conn), addr, peer_node, limits))
     }
 
     /// A client over an in-process link.
@@ -589,8 +573,14 @@ impl<Req: Serialize + Sync, Rep: DeserializeOwned> RpcClient<Req, Rep> {
         peer_node: Option<NodeId>,
         limits: &NetLimits,
     ) -> Self {
+        Self::over(Link::Memory(Arc::new(link)), remote, peer_node, limits)
+    }
+
+    /// A client over an open, authenticated `link` to `remote`, with the
+    /// process's faults.
+    fn over(link: Link, remote: SocketAddr, peer_node: Option<NodeId>, limits: &NetLimits) -> Self {
         Self {
-            link: Link::Memory(Arc::new(link)),
+            link,
             remote,
             next_id: Arc::new(AtomicU64::new(1)),
             codec: limits.codec(),
