@@ -270,6 +270,11 @@ impl ProcessCluster {
         cluster
     }
 
+    /// Daemons started from now on get no extra environment.
+    pub fn clear_daemon_env(&mut self) {
+        self.daemon_env.clear();
+    }
+
     /// The session root.
     pub fn root(&self) -> &Path {
         self.root.path()

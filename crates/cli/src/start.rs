@@ -6,7 +6,6 @@
 //! runs the daemon in the foreground until SIGINT or SIGTERM.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -37,9 +36,17 @@ pub struct StartArgs {
     /// Start a node daemon that joins the head at HOST:PORT.
     #[arg(long, value_name = "HOST:PORT")]
     address: Option<String>,
-    /// The head's port; 0 picks a free one. [default: 6380]
+    /// The head's port; 0 picks a free one. [default: 6380; with
+    /// --recover, the port the session's head had]
     #[arg(long, requires = "head")]
     port: Option<u16>,
+    /// Restart the head of the newest session under --session-dir after it
+    /// died: same address, cluster id, CA and token, and the jobs, actors
+    /// (names, detached ones), executables and key-value table it had
+    /// written. Its nodes keep their ids and work and join it again.
+    /// Without it, --head starts a new cluster.
+    #[arg(long, requires = "head")]
+    recover: bool,
     /// The join token the head printed. Falls back to SHOAL_TOKEN, then to
     /// the token in the session directory (on the head's own machine).
     #[arg(
@@ -188,6 +195,20 @@ fn session_for(args: &StartArgs, create: bool) -> Result<Session> {
     if let Some(dir) = &args.session_path {
         return Session::open(dir.clone());
     }
+    if args.recover {
+        let session = Session::latest(&args.session.root).with_context(|| {
+            format!(
+                "--recover: no session under {} to recover",
+                args.session.root.display()
+            )
+        })?;
+        anyhow::ensure!(
+            session.token_path().exists(),
+            "--recover: {} holds no cluster identity (token, CA)",
+            session.dir.display()
+        );
+        return Ok(session);
+    }
     if !create {
         if let Some(latest) = Session::latest(&args.session.root) {
             return Ok(latest);
@@ -210,10 +231,21 @@ fn run_head(args: &StartArgs, file: &ClusterFile) -> Result<()> {
         identity
     };
     let identity = Arc::new(identity);
+    let stored = shoal_head::store::open_session(&session.dir, args.recover)
+        .context("opening the head's store")?;
     let _pid = PidFile::write(session.pid_path("head"))?;
     let node_ip = args.node_ip.or(file.head.node_ip);
+    // A recovered head listens where the old one did: nodes and drivers
+    // reconnect to that address.
+    let old_port = args
+        .recover
+        .then(|| session.head_address())
+        .flatten()
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+        .map(|a| a.port());
     let port = args
         .port
+        .or(old_port)
         .or(file.head.port)
         .unwrap_or(shoal_head::config::defaults::PORT);
     let config = HeadConfig {
@@ -244,7 +276,7 @@ fn run_head(args: &StartArgs, file: &ClusterFile) -> Result<()> {
 
     runtime()?.block_on(async move {
         let shutdown = shutdown_on_signals()?;
-        let head = shoal_head::Head::bind(config, identity.clone())?;
+        let head = shoal_head::Head::bind_stored(config, identity.clone(), Some(stored))?;
         let bound = head.local_addr().context("reading the head's address")?;
         // Local commands reach the head on loopback when it listens everywhere.
         let local_ip = node_ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
@@ -314,7 +346,14 @@ fn spawn_daemon(args: &StartArgs) -> Result<()> {
     } else {
         format!("node-starting-{}", std::process::id())
     });
-    let out = File::create(&log).with_context(|| format!("creating log {}", log.display()))?;
+    // A recovered head adds to the log of the head it replaces.
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(args.recover)
+        .write(true)
+        .truncate(!args.recover)
+        .open(&log)
+        .with_context(|| format!("creating log {}", log.display()))?;
     let err = out.try_clone().context("duplicating the log file")?;
     let exe = std::env::current_exe().context("finding the shoal executable")?;
     let mut command = Command::new(exe);
@@ -357,7 +396,13 @@ fn spawn_daemon(args: &StartArgs) -> Result<()> {
         .nodes
         .iter()
         .find(|n| n.pid == pid && n.host_id == host && n.state == NodeState::Alive);
-    if args.head {
+    if args.head && args.recover {
+        println!("Recovered the Shoal head at {address} (pid {pid})");
+        println!("  cluster:  {}", status.cluster_id);
+        println!("  session:  {}", session.dir.display());
+        println!("  log:      {}", log.display());
+        println!("Its nodes join it again as they notice; see: shoal status");
+    } else if args.head {
         println!("Started a Shoal head at {address} (pid {pid})");
         println!("  cluster:  {}", status.cluster_id);
         println!("  session:  {}", session.dir.display());

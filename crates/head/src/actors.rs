@@ -7,7 +7,9 @@
 //! next heartbeat), and its report makes the actor `Alive` at the new
 //! worker. Reports for any other incarnation are ignored.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use serde::{Deserialize, Serialize};
 
 use shoal_proto::head::ActorSpec;
 use shoal_proto::{ActorId, ActorInfo, ActorState, Address, JobId, LeaseId, NodeId, WorkerId};
@@ -60,6 +62,17 @@ pub struct Actors {
     waiting: VecDeque<ActorId>,
     /// Restarting actors whose new worker is being created.
     placed: HashMap<ActorId, Placed>,
+    /// Actors changed since [`Actors::take_dirty`].
+    dirty: HashSet<ActorId>,
+}
+
+/// An actor as the head's store keeps it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ActorRecord {
+    /// Its record.
+    pub info: ActorInfo,
+    /// Its creation spec, kept while it may restart.
+    pub spec: Option<ActorSpec>,
 }
 
 impl Actors {
@@ -72,7 +85,14 @@ impl Actors {
             return Ok(());
         }
         if self.actors.len() >= ACTORS_MAX {
-            self.actors.retain(|_, a| a.state == ActorState::Alive);
+            let dirty = &mut self.dirty;
+            self.actors.retain(|id, a| {
+                let keep = a.state == ActorState::Alive;
+                if !keep {
+                    dirty.insert(*id);
+                }
+                keep
+            });
             if self.actors.len() >= ACTORS_MAX {
                 return Err(ActorError::TooMany(ACTORS_MAX));
             }
@@ -95,10 +115,55 @@ impl Actors {
         if info.max_restarts > 0 {
             self.specs.insert(info.actor_id, spec);
         }
+        self.dirty.insert(info.actor_id);
         self.actors.insert(info.actor_id, info);
         Ok(())
     }
 
+    /// An actor reloaded from the store by a restarted head. A restart
+    /// that was under way is placed again under a new incarnation (a
+    /// report from the old attempt does not count).
+    pub fn restore(&mut self, record: ActorRecord) {
+        let ActorRecord { mut info, spec } = record;
+        let id = info.actor_id;
+        if info.state != ActorState::Dead {
+            if let Some(name) = &info.name {
+                self.names
+                    .insert((info.namespace.clone(), name.clone()), id);
+            }
+        }
+        if let Some(spec) = spec {
+            self.specs.insert(id, spec);
+        }
+        if info.state == ActorState::Restarting {
+            info.incarnation += 1;
+            self.waiting.push_back(id);
+            self.dirty.insert(id);
+        }
+        self.actors.insert(id, info);
+    }
+
+    /// The actors changed since the last call, each with its record
+    /// (`None`: forgotten).
+    pub fn take_dirty(&mut self) -> Vec<(ActorId, Option<ActorRecord>)> {
+        let dirty: Vec<ActorId> = self.dirty.drain().collect();
+        dirty
+            .into_iter()
+            .map(|id| {
+                let record = self.actors.get(&id).map(|info| ActorRecord {
+                    info: info.clone(),
+                    spec: self.specs.get(&id).cloned(),
+                });
+                (id, record)
+            })
+            .collect()
+    }
+
+    /// Live actors on `node` whose worker is not among `workers`: they
+    /// died while the head was away (a node joining a restarted head).
+    pub fn gone_from(&mut self, node: NodeId, workers: &[WorkerId]) -> Vec<Died> {
+        self.died_where(|a| a.node_id == node && !workers.contains(&a.worker.worker_id))
+    }
     /// The live actor holding `lease_id`, if any.
     pub fn with_lease(&self, lease_id: LeaseId) -> Option<ActorId> {
         self.actors
@@ -131,6 +196,7 @@ impl Actors {
         }
         actor.state = ActorState::Dead;
         let info = actor.clone();
+        self.dirty.insert(actor_id);
         if let Some(name) = &info.name {
             self.names.remove(&(info.namespace.clone(), name.clone()));
         }
@@ -155,6 +221,7 @@ impl Actors {
             actor.num_restarts += 1;
             actor.incarnation += 1;
             self.waiting.push_back(actor_id);
+            self.dirty.insert(actor_id);
             return Some(Died {
                 info: actor.clone(),
                 lease_id,
@@ -194,6 +261,7 @@ impl Actors {
                 // A report from the lost attempt must not count.
                 actor.incarnation += 1;
                 self.waiting.push_back(actor_id);
+                self.dirty.insert(actor_id);
             }
         }
         self.died_where(|a| a.node_id == node)
@@ -272,6 +340,7 @@ impl Actors {
                 actor.worker = worker;
                 actor.pid = pid;
                 actor.lease_id = placed.lease_id;
+                self.dirty.insert(actor_id);
                 (Some(actor.clone()), Vec::new())
             }
             // The constructor failed: as in Ray, the actor is dead.

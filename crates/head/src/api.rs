@@ -1,6 +1,6 @@
 //! The head service: answers [`HeadRequest`]s.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -21,6 +21,7 @@ use crate::config::HeadConfig;
 use crate::jobs::{Binaries, Jobs};
 use crate::membership::{Fenced, Membership};
 use crate::scheduler::{Decision, NodeView, Scheduler};
+use crate::store::{Store, Stored};
 
 /// Longest a lease request is held waiting for resources.
 const LEASE_WAIT_MAX: Duration = Duration::from_secs(10);
@@ -28,21 +29,30 @@ const LEASE_WAIT_MAX: Duration = Duration::from_secs(10);
 const BINARY_CHUNK_MAX: u32 = 8 << 20;
 
 /// The head's tables, under one lock so they change together.
-struct State {
-    membership: Membership,
-    scheduler: Scheduler,
-    jobs: Jobs,
-    actors: Actors,
-    objects: crate::objects::Objects,
+pub(crate) struct State {
+    pub(crate) membership: Membership,
+    pub(crate) scheduler: Scheduler,
+    pub(crate) jobs: Jobs,
+    pub(crate) actors: Actors,
+    pub(crate) objects: crate::objects::Objects,
+    pub(crate) kv: crate::kv::Kv,
     /// What each node is to do (restart actors, delete copies), handed
     /// over with its heartbeats' acknowledgments until it says it has them.
-    orders: HashMap<NodeId, NodeOrders>,
+    pub(crate) orders: HashMap<NodeId, NodeOrders>,
+    /// Nodes of the old head that have not joined this one again (a
+    /// restarted head; see `crate::recovery`).
+    pub(crate) rejoining: HashSet<NodeId>,
+    /// Until when reloaded jobs wait for their drivers.
+    pub(crate) drivers_until: Option<Instant>,
+    /// This head's incarnation, and whether the store has it yet.
+    pub(crate) incarnation: u64,
+    pub(crate) incarnation_dirty: bool,
 }
 
 /// Orders for one node, numbered, kept until the node acknowledges them: a
 /// lost heartbeat reply loses no order.
 #[derive(Default)]
-struct NodeOrders {
+pub(crate) struct NodeOrders {
     /// The newest order's number.
     seq: u64,
     restarts: Vec<(u64, RestartActor)>,
@@ -60,14 +70,14 @@ impl NodeOrders {
         self.restarts.push((self.seq, order));
     }
 
-    fn delete(&mut self, id: shoal_proto::ObjectId) {
+    pub(crate) fn delete(&mut self, id: shoal_proto::ObjectId) {
         if self.deletes.len() < DELETE_ORDERS_MAX {
             self.seq += 1;
             self.deletes.push((self.seq, id));
         }
     }
 
-    fn release(&mut self, lease_id: shoal_proto::LeaseId) {
+    pub(crate) fn release(&mut self, lease_id: shoal_proto::LeaseId) {
         self.seq += 1;
         self.releases.push((self.seq, lease_id));
     }
@@ -123,7 +133,7 @@ impl State {
 
     /// Releases the leases of actors whose worker died; true if any was
     /// held.
-    fn actors_died(&mut self, died: Vec<Died>) -> bool {
+    pub(crate) fn actors_died(&mut self, died: Vec<Died>) -> bool {
         let mut released = false;
         for actor in died {
             released |= self.scheduler.release(actor.lease_id);
@@ -136,11 +146,23 @@ impl State {
         released
     }
 
+    /// A node died or left: its leases are gone, its actors die or restart.
+    pub(crate) fn node_gone(&mut self, node_id: NodeId) {
+        self.rejoining.remove(&node_id);
+        self.scheduler.node_died(node_id);
+        self.order_orphan_releases(true);
+        self.objects.node_died(node_id);
+        self.orders.remove(&node_id);
+        let died = self.actors.node_died(node_id);
+        self.actors_died(died);
+    }
+
     /// Leases nodes to the restarts waiting for one; each placed restart
     /// becomes an order to its node.
-    fn place_restarts(&mut self) {
+    pub(crate) fn place_restarts(&mut self) {
         let waiting = self.actors.waiting();
-        if waiting.is_empty() {
+        // Not while the ledger may be missing leases.
+        if waiting.is_empty() || self.recovering() {
             return;
         }
         let live = self.live_nodes();
@@ -216,6 +238,8 @@ pub struct HeadService {
     stats: Arc<HandshakeStats>,
     heartbeat_interval: Duration,
     node_timeout: Duration,
+    /// Where the tables that outlive the head are written.
+    store: Store,
 }
 
 fn bad_request(message: impl Into<String>) -> ServiceError {
@@ -223,29 +247,92 @@ fn bad_request(message: impl Into<String>) -> ServiceError {
 }
 
 impl HeadService {
-    /// A head with empty tables.
+    /// A head whose tables are written to `stored`'s store, reloaded from
+    /// its snapshot (empty for a new cluster); with `None`, a head that
+    /// keeps nothing.
     pub fn new(
         identity: Arc<ClusterIdentity>,
         config: &HeadConfig,
         stats: Arc<HandshakeStats>,
+        stored: Option<Stored>,
     ) -> Self {
+        let mut state = State {
+            membership: Membership::new(config.nodes_max, config.dead_nodes_kept),
+            scheduler: Scheduler::new(),
+            jobs: Jobs::default(),
+            actors: Actors::default(),
+            objects: crate::objects::Objects::default(),
+            kv: crate::kv::Kv::default(),
+            orders: HashMap::new(),
+            rejoining: HashSet::new(),
+            drivers_until: None,
+            incarnation: 1,
+            incarnation_dirty: false,
+        };
+        let (store, mut binaries) = match stored {
+            Some(Stored { store, snapshot }) => {
+                let mut binaries = match store.files() {
+                    Some(dir) => Binaries::in_dir(dir.to_path_buf()),
+                    None => Binaries::default(),
+                };
+                let grace = config.limits.idle_timeout * 2;
+                let restored = state.restore(&snapshot, &mut binaries, Instant::now(), grace);
+                if restored.incarnation > 1 {
+                    info!(
+                        incarnation = restored.incarnation,
+                        running_jobs = restored.running_jobs,
+                        live_actors = restored.live_actors,
+                        nodes_awaited = restored.nodes_awaited,
+                        binaries = restored.binaries,
+                        kv_entries = restored.kv_entries,
+                        "head recovered its tables; waiting for the nodes to join again"
+                    );
+                }
+                (store, binaries)
+            }
+            None => (Store::none(), Binaries::default()),
+        };
+        let mut writes: Vec<_> = state.incarnation_write().into_iter().collect();
+        writes.extend(state.journal(&mut binaries));
+        store.enqueue(writes);
         Self {
             identity,
-            state: Mutex::new(State {
-                membership: Membership::new(config.nodes_max, config.dead_nodes_kept),
-                scheduler: Scheduler::new(),
-                jobs: Jobs::default(),
-                actors: Actors::default(),
-                objects: crate::objects::Objects::default(),
-                orders: HashMap::new(),
-            }),
-            binaries: Mutex::new(Binaries::default()),
+            state: Mutex::new(state),
+            binaries: Mutex::new(binaries),
             resources_changed: Notify::new(),
             actors_changed: Notify::new(),
             stats,
             heartbeat_interval: config.heartbeat_interval,
             node_timeout: config.node_timeout,
+            store,
         }
+    }
+
+    /// This head's incarnation: 1 for a cluster's first head, one more
+    /// for each restart on the same store.
+    pub fn incarnation(&self) -> u64 {
+        self.state().incarnation
+    }
+
+    /// Cancelled when the store fails: the head must stop serving.
+    pub fn store_failed(&self) -> tokio_util::sync::CancellationToken {
+        self.store.failed()
+    }
+
+    /// Hands what changed to the store (under the state lock, so in the
+    /// order it changed); returns the number to wait for.
+    fn journal(&self, state: &mut State) -> u64 {
+        let writes = state.journal(&mut self.binaries());
+        self.store.enqueue(writes)
+    }
+
+    /// Waits until every change made so far is durable: a reply sent after
+    /// it never acknowledges what a crash could lose.
+    async fn durable(&self) -> Result<(), ServiceError> {
+        let seq = self.journal(&mut self.state());
+        self.store.durable(seq).await.map_err(|e| {
+            ServiceError::new(ServiceErrorKind::Unavailable, format!("not written: {e}"))
+        })
     }
 
     /// The cluster's id.
@@ -266,31 +353,33 @@ impl HeadService {
     /// Declares silent nodes dead and reclaims their leases; places
     /// waiting actor restarts.
     pub fn sweep(&self) {
-        let dead = {
+        let (dead, drivers_gone) = {
             let mut state = self.state();
-            let dead = state.membership.sweep(Instant::now(), self.node_timeout);
+            let now = Instant::now();
+            let was_recovering = state.recovering();
+            let dead = state.membership.sweep(now, self.node_timeout);
             for node_id in &dead {
-                self.node_gone(&mut state, *node_id);
+                state.node_gone(*node_id);
+            }
+            if was_recovering && !state.recovering() {
+                info!("every node of the old head has joined again or been declared dead; granting leases");
+                self.resources_changed.notify_waiters();
             }
             state.place_restarts();
-            dead
+            let drivers_gone = state.drivers_gone(now);
+            self.journal(&mut state);
+            (dead, drivers_gone)
         };
+        for job_id in drivers_gone {
+            warn!(%job_id, "the job's driver did not connect to the restarted head; the job ends");
+            self.finish_job(job_id);
+        }
         if !dead.is_empty() {
             self.actors_changed.notify_waiters();
         }
         for node_id in dead {
             warn!(%node_id, timeout = ?self.node_timeout, "node missed its heartbeats; declared dead");
         }
-    }
-
-    /// A node died or left: its leases are gone, its actors die or restart.
-    fn node_gone(&self, state: &mut State, node_id: NodeId) {
-        state.scheduler.node_died(node_id);
-        state.order_orphan_releases(true);
-        state.objects.node_died(node_id);
-        state.orders.remove(&node_id);
-        let died = state.actors.node_died(node_id);
-        state.actors_died(died);
     }
 
     /// The actor's record; with `known`, held up to `wait` while the actor
@@ -400,8 +489,14 @@ impl HeadService {
                         format!("job {} is not running", request.job_id),
                     ));
                 }
-                let live = state.live_nodes();
-                state.scheduler.request(&live, &request)
+                if state.recovering() {
+                    // The ledger is not whole yet: the nodes of the old
+                    // head are still telling what they hold.
+                    Decision::Wait
+                } else {
+                    let live = state.live_nodes();
+                    state.scheduler.request(&live, &request)
+                }
             };
             match decision {
                 Decision::Granted(lease) => return Ok(HeadReply::LeaseGranted(lease)),
@@ -422,6 +517,42 @@ impl HeadService {
                 return Ok(HeadReply::LeasePending { infeasible: false });
             }
         }
+    }
+
+    /// A node of the old head joins this one again (see `crate::recovery`).
+    fn rejoin_node(
+        &self,
+        rejoin: shoal_proto::head::RejoinNode,
+    ) -> Result<HeadReply, ServiceError> {
+        let node_id = rejoin.node_id;
+        let cert = {
+            let mut state = self.state();
+            let was_recovering = state.recovering();
+            let died = match state.rejoin(rejoin, Instant::now()) {
+                Ok(died) => died,
+                Err(Fenced(node_id)) => return Ok(HeadReply::NodeFenced { node_id }),
+            };
+            state.actors_died(died);
+            if was_recovering && !state.recovering() {
+                info!("every node of the old head has joined again; granting leases");
+                state.place_restarts();
+            }
+            self.identity.issue_node_cert(node_id).map_err(|e| {
+                ServiceError::new(
+                    ServiceErrorKind::Internal,
+                    format!("issuing certificate: {e}"),
+                )
+            })?
+        };
+        self.resources_changed.notify_waiters();
+        self.actors_changed.notify_waiters();
+        Ok(HeadReply::NodeRegistered(NodeRegistered {
+            node_id,
+            heartbeat_interval_ms: millis(self.heartbeat_interval),
+            node_cert_der: cert.cert_der,
+            node_key_der: cert.key_der,
+            ca_cert_der: self.identity.ca_cert_der(),
+        }))
     }
 
     fn finish_job(&self, job_id: shoal_proto::JobId) {
@@ -475,6 +606,27 @@ impl Service for HeadService {
     type Reply = HeadReply;
 
     async fn handle(&self, peer: &Peer, request: HeadRequest) -> Result<HeadReply, ServiceError> {
+        let reply = self.serve(peer, request).await;
+        // Whatever the answer, it goes out only once what it saw is
+        // durable.
+        self.durable().await?;
+        reply
+    }
+
+    /// A driver's jobs end with its connection.
+    fn disconnected(&self, peer: &Peer) {
+        if peer.role != Role::Driver {
+            return;
+        }
+        let jobs = self.state().jobs.registered_on(peer.connection_id);
+        for job in jobs {
+            self.finish_job(job);
+        }
+    }
+}
+
+impl HeadService {
+    async fn serve(&self, peer: &Peer, request: HeadRequest) -> Result<HeadReply, ServiceError> {
         match request {
             HeadRequest::RegisterNode(info) => {
                 peer.require(&[Role::Node])?;
@@ -495,6 +647,9 @@ impl Service for HeadService {
                     .validate()
                     .map_err(|e| bad_request(e.to_string()))?;
                 let mut state = self.state();
+                if state.rejoining.contains(&node_id) {
+                    return Ok(HeadReply::RejoinAsked { node_id });
+                }
                 match state.membership.heartbeat(
                     node_id,
                     resources_available,
@@ -549,7 +704,7 @@ impl Service for HeadService {
                 let left = {
                     let mut state = self.state();
                     let left = state.membership.unregister(node_id);
-                    self.node_gone(&mut state, node_id);
+                    state.node_gone(node_id);
                     left
                 };
                 if left {
@@ -798,22 +953,44 @@ impl Service for HeadService {
                     }
                 }
             }
+            HeadRequest::RejoinNode(rejoin) => {
+                peer.require(&[Role::Node])?;
+                check_registration(&rejoin.node)?;
+                self.rejoin_node(*rejoin)
+            }
+            HeadRequest::KvPut {
+                namespace,
+                key,
+                value,
+                overwrite,
+            } => {
+                peer.require(&[Role::Driver, Role::Worker, Role::Client])?;
+                let changed = self
+                    .state()
+                    .kv
+                    .put(&namespace, &key, value, overwrite)
+                    .map_err(|e| bad_request(e.to_string()))?;
+                Ok(HeadReply::KvWritten { changed })
+            }
+            HeadRequest::KvGet { namespace, key } => {
+                peer.require(&[Role::Driver, Role::Worker, Role::Client])?;
+                let value = self.state().kv.get(&namespace, &key).cloned();
+                Ok(HeadReply::KvValue(value))
+            }
+            HeadRequest::KvDelete { namespace, key } => {
+                peer.require(&[Role::Driver, Role::Worker, Role::Client])?;
+                let changed = self.state().kv.delete(&namespace, &key);
+                Ok(HeadReply::KvWritten { changed })
+            }
+            HeadRequest::KvKeys { namespace, prefix } => {
+                peer.require(&[Role::Driver, Role::Worker, Role::Client])?;
+                Ok(HeadReply::KvKeys(self.state().kv.keys(&namespace, &prefix)))
+            }
             HeadRequest::FinishJob { job_id } => {
                 peer.require(&[Role::Driver])?;
                 self.finish_job(job_id);
                 Ok(HeadReply::JobFinished)
             }
-        }
-    }
-
-    /// A driver's jobs end with its connection.
-    fn disconnected(&self, peer: &Peer) {
-        if peer.role != Role::Driver {
-            return;
-        }
-        let jobs = self.state().jobs.registered_on(peer.connection_id);
-        for job in jobs {
-            self.finish_job(job);
         }
     }
 }

@@ -5,8 +5,11 @@
 //! executable once (content addressed), uploaded by the first driver that
 //! runs it and fetched by nodes that lack it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
 
 use shoal_net::digest::{is_sha256_hex, sha256_hex};
 use shoal_proto::head::RegisterJob;
@@ -29,7 +32,20 @@ pub struct Job {
     /// False once the job has finished.
     pub running: bool,
     /// The driver's connection to the head: the job ends when it closes.
-    pub connection_id: u64,
+    /// `None` for a job a restarted head reloaded, until its driver
+    /// connects again.
+    pub connection_id: Option<u64>,
+}
+
+/// A job as the head's store keeps it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// The driver.
+    pub driver: Address,
+    /// Hex SHA-256 of its executable.
+    pub binary_hash: String,
+    /// False once the job has finished.
+    pub running: bool,
 }
 
 /// The job table.
@@ -37,18 +53,22 @@ pub struct Job {
 pub struct Jobs {
     jobs: HashMap<JobId, Job>,
     finished: std::collections::VecDeque<JobId>,
+    /// Jobs changed since [`Jobs::take_dirty`].
+    dirty: HashSet<JobId>,
 }
 
 impl Jobs {
     /// Starts a job under a new id.
     pub fn register(&mut self, request: &RegisterJob, connection_id: u64) -> JobId {
-        // A driver registers one job: a retried request (its reply lost)
-        // gets the job the first one made.
+        // A driver registers one job: a retried request (its reply lost),
+        // or the driver connecting again to a restarted head, gets the job
+        // the first one made, now ending with this connection.
         let known = self
             .jobs
-            .iter()
+            .iter_mut()
             .find(|(_, j)| j.running && j.driver.worker_id == request.driver.worker_id);
-        if let Some((id, _)) = known {
+        if let Some((id, job)) = known {
+            job.connection_id = Some(connection_id);
             return *id;
         }
         let id = JobId::random();
@@ -58,10 +78,52 @@ impl Jobs {
                 driver: request.driver.clone(),
                 binary_hash: request.binary_hash.clone(),
                 running: true,
-                connection_id,
+                connection_id: Some(connection_id),
             },
         );
+        self.dirty.insert(id);
         id
+    }
+
+    /// A job reloaded from the store, its driver not connected yet.
+    pub fn restore(&mut self, id: JobId, record: JobRecord) {
+        if !record.running {
+            self.finished.push_back(id);
+        }
+        self.jobs.insert(
+            id,
+            Job {
+                driver: record.driver,
+                binary_hash: record.binary_hash,
+                running: record.running,
+                connection_id: None,
+            },
+        );
+    }
+
+    /// The jobs changed since the last call, each with its record (`None`:
+    /// forgotten).
+    pub fn take_dirty(&mut self) -> Vec<(JobId, Option<JobRecord>)> {
+        self.dirty
+            .drain()
+            .map(|id| {
+                let record = self.jobs.get(&id).map(|j| JobRecord {
+                    driver: j.driver.clone(),
+                    binary_hash: j.binary_hash.clone(),
+                    running: j.running,
+                });
+                (id, record)
+            })
+            .collect()
+    }
+
+    /// Running jobs whose driver has not connected to this head.
+    pub fn unattached(&self) -> Vec<JobId> {
+        self.jobs
+            .iter()
+            .filter(|(_, j)| j.running && j.connection_id.is_none())
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     /// The job, if known.
@@ -83,10 +145,12 @@ impl Jobs {
             return false;
         }
         job.running = false;
+        self.dirty.insert(id);
         self.finished.push_back(id);
         while self.finished.len() > FINISHED_KEPT {
             if let Some(old) = self.finished.pop_front() {
                 self.jobs.remove(&old);
+                self.dirty.insert(old);
             }
         }
         true
@@ -104,7 +168,7 @@ impl Jobs {
     pub fn registered_on(&self, connection_id: u64) -> Vec<JobId> {
         self.jobs
             .iter()
-            .filter(|(_, j)| j.running && j.connection_id == connection_id)
+            .filter(|(_, j)| j.running && j.connection_id == Some(connection_id))
             .map(|(id, _)| *id)
             .collect()
     }
@@ -130,6 +194,9 @@ pub enum UploadError {
     /// The whole upload does not hash to its name.
     #[error("upload does not match its hash {0}")]
     HashMismatch(String),
+    /// The head could not keep it on disk.
+    #[error("cannot keep the executable: {0}")]
+    NotKept(String),
     /// The name is not a hex SHA-256.
     #[error("{0:?} is not a hex SHA-256")]
     BadHash(String),
@@ -141,9 +208,82 @@ pub struct Binaries {
     complete: HashMap<String, Arc<Vec<u8>>>,
     order: std::collections::VecDeque<String>,
     partial: HashMap<String, (u64, Vec<u8>)>,
+    /// Where complete executables are also kept as files (a head with a
+    /// store), so that a restarted head has them.
+    dir: Option<PathBuf>,
+    /// Executables stored (`Some(size)`) or forgotten since
+    /// [`Binaries::take_dirty`].
+    dirty: Vec<(String, Option<u64>)>,
+}
+
+/// Why a kept executable could not be written or read.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {path}: {source}")]
+pub struct FileError {
+    what: &'static str,
+    path: PathBuf,
+    source: std::io::Error,
 }
 
 impl Binaries {
+    /// Executables kept in memory and as files in `dir`.
+    pub fn in_dir(dir: PathBuf) -> Self {
+        Self {
+            dir: Some(dir),
+            ..Self::default()
+        }
+    }
+
+    /// Reloads a kept executable (a restarted head); a file that is gone
+    /// or does not match its hash is skipped, and is uploaded again by the
+    /// next driver that runs it.
+    pub fn restore(&mut self, hash: &str) -> Result<(), FileError> {
+        let Some(dir) = &self.dir else {
+            return Ok(());
+        };
+        if !is_sha256_hex(hash) {
+            return Ok(());
+        }
+        let path = dir.join(hash);
+        let bytes = std::fs::read(&path).map_err(|source| FileError {
+            what: "reading",
+            path: path.clone(),
+            source,
+        })?;
+        if sha256_hex(&bytes) != hash {
+            self.dirty.push((hash.to_string(), None));
+            return Ok(());
+        }
+        self.complete.insert(hash.to_string(), Arc::new(bytes));
+        self.order.push_back(hash.to_string());
+        Ok(())
+    }
+
+    /// Executables stored or forgotten since the last call.
+    pub fn take_dirty(&mut self) -> Vec<(String, Option<u64>)> {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// Writes a complete executable to its file, synced before it is
+    /// counted as stored.
+    fn keep(dir: &Path, hash: &str, bytes: &[u8]) -> Result<(), FileError> {
+        use std::io::Write as _;
+        let path = dir.join(hash);
+        let partial = dir.join(format!("{hash}.partial"));
+        let err = |what, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| FileError { what, path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(err("creating", dir))?;
+        let mut file = std::fs::File::create(&partial).map_err(err("creating", &partial))?;
+        file.write_all(bytes).map_err(err("writing", &partial))?;
+        file.sync_all().map_err(err("syncing", &partial))?;
+        std::fs::rename(&partial, &path).map_err(err("renaming", &partial))?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(err("syncing", dir))
+    }
+
     /// True if the executable is stored.
     pub fn has(&self, hash: &str) -> bool {
         self.complete.contains_key(hash)
@@ -195,11 +335,22 @@ impl Binaries {
         if sha256_hex(&whole) != hash {
             return Err(UploadError::HashMismatch(hash.to_string()));
         }
+        if let Some(dir) = &self.dir {
+            Self::keep(dir, hash, &whole).map_err(|e| UploadError::NotKept(e.to_string()))?;
+            self.dirty
+                .push((hash.to_string(), Some(whole.len() as u64)));
+        }
         self.complete.insert(hash.to_string(), Arc::new(whole));
         self.order.push_back(hash.to_string());
         while self.order.len() > BINARIES_KEPT {
             if let Some(old) = self.order.pop_front() {
                 self.complete.remove(&old);
+                if let Some(dir) = &self.dir {
+                    // Forgotten in the store first; a file left behind
+                    // is only space.
+                    let _ = std::fs::remove_file(dir.join(&old));
+                    self.dirty.push((old, None));
+                }
             }
         }
         Ok(true)

@@ -16,19 +16,28 @@
 //!   with no I/O.
 //! - [`jobs`]: the job table and the executables workers run.
 //! - [`actors`]: the actor directory: locations, names, lifetimes.
+//! - [`kv`]: the internal key-value table.
+//! - [`store`]: the durable tables (group commit to a redb file, or none).
+//! - [`recovery`]: what is written, what a restarted head reloads, and how
+//!   the nodes that outlived it join it again.
 //! - [`api`]: the head service: [`HeadRequest`](shoal_proto::HeadRequest) in,
 //!   [`HeadReply`](shoal_proto::HeadReply) out.
 //!
 //! The entry point is [`Head::bind`] then [`Head::run`], or [`run`] for both;
-//! the CLI, local mode and the tests all go through it.
+//! the CLI, local mode and the tests all go through it. A head given a
+//! store ([`Head::bind_stored`]) writes what must survive it before it
+//! answers, and reloads it when restarted on the same store.
 
 pub mod actors;
 pub mod api;
 pub mod config;
 pub mod jobs;
+pub mod kv;
 pub mod membership;
 pub mod objects;
+pub mod recovery;
 pub mod scheduler;
+pub mod store;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -56,6 +65,9 @@ pub enum HeadError {
     /// The TLS identity could not be used.
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
 }
 
 /// A head bound to its address, ready to [`run`](Head::run).
@@ -70,27 +82,53 @@ pub struct Head {
 impl Head {
     /// Binds the head's QUIC endpoint. Must be called inside a tokio runtime.
     pub fn bind(config: HeadConfig, identity: Arc<ClusterIdentity>) -> Result<Self, HeadError> {
+        Self::bind_stored(config, identity, None)
+    }
+
+    /// [`Head::bind`] for a head whose tables go to (and were reloaded
+    /// from) `stored` (see [`store::open_session`]).
+    pub fn bind_stored(
+        config: HeadConfig,
+        identity: Arc<ClusterIdentity>,
+        stored: Option<store::Stored>,
+    ) -> Result<Self, HeadError> {
         let cert = identity.issue_head_cert()?;
         let server = endpoint::server_config(tls::server_config(&cert)?, &config.limits)?;
-        let endpoint =
-            endpoint::endpoint(config.listen, Some(server), &config.limits).map_err(|source| {
-                HeadError::Bind {
-                    addr: config.listen,
-                    source,
-                }
-            })?;
-        Ok(Self::on(endpoint.into(), config, identity))
+        // Signed with the cluster's key: a head restarted here resets the
+        // old head's connections, and their peers reconnect at once.
+        let reset_key = identity.token().reset_key();
+        let endpoint = endpoint::endpoint_with_reset_key(
+            config.listen,
+            Some(server),
+            &config.limits,
+            reset_key,
+        )
+        .map_err(|source| HeadError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        Ok(Self::on(endpoint.into(), config, identity, stored))
     }
 
     /// A head that will serve on `listener` (QUIC, or an in-process
     /// network: see `shoal_net::transport`); `config.listen` is not used.
-    pub fn on(listener: Listener, config: HeadConfig, identity: Arc<ClusterIdentity>) -> Self {
+    pub fn on(
+        listener: Listener,
+        config: HeadConfig,
+        identity: Arc<ClusterIdentity>,
+        stored: Option<store::Stored>,
+    ) -> Self {
         let stats = Arc::new(HandshakeStats::default());
         let auth = Arc::new(ServerAuth::new(
             identity.token().clone(),
             vec![Role::Node, Role::Driver, Role::Worker, Role::Client],
         ));
-        let service = Arc::new(api::HeadService::new(identity, &config, stats.clone()));
+        let service = Arc::new(api::HeadService::new(
+            identity,
+            &config,
+            stats.clone(),
+            stored,
+        ));
         Self {
             listener,
             service,
@@ -105,10 +143,25 @@ impl Head {
         self.listener.local_addr()
     }
 
-    /// Serves until `shutdown` is cancelled, then closes every connection.
+    /// This head's incarnation (see [`api::HeadService::incarnation`]).
+    pub fn incarnation(&self) -> u64 {
+        self.service.incarnation()
+    }
+
+    /// Serves until `shutdown` is cancelled (or the store fails), then
+    /// closes every connection.
     pub async fn run(self, shutdown: CancellationToken) {
         let addr = self.local_addr().ok();
-        info!(?addr, cluster_id = %self.service.cluster_id(), "head serving");
+        info!(?addr, cluster_id = %self.service.cluster_id(), incarnation = self.service.incarnation(), "head serving");
+        let shutdown = shutdown.child_token();
+        let failed = self.service.store_failed();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = failed.cancelled() => stop.cancel(),
+                () = stop.cancelled() => {}
+            }
+        });
         let detector =
             failure_detector(self.service.clone(), self.config.clone(), shutdown.clone());
         let server = shoal_net::rpc::serve(

@@ -44,6 +44,8 @@ pub struct Membership {
     deaths_seq: u64,
     nodes_max: usize,
     dead_kept: usize,
+    /// Nodes admitted or declared dead since [`Membership::take_dirty`].
+    dirty: std::collections::HashSet<NodeId>,
 }
 
 impl Membership {
@@ -59,6 +61,7 @@ impl Membership {
             deaths_seq: 0,
             nodes_max,
             dead_kept,
+            dirty: Default::default(),
         }
     }
 
@@ -98,7 +101,9 @@ impl Membership {
             objects_pulled: 0,
         };
         self.nodes.insert(id, entry);
+        self.order.retain(|n| *n != id);
         self.order.push(id);
+        self.dirty.insert(id);
         Ok(id)
     }
 
@@ -160,6 +165,7 @@ impl Membership {
         }
         entry.state = NodeState::Dead;
         entry.resources_available = ResourceSet::new();
+        self.dirty.insert(id);
         let key = entry.info.registration_key;
         if self.keys.get(&key) == Some(&id) {
             self.keys.remove(&key);
@@ -198,6 +204,23 @@ impl Membership {
             .map(|(_, dead)| dead.clone())
             .collect();
         (self.deaths_seq, nodes)
+    }
+
+    /// The nodes admitted or declared dead since the last call: a live
+    /// one with what it registered with, a dead one with `None`.
+    pub fn take_dirty(&mut self) -> Vec<(NodeId, Option<RegisterNode>)> {
+        let dirty: Vec<NodeId> = self.dirty.drain().collect();
+        dirty
+            .into_iter()
+            .map(|id| {
+                let info = self
+                    .nodes
+                    .get(&id)
+                    .filter(|e| e.state == NodeState::Alive)
+                    .map(|e| e.info.clone());
+                (id, info)
+            })
+            .collect()
     }
 
     /// Live nodes.

@@ -297,6 +297,36 @@ impl Scheduler {
         }
     }
 
+    /// A lease a node reported to a restarted head (which lost its
+    /// ledger): it holds its resources again. A lease known already
+    /// (the report sent twice) changes nothing.
+    pub fn adopt(&mut self, node_id: NodeId, held: &shoal_proto::head::HeldLease) {
+        if self.leases.contains_key(&held.lease_id) {
+            return;
+        }
+        if !held.blocked {
+            self.debit(node_id, &held.resources);
+        }
+        let nil = shoal_proto::ids::Uuid::nil();
+        self.leases.insert(
+            held.lease_id,
+            LeaseEntry {
+                node_id,
+                job_id: if held.detached {
+                    JobId::from_uuid(nil)
+                } else {
+                    held.job_id
+                },
+                // Unknown owner: reclaimed with its job, not its owner.
+                owner: held.owner.unwrap_or(WorkerId::from_uuid(nil)),
+                resources: held.resources.clone(),
+                blocked: held.blocked,
+                granted_for: None,
+                owner_node: held.owner_node,
+            },
+        );
+    }
+
     /// Marks a lease's worker blocked (its resources lent back to the node)
     /// or resumed (taken again, possibly past capacity until other leases
     /// end). Returns true if the state changed.

@@ -73,7 +73,7 @@ async fn a_node_cut_off_from_the_head_is_declared_dead_and_fenced_when_the_cut_h
         ..HeadConfig::default()
     };
     let listener = net.listen(HEAD.parse().expect("addr")).expect("listen");
-    let head = Head::on(listener.into(), config, Arc::clone(&identity));
+    let head = Head::on(listener.into(), config, Arc::clone(&identity), None);
     assert_eq!(
         head.local_addr().expect("addr"),
         HEAD.parse::<SocketAddr>().expect("addr")

@@ -97,11 +97,59 @@ pub fn endpoint(
     server: Option<quinn::ServerConfig>,
     limits: &NetLimits,
 ) -> std::io::Result<quinn::Endpoint> {
+    endpoint_with(addr, server, limits, quinn::EndpointConfig::default())
+}
+
+/// [`endpoint`] whose stateless resets are signed with `reset_key`: an
+/// endpoint restarted on the same address with the same key resets the
+/// connections its predecessor had, so their peers learn at once that it
+/// is gone (see [`JoinToken::reset_key`](crate::JoinToken::reset_key)).
+pub fn endpoint_with_reset_key(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    limits: &NetLimits,
+    reset_key: ring::hmac::Key,
+) -> std::io::Result<quinn::Endpoint> {
+    let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    config.cid_generator(|| Box::new(RandomCids));
+    endpoint_with(addr, server, limits, config)
+}
+
+/// Random 8-byte connection ids, none told apart from another endpoint's:
+/// quinn's default generator signs its ids with a per-endpoint key and
+/// drops packets for ids it did not sign, so a restarted endpoint would
+/// never answer its predecessor's peers with a stateless reset.
+struct RandomCids;
+
+impl quinn::ConnectionIdGenerator for RandomCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        use ring::rand::SecureRandom;
+        let mut bytes = [0u8; 8];
+        if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+            // No system randomness: a v4 UUID's bits (also random).
+            bytes = shoal_proto::ids::Uuid::new_v4()
+                .as_u64_pair()
+                .0
+                .to_le_bytes();
+        }
+        quinn::ConnectionId::new(&bytes)
+    }
+
+    fn cid_len(&self) -> usize {
+        8
+    }
+
+    fn cid_lifetime(&self) -> Option<std::time::Duration> {
+        None
+    }
+}
+
+fn endpoint_with(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    limits: &NetLimits,
+    config: quinn::EndpointConfig,
+) -> std::io::Result<quinn::Endpoint> {
     let socket = bind_socket(addr, limits)?;
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        server,
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
+    quinn::Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime))
 }

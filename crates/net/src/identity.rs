@@ -58,6 +58,15 @@ impl JoinToken {
     pub(crate) fn hmac_key(&self) -> ring::hmac::Key {
         ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.secret)
     }
+
+    /// The key a head signs QUIC stateless resets with, derived from the
+    /// secret: the same for every head of the cluster, so a restarted head
+    /// resets the connections of the one it replaces and their peers
+    /// reconnect at once (instead of after the idle timeout).
+    pub fn reset_key(&self) -> ring::hmac::Key {
+        let derived = ring::hmac::sign(&self.hmac_key(), b"shoal quic stateless reset v1");
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_ref())
+    }
 }
 
 impl fmt::Display for JoinToken {

@@ -88,8 +88,11 @@ impl Service for NodeService {
                 driver,
                 dedicated,
                 detached,
+                owner,
+                owner_node,
             } => {
                 peer.require(&[Role::Driver, Role::Worker])?;
+                self.pool.set_owner(lease_id, owner, owner_node);
                 let tenancy = match (dedicated, detached) {
                     (_, true) => crate::worker_pool::Tenancy::Detached,
                     (true, false) => crate::worker_pool::Tenancy::Dedicated,

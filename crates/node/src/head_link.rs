@@ -3,9 +3,12 @@
 //! One loop owns the connection. It (re)connects with capped exponential
 //! backoff, registers when it has no id, and heartbeats every interval. A lost
 //! connection is replaced and the old id tried again first: if the head still
-//! knows it (a network blip) nothing changes; if the head answers
-//! `NodeFenced` (it restarted, or declared this node dead) the node registers
-//! again and gets a new id, as the design requires.
+//! knows it (a network blip) nothing changes. A head that restarted and
+//! recovered its tables answers `RejoinAsked`: the node tells it the leases,
+//! workers and objects it kept through the outage and keeps its id and
+//! work. A head that declared the node dead (or never knew it) answers
+//! `NodeFenced`: the node stops its work and registers again under a new
+//! id, as the design requires.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -154,6 +157,42 @@ impl HeadLink<'_> {
                         ));
                     }
                 }
+                Ok(HeadReply::RejoinAsked { .. }) => {
+                    // Reported again after the rejoin (the head took
+                    // nothing from this heartbeat).
+                    self.pool.requeue_dead(dead_workers);
+                    info!(%node_id, "the head restarted; joining it again as the same node, with the workers, leases and objects kept");
+                    let Some(rejoined) = shutdown
+                        .run_until_cancelled(self.rejoin(&head, node_id, registration_key))
+                        .await
+                    else {
+                        break;
+                    };
+                    match rejoined {
+                        Ok(Some((registered, ip))) => {
+                            interval =
+                                Duration::from_millis(registered.heartbeat_interval_ms.max(10));
+                            self.apply(registered, ip);
+                            // The new head numbers its orders from zero.
+                            orders_acked = 0;
+                            backoff.reset();
+                        }
+                        Ok(None) => {
+                            warn!(%node_id, "the restarted head refused this node's id; stopping every worker and joining as a new node");
+                            self.fence();
+                            registration_key = new_key();
+                            orders_acked = 0;
+                            restarts_seen = Seen::default();
+                        }
+                        Err(e) => {
+                            if e.is_connection_lost() {
+                                client = None;
+                            }
+                            backoff.log_and_wait(&e, &shutdown).await;
+                        }
+                    }
+                    continue;
+                }
                 Ok(HeadReply::NodeFenced { .. }) => {
                     warn!(%node_id, "the head does not know this node (it restarted, or declared it dead); stopping every worker and freeing every object, then joining again as a new node");
                     // Fenced: the head has placed this node's work elsewhere
@@ -214,15 +253,12 @@ impl HeadLink<'_> {
         self.transport.connect(addr).await
     }
 
-    async fn register(
-        &self,
-        head: &HeadClient,
-        registration_key: u64,
-    ) -> Result<(NodeRegistered, IpAddr), RpcError> {
+    /// What this node registers with.
+    fn describe(&self, head: &HeadClient, registration_key: u64) -> (RegisterNode, IpAddr) {
         // The host's advertised IP (shoal_net::host): never the loopback
         // address a head on this host is reached on.
         let ip = shoal_net::host::advertised_ip(self.config.node_ip, Some(head.remote_address()));
-        let request = HeadRequest::RegisterNode(RegisterNode {
+        let node = RegisterNode {
             address: SocketAddr::new(ip, self.advertised.port()).to_string(),
             pid: std::process::id(),
             hostname: shoal_net::host::hostname(),
@@ -231,7 +267,17 @@ impl HeadLink<'_> {
             is_head_node: self.config.is_head_node,
             registration_key,
             object_store_capacity_bytes: self.store_capacity,
-        });
+        };
+        (node, ip)
+    }
+
+    async fn register(
+        &self,
+        head: &HeadClient,
+        registration_key: u64,
+    ) -> Result<(NodeRegistered, IpAddr), RpcError> {
+        let (node, ip) = self.describe(head, registration_key);
+        let request = HeadRequest::RegisterNode(node);
         match head
             .call_idempotent(&request, self.config.head_request_timeout)
             .await?
@@ -239,6 +285,37 @@ impl HeadLink<'_> {
             HeadReply::NodeRegistered(registered) => Ok((registered, ip)),
             other => Err(RpcError::Stream(format!(
                 "unexpected reply to registration: {other:?}"
+            ))),
+        }
+    }
+
+    /// Joins a restarted head again under `node_id`, with the leases,
+    /// workers and objects this node kept. `Ok(None)`: the head refused
+    /// the id (the node is fenced).
+    async fn rejoin(
+        &self,
+        head: &HeadClient,
+        node_id: NodeId,
+        registration_key: u64,
+    ) -> Result<Option<(NodeRegistered, IpAddr)>, RpcError> {
+        let (node, ip) = self.describe(head, registration_key);
+        let (leases, workers) = self.pool.holdings();
+        let objects = self.store().snapshot();
+        let request = HeadRequest::RejoinNode(Box::new(shoal_proto::head::RejoinNode {
+            node_id,
+            node,
+            leases,
+            workers,
+            objects,
+        }));
+        match head
+            .call_idempotent(&request, self.config.head_request_timeout)
+            .await?
+        {
+            HeadReply::NodeRegistered(registered) => Ok(Some((registered, ip))),
+            HeadReply::NodeFenced { .. } => Ok(None),
+            other => Err(RpcError::Stream(format!(
+                "unexpected reply to a rejoin: {other:?}"
             ))),
         }
     }
@@ -352,6 +429,7 @@ async fn restart_actor(
     } else {
         crate::worker_pool::Tenancy::Dedicated
     };
+    pool.set_owner(lease.lease_id, Some(spec.owner), None);
     let created = async {
         let worker = pool
             .grant(
@@ -462,9 +540,13 @@ impl Backoff {
         } else {
             debug!(error = %error, attempts = self.failures, "cannot reach the head; retrying");
         }
+        // Jitter (up to half the pause), so the nodes of a cluster do not
+        // all knock at a restarted head at once.
+        let jitter = shoal_proto::NodeId::random().as_uuid().as_u64_pair().0 % 1000;
+        let pause = self.next + self.next.mul_f64(jitter as f64 / 2000.0);
         tokio::select! {
             _ = shutdown.cancelled() => {}
-            _ = tokio::time::sleep(self.next) => {}
+            _ = tokio::time::sleep(pause) => {}
         }
         self.next = (self.next * 2).min(self.max);
     }

@@ -462,6 +462,32 @@ impl ObjectStore {
         std::mem::take(&mut self.changes)
     }
 
+    /// Every sealed copy here, as changes for a head that knows none of
+    /// them (a restarted head); the changes not yet reported are dropped,
+    /// since the list says it all.
+    pub fn snapshot(&mut self) -> Vec<CopyChange> {
+        self.changes.clear();
+        let mut all = Vec::new();
+        for (id, entry) in &self.objects {
+            if matches!(entry.state, State::Writing { .. }) {
+                continue;
+            }
+            all.push(CopyChange::Added {
+                id: *id,
+                size: entry.total,
+                owner: entry.owner,
+                primary: entry.primary,
+            });
+            if entry.state == State::Spilled {
+                all.push(CopyChange::Spilled {
+                    id: *id,
+                    spilled: true,
+                });
+            }
+        }
+        all
+    }
+
     /// Puts changes back that could not be reported.
     pub fn requeue_changes(&mut self, mut changes: Vec<CopyChange>) {
         changes.append(&mut self.changes);

@@ -272,6 +272,9 @@ struct PoolState {
     leases: HashMap<LeaseId, (WorkerId, ResourceSet)>,
     /// Leases whose worker is blocked: their resources are lent back.
     blocked: std::collections::HashSet<LeaseId>,
+    /// Who each lease was granted to, as the holder said (for a restarted
+    /// head, which learns the leases from the nodes).
+    owners: HashMap<LeaseId, (Option<WorkerId>, Option<shoal_proto::NodeId>)>,
     allocated: ResourceSet,
     dead: Vec<WorkerId>,
 }
@@ -647,9 +650,43 @@ impl WorkerPool {
         Some(lease_id)
     }
 
+    /// Notes who holds `lease_id` (before its grant).
+    pub fn set_owner(
+        &self,
+        lease_id: LeaseId,
+        owner: Option<WorkerId>,
+        owner_node: Option<shoal_proto::NodeId>,
+    ) {
+        self.state().owners.insert(lease_id, (owner, owner_node));
+    }
+
+    /// The leases held here and the live workers, for a restarted head.
+    pub fn holdings(&self) -> (Vec<shoal_proto::head::HeldLease>, Vec<WorkerId>) {
+        let state = self.state();
+        let leases = state
+            .leases
+            .iter()
+            .filter_map(|(lease_id, (worker_id, resources))| {
+                let worker = state.workers.get(worker_id)?;
+                let (owner, owner_node) = state.owners.get(lease_id).copied().unwrap_or_default();
+                Some(shoal_proto::head::HeldLease {
+                    lease_id: *lease_id,
+                    job_id: worker.job_id,
+                    owner,
+                    owner_node,
+                    resources: resources.clone(),
+                    blocked: state.blocked.contains(lease_id),
+                    detached: worker.detached,
+                })
+            })
+            .collect();
+        (leases, state.workers.keys().copied().collect())
+    }
+
     /// A lease holder is done with its worker.
     pub fn release(&self, lease_id: LeaseId, kill: bool) {
         let mut state = self.state();
+        state.owners.remove(&lease_id);
         let Some((worker_id, resources)) = state.leases.remove(&lease_id) else {
             return;
         };
@@ -697,6 +734,7 @@ impl WorkerPool {
             .map(|(id, _)| *id)
             .collect();
         for lease in leases {
+            state.owners.remove(&lease);
             if let Some((_, resources)) = state.leases.remove(&lease) {
                 if !state.blocked.remove(&lease) {
                     subtract(&mut state.allocated, &resources);

@@ -155,6 +155,48 @@ pub enum HeadRequest {
         /// The job.
         job_id: JobId,
     },
+    /// A node that a restarted head asked to join again
+    /// ([`HeadReply::RejoinAsked`]) says what it holds, and keeps its id.
+    RejoinNode(Box<RejoinNode>),
+    /// Sets a key of the internal key-value table (`overwrite: false`
+    /// leaves an existing value); answered with [`HeadReply::KvWritten`].
+    KvPut {
+        /// The namespace.
+        namespace: String,
+        /// The key.
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        /// The value.
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+        /// Replace an existing value.
+        overwrite: bool,
+    },
+    /// A key's value ([`HeadReply::KvValue`]).
+    KvGet {
+        /// The namespace.
+        namespace: String,
+        /// The key.
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
+    /// Removes a key ([`HeadReply::KvWritten`], `true` if it was there).
+    KvDelete {
+        /// The namespace.
+        namespace: String,
+        /// The key.
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
+    /// The keys of a namespace that start with `prefix`
+    /// ([`HeadReply::KvKeys`]).
+    KvKeys {
+        /// The namespace.
+        namespace: String,
+        /// The prefix.
+        #[serde(with = "serde_bytes")]
+        prefix: Vec<u8>,
+    },
     /// The nodes declared dead after the `after`th death the head counted,
     /// held up to `wait_ms` while there is none: owners and callers stop
     /// using a dead node's workers (its late results are rejected), even
@@ -390,6 +432,43 @@ pub struct Lease {
     pub room_for_another: bool,
 }
 
+/// What a node tells a restarted head when it joins it again: itself, and
+/// the work and objects it kept through the head's outage.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct RejoinNode {
+    /// The id it had.
+    pub node_id: NodeId,
+    /// What it registered with.
+    pub node: RegisterNode,
+    /// The leases its workers hold.
+    pub leases: Vec<HeldLease>,
+    /// Its live workers.
+    pub workers: Vec<WorkerId>,
+    /// The sealed objects in its store (as `Added` changes).
+    pub objects: Vec<ObjectCopyChange>,
+}
+
+/// A lease a node's worker holds, as the node reports it to a restarted head.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct HeldLease {
+    /// The lease.
+    pub lease_id: LeaseId,
+    /// Its job.
+    pub job_id: JobId,
+    /// The process it was granted to, when the node was told.
+    pub owner: Option<WorkerId>,
+    /// The node hosting that process, when it is a worker.
+    pub owner_node: Option<NodeId>,
+    /// What it holds.
+    pub resources: ResourceSet,
+    /// Its worker waits on other tasks (its resources lent back).
+    pub blocked: bool,
+    /// Its worker is a detached actor's (it outlives its job).
+    pub detached: bool,
+}
+
 /// What a joining node says about itself.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
@@ -468,8 +547,23 @@ pub enum HeadReply {
         /// The id the head refused.
         node_id: NodeId,
     },
+    /// The head restarted and remembers this node: it is to say what it
+    /// holds ([`HeadRequest::RejoinNode`]) and keeps its id and work.
+    RejoinAsked {
+        /// The node.
+        node_id: NodeId,
+    },
     /// The node has left.
     NodeUnregistered,
+    /// A key-value write: whether it changed the table.
+    KvWritten {
+        /// True if the value was set (or the key removed).
+        changed: bool,
+    },
+    /// A key's value, if set.
+    KvValue(#[serde(with = "serde_bytes")] Option<Vec<u8>>),
+    /// Keys.
+    KvKeys(Vec<Vec<u8>>),
     /// The cluster's state.
     ClusterStatus(ClusterStatus),
     /// The job is registered.

@@ -34,6 +34,13 @@ pub enum NodeRequest {
         /// A dedicated worker that outlives its job (a detached actor).
         #[serde(default)]
         detached: bool,
+        /// The process the lease was granted to, and the node hosting it
+        /// when it is a worker: the node tells a restarted head.
+        #[serde(default)]
+        owner: Option<crate::WorkerId>,
+        /// See `owner`.
+        #[serde(default)]
+        owner_node: Option<crate::NodeId>,
     },
     /// Stops a worker of this node at once (an actor being killed).
     KillWorker {

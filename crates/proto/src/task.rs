@@ -164,4 +164,7 @@ pub enum FailureKind {
     /// kept reply (past the bound of replies kept per caller): it is not
     /// run again, and its result is lost.
     ReplyDropped,
+    /// The task waited for a worker while the head could not be reached,
+    /// for longer than its owner's bound.
+    HeadUnavailable,
 }

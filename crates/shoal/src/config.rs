@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 /// Where the cluster is, and how local mode runs.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Config {
     pub(crate) address: Option<String>,
     pub(crate) token: Option<String>,
@@ -12,6 +12,7 @@ pub struct Config {
     pub(crate) num_cpus: Option<f64>,
     pub(crate) node_ip: Option<std::net::IpAddr>,
     pub(crate) driver_port: Option<u16>,
+    pub(crate) head_timeout: std::time::Duration,
     /// Environment variables that did not parse: `init` refuses to start.
     pub(crate) bad_env: Vec<String>,
 }
@@ -23,7 +24,8 @@ impl Config {
     /// `SHOAL_WORKER_PROCESSES=1` for process workers in local mode,
     /// `SHOAL_NODE_IP` (the IP other hosts reach this program on; by default
     /// its host's advertised IP) and `SHOAL_DRIVER_PORT` (a fixed port for
-    /// this program's endpoint, for firewalls; by default a free one). A
+    /// this program's endpoint, for firewalls; by default a free one), and
+    /// `SHOAL_HEAD_TIMEOUT` (seconds; see [`Config::head_timeout`]). A
     /// value that does not parse makes `init` fail with a message naming it.
     pub fn from_env() -> Self {
         Self::from_vars(|key| std::env::var(key).ok())
@@ -57,6 +59,14 @@ impl Config {
             "a port number (0-65535)",
             &mut bad_env,
         );
+        let head_timeout = parsed::<f64>(
+            var("SHOAL_HEAD_TIMEOUT"),
+            "SHOAL_HEAD_TIMEOUT",
+            "a number of seconds",
+            &mut bad_env,
+        )
+        .and_then(|s| std::time::Duration::try_from_secs_f64(s).ok())
+        .unwrap_or(crate::core::head::HEAD_TIMEOUT);
         Self {
             address: var("SHOAL_ADDRESS"),
             token: var("SHOAL_TOKEN"),
@@ -66,6 +76,7 @@ impl Config {
             num_cpus: var("SHOAL_NUM_CPUS").and_then(|v| v.parse().ok()),
             node_ip,
             driver_port,
+            head_timeout,
             bad_env,
         }
     }
@@ -75,7 +86,25 @@ impl Config {
     pub fn local() -> Self {
         Self::default()
     }
+}
 
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            address: None,
+            token: None,
+            session_root: None,
+            worker_processes: false,
+            num_cpus: None,
+            node_ip: None,
+            driver_port: None,
+            head_timeout: crate::core::head::HEAD_TIMEOUT,
+            bad_env: Vec::new(),
+        }
+    }
+}
+
+impl Config {
     /// Connect to the head at `host:port` instead of running locally.
     pub fn address(mut self, address: impl Into<String>) -> Self {
         self.address = Some(address.into());
@@ -115,6 +144,16 @@ impl Config {
     /// port.
     pub fn driver_port(mut self, port: u16) -> Self {
         self.driver_port = Some(port);
+        self
+    }
+
+    /// How long calls to the head wait for it while it cannot be reached
+    /// (a head being restarted with `shoal start --head --recover`) before
+    /// they fail with [`Error::HeadUnavailable`](crate::Error); tasks
+    /// waiting for a worker fail the same way. Work already running goes on
+    /// meanwhile. Default 60 s.
+    pub fn head_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.head_timeout = timeout;
         self
     }
 

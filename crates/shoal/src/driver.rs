@@ -108,6 +108,7 @@ async fn start_driver(config: Config) -> Result<Arc<core::Core>> {
         binary_hash: None,
         node_ip: joining.node_ip,
         ports,
+        head_timeout: config.head_timeout,
     })
     .await?;
     #[cfg(feature = "local")]

@@ -144,6 +144,11 @@ pub enum Error {
     /// A request to the cluster failed.
     #[error("request to the cluster failed: {0}")]
     Rpc(#[from] shoal_net::RpcError),
+    /// The head could not be reached for longer than
+    /// `Config::head_timeout` (it died and was not restarted in time):
+    /// a call to it, or a task waiting for a worker, gave up.
+    #[error("{0}; restart it with `shoal start --head --recover`")]
+    HeadUnavailable(String),
     /// The in-process cluster of local mode could not start, or a verb on a
     /// `shoal::LocalCluster` failed. The cause is a
     /// `shoal::LocalError` (`err.downcast_ref::<shoal::LocalError>()`);
@@ -186,6 +191,7 @@ impl Error {
                 function: f.function,
                 message: f.message,
             },
+            FailureKind::HeadUnavailable => Error::HeadUnavailable(f.message),
             FailureKind::WorkerCrashed => Error::WorkerCrashed {
                 function: f.function,
                 task_id: f.task_id,

@@ -69,6 +69,7 @@ mod config;
 mod core;
 mod driver;
 mod error;
+pub mod kv;
 #[cfg(feature = "local")]
 pub mod local;
 pub mod object_ref;

@@ -96,6 +96,7 @@ fn worker_main() -> Result<()> {
             binary_hash,
             node_ip,
             ports,
+            head_timeout: crate::core::head::HEAD_TIMEOUT,
         })
         .await?;
         core::install(Arc::clone(&core));

@@ -1933,6 +1933,97 @@ fn main() -> shoal::Result<()> {
                 "debug": format!("{second_pid:?} {orders_after:?} {after_last:?} {killed_new_pid:?}"),
             }));
         }
+        "recover-job" => {
+            // FT-8: a named detached actor holding state, then a job of
+            // short tasks in waves of 50; the test kills the head after the
+            // PROGRESS line and recovers it while the waves go on.
+            let name = arg(1);
+            let n: u32 = arg(2).parse().unwrap_or(2000);
+            let recorder = Recorder::options()
+                .name(&name)
+                .namespace("tests")
+                .lifetime_detached()
+                .remote(1)?;
+            for i in 0..10 {
+                recorder.record(7, i).get()?;
+            }
+            println!("READY");
+            let mut correct = true;
+            let mut waves = Vec::new();
+            for wave in 0..n / 50 {
+                let refs: Vec<_> = (0..50)
+                    .map(|j| sleep_then::remote(10, wave * 50 + j))
+                    .collect();
+                let out = shoal::get_all(&refs)?;
+                correct &= out
+                    .iter()
+                    .enumerate()
+                    .all(|(j, v)| *v == wave * 50 + j as u32);
+                waves.push(unix_ms());
+                if wave == 4 {
+                    println!("PROGRESS {}", (wave + 1) * 50);
+                    std::io::stdout().flush().expect("stdout");
+                }
+            }
+            let orders = recorder.orders().get()?;
+            result(json!({
+                "count": waves.len() * 50,
+                "correct": correct,
+                "wave_done_ms": waves,
+                "orders": orders,
+            }));
+        }
+        "recover-use" => {
+            // After the recovery: the actor by name with its state, and a
+            // new job that runs.
+            let name = arg(1);
+            let recorder: ActorHandle<Recorder> = shoal::get_actor(&name, "tests")?;
+            recorder.record(7, 10).get()?;
+            let orders = recorder.orders().get()?;
+            let refs: Vec<_> = (0..100).map(|i| sleep_then::remote(1, i)).collect();
+            let sum: u32 = shoal::get_all(&refs)?.into_iter().sum();
+            shoal::kill(&recorder, true)?;
+            result(json!({"orders": orders, "sum": sum}));
+        }
+        "head-gone" => {
+            // The head dies and stays dead: a new task and an actor lookup
+            // fail with HeadUnavailable (SHOAL_HEAD_TIMEOUT bounds them).
+            say::remote(1).get()?;
+            println!("READY");
+            std::io::stdout().flush().expect("stdout");
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).expect("stdin");
+            let start = Instant::now();
+            let task = sleep_then::options().num_cpus(2.0).remote(1, 1).get();
+            let task_s = start.elapsed().as_secs_f64();
+            let lookup = shoal::get_actor::<Recorder>("nobody", "tests");
+            let kind = |e: &Error| match e {
+                Error::HeadUnavailable(_) => "HeadUnavailable".to_string(),
+                other => format!("{other:?}"),
+            };
+            result(json!({
+                "task": task.as_ref().map_or_else(kind, |v| v.to_string()),
+                "task_s": task_s,
+                "lookup": lookup.as_ref().err().map(kind),
+            }));
+        }
+        "kv-many" => {
+            // Puts 0..N one by one; each put that returned is acknowledged
+            // (the head may die between a write and its reply meanwhile).
+            let n: u32 = arg(1).parse().unwrap_or(100);
+            let mut acked = Vec::new();
+            for i in 0..n {
+                shoal::kv::put("tests", &format!("k{i:04}"), i.to_string().as_bytes(), true)?;
+                acked.push(i);
+            }
+            let keys = shoal::kv::keys("tests", "k")?;
+            let mut values_ok = true;
+            for i in &acked {
+                let v = shoal::kv::get("tests", &format!("k{i:04}"))?;
+                values_ok &= v == Some(i.to_string().into_bytes());
+            }
+            result(json!({"acked": acked.len(), "keys": keys.len(), "values_ok": values_ok}));
+        }
         "detached-create" => {
             let name = arg(1);
             let recorder = Recorder::options()

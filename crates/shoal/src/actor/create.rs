@@ -186,7 +186,7 @@ async fn create_raw(
         .await
     {
         Ok(_) => {}
-        Err(shoal_net::RpcError::Service(e))
+        Err(crate::core::head::HeadCallError::Rpc(shoal_net::RpcError::Service(e)))
             if e.kind == shoal_proto::ServiceErrorKind::BadRequest =>
         {
             return Err(Error::ActorNameTaken(e.message))
@@ -220,7 +220,7 @@ pub(crate) fn get_named<A: Actor>(name: &str, namespace: &str) -> Result<ActorHa
                 "{other:?} in answer to GetNamedActor"
             )))
         }
-        Err(shoal_net::RpcError::Service(e))
+        Err(crate::core::head::HeadCallError::Rpc(shoal_net::RpcError::Service(e)))
             if e.kind == shoal_proto::ServiceErrorKind::NotFound =>
         {
             return Err(Error::NotFound(e.message))

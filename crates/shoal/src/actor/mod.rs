@@ -456,7 +456,7 @@ impl RawActor {
                     _ => {}
                 },
                 Ok(other) => return Err(format!("the head answered {other:?}")),
-                Err(shoal_net::RpcError::Service(e))
+                Err(crate::core::head::HeadCallError::Rpc(shoal_net::RpcError::Service(e)))
                     if e.kind == shoal_proto::ServiceErrorKind::NotFound =>
                 {
                     self.caller.gone.cancel();
@@ -511,7 +511,7 @@ impl RawActor {
                     return;
                 }
             },
-            Err(shoal_net::RpcError::Service(e))
+            Err(crate::core::head::HeadCallError::Rpc(shoal_net::RpcError::Service(e)))
                 if e.kind == shoal_proto::ServiceErrorKind::NotFound =>
             {
                 self.caller.gone.cancel();

@@ -101,7 +101,7 @@ impl LeaseManager {
         core: &Arc<Core>,
         resources: &ResourceSet,
         kind: TaskKind,
-    ) -> Place {
+    ) -> Result<Place, crate::error::Error> {
         let class = leases::class_key(resources);
         let short = kind.short();
         loop {
@@ -120,13 +120,18 @@ impl LeaseManager {
             );
             self.carry_out(core, out);
             if let Some(place) = placed {
-                return place;
+                return Ok(place);
             }
-            if let Some(Ok(place)) = match waiting {
-                Some(rx) => Some(rx.await),
-                None => None,
-            } {
-                return place;
+            let Some(rx) = waiting else { continue };
+            // A head away for longer than the bound grants nothing: the
+            // task fails rather than waiting forever.
+            tokio::select! {
+                given = rx => if let Ok(place) = given {
+                    return Ok(place);
+                },
+                waited = core.head.unavailable() => {
+                    return Err(core.head.unavailable_error(waited));
+                }
             }
         }
     }
@@ -257,6 +262,8 @@ pub(crate) fn grant_request(core: &Core, lease: &Lease, tenancy: (bool, bool)) -
         driver: Some(core.driver.clone()),
         dedicated,
         detached,
+        owner: Some(core.me.worker_id),
+        owner_node: core.hosting_node,
     }
 }
 

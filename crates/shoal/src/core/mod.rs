@@ -16,6 +16,7 @@
 //! It serves the worker side (`crate::worker`) through
 //! [`worker::Process`](crate::worker::Process).
 
+pub(crate) mod head;
 mod lease;
 mod objects;
 mod store;
@@ -153,7 +154,7 @@ pub(crate) struct Core {
     pub(crate) binary_hash: String,
     /// Every connection this process opens goes through it.
     transport: Transport,
-    pub(crate) head: HeadClient,
+    pub(crate) head: head::HeadLink,
     nodes: DashMap<String, NodeClient>,
     workers: DashMap<String, WorkerClient>,
     /// Per address: held while a connection to it is being made.
@@ -199,6 +200,9 @@ pub(crate) struct CoreSetup {
     pub node_ip: Option<std::net::IpAddr>,
     /// The port to bind.
     pub ports: Ports,
+    /// How long calls to the head wait for it while it is unreachable
+    /// (a restarting head) before they fail with `HeadUnavailable`.
+    pub head_timeout: Duration,
 }
 
 impl Core {
@@ -232,7 +236,9 @@ impl Core {
             auth,
             limits.clone(),
         );
-        let head: HeadClient = transport.connect(setup.head_address).await?;
+        let head =
+            head::HeadLink::connect(transport.clone(), setup.head_address, setup.head_timeout)
+                .await?;
         let home = match setup.home {
             Some(home) => home,
             None => find_home(&head).await?,
@@ -517,16 +523,22 @@ fn executable_hash() -> Result<String> {
     Ok(shoal_net::digest::sha256_hex(&bytes))
 }
 
-async fn register_job(head: &HeadClient, me: &Address, hash: &str, upload: bool) -> Result<JobId> {
+async fn register_job(
+    head: &head::HeadLink,
+    me: &Address,
+    hash: &str,
+    upload: bool,
+) -> Result<JobId> {
     let size = std::fs::metadata("/proc/self/exe")
         .map(|m| m.len())
         .unwrap_or(0);
-    let request = HeadRequest::RegisterJob(shoal_proto::head::RegisterJob {
+    let job = shoal_proto::head::RegisterJob {
         driver_pid: std::process::id(),
         binary_hash: hash.to_string(),
         binary_size: size,
         driver: me.clone(),
-    });
+    };
+    let request = HeadRequest::RegisterJob(job.clone());
     let (job_id, present) = match head.call_idempotent(&request, CONTROL_TIMEOUT).await? {
         HeadReply::JobRegistered {
             job_id,
@@ -553,12 +565,13 @@ async fn register_job(head: &HeadClient, me: &Address, hash: &str, upload: bool)
         }
         debug!(bytes = total, "uploaded the executable");
     }
+    head.keep_job(job, job_id);
     Ok(job_id)
 }
 
 /// The node on this host to put objects on: a live node with CPUs on this
 /// host, else any live node on it, else any live node.
-async fn find_home(head: &HeadClient) -> Result<HomeNode> {
+async fn find_home(head: &head::HeadLink) -> Result<HomeNode> {
     let status = match head
         .call_idempotent(&HeadRequest::GetClusterStatus, CONTROL_TIMEOUT)
         .await?

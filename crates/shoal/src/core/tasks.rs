@@ -342,7 +342,10 @@ impl Core {
         borrows: Option<&Mutex<Borrows>>,
     ) -> Then {
         let kind = TaskKind::of(function.name);
-        let place = self.leases.acquire(self, &options.resources, kind).await;
+        let place = match self.leases.acquire(self, &options.resources, kind).await {
+            Ok(place) => place,
+            Err(e) => return run.head_unavailable(e.to_string()),
+        };
         let leased = &place.worker;
         let spec = TaskSpec {
             task_id: run.task_id(),

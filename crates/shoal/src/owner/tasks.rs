@@ -131,6 +131,14 @@ impl TaskRun {
         }
     }
 
+    /// No try could be made: the head has been unreachable for longer
+    /// than the bound (`message` says since when).
+    pub fn head_unavailable(&self, message: String) -> Then {
+        Then::Finish(ObjState::Failed(
+            self.failure(FailureKind::HeadUnavailable, message),
+        ))
+    }
+
     /// A try ended as `tried`.
     pub fn tried(&mut self, tried: Tried) -> (PlaceDone, Then) {
         let lost = match tried {

@@ -1,0 +1,201 @@
+//! The head restarts without losing work (RELIABILITY.md FT-8, FT-16): real
+//! `shoal` daemons, the head SIGKILLed and recovered with
+//! `shoal start --head --recover` on the same session directory.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use shoal_integration_tests::{driver, poll_until, scenario_result, signal, ProcessCluster};
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `text` without its terminal colour codes (`ESC [ ... m`).
+fn without_colours(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The pid of the session's head daemon.
+fn head_pid(cluster: &ProcessCluster) -> u32 {
+    let path = cluster.root().join("session_latest/pids/head.pid");
+    std::fs::read_to_string(&path)
+        .expect("head pid file")
+        .trim()
+        .parse()
+        .expect("a pid")
+}
+
+/// The ids of the live nodes that are not the head's own.
+fn worker_node_ids(status: &Value) -> Vec<String> {
+    let mut ids: Vec<String> = status["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| n["state"] == "ALIVE" && n["is_head_node"] != true)
+        .filter_map(|n| n["node_id"].as_str().map(str::to_string))
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// Kills the head with SIGKILL and waits until it is gone.
+fn kill_head(cluster: &ProcessCluster) -> u32 {
+    let pid = head_pid(cluster);
+    signal(pid, Signal::SIGKILL);
+    poll_until(Duration::from_secs(10), "the head to exit", || {
+        (!shoal_integration_tests::process_alive(pid)).then_some(())
+    });
+    pid
+}
+
+/// `shoal start --head --recover` with the cluster's fast timeouts.
+fn recover_head(cluster: &ProcessCluster) -> String {
+    let config = cluster.root().join("fast.toml");
+    cluster.shoal_ok(&[
+        "start",
+        "--head",
+        "--recover",
+        "--num-cpus",
+        "0",
+        "--node-ip",
+        "127.0.0.1",
+        "--config",
+        config.to_str().expect("utf8 path"),
+    ])
+}
+
+#[test]
+fn ft8_a_killed_head_recovers_and_the_job_the_detached_actor_and_the_nodes_carry_on() {
+    let cluster = ProcessCluster::three_process();
+    let nodes_before = worker_node_ids(&cluster.status());
+    assert_eq!(nodes_before.len(), 2, "{}", cluster.status());
+    let address = cluster.head_address();
+
+    let mut job = driver(&["recover-job", "ft8", "2000"], &cluster.driver_env());
+    job.wait_for("PROGRESS", Duration::from_secs(120));
+    kill_head(&cluster);
+    let killed_at = unix_ms();
+    let started = Instant::now();
+    let out = recover_head(&cluster);
+    let up_at = unix_ms();
+    assert!(out.contains("Recovered the Shoal head"), "{out}");
+    assert_eq!(cluster.head_address(), address, "same address");
+
+    let result = job.result(Duration::from_secs(180));
+    assert_eq!(result["count"], 2000, "{result}");
+    assert_eq!(result["correct"], true, "every result right: {result}");
+    // The actor's state from before the crash: caller 7 recorded 0..10.
+    assert_eq!(
+        result["orders"],
+        serde_json::json!([[7, true, 10]]),
+        "{result}"
+    );
+    let during: usize = result["wave_done_ms"]
+        .as_array()
+        .expect("waves")
+        .iter()
+        .filter_map(Value::as_u64)
+        .filter(|t| (killed_at..=up_at).contains(t))
+        .count()
+        * 50;
+    eprintln!(
+        "FT-8: head down {:.2} s (SIGKILL to `start --recover` answering); {during} tasks completed meanwhile",
+        (up_at - killed_at) as f64 / 1000.0
+    );
+    let _ = started;
+
+    // The same nodes, alive under the same ids.
+    let nodes_after = poll_until(Duration::from_secs(30), "the nodes to be ALIVE", || {
+        let ids = worker_node_ids(&cluster.status());
+        (ids == nodes_before).then_some(ids)
+    });
+    assert_eq!(nodes_after, nodes_before);
+
+    // A new driver finds the actor by name with its state; new work runs.
+    let used = scenario_result(
+        &["recover-use", "ft8"],
+        &cluster.driver_env(),
+        Duration::from_secs(120),
+    );
+    assert_eq!(used["orders"], serde_json::json!([[7, true, 11]]), "{used}");
+    assert_eq!(used["sum"], (0..100).sum::<u32>(), "{used}");
+    cluster.assert_no_panics();
+}
+
+#[test]
+fn a_head_that_stays_down_fails_new_work_with_head_unavailable_not_a_hang() {
+    let cluster = ProcessCluster::three_process();
+    let mut env = cluster.driver_env();
+    env.push(("SHOAL_HEAD_TIMEOUT", "3".into()));
+    let mut job = driver(&["head-gone"], &env);
+    job.wait_for("READY", Duration::from_secs(60));
+    kill_head(&cluster);
+    job.say("go");
+    let result = job.result(Duration::from_secs(90));
+    eprintln!("head gone: {result}");
+    assert_eq!(result["task"], "HeadUnavailable", "{result}");
+    assert_eq!(result["lookup"], "HeadUnavailable", "{result}");
+}
+
+#[test]
+fn the_head_killed_between_a_write_and_its_reply_loses_nothing_acknowledged() {
+    // The head exits right after the 50th commit of a key-value write,
+    // before replying to it; the driver's puts wait for the recovered head.
+    let mut cluster =
+        ProcessCluster::with_daemon_env(&[("SHOAL_TESTING_HEAD_EXIT_AFTER_COMMITS", "kv:50")])
+            .started_three(&[]);
+    let job = driver(&["kv-many", "200"], &cluster.driver_env());
+    let pid = head_pid(&cluster);
+    poll_until(
+        Duration::from_secs(60),
+        "the head to exit after its commit",
+        || (!shoal_integration_tests::process_alive(pid)).then_some(()),
+    );
+    cluster.clear_daemon_env();
+    recover_head(&cluster);
+    let result = job.result(Duration::from_secs(120));
+    // The crash came mid-stream: the recovered head reloaded some of the
+    // puts, not none and not all.
+    let reloaded = cluster
+        .daemon_logs()
+        .iter()
+        .flat_map(|(_, text)| text.lines().map(str::to_string).collect::<Vec<_>>())
+        .find(|line| line.contains("head recovered its tables"))
+        .map(|line| without_colours(&line))
+        .and_then(|line| {
+            let at = line.find("kv_entries")?;
+            let digits: String = line[at..]
+                .chars()
+                .skip_while(|c| !c.is_ascii_digit())
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse::<u32>().ok()
+        })
+        .expect("the recovered head logs what it reloaded");
+    assert!(
+        (1..200).contains(&reloaded),
+        "the head died mid-stream; it reloaded {reloaded} puts"
+    );
+    eprintln!("the head died after its 50th key-value commit; {reloaded} puts were durable, the rest were sent again");
+    assert_eq!(result["acked"], 200, "{result}");
+    assert_eq!(result["keys"], 200, "{result}");
+    assert_eq!(result["values_ok"], true, "{result}");
+}
