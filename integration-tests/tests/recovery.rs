@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use serde_json::Value;
+use shoal_integration_tests::redis::RedisServer;
 use shoal_integration_tests::{driver, poll_until, scenario_result, signal, ProcessCluster};
 
 fn unix_ms() -> u64 {
@@ -66,10 +67,11 @@ fn kill_head(cluster: &ProcessCluster) -> u32 {
     pid
 }
 
-/// `shoal start --head --recover` with the cluster's fast timeouts.
-fn recover_head(cluster: &ProcessCluster) -> String {
+/// `shoal start --head --recover` with the cluster's fast timeouts and
+/// `extra` flags.
+fn recover_head(cluster: &ProcessCluster, extra: &[&str]) -> String {
     let config = cluster.root().join("fast.toml");
-    cluster.shoal_ok(&[
+    let mut args = vec![
         "start",
         "--head",
         "--recover",
@@ -79,7 +81,21 @@ fn recover_head(cluster: &ProcessCluster) -> String {
         "127.0.0.1",
         "--config",
         config.to_str().expect("utf8 path"),
-    ])
+    ];
+    args.extend_from_slice(extra);
+    cluster.shoal_ok(&args)
+}
+
+/// SIGKILLs a process when dropped, unless it is gone already: a head the
+/// cluster's pid files no longer name is not left behind.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if shoal_integration_tests::process_alive(self.0) {
+            signal(self.0, Signal::SIGKILL);
+        }
+    }
 }
 
 #[test]
@@ -94,7 +110,7 @@ fn ft8_a_killed_head_recovers_and_the_job_the_detached_actor_and_the_nodes_carry
     kill_head(&cluster);
     let killed_at = unix_ms();
     let started = Instant::now();
-    let out = recover_head(&cluster);
+    let out = recover_head(&cluster, &[]);
     let up_at = unix_ms();
     assert!(out.contains("Recovered the Shoal head"), "{out}");
     assert_eq!(cluster.head_address(), address, "same address");
@@ -170,7 +186,7 @@ fn the_head_killed_between_a_write_and_its_reply_loses_nothing_acknowledged() {
         || (!shoal_integration_tests::process_alive(pid)).then_some(()),
     );
     cluster.clear_daemon_env();
-    recover_head(&cluster);
+    recover_head(&cluster, &[]);
     let result = job.result(Duration::from_secs(120));
     // The crash came mid-stream: the recovered head reloaded some of the
     // puts, not none and not all.
@@ -198,4 +214,72 @@ fn the_head_killed_between_a_write_and_its_reply_loses_nothing_acknowledged() {
     assert_eq!(result["acked"], 200, "{result}");
     assert_eq!(result["keys"], 200, "{result}");
     assert_eq!(result["values_ok"], true, "{result}");
+}
+
+#[test]
+fn ft8_with_the_tables_in_redis_another_head_takes_over_and_one_that_lost_the_store_stops() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let cluster = ProcessCluster::new();
+    let config = cluster.write_config("fast.toml", shoal_integration_tests::hosts::FAST_CONFIG);
+    let config = config.to_str().expect("utf8 path");
+    cluster.start_head(&["--num-cpus", "0", "--config", config, "--head-store", &url]);
+    cluster.start_node(&["--num-cpus", "2"]);
+    cluster.start_node(&["--num-cpus", "2"]);
+    let nodes_before = worker_node_ids(&cluster.status());
+    assert_eq!(nodes_before.len(), 2, "{}", cluster.status());
+
+    // The first head dies mid-job; a second takes the store over once the
+    // first's lease has lapsed, and everything carries on.
+    let mut job = driver(&["recover-job", "ft8-redis", "1000"], &cluster.driver_env());
+    job.wait_for("PROGRESS", Duration::from_secs(120));
+    kill_head(&cluster);
+    let killed_at = unix_ms();
+    let out = recover_head(&cluster, &["--head-store", &url]);
+    let up_at = unix_ms();
+    assert!(out.contains("Recovered the Shoal head"), "{out}");
+    let result = job.result(Duration::from_secs(180));
+    assert_eq!(result["count"], 1000, "{result}");
+    assert_eq!(result["correct"], true, "{result}");
+    assert_eq!(
+        result["orders"],
+        serde_json::json!([[7, true, 10]]),
+        "{result}"
+    );
+    eprintln!(
+        "FT-8 (Redis): head down {:.2} s, the second head waiting for the first's lease",
+        (up_at - killed_at) as f64 / 1000.0
+    );
+    poll_until(Duration::from_secs(30), "the same nodes ALIVE", || {
+        (worker_node_ids(&cluster.status()) == nodes_before).then_some(())
+    });
+    let used = scenario_result(
+        &["recover-use", "ft8-redis"],
+        &cluster.driver_env(),
+        Duration::from_secs(120),
+    );
+    assert_eq!(used["orders"], serde_json::json!([[7, true, 11]]), "{used}");
+
+    // The second head is paused past its lease; a third takes the store
+    // (on another port: the paused one still holds its socket). Resumed,
+    // the second finds its lease gone and stops: never two heads.
+    let second = KillOnDrop(head_pid(&cluster));
+    signal(second.0, Signal::SIGSTOP);
+    let out = recover_head(&cluster, &["--head-store", &url, "--port", "0"]);
+    assert!(out.contains("Recovered the Shoal head"), "{out}");
+    signal(second.0, Signal::SIGCONT);
+    poll_until(Duration::from_secs(30), "the resumed head to stop", || {
+        (!shoal_integration_tests::process_alive(second.0)).then_some(())
+    });
+    let third = cluster.status();
+    assert_eq!(third["nodes"].as_array().map(Vec::is_empty), Some(false));
+    let logs: String = cluster
+        .daemon_logs()
+        .into_iter()
+        .map(|(_, text)| text)
+        .collect();
+    assert!(
+        logs.contains("the head store failed; the head stops"),
+        "the resumed head says why it stopped"
+    );
 }

@@ -38,7 +38,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Start a head node (--head) or a node that joins one (--address).
-    Start(start::StartArgs),
+    Start(Box<start::StartArgs>),
     /// Stop every Shoal daemon started from this machine.
     Stop(stop::StopArgs),
     /// Show the cluster's nodes, their states and resources.
@@ -68,7 +68,7 @@ fn main() -> ExitCode {
     shoal::__private::run_worker_if_worker();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Start(args) => start::run(args),
+        Command::Start(args) => start::run(*args),
         Command::Stop(args) => stop::run(args),
         Command::Status(args) => status::run(args),
         Command::List(args) => list::run(args),

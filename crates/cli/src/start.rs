@@ -47,6 +47,14 @@ pub struct StartArgs {
     /// Without it, --head starts a new cluster.
     #[arg(long, requires = "head")]
     recover: bool,
+    /// Keep the head's tables in Redis instead of a file in the session
+    /// directory, so that a head on another machine can take over
+    /// (`--recover --head-store` there, with this session's token, ca.crt
+    /// and ca.key). One head holds the store at a time: a head that loses
+    /// its lease stops. Run Redis with `appendonly yes` and `appendfsync
+    /// always` for durable writes.
+    #[arg(long, requires = "head", value_name = "redis://HOST:PORT", value_parser = parse_head_store)]
+    head_store: Option<String>,
     /// The join token the head printed. Falls back to SHOAL_TOKEN, then to
     /// the token in the session directory (on the head's own machine).
     #[arg(
@@ -105,6 +113,12 @@ pub struct StartArgs {
     /// The session directory a daemon started by `shoal start` uses.
     #[arg(long, hide = true, value_name = "DIR")]
     session_path: Option<PathBuf>,
+}
+
+/// `--head-store`'s parser.
+fn parse_head_store(text: &str) -> Result<String> {
+    shoal_head::redis::Target::parse(text).map_err(|e| anyhow::anyhow!(e))?;
+    Ok(text.to_string())
 }
 
 /// `--resources`' parser (clap prints the message).
@@ -231,8 +245,12 @@ fn run_head(args: &StartArgs, file: &ClusterFile) -> Result<()> {
         identity
     };
     let identity = Arc::new(identity);
-    let stored = shoal_head::store::open_session(&session.dir, args.recover)
-        .context("opening the head's store")?;
+    let stored = match &args.head_store {
+        Some(url) => shoal_head::store::open_redis(url, identity.cluster_id())
+            .with_context(|| format!("opening the head's store at {url}"))?,
+        None => shoal_head::store::open_session(&session.dir, args.recover)
+            .context("opening the head's store")?,
+    };
     let _pid = PidFile::write(session.pid_path("head"))?;
     let node_ip = args.node_ip.or(file.head.node_ip);
     // A recovered head listens where the old one did: nodes and drivers
@@ -289,7 +307,18 @@ fn run_head(args: &StartArgs, file: &ClusterFile) -> Result<()> {
             "Shoal head listening on {advertised} (cluster {})",
             identity.cluster_id()
         );
-        tokio::join!(head.run(shutdown.clone()), node.run(shutdown));
+        let store_failed = head.store_failed();
+        let head_done = async {
+            head.run(shutdown.clone()).await;
+            // A head whose store failed (or another head took it over)
+            // stops, and its node with it.
+            shutdown.cancel();
+        };
+        tokio::join!(head_done, node.run(shutdown.clone()));
+        anyhow::ensure!(
+            !store_failed.is_cancelled(),
+            "the head stopped: its store failed, or another head took the store over (see the log)"
+        );
         Ok(())
     })
 }

@@ -90,7 +90,7 @@ impl NodeOrders {
     }
 
     /// The orders not yet acknowledged, and the newest one's number.
-    fn pending(&self) -> Pending {
+    pub(crate) fn pending(&self) -> Pending {
         Pending {
             restarts: self.restarts.iter().map(|(_, o)| o.clone()).collect(),
             deletes: self.deletes.iter().map(|(_, id)| *id).collect(),
@@ -101,14 +101,31 @@ impl NodeOrders {
 }
 
 /// A node's orders not yet acknowledged.
-struct Pending {
-    restarts: Vec<RestartActor>,
-    deletes: Vec<shoal_proto::ObjectId>,
-    releases: Vec<shoal_proto::LeaseId>,
-    seq: u64,
+pub(crate) struct Pending {
+    pub(crate) restarts: Vec<RestartActor>,
+    pub(crate) deletes: Vec<shoal_proto::ObjectId>,
+    pub(crate) releases: Vec<shoal_proto::LeaseId>,
+    pub(crate) seq: u64,
 }
 
 impl State {
+    /// Empty tables admitting up to `nodes_max` live nodes.
+    pub(crate) fn new(nodes_max: usize, dead_nodes_kept: usize) -> Self {
+        Self {
+            membership: Membership::new(nodes_max, dead_nodes_kept),
+            scheduler: Scheduler::new(),
+            jobs: Jobs::default(),
+            actors: Actors::default(),
+            objects: crate::objects::Objects::default(),
+            kv: crate::kv::Kv::default(),
+            orders: HashMap::new(),
+            rejoining: HashSet::new(),
+            drivers_until: None,
+            incarnation: 1,
+            incarnation_dirty: false,
+        }
+    }
+
     /// Orders the nodes holding leases whose owner died to stop those
     /// workers: they work for no one now.
     ///
@@ -256,24 +273,14 @@ impl HeadService {
         stats: Arc<HandshakeStats>,
         stored: Option<Stored>,
     ) -> Self {
-        let mut state = State {
-            membership: Membership::new(config.nodes_max, config.dead_nodes_kept),
-            scheduler: Scheduler::new(),
-            jobs: Jobs::default(),
-            actors: Actors::default(),
-            objects: crate::objects::Objects::default(),
-            kv: crate::kv::Kv::default(),
-            orders: HashMap::new(),
-            rejoining: HashSet::new(),
-            drivers_until: None,
-            incarnation: 1,
-            incarnation_dirty: false,
-        };
+        let mut state = State::new(config.nodes_max, config.dead_nodes_kept);
         let (store, mut binaries) = match stored {
             Some(Stored { store, snapshot }) => {
+                // Beside an embedded store as files; whole in the rows of a
+                // store on another machine.
                 let mut binaries = match store.files() {
                     Some(dir) => Binaries::in_dir(dir.to_path_buf()),
-                    None => Binaries::default(),
+                    None => Binaries::in_rows(),
                 };
                 let grace = config.limits.idle_timeout * 2;
                 let restored = state.restore(&snapshot, &mut binaries, Instant::now(), grace);

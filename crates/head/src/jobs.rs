@@ -208,12 +208,34 @@ pub struct Binaries {
     complete: HashMap<String, Arc<Vec<u8>>>,
     order: std::collections::VecDeque<String>,
     partial: HashMap<String, (u64, Vec<u8>)>,
-    /// Where complete executables are also kept as files (a head with a
-    /// store), so that a restarted head has them.
-    dir: Option<PathBuf>,
-    /// Executables stored (`Some(size)`) or forgotten since
-    /// [`Binaries::take_dirty`].
-    dirty: Vec<(String, Option<u64>)>,
+    /// How complete executables outlive the head.
+    keeping: Keeping,
+    /// The store rows of executables stored (`Some(row)`) or forgotten
+    /// since [`Binaries::take_dirty`].
+    dirty: Vec<(String, Option<Vec<u8>>)>,
+}
+
+/// How a head with a store keeps its executables.
+#[derive(Debug, Default)]
+enum Keeping {
+    /// In memory only (a head without a store).
+    #[default]
+    Memory,
+    /// As files in this directory, their sizes in the store (an embedded
+    /// store: the files sit beside it).
+    Files(PathBuf),
+    /// Whole, in the store's rows (a store on another machine, which a
+    /// head taking over there reads).
+    Rows,
+}
+
+/// An executable's row in the store.
+#[derive(Debug, Serialize, Deserialize)]
+struct BinaryRow {
+    size: u64,
+    /// The bytes, when the store keeps them (else they are a file).
+    #[serde(with = "serde_bytes")]
+    bytes: Option<Vec<u8>>,
 }
 
 /// Why a kept executable could not be written or read.
@@ -229,27 +251,42 @@ impl Binaries {
     /// Executables kept in memory and as files in `dir`.
     pub fn in_dir(dir: PathBuf) -> Self {
         Self {
-            dir: Some(dir),
+            keeping: Keeping::Files(dir),
             ..Self::default()
         }
     }
 
-    /// Reloads a kept executable (a restarted head); a file that is gone
-    /// or does not match its hash is skipped, and is uploaded again by the
-    /// next driver that runs it.
-    pub fn restore(&mut self, hash: &str) -> Result<(), FileError> {
-        let Some(dir) = &self.dir else {
-            return Ok(());
-        };
+    /// Executables kept in memory and whole in the store's rows.
+    pub fn in_rows() -> Self {
+        Self {
+            keeping: Keeping::Rows,
+            ..Self::default()
+        }
+    }
+
+    /// Reloads a kept executable from its store row (a restarted head). One
+    /// whose file is gone or whose bytes do not match the hash is
+    /// forgotten, and uploaded again by the next driver that runs it.
+    pub fn restore(&mut self, hash: &str, row: &[u8]) -> Result<(), FileError> {
         if !is_sha256_hex(hash) {
             return Ok(());
         }
-        let path = dir.join(hash);
-        let bytes = std::fs::read(&path).map_err(|source| FileError {
-            what: "reading",
-            path: path.clone(),
-            source,
-        })?;
+        let Some(row) = crate::store::decode::<BinaryRow>(crate::store::Table::Binaries, row)
+        else {
+            return Ok(());
+        };
+        let bytes = match (row.bytes, &self.keeping) {
+            (Some(bytes), _) => bytes,
+            (None, Keeping::Files(dir)) => {
+                let path = dir.join(hash);
+                std::fs::read(&path).map_err(|source| FileError {
+                    what: "reading",
+                    path: path.clone(),
+                    source,
+                })?
+            }
+            (None, _) => return Ok(()),
+        };
         if sha256_hex(&bytes) != hash {
             self.dirty.push((hash.to_string(), None));
             return Ok(());
@@ -259,8 +296,9 @@ impl Binaries {
         Ok(())
     }
 
-    /// Executables stored or forgotten since the last call.
-    pub fn take_dirty(&mut self) -> Vec<(String, Option<u64>)> {
+    /// The store rows of executables stored or forgotten since the last
+    /// call.
+    pub fn take_dirty(&mut self) -> Vec<(String, Option<Vec<u8>>)> {
         std::mem::take(&mut self.dirty)
     }
 
@@ -335,20 +373,34 @@ impl Binaries {
         if sha256_hex(&whole) != hash {
             return Err(UploadError::HashMismatch(hash.to_string()));
         }
-        if let Some(dir) = &self.dir {
-            Self::keep(dir, hash, &whole).map_err(|e| UploadError::NotKept(e.to_string()))?;
-            self.dirty
-                .push((hash.to_string(), Some(whole.len() as u64)));
+        let size = whole.len() as u64;
+        match &self.keeping {
+            Keeping::Memory => {}
+            Keeping::Files(dir) => {
+                Self::keep(dir, hash, &whole).map_err(|e| UploadError::NotKept(e.to_string()))?;
+                let row = BinaryRow { size, bytes: None };
+                self.dirty
+                    .push((hash.to_string(), Some(crate::store::encode(&row))));
+            }
+            Keeping::Rows => {
+                let row = BinaryRow {
+                    size,
+                    bytes: Some(whole.clone()),
+                };
+                self.dirty
+                    .push((hash.to_string(), Some(crate::store::encode(&row))));
+            }
         }
         self.complete.insert(hash.to_string(), Arc::new(whole));
         self.order.push_back(hash.to_string());
         while self.order.len() > BINARIES_KEPT {
             if let Some(old) = self.order.pop_front() {
                 self.complete.remove(&old);
-                if let Some(dir) = &self.dir {
-                    // Forgotten in the store first; a file left behind
-                    // is only space.
+                if let Keeping::Files(dir) = &self.keeping {
+                    // A file left behind is only space.
                     let _ = std::fs::remove_file(dir.join(&old));
+                }
+                if !matches!(self.keeping, Keeping::Memory) {
                     self.dirty.push((old, None));
                 }
             }

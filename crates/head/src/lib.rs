@@ -18,6 +18,8 @@
 //! - [`actors`]: the actor directory: locations, names, lifetimes.
 //! - [`kv`]: the internal key-value table.
 //! - [`store`]: the durable tables (group commit to a redb file, or none).
+//! - [`redis`]: the same tables in Redis, with a lease so that one head
+//!   serves at a time (a head another machine can take over).
 //! - [`recovery`]: what is written, what a restarted head reloads, and how
 //!   the nodes that outlived it join it again.
 //! - [`api`]: the head service: [`HeadRequest`](shoal_proto::HeadRequest) in,
@@ -36,6 +38,7 @@ pub mod kv;
 pub mod membership;
 pub mod objects;
 pub mod recovery;
+pub mod redis;
 pub mod scheduler;
 pub mod store;
 
@@ -141,6 +144,12 @@ impl Head {
     /// The address the head listens on (useful with port 0).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// Cancelled when the head's store fails or another head takes it
+    /// over: [`Head::run`] returns then.
+    pub fn store_failed(&self) -> CancellationToken {
+        self.service.store_failed()
     }
 
     /// This head's incarnation (see [`api::HeadService::incarnation`]).

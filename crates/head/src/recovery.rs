@@ -99,12 +99,8 @@ impl State {
         for (key, value) in self.kv.take_dirty() {
             writes.push(row(Table::Kv, key, value));
         }
-        for (hash, size) in binaries.take_dirty() {
-            writes.push(row(
-                Table::Binaries,
-                hash.into_bytes(),
-                size.map(|s| encode(&s)),
-            ));
+        for (hash, value) in binaries.take_dirty() {
+            writes.push(row(Table::Binaries, hash.into_bytes(), value));
         }
         writes
     }
@@ -145,11 +141,11 @@ impl State {
             self.kv.restore(key, value.clone());
             restored.kv_entries += 1;
         }
-        for (key, _) in rows(Table::Binaries) {
+        for (key, value) in rows(Table::Binaries) {
             let Ok(hash) = std::str::from_utf8(key) else {
                 continue;
             };
-            match binaries.restore(hash) {
+            match binaries.restore(hash, value) {
                 Ok(()) => restored.binaries += 1,
                 Err(e) => {
                     warn!(error = %e, "an executable of the old head is gone; drivers upload it again")
@@ -252,5 +248,221 @@ impl State {
     /// have not all joined again (or been declared dead).
     pub(crate) fn recovering(&self) -> bool {
         !self.rejoining.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use shoal_proto::head::{ActorSpec, HeldLease, RegisterJob};
+    use shoal_proto::{ActorInfo, ActorState, Address, LeaseId, ResourceSet, WorkerId};
+
+    use super::*;
+
+    fn cpus(n: f64) -> ResourceSet {
+        let mut r = ResourceSet::new();
+        r.set("CPU", n);
+        r
+    }
+
+    fn node(is_head_node: bool) -> RegisterNode {
+        RegisterNode {
+            address: "198.18.0.2:7000".into(),
+            pid: 1,
+            hostname: "h".into(),
+            host_id: "h".into(),
+            resources_total: cpus(2.0),
+            is_head_node,
+            registration_key: if is_head_node { 8 } else { 7 },
+            object_store_capacity_bytes: 1 << 20,
+        }
+    }
+
+    fn address() -> Address {
+        Address {
+            worker_id: WorkerId::random(),
+            address: "198.18.0.2:7001".into(),
+        }
+    }
+
+    fn detached_actor(node_id: NodeId, job_id: JobId) -> ActorInfo {
+        ActorInfo {
+            actor_id: shoal_proto::ActorId::random(),
+            class: "Counter".into(),
+            name: Some("counter".into()),
+            namespace: "ns".into(),
+            detached: true,
+            job_id,
+            node_id,
+            node_address: "198.18.0.2:7000".into(),
+            worker: address(),
+            pid: 2,
+            lease_id: LeaseId::random(),
+            state: ActorState::Alive,
+            max_pending_calls: None,
+            incarnation: 0,
+            max_restarts: 1,
+            num_restarts: 0,
+            max_task_retries: 0,
+        }
+    }
+
+    fn spec() -> ActorSpec {
+        ActorSpec {
+            args: Vec::new(),
+            max_concurrency: 1,
+            resources: cpus(1.0),
+            owner: WorkerId::random(),
+        }
+    }
+
+    /// What a store holds after `writes`, as it loads it.
+    fn apply(snapshot: &mut Snapshot, writes: Vec<Write>) {
+        let mut tables: HashMap<Table, HashMap<Vec<u8>, Vec<u8>>> = HashMap::new();
+        for (table, rows) in snapshot.drain() {
+            tables.insert(table, rows.into_iter().collect());
+        }
+        for write in writes {
+            match write {
+                Write::Put(t, k, v) => {
+                    tables.entry(t).or_default().insert(k, v);
+                }
+                Write::Delete(t, k) => {
+                    tables.entry(t).or_default().remove(&k);
+                }
+            }
+        }
+        for (table, rows) in tables {
+            snapshot.insert(table, rows.into_iter().collect());
+        }
+    }
+
+    /// A head's tables written as it would, then reloaded by a new head.
+    fn restart(
+        old: &mut State,
+        snapshot: &mut Snapshot,
+        binaries: &mut Binaries,
+        now: Instant,
+    ) -> (State, Restored) {
+        let mut writes: Vec<_> = old.incarnation_write().into_iter().collect();
+        writes.extend(old.journal(binaries));
+        apply(snapshot, writes);
+        let mut new = State::new(100, 100);
+        let restored = new.restore(snapshot, binaries, now, Duration::from_secs(1));
+        (new, restored)
+    }
+
+    #[test]
+    fn a_restarted_head_keeps_its_tables_and_takes_its_nodes_back_with_what_they_hold() {
+        let now = Instant::now();
+        let mut binaries = Binaries::default();
+        let mut snapshot = Snapshot::new();
+        let mut old = State::new(100, 100);
+        let first = old.restore(&snapshot, &mut binaries, now, Duration::from_secs(1));
+        assert_eq!(first.incarnation, 1);
+
+        let job = old.jobs.register(
+            &RegisterJob {
+                driver_pid: 1,
+                binary_hash: "ab".repeat(32),
+                binary_size: 1,
+                driver: address(),
+            },
+            11,
+        );
+        let worker_node = NodeId::random();
+        let head_node = NodeId::random();
+        old.membership
+            .register(worker_node, node(false), now)
+            .expect("node");
+        old.membership
+            .register(head_node, node(true), now)
+            .expect("head node");
+        let actor = detached_actor(worker_node, job);
+        old.actors.register(actor.clone(), spec()).expect("actor");
+        old.kv.put("ns", b"k", b"v".to_vec(), true).expect("kv");
+
+        let (mut new, restored) = restart(&mut old, &mut snapshot, &mut binaries, now);
+        assert_eq!(restored.incarnation, 2);
+        assert_eq!(restored.running_jobs, 1);
+        assert_eq!(restored.live_actors, 1);
+        assert_eq!(
+            restored.nodes_awaited, 1,
+            "the head's own node died with it"
+        );
+        assert!(new.jobs.is_running(job));
+        assert_eq!(new.jobs.unattached(), vec![job], "until its driver is back");
+        assert_eq!(
+            new.actors.named("ns", "counter").map(|a| a.actor_id),
+            Some(actor.actor_id)
+        );
+        assert_eq!(new.kv.get("ns", b"k"), Some(&b"v".to_vec()));
+        assert_eq!(
+            new.membership.state(head_node),
+            Some(shoal_proto::NodeState::Dead)
+        );
+        assert!(new.recovering(), "no lease before the node is back");
+
+        // A node the head does not wait for must join as a new node.
+        let stranger = RejoinNode {
+            node_id: NodeId::random(),
+            node: node(false),
+            leases: Vec::new(),
+            workers: Vec::new(),
+            objects: Vec::new(),
+        };
+        assert!(new.rejoin(stranger, now).is_err());
+
+        // The node comes back with the actor's lease and an ended job's;
+        // the actor's worker died while the head was away.
+        let held = |lease_id, job_id, detached| HeldLease {
+            lease_id,
+            job_id,
+            owner: Some(WorkerId::random()),
+            owner_node: None,
+            resources: cpus(1.0),
+            blocked: false,
+            detached,
+        };
+        let stale = LeaseId::random();
+        let rejoin = RejoinNode {
+            node_id: worker_node,
+            node: node(false),
+            leases: vec![
+                held(actor.lease_id, job, true),
+                held(stale, JobId::random(), false),
+            ],
+            workers: Vec::new(),
+            objects: Vec::new(),
+        };
+        let died = new
+            .rejoin(rejoin.clone(), now)
+            .expect("the node is taken back");
+        assert!(!new.recovering());
+        assert_eq!(
+            new.scheduler.lease_count(),
+            1,
+            "the actor's lease, not the ended job's"
+        );
+        assert_eq!(
+            new.orders.get(&worker_node).map(|o| o.pending().releases),
+            Some(vec![stale]),
+            "the node is told to stop the ended job's worker"
+        );
+        assert_eq!(died.len(), 1);
+        assert_eq!(died[0].info.state, ActorState::Restarting);
+        // The same rejoin again (its reply lost) changes nothing.
+        assert!(new.rejoin(rejoin, now).expect("again").is_empty());
+
+        // What changed is written, and a third head sees it.
+        let (third, restored) = restart(&mut new, &mut snapshot, &mut binaries, now);
+        assert_eq!(restored.incarnation, 3);
+        let reloaded = third.actors.get(actor.actor_id).expect("the actor");
+        assert_eq!(reloaded.state, ActorState::Restarting);
+        assert!(
+            reloaded.incarnation > died[0].info.incarnation,
+            "a restart under way is placed again under a new incarnation"
+        );
     }
 }

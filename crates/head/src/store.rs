@@ -446,6 +446,15 @@ pub struct Stored {
     pub snapshot: Snapshot,
 }
 
+/// The head's tables in Redis at `url` (see [`crate::redis`]): the store's
+/// lease is taken (waiting for another head's to lapse) before anything
+/// is loaded. A new cluster's tables are empty: its id is new.
+pub fn open_redis(url: &str, cluster: shoal_proto::ClusterId) -> Result<Stored, StoreError> {
+    let backend = crate::redis::Redis::new(url, cluster, crate::redis::LEASE_TTL)?;
+    let (store, snapshot) = Store::start(Box::new(backend), None)?;
+    Ok(Stored { store, snapshot })
+}
+
 /// Executables' files, beside the store in the session directory.
 pub const BINARIES_DIR: &str = "head-binaries";
 
