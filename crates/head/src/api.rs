@@ -454,25 +454,35 @@ impl HeadService {
                 .membership
                 .register(id, info, Instant::now())
                 .map_err(|e| ServiceError::new(ServiceErrorKind::Unavailable, e.to_string()))?;
-            let cert = self.identity.issue_node_cert(node_id).map_err(|e| {
-                ServiceError::new(
-                    ServiceErrorKind::Internal,
-                    format!("issuing certificate: {e}"),
-                )
-            })?;
+            let cert = self.node_cert(node_id)?;
             let live = state.live_nodes();
             state.scheduler.recheck_infeasible(&live);
             (node_id, cert)
         };
         self.resources_changed.notify_waiters();
         info!(%node_id, %address, remote = %peer.remote, "node registered");
-        Ok(HeadReply::NodeRegistered(NodeRegistered {
+        Ok(self.welcome(node_id, cert))
+    }
+
+    /// The certificate a node serves its peers with.
+    fn node_cert(&self, node_id: NodeId) -> Result<shoal_net::IssuedCert, ServiceError> {
+        self.identity.issue_node_cert(node_id).map_err(|e| {
+            ServiceError::new(
+                ServiceErrorKind::Internal,
+                format!("issuing certificate: {e}"),
+            )
+        })
+    }
+
+    /// The answer to a node that joined (or joined again).
+    fn welcome(&self, node_id: NodeId, cert: shoal_net::IssuedCert) -> HeadReply {
+        HeadReply::NodeRegistered(NodeRegistered {
             node_id,
             heartbeat_interval_ms: millis(self.heartbeat_interval),
             node_cert_der: cert.cert_der,
             node_key_der: cert.key_der,
             ca_cert_der: self.identity.ca_cert_der(),
-        }))
+        })
     }
 
     async fn request_lease(&self, request: LeaseRequest) -> Result<HeadReply, ServiceError> {
@@ -544,22 +554,11 @@ impl HeadService {
                 info!("every node of the old head has joined again; granting leases");
                 state.place_restarts();
             }
-            self.identity.issue_node_cert(node_id).map_err(|e| {
-                ServiceError::new(
-                    ServiceErrorKind::Internal,
-                    format!("issuing certificate: {e}"),
-                )
-            })?
+            self.node_cert(node_id)?
         };
         self.resources_changed.notify_waiters();
         self.actors_changed.notify_waiters();
-        Ok(HeadReply::NodeRegistered(NodeRegistered {
-            node_id,
-            heartbeat_interval_ms: millis(self.heartbeat_interval),
-            node_cert_der: cert.cert_der,
-            node_key_der: cert.key_der,
-            ca_cert_der: self.identity.ca_cert_der(),
-        }))
+        Ok(self.welcome(node_id, cert))
     }
 
     fn finish_job(&self, job_id: shoal_proto::JobId) {

@@ -15,6 +15,7 @@
 //! ([`HeadLink::unavailable`]).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,9 @@ pub const HEAD_TIMEOUT: Duration = Duration::from_secs(60);
 const REDIAL_MAX: Duration = Duration::from_secs(1);
 /// Longest one dial may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// New connections one call goes through at most (a head that takes a
+/// connection and drops it every time is unavailable too).
+const REDIALS_PER_CALL_MAX: u32 = 10;
 
 /// Why a call to the head failed.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +97,8 @@ pub(crate) struct HeadLink {
     bound: Duration,
     /// A driver's job registration, sent again on every new connection.
     job: OnceLock<(RegisterJob, JobId)>,
+    /// The head ended this driver's job while it was away: no use dialling.
+    job_ended: AtomicBool,
 }
 
 impl HeadLink {
@@ -111,6 +117,7 @@ impl HeadLink {
             down: watch::channel(None).0,
             bound,
             job: OnceLock::new(),
+            job_ended: AtomicBool::new(false),
         })
     }
 
@@ -133,13 +140,7 @@ impl HeadLink {
         request: &HeadRequest,
         timeout: Duration,
     ) -> Result<HeadReply, HeadCallError> {
-        loop {
-            let (n, client) = self.client();
-            match client.call(request, timeout).await {
-                Err(e) if e.is_connection_lost() => self.redial(n).await?,
-                other => return Ok(other?),
-            }
-        }
+        self.send(request, timeout, false).await
     }
 
     /// [`HeadLink::call`] that also asks again after timeouts and injected
@@ -149,10 +150,28 @@ impl HeadLink {
         request: &HeadRequest,
         timeout: Duration,
     ) -> Result<HeadReply, HeadCallError> {
+        self.send(request, timeout, true).await
+    }
+
+    async fn send(
+        &self,
+        request: &HeadRequest,
+        timeout: Duration,
+        idempotent: bool,
+    ) -> Result<HeadReply, HeadCallError> {
+        let mut redials = 0;
         loop {
             let (n, client) = self.client();
-            match client.call_idempotent(request, timeout).await {
-                Err(e) if e.is_connection_lost() => self.redial(n).await?,
+            let answer = if idempotent {
+                client.call_idempotent(request, timeout).await
+            } else {
+                client.call(request, timeout).await
+            };
+            match answer {
+                Err(e) if e.is_connection_lost() && redials < REDIALS_PER_CALL_MAX => {
+                    redials += 1;
+                    self.redial(n).await?;
+                }
                 other => return Ok(other?),
             }
         }
@@ -174,6 +193,12 @@ impl HeadLink {
         });
         let mut pause = Duration::from_millis(50);
         loop {
+            if self.job_ended.load(Ordering::Relaxed) {
+                return Err(HeadCallError::Unavailable {
+                    address: self.address,
+                    waited: since.elapsed(),
+                });
+            }
             match tokio::time::timeout(DIAL_TIMEOUT, self.transport.connect(self.address)).await {
                 Ok(Ok(client)) => {
                     if let Err(e) = self.register_again(&client).await {
@@ -208,7 +233,10 @@ impl HeadLink {
     }
 
     /// A driver's job, registered on the new connection: the head answers
-    /// with the same id while the job runs.
+    /// with the same id while the job runs. A head that ended the job
+    /// meanwhile (its driver was away past the head's grace) is as good as
+    /// unavailable to this driver: the dialling goes on until the bound,
+    /// then everything fails with `HeadUnavailable`.
     async fn register_again(&self, client: &HeadClient) -> Result<(), RpcError> {
         let Some((request, job_id)) = self.job.get() else {
             return Ok(());
@@ -220,11 +248,12 @@ impl HeadLink {
             HeadReply::JobRegistered { job_id: same, .. } if same == *job_id => Ok(()),
             HeadReply::JobRegistered { job_id: other, .. } => {
                 // The head ended the job while it could not reach us.
-                error!(job_id = %job_id, new = %other, "the head no longer runs this job; its work is refused from now on");
+                error!(job_id = %job_id, "the head ended this job while it could not reach this driver");
                 client
                     .call_idempotent(&HeadRequest::FinishJob { job_id: other }, DIAL_TIMEOUT)
                     .await?;
-                Ok(())
+                self.job_ended.store(true, Ordering::Relaxed);
+                Err(RpcError::Stream(format!("the head ended job {job_id}")))
             }
             other => Err(RpcError::Stream(format!(
                 "{other:?} in answer to RegisterJob"
