@@ -473,7 +473,17 @@ pub fn open_session(dir: &Path, recover: bool) -> Result<Stored, StoreError> {
             }
         }
     }
-    let backend = Redb::open(&path)?;
+    // A head that has just died may hold the file's lock for a moment
+    // longer (its last threads exiting): wait a little before refusing.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let backend = loop {
+        match Redb::open(&path) {
+            Err(StoreError::Taken(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            other => break other?,
+        }
+    };
     let (store, snapshot) = Store::start(Box::new(backend), Some(files))?;
     Ok(Stored { store, snapshot })
 }
