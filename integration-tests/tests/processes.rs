@@ -170,6 +170,48 @@ fn join_without_a_token_anywhere_fails_with_a_clear_message() {
     );
 }
 
+/// The session directories under `root`, sorted.
+fn sessions(root: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(root)
+        .expect("the session root")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("session_") && n != "session_latest")
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_failed_start_leaves_the_session_root_as_it_found_it() {
+    // A node start that fails in a fresh root leaves no session behind.
+    let fresh = ProcessCluster::new();
+    let out = fresh.shoal(&["start", "--address", "127.0.0.1:9", "--num-cpus", "1"]);
+    assert!(!out.status.success());
+    assert_eq!(sessions(fresh.root()), Vec::<String>::new());
+    assert!(!fresh.root().join("session_latest").exists());
+
+    // A second head on the port in use fails, and the first cluster is
+    // still the one the CLI finds.
+    let cluster = ProcessCluster::new();
+    let address = cluster.start_head(&["--num-cpus", "0"]);
+    let before = sessions(cluster.root());
+    let latest = std::fs::canonicalize(cluster.root().join("session_latest")).expect("latest");
+    let port = address.rsplit_once(':').expect("host:port").1;
+    let out = cluster.shoal(&["start", "--head", "--port", port, "--node-ip", "127.0.0.1"]);
+    assert!(!out.status.success(), "the port is taken");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot listen"), "it says why: {err}");
+    assert_eq!(sessions(cluster.root()), before, "no session left behind");
+    assert_eq!(
+        std::fs::canonicalize(cluster.root().join("session_latest")).expect("latest"),
+        latest,
+        "session_latest still names the running cluster"
+    );
+    cluster.shoal_ok(&["list", "actors"]);
+    cluster.shoal_ok(&["stop"]);
+}
+
 #[test]
 fn a_node_with_a_wrong_token_is_refused_and_start_reports_it() {
     let cluster = ProcessCluster::new();

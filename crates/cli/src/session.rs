@@ -25,11 +25,21 @@ pub const LATEST: &str = "session_latest";
 #[derive(Debug, Clone)]
 pub struct Session {
     pub dir: PathBuf,
+    /// Made by this command and not yet linked as the newest: a start that
+    /// fails removes it, leaving the root as it was.
+    unpublished: std::cell::Cell<bool>,
 }
 
 impl Session {
-    /// Creates a new session directory under `root` and points
-    /// `root/session_latest` at it.
+    fn at(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            unpublished: std::cell::Cell::new(false),
+        }
+    }
+
+    /// Creates a new session directory under `root`; [`Session::publish`]
+    /// points `root/session_latest` at it once what uses it has started.
     pub fn create(root: &Path) -> Result<Self> {
         ensure_private_root(root)?;
         let name = format!(
@@ -43,18 +53,46 @@ impl Session {
         private_dir()
             .create(&dir)
             .with_context(|| format!("creating session directory {}", dir.display()))?;
+        let session = Self {
+            dir,
+            unpublished: std::cell::Cell::new(true),
+        };
         for sub in ["pids", "logs"] {
-            private_dir()
-                .create(dir.join(sub))
-                .with_context(|| format!("creating session directory {}", dir.display()))?;
+            if let Err(e) = private_dir().create(session.dir.join(sub)) {
+                session.discard();
+                return Err(e).with_context(|| {
+                    format!("creating session directory {}", session.dir.display())
+                });
+            }
         }
+        Ok(session)
+    }
+
+    /// Points `root/session_latest` at a session this command created (once
+    /// its daemon is up); nothing for any other session.
+    pub fn publish(&self) -> Result<()> {
+        if !self.unpublished.get() {
+            return Ok(());
+        }
+        let (Some(root), Some(name)) = (self.dir.parent(), self.dir.file_name()) else {
+            anyhow::bail!("{} is not inside a session root", self.dir.display());
+        };
         let link = root.join(LATEST);
         let tmp = root.join(format!(".{LATEST}.{}", std::process::id()));
         let _ = fs::remove_file(&tmp);
-        std::os::unix::fs::symlink(&name, &tmp)
+        std::os::unix::fs::symlink(name, &tmp)
             .and_then(|()| fs::rename(&tmp, &link))
             .with_context(|| format!("linking {}", link.display()))?;
-        Ok(Self { dir })
+        self.unpublished.set(false);
+        Ok(())
+    }
+
+    /// Removes a session this command created and never published (its
+    /// start failed); nothing for any other session.
+    pub fn discard(&self) {
+        if self.unpublished.replace(false) {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
     }
 
     /// The session `root/session_latest` points to, if any (and if it is
@@ -63,7 +101,7 @@ impl Session {
         let dir = fs::canonicalize(root.join(LATEST)).ok()?;
         let ours = fs::metadata(&dir)
             .is_ok_and(|m| m.is_dir() && m.uid() == nix::unistd::getuid().as_raw());
-        ours.then_some(Self { dir })
+        ours.then(|| Self::at(dir))
     }
 
     /// An existing session directory, as given.
@@ -72,7 +110,7 @@ impl Session {
             fs::create_dir_all(dir.join(sub))
                 .with_context(|| format!("preparing session directory {}", dir.display()))?;
         }
-        Ok(Self { dir })
+        Ok(Self::at(dir))
     }
 
     pub fn token_path(&self) -> PathBuf {
@@ -236,11 +274,24 @@ mod tests {
     fn create_links_latest_and_finds_pid_files() {
         let root = tempfile::tempdir().expect("tempdir");
         let session = Session::create(root.path()).expect("create");
+        assert!(Session::latest(root.path()).is_none(), "not before publish");
+        session.publish().expect("publish");
         let latest = Session::latest(root.path()).expect("latest");
         assert_eq!(latest.dir, fs::canonicalize(&session.dir).expect("canon"));
         let pid = PidFile::write(session.pid_path("head")).expect("pid");
         assert_eq!(all_pid_files(root.path()), vec![session.pid_path("head")]);
         drop(pid);
         assert!(all_pid_files(root.path()).is_empty());
+        latest.discard();
+        assert!(
+            session.dir.exists(),
+            "a published session is never discarded"
+        );
+        // (Another root: one second, one pid, one session name.)
+        let other = tempfile::tempdir().expect("tempdir");
+        let failed = Session::create(other.path()).expect("create");
+        failed.discard();
+        assert!(!failed.dir.exists());
+        assert!(Session::latest(other.path()).is_none());
     }
 }

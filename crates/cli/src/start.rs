@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -234,6 +234,15 @@ fn session_for(args: &StartArgs, create: bool) -> Result<Session> {
 fn run_head(args: &StartArgs, file: &ClusterFile) -> Result<()> {
     logging::init("info");
     let session = session_for(args, true)?;
+    let result = run_head_in(args, file, &session);
+    // A head that never served leaves no session behind.
+    if result.is_err() {
+        session.discard();
+    }
+    result
+}
+
+fn run_head_in(args: &StartArgs, file: &ClusterFile, session: &Session) -> Result<()> {
     // A head restarted on the same session directory keeps its cluster.
     let identity = if session.token_path().exists() {
         ClusterIdentity::load(&session.dir).context("loading the session's cluster identity")?
@@ -302,6 +311,7 @@ fn run_head(args: &StartArgs, file: &ClusterFile) -> Result<()> {
         let advertised = SocketAddr::new(advertised_ip, bound.port());
         std::fs::write(session.head_address_path(), advertised.to_string())
             .context("writing head_address")?;
+        session.publish()?;
         let node = shoal_node::Node::bind(node_config, identity.token().clone())?; // The log may be read by others than the token's owner: no token here.
         println!(
             "Shoal head listening on {advertised} (cluster {})",
@@ -329,7 +339,20 @@ fn run_node(args: &StartArgs, file: &ClusterFile) -> Result<()> {
         bail!("--address is required")
     };
     let session = session_for(args, false)?;
-    let token = resolve_token(args.token.as_deref(), &session)?;
+    let result = run_node_in(args, file, address, &session);
+    if result.is_err() {
+        session.discard();
+    }
+    result
+}
+
+fn run_node_in(
+    args: &StartArgs,
+    file: &ClusterFile,
+    address: String,
+    session: &Session,
+) -> Result<()> {
+    let token = resolve_token(args.token.as_deref(), session)?;
     let section = match (args.node_index, file.nodes.is_empty()) {
         (Some(i), _) => file.nodes.get(i).cloned().with_context(|| {
             format!(
@@ -347,6 +370,7 @@ fn run_node(args: &StartArgs, file: &ClusterFile) -> Result<()> {
     runtime()?.block_on(async move {
         let shutdown = shutdown_on_signals()?;
         let node = shoal_node::Node::bind(config, token)?;
+        session.publish()?;
         node.run(shutdown).await;
         Ok(())
     })
@@ -366,9 +390,56 @@ fn resolve_token(given: Option<&str>, session: &Session) -> Result<JoinToken> {
 }
 
 /// Starts this command again with `--block` as a daemon, waits until it
-/// answers, and says how to use it.
+/// answers, and says how to use it. A daemon that does not come up leaves
+/// no session behind (its log's end goes into the error).
 fn spawn_daemon(args: &StartArgs) -> Result<()> {
     let session = session_for(args, args.head)?;
+    let result = spawn_daemon_in(args, &session).and_then(|()| session.publish());
+    let Err(e) = result else {
+        return Ok(());
+    };
+    // The log's end goes into the message: the log itself goes with the
+    // session when this start made it.
+    let NotReady { log, error } = match e.downcast::<NotReady>() {
+        Ok(not_ready) => not_ready,
+        Err(e) => {
+            session.discard();
+            return Err(e);
+        }
+    };
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let tail: Vec<&str> = text.lines().rev().take(20).collect();
+    let tail = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
+    session.discard();
+    let whole = if log.exists() {
+        format!("\n(the whole log: {})", log.display())
+    } else {
+        String::new()
+    };
+    Err(error.context(format!("the daemon's log ends:\n{tail}{whole}")))
+}
+
+/// A daemon that did not come up, and its log.
+#[derive(Debug)]
+struct NotReady {
+    log: PathBuf,
+    error: anyhow::Error,
+}
+
+impl std::fmt::Display for NotReady {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:#} (see the daemon's log: {})",
+            self.error,
+            self.log.display()
+        )
+    }
+}
+
+impl std::error::Error for NotReady {}
+
+fn spawn_daemon_in(args: &StartArgs, session: &Session) -> Result<()> {
     // A node's log is named after the daemon's pid, known only after spawning.
     let log = session.log_path(&if args.head {
         "head".to_string()
@@ -410,14 +481,14 @@ fn spawn_daemon(args: &StartArgs) -> Result<()> {
         let named = session.log_path(&format!("node-{pid}"));
         std::fs::rename(&log, &named).map(|()| named).unwrap_or(log)
     };
-    let ready = wait_until_ready(args, &session, &mut child, &log);
+    let ready = wait_until_ready(args, session, &mut child);
     let (address, token, status) = match ready {
         Ok(found) => found,
         Err(e) => {
             // Leave nothing half-started behind.
             let _ = child.kill();
             let _ = child.wait();
-            return Err(e.context(format!("see the daemon's log: {}", log.display())));
+            return Err(NotReady { log, error: e }.into());
         }
     };
     let host = shoal_net::host::host_id();
@@ -456,20 +527,13 @@ fn wait_until_ready(
     args: &StartArgs,
     session: &Session,
     child: &mut Child,
-    log: &Path,
 ) -> Result<(String, JoinToken, ClusterStatus)> {
     let pid = child.id();
     let deadline = Instant::now() + READY_TIMEOUT;
     let mut last_error = String::from("not started yet");
     while Instant::now() < deadline {
         if let Some(exit) = child.try_wait().context("checking on the daemon")? {
-            let tail = std::fs::read_to_string(log).unwrap_or_default();
-            let tail: Vec<&str> = tail.lines().rev().take(20).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            bail!(
-                "the daemon exited ({exit}) before it was ready:\n{}",
-                tail.join("\n")
-            );
+            bail!("the daemon exited ({exit}) before it was ready");
         }
         let address = match &args.address {
             Some(address) => Some(address.clone()),
