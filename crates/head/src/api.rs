@@ -300,7 +300,7 @@ impl HeadService {
             None => (Store::none(), Binaries::default()),
         };
         let mut writes: Vec<_> = state.incarnation_write().into_iter().collect();
-        writes.extend(state.journal(&mut binaries));
+        writes.extend(state.journal(Some(&mut binaries)));
         store.enqueue(writes);
         Self {
             identity,
@@ -328,15 +328,27 @@ impl HeadService {
 
     /// Hands what changed to the store (under the state lock, so in the
     /// order it changed); returns the number to wait for.
-    fn journal(&self, state: &mut State) -> u64 {
-        let writes = state.journal(&mut self.binaries());
+    /// With `uploaded` false, an upload writing an executable to disk (it
+    /// holds the executables meanwhile) is not waited for under the state
+    /// lock: an upload's own reply asks with `uploaded` and takes the row.
+    fn journal(&self, state: &mut State, uploaded: bool) -> u64 {
+        let mut binaries = if uploaded {
+            Some(self.binaries())
+        } else {
+            match self.binaries.try_lock() {
+                Ok(guard) => Some(guard),
+                Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            }
+        };
+        let writes = state.journal(binaries.as_deref_mut());
         self.store.enqueue(writes)
     }
 
     /// Waits until every change made so far is durable: a reply sent after
     /// it never acknowledges what a crash could lose.
-    async fn durable(&self) -> Result<(), ServiceError> {
-        let seq = self.journal(&mut self.state());
+    async fn durable(&self, uploaded: bool) -> Result<(), ServiceError> {
+        let seq = self.journal(&mut self.state(), uploaded);
         self.store.durable(seq).await.map_err(|e| {
             ServiceError::new(ServiceErrorKind::Unavailable, format!("not written: {e}"))
         })
@@ -374,7 +386,7 @@ impl HeadService {
             }
             state.place_restarts();
             let drivers_gone = state.drivers_gone(now);
-            self.journal(&mut state);
+            self.journal(&mut state, false);
             (dead, drivers_gone)
         };
         for job_id in drivers_gone {
@@ -612,10 +624,11 @@ impl Service for HeadService {
     type Reply = HeadReply;
 
     async fn handle(&self, peer: &Peer, request: HeadRequest) -> Result<HeadReply, ServiceError> {
+        let uploaded = matches!(request, HeadRequest::UploadBinary { .. });
         let reply = self.serve(peer, request).await;
         // Whatever the answer, it goes out only once what it saw is
         // durable.
-        self.durable().await?;
+        self.durable(uploaded).await?;
         reply
     }
 

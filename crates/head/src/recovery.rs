@@ -69,7 +69,8 @@ fn parse_id(bytes: &[u8]) -> Option<shoal_proto::ids::Uuid> {
 
 impl State {
     /// Everything changed since the last call, as one batch for the store.
-    pub(crate) fn journal(&mut self, binaries: &mut Binaries) -> Vec<Write> {
+    /// Executables' rows come from `binaries` when given.
+    pub(crate) fn journal(&mut self, binaries: Option<&mut Binaries>) -> Vec<Write> {
         let mut writes = Vec::new();
         let row = |table, key: Vec<u8>, value: Option<Vec<u8>>| match value {
             Some(v) => Write::Put(table, key, v),
@@ -99,7 +100,7 @@ impl State {
         for (key, value) in self.kv.take_dirty() {
             writes.push(row(Table::Kv, key, value));
         }
-        for (hash, value) in binaries.take_dirty() {
+        for (hash, value) in binaries.map(Binaries::take_dirty).unwrap_or_default() {
             writes.push(row(Table::Binaries, hash.into_bytes(), value));
         }
         writes
@@ -346,7 +347,7 @@ mod tests {
         now: Instant,
     ) -> (State, Restored) {
         let mut writes: Vec<_> = old.incarnation_write().into_iter().collect();
-        writes.extend(old.journal(binaries));
+        writes.extend(old.journal(Some(binaries)));
         apply(snapshot, writes);
         let mut new = State::new(100, 100);
         let restored = new.restore(snapshot, binaries, now, Duration::from_secs(1));
