@@ -420,3 +420,41 @@ fn a_task_and_an_actor_method_may_run_longer_than_the_request_cap() {
         assert_eq!(out["method_runs"], 1, "the method ran once: {out}");
     }
 }
+
+#[test]
+fn debug_logs_carry_the_job_task_and_actor_ids() {
+    // Local mode: the owner's and the executor's lines in one output.
+    let out = std::process::Command::new(shoal_integration_tests::sibling_bin("scenarios"))
+        .arg("spans")
+        .env_remove("SHOAL_ADDRESS")
+        .env_remove("SHOAL_WORKER_PROCESSES")
+        .env("SHOAL_LOG", "shoal=debug,warn")
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("running the scenario");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let line_with = |parts: &[&str]| {
+        stderr
+            .lines()
+            .find(|l| parts.iter().all(|p| l.contains(p)))
+            .map(str::to_string)
+    };
+    let submitted = line_with(&["task{", "job=", "function=scenarios::say", "submitted"])
+        .unwrap_or_else(|| panic!("no owner-side line of the task:\n{stderr}"));
+    let task = submitted
+        .split("task=")
+        .nth(1)
+        .and_then(|rest| rest.split([' ', '}']).next())
+        .expect("the task id")
+        .to_string();
+    assert!(
+        line_with(&["run{", &format!("task={task}"), "ran"]).is_some(),
+        "the executor's line carries the same task id {task}:\n{stderr}"
+    );
+    assert!(
+        line_with(&["actor_call{", "actor=", "method=", "record", "called"]).is_some(),
+        "no line of the actor call:\n{stderr}"
+    );
+}

@@ -1933,6 +1933,13 @@ fn main() -> shoal::Result<()> {
                 "debug": format!("{second_pid:?} {orders_after:?} {after_last:?} {killed_new_pid:?}"),
             }));
         }
+        "spans" => {
+            // One task and one actor call, for a test reading the debug log.
+            let said = say::remote(3).get()?;
+            let recorder = Recorder::remote(1)?;
+            let recorded = recorder.record(0, 0).get()?;
+            result(json!({"said": said, "recorded": recorded}));
+        }
         "recover-job" => {
             // FT-8: a named detached actor holding state, then a job of
             // short tasks in waves of 50; the test kills the head after the

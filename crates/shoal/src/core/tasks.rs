@@ -34,13 +34,20 @@ impl Core {
         let id = task_id.return_object(0);
         self.register_pending(id);
         let core = Arc::clone(self);
-        self.handle.spawn(async move {
+        // Every log line of the task's life on this side carries its ids
+        // (debug: free when debug logging is off).
+        let span = tracing::debug_span!("task", job = %self.job_id, task = %task_id, function = %function.name);
+        let run = async move {
+            tracing::debug!("submitted");
             let (outcome, lineage) = core.run_task(task_id, function, options, args).await;
             if let Some(lineage) = lineage {
                 core.objects.set_lineage(id, lineage);
             }
+            tracing::debug!(failed = matches!(outcome, ObjState::Failed(_)), "done");
             core.complete_object(id, outcome);
-        });
+        };
+        self.handle
+            .spawn(tracing::Instrument::instrument(run, span));
         id
     }
 

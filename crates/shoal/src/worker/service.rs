@@ -157,8 +157,18 @@ impl<P: Process> Service for WorkerService<P> {
                         ),
                     ));
                 }
-                let reply = on_process(&process, move |process| async move {
-                    execute(&process, spec, executor).await
+                let span = tracing::debug_span!("run", job = %spec.job_id, task = %spec.task_id, function = %spec.function.name, attempt = spec.attempt);
+                let reply = on_process(&process, move |process| {
+                    let run = async move {
+                        let reply = execute(&process, spec, executor).await;
+                        tracing::debug!(
+                            run_us = reply.run_us,
+                            failed = matches!(reply.outcome, TaskOutcome::Failed(_)),
+                            "ran"
+                        );
+                        reply
+                    };
+                    tracing::Instrument::instrument(run, span)
                 })
                 .await?;
                 Ok(WorkerReply::TaskDone(reply))
@@ -191,8 +201,13 @@ impl<P: Process> Service for WorkerService<P> {
             }
             WorkerRequest::ActorCall(call) => {
                 let executor = self.executor()?;
-                let reply = on_process(&process, move |process| async move {
-                    process.host().call(&process, call, executor).await
+                let span = tracing::debug_span!("actor_call", actor = %call.actor_id, task = %call.task_id, method = %call.method, seq = call.seq);
+                let reply = on_process(&process, move |process| {
+                    let run = async move {
+                        tracing::debug!("called");
+                        process.host().call(&process, call, executor).await
+                    };
+                    tracing::Instrument::instrument(run, span)
                 })
                 .await??;
                 Ok(WorkerReply::TaskDone(reply))
