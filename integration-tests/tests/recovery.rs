@@ -2,7 +2,7 @@
 //! `shoal` daemons, the head SIGKILLed and recovered with
 //! `shoal start --head --recover` on the same session directory.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -98,25 +98,36 @@ impl Drop for KillOnDrop {
     }
 }
 
-#[test]
-fn ft8_a_killed_head_recovers_and_the_job_the_detached_actor_and_the_nodes_carry_on() {
-    let cluster = ProcessCluster::three_process();
+/// FT-8 on `cluster` (a head that runs no tasks, two nodes): a job of
+/// `tasks` short tasks in waves and a named detached actor; the head is
+/// SIGKILLed mid-job and recovered with `--recover` and `extra` flags. The
+/// job finishes right, the actor keeps its state, the nodes their ids, and
+/// a new driver finds the actor and runs new work. Returns the outage in
+/// seconds and the tasks completed during it.
+fn kill_and_recover_mid_job(
+    cluster: &ProcessCluster,
+    name: &str,
+    tasks: u32,
+    extra: &[&str],
+) -> (f64, usize) {
     let nodes_before = worker_node_ids(&cluster.status());
     assert_eq!(nodes_before.len(), 2, "{}", cluster.status());
     let address = cluster.head_address();
 
-    let mut job = driver(&["recover-job", "ft8", "2000"], &cluster.driver_env());
+    let mut job = driver(
+        &["recover-job", name, &tasks.to_string()],
+        &cluster.driver_env(),
+    );
     job.wait_for("PROGRESS", Duration::from_secs(120));
-    kill_head(&cluster);
+    kill_head(cluster);
     let killed_at = unix_ms();
-    let started = Instant::now();
-    let out = recover_head(&cluster, &[]);
+    let out = recover_head(cluster, extra);
     let up_at = unix_ms();
     assert!(out.contains("Recovered the Shoal head"), "{out}");
     assert_eq!(cluster.head_address(), address, "same address");
 
     let result = job.result(Duration::from_secs(180));
-    assert_eq!(result["count"], 2000, "{result}");
+    assert_eq!(result["count"], tasks, "{result}");
     assert_eq!(result["correct"], true, "every result right: {result}");
     // The actor's state from before the crash: caller 7 recorded 0..10.
     assert_eq!(
@@ -132,27 +143,30 @@ fn ft8_a_killed_head_recovers_and_the_job_the_detached_actor_and_the_nodes_carry
         .filter(|t| (killed_at..=up_at).contains(t))
         .count()
         * 50;
-    eprintln!(
-        "FT-8: head down {:.2} s (SIGKILL to `start --recover` answering); {during} tasks completed meanwhile",
-        (up_at - killed_at) as f64 / 1000.0
-    );
-    let _ = started;
 
     // The same nodes, alive under the same ids.
-    let nodes_after = poll_until(Duration::from_secs(30), "the nodes to be ALIVE", || {
-        let ids = worker_node_ids(&cluster.status());
-        (ids == nodes_before).then_some(ids)
+    poll_until(Duration::from_secs(30), "the same nodes ALIVE", || {
+        (worker_node_ids(&cluster.status()) == nodes_before).then_some(())
     });
-    assert_eq!(nodes_after, nodes_before);
 
     // A new driver finds the actor by name with its state; new work runs.
     let used = scenario_result(
-        &["recover-use", "ft8"],
+        &["recover-use", name],
         &cluster.driver_env(),
         Duration::from_secs(120),
     );
     assert_eq!(used["orders"], serde_json::json!([[7, true, 11]]), "{used}");
     assert_eq!(used["sum"], (0..100).sum::<u32>(), "{used}");
+    ((up_at - killed_at) as f64 / 1000.0, during)
+}
+
+#[test]
+fn ft8_a_killed_head_recovers_and_the_job_the_detached_actor_and_the_nodes_carry_on() {
+    let cluster = ProcessCluster::three_process();
+    let (outage, during) = kill_and_recover_mid_job(&cluster, "ft8", 2000, &[]);
+    eprintln!(
+        "FT-8: head down {outage:.2} s (SIGKILL to `start --recover` answering); {during} tasks completed meanwhile"
+    );
     cluster.assert_no_panics();
 }
 
@@ -226,39 +240,14 @@ fn ft8_with_the_tables_in_redis_another_head_takes_over_and_one_that_lost_the_st
     cluster.start_head(&["--num-cpus", "0", "--config", config, "--head-store", &url]);
     cluster.start_node(&["--num-cpus", "2"]);
     cluster.start_node(&["--num-cpus", "2"]);
-    let nodes_before = worker_node_ids(&cluster.status());
-    assert_eq!(nodes_before.len(), 2, "{}", cluster.status());
 
     // The first head dies mid-job; a second takes the store over once the
     // first's lease has lapsed, and everything carries on.
-    let mut job = driver(&["recover-job", "ft8-redis", "1000"], &cluster.driver_env());
-    job.wait_for("PROGRESS", Duration::from_secs(120));
-    kill_head(&cluster);
-    let killed_at = unix_ms();
-    let out = recover_head(&cluster, &["--head-store", &url]);
-    let up_at = unix_ms();
-    assert!(out.contains("Recovered the Shoal head"), "{out}");
-    let result = job.result(Duration::from_secs(180));
-    assert_eq!(result["count"], 1000, "{result}");
-    assert_eq!(result["correct"], true, "{result}");
-    assert_eq!(
-        result["orders"],
-        serde_json::json!([[7, true, 10]]),
-        "{result}"
-    );
+    let (outage, _) =
+        kill_and_recover_mid_job(&cluster, "ft8-redis", 1000, &["--head-store", &url]);
     eprintln!(
-        "FT-8 (Redis): head down {:.2} s, the second head waiting for the first's lease",
-        (up_at - killed_at) as f64 / 1000.0
+        "FT-8 (Redis): head down {outage:.2} s, the second head waiting for the first's lease"
     );
-    poll_until(Duration::from_secs(30), "the same nodes ALIVE", || {
-        (worker_node_ids(&cluster.status()) == nodes_before).then_some(())
-    });
-    let used = scenario_result(
-        &["recover-use", "ft8-redis"],
-        &cluster.driver_env(),
-        Duration::from_secs(120),
-    );
-    assert_eq!(used["orders"], serde_json::json!([[7, true, 11]]), "{used}");
 
     // The second head is paused past its lease; a third takes the store
     // (on another port: the paused one still holds its socket). Resumed,

@@ -299,9 +299,7 @@ impl HeadService {
             }
             None => (Store::none(), Binaries::default()),
         };
-        let mut writes: Vec<_> = state.incarnation_write().into_iter().collect();
-        writes.extend(state.journal(Some(&mut binaries)));
-        store.enqueue(writes);
+        store.enqueue(state.journal(Some(&mut binaries)));
         Self {
             identity,
             state: Mutex::new(state),
@@ -380,10 +378,7 @@ impl HeadService {
             for node_id in &dead {
                 state.node_gone(*node_id);
             }
-            if was_recovering && !state.recovering() {
-                info!("every node of the old head has joined again or been declared dead; granting leases");
-                self.resources_changed.notify_waiters();
-            }
+            self.recovery_step(was_recovering, &mut state);
             state.place_restarts();
             let drivers_gone = state.drivers_gone(now);
             self.journal(&mut state, false);
@@ -548,6 +543,17 @@ impl HeadService {
         }
     }
 
+    /// After a node of the old head joined again or was declared dead:
+    /// once none is awaited, the ledger is whole and leases and restarts
+    /// are placed again.
+    fn recovery_step(&self, was_recovering: bool, state: &mut State) {
+        if was_recovering && !state.recovering() {
+            info!("every node of the old head has joined again or been declared dead; granting leases");
+            state.place_restarts();
+            self.resources_changed.notify_waiters();
+        }
+    }
+
     /// A node of the old head joins this one again (see `crate::recovery`).
     fn rejoin_node(
         &self,
@@ -562,10 +568,7 @@ impl HeadService {
                 Err(Fenced(node_id)) => return Ok(HeadReply::NodeFenced { node_id }),
             };
             state.actors_died(died);
-            if was_recovering && !state.recovering() {
-                info!("every node of the old head has joined again; granting leases");
-                state.place_restarts();
-            }
+            self.recovery_step(was_recovering, &mut state);
             self.node_cert(node_id)?
         };
         self.resources_changed.notify_waiters();

@@ -59,8 +59,22 @@ pub struct Restored {
     pub kv_entries: usize,
 }
 
-fn id_key<T: AsRef<[u8]>>(id: T) -> Vec<u8> {
-    id.as_ref().to_vec()
+/// A changed row: its value, or `None` when it is gone.
+fn row(table: Table, key: Vec<u8>, value: Option<Vec<u8>>) -> Write {
+    match value {
+        Some(v) => Write::Put(table, key, v),
+        None => Write::Delete(table, key),
+    }
+}
+
+/// The rows of records changed under ids.
+fn records<'a, R: serde::Serialize + 'a>(
+    table: Table,
+    changed: impl IntoIterator<Item = (&'a [u8; 16], Option<R>)> + 'a,
+) -> impl Iterator<Item = Write> + 'a {
+    changed
+        .into_iter()
+        .map(move |(id, record)| row(table, id.to_vec(), record.map(|r| encode(&r))))
 }
 
 fn parse_id(bytes: &[u8]) -> Option<shoal_proto::ids::Uuid> {
@@ -72,31 +86,25 @@ impl State {
     /// Executables' rows come from `binaries` when given.
     pub(crate) fn journal(&mut self, binaries: Option<&mut Binaries>) -> Vec<Write> {
         let mut writes = Vec::new();
-        let row = |table, key: Vec<u8>, value: Option<Vec<u8>>| match value {
-            Some(v) => Write::Put(table, key, v),
-            None => Write::Delete(table, key),
-        };
-        for (id, record) in self.jobs.take_dirty() {
-            writes.push(row(
-                Table::Jobs,
-                id_key(id.as_bytes()),
-                record.map(|r| encode(&r)),
-            ));
+        if std::mem::take(&mut self.incarnation_dirty) {
+            let value = encode(&self.incarnation);
+            writes.push(Write::Put(Table::Meta, INCARNATION.to_vec(), value));
         }
-        for (id, record) in self.actors.take_dirty() {
-            writes.push(row(
-                Table::Actors,
-                id_key(id.as_bytes()),
-                record.map(|r| encode(&r)),
-            ));
-        }
-        for (id, node) in self.membership.take_dirty() {
-            writes.push(row(
-                Table::Nodes,
-                id_key(id.as_bytes()),
-                node.map(|n| encode(&n)),
-            ));
-        }
+        let jobs = self.jobs.take_dirty();
+        writes.extend(records(
+            Table::Jobs,
+            jobs.iter().map(|(id, r)| (id.as_bytes(), r.as_ref())),
+        ));
+        let actors = self.actors.take_dirty();
+        writes.extend(records(
+            Table::Actors,
+            actors.iter().map(|(id, r)| (id.as_bytes(), r.as_ref())),
+        ));
+        let nodes = self.membership.take_dirty();
+        writes.extend(records(
+            Table::Nodes,
+            nodes.iter().map(|(id, n)| (id.as_bytes(), n.as_ref())),
+        ));
         for (key, value) in self.kv.take_dirty() {
             writes.push(row(Table::Kv, key, value));
         }
@@ -106,8 +114,9 @@ impl State {
         writes
     }
 
-    /// Reloads the tables of a head that died, as the head's first act.
-    /// The incarnation it returns is written with the next journal.
+    /// Reloads the tables of a head that died (or of none, for a new
+    /// cluster), as the head's first act. The incarnation it returns is
+    /// written with the next journal.
     pub(crate) fn restore(
         &mut self,
         snapshot: &Snapshot,
@@ -187,12 +196,6 @@ impl State {
         self.incarnation = restored.incarnation;
         self.incarnation_dirty = true;
         restored
-    }
-
-    /// Writes the incarnation with the next journal (once).
-    pub(crate) fn incarnation_write(&mut self) -> Option<Write> {
-        std::mem::take(&mut self.incarnation_dirty)
-            .then(|| Write::Put(Table::Meta, INCARNATION.to_vec(), encode(&self.incarnation)))
     }
 
     /// A node that outlived the old head joins this one under its id, with
@@ -346,8 +349,7 @@ mod tests {
         binaries: &mut Binaries,
         now: Instant,
     ) -> (State, Restored) {
-        let mut writes: Vec<_> = old.incarnation_write().into_iter().collect();
-        writes.extend(old.journal(Some(binaries)));
+        let writes = old.journal(Some(binaries));
         apply(snapshot, writes);
         let mut new = State::new(100, 100);
         let restored = new.restore(snapshot, binaries, now, Duration::from_secs(1));

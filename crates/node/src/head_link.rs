@@ -508,8 +508,7 @@ fn new_key() -> u64 {
 /// Capped exponential backoff that logs the first failure loudly and
 /// repeats quietly.
 struct Backoff {
-    next: Duration,
-    max: Duration,
+    pauses: shoal_net::backoff::Backoff,
     failures: u32,
 }
 
@@ -518,14 +517,13 @@ impl Backoff {
 
     fn new(max: Duration) -> Self {
         Self {
-            next: Self::START,
-            max,
+            pauses: shoal_net::backoff::Backoff::new(Self::START, max),
             failures: 0,
         }
     }
 
     fn reset(&mut self) {
-        self.next = Self::START;
+        self.pauses.reset();
         self.failures = 0;
     }
 
@@ -540,14 +538,10 @@ impl Backoff {
         } else {
             debug!(error = %error, attempts = self.failures, "cannot reach the head; retrying");
         }
-        // Jitter (up to half the pause), so the nodes of a cluster do not
-        // all knock at a restarted head at once.
-        let jitter = shoal_proto::NodeId::random().as_uuid().as_u64_pair().0 % 1000;
-        let pause = self.next + self.next.mul_f64(jitter as f64 / 2000.0);
+        let pause = self.pauses.next_pause();
         tokio::select! {
             _ = shutdown.cancelled() => {}
             _ = tokio::time::sleep(pause) => {}
         }
-        self.next = (self.next * 2).min(self.max);
     }
 }

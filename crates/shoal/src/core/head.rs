@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use shoal_net::backoff::Backoff;
 use shoal_net::sync::MutexExt;
 use shoal_net::{RpcError, Transport};
 use shoal_proto::head::RegisterJob;
@@ -191,13 +192,14 @@ impl HeadLink {
             self.down.send_replace(Some(now));
             now
         });
-        let mut pause = Duration::from_millis(50);
+        let unavailable = |waited| HeadCallError::Unavailable {
+            address: self.address,
+            waited,
+        };
+        let mut backoff = Backoff::new(Duration::from_millis(50), REDIAL_MAX);
         loop {
             if self.job_ended.load(Ordering::Relaxed) {
-                return Err(HeadCallError::Unavailable {
-                    address: self.address,
-                    waited: since.elapsed(),
-                });
+                return Err(unavailable(since.elapsed()));
             }
             match tokio::time::timeout(DIAL_TIMEOUT, self.transport.connect(self.address)).await {
                 Ok(Ok(client)) => {
@@ -217,18 +219,10 @@ impl HeadLink {
             }
             let waited = since.elapsed();
             if waited >= self.bound {
-                return Err(HeadCallError::Unavailable {
-                    address: self.address,
-                    waited,
-                });
+                return Err(unavailable(waited));
             }
-            // Jitter up to half the pause: the processes of a cluster do
-            // not all knock at a restarted head at once.
-            let jitter = shoal_proto::WorkerId::random().as_uuid().as_u64_pair().0 % 1000;
-            let sleep = (pause + pause.mul_f64(jitter as f64 / 2000.0))
-                .min(self.bound.saturating_sub(waited));
-            tokio::time::sleep(sleep).await;
-            pause = (pause * 2).min(REDIAL_MAX);
+            let pause = backoff.next_pause();
+            tokio::time::sleep(pause.min(self.bound - waited)).await;
         }
     }
 
