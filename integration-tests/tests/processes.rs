@@ -280,6 +280,23 @@ fn bad_flags_are_rejected_with_a_message() {
         ),
         (vec!["start", "--head", "--num-cpus", "-2"], "num-cpus"),
         (
+            vec!["start", "--head", "--head-store", "http://127.0.0.1:6379"],
+            "redis://",
+        ),
+        (
+            vec!["start", "--head", "--head-store", "redis://nohost"],
+            "HOST:PORT",
+        ),
+        (vec!["start", "--head", "--recover"], "no session"),
+        (
+            vec!["start", "--address", "1.2.3.4:5", "--recover"],
+            "goes with --head",
+        ),
+        (
+            vec!["start", "--address", "1.2.3.4:5", "--port", "7"],
+            "goes with --head",
+        ),
+        (
             vec![
                 "start",
                 "--address",

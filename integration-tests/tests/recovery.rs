@@ -228,6 +228,7 @@ fn the_head_killed_between_a_write_and_its_reply_loses_nothing_acknowledged() {
     assert_eq!(result["acked"], 200, "{result}");
     assert_eq!(result["keys"], 200, "{result}");
     assert_eq!(result["values_ok"], true, "{result}");
+    assert_eq!(result["bad_input_refused"], true, "{result}");
 }
 
 #[test]

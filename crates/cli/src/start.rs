@@ -149,6 +149,16 @@ pub fn run(args: StartArgs) -> Result<()> {
             "--num-cpus must be a number >= 0, got {n}"
         );
     }
+    // clap's `requires = "head"` counts a bool flag's default as given, so
+    // the head-only flags are checked here.
+    let head_only = [
+        ("--port", args.port.is_some()),
+        ("--recover", args.recover),
+        ("--head-store", args.head_store.is_some()),
+    ];
+    if let Some((flag, _)) = head_only.iter().find(|(_, given)| *given && !args.head) {
+        bail!("{flag} goes with --head (it is about the head, not a joining node)");
+    }
     match (args.head, args.block) {
         (true, true) => run_head(&args, &file),
         (false, true) => run_node(&args, &file),

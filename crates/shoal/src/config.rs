@@ -59,14 +59,13 @@ impl Config {
             "a port number (0-65535)",
             &mut bad_env,
         );
-        let head_timeout = parsed::<f64>(
+        let head_timeout = parsed::<Seconds>(
             var("SHOAL_HEAD_TIMEOUT"),
             "SHOAL_HEAD_TIMEOUT",
-            "a number of seconds",
+            "a number of seconds (0 or more)",
             &mut bad_env,
         )
-        .and_then(|s| std::time::Duration::try_from_secs_f64(s).ok())
-        .unwrap_or(crate::core::head::HEAD_TIMEOUT);
+        .map_or(crate::core::head::HEAD_TIMEOUT, |s| s.0);
         Self {
             address: var("SHOAL_ADDRESS"),
             token: var("SHOAL_TOKEN"),
@@ -85,6 +84,18 @@ impl Config {
     /// (with the `local` feature, on by default; without it `init` fails).
     pub fn local() -> Self {
         Self::default()
+    }
+}
+
+/// A duration given in seconds (`2.5`): finite and not negative.
+struct Seconds(std::time::Duration);
+
+impl std::str::FromStr for Seconds {
+    type Err = std::time::TryFromFloatSecsError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let secs: f64 = text.trim().parse().unwrap_or(f64::NAN);
+        std::time::Duration::try_from_secs_f64(secs).map(Seconds)
     }
 }
 
@@ -199,5 +210,18 @@ mod tests {
             bad.bad_env
         );
         assert!(from(&[]).bad_env.is_empty(), "unset is not bad");
+    }
+
+    #[test]
+    fn the_head_timeout_is_read_and_bad_values_named() {
+        let good = from(&[("SHOAL_HEAD_TIMEOUT", "2.5")]);
+        assert_eq!(good.head_timeout, std::time::Duration::from_millis(2500));
+        assert!(good.bad_env.is_empty());
+        assert_eq!(from(&[]).head_timeout, crate::core::head::HEAD_TIMEOUT);
+        for value in ["-1", "soon", "NaN", "inf"] {
+            let bad = from(&[("SHOAL_HEAD_TIMEOUT", value)]);
+            assert_eq!(bad.bad_env.len(), 1, "{value}: {:?}", bad.bad_env);
+            assert!(bad.bad_env[0].contains("SHOAL_HEAD_TIMEOUT"));
+        }
     }
 }

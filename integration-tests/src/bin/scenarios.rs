@@ -2024,12 +2024,25 @@ fn main() -> shoal::Result<()> {
                 acked.push(i);
             }
             let keys = shoal::kv::keys("tests", "k")?;
+            // Bad input is refused with a typed error, the head serving on.
+            let too_large = shoal::kv::put("tests", "big", &vec![0; (1 << 20) + 1], true);
+            let bad_namespace = shoal::kv::put("te\0sts", "k", b"v", true);
+            let refused = |r: &shoal::Result<bool>| {
+                matches!(r, Err(Error::Rpc(shoal_net::RpcError::Service(e)))
+                    if e.kind == shoal_proto::ServiceErrorKind::BadRequest)
+            };
+            let bad_input_refused = refused(&too_large) && refused(&bad_namespace);
             let mut values_ok = true;
             for i in &acked {
                 let v = shoal::kv::get("tests", &format!("k{i:04}"))?;
                 values_ok &= v == Some(i.to_string().into_bytes());
             }
-            result(json!({"acked": acked.len(), "keys": keys.len(), "values_ok": values_ok}));
+            result(json!({
+                "acked": acked.len(),
+                "keys": keys.len(),
+                "values_ok": values_ok,
+                "bad_input_refused": bad_input_refused,
+            }));
         }
         "detached-create" => {
             let name = arg(1);
