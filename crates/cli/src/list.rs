@@ -1,152 +1,298 @@
-//! `shoal list actors | objects`: the actors and objects the head knows.
+//! The state API on the command line: `shoal list`, `shoal get` and
+//! `shoal summary`, as tables or `--json`.
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use serde_json::json;
-use shoal_proto::{ActorState, HeadReply, HeadRequest};
+use shoal_proto::state::{Filter, Row, StateKind, StateQuery, StateRows, Value};
+use shoal_proto::{HeadReply, HeadRequest};
 
 use crate::status::{ask, HeadArgs, HeadTarget};
+
+/// What the state API lists.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Kind {
+    /// Nodes, live and dead: address, resources, object store use.
+    Nodes,
+    /// Jobs, newest first: state, driver, start and end times.
+    Jobs,
+    /// Tasks and actor calls, newest first, from their events: state,
+    /// node, worker, error.
+    Tasks,
+    /// Actors: state, class, name, node, pid, restarts.
+    Actors,
+    /// Leased workers: node, job, owner, resources, the actor hosted.
+    Workers,
+    /// Objects in node stores: size, owner, copies, spilled or in memory.
+    Objects,
+    /// Placement groups (none can be made yet: the list is empty).
+    PlacementGroups,
+}
+
+impl Kind {
+    fn state_kind(self) -> StateKind {
+        match self {
+            Kind::Nodes => StateKind::Nodes,
+            Kind::Jobs => StateKind::Jobs,
+            Kind::Tasks => StateKind::Tasks,
+            Kind::Actors => StateKind::Actors,
+            Kind::Workers => StateKind::Workers,
+            Kind::Objects => StateKind::Objects,
+            Kind::PlacementGroups => StateKind::PlacementGroups,
+        }
+    }
+}
 
 #[derive(Debug, clap::Args)]
 pub struct ListArgs {
     /// What to list.
     #[arg(value_enum)]
-    what: What,
-    #[command(flatten)]
-    head: HeadArgs,
+    what: Kind,
+    /// Keep only records whose FIELD equals (=) or differs from (!=)
+    /// VALUE; states and names compare in any case. Repeat to combine.
+    /// `--detail --json` shows every field.
+    #[arg(long = "filter", short = 'f', value_name = "FIELD=VALUE")]
+    filters: Vec<Filter>,
+    /// Most records shown (at most 10000); the count of the rest is
+    /// printed.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    limit: u32,
+    /// Every field, not only the main ones.
+    #[arg(long)]
+    detail: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    head: HeadArgs,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum What {
-    /// Actors: state, class, name, node, pid.
+pub enum GetKind {
+    /// A task or actor call, with its state changes.
+    Task,
+    /// An actor.
+    Actor,
+    /// A node.
+    Node,
+    /// A job.
+    Job,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct GetArgs {
+    /// What to show.
+    #[arg(value_enum)]
+    what: GetKind,
+    /// Its id (as listed).
+    id: String,
+    /// Print JSON instead of fields.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    head: HeadArgs,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum SummaryKind {
+    /// Tasks by function (or method) and state.
+    Tasks,
+    /// Actors by class and state.
     Actors,
-    /// Objects in node stores: size, owner, copies, spilled or in memory.
+    /// Objects by owner: count, bytes, spilled.
     Objects,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SummaryArgs {
+    /// What to count.
+    #[arg(value_enum)]
+    what: SummaryKind,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    head: HeadArgs,
+}
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Sends a state API request; the rows it answers.
+pub fn query(target: &HeadTarget, request: HeadRequest) -> Result<StateRows> {
+    match ask(&target.address, &target.token, request, TIMEOUT)? {
+        HeadReply::State(rows) => Ok(*rows),
+        other => bail!("unexpected reply from the head: {other:?}"),
+    }
 }
 
 pub fn run(args: ListArgs) -> Result<()> {
     crate::logging::init("warn");
     let target = HeadTarget::from_args(&args.head)?;
-    if let What::Objects = args.what {
-        return list_objects(&target, args.json);
+    let request = HeadRequest::ListState(StateQuery {
+        kind: args.what.state_kind(),
+        filters: args.filters,
+        limit: args.limit,
+        detail: args.detail,
+    });
+    let rows = query(&target, request)?;
+    if args.json {
+        let out: Vec<_> = rows.rows.iter().map(row_json).collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        print_table(&rows.rows);
     }
-    let actors = match ask(
-        &target.address,
-        &target.token,
-        HeadRequest::ListActors,
-        Duration::from_secs(10),
-    )? {
-        HeadReply::Actors(actors) => actors,
-        other => anyhow::bail!("unexpected reply from the head: {other:?}"),
+    // Notes go to stderr, so `--json` output stays one document.
+    if rows.truncated {
+        eprintln!(
+            "showing {} of {} matching (--limit, or the reply's size bound)",
+            rows.rows.len(),
+            rows.matched
+        );
+    }
+    if rows.events_dropped > 0 {
+        eprintln!(
+            "{} task events were dropped before the head kept them (full buffers, or the oldest tasks forgotten)",
+            rows.events_dropped
+        );
+    }
+    Ok(())
+}
+
+pub fn get(args: GetArgs) -> Result<()> {
+    crate::logging::init("warn");
+    let target = HeadTarget::from_args(&args.head)?;
+    let (kind, key) = match args.what {
+        GetKind::Task => (StateKind::Tasks, "task_id"),
+        GetKind::Actor => (StateKind::Actors, "actor_id"),
+        GetKind::Node => (StateKind::Nodes, "node_id"),
+        GetKind::Job => (StateKind::Jobs, "job_id"),
+    };
+    let request = HeadRequest::ListState(StateQuery {
+        kind,
+        filters: vec![Filter {
+            key: key.to_string(),
+            op: shoal_proto::state::FilterOp::Eq,
+            value: args.id.clone(),
+        }],
+        limit: 1,
+        detail: true,
+    });
+    let rows = query(&target, request)?;
+    let Some(row) = rows.rows.first() else {
+        bail!(
+            "no {} with id {} (see `shoal list {}`)",
+            kind.name().trim_end_matches('s'),
+            args.id,
+            kind.name()
+        );
     };
     if args.json {
-        let rows: Vec<_> = actors
-            .iter()
-            .map(|a| {
-                json!({
-                    "actor_id": a.actor_id.to_string(),
-                    "class": a.class,
-                    "name": a.name,
-                    "namespace": a.namespace,
-                    "state": state_name(a.state),
-                    "incarnation": a.incarnation,
-                    "num_restarts": a.num_restarts,
-                    "max_restarts": a.max_restarts,
-                    "detached": a.detached,
-                    "job_id": a.job_id.to_string(),
-                    "node_id": a.node_id.to_string(),
-                    "address": a.worker.address,
-                    "pid": a.pid,
-                })
-            })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        println!("{}", serde_json::to_string_pretty(&row_json(row))?);
         return Ok(());
     }
-    println!(
-        "{:<32}  {:<10}  {:<30}  {:<20}  {:<32}  {:>7}  {:>8}",
-        "ACTOR", "STATE", "CLASS", "NAME", "NODE", "PID", "RESTARTS"
-    );
-    for a in &actors {
-        let state = state_name(a.state);
-        let name = a
-            .name
-            .as_ref()
-            .map(|n| format!("{}/{n}", a.namespace))
-            .unwrap_or_default();
-        println!(
-            "{:<32}  {:<10}  {:<30}  {:<20}  {:<32}  {:>7}  {:>8}",
-            a.actor_id, state, a.class, name, a.node_id, a.pid, a.num_restarts
-        );
-    }
-    Ok(())
-}
-
-fn list_objects(target: &HeadTarget, as_json: bool) -> Result<()> {
-    let objects = match ask(
-        &target.address,
-        &target.token,
-        HeadRequest::ListObjects,
-        Duration::from_secs(10),
-    )? {
-        HeadReply::Objects(objects) => objects,
-        other => anyhow::bail!("unexpected reply from the head: {other:?}"),
-    };
-    let where_ = |c: &shoal_proto::head::ObjectCopy| {
-        if c.spilled {
-            "SPILLED"
-        } else {
-            "IN_MEMORY"
+    let width = row.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    for (key, value) in row {
+        match value {
+            Value::Rows(inner) => {
+                println!("{key:<width$}:");
+                for r in inner {
+                    let parts: Vec<String> =
+                        r.iter().map(|(k, v)| format!("{k}={}", cell(v))).collect();
+                    println!("{:width$}  - {}", "", parts.join(" "));
+                }
+            }
+            other => println!("{key:<width$}: {}", cell(other)),
         }
-    };
-    if as_json {
-        let rows: Vec<_> = objects
-            .iter()
-            .map(|o| {
-                json!({
-                    "object_id": o.id.to_string(),
-                    "size": o.size,
-                    "owner": o.owner.map(|w| w.to_string()),
-                    "locations": o.copies.iter().map(|c| json!({
-                        "node_id": c.node_id.to_string(),
-                        "primary": c.primary,
-                        "state": where_(c),
-                    })).collect::<Vec<_>>(),
-                    "spilled": o.copies.iter().any(|c| c.primary && c.spilled),
-                })
-            })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-        return Ok(());
-    }
-    println!(
-        "{:<32}  {:>12}  {:<32}  {:<10}  COPIES",
-        "OBJECT", "SIZE", "OWNER", "PRIMARY"
-    );
-    for o in &objects {
-        let primary = o.copies.iter().find(|c| c.primary).map_or("-", where_);
-        let copies: Vec<String> = o.copies.iter().map(|c| c.node_id.to_string()).collect();
-        let owner = o.owner.map_or_else(|| "-".to_string(), |w| w.to_string());
-        println!(
-            "{:<32}  {:>12}  {:<32}  {:<10}  {}",
-            o.id,
-            o.size,
-            owner,
-            primary,
-            copies.join(",")
-        );
     }
     Ok(())
 }
 
-fn state_name(state: ActorState) -> &'static str {
-    match state {
-        ActorState::Alive => "ALIVE",
-        ActorState::Restarting => "RESTARTING",
-        ActorState::Dead => "DEAD",
+pub fn summary(args: SummaryArgs) -> Result<()> {
+    crate::logging::init("warn");
+    let target = HeadTarget::from_args(&args.head)?;
+    let kind = match args.what {
+        SummaryKind::Tasks => StateKind::Tasks,
+        SummaryKind::Actors => StateKind::Actors,
+        SummaryKind::Objects => StateKind::Objects,
+    };
+    let rows = query(&target, HeadRequest::Summarize(kind))?;
+    if args.json {
+        let out: Vec<_> = rows.rows.iter().map(row_json).collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        print_table(&rows.rows);
+    }
+    Ok(())
+}
+
+/// A field's value as JSON.
+pub fn value_json(value: &Value) -> serde_json::Value {
+    match value {
+        Value::Null => serde_json::Value::Null,
+        Value::Bool(b) => json!(b),
+        Value::Int(i) => json!(i),
+        Value::Float(f) => json!(f),
+        Value::Str(s) => json!(s),
+        Value::List(items) => json!(items),
+        Value::Rows(rows) => serde_json::Value::Array(rows.iter().map(row_json).collect()),
+    }
+}
+
+/// A record as a JSON object, its fields in order.
+pub fn row_json(row: &Row) -> serde_json::Value {
+    let map: serde_json::Map<String, serde_json::Value> = row
+        .iter()
+        .map(|(k, v)| (k.clone(), value_json(v)))
+        .collect();
+    serde_json::Value::Object(map)
+}
+
+/// A field's value in a table cell.
+fn cell(value: &Value) -> String {
+    match value {
+        Value::Null => "-".to_string(),
+        Value::Rows(rows) => rows
+            .iter()
+            .map(|r| r.first().map(|(_, v)| cell(v)).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join(","),
+        other => other.as_text(),
+    }
+}
+
+/// Rows as a table, its columns those of the first row.
+fn print_table(rows: &[Row]) {
+    let Some(first) = rows.first() else {
+        println!("(none)");
+        return;
+    };
+    let headers: Vec<String> = first.iter().map(|(k, _)| k.to_uppercase()).collect();
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|(_, v)| cell(v)).collect())
+        .collect();
+    let widths: Vec<usize> = (0..headers.len())
+        .map(|i| {
+            cells
+                .iter()
+                .filter_map(|r| r.get(i).map(String::len))
+                .chain([headers[i].len()])
+                .max()
+                .unwrap_or(0)
+                .min(48)
+        })
+        .collect();
+    let line = |fields: &[String]| {
+        let parts: Vec<String> = fields
+            .iter()
+            .zip(&widths)
+            .map(|(f, w)| format!("{f:<w$}"))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(&headers);
+    for r in &cells {
+        line(r);
     }
 }

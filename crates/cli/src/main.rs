@@ -6,7 +6,8 @@
 //! Modules:
 //! - `cluster_file`: the TOML cluster file read by `--config`;
 //! - `session`: the session directory (pid files, logs, token, addresses);
-//! - `start`, `stop`, `status`, `list`, `microbenchmark`: one per subcommand;
+//! - `start`, `stop`, `status`, `list` (also `get` and `summary`),
+//!   `timeline`, `microbenchmark`: one per subcommand;
 //! - `logging`: `tracing` set up from `SHOAL_LOG` or `RUST_LOG`.
 
 mod cluster_file;
@@ -17,6 +18,7 @@ mod session;
 mod start;
 mod status;
 mod stop;
+mod timeline;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,8 +45,18 @@ enum Command {
     Stop(stop::StopArgs),
     /// Show the cluster's nodes, their states and resources.
     Status(status::StatusArgs),
-    /// List what the cluster holds: `shoal list actors|objects [--json]`.
+    /// List what the cluster holds: nodes, jobs, tasks, actors, workers,
+    /// objects, placement groups (`--filter`, `--limit`, `--detail`,
+    /// `--json`).
     List(list::ListArgs),
+    /// Show one task, actor, node or job with every field.
+    Get(list::GetArgs),
+    /// Count tasks, actors or objects by function (or class) and state.
+    Summary(list::SummaryArgs),
+    /// Write the tasks' timeline as Chrome trace JSON (open it in
+    /// Perfetto): a track per worker, a slice per task, arrows from
+    /// submitter to executor.
+    Timeline(timeline::TimelineArgs),
     /// Run Ray's microbenchmark metric set on a local cluster (worker
     /// processes); `SHOAL_BENCH_FILTER=substring` runs a subset.
     Microbenchmark(microbenchmark::MicrobenchmarkArgs),
@@ -72,6 +84,9 @@ fn main() -> ExitCode {
         Command::Stop(args) => stop::run(args),
         Command::Status(args) => status::run(args),
         Command::List(args) => list::run(args),
+        Command::Get(args) => list::get(args),
+        Command::Summary(args) => list::summary(args),
+        Command::Timeline(args) => timeline::run(args),
         Command::Microbenchmark(args) => microbenchmark::run(args),
     };
     match result {

@@ -351,7 +351,12 @@ impl Actors {
         }
     }
 
-    /// Every actor, live ones first.
+    /// Every actor, in no order.
+    pub fn all(&self) -> Vec<ActorInfo> {
+        self.actors.values().cloned().collect()
+    }
+
+    /// Every actor, live first, by namespace and name.
     pub fn list(&self) -> Vec<ActorInfo> {
         let mut all: Vec<ActorInfo> = self.actors.values().cloned().collect();
         all.sort_by_key(|a| {

@@ -257,6 +257,8 @@ pub struct HeadService {
     node_timeout: Duration,
     /// Where the tables that outlive the head are written.
     store: Store,
+    /// What owners report of their tasks (not kept across restarts).
+    tasks: Mutex<crate::tasks::Tasks>,
 }
 
 fn bad_request(message: impl Into<String>) -> ServiceError {
@@ -310,6 +312,7 @@ impl HeadService {
             heartbeat_interval: config.heartbeat_interval,
             node_timeout: config.node_timeout,
             store,
+            tasks: Mutex::new(crate::tasks::Tasks::new()),
         }
     }
 
@@ -595,6 +598,99 @@ impl HeadService {
     }
 }
 
+/// The state API (see `crate::state_api`).
+impl HeadService {
+    fn task_events(
+        &self,
+        events: Vec<shoal_proto::state::TaskEvent>,
+        dropped: u64,
+    ) -> Result<HeadReply, ServiceError> {
+        use shoal_proto::state::{EVENTS_PER_BATCH_MAX, EVENT_TEXT_MAX};
+        if events.len() > EVENTS_PER_BATCH_MAX {
+            return Err(bad_request(format!(
+                "{} task events in one batch; at most {EVENTS_PER_BATCH_MAX}",
+                events.len()
+            )));
+        }
+        let too_long = events.iter().any(|e| {
+            e.error.as_ref().is_some_and(|t| t.len() > EVENT_TEXT_MAX)
+                || e.info
+                    .as_ref()
+                    .is_some_and(|i| i.name.len() > EVENT_TEXT_MAX)
+        });
+        if too_long {
+            return Err(bad_request(format!(
+                "a task event's name or error is over {EVENT_TEXT_MAX} bytes"
+            )));
+        }
+        self.tasks.locked().record(events, dropped);
+        Ok(HeadReply::EventsTaken)
+    }
+
+    /// What `shoal list` and `shoal get` show (and the dashboard).
+    pub fn list_state(
+        &self,
+        query: &shoal_proto::state::StateQuery,
+    ) -> Result<HeadReply, ServiceError> {
+        use crate::state_api::{self, Snapshot};
+        use shoal_proto::state::StateKind;
+        state_api::check(query).map_err(|e| bad_request(e.to_string()))?;
+        let snapshot = match query.kind {
+            StateKind::Tasks => {
+                let rows = state_api::list_tasks(query, &self.tasks.locked());
+                return Ok(HeadReply::State(Box::new(rows)));
+            }
+            StateKind::Nodes => Snapshot::Nodes(self.status().nodes),
+            StateKind::Jobs => {
+                let state = self.state();
+                Snapshot::Jobs(state.jobs.iter().map(|(id, j)| (id, j.clone())).collect())
+            }
+            StateKind::Actors => Snapshot::Actors(self.state().actors.all()),
+            StateKind::Workers => {
+                let state = self.state();
+                let rows = state
+                    .scheduler
+                    .leases()
+                    .map(|l| {
+                        let actor = state.actors.with_lease(l.lease_id);
+                        state_api::worker_row(&l, actor)
+                    })
+                    .collect();
+                Snapshot::Workers(rows)
+            }
+            StateKind::Objects => Snapshot::Objects(self.state().objects.list()),
+            StateKind::PlacementGroups => Snapshot::PlacementGroups,
+        };
+        Ok(HeadReply::State(Box::new(state_api::list(query, snapshot))))
+    }
+
+    /// What `shoal summary` shows.
+    pub fn summarize(
+        &self,
+        kind: shoal_proto::state::StateKind,
+    ) -> Result<HeadReply, ServiceError> {
+        use crate::state_api;
+        use shoal_proto::state::StateKind;
+        let rows = match kind {
+            StateKind::Tasks => state_api::summarize_tasks(&self.tasks.locked()),
+            StateKind::Actors => state_api::summarize_actors(&self.state().actors.all()),
+            StateKind::Objects => state_api::summarize_objects(&self.state().objects.list()),
+            other => {
+                return Err(bad_request(format!(
+                    "no summary of {}: summarize tasks, actors or objects",
+                    other.name()
+                )))
+            }
+        };
+        Ok(HeadReply::State(Box::new(rows)))
+    }
+
+    /// How many kept tasks are in each state (for metrics).
+    pub fn task_counts(&self) -> HashMap<shoal_proto::state::TaskState, u64> {
+        self.tasks.locked().count_by_state()
+    }
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -627,6 +723,11 @@ impl Service for HeadService {
     type Reply = HeadReply;
 
     async fn handle(&self, peer: &Peer, request: HeadRequest) -> Result<HeadReply, ServiceError> {
+        // Task events change no table the store keeps.
+        if let HeadRequest::TaskEvents { events, dropped } = request {
+            peer.require(&[Role::Driver, Role::Worker])?;
+            return self.task_events(events, dropped);
+        }
         let uploaded = matches!(request, HeadRequest::UploadBinary { .. });
         let reply = self.serve(peer, request).await;
         // Whatever the answer, it goes out only once what it saw is
@@ -937,6 +1038,9 @@ impl HeadService {
                 Ok(HeadReply::Actor(info))
             }
             HeadRequest::ListActors => Ok(HeadReply::Actors(self.state().actors.list())),
+            HeadRequest::ListState(query) => self.list_state(&query),
+            HeadRequest::Summarize(kind) => self.summarize(kind),
+            HeadRequest::TaskEvents { events, dropped } => self.task_events(events, dropped),
             HeadRequest::ListObjects => Ok(HeadReply::Objects(self.state().objects.list())),
             HeadRequest::LocateObject { id } => {
                 let state = self.state();

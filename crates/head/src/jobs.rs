@@ -35,6 +35,10 @@ pub struct Job {
     /// `None` for a job a restarted head reloaded, until its driver
     /// connects again.
     pub connection_id: Option<u64>,
+    /// When it was registered (microseconds since the Unix epoch).
+    pub started_us: u64,
+    /// When it finished, once it has.
+    pub ended_us: Option<u64>,
 }
 
 /// A job as the head's store keeps it.
@@ -46,6 +50,12 @@ pub struct JobRecord {
     pub binary_hash: String,
     /// False once the job has finished.
     pub running: bool,
+    /// When it was registered (microseconds since the Unix epoch).
+    #[serde(default)]
+    pub started_us: u64,
+    /// When it finished, once it has.
+    #[serde(default)]
+    pub ended_us: Option<u64>,
 }
 
 /// The job table.
@@ -79,6 +89,8 @@ impl Jobs {
                 binary_hash: request.binary_hash.clone(),
                 running: true,
                 connection_id: Some(connection_id),
+                started_us: shoal_proto::state::unix_us(),
+                ended_us: None,
             },
         );
         self.dirty.insert(id);
@@ -97,6 +109,8 @@ impl Jobs {
                 binary_hash: record.binary_hash,
                 running: record.running,
                 connection_id: None,
+                started_us: record.started_us,
+                ended_us: record.ended_us,
             },
         );
     }
@@ -111,6 +125,8 @@ impl Jobs {
                     driver: j.driver.clone(),
                     binary_hash: j.binary_hash.clone(),
                     running: j.running,
+                    started_us: j.started_us,
+                    ended_us: j.ended_us,
                 });
                 (id, record)
             })
@@ -124,6 +140,11 @@ impl Jobs {
             .filter(|(_, j)| j.running && j.connection_id.is_none())
             .map(|(id, _)| *id)
             .collect()
+    }
+
+    /// Every job kept, in no order.
+    pub fn iter(&self) -> impl Iterator<Item = (JobId, &Job)> {
+        self.jobs.iter().map(|(id, job)| (*id, job))
     }
 
     /// The job, if known.
@@ -145,6 +166,7 @@ impl Jobs {
             return false;
         }
         job.running = false;
+        job.ended_us = Some(shoal_proto::state::unix_us());
         self.dirty.insert(id);
         self.finished.push_back(id);
         while self.finished.len() > FINISHED_KEPT {

@@ -40,7 +40,9 @@ pub mod objects;
 pub mod recovery;
 pub mod redis;
 pub mod scheduler;
+pub mod state_api;
 pub mod store;
+pub mod tasks;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

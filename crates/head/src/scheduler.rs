@@ -74,6 +74,23 @@ struct NodeLedger {
     leases: usize,
 }
 
+/// A lease held, as the state API lists it.
+#[derive(Debug)]
+pub struct LeaseView<'a> {
+    /// The lease.
+    pub lease_id: LeaseId,
+    /// Its node.
+    pub node_id: NodeId,
+    /// Its job.
+    pub job_id: JobId,
+    /// The process holding it.
+    pub owner: WorkerId,
+    /// What it holds.
+    pub resources: &'a ResourceSet,
+    /// Its worker waits on other tasks (its resources lent back).
+    pub blocked: bool,
+}
+
 /// The ledger of leases.
 #[derive(Debug, Default)]
 pub struct Scheduler {
@@ -465,6 +482,18 @@ impl Scheduler {
     }
 
     /// Leases outstanding.
+    pub fn leases(&self) -> impl Iterator<Item = LeaseView<'_>> {
+        self.leases.iter().map(|(id, l)| LeaseView {
+            lease_id: *id,
+            node_id: l.node_id,
+            job_id: l.job_id,
+            owner: l.owner,
+            resources: &l.resources,
+            blocked: l.blocked,
+        })
+    }
+
+    /// How many leases are held.
     pub fn lease_count(&self) -> usize {
         self.leases.len()
     }

@@ -144,6 +144,21 @@ pub enum HeadRequest {
     ListActors,
     /// Every object with a copy in some node's store.
     ListObjects,
+    /// Task events from an owner, in the order they happened; `dropped`
+    /// counts those its full buffer lost since its last batch. Answered
+    /// [`HeadReply::EventsTaken`].
+    TaskEvents {
+        /// The events (at most [`crate::state::EVENTS_PER_BATCH_MAX`]).
+        events: Vec<crate::state::TaskEvent>,
+        /// Lost before sending.
+        dropped: u64,
+    },
+    /// A listing of the state API (`shoal list`, `shoal get`); answered
+    /// [`HeadReply::State`].
+    ListState(crate::state::StateQuery),
+    /// Counts by function (or class) and state (`shoal summary`);
+    /// answered [`HeadReply::State`].
+    Summarize(crate::state::StateKind),
     /// The live copies of one object, for a reader whose copy could not be
     /// reached; answered [`HeadReply::ObjectLocations`].
     LocateObject {
@@ -602,6 +617,11 @@ pub enum HeadReply {
     Actors(Vec<ActorInfo>),
     /// Every object in the directory.
     Objects(Vec<ObjectInfo>),
+    /// The task events were taken.
+    EventsTaken,
+    /// A listing or summary of the state API.
+    #[cfg_attr(test, proptest(skip))]
+    State(Box<crate::state::StateRows>),
     /// Where an object's copies are, on live nodes: primary first.
     ObjectLocations(Vec<crate::task::StoredAt>),
     /// The job is over.

@@ -38,6 +38,7 @@ pub mod ids;
 pub mod node;
 pub mod resources;
 pub mod rpc;
+pub mod state;
 pub mod task;
 pub mod worker;
 

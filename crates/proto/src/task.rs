@@ -109,6 +109,10 @@ pub struct TaskReply {
     /// tasks behind a function's runs only while they are short.
     #[serde(default)]
     pub run_us: Option<u64>,
+    /// When the function started, in microseconds since the Unix epoch on
+    /// the worker's clock (for task events and the timeline).
+    #[serde(default)]
+    pub started_us: Option<u64>,
     /// Of the task's `borrowed` objects, those this worker still holds
     /// references to (or passed on) after the task: their owner keeps
     /// them.

@@ -13,6 +13,7 @@ pub struct Config {
     pub(crate) node_ip: Option<std::net::IpAddr>,
     pub(crate) driver_port: Option<u16>,
     pub(crate) head_timeout: std::time::Duration,
+    pub(crate) task_events: bool,
     /// Environment variables that did not parse: `init` refuses to start.
     pub(crate) bad_env: Vec<String>,
 }
@@ -25,7 +26,8 @@ impl Config {
     /// `SHOAL_NODE_IP` (the IP other hosts reach this program on; by default
     /// its host's advertised IP) and `SHOAL_DRIVER_PORT` (a fixed port for
     /// this program's endpoint, for firewalls; by default a free one), and
-    /// `SHOAL_HEAD_TIMEOUT` (seconds; see [`Config::head_timeout`]). A
+    /// `SHOAL_HEAD_TIMEOUT` (seconds; see [`Config::head_timeout`]) and
+    /// `SHOAL_TASK_EVENTS=0` (see [`Config::task_events`]). A
     /// value that does not parse makes `init` fail with a message naming it.
     pub fn from_env() -> Self {
         Self::from_vars(|key| std::env::var(key).ok())
@@ -66,6 +68,7 @@ impl Config {
             &mut bad_env,
         )
         .map_or(crate::core::head::HEAD_TIMEOUT, |s| s.0);
+        let task_events = task_events_from(var("SHOAL_TASK_EVENTS"), &mut bad_env);
         Self {
             address: var("SHOAL_ADDRESS"),
             token: var("SHOAL_TOKEN"),
@@ -76,6 +79,7 @@ impl Config {
             node_ip,
             driver_port,
             head_timeout,
+            task_events,
             bad_env,
         }
     }
@@ -84,6 +88,21 @@ impl Config {
     /// (with the `local` feature, on by default; without it `init` fails).
     pub fn local() -> Self {
         Self::default()
+    }
+}
+
+/// `SHOAL_TASK_EVENTS`: on unless `0`, `false` or `off` (a value that is
+/// none of these nor `1`, `true`, `on` is named in `bad`).
+pub(crate) fn task_events_from(value: Option<String>, bad: &mut Vec<String>) -> bool {
+    match value.as_deref().map(str::trim) {
+        None | Some("1" | "true" | "on") => true,
+        Some("0" | "false" | "off") => false,
+        Some(other) => {
+            bad.push(format!(
+                "SHOAL_TASK_EVENTS={other:?} is not one of 0, 1, true, false, on, off"
+            ));
+            true
+        }
     }
 }
 
@@ -110,6 +129,7 @@ impl Default for Config {
             node_ip: None,
             driver_port: None,
             head_timeout: crate::core::head::HEAD_TIMEOUT,
+            task_events: true,
             bad_env: Vec::new(),
         }
     }
@@ -165,6 +185,15 @@ impl Config {
     /// meanwhile. Default 60 s.
     pub fn head_timeout(mut self, timeout: std::time::Duration) -> Self {
         self.head_timeout = timeout;
+        self
+    }
+
+    /// Whether this program's tasks and actor calls record their state
+    /// changes for the head (`shoal list tasks`, `shoal timeline`, the
+    /// dashboard). Default on; off (`SHOAL_TASK_EVENTS=0`) saves a clock
+    /// read and a short lock per state change.
+    pub fn task_events(mut self, on: bool) -> Self {
+        self.task_events = on;
         self
     }
 

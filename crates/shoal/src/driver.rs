@@ -109,6 +109,7 @@ async fn start_driver(config: Config) -> Result<Arc<core::Core>> {
         node_ip: joining.node_ip,
         ports,
         head_timeout: config.head_timeout,
+        task_events: config.task_events,
     })
     .await?;
     #[cfg(feature = "local")]

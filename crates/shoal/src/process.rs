@@ -97,6 +97,11 @@ fn worker_main() -> Result<()> {
             node_ip,
             ports,
             head_timeout: crate::core::head::HEAD_TIMEOUT,
+            // As the node's environment says (a bad value: on).
+            task_events: crate::config::task_events_from(
+                std::env::var("SHOAL_TASK_EVENTS").ok(),
+                &mut Vec::new(),
+            ),
         })
         .await?;
         core::install(Arc::clone(&core));

@@ -219,6 +219,21 @@ fn crash_worker(file: String) -> u32 {
     std::process::abort();
 }
 
+/// Kills its worker the first time (when `file` does not exist yet), then
+/// returns 7: a task that succeeds on its retry.
+#[shoal::remote]
+fn crash_once(file: String) -> u32 {
+    if std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&file)
+        .is_ok()
+    {
+        std::process::abort();
+    }
+    7
+}
+
 #[shoal::remote]
 fn say(n: u32) -> u32 {
     println!("hello from task {n}");
@@ -1931,6 +1946,33 @@ fn main() -> shoal::Result<()> {
                 "kill_restarts": matches!(killed_new_pid, Ok(p) if p != killed_pid),
                 "kill_no_restart_final": matches!(killed_for_good, Err(Error::ActorDied { .. })),
                 "debug": format!("{second_pid:?} {orders_after:?} {after_last:?} {killed_new_pid:?}"),
+            }));
+        }
+        "observe" => {
+            // Tasks that finish, fail and are retried, and actor calls, for
+            // the state API and the timeline.
+            let n: u32 = arg(1).parse().unwrap_or(20);
+            let file = arg(2);
+            let said: Vec<_> = (0..n).map(say::remote).collect();
+            let said = shoal::get_all(&said)?;
+            let failed = fails::remote("on purpose".to_string());
+            let failed_task = failed.id().task_id().to_string();
+            let failed_ok = failed.get().is_ok();
+            let retried = crash_once::options().max_retries(2).remote(file);
+            let retried_task = retried.id().task_id().to_string();
+            let retried_value = retried.get()?;
+            let recorder = Recorder::remote(1)?;
+            let calls: Vec<_> = (0..3).map(|i| recorder.record(0, i)).collect();
+            let call_task = calls[0].id().task_id().to_string();
+            let recorded = shoal::get_all(&calls)?;
+            result(json!({
+                "said": said.len(),
+                "failed_task": failed_task,
+                "failed_ok": failed_ok,
+                "retried_task": retried_task,
+                "retried_value": retried_value,
+                "call_task": call_task,
+                "recorded": recorded,
             }));
         }
         "spans" => {

@@ -6,6 +6,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use shoal_proto::state::Placed;
 use shoal_proto::worker::ActorCall;
 use shoal_proto::{
     ArgSpec, FailureKind, ObjectId, TaskFailure, TaskId, TaskOutcome, WorkerReply, WorkerRequest,
@@ -39,6 +40,14 @@ impl PartialEq for At {
 }
 
 impl Location {
+    /// Where a call sent here runs, for its events.
+    fn placed(&self) -> Option<Placed> {
+        self.node_id.map(|node_id| Placed {
+            node_id,
+            worker_id: self.worker.worker_id,
+        })
+    }
+
     /// The request of a call at `slot` here (`args` `None`: a skip, which
     /// only moves the host past the slot).
     fn request(
@@ -67,7 +76,10 @@ pub(crate) fn call<T>(raw: &RawActor, method: &'static str, args: Vec<ArgValue>)
     let task_id = TaskId::fresh();
     let id = task_id.return_object(0);
     core.register_pending(id);
+    core.events
+        .called(task_id, (raw.actor_id, &raw.class), method);
     let refused = |kind, message: String| {
+        core.events.failed(task_id, 0, message.clone());
         let f = TaskFailure {
             kind,
             function: format!("{}::{method}", raw.class),
@@ -204,6 +216,7 @@ fn call_now(
                 if !core.watches.is_dead(done.node_id)
                     && raw.caller.outbox().close_on(order.turn, sent.route_id) =>
             {
+                core.events.answered(&done, 0, failure_of(&done));
                 finish_call(&core, &raw, order.id, outcome_state(done.outcome));
             }
             // Lost (or moved meanwhile): the task path goes on.
@@ -220,7 +233,10 @@ fn call_now(
     // Not sent: the callback is dropped, the request gives the arguments
     // back, and the call, still holding its turn, takes the task path.
     match client.send_then(&request, CALL_TIMEOUT, answered) {
-        Some(Ok(())) => slot.route.sent.pass(slot.pos),
+        Some(Ok(())) => {
+            slot.route.sent.pass(slot.pos);
+            core.events.running(order.task_id, 0, location.placed());
+        }
         Some(Err(_)) | None => {
             let WorkerRequest::ActorCall(call) = request else {
                 unreachable!("Location::request makes an ActorCall")
@@ -230,6 +246,14 @@ fn call_now(
         }
     }
     Ok(())
+}
+
+/// Why the call failed, if its reply says it did, as its event tells it.
+fn failure_of(done: &shoal_proto::TaskReply) -> Option<String> {
+    match &done.outcome {
+        TaskOutcome::Failed(f) => Some(crate::core::events::failure_text(f)),
+        _ => None,
+    }
 }
 
 /// What a worker's reply to a call says its result is.
@@ -311,6 +335,10 @@ impl Drive {
     /// Resolves the call's reference, once.
     fn answer(&mut self, state: ObjState) {
         if self.tries.answer() {
+            if let ObjState::Failed(f) = &state {
+                let why = crate::core::events::failure_text(f);
+                self.core.events.failed(self.order.task_id, 0, why);
+            }
             finish_call(&self.core, &self.raw, self.order.id, state);
         }
     }
@@ -409,6 +437,10 @@ impl Drive {
         match client.send(&request, CALL_TIMEOUT).await {
             Ok(in_flight) => {
                 slot.route.sent.pass(slot.pos);
+                if with_args {
+                    let placed = location.placed();
+                    self.core.events.running(self.order.task_id, 0, placed);
+                }
                 if self.tries.sent(here, with_args) {
                     tracing::debug!(actor_id = %self.raw.actor_id, method = self.order.method, attempts = self.tries.attempts(), "resent a call lost with the actor's worker");
                 }
@@ -471,6 +503,9 @@ impl Drive {
         reply: std::result::Result<WorkerReply, shoal_net::RpcError>,
     ) -> Option<Step> {
         let location = Arc::clone(&sent.route.location);
+        if let Ok(WorkerReply::TaskDone(done)) = &reply {
+            self.core.events.answered(done, 0, failure_of(done));
+        }
         match self.tries.heard(judge(reply, &location)) {
             AfterReply::Answer(state) => {
                 self.answer(state);

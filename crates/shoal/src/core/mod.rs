@@ -16,6 +16,7 @@
 //! It serves the worker side (`crate::worker`) through
 //! [`worker::Process`](crate::worker::Process).
 
+pub(crate) mod events;
 pub(crate) mod head;
 mod lease;
 mod objects;
@@ -163,6 +164,8 @@ pub(crate) struct Core {
     /// Woken whenever any owned object completes (for `wait`).
     pub(crate) changed: Notify,
     pub(crate) leases: LeaseManager,
+    /// The state changes of the tasks this process owns, for the head.
+    pub(crate) events: events::Events,
     /// This process's watches of the workers it uses (one poll per node).
     pub(crate) watches: watch::Watches,
     root_task: TaskId,
@@ -203,6 +206,8 @@ pub(crate) struct CoreSetup {
     /// How long calls to the head wait for it while it is unreachable
     /// (a restarting head) before they fail with `HeadUnavailable`.
     pub head_timeout: Duration,
+    /// Whether to send task events to the head.
+    pub task_events: bool,
 }
 
 impl Core {
@@ -283,6 +288,7 @@ impl Core {
             objects: Objects::default(),
             changed: Notify::new(),
             leases: LeaseManager::default(),
+            events: events::Events::new(setup.task_events),
             watches: Default::default(),
             root_task: TaskId::fresh(),
             put_counter: AtomicU32::new(0),
@@ -307,6 +313,7 @@ impl Core {
             Arc::new(HandshakeStats::default()),
             shutdown.clone(),
         ));
+        tokio::spawn(events::Events::run(Arc::clone(&core)));
         Ok(core)
     }
 
@@ -413,6 +420,8 @@ impl Core {
         // serving (which closes the endpoint) last.
         self.stopping.cancel();
         self.leases.return_all(self).await;
+        // The last task events, if the head takes them soon.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.events.flush(self)).await;
         let _ = self
             .head
             .call_idempotent(

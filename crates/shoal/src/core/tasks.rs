@@ -5,12 +5,14 @@
 use shoal_net::sync::MutexExt;
 use std::sync::{Arc, Mutex};
 
+use shoal_proto::state::{Placed, TaskState};
 use shoal_proto::{
     ArgSpec, FailureKind, FunctionId, NodeReply, NodeRequest, ObjectId, StoredAt, TaskFailure,
-    TaskId, TaskSpec, WorkerReply, WorkerRequest,
+    TaskId, TaskOutcome, TaskSpec, WorkerReply, WorkerRequest,
 };
 use tracing::warn;
 
+use super::events::failure_text;
 use super::lease::TaskKind;
 use super::objects::Lent;
 use super::{Core, CONTROL_TIMEOUT, TASK_CALL_TIMEOUT};
@@ -33,6 +35,7 @@ impl Core {
         let task_id = TaskId::fresh();
         let id = task_id.return_object(0);
         self.register_pending(id);
+        self.events.submitted(task_id, function.name);
         let core = Arc::clone(self);
         // Every log line of the task's life on this side carries its ids
         // (debug: free when debug logging is off).
@@ -255,7 +258,10 @@ impl Core {
         let (spec_args, mut keep_alive, lent) =
             match self.resolve_lending(function.name, task_id, args).await {
                 Ok(resolved) => resolved,
-                Err(f) => return (ObjState::Failed(f), None),
+                Err(f) => {
+                    self.events.failed(task_id, 0, failure_text(&f));
+                    return (ObjState::Failed(f), None);
+                }
             };
         let borrows = lent.as_ref().map(|lent| Arc::clone(&lent.0));
         let stored_args = spec_args
@@ -349,14 +355,24 @@ impl Core {
         borrows: Option<&Mutex<Borrows>>,
     ) -> Then {
         let kind = TaskKind::of(function.name);
+        let (task_id, attempt) = (run.task_id(), run.attempt());
+        self.events.state(task_id, attempt, TaskState::PendingLease);
         let place = match self.leases.acquire(self, &options.resources, kind).await {
             Ok(place) => place,
-            Err(e) => return run.head_unavailable(e.to_string()),
+            Err(e) => {
+                self.events.failed(task_id, attempt, e.to_string());
+                return run.head_unavailable(e.to_string());
+            }
         };
         let leased = &place.worker;
+        let placed = Placed {
+            node_id: leased.lease.node_id,
+            worker_id: leased.worker_id,
+        };
+        self.events.running(task_id, attempt, Some(placed));
         let spec = TaskSpec {
-            task_id: run.task_id(),
-            attempt: run.attempt(),
+            task_id,
+            attempt,
             job_id: self.job_id,
             function: FunctionId {
                 name: function.name.to_string(),
@@ -382,16 +398,28 @@ impl Core {
         let mut kept = Vec::new();
         let tried = match reply {
             Ok(WorkerReply::TaskDone(done)) if self.watches.is_dead(done.node_id) => {
+                let why = format!("answered from node {}, declared dead", done.node_id);
+                self.events.failed(task_id, attempt, why);
                 Tried::AnsweredFromDeadNode(done.node_id)
             }
             Ok(WorkerReply::TaskDone(done)) => {
                 kind.ran_for(done.run_us);
+                let error = match &done.outcome {
+                    TaskOutcome::Failed(f) => Some(failure_text(f)),
+                    _ => None,
+                };
+                self.events.answered(&done, attempt, error);
                 kept = done.kept;
                 Tried::Answered(done.outcome)
             }
-            Ok(other) => Tried::BadReply(format!("{other:?}")),
+            Ok(other) => {
+                self.events.failed(task_id, attempt, "a bad reply".into());
+                Tried::BadReply(format!("{other:?}"))
+            }
             Err(e) => {
-                warn!(task_id = %run.task_id(), function = function.name, attempt = run.attempt(), worker = %leased.worker_id, error = %e, "lost the worker running a task");
+                warn!(%task_id, function = function.name, attempt, worker = %leased.worker_id, error = %e, "lost the worker running a task");
+                self.events
+                    .failed(task_id, attempt, format!("lost its worker: {e}"));
                 Tried::Lost(e.to_string())
             }
         };

@@ -285,6 +285,7 @@ impl Hosted {
                 message,
             )),
             run_us: None,
+            started_us: None,
             kept: Vec::new(),
         };
         match seen {
@@ -314,6 +315,8 @@ impl Hosted {
     ) -> TaskReply {
         let hosted = self;
         let function = format!("{}::{}", hosted.class.name, call.method);
+        // From here the call is the actor's: its turn, then its run.
+        let started_us = Some(shoal_proto::state::unix_us());
         let reply = |outcome| TaskReply {
             task_id: call.task_id,
             attempt: 0,
@@ -321,6 +324,7 @@ impl Hosted {
             worker_id: executor.worker_id,
             outcome,
             run_us: None,
+            started_us,
             kept: Vec::new(),
         };
         let advance = || turn.pass(call.seq);

@@ -75,6 +75,7 @@ pub(crate) async fn execute<P: Process>(
         .acquire_owned()
         .await;
     let started = std::time::Instant::now();
+    let started_us = Some(shoal_proto::state::unix_us());
     let outcome = match fetched {
         Err(e) => TaskOutcome::Failed(TaskFailure {
             kind: FailureKind::ArgumentLost,
@@ -114,6 +115,7 @@ pub(crate) async fn execute<P: Process>(
         worker_id: executor.worker_id,
         outcome,
         run_us,
+        started_us,
         kept,
     }
 }

@@ -1,0 +1,326 @@
+//! Task events: the state changes of the tasks and actor calls this process
+//! owns, kept in a bounded buffer and sent to the head in batches (about
+//! once a second, sooner when a batch fills), where the state API, `shoal
+//! timeline` and the dashboard read them.
+//!
+//! The owner records every state: it submits the task, waits for its
+//! arguments and its lease, pushes it and hears the reply. What only the
+//! worker knows (when the function started and ended, on which node and
+//! worker) comes back in the reply the worker sends anyway, and goes out
+//! with the owner's final event: no second stream of messages per task.
+//!
+//! Recording costs a clock read and a short lock; a buffer that fills
+//! (the head unreachable, a burst) drops its oldest events and counts them,
+//! and the count goes to the head with the next batch.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use shoal_net::sync::MutexExt;
+use shoal_proto::state::{
+    unix_us, Placed, TaskEvent, TaskInfo, TaskKind, TaskState, EVENTS_PER_BATCH_MAX, EVENT_TEXT_MAX,
+};
+use shoal_proto::{ActorId, HeadRequest, JobId, TaskId, TaskReply, WorkerId};
+use tokio::sync::Notify;
+
+use super::Core;
+
+/// Events kept waiting for the head at most; past it the oldest go.
+pub(crate) const BUFFERED_MAX: usize = 100_000;
+/// How often a batch goes out.
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// How long one batch may take to reach the head.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a task is, as recorded (turned into a [`TaskInfo`] when sent).
+struct Info {
+    name: Name,
+    kind: TaskKind,
+    actor_id: Option<ActorId>,
+}
+
+/// A task's name, without building a string on the task's path.
+enum Name {
+    Function(&'static str),
+    Method(String, &'static str),
+}
+
+/// An event as recorded.
+struct Recorded {
+    task_id: TaskId,
+    attempt: u32,
+    state: TaskState,
+    at_us: u64,
+    info: Option<Info>,
+    placed: Option<Placed>,
+    ran_us: Option<(u64, u64)>,
+    error: Option<String>,
+}
+
+impl Recorded {
+    fn new(task_id: TaskId, attempt: u32, state: TaskState) -> Self {
+        Self {
+            task_id,
+            attempt,
+            state,
+            at_us: unix_us(),
+            info: None,
+            placed: None,
+            ran_us: None,
+            error: None,
+        }
+    }
+
+    fn into_event(self, job_id: JobId, owner: WorkerId) -> TaskEvent {
+        TaskEvent {
+            task_id: self.task_id,
+            attempt: self.attempt,
+            state: self.state,
+            at_us: self.at_us,
+            info: self.info.map(|info| {
+                let name = match info.name {
+                    Name::Function(name) => name.to_string(),
+                    Name::Method(class, method) => format!("{class}::{method}"),
+                };
+                Box::new(TaskInfo {
+                    job_id,
+                    name: cut(name),
+                    kind: info.kind,
+                    actor_id: info.actor_id,
+                    owner,
+                })
+            }),
+            placed: self.placed,
+            ran_us: self.ran_us,
+            error: self.error.map(cut),
+        }
+    }
+}
+
+/// A failure as an event tells it.
+pub(crate) fn failure_text(f: &shoal_proto::TaskFailure) -> String {
+    format!("{:?}: {}", f.kind, f.message)
+}
+
+/// `text` cut to [`EVENT_TEXT_MAX`] bytes, at a character boundary.
+fn cut(mut text: String) -> String {
+    if text.len() > EVENT_TEXT_MAX {
+        let mut end = EVENT_TEXT_MAX;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
+#[derive(Default)]
+struct Buffer {
+    events: VecDeque<Recorded>,
+    dropped: u64,
+}
+
+/// This process's task events on their way to the head.
+pub(crate) struct Events {
+    on: bool,
+    buffer: Mutex<Buffer>,
+    /// Woken when a batch is full.
+    full: Notify,
+    max: usize,
+}
+
+impl Events {
+    /// A recorder; `on` false records nothing (`SHOAL_TASK_EVENTS=0`).
+    pub(crate) fn new(on: bool) -> Self {
+        Self::bounded(on, BUFFERED_MAX)
+    }
+
+    fn bounded(on: bool, max: usize) -> Self {
+        Self {
+            on,
+            buffer: Mutex::default(),
+            full: Notify::new(),
+            max,
+        }
+    }
+
+    fn push(&self, event: Recorded) {
+        let mut buffer = self.buffer.locked();
+        if buffer.events.len() >= self.max {
+            buffer.events.pop_front();
+            buffer.dropped += 1;
+        }
+        buffer.events.push_back(event);
+        if buffer.events.len() == EVENTS_PER_BATCH_MAX {
+            self.full.notify_one();
+        }
+    }
+
+    /// A task was submitted: it waits for its arguments.
+    pub(crate) fn submitted(&self, task_id: TaskId, function: &'static str) {
+        self.first(task_id, Name::Function(function), TaskKind::Task, None);
+    }
+
+    /// An actor call was made.
+    pub(crate) fn called(&self, task_id: TaskId, actor: (ActorId, &str), method: &'static str) {
+        let name = Name::Method(actor.1.to_string(), method);
+        self.first(task_id, name, TaskKind::ActorCall, Some(actor.0));
+    }
+
+    fn first(&self, task_id: TaskId, name: Name, kind: TaskKind, actor_id: Option<ActorId>) {
+        if !self.on {
+            return;
+        }
+        let mut event = Recorded::new(task_id, 0, TaskState::PendingArgs);
+        event.info = Some(Info {
+            name,
+            kind,
+            actor_id,
+        });
+        self.push(event);
+    }
+
+    /// An attempt entered `state` (no more to say).
+    pub(crate) fn state(&self, task_id: TaskId, attempt: u32, state: TaskState) {
+        if self.on {
+            self.push(Recorded::new(task_id, attempt, state));
+        }
+    }
+
+    /// An attempt was pushed to a worker (`placed`, when known).
+    pub(crate) fn running(&self, task_id: TaskId, attempt: u32, placed: Option<Placed>) {
+        if self.on {
+            let mut event = Recorded::new(task_id, attempt, TaskState::Running);
+            event.placed = placed;
+            self.push(event);
+        }
+    }
+
+    /// A worker answered an attempt: it finished, or failed with `error`.
+    pub(crate) fn answered(&self, reply: &TaskReply, attempt: u32, error: Option<String>) {
+        if !self.on {
+            return;
+        }
+        let state = if error.is_some() {
+            TaskState::Failed
+        } else {
+            TaskState::Finished
+        };
+        let mut event = Recorded::new(reply.task_id, attempt, state);
+        event.placed = Some(Placed {
+            node_id: reply.node_id,
+            worker_id: reply.worker_id,
+        });
+        // The worker's own measure of the run when it gives one (tasks);
+        // else until the answer came (actor calls).
+        event.ran_us = reply.started_us.map(|start| {
+            let run = reply.run_us.unwrap_or(event.at_us.saturating_sub(start));
+            (start, start.saturating_add(run))
+        });
+        event.error = error;
+        self.push(event);
+    }
+
+    /// An attempt failed without an answer (its worker lost, its
+    /// arguments failed).
+    pub(crate) fn failed(&self, task_id: TaskId, attempt: u32, error: String) {
+        if self.on {
+            let mut event = Recorded::new(task_id, attempt, TaskState::Failed);
+            event.error = Some(error);
+            self.push(event);
+        }
+    }
+
+    /// Up to a batch of events, and the count dropped since the last.
+    fn take(&self, job_id: JobId, owner: WorkerId) -> (Vec<TaskEvent>, u64) {
+        let mut buffer = self.buffer.locked();
+        let n = buffer.events.len().min(EVENTS_PER_BATCH_MAX);
+        let taken: Vec<Recorded> = buffer.events.drain(..n).collect();
+        let dropped = std::mem::take(&mut buffer.dropped);
+        drop(buffer);
+        let events = taken
+            .into_iter()
+            .map(|e| e.into_event(job_id, owner))
+            .collect();
+        (events, dropped)
+    }
+
+    /// Sends what is buffered, a batch at a time; false if the head did
+    /// not take a batch (its events count as dropped).
+    pub(crate) async fn flush(&self, core: &Core) -> bool {
+        loop {
+            let (events, dropped) = self.take(core.job_id, core.me.worker_id);
+            if events.is_empty() && dropped == 0 {
+                return true;
+            }
+            let lost = events.len() as u64 + dropped;
+            let more = events.len() == EVENTS_PER_BATCH_MAX;
+            let request = HeadRequest::TaskEvents { events, dropped };
+            if let Err(e) = core.head.call(&request, SEND_TIMEOUT).await {
+                tracing::debug!(error = %e, lost, "task events not sent");
+                self.buffer.locked().dropped += lost;
+                return false;
+            }
+            if !more {
+                return true;
+            }
+        }
+    }
+
+    /// Sends batches until `core` shuts down.
+    pub(crate) async fn run(core: Arc<Core>) {
+        let events = &core.events;
+        if !events.on {
+            return;
+        }
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(FLUSH_EVERY) => {}
+                () = events.full.notified() => {}
+                () = core.stopping.cancelled() => return,
+            }
+            events.flush(&core).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_buffer_drops_the_oldest_and_counts_them() {
+        let events = Events::bounded(true, 3);
+        let ids: Vec<TaskId> = (0..5).map(|_| TaskId::fresh()).collect();
+        for id in &ids {
+            events.submitted(*id, "f");
+        }
+        let (sent, dropped) = events.take(JobId::random(), WorkerId::random());
+        assert_eq!(dropped, 2);
+        let kept: Vec<TaskId> = sent.iter().map(|e| e.task_id).collect();
+        assert_eq!(
+            kept,
+            ids[2..].to_vec(),
+            "the newest three are kept, in order"
+        );
+        assert_eq!(sent[0].info.as_ref().map(|i| i.name.as_str()), Some("f"));
+        let (again, dropped) = events.take(JobId::random(), WorkerId::random());
+        assert!(again.is_empty() && dropped == 0, "the count is sent once");
+    }
+
+    #[test]
+    fn off_records_nothing() {
+        let events = Events::bounded(false, 3);
+        events.submitted(TaskId::fresh(), "f");
+        events.state(TaskId::fresh(), 0, TaskState::PendingLease);
+        assert!(events.buffer.locked().events.is_empty());
+    }
+
+    #[test]
+    fn long_texts_are_cut_at_a_character_boundary() {
+        let text = "é".repeat(EVENT_TEXT_MAX);
+        let cut = cut(text);
+        assert!(cut.len() <= EVENT_TEXT_MAX && cut.len() >= EVENT_TEXT_MAX - 1);
+    }
+}

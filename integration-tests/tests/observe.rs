@@ -1,0 +1,249 @@
+//! Seeing the cluster: task events, the state API (`shoal list | get |
+//! summary`) and `shoal timeline`, against a head and two node daemons as
+//! processes.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use shoal_integration_tests::{poll_until, scenario_result, ProcessCluster};
+
+const DEADLINE: Duration = Duration::from_secs(240);
+
+fn json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+fn field<'a>(row: &'a Value, key: &str) -> &'a Value {
+    &row[key]
+}
+
+#[test]
+fn tasks_and_calls_are_listed_filtered_summarized_and_drawn() {
+    let cluster = ProcessCluster::three_process();
+    let marker = cluster.root().join("crashed-once");
+    let out = scenario_result(
+        &["observe", "20", &marker.display().to_string()],
+        &cluster.driver_env(),
+        DEADLINE,
+    );
+    assert_eq!(out["said"], 20, "{out}");
+    assert_eq!(out["failed_ok"], false, "{out}");
+    assert_eq!(out["retried_value"], 7, "{out}");
+    let failed_task = out["failed_task"].as_str().expect("id").to_string();
+    let retried_task = out["retried_task"].as_str().expect("id").to_string();
+    let call_task = out["call_task"].as_str().expect("id").to_string();
+
+    // Events reach the head within about a second of happening (and the
+    // driver sends what is left when it ends).
+    let tasks = poll_until(Duration::from_secs(30), "every task to be listed", || {
+        let listed =
+            json(&cluster.shoal_ok(&["list", "tasks", "--json", "--detail", "--limit", "1000"]));
+        let rows = listed.as_array()?.clone();
+        let said = rows
+            .iter()
+            .filter(|t| t["name"] == "scenarios::say" && t["state"] == "FINISHED")
+            .count();
+        let calls = rows
+            .iter()
+            .filter(|t| t["type"] == "ACTOR_TASK" && t["state"] == "FINISHED")
+            .count();
+        (said == 20 && calls == 3).then_some(rows)
+    });
+    let by_id = |id: &str| {
+        tasks
+            .iter()
+            .find(|t| t["task_id"] == id)
+            .unwrap_or_else(|| panic!("task {id} is not listed: {tasks:#?}"))
+    };
+    // A finished task: where it ran, when, and its states in order.
+    let said = tasks
+        .iter()
+        .find(|t| t["name"] == "scenarios::say")
+        .expect("say");
+    for key in ["node_id", "worker_id", "job_id", "owner_id"] {
+        assert!(field(said, key).is_string(), "{key} of {said:#}");
+    }
+    let (start, end) = (said["start_time_us"].as_i64(), said["end_time_us"].as_i64());
+    assert!(
+        matches!((start, end), (Some(s), Some(e)) if s <= e),
+        "{said:#}"
+    );
+    let states: Vec<&str> = said["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["state"].as_str())
+        .collect();
+    assert_eq!(
+        states,
+        ["PENDING_ARGS", "PENDING_LEASE", "RUNNING", "FINISHED"],
+        "{said:#}"
+    );
+    // A failed task carries its error.
+    let failed = by_id(&failed_task);
+    assert_eq!(failed["state"], "FAILED", "{failed:#}");
+    assert!(
+        failed["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("on purpose")),
+        "{failed:#}"
+    );
+    // A retried task: its first attempt failed with its worker, the second
+    // finished.
+    let retried = by_id(&retried_task);
+    assert_eq!(retried["state"], "FINISHED", "{retried:#}");
+    assert_eq!(retried["attempt"], 1, "{retried:#}");
+    let attempts: Vec<(i64, &str)> = retried["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| {
+            (
+                e["attempt"].as_i64().unwrap_or(-1),
+                e["state"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert!(attempts.contains(&(0, "FAILED")), "{retried:#}");
+    assert!(attempts.contains(&(1, "FINISHED")), "{retried:#}");
+    // An actor call: its actor and where it ran.
+    let call = by_id(&call_task);
+    assert_eq!(call["name"], "scenarios::Recorder::record", "{call:#}");
+    assert!(
+        call["actor_id"].is_string() && call["worker_id"].is_string(),
+        "{call:#}"
+    );
+
+    // Filters (= and !=, any case), limits and the count of the rest.
+    let failed_only =
+        json(&cluster.shoal_ok(&["list", "tasks", "--json", "--filter", "state=failed"]));
+    let failed_only = failed_only.as_array().expect("rows");
+    assert!(!failed_only.is_empty());
+    assert!(
+        failed_only.iter().all(|t| t["state"] == "FAILED"),
+        "{failed_only:#?}"
+    );
+    let limited = cluster.shoal(&[
+        "list",
+        "tasks",
+        "--json",
+        "-f",
+        "name!=scenarios::say",
+        "-f",
+        "state=finished",
+        "--limit",
+        "2",
+    ]);
+    assert!(limited.status.success());
+    let rows = json(&String::from_utf8_lossy(&limited.stdout));
+    assert_eq!(rows.as_array().map(Vec::len), Some(2), "{rows:#}");
+    assert!(rows
+        .as_array()
+        .expect("rows")
+        .iter()
+        .all(|t| t["name"] != "scenarios::say"));
+    let note = String::from_utf8_lossy(&limited.stderr);
+    assert!(note.contains("showing 2 of"), "{note}");
+    // Without --detail, the main fields only.
+    let brief = json(&cluster.shoal_ok(&["list", "tasks", "--json", "--limit", "1"]));
+    assert!(
+        brief[0].get("events").is_none() && brief[0].get("state").is_some(),
+        "{brief:#}"
+    );
+    // A field that does not exist is refused, naming the ones that do.
+    let bad = cluster.shoal(&["list", "tasks", "--filter", "colour=red"]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("colour") && err.contains("task_id"), "{err}");
+    let bad = cluster.shoal(&["list", "tasks", "--filter", "state"]);
+    assert!(!bad.status.success(), "a filter without = is refused");
+
+    // One task with every field.
+    let got = cluster.shoal_ok(&["get", "task", &retried_task]);
+    assert!(got.contains("FINISHED") && got.contains("events"), "{got}");
+    let missing = cluster.shoal(&["get", "task", "00000000000000000000000000000000"]);
+    assert!(!missing.status.success());
+
+    // Counts by function and state.
+    let summary = json(&cluster.shoal_ok(&["summary", "tasks", "--json"]));
+    let say = summary
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["name"] == "scenarios::say"))
+        .unwrap_or_else(|| panic!("{summary:#}"));
+    assert_eq!(say["FINISHED"], 20, "{say:#}");
+
+    // The other kinds.
+    let nodes = json(&cluster.shoal_ok(&["list", "nodes", "--json"]));
+    assert_eq!(nodes.as_array().map(Vec::len), Some(3), "{nodes:#}");
+    assert!(nodes
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .all(|n| n["state"] == "ALIVE"));
+    let jobs = poll_until(
+        Duration::from_secs(30),
+        "the job to be listed finished",
+        || {
+            let jobs = json(&cluster.shoal_ok(&["list", "jobs", "--json"]));
+            jobs.as_array()?
+                .iter()
+                .any(|j| j["state"] == "FINISHED")
+                .then_some(jobs)
+        },
+    );
+    assert!(jobs[0]["start_time_us"].is_i64(), "{jobs:#}");
+    let actors = json(&cluster.shoal_ok(&[
+        "list",
+        "actors",
+        "--json",
+        "-f",
+        "class=scenarios::Recorder",
+    ]));
+    assert!(
+        actors.as_array().is_some_and(|a| !a.is_empty()),
+        "{actors:#}"
+    );
+    cluster.shoal_ok(&["list", "workers"]);
+    assert!(cluster
+        .shoal_ok(&["list", "placement-groups"])
+        .contains("(none)"));
+    let summary = json(&cluster.shoal_ok(&["summary", "actors", "--json"]));
+    assert!(
+        summary.as_array().is_some_and(|a| !a.is_empty()),
+        "{summary:#}"
+    );
+
+    // The timeline: Chrome trace JSON with a slice per task where it ran
+    // and an arrow from its submitter.
+    let file = cluster.root().join("timeline.json");
+    cluster.shoal_ok(&["timeline", "-o", &file.display().to_string()]);
+    let trace = json(&std::fs::read_to_string(&file).expect("the trace file"));
+    let events = trace["traceEvents"].as_array().expect("traceEvents");
+    let slices: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["ph"] == "X" && e["cat"] != "submit")
+        .collect();
+    assert!(slices.len() >= 24, "{} slices", slices.len());
+    for slice in &slices {
+        assert!(
+            slice["ts"].is_i64() && slice["dur"].as_i64() > Some(0),
+            "{slice}"
+        );
+        assert!(slice["pid"].is_u64() && slice["tid"].is_u64(), "{slice}");
+    }
+    let starts = events.iter().filter(|e| e["ph"] == "s").count();
+    let ends = events.iter().filter(|e| e["ph"] == "f").count();
+    assert!(
+        starts >= 24 && starts == ends,
+        "{starts} flows out, {ends} in"
+    );
+    let named = |what: &str| {
+        events
+            .iter()
+            .filter(|e| e["ph"] == "M" && e["name"] == what)
+            .count()
+    };
+    assert!(named("process_name") >= 2, "a node and the drivers");
+    assert!(named("thread_name") >= 2);
+    cluster.assert_no_panics();
+}
