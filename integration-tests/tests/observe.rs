@@ -1,6 +1,7 @@
 //! Seeing the cluster: task events, the state API (`shoal list | get |
 //! summary`) and `shoal timeline`, against a head and two node daemons as
-//! processes.
+//! processes. Task events are off by default (see `Config::task_events`):
+//! the driver turns them on.
 
 use std::time::Duration;
 
@@ -21,9 +22,11 @@ fn field<'a>(row: &'a Value, key: &str) -> &'a Value {
 fn tasks_and_calls_are_listed_filtered_summarized_and_drawn() {
     let cluster = ProcessCluster::three_process();
     let marker = cluster.root().join("crashed-once");
+    let mut env = cluster.driver_env();
+    env.push(("SHOAL_TASK_EVENTS", "1".into()));
     let out = scenario_result(
         &["observe", "20", &marker.display().to_string()],
-        &cluster.driver_env(),
+        &env,
         DEADLINE,
     );
     assert_eq!(out["said"], 20, "{out}");

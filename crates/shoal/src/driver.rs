@@ -109,7 +109,12 @@ async fn start_driver(config: Config) -> Result<Arc<core::Core>> {
         node_ip: joining.node_ip,
         ports,
         head_timeout: config.head_timeout,
-        task_events: config.task_events,
+        // SHOAL_TASK_EVENTS has the last word, whatever the program says.
+        task_events: crate::config::task_events_from(
+            std::env::var("SHOAL_TASK_EVENTS").ok(),
+            config.task_events,
+            &mut Vec::new(),
+        ),
     })
     .await?;
     #[cfg(feature = "local")]

@@ -97,9 +97,10 @@ fn worker_main() -> Result<()> {
             node_ip,
             ports,
             head_timeout: crate::core::head::HEAD_TIMEOUT,
-            // As the node's environment says (a bad value: on).
+            // As the node's environment says (unset or a bad value: off).
             task_events: crate::config::task_events_from(
                 std::env::var("SHOAL_TASK_EVENTS").ok(),
+                false,
                 &mut Vec::new(),
             ),
         })
