@@ -314,6 +314,7 @@ async fn node(
         is_head_node: false,
         registration_key: ((i as u64) << 1) | 1,
         object_store_capacity_bytes: 1 << 30,
+        metrics_address: None,
     });
     let (node_id, interval) = loop {
         match head.call(&register, REQUEST_TIMEOUT).await {

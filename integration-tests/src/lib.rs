@@ -21,6 +21,7 @@ use serde_json::Value;
 
 pub mod history;
 pub mod hosts;
+pub mod prometheus;
 pub mod redis;
 
 /// Calls `probe` every 50 ms until it returns `Some`, or panics with `what`

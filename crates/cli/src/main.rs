@@ -13,6 +13,7 @@
 mod cluster_file;
 mod list;
 mod logging;
+mod metrics;
 mod microbenchmark;
 mod session;
 mod start;

@@ -99,6 +99,12 @@ pub struct StartArgs {
     /// ports). A worker that finds none free fails to start.
     #[arg(long, value_name = "LO-HI", value_parser = shoal_node::config::parse_port_range)]
     worker_port_range: Option<(u16, u16)>,
+    /// The TCP port this process serves Prometheus metrics on, at
+    /// http://IP:PORT/metrics (the head's with its node's). Taken, or unset
+    /// on a node, a free port is used: `shoal status` shows each node's.
+    /// 0 turns metrics off. [default: 9464 for the head]
+    #[arg(long, value_name = "PORT")]
+    metrics_port: Option<u16>,
     /// A TOML cluster file (see cluster-config/); flags override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -319,6 +325,13 @@ fn run_head_in(args: &StartArgs, file: &ClusterFile, session: &Session) -> Resul
         let local_ip = node_ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
         node_config.head_address = SocketAddr::new(local_ip, bound.port()).to_string();
         let advertised = SocketAddr::new(advertised_ip, bound.port());
+        let metrics =
+            crate::metrics::listen(node_ip, args.metrics_port, Some(crate::metrics::HEAD_PORT))
+                .await?;
+        node_config.metrics_port = metrics
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.port());
         std::fs::write(session.head_address_path(), advertised.to_string())
             .context("writing head_address")?;
         session.publish()?;
@@ -327,6 +340,16 @@ fn run_head_in(args: &StartArgs, file: &ClusterFile, session: &Session) -> Resul
             "Shoal head listening on {advertised} (cluster {})",
             identity.cluster_id()
         );
+        if let Some(listener) = metrics {
+            let (service, handle) = (head.service(), node.handle());
+            let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+            println!("Metrics at http://{advertised_ip}:{port}/metrics");
+            let handler = crate::metrics::handler(move |registry| {
+                service.register_metrics(registry);
+                handle.register_metrics(registry);
+            });
+            tokio::spawn(shoal_net::http::serve(listener, handler, shutdown.clone()));
+        }
         let store_failed = head.store_failed();
         let head_done = async {
             head.run(shutdown.clone()).await;
@@ -379,7 +402,18 @@ fn run_node_in(
     let _pid = PidFile::write(session.pid_path(&format!("node-{}", std::process::id())))?;
     runtime()?.block_on(async move {
         let shutdown = shutdown_on_signals()?;
+        let metrics = crate::metrics::listen(config.node_ip, args.metrics_port, None).await?;
+        config.metrics_port = metrics
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.port());
         let node = shoal_node::Node::bind(config, token)?;
+        if let Some(listener) = metrics {
+            let handle = node.handle();
+            let handler =
+                crate::metrics::handler(move |registry| handle.register_metrics(registry));
+            tokio::spawn(shoal_net::http::serve(listener, handler, shutdown.clone()));
+        }
         session.publish()?;
         node.run(shutdown).await;
         Ok(())

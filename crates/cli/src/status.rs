@@ -196,6 +196,7 @@ pub fn to_json(status: &ClusterStatus) -> Value {
                 "object_store_used_bytes": n.object_store_used_bytes,
                 "objects_pulled": n.objects_pulled,
                 "object_store_capacity_bytes": n.object_store_capacity_bytes,
+                "metrics_address": n.metrics_address,
             })
         })
         .collect();
@@ -240,8 +241,16 @@ pub fn render(status: &ClusterStatus) -> String {
         status.nodes.len() - alive.len()
     );
     out += &format!(
-        "{:<32}  {:<5}  {:<21}  {:>7}  {:<9}  {:<19}  {:<19}  {}\n",
-        "NODE", "STATE", "ADDRESS", "PID", "CPU", "MEMORY", "OBJECT STORE", "OTHER RESOURCES"
+        "{:<32}  {:<5}  {:<21}  {:<21}  {:>7}  {:<9}  {:<19}  {:<19}  {}\n",
+        "NODE",
+        "STATE",
+        "ADDRESS",
+        "METRICS",
+        "PID",
+        "CPU",
+        "MEMORY",
+        "OBJECT STORE",
+        "OTHER RESOURCES"
     );
     for n in &status.nodes {
         let state = match n.state {
@@ -261,10 +270,11 @@ pub fn render(status: &ClusterStatus) -> String {
             .collect();
         let head = if n.is_head_node { " (head)" } else { "" };
         out += &format!(
-            "{:<32}  {:<5}  {:<21}  {:>7}  {:<9}  {:<19}  {:<19}  {}{}\n",
+            "{:<32}  {:<5}  {:<21}  {:<21}  {:>7}  {:<9}  {:<19}  {:<19}  {}{}\n",
             n.node_id,
             state,
             n.address,
+            n.metrics_address.as_deref().unwrap_or("-"),
             n.pid,
             used_of_total(CPU, &n.resources_total, &n.resources_available),
             used_of_total(MEMORY, &n.resources_total, &n.resources_available),

@@ -259,6 +259,7 @@ pub struct HeadService {
     store: Store,
     /// What owners report of their tasks (not kept across restarts).
     tasks: Mutex<crate::tasks::Tasks>,
+    metrics: crate::metrics::HeadMetrics,
 }
 
 fn bad_request(message: impl Into<String>) -> ServiceError {
@@ -313,7 +314,18 @@ impl HeadService {
             node_timeout: config.node_timeout,
             store,
             tasks: Mutex::new(crate::tasks::Tasks::new()),
+            metrics: crate::metrics::HeadMetrics::default(),
         }
+    }
+
+    /// What the head measures as it goes.
+    pub(crate) fn metrics(&self) -> &crate::metrics::HeadMetrics {
+        &self.metrics
+    }
+
+    /// Handshakes the head refused, and more.
+    pub(crate) fn handshake_stats(&self) -> &HandshakeStats {
+        &self.stats
     }
 
     /// This head's incarnation: 1 for a cluster's first head, one more
@@ -360,7 +372,7 @@ impl HeadService {
         self.identity.cluster_id()
     }
 
-    fn state(&self) -> MutexGuard<'_, State> {
+    pub(crate) fn state(&self) -> MutexGuard<'_, State> {
         // Every method finishes its updates before returning, so a poisoned
         // lock's data is consistent.
         self.state.locked()
@@ -501,7 +513,8 @@ impl HeadService {
             .validate()
             .map_err(|e| bad_request(e.to_string()))?;
         let wait = Duration::from_millis(request.wait_ms).min(LEASE_WAIT_MAX);
-        let deadline = tokio::time::Instant::now() + wait;
+        let arrived = tokio::time::Instant::now();
+        let deadline = arrived + wait;
         loop {
             // Registered before looking, so a release between the look and
             // the wait still wakes us.
@@ -526,7 +539,13 @@ impl HeadService {
                 }
             };
             match decision {
-                Decision::Granted(lease) => return Ok(HeadReply::LeaseGranted(lease)),
+                Decision::Granted(lease) => {
+                    self.metrics
+                        .lease_latency
+                        .observe(arrived.elapsed().as_secs_f64());
+                    self.metrics.leases_granted.inc();
+                    return Ok(HeadReply::LeaseGranted(lease));
+                }
                 Decision::Infeasible => return Ok(HeadReply::LeasePending { infeasible: true }),
                 Decision::Abandoned => return Ok(HeadReply::LeasePending { infeasible: false }),
                 Decision::OwnerGone => {
@@ -623,6 +642,12 @@ impl HeadService {
                 "a task event's name or error is over {EVENT_TEXT_MAX} bytes"
             )));
         }
+        for e in &events {
+            if let (true, Some((start, end))) = (e.state.is_final(), e.ran_us) {
+                let seconds = end.saturating_sub(start) as f64 / 1e6;
+                self.metrics.task_duration.observe(seconds);
+            }
+        }
         self.tasks.locked().record(events, dropped);
         Ok(HeadReply::EventsTaken)
     }
@@ -689,6 +714,11 @@ impl HeadService {
     pub fn task_counts(&self) -> HashMap<shoal_proto::state::TaskState, u64> {
         self.tasks.locked().count_by_state()
     }
+
+    /// Task events lost before the head kept them.
+    pub fn task_events_lost(&self) -> u64 {
+        self.tasks.locked().lost()
+    }
 }
 
 fn millis(d: Duration) -> u64 {
@@ -701,11 +731,15 @@ const RESOURCES_MAX: usize = 64;
 
 fn check_registration(info: &RegisterNode) -> Result<(), ServiceError> {
     if info.address.len() > NAME_BYTES_MAX
+        || info
+            .metrics_address
+            .as_ref()
+            .is_some_and(|a| a.len() > NAME_BYTES_MAX)
         || info.hostname.len() > NAME_BYTES_MAX
         || info.host_id.len() > NAME_BYTES_MAX
     {
         return Err(bad_request(format!(
-            "address, hostname and host id are limited to {NAME_BYTES_MAX} bytes each"
+            "addresses, hostname and host id are limited to {NAME_BYTES_MAX} bytes each"
         )));
     }
     if info.resources_total.0.len() > RESOURCES_MAX {
@@ -766,6 +800,7 @@ impl HeadService {
                 orders_acked,
             } => {
                 peer.require(&[Role::Node])?;
+                self.metrics.heartbeats.inc();
                 resources_available
                     .validate()
                     .map_err(|e| bad_request(e.to_string()))?;

@@ -36,6 +36,7 @@ pub mod config;
 pub mod jobs;
 pub mod kv;
 pub mod membership;
+pub mod metrics;
 pub mod objects;
 pub mod recovery;
 pub mod redis;
@@ -141,6 +142,12 @@ impl Head {
             stats,
             config,
         }
+    }
+
+    /// The head's request handler, for what the embedder serves beside it
+    /// (metrics, the dashboard).
+    pub fn service(&self) -> Arc<api::HeadService> {
+        Arc::clone(&self.service)
     }
 
     /// The address the head listens on (useful with port 0).

@@ -262,6 +262,7 @@ impl Membership {
                 object_store_used_bytes: e.store_used,
                 objects_pulled: e.objects_pulled,
                 object_store_capacity_bytes: e.info.object_store_capacity_bytes,
+                metrics_address: e.info.metrics_address.clone(),
                 last_heartbeat_ms_ago: u64::try_from(
                     now.saturating_duration_since(e.last_heard).as_millis(),
                 )
@@ -298,6 +299,7 @@ mod tests {
             is_head_node: false,
             registration_key: 0,
             object_store_capacity_bytes: 0,
+            metrics_address: None,
         }
     }
 

@@ -280,6 +280,7 @@ mod tests {
             is_head_node,
             registration_key: if is_head_node { 8 } else { 7 },
             object_store_capacity_bytes: 1 << 20,
+            metrics_address: None,
         }
     }
 

@@ -45,6 +45,7 @@ fn fields(kind: StateKind) -> Fields {
                 "host_id",
                 "last_heartbeat_ms_ago",
                 "objects_pulled",
+                "metrics_address",
             ],
             9,
         ),
@@ -353,6 +354,7 @@ fn node_row(n: &NodeStatus) -> Row {
         ("host_id", n.host_id.clone().into()),
         ("last_heartbeat_ms_ago", n.last_heartbeat_ms_ago.into()),
         ("objects_pulled", n.objects_pulled.into()),
+        ("metrics_address", n.metrics_address.clone().into()),
     ])
 }
 

@@ -44,6 +44,7 @@ pub mod error;
 pub mod faults;
 pub mod handshake;
 pub mod host;
+pub mod http;
 pub mod identity;
 pub mod limits;
 pub mod memory;

@@ -87,6 +87,10 @@ pub struct NodeConfig {
     /// The ports worker processes bind, `(lo, hi)` inclusive; free ports
     /// when unset.
     pub worker_port_range: Option<(u16, u16)>,
+    /// The port the embedder serves this node's Prometheus metrics on (it
+    /// binds it; the node registers it with the head), if any.
+    #[serde(default)]
+    pub metrics_port: Option<u16>,
     /// Transport limits.
     pub limits: NetLimits,
 }
@@ -109,6 +113,7 @@ impl Default for NodeConfig {
             worker_idle_timeout: defaults::WORKER_IDLE_TIMEOUT,
             worker_start_timeout: defaults::WORKER_START_TIMEOUT,
             worker_port_range: None,
+            metrics_port: None,
             limits: NetLimits::default(),
         }
     }

@@ -45,6 +45,8 @@ pub(crate) struct HeadLink<'a> {
     pub store_capacity: u64,
     pub peer_config: &'a watch::Sender<Option<shoal_net::quinn::ClientConfig>>,
     pub transfers: &'a Arc<crate::transfer::Transfers>,
+    /// Heartbeats answered, for metrics.
+    pub heartbeats: &'a std::sync::atomic::AtomicU64,
 }
 
 impl HeadLink<'_> {
@@ -133,6 +135,8 @@ impl HeadLink<'_> {
                     release_leases,
                     orders_seq,
                 }) => {
+                    self.heartbeats
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     failures = 0;
                     orders_acked = orders_seq;
                     // Their owners died: the workers work for no one.
@@ -267,6 +271,10 @@ impl HeadLink<'_> {
             is_head_node: self.config.is_head_node,
             registration_key,
             object_store_capacity_bytes: self.store_capacity,
+            metrics_address: self
+                .config
+                .metrics_port
+                .map(|port| SocketAddr::new(ip, port).to_string()),
         };
         (node, ip)
     }

@@ -23,6 +23,7 @@ pub mod binaries;
 pub mod config;
 pub mod head_link;
 pub mod machine;
+pub mod metrics;
 pub mod object_store;
 pub mod transfer;
 pub mod worker_pool;
@@ -126,6 +127,11 @@ pub struct NodeHandle {
     node_id: watch::Receiver<Option<NodeId>>,
     local_addr: SocketAddr,
     pool: Arc<WorkerPool>,
+    store: Arc<Mutex<ObjectStore>>,
+    store_capacity: u64,
+    transfers: Arc<transfer::Transfers>,
+    stats: Arc<HandshakeStats>,
+    heartbeats: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for NodeHandle {
@@ -303,6 +309,11 @@ impl Node {
             node_id: rx,
             local_addr,
             pool: pool.clone(),
+            store: store.clone(),
+            store_capacity: store_bytes,
+            transfers: transfers.clone(),
+            stats: Arc::new(HandshakeStats::default()),
+            heartbeats: Arc::default(),
         };
         Ok(Self {
             config,
@@ -341,7 +352,7 @@ impl Node {
             self.store.clone(),
             self.transfers.clone(),
         ));
-        let stats = Arc::new(HandshakeStats::default());
+        let stats = Arc::clone(&self.handle.stats);
         let server = shoal_net::rpc::serve(
             self.server.clone(),
             service,
@@ -365,6 +376,7 @@ impl Node {
             store_capacity: self.store_capacity,
             peer_config: &self.peer_config,
             transfers: &self.transfers,
+            heartbeats: &self.handle.heartbeats,
         };
         let logs = self.logs.locked().take();
         let forward = async {

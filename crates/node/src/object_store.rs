@@ -100,6 +100,20 @@ pub struct ObjectListing {
     pub primary: bool,
 }
 
+/// Objects and bytes spilled to disk and restored from it since the store
+/// opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpillTotals {
+    /// Objects spilled.
+    pub spilled_objects: u64,
+    /// Bytes spilled.
+    pub spilled_bytes: u64,
+    /// Objects restored.
+    pub restored_objects: u64,
+    /// Bytes restored.
+    pub restored_bytes: u64,
+}
+
 /// The store.
 #[derive(Debug)]
 pub struct ObjectStore {
@@ -109,6 +123,8 @@ pub struct ObjectStore {
     /// Bytes in shared memory (partial objects reserved whole).
     used: u64,
     spilled: u64,
+    /// Since the store opened: objects and bytes spilled and restored.
+    totals: SpillTotals,
     max: u64,
     /// Most bytes spilled (else: while the disk stays under 95% full).
     spill_max: Option<u64>,
@@ -175,6 +191,7 @@ impl ObjectStore {
             objects: HashMap::new(),
             used: 0,
             spilled: 0,
+            totals: SpillTotals::default(),
             max,
             spill_max,
             clock: 0,
@@ -640,6 +657,8 @@ impl ObjectStore {
             entry.state = State::Spilled;
             self.used -= entry.total;
             self.spilled += entry.total;
+            self.totals.spilled_objects += 1;
+            self.totals.spilled_bytes += entry.total;
         }
         self.record(CopyChange::Spilled { id, spilled: true });
         tracing::debug!(%id, "object spilled to disk");
@@ -659,6 +678,8 @@ impl ObjectStore {
         if let Some(entry) = self.objects.get_mut(&id) {
             entry.state = State::InMemory;
             self.spilled -= total;
+            self.totals.restored_objects += 1;
+            self.totals.restored_bytes += total;
         }
         self.record(CopyChange::Spilled { id, spilled: false });
         tracing::debug!(%id, "object restored from disk");
@@ -757,7 +778,12 @@ impl ObjectStore {
         self.used
     }
 
-    /// Bytes spilled to disk.
+    /// What was spilled and restored since the store opened.
+    pub fn spill_totals(&self) -> SpillTotals {
+        self.totals
+    }
+
+    /// Bytes spilled to disk now.
     pub fn spilled(&self) -> u64 {
         self.spilled
     }

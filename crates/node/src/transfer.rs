@@ -77,6 +77,8 @@ pub struct Transfers {
     pulling: Mutex<HashMap<ObjectId, watch::Receiver<Outcome>>>,
     /// Objects pulled since the node started.
     pulled: AtomicU64,
+    /// Their bytes.
+    pulled_bytes: AtomicU64,
     queue: Mutex<PullQueue>,
 }
 
@@ -141,6 +143,7 @@ impl Transfers {
             peers: Mutex::new(HashMap::new()),
             pulling: Mutex::new(HashMap::new()),
             pulled: AtomicU64::new(0),
+            pulled_bytes: AtomicU64::new(0),
             queue: Mutex::new(PullQueue::default()),
         }
     }
@@ -148,6 +151,11 @@ impl Transfers {
     /// Objects pulled since the node started.
     pub fn pulled(&self) -> u64 {
         self.pulled.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of the objects pulled since the node started.
+    pub fn pulled_bytes(&self) -> u64 {
+        self.pulled_bytes.load(Ordering::Relaxed)
     }
 
     fn store(&self) -> std::sync::MutexGuard<'_, ObjectStore> {
@@ -235,6 +243,7 @@ impl Transfers {
         match &sealed {
             Ok(()) => {
                 self.pulled.fetch_add(1, Ordering::Relaxed);
+                self.pulled_bytes.fetch_add(from.size, Ordering::Relaxed);
             }
             Err(_) => self.store().delete(&[id]),
         }

@@ -442,6 +442,7 @@ mod tests {
                     object_store_used_bytes: 0,
                     object_store_capacity_bytes: 0,
                     objects_pulled: 0,
+                    metrics_address: None,
                 }],
                 handshakes_refused: 0,
                 infeasible: vec![],

@@ -510,6 +510,10 @@ pub struct RegisterNode {
     /// The node's object store capacity in bytes.
     #[serde(default)]
     pub object_store_capacity_bytes: u64,
+    /// Where the node serves its Prometheus metrics (`host:port`), if it
+    /// does. Last, and left out when `None`: older peers read the rest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_address: Option<String>,
 }
 
 impl HeadRequest {
@@ -732,6 +736,9 @@ pub struct NodeStatus {
     /// Objects it has pulled from other nodes, as of its last heartbeat.
     #[serde(default)]
     pub objects_pulled: u64,
+    /// Where it serves its Prometheus metrics (`host:port`), if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_address: Option<String>,
 }
 
 /// Whether a node is a live member.

@@ -150,6 +150,7 @@ impl Sim {
                     is_head_node: false,
                     registration_key: key,
                     object_store_capacity_bytes: 0,
+                    metrics_address: None,
                 };
                 self.head.next_node += 1;
                 let fresh = self.head.next_node;

@@ -232,11 +232,10 @@ fn call_now(
     };
     // Not sent: the callback is dropped, the request gives the arguments
     // back, and the call, still holding its turn, takes the task path.
+    // Recorded before the send: the reply may come back first.
+    core.events.running(order.task_id, 0, location.placed());
     match client.send_then(&request, CALL_TIMEOUT, answered) {
-        Some(Ok(())) => {
-            slot.route.sent.pass(slot.pos);
-            core.events.running(order.task_id, 0, location.placed());
-        }
+        Some(Ok(())) => slot.route.sent.pass(slot.pos),
         Some(Err(_)) | None => {
             let WorkerRequest::ActorCall(call) = request else {
                 unreachable!("Location::request makes an ActorCall")
