@@ -442,13 +442,12 @@ fn object_row(o: &ObjectInfo) -> Row {
 }
 
 fn task_row(t: &Task) -> Row {
-    let run = t.runs.iter().rev().find(|r| r.attempt == t.attempt);
+    let run = t.run.filter(|r| r.attempt == t.attempt);
     let (start, end) = run.map_or((None, None), |r| (Some(r.ran_us.0), Some(r.ran_us.1)));
     let duration_ms =
         run.map(|r| Value::Float(r.ran_us.1.saturating_sub(r.ran_us.0) as f64 / 1000.0));
     let events = t
-        .changes
-        .iter()
+        .changes()
         .map(|c| {
             row(vec![
                 ("state", c.state.name().into()),
@@ -459,7 +458,7 @@ fn task_row(t: &Task) -> Row {
         .collect();
     row(vec![
         ("task_id", t.task_id.to_string().into()),
-        ("name", t.name.clone().into()),
+        ("name", t.name.to_string().into()),
         ("state", t.state.name().into()),
         ("type", t.kind.name().into()),
         ("job_id", t.job_id.map(|j| j.to_string()).into()),
@@ -485,7 +484,7 @@ pub(crate) fn summarize_tasks(tasks: &Tasks) -> StateRows {
     let mut by_name: BTreeMap<(String, &'static str), [u64; 5]> = BTreeMap::new();
     for task in tasks.newest_first() {
         let counts = by_name
-            .entry((task.name.clone(), task.kind.name()))
+            .entry((task.name.to_string(), task.kind.name()))
             .or_default();
         let i = TaskState::ALL
             .iter()

@@ -5,8 +5,14 @@
 //! It has its own lock, away from the head's tables: owners' batches never
 //! wait behind a lease request, nor it behind them. A listing walks it
 //! newest first and stops at its limit, so no listing sorts it.
+//!
+//! Made for tens of thousands of tasks a second: the tasks sit in a ring in
+//! arrival order (the index maps an id to its place, so a table that grows
+//! moves ids, not tasks), a task keeps its state changes inline, and names
+//! are shared between the tasks of one function.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use shoal_proto::state::{Placed, TaskEvent, TaskInfo, TaskKind, TaskState};
 use shoal_proto::{ActorId, JobId, TaskId, WorkerId};
@@ -14,7 +20,9 @@ use shoal_proto::{ActorId, JobId, TaskId, WorkerId};
 /// Tasks kept (Ray keeps 100 000 by default too).
 pub const TASKS_KEPT: usize = 100_000;
 /// State changes kept per task (a task retried many times keeps its last).
-const CHANGES_KEPT: usize = 32;
+const CHANGES_KEPT: usize = 8;
+/// Distinct names kept shared; past it, names are not shared.
+const NAMES_KEPT: usize = 10_000;
 
 /// One state change, as kept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,7 +56,7 @@ pub struct Task {
     /// Its job, once known.
     pub job_id: Option<JobId>,
     /// The function, or `Class::method`.
-    pub name: String,
+    pub name: Arc<str>,
     /// Task or actor call.
     pub kind: TaskKind,
     /// The actor called.
@@ -65,10 +73,12 @@ pub struct Task {
     pub error: Option<String>,
     /// When it was submitted.
     pub submitted_us: Option<u64>,
-    /// Its state changes, oldest first (the last [`CHANGES_KEPT`]).
-    pub changes: Vec<Change>,
-    /// Its attempts' runs.
-    pub runs: Vec<Run>,
+    /// Its state changes (the last [`CHANGES_KEPT`]): see [`Task::changes`].
+    changes: [Change; CHANGES_KEPT],
+    /// How many changes it has had.
+    changed: usize,
+    /// The newest attempt's run, once its worker answered.
+    pub run: Option<Run>,
 }
 
 impl Task {
@@ -76,7 +86,7 @@ impl Task {
         Self {
             task_id,
             job_id: None,
-            name: String::new(),
+            name: Arc::from(""),
             kind: TaskKind::Task,
             actor_id: None,
             owner: None,
@@ -85,12 +95,23 @@ impl Task {
             placed: None,
             error: None,
             submitted_us: None,
-            changes: Vec::new(),
-            runs: Vec::new(),
+            changes: [Change {
+                attempt: 0,
+                state: TaskState::PendingArgs,
+                at_us: 0,
+            }; CHANGES_KEPT],
+            changed: 0,
+            run: None,
         }
     }
 
-    fn apply(&mut self, event: TaskEvent) {
+    /// Its state changes, oldest first (the last [`CHANGES_KEPT`]).
+    pub fn changes(&self) -> impl Iterator<Item = &Change> {
+        let kept = self.changed.min(CHANGES_KEPT);
+        (self.changed - kept..self.changed).map(|i| &self.changes[i % CHANGES_KEPT])
+    }
+
+    fn apply(&mut self, event: TaskEvent, names: &mut Names) {
         if let Some(info) = event.info {
             let TaskInfo {
                 job_id,
@@ -100,20 +121,18 @@ impl Task {
                 owner,
             } = *info;
             self.job_id = Some(job_id);
-            self.name = name;
+            self.name = names.share(name);
             self.kind = kind;
             self.actor_id = actor_id;
             self.owner = Some(owner);
             self.submitted_us = Some(event.at_us);
         }
-        if self.changes.len() == CHANGES_KEPT {
-            self.changes.remove(0);
-        }
-        self.changes.push(Change {
+        self.changes[self.changed % CHANGES_KEPT] = Change {
             attempt: event.attempt,
             state: event.state,
             at_us: event.at_us,
-        });
+        };
+        self.changed += 1;
         // An older attempt's news does not move the task back; a final
         // state is not undone by a late event of the same attempt.
         let newer = event.attempt > self.attempt;
@@ -131,13 +150,14 @@ impl Task {
                 self.placed = Some(placed);
             }
             if let Some(ran_us) = event.ran_us {
-                self.runs.retain(|r| r.attempt != event.attempt);
-                self.runs.push(Run {
-                    attempt: event.attempt,
-                    placed,
-                    ran_us,
-                    failed: event.state == TaskState::Failed,
-                });
+                if event.attempt >= self.run.map_or(0, |r| r.attempt) {
+                    self.run = Some(Run {
+                        attempt: event.attempt,
+                        placed,
+                        ran_us,
+                        failed: event.state == TaskState::Failed,
+                    });
+                }
             }
         }
         if event.state == TaskState::Failed {
@@ -146,11 +166,32 @@ impl Task {
     }
 }
 
+/// Names shared between tasks.
+#[derive(Debug, Default)]
+struct Names(HashMap<Arc<str>, ()>);
+
+impl Names {
+    fn share(&mut self, name: String) -> Arc<str> {
+        if let Some((shared, ())) = self.0.get_key_value(name.as_str()) {
+            return Arc::clone(shared);
+        }
+        let shared: Arc<str> = Arc::from(name);
+        if self.0.len() < NAMES_KEPT {
+            self.0.insert(Arc::clone(&shared), ());
+        }
+        shared
+    }
+}
+
 /// Every task the head knows, oldest first.
 #[derive(Debug, Default)]
 pub struct Tasks {
-    tasks: HashMap<TaskId, Task>,
-    order: VecDeque<TaskId>,
+    /// The tasks in arrival order; the first is number `first`.
+    ring: VecDeque<Task>,
+    first: u64,
+    /// Each task's number.
+    index: HashMap<TaskId, u64>,
+    names: Names,
     /// Events owners dropped before sending them.
     dropped_at_owners: u64,
     /// Tasks forgotten to stay within the bound.
@@ -177,40 +218,47 @@ impl Tasks {
         self.dropped_at_owners = self.dropped_at_owners.saturating_add(dropped);
         for event in events {
             let id = event.task_id;
-            if !self.tasks.contains_key(&id) {
-                if self.tasks.len() >= self.kept {
-                    if let Some(old) = self.order.pop_front() {
-                        self.tasks.remove(&old);
-                        self.forgotten += 1;
+            let number = match self.index.get(&id) {
+                Some(n) => *n,
+                None => {
+                    if self.ring.len() >= self.kept {
+                        if let Some(old) = self.ring.pop_front() {
+                            self.index.remove(&old.task_id);
+                            self.first += 1;
+                            self.forgotten += 1;
+                        }
                     }
+                    let n = self.first + self.ring.len() as u64;
+                    self.ring.push_back(Task::new(id));
+                    self.index.insert(id, n);
+                    n
                 }
-                self.tasks.insert(id, Task::new(id));
-                self.order.push_back(id);
-            }
-            if let Some(task) = self.tasks.get_mut(&id) {
-                task.apply(event);
+            };
+            if let Some(task) = self.ring.get_mut((number - self.first) as usize) {
+                task.apply(event, &mut self.names);
             }
         }
     }
 
     /// The task, if kept.
     pub fn get(&self, id: TaskId) -> Option<&Task> {
-        self.tasks.get(&id)
+        let n = self.index.get(&id)?;
+        self.ring.get((n - self.first) as usize)
     }
 
     /// The tasks, newest first.
     pub fn newest_first(&self) -> impl Iterator<Item = &Task> {
-        self.order.iter().rev().filter_map(|id| self.tasks.get(id))
+        self.ring.iter().rev()
     }
 
     /// How many tasks are kept.
     pub fn len(&self) -> usize {
-        self.tasks.len()
+        self.ring.len()
     }
 
     /// True when no task is kept.
     pub fn is_empty(&self) -> bool {
-        self.tasks.is_empty()
+        self.ring.is_empty()
     }
 
     /// Events lost before the head kept them: dropped by owners, or whose
@@ -222,7 +270,7 @@ impl Tasks {
     /// How many kept tasks are in each state.
     pub fn count_by_state(&self) -> HashMap<TaskState, u64> {
         let mut counts = HashMap::new();
-        for task in self.tasks.values() {
+        for task in &self.ring {
             *counts.entry(task.state).or_default() += 1;
         }
         counts
@@ -283,11 +331,13 @@ mod tests {
         );
         let task = tasks.get(id).expect("kept");
         assert_eq!((task.attempt, task.state), (1, TaskState::Finished));
-        assert_eq!(task.name, "f");
+        assert_eq!(&*task.name, "f");
         assert_eq!(task.error.as_deref(), Some("lost its worker"));
-        assert_eq!(task.changes.len(), 6);
-        assert_eq!(task.runs.len(), 1);
-        assert_eq!(task.runs[0].ran_us, (6, 8));
+        let states: Vec<(u32, TaskState)> = task.changes().map(|c| (c.attempt, c.state)).collect();
+        assert_eq!(states.len(), 6);
+        assert_eq!(states[3], (0, TaskState::Failed));
+        assert_eq!(states[5], (1, TaskState::Finished));
+        assert_eq!(task.run.map(|r| (r.attempt, r.ran_us)), Some((1, (6, 8))));
         // A late event of the finished attempt does not move it back.
         tasks.record(vec![event(id, 1, TaskState::Running, 7)], 0);
         assert_eq!(tasks.get(id).map(|t| t.state), Some(TaskState::Finished));
@@ -307,5 +357,21 @@ mod tests {
         assert_eq!(tasks.lost(), 6, "5 dropped by owners, 1 forgotten");
         let newest: Vec<TaskId> = tasks.newest_first().map(|t| t.task_id).collect();
         assert_eq!(newest, vec![ids[2], ids[1]]);
+        // A kept task is found by id after others were forgotten.
+        assert_eq!(tasks.get(ids[1]).map(|t| t.task_id), Some(ids[1]));
+        assert_eq!(tasks.get(ids[2]).map(|t| t.task_id), Some(ids[2]));
+    }
+
+    #[test]
+    fn only_the_last_changes_are_kept_in_order() {
+        let mut tasks = Tasks::new();
+        let id = TaskId::fresh();
+        let events = (0..20)
+            .map(|i| event(id, i, TaskState::PendingLease, u64::from(i)))
+            .collect();
+        tasks.record(events, 0);
+        let task = tasks.get(id).expect("kept");
+        let times: Vec<u64> = task.changes().map(|c| c.at_us).collect();
+        assert_eq!(times, (12..20).collect::<Vec<u64>>());
     }
 }
