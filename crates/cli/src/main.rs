@@ -11,6 +11,7 @@
 //! - `logging`: `tracing` set up from `SHOAL_LOG` or `RUST_LOG`.
 
 mod cluster_file;
+mod dashboard;
 mod list;
 mod logging;
 mod metrics;

@@ -121,6 +121,11 @@ impl Session {
         self.dir.join("head_address")
     }
 
+    /// Where the head's dashboard listens (`host:port`), once it does.
+    pub fn dashboard_address_path(&self) -> PathBuf {
+        self.dir.join("dashboard_address")
+    }
+
     pub fn pid_path(&self, daemon: &str) -> PathBuf {
         self.dir.join("pids").join(format!("{daemon}.pid"))
     }

@@ -105,6 +105,12 @@ pub struct StartArgs {
     /// 0 turns metrics off. [default: 9464 for the head]
     #[arg(long, value_name = "PORT")]
     metrics_port: Option<u16>,
+    /// With --head: the TCP port of the dashboard (a web page and its JSON
+    /// API; nothing is served without the cluster token, and `shoal start`
+    /// prints a link that logs in). Taken, a free port is used; 0 turns it
+    /// off. [default: 8265]
+    #[arg(long, value_name = "PORT")]
+    dashboard_port: Option<u16>,
     /// A TOML cluster file (see cluster-config/); flags override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -161,6 +167,7 @@ pub fn run(args: StartArgs) -> Result<()> {
         ("--port", args.port.is_some()),
         ("--recover", args.recover),
         ("--head-store", args.head_store.is_some()),
+        ("--dashboard-port", args.dashboard_port.is_some()),
     ];
     if let Some((flag, _)) = head_only.iter().find(|(_, given)| *given && !args.head) {
         bail!("{flag} goes with --head (it is about the head, not a joining node)");
@@ -340,6 +347,27 @@ fn run_head_in(args: &StartArgs, file: &ClusterFile, session: &Session) -> Resul
             "Shoal head listening on {advertised} (cluster {})",
             identity.cluster_id()
         );
+        let dashboard = match args.dashboard_port {
+            Some(0) => None,
+            port => {
+                let ip = node_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+                let port = port.unwrap_or(crate::dashboard::PORT);
+                Some(
+                    shoal_net::http::bind(ip, port, true)
+                        .await
+                        .with_context(|| format!("binding the dashboard's port on {ip}"))?,
+                )
+            }
+        };
+        if let Some(listener) = dashboard {
+            let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+            let address = SocketAddr::new(advertised_ip, port);
+            std::fs::write(session.dashboard_address_path(), address.to_string())
+                .context("writing dashboard_address")?;
+            println!("Dashboard at http://{address}/");
+            let handler = crate::dashboard::handler(head.service(), identity.token().clone());
+            tokio::spawn(shoal_net::http::serve(listener, handler, shutdown.clone()));
+        }
         if let Some(listener) = metrics {
             let (service, handle) = (head.service(), node.handle());
             let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
@@ -558,6 +586,16 @@ fn spawn_daemon_in(args: &StartArgs, session: &Session) -> Result<()> {
         println!("    shoal start --address {address}");
         println!("To see the cluster: shoal status");
         println!("To stop it:         shoal stop");
+        if let Some(dashboard) = std::fs::read_to_string(session.dashboard_address_path())
+            .ok()
+            .map(|a| a.trim().to_string())
+        {
+            println!("The dashboard (this link logs in with the token):");
+            println!("    http://{dashboard}/login?token={token}");
+        }
+        if let Some(metrics) = node.and_then(|n| n.metrics_address.as_deref()) {
+            println!("Prometheus metrics: http://{metrics}/metrics");
+        }
     } else {
         let id = node.map(|n| n.node_id.to_string()).unwrap_or_default();
         println!("Started a Shoal node (pid {pid}) that joined {address} as node {id}");

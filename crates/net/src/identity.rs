@@ -69,6 +69,33 @@ impl JoinToken {
     }
 }
 
+impl JoinToken {
+    /// The dashboard's session cookie: an HMAC of a fixed label under the
+    /// secret, so the cookie proves the token without carrying it.
+    pub fn dashboard_cookie(&self) -> String {
+        let tag = ring::hmac::sign(&self.hmac_key(), DASHBOARD_LABEL);
+        shoal_proto::hex::encode(tag.as_ref())
+    }
+
+    /// Whether `cookie` is [`JoinToken::dashboard_cookie`] (constant time).
+    pub fn dashboard_cookie_matches(&self, cookie: &str) -> bool {
+        shoal_proto::hex::decode(cookie.trim())
+            .is_some_and(|tag| ring::hmac::verify(&self.hmac_key(), DASHBOARD_LABEL, &tag).is_ok())
+    }
+
+    /// Whether `text` is this token (the secret compared in constant time).
+    pub fn matches_text(&self, text: &str) -> bool {
+        let Ok(given) = text.parse::<JoinToken>() else {
+            return false;
+        };
+        let tag = ring::hmac::sign(&given.hmac_key(), DASHBOARD_LABEL);
+        given.cluster_id == self.cluster_id
+            && ring::hmac::verify(&self.hmac_key(), DASHBOARD_LABEL, tag.as_ref()).is_ok()
+    }
+}
+
+const DASHBOARD_LABEL: &[u8] = b"shoal dashboard session v1";
+
 impl fmt::Display for JoinToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let secret = shoal_proto::hex::encode(&self.secret);
@@ -270,6 +297,21 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), IdentityError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_dashboard_cookie_proves_the_token_without_carrying_it() {
+        let token = JoinToken::generate(ClusterId::random()).expect("token");
+        let other = JoinToken::generate(token.cluster_id).expect("token");
+        let cookie = token.dashboard_cookie();
+        assert!(!cookie.contains(&token.to_string()[40..]));
+        assert!(token.dashboard_cookie_matches(&cookie));
+        assert!(!other.dashboard_cookie_matches(&cookie));
+        assert!(!token.dashboard_cookie_matches("zz"));
+        assert!(!token.dashboard_cookie_matches(""));
+        assert!(token.matches_text(&token.to_string()));
+        assert!(!token.matches_text(&other.to_string()));
+        assert!(!token.matches_text("shoal1.nonsense"));
+    }
 
     #[test]
     fn token_round_trips_and_hides_its_secret() {

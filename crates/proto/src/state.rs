@@ -170,6 +170,27 @@ impl StateKind {
     }
 }
 
+impl std::str::FromStr for StateKind {
+    type Err = String;
+
+    /// A kind by its name on the command line (`nodes`, `tasks`, ...).
+    fn from_str(text: &str) -> Result<Self, String> {
+        let all = [
+            StateKind::Nodes,
+            StateKind::Jobs,
+            StateKind::Tasks,
+            StateKind::Actors,
+            StateKind::Workers,
+            StateKind::Objects,
+            StateKind::PlacementGroups,
+        ];
+        all.into_iter().find(|k| k.name() == text).ok_or_else(|| {
+            let names: Vec<&str> = all.iter().map(|k| k.name()).collect();
+            format!("no such kind {text:?}; one of {}", names.join(", "))
+        })
+    }
+}
+
 /// How a filter compares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
