@@ -250,3 +250,124 @@ fn tasks_and_calls_are_listed_filtered_summarized_and_drawn() {
     assert!(named("thread_name") >= 2);
     cluster.assert_no_panics();
 }
+
+#[test]
+fn logs_are_listed_per_node_and_read_from_the_node_that_has_them() {
+    let cluster = ProcessCluster::three_process();
+    let marker = cluster.root().join("crashed-once");
+    let mut env = cluster.driver_env();
+    env.push(("SHOAL_TASK_EVENTS", "1".into()));
+    let out = scenario_result(
+        &["observe", "4", &marker.display().to_string()],
+        &env,
+        DEADLINE,
+    );
+    assert_eq!(out["said"], 4, "{out}");
+
+    // Every node, with its daemon's log and its workers'.
+    let listing = cluster.shoal_ok(&["logs"]);
+    assert_eq!(
+        listing.matches("\nnode ").count() + usize::from(listing.starts_with("node ")),
+        3,
+        "{listing}"
+    );
+    assert!(
+        listing.contains("head.log") && listing.contains("worker-"),
+        "{listing}"
+    );
+    assert!(
+        listing.contains(".log") && listing.contains(" node\n"),
+        "{listing}"
+    );
+
+    // A task's log is its worker's: the lines it printed are there.
+    let say = poll_until(
+        Duration::from_secs(30),
+        "a say task with its worker",
+        || {
+            let rows =
+                json(&cluster.shoal_ok(&["list", "tasks", "--json", "-f", "name=scenarios::say"]));
+            rows.as_array()?
+                .iter()
+                .find(|t| t["worker_id"].is_string())
+                .and_then(|t| t["task_id"].as_str().map(str::to_string))
+        },
+    );
+    let log = cluster.shoal_ok(&["logs", "--task", &say]);
+    assert!(log.contains("hello from task"), "{log}");
+    // The actor's and a worker's, by id.
+    let actor = json(&cluster.shoal_ok(&["list", "actors", "--json", "--detail"]));
+    let actor = &actor[0];
+    cluster.shoal_ok(&["logs", "--actor", actor["actor_id"].as_str().expect("id")]);
+    let by_worker =
+        cluster.shoal_ok(&["logs", "--worker", actor["worker_id"].as_str().expect("id")]);
+    let by_actor = cluster.shoal_ok(&["logs", "--actor", actor["actor_id"].as_str().expect("id")]);
+    assert_eq!(by_worker, by_actor);
+
+    // --tail N: the last N lines of a node's file.
+    let head_node = cluster.status()["nodes"]
+        .as_array()
+        .and_then(|n| n.iter().find(|n| n["is_head_node"] == true).cloned())
+        .expect("the head's node");
+    let head_node = head_node["node_id"].as_str().expect("id").to_string();
+    let last = cluster.shoal_ok(&["logs", "--node", &head_node, "head.log", "--tail", "2"]);
+    assert_eq!(last.lines().count(), 2, "{last}");
+    let whole = std::fs::read_to_string(cluster.root().join("session_latest/logs/head.log"))
+        .expect("head.log");
+    assert!(
+        whole.ends_with(&last),
+        "the tail is the file's end:\n{last}"
+    );
+    // Only listed files: no path out of the log directory.
+    let escape = cluster.shoal(&["logs", "--node", &head_node, "../token"]);
+    assert!(!escape.status.success());
+    assert!(String::from_utf8_lossy(&escape.stderr).contains("no log file"));
+
+    // --follow prints what is added: a node joining is logged by the head.
+    let mut follow = std::process::Command::new(shoal_integration_tests::shoal_bin())
+        .args([
+            "logs", "--node", &head_node, "head.log", "--tail", "0", "--follow",
+        ])
+        .arg("--session-dir")
+        .arg(cluster.root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("shoal logs --follow");
+    let stdout = follow.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let joined = cluster.start_node(&["--num-cpus", "0"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    let found = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains("node registered") => break true,
+            Ok(line) => seen.push(line),
+            Err(_) => break false,
+        }
+    };
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(
+        found,
+        "--follow never showed node {joined} joining: {seen:?}"
+    );
+
+    // Log files carry no colour codes.
+    for entry in std::fs::read_dir(cluster.root().join("session_latest/logs")).expect("logs") {
+        let path = entry.expect("entry").path();
+        let text = std::fs::read(&path).expect("a log");
+        assert!(!text.contains(&0x1b), "{} has escape codes", path.display());
+    }
+}

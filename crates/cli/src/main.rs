@@ -7,13 +7,16 @@
 //! - `cluster_file`: the TOML cluster file read by `--config`;
 //! - `session`: the session directory (pid files, logs, token, addresses);
 //! - `start`, `stop`, `status`, `list` (also `get` and `summary`),
-//!   `timeline`, `microbenchmark`: one per subcommand;
+//!   `logs`, `timeline`, `microbenchmark`: one per subcommand;
+//! - `metrics`, `dashboard`: what the head and node processes serve over
+//!   HTTP;
 //! - `logging`: `tracing` set up from `SHOAL_LOG` or `RUST_LOG`.
 
 mod cluster_file;
 mod dashboard;
 mod list;
 mod logging;
+mod logs;
 mod metrics;
 mod microbenchmark;
 mod session;
@@ -51,6 +54,9 @@ enum Command {
     /// objects, placement groups (`--filter`, `--limit`, `--detail`,
     /// `--json`).
     List(list::ListArgs),
+    /// List the log files per node, or print one (an actor's, a task's, a
+    /// worker's, or a node's FILE), with --tail N and --follow.
+    Logs(logs::LogsArgs),
     /// Show one task, actor, node or job with every field.
     Get(list::GetArgs),
     /// Count tasks, actors or objects by function (or class) and state.
@@ -87,6 +93,7 @@ fn main() -> ExitCode {
         Command::Status(args) => status::run(args),
         Command::List(args) => list::run(args),
         Command::Get(args) => list::get(args),
+        Command::Logs(args) => logs::run(args),
         Command::Summary(args) => list::summary(args),
         Command::Timeline(args) => timeline::run(args),
         Command::Microbenchmark(args) => microbenchmark::run(args),

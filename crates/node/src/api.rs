@@ -23,9 +23,73 @@ pub struct NodeService {
     pool: Arc<WorkerPool>,
     store: Arc<Mutex<ObjectStore>>,
     transfers: Arc<crate::transfer::Transfers>,
+    /// The name of this daemon's own log file in the workers' log
+    /// directory (`head.log`, `node-PID.log`), listed with theirs.
+    daemon_log: Option<String>,
 }
 
 impl NodeService {
+    /// Names this daemon's own log file (see [`NodeRequest::ListLogs`]).
+    pub fn with_daemon_log(mut self, name: String) -> Self {
+        self.daemon_log = Some(name);
+        self
+    }
+
+    /// The node's log files: its daemon's, then its workers' that exist.
+    fn logs(&self) -> Vec<shoal_proto::node::LogFile> {
+        let Some(dir) = self.pool.log_dir() else {
+            return Vec::new();
+        };
+        let daemon = self.daemon_log.iter().map(|name| {
+            let kind = if name == "head.log" { "head" } else { "node" };
+            (name.clone(), kind)
+        });
+        let workers = self
+            .pool
+            .launched()
+            .into_iter()
+            .rev()
+            .map(|w| (format!("worker-{w}.log"), "worker"));
+        daemon
+            .chain(workers)
+            .filter_map(|(name, kind)| {
+                let size = std::fs::metadata(dir.join(&name)).ok()?.len();
+                Some(shoal_proto::node::LogFile {
+                    name,
+                    size,
+                    kind: kind.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    /// Part of a listed log file.
+    fn read_log(&self, name: &str, offset: u64, len: u32) -> Result<NodeReply, ServiceError> {
+        use std::io::{Read, Seek};
+        // Only a listed name: never a path out of the directory.
+        if !self.logs().iter().any(|f| f.name == name) {
+            return Err(ServiceError::new(
+                ServiceErrorKind::NotFound,
+                format!("no log file {name:?} on this node (see ListLogs)"),
+            ));
+        }
+        let dir = self.pool.log_dir().ok_or_else(|| {
+            ServiceError::new(ServiceErrorKind::NotFound, "this node keeps no log files")
+        })?;
+        let io = |e: std::io::Error| {
+            ServiceError::new(ServiceErrorKind::Internal, format!("reading {name}: {e}"))
+        };
+        let mut file = std::fs::File::open(dir.join(name)).map_err(io)?;
+        let size = file.metadata().map_err(io)?.len();
+        let want = u64::from(len.min(shoal_proto::node::LOG_CHUNK_MAX));
+        let take = want.min(size.saturating_sub(offset));
+        let mut data = Vec::with_capacity(take as usize);
+        if take > 0 {
+            file.seek(std::io::SeekFrom::Start(offset)).map_err(io)?;
+            file.take(take).read_to_end(&mut data).map_err(io)?;
+        }
+        Ok(NodeReply::LogChunk { size, data })
+    }
     /// A service for the node whose id `node_id` follows.
     pub fn new(
         node_id: watch::Receiver<Option<NodeId>>,
@@ -42,6 +106,7 @@ impl NodeService {
             pool,
             store,
             transfers,
+            daemon_log: None,
         }
     }
 
@@ -71,7 +136,24 @@ impl Service for NodeService {
 
     async fn handle(&self, peer: &Peer, request: NodeRequest) -> Result<NodeReply, ServiceError> {
         let node_id = self.node_id()?;
+        // Tools (`shoal logs`) read; they change nothing.
+        if peer.role == Role::Client
+            && !matches!(
+                request,
+                NodeRequest::Ping
+                    | NodeRequest::GetNodeInfo
+                    | NodeRequest::ListLogs
+                    | NodeRequest::ReadLog { .. }
+            )
+        {
+            return Err(ServiceError::new(
+                ServiceErrorKind::PermissionDenied,
+                "a client may only read a node's logs and info",
+            ));
+        }
         match request {
+            NodeRequest::ListLogs => Ok(NodeReply::Logs(self.logs())),
+            NodeRequest::ReadLog { name, offset, len } => self.read_log(&name, offset, len),
             NodeRequest::Ping => Ok(NodeReply::Pong { node_id }),
             NodeRequest::GetNodeInfo => Ok(NodeReply::NodeInfo {
                 node_id,

@@ -249,7 +249,10 @@ impl Node {
             HEAD_SERVER_NAME,
             config.limits.clone(),
         )?;
-        let mut auth = ServerAuth::new(token.clone(), vec![Role::Node, Role::Driver, Role::Worker]);
+        let mut auth = ServerAuth::new(
+            token.clone(),
+            vec![Role::Node, Role::Driver, Role::Worker, Role::Client],
+        );
         auth.certificate_required = vec![Role::Node];
         let (node_id, rx) = watch::channel(None);
         // Process workers' output is streamed to their job's driver.
@@ -344,14 +347,21 @@ impl Node {
     /// the cluster.
     pub async fn run(self, shutdown: CancellationToken) {
         info!(addr = %self.handle.local_addr, head = %self.config.head_address, resources = ?self.resources, "node daemon starting");
-        let service = Arc::new(api::NodeService::new(
-            self.handle.node_id.clone(),
-            self.head.subscribe(),
-            self.resources.clone(),
-            self.pool.clone(),
-            self.store.clone(),
-            self.transfers.clone(),
-        ));
+        let service = Arc::new(
+            api::NodeService::new(
+                self.handle.node_id.clone(),
+                self.head.subscribe(),
+                self.resources.clone(),
+                self.pool.clone(),
+                self.store.clone(),
+                self.transfers.clone(),
+            )
+            .with_daemon_log(if self.config.is_head_node {
+                "head.log".to_string()
+            } else {
+                format!("node-{}.log", std::process::id())
+            }),
+        );
         let stats = Arc::clone(&self.handle.stats);
         let server = shoal_net::rpc::serve(
             self.server.clone(),

@@ -302,7 +302,13 @@ pub struct WorkerPool {
     config: PoolConfig,
     /// Environment every worker gets (node identity, addresses, token).
     env: Mutex<Vec<(String, String)>>,
+    /// The workers this pool launched, newest last (at most
+    /// [`LAUNCHED_KEPT`]): their log files are this node's.
+    launched: Mutex<std::collections::VecDeque<WorkerId>>,
 }
+
+/// Launched workers remembered for their logs.
+const LAUNCHED_KEPT: usize = 10_000;
 
 fn unavailable(message: impl Into<String>) -> ServiceError {
     ServiceError::new(ServiceErrorKind::Unavailable, message)
@@ -327,7 +333,18 @@ impl WorkerPool {
             binaries,
             config,
             env: Mutex::new(Vec::new()),
+            launched: Mutex::default(),
         }
+    }
+
+    /// The directory of the workers' log files, if they have one.
+    pub fn log_dir(&self) -> Option<&std::path::Path> {
+        self.config.log_dir.as_deref()
+    }
+
+    /// The workers this pool launched (the last [`LAUNCHED_KEPT`]).
+    pub fn launched(&self) -> Vec<WorkerId> {
+        self.launched.locked().iter().copied().collect()
     }
 
     fn state(&self) -> MutexGuard<'_, PoolState> {
@@ -499,6 +516,13 @@ impl WorkerPool {
             .log_dir
             .as_ref()
             .map(|d| d.join(format!("worker-{worker_id}.log")));
+        {
+            let mut launched = self.launched.locked();
+            if launched.len() == LAUNCHED_KEPT {
+                launched.pop_front();
+            }
+            launched.push_back(worker_id);
+        }
         let launched = self
             .launcher
             .launch(LaunchSpec {

@@ -147,6 +147,34 @@ pub enum NodeRequest {
         /// True when it starts waiting, false when it resumes.
         blocked: bool,
     },
+    /// The node's log files (its daemon's and its workers'): answered
+    /// [`NodeReply::Logs`].
+    ListLogs,
+    /// Part of one of the node's log files: answered
+    /// [`NodeReply::LogChunk`] (empty past the end).
+    ReadLog {
+        /// The file's name, as listed.
+        name: String,
+        /// Where to start.
+        offset: u64,
+        /// Most bytes (at most [`LOG_CHUNK_MAX`]).
+        len: u32,
+    },
+}
+
+/// Most bytes of a log file one [`NodeRequest::ReadLog`] returns.
+pub const LOG_CHUNK_MAX: u32 = 1 << 20;
+
+/// A log file on a node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct LogFile {
+    /// Its name.
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Whose it is: `head`, `node`, or `worker`.
+    pub kind: String,
 }
 
 /// Why an object is pulled: when pulls queue, a `get` goes before a task's
@@ -210,6 +238,16 @@ pub enum NodeReply {
         path: String,
         /// The object's size.
         size: u64,
+    },
+    /// The node's log files.
+    Logs(Vec<LogFile>),
+    /// Part of a log file.
+    LogChunk {
+        /// The file's size now.
+        size: u64,
+        /// The part.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
     },
     /// Part of an object.
     ObjectChunk {

@@ -71,9 +71,13 @@ pub(crate) fn init_logging() {
         return;
     };
     if let Ok(filter) = tracing_subscriber::EnvFilter::try_new(spec) {
+        // Colours only on a terminal: a worker's stderr is its log file.
+        use std::io::IsTerminal;
+        let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
         let _ = tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
+            .with_ansi(colour)
             .try_init();
     }
 }
