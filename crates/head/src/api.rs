@@ -624,7 +624,7 @@ impl HeadService {
         events: Vec<shoal_proto::state::TaskEvent>,
         dropped: u64,
     ) -> Result<HeadReply, ServiceError> {
-        use shoal_proto::state::{EVENTS_PER_BATCH_MAX, EVENT_TEXT_MAX};
+        use shoal_proto::state::{EARLIER_MAX, EVENTS_PER_BATCH_MAX, EVENT_TEXT_MAX};
         if events.len() > EVENTS_PER_BATCH_MAX {
             return Err(bad_request(format!(
                 "{} task events in one batch; at most {EVENTS_PER_BATCH_MAX}",
@@ -636,10 +636,11 @@ impl HeadService {
                 || e.info
                     .as_ref()
                     .is_some_and(|i| i.name.len() > EVENT_TEXT_MAX)
+                || e.earlier.len() > EARLIER_MAX
         });
         if too_long {
             return Err(bad_request(format!(
-                "a task event's name or error is over {EVENT_TEXT_MAX} bytes"
+                "a task event's name or error is over {EVENT_TEXT_MAX} bytes, or it carries more than {EARLIER_MAX} earlier states"
             )));
         }
         for e in &events {

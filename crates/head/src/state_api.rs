@@ -587,6 +587,7 @@ mod tests {
                     placed: None,
                     ran_us: None,
                     error: None,
+                    earlier: Vec::new(),
                 };
                 let state = if i % 2 == 0 {
                     TaskState::Finished

@@ -111,6 +111,28 @@ impl Task {
         (self.changed - kept..self.changed).map(|i| &self.changes[i % CHANGES_KEPT])
     }
 
+    /// The attempt entered `state` at `at_us`.
+    fn enter(&mut self, attempt: u32, state: TaskState, at_us: u64) {
+        self.changes[self.changed % CHANGES_KEPT] = Change {
+            attempt,
+            state,
+            at_us,
+        };
+        self.changed += 1;
+        // An older attempt's news does not move the task back; a final
+        // state is not undone by a late event of the same attempt.
+        let newer = attempt > self.attempt;
+        let same = attempt == self.attempt;
+        let undoes_final = self.state.is_final() && !state.is_final();
+        if newer || (same && !undoes_final) {
+            if newer {
+                self.placed = None;
+            }
+            self.attempt = attempt;
+            self.state = state;
+        }
+    }
+
     fn apply(&mut self, event: TaskEvent, names: &mut Names) {
         if let Some(info) = event.info {
             let TaskInfo {
@@ -125,26 +147,13 @@ impl Task {
             self.kind = kind;
             self.actor_id = actor_id;
             self.owner = Some(owner);
-            self.submitted_us = Some(event.at_us);
+            let first = event.earlier.first().map_or(event.at_us, |(_, at)| *at);
+            self.submitted_us = Some(first);
         }
-        self.changes[self.changed % CHANGES_KEPT] = Change {
-            attempt: event.attempt,
-            state: event.state,
-            at_us: event.at_us,
-        };
-        self.changed += 1;
-        // An older attempt's news does not move the task back; a final
-        // state is not undone by a late event of the same attempt.
-        let newer = event.attempt > self.attempt;
-        let same = event.attempt == self.attempt;
-        let undoes_final = self.state.is_final() && !event.state.is_final();
-        if newer || (same && !undoes_final) {
-            if newer {
-                self.placed = None;
-            }
-            self.attempt = event.attempt;
-            self.state = event.state;
+        for (state, at_us) in &event.earlier {
+            self.enter(event.attempt, *state, *at_us);
         }
+        self.enter(event.attempt, event.state, event.at_us);
         if let Some(placed) = event.placed {
             if event.attempt >= self.attempt {
                 self.placed = Some(placed);
@@ -292,6 +301,7 @@ mod tests {
             placed: None,
             ran_us: None,
             error: None,
+            earlier: Vec::new(),
         }
     }
 
@@ -360,6 +370,31 @@ mod tests {
         // A kept task is found by id after others were forgotten.
         assert_eq!(tasks.get(ids[1]).map(|t| t.task_id), Some(ids[1]));
         assert_eq!(tasks.get(ids[2]).map(|t| t.task_id), Some(ids[2]));
+    }
+
+    #[test]
+    fn an_event_with_earlier_states_enters_each_in_order() {
+        let mut tasks = Tasks::new();
+        let id = TaskId::fresh();
+        let mut e = event(id, 0, TaskState::Finished, 30);
+        e.earlier = vec![
+            (TaskState::PendingArgs, 10),
+            (TaskState::PendingLease, 11),
+            (TaskState::Running, 12),
+        ];
+        e.info = Some(Box::new(TaskInfo {
+            job_id: JobId::random(),
+            name: "f".into(),
+            kind: TaskKind::Task,
+            actor_id: None,
+            owner: WorkerId::random(),
+        }));
+        tasks.record(vec![e], 0);
+        let task = tasks.get(id).expect("kept");
+        assert_eq!(task.state, TaskState::Finished);
+        assert_eq!(task.submitted_us, Some(10));
+        let times: Vec<u64> = task.changes().map(|c| c.at_us).collect();
+        assert_eq!(times, vec![10, 11, 12, 30]);
     }
 
     #[test]

@@ -120,7 +120,16 @@ pub struct TaskEvent {
     /// Why it failed, with `Failed`.
     #[serde(default)]
     pub error: Option<String>,
+    /// The states this attempt entered before `state` since the owner's
+    /// last batch, oldest first, with their times: an owner sends one
+    /// event per task and attempt in a batch (at most
+    /// [`EARLIER_MAX`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub earlier: Vec<(TaskState, u64)>,
 }
+
+/// Most earlier states one event carries.
+pub const EARLIER_MAX: usize = 8;
 
 /// Now, in microseconds since the Unix epoch (0 before it).
 pub fn unix_us() -> u64 {

@@ -13,13 +13,14 @@
 //! (the head unreachable, a burst) drops its oldest events and counts them,
 //! and the count goes to the head with the next batch.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use shoal_net::sync::MutexExt;
 use shoal_proto::state::{
-    unix_us, Placed, TaskEvent, TaskInfo, TaskKind, TaskState, EVENTS_PER_BATCH_MAX, EVENT_TEXT_MAX,
+    unix_us, Placed, TaskEvent, TaskInfo, TaskKind, TaskState, EARLIER_MAX, EVENTS_PER_BATCH_MAX,
+    EVENT_TEXT_MAX,
 };
 use shoal_proto::{ActorId, HeadRequest, JobId, TaskId, TaskReply, WorkerId};
 use tokio::sync::Notify;
@@ -94,6 +95,26 @@ impl Recorded {
             placed: self.placed,
             ran_us: self.ran_us,
             error: self.error.map(cut),
+            earlier: Vec::new(),
+        }
+    }
+
+    /// Folds this later event of the same attempt into `into`: one event
+    /// per task and attempt goes to the head.
+    fn fold_into(self, into: &mut TaskEvent) {
+        if into.earlier.len() < EARLIER_MAX {
+            into.earlier.push((into.state, into.at_us));
+        }
+        into.state = self.state;
+        into.at_us = self.at_us;
+        if self.placed.is_some() {
+            into.placed = self.placed;
+        }
+        if self.ran_us.is_some() {
+            into.ran_us = self.ran_us;
+        }
+        if let Some(error) = self.error {
+            into.error = Some(cut(error));
         }
     }
 }
@@ -232,17 +253,26 @@ impl Events {
         }
     }
 
-    /// Up to a batch of events, and the count dropped since the last.
+    /// Up to a batch of events, one per task and attempt (the states it
+    /// went through folded in, in order), and the count dropped since the
+    /// last batch.
     fn take(&self, job_id: JobId, owner: WorkerId) -> (Vec<TaskEvent>, u64) {
         let mut buffer = self.buffer.locked();
         let n = buffer.events.len().min(EVENTS_PER_BATCH_MAX);
         let taken: Vec<Recorded> = buffer.events.drain(..n).collect();
         let dropped = std::mem::take(&mut buffer.dropped);
         drop(buffer);
-        let events = taken
-            .into_iter()
-            .map(|e| e.into_event(job_id, owner))
-            .collect();
+        let mut events: Vec<TaskEvent> = Vec::with_capacity(n);
+        let mut at: HashMap<(TaskId, u32), usize> = HashMap::with_capacity(n);
+        for e in taken {
+            match at.get(&(e.task_id, e.attempt)) {
+                Some(&i) if e.info.is_none() => e.fold_into(&mut events[i]),
+                _ => {
+                    at.insert((e.task_id, e.attempt), events.len());
+                    events.push(e.into_event(job_id, owner));
+                }
+            }
+        }
         (events, dropped)
     }
 
@@ -255,7 +285,7 @@ impl Events {
                 return true;
             }
             let lost = events.len() as u64 + dropped;
-            let more = events.len() == EVENTS_PER_BATCH_MAX;
+            let more = !self.buffer.locked().events.is_empty();
             let request = HeadRequest::TaskEvents { events, dropped };
             if let Err(e) = core.head.call(&request, SEND_TIMEOUT).await {
                 tracing::debug!(error = %e, lost, "task events not sent");
@@ -307,6 +337,42 @@ mod tests {
         assert_eq!(sent[0].info.as_ref().map(|i| i.name.as_str()), Some("f"));
         let (again, dropped) = events.take(JobId::random(), WorkerId::random());
         assert!(again.is_empty() && dropped == 0, "the count is sent once");
+    }
+
+    #[test]
+    fn a_tasks_states_go_as_one_event_per_attempt_in_order() {
+        let events = Events::bounded(true, 100);
+        let (a, b) = (TaskId::fresh(), TaskId::fresh());
+        events.submitted(a, "f");
+        events.submitted(b, "g");
+        events.state(a, 0, TaskState::PendingLease);
+        events.failed(a, 0, "lost".into());
+        events.state(b, 0, TaskState::PendingLease);
+        events.state(a, 1, TaskState::PendingLease);
+        events.state(a, 1, TaskState::Running);
+        let (sent, _) = events.take(JobId::random(), WorkerId::random());
+        let summary: Vec<(TaskId, u32, TaskState, Vec<TaskState>)> = sent
+            .iter()
+            .map(|e| {
+                let earlier = e.earlier.iter().map(|(s, _)| *s).collect();
+                (e.task_id, e.attempt, e.state, earlier)
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (
+                    a,
+                    0,
+                    TaskState::Failed,
+                    vec![TaskState::PendingArgs, TaskState::PendingLease]
+                ),
+                (b, 0, TaskState::PendingLease, vec![TaskState::PendingArgs]),
+                (a, 1, TaskState::Running, vec![TaskState::PendingLease]),
+            ]
+        );
+        assert_eq!(sent[0].error.as_deref(), Some("lost"));
+        assert!(sent[0].info.is_some() && sent[2].info.is_none());
     }
 
     #[test]
