@@ -406,6 +406,23 @@ impl ProcessCluster {
             .unwrap_or_else(|| panic!("no pid in shoal start output: {out}"))
     }
 
+    /// Runs the `observe` scenario with task events on: `n` tasks that
+    /// finish, one that fails, one retried after its worker died, and
+    /// three actor calls; its result (checked: `n` tasks said).
+    pub fn run_observed_job(&self, n: u32) -> Value {
+        let marker = self.root().join("crashed-once");
+        let _ = std::fs::remove_file(&marker);
+        let mut env = self.driver_env();
+        env.push(("SHOAL_TASK_EVENTS", "1".into()));
+        let out = scenario_result(
+            &["observe", &n.to_string(), &marker.display().to_string()],
+            &env,
+            Duration::from_secs(240),
+        );
+        assert_eq!(out["said"], n, "{out}");
+        out
+    }
+
     /// `shoal status --json`.
     pub fn status(&self) -> Value {
         let out = self.shoal_ok(&["status", "--json"]);

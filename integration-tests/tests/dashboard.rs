@@ -7,9 +7,8 @@ use std::time::Duration;
 use serde_json::Value;
 use shoal_integration_tests::browser::{chromium, screenshot};
 use shoal_integration_tests::prometheus::{http_get, http_raw};
-use shoal_integration_tests::{scenario_result, ProcessCluster};
+use shoal_integration_tests::ProcessCluster;
 
-const DEADLINE: Duration = Duration::from_secs(240);
 const BROWSER: Duration = Duration::from_secs(90);
 
 /// The status code, headers and body of a raw exchange.
@@ -41,15 +40,7 @@ fn get_with_cookie(addr: &str, path: &str, cookie: &str) -> (u16, String) {
 #[test]
 fn the_dashboard_shows_the_cluster_to_a_browser_with_the_token_and_nothing_without() {
     let cluster = ProcessCluster::three_process();
-    let marker = cluster.root().join("crashed-once");
-    let mut env = cluster.driver_env();
-    env.push(("SHOAL_TASK_EVENTS", "1".into()));
-    let out = scenario_result(
-        &["observe", "20", &marker.display().to_string()],
-        &env,
-        DEADLINE,
-    );
-    assert_eq!(out["said"], 20, "{out}");
+    cluster.run_observed_job(20);
     let addr = std::fs::read_to_string(cluster.root().join("session_latest/dashboard_address"))
         .expect("the head wrote its dashboard address")
         .trim()

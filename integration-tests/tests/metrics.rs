@@ -7,9 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use shoal_integration_tests::prometheus::{http_get, http_raw, promtool_check, sample, Prometheus};
-use shoal_integration_tests::{poll_until, scenario_result, ProcessCluster};
-
-const DEADLINE: Duration = Duration::from_secs(240);
+use shoal_integration_tests::{poll_until, ProcessCluster};
 
 /// Each node's metrics address from `shoal status --json` (null if none).
 fn metrics_addresses(cluster: &ProcessCluster) -> Vec<(bool, Option<String>)> {
@@ -70,15 +68,7 @@ fn every_daemon_serves_metrics_that_promtool_accepts_and_that_follow_the_cluster
     );
 
     // Work to count: tasks (one retried), actor calls, with task events on.
-    let marker = cluster.root().join("crashed-once");
-    let mut env = cluster.driver_env();
-    env.push(("SHOAL_TASK_EVENTS", "1".into()));
-    let out = scenario_result(
-        &["observe", "20", &marker.display().to_string()],
-        &env,
-        DEADLINE,
-    );
-    assert_eq!(out["said"], 20, "{out}");
+    cluster.run_observed_job(20);
 
     let text = poll_until(Duration::from_secs(30), "the head's task counts", || {
         let text = scrape(&head);

@@ -6,9 +6,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use shoal_integration_tests::{poll_until, scenario_result, ProcessCluster};
-
-const DEADLINE: Duration = Duration::from_secs(240);
+use shoal_integration_tests::{poll_until, ProcessCluster};
 
 fn json(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
@@ -21,15 +19,7 @@ fn field<'a>(row: &'a Value, key: &str) -> &'a Value {
 #[test]
 fn tasks_and_calls_are_listed_filtered_summarized_and_drawn() {
     let cluster = ProcessCluster::three_process();
-    let marker = cluster.root().join("crashed-once");
-    let mut env = cluster.driver_env();
-    env.push(("SHOAL_TASK_EVENTS", "1".into()));
-    let out = scenario_result(
-        &["observe", "20", &marker.display().to_string()],
-        &env,
-        DEADLINE,
-    );
-    assert_eq!(out["said"], 20, "{out}");
+    let out = cluster.run_observed_job(20);
     assert_eq!(out["failed_ok"], false, "{out}");
     assert_eq!(out["retried_value"], 7, "{out}");
     let failed_task = out["failed_task"].as_str().expect("id").to_string();
@@ -254,15 +244,7 @@ fn tasks_and_calls_are_listed_filtered_summarized_and_drawn() {
 #[test]
 fn logs_are_listed_per_node_and_read_from_the_node_that_has_them() {
     let cluster = ProcessCluster::three_process();
-    let marker = cluster.root().join("crashed-once");
-    let mut env = cluster.driver_env();
-    env.push(("SHOAL_TASK_EVENTS", "1".into()));
-    let out = scenario_result(
-        &["observe", "4", &marker.display().to_string()],
-        &env,
-        DEADLINE,
-    );
-    assert_eq!(out["said"], 4, "{out}");
+    cluster.run_observed_job(4);
 
     // Every node, with its daemon's log and its workers'.
     let listing = cluster.shoal_ok(&["logs"]);
