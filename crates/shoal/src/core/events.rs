@@ -178,22 +178,42 @@ impl Events {
         }
     }
 
-    /// A task was submitted: it waits for its arguments.
-    pub(crate) fn submitted(&self, task_id: TaskId, function: &'static str) {
-        self.first(task_id, Name::Function(function), TaskKind::Task, None);
+    /// A task was submitted: it waits for its arguments (`waits`: it has
+    /// references among them), else for a lease.
+    pub(crate) fn submitted(&self, task_id: TaskId, function: &'static str, waits: bool) {
+        let state = if waits {
+            TaskState::PendingArgs
+        } else {
+            TaskState::PendingLease
+        };
+        self.first(
+            task_id,
+            Name::Function(function),
+            TaskKind::Task,
+            None,
+            state,
+        );
     }
 
     /// An actor call was made.
     pub(crate) fn called(&self, task_id: TaskId, actor: (ActorId, &str), method: &'static str) {
         let name = Name::Method(actor.1.to_string(), method);
-        self.first(task_id, name, TaskKind::ActorCall, Some(actor.0));
+        let state = TaskState::PendingArgs;
+        self.first(task_id, name, TaskKind::ActorCall, Some(actor.0), state);
     }
 
-    fn first(&self, task_id: TaskId, name: Name, kind: TaskKind, actor_id: Option<ActorId>) {
+    fn first(
+        &self,
+        task_id: TaskId,
+        name: Name,
+        kind: TaskKind,
+        actor_id: Option<ActorId>,
+        state: TaskState,
+    ) {
         if !self.on {
             return;
         }
-        let mut event = Recorded::new(task_id, 0, TaskState::PendingArgs);
+        let mut event = Recorded::new(task_id, 0, state);
         event.info = Some(Info {
             name,
             kind,
@@ -324,7 +344,7 @@ mod tests {
         let events = Events::bounded(true, 3);
         let ids: Vec<TaskId> = (0..5).map(|_| TaskId::fresh()).collect();
         for id in &ids {
-            events.submitted(*id, "f");
+            events.submitted(*id, "f", true);
         }
         let (sent, dropped) = events.take(JobId::random(), WorkerId::random());
         assert_eq!(dropped, 2);
@@ -343,8 +363,8 @@ mod tests {
     fn a_tasks_states_go_as_one_event_per_attempt_in_order() {
         let events = Events::bounded(true, 100);
         let (a, b) = (TaskId::fresh(), TaskId::fresh());
-        events.submitted(a, "f");
-        events.submitted(b, "g");
+        events.submitted(a, "f", true);
+        events.submitted(b, "g", true);
         events.state(a, 0, TaskState::PendingLease);
         events.failed(a, 0, "lost".into());
         events.state(b, 0, TaskState::PendingLease);
@@ -378,7 +398,7 @@ mod tests {
     #[test]
     fn off_records_nothing() {
         let events = Events::bounded(false, 3);
-        events.submitted(TaskId::fresh(), "f");
+        events.submitted(TaskId::fresh(), "f", false);
         events.state(TaskId::fresh(), 0, TaskState::PendingLease);
         assert!(events.buffer.locked().events.is_empty());
     }

@@ -35,7 +35,9 @@ impl Core {
         let task_id = TaskId::fresh();
         let id = task_id.return_object(0);
         self.register_pending(id);
-        self.events.submitted(task_id, function.name);
+        // A task with no reference to wait for waits for a lease at once.
+        let waits = args.iter().any(|a| matches!(a, ArgValue::Ref { .. }));
+        self.events.submitted(task_id, function.name, waits);
         let core = Arc::clone(self);
         // Every log line of the task's life on this side carries its ids
         // (debug: free when debug logging is off).
@@ -263,6 +265,10 @@ impl Core {
                     return (ObjState::Failed(f), None);
                 }
             };
+        if !keep_alive.is_empty() {
+            // It waited for its reference arguments; now for a lease.
+            self.events.state(task_id, 0, TaskState::PendingLease);
+        }
         let borrows = lent.as_ref().map(|lent| Arc::clone(&lent.0));
         let stored_args = spec_args
             .iter()
@@ -356,7 +362,11 @@ impl Core {
     ) -> Then {
         let kind = TaskKind::of(function.name);
         let (task_id, attempt) = (run.task_id(), run.attempt());
-        self.events.state(task_id, attempt, TaskState::PendingLease);
+        if attempt > 0 {
+            // A retry waits for a lease again (the first try's wait was
+            // recorded with its arguments).
+            self.events.state(task_id, attempt, TaskState::PendingLease);
+        }
         let place = match self.leases.acquire(self, &options.resources, kind).await {
             Ok(place) => place,
             Err(e) => {
