@@ -297,6 +297,31 @@ fn logs_are_listed_per_node_and_read_from_the_node_that_has_them() {
         whole.ends_with(&last),
         "the tail is the file's end:\n{last}"
     );
+    // A client holding the token may read a node's logs, nothing more.
+    let head_address = cluster.status()["nodes"]
+        .as_array()
+        .and_then(|n| {
+            n.iter()
+                .find(|n| n["node_id"] == head_node.as_str())
+                .cloned()
+        })
+        .and_then(|n| n["address"].as_str().map(str::to_string))
+        .expect("the head node's address");
+    let (listed, delete) = as_client(&cluster.token(), &head_address);
+    assert!(
+        matches!(listed, Ok(shoal_proto::NodeReply::Logs(ref f)) if !f.is_empty()),
+        "{listed:?}"
+    );
+    match delete {
+        Err(shoal_net::RpcError::Service(e)) => {
+            assert_eq!(
+                e.kind,
+                shoal_proto::ServiceErrorKind::PermissionDenied,
+                "{e}"
+            )
+        }
+        other => panic!("a client deleted objects on a node: {other:?}"),
+    }
     // Only listed files: no path out of the log directory.
     let escape = cluster.shoal(&["logs", "--node", &head_node, "../token"]);
     assert!(!escape.status.success());
@@ -349,4 +374,35 @@ fn logs_are_listed_per_node_and_read_from_the_node_that_has_them() {
         let text = std::fs::read(&path).expect("a log");
         assert!(!text.contains(&0x1b), "{} has escape codes", path.display());
     }
+}
+
+type NodeAnswer = Result<shoal_proto::NodeReply, shoal_net::RpcError>;
+
+/// A `ListLogs` and a `DeleteObjects` sent to the node at `address` as a
+/// client holding `token`.
+fn as_client(token: &str, address: &str) -> (NodeAnswer, NodeAnswer) {
+    use shoal_proto::{NodeReply, NodeRequest, Role};
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let transport = shoal_net::Transport::token_client(
+            shoal_net::handshake::ClientAuth {
+                token: token.parse().expect("token"),
+                role: Role::Client,
+            },
+            shoal_net::NODE_SERVER_NAME,
+            shoal_net::NetLimits::default(),
+        )
+        .expect("transport");
+        let node: shoal_net::RpcClient<NodeRequest, NodeReply> = transport
+            .connect_named(address.parse().expect("addr"), shoal_net::NODE_SERVER_NAME)
+            .await
+            .expect("connect to the node");
+        let wait = Duration::from_secs(10);
+        let listed = node.call(&NodeRequest::ListLogs, wait).await;
+        let delete = NodeRequest::DeleteObjects { ids: vec![] };
+        let deleted = node.call(&delete, wait).await;
+        node.close();
+        transport.wait_idle().await;
+        (listed, deleted)
+    })
 }

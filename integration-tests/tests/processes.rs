@@ -297,6 +297,27 @@ fn bad_flags_are_rejected_with_a_message() {
             "goes with --head",
         ),
         (
+            vec!["start", "--address", "1.2.3.4:5", "--dashboard-port", "80"],
+            "goes with --head",
+        ),
+        (
+            vec!["start", "--head", "--metrics-port", "70000"],
+            "metrics-port",
+        ),
+        (vec!["list", "tasks", "--limit", "0"], "limit"),
+        (vec!["list", "tasks", "--limit", "10001"], "limit"),
+        (vec!["list", "tasks", "--filter", "state"], "key=value"),
+        (vec!["list", "tasks", "--filter", "=x"], "no key"),
+        (vec!["list", "spaceships"], "invalid value"),
+        (vec!["summary", "nodes"], "invalid value"),
+        (vec!["get", "task"], "required"),
+        (vec!["timeline", "--limit", "0"], "limit"),
+        (vec!["logs", "head.log"], "--node"),
+        (
+            vec!["logs", "--actor", "a", "--task", "b"],
+            "cannot be used",
+        ),
+        (
             vec![
                 "start",
                 "--address",

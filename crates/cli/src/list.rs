@@ -168,25 +168,8 @@ pub fn get(args: GetArgs) -> Result<()> {
         GetKind::Node => (StateKind::Nodes, "node_id"),
         GetKind::Job => (StateKind::Jobs, "job_id"),
     };
-    let request = HeadRequest::ListState(StateQuery {
-        kind,
-        filters: vec![Filter {
-            key: key.to_string(),
-            op: shoal_proto::state::FilterOp::Eq,
-            value: args.id.clone(),
-        }],
-        limit: 1,
-        detail: true,
-    });
-    let rows = query(&target, request)?;
-    let Some(row) = rows.rows.first() else {
-        bail!(
-            "no {} with id {} (see `shoal list {}`)",
-            kind.name().trim_end_matches('s'),
-            args.id,
-            kind.name()
-        );
-    };
+    let row = one(&target, kind, key, &args.id)?;
+    let row = &row;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&row_json(row))?);
         return Ok(());
@@ -224,6 +207,37 @@ pub fn summary(args: SummaryArgs) -> Result<()> {
         print_table(&rows.rows);
     }
     Ok(())
+}
+
+/// The one record of `kind` whose `key` is `id`, with every field.
+pub fn one(target: &HeadTarget, kind: StateKind, key: &str, id: &str) -> Result<Row> {
+    let request = HeadRequest::ListState(StateQuery {
+        kind,
+        filters: vec![Filter {
+            key: key.to_string(),
+            op: shoal_proto::state::FilterOp::Eq,
+            value: id.to_string(),
+        }],
+        limit: 1,
+        detail: true,
+    });
+    let what = kind.name();
+    query(target, request)?
+        .rows
+        .into_iter()
+        .next()
+        .ok_or_else(|| {
+            let one = what.trim_end_matches('s');
+            anyhow::anyhow!("no {one} with id {id} (see `shoal list {what}`)")
+        })
+}
+
+/// A text field of a record.
+pub fn text<'a>(row: &'a Row, key: &str) -> Option<&'a str> {
+    match row.iter().find(|(k, _)| k == key) {
+        Some((_, Value::Str(s))) => Some(s),
+        _ => None,
+    }
 }
 
 /// A field's value as JSON.

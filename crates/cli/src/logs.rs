@@ -10,9 +10,10 @@ use anyhow::{bail, Context, Result};
 use shoal_net::handshake::ClientAuth;
 use shoal_net::{NetLimits, RpcClient, Transport};
 use shoal_proto::node::{LogFile, LOG_CHUNK_MAX};
-use shoal_proto::state::{Filter, FilterOp, StateKind, StateQuery, Value};
-use shoal_proto::{HeadRequest, NodeReply, NodeRequest, NodeState, Role};
+use shoal_proto::state::StateKind;
+use shoal_proto::{NodeReply, NodeRequest, NodeState, Role};
 
+use crate::list::text;
 use crate::status::{HeadArgs, HeadTarget};
 
 #[derive(Debug, clap::Args)]
@@ -71,18 +72,25 @@ pub fn run(args: LogsArgs) -> Result<()> {
     // The head's answers first (they run a runtime of their own).
     let nodes = live_nodes(&target)?;
     let wanted = if let Some(id) = &args.actor {
-        let row = one_row(&target, StateKind::Actors, "actor_id", id)?;
-        let worker = field(&row, "worker_id").context("the actor has no worker")?;
-        let node = field(&row, "node_id").context("the actor has no node")?;
+        let row = crate::list::one(&target, StateKind::Actors, "actor_id", id)?;
+        let worker = text(&row, "worker_id")
+            .map(str::to_string)
+            .context("the actor has no worker")?;
+        let node = text(&row, "node_id")
+            .map(str::to_string)
+            .context("the actor has no node")?;
         Wanted::File {
             node,
             name: worker_log(&worker),
         }
     } else if let Some(id) = &args.task {
-        let row = one_row(&target, StateKind::Tasks, "task_id", id)?;
-        let worker = field(&row, "worker_id")
+        let row = crate::list::one(&target, StateKind::Tasks, "task_id", id)?;
+        let worker = text(&row, "worker_id")
+            .map(str::to_string)
             .with_context(|| format!("task {id} has not been sent to a worker (yet)"))?;
-        let node = field(&row, "node_id").context("the task has no node")?;
+        let node = text(&row, "node_id")
+            .map(str::to_string)
+            .context("the task has no node")?;
         Wanted::File {
             node,
             name: worker_log(&worker),
@@ -166,40 +174,6 @@ fn live_nodes(target: &HeadTarget) -> Result<Vec<Node>> {
             address: n.address,
         })
         .collect())
-}
-
-fn one_row(
-    target: &HeadTarget,
-    kind: StateKind,
-    key: &str,
-    id: &str,
-) -> Result<Vec<(String, Value)>> {
-    let rows = crate::list::query(
-        target,
-        HeadRequest::ListState(StateQuery {
-            kind,
-            filters: vec![Filter {
-                key: key.to_string(),
-                op: FilterOp::Eq,
-                value: id.to_string(),
-            }],
-            limit: 1,
-            detail: true,
-        }),
-    )?;
-    rows.rows
-        .into_iter()
-        .next()
-        .with_context(|| format!("no {} with id {id}", kind.name().trim_end_matches('s')))
-}
-
-fn field(row: &[(String, Value)], key: &str) -> Option<String> {
-    row.iter()
-        .find(|(k, _)| k == key)
-        .and_then(|(_, v)| match v {
-            Value::Str(s) => Some(s.clone()),
-            _ => None,
-        })
 }
 
 async fn connect(transport: &Transport, address: &str) -> Result<NodeClient> {

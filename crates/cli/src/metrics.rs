@@ -9,6 +9,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use prometheus_client::encoding::prometheus_text::{encode, CONTENT_TYPE};
 use prometheus_client::registry::Registry;
 use shoal_net::http::{Handler, Request, Response};
 use tokio::net::TcpListener;
@@ -17,15 +18,15 @@ use tokio::net::TcpListener;
 /// of the OpenTelemetry Prometheus exporter). Taken, a free one is used.
 pub const HEAD_PORT: u16 = 9464;
 
-use prometheus_client::encoding::prometheus_text::{encode, CONTENT_TYPE};
-
-/// The listener for `--metrics-port` (`flag`), else `default` (none: a
-/// free port); `Some(0)` turns metrics off. A port that is taken falls
-/// back to a free one, so several daemons can share a host.
+/// The HTTP listener for a `--*-port` flag (`flag`), else `default` (none:
+/// a free port), on `ip` (none: every interface); `Some(0)` turns it off.
+/// A port that is taken falls back to a free one, so several daemons can
+/// share a host. `what` names it in errors.
 pub async fn listen(
     ip: Option<IpAddr>,
     flag: Option<u16>,
     default: Option<u16>,
+    what: &str,
 ) -> Result<Option<TcpListener>> {
     let port = match flag {
         Some(0) => return Ok(None),
@@ -35,7 +36,7 @@ pub async fn listen(
     let ip = ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     let listener = shoal_net::http::bind(ip, port, true)
         .await
-        .with_context(|| format!("binding the metrics port on {ip}"))?;
+        .with_context(|| format!("binding the {what} port on {ip}"))?;
     Ok(Some(listener))
 }
 

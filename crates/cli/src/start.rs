@@ -332,9 +332,13 @@ fn run_head_in(args: &StartArgs, file: &ClusterFile, session: &Session) -> Resul
         let local_ip = node_ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
         node_config.head_address = SocketAddr::new(local_ip, bound.port()).to_string();
         let advertised = SocketAddr::new(advertised_ip, bound.port());
-        let metrics =
-            crate::metrics::listen(node_ip, args.metrics_port, Some(crate::metrics::HEAD_PORT))
-                .await?;
+        let metrics = crate::metrics::listen(
+            node_ip,
+            args.metrics_port,
+            Some(crate::metrics::HEAD_PORT),
+            "metrics",
+        )
+        .await?;
         node_config.metrics_port = metrics
             .as_ref()
             .and_then(|l| l.local_addr().ok())
@@ -347,18 +351,13 @@ fn run_head_in(args: &StartArgs, file: &ClusterFile, session: &Session) -> Resul
             "Shoal head listening on {advertised} (cluster {})",
             identity.cluster_id()
         );
-        let dashboard = match args.dashboard_port {
-            Some(0) => None,
-            port => {
-                let ip = node_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-                let port = port.unwrap_or(crate::dashboard::PORT);
-                Some(
-                    shoal_net::http::bind(ip, port, true)
-                        .await
-                        .with_context(|| format!("binding the dashboard's port on {ip}"))?,
-                )
-            }
-        };
+        let dashboard = crate::metrics::listen(
+            node_ip,
+            args.dashboard_port,
+            Some(crate::dashboard::PORT),
+            "dashboard",
+        )
+        .await?;
         if let Some(listener) = dashboard {
             let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
             let address = SocketAddr::new(advertised_ip, port);
@@ -430,7 +429,8 @@ fn run_node_in(
     let _pid = PidFile::write(session.pid_path(&format!("node-{}", std::process::id())))?;
     runtime()?.block_on(async move {
         let shutdown = shutdown_on_signals()?;
-        let metrics = crate::metrics::listen(config.node_ip, args.metrics_port, None).await?;
+        let metrics =
+            crate::metrics::listen(config.node_ip, args.metrics_port, None, "metrics").await?;
         config.metrics_port = metrics
             .as_ref()
             .and_then(|l| l.local_addr().ok())

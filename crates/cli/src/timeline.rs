@@ -14,6 +14,7 @@ use serde_json::{json, Value as Json};
 use shoal_proto::state::{Filter, FilterOp, Row, StateKind, StateQuery, Value, LIST_LIMIT_MAX};
 use shoal_proto::HeadRequest;
 
+use crate::list::text;
 use crate::status::{HeadArgs, HeadTarget};
 
 #[derive(Debug, clap::Args)]
@@ -79,15 +80,6 @@ pub fn run(args: TimelineArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn text<'a>(row: &'a Row, key: &str) -> Option<&'a str> {
-    row.iter()
-        .find(|(k, _)| k == key)
-        .and_then(|(_, v)| match v {
-            Value::Str(s) => Some(s.as_str()),
-            _ => None,
-        })
 }
 
 fn int(row: &Row, key: &str) -> Option<i64> {

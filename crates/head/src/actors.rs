@@ -352,8 +352,13 @@ impl Actors {
     }
 
     /// Every actor, in no order.
+    pub fn iter(&self) -> impl Iterator<Item = &ActorInfo> {
+        self.actors.values()
+    }
+
+    /// Every actor, in no order, copied.
     pub fn all(&self) -> Vec<ActorInfo> {
-        self.actors.values().cloned().collect()
+        self.iter().cloned().collect()
     }
 
     /// Every actor, live first, by namespace and name.

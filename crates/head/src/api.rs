@@ -758,10 +758,9 @@ impl Service for HeadService {
     type Reply = HeadReply;
 
     async fn handle(&self, peer: &Peer, request: HeadRequest) -> Result<HeadReply, ServiceError> {
-        // Task events change no table the store keeps.
-        if let HeadRequest::TaskEvents { events, dropped } = request {
-            peer.require(&[Role::Driver, Role::Worker])?;
-            return self.task_events(events, dropped);
+        // Task events change no table the store keeps: nothing to wait for.
+        if matches!(request, HeadRequest::TaskEvents { .. }) {
+            return self.serve(peer, request).await;
         }
         let uploaded = matches!(request, HeadRequest::UploadBinary { .. });
         let reply = self.serve(peer, request).await;
@@ -1076,7 +1075,10 @@ impl HeadService {
             HeadRequest::ListActors => Ok(HeadReply::Actors(self.state().actors.list())),
             HeadRequest::ListState(query) => self.list_state(&query),
             HeadRequest::Summarize(kind) => self.summarize(kind),
-            HeadRequest::TaskEvents { events, dropped } => self.task_events(events, dropped),
+            HeadRequest::TaskEvents { events, dropped } => {
+                peer.require(&[Role::Driver, Role::Worker])?;
+                self.task_events(events, dropped)
+            }
             HeadRequest::ListObjects => Ok(HeadReply::Objects(self.state().objects.list())),
             HeadRequest::LocateObject { id } => {
                 let state = self.state();

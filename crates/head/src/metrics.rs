@@ -80,7 +80,7 @@ impl HeadService {
         let (actors, nodes, jobs) = {
             let state = self.state();
             let mut actors = [0u64; 3];
-            for a in state.actors.all() {
+            for a in state.actors.iter() {
                 let i = match a.state {
                     ActorState::Alive => 0,
                     ActorState::Restarting => 1,

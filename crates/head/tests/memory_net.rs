@@ -136,3 +136,108 @@ async fn a_node_cut_off_from_the_head_is_declared_dead_and_fenced_when_the_cut_h
     shutdown.cancel();
     served.await.expect("the head stops");
 }
+
+/// Task events and the state API over the wire: bad batches, queries and
+/// roles are refused with a typed error, and the head goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_task_events_and_queries_are_refused_and_good_ones_listed() {
+    use shoal_proto::state::{
+        StateKind, StateQuery, TaskEvent, TaskInfo, TaskKind, TaskState, EARLIER_MAX,
+        EVENTS_PER_BATCH_MAX, EVENT_TEXT_MAX,
+    };
+    use shoal_proto::{JobId, ServiceErrorKind, TaskId, WorkerId};
+    let net = MemoryNet::new(12);
+    let identity = Arc::new(ClusterIdentity::generate().expect("identity"));
+    let listener = net.listen(HEAD.parse().expect("addr")).expect("listen");
+    let head = Head::on(
+        listener.into(),
+        HeadConfig::default(),
+        Arc::clone(&identity),
+        None,
+    );
+    let shutdown = CancellationToken::new();
+    let served = tokio::spawn(head.run(shutdown.clone()));
+    let driver = connect(&net, DRIVER_HOST, &identity, Role::Driver).await;
+    let client = connect(&net, NODE_HOST, &identity, Role::Client).await;
+
+    let event = |name: &str| TaskEvent {
+        task_id: TaskId::fresh(),
+        attempt: 0,
+        state: TaskState::Finished,
+        at_us: 2,
+        info: Some(Box::new(TaskInfo {
+            job_id: JobId::random(),
+            name: name.to_string(),
+            kind: TaskKind::Task,
+            actor_id: None,
+            owner: WorkerId::random(),
+        })),
+        placed: None,
+        ran_us: None,
+        error: None,
+        earlier: vec![(TaskState::PendingLease, 1)],
+    };
+    let send = |events: Vec<TaskEvent>| HeadRequest::TaskEvents { events, dropped: 0 };
+    let refused =
+        |reply: Result<HeadReply, shoal_net::RpcError>, kind: ServiceErrorKind| match reply {
+            Err(shoal_net::RpcError::Service(e)) => assert_eq!(e.kind, kind, "{e}"),
+            other => panic!("expected {kind:?}, got {other:?}"),
+        };
+    let too_many = (0..=EVENTS_PER_BATCH_MAX).map(|_| event("f")).collect();
+    refused(
+        driver.call(&send(too_many), CALL).await,
+        ServiceErrorKind::BadRequest,
+    );
+    let long_name = event(&"n".repeat(EVENT_TEXT_MAX + 1));
+    refused(
+        driver.call(&send(vec![long_name]), CALL).await,
+        ServiceErrorKind::BadRequest,
+    );
+    let mut folded = event("f");
+    folded.earlier = vec![(TaskState::PendingLease, 1); EARLIER_MAX + 1];
+    refused(
+        driver.call(&send(vec![folded]), CALL).await,
+        ServiceErrorKind::BadRequest,
+    );
+    // Only drivers and workers own tasks.
+    refused(
+        client.call(&send(vec![event("f")]), CALL).await,
+        ServiceErrorKind::PermissionDenied,
+    );
+    let query = |filter: &str| {
+        HeadRequest::ListState(StateQuery {
+            kind: StateKind::Tasks,
+            filters: vec![filter.parse().expect("filter")],
+            limit: 10,
+            detail: false,
+        })
+    };
+    refused(
+        client.call(&query("colour=red"), CALL).await,
+        ServiceErrorKind::BadRequest,
+    );
+    refused(
+        client
+            .call(&HeadRequest::Summarize(StateKind::Nodes), CALL)
+            .await,
+        ServiceErrorKind::BadRequest,
+    );
+
+    // Still serving: a good batch is listed, and nothing of the bad ones.
+    let reply = driver.call(&send(vec![event("good")]), CALL).await;
+    assert_eq!(reply.expect("taken"), HeadReply::EventsTaken);
+    match client
+        .call(&query("state!=RUNNING"), CALL)
+        .await
+        .expect("listed")
+    {
+        HeadReply::State(rows) => {
+            assert_eq!(rows.rows.len(), 1, "{rows:?}");
+            let name = rows.rows[0].iter().find(|(k, _)| k == "name");
+            assert_eq!(name.map(|(_, v)| v.as_text()), Some("good".into()));
+        }
+        other => panic!("list: {other:?}"),
+    }
+    shutdown.cancel();
+    served.await.expect("the head stops");
+}

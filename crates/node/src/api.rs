@@ -10,7 +10,7 @@ use shoal_proto::{
 use tokio::sync::watch;
 
 use crate::object_store::{Created, ObjectStore, StoreError};
-use crate::worker_pool::WorkerPool;
+use crate::worker_pool::{worker_log_name as worker_log, WorkerPool};
 
 /// Largest part of an object sent in one reply.
 pub const OBJECT_CHUNK_MAX: u32 = 8 << 20;
@@ -49,7 +49,7 @@ impl NodeService {
             .launched()
             .into_iter()
             .rev()
-            .map(|w| (format!("worker-{w}.log"), "worker"));
+            .map(|w| (worker_log(w), "worker"));
         daemon
             .chain(workers)
             .filter_map(|(name, kind)| {
@@ -66,8 +66,14 @@ impl NodeService {
     /// Part of a listed log file.
     fn read_log(&self, name: &str, offset: u64, len: u32) -> Result<NodeReply, ServiceError> {
         use std::io::{Read, Seek};
-        // Only a listed name: never a path out of the directory.
-        if !self.logs().iter().any(|f| f.name == name) {
+        // Only a name it lists: never a path out of the directory.
+        let worker = name
+            .strip_prefix("worker-")
+            .and_then(|rest| rest.strip_suffix(".log"))
+            .and_then(|id| id.parse::<shoal_proto::WorkerId>().ok());
+        let listed = self.daemon_log.as_deref() == Some(name)
+            || worker.is_some_and(|w| self.pool.launched().contains(&w) && worker_log(w) == name);
+        if !listed {
             return Err(ServiceError::new(
                 ServiceErrorKind::NotFound,
                 format!("no log file {name:?} on this node (see ListLogs)"),

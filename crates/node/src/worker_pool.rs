@@ -307,6 +307,11 @@ pub struct WorkerPool {
     launched: Mutex<std::collections::VecDeque<WorkerId>>,
 }
 
+/// The name of a worker's log file in the pool's log directory.
+pub fn worker_log_name(worker_id: WorkerId) -> String {
+    format!("worker-{worker_id}.log")
+}
+
 /// Launched workers remembered for their logs.
 const LAUNCHED_KEPT: usize = 10_000;
 
@@ -515,7 +520,7 @@ impl WorkerPool {
             .config
             .log_dir
             .as_ref()
-            .map(|d| d.join(format!("worker-{worker_id}.log")));
+            .map(|d| d.join(worker_log_name(worker_id)));
         {
             let mut launched = self.launched.locked();
             if launched.len() == LAUNCHED_KEPT {

@@ -111,6 +111,16 @@ pub(crate) fn task_events_from(
     }
 }
 
+/// Whether task events are on: as `SHOAL_TASK_EVENTS` says, else
+/// `default` (a bad value: `default`; `init` names it for drivers).
+pub(crate) fn task_events_env(default: bool) -> bool {
+    task_events_from(
+        std::env::var("SHOAL_TASK_EVENTS").ok(),
+        default,
+        &mut Vec::new(),
+    )
+}
+
 /// A duration given in seconds (`2.5`): finite and not negative.
 struct Seconds(std::time::Duration);
 

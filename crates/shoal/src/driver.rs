@@ -110,11 +110,7 @@ async fn start_driver(config: Config) -> Result<Arc<core::Core>> {
         ports,
         head_timeout: config.head_timeout,
         // SHOAL_TASK_EVENTS has the last word, whatever the program says.
-        task_events: crate::config::task_events_from(
-            std::env::var("SHOAL_TASK_EVENTS").ok(),
-            config.task_events,
-            &mut Vec::new(),
-        ),
+        task_events: crate::config::task_events_env(config.task_events),
     })
     .await?;
     #[cfg(feature = "local")]

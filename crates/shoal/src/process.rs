@@ -98,11 +98,7 @@ fn worker_main() -> Result<()> {
             ports,
             head_timeout: crate::core::head::HEAD_TIMEOUT,
             // As the node's environment says (unset or a bad value: off).
-            task_events: crate::config::task_events_from(
-                std::env::var("SHOAL_TASK_EVENTS").ok(),
-                false,
-                &mut Vec::new(),
-            ),
+            task_events: crate::config::task_events_env(false),
         })
         .await?;
         core::install(Arc::clone(&core));

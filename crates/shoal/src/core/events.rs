@@ -197,6 +197,9 @@ impl Events {
 
     /// An actor call was made.
     pub(crate) fn called(&self, task_id: TaskId, actor: (ActorId, &str), method: &'static str) {
+        if !self.on {
+            return;
+        }
         let name = Name::Method(actor.1.to_string(), method);
         let state = TaskState::PendingArgs;
         self.first(task_id, name, TaskKind::ActorCall, Some(actor.0), state);
