@@ -285,11 +285,15 @@ impl ProcessCluster {
 
     /// Runs `shoal ARGS --session-dir ROOT` and returns its output.
     pub fn shoal(&self, args: &[&str]) -> Output {
+        // The flag goes before a `--`: what follows is a submitted
+        // program's command line.
+        let split = args.iter().position(|a| *a == "--").unwrap_or(args.len());
         let mut command = Command::new(shoal_bin());
         command
-            .args(args)
+            .args(&args[..split])
             .arg("--session-dir")
             .arg(self.root())
+            .args(&args[split..])
             .env_remove("SHOAL_TOKEN")
             .env_remove("SHOAL_ADDRESS");
         if args.first() == Some(&"start") {

@@ -41,6 +41,20 @@ fn get_with_cookie(addr: &str, path: &str, cookie: &str) -> (u16, String) {
 fn the_dashboard_shows_the_cluster_to_a_browser_with_the_token_and_nothing_without() {
     let cluster = ProcessCluster::three_process();
     cluster.run_observed_job(20);
+    let submitted = cluster.shoal(&[
+        "job",
+        "submit",
+        "--",
+        "sh",
+        "-c",
+        "echo hello-from-a-submitted-job",
+    ]);
+    assert!(submitted.status.success(), "{submitted:?}");
+    let submitted_job = String::from_utf8_lossy(&submitted.stderr)
+        .split_whitespace()
+        .nth(1)
+        .expect("the job id")
+        .to_string();
     let addr = std::fs::read_to_string(cluster.root().join("session_latest/dashboard_address"))
         .expect("the head wrote its dashboard address")
         .trim()
@@ -130,6 +144,17 @@ fn the_dashboard_shows_the_cluster_to_a_browser_with_the_token_and_nothing_witho
     assert!(
         dom.contains("scenarios::say"),
         "the tasks are listed:\n{dom}"
+    );
+    // A submitted job's output, from its link.
+    let dom = chromium(
+        &format!("{link}&job={submitted_job}"),
+        &["--dump-dom".to_string()],
+        BROWSER,
+    );
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    assert!(
+        dom.contains("hello-from-a-submitted-job") && dom.contains("SUCCEEDED"),
+        "the job's output is on its page:\n{dom}"
     );
     // Without the token the browser gets the login page only.
     let dom = chromium(

@@ -105,7 +105,44 @@ fn serve(service: &HeadService, token: &JoinToken, request: &Request) -> Respons
             format!("{COOKIE}=; Max-Age=0; Path=/; HttpOnly; SameSite=Strict"),
         ),
         "/api/status" => json_response(200, &crate::status::to_json(&service.status())),
-        _ => api(service, request),
+        _ => match path.strip_prefix("/api/job-logs/") {
+            Some(job) => job_logs(service, job, request),
+            None => api(service, request),
+        },
+    }
+}
+
+/// Most output one request shows: the end of a job's output.
+const JOB_LOG_TAIL_MAX: u32 = 1 << 20;
+
+/// `/api/job-logs/ID?tail=BYTES`: the end of a submitted job's output.
+fn job_logs(service: &HeadService, job: &str, request: &Request) -> Response {
+    let Ok(job_id) = job.parse() else {
+        return api_error(404, format!("{job:?} is not a job id"));
+    };
+    let tail = request
+        .param("tail")
+        .and_then(|t| t.parse::<u32>().ok())
+        .unwrap_or(64 << 10)
+        .min(JOB_LOG_TAIL_MAX);
+    // The size first, then the tail of it.
+    let read = service.job_log(job_id, 0, 0).and_then(|size| match size {
+        HeadReply::JobLog { size, .. } => {
+            service.job_log(job_id, size.saturating_sub(u64::from(tail)), tail)
+        }
+        other => Ok(other),
+    });
+    match read {
+        Ok(HeadReply::JobLog { data, size, done }) => json_response(
+            200,
+            &serde_json::json!({
+                "output": String::from_utf8_lossy(&data),
+                "size": size,
+                "done": done,
+            }),
+        ),
+        Ok(other) => api_error(500, format!("unexpected answer {other:?}")),
+        Err(e) => api_error(404, e.message),
     }
 }
 
@@ -120,7 +157,15 @@ fn login(token: &JoinToken, request: &Request) -> Response {
     if !token.matches_text(&given) {
         return login_page(401, "That is not this cluster's token.");
     }
-    Response::redirect("/").with_header(
+    // `&job=ID` lands on that job's output (an id only: no open redirect).
+    let landing = match request
+        .param("job")
+        .map(|j| j.parse::<shoal_proto::JobId>())
+    {
+        Some(Ok(job)) => format!("/?job={job}"),
+        _ => "/".to_string(),
+    };
+    Response::redirect(&landing).with_header(
         "Set-Cookie",
         format!(
             "{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict",

@@ -276,7 +276,7 @@ fn cell(value: &Value) -> String {
 }
 
 /// Rows as a table, its columns those of the first row.
-fn print_table(rows: &[Row]) {
+pub fn print_table(rows: &[Row]) {
     let Some(first) = rows.first() else {
         println!("(none)");
         return;

@@ -7,13 +7,14 @@
 //! - `cluster_file`: the TOML cluster file read by `--config`;
 //! - `session`: the session directory (pid files, logs, token, addresses);
 //! - `start`, `stop`, `status`, `list` (also `get` and `summary`),
-//!   `logs`, `timeline`, `microbenchmark`: one per subcommand;
+//!   `logs`, `timeline`, `job`, `microbenchmark`: one per subcommand;
 //! - `metrics`, `dashboard`: what the head and node processes serve over
 //!   HTTP;
 //! - `logging`: `tracing` set up from `SHOAL_LOG` or `RUST_LOG`.
 
 mod cluster_file;
 mod dashboard;
+mod job;
 mod list;
 mod logging;
 mod logs;
@@ -65,6 +66,9 @@ enum Command {
     /// Perfetto): a track per worker, a slice per task, arrows from
     /// submitter to executor.
     Timeline(timeline::TimelineArgs),
+    /// Submit a program to run as a job's driver on the head's machine,
+    /// and follow, stop and list jobs.
+    Job(job::JobArgs),
     /// Run Ray's microbenchmark metric set on a local cluster (worker
     /// processes); `SHOAL_BENCH_FILTER=substring` runs a subset.
     Microbenchmark(microbenchmark::MicrobenchmarkArgs),
@@ -88,6 +92,11 @@ fn main() -> ExitCode {
     shoal::__private::run_worker_if_worker();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Job(args) => match job::run(args) {
+            // A submitted job's exit code is the command's.
+            Ok(code) => return code,
+            Err(e) => Err(e),
+        },
         Command::Start(args) => start::run(*args),
         Command::Stop(args) => stop::run(args),
         Command::Status(args) => status::run(args),

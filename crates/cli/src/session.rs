@@ -194,6 +194,34 @@ pub fn all_pid_files(root: &Path) -> Vec<PathBuf> {
     files
 }
 
+/// The pid files of submitted jobs' drivers (`jobs/<job>.pid`) under every
+/// session of `root`, with each job's id.
+pub fn all_driver_pid_files(root: &Path) -> Vec<(String, PathBuf)> {
+    let Ok(sessions) = fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let mut files = Vec::new();
+    for session in sessions.flatten() {
+        let name = session.file_name();
+        if !name.to_string_lossy().starts_with("session_") || name == LATEST {
+            continue;
+        }
+        let Ok(jobs) = fs::read_dir(session.path().join("jobs")) else {
+            continue;
+        };
+        for entry in jobs.flatten() {
+            let path = entry.path();
+            let job = path
+                .file_stem()
+                .filter(|_| path.extension().is_some_and(|e| e == "pid"))
+                .map(|s| s.to_string_lossy().into_owned());
+            files.extend(job.map(|job| (job, path.clone())));
+        }
+    }
+    files.sort();
+    files
+}
+
 /// A pid file that removes itself when dropped.
 pub struct PidFile(PathBuf);
 

@@ -331,6 +331,16 @@ fn run_head_in(args: &StartArgs, file: &ClusterFile, session: &Session) -> Resul
         // Local commands reach the head on loopback when it listens everywhere.
         let local_ip = node_ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
         node_config.head_address = SocketAddr::new(local_ip, bound.port()).to_string();
+        // Submitted jobs' drivers run on this machine, and join as local
+        // commands do.
+        head.service().run_jobs(shoal_head::submit::JobRunner::new(
+            session.dir.join("jobs"),
+            session.dir.join("logs"),
+            vec![
+                ("SHOAL_ADDRESS".into(), node_config.head_address.clone()),
+                ("SHOAL_TOKEN".into(), identity.token().to_string()),
+            ],
+        ));
         let advertised = SocketAddr::new(advertised_ip, bound.port());
         let metrics = crate::metrics::listen(
             node_ip,

@@ -144,6 +144,23 @@ pub fn ask(
         .build()
         .context("starting tokio")?;
     runtime.block_on(async {
+        let head = HeadConnection::open(address, token, timeout).await?;
+        let reply = head.client.call(&request, timeout).await;
+        head.close().await;
+        reply.context("asking the head")
+    })
+}
+
+/// A client's connection to the head, for commands that send several
+/// requests.
+pub struct HeadConnection {
+    transport: Transport,
+    pub client: RpcClient<HeadRequest, HeadReply>,
+}
+
+impl HeadConnection {
+    /// Connects to the head at `address` as a client.
+    pub async fn open(address: &str, token: &JoinToken, timeout: Duration) -> Result<Self> {
         let addr = shoal_net::host::resolve(address).await?;
         let limits = NetLimits {
             handshake_timeout: timeout,
@@ -157,15 +174,18 @@ pub fn ask(
             HEAD_SERVER_NAME,
             limits,
         )?;
-        let head: RpcClient<HeadRequest, HeadReply> = transport
+        let client = transport
             .connect(addr)
             .await
             .with_context(|| format!("connecting to the head at {address}"))?;
-        let reply = head.call(&request, timeout).await;
-        head.close();
-        transport.wait_idle().await;
-        reply.context("asking the head")
-    })
+        Ok(Self { transport, client })
+    }
+
+    /// Closes the connection, waiting for it to finish.
+    pub async fn close(self) {
+        self.client.close();
+        self.transport.wait_idle().await;
+    }
 }
 
 fn resources_json(set: &ResourceSet) -> Value {

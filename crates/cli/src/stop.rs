@@ -37,6 +37,8 @@ struct Daemon {
     /// Start time in clock ticks since boot (field 22 of `/proc/<pid>/stat`).
     started: u64,
     pid_file: PathBuf,
+    /// A submitted job's driver: its whole process group is signalled.
+    group: bool,
 }
 
 impl Daemon {
@@ -47,15 +49,22 @@ impl Daemon {
     }
 
     fn signal(&self, signal: Signal) {
-        if self.running() {
-            let _ = kill(Pid::from_raw(self.pid), signal);
+        if !self.running() {
+            return;
         }
+        let pid = Pid::from_raw(self.pid);
+        let _ = if self.group {
+            nix::sys::signal::killpg(pid, signal)
+        } else {
+            kill(pid, signal)
+        };
     }
 }
 
 pub fn run(args: StopArgs) -> Result<()> {
     let daemons = running_daemons(&args.session.root);
-    if daemons.is_empty() {
+    let drivers = running_drivers(&args.session.root);
+    if daemons.is_empty() && drivers.is_empty() {
         println!(
             "No Shoal daemons running under {}",
             args.session.root.display()
@@ -68,26 +77,21 @@ pub fn run(args: StopArgs) -> Result<()> {
     } else {
         Signal::SIGTERM
     };
-    for daemon in &daemons {
-        daemon.signal(first);
-    }
-    let mut left = wait_for_exit(&daemons, grace);
-    if !left.is_empty() {
-        eprintln!(
-            "{} daemon(s) still running after {grace:?}; sending SIGKILL",
-            left.len()
-        );
-        for daemon in &left {
-            daemon.signal(Signal::SIGKILL);
+    let mut left = stop_all(&daemons, first, grace);
+    // The drivers of submitted jobs stop with their head; these are those
+    // whose head was killed first.
+    let drivers: Vec<Daemon> = drivers.into_iter().filter(Daemon::running).collect();
+    left.extend(stop_all(&drivers, first, grace));
+    for daemon in daemons.iter().chain(&drivers) {
+        if !daemon.running() {
+            let _ = std::fs::remove_file(&daemon.pid_file);
         }
-        left = wait_for_exit(&left, Duration::from_secs(5));
     }
     for daemon in &daemons {
         if !daemon.running() {
-            let _ = std::fs::remove_file(&daemon.pid_file);
             // A daemon killed before it could clean up leaves its object
             // store (shared memory, spill files) behind.
-            if let Some(session) = daemon.pid_file.parent() {
+            if let Some(session) = daemon.pid_file.parent().and_then(Path::parent) {
                 shoal_node::object_store::remove_orphans(&session.join("spill"));
                 shoal_node::object_store::remove_orphans(&shoal_node::object_store::default_root(
                     session,
@@ -100,7 +104,67 @@ pub fn run(args: StopArgs) -> Result<()> {
         anyhow::bail!("could not stop process(es) {}", pids.join(", "));
     }
     println!("Stopped {} Shoal daemon(s)", daemons.len());
+    if !drivers.is_empty() {
+        println!(
+            "Stopped {} job driver(s) left by a killed head",
+            drivers.len()
+        );
+    }
     Ok(())
+}
+
+/// Signals each, then SIGKILL to those still running after `grace`; the
+/// ones that would not stop.
+fn stop_all(daemons: &[Daemon], first: Signal, grace: Duration) -> Vec<Daemon> {
+    for daemon in daemons {
+        daemon.signal(first);
+    }
+    let mut left = wait_for_exit(daemons, grace);
+    if !left.is_empty() {
+        eprintln!(
+            "{} process(es) still running after {grace:?}; sending SIGKILL",
+            left.len()
+        );
+        for daemon in &left {
+            daemon.signal(Signal::SIGKILL);
+        }
+        left = wait_for_exit(&left, Duration::from_secs(5));
+    }
+    left
+}
+
+/// The drivers of submitted jobs under `root` still running, from the pid
+/// files their heads wrote (`jobs/<job>.pid`): a process counts only if it
+/// leads its process group and was started with that job's id.
+fn running_drivers(root: &Path) -> Vec<Daemon> {
+    let mut found = Vec::new();
+    for (job, pid_file) in crate::session::all_driver_pid_files(root) {
+        let pid = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            .filter(|p| *p > 0);
+        let driver = pid.and_then(|pid| {
+            let (state, started) = process_state(pid)?;
+            let leads =
+                nix::unistd::getpgid(Some(Pid::from_raw(pid))).ok() == Some(Pid::from_raw(pid));
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            let marker = format!("SHOAL_JOB_ID={job}");
+            let ours = environ.split(|b| *b == 0).any(|v| v == marker.as_bytes());
+            (!exited(state) && leads && ours).then_some(Daemon {
+                pid,
+                started,
+                pid_file: pid_file.clone(),
+                group: true,
+            })
+        });
+        match driver {
+            Some(driver) => found.push(driver),
+            None => {
+                let _ = std::fs::remove_file(&pid_file);
+            }
+        }
+    }
+    found
 }
 
 /// Every daemon under `root` that is still running; stale pid files are removed.
@@ -116,6 +180,7 @@ fn running_daemons(root: &Path) -> Vec<Daemon> {
                 pid,
                 started,
                 pid_file: pid_file.clone(),
+                group: false,
             })
         });
         match daemon {
@@ -179,6 +244,7 @@ mod tests {
             pid: me,
             started,
             pid_file: PathBuf::new(),
+            group: false,
         };
         assert!(daemon.running());
         let recycled = Daemon {

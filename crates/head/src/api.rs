@@ -2,15 +2,20 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
+use shoal_net::digest::is_sha256_hex;
 use shoal_net::handshake::HandshakeStats;
 use shoal_net::sync::MutexExt;
 use shoal_net::{ClusterIdentity, Peer, Service};
-use shoal_proto::head::{LeaseRequest, NodeRegistered, RegisterNode, RestartActor};
+use shoal_proto::head::{
+    JobSubmission, LeaseRequest, NodeRegistered, RegisterNode, RestartActor, SUBMIT_BYTES_MAX,
+    SUBMIT_STRINGS_MAX,
+};
+use shoal_proto::node::LOG_CHUNK_MAX;
 use shoal_proto::{
-    ActorState, ClusterId, ClusterStatus, HeadReply, HeadRequest, NodeId, NodeState, Role,
+    ActorState, ClusterId, ClusterStatus, HeadReply, HeadRequest, JobId, NodeId, NodeState, Role,
     ServiceError, ServiceErrorKind,
 };
 use tokio::sync::Notify;
@@ -18,10 +23,11 @@ use tracing::{info, warn};
 
 use crate::actors::{Actors, Died, Placed};
 use crate::config::HeadConfig;
-use crate::jobs::{Binaries, Jobs};
+use crate::jobs::{Binaries, Jobs, SubmissionStatus};
 use crate::membership::{Fenced, Membership};
 use crate::scheduler::{Decision, NodeView, Scheduler};
 use crate::store::{Store, Stored};
+use crate::submit::{Event, JobRunner, Start, WORKING_DIR_BYTES_MAX};
 
 /// Longest a lease request is held waiting for resources.
 const LEASE_WAIT_MAX: Duration = Duration::from_secs(10);
@@ -184,8 +190,13 @@ impl State {
         }
         let live = self.live_nodes();
         for (info, spec) in waiting {
-            let Some(job) = self.jobs.get(info.job_id).cloned() else {
-                // The job is forgotten: its executable may be too.
+            // A job that is forgotten (its executable may be too), or has
+            // no driver, has no actor to restart.
+            let Some((job, driver)) = self
+                .jobs
+                .get(info.job_id)
+                .and_then(|j| Some((j.clone(), j.driver.clone()?)))
+            else {
                 self.actors.kill(info.actor_id);
                 continue;
             };
@@ -223,7 +234,7 @@ impl State {
                     lease,
                     job_id: info.job_id,
                     binary_hash: job.binary_hash,
-                    driver: job.driver,
+                    driver,
                     detached: info.detached,
                 });
         }
@@ -260,6 +271,11 @@ pub struct HeadService {
     /// What owners report of their tasks (not kept across restarts).
     tasks: Mutex<crate::tasks::Tasks>,
     metrics: crate::metrics::HeadMetrics,
+    /// Runs the drivers of submitted jobs, when the head has a session
+    /// directory to run them in ([`HeadService::run_jobs`]).
+    runner: OnceLock<Arc<JobRunner>>,
+    /// This service, for what the runner reports later.
+    me: OnceLock<Weak<HeadService>>,
 }
 
 fn bad_request(message: impl Into<String>) -> ServiceError {
@@ -315,7 +331,154 @@ impl HeadService {
             store,
             tasks: Mutex::new(crate::tasks::Tasks::new()),
             metrics: crate::metrics::HeadMetrics::default(),
+            runner: OnceLock::new(),
+            me: OnceLock::new(),
         }
+    }
+
+    /// Lets this head run submitted jobs (`shoal job submit`) with
+    /// `runner`; a head without one refuses them.
+    pub fn run_jobs(self: &Arc<Self>, runner: JobRunner) {
+        let _ = self.me.set(Arc::downgrade(self));
+        let _ = self.runner.set(Arc::new(runner));
+    }
+
+    /// Stops the drivers of submitted jobs (the head is stopping).
+    pub async fn stop_jobs(&self) {
+        if let Some(runner) = self.runner.get() {
+            runner.shutdown().await;
+        }
+    }
+
+    fn submit_job(&self, submission: JobSubmission) -> Result<HeadReply, ServiceError> {
+        check_submission(&submission)?;
+        let (Some(runner), Some(me)) = (self.runner.get(), self.me.get()) else {
+            return Err(ServiceError::new(
+                ServiceErrorKind::Unavailable,
+                "this head runs no submitted jobs (it was started without a session directory)",
+            ));
+        };
+        let job_id = submission.job_id;
+        let (program, working_dir) = {
+            let binaries = self.binaries();
+            let program = binaries.get(&submission.program_hash);
+            let working_dir = submission
+                .working_dir_hash
+                .as_ref()
+                .map(|hash| binaries.get(hash).ok_or(hash));
+            (program, working_dir)
+        };
+        let mut missing = Vec::new();
+        if program.is_none() {
+            missing.push(submission.program_hash.clone());
+        }
+        if let Some(Err(hash)) = &working_dir {
+            missing.push((*hash).clone());
+        }
+        let (Some(program), None) = (program, missing.first()) else {
+            return Ok(HeadReply::JobSubmitted { job_id, missing });
+        };
+        if let Some(Ok(archive)) = &working_dir {
+            if archive.len() as u64 > WORKING_DIR_BYTES_MAX {
+                return Err(bad_request(format!(
+                    "working directory archive of {} bytes exceeds the {WORKING_DIR_BYTES_MAX} byte limit",
+                    archive.len()
+                )));
+            }
+        }
+        let entrypoint = std::iter::once(submission.program.as_str())
+            .chain(submission.args.iter().map(String::as_str))
+            .collect::<Vec<_>>()
+            .join(" ");
+        if !self
+            .state()
+            .jobs
+            .submit(job_id, &submission.program_hash, entrypoint)
+        {
+            // A retried submission: the first one started it.
+            return Ok(HeadReply::JobSubmitted { job_id, missing });
+        }
+        info!(%job_id, program = %submission.program, "job submitted");
+        let me = me.clone();
+        runner.start(
+            Start {
+                job_id,
+                program: submission.program,
+                program_bytes: program,
+                args: submission.args,
+                env: submission.env,
+                working_dir: working_dir.and_then(Result::ok),
+            },
+            move |job_id, event| {
+                if let Some(service) = me.upgrade() {
+                    service.job_event(job_id, event);
+                }
+            },
+        );
+        Ok(HeadReply::JobSubmitted { job_id, missing })
+    }
+
+    /// What the runner says of a submitted job's driver.
+    fn job_event(&self, job_id: JobId, event: Event) {
+        let exited = matches!(event, Event::Exited(_));
+        {
+            let mut state = self.state();
+            state.jobs.update_submission(job_id, |s| match event {
+                Event::Started(pid) => {
+                    s.status = SubmissionStatus::Running;
+                    s.driver_pid = Some(pid);
+                }
+                Event::Exited(exit) => {
+                    s.status = exit.status;
+                    s.exit_code = exit.exit_code;
+                    s.message = exit.message;
+                }
+            });
+            self.journal(&mut state, false);
+        }
+        // Its tasks and actors end with it.
+        if exited {
+            self.finish_job(job_id);
+            self.journal(&mut self.state(), false);
+        }
+    }
+
+    /// Part of a submitted job's output ([`HeadReply::JobLog`]).
+    pub fn job_log(&self, job_id: JobId, offset: u64, len: u32) -> Result<HeadReply, ServiceError> {
+        let Some(runner) = self.runner.get() else {
+            return Err(not_submitted(job_id));
+        };
+        let done = match self.state().jobs.get(job_id).map(|j| j.submission.as_ref()) {
+            Some(Some(s)) => s.status.is_terminal(),
+            _ => return Err(not_submitted(job_id)),
+        };
+        // Read after the state: output is complete once the job is done.
+        let (data, size) = runner
+            .read_log(job_id, offset, len.min(LOG_CHUNK_MAX))
+            .map_err(|e| {
+                ServiceError::new(
+                    ServiceErrorKind::Internal,
+                    format!("reading the job's output: {e}"),
+                )
+            })?;
+        Ok(HeadReply::JobLog { data, size, done })
+    }
+
+    fn stop_job(&self, job_id: JobId) -> Result<HeadReply, ServiceError> {
+        let submitted = self
+            .state()
+            .jobs
+            .get(job_id)
+            .is_some_and(|j| j.submission.is_some());
+        let runner = self.runner.get().filter(|_| submitted);
+        let Some(runner) = runner else {
+            return Err(not_submitted(job_id));
+        };
+        let running = runner.stop(job_id);
+        if running {
+            info!(%job_id, "stopping the job");
+        }
+        Ok(HeadReply::JobStopping { running })
     }
 
     /// What the head measures as it goes.
@@ -880,7 +1043,7 @@ impl HeadService {
                 }
                 let job_id = self.state().jobs.register(&job, peer.connection_id);
                 let binary_present = self.binaries().has(&job.binary_hash);
-                info!(%job_id, driver = %job.driver.address, pid = job.driver_pid, "job started");
+                info!(%job_id, driver = %job.driver.address, pid = job.driver_pid, submitted = job.job_id.is_some(), "job started");
                 Ok(HeadReply::JobRegistered {
                     job_id,
                     binary_present,
@@ -892,7 +1055,9 @@ impl HeadService {
                 total,
                 data,
             } => {
-                peer.require(&[Role::Driver])?;
+                // Drivers upload their executable, `shoal job submit` a
+                // program and a working directory.
+                peer.require(&[Role::Driver, Role::Client])?;
                 let complete = self
                     .binaries()
                     .upload(&hash, offset, total, &data)
@@ -1155,6 +1320,71 @@ impl HeadService {
                 self.finish_job(job_id);
                 Ok(HeadReply::JobFinished)
             }
+            HeadRequest::SubmitJob(submission) => {
+                peer.require(&[Role::Client, Role::Driver])?;
+                self.submit_job(*submission)
+            }
+            HeadRequest::JobLogs {
+                job_id,
+                offset,
+                len,
+            } => {
+                peer.require(&[Role::Client, Role::Driver])?;
+                self.job_log(job_id, offset, len)
+            }
+            HeadRequest::StopJob { job_id } => {
+                peer.require(&[Role::Client, Role::Driver])?;
+                self.stop_job(job_id)
+            }
         }
     }
+}
+
+fn not_submitted(job_id: JobId) -> ServiceError {
+    ServiceError::new(
+        ServiceErrorKind::NotFound,
+        format!("no submitted job {job_id} (only jobs started by `shoal job submit` have output and can be stopped)"),
+    )
+}
+
+/// Refuses a submission the head could not run as given.
+fn check_submission(s: &JobSubmission) -> Result<(), ServiceError> {
+    // A file name, as Linux allows it.
+    const PROGRAM_NAME_MAX: usize = 255;
+    let name = &s.program;
+    if name.is_empty()
+        || name.len() > PROGRAM_NAME_MAX
+        || name == "."
+        || name == ".."
+        || name.contains(['/', '\0'])
+    {
+        return Err(bad_request(format!(
+            "{name:?} is not a program file name (1 to {PROGRAM_NAME_MAX} bytes, no '/')"
+        )));
+    }
+    let hashes = std::iter::once(&s.program_hash).chain(s.working_dir_hash.as_ref());
+    if let Some(bad) = hashes.into_iter().find(|h| !is_sha256_hex(h)) {
+        return Err(bad_request(format!("{bad:?} is not a hex SHA-256")));
+    }
+    let strings = s.args.len() + s.env.len();
+    let bytes: usize = s.args.iter().map(String::len).sum::<usize>()
+        + s.env.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+    if strings > SUBMIT_STRINGS_MAX || bytes > SUBMIT_BYTES_MAX {
+        return Err(bad_request(format!(
+            "arguments and environment are limited to {SUBMIT_STRINGS_MAX} strings and {SUBMIT_BYTES_MAX} bytes"
+        )));
+    }
+    if s.args.iter().any(|a| a.contains('\0')) {
+        return Err(bad_request("an argument contains a NUL byte"));
+    }
+    if let Some((key, _)) = s
+        .env
+        .iter()
+        .find(|(k, v)| k.is_empty() || k.contains(['=', '\0']) || v.contains('\0'))
+    {
+        return Err(bad_request(format!(
+            "environment variable {key:?}: names are not empty and hold no '=' or NUL, values no NUL"
+        )));
+    }
+    Ok(())
 }

@@ -25,27 +25,33 @@ const FINISHED_KEPT: usize = 1000;
 /// A job.
 #[derive(Clone, Debug)]
 pub struct Job {
-    /// The driver.
-    pub driver: Address,
+    /// The driver; `None` for a submitted job until its program connects.
+    pub driver: Option<Address>,
     /// Hex SHA-256 of its executable.
     pub binary_hash: String,
-    /// False once the job has finished.
+    /// False once the job has finished: its leases are reclaimed and no
+    /// task of it runs.
     pub running: bool,
     /// The driver's connection to the head: the job ends when it closes.
     /// `None` for a job a restarted head reloaded, until its driver
-    /// connects again.
+    /// connects again, and for a submitted job until its program does.
     pub connection_id: Option<u64>,
     /// When it was registered (microseconds since the Unix epoch).
     pub started_us: u64,
     /// When it finished, once it has.
     pub ended_us: Option<u64>,
+    /// For a job that `shoal job submit` started: how its driver fares.
+    pub submission: Option<Submission>,
+    /// A submitted job reloaded by a restarted head, which no longer
+    /// watches its driver.
+    unsupervised: bool,
 }
 
 /// A job as the head's store keeps it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
     /// The driver.
-    pub driver: Address,
+    pub driver: Option<Address>,
     /// Hex SHA-256 of its executable.
     pub binary_hash: String,
     /// False once the job has finished.
@@ -56,6 +62,58 @@ pub struct JobRecord {
     /// When it finished, once it has.
     #[serde(default)]
     pub ended_us: Option<u64>,
+    /// A submitted job's state.
+    #[serde(default)]
+    pub submission: Option<Submission>,
+}
+
+/// A submitted job: the program the head runs as its driver.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Submission {
+    /// The program and its arguments, as submitted.
+    pub entrypoint: String,
+    /// Where its driver is.
+    pub status: SubmissionStatus,
+    /// The driver's exit code (128 + the signal for one killed by a
+    /// signal).
+    pub exit_code: Option<i32>,
+    /// Why it failed or stopped.
+    pub message: Option<String>,
+    /// The driver's process id, once it started.
+    pub driver_pid: Option<u32>,
+}
+
+/// The states of a submitted job, as Ray names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SubmissionStatus {
+    /// Its program and working directory are being prepared.
+    Pending,
+    /// Its driver runs.
+    Running,
+    /// Its driver exited with code 0.
+    Succeeded,
+    /// Its driver could not start, exited with another code or was killed.
+    Failed,
+    /// Stopped by `shoal job stop` (or the head stopping).
+    Stopped,
+}
+
+impl SubmissionStatus {
+    /// The name the state API shows.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pending => "PENDING",
+            Self::Running => "RUNNING",
+            Self::Succeeded => "SUCCEEDED",
+            Self::Failed => "FAILED",
+            Self::Stopped => "STOPPED",
+        }
+    }
+
+    /// True once the driver has exited (or never will start).
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Stopped)
+    }
 }
 
 /// The job table.
@@ -73,28 +131,84 @@ impl Jobs {
         // A driver registers one job: a retried request (its reply lost),
         // or the driver connecting again to a restarted head, gets the job
         // the first one made, now ending with this connection.
-        let known = self
-            .jobs
-            .iter_mut()
-            .find(|(_, j)| j.running && j.driver.worker_id == request.driver.worker_id);
+        let known = self.jobs.iter_mut().find(|(_, j)| {
+            j.running
+                && j.driver
+                    .as_ref()
+                    .is_some_and(|d| d.worker_id == request.driver.worker_id)
+        });
         if let Some((id, job)) = known {
             job.connection_id = Some(connection_id);
             return *id;
+        }
+        // The program of a submitted job takes that job (once: a process it
+        // starts inherits the variable, and makes a job of its own).
+        let submitted = request.job_id.and_then(|id| {
+            let job = self.jobs.get_mut(&id)?;
+            (job.running && job.submission.is_some() && job.driver.is_none()).then_some((id, job))
+        });
+        if let Some((id, job)) = submitted {
+            job.driver = Some(request.driver.clone());
+            job.binary_hash.clone_from(&request.binary_hash);
+            job.connection_id = Some(connection_id);
+            self.dirty.insert(id);
+            return id;
         }
         let id = JobId::random();
         self.jobs.insert(
             id,
             Job {
-                driver: request.driver.clone(),
+                driver: Some(request.driver.clone()),
                 binary_hash: request.binary_hash.clone(),
                 running: true,
                 connection_id: Some(connection_id),
                 started_us: shoal_proto::state::unix_us(),
                 ended_us: None,
+                submission: None,
+                unsupervised: false,
             },
         );
         self.dirty.insert(id);
         id
+    }
+
+    /// Records a submitted job, pending until the head starts its program;
+    /// false if a job with this id exists (a retried submission).
+    pub fn submit(&mut self, id: JobId, program_hash: &str, entrypoint: String) -> bool {
+        if self.jobs.contains_key(&id) {
+            return false;
+        }
+        self.jobs.insert(
+            id,
+            Job {
+                driver: None,
+                binary_hash: program_hash.to_string(),
+                running: true,
+                connection_id: None,
+                started_us: shoal_proto::state::unix_us(),
+                ended_us: None,
+                submission: Some(Submission {
+                    entrypoint,
+                    status: SubmissionStatus::Pending,
+                    exit_code: None,
+                    message: None,
+                    driver_pid: None,
+                }),
+                unsupervised: false,
+            },
+        );
+        self.dirty.insert(id);
+        true
+    }
+
+    /// Changes a submitted job's state; false if it is not one.
+    pub fn update_submission(&mut self, id: JobId, change: impl FnOnce(&mut Submission)) -> bool {
+        let Some(submission) = self.jobs.get_mut(&id).and_then(|j| j.submission.as_mut()) else {
+            return false;
+        };
+        change(submission);
+        self.dirty.insert(id);
+        true
     }
 
     /// A job reloaded from the store, its driver not connected yet.
@@ -102,6 +216,10 @@ impl Jobs {
         if !record.running {
             self.finished.push_back(id);
         }
+        let unsupervised = record
+            .submission
+            .as_ref()
+            .is_some_and(|s| !s.status.is_terminal());
         self.jobs.insert(
             id,
             Job {
@@ -111,6 +229,8 @@ impl Jobs {
                 connection_id: None,
                 started_us: record.started_us,
                 ended_us: record.ended_us,
+                submission: record.submission,
+                unsupervised,
             },
         );
     }
@@ -127,6 +247,7 @@ impl Jobs {
                     running: j.running,
                     started_us: j.started_us,
                     ended_us: j.ended_us,
+                    submission: j.submission.clone(),
                 });
                 (id, record)
             })
@@ -167,6 +288,14 @@ impl Jobs {
         }
         job.running = false;
         job.ended_us = Some(shoal_proto::state::unix_us());
+        // No head saw this driver exit: its outcome is unknown.
+        if job.unsupervised {
+            if let Some(s) = job.submission.as_mut().filter(|s| !s.status.is_terminal()) {
+                s.status = SubmissionStatus::Failed;
+                s.message =
+                    Some("the head restarted while the job ran: its exit is unknown".into());
+            }
+        }
         self.dirty.insert(id);
         self.finished.push_back(id);
         while self.finished.len() > FINISHED_KEPT {
@@ -347,6 +476,11 @@ impl Binaries {
     /// True if the executable is stored.
     pub fn has(&self, hash: &str) -> bool {
         self.complete.contains_key(hash)
+    }
+
+    /// A stored executable (or archive), whole.
+    pub fn get(&self, hash: &str) -> Option<Arc<Vec<u8>>> {
+        self.complete.get(hash).cloned()
     }
 
     /// Stores one part of an upload. Returns true once the whole executable

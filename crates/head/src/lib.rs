@@ -15,6 +15,7 @@
 //! - [`scheduler`]: the resource ledger and lease placement, a state machine
 //!   with no I/O.
 //! - [`jobs`]: the job table and the executables workers run.
+//! - [`submit`]: the drivers of submitted jobs, which the head runs.
 //! - [`actors`]: the actor directory: locations, names, lifetimes.
 //! - [`kv`]: the internal key-value table.
 //! - [`store`]: the durable tables (group commit to a redb file, or none).
@@ -43,6 +44,7 @@ pub mod redis;
 pub mod scheduler;
 pub mod state_api;
 pub mod store;
+pub mod submit;
 pub mod tasks;
 
 use std::net::SocketAddr;
@@ -180,6 +182,7 @@ impl Head {
                 () = stop.cancelled() => {}
             }
         });
+        let service = self.service.clone();
         let detector =
             failure_detector(self.service.clone(), self.config.clone(), shutdown.clone());
         let server = shoal_net::rpc::serve(
@@ -191,6 +194,7 @@ impl Head {
             shutdown,
         );
         tokio::join!(detector, server);
+        service.stop_jobs().await;
         info!("head stopped");
     }
 }

@@ -372,6 +372,7 @@ mod tests {
                 binary_hash: "ab".repeat(32),
                 binary_size: 1,
                 driver: address(),
+                job_id: None,
             },
             11,
         );

@@ -53,13 +53,18 @@ fn fields(kind: StateKind) -> Fields {
             &[
                 "job_id",
                 "state",
-                "driver_address",
+                "type",
+                "entrypoint",
                 "start_time_us",
                 "end_time_us",
+                "driver_address",
+                "exit_code",
+                "message",
                 "driver_id",
+                "driver_pid",
                 "binary_hash",
             ],
-            5,
+            6,
         ),
         StateKind::Tasks => (
             &[
@@ -359,14 +364,33 @@ fn node_row(n: &NodeStatus) -> Row {
 }
 
 fn job_row(id: shoal_proto::JobId, job: &crate::jobs::Job) -> Row {
-    let state = if job.running { "RUNNING" } else { "FINISHED" };
+    // A submitted job is in its driver's state (Ray's names); one a driver
+    // started runs until the driver leaves.
+    let (kind, state) = match &job.submission {
+        Some(s) => ("SUBMISSION", s.status.name()),
+        None if job.running => ("DRIVER", "RUNNING"),
+        None => ("DRIVER", "FINISHED"),
+    };
+    let submission = job.submission.as_ref();
+    let driver = job.driver.as_ref();
     row(vec![
         ("job_id", id.to_string().into()),
         ("state", state.into()),
-        ("driver_address", job.driver.address.clone().into()),
+        ("type", kind.into()),
+        (
+            "entrypoint",
+            submission.map(|s| s.entrypoint.clone()).into(),
+        ),
         ("start_time_us", job.started_us.into()),
         ("end_time_us", job.ended_us.into()),
-        ("driver_id", job.driver.worker_id.to_string().into()),
+        ("driver_address", driver.map(|d| d.address.clone()).into()),
+        (
+            "exit_code",
+            submission.and_then(|s| s.exit_code).map(i64::from).into(),
+        ),
+        ("message", submission.and_then(|s| s.message.clone()).into()),
+        ("driver_id", driver.map(|d| d.worker_id.to_string()).into()),
+        ("driver_pid", submission.and_then(|s| s.driver_pid).into()),
         ("binary_hash", job.binary_hash.clone().into()),
     ])
 }

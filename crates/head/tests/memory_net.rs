@@ -241,3 +241,187 @@ async fn bad_task_events_and_queries_are_refused_and_good_ones_listed() {
     shutdown.cancel();
     served.await.expect("the head stops");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submitted_jobs_are_checked_uploaded_run_and_their_output_kept() {
+    use shoal_net::digest::sha256_hex;
+    use shoal_proto::head::{JobSubmission, SUBMIT_STRINGS_MAX};
+    use shoal_proto::state::{StateKind, StateQuery};
+    use shoal_proto::{JobId, ServiceErrorKind};
+    let net = MemoryNet::new(13);
+    let identity = Arc::new(ClusterIdentity::generate().expect("identity"));
+    let listener = net.listen(HEAD.parse().expect("addr")).expect("listen");
+    let head = Head::on(
+        listener.into(),
+        HeadConfig::default(),
+        Arc::clone(&identity),
+        None,
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    head.service().run_jobs(shoal_head::submit::JobRunner::new(
+        dir.path().join("jobs"),
+        dir.path().join("logs"),
+        vec![("SHOAL_ADDRESS".into(), HEAD.into())],
+    ));
+    let shutdown = CancellationToken::new();
+    let served = tokio::spawn(head.run(shutdown.clone()));
+    let client = connect(&net, DRIVER_HOST, &identity, Role::Client).await;
+    let node = connect(&net, NODE_HOST, &identity, Role::Node).await;
+    let refused =
+        |reply: Result<HeadReply, shoal_net::RpcError>, kind: ServiceErrorKind| match reply {
+            Err(shoal_net::RpcError::Service(e)) => assert_eq!(e.kind, kind, "{e}"),
+            other => panic!("expected {kind:?}, got {other:?}"),
+        };
+
+    let program = std::fs::read("/bin/sh").expect("/bin/sh");
+    let good = JobSubmission {
+        job_id: JobId::random(),
+        program: "sh".into(),
+        program_hash: sha256_hex(&program),
+        args: vec!["-c".into(), "echo \"out $GREETING\"; echo err >&2".into()],
+        env: vec![("GREETING".into(), "hi".into())],
+        working_dir_hash: None,
+    };
+    let submit = |s: &JobSubmission| HeadRequest::SubmitJob(Box::new(s.clone()));
+    // Refused as given, before anything is looked up.
+    let bad = [
+        JobSubmission {
+            program: "../sh".into(),
+            ..good.clone()
+        },
+        JobSubmission {
+            program: String::new(),
+            ..good.clone()
+        },
+        JobSubmission {
+            program_hash: "not-a-hash".into(),
+            ..good.clone()
+        },
+        JobSubmission {
+            working_dir_hash: Some("zz".into()),
+            ..good.clone()
+        },
+        JobSubmission {
+            env: vec![("A=B".into(), "c".into())],
+            ..good.clone()
+        },
+        JobSubmission {
+            args: vec!["x".into(); SUBMIT_STRINGS_MAX + 1],
+            ..good.clone()
+        },
+        JobSubmission {
+            args: vec!["nul\0".into()],
+            ..good.clone()
+        },
+    ];
+    for bad in &bad {
+        refused(
+            client.call(&submit(bad), CALL).await,
+            ServiceErrorKind::BadRequest,
+        );
+    }
+    refused(
+        node.call(&submit(&good), CALL).await,
+        ServiceErrorKind::PermissionDenied,
+    );
+
+    // The head lacks the program: nothing starts until it is uploaded.
+    match client.call(&submit(&good), CALL).await {
+        Ok(HeadReply::JobSubmitted { missing, .. }) => {
+            assert_eq!(missing, vec![good.program_hash.clone()]);
+        }
+        other => panic!("{other:?}"),
+    }
+    let upload = HeadRequest::UploadBinary {
+        hash: good.program_hash.clone(),
+        offset: 0,
+        total: program.len() as u64,
+        data: program.clone(),
+    };
+    client.call(&upload, CALL).await.expect("upload");
+    for _ in 0..2 {
+        // The second is a retry: it starts nothing more.
+        match client.call(&submit(&good), CALL).await {
+            Ok(HeadReply::JobSubmitted { job_id, missing }) => {
+                assert_eq!((job_id, missing), (good.job_id, Vec::new()));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let job_id = good.job_id;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let output = loop {
+        let read = HeadRequest::JobLogs {
+            job_id,
+            offset: 0,
+            len: 1 << 20,
+        };
+        match client.call(&read, CALL).await {
+            Ok(HeadReply::JobLog {
+                data,
+                size,
+                done: true,
+            }) => {
+                assert_eq!(data.len() as u64, size);
+                break String::from_utf8(data).expect("utf-8");
+            }
+            Ok(HeadReply::JobLog { .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(Instant::now() < deadline, "the job did not end");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(output, "out hi\nerr\n");
+    let listed = client
+        .call(
+            &HeadRequest::ListState(StateQuery {
+                kind: StateKind::Jobs,
+                filters: Vec::new(),
+                limit: 10,
+                detail: true,
+            }),
+            CALL,
+        )
+        .await;
+    let Ok(HeadReply::State(rows)) = listed else {
+        panic!("{listed:?}")
+    };
+    let text = format!("{:?}", rows.rows);
+    assert_eq!(rows.rows.len(), 1, "one job, not two: {text}");
+    assert!(
+        text.contains("SUCCEEDED") && text.contains("sh -c"),
+        "{text}"
+    );
+    assert!(
+        !dir.path().join("jobs").join(job_id.to_string()).exists(),
+        "its directory is removed"
+    );
+
+    // Jobs nobody submitted have no output and cannot be stopped.
+    let other = JobId::random();
+    refused(
+        client
+            .call(
+                &HeadRequest::JobLogs {
+                    job_id: other,
+                    offset: 0,
+                    len: 10,
+                },
+                CALL,
+            )
+            .await,
+        ServiceErrorKind::NotFound,
+    );
+    refused(
+        client
+            .call(&HeadRequest::StopJob { job_id: other }, CALL)
+            .await,
+        ServiceErrorKind::NotFound,
+    );
+    match client.call(&HeadRequest::StopJob { job_id }, CALL).await {
+        Ok(HeadReply::JobStopping { running: false }) => {}
+        other => panic!("an ended job is not running: {other:?}"),
+    }
+    shutdown.cancel();
+    served.await.expect("head task");
+}

@@ -165,6 +165,27 @@ pub enum HeadRequest {
         /// The object.
         id: ObjectId,
     },
+    /// `shoal job submit`: run a program as a job's driver on the head's
+    /// machine. Answered [`HeadReply::JobSubmitted`]; when the head lacks
+    /// the program or the working directory, nothing starts and the reply
+    /// names what to upload ([`HeadRequest::UploadBinary`]) first.
+    SubmitJob(Box<JobSubmission>),
+    /// Part of a submitted job's output (its driver's stdout and stderr)
+    /// from `offset`; answered [`HeadReply::JobLog`].
+    JobLogs {
+        /// The job.
+        job_id: JobId,
+        /// Where to start.
+        offset: u64,
+        /// Most bytes wanted (at most [`crate::node::LOG_CHUNK_MAX`]).
+        len: u32,
+    },
+    /// Stops a submitted job: SIGTERM to its driver's process group, SIGKILL
+    /// after a grace period. Answered [`HeadReply::JobStopping`].
+    StopJob {
+        /// The job.
+        job_id: JobId,
+    },
     /// A driver's job is over: its leases are reclaimed and workers stopped.
     FinishJob {
         /// The job.
@@ -291,7 +312,39 @@ pub struct RegisterJob {
     pub binary_size: u64,
     /// Where the driver serves its owner requests.
     pub driver: Address,
+    /// The submitted job this driver runs (`SHOAL_JOB_ID`, set by the head
+    /// that started it): the driver takes that job's id instead of a new
+    /// one.
+    #[serde(default)]
+    pub job_id: Option<JobId>,
 }
+
+/// A program to run as a job's driver (`shoal job submit`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct JobSubmission {
+    /// The job's id, chosen by the submitter: a retried request starts
+    /// nothing twice.
+    pub job_id: JobId,
+    /// The program's file name (no directory).
+    pub program: String,
+    /// Hex SHA-256 of the program, uploaded with
+    /// [`HeadRequest::UploadBinary`].
+    pub program_hash: String,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// Variables set in its environment, besides those that lead it to the
+    /// cluster.
+    pub env: Vec<(String, String)>,
+    /// Hex SHA-256 of the working directory as a tar archive, uploaded like
+    /// the program; the driver runs in it, unpacked.
+    pub working_dir_hash: Option<String>,
+}
+
+/// Most arguments and environment variables of a submitted job, together.
+pub const SUBMIT_STRINGS_MAX: usize = 4096;
+/// Most bytes of a submitted job's arguments and environment, together.
+pub const SUBMIT_BYTES_MAX: usize = 1 << 20;
 
 fn yes() -> bool {
     true
@@ -626,6 +679,29 @@ pub enum HeadReply {
     /// A listing or summary of the state API.
     #[cfg_attr(test, proptest(skip))]
     State(Box<crate::state::StateRows>),
+    /// A job was submitted (its driver is starting), unless `missing` names
+    /// uploads the head needs first.
+    JobSubmitted {
+        /// The job.
+        job_id: JobId,
+        /// Hashes to upload before submitting again.
+        missing: Vec<String>,
+    },
+    /// Part of a submitted job's output.
+    JobLog {
+        /// The bytes from the asked offset.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+        /// The output's size now.
+        size: u64,
+        /// True once the driver has exited: the output grows no more.
+        done: bool,
+    },
+    /// A stop was asked.
+    JobStopping {
+        /// False if the driver had already exited.
+        running: bool,
+    },
     /// Where an object's copies are, on live nodes: primary first.
     ObjectLocations(Vec<crate::task::StoredAt>),
     /// The job is over.

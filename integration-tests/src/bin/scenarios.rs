@@ -1975,6 +1975,20 @@ fn main() -> shoal::Result<()> {
                 "recorded": recorded,
             }));
         }
+        "submitted" => {
+            // Run by `shoal job submit`: reads its working directory and
+            // environment, and runs tasks as the submitted job.
+            let input = std::fs::read_to_string("input.txt").unwrap_or_default();
+            let refs: Vec<_> = (0..10).map(where_am_i::remote).collect();
+            let count = shoal::get_all(&refs)?.len();
+            let job = shoal::context()?.job_id.to_string();
+            result(json!({
+                "input": input.trim(),
+                "greeting": std::env::var("GREETING").unwrap_or_default(),
+                "count": count,
+                "job_id": job,
+            }));
+        }
         "spans" => {
             // One task and one actor call, for a test reading the debug log.
             let said = say::remote(3).get()?;

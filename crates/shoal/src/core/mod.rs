@@ -546,6 +546,10 @@ async fn register_job(
         binary_hash: hash.to_string(),
         binary_size: size,
         driver: me.clone(),
+        // A driver the head started for `shoal job submit` takes that job.
+        job_id: std::env::var("SHOAL_JOB_ID")
+            .ok()
+            .and_then(|id| id.parse().ok()),
     };
     let request = HeadRequest::RegisterJob(job.clone());
     let (job_id, present) = match head.call_idempotent(&request, CONTROL_TIMEOUT).await? {
