@@ -784,35 +784,41 @@ impl HeadService {
 impl HeadService {
     fn task_events(
         &self,
-        events: Vec<shoal_proto::state::TaskEvent>,
-        dropped: u64,
+        batch: shoal_proto::state::EventBatch,
     ) -> Result<HeadReply, ServiceError> {
         use shoal_proto::state::{EARLIER_MAX, EVENTS_PER_BATCH_MAX, EVENT_TEXT_MAX};
-        if events.len() > EVENTS_PER_BATCH_MAX {
+        let (events, names) = (&batch.events, &batch.names);
+        if events.len() > EVENTS_PER_BATCH_MAX || names.len() > EVENTS_PER_BATCH_MAX {
             return Err(bad_request(format!(
-                "{} task events in one batch; at most {EVENTS_PER_BATCH_MAX}",
-                events.len()
+                "{} task events and {} names in one batch; at most {EVENTS_PER_BATCH_MAX} of each",
+                events.len(),
+                names.len()
             )));
         }
-        let too_long = events.iter().any(|e| {
-            e.error.as_ref().is_some_and(|t| t.len() > EVENT_TEXT_MAX)
-                || e.info
-                    .as_ref()
-                    .is_some_and(|i| i.name.len() > EVENT_TEXT_MAX)
-                || e.earlier.len() > EARLIER_MAX
-        });
+        let too_long = names.iter().any(|n| n.len() > EVENT_TEXT_MAX)
+            || events.iter().any(|e| {
+                e.error.as_ref().is_some_and(|t| t.len() > EVENT_TEXT_MAX)
+                    || e.earlier.len() > EARLIER_MAX
+            });
         if too_long {
             return Err(bad_request(format!(
                 "a task event's name or error is over {EVENT_TEXT_MAX} bytes, or it carries more than {EARLIER_MAX} earlier states"
             )));
         }
-        for e in &events {
+        let unnamed = events
+            .iter()
+            .filter_map(|e| e.info.as_ref())
+            .any(|i| i.name as usize >= names.len());
+        if unnamed {
+            return Err(bad_request("a task event names none of its batch's names"));
+        }
+        for e in events {
             if let (true, Some((start, end))) = (e.state.is_final(), e.ran_us) {
                 let seconds = end.saturating_sub(start) as f64 / 1e6;
                 self.metrics.task_duration.observe(seconds);
             }
         }
-        self.tasks.locked().record(events, dropped);
+        self.tasks.locked().record(batch);
         Ok(HeadReply::EventsTaken)
     }
 
@@ -922,7 +928,7 @@ impl Service for HeadService {
 
     async fn handle(&self, peer: &Peer, request: HeadRequest) -> Result<HeadReply, ServiceError> {
         // Task events change no table the store keeps: nothing to wait for.
-        if matches!(request, HeadRequest::TaskEvents { .. }) {
+        if matches!(request, HeadRequest::TaskEvents(_)) {
             return self.serve(peer, request).await;
         }
         let uploaded = matches!(request, HeadRequest::UploadBinary { .. });
@@ -1240,9 +1246,9 @@ impl HeadService {
             HeadRequest::ListActors => Ok(HeadReply::Actors(self.state().actors.list())),
             HeadRequest::ListState(query) => self.list_state(&query),
             HeadRequest::Summarize(kind) => self.summarize(kind),
-            HeadRequest::TaskEvents { events, dropped } => {
+            HeadRequest::TaskEvents(batch) => {
                 peer.require(&[Role::Driver, Role::Worker])?;
-                self.task_events(events, dropped)
+                self.task_events(*batch)
             }
             HeadRequest::ListObjects => Ok(HeadReply::Objects(self.state().objects.list())),
             HeadRequest::LocateObject { id } => {

@@ -588,7 +588,7 @@ fn summary(rows: Vec<Row>, events_dropped: u64) -> StateRows {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_proto::state::{Placed, TaskEvent, TaskInfo, TaskKind};
+    use shoal_proto::state::{EventBatch, Placed, TaskEvent, TaskInfo, TaskKind};
     use shoal_proto::{JobId, NodeId, TaskId, WorkerId};
 
     fn tasks(n: usize, name: &str) -> Tasks {
@@ -601,13 +601,11 @@ mod tests {
                     attempt: 0,
                     state: TaskState::PendingArgs,
                     at_us: i as u64,
-                    info: Some(Box::new(TaskInfo {
-                        job_id: JobId::random(),
-                        name: name.into(),
+                    info: Some(TaskInfo {
+                        name: 0,
                         kind: TaskKind::Task,
                         actor_id: None,
-                        owner: WorkerId::random(),
-                    })),
+                    }),
                     placed: None,
                     ran_us: None,
                     error: None,
@@ -631,7 +629,13 @@ mod tests {
                 [first, last]
             })
             .collect();
-        tasks.record(events, 0);
+        tasks.record(EventBatch {
+            job_id: JobId::random(),
+            owner: WorkerId::random(),
+            names: vec![name.into()],
+            events,
+            dropped: 0,
+        });
         tasks
     }
 

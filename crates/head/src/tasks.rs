@@ -14,8 +14,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use shoal_proto::state::{Placed, TaskEvent, TaskInfo, TaskKind, TaskState};
-use shoal_proto::{ActorId, JobId, TaskId, WorkerId};
+use shoal_proto::state::{EventBatch, Placed, TaskEvent, TaskInfo, TaskKind, TaskState};
+use shoal_proto::{ActorId, IdHashState, JobId, TaskId, WorkerId};
 
 /// Tasks kept (Ray keeps 100 000 by default too).
 pub const TASKS_KEPT: usize = 100_000;
@@ -133,20 +133,21 @@ impl Task {
         }
     }
 
-    fn apply(&mut self, event: TaskEvent, names: &mut Names) {
+    /// Applies one event of `batch`, whose names are `names`.
+    fn apply(&mut self, event: TaskEvent, batch: (JobId, WorkerId), names: &[Arc<str>]) {
         if let Some(info) = event.info {
             let TaskInfo {
-                job_id,
                 name,
                 kind,
                 actor_id,
-                owner,
-            } = *info;
-            self.job_id = Some(job_id);
-            self.name = names.share(name);
+            } = info;
+            self.job_id = Some(batch.0);
+            if let Some(name) = names.get(name as usize) {
+                self.name = Arc::clone(name);
+            }
             self.kind = kind;
             self.actor_id = actor_id;
-            self.owner = Some(owner);
+            self.owner = Some(batch.1);
             let first = event.earlier.first().map_or(event.at_us, |(_, at)| *at);
             self.submitted_us = Some(first);
         }
@@ -199,7 +200,7 @@ pub struct Tasks {
     ring: VecDeque<Task>,
     first: u64,
     /// Each task's number.
-    index: HashMap<TaskId, u64>,
+    index: HashMap<TaskId, u64, IdHashState>,
     names: Names,
     /// Events owners dropped before sending them.
     dropped_at_owners: u64,
@@ -223,8 +224,16 @@ impl Tasks {
     }
 
     /// Takes one owner's batch (its events in order).
-    pub fn record(&mut self, events: Vec<TaskEvent>, dropped: u64) {
+    pub fn record(&mut self, batch: EventBatch) {
+        let EventBatch {
+            job_id,
+            owner,
+            names,
+            events,
+            dropped,
+        } = batch;
         self.dropped_at_owners = self.dropped_at_owners.saturating_add(dropped);
+        let names: Vec<Arc<str>> = names.into_iter().map(|n| self.names.share(n)).collect();
         for event in events {
             let id = event.task_id;
             let number = match self.index.get(&id) {
@@ -244,7 +253,7 @@ impl Tasks {
                 }
             };
             if let Some(task) = self.ring.get_mut((number - self.first) as usize) {
-                task.apply(event, &mut self.names);
+                task.apply(event, (job_id, owner), &names);
             }
         }
     }
@@ -291,6 +300,17 @@ mod tests {
     use super::*;
     use shoal_proto::NodeId;
 
+    /// A batch of one owner's events, its one name `f`.
+    fn batch(events: Vec<TaskEvent>, dropped: u64) -> EventBatch {
+        EventBatch {
+            job_id: JobId::random(),
+            owner: WorkerId::random(),
+            names: vec!["f".into()],
+            events,
+            dropped,
+        }
+    }
+
     fn event(task_id: TaskId, attempt: u32, state: TaskState, at_us: u64) -> TaskEvent {
         TaskEvent {
             task_id,
@@ -310,13 +330,11 @@ mod tests {
         let mut tasks = Tasks::new();
         let id = TaskId::fresh();
         let mut first = event(id, 0, TaskState::PendingArgs, 1);
-        first.info = Some(Box::new(TaskInfo {
-            job_id: JobId::random(),
-            name: "f".into(),
+        first.info = Some(TaskInfo {
+            name: 0,
             kind: TaskKind::Task,
             actor_id: None,
-            owner: WorkerId::random(),
-        }));
+        });
         let placed = Placed {
             node_id: NodeId::random(),
             worker_id: WorkerId::random(),
@@ -328,7 +346,7 @@ mod tests {
         let mut done = event(id, 1, TaskState::Finished, 9);
         done.placed = Some(placed);
         done.ran_us = Some((6, 8));
-        tasks.record(
+        tasks.record(batch(
             vec![
                 first,
                 event(id, 0, TaskState::PendingLease, 2),
@@ -338,7 +356,7 @@ mod tests {
                 done,
             ],
             0,
-        );
+        ));
         let task = tasks.get(id).expect("kept");
         assert_eq!((task.attempt, task.state), (1, TaskState::Finished));
         assert_eq!(&*task.name, "f");
@@ -349,7 +367,7 @@ mod tests {
         assert_eq!(states[5], (1, TaskState::Finished));
         assert_eq!(task.run.map(|r| (r.attempt, r.ran_us)), Some((1, (6, 8))));
         // A late event of the finished attempt does not move it back.
-        tasks.record(vec![event(id, 1, TaskState::Running, 7)], 0);
+        tasks.record(batch(vec![event(id, 1, TaskState::Running, 7)], 0));
         assert_eq!(tasks.get(id).map(|t| t.state), Some(TaskState::Finished));
     }
 
@@ -361,7 +379,7 @@ mod tests {
             .iter()
             .map(|id| event(*id, 0, TaskState::PendingArgs, 1))
             .collect();
-        tasks.record(events, 5);
+        tasks.record(batch(events, 5));
         assert_eq!(tasks.len(), 2);
         assert!(tasks.get(ids[0]).is_none());
         assert_eq!(tasks.lost(), 6, "5 dropped by owners, 1 forgotten");
@@ -382,14 +400,12 @@ mod tests {
             (TaskState::PendingLease, 11),
             (TaskState::Running, 12),
         ];
-        e.info = Some(Box::new(TaskInfo {
-            job_id: JobId::random(),
-            name: "f".into(),
+        e.info = Some(TaskInfo {
+            name: 0,
             kind: TaskKind::Task,
             actor_id: None,
-            owner: WorkerId::random(),
-        }));
-        tasks.record(vec![e], 0);
+        });
+        tasks.record(batch(vec![e], 0));
         let task = tasks.get(id).expect("kept");
         assert_eq!(task.state, TaskState::Finished);
         assert_eq!(task.submitted_us, Some(10));
@@ -404,7 +420,7 @@ mod tests {
         let events = (0..20)
             .map(|i| event(id, i, TaskState::PendingLease, u64::from(i)))
             .collect();
-        tasks.record(events, 0);
+        tasks.record(batch(events, 0));
         let task = tasks.get(id).expect("kept");
         let times: Vec<u64> = task.changes().map(|c| c.at_us).collect();
         assert_eq!(times, (12..20).collect::<Vec<u64>>());

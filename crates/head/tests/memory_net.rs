@@ -142,7 +142,7 @@ async fn a_node_cut_off_from_the_head_is_declared_dead_and_fenced_when_the_cut_h
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_task_events_and_queries_are_refused_and_good_ones_listed() {
     use shoal_proto::state::{
-        StateKind, StateQuery, TaskEvent, TaskInfo, TaskKind, TaskState, EARLIER_MAX,
+        EventBatch, StateKind, StateQuery, TaskEvent, TaskInfo, TaskKind, TaskState, EARLIER_MAX,
         EVENTS_PER_BATCH_MAX, EVENT_TEXT_MAX,
     };
     use shoal_proto::{JobId, ServiceErrorKind, TaskId, WorkerId};
@@ -160,48 +160,63 @@ async fn bad_task_events_and_queries_are_refused_and_good_ones_listed() {
     let driver = connect(&net, DRIVER_HOST, &identity, Role::Driver).await;
     let client = connect(&net, NODE_HOST, &identity, Role::Client).await;
 
-    let event = |name: &str| TaskEvent {
+    // Each event names the batch's first name.
+    let event = || TaskEvent {
         task_id: TaskId::fresh(),
         attempt: 0,
         state: TaskState::Finished,
         at_us: 2,
-        info: Some(Box::new(TaskInfo {
-            job_id: JobId::random(),
-            name: name.to_string(),
+        info: Some(TaskInfo {
+            name: 0,
             kind: TaskKind::Task,
             actor_id: None,
-            owner: WorkerId::random(),
-        })),
+        }),
         placed: None,
         ran_us: None,
         error: None,
         earlier: vec![(TaskState::PendingLease, 1)],
     };
-    let send = |events: Vec<TaskEvent>| HeadRequest::TaskEvents { events, dropped: 0 };
+    let named = |name: &str, events: Vec<TaskEvent>| {
+        HeadRequest::TaskEvents(Box::new(EventBatch {
+            job_id: JobId::random(),
+            owner: WorkerId::random(),
+            names: vec![name.to_string()],
+            events,
+            dropped: 0,
+        }))
+    };
+    let send = |events: Vec<TaskEvent>| named("f", events);
     let refused =
         |reply: Result<HeadReply, shoal_net::RpcError>, kind: ServiceErrorKind| match reply {
             Err(shoal_net::RpcError::Service(e)) => assert_eq!(e.kind, kind, "{e}"),
             other => panic!("expected {kind:?}, got {other:?}"),
         };
-    let too_many = (0..=EVENTS_PER_BATCH_MAX).map(|_| event("f")).collect();
+    let too_many = (0..=EVENTS_PER_BATCH_MAX).map(|_| event()).collect();
     refused(
         driver.call(&send(too_many), CALL).await,
         ServiceErrorKind::BadRequest,
     );
-    let long_name = event(&"n".repeat(EVENT_TEXT_MAX + 1));
     refused(
-        driver.call(&send(vec![long_name]), CALL).await,
+        driver
+            .call(&named(&"n".repeat(EVENT_TEXT_MAX + 1), vec![event()]), CALL)
+            .await,
         ServiceErrorKind::BadRequest,
     );
-    let mut folded = event("f");
+    let mut folded = event();
     folded.earlier = vec![(TaskState::PendingLease, 1); EARLIER_MAX + 1];
     refused(
         driver.call(&send(vec![folded]), CALL).await,
         ServiceErrorKind::BadRequest,
     );
+    let mut unnamed = event();
+    unnamed.info = unnamed.info.map(|i| TaskInfo { name: 1, ..i });
+    refused(
+        driver.call(&send(vec![unnamed]), CALL).await,
+        ServiceErrorKind::BadRequest,
+    );
     // Only drivers and workers own tasks.
     refused(
-        client.call(&send(vec![event("f")]), CALL).await,
+        client.call(&send(vec![event()]), CALL).await,
         ServiceErrorKind::PermissionDenied,
     );
     let query = |filter: &str| {
@@ -224,7 +239,7 @@ async fn bad_task_events_and_queries_are_refused_and_good_ones_listed() {
     );
 
     // Still serving: a good batch is listed, and nothing of the bad ones.
-    let reply = driver.call(&send(vec![event("good")]), CALL).await;
+    let reply = driver.call(&named("good", vec![event()]), CALL).await;
     assert_eq!(reply.expect("taken"), HeadReply::EventsTaken);
     match client
         .call(&query("state!=RUNNING"), CALL)

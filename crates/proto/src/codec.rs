@@ -1,7 +1,8 @@
 //! The frame codec.
 //!
 //! A frame is a 4-byte big-endian length followed by that many bytes of
-//! MessagePack (named encoding: structs are maps). Decoding is defensive,
+//! MessagePack (named encoding: structs are maps, except task events, which
+//! `state` encodes as arrays for their number). Decoding is defensive,
 //! because the bytes may come from an attacker:
 //! 1. the length is checked against [`CodecLimits::frame_bytes_max`] before a
 //!    buffer is allocated for the body ([`frame_len`]);

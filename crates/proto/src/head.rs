@@ -144,15 +144,8 @@ pub enum HeadRequest {
     ListActors,
     /// Every object with a copy in some node's store.
     ListObjects,
-    /// Task events from an owner, in the order they happened; `dropped`
-    /// counts those its full buffer lost since its last batch. Answered
-    /// [`HeadReply::EventsTaken`].
-    TaskEvents {
-        /// The events (at most [`crate::state::EVENTS_PER_BATCH_MAX`]).
-        events: Vec<crate::state::TaskEvent>,
-        /// Lost before sending.
-        dropped: u64,
-    },
+    /// Task events from an owner; answered [`HeadReply::EventsTaken`].
+    TaskEvents(Box<crate::state::EventBatch>),
     /// A listing of the state API (`shoal list`, `shoal get`); answered
     /// [`HeadReply::State`].
     ListState(crate::state::StateQuery),

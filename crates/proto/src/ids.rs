@@ -105,6 +105,72 @@ typed_id!(
     LeaseId
 );
 
+/// Hashing for maps keyed by ids, far cheaper than the default SipHash on
+/// tables that see tens of thousands of ids a second (the head's task
+/// table, an owner's task events). Ids are mostly random bits already; a
+/// random key per map keeps a peer from choosing ids that collide.
+#[derive(Clone, Copy, Debug)]
+pub struct IdHashState {
+    k0: u64,
+    k1: u64,
+}
+
+impl Default for IdHashState {
+    fn default() -> Self {
+        let key = Uuid::new_v4().as_u64_pair();
+        Self {
+            k0: key.0,
+            k1: key.1,
+        }
+    }
+}
+
+impl std::hash::BuildHasher for IdHashState {
+    type Hasher = IdHasher;
+
+    fn build_hasher(&self) -> IdHasher {
+        IdHasher {
+            h: self.k0,
+            k1: self.k1,
+        }
+    }
+}
+
+/// The hasher of [`IdHashState`]: a multiply and rotate per 8 bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct IdHasher {
+    h: u64,
+    k1: u64,
+}
+
+impl std::hash::Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.h = (self.h ^ u64::from_le_bytes(word))
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                .rotate_left(29);
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write(&n.to_le_bytes());
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write(&n.to_le_bytes());
+    }
+
+    fn finish(&self) -> u64 {
+        // A final mix, so the high bits (hashbrown's tags) depend on all.
+        let mut h = self.h ^ self.k1;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^ (h >> 33)
+    }
+}
+
 impl TaskId {
     /// A new task id: 96 random bits, the low 32 bits zero so that the ids of
     /// the task's objects can carry an index there.

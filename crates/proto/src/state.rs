@@ -5,8 +5,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{ActorId, JobId, NodeId, TaskId, WorkerId};
 
-/// Where a task (or actor call) is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// Where a task (or actor call) is in its life (a number on the wire:
+/// its index in [`TaskState::ALL`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub enum TaskState {
     /// Submitted; waiting for its reference arguments.
@@ -48,8 +49,9 @@ impl TaskState {
     }
 }
 
-/// What kind of work a task event is about.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// What kind of work a task event is about (a number on the wire: 0 for a
+/// task, 1 for an actor call).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub enum TaskKind {
     /// A remote function.
@@ -68,24 +70,41 @@ impl TaskKind {
     }
 }
 
-/// What a task is, sent with its first event.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// What a task is, sent with its first event (its job and owner are the
+/// batch's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct TaskInfo {
-    /// Its job.
-    pub job_id: JobId,
-    /// The function's name (`Class::method` for an actor call).
-    pub name: String,
+    /// The function's name (`Class::method` for an actor call): its index
+    /// in the batch's `names`.
+    pub name: u32,
     /// Task or actor call.
     pub kind: TaskKind,
     /// The actor called, for an actor call.
     pub actor_id: Option<ActorId>,
-    /// The process that submitted it (its owner).
+}
+
+/// One owner's task events, in the order they happened: what
+/// [`crate::HeadRequest::TaskEvents`] carries. What all its tasks share
+/// (job, owner, the few function names) is sent once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct EventBatch {
+    /// The owner's job.
+    pub job_id: JobId,
+    /// The process that submitted the tasks (their owner).
     pub owner: WorkerId,
+    /// The function names the events' [`TaskInfo::name`] index (at most
+    /// [`EVENTS_PER_BATCH_MAX`]).
+    pub names: Vec<String>,
+    /// The events (at most [`EVENTS_PER_BATCH_MAX`]).
+    pub events: Vec<TaskEvent>,
+    /// Events the owner's full buffer lost since its last batch.
+    pub dropped: u64,
 }
 
 /// Where an attempt was sent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct Placed {
     /// The node.
@@ -95,7 +114,11 @@ pub struct Placed {
 }
 
 /// One state change of one attempt of a task.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Owners send tens of thousands a second: on the wire an event, its
+/// [`TaskInfo`] and [`Placed`] are arrays (no field names) and states
+/// numbers, unlike the other messages.
+#[derive(Clone, Debug, PartialEq, Eq)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct TaskEvent {
     /// The task (an actor call has a task id too).
@@ -107,25 +130,117 @@ pub struct TaskEvent {
     /// When, in microseconds since the Unix epoch (the owner's clock).
     pub at_us: u64,
     /// What the task is: on its first event.
-    #[serde(default)]
-    pub info: Option<Box<TaskInfo>>,
+    pub info: Option<TaskInfo>,
     /// Where the attempt went: with `Running`, and with the final state
     /// when the worker answered.
-    #[serde(default)]
     pub placed: Option<Placed>,
     /// When the function started and ended on its worker (microseconds
     /// since the Unix epoch, the worker's clock), when the worker answered.
-    #[serde(default)]
     pub ran_us: Option<(u64, u64)>,
     /// Why it failed, with `Failed`.
-    #[serde(default)]
     pub error: Option<String>,
     /// The states this attempt entered before `state` since the owner's
     /// last batch, oldest first, with their times: an owner sends one
     /// event per task and attempt in a batch (at most
     /// [`EARLIER_MAX`]).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub earlier: Vec<(TaskState, u64)>,
+}
+
+impl Serialize for TaskState {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u8(*self as u8)
+    }
+}
+
+impl<'de> Deserialize<'de> for TaskState {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let i = u8::deserialize(d)?;
+        TaskState::ALL
+            .get(usize::from(i))
+            .copied()
+            .ok_or_else(|| serde::de::Error::custom(format!("no task state {i}")))
+    }
+}
+
+impl Serialize for TaskKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u8(*self as u8)
+    }
+}
+
+impl<'de> Deserialize<'de> for TaskKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match u8::deserialize(d)? {
+            0 => Ok(TaskKind::Task),
+            1 => Ok(TaskKind::ActorCall),
+            i => Err(serde::de::Error::custom(format!("no task kind {i}"))),
+        }
+    }
+}
+
+impl Serialize for TaskInfo {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        (self.name, self.kind, &self.actor_id).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for TaskInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (name, kind, actor_id) = Deserialize::deserialize(d)?;
+        Ok(Self {
+            name,
+            kind,
+            actor_id,
+        })
+    }
+}
+
+impl Serialize for Placed {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        (&self.node_id, &self.worker_id).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Placed {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (node_id, worker_id) = Deserialize::deserialize(d)?;
+        Ok(Self { node_id, worker_id })
+    }
+}
+
+impl Serialize for TaskEvent {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        (
+            &self.task_id,
+            self.attempt,
+            self.state,
+            self.at_us,
+            &self.info,
+            &self.placed,
+            &self.ran_us,
+            &self.error,
+            &self.earlier,
+        )
+            .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for TaskEvent {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (task_id, attempt, state, at_us, info, placed, ran_us, error, earlier) =
+            Deserialize::deserialize(d)?;
+        Ok(Self {
+            task_id,
+            attempt,
+            state,
+            at_us,
+            info,
+            placed,
+            ran_us,
+            error,
+            earlier,
+        })
+    }
 }
 
 /// Most earlier states one event carries.

@@ -206,9 +206,9 @@ impl Config {
     /// Whether this program's tasks and actor calls record their state
     /// changes for the head (`shoal list tasks`, `shoal get task`, `shoal
     /// summary tasks`, `shoal timeline`). Default off for now: on, they
-    /// cost about 13% of the call rate of short async tasks and 12% of
-    /// async actor calls (measured with `shoal microbenchmark`), above the
-    /// 5% that would make them the default. `SHOAL_TASK_EVENTS=1` (or `0`) in the environment has the
+    /// cost between 7% and 13% of the call rate of short async tasks and
+    /// about 5% of async actor calls (measured with `shoal
+    /// microbenchmark`), above the 5% that would make them the default. `SHOAL_TASK_EVENTS=1` (or `0`) in the environment has the
     /// last word, for drivers and, set on node daemons, for their workers.
     pub fn task_events(mut self, on: bool) -> Self {
         self.task_events = on;

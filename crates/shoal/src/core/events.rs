@@ -19,10 +19,10 @@ use std::time::Duration;
 
 use shoal_net::sync::MutexExt;
 use shoal_proto::state::{
-    unix_us, Placed, TaskEvent, TaskInfo, TaskKind, TaskState, EARLIER_MAX, EVENTS_PER_BATCH_MAX,
-    EVENT_TEXT_MAX,
+    unix_us, EventBatch, Placed, TaskEvent, TaskInfo, TaskKind, TaskState, EARLIER_MAX,
+    EVENTS_PER_BATCH_MAX, EVENT_TEXT_MAX,
 };
-use shoal_proto::{ActorId, HeadRequest, JobId, TaskId, TaskReply, WorkerId};
+use shoal_proto::{ActorId, HeadRequest, IdHashState, JobId, TaskId, TaskReply, WorkerId};
 use tokio::sync::Notify;
 
 use super::Core;
@@ -73,24 +73,16 @@ impl Recorded {
         }
     }
 
-    fn into_event(self, job_id: JobId, owner: WorkerId) -> TaskEvent {
+    fn into_event(self, names: &mut NameTable) -> TaskEvent {
         TaskEvent {
             task_id: self.task_id,
             attempt: self.attempt,
             state: self.state,
             at_us: self.at_us,
-            info: self.info.map(|info| {
-                let name = match info.name {
-                    Name::Function(name) => name.to_string(),
-                    Name::Method(class, method) => format!("{class}::{method}"),
-                };
-                Box::new(TaskInfo {
-                    job_id,
-                    name: cut(name),
-                    kind: info.kind,
-                    actor_id: info.actor_id,
-                    owner,
-                })
+            info: self.info.map(|info| TaskInfo {
+                name: names.index(info.name),
+                kind: info.kind,
+                actor_id: info.actor_id,
             }),
             placed: self.placed,
             ran_us: self.ran_us,
@@ -115,6 +107,36 @@ impl Recorded {
         }
         if let Some(error) = self.error {
             into.error = Some(cut(error));
+        }
+    }
+}
+
+/// The function names of one batch, each sent once.
+#[derive(Default)]
+struct NameTable {
+    functions: HashMap<&'static str, u32>,
+    methods: HashMap<String, u32>,
+    names: Vec<String>,
+}
+
+impl NameTable {
+    /// The name's index in the batch's names.
+    fn index(&mut self, name: Name) -> u32 {
+        let next = u32::try_from(self.names.len()).unwrap_or(u32::MAX);
+        match name {
+            Name::Function(function) => *self.functions.entry(function).or_insert_with(|| {
+                self.names.push(cut(function.to_string()));
+                next
+            }),
+            Name::Method(class, method) => {
+                let name = format!("{class}::{method}");
+                if let Some(&i) = self.methods.get(&name) {
+                    return i;
+                }
+                self.names.push(cut(name.clone()));
+                self.methods.insert(name, next);
+                next
+            }
         }
     }
 }
@@ -146,6 +168,8 @@ struct Buffer {
 pub(crate) struct Events {
     on: bool,
     buffer: Mutex<Buffer>,
+    /// The other buffer, empty: swapped in when a batch is taken.
+    spare: Mutex<VecDeque<Recorded>>,
     /// Woken when a batch is full.
     full: Notify,
     max: usize,
@@ -161,6 +185,7 @@ impl Events {
         Self {
             on,
             buffer: Mutex::default(),
+            spare: Mutex::default(),
             full: Notify::new(),
             max,
         }
@@ -279,37 +304,55 @@ impl Events {
     /// Up to a batch of events, one per task and attempt (the states it
     /// went through folded in, in order), and the count dropped since the
     /// last batch.
-    fn take(&self, job_id: JobId, owner: WorkerId) -> (Vec<TaskEvent>, u64) {
+    fn take(&self, job_id: JobId, owner: WorkerId) -> EventBatch {
+        // The buffer is swapped with the spare (both keep their memory):
+        // no copy and no allocation under the lock recorders take.
+        let mut taken = std::mem::take(&mut *self.spare.locked());
         let mut buffer = self.buffer.locked();
         let n = buffer.events.len().min(EVENTS_PER_BATCH_MAX);
-        let taken: Vec<Recorded> = buffer.events.drain(..n).collect();
+        if n == buffer.events.len() {
+            std::mem::swap(&mut buffer.events, &mut taken);
+        } else {
+            taken.extend(buffer.events.drain(..n));
+        }
         let dropped = std::mem::take(&mut buffer.dropped);
         drop(buffer);
         let mut events: Vec<TaskEvent> = Vec::with_capacity(n);
-        let mut at: HashMap<(TaskId, u32), usize> = HashMap::with_capacity(n);
-        for e in taken {
+        let mut at: HashMap<(TaskId, u32), usize, IdHashState> =
+            HashMap::with_capacity_and_hasher(n, IdHashState::default());
+        let mut names = NameTable::default();
+        for e in taken.drain(..) {
             match at.get(&(e.task_id, e.attempt)) {
                 Some(&i) if e.info.is_none() => e.fold_into(&mut events[i]),
                 _ => {
                     at.insert((e.task_id, e.attempt), events.len());
-                    events.push(e.into_event(job_id, owner));
+                    events.push(e.into_event(&mut names));
                 }
             }
         }
-        (events, dropped)
+        // A burst's memory is not kept.
+        taken.shrink_to(EVENTS_PER_BATCH_MAX);
+        *self.spare.locked() = taken;
+        EventBatch {
+            job_id,
+            owner,
+            names: names.names,
+            events,
+            dropped,
+        }
     }
 
     /// Sends what is buffered, a batch at a time; false if the head did
     /// not take a batch (its events count as dropped).
     pub(crate) async fn flush(&self, core: &Core) -> bool {
         loop {
-            let (events, dropped) = self.take(core.job_id, core.me.worker_id);
-            if events.is_empty() && dropped == 0 {
+            let batch = self.take(core.job_id, core.me.worker_id);
+            if batch.events.is_empty() && batch.dropped == 0 {
                 return true;
             }
-            let lost = events.len() as u64 + dropped;
+            let lost = batch.events.len() as u64 + batch.dropped;
             let more = !self.buffer.locked().events.is_empty();
-            let request = HeadRequest::TaskEvents { events, dropped };
+            let request = HeadRequest::TaskEvents(Box::new(batch));
             if let Err(e) = core.head.call(&request, SEND_TIMEOUT).await {
                 tracing::debug!(error = %e, lost, "task events not sent");
                 self.buffer.locked().dropped += lost;
@@ -349,7 +392,8 @@ mod tests {
         for id in &ids {
             events.submitted(*id, "f", true);
         }
-        let (sent, dropped) = events.take(JobId::random(), WorkerId::random());
+        let batch = events.take(JobId::random(), WorkerId::random());
+        let (sent, dropped) = (&batch.events, batch.dropped);
         assert_eq!(dropped, 2);
         let kept: Vec<TaskId> = sent.iter().map(|e| e.task_id).collect();
         assert_eq!(
@@ -357,9 +401,13 @@ mod tests {
             ids[2..].to_vec(),
             "the newest three are kept, in order"
         );
-        assert_eq!(sent[0].info.as_ref().map(|i| i.name.as_str()), Some("f"));
-        let (again, dropped) = events.take(JobId::random(), WorkerId::random());
-        assert!(again.is_empty() && dropped == 0, "the count is sent once");
+        assert_eq!(sent[0].info.map(|i| i.name), Some(0));
+        assert_eq!(batch.names, vec!["f".to_string()], "each name is sent once");
+        let again = events.take(JobId::random(), WorkerId::random());
+        assert!(
+            again.events.is_empty() && again.dropped == 0,
+            "the count is sent once"
+        );
     }
 
     #[test]
@@ -373,7 +421,7 @@ mod tests {
         events.state(b, 0, TaskState::PendingLease);
         events.state(a, 1, TaskState::PendingLease);
         events.state(a, 1, TaskState::Running);
-        let (sent, _) = events.take(JobId::random(), WorkerId::random());
+        let sent = events.take(JobId::random(), WorkerId::random()).events;
         let summary: Vec<(TaskId, u32, TaskState, Vec<TaskState>)> = sent
             .iter()
             .map(|e| {
