@@ -21,7 +21,7 @@ use shoal_proto::node::LOG_CHUNK_MAX;
 use shoal_proto::state::{StateKind, StateQuery, Value};
 use shoal_proto::{HeadReply, HeadRequest, JobId};
 
-use crate::list::{one, print_table, query, row_json, text};
+use crate::list::{one, print_rows, query, row_json, text};
 use crate::status::{ask, HeadArgs, HeadConnection, HeadTarget};
 
 #[derive(Debug, clap::Args)]
@@ -326,10 +326,7 @@ fn status(args: &StatusArgs) -> Result<()> {
 
 fn logs(args: &LogsArgs) -> Result<()> {
     let target = HeadTarget::from_args(&args.head)?;
-    let job_id: JobId = args
-        .id
-        .parse()
-        .map_err(|e| anyhow::anyhow!("{:?} is not a job id: {e}", args.id))?;
+    let job_id = parse_job_id(&args.id)?;
     runtime()?.block_on(async {
         let head = HeadConnection::open(&target.address, &target.token, TIMEOUT).await?;
         let result = follow_output(&head, job_id, args.follow).await;
@@ -340,10 +337,7 @@ fn logs(args: &LogsArgs) -> Result<()> {
 
 fn stop(args: &StopArgs) -> Result<()> {
     let target = HeadTarget::from_args(&args.head)?;
-    let job_id: JobId = args
-        .id
-        .parse()
-        .map_err(|e| anyhow::anyhow!("{:?} is not a job id: {e}", args.id))?;
+    let job_id = parse_job_id(&args.id)?;
     let running = match ask(
         &target.address,
         &target.token,
@@ -391,13 +385,12 @@ fn list(args: &ListArgs) -> Result<()> {
             detail: false,
         }),
     )?;
-    if args.json {
-        let out: Vec<_> = rows.rows.iter().map(row_json).collect();
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    } else {
-        print_table(&rows.rows);
-    }
-    Ok(())
+    print_rows(&rows.rows, args.json)
+}
+
+fn parse_job_id(text: &str) -> Result<JobId> {
+    text.parse()
+        .map_err(|e| anyhow::anyhow!("{text:?} is not a job id: {e}"))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

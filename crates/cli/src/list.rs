@@ -136,12 +136,7 @@ pub fn run(args: ListArgs) -> Result<()> {
         detail: args.detail,
     });
     let rows = query(&target, request)?;
-    if args.json {
-        let out: Vec<_> = rows.rows.iter().map(row_json).collect();
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    } else {
-        print_table(&rows.rows);
-    }
+    print_rows(&rows.rows, args.json)?;
     // Notes go to stderr, so `--json` output stays one document.
     if rows.truncated {
         eprintln!(
@@ -200,11 +195,16 @@ pub fn summary(args: SummaryArgs) -> Result<()> {
         SummaryKind::Objects => StateKind::Objects,
     };
     let rows = query(&target, HeadRequest::Summarize(kind))?;
-    if args.json {
-        let out: Vec<_> = rows.rows.iter().map(row_json).collect();
+    print_rows(&rows.rows, args.json)
+}
+
+/// Rows as a table, or as a JSON array with `json`.
+pub fn print_rows(rows: &[Row], json: bool) -> Result<()> {
+    if json {
+        let out: Vec<_> = rows.iter().map(row_json).collect();
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        print_table(&rows.rows);
+        print_table(rows);
     }
     Ok(())
 }
@@ -276,7 +276,7 @@ fn cell(value: &Value) -> String {
 }
 
 /// Rows as a table, its columns those of the first row.
-pub fn print_table(rows: &[Row]) {
+fn print_table(rows: &[Row]) {
     let Some(first) = rows.first() else {
         println!("(none)");
         return;

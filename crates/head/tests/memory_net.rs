@@ -47,6 +47,17 @@ async fn connect(
     .expect("connect to the head")
 }
 
+/// A head with the default config, listening at [`HEAD`] on `net`.
+fn head_on(net: &MemoryNet, identity: &Arc<ClusterIdentity>) -> Head {
+    let listener = net.listen(HEAD.parse().expect("addr")).expect("listen");
+    Head::on(
+        listener.into(),
+        HeadConfig::default(),
+        Arc::clone(identity),
+        None,
+    )
+}
+
 fn heartbeat(node_id: NodeId) -> HeadRequest {
     HeadRequest::idle_heartbeat(node_id, ResourceSet::default())
 }
@@ -148,13 +159,7 @@ async fn bad_task_events_and_queries_are_refused_and_good_ones_listed() {
     use shoal_proto::{JobId, ServiceErrorKind, TaskId, WorkerId};
     let net = MemoryNet::new(12);
     let identity = Arc::new(ClusterIdentity::generate().expect("identity"));
-    let listener = net.listen(HEAD.parse().expect("addr")).expect("listen");
-    let head = Head::on(
-        listener.into(),
-        HeadConfig::default(),
-        Arc::clone(&identity),
-        None,
-    );
+    let head = head_on(&net, &identity);
     let shutdown = CancellationToken::new();
     let served = tokio::spawn(head.run(shutdown.clone()));
     let driver = connect(&net, DRIVER_HOST, &identity, Role::Driver).await;
@@ -265,13 +270,7 @@ async fn submitted_jobs_are_checked_uploaded_run_and_their_output_kept() {
     use shoal_proto::{JobId, ServiceErrorKind};
     let net = MemoryNet::new(13);
     let identity = Arc::new(ClusterIdentity::generate().expect("identity"));
-    let listener = net.listen(HEAD.parse().expect("addr")).expect("listen");
-    let head = Head::on(
-        listener.into(),
-        HeadConfig::default(),
-        Arc::clone(&identity),
-        None,
-    );
+    let head = head_on(&net, &identity);
     let dir = tempfile::tempdir().expect("tempdir");
     head.service().run_jobs(shoal_head::submit::JobRunner::new(
         dir.path().join("jobs"),
