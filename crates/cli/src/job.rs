@@ -449,7 +449,9 @@ fn pack(dir: &Path) -> Result<Vec<u8>> {
                 let link = std::fs::read_link(&full)?;
                 builder.append_link(&mut header, &path, link)?;
             } else if meta.is_file() {
-                size += meta.len();
+                // Each entry also takes a header and padding (512 bytes
+                // each at most), as the head counts them.
+                size += meta.len() + 1024;
                 anyhow::ensure!(
                     size <= WORKING_DIR_BYTES_MAX,
                     "--working-dir {} holds more than {} MiB: upload a smaller directory",

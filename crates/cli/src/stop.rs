@@ -82,6 +82,11 @@ pub fn run(args: StopArgs) -> Result<()> {
     // whose head was killed first.
     let drivers: Vec<Daemon> = drivers.into_iter().filter(Daemon::running).collect();
     left.extend(stop_all(&drivers, first, grace));
+    // What the drivers started in their groups, even once the drivers are
+    // gone (a group's id is not reused while a member lives).
+    for driver in &drivers {
+        let _ = nix::sys::signal::killpg(Pid::from_raw(driver.pid), Signal::SIGKILL);
+    }
     for daemon in daemons.iter().chain(&drivers) {
         if !daemon.running() {
             let _ = std::fs::remove_file(&daemon.pid_file);

@@ -465,11 +465,17 @@ impl HeadService {
     }
 
     fn stop_job(&self, job_id: JobId) -> Result<HeadReply, ServiceError> {
-        let submitted = self
-            .state()
-            .jobs
-            .get(job_id)
-            .is_some_and(|j| j.submission.is_some());
+        let (submitted, unsupervised) = self.state().jobs.get(job_id).map_or((false, false), |j| {
+            (j.submission.is_some(), j.is_unsupervised())
+        });
+        if unsupervised {
+            return Err(ServiceError::new(
+                ServiceErrorKind::Unavailable,
+                format!(
+                    "job {job_id}'s driver was started by the head before it restarted, which this one does not control; `shoal stop` on the head's machine ends it"
+                ),
+            ));
+        }
         let runner = self.runner.get().filter(|_| submitted);
         let Some(runner) = runner else {
             return Err(not_submitted(job_id));

@@ -47,6 +47,18 @@ pub struct Job {
     unsupervised: bool,
 }
 
+impl Job {
+    /// A submitted job, not ended, whose driver a head before a restart
+    /// started: this head does not watch it.
+    pub fn is_unsupervised(&self) -> bool {
+        self.unsupervised
+            && self
+                .submission
+                .as_ref()
+                .is_some_and(|s| !s.status.is_terminal())
+    }
+}
+
 /// A job as the head's store keeps it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
@@ -216,10 +228,19 @@ impl Jobs {
         if !record.running {
             self.finished.push_back(id);
         }
+        let mut record = record;
         let unsupervised = record
             .submission
             .as_ref()
             .is_some_and(|s| !s.status.is_terminal());
+        // A finished job whose driver was still running: nothing will end
+        // it now.
+        if unsupervised && !record.running {
+            if let Some(s) = record.submission.as_mut() {
+                unknown_exit(s);
+                self.dirty.insert(id);
+            }
+        }
         self.jobs.insert(
             id,
             Job {
@@ -290,16 +311,28 @@ impl Jobs {
         job.ended_us = Some(shoal_proto::state::unix_us());
         // No head saw this driver exit: its outcome is unknown.
         if job.unsupervised {
-            if let Some(s) = job.submission.as_mut().filter(|s| !s.status.is_terminal()) {
-                s.status = SubmissionStatus::Failed;
-                s.message =
-                    Some("the head restarted while the job ran: its exit is unknown".into());
+            if let Some(s) = job.submission.as_mut() {
+                unknown_exit(s);
             }
         }
         self.dirty.insert(id);
         self.finished.push_back(id);
-        while self.finished.len() > FINISHED_KEPT {
-            if let Some(old) = self.finished.pop_front() {
+        // The oldest finished jobs are forgotten, but not a submitted one
+        // whose driver still runs (its exit is yet to be recorded).
+        let mut looked = 0;
+        while self.finished.len() > FINISHED_KEPT && looked < self.finished.len() {
+            let Some(old) = self.finished.pop_front() else {
+                break;
+            };
+            let ending = self
+                .jobs
+                .get(&old)
+                .and_then(|j| j.submission.as_ref())
+                .is_some_and(|s| !s.status.is_terminal());
+            if ending {
+                self.finished.push_back(old);
+                looked += 1;
+            } else {
                 self.jobs.remove(&old);
                 self.dirty.insert(old);
             }
@@ -322,6 +355,14 @@ impl Jobs {
             .filter(|(_, j)| j.running && j.connection_id == Some(connection_id))
             .map(|(id, _)| *id)
             .collect()
+    }
+}
+
+/// A submitted job whose driver no head watches any more.
+fn unknown_exit(s: &mut Submission) {
+    if !s.status.is_terminal() {
+        s.status = SubmissionStatus::Failed;
+        s.message = Some("the head restarted while the job ran: its exit is unknown".into());
     }
 }
 
@@ -576,6 +617,74 @@ impl Binaries {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn submitted(status: SubmissionStatus, running: bool) -> JobRecord {
+        JobRecord {
+            driver: None,
+            binary_hash: "ab".repeat(32),
+            running,
+            started_us: 1,
+            ended_us: None,
+            submission: Some(Submission {
+                entrypoint: "prog".into(),
+                status,
+                exit_code: None,
+                message: None,
+                driver_pid: Some(7),
+            }),
+        }
+    }
+
+    #[test]
+    fn a_reloaded_submission_no_head_watches_ends_failed_not_running_forever() {
+        let mut jobs = Jobs::default();
+        // Its driver had left the cluster but its program still ran.
+        let left = JobId::random();
+        jobs.restore(left, submitted(SubmissionStatus::Running, false));
+        let status = |jobs: &Jobs, id| jobs.get(id).and_then(|j| j.submission.clone());
+        assert_eq!(
+            status(&jobs, left).map(|s| s.status),
+            Some(SubmissionStatus::Failed)
+        );
+        assert!(
+            jobs.take_dirty().iter().any(|(id, _)| *id == left),
+            "written back"
+        );
+        // Still in the cluster: it fails once it ends, and cannot be
+        // stopped through this head meanwhile.
+        let attached = JobId::random();
+        jobs.restore(attached, submitted(SubmissionStatus::Running, true));
+        assert!(jobs.get(attached).is_some_and(Job::is_unsupervised));
+        assert!(jobs.finish(attached));
+        assert_eq!(
+            status(&jobs, attached).map(|s| s.status),
+            Some(SubmissionStatus::Failed)
+        );
+        // An ended one keeps its state.
+        let done = JobId::random();
+        jobs.restore(done, submitted(SubmissionStatus::Succeeded, false));
+        assert_eq!(
+            status(&jobs, done).map(|s| s.status),
+            Some(SubmissionStatus::Succeeded)
+        );
+        assert!(!jobs.get(done).is_some_and(Job::is_unsupervised));
+    }
+
+    #[test]
+    fn finished_jobs_are_forgotten_oldest_first_but_not_a_driver_still_running() {
+        let mut jobs = Jobs::default();
+        let long = JobId::random();
+        assert!(jobs.submit(long, &"ab".repeat(32), "long".into()));
+        assert!(jobs.finish(long), "its driver left; its program runs on");
+        for _ in 0..FINISHED_KEPT + 5 {
+            let id = JobId::random();
+            jobs.submit(id, &"ab".repeat(32), "short".into());
+            jobs.update_submission(id, |s| s.status = SubmissionStatus::Succeeded);
+            jobs.finish(id);
+        }
+        assert!(jobs.get(long).is_some(), "kept until its exit is recorded");
+        assert!(jobs.iter().count() <= FINISHED_KEPT + 1);
+    }
 
     #[test]
     fn upload_in_parts_checks_the_hash() {

@@ -8,7 +8,8 @@
 //! driver's stdout and stderr go to `<logs>/job-<id>.log`, which outlives it;
 //! the directory does not. The driver leads a process group of its own: a
 //! stop signals the group, SIGTERM then SIGKILL after [`STOP_GRACE`], and
-//! what is left of the group is killed when the driver exits. When the head
+//! what is left of the group is killed when the driver exits (a process that
+//! leaves the group, with `setsid`, is not followed). When the head
 //! stops, so do the drivers it runs; while one runs, `<jobs>/<id>.pid`
 //! holds its pid, for `shoal stop` to end a driver whose head was killed.
 
@@ -55,6 +56,8 @@ struct Driver {
     group: Option<Pid>,
     /// A stop was asked.
     stop_asked: bool,
+    /// The driver has exited (and its pid may be reused): nothing to stop.
+    exited: bool,
 }
 
 /// What to run.
@@ -148,7 +151,7 @@ impl JobRunner {
     pub fn stop(self: &Arc<Self>, job_id: JobId) -> bool {
         let group = {
             let mut drivers = self.drivers.locked();
-            let Some(driver) = drivers.get_mut(&job_id) else {
+            let Some(driver) = drivers.get_mut(&job_id).filter(|d| !d.exited) else {
                 return false;
             };
             driver.stop_asked = true;
@@ -172,7 +175,7 @@ impl JobRunner {
             .drivers
             .locked()
             .get(&job_id)
-            .is_some_and(|d| d.group == Some(group));
+            .is_some_and(|d| d.group == Some(group) && !d.exited);
         if running {
             warn!(%job_id, "the job's driver outlived SIGTERM; killing it");
             let _ = killpg(group, Signal::SIGKILL);
@@ -216,7 +219,11 @@ impl JobRunner {
         }
     }
 
-    async fn run(&self, start: Start, report: &(impl Fn(JobId, Event) + Send + Sync)) -> Exit {
+    async fn run(
+        self: &Arc<Self>,
+        start: Start,
+        report: &(impl Fn(JobId, Event) + Send + Sync),
+    ) -> Exit {
         let job_id = start.job_id;
         let dir = self.jobs_dir.join(job_id.to_string());
         let log = self.log_path(job_id);
@@ -248,7 +255,7 @@ impl JobRunner {
     }
 
     async fn supervise(
-        &self,
+        self: &Arc<Self>,
         start: &Start,
         prepared: Prepared,
         report: &(impl Fn(JobId, Event) + Send + Sync),
@@ -290,8 +297,9 @@ impl JobRunner {
         }
         info!(%job_id, pid, program = %start.program, "job's driver started");
         report(job_id, Event::Started(pid));
+        // A stop asked while it was starting: SIGTERM now, SIGKILL later.
         if stop_now {
-            let _ = killpg(group, Signal::SIGTERM);
+            self.stop(job_id);
         }
         let waited = tokio::select! {
             waited = child.wait() => waited,
@@ -309,10 +317,18 @@ impl JobRunner {
                 }
             }
         };
-        // Nothing the driver started outlives it.
+        // Whether it was stopped is settled now: a stop from here on finds
+        // it exited.
+        let stopped = {
+            let mut drivers = self.drivers.locked();
+            drivers.get_mut(&job_id).is_some_and(|d| {
+                d.exited = true;
+                d.stop_asked
+            })
+        };
+        // Nothing the driver started in its process group outlives it.
         let _ = killpg(group, Signal::SIGKILL);
         let _ = std::fs::remove_file(&pid_file);
-        let stopped = self.stop_asked(job_id);
         match waited {
             Err(e) => Exit::failed(format!("waiting for the driver: {e}")),
             Ok(status) => exit_of(status, stopped, self.stopping.is_cancelled()),
