@@ -50,6 +50,12 @@ pub fn chromium(url: &str, extra: &[String], timeout: Duration) -> Output {
     out.unwrap_or_else(|| panic!("chromium did not finish within {timeout:?} on {url}"))
 }
 
+/// The page at `url` as headless Chromium renders it (`--dump-dom`).
+pub fn dump_dom(url: &str, timeout: Duration) -> String {
+    let out = chromium(url, &["--dump-dom".to_string()], timeout);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A screenshot of `url` into `file`; true if one was written.
 pub fn screenshot(url: &str, file: &Path, timeout: Duration) -> bool {
     let _ = std::fs::remove_file(file);

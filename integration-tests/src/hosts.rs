@@ -615,17 +615,34 @@ impl Driver {
     /// The rest of the first line starting with `prefix`, waiting at most
     /// `timeout`; panics with the driver's stderr otherwise.
     pub fn wait_for(&mut self, prefix: &str, timeout: Duration) -> String {
+        let line = self.wait_for_line(&format!("{prefix:?} line"), timeout, |l| {
+            l.starts_with(prefix)
+        });
+        line[prefix.len()..].to_string()
+    }
+
+    /// The first line holding `text`, waiting at most `timeout`; panics
+    /// with the process's stderr otherwise.
+    pub fn wait_containing(&mut self, text: &str, timeout: Duration) -> String {
+        self.wait_for_line(&format!("line with {text:?}"), timeout, |l| {
+            l.contains(text)
+        })
+    }
+
+    fn wait_for_line(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        wanted: impl Fn(&str) -> bool,
+    ) -> String {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(rest) = line.strip_prefix(prefix) {
-                        return rest.to_string();
-                    }
-                }
+                Ok(line) if wanted(&line) => return line,
+                Ok(_) => {}
                 Err(_) => panic!(
-                    "the driver printed no {prefix:?} line within {timeout:?}:\n{}",
+                    "the driver printed no {what} within {timeout:?}:\n{}",
                     self.stderr()
                 ),
             }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use shoal_integration_tests::browser::{chromium, screenshot};
+use shoal_integration_tests::browser::{dump_dom, screenshot};
 use shoal_integration_tests::prometheus::{http_get, http_raw};
 use shoal_integration_tests::ProcessCluster;
 
@@ -118,6 +118,36 @@ fn the_dashboard_shows_the_cluster_to_a_browser_with_the_token_and_nothing_witho
     assert_eq!(status, 400);
     let (status, _) = get_with_cookie(&addr, "/api/list/spaceships", &cookie);
     assert_eq!(status, 404);
+    // A submitted job's output; bad or unknown ids are refused.
+    let (status, body) = get_with_cookie(
+        &addr,
+        &format!("/api/job-logs/{submitted_job}?tail=100000000"),
+        &cookie,
+    );
+    assert_eq!(status, 200, "{body}");
+    let output: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(output["output"], "hello-from-a-submitted-job\n", "{output}");
+    assert_eq!(output["done"], true, "{output}");
+    for bad in [
+        "/api/job-logs/not-an-id",
+        "/api/job-logs/00000000000000000000000000000001",
+        "/api/job-logs/../../token",
+    ] {
+        let (status, body) = get_with_cookie(&addr, bad, &cookie);
+        assert_eq!(status, 404, "{bad}: {body}");
+    }
+    // The login link lands on a job's page, and on no other address.
+    for (job, landing) in [
+        (submitted_job.as_str(), format!("/?job={submitted_job}")),
+        ("https://elsewhere.example/", "/".to_string()),
+    ] {
+        let (status, head, _) = exchange(
+            &addr,
+            &format!("GET /login?token={token}&job={job} HTTP/1.1\r\nConnection: close\r\n\r\n"),
+        );
+        assert_eq!(status, 303, "{head}");
+        assert!(head.contains(&format!("Location: {landing}\r\n")), "{head}");
+    }
 
     // A real browser follows the printed link: logged in, the page lists
     // the nodes and the finished job.
@@ -129,8 +159,7 @@ fn the_dashboard_shows_the_cluster_to_a_browser_with_the_token_and_nothing_witho
         .collect();
     assert_eq!(nodes.len(), 3);
     let link = format!("http://{addr}/login?token={token}");
-    let dom = chromium(&link, &["--dump-dom".to_string()], BROWSER);
-    let dom = String::from_utf8_lossy(&dom.stdout);
+    let dom = dump_dom(&link, BROWSER);
     for node in &nodes {
         assert!(
             dom.contains(node.as_str()),
@@ -146,23 +175,13 @@ fn the_dashboard_shows_the_cluster_to_a_browser_with_the_token_and_nothing_witho
         "the tasks are listed:\n{dom}"
     );
     // A submitted job's output, from its link.
-    let dom = chromium(
-        &format!("{link}&job={submitted_job}"),
-        &["--dump-dom".to_string()],
-        BROWSER,
-    );
-    let dom = String::from_utf8_lossy(&dom.stdout);
+    let dom = dump_dom(&format!("{link}&job={submitted_job}"), BROWSER);
     assert!(
         dom.contains("hello-from-a-submitted-job") && dom.contains("SUCCEEDED"),
         "the job's output is on its page:\n{dom}"
     );
     // Without the token the browser gets the login page only.
-    let dom = chromium(
-        &format!("http://{addr}/"),
-        &["--dump-dom".to_string()],
-        BROWSER,
-    );
-    let dom = String::from_utf8_lossy(&dom.stdout);
+    let dom = dump_dom(&format!("http://{addr}/"), BROWSER);
     assert!(dom.contains("Paste the cluster's join token"), "{dom}");
     assert!(!nodes.iter().any(|n| dom.contains(n.as_str())), "{dom}");
 

@@ -328,45 +328,22 @@ fn logs_are_listed_per_node_and_read_from_the_node_that_has_them() {
     assert!(String::from_utf8_lossy(&escape.stderr).contains("no log file"));
 
     // --follow prints what is added: a node joining is logged by the head.
-    let mut follow = std::process::Command::new(shoal_integration_tests::shoal_bin())
+    let follow = std::process::Command::new(shoal_integration_tests::shoal_bin())
         .args([
             "logs", "--node", &head_node, "head.log", "--tail", "0", "--follow",
         ])
         .arg("--session-dir")
         .arg(cluster.root())
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("shoal logs --follow");
-    let stdout = follow.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let joined = cluster.start_node(&["--num-cpus", "0"]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let mut seen = Vec::new();
-    let found = loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) if line.contains("node registered") => break true,
-            Ok(line) => seen.push(line),
-            Err(_) => break false,
-        }
-    };
-    let _ = follow.kill();
-    let _ = follow.wait();
-    assert!(
-        found,
-        "--follow never showed node {joined} joining: {seen:?}"
-    );
+    // Killed when dropped.
+    let mut follow = shoal_integration_tests::hosts::Driver::new(follow);
+    cluster.start_node(&["--num-cpus", "0"]);
+    follow.wait_containing("node registered", Duration::from_secs(30));
+    drop(follow);
 
     // Log files carry no colour codes.
     for entry in std::fs::read_dir(cluster.root().join("session_latest/logs")).expect("logs") {

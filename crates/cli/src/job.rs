@@ -16,12 +16,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use shoal_net::digest::sha256_hex;
-use shoal_proto::head::JobSubmission;
+use shoal_proto::head::{JobSubmission, UPLOAD_PART_BYTES};
 use shoal_proto::node::LOG_CHUNK_MAX;
-use shoal_proto::state::{StateKind, StateQuery, Value};
+use shoal_proto::state::{StateKind, StateQuery};
 use shoal_proto::{HeadReply, HeadRequest, JobId};
 
-use crate::list::{one, print_rows, query, row_json, text};
+use crate::list::{int, one, print_rows, query, row_json, text};
 use crate::status::{ask, HeadArgs, HeadConnection, HeadTarget};
 
 #[derive(Debug, clap::Args)]
@@ -111,8 +111,6 @@ pub struct ListArgs {
 
 /// Largest working directory uploaded (the head's limit too).
 const WORKING_DIR_BYTES_MAX: u64 = shoal_head::submit::WORKING_DIR_BYTES_MAX;
-/// Upload part size.
-const CHUNK_BYTES: usize = 8 << 20;
 /// Uploads at least this large show a progress bar.
 const PROGRESS_FROM: usize = 16 << 20;
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -210,10 +208,7 @@ fn submit(args: SubmitArgs) -> Result<ExitCode> {
     }
     let message = text(&row, "message").unwrap_or("");
     eprintln!("job {job_id} {state}: {message}");
-    let code = match row.iter().find(|(k, _)| k == "exit_code") {
-        Some((_, Value::Int(code))) => u8::try_from(*code).unwrap_or(1).max(1),
-        _ => 1,
-    };
+    let code = int(&row, "exit_code").map_or(1, |c| u8::try_from(c).unwrap_or(1).max(1));
     Ok(ExitCode::from(code))
 }
 
@@ -255,19 +250,13 @@ async fn send(head: &HeadConnection, upload: &Upload) -> Result<()> {
         bar.set_message(format!("uploading {}", upload.what));
         bar
     });
-    for (i, part) in upload.bytes.chunks(CHUNK_BYTES).enumerate() {
-        let request = HeadRequest::UploadBinary {
-            hash: upload.hash.clone(),
-            offset: (i * CHUNK_BYTES) as u64,
-            total: total as u64,
-            data: part.to_vec(),
-        };
+    for (i, request) in HeadRequest::upload_parts(&upload.hash, &upload.bytes).enumerate() {
         head.client
             .call_idempotent(&request, TIMEOUT)
             .await
             .with_context(|| format!("uploading {}", upload.what))?;
         if let Some(bar) = &bar {
-            bar.inc(part.len() as u64);
+            bar.set_position(((i + 1) * UPLOAD_PART_BYTES).min(total) as u64);
         }
     }
     if let Some(bar) = bar {
@@ -312,7 +301,7 @@ fn status(args: &StatusArgs) -> Result<()> {
     }
     let state = text(&row, "state").unwrap_or("?");
     println!("job {}: {state}", args.id);
-    if let Some((_, Value::Int(code))) = row.iter().find(|(k, _)| k == "exit_code") {
+    if let Some(code) = int(&row, "exit_code") {
         println!("exit code: {code}");
     }
     if let Some(message) = text(&row, "message") {

@@ -240,6 +240,14 @@ pub fn text<'a>(row: &'a Row, key: &str) -> Option<&'a str> {
     }
 }
 
+/// A number field of a record.
+pub fn int(row: &Row, key: &str) -> Option<i64> {
+    match row.iter().find(|(k, _)| k == key) {
+        Some((_, Value::Int(i))) => Some(*i),
+        _ => None,
+    }
+}
+
 /// A field's value as JSON.
 pub fn value_json(value: &Value) -> serde_json::Value {
     match value {

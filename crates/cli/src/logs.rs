@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use shoal_net::handshake::ClientAuth;
 use shoal_net::{NetLimits, RpcClient, Transport};
 use shoal_proto::node::{LogFile, LOG_CHUNK_MAX};
-use shoal_proto::state::StateKind;
+use shoal_proto::state::{Row, StateKind};
 use shoal_proto::{NodeReply, NodeRequest, NodeState, Role};
 
 use crate::list::text;
@@ -66,6 +66,18 @@ enum Wanted {
     Worker(String),
 }
 
+/// The log of the worker an actor's or task's record names, on its node;
+/// `none` says why there is none.
+fn worker_file(row: &Row, none: impl Fn() -> String) -> Result<Wanted> {
+    let (Some(worker), Some(node)) = (text(row, "worker_id"), text(row, "node_id")) else {
+        bail!("{}", none());
+    };
+    Ok(Wanted::File {
+        node: node.to_string(),
+        name: worker_log(worker),
+    })
+}
+
 pub fn run(args: LogsArgs) -> Result<()> {
     crate::logging::init("warn");
     let target = HeadTarget::from_args(&args.head)?;
@@ -73,28 +85,12 @@ pub fn run(args: LogsArgs) -> Result<()> {
     let nodes = live_nodes(&target)?;
     let wanted = if let Some(id) = &args.actor {
         let row = crate::list::one(&target, StateKind::Actors, "actor_id", id)?;
-        let worker = text(&row, "worker_id")
-            .map(str::to_string)
-            .context("the actor has no worker")?;
-        let node = text(&row, "node_id")
-            .map(str::to_string)
-            .context("the actor has no node")?;
-        Wanted::File {
-            node,
-            name: worker_log(&worker),
-        }
+        worker_file(&row, || format!("actor {id} has no worker"))?
     } else if let Some(id) = &args.task {
         let row = crate::list::one(&target, StateKind::Tasks, "task_id", id)?;
-        let worker = text(&row, "worker_id")
-            .map(str::to_string)
-            .with_context(|| format!("task {id} has not been sent to a worker (yet)"))?;
-        let node = text(&row, "node_id")
-            .map(str::to_string)
-            .context("the task has no node")?;
-        Wanted::File {
-            node,
-            name: worker_log(&worker),
-        }
+        worker_file(&row, || {
+            format!("task {id} has not been sent to a worker (yet)")
+        })?
     } else if let Some(id) = &args.worker {
         Wanted::Worker(id.clone())
     } else if let (Some(node), Some(file)) = (&args.node, &args.file) {

@@ -172,8 +172,19 @@ fn ensure_private_root(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Every pid file under every session of `root`.
+/// Every daemon's pid file under every session of `root` (`pids/*.pid`).
 pub fn all_pid_files(root: &Path) -> Vec<PathBuf> {
+    pid_files_in(root, "pids")
+}
+
+/// The pid files of submitted jobs' drivers under every session of `root`
+/// (`jobs/<job>.pid`, named after the job).
+pub fn all_driver_pid_files(root: &Path) -> Vec<PathBuf> {
+    pid_files_in(root, "jobs")
+}
+
+/// The `*.pid` files in directory `sub` of every session of `root`.
+fn pid_files_in(root: &Path, sub: &str) -> Vec<PathBuf> {
     let Ok(sessions) = fs::read_dir(root) else {
         return Vec::new();
     };
@@ -181,41 +192,13 @@ pub fn all_pid_files(root: &Path) -> Vec<PathBuf> {
     for session in sessions.flatten() {
         let name = session.file_name();
         if name.to_string_lossy().starts_with("session_") && name != LATEST {
-            if let Ok(pids) = fs::read_dir(session.path().join("pids")) {
+            if let Ok(pids) = fs::read_dir(session.path().join(sub)) {
                 files.extend(
                     pids.flatten()
                         .map(|e| e.path())
                         .filter(|p| p.extension().is_some_and(|e| e == "pid")),
                 );
             }
-        }
-    }
-    files.sort();
-    files
-}
-
-/// The pid files of submitted jobs' drivers (`jobs/<job>.pid`) under every
-/// session of `root`, with each job's id.
-pub fn all_driver_pid_files(root: &Path) -> Vec<(String, PathBuf)> {
-    let Ok(sessions) = fs::read_dir(root) else {
-        return Vec::new();
-    };
-    let mut files = Vec::new();
-    for session in sessions.flatten() {
-        let name = session.file_name();
-        if !name.to_string_lossy().starts_with("session_") || name == LATEST {
-            continue;
-        }
-        let Ok(jobs) = fs::read_dir(session.path().join("jobs")) else {
-            continue;
-        };
-        for entry in jobs.flatten() {
-            let path = entry.path();
-            let job = path
-                .file_stem()
-                .filter(|_| path.extension().is_some_and(|e| e == "pid"))
-                .map(|s| s.to_string_lossy().into_owned());
-            files.extend(job.map(|job| (job, path.clone())));
         }
     }
     files.sort();

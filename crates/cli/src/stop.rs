@@ -142,55 +142,43 @@ fn stop_all(daemons: &[Daemon], first: Signal, grace: Duration) -> Vec<Daemon> {
 /// files their heads wrote (`jobs/<job>.pid`): a process counts only if it
 /// leads its process group and was started with that job's id.
 fn running_drivers(root: &Path) -> Vec<Daemon> {
-    let mut found = Vec::new();
-    for (job, pid_file) in crate::session::all_driver_pid_files(root) {
-        let pid = std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|s| s.trim().parse::<i32>().ok())
-            .filter(|p| *p > 0);
-        let driver = pid.and_then(|pid| {
-            let (state, started) = process_state(pid)?;
-            let leads =
-                nix::unistd::getpgid(Some(Pid::from_raw(pid))).ok() == Some(Pid::from_raw(pid));
-            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-            let marker = format!("SHOAL_JOB_ID={job}");
-            let ours = environ.split(|b| *b == 0).any(|v| v == marker.as_bytes());
-            (!exited(state) && leads && ours).then_some(Daemon {
-                pid,
-                started,
-                pid_file: pid_file.clone(),
-                group: true,
-            })
-        });
-        match driver {
-            Some(driver) => found.push(driver),
-            None => {
-                let _ = std::fs::remove_file(&pid_file);
-            }
-        }
-    }
-    found
+    let files = crate::session::all_driver_pid_files(root);
+    running(files, true, |pid, pid_file| {
+        let Some(job) = pid_file.file_stem() else {
+            return false;
+        };
+        let leads = nix::unistd::getpgid(Some(Pid::from_raw(pid))).ok() == Some(Pid::from_raw(pid));
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let marker = format!("SHOAL_JOB_ID={}", job.to_string_lossy());
+        leads && environ.split(|b| *b == 0).any(|v| v == marker.as_bytes())
+    })
 }
 
-/// Every daemon under `root` that is still running; stale pid files are removed.
+/// Every daemon under `root` that is still running.
 fn running_daemons(root: &Path) -> Vec<Daemon> {
+    running(all_pid_files(root), false, |pid, _| is_shoal(pid))
+}
+
+/// The processes of `pid_files` still running that `ours` accepts (by pid
+/// and pid file); the other files are stale (the process is gone, or the
+/// pid now belongs to another program) and removed.
+fn running(pid_files: Vec<PathBuf>, group: bool, ours: impl Fn(i32, &Path) -> bool) -> Vec<Daemon> {
     let mut found = Vec::new();
-    for pid_file in all_pid_files(root) {
+    for pid_file in pid_files {
         let pid = std::fs::read_to_string(&pid_file)
             .ok()
             .and_then(|s| s.trim().parse::<i32>().ok());
         let daemon = pid.filter(|p| *p > 0).and_then(|pid| {
             let (state, started) = process_state(pid)?;
-            (!exited(state) && is_shoal(pid)).then_some(Daemon {
+            (!exited(state) && ours(pid, &pid_file)).then_some(Daemon {
                 pid,
                 started,
                 pid_file: pid_file.clone(),
-                group: false,
+                group,
             })
         });
         match daemon {
             Some(daemon) => found.push(daemon),
-            // Stale: the daemon is gone (or the pid now belongs to another program).
             None => {
                 let _ = std::fs::remove_file(&pid_file);
             }

@@ -11,10 +11,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use serde_json::{json, Value as Json};
-use shoal_proto::state::{Filter, FilterOp, Row, StateKind, StateQuery, Value, LIST_LIMIT_MAX};
+use shoal_proto::state::{Filter, FilterOp, Row, StateKind, StateQuery, LIST_LIMIT_MAX};
 use shoal_proto::HeadRequest;
 
-use crate::list::text;
+use crate::list::{int, text};
 use crate::status::{HeadArgs, HeadTarget};
 
 #[derive(Debug, clap::Args)]
@@ -80,15 +80,6 @@ pub fn run(args: TimelineArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn int(row: &Row, key: &str) -> Option<i64> {
-    row.iter()
-        .find(|(k, _)| k == key)
-        .and_then(|(_, v)| match v {
-            Value::Int(i) => Some(*i),
-            _ => None,
-        })
 }
 
 /// Numbers for processes (nodes) and threads (workers), as the trace

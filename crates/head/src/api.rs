@@ -421,9 +421,9 @@ impl HeadService {
     /// What the runner says of a submitted job's driver.
     fn job_event(&self, job_id: JobId, event: Event) {
         let exited = matches!(event, Event::Exited(_));
-        {
-            let mut state = self.state();
-            state.jobs.update_submission(job_id, |s| match event {
+        self.state()
+            .jobs
+            .update_submission(job_id, |s| match event {
                 Event::Started(pid) => {
                     s.status = SubmissionStatus::Running;
                     s.driver_pid = Some(pid);
@@ -434,13 +434,11 @@ impl HeadService {
                     s.message = exit.message;
                 }
             });
-            self.journal(&mut state, false);
-        }
         // Its tasks and actors end with it.
         if exited {
             self.finish_job(job_id);
-            self.journal(&mut self.state(), false);
         }
+        self.journal(&mut self.state(), false);
     }
 
     /// Part of a submitted job's output ([`HeadReply::JobLog`]).
@@ -1374,8 +1372,8 @@ fn check_submission(s: &JobSubmission) -> Result<(), ServiceError> {
             "{name:?} is not a program file name (1 to {PROGRAM_NAME_MAX} bytes, no '/')"
         )));
     }
-    let hashes = std::iter::once(&s.program_hash).chain(s.working_dir_hash.as_ref());
-    if let Some(bad) = hashes.into_iter().find(|h| !is_sha256_hex(h)) {
+    let mut hashes = std::iter::once(&s.program_hash).chain(s.working_dir_hash.as_ref());
+    if let Some(bad) = hashes.find(|h| !is_sha256_hex(h)) {
         return Err(bad_request(format!("{bad:?} is not a hex SHA-256")));
     }
     let strings = s.args.len() + s.env.len();

@@ -224,11 +224,10 @@ impl Jobs {
     }
 
     /// A job reloaded from the store, its driver not connected yet.
-    pub fn restore(&mut self, id: JobId, record: JobRecord) {
+    pub fn restore(&mut self, id: JobId, mut record: JobRecord) {
         if !record.running {
             self.finished.push_back(id);
         }
-        let mut record = record;
         let unsupervised = record
             .submission
             .as_ref()

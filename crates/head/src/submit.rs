@@ -162,8 +162,10 @@ impl JobRunner {
             return true;
         };
         let _ = killpg(group, Signal::SIGTERM);
+        // Not tracked: a head that stops waits for its drivers, not for
+        // the timers of those that exited in time.
         let runner = self.clone();
-        self.tracker.spawn(async move {
+        tokio::spawn(async move {
             tokio::time::sleep(STOP_GRACE).await;
             runner.kill_if_running(job_id, group);
         });
@@ -304,17 +306,10 @@ impl JobRunner {
         let waited = tokio::select! {
             waited = child.wait() => waited,
             () = self.stopping.cancelled() => {
-                if let Some(driver) = self.drivers.locked().get_mut(&job_id) {
-                    driver.stop_asked = true;
-                }
-                let _ = killpg(group, Signal::SIGTERM);
-                match tokio::time::timeout(STOP_GRACE, child.wait()).await {
-                    Ok(waited) => waited,
-                    Err(_) => {
-                        let _ = killpg(group, Signal::SIGKILL);
-                        child.wait().await
-                    }
-                }
+                // The head stops: so does the driver, as `shoal job stop`
+                // would stop it.
+                self.stop(job_id);
+                child.wait().await
             }
         };
         // Whether it was stopped is settled now: a stop from here on finds

@@ -562,7 +562,25 @@ pub struct RegisterNode {
     pub metrics_address: Option<String>,
 }
 
+/// The part size of the uploads senders make ([`HeadRequest::upload_parts`]).
+pub const UPLOAD_PART_BYTES: usize = 8 << 20;
+
 impl HeadRequest {
+    /// The [`HeadRequest::UploadBinary`] parts that carry `bytes`, whose hex
+    /// SHA-256 is `hash`, in order.
+    pub fn upload_parts<'a>(hash: &'a str, bytes: &'a [u8]) -> impl Iterator<Item = Self> + 'a {
+        let total = bytes.len() as u64;
+        bytes
+            .chunks(UPLOAD_PART_BYTES)
+            .enumerate()
+            .map(move |(i, part)| Self::UploadBinary {
+                hash: hash.to_string(),
+                offset: (i * UPLOAD_PART_BYTES) as u64,
+                total,
+                data: part.to_vec(),
+            })
+    }
+
     /// A heartbeat with nothing to report but the resources free (a node
     /// with no jobs, workers or objects: tools and tests).
     pub fn idle_heartbeat(node_id: NodeId, resources_available: ResourceSet) -> Self {

@@ -566,17 +566,10 @@ async fn register_job(
     if upload && !present {
         let bytes = std::fs::read("/proc/self/exe")
             .map_err(|e| Error::NotInitialized(format!("cannot read this executable: {e}")))?;
-        let total = bytes.len() as u64;
-        for (i, part) in bytes.chunks(CHUNK_BYTES as usize).enumerate() {
-            let upload = HeadRequest::UploadBinary {
-                hash: hash.to_string(),
-                offset: (i * CHUNK_BYTES as usize) as u64,
-                total,
-                data: part.to_vec(),
-            };
+        for upload in HeadRequest::upload_parts(hash, &bytes) {
             head.call_idempotent(&upload, CONTROL_TIMEOUT).await?;
         }
-        debug!(bytes = total, "uploaded the executable");
+        debug!(bytes = bytes.len(), "uploaded the executable");
     }
     head.keep_job(job, job_id);
     Ok(job_id)
