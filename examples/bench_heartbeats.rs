@@ -315,6 +315,7 @@ async fn node(
         registration_key: ((i as u64) << 1) | 1,
         object_store_capacity_bytes: 1 << 30,
         metrics_address: None,
+        labels: Default::default(),
     });
     let (node_id, interval) = loop {
         match head.call(&register, REQUEST_TIMEOUT).await {

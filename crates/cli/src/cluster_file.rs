@@ -17,7 +17,9 @@
 //!
 //! [[nodes]]                    # one entry per joining node (--node-index picks)
 //! num_cpus = 2
-//! resources = { GPU = 1 }
+//! num_gpus = 1
+//! labels = { zone = "a" }
+//! resources = { disk = 1 }
 //! ```
 //! Flags given on the command line override the file.
 
@@ -59,6 +61,10 @@ pub struct HeadSection {
     pub worker_port_range: Option<(u16, u16)>,
     /// The head node's CPUs (0: runs no tasks).
     pub num_cpus: Option<f64>,
+    /// The head node's GPUs.
+    pub num_gpus: Option<u32>,
+    /// The head node's labels.
+    pub labels: BTreeMap<String, String>,
     /// The head node's memory, in bytes.
     pub memory_bytes: Option<u64>,
     /// The head node's custom resources.
@@ -86,6 +92,10 @@ pub struct NodeSection {
     pub worker_port_range: Option<(u16, u16)>,
     /// CPUs offered.
     pub num_cpus: Option<f64>,
+    /// GPUs offered.
+    pub num_gpus: Option<u32>,
+    /// Labels offered to label selectors.
+    pub labels: BTreeMap<String, String>,
     /// Memory offered, in bytes.
     pub memory_bytes: Option<u64>,
     /// Custom resources offered.
@@ -134,6 +144,19 @@ impl ClusterFile {
             !file.timeouts.heartbeat_interval.is_zero(),
             "heartbeat_interval must be positive"
         );
+        let sections = std::iter::once(("[head]", &file.head.labels, &file.head.resources)).chain(
+            file.nodes
+                .iter()
+                .map(|n| ("[[nodes]]", &n.labels, &n.resources)),
+        );
+        for (section, labels, resources) in sections {
+            shoal_proto::placement::check_labels(labels)
+                .with_context(|| format!("labels of {section}"))?;
+            anyhow::ensure!(
+                !resources.contains_key(shoal_proto::resources::GPU),
+                "{section}: give GPUs as num_gpus, not in resources"
+            );
+        }
         Ok(file)
     }
 }

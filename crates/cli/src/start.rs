@@ -67,6 +67,15 @@ pub struct StartArgs {
     /// CPUs this node offers (detected by default); 0 runs no tasks here.
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     num_cpus: Option<f64>,
+    /// GPUs this node offers, devices 0 to N-1 (default: detected from
+    /// `nvidia-smi -L`, else /proc/driver/nvidia/gpus, else 0). Each worker
+    /// sees exactly its devices in CUDA_VISIBLE_DEVICES.
+    #[arg(long, value_name = "N")]
+    num_gpus: Option<u32>,
+    /// Labels for label selectors, as JSON: '{"zone": "a", "disk": "ssd"}'.
+    /// Every node also carries shoal.io/node-id and shoal.io/hostname.
+    #[arg(long, value_name = "JSON", value_parser = parse_labels)]
+    labels: Option<BTreeMap<String, String>>,
     /// Memory this node offers, in bytes (detected by default).
     #[arg(long, value_name = "BYTES")]
     memory: Option<u64>,
@@ -133,6 +142,20 @@ fn parse_head_store(text: &str) -> Result<String> {
     Ok(text.to_string())
 }
 
+/// `--labels`' parser (clap prints the message).
+fn parse_labels(text: &str) -> Result<BTreeMap<String, String>> {
+    let labels: BTreeMap<String, String> = serde_json::from_str(text).map_err(|e| {
+        anyhow::anyhow!(
+            "expected a JSON object of names to strings, like '{{\"zone\": \"a\"}}': {e}"
+        )
+    })?;
+    if let Some(key) = labels.keys().find(|k| k.starts_with("shoal.io/")) {
+        bail!("{key:?}: shoal.io/ labels are set by Shoal");
+    }
+    shoal_proto::placement::check_labels(&labels)?;
+    Ok(labels)
+}
+
 /// `--resources`' parser (clap prints the message).
 fn parse_resources(text: &str) -> Result<BTreeMap<String, f64>> {
     let map: BTreeMap<String, f64> = serde_json::from_str(text).map_err(|e| {
@@ -144,6 +167,9 @@ fn parse_resources(text: &str) -> Result<BTreeMap<String, f64>> {
         }
         if name == shoal_proto::resources::MEMORY {
             bail!("use --memory, not \"memory\" in --resources");
+        }
+        if name == shoal_proto::resources::GPU {
+            bail!("use --num-gpus, not \"GPU\" in --resources");
         }
     }
     ResourceSet(map.clone()).validate()?;
@@ -188,6 +214,8 @@ fn node_settings(args: &StartArgs, section: NodeSection, file: &ClusterFile) -> 
     NodeConfig {
         node_ip: args.node_ip.or(section.node_ip),
         num_cpus: args.num_cpus.or(section.num_cpus),
+        num_gpus: args.num_gpus.or(section.num_gpus),
+        labels: args.labels.clone().unwrap_or(section.labels),
         memory_bytes: args.memory.or(section.memory_bytes),
         object_store_bytes: args.object_store_memory.or(section.object_store_bytes),
         object_spill_bytes: args.object_spill_bytes.or(section.object_spill_bytes),
@@ -308,6 +336,8 @@ fn run_head_in(args: &StartArgs, file: &ClusterFile, session: &Session) -> Resul
     let head_section = NodeSection {
         node_ip,
         num_cpus: file.head.num_cpus,
+        num_gpus: file.head.num_gpus,
+        labels: file.head.labels.clone(),
         memory_bytes: file.head.memory_bytes,
         resources: file.head.resources.clone(),
         object_store_bytes: file.head.object_store_bytes,
@@ -692,7 +722,8 @@ mod tests {
 
     #[test]
     fn resources_json_is_checked() {
-        assert!(parse_resources(r#"{"GPU": 1}"#).is_ok());
+        assert!(parse_resources(r#"{"disk": 1}"#).is_ok());
+        assert!(parse_resources(r#"{"GPU": 1}"#).is_err(), "--num-gpus");
         assert!(parse_resources("[1]").is_err());
         assert!(parse_resources(r#"{"CPU": 1}"#).is_err());
         assert!(parse_resources(r#"{"memory": 1}"#).is_err());

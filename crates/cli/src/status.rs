@@ -6,7 +6,8 @@ use anyhow::{Context, Result};
 use serde_json::{json, Map, Value};
 use shoal_net::handshake::ClientAuth;
 use shoal_net::{JoinToken, NetLimits, RpcClient, Transport, HEAD_SERVER_NAME};
-use shoal_proto::resources::{CPU, MEMORY};
+use shoal_proto::placement::NODE_ID_LABEL;
+use shoal_proto::resources::{CPU, GPU, MEMORY};
 use shoal_proto::{ClusterStatus, HeadReply, HeadRequest, NodeState, ResourceSet, Role};
 
 use crate::session::Session;
@@ -217,6 +218,7 @@ pub fn to_json(status: &ClusterStatus) -> Value {
                 "objects_pulled": n.objects_pulled,
                 "object_store_capacity_bytes": n.object_store_capacity_bytes,
                 "metrics_address": n.metrics_address,
+                "labels": n.labels,
             })
         })
         .collect();
@@ -227,6 +229,7 @@ pub fn to_json(status: &ClusterStatus) -> Value {
         "infeasible": status.infeasible.iter().map(|r| json!({
             "job_id": r.job_id.to_string(),
             "resources": resources_json(&r.resources),
+            "placement": r.placement.to_string(),
         })).collect::<Vec<_>>(),
     })
 }
@@ -261,13 +264,14 @@ pub fn render(status: &ClusterStatus) -> String {
         status.nodes.len() - alive.len()
     );
     out += &format!(
-        "{:<32}  {:<5}  {:<21}  {:<21}  {:>7}  {:<9}  {:<19}  {:<19}  {}\n",
+        "{:<32}  {:<5}  {:<21}  {:<21}  {:>7}  {:<9}  {:<9}  {:<19}  {:<19}  {}\n",
         "NODE",
         "STATE",
         "ADDRESS",
         "METRICS",
         "PID",
         "CPU",
+        "GPU",
         "MEMORY",
         "OBJECT STORE",
         "OTHER RESOURCES"
@@ -280,7 +284,7 @@ pub fn render(status: &ClusterStatus) -> String {
         let others: Vec<String> = n
             .resources_total
             .iter()
-            .filter(|(k, _)| *k != CPU && *k != MEMORY)
+            .filter(|(k, _)| ![CPU, GPU, MEMORY].contains(k))
             .map(|(k, _)| {
                 format!(
                     "{k} {}",
@@ -290,13 +294,14 @@ pub fn render(status: &ClusterStatus) -> String {
             .collect();
         let head = if n.is_head_node { " (head)" } else { "" };
         out += &format!(
-            "{:<32}  {:<5}  {:<21}  {:<21}  {:>7}  {:<9}  {:<19}  {:<19}  {}{}\n",
+            "{:<32}  {:<5}  {:<21}  {:<21}  {:>7}  {:<9}  {:<9}  {:<19}  {:<19}  {}{}\n",
             n.node_id,
             state,
             n.address,
             n.metrics_address.as_deref().unwrap_or("-"),
             n.pid,
             used_of_total(CPU, &n.resources_total, &n.resources_available),
+            used_of_total(GPU, &n.resources_total, &n.resources_available),
             used_of_total(MEMORY, &n.resources_total, &n.resources_available),
             format!(
                 "{}/{}",
@@ -307,6 +312,22 @@ pub fn render(status: &ClusterStatus) -> String {
             head
         );
     }
+    // Labels, the node's id left out (it heads the row already).
+    let labelled: Vec<String> = status
+        .nodes
+        .iter()
+        .map(|n| {
+            let labels: Vec<String> = n
+                .labels
+                .iter()
+                .filter(|(k, _)| k.as_str() != NODE_ID_LABEL)
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            format!("  {}  {}\n", n.node_id, labels.join(", "))
+        })
+        .collect();
+    out += "\nLabels:\n";
+    out += &labelled.concat();
     let mut total = ResourceSet::new();
     let mut available = ResourceSet::new();
     for n in &alive {
@@ -319,13 +340,15 @@ pub fn render(status: &ClusterStatus) -> String {
     }
     if !status.infeasible.is_empty() {
         out += "\nInfeasible requests (no live node can fit them; they wait):\n";
+        out += &format!("  {:<32}  {:<32}  {}\n", "JOB", "SHAPE", "STRATEGY");
         for r in &status.infeasible {
             let what: Vec<String> = r
                 .resources
                 .iter()
                 .map(|(k, v)| format!("{k}: {v}"))
                 .collect();
-            out += &format!("  job {}: {{{}}}\n", r.job_id, what.join(", "));
+            let shape = format!("{{{}}}", what.join(", "));
+            out += &format!("  {:<32}  {shape:<32}  {}\n", r.job_id, r.placement);
         }
     }
     if status.handshakes_refused > 0 {

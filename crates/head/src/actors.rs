@@ -411,6 +411,7 @@ mod tests {
             max_concurrency: 1,
             resources: shoal_proto::ResourceSet::new(),
             owner: WorkerId::random(),
+            placement: Default::default(),
         }
     }
 

@@ -209,6 +209,7 @@ impl State {
                 request_id: 0,
                 owner_node: None,
                 abandon: false,
+                placement: spec.placement.clone(),
             };
             let Decision::Granted(lease) = self.scheduler.request(&live, &request) else {
                 continue;
@@ -249,6 +250,7 @@ impl State {
                 node_id: n.node_id,
                 address: n.address,
                 total: n.resources_total,
+                labels: n.labels,
             })
             .collect()
     }
@@ -614,6 +616,7 @@ impl HeadService {
                     node_id: node.node_id,
                     address: String::new(),
                     total: node.resources_total.clone(),
+                    labels: Default::default(),
                 };
                 node.resources_available = state.scheduler.available(&view);
             }
@@ -679,6 +682,10 @@ impl HeadService {
             .resources
             .validate()
             .map_err(|e| bad_request(e.to_string()))?;
+        request
+            .placement
+            .check()
+            .map_err(|e| bad_request(e.to_string()))?;
         let wait = Duration::from_millis(request.wait_ms).min(LEASE_WAIT_MAX);
         let arrived = tokio::time::Instant::now();
         let deadline = arrived + wait;
@@ -715,6 +722,7 @@ impl HeadService {
                 }
                 Decision::Infeasible => return Ok(HeadReply::LeasePending { infeasible: true }),
                 Decision::Abandoned => return Ok(HeadReply::LeasePending { infeasible: false }),
+                Decision::Refused(reason) => return Ok(HeadReply::LeaseRefused { reason }),
                 Decision::OwnerGone => {
                     return Err(ServiceError::new(
                         ServiceErrorKind::NotFound,
@@ -921,6 +929,7 @@ fn check_registration(info: &RegisterNode) -> Result<(), ServiceError> {
             "at most {RESOURCES_MAX} resource names"
         )));
     }
+    shoal_proto::placement::check_labels(&info.labels).map_err(|e| bad_request(e.to_string()))?;
     info.resources_total
         .validate()
         .map_err(|e| bad_request(e.to_string()))

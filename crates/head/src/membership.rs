@@ -5,6 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use shoal_proto::head::{DeadNode, RegisterNode};
+use shoal_proto::placement::NODE_ID_LABEL;
 use shoal_proto::{NodeId, NodeState, NodeStatus, ResourceSet};
 
 /// A heartbeat or request from a node that is not a live member.
@@ -77,7 +78,7 @@ impl Membership {
     pub fn register(
         &mut self,
         id: NodeId,
-        info: RegisterNode,
+        mut info: RegisterNode,
         now: Instant,
     ) -> Result<NodeId, TooManyNodes> {
         if let Some(existing) = self
@@ -92,6 +93,9 @@ impl Membership {
         if info.registration_key != 0 {
             self.keys.insert(info.registration_key, id);
         }
+        // Its id is a label too, whatever the node said.
+        info.labels
+            .insert(NODE_ID_LABEL.to_string(), id.to_string());
         let entry = Entry {
             resources_available: info.resources_total.clone(),
             info,
@@ -263,6 +267,7 @@ impl Membership {
                 objects_pulled: e.objects_pulled,
                 object_store_capacity_bytes: e.info.object_store_capacity_bytes,
                 metrics_address: e.info.metrics_address.clone(),
+                labels: e.info.labels.clone(),
                 last_heartbeat_ms_ago: u64::try_from(
                     now.saturating_duration_since(e.last_heard).as_millis(),
                 )
@@ -300,6 +305,7 @@ mod tests {
             registration_key: 0,
             object_store_capacity_bytes: 0,
             metrics_address: None,
+            labels: Default::default(),
         }
     }
 

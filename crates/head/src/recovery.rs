@@ -281,6 +281,7 @@ mod tests {
             registration_key: if is_head_node { 8 } else { 7 },
             object_store_capacity_bytes: 1 << 20,
             metrics_address: None,
+            labels: Default::default(),
         }
     }
 
@@ -319,6 +320,7 @@ mod tests {
             max_concurrency: 1,
             resources: cpus(1.0),
             owner: WorkerId::random(),
+            placement: Default::default(),
         }
     }
 

@@ -15,7 +15,8 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use shoal_proto::head::{InfeasibleRequest, Lease, LeaseRequest};
-use shoal_proto::resources::CPU;
+use shoal_proto::placement::{selects, Labels, Strategy};
+use shoal_proto::resources::{CPU, GPU, MEMORY};
 use shoal_proto::{JobId, LeaseId, NodeId, ResourceSet, WorkerId};
 
 /// A live node as the scheduler sees it.
@@ -27,6 +28,8 @@ pub struct NodeView {
     pub address: String,
     /// Everything it offers.
     pub total: ResourceSet,
+    /// Its labels, the defaults included.
+    pub labels: Labels,
 }
 
 /// What became of a lease request.
@@ -44,6 +47,9 @@ pub enum Decision {
     /// Its owner gave the request up before it was granted: no try of it
     /// is granted any more.
     Abandoned,
+    /// It can never be granted as asked (a hard node affinity to a node
+    /// that is not alive, or could never fit it): its tasks fail.
+    Refused(String),
 }
 
 #[derive(Clone, Debug)]
@@ -112,9 +118,15 @@ pub struct Scheduler {
     /// [`ABANDONED_KEPT`], oldest first): no try of one is granted.
     abandoned: HashSet<(WorkerId, u64)>,
     abandoned_order: VecDeque<(WorkerId, u64)>,
+    /// The node the last SPREAD lease went to: the next goes to the one
+    /// after it (by id) that fits.
+    spread_last: Option<NodeId>,
 }
 
 const INFEASIBLE_KEPT: usize = 100;
+/// The default strategy packs a node while its utilisation is below this
+/// (Ray's hybrid policy's spread threshold).
+const PACK_BELOW: f64 = 0.5;
 /// Dead owners remembered: a request of one arrives within seconds of its
 /// death, well before this many other owners die.
 const DEAD_OWNERS_KEPT: usize = 100_000;
@@ -149,15 +161,17 @@ impl Scheduler {
         fits(resources, |r| self.free(node, r))
     }
 
-    fn cpu_utilisation(&self, node: &NodeView) -> f64 {
-        let total = node.total.get(CPU);
-        if total <= 0.0 {
-            return 1.0;
-        }
-        self.ledgers
-            .get(&node.node_id)
-            .map_or(0.0, |l| l.allocated.get(CPU))
-            / total
+    /// The node's most used share of CPU, GPU and memory (Ray's critical
+    /// resource utilisation).
+    fn utilisation(&self, node: &NodeView) -> f64 {
+        let allocated = self.ledgers.get(&node.node_id).map(|l| &l.allocated);
+        [CPU, GPU, MEMORY]
+            .iter()
+            .filter_map(|name| {
+                let total = node.total.get(name);
+                (total > 0.0).then(|| allocated.map_or(0.0, |a| a.get(name)) / total)
+            })
+            .fold(0.0, f64::max)
     }
 
     /// Tries to place `request` on one of `nodes` (the live nodes).
@@ -200,26 +214,14 @@ impl Scheduler {
                 return Decision::Abandoned;
             }
         }
-        let can_ever_fit = nodes
-            .iter()
-            .any(|n| fits(&request.resources, |r| n.total.get(r)));
-        if !can_ever_fit {
-            self.note_infeasible(request);
-            return Decision::Infeasible;
-        }
-        let fitting = |n: &&NodeView| self.has_room(n, &request.resources);
-        let preferred = request
-            .preferred_node
-            .and_then(|id| nodes.iter().find(|n| n.node_id == id))
-            .filter(fitting);
-        let chosen = preferred.or_else(|| {
-            nodes
-                .iter()
-                .filter(fitting)
-                .min_by(|a, b| self.cpu_utilisation(a).total_cmp(&self.cpu_utilisation(b)))
-        });
-        let Some(node) = chosen else {
-            return Decision::Wait;
+        let node = match self.choose(nodes, request) {
+            Ok(node) => node,
+            Err(decision) => {
+                if decision == Decision::Infeasible {
+                    self.note_infeasible(request);
+                }
+                return decision;
+            }
         };
         let lease_id = LeaseId::random();
         let (node_id, node_address) = (node.node_id, node.address.clone());
@@ -250,16 +252,93 @@ impl Scheduler {
         Decision::Granted(lease)
     }
 
+    /// The node for `request` (see the module's placement rules), or why
+    /// there is none now.
+    fn choose<'a>(
+        &mut self,
+        nodes: &'a [NodeView],
+        request: &LeaseRequest,
+    ) -> Result<&'a NodeView, Decision> {
+        let placement = &request.placement;
+        let admitted = |n: &&NodeView| selects(&placement.labels, &n.labels);
+        let could_fit = |n: &NodeView| fits(&request.resources, |r| n.total.get(r));
+        if let Strategy::NodeAffinity { node_id, soft } = placement.strategy {
+            let target = nodes
+                .iter()
+                .find(|n| n.node_id == node_id)
+                .filter(admitted)
+                .filter(|n| could_fit(n));
+            match target {
+                Some(node) if self.has_room(node, &request.resources) => return Ok(node),
+                Some(_) => return Err(Decision::Wait),
+                None if !soft => {
+                    return Err(Decision::Refused(format!(
+                        "node affinity to {node_id}, which is not alive or can never fit {:?}{}",
+                        request.resources,
+                        if placement.labels.is_empty() {
+                            ""
+                        } else {
+                            " with these labels"
+                        }
+                    )))
+                }
+                // Soft: placed as by default.
+                None => {}
+            }
+        }
+        let mut eligible: Vec<&NodeView> = nodes.iter().filter(admitted).collect();
+        if !eligible.iter().any(|n| could_fit(n)) {
+            return Err(Decision::Infeasible);
+        }
+        eligible.retain(|n| self.has_room(n, &request.resources));
+        if eligible.is_empty() {
+            return Err(Decision::Wait);
+        }
+        // Soft selectors narrow the choice while a matching node fits.
+        if eligible
+            .iter()
+            .any(|n| selects(&placement.labels_soft, &n.labels))
+        {
+            eligible.retain(|n| selects(&placement.labels_soft, &n.labels));
+        }
+        // A fixed order, so packing fills the same nodes first and spreading
+        // goes round.
+        eligible.sort_by_key(|n| n.node_id);
+        if placement.strategy == Strategy::Spread {
+            let at = eligible
+                .iter()
+                .position(|n| Some(n.node_id) > self.spread_last)
+                .unwrap_or(0);
+            self.spread_last = Some(eligible[at].node_id);
+            return Ok(eligible[at]);
+        }
+        let find = |id: Option<NodeId>| id.and_then(|id| eligible.iter().find(|n| n.node_id == id));
+        if let Some(near) = find(placement.near) {
+            return Ok(near);
+        }
+        let below_half = |n: &&&NodeView| self.utilisation(n) < PACK_BELOW;
+        let chosen = find(request.preferred_node)
+            .filter(below_half)
+            .or_else(|| eligible.iter().find(below_half))
+            .or_else(|| {
+                eligible
+                    .iter()
+                    .min_by(|a, b| self.utilisation(a).total_cmp(&self.utilisation(b)))
+            });
+        chosen.copied().ok_or(Decision::Wait)
+    }
+
     fn note_infeasible(&mut self, request: &LeaseRequest) {
         let entry = InfeasibleRequest {
             job_id: request.job_id,
             resources: request.resources.clone(),
+            placement: request.placement.clone(),
         };
         if !self.infeasible.contains(&entry) {
             if self.infeasible.len() >= INFEASIBLE_KEPT {
                 self.infeasible.remove(0);
             }
-            tracing::warn!(job_id = %request.job_id, resources = ?request.resources, "infeasible request: no live node has these resources; it waits");
+            tracing::warn!(job_id = %request.job_id, resources = ?request.resources, placement = %request.placement, "infeasible request: no live node has these resources and labels; it waits");
             self.infeasible.push(entry);
         }
     }
@@ -451,9 +530,10 @@ impl Scheduler {
     /// Clears infeasible entries that some node in `nodes` can now fit.
     pub fn recheck_infeasible(&mut self, nodes: &[NodeView]) {
         self.infeasible.retain(|r| {
-            !nodes
-                .iter()
-                .any(|n| fits(&r.resources, |name| n.total.get(name)))
+            !nodes.iter().any(|n| {
+                selects(&r.placement.labels, &n.labels)
+                    && fits(&r.resources, |name| n.total.get(name))
+            })
         });
     }
 
@@ -503,6 +583,8 @@ impl Scheduler {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use proptest::strategy::Strategy;
+    use shoal_proto::placement::{LabelConstraint, Placement, Strategy as PlacementStrategy};
 
     fn node(cpus: f64) -> NodeView {
         let mut total = ResourceSet::new();
@@ -511,6 +593,7 @@ mod tests {
             node_id: NodeId::random(),
             address: "a".into(),
             total,
+            labels: Labels::new(),
         }
     }
 
@@ -526,6 +609,7 @@ mod tests {
             request_id: 0,
             owner_node: None,
             abandon: false,
+            placement: Placement::default(),
         }
     }
 
@@ -564,22 +648,126 @@ mod tests {
         assert_eq!(room, [true, true, false], "the third takes the last CPU");
     }
 
-    #[test]
-    fn prefers_the_owners_node_while_it_fits() {
-        let nodes = vec![node(2.0), node(2.0)];
-        let mut s = Scheduler::new();
-        let mut r = request(1.0);
-        r.preferred_node = Some(nodes[1].node_id);
-        for _ in 0..2 {
-            match s.request(&nodes, &r) {
-                Decision::Granted(l) => assert_eq!(l.node_id, nodes[1].node_id),
-                d => panic!("{d:?}"),
-            }
-        }
-        match s.request(&nodes, &r) {
-            Decision::Granted(l) => assert_eq!(l.node_id, nodes[0].node_id, "full: spill over"),
+    fn granted(s: &mut Scheduler, nodes: &[NodeView], r: &LeaseRequest) -> Lease {
+        match s.request(nodes, r) {
+            Decision::Granted(l) => l,
             d => panic!("{d:?}"),
         }
+    }
+
+    #[test]
+    fn prefers_the_owners_node_below_half_use_then_packs_then_the_least_loaded() {
+        let nodes = vec![node(4.0), node(4.0), node(4.0)];
+        let mut ordered: Vec<NodeId> = nodes.iter().map(|n| n.node_id).collect();
+        ordered.sort();
+        let mut s = Scheduler::new();
+        let mut r = request(1.0);
+        r.preferred_node = Some(ordered[2]);
+        let on: Vec<NodeId> = (0..7)
+            .map(|_| granted(&mut s, &nodes, &r).node_id)
+            .collect();
+        // The owner's node to half use, then the first node (by id) to
+        // half, then the next; then the least loaded.
+        assert_eq!(
+            on[..6],
+            [ordered[2], ordered[2], ordered[0], ordered[0], ordered[1], ordered[1]]
+        );
+        assert!(ordered.contains(&on[6]));
+    }
+
+    #[test]
+    fn spread_goes_round_the_nodes_that_fit() {
+        let nodes = vec![node(4.0), node(4.0), node(1.0)];
+        let mut s = Scheduler::new();
+        let mut r = request(1.0);
+        r.placement.strategy = PlacementStrategy::Spread;
+        let mut count: HashMap<NodeId, usize> = HashMap::new();
+        for _ in 0..9 {
+            *count
+                .entry(granted(&mut s, &nodes, &r).node_id)
+                .or_default() += 1;
+        }
+        assert_eq!(
+            count[&nodes[2].node_id], 1,
+            "the small node is full after one"
+        );
+        assert_eq!(count[&nodes[0].node_id], 4);
+        assert_eq!(count[&nodes[1].node_id], 4);
+    }
+
+    #[test]
+    fn node_affinity_hard_waits_for_its_node_or_is_refused_soft_goes_elsewhere() {
+        let nodes = vec![node(1.0), node(1.0)];
+        let mut s = Scheduler::new();
+        let mut hard = request(1.0);
+        hard.placement.strategy = PlacementStrategy::NodeAffinity {
+            node_id: nodes[1].node_id,
+            soft: false,
+        };
+        assert_eq!(granted(&mut s, &nodes, &hard).node_id, nodes[1].node_id);
+        assert_eq!(s.request(&nodes, &hard), Decision::Wait, "its node is full");
+        let gone = NodeId::random();
+        hard.placement.strategy = PlacementStrategy::NodeAffinity {
+            node_id: gone,
+            soft: false,
+        };
+        assert!(
+            matches!(s.request(&nodes, &hard), Decision::Refused(m) if m.contains(&gone.to_string()))
+        );
+        let mut soft = hard.clone();
+        soft.placement.strategy = PlacementStrategy::NodeAffinity {
+            node_id: gone,
+            soft: true,
+        };
+        assert_eq!(granted(&mut s, &nodes, &soft).node_id, nodes[0].node_id);
+        assert!(s.infeasible().is_empty());
+    }
+
+    #[test]
+    fn selectors_admit_matching_nodes_and_report_the_unmatched() {
+        let mut nodes = vec![node(2.0), node(2.0)];
+        nodes[1].labels.insert("zone".into(), "a".into());
+        let mut s = Scheduler::new();
+        let mut r = request(1.0);
+        r.preferred_node = Some(nodes[0].node_id);
+        r.placement.labels = vec![LabelConstraint::parse("zone", "a").expect("a valid selector")];
+        for _ in 0..2 {
+            assert_eq!(granted(&mut s, &nodes, &r).node_id, nodes[1].node_id);
+        }
+        assert_eq!(s.request(&nodes, &r), Decision::Wait, "the zone is full");
+        r.placement.labels =
+            vec![LabelConstraint::parse("zone", "in(b,c)").expect("a valid selector")];
+        assert_eq!(s.request(&nodes, &r), Decision::Infeasible);
+        assert_eq!(
+            s.infeasible()[0].placement,
+            r.placement,
+            "listed with its selector"
+        );
+        let mut soft = request(1.0);
+        soft.placement.labels_soft =
+            vec![LabelConstraint::parse("zone", "!a").expect("a valid selector")];
+        assert_eq!(granted(&mut s, &nodes, &soft).node_id, nodes[0].node_id);
+        s.recheck_infeasible(&nodes);
+        assert_eq!(s.infeasible().len(), 1, "still no zone b or c");
+        let mut b = node(1.0);
+        b.labels.insert("zone".into(), "b".into());
+        s.recheck_infeasible(&[b]);
+        assert!(s.infeasible().is_empty());
+    }
+
+    #[test]
+    fn locality_sends_a_task_to_its_arguments_node_while_it_fits() {
+        let nodes = vec![node(1.0), node(1.0)];
+        let mut s = Scheduler::new();
+        let mut r = request(1.0);
+        r.preferred_node = Some(nodes[0].node_id);
+        r.placement.near = Some(nodes[1].node_id);
+        assert_eq!(granted(&mut s, &nodes, &r).node_id, nodes[1].node_id);
+        assert_eq!(
+            granted(&mut s, &nodes, &r).node_id,
+            nodes[0].node_id,
+            "full: elsewhere"
+        );
     }
 
     #[test]
@@ -675,12 +863,16 @@ mod tests {
         let mut nested = request(1.0);
         nested.owner = WorkerId::random();
         nested.owner_node = Some(a);
-        nested.preferred_node = Some(b);
+        let on_b = PlacementStrategy::NodeAffinity {
+            node_id: b,
+            soft: false,
+        };
+        nested.placement.strategy = on_b.clone();
         let Decision::Granted(orphan) = s.request(&nodes, &nested) else {
             panic!("fits")
         };
         let mut other = request(1.0);
-        other.preferred_node = Some(b);
+        other.placement.strategy = on_b;
         let Decision::Granted(kept) = s.request(&nodes, &other) else {
             panic!("fits")
         };
@@ -806,6 +998,10 @@ mod tests {
             preferred: usize,
             job: usize,
             owner: usize,
+            /// Default, spread, hard or soft affinity (to `preferred`'s node).
+            strategy: usize,
+            /// See [`selector`].
+            labels: usize,
         },
         /// See [`Model::lease_at`].
         Release(usize),
@@ -815,6 +1011,7 @@ mod tests {
         NodeJoins {
             cpu: usize,
             gpu: usize,
+            zone: usize,
         },
         JobEnds(usize),
         OwnerDies(usize),
@@ -827,21 +1024,25 @@ mod tests {
                 0..REQUEST_GPU.len(),
                 any::<usize>(),
                 0..JOBS,
-                0..OWNERS
+                0..OWNERS,
+                0..4usize,
+                prop_oneof![3 => Just(0usize), 1 => 1..4usize],
             )
-                .prop_map(|(cpu, gpu, preferred, job, owner)| Event::Request {
+                .prop_map(|(cpu, gpu, preferred, job, owner, strategy, labels)| Event::Request {
                     cpu,
                     gpu,
                     preferred,
                     job,
-                    owner
+                    owner,
+                    strategy,
+                    labels,
                 }),
             2 => any::<usize>().prop_map(Event::Release),
             4 => (any::<usize>(), any::<bool>()).prop_map(|(i, b)| Event::SetBlocked(i, b)),
             1 => any::<usize>().prop_map(Event::Detach),
             1 => any::<usize>().prop_map(Event::NodeDies),
-            1 => (0..NODE_CPU.len(), 0..NODE_GPU.len())
-                .prop_map(|(cpu, gpu)| Event::NodeJoins { cpu, gpu }),
+            1 => (0..NODE_CPU.len(), 0..NODE_GPU.len(), 0..ZONES.len())
+                .prop_map(|(cpu, gpu, zone)| Event::NodeJoins { cpu, gpu, zone }),
             1 => (0..JOBS).prop_map(Event::JobEnds),
             1 => (0..OWNERS).prop_map(Event::OwnerDies),
         ]
@@ -864,11 +1065,31 @@ mod tests {
         r
     }
 
-    fn node_of(total: ResourceSet) -> NodeView {
+    /// The zones nodes are in (by label), and selectors pick.
+    const ZONES: [&str; 3] = ["a", "b", "c"];
+
+    fn node_of(total: ResourceSet, zone: usize) -> NodeView {
+        let mut labels = Labels::new();
+        // The last zone is no label at all.
+        if let Some(z) = ZONES.get(zone).filter(|_| zone < 2) {
+            labels.insert("zone".into(), z.to_string());
+        }
         NodeView {
             node_id: NodeId::random(),
             address: "a".into(),
             total,
+            labels,
+        }
+    }
+
+    /// The selectors a request may carry: none, `zone=a`, `zone=!a`,
+    /// `zone=in(b,c)`.
+    fn selector(i: usize) -> Vec<LabelConstraint> {
+        match i {
+            0 => Vec::new(),
+            1 => vec![LabelConstraint::parse("zone", "a").expect("a valid selector")],
+            2 => vec![LabelConstraint::parse("zone", "!a").expect("a valid selector")],
+            _ => vec![LabelConstraint::parse("zone", "in(b,c)").expect("a valid selector")],
         }
     }
 
@@ -918,6 +1139,17 @@ mod tests {
             let used = self.allocated(node.node_id);
             r.iter()
                 .all(|(name, q)| used.get(name) + q <= node.total.get(name) + EPSILON)
+        }
+
+        /// The node's most used share of CPU and GPU (what the default
+        /// strategy packs below half of).
+        fn utilisation(&self, node: &NodeView) -> f64 {
+            let used = self.allocated(node.node_id);
+            [CPU, GPU]
+                .iter()
+                .filter(|r| node.total.get(r) > 0.0)
+                .map(|r| used.get(r) / node.total.get(r))
+                .fold(0.0, f64::max)
         }
 
         fn past_total(&self, node: &NodeView) -> bool {
@@ -973,38 +1205,77 @@ mod tests {
                 preferred,
                 job,
                 owner,
+                strategy,
+                labels,
             } => {
                 let every: Vec<NodeId> = m.live.iter().chain(&m.dead).map(|n| n.node_id).collect();
+                let target = every.get(preferred % (every.len() + 1)).copied();
+                let strategy = match (strategy, target) {
+                    (1, _) => PlacementStrategy::Spread,
+                    (2 | 3, Some(node_id)) => PlacementStrategy::NodeAffinity {
+                        node_id,
+                        soft: strategy == 3,
+                    },
+                    _ => PlacementStrategy::Default,
+                };
                 let req = LeaseRequest {
                     job_id: job_id(job),
                     owner: owner_id(owner),
                     resources: shape(REQUEST_CPU[cpu], REQUEST_GPU[gpu]),
-                    preferred_node: every.get(preferred % (every.len() + 1)).copied(),
+                    preferred_node: target,
                     wait_ms: 0,
                     request_id: 0,
                     owner_node: None,
                     abandon: false,
+                    placement: Placement {
+                        strategy: strategy.clone(),
+                        labels: selector(labels),
+                        ..Placement::default()
+                    },
                 };
-                let feasible = m.live.iter().any(|n| fits_total(n, &req.resources));
-                let roomy: Vec<NodeId> = m
+                let admitted: Vec<&NodeView> = m
                     .live
+                    .iter()
+                    .filter(|n| selects(&req.placement.labels, &n.labels))
+                    .collect();
+                let feasible = admitted.iter().any(|n| fits_total(n, &req.resources));
+                let roomy: Vec<NodeId> = admitted
                     .iter()
                     .filter(|n| m.has_room(n, &req.resources))
                     .map(|n| n.node_id)
                     .collect();
+                // A node affinity's node, when it is live, admitted and
+                // could fit the request: the request goes there or waits.
+                let affine = match &strategy {
+                    PlacementStrategy::NodeAffinity { node_id, .. } => admitted
+                        .iter()
+                        .find(|n| n.node_id == *node_id && fits_total(n, &req.resources))
+                        .map(|n| n.node_id),
+                    _ => None,
+                };
+                let hard_miss = matches!(
+                    strategy,
+                    PlacementStrategy::NodeAffinity { soft: false, .. }
+                ) && affine.is_none();
                 let decision = s.request(&m.live, &req);
                 if m.dead_owners.contains(&owner) && req.request_id != 0 {
                     prop_assert_eq!(decision, Decision::OwnerGone);
                     return check(s, m);
                 }
+                if hard_miss {
+                    prop_assert!(matches!(decision, Decision::Refused(_)), "{:?}", decision);
+                    return check(s, m);
+                }
                 match decision {
                     Decision::OwnerGone => prop_assert!(false, "owner {owner} is alive"),
                     Decision::Abandoned => prop_assert!(false, "no request is abandoned here"),
+                    Decision::Refused(why) => prop_assert!(false, "refused: {why}"),
                     Decision::Infeasible => {
                         prop_assert!(!feasible, "a live node fits {:?}", req.resources);
                         let entry = InfeasibleRequest {
                             job_id: req.job_id,
                             resources: req.resources,
+                            placement: req.placement,
                         };
                         if !m.infeasible.contains(&entry) {
                             m.infeasible.push(entry);
@@ -1012,7 +1283,12 @@ mod tests {
                     }
                     Decision::Wait => {
                         prop_assert!(feasible, "no live node fits {:?}", req.resources);
-                        prop_assert!(roomy.is_empty(), "waits while {roomy:?} have room");
+                        match affine {
+                            Some(node) => prop_assert!(!roomy.contains(&node), "its node had room"),
+                            None => {
+                                prop_assert!(roomy.is_empty(), "waits while {roomy:?} have room")
+                            }
+                        }
                     }
                     Decision::Granted(lease) => {
                         prop_assert!(
@@ -1031,8 +1307,23 @@ mod tests {
                             req.resources,
                             lease.node_id
                         );
-                        if let Some(p) = req.preferred_node.filter(|p| roomy.contains(p)) {
-                            prop_assert_eq!(lease.node_id, p, "the preferred node had room");
+                        if let Some(node) = affine {
+                            prop_assert_eq!(lease.node_id, node, "granted off its node affinity");
+                        }
+                        let below_half = |id: NodeId| {
+                            m.live
+                                .iter()
+                                .any(|n| n.node_id == id && m.utilisation(n) < PACK_BELOW)
+                        };
+                        let preferred = req
+                            .preferred_node
+                            .filter(|p| roomy.contains(p) && below_half(*p));
+                        if let (PlacementStrategy::Default, Some(p)) = (&strategy, preferred) {
+                            prop_assert_eq!(
+                                lease.node_id,
+                                p,
+                                "the preferred node had room below half use"
+                            );
                         }
                         prop_assert_eq!(&lease.resources, &req.resources);
                         m.granted.push(lease.lease_id);
@@ -1087,12 +1378,16 @@ mod tests {
                 let reclaimed = m.reclaim(|l| l.node_id == id);
                 prop_assert_eq!(s.node_died(id), reclaimed);
             }
-            Event::NodeJoins { cpu, gpu } => {
-                m.live.push(node_of(shape(NODE_CPU[cpu], NODE_GPU[gpu])));
+            Event::NodeJoins { cpu, gpu, zone } => {
+                m.live
+                    .push(node_of(shape(NODE_CPU[cpu], NODE_GPU[gpu]), zone));
                 s.recheck_infeasible(&m.live);
                 let live = &m.live;
-                m.infeasible
-                    .retain(|r| !live.iter().any(|n| fits_total(n, &r.resources)));
+                m.infeasible.retain(|r| {
+                    !live.iter().any(|n| {
+                        selects(&r.placement.labels, &n.labels) && fits_total(n, &r.resources)
+                    })
+                });
             }
             Event::JobEnds(j) => {
                 let reclaimed = m.reclaim(|l| l.job == Some(j));
@@ -1168,7 +1463,7 @@ mod tests {
         ) {
             let mut s = Scheduler::new();
             let mut m = Model {
-                live: vec![node_of(shape(2.0, None)), node_of(shape(3.0, Some(1.0)))],
+                live: vec![node_of(shape(2.0, None), 0), node_of(shape(3.0, Some(1.0)), 1)],
                 ..Model::default()
             };
             for event in events {

@@ -103,6 +103,7 @@ async fn a_node_cut_off_from_the_head_is_declared_dead_and_fenced_when_the_cut_h
         registration_key: 1,
         object_store_capacity_bytes: 0,
         metrics_address: None,
+        labels: Default::default(),
     });
     let node_id = match node.call(&register, CALL).await.expect("register") {
         HeadReply::NodeRegistered(registered) => registered.node_id,

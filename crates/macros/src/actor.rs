@@ -303,6 +303,14 @@ fn codegen(a: ActorImpl) -> TokenStream {
             pub fn num_cpus(self, n: f64) -> Self { Self(self.0.num_cpus(n)) }
             /// A custom resource the actor holds while it lives.
             pub fn resource(self, name: &str, quantity: f64) -> Self { Self(self.0.resource(name, quantity)) }
+            /// GPUs held (a fraction below one shares a device).
+            pub fn num_gpus(self, n: f64) -> Self { Self(self.0.num_gpus(n)) }
+            /// Only nodes whose labels match: `&[("zone", "a")]`, `"!a"`, `"in(a,b)"`, `"!in(a,b)"`.
+            pub fn label_selector(self, pairs: &[(&str, &str)]) -> Self { Self(self.0.label_selector(pairs)) }
+            /// Nodes whose labels match are preferred.
+            pub fn label_selector_soft(self, pairs: &[(&str, &str)]) -> Self { Self(self.0.label_selector_soft(pairs)) }
+            /// How a node is picked: `shoal::Strategy::Spread`, `shoal::Strategy::node_affinity(id, soft)`.
+            pub fn scheduling(self, strategy: ::shoal::Strategy) -> Self { Self(self.0.scheduling(strategy)) }
             /// Calls that may run at once (`&self` and `async` methods).
             pub fn max_concurrency(self, n: u32) -> Self { Self(self.0.max_concurrency(n)) }
             /// Calls a handle may have unanswered; more fail at once.

@@ -14,8 +14,9 @@ use proc_macro::TokenStream;
 /// Makes a free function callable as a task: `f::remote(args...)` returns an
 /// `ObjectRef` of its result, and `f::options()` sets resources and retries.
 ///
-/// Options: `num_cpus = N`, `max_retries = N`, `retry_exceptions = bool`,
-/// `resources = { "GPU" = 1.0 }`... see the `shoal` crate's documentation.
+/// Options: `num_cpus = N`, `num_gpus = N`, `max_retries = N`,
+/// `retry_exceptions = bool`, `resources = { "disk" = 1.0 }`... see the
+/// `shoal` crate's documentation.
 ///
 /// The function must be a module-level item (not declared inside another
 /// function's body): its companion module refers to it as `super::name`.

@@ -11,6 +11,7 @@ use syn::{Expr, FnArg, Ident, ItemFn, Lit, Pat, ReturnType, Token, Type};
 #[derive(Default)]
 struct Options {
     num_cpus: Option<Expr>,
+    num_gpus: Option<Expr>,
     max_retries: Option<Expr>,
     retry_exceptions: Option<Expr>,
     resources: Vec<(String, Expr)>,
@@ -24,6 +25,7 @@ impl Parse for Options {
             input.parse::<Token![=]>()?;
             match key.to_string().as_str() {
                 "num_cpus" => options.num_cpus = Some(input.parse()?),
+                "num_gpus" => options.num_gpus = Some(input.parse()?),
                 "max_retries" => options.max_retries = Some(input.parse()?),
                 "retry_exceptions" => options.retry_exceptions = Some(input.parse()?),
                 "resources" => {
@@ -45,7 +47,7 @@ impl Parse for Options {
                 other => {
                     return Err(syn::Error::new(
                         key.span(),
-                        format!("unknown option `{other}`; expected num_cpus, max_retries, retry_exceptions or resources"),
+                        format!("unknown option `{other}`; expected num_cpus, num_gpus, max_retries, retry_exceptions or resources"),
                     ))
                 }
             }
@@ -251,6 +253,9 @@ fn codegen(f: RemoteFn) -> TokenStream {
     if let Some(n) = &options.num_cpus {
         defaults = quote! { #defaults.num_cpus((#n) as f64) };
     }
+    if let Some(n) = &options.num_gpus {
+        defaults = quote! { #defaults.num_gpus((#n) as f64) };
+    }
     if let Some(n) = &options.max_retries {
         defaults = quote! { #defaults.max_retries(#n) };
     }
@@ -296,6 +301,14 @@ fn codegen(f: RemoteFn) -> TokenStream {
                 pub fn retry_exceptions(self, yes: bool) -> Self { Self(self.0.retry_exceptions(yes)) }
                 /// A custom resource the task holds while it runs.
                 pub fn resource(self, name: &str, quantity: f64) -> Self { Self(self.0.resource(name, quantity)) }
+                /// GPUs held (a fraction below one shares a device).
+                pub fn num_gpus(self, n: f64) -> Self { Self(self.0.num_gpus(n)) }
+                /// Only nodes whose labels match: `&[("zone", "a")]`, `"!a"`, `"in(a,b)"`, `"!in(a,b)"`.
+                pub fn label_selector(self, pairs: &[(&str, &str)]) -> Self { Self(self.0.label_selector(pairs)) }
+                /// Nodes whose labels match are preferred.
+                pub fn label_selector_soft(self, pairs: &[(&str, &str)]) -> Self { Self(self.0.label_selector_soft(pairs)) }
+                /// How a node is picked: `shoal::Strategy::Spread`, `shoal::Strategy::node_affinity(id, soft)`.
+                pub fn scheduling(self, strategy: ::shoal::Strategy) -> Self { Self(self.0.scheduling(strategy)) }
                 /// Submits the task with these options.
                 pub fn remote(self, #(#arg_names: impl ::core::convert::Into<::shoal::Arg<#arg_types>>),*) -> ::shoal::ObjectRef<#out_ty> {
                     ::shoal::__private::submit::<#out_ty>(&FUNCTION, self.0, ::std::vec![#(::shoal::__private::arg::<#arg_types>(#arg_names.into())),*])

@@ -58,6 +58,10 @@ pub struct NodeConfig {
     pub node_ip: Option<std::net::IpAddr>,
     /// CPUs offered; detected when unset.
     pub num_cpus: Option<f64>,
+    /// GPUs offered, devices 0 to N-1; detected when unset.
+    pub num_gpus: Option<u32>,
+    /// Labels offered to label selectors (`shoal.io/hostname` is added).
+    pub labels: shoal_proto::placement::Labels,
     /// Memory offered, in bytes; detected when unset.
     pub memory_bytes: Option<u64>,
     /// Custom resources offered, `{"name": quantity}`.
@@ -102,6 +106,8 @@ impl Default for NodeConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 0)),
             node_ip: None,
             num_cpus: None,
+            num_gpus: None,
+            labels: Default::default(),
             memory_bytes: None,
             resources: ResourceSet::new(),
             is_head_node: false,

@@ -257,6 +257,19 @@ impl HeadLink<'_> {
         self.transport.connect(addr).await
     }
 
+    /// The node's labels: its own and its host's name (a name that is no
+    /// label value is left out).
+    fn labels(&self) -> shoal_proto::placement::Labels {
+        use shoal_proto::placement::{check_labels, HOSTNAME_LABEL};
+        let mut labels = self.config.labels.clone();
+        let mut host = labels.clone();
+        host.insert(HOSTNAME_LABEL.into(), shoal_net::host::hostname());
+        if check_labels(&host).is_ok() {
+            labels = host;
+        }
+        labels
+    }
+
     /// What this node registers with.
     fn describe(&self, head: &HeadClient, registration_key: u64) -> (RegisterNode, IpAddr) {
         // The host's advertised IP (shoal_net::host): never the loopback
@@ -275,6 +288,7 @@ impl HeadLink<'_> {
                 .config
                 .metrics_port
                 .map(|port| SocketAddr::new(ip, port).to_string()),
+            labels: self.labels(),
         };
         (node, ip)
     }

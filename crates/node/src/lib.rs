@@ -21,6 +21,7 @@
 pub mod api;
 pub mod binaries;
 pub mod config;
+pub mod gpus;
 pub mod head_link;
 pub mod machine;
 pub mod metrics;
@@ -65,6 +66,9 @@ pub enum NodeError {
     /// A configured resource is invalid.
     #[error(transparent)]
     Resource(#[from] shoal_proto::resources::InvalidResource),
+    /// A configured label is invalid.
+    #[error(transparent)]
+    Label(#[from] shoal_proto::placement::InvalidPlacement),
     /// The object store's directories could not be made.
     #[error("cannot set up the object store: {0}")]
     ObjectStore(#[from] object_store::StoreError),
@@ -229,6 +233,7 @@ impl Node {
     ) -> Result<Self, NodeError> {
         let resources = machine::resources(&config);
         resources.validate()?;
+        shoal_proto::placement::check_labels(&config.labels)?;
         // No server configuration until the head issues a certificate: until
         // then quinn refuses every incoming connection.
         let server = endpoint::endpoint(config.listen, None, &config.limits).map_err(|source| {

@@ -1,6 +1,6 @@
 //! What this machine has to offer.
 
-use shoal_proto::resources::{CPU, MEMORY};
+use shoal_proto::resources::{CPU, GPU, MEMORY};
 use shoal_proto::ResourceSet;
 
 use crate::config::NodeConfig;
@@ -10,6 +10,29 @@ pub fn detect_cpus() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
+}
+
+/// GPUs on this machine: the devices `nvidia-smi -L` lists, else the
+/// entries of `/proc/driver/nvidia/gpus`, else none.
+pub fn detect_gpus() -> u32 {
+    let listed = std::process::Command::new("nvidia-smi")
+        .arg("-L")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| count_listed_gpus(&String::from_utf8_lossy(&out.stdout)));
+    listed.unwrap_or_else(|| {
+        std::fs::read_dir("/proc/driver/nvidia/gpus")
+            .map(|dir| dir.filter_map(Result::ok).count() as u32)
+            .unwrap_or(0)
+    })
+}
+
+/// The devices in `nvidia-smi -L`'s output (`GPU 0: ... (UUID: ...)`).
+fn count_listed_gpus(text: &str) -> u32 {
+    text.lines().filter(|l| l.starts_with("GPU ")).count() as u32
 }
 
 /// Memory this process may use, in bytes: `/proc/meminfo`'s total, or the
@@ -95,6 +118,15 @@ fn parse_mem_total(meminfo: &str) -> Option<u64> {
 pub fn resources(config: &NodeConfig) -> ResourceSet {
     let mut set = config.resources.clone();
     set.set(CPU, config.num_cpus.unwrap_or(detect_cpus() as f64));
+    // GPUs given as a custom resource count as given.
+    let gpus = config
+        .num_gpus
+        .or_else(|| config.resources.0.get(GPU).map(|n| n.floor() as u32))
+        .unwrap_or_else(detect_gpus);
+    set.0.remove(GPU);
+    if gpus > 0 {
+        set.set(GPU, f64::from(gpus));
+    }
     if let Some(memory) = config.memory_bytes.or_else(detect_memory_bytes) {
         set.set(MEMORY, memory as f64);
     }
@@ -104,6 +136,27 @@ pub fn resources(config: &NodeConfig) -> ResourceSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gpus_are_counted_from_nvidia_smi() {
+        let text = "GPU 0: NVIDIA A100 (UUID: GPU-1)\nGPU 1: NVIDIA A100 (UUID: GPU-2)\n";
+        assert_eq!(count_listed_gpus(text), 2);
+        assert_eq!(count_listed_gpus("No devices were found\n"), 0);
+    }
+
+    #[test]
+    fn given_gpus_replace_detected_ones_and_zero_offers_none() {
+        let config = NodeConfig {
+            num_gpus: Some(2),
+            ..NodeConfig::default()
+        };
+        assert_eq!(resources(&config).get(GPU), 2.0);
+        let none = NodeConfig {
+            num_gpus: Some(0),
+            ..NodeConfig::default()
+        };
+        assert!(!resources(&none).0.contains_key(GPU));
+    }
 
     #[test]
     fn mem_total_is_parsed_in_bytes() {

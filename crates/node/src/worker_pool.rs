@@ -246,6 +246,9 @@ struct WorkerEntry {
     address: Option<String>,
     pid: Option<u32>,
     kill: Option<Box<dyn Fn() + Send + Sync>>,
+    /// The GPU devices in its environment: it serves only leases given
+    /// exactly these.
+    gpus: Vec<u32>,
 }
 
 impl WorkerEntry {
@@ -261,6 +264,7 @@ impl WorkerEntry {
             address: None,
             pid: None,
             kill: None,
+            gpus: Vec::new(),
         };
         (entry, rx)
     }
@@ -277,6 +281,25 @@ struct PoolState {
     owners: HashMap<LeaseId, (Option<WorkerId>, Option<shoal_proto::NodeId>)>,
     allocated: ResourceSet,
     dead: Vec<WorkerId>,
+    /// The GPU devices, and the shares each lease holding some has.
+    gpus: crate::gpus::Devices,
+    gpu_shares: HashMap<LeaseId, Vec<crate::gpus::Share>>,
+}
+
+impl PoolState {
+    /// Ends a lease's hold on its node: its resources (unless lent back
+    /// while blocked) and its GPU devices.
+    fn end_lease(&mut self, lease_id: LeaseId) -> Option<WorkerId> {
+        self.owners.remove(&lease_id);
+        let (worker_id, resources) = self.leases.remove(&lease_id)?;
+        if !self.blocked.remove(&lease_id) {
+            subtract(&mut self.allocated, &resources);
+        }
+        if let Some(shares) = self.gpu_shares.remove(&lease_id) {
+            self.gpus.give_back(&shares);
+        }
+        Some(worker_id)
+    }
 }
 
 /// Settings for the pool.
@@ -331,8 +354,12 @@ impl WorkerPool {
         binaries: BinaryCache,
         config: PoolConfig,
     ) -> Self {
+        let gpus = config.total.get(shoal_proto::resources::GPU).floor() as u32;
         Self {
-            state: Mutex::new(PoolState::default()),
+            state: Mutex::new(PoolState {
+                gpus: crate::gpus::Devices::new(gpus),
+                ..PoolState::default()
+            }),
             any_gone: tokio::sync::Notify::new(),
             launcher,
             binaries,
@@ -416,9 +443,19 @@ impl WorkerPool {
                     ));
                 }
                 state.allocated.add(&resources);
+                let shares = state
+                    .gpus
+                    .assign(resources.get(shoal_proto::resources::GPU));
+                let gpus = crate::gpus::ids(&shares);
+                if !shares.is_empty() {
+                    state.gpu_shares.insert(lease_id, shares);
+                }
                 let idle = state.workers.iter().find_map(|(id, w)| {
-                    (!dedicated && w.job_id == job_id && matches!(w.state, WorkerState::Idle(_)))
-                        .then_some(*id)
+                    (!dedicated
+                        && w.job_id == job_id
+                        && w.gpus == gpus
+                        && matches!(w.state, WorkerState::Idle(_)))
+                    .then_some(*id)
                 });
                 match idle {
                     Some(worker_id) => {
@@ -436,6 +473,7 @@ impl WorkerPool {
                         let (mut entry, rx) = WorkerEntry::starting(job_id);
                         entry.dedicated = dedicated;
                         entry.detached = detached;
+                        entry.gpus = gpus;
                         state.workers.insert(worker_id, entry);
                         state.leases.insert(lease_id, (worker_id, resources));
                         (worker_id, rx, false)
@@ -509,6 +547,16 @@ impl WorkerPool {
             None
         };
         let mut env = self.env.locked().clone();
+        {
+            // On a node with GPUs, a worker sees exactly its devices.
+            let state = self.state();
+            if state.gpus.count() > 0 {
+                let gpus = state.workers.get(&worker_id).map_or(&[][..], |w| &w.gpus);
+                let visible = crate::gpus::visible_devices(gpus);
+                env.push(("CUDA_VISIBLE_DEVICES".into(), visible.clone()));
+                env.push(("SHOAL_GPU_IDS".into(), visible));
+            }
+        }
         env.push(("SHOAL_WORKER_ID".into(), worker_id.to_string()));
         env.push(("SHOAL_JOB_ID".into(), job_id.to_string()));
         env.push(("SHOAL_BINARY_HASH".into(), binary_hash.to_string()));
@@ -715,13 +763,9 @@ impl WorkerPool {
     /// A lease holder is done with its worker.
     pub fn release(&self, lease_id: LeaseId, kill: bool) {
         let mut state = self.state();
-        state.owners.remove(&lease_id);
-        let Some((worker_id, resources)) = state.leases.remove(&lease_id) else {
+        let Some(worker_id) = state.end_lease(lease_id) else {
             return;
         };
-        if !state.blocked.remove(&lease_id) {
-            subtract(&mut state.allocated, &resources);
-        }
         let kill = kill || state.workers.get(&worker_id).is_some_and(|w| w.dedicated);
         if kill {
             if let Some(entry) = state.workers.get(&worker_id) {
@@ -763,12 +807,7 @@ impl WorkerPool {
             .map(|(id, _)| *id)
             .collect();
         for lease in leases {
-            state.owners.remove(&lease);
-            if let Some((_, resources)) = state.leases.remove(&lease) {
-                if !state.blocked.remove(&lease) {
-                    subtract(&mut state.allocated, &resources);
-                }
-            }
+            state.end_lease(lease);
         }
     }
 

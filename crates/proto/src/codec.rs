@@ -444,6 +444,7 @@ mod tests {
                     object_store_capacity_bytes: 0,
                     objects_pulled: 0,
                     metrics_address: None,
+                    labels: Default::default(),
                 }],
                 handshakes_refused: 0,
                 infeasible: vec![],

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{ActorId, ClusterId, JobId, LeaseId, NodeId, ObjectId, WorkerId};
+use crate::placement::{Labels, Placement};
 use crate::resources::ResourceSet;
 use crate::task::{Address, ArgSpec};
 
@@ -355,6 +356,9 @@ pub struct ActorSpec {
     pub resources: ResourceSet,
     /// The process that created it (holds its lease).
     pub owner: WorkerId,
+    /// Where it may be placed (again): strategy and label selectors.
+    #[serde(default, skip_serializing_if = "Placement::is_default")]
+    pub placement: Placement,
 }
 
 /// An order to a node: create this actor again in a new worker, under a
@@ -472,6 +476,10 @@ pub struct LeaseRequest {
     /// the request still held or on its way is ever granted.
     #[serde(default)]
     pub abandon: bool,
+    /// Where it may go beyond its resources: strategy, label selectors,
+    /// locality.
+    #[serde(default, skip_serializing_if = "Placement::is_default")]
+    pub placement: Placement,
 }
 
 /// A granted lease.
@@ -560,6 +568,10 @@ pub struct RegisterNode {
     /// does. Last, and left out when `None`: older peers read the rest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_address: Option<String>,
+    /// Its labels (`--labels`, and `shoal.io/hostname`); the head adds
+    /// `shoal.io/node-id`.
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub labels: Labels,
 }
 
 /// The part size of the uploads senders make ([`HeadRequest::upload_parts`]).
@@ -679,6 +691,12 @@ pub enum HeadReply {
     },
     /// The lease was returned (or was already gone).
     LeaseReturned,
+    /// The request can never be granted as asked (a hard node affinity to
+    /// a node that is not alive): its tasks fail with this reason.
+    LeaseRefused {
+        /// Why.
+        reason: String,
+    },
     /// An actor's record.
     Actor(ActorInfo),
     /// Every actor the head knows.
@@ -787,6 +805,9 @@ pub struct InfeasibleRequest {
     pub job_id: JobId,
     /// What it asks for.
     pub resources: ResourceSet,
+    /// Where it asks for it (strategy and label selectors).
+    #[serde(default, skip_serializing_if = "Placement::is_default")]
+    pub placement: Placement,
 }
 
 /// One node as the head sees it.
@@ -826,6 +847,9 @@ pub struct NodeStatus {
     /// Where it serves its Prometheus metrics (`host:port`), if it does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_address: Option<String>,
+    /// Its labels, the defaults included.
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub labels: Labels,
 }
 
 /// Whether a node is a live member.

@@ -10,7 +10,8 @@
 //! - [`node`]: the node daemon service's request/reply pair.
 //! - [`rpc`]: the envelopes that carry a request id and a deadline around every
 //!   request and reply, and the typed error a service answers with.
-//! - [`resources`]: resource sets (`CPU`, `memory`, custom names).
+//! - [`resources`]: resource sets (`CPU`, `GPU`, `memory`, custom names).
+//! - [`placement`]: node labels, label selectors and scheduling strategies.
 //! - [`task`]: task specifications, replies and failures.
 //! - [`worker`]: the worker service (tasks pushed by owners) and object
 //!   requests to an owner.
@@ -36,6 +37,7 @@ pub mod hello;
 pub mod hex;
 pub mod ids;
 pub mod node;
+pub mod placement;
 pub mod resources;
 pub mod rpc;
 pub mod state;

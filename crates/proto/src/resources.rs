@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 
 /// The name of the CPU resource; one unit is one task slot.
 pub const CPU: &str = "CPU";
+/// The name of the GPU resource; one unit is one device, and a fraction
+/// shares a device.
+pub const GPU: &str = "GPU";
 /// The name of the memory resource, in bytes.
 pub const MEMORY: &str = "memory";
 

@@ -171,4 +171,10 @@ pub enum FailureKind {
     /// The task waited for a worker while the head could not be reached,
     /// for longer than its owner's bound.
     HeadUnavailable,
+    /// The task can never be placed as asked (a hard node affinity to a
+    /// node that is not alive).
+    Unschedulable,
+    /// The task's options cannot be used (a malformed label selector, a
+    /// GPU count that is neither a fraction nor whole).
+    InvalidOptions,
 }

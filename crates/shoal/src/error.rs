@@ -168,6 +168,10 @@ pub enum Error {
     /// Options that cannot be used, and why.
     #[error("invalid options: {0}")]
     InvalidOptions(String),
+    /// The task or actor can never be placed as asked: a hard node
+    /// affinity to a node that is not alive (or could never fit it).
+    #[error("cannot be scheduled: {0}")]
+    Unschedulable(String),
 }
 
 impl Error {
@@ -192,6 +196,8 @@ impl Error {
                 message: f.message,
             },
             FailureKind::HeadUnavailable => Error::HeadUnavailable(f.message),
+            FailureKind::Unschedulable => Error::Unschedulable(f.message),
+            FailureKind::InvalidOptions => Error::InvalidOptions(f.message),
             FailureKind::WorkerCrashed => Error::WorkerCrashed {
                 function: f.function,
                 task_id: f.task_id,

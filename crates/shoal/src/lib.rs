@@ -79,6 +79,7 @@ pub mod owner;
 mod process;
 pub mod registry;
 mod rt;
+mod scheduling;
 mod shm;
 mod turns;
 mod worker;
@@ -99,6 +100,7 @@ pub use error::{Error, Result, TaskError};
 pub use local::{LocalCluster, LocalClusterExt, LocalConfig, LocalError};
 pub use object_ref::{Arg, ObjectRef};
 pub use options::TaskOptions;
+pub use scheduling::Strategy;
 pub use shm::{Buffer, BufferMut, Number};
 pub use shoal_macros::{actor, main, remote};
 pub use shoal_proto::{
@@ -126,7 +128,7 @@ pub fn kill<A: Actor>(actor: &ActorHandle<A>, no_restart: bool) -> Result<()> {
 }
 
 /// Where the calling code runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Context {
     /// The job.
     pub job_id: shoal_proto::JobId,
@@ -137,6 +139,9 @@ pub struct Context {
     pub worker_id: WorkerId,
     /// The task running, if any.
     pub task_id: Option<TaskId>,
+    /// The GPU devices this task or actor was given (as in its worker's
+    /// `CUDA_VISIBLE_DEVICES`); empty for a driver.
+    pub gpu_ids: Vec<u32>,
 }
 
 /// Where the calling code runs (like Ray's `get_runtime_context()`).
@@ -148,6 +153,7 @@ pub fn context() -> Result<Context> {
         node_id: executor.map_or(core.home.node_id, |e| e.node_id),
         worker_id: executor.map_or(core.me.worker_id, |e| e.worker_id),
         task_id: worker::context::current_task(),
+        gpu_ids: scheduling::gpu_ids(executor.map(|e| e.worker_id)),
     })
 }
 

@@ -79,6 +79,9 @@ impl WorkerLauncher for ThreadLauncher {
             .parse()
             .map_err(|_| "bad SHOAL_NODE_ID")?;
         let token: JoinToken = lookup("SHOAL_TOKEN")?.parse().map_err(|e| format!("{e}"))?;
+        if let Ok(ids) = lookup("SHOAL_GPU_IDS") {
+            crate::scheduling::set_gpu_ids(spec.worker_id, &ids);
+        }
         let limits = NetLimits::default();
         let cert = tls::self_signed(WORKER_SERVER_NAME).map_err(|e| e.to_string())?;
         let server = tls::server_config(&cert)

@@ -47,6 +47,9 @@ fn worker_main() -> Result<()> {
     let head = env("SHOAL_ADDRESS")?;
     let token: JoinToken = env("SHOAL_TOKEN")?.parse()?;
     let binary_hash = std::env::var("SHOAL_BINARY_HASH").ok();
+    if let Ok(ids) = std::env::var("SHOAL_GPU_IDS") {
+        crate::scheduling::set_gpu_ids(worker_id, &ids);
+    }
     let node_ip = match std::env::var("SHOAL_NODE_IP") {
         Ok(ip) => Some(ip.parse().map_err(|_| {
             Error::NotInitialized(format!("worker mode with a malformed SHOAL_NODE_IP {ip:?}"))

@@ -151,6 +151,7 @@ impl Sim {
                     registration_key: key,
                     object_store_capacity_bytes: 0,
                     metrics_address: None,
+                    labels: Default::default(),
                 };
                 self.head.next_node += 1;
                 let fresh = self.head.next_node;
@@ -165,6 +166,7 @@ impl Sim {
                             node_id: id,
                             address: format!("198.18.0.{}:7000", node + 2),
                             total: cpus(self.head.cpus),
+                            labels: Default::default(),
                         };
                         self.head.views.insert(fresh, (node, view));
                         fresh
@@ -201,6 +203,7 @@ impl Sim {
                     owner_node: owner_node.map(node_id),
                     // Only an owner giving a request up asks without waiting.
                     abandon: !wait,
+                    placement: Default::default(),
                 };
                 if !self.head_try(tag, from, &request) {
                     if wait {
@@ -310,7 +313,8 @@ impl Sim {
             }
             // Its owner is dead: nobody waits for an answer.
             Decision::OwnerGone => true,
-            Decision::Abandoned => {
+            // (The simulation asks for no node affinity: never refused.)
+            Decision::Abandoned | Decision::Refused(_) => {
                 self.send(HEAD, from, Msg::LeasePending { tag });
                 true
             }

@@ -66,7 +66,7 @@ impl Owner {
             grants: BTreeMap::new(),
             pushes: BTreeMap::new(),
             dead: BTreeSet::new(),
-            class: class_key(&cpus(1.0)),
+            class: class_key(&cpus(1.0).into()),
         }
     }
 }
@@ -209,7 +209,7 @@ impl Sim {
         // Leaf tasks run short: tasks may queue behind them.
         let placed = o.leases.acquire(
             &class,
-            &cpus(1.0),
+            &cpus(1.0).into(),
             fanout == 0,
             || (task, fanout == 0),
             &mut out,
@@ -259,6 +259,8 @@ impl Sim {
                     self.timer(pid, after, Timer::Ask { key });
                 }
                 Command::WarnInfeasible(_) => self.note(format!("{pid:?} infeasible")),
+                // The simulation asks for no node affinity: never refused.
+                Command::Refuse(..) => self.note(format!("{pid:?} refused")),
                 Command::Return { worker, kill } => self.return_lease(pid, &worker, kill),
                 Command::ArmIdle {
                     lease_id, epoch, ..

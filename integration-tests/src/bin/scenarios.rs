@@ -653,6 +653,171 @@ fn result(value: serde_json::Value) {
     println!("RESULT {value}");
 }
 
+/// Where a task ran, and the GPUs it saw (`CUDA_VISIBLE_DEVICES` and
+/// `shoal::context()`'s), after sleeping `ms` (so that tasks submitted
+/// together run at once).
+#[shoal::remote]
+fn placed_gpus(ms: u64) -> (String, String, Vec<u32>) {
+    std::thread::sleep(Duration::from_millis(ms));
+    let context = shoal::context().ok();
+    let node = context
+        .as_ref()
+        .map(|c| c.node_id.to_string())
+        .unwrap_or_default();
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into());
+    (
+        node,
+        visible,
+        context.map(|c| c.gpu_ids).unwrap_or_default(),
+    )
+}
+
+/// [`placed_gpus`] once the other task of the pair is running too (see
+/// [`meet`]): GPU tasks that hold their devices at the same time.
+#[shoal::remote]
+fn gpus_together(dir: String, me: u32, other: u32) -> (String, String, Vec<u32>) {
+    let _ = std::fs::create_dir_all(&dir);
+    let met = meet(dir, me, other);
+    let (node, visible, ids) = placed_gpus(0);
+    (node, if met { visible } else { "did not meet".into() }, ids)
+}
+
+/// The node ids of `refs`' results, in order.
+fn nodes_of(refs: &[ObjectRef<(String, String, Vec<u32>)>]) -> shoal::Result<Vec<String>> {
+    Ok(shoal::get_all(refs)?
+        .into_iter()
+        .map(|(n, _, _)| n)
+        .collect())
+}
+
+/// The node id in environment variable `key`.
+fn node_env(key: &str) -> shoal::NodeId {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{key} must hold a node id"))
+}
+
+/// The scheduling options at work on a cluster whose nodes B and G (labels
+/// zone=gpu, two GPUs) are named by `NODE_B` and `NODE_G`: spread, node
+/// affinity, label selectors, GPU devices and locality. Prints `WAITING`
+/// with the results, then holds a task no node's labels match until a line
+/// arrives on stdin, then prints `RESULT`.
+fn scheduling_live() -> shoal::Result<()> {
+    use shoal::Strategy;
+    let (node_b, node_g) = (node_env("NODE_B"), node_env("NODE_G"));
+    let spread: Vec<_> = (0..30)
+        .map(|_| {
+            placed_gpus::options()
+                .scheduling(Strategy::Spread)
+                .remote(500)
+        })
+        .collect();
+    let spread = nodes_of(&spread)?;
+    let mut per_node = std::collections::BTreeMap::<String, usize>::new();
+    for node in &spread {
+        *per_node.entry(node.clone()).or_default() += 1;
+    }
+    let pinned: Vec<_> = (0..6)
+        .map(|_| {
+            placed_gpus::options()
+                .scheduling(Strategy::node_affinity(node_b, false))
+                .remote(0)
+        })
+        .collect();
+    let zone_gpu: Vec<_> = (0..4)
+        .map(|_| {
+            placed_gpus::options()
+                .label_selector(&[("zone", "gpu")])
+                .remote(0)
+        })
+        .collect();
+    let not_gpu: Vec<_> = (0..4)
+        .map(|_| {
+            placed_gpus::options()
+                .label_selector(&[("zone", "!gpu")])
+                .remote(0)
+        })
+        .collect();
+    let pair = |gpus: f64, name: &str| {
+        let dir = format!("/tmp/shoal-gpus-{name}-{}", std::process::id());
+        let refs: Vec<_> = (0..2)
+            .map(|me| {
+                gpus_together::options()
+                    .num_gpus(gpus)
+                    .remote(dir.clone(), me, 1 - me)
+            })
+            .collect();
+        shoal::get_all(&refs)
+    };
+    let whole = pair(1.0, "whole")?;
+    let halves = pair(0.5, "halves")?;
+    let no_gpu = placed_gpus::remote(0).get()?;
+    // 50 MB made on B (and on G), then used by a task with no placement
+    // asked: it runs where its argument is.
+    let mut near = Vec::new();
+    for node in [node_b, node_g] {
+        let blob = make_blob::options()
+            .scheduling(Strategy::node_affinity(node, false))
+            .remote(50 << 20);
+        let (len, _, used_on) = checksum::remote(&blob).get()?;
+        near.push(json!({"made_on": node.to_string(), "used_on": used_on, "len": len}));
+    }
+    let bad_selector = placed_gpus::options()
+        .label_selector(&[("zone", "in(a")])
+        .remote(0)
+        .get();
+    println!(
+        "WAITING {}",
+        json!({
+            "spread": per_node,
+            "pinned": nodes_of(&pinned)?,
+            "zone_gpu": nodes_of(&zone_gpu)?,
+            "not_gpu": nodes_of(&not_gpu)?,
+            "whole": whole,
+            "halves": halves,
+            "no_gpu": no_gpu,
+            "near": near,
+            "bad_selector_refused": matches!(bad_selector, Err(Error::InvalidOptions(_))),
+        })
+    );
+    std::io::stdout().flush().ok();
+    let nowhere = placed_gpus::options()
+        .label_selector(&[("zone", "in(x,y)")])
+        .remote(0);
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).ok();
+    let waited = matches!(
+        nowhere.get_timeout(Duration::from_millis(100)),
+        Err(Error::Timeout(_))
+    );
+    result(json!({"nowhere_waited": waited}));
+    Ok(())
+}
+
+/// Node affinity to the node `NODE_DEAD`, which has died: soft runs
+/// elsewhere, hard fails with `Error::Unschedulable`.
+fn scheduling_dead() -> shoal::Result<()> {
+    use shoal::Strategy;
+    let dead = node_env("NODE_DEAD");
+    let soft = placed_gpus::options()
+        .scheduling(Strategy::node_affinity(dead, true))
+        .remote(0)
+        .get()?;
+    let hard = placed_gpus::options()
+        .scheduling(Strategy::node_affinity(dead, false))
+        .remote(0)
+        .get();
+    result(json!({
+        "soft_ran_on": soft.0,
+        "hard": match hard {
+            Err(Error::Unschedulable(why)) => format!("unschedulable: {why}"),
+            other => format!("{other:?}"),
+        },
+    }));
+    Ok(())
+}
+
 fn flag(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| v == "1")
 }
@@ -1841,6 +2006,8 @@ fn main() -> shoal::Result<()> {
                 "relayed": relayed == 0 && orders.iter().any(|(c, ok, n)| *c == 9 && *ok && *n == 1),
             }));
         }
+        "scheduling" => scheduling_live()?,
+        "scheduling-dead" => scheduling_dead()?,
         "actor-pending" => {
             let recorder = Recorder::options().max_pending_calls(100).remote(1)?;
             // The first call holds the actor until every call is made, so

@@ -43,7 +43,11 @@ async fn create_raw(
     max_concurrency: u32,
     args: Vec<ArgValue>,
 ) -> Result<RawActor> {
-    let resources = options.resources;
+    let shape = crate::owner::leases::Shape {
+        resources: options.resources.clone(),
+        placement: options.scheduling.placement.clone(),
+    };
+    let resources = &shape.resources;
     let actor_id = ActorId::random();
     let task_id = TaskId::fresh();
     // Kept until the constructor has run (its stored arguments must not be
@@ -57,7 +61,7 @@ async fn create_raw(
     // grant, so no lease leaks.
     let request_id = core.leases.fresh_request_id();
     let lease = loop {
-        let request = crate::core::lease_request(core, &resources, request_id, 2000);
+        let request = crate::core::lease_request(core, &shape, request_id, 2000);
         let asked = core
             .head
             .call_idempotent(
@@ -67,8 +71,9 @@ async fn create_raw(
             .await;
         match asked {
             Ok(HeadReply::LeaseGranted(lease)) => break lease,
+            Ok(HeadReply::LeaseRefused { reason }) => return Err(Error::Unschedulable(reason)),
             Ok(HeadReply::LeasePending { infeasible: true }) => {
-                tracing::warn!(%class, ?resources, "no node can ever fit this actor; it waits (see `shoal status`)");
+                tracing::warn!(%class, ?resources, placement = %shape.placement, "no node can ever fit this actor; it waits (see `shoal status`)");
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
             Ok(HeadReply::LeasePending { .. }) => {}
@@ -171,8 +176,9 @@ async fn create_raw(
         // Only a restartable actor's spec is kept.
         args: if restartable { args } else { Vec::new() },
         max_concurrency,
-        resources,
+        resources: shape.resources.clone(),
         owner: core.me.worker_id,
+        placement: shape.placement.clone(),
     };
     match core
         .head

@@ -16,6 +16,7 @@ pub struct ActorOptions {
     pub(crate) detached: bool,
     pub(crate) max_restarts: u32,
     pub(crate) max_task_retries: u32,
+    pub(crate) scheduling: crate::scheduling::Scheduling,
 }
 
 impl Default for ActorOptions {
@@ -37,6 +38,7 @@ impl ActorOptions {
             detached: false,
             max_restarts: 0,
             max_task_retries: 0,
+            scheduling: Default::default(),
         }
     }
 
@@ -49,6 +51,37 @@ impl ActorOptions {
     /// A custom resource the actor holds for its life.
     pub fn resource(mut self, name: &str, quantity: f64) -> Self {
         self.resources.set(name, quantity);
+        self
+    }
+
+    /// GPUs held for its life: a fraction below one shares a device
+    /// (`0.5`: two such share one), more are whole devices. The worker sees
+    /// exactly its devices in `CUDA_VISIBLE_DEVICES` and in
+    /// `shoal::context()?.gpu_ids`.
+    pub fn num_gpus(mut self, n: f64) -> Self {
+        self.scheduling.num_gpus(&mut self.resources, n);
+        self
+    }
+
+    /// Only nodes whose labels match every pair host it: `("zone", "a")`,
+    /// `("zone", "!a")`, `("zone", "in(a,b)")`, `("zone", "!in(a,b)")`. If
+    /// no node matches, it waits and is reported infeasible (`shoal
+    /// status`).
+    pub fn label_selector(mut self, pairs: &[(&str, &str)]) -> Self {
+        self.scheduling.selector(pairs, false);
+        self
+    }
+
+    /// Nodes whose labels match every pair are preferred while one fits;
+    /// others are used otherwise.
+    pub fn label_selector_soft(mut self, pairs: &[(&str, &str)]) -> Self {
+        self.scheduling.selector(pairs, true);
+        self
+    }
+
+    /// How a node is picked (see [`Strategy`](crate::Strategy)).
+    pub fn scheduling(mut self, strategy: crate::Strategy) -> Self {
+        self.scheduling.strategy(strategy);
         self
     }
 
@@ -122,7 +155,7 @@ impl ActorOptions {
         if self.namespace.is_empty() || self.namespace.len() > NAME_BYTES_MAX {
             return Err(bad("namespace", &self.namespace));
         }
-        Ok(())
+        self.scheduling.check()
     }
 }
 

@@ -7,13 +7,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use shoal_proto::head::{Lease, LeaseRequest};
-use shoal_proto::{HeadReply, HeadRequest, NodeReply, NodeRequest, ResourceSet, WorkerId};
+use shoal_proto::{HeadReply, HeadRequest, NodeReply, NodeRequest, WorkerId};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::{Core, NodeClient, WorkerClient};
-use crate::owner::leases::{self, Answer, Ask, Command, Leases, LEASE_WAIT};
+use crate::owner::leases::{self, Answer, Ask, Command, Leases, Shape, LEASE_WAIT};
 
 /// A worker held under a lease.
 pub(crate) struct LeasedWorker {
@@ -38,7 +38,8 @@ type Commands = Vec<Command<Arc<LeasedWorker>, Waiter>>;
 
 /// A task waiting for a place: how to wake it, and its kind.
 pub(crate) struct Waiter {
-    tx: oneshot::Sender<Place>,
+    /// A place, or why there will never be one.
+    tx: oneshot::Sender<Result<Place, String>>,
     kind: TaskKind,
 }
 
@@ -92,24 +93,24 @@ impl LeaseManager {
         self.machine().fresh_request_id()
     }
 
-    /// A place on a worker for one task of `resources`' class: the worker
+    /// A place on a worker for one task of `shape`'s class: the worker
     /// runs its tasks one at a time, this one after those pushed before it
     /// (only ever short ones). Hand it back with [`release`](Self::release)
     /// or [`discard`](Self::discard).
     pub(crate) async fn acquire(
         &self,
         core: &Arc<Core>,
-        resources: &ResourceSet,
+        shape: &Shape,
         kind: TaskKind,
     ) -> Result<Place, crate::error::Error> {
-        let class = leases::class_key(resources);
+        let class = leases::class_key(shape);
         let short = kind.short();
         loop {
             let mut out = Vec::new();
             let mut waiting = None;
             let placed = self.machine().acquire(
                 &class,
-                resources,
+                shape,
                 short,
                 || {
                     let (tx, rx) = oneshot::channel();
@@ -126,8 +127,10 @@ impl LeaseManager {
             // A head away for longer than the bound grants nothing: the
             // task fails rather than waiting forever.
             tokio::select! {
-                given = rx => if let Ok(place) = given {
-                    return Ok(place);
+                given = rx => match given {
+                    Ok(Ok(place)) => return Ok(place),
+                    Ok(Err(why)) => return Err(crate::error::Error::Unschedulable(why)),
+                    Err(_) => {}
                 },
                 waited = core.head.unavailable() => {
                     return Err(core.head.unavailable_error(waited));
@@ -169,7 +172,7 @@ impl LeaseManager {
         for command in out {
             match command {
                 Command::Give(waiter, place) => {
-                    if let Err(place) = waiter.tx.send(place) {
+                    if let Err(Ok(place)) = waiter.tx.send(Ok(place)) {
                         // The task was dropped: the place goes to the next.
                         let mut more = Vec::new();
                         self.machine().unplaced(&place, &mut more);
@@ -179,8 +182,11 @@ impl LeaseManager {
                 Command::Ask(ask) => {
                     core.handle.spawn(ask_lease(Arc::clone(core), ask));
                 }
-                Command::WarnInfeasible(resources) => {
-                    warn!(?resources, "no node in the cluster can ever fit these resources; the task waits (see `shoal status`)");
+                Command::WarnInfeasible(shape) => {
+                    warn!(resources = ?shape.resources, placement = %shape.placement, "no node in the cluster can ever fit these resources (with these labels); the task waits (see `shoal status`)");
+                }
+                Command::Refuse(waiter, why) => {
+                    let _ = waiter.tx.send(Err(why));
                 }
                 Command::Return { worker, kill, .. } => {
                     let core2 = Arc::clone(core);
@@ -206,7 +212,7 @@ impl LeaseManager {
                 Command::Abandon(ask) => {
                     let core2 = Arc::clone(core);
                     core.handle.spawn(async move {
-                        let request = lease_request(&core2, &ask.resources, ask.request_id, 0);
+                        let request = lease_request(&core2, &ask.shape, ask.request_id, 0);
                         abandon_request(&core2, request).await;
                     });
                 }
@@ -283,14 +289,15 @@ pub(crate) async fn return_to_head(core: &Core, lease_id: shoal_proto::LeaseId) 
 /// A lease request from this process, as an owner.
 pub(crate) fn lease_request(
     core: &Core,
-    resources: &ResourceSet,
+    shape: &Shape,
     request_id: u64,
     wait_ms: u64,
 ) -> LeaseRequest {
     LeaseRequest {
         job_id: core.job_id,
         owner: core.me.worker_id,
-        resources: resources.clone(),
+        resources: shape.resources.clone(),
+        placement: shape.placement.clone(),
         preferred_node: Some(core.home.node_id),
         wait_ms,
         request_id,
@@ -348,7 +355,7 @@ async fn ask_lease(core: Arc<Core>, ask: Ask) {
     }
     let request = HeadRequest::RequestLease(lease_request(
         &core,
-        &ask.resources,
+        &ask.shape,
         ask.request_id,
         LEASE_WAIT.as_millis() as u64,
     ));
@@ -372,7 +379,7 @@ async fn ask_lease(core: Arc<Core>, ask: Ask) {
                         .report(&core, |m, out| m.joined(ask, (worker, lease_id), room, out));
                 }
                 Err(e) => {
-                    warn!(resources = ?ask.resources, error = %e, "could not lease a worker; retrying");
+                    warn!(resources = ?ask.shape.resources, error = %e, "could not lease a worker; retrying");
                     core.leases.report(&core, |m, out| m.grant_failed(ask, out));
                 }
             }
@@ -382,13 +389,17 @@ async fn ask_lease(core: Arc<Core>, ask: Ask) {
             debug!(infeasible, waited = ?asked.elapsed(), "no lease yet");
             Answer::Pending { infeasible }
         }
+        Ok(HeadReply::LeaseRefused { reason }) => {
+            warn!(resources = ?ask.shape.resources, placement = %ask.shape.placement, %reason, "the head refused the lease: its tasks fail");
+            Answer::Refused(reason)
+        }
         Ok(other) => {
             warn!(reply = ?other, "unexpected reply to a lease request; retrying");
             Answer::Failed
         }
         Err(e) => {
             if !core.stopping.is_cancelled() {
-                warn!(resources = ?ask.resources, error = %e, "lease request failed; retrying");
+                warn!(resources = ?ask.shape.resources, error = %e, "lease request failed; retrying");
             }
             if e.is_worth_retrying() || e.is_connection_lost() {
                 Answer::Lost

@@ -5,6 +5,7 @@
 use shoal_net::sync::MutexExt;
 use std::sync::{Arc, Mutex};
 
+use shoal_proto::placement::{self, Placement};
 use shoal_proto::state::{Placed, TaskState};
 use shoal_proto::{
     ArgSpec, FailureKind, FunctionId, NodeReply, NodeRequest, ObjectId, StoredAt, TaskFailure,
@@ -19,6 +20,7 @@ use super::{Core, CONTROL_TIMEOUT, TASK_CALL_TIMEOUT};
 use crate::args::{ArgValue, KeepAlive};
 use crate::error::{Error, Result};
 use crate::options::TaskOptions;
+use crate::owner::leases::Shape;
 use crate::owner::objects::{Borrows, ObjState};
 use crate::owner::tasks::{Lineage, PlaceDone, Rebuild, Rebuilt, Rerun, TaskRun, Then, Tried};
 use crate::registry::RemoteFunction;
@@ -300,6 +302,18 @@ impl Core {
         (state, lineage)
     }
 
+    /// Where a task of `asked` placement goes with these arguments: by
+    /// default, near the node holding most of their stored bytes when that
+    /// is not this process's node (locality; the class key then names that
+    /// node, so its leases are asked of it).
+    fn placement_for(&self, asked: &Placement, args: &[ArgSpec]) -> Placement {
+        let mut placement = asked.clone();
+        if asked.strategy == placement::Strategy::Default {
+            placement.near = heaviest_node(args).filter(|n| *n != self.home.node_id);
+        }
+        placement
+    }
+
     /// Runs a task whose arguments are resolved until the machine says it
     /// is done, rebuilding lost arguments when it says so; returns the
     /// final state and the arguments it last ran with.
@@ -367,8 +381,20 @@ impl Core {
             // recorded with its arguments).
             self.events.state(task_id, attempt, TaskState::PendingLease);
         }
-        let place = match self.leases.acquire(self, &options.resources, kind).await {
+        if let Err(e) = options.scheduling.check() {
+            self.events.failed(task_id, attempt, e.to_string());
+            return run.cannot_run(FailureKind::InvalidOptions, e.to_string());
+        }
+        let shape = Shape {
+            resources: options.resources.clone(),
+            placement: self.placement_for(&options.scheduling.placement, spec_args),
+        };
+        let place = match self.leases.acquire(self, &shape, kind).await {
             Ok(place) => place,
+            Err(Error::Unschedulable(why)) => {
+                self.events.failed(task_id, attempt, why.clone());
+                return run.cannot_run(FailureKind::Unschedulable, why);
+            }
             Err(e) => {
                 self.events.failed(task_id, attempt, e.to_string());
                 return run.head_unavailable(e.to_string());
@@ -446,5 +472,59 @@ impl Core {
             PlaceDone::Discard => self.leases.discard(self, &place),
         }
         then
+    }
+}
+
+/// The node holding the most bytes of `args`' stored objects, if any is
+/// stored (ties go to the first such argument's node).
+fn heaviest_node(args: &[ArgSpec]) -> Option<shoal_proto::NodeId> {
+    let mut bytes: Vec<(shoal_proto::NodeId, u64)> = Vec::new();
+    for arg in args {
+        if let ArgSpec::Stored { at, .. } = arg {
+            match bytes.iter_mut().find(|(n, _)| *n == at.node_id) {
+                Some((_, sum)) => *sum += at.size,
+                None => bytes.push((at.node_id, at.size)),
+            }
+        }
+    }
+    let most = bytes.iter().map(|(_, b)| *b).max()?;
+    bytes.iter().find(|(_, b)| *b == most).map(|(n, _)| *n)
+}
+
+#[cfg(test)]
+mod locality_tests {
+    use super::*;
+
+    fn stored(node: shoal_proto::NodeId, size: u64) -> ArgSpec {
+        ArgSpec::Stored {
+            id: ObjectId::random(),
+            at: StoredAt {
+                node_id: node,
+                node_address: "198.18.0.2:1".into(),
+                size,
+            },
+        }
+    }
+
+    #[test]
+    fn the_node_with_most_argument_bytes_wins() {
+        let (a, b) = (shoal_proto::NodeId::random(), shoal_proto::NodeId::random());
+        let args = vec![
+            stored(a, 30),
+            ArgSpec::Inline(vec![0; 1000]),
+            stored(b, 50),
+            stored(a, 30),
+        ];
+        assert_eq!(
+            heaviest_node(&args),
+            Some(a),
+            "60 bytes on A against 50 on B"
+        );
+        assert_eq!(heaviest_node(&args[1..3]), Some(b));
+        assert_eq!(
+            heaviest_node(&[ArgSpec::Inline(vec![1])]),
+            None,
+            "inline values are everywhere"
+        );
     }
 }

@@ -1,5 +1,5 @@
-//! Worker leases per scheduling class (a resource shape), as a state
-//! machine with no I/O: events in, [`Command`]s out.
+//! Worker leases per scheduling class (a resource shape and where it may
+//! run), as a state machine with no I/O: events in, [`Command`]s out.
 //!
 //! A task needs a place on a worker holding its resources. Per class the
 //! machine keeps the leased workers (with the tasks in flight to each), the
@@ -28,6 +28,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use shoal_proto::placement::Placement;
 use shoal_proto::{LeaseId, ResourceSet};
 
 /// Lease requests out per class, at most.
@@ -61,16 +62,36 @@ impl<X> Waiting for (X, bool) {
     }
 }
 
-/// A scheduling class: its resource shape, as text.
+/// A scheduling class: its shape, as text.
 pub type ClassKey = Arc<str>;
 
-/// The class of `resources`.
-pub fn class_key(resources: &ResourceSet) -> ClassKey {
-    resources
+/// What a lease is asked for: resources, and where they may be.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Shape {
+    pub resources: ResourceSet,
+    pub placement: Placement,
+}
+
+impl From<ResourceSet> for Shape {
+    fn from(resources: ResourceSet) -> Self {
+        Self {
+            resources,
+            placement: Placement::default(),
+        }
+    }
+}
+
+/// The class of `shape`.
+pub fn class_key(shape: &Shape) -> ClassKey {
+    let mut key: String = shape
+        .resources
         .iter()
         .map(|(k, v)| format!("{k}={v};"))
-        .collect::<String>()
-        .into()
+        .collect();
+    if !shape.placement.is_default() {
+        key.push_str(&format!("{:?}", shape.placement));
+    }
+    key.into()
 }
 
 /// A task's place on a leased worker.
@@ -88,7 +109,7 @@ pub struct Place<W> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Ask {
     pub class: ClassKey,
-    pub resources: ResourceSet,
+    pub shape: Arc<Shape>,
     /// The head keeps one grant per id: a retry after a lost answer gets
     /// the grant the first try got, so no lease leaks.
     pub request_id: u64,
@@ -101,7 +122,7 @@ pub struct Ask {
 }
 
 /// The head's answer to one try of a request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Answer {
     /// A lease: the shell goes on to get its worker, then reports
     /// [`Leases::joined`] or [`Leases::grant_failed`].
@@ -114,6 +135,9 @@ pub enum Answer {
     Lost,
     /// Anything else.
     Failed,
+    /// The head can never grant it as asked: the class's tasks fail with
+    /// this reason.
+    Refused(String),
 }
 
 /// What the shell must do.
@@ -125,8 +149,10 @@ pub enum Command<W, T> {
     /// Ask the head for a lease (after `ask.after`), then report
     /// [`Leases::answered`].
     Ask(Ask),
-    /// Warn (once per class) that no node can ever fit these resources.
-    WarnInfeasible(ResourceSet),
+    /// Warn (once per class) that no node can ever fit this shape.
+    WarnInfeasible(Arc<Shape>),
+    /// Tell the waiting task `T` that it can never be placed, and why.
+    Refuse(T, String),
     /// Give the lease back: its node releases the worker (stops it, with
     /// `kill`) and the head gets the resources back.
     Return { worker: W, kill: bool },
@@ -155,7 +181,7 @@ struct Held<W> {
 }
 
 struct Class<W, T> {
-    resources: ResourceSet,
+    shape: Arc<Shape>,
     workers: Vec<Held<W>>,
     waiters: VecDeque<T>,
     /// Requests out (each a chain of tries).
@@ -170,9 +196,9 @@ struct Class<W, T> {
 }
 
 impl<W: Clone, T: Waiting> Class<W, T> {
-    fn new(resources: ResourceSet) -> Self {
+    fn new(shape: Arc<Shape>) -> Self {
         Self {
-            resources,
+            shape,
             workers: Vec::new(),
             waiters: VecDeque::new(),
             requesting: 0,
@@ -293,13 +319,13 @@ impl<W: Clone, T: Waiting> Leases<W, T> {
         self.request_id
     }
 
-    /// A place for one task of class `class` (of `resources`): at once
+    /// A place for one task of class `class` (of `shape`): at once
     /// (`short` if tasks may queue behind it), or later through
     /// [`Command::Give`] to the waiter `waiter()` makes (asked then).
     pub fn acquire(
         &mut self,
         class: &ClassKey,
-        resources: &ResourceSet,
+        shape: &Shape,
         short: bool,
         waiter: impl FnOnce() -> T,
         out: &mut Vec<Command<W, T>>,
@@ -307,7 +333,7 @@ impl<W: Clone, T: Waiting> Leases<W, T> {
         let entry = self
             .classes
             .entry(Arc::clone(class))
-            .or_insert_with(|| Class::new(resources.clone()));
+            .or_insert_with(|| Class::new(Arc::new(shape.clone())));
         let placed = match entry.find_place() {
             Some(at) => Some(entry.take(at, class, short)),
             None => {
@@ -329,11 +355,11 @@ impl<W: Clone, T: Waiting> Leases<W, T> {
         };
         if entry.requesting < entry.backlog().min(REQUESTS_IN_FLIGHT_MAX) {
             entry.requesting += 1;
-            let resources = entry.resources.clone();
+            let shape = Arc::clone(&entry.shape);
             let request_id = self.fresh_request_id();
             out.push(Command::Ask(Ask {
                 class: Arc::clone(class),
-                resources,
+                shape,
                 request_id,
                 after: Duration::ZERO,
                 backoff: BACKOFF_FIRST,
@@ -362,7 +388,7 @@ impl<W: Clone, T: Waiting> Leases<W, T> {
                 ask.after = Duration::ZERO;
                 if infeasible {
                     if !std::mem::replace(&mut class.infeasible_reported, true) {
-                        out.push(Command::WarnInfeasible(class.resources.clone()));
+                        out.push(Command::WarnInfeasible(Arc::clone(&class.shape)));
                     }
                     ask.after = LEASE_WAIT;
                 }
@@ -370,6 +396,15 @@ impl<W: Clone, T: Waiting> Leases<W, T> {
             Answer::Lost | Answer::Failed => {
                 ask.after = ask.backoff;
                 ask.backoff = (ask.backoff * 2).min(BACKOFF_MAX);
+            }
+            Answer::Refused(why) => {
+                // Every task waiting fails; the request ends (a later task
+                // of the class asks again, and is refused in turn).
+                class.requesting = class.requesting.saturating_sub(1);
+                for waiter in class.waiters.drain(..) {
+                    out.push(Command::Refuse(waiter, why.clone()));
+                }
+                return;
             }
         }
         self.again(ask, out);

@@ -139,6 +139,13 @@ impl TaskRun {
         ))
     }
 
+    /// No try can be made: the task's options cannot be used
+    /// ([`FailureKind::InvalidOptions`]), or the scheduler refused its
+    /// placement ([`FailureKind::Unschedulable`]).
+    pub fn cannot_run(&self, kind: FailureKind, message: String) -> Then {
+        Then::Finish(ObjState::Failed(self.failure(kind, message)))
+    }
+
     /// A try ended as `tried`.
     pub fn tried(&mut self, tried: Tried) -> (PlaceDone, Then) {
         let lost = match tried {

@@ -5,10 +5,11 @@ use super::*;
 type Machine = Leases<&'static str, (u32, bool)>;
 type Out = Vec<Command<&'static str, (u32, bool)>>;
 
-fn cpu() -> (ClassKey, ResourceSet) {
+fn cpu() -> (ClassKey, Shape) {
     let mut r = ResourceSet::new();
     r.set("CPU", 1.0);
-    (class_key(&r), r)
+    let shape = Shape::from(r);
+    (class_key(&shape), shape)
 }
 
 /// The place a long task took on `worker` under `lease_id`.
@@ -159,7 +160,8 @@ fn nothing_queues_behind_a_task_that_may_run_long() {
     let (class2, r2) = {
         let mut r = ResourceSet::new();
         r.set("CPU", 2.0);
-        (class_key(&r), r)
+        let shape = Shape::from(r);
+        (class_key(&shape), shape)
     };
     let mut out = Vec::new();
     m.acquire(&class2, &r2, true, || (3, true), &mut out);
@@ -385,4 +387,39 @@ fn a_waiting_task_is_judged_by_the_runs_that_ended_while_it_waited() {
         })
         .collect();
     assert_eq!(given, vec![2, 3], "3 queues behind 2, now known short");
+}
+
+#[test]
+fn a_refused_class_fails_its_waiting_tasks_and_asks_no_more() {
+    let (class, r) = cpu();
+    let mut m = Machine::default();
+    let mut out = Vec::new();
+    m.acquire(&class, &r, false, || (1, false), &mut out);
+    m.acquire(&class, &r, false, || (2, false), &mut out);
+    let pending = asks(&out);
+    assert_eq!(pending.len(), 2);
+    let mut out = Vec::new();
+    m.answered(
+        pending[0].clone(),
+        Answer::Refused("node gone".into()),
+        &mut out,
+    );
+    let refused: Vec<u32> = out
+        .iter()
+        .filter_map(|c| match c {
+            Command::Refuse((t, _), why) if why == "node gone" => Some(*t),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(refused, vec![1, 2], "both waiting tasks fail");
+    assert!(asks(&out).is_empty(), "no try after a refusal");
+    // The other request, answered the same, ends without asking again.
+    let mut out = Vec::new();
+    m.answered(
+        pending[1].clone(),
+        Answer::Refused("node gone".into()),
+        &mut out,
+    );
+    assert!(asks(&out).is_empty());
+    assert_eq!(m.counts(&class), (0, 0, 0));
 }

@@ -1,0 +1,188 @@
+//! Placement on a cluster of hosts of its own (Docker containers, see
+//! `shoal_integration_tests::hosts`): a head that runs no tasks and three
+//! nodes of two CPUs, one of them labelled `zone=gpu` with `--num-gpus 2`
+//! (no GPU needed: the devices are numbers handed to workers). A driver
+//! uses each scheduling option and reports where its tasks ran (the
+//! `scheduling` scenario).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::Value;
+use shoal_integration_tests::hosts::Hosts;
+use shoal_integration_tests::poll_until;
+
+const DEADLINE: Duration = Duration::from_secs(240);
+
+/// The node on host `hostname`, as `shoal status --json` shows it.
+fn node_on<'a>(status: &'a Value, hostname: &str) -> &'a Value {
+    status["nodes"]
+        .as_array()
+        .and_then(|nodes| nodes.iter().find(|n| n["hostname"] == hostname))
+        .unwrap_or_else(|| panic!("no node on {hostname}: {status:#}"))
+}
+
+fn id(node: &Value) -> String {
+    node["node_id"].as_str().expect("a node id").to_string()
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    value
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list: {value}"))
+        .iter()
+        .map(|v| v.as_str().expect("a string").to_string())
+        .collect()
+}
+
+#[test]
+fn strategies_labels_gpus_and_locality_place_tasks_where_asked() {
+    let hosts = Hosts::start(&["host-h", "host-a", "host-b", "host-g"]);
+    hosts.start_head(0, &["--num-cpus", "0"]);
+    hosts.start_node(1, &["--num-cpus", "2"]);
+    hosts.start_node(2, &["--num-cpus", "2"]);
+    hosts.start_node(
+        3,
+        &[
+            "--num-cpus",
+            "2",
+            "--num-gpus",
+            "2",
+            "--labels",
+            r#"{"zone": "gpu"}"#,
+        ],
+    );
+    let status = poll_until(DEADLINE, "four nodes", || {
+        let status = hosts.status();
+        (status["nodes"].as_array().map_or(0, Vec::len) == 4).then_some(status)
+    });
+    let (a, b, g) = (
+        id(node_on(&status, "host-a")),
+        id(node_on(&status, "host-b")),
+        id(node_on(&status, "host-g")),
+    );
+    let gpu_node = node_on(&status, "host-g");
+    assert_eq!(gpu_node["labels"]["zone"], "gpu", "{gpu_node:#}");
+    assert_eq!(gpu_node["labels"]["shoal.io/hostname"], "host-g");
+    assert_eq!(gpu_node["labels"]["shoal.io/node-id"], g.as_str());
+    assert_eq!(gpu_node["resources_total"]["GPU"], 2.0);
+    assert!(node_on(&status, "host-a")["resources_total"]["GPU"].is_null());
+    let human = hosts.shoal_ok(0, &["status"]);
+    assert!(
+        human.contains("GPU") && human.contains("zone=gpu"),
+        "{human}"
+    );
+
+    let mut env = hosts.driver_env();
+    env.push(("NODE_B", b.clone()));
+    env.push(("NODE_G", g.clone()));
+    let mut driver = hosts.driver(0, &["scheduling"], &env);
+    let line = driver.wait_for("WAITING ", DEADLINE);
+    let seen: Value = serde_json::from_str(&line).expect("WAITING json");
+
+    // SPREAD: every node, at most 2 apart.
+    let spread: BTreeMap<String, u64> =
+        serde_json::from_value(seen["spread"].clone()).expect("as the scenario prints it");
+    assert_eq!(spread.len(), 3, "spread over every node: {spread:?}");
+    let (lo, hi) = (
+        spread.values().min().expect("as the scenario prints it"),
+        spread.values().max().expect("as the scenario prints it"),
+    );
+    assert!(hi - lo <= 2, "spread unevenly: {spread:?}");
+    assert_eq!(spread.values().sum::<u64>(), 30);
+    // A hard node affinity lands every task on its node.
+    assert!(strings(&seen["pinned"]).iter().all(|n| *n == b), "{seen:#}");
+    // Label selectors: only matching nodes.
+    assert!(
+        strings(&seen["zone_gpu"]).iter().all(|n| *n == g),
+        "{seen:#}"
+    );
+    let not_gpu = strings(&seen["not_gpu"]);
+    assert!(not_gpu.iter().all(|n| *n == a || *n == b), "{seen:#}");
+    assert!(
+        seen["bad_selector_refused"]
+            .as_bool()
+            .expect("as the scenario prints it"),
+        "{seen:#}"
+    );
+    // Two 1-GPU tasks at once see different devices; two halves share one.
+    let whole = seen["whole"].as_array().expect("as the scenario prints it");
+    for (node, visible, ids) in whole.iter().map(|w| (&w[0], &w[1], &w[2])) {
+        assert_eq!(node, &Value::from(g.as_str()));
+        assert_eq!(
+            visible.as_str().expect("as the scenario prints it"),
+            ids[0].to_string(),
+            "CUDA_VISIBLE_DEVICES and gpu_ids agree: {seen:#}"
+        );
+    }
+    assert_ne!(whole[0][1], whole[1][1], "distinct devices: {seen:#}");
+    let halves = seen["halves"]
+        .as_array()
+        .expect("as the scenario prints it");
+    assert_eq!(halves[0][1], halves[1][1], "one shared device: {seen:#}");
+    assert_eq!(
+        halves[0][2]
+            .as_array()
+            .expect("as the scenario prints it")
+            .len(),
+        1
+    );
+    // A task with no GPU sees none on any node.
+    let no_gpu = &seen["no_gpu"];
+    assert!(
+        no_gpu[2]
+            .as_array()
+            .expect("as the scenario prints it")
+            .is_empty(),
+        "{seen:#}"
+    );
+    if no_gpu[0] == g.as_str() {
+        assert_eq!(no_gpu[1], "", "the GPU node hides its devices from it");
+    }
+    // Locality: a task runs where its 50 MB argument is.
+    for near in seen["near"].as_array().expect("as the scenario prints it") {
+        assert_eq!(near["used_on"], near["made_on"], "{seen:#}");
+        assert_eq!(near["len"], 50u64 << 20);
+    }
+
+    // A selector no node matches: the task waits, listed as infeasible
+    // with its shape and selector.
+    let listed = poll_until(DEADLINE, "the infeasible task listed", || {
+        let status = hosts.status();
+        let infeasible = status["infeasible"].as_array()?.clone();
+        infeasible.into_iter().find(|r| {
+            r["placement"]
+                .as_str()
+                .is_some_and(|p| p.contains("zone=in(x,y)"))
+        })
+    });
+    assert_eq!(listed["resources"]["CPU"], 1.0, "{listed:#}");
+    let human = hosts.shoal_ok(0, &["status"]);
+    assert!(
+        human.contains("Infeasible") && human.contains("zone=in(x,y)"),
+        "{human}"
+    );
+    driver.say("go");
+    let done = driver.result(DEADLINE);
+    assert_eq!(done["nowhere_waited"], true, "{done:#}");
+
+    // Host A dies: a soft affinity to its node runs elsewhere, a hard one
+    // fails with a typed error.
+    hosts.stop(1);
+    poll_until(DEADLINE, "host A's node declared dead", || {
+        (node_on(&hosts.status(), "host-a")["state"] == "DEAD").then_some(())
+    });
+    let mut env = hosts.driver_env();
+    env.push(("NODE_DEAD", a.clone()));
+    let dead = hosts.scenario(0, &["scheduling-dead"], &env, DEADLINE);
+    let soft = dead["soft_ran_on"]
+        .as_str()
+        .expect("as the scenario prints it");
+    assert!(soft == b || soft == g, "{dead:#}");
+    let hard = dead["hard"].as_str().expect("as the scenario prints it");
+    assert!(
+        hard.starts_with("unschedulable") && hard.contains(&a),
+        "{dead:#}"
+    );
+    hosts.assert_no_panics();
+}
