@@ -186,3 +186,108 @@ fn strategies_labels_gpus_and_locality_place_tasks_where_asked() {
     );
     hosts.assert_no_panics();
 }
+
+#[test]
+fn placement_groups_reserve_all_or_nothing_and_follow_a_dead_node() {
+    let hosts = Hosts::start(&["host-h", "host-a", "host-b", "host-c"]);
+    hosts.start_head(0, &["--num-cpus", "0"]);
+    for i in 1..=3 {
+        hosts.start_node(i, &["--num-cpus", "2"]);
+    }
+    poll_until(DEADLINE, "four nodes", || {
+        (hosts.status()["nodes"].as_array().map_or(0, Vec::len) == 4).then_some(())
+    });
+    let mut driver = hosts.driver(0, &["placement-groups"], &hosts.driver_env());
+    let line = driver.wait_for("WAITING ", DEADLINE);
+    let ids: Value = serde_json::from_str(&line).expect("WAITING json");
+    let four = ids["four"].as_str().expect("an id").to_string();
+
+    // Four STRICT_SPREAD bundles on three nodes: pending, listed with its
+    // shape, in status and in `shoal list placement-groups`.
+    let status = hosts.status();
+    let groups = status["placement_groups"]
+        .as_array()
+        .expect("groups listed");
+    let listed = groups
+        .iter()
+        .find(|g| g["placement_group_id"] == four.as_str())
+        .unwrap_or_else(|| panic!("{status:#}"));
+    assert_eq!(listed["state"], "PENDING", "{listed:#}");
+    assert_eq!(listed["infeasible"], true, "{listed:#}");
+    assert_eq!(listed["strategy"], "STRICT_SPREAD");
+    let human = hosts.shoal_ok(0, &["status"]);
+    assert!(
+        human.contains("STRICT_SPREAD") && human.contains("PENDING"),
+        "{human}"
+    );
+    assert!(
+        human.contains(&format!("placement group {four}")),
+        "{human}"
+    );
+    let list = hosts.shoal_ok(0, &["list", "placement-groups", "--json", "--detail"]);
+    assert!(list.contains(&four) && list.contains("\"four\""), "{list}");
+    let in_use = |status: &Value| -> f64 {
+        status["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .filter(|n| n["state"] == "ALIVE")
+            .map(|n| {
+                let cpu = |k: &str| n[k]["CPU"].as_f64().unwrap_or(0.0);
+                cpu("resources_total") - cpu("resources_available")
+            })
+            .sum()
+    };
+    assert!(
+        in_use(&status) >= 3.0,
+        "the three bundles hold 3 CPUs: {status:#}"
+    );
+
+    // Removed: every resource comes back.
+    driver.say("go");
+    let placed = driver.wait_for("PLACED ", DEADLINE);
+    let placed: Value = serde_json::from_str(&placed).expect("PLACED json");
+    let actor_node = placed["node"].as_str().expect("a node").to_string();
+    let status = hosts.status();
+    assert!(
+        !status["placement_groups"]
+            .as_array()
+            .is_some_and(|g| g.iter().any(|g| g["placement_group_id"] == four.as_str())),
+        "removed groups are not listed as live: {status:#}"
+    );
+    // The node holding the actor's bundle dies.
+    let host = (1..=3)
+        .find(|&i| {
+            node_on(&status, &format!("host-{}", ["a", "b", "c"][i - 1]))["node_id"]
+                == actor_node.as_str()
+        })
+        .expect("the actor's host");
+    hosts.stop(host);
+    driver.say("go");
+    let done = driver.result(DEADLINE);
+    assert_eq!(done["three_ready"], true, "{done:#}");
+    let bundle_nodes = strings(&done["bundle_nodes"]);
+    let distinct: std::collections::BTreeSet<&String> = bundle_nodes.iter().collect();
+    assert_eq!(distinct.len(), 3, "one node per bundle: {done:#}");
+    assert_eq!(
+        strings(&done["ran_on"]),
+        bundle_nodes,
+        "each task in its bundle: {done:#}"
+    );
+    assert_eq!(done["four_ready"], false, "{done:#}");
+    assert_eq!(done["found_by_name"], true, "{done:#}");
+    assert_eq!(done["queued_failed"], true, "{done:#}");
+    assert_eq!(done["refused_after_removal"], true, "{done:#}");
+    assert_eq!(done["kept_ready"], true, "{done:#}");
+    let moved = done["actor_moved_to"].as_str().expect("a node");
+    assert!(!moved.is_empty() && moved != actor_node, "{done:#}");
+    assert_eq!(
+        done["bundle_now_on"], moved,
+        "the actor restarted in its bundle: {done:#}"
+    );
+    // Nothing is left held but by the live group once the job is gone.
+    poll_until(DEADLINE, "every CPU free after the job", || {
+        (in_use(&hosts.status()) == 0.0).then_some(())
+    });
+    hosts.assert_no_panics();
+}

@@ -231,6 +231,16 @@ pub fn to_json(status: &ClusterStatus) -> Value {
             "resources": resources_json(&r.resources),
             "placement": r.placement.to_string(),
         })).collect::<Vec<_>>(),
+        "placement_groups": status.placement_groups.iter().map(|g| json!({
+            "placement_group_id": g.spec.group_id.to_string(),
+            "name": g.spec.name,
+            "state": g.state.to_string(),
+            "strategy": g.spec.strategy.to_string(),
+            "bundles": g.spec.bundles.iter().map(resources_json).collect::<Vec<_>>(),
+            "nodes": g.bundle_nodes.iter().map(|n| n.map(|n| n.to_string())).collect::<Vec<_>>(),
+            "infeasible": g.infeasible,
+            "detached": g.spec.detached,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -248,6 +258,14 @@ fn used_of_total(name: &str, total: &ResourceSet, available: &ResourceSet) -> St
     let t = total.get(name);
     let used = (t - available.get(name)).max(0.0);
     format!("{}/{}", quantity(name, used), quantity(name, t))
+}
+
+/// A resource set as `CPU: 1, GPU: 1`.
+fn shape(set: &ResourceSet) -> String {
+    set.iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The human form.
@@ -338,17 +356,59 @@ pub fn render(status: &ClusterStatus) -> String {
     for (name, _) in total.iter() {
         out += &format!("  {name:<12} {}\n", used_of_total(name, &total, &available));
     }
-    if !status.infeasible.is_empty() {
+    if !status.placement_groups.is_empty() {
+        out += "\nPlacement groups:\n";
+        out += &format!(
+            "  {:<32}  {:<16}  {:<12}  {:<13}  {}\n",
+            "ID", "NAME", "STATE", "STRATEGY", "BUNDLES (NODE)"
+        );
+        for g in &status.placement_groups {
+            let bundles: Vec<String> = g
+                .spec
+                .bundles
+                .iter()
+                .zip(&g.bundle_nodes)
+                .map(|(b, n)| {
+                    let node = n.map_or_else(|| "-".to_string(), |n| n.to_string());
+                    format!("{{{}}} ({node})", shape(b))
+                })
+                .collect();
+            out += &format!(
+                "  {:<32}  {:<16}  {:<12}  {:<13}  {}\n",
+                g.spec.group_id,
+                g.spec.name.as_deref().unwrap_or("-"),
+                g.state,
+                g.spec.strategy,
+                bundles.join(", ")
+            );
+        }
+    }
+    let infeasible_groups: Vec<_> = status
+        .placement_groups
+        .iter()
+        .filter(|g| g.infeasible)
+        .collect();
+    if !status.infeasible.is_empty() || !infeasible_groups.is_empty() {
         out += "\nInfeasible requests (no live node can fit them; they wait):\n";
         out += &format!("  {:<32}  {:<32}  {}\n", "JOB", "SHAPE", "STRATEGY");
         for r in &status.infeasible {
-            let what: Vec<String> = r
-                .resources
+            let what = format!("{{{}}}", shape(&r.resources));
+            out += &format!("  {:<32}  {what:<32}  {}\n", r.job_id, r.placement);
+        }
+        for g in infeasible_groups {
+            let bundles: Vec<String> = g
+                .spec
+                .bundles
                 .iter()
-                .map(|(k, v)| format!("{k}: {v}"))
+                .map(|b| format!("{{{}}}", shape(b)))
                 .collect();
-            let shape = format!("{{{}}}", what.join(", "));
-            out += &format!("  {:<32}  {shape:<32}  {}\n", r.job_id, r.placement);
+            out += &format!(
+                "  {:<32}  {:<32}  placement group {} ({})\n",
+                g.spec.job_id,
+                bundles.join(" "),
+                g.spec.group_id,
+                g.spec.strategy
+            );
         }
     }
     if status.handshakes_refused > 0 {

@@ -14,6 +14,8 @@ use shoal_proto::head::{
     SUBMIT_STRINGS_MAX,
 };
 use shoal_proto::node::LOG_CHUNK_MAX;
+use shoal_proto::placement::{GroupState, PlacementGroupInfo, PlacementGroupSpec, Strategy};
+use shoal_proto::PlacementGroupId;
 use shoal_proto::{
     ActorState, ClusterId, ClusterStatus, HeadReply, HeadRequest, JobId, NodeId, NodeState, Role,
     ServiceError, ServiceErrorKind,
@@ -25,7 +27,7 @@ use crate::actors::{Actors, Died, Placed};
 use crate::config::HeadConfig;
 use crate::jobs::{Binaries, Jobs, SubmissionStatus};
 use crate::membership::{Fenced, Membership};
-use crate::scheduler::{Decision, NodeView, Scheduler};
+use crate::scheduler::{Decision, NodeView, Reservation, Scheduler};
 use crate::store::{Store, Stored};
 use crate::submit::{Event, JobRunner, Start, WORKING_DIR_BYTES_MAX};
 
@@ -42,6 +44,7 @@ pub(crate) struct State {
     pub(crate) actors: Actors,
     pub(crate) objects: crate::objects::Objects,
     pub(crate) kv: crate::kv::Kv,
+    pub(crate) groups: crate::groups::Groups,
     /// What each node is to do (restart actors, delete copies), handed
     /// over with its heartbeats' acknowledgments until it says it has them.
     pub(crate) orders: HashMap<NodeId, NodeOrders>,
@@ -124,6 +127,7 @@ impl State {
             actors: Actors::default(),
             objects: crate::objects::Objects::default(),
             kv: crate::kv::Kv::default(),
+            groups: crate::groups::Groups::default(),
             orders: HashMap::new(),
             rejoining: HashSet::new(),
             drivers_until: None,
@@ -178,6 +182,65 @@ impl State {
         self.orders.remove(&node_id);
         let died = self.actors.node_died(node_id);
         self.actors_died(died);
+    }
+
+    /// A placement group's record, with where its bundles are.
+    pub(crate) fn group_info(&self, id: PlacementGroupId) -> Option<PlacementGroupInfo> {
+        self.groups.info(id, self.scheduler.group(id))
+    }
+
+    /// Removes a group from the table and the ledger, and stops what ran
+    /// in it: its leases' workers (their nodes are ordered to stop them)
+    /// and its actors (dead, whatever restarts they had left, as in Ray).
+    /// False if it was removed already, or is unknown.
+    pub(crate) fn remove_group(&mut self, id: PlacementGroupId) -> bool {
+        if !self.groups.remove(id) {
+            return false;
+        }
+        let stopped = self.scheduler.remove_group(id).unwrap_or_default();
+        for (node_id, lease_id) in stopped {
+            if let Some(actor_id) = self.actors.with_lease(lease_id) {
+                if let Some((info, _)) = self.actors.kill(actor_id) {
+                    info!(%actor_id, class = %info.class, group = %id, "its placement group was removed; the actor is dead");
+                }
+            }
+            self.orders.entry(node_id).or_default().release(lease_id);
+        }
+        let waiting = self.actors.waiting();
+        for (info, spec) in waiting {
+            let inside = matches!(
+                spec.placement.strategy,
+                Strategy::PlacementGroup { group, .. } if group == id
+            );
+            if inside {
+                self.actors.kill(info.actor_id);
+            }
+        }
+        info!(group = %id, "placement group removed");
+        true
+    }
+
+    /// Phase one for the groups `ids`: each has its unplaced bundles
+    /// reserved on nodes, all or none. Returns those prepared, to commit
+    /// once the store has what was decided.
+    fn prepare_groups(&mut self, ids: Vec<PlacementGroupId>) -> Vec<PlacementGroupId> {
+        if self.recovering() || ids.is_empty() {
+            return Vec::new();
+        }
+        let live = self.live_nodes();
+        let mut prepared = Vec::new();
+        for id in ids {
+            match self.scheduler.prepare_group(&live, id) {
+                Reservation::Prepared => {
+                    self.groups.set_infeasible(id, false);
+                    prepared.push(id);
+                }
+                Reservation::Wait => self.groups.set_infeasible(id, false),
+                Reservation::Infeasible => self.groups.set_infeasible(id, true),
+                Reservation::Nothing | Reservation::Unknown => {}
+            }
+        }
+        prepared
     }
 
     /// Leases nodes to the restarts waiting for one; each placed restart
@@ -265,6 +328,8 @@ pub struct HeadService {
     resources_changed: Notify,
     /// Woken when an actor's record changes (a restart ends, or it dies).
     actors_changed: Notify,
+    /// Woken when a placement group is created, placed or removed.
+    groups_changed: Notify,
     stats: Arc<HandshakeStats>,
     heartbeat_interval: Duration,
     node_timeout: Duration,
@@ -327,6 +392,7 @@ impl HeadService {
             binaries: Mutex::new(binaries),
             resources_changed: Notify::new(),
             actors_changed: Notify::new(),
+            groups_changed: Notify::new(),
             stats,
             heartbeat_interval: config.heartbeat_interval,
             node_timeout: config.node_timeout,
@@ -626,6 +692,13 @@ impl HeadService {
             nodes,
             handshakes_refused: self.stats.refused.load(Ordering::Relaxed),
             infeasible: state.scheduler.infeasible().to_vec(),
+            placement_groups: state
+                .groups
+                .ids()
+                .into_iter()
+                .filter_map(|id| state.group_info(id))
+                .filter(|g| g.state != GroupState::Removed)
+                .collect(),
         }
     }
 
@@ -740,6 +813,101 @@ impl HeadService {
         }
     }
 
+    async fn create_group(&self, spec: PlacementGroupSpec) -> Result<HeadReply, ServiceError> {
+        spec.check().map_err(|e| bad_request(e.to_string()))?;
+        let id = spec.group_id;
+        {
+            let mut state = self.state();
+            if !state.jobs.is_running(spec.job_id) {
+                return Err(ServiceError::new(
+                    ServiceErrorKind::NotFound,
+                    format!("job {} is not running", spec.job_id),
+                ));
+            }
+            let added = state.groups.add(&spec).map_err(|e| {
+                let kind = match e {
+                    crate::groups::GroupError::NameTaken(_) => ServiceErrorKind::BadRequest,
+                    crate::groups::GroupError::TooMany(_) => ServiceErrorKind::Unavailable,
+                };
+                ServiceError::new(kind, e.to_string())
+            })?;
+            if added {
+                state.scheduler.add_group(&spec);
+                info!(group = %id, strategy = %spec.strategy, bundles = spec.bundles.len(), name = ?spec.name, "placement group created");
+            }
+        }
+        self.place_groups(Some(vec![id])).await?;
+        let info = self.state().group_info(id);
+        info.map(|i| HeadReply::PlacementGroup(Box::new(i)))
+            .ok_or_else(|| {
+                ServiceError::new(
+                    ServiceErrorKind::NotFound,
+                    format!("placement group {id} is gone"),
+                )
+            })
+    }
+
+    /// Reserves bundles for the groups `ids` (or for every group with a
+    /// bundle to place), in two phases: each group's unplaced bundles are
+    /// prepared on nodes together (or none are), the store is given what
+    /// was decided, and once it is durable the prepared groups are
+    /// committed, unless a node holding a prepared bundle died meanwhile
+    /// (the reservation was aborted; it is tried again).
+    pub(crate) async fn place_groups(
+        &self,
+        ids: Option<Vec<PlacementGroupId>>,
+    ) -> Result<(), ServiceError> {
+        let prepared = {
+            let mut state = self.state();
+            let ids = ids.unwrap_or_else(|| state.scheduler.groups_to_place());
+            state.prepare_groups(ids)
+        };
+        if prepared.is_empty() {
+            return Ok(());
+        }
+        let durable = self.durable(false).await;
+        {
+            let mut state = self.state();
+            for id in prepared {
+                if durable.is_err() {
+                    state.scheduler.abort_group(id);
+                } else if state.scheduler.commit_group(id) {
+                    info!(group = %id, "placement group's bundles reserved");
+                }
+            }
+            // Restarts waiting for a bundle may fit now.
+            state.place_restarts();
+        }
+        self.groups_changed.notify_waiters();
+        self.resources_changed.notify_waiters();
+        durable
+    }
+
+    /// A group's record once it is created or removed, or after `wait_ms`.
+    async fn wait_group(
+        &self,
+        id: PlacementGroupId,
+        wait_ms: u64,
+    ) -> Result<HeadReply, ServiceError> {
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(wait_ms).min(LEASE_WAIT_MAX);
+        loop {
+            let notified = self.groups_changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let info = self.state().group_info(id).ok_or_else(|| {
+                ServiceError::new(
+                    ServiceErrorKind::NotFound,
+                    format!("no placement group {id}"),
+                )
+            })?;
+            let settled = matches!(info.state, GroupState::Created | GroupState::Removed);
+            if settled || tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(HeadReply::PlacementGroup(Box::new(info)));
+            }
+        }
+    }
+
     /// After a node of the old head joined again or was declared dead:
     /// once none is awaited, the ledger is whole and leases and restarts
     /// are placed again.
@@ -778,6 +946,11 @@ impl HeadService {
             let mut state = self.state();
             if !state.jobs.finish(job_id) {
                 return;
+            }
+            // Its groups go with it (not detached ones), and what ran in
+            // them, whoever's it was.
+            for group in state.groups.of_job(job_id) {
+                state.remove_group(group);
             }
             for (_, leases) in state.actors.job_finished(job_id) {
                 for lease in leases {
@@ -866,7 +1039,16 @@ impl HeadService {
                 Snapshot::Workers(rows)
             }
             StateKind::Objects => Snapshot::Objects(self.state().objects.list()),
-            StateKind::PlacementGroups => Snapshot::PlacementGroups,
+            StateKind::PlacementGroups => {
+                let state = self.state();
+                let groups = state.groups.ids();
+                Snapshot::PlacementGroups(
+                    groups
+                        .into_iter()
+                        .filter_map(|id| state.group_info(id))
+                        .collect(),
+                )
+            }
         };
         Ok(HeadReply::State(Box::new(state_api::list(query, snapshot))))
     }
@@ -1204,6 +1386,47 @@ impl HeadService {
                         )
                     })?;
                 Ok(HeadReply::Actor(info))
+            }
+            HeadRequest::CreatePlacementGroup(spec) => {
+                peer.require(&[Role::Driver, Role::Worker])?;
+                self.create_group(*spec).await
+            }
+            HeadRequest::WaitPlacementGroup { group_id, wait_ms } => {
+                peer.require(&[Role::Driver, Role::Worker, Role::Client])?;
+                self.wait_group(group_id, wait_ms).await
+            }
+            HeadRequest::RemovePlacementGroup { group_id } => {
+                peer.require(&[Role::Driver, Role::Worker, Role::Client])?;
+                let info = {
+                    let mut state = self.state();
+                    state.remove_group(group_id);
+                    state.group_info(group_id)
+                };
+                let info = info.ok_or_else(|| {
+                    ServiceError::new(
+                        ServiceErrorKind::NotFound,
+                        format!("no placement group {group_id}"),
+                    )
+                })?;
+                self.groups_changed.notify_waiters();
+                self.resources_changed.notify_waiters();
+                self.actors_changed.notify_waiters();
+                Ok(HeadReply::PlacementGroup(Box::new(info)))
+            }
+            HeadRequest::GetNamedPlacementGroup { name } => {
+                peer.require(&[Role::Driver, Role::Worker, Role::Client])?;
+                let state = self.state();
+                state
+                    .groups
+                    .named(&name)
+                    .and_then(|id| state.group_info(id))
+                    .map(|info| HeadReply::PlacementGroup(Box::new(info)))
+                    .ok_or_else(|| {
+                        ServiceError::new(
+                            ServiceErrorKind::NotFound,
+                            format!("no placement group named {name:?}"),
+                        )
+                    })
             }
             HeadRequest::KillActor {
                 actor_id,

@@ -34,6 +34,7 @@
 pub mod actors;
 pub mod api;
 pub mod config;
+pub mod groups;
 pub mod jobs;
 pub mod kv;
 pub mod membership;
@@ -55,7 +56,7 @@ use shoal_net::handshake::{HandshakeStats, ServerAuth};
 use shoal_net::{endpoint, tls, ClusterIdentity, IdentityError, Listener};
 use shoal_proto::Role;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 pub use config::HeadConfig;
 
@@ -185,6 +186,7 @@ impl Head {
         let service = self.service.clone();
         let detector =
             failure_detector(self.service.clone(), self.config.clone(), shutdown.clone());
+        let placer = group_placer(self.service.clone(), shutdown.clone());
         let server = shoal_net::rpc::serve(
             self.listener,
             self.service,
@@ -193,7 +195,7 @@ impl Head {
             self.stats,
             shutdown,
         );
-        tokio::join!(detector, server);
+        tokio::join!(detector, placer, server);
         service.stop_jobs().await;
         info!("head stopped");
     }
@@ -208,6 +210,26 @@ pub async fn run(
     Head::bind(config, identity)?.run(shutdown).await;
     Ok(())
 }
+
+/// Reserves bundles for the placement groups waiting for them (created
+/// while the cluster was full, or whose node died), as room appears.
+async fn group_placer(service: Arc<api::HeadService>, shutdown: CancellationToken) {
+    let mut interval = tokio::time::interval(GROUP_RETRY);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = interval.tick() => {
+                if let Err(e) = service.place_groups(None).await {
+                    warn!(error = %e, "could not reserve placement groups' bundles; trying again");
+                }
+            }
+        }
+    }
+}
+
+/// How often waiting placement groups are tried again.
+const GROUP_RETRY: Duration = Duration::from_millis(100);
 
 /// Declares nodes dead when their heartbeats stop. Ticks at a tenth of the
 /// timeout, so a node is declared dead within 1.1 timeouts.

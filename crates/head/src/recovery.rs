@@ -1,8 +1,9 @@
 //! What the head writes to its store, what a restarted head reloads from
 //! it, and how the nodes that outlived the old head join the new one.
 //!
-//! Kept: jobs, actors (records, specs, names), the live nodes, executables
-//! and the key-value table. Not kept, because the nodes hold it and tell a
+//! Kept: jobs, actors (records, specs, names), the live nodes, executables,
+//! the key-value table and placement groups (what they asked for: a
+//! restarted head reserves their bundles again). Not kept, because the nodes hold it and tell a
 //! restarted head: the resource ledger (the leases their workers hold), the
 //! object directory (the copies in their stores), which workers live.
 //!
@@ -23,6 +24,7 @@
 use std::time::{Duration, Instant};
 
 use shoal_proto::head::{RegisterNode, RejoinNode};
+use shoal_proto::placement::PlacementGroupSpec;
 use shoal_proto::{JobId, NodeId};
 use tracing::{info, warn};
 
@@ -108,6 +110,13 @@ impl State {
         for (key, value) in self.kv.take_dirty() {
             writes.push(row(Table::Kv, key, value));
         }
+        let groups = self.groups.take_dirty();
+        writes.extend(records(
+            Table::Groups,
+            groups
+                .iter()
+                .map(|(id, spec)| (id.as_bytes(), spec.as_ref())),
+        ));
         for (hash, value) in binaries.map(Binaries::take_dirty).unwrap_or_default() {
             writes.push(row(Table::Binaries, hash.into_bytes(), value));
         }
@@ -150,6 +159,14 @@ impl State {
         for (key, value) in rows(Table::Kv) {
             self.kv.restore(key, value.clone());
             restored.kv_entries += 1;
+        }
+        // Placed again once the ledger is whole (the nodes' leases told).
+        for (_, value) in rows(Table::Groups) {
+            if let Some(spec) = decode::<PlacementGroupSpec>(Table::Groups, value) {
+                if self.groups.add(&spec).is_ok() {
+                    self.scheduler.add_group(&spec);
+                }
+            }
         }
         for (key, value) in rows(Table::Binaries) {
             let Ok(hash) = std::str::from_utf8(key) else {

@@ -15,9 +15,11 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use shoal_proto::head::{InfeasibleRequest, Lease, LeaseRequest};
-use shoal_proto::placement::{selects, Labels, Strategy};
+use shoal_proto::placement::{
+    selects, GroupState, Labels, PlacementGroupSpec, PlacementStrategy, Strategy,
+};
 use shoal_proto::resources::{CPU, GPU, MEMORY};
-use shoal_proto::{JobId, LeaseId, NodeId, ResourceSet, WorkerId};
+use shoal_proto::{JobId, LeaseId, NodeId, PlacementGroupId, ResourceSet, WorkerId};
 
 /// A live node as the scheduler sees it.
 #[derive(Clone, Debug)]
@@ -52,9 +54,19 @@ pub enum Decision {
     Refused(String),
 }
 
+/// Where a lease's resources are taken from: a node's free resources, or
+/// a placement group's bundle (itself reserved on its node).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Pool {
+    Node(NodeId),
+    Bundle(PlacementGroupId, u32),
+}
+
 #[derive(Clone, Debug)]
 struct LeaseEntry {
     node_id: NodeId,
+    /// What it draws on.
+    pool: Pool,
     job_id: JobId,
     owner: WorkerId,
     resources: ResourceSet,
@@ -68,10 +80,11 @@ struct LeaseEntry {
     owner_node: Option<NodeId>,
 }
 
-/// What one node has handed out.
+/// What one pool (a node, or a bundle) has handed out.
 #[derive(Debug, Default)]
 struct NodeLedger {
-    /// The sum of the resources of the node's running (not blocked) leases.
+    /// The sum of the resources of the pool's running (not blocked)
+    /// leases, and for a node, of the bundles reserved on it.
     allocated: ResourceSet,
     /// How many leases that sum holds. The entry goes when it reaches zero,
     /// so an idle node is at exactly zero whatever rounding the sums left,
@@ -103,8 +116,11 @@ pub struct Scheduler {
     leases: HashMap<LeaseId, LeaseEntry>,
     /// Leases by the request (owner, request id) they were granted for.
     by_request: HashMap<(WorkerId, u64), LeaseId>,
-    /// Only nodes with running leases have an entry.
-    ledgers: HashMap<NodeId, NodeLedger>,
+    /// Only pools with running leases (or, for nodes, bundles) have an
+    /// entry.
+    ledgers: HashMap<Pool, NodeLedger>,
+    /// Placement groups not removed, with their bundles' places.
+    groups: HashMap<PlacementGroupId, Group>,
     /// Leases reclaimed because their owner died, on nodes still alive:
     /// those nodes are to stop the workers (see [`Scheduler::take_orphaned`]).
     orphaned: Vec<(NodeId, LeaseId)>,
@@ -151,7 +167,7 @@ impl Scheduler {
     fn free(&self, node: &NodeView, name: &str) -> f64 {
         let used = self
             .ledgers
-            .get(&node.node_id)
+            .get(&Pool::Node(node.node_id))
             .map_or(0.0, |l| l.allocated.get(name));
         node.total.get(name) - used
     }
@@ -164,7 +180,10 @@ impl Scheduler {
     /// The node's most used share of CPU, GPU and memory (Ray's critical
     /// resource utilisation).
     fn utilisation(&self, node: &NodeView) -> f64 {
-        let allocated = self.ledgers.get(&node.node_id).map(|l| &l.allocated);
+        let allocated = self
+            .ledgers
+            .get(&Pool::Node(node.node_id))
+            .map(|l| &l.allocated);
         [CPU, GPU, MEMORY]
             .iter()
             .filter_map(|name| {
@@ -214,8 +233,8 @@ impl Scheduler {
                 return Decision::Abandoned;
             }
         }
-        let node = match self.choose(nodes, request) {
-            Ok(node) => node,
+        let (node, pool) = match self.choose(nodes, request) {
+            Ok(chosen) => chosen,
             Err(decision) => {
                 if decision == Decision::Infeasible {
                     self.note_infeasible(request);
@@ -225,8 +244,13 @@ impl Scheduler {
         };
         let lease_id = LeaseId::random();
         let (node_id, node_address) = (node.node_id, node.address.clone());
-        self.debit(node_id, &request.resources);
-        let room_for_another = nodes.iter().any(|n| self.has_room(n, &request.resources));
+        self.debit(pool, &request.resources);
+        let room_for_another = match pool {
+            Pool::Bundle(group, _) => self.groups.get(&group).is_some_and(|g| {
+                (0..g.slots.len() as u32).any(|b| self.bundle_room(group, b, &request.resources))
+            }),
+            Pool::Node(_) => nodes.iter().any(|n| self.has_room(n, &request.resources)),
+        };
         let lease = Lease {
             lease_id,
             node_id,
@@ -241,6 +265,7 @@ impl Scheduler {
             lease_id,
             LeaseEntry {
                 node_id,
+                pool,
                 job_id: request.job_id,
                 owner: request.owner,
                 resources: request.resources.clone(),
@@ -255,6 +280,20 @@ impl Scheduler {
     /// The node for `request` (see the module's placement rules), or why
     /// there is none now.
     fn choose<'a>(
+        &mut self,
+        nodes: &'a [NodeView],
+        request: &LeaseRequest,
+    ) -> Result<(&'a NodeView, Pool), Decision> {
+        let placement = &request.placement;
+        if let Strategy::PlacementGroup { group, bundle } = placement.strategy {
+            return self.choose_bundle(nodes, request, group, bundle);
+        }
+        self.choose_node(nodes, request)
+            .map(|node| (node, Pool::Node(node.node_id)))
+    }
+
+    /// A node for a request outside placement groups.
+    fn choose_node<'a>(
         &mut self,
         nodes: &'a [NodeView],
         request: &LeaseRequest,
@@ -328,6 +367,72 @@ impl Scheduler {
         chosen.copied().ok_or(Decision::Wait)
     }
 
+    /// A bundle of `group` (the one numbered `bundle`, or the first with
+    /// room) for a request placed in a placement group.
+    fn choose_bundle<'a>(
+        &self,
+        nodes: &'a [NodeView],
+        request: &LeaseRequest,
+        group: PlacementGroupId,
+        bundle: Option<u32>,
+    ) -> Result<(&'a NodeView, Pool), Decision> {
+        let Some(g) = self.groups.get(&group) else {
+            return Err(Decision::Refused(format!(
+                "placement group {group} does not exist or was removed"
+            )));
+        };
+        let count = g.slots.len() as u32;
+        let candidates = match bundle {
+            Some(b) if b < count => b..b + 1,
+            Some(b) => {
+                return Err(Decision::Refused(format!(
+                    "placement group {group} has {count} bundles; there is no bundle {b}"
+                )))
+            }
+            None => 0..count,
+        };
+        let could_fit = candidates
+            .clone()
+            .any(|b| fits(&request.resources, |r| g.slots[b as usize].resources.get(r)));
+        if !could_fit {
+            return Err(Decision::Refused(format!(
+                "{:?} is more than {} of placement group {group} holds",
+                request.resources,
+                bundle.map_or("any bundle".to_string(), |b| format!("bundle {b}"))
+            )));
+        }
+        for b in candidates {
+            let slot = &g.slots[b as usize];
+            let node = slot
+                .node
+                .filter(|_| slot.committed)
+                .and_then(|id| nodes.iter().find(|n| n.node_id == id));
+            if let Some(node) = node {
+                if self.bundle_room(group, b, &request.resources) {
+                    return Ok((node, Pool::Bundle(group, b)));
+                }
+            }
+        }
+        // Full, or not reserved (yet, or again after its node died).
+        Err(Decision::Wait)
+    }
+
+    /// Whether `resources` fit in what bundle `b` of `group` has free now.
+    fn bundle_room(&self, group: PlacementGroupId, b: u32, resources: &ResourceSet) -> bool {
+        let Some(slot) = self
+            .groups
+            .get(&group)
+            .and_then(|g| g.slots.get(b as usize))
+        else {
+            return false;
+        };
+        let used = self.ledgers.get(&Pool::Bundle(group, b));
+        slot.committed
+            && fits(resources, |r| {
+                slot.resources.get(r) - used.map_or(0.0, |l| l.allocated.get(r))
+            })
+    }
+
     fn note_infeasible(&mut self, request: &LeaseRequest) {
         let entry = InfeasibleRequest {
             job_id: request.job_id,
@@ -352,14 +457,14 @@ impl Scheduler {
             self.by_request.remove(&(lease.owner, *request_id));
         }
         if !lease.blocked {
-            self.credit(lease.node_id, &lease.resources);
+            self.credit(lease.pool, &lease.resources);
         }
         true
     }
 
     /// Takes a running lease's resources from its node.
-    fn debit(&mut self, node_id: NodeId, resources: &ResourceSet) {
-        let ledger = self.ledgers.entry(node_id).or_default();
+    fn debit(&mut self, pool: Pool, resources: &ResourceSet) {
+        let ledger = self.ledgers.entry(pool).or_default();
         ledger.allocated.add(resources);
         ledger.leases += 1;
     }
@@ -370,19 +475,16 @@ impl Scheduler {
     /// release never gets here; a credit without a debit is our bug, not
     /// bad input, and clamping would hide it. A sum within [`EPSILON`] of
     /// zero is zero: in floats 0.1 + 0.2 - 0.1 - 0.2 is not.
-    fn credit(&mut self, node_id: NodeId, resources: &ResourceSet) {
-        let ledger = self.ledgers.get_mut(&node_id);
-        debug_assert!(
-            ledger.is_some(),
-            "credit on {node_id}, which holds no lease"
-        );
+    fn credit(&mut self, pool: Pool, resources: &ResourceSet) {
+        let ledger = self.ledgers.get_mut(&pool);
+        debug_assert!(ledger.is_some(), "credit on {pool:?}, which holds no lease");
         let Some(ledger) = ledger else {
             return;
         };
-        debug_assert!(ledger.leases > 0, "credit without a debit on {node_id}");
+        debug_assert!(ledger.leases > 0, "credit without a debit on {pool:?}");
         ledger.leases = ledger.leases.saturating_sub(1);
         if ledger.leases == 0 {
-            self.ledgers.remove(&node_id);
+            self.ledgers.remove(&pool);
             return;
         }
         for (name, qty) in resources.iter() {
@@ -401,13 +503,14 @@ impl Scheduler {
             return;
         }
         if !held.blocked {
-            self.debit(node_id, &held.resources);
+            self.debit(Pool::Node(node_id), &held.resources);
         }
         let nil = shoal_proto::ids::Uuid::nil();
         self.leases.insert(
             held.lease_id,
             LeaseEntry {
                 node_id,
+                pool: Pool::Node(node_id),
                 job_id: if held.detached {
                     JobId::from_uuid(nil)
                 } else {
@@ -434,11 +537,11 @@ impl Scheduler {
             return false;
         }
         lease.blocked = blocked;
-        let (node_id, resources) = (lease.node_id, lease.resources.clone());
+        let (pool, resources) = (lease.pool, lease.resources.clone());
         if blocked {
-            self.credit(node_id, &resources);
+            self.credit(pool, &resources);
         } else {
-            self.debit(node_id, &resources);
+            self.debit(pool, &resources);
         }
         true
     }
@@ -497,18 +600,34 @@ impl Scheduler {
         self.release_orphans(|l| l.owner_node == Some(node_id) && l.node_id != node_id);
         self.orphaned.retain(|(node, _)| *node != node_id);
         let n = self.release_where(|l| l.node_id == node_id);
+        self.groups_lost_node(node_id);
         debug_assert!(
-            !self.ledgers.contains_key(&node_id),
-            "{node_id} has no lease left, so nothing allocated"
+            !self.ledgers.contains_key(&Pool::Node(node_id)),
+            "{node_id} has no lease or bundle left, so nothing allocated"
         );
-        self.ledgers.remove(&node_id);
+        self.ledgers.remove(&Pool::Node(node_id));
         n
     }
 
     /// Reclaims every lease of a finished job.
+    /// Its placement groups that are not detached are removed with it
+    /// (what else ran in them is reclaimed too: see
+    /// [`Scheduler::take_orphaned`]).
     pub fn job_finished(&mut self, job_id: JobId) -> usize {
         self.infeasible.retain(|r| r.job_id != job_id);
-        self.release_where(|l| l.job_id == job_id)
+        let n = self.release_where(|l| l.job_id == job_id);
+        let groups: Vec<PlacementGroupId> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| g.job_id == job_id && !g.detached)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in groups {
+            if let Some(stopped) = self.remove_group(id) {
+                self.orphaned.extend(stopped);
+            }
+        }
+        n
     }
 
     /// Reclaims every lease held by a dead owner (detached actors' leases
@@ -542,7 +661,7 @@ impl Scheduler {
     /// Empty for a node with no running lease.
     pub fn allocated(&self, node_id: NodeId) -> ResourceSet {
         self.ledgers
-            .get(&node_id)
+            .get(&Pool::Node(node_id))
             .map(|l| l.allocated.clone())
             .unwrap_or_default()
     }
@@ -579,12 +698,324 @@ impl Scheduler {
     }
 }
 
+/// One bundle of a placement group: its resources and where they are
+/// reserved.
+#[derive(Clone, Debug)]
+struct Slot {
+    resources: ResourceSet,
+    /// The node holding it, once prepared.
+    node: Option<NodeId>,
+    /// Prepared and committed: leases may draw on it.
+    committed: bool,
+}
+
+/// A placement group's bundles.
+#[derive(Clone, Debug)]
+struct Group {
+    job_id: JobId,
+    detached: bool,
+    strategy: PlacementStrategy,
+    slots: Vec<Slot>,
+    /// Every bundle was committed once: unplaced bundles now mean a node
+    /// died (RESCHEDULING), not a first wait (PENDING).
+    created_once: bool,
+}
+
+impl Group {
+    fn state(&self) -> GroupState {
+        if self.slots.iter().all(|s| s.committed) {
+            GroupState::Created
+        } else if self.created_once {
+            GroupState::Rescheduling
+        } else {
+            GroupState::Pending
+        }
+    }
+
+    /// Some bundle is prepared and not committed: a reservation is under
+    /// way.
+    fn preparing(&self) -> bool {
+        self.slots.iter().any(|s| s.node.is_some() && !s.committed)
+    }
+}
+
+/// What became of a try to reserve a group's unplaced bundles.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reservation {
+    /// Every unplaced bundle is now prepared on a node: commit or abort.
+    Prepared,
+    /// Nothing to place: every bundle is placed, or a reservation is
+    /// under way already.
+    Nothing,
+    /// Live nodes could hold them, but not with what they have free now.
+    Wait,
+    /// No set of live nodes could ever hold them as the strategy asks.
+    Infeasible,
+    /// No such group.
+    Unknown,
+}
+
+/// Nodes for the unplaced bundles among `slots` (resources, and the node
+/// of those placed) by `strategy`, each taking from what `free` says a
+/// node has; `None` if they cannot all be placed. All or none: the
+/// caller reserves them together.
+fn place_bundles(
+    strategy: PlacementStrategy,
+    slots: &[(&ResourceSet, Option<NodeId>)],
+    nodes: &[&NodeView],
+    free: impl Fn(&NodeView, &str) -> f64,
+) -> Option<Vec<(usize, NodeId)>> {
+    // What this placement has taken from each node so far.
+    let mut taken: HashMap<NodeId, ResourceSet> = HashMap::new();
+    let room = |taken: &HashMap<NodeId, ResourceSet>, n: &NodeView, r: &ResourceSet| {
+        fits(r, |name| {
+            free(n, name) - taken.get(&n.node_id).map_or(0.0, |t| t.get(name))
+        })
+    };
+    let mut used: Vec<NodeId> = slots.iter().filter_map(|s| s.1).collect();
+    let unplaced: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].1.is_none()).collect();
+    let mut out = Vec::with_capacity(unplaced.len());
+    match strategy {
+        PlacementStrategy::StrictPack | PlacementStrategy::Pack => {
+            // All on one node: the group's, if it has one.
+            let mut sum = ResourceSet::new();
+            for &i in &unplaced {
+                sum.add(slots[i].0);
+            }
+            let one = nodes
+                .iter()
+                .filter(|n| used.is_empty() || used.contains(&n.node_id))
+                .find(|n| room(&taken, n, &sum));
+            if let Some(node) = one {
+                return Some(unplaced.iter().map(|&i| (i, node.node_id)).collect());
+            }
+            if strategy == PlacementStrategy::StrictPack {
+                return None;
+            }
+            // One at a time, on the group's nodes first.
+            for &i in &unplaced {
+                let ours = nodes.iter().filter(|n| used.contains(&n.node_id));
+                let others = nodes.iter().filter(|n| !used.contains(&n.node_id));
+                let node = ours.chain(others).find(|n| room(&taken, n, slots[i].0))?;
+                taken.entry(node.node_id).or_default().add(slots[i].0);
+                used.push(node.node_id);
+                out.push((i, node.node_id));
+            }
+        }
+        PlacementStrategy::StrictSpread | PlacementStrategy::Spread => {
+            for &i in &unplaced {
+                let fresh = nodes
+                    .iter()
+                    .filter(|n| !used.contains(&n.node_id))
+                    .find(|n| room(&taken, n, slots[i].0));
+                let node = match fresh {
+                    Some(node) => node,
+                    None if strategy == PlacementStrategy::StrictSpread => return None,
+                    None => nodes.iter().find(|n| room(&taken, n, slots[i].0))?,
+                };
+                taken.entry(node.node_id).or_default().add(slots[i].0);
+                used.push(node.node_id);
+                out.push((i, node.node_id));
+            }
+        }
+    }
+    Some(out)
+}
+
+/// Placement groups: reserved in two phases (prepare, then commit or
+/// abort), drawn on by leases, removed.
+impl Scheduler {
+    /// Records a new group, all its bundles unplaced; false if it is known
+    /// already (a retried creation).
+    pub fn add_group(&mut self, spec: &PlacementGroupSpec) -> bool {
+        if self.groups.contains_key(&spec.group_id) {
+            return false;
+        }
+        let slots = spec
+            .bundles
+            .iter()
+            .map(|r| Slot {
+                resources: r.clone(),
+                node: None,
+                committed: false,
+            })
+            .collect();
+        self.groups.insert(
+            spec.group_id,
+            Group {
+                job_id: spec.job_id,
+                detached: spec.detached,
+                strategy: spec.strategy,
+                slots,
+                created_once: false,
+            },
+        );
+        true
+    }
+
+    /// Phase one: reserves nodes for every unplaced bundle of `id` at
+    /// once, or for none. Prepared bundles hold their node's resources but
+    /// serve no lease until [`Scheduler::commit_group`].
+    pub fn prepare_group(&mut self, nodes: &[NodeView], id: PlacementGroupId) -> Reservation {
+        let Some(group) = self.groups.get(&id) else {
+            return Reservation::Unknown;
+        };
+        if group.preparing() || group.slots.iter().all(|s| s.node.is_some()) {
+            return Reservation::Nothing;
+        }
+        let mut ordered: Vec<&NodeView> = nodes.iter().collect();
+        ordered.sort_by_key(|n| n.node_id);
+        let slots: Vec<(&ResourceSet, Option<NodeId>)> =
+            group.slots.iter().map(|s| (&s.resources, s.node)).collect();
+        let strategy = group.strategy;
+        let Some(placed) = place_bundles(strategy, &slots, &ordered, |n, r| self.free(n, r)) else {
+            let ever = place_bundles(strategy, &slots, &ordered, |n, r| n.total.get(r));
+            return match ever {
+                Some(_) => Reservation::Wait,
+                None => Reservation::Infeasible,
+            };
+        };
+        for (i, node) in placed {
+            let resources = self.groups[&id].slots[i].resources.clone();
+            self.debit(Pool::Node(node), &resources);
+            if let Some(slot) = self.groups.get_mut(&id).map(|g| &mut g.slots[i]) {
+                slot.node = Some(node);
+            }
+        }
+        Reservation::Prepared
+    }
+
+    /// Phase two: the prepared bundles serve leases. False if the
+    /// reservation was aborted meanwhile (a node died), or the group is
+    /// gone: it is to be prepared again.
+    pub fn commit_group(&mut self, id: PlacementGroupId) -> bool {
+        let Some(group) = self.groups.get_mut(&id) else {
+            return false;
+        };
+        if group.slots.iter().any(|s| s.node.is_none()) {
+            return false;
+        }
+        for slot in &mut group.slots {
+            slot.committed = true;
+        }
+        group.created_once = true;
+        true
+    }
+
+    /// Undoes phase one: prepared bundles give their nodes' resources back.
+    pub fn abort_group(&mut self, id: PlacementGroupId) {
+        let Some(group) = self.groups.get_mut(&id) else {
+            return;
+        };
+        let mut freed = Vec::new();
+        for slot in group.slots.iter_mut().filter(|s| !s.committed) {
+            if let Some(node) = slot.node.take() {
+                freed.push((node, slot.resources.clone()));
+            }
+        }
+        for (node, resources) in freed {
+            self.credit(Pool::Node(node), &resources);
+        }
+    }
+
+    /// Removes a group: the leases drawing on it are reclaimed (returned,
+    /// by node, for the nodes to stop their workers) and its bundles free
+    /// their nodes. `None` if it is not known.
+    pub fn remove_group(&mut self, id: PlacementGroupId) -> Option<Vec<(NodeId, LeaseId)>> {
+        if !self.groups.contains_key(&id) {
+            return None;
+        }
+        let inside: Vec<(NodeId, LeaseId)> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| matches!(l.pool, Pool::Bundle(g, _) if g == id))
+            .map(|(lease_id, l)| (l.node_id, *lease_id))
+            .collect();
+        for (_, lease_id) in &inside {
+            self.release(*lease_id);
+        }
+        let group = self.groups.remove(&id)?;
+        for slot in group.slots {
+            if let Some(node) = slot.node {
+                self.credit(Pool::Node(node), &slot.resources);
+            }
+        }
+        Some(inside)
+    }
+
+    /// A node died (its leases are already reclaimed): a reservation with
+    /// a bundle prepared on it is aborted whole; committed bundles on it
+    /// are unplaced, to be placed again.
+    fn groups_lost_node(&mut self, node_id: NodeId) {
+        let ids: Vec<PlacementGroupId> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| g.slots.iter().any(|s| s.node == Some(node_id)))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            let prepared_here = self.groups[&id]
+                .slots
+                .iter()
+                .any(|s| s.node == Some(node_id) && !s.committed);
+            if prepared_here {
+                self.abort_group(id);
+            }
+            let mut freed = Vec::new();
+            if let Some(group) = self.groups.get_mut(&id) {
+                for slot in group.slots.iter_mut().filter(|s| s.node == Some(node_id)) {
+                    slot.node = None;
+                    slot.committed = false;
+                    freed.push(slot.resources.clone());
+                }
+            }
+            for resources in freed {
+                self.credit(Pool::Node(node_id), &resources);
+            }
+        }
+    }
+
+    /// A group's state and the node of each bundle.
+    pub fn group(&self, id: PlacementGroupId) -> Option<(GroupState, Vec<Option<NodeId>>)> {
+        let group = self.groups.get(&id)?;
+        Some((group.state(), group.slots.iter().map(|s| s.node).collect()))
+    }
+
+    /// Groups with a bundle to place and no reservation under way.
+    pub fn groups_to_place(&self) -> Vec<PlacementGroupId> {
+        let mut ids: Vec<PlacementGroupId> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| !g.preparing() && g.slots.iter().any(|s| s.node.is_none()))
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// The bundle a lease draws on, if it is in a placement group.
+    pub fn lease_bundle(&self, lease_id: LeaseId) -> Option<(PlacementGroupId, u32)> {
+        match self.leases.get(&lease_id)?.pool {
+            Pool::Bundle(group, b) => Some((group, b)),
+            Pool::Node(_) => None,
+        }
+    }
+
+    /// What bundle `b` of `group` has handed out (for tests and display).
+    pub fn bundle_allocated(&self, group: PlacementGroupId, b: u32) -> ResourceSet {
+        self.ledgers
+            .get(&Pool::Bundle(group, b))
+            .map(|l| l.allocated.clone())
+            .unwrap_or_default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
     use proptest::strategy::Strategy;
-    use shoal_proto::placement::{LabelConstraint, Placement, Strategy as PlacementStrategy};
+    use shoal_proto::placement::{LabelConstraint, Placement, Strategy as Sched};
 
     fn node(cpus: f64) -> NodeView {
         let mut total = ResourceSet::new();
@@ -680,7 +1111,7 @@ mod tests {
         let nodes = vec![node(4.0), node(4.0), node(1.0)];
         let mut s = Scheduler::new();
         let mut r = request(1.0);
-        r.placement.strategy = PlacementStrategy::Spread;
+        r.placement.strategy = Sched::Spread;
         let mut count: HashMap<NodeId, usize> = HashMap::new();
         for _ in 0..9 {
             *count
@@ -700,14 +1131,14 @@ mod tests {
         let nodes = vec![node(1.0), node(1.0)];
         let mut s = Scheduler::new();
         let mut hard = request(1.0);
-        hard.placement.strategy = PlacementStrategy::NodeAffinity {
+        hard.placement.strategy = Sched::NodeAffinity {
             node_id: nodes[1].node_id,
             soft: false,
         };
         assert_eq!(granted(&mut s, &nodes, &hard).node_id, nodes[1].node_id);
         assert_eq!(s.request(&nodes, &hard), Decision::Wait, "its node is full");
         let gone = NodeId::random();
-        hard.placement.strategy = PlacementStrategy::NodeAffinity {
+        hard.placement.strategy = Sched::NodeAffinity {
             node_id: gone,
             soft: false,
         };
@@ -715,7 +1146,7 @@ mod tests {
             matches!(s.request(&nodes, &hard), Decision::Refused(m) if m.contains(&gone.to_string()))
         );
         let mut soft = hard.clone();
-        soft.placement.strategy = PlacementStrategy::NodeAffinity {
+        soft.placement.strategy = Sched::NodeAffinity {
             node_id: gone,
             soft: true,
         };
@@ -863,7 +1294,7 @@ mod tests {
         let mut nested = request(1.0);
         nested.owner = WorkerId::random();
         nested.owner_node = Some(a);
-        let on_b = PlacementStrategy::NodeAffinity {
+        let on_b = Sched::NodeAffinity {
             node_id: b,
             soft: false,
         };
@@ -958,6 +1389,226 @@ mod tests {
         assert_eq!(s.available(&nodes[0]).get(CPU), 1.0);
     }
 
+    fn group(strategy: PlacementStrategy, cpus: &[f64]) -> PlacementGroupSpec {
+        PlacementGroupSpec {
+            group_id: PlacementGroupId::random(),
+            job_id: request(1.0).job_id,
+            name: None,
+            detached: false,
+            strategy,
+            bundles: cpus
+                .iter()
+                .map(|c| [(CPU.to_string(), *c)].into_iter().collect())
+                .collect(),
+        }
+    }
+
+    fn placed(s: &Scheduler, id: PlacementGroupId) -> Vec<Option<NodeId>> {
+        s.group(id).expect("a group").1
+    }
+
+    #[test]
+    fn strict_spread_takes_a_node_per_bundle_or_waits_listed_as_infeasible() {
+        let nodes = vec![node(2.0), node(2.0), node(2.0)];
+        let mut s = Scheduler::new();
+        let three = group(PlacementStrategy::StrictSpread, &[1.0; 3]);
+        s.add_group(&three);
+        assert_eq!(
+            s.prepare_group(&nodes, three.group_id),
+            Reservation::Prepared
+        );
+        assert_eq!(
+            s.group(three.group_id).expect("known").0,
+            GroupState::Pending,
+            "prepared, not committed"
+        );
+        assert!(s.commit_group(three.group_id));
+        let on: std::collections::HashSet<_> = placed(&s, three.group_id).into_iter().collect();
+        assert_eq!(on.len(), 3, "three distinct nodes");
+        let four = group(PlacementStrategy::StrictSpread, &[1.0; 4]);
+        s.add_group(&four);
+        assert_eq!(
+            s.prepare_group(&nodes, four.group_id),
+            Reservation::Infeasible
+        );
+        assert_eq!(placed(&s, four.group_id), vec![None; 4], "none reserved");
+        assert!(s.remove_group(three.group_id).expect("known").is_empty());
+        for n in &nodes {
+            assert_eq!(s.available(n), n.total, "removal returns every resource");
+        }
+    }
+
+    #[test]
+    fn a_reservation_is_all_or_none_and_waits_for_room() {
+        let nodes = vec![node(2.0), node(2.0)];
+        let mut s = Scheduler::new();
+        let mut on_each = Vec::new();
+        for n in &nodes {
+            let mut r = request(1.0);
+            r.placement.strategy = Sched::NodeAffinity {
+                node_id: n.node_id,
+                soft: false,
+            };
+            on_each.push(granted(&mut s, &nodes, &r));
+        }
+        let pack = group(PlacementStrategy::StrictPack, &[1.0, 1.0]);
+        s.add_group(&pack);
+        assert_eq!(s.prepare_group(&nodes, pack.group_id), Reservation::Wait);
+        assert_eq!(placed(&s, pack.group_id), vec![None, None]);
+        assert_eq!(
+            s.allocated(nodes[0].node_id).get(CPU),
+            1.0,
+            "nothing held by the wait"
+        );
+        assert!(s.release(on_each[1].lease_id));
+        assert_eq!(
+            s.prepare_group(&nodes, pack.group_id),
+            Reservation::Prepared
+        );
+        assert_eq!(placed(&s, pack.group_id), vec![Some(on_each[1].node_id); 2]);
+        assert_eq!(
+            s.prepare_group(&nodes, pack.group_id),
+            Reservation::Nothing,
+            "under way"
+        );
+        s.abort_group(pack.group_id);
+        assert_eq!(placed(&s, pack.group_id), vec![None, None]);
+        assert!(s
+            .allocated(on_each[1].node_id)
+            .iter()
+            .all(|(_, q)| q == 0.0));
+        assert!(!s.commit_group(pack.group_id), "aborted: nothing to commit");
+    }
+
+    #[test]
+    fn leases_in_a_bundle_draw_on_it_and_are_reclaimed_with_the_group() {
+        let nodes = vec![node(4.0)];
+        let mut s = Scheduler::new();
+        let g = group(PlacementStrategy::Pack, &[2.0]);
+        s.add_group(&g);
+        let mut inside = request(1.0);
+        inside.placement.strategy = Sched::PlacementGroup {
+            group: g.group_id,
+            bundle: Some(0),
+        };
+        assert_eq!(
+            s.request(&nodes, &inside),
+            Decision::Wait,
+            "not reserved yet"
+        );
+        assert_eq!(s.prepare_group(&nodes, g.group_id), Reservation::Prepared);
+        assert_eq!(
+            s.request(&nodes, &inside),
+            Decision::Wait,
+            "prepared, not committed"
+        );
+        assert!(s.commit_group(g.group_id));
+        let a = granted(&mut s, &nodes, &inside);
+        assert!(a.room_for_another);
+        let b = granted(&mut s, &nodes, &inside);
+        assert!(!b.room_for_another);
+        assert_eq!(
+            s.request(&nodes, &inside),
+            Decision::Wait,
+            "the bundle is full"
+        );
+        assert_eq!(
+            s.allocated(nodes[0].node_id).get(CPU),
+            2.0,
+            "the node holds the bundle only"
+        );
+        assert_eq!(s.bundle_allocated(g.group_id, 0).get(CPU), 2.0);
+        let mut outside = request(2.0);
+        outside.preferred_node = Some(nodes[0].node_id);
+        let c = granted(&mut s, &nodes, &outside);
+        let mut too_big = inside.clone();
+        too_big.resources.set(CPU, 3.0);
+        assert!(matches!(s.request(&nodes, &too_big), Decision::Refused(_)));
+        inside.placement.strategy = Sched::PlacementGroup {
+            group: g.group_id,
+            bundle: Some(1),
+        };
+        assert!(
+            matches!(s.request(&nodes, &inside), Decision::Refused(m) if m.contains("no bundle 1"))
+        );
+        let mut stopped = s.remove_group(g.group_id).expect("known");
+        stopped.sort();
+        let mut want = vec![
+            (nodes[0].node_id, a.lease_id),
+            (nodes[0].node_id, b.lease_id),
+        ];
+        want.sort();
+        assert_eq!(stopped, want, "the leases inside go with the group");
+        assert_eq!(s.lease_count(), 1);
+        assert!(s.release(c.lease_id));
+        assert_eq!(s.available(&nodes[0]), nodes[0].total);
+        assert!(
+            matches!(s.request(&nodes, &inside), Decision::Refused(m) if m.contains("removed"))
+        );
+    }
+
+    #[test]
+    fn a_node_dying_mid_reservation_aborts_it_whole_and_later_unplaces_its_bundles() {
+        let nodes = vec![node(2.0), node(2.0), node(2.0), node(2.0)];
+        let mut s = Scheduler::new();
+        let g = group(PlacementStrategy::StrictSpread, &[1.0, 1.0]);
+        s.add_group(&g);
+        assert_eq!(s.prepare_group(&nodes, g.group_id), Reservation::Prepared);
+        let first = placed(&s, g.group_id);
+        let dead = first[0].expect("placed");
+        let other = first[1].expect("placed");
+        s.node_died(dead);
+        assert_eq!(placed(&s, g.group_id), vec![None, None], "aborted whole");
+        assert!(!s.commit_group(g.group_id), "nothing left to commit");
+        assert!(
+            s.allocated(other).iter().all(|(_, q)| q == 0.0),
+            "the other node is free again"
+        );
+        assert_eq!(s.groups_to_place(), vec![g.group_id]);
+        let live: Vec<NodeView> = nodes
+            .iter()
+            .filter(|n| n.node_id != dead)
+            .cloned()
+            .collect();
+        assert_eq!(s.prepare_group(&live, g.group_id), Reservation::Prepared);
+        assert!(s.commit_group(g.group_id));
+        assert_eq!(s.group(g.group_id).expect("known").0, GroupState::Created);
+        // Committed, then a node holding a bundle dies: that bundle is
+        // placed again, the other stays.
+        let now = placed(&s, g.group_id);
+        let (lost, kept) = (now[0].expect("placed"), now[1]);
+        s.node_died(lost);
+        assert_eq!(placed(&s, g.group_id), vec![None, kept]);
+        assert_eq!(
+            s.group(g.group_id).expect("known").0,
+            GroupState::Rescheduling
+        );
+        let live: Vec<NodeView> = live.into_iter().filter(|n| n.node_id != lost).collect();
+        assert_eq!(s.prepare_group(&live, g.group_id), Reservation::Prepared);
+        assert!(s.commit_group(g.group_id));
+        let again = placed(&s, g.group_id);
+        assert_eq!(again[1], kept);
+        assert!(again[0].is_some() && again[0] != kept && again[0] != Some(lost));
+    }
+
+    #[test]
+    fn a_job_takes_its_groups_with_it_but_not_detached_ones() {
+        let nodes = vec![node(4.0)];
+        let mut s = Scheduler::new();
+        let owned = group(PlacementStrategy::Pack, &[1.0]);
+        let mut detached = group(PlacementStrategy::Pack, &[1.0]);
+        detached.detached = true;
+        for g in [&owned, &detached] {
+            s.add_group(g);
+            assert_eq!(s.prepare_group(&nodes, g.group_id), Reservation::Prepared);
+            assert!(s.commit_group(g.group_id));
+        }
+        s.job_finished(owned.job_id);
+        assert!(s.group(owned.group_id).is_none());
+        assert!(s.group(detached.group_id).is_some());
+        assert_eq!(s.allocated(nodes[0].node_id).get(CPU), 1.0);
+    }
+
     #[test]
     fn allocated_is_not_clamped() {
         let nodes = vec![node(1.0)];
@@ -1015,7 +1666,35 @@ mod tests {
         },
         JobEnds(usize),
         OwnerDies(usize),
+        CreateGroup {
+            strategy: usize,
+            bundles: usize,
+            cpu: usize,
+            job: usize,
+            detached: bool,
+        },
+        /// The `usize`s pick among the groups ever created.
+        PrepareGroup(usize),
+        CommitGroup(usize),
+        AbortGroup(usize),
+        RemoveGroup(usize),
+        GroupRequest {
+            group: usize,
+            /// 0 to 2, or any bundle.
+            bundle: usize,
+            cpu: usize,
+            job: usize,
+            owner: usize,
+        },
     }
+
+    const STRATEGIES: [PlacementStrategy; 4] = [
+        PlacementStrategy::Pack,
+        PlacementStrategy::Spread,
+        PlacementStrategy::StrictPack,
+        PlacementStrategy::StrictSpread,
+    ];
+    const BUNDLE_CPU: [f64; 3] = [0.5, 1.0, 2.0];
 
     fn event() -> impl Strategy<Value = Event> {
         prop_oneof![
@@ -1045,7 +1724,39 @@ mod tests {
                 .prop_map(|(cpu, gpu, zone)| Event::NodeJoins { cpu, gpu, zone }),
             1 => (0..JOBS).prop_map(Event::JobEnds),
             1 => (0..OWNERS).prop_map(Event::OwnerDies),
+            2 => (0..STRATEGIES.len(), 1..4usize, 0..BUNDLE_CPU.len(), 0..JOBS, any::<bool>())
+                .prop_map(|(strategy, bundles, cpu, job, detached)| Event::CreateGroup {
+                    strategy,
+                    bundles,
+                    cpu,
+                    job,
+                    detached,
+                }),
+            3 => any::<usize>().prop_map(Event::PrepareGroup),
+            2 => any::<usize>().prop_map(Event::CommitGroup),
+            1 => any::<usize>().prop_map(Event::AbortGroup),
+            1 => any::<usize>().prop_map(Event::RemoveGroup),
+            4 => (any::<usize>(), 0..4usize, 0..3usize, 0..JOBS, 0..OWNERS)
+                .prop_map(|(group, bundle, cpu, job, owner)| Event::GroupRequest {
+                    group,
+                    bundle,
+                    cpu,
+                    job,
+                    owner,
+                }),
         ]
+    }
+
+    /// A group as the test knows it: what it asked for and, bundle by
+    /// bundle, the node holding it and whether it is committed.
+    struct ModelGroup {
+        id: PlacementGroupId,
+        job: usize,
+        detached: bool,
+        strategy: PlacementStrategy,
+        bundles: Vec<ResourceSet>,
+        slots: Vec<(Option<NodeId>, bool)>,
+        removed: bool,
     }
 
     fn job_id(j: usize) -> JobId {
@@ -1100,6 +1811,8 @@ mod tests {
 
     struct ModelLease {
         node_id: NodeId,
+        /// The bundle it draws on, in a placement group.
+        bundle: Option<(PlacementGroupId, u32)>,
         /// None once detached.
         job: Option<usize>,
         owner: usize,
@@ -1121,18 +1834,54 @@ mod tests {
         oversubscribed: Vec<NodeId>,
         /// Owners reported dead: their requests are refused.
         dead_owners: std::collections::HashSet<usize>,
+        /// Every group created, in order.
+        groups: Vec<ModelGroup>,
+        /// Bundles a resumed blocked lease took past their resources.
+        oversubscribed_bundles: Vec<(PlacementGroupId, u32)>,
     }
 
     impl Model {
-        /// The sum of the running leases on `node_id`.
+        /// The sum of the running leases on `node_id` outside groups, and
+        /// of the bundles placed on it.
         fn allocated(&self, node_id: NodeId) -> ResourceSet {
             let mut sum = ResourceSet::new();
             for l in self.leases.values() {
-                if l.node_id == node_id && !l.blocked {
+                if l.node_id == node_id && !l.blocked && l.bundle.is_none() {
+                    sum.add(&l.resources);
+                }
+            }
+            for g in self.groups.iter().filter(|g| !g.removed) {
+                for (b, (node, _)) in g.slots.iter().enumerate() {
+                    if *node == Some(node_id) {
+                        sum.add(&g.bundles[b]);
+                    }
+                }
+            }
+            sum
+        }
+
+        /// The sum of the running leases drawing on a bundle.
+        fn bundle_allocated(&self, bundle: (PlacementGroupId, u32)) -> ResourceSet {
+            let mut sum = ResourceSet::new();
+            for l in self.leases.values() {
+                if l.bundle == Some(bundle) && !l.blocked {
                     sum.add(&l.resources);
                 }
             }
             sum
+        }
+
+        fn group_at(&mut self, i: usize) -> Option<&mut ModelGroup> {
+            let n = self.groups.len();
+            (n > 0).then(|| &mut self.groups[i % n])
+        }
+
+        /// A group removed: its leases go (whoever's), and its bundles.
+        fn group_removed(&mut self, id: PlacementGroupId) -> usize {
+            if let Some(g) = self.groups.iter_mut().find(|g| g.id == id) {
+                g.removed = true;
+            }
+            self.reclaim(|l| l.bundle.is_some_and(|(g, _)| g == id))
         }
 
         fn has_room(&self, node: &NodeView, r: &ResourceSet) -> bool {
@@ -1150,6 +1899,16 @@ mod tests {
                 .filter(|r| node.total.get(r) > 0.0)
                 .map(|r| used.get(r) / node.total.get(r))
                 .fold(0.0, f64::max)
+        }
+
+        /// A bundle holds more than its resources (a resumed blocked lease).
+        fn bundle_past(&self, (id, b): (PlacementGroupId, u32)) -> bool {
+            let Some(g) = self.groups.iter().find(|g| g.id == id && !g.removed) else {
+                return false;
+            };
+            self.bundle_allocated((id, b))
+                .iter()
+                .any(|(r, q)| q > g.bundles[b as usize].get(r) + EPSILON)
         }
 
         fn past_total(&self, node: &NodeView) -> bool {
@@ -1211,12 +1970,12 @@ mod tests {
                 let every: Vec<NodeId> = m.live.iter().chain(&m.dead).map(|n| n.node_id).collect();
                 let target = every.get(preferred % (every.len() + 1)).copied();
                 let strategy = match (strategy, target) {
-                    (1, _) => PlacementStrategy::Spread,
-                    (2 | 3, Some(node_id)) => PlacementStrategy::NodeAffinity {
+                    (1, _) => Sched::Spread,
+                    (2 | 3, Some(node_id)) => Sched::NodeAffinity {
                         node_id,
                         soft: strategy == 3,
                     },
-                    _ => PlacementStrategy::Default,
+                    _ => Sched::Default,
                 };
                 let req = LeaseRequest {
                     job_id: job_id(job),
@@ -1247,16 +2006,14 @@ mod tests {
                 // A node affinity's node, when it is live, admitted and
                 // could fit the request: the request goes there or waits.
                 let affine = match &strategy {
-                    PlacementStrategy::NodeAffinity { node_id, .. } => admitted
+                    Sched::NodeAffinity { node_id, .. } => admitted
                         .iter()
                         .find(|n| n.node_id == *node_id && fits_total(n, &req.resources))
                         .map(|n| n.node_id),
                     _ => None,
                 };
-                let hard_miss = matches!(
-                    strategy,
-                    PlacementStrategy::NodeAffinity { soft: false, .. }
-                ) && affine.is_none();
+                let hard_miss =
+                    matches!(strategy, Sched::NodeAffinity { soft: false, .. }) && affine.is_none();
                 let decision = s.request(&m.live, &req);
                 if m.dead_owners.contains(&owner) && req.request_id != 0 {
                     prop_assert_eq!(decision, Decision::OwnerGone);
@@ -1318,7 +2075,7 @@ mod tests {
                         let preferred = req
                             .preferred_node
                             .filter(|p| roomy.contains(p) && below_half(*p));
-                        if let (PlacementStrategy::Default, Some(p)) = (&strategy, preferred) {
+                        if let (Sched::Default, Some(p)) = (&strategy, preferred) {
                             prop_assert_eq!(
                                 lease.node_id,
                                 p,
@@ -1331,6 +2088,7 @@ mod tests {
                             lease.lease_id,
                             ModelLease {
                                 node_id: lease.node_id,
+                                bundle: None,
                                 job: Some(job),
                                 owner,
                                 resources: req.resources,
@@ -1349,14 +2107,20 @@ mod tests {
             }
             Event::SetBlocked(i, blocked) => {
                 let id = m.lease_at(i, |l| l.blocked != blocked);
-                let (changes, node_id) = match m.leases.get_mut(&id) {
+                let (changes, node_id, bundle) = match m.leases.get_mut(&id) {
                     Some(l) if l.blocked != blocked => {
                         l.blocked = blocked;
-                        (true, Some(l.node_id))
+                        (true, Some(l.node_id), l.bundle)
                     }
-                    _ => (false, None),
+                    _ => (false, None, None),
                 };
                 prop_assert_eq!(s.set_blocked(id, blocked), changes);
+                if let Some(b) = bundle.filter(|_| !blocked) {
+                    if m.bundle_past(b) {
+                        m.oversubscribed_bundles.push(b);
+                    }
+                }
+                let node_id = node_id.filter(|_| bundle.is_none());
                 let resumed_past = node_id
                     .filter(|_| !blocked)
                     .and_then(|id| m.live.iter().find(|n| n.node_id == id))
@@ -1377,6 +2141,17 @@ mod tests {
                 let id = m.node_dies(i).unwrap_or_else(NodeId::random);
                 let reclaimed = m.reclaim(|l| l.node_id == id);
                 prop_assert_eq!(s.node_died(id), reclaimed);
+                // A reservation with a bundle prepared there is aborted
+                // whole; committed bundles there are unplaced.
+                for g in m.groups.iter_mut().filter(|g| !g.removed) {
+                    let prepared_here = g.slots.iter().any(|(n, c)| *n == Some(id) && !c);
+                    for (node, committed) in &mut g.slots {
+                        if *node == Some(id) || (prepared_here && !*committed) {
+                            *node = None;
+                            *committed = false;
+                        }
+                    }
+                }
             }
             Event::NodeJoins { cpu, gpu, zone } => {
                 m.live
@@ -1393,6 +2168,237 @@ mod tests {
                 let reclaimed = m.reclaim(|l| l.job == Some(j));
                 prop_assert_eq!(s.job_finished(job_id(j)), reclaimed);
                 m.infeasible.retain(|r| r.job_id != job_id(j));
+                let ended: Vec<PlacementGroupId> = m
+                    .groups
+                    .iter()
+                    .filter(|g| !g.removed && g.job == j && !g.detached)
+                    .map(|g| g.id)
+                    .collect();
+                for id in ended {
+                    m.group_removed(id);
+                }
+                // Their leases' nodes are told to stop the workers.
+                s.take_orphaned();
+            }
+            Event::CreateGroup {
+                strategy,
+                bundles,
+                cpu,
+                job,
+                detached,
+            } => {
+                let id = PlacementGroupId::from_uuid(uuid_of(1000 + m.groups.len() as u128));
+                let bundle = shape(BUNDLE_CPU[cpu], None);
+                let spec = PlacementGroupSpec {
+                    group_id: id,
+                    job_id: job_id(job),
+                    name: None,
+                    detached,
+                    strategy: STRATEGIES[strategy],
+                    bundles: vec![bundle.clone(); bundles],
+                };
+                prop_assert!(s.add_group(&spec));
+                prop_assert!(!s.add_group(&spec), "added once");
+                m.groups.push(ModelGroup {
+                    id,
+                    job,
+                    detached,
+                    strategy: STRATEGIES[strategy],
+                    bundles: vec![bundle; bundles],
+                    slots: vec![(None, false); bundles],
+                    removed: false,
+                });
+            }
+            Event::PrepareGroup(i) => {
+                let live: Vec<NodeId> = m.live.iter().map(|n| n.node_id).collect();
+                let free_before: HashMap<NodeId, ResourceSet> =
+                    live.iter().map(|n| (*n, m.allocated(*n))).collect();
+                let Some(g) = m.group_at(i) else {
+                    return check(s, m);
+                };
+                let id = g.id;
+                let before = g.slots.clone();
+                let outcome = s.prepare_group(&m.live, id);
+                let Some(g) = m.group_at(i) else {
+                    return check(s, m);
+                };
+                if g.removed {
+                    prop_assert_eq!(outcome, Reservation::Unknown);
+                    return check(s, m);
+                }
+                let preparing = before.iter().any(|(n, c)| n.is_some() && !c);
+                let whole = before.iter().all(|(n, _)| n.is_some());
+                if preparing || whole {
+                    prop_assert_eq!(outcome, Reservation::Nothing);
+                    return check(s, m);
+                }
+                let (_, placed) = s.group(id).expect("a live group");
+                match outcome {
+                    Reservation::Prepared => {
+                        for (b, node) in placed.iter().enumerate() {
+                            let node = node.expect("all placed or none");
+                            prop_assert!(live.contains(&node), "bundle {b} on a dead node");
+                            if let Some(was) = before[b].0 {
+                                prop_assert_eq!(node, was, "a placed bundle moved");
+                            }
+                        }
+                        let nodes: Vec<NodeId> = placed.iter().flatten().copied().collect();
+                        match g.strategy {
+                            PlacementStrategy::StrictSpread => {
+                                let distinct: std::collections::HashSet<_> = nodes.iter().collect();
+                                prop_assert_eq!(
+                                    distinct.len(),
+                                    nodes.len(),
+                                    "strict spread shares a node"
+                                );
+                            }
+                            PlacementStrategy::StrictPack => {
+                                prop_assert!(
+                                    nodes.windows(2).all(|w| w[0] == w[1]),
+                                    "strict pack on two nodes"
+                                );
+                            }
+                            _ => {}
+                        }
+                        for (b, (slot, node)) in g.slots.iter_mut().zip(&placed).enumerate() {
+                            if slot.0.is_none() {
+                                *slot = (*node, false);
+                            }
+                            prop_assert_eq!(slot.0, *node, "bundle {}", b);
+                        }
+                    }
+                    Reservation::Wait | Reservation::Infeasible => {
+                        let unchanged: Vec<Option<NodeId>> = before.iter().map(|s| s.0).collect();
+                        prop_assert_eq!(&placed, &unchanged, "all or none");
+                        let _ = free_before;
+                    }
+                    other => prop_assert!(false, "{other:?} for a group with bundles to place"),
+                }
+            }
+            Event::CommitGroup(i) => {
+                let Some(g) = m.group_at(i) else {
+                    return check(s, m);
+                };
+                let whole = !g.removed && g.slots.iter().all(|(n, _)| n.is_some());
+                prop_assert_eq!(s.commit_group(g.id), whole);
+                if whole {
+                    for slot in &mut g.slots {
+                        slot.1 = true;
+                    }
+                }
+            }
+            Event::AbortGroup(i) => {
+                let Some(g) = m.group_at(i) else {
+                    return check(s, m);
+                };
+                s.abort_group(g.id);
+                if !g.removed {
+                    for slot in g.slots.iter_mut().filter(|s| !s.1) {
+                        slot.0 = None;
+                    }
+                }
+            }
+            Event::RemoveGroup(i) => {
+                let Some(g) = m.group_at(i) else {
+                    return check(s, m);
+                };
+                let (id, removed) = (g.id, g.removed);
+                let stopped = s.remove_group(id);
+                prop_assert_eq!(stopped.is_none(), removed);
+                let reclaimed = m.group_removed(id);
+                prop_assert_eq!(stopped.map_or(0, |v| v.len()), reclaimed);
+            }
+            Event::GroupRequest {
+                group,
+                bundle,
+                cpu,
+                job,
+                owner,
+            } => {
+                let Some(g) = m.group_at(group) else {
+                    return check(s, m);
+                };
+                let (id, removed) = (g.id, g.removed);
+                let count = g.slots.len() as u32;
+                let want = shape(BUNDLE_CPU[cpu], None);
+                let bundle = (bundle < 3).then_some(bundle as u32);
+                let candidates: Vec<u32> = match bundle {
+                    Some(b) => vec![b],
+                    None => (0..count).collect(),
+                };
+                let could_fit = candidates
+                    .iter()
+                    .filter(|b| **b < count)
+                    .any(|b| fits_total_set(&g.bundles[*b as usize], &want));
+                let usable: Vec<(u32, NodeId)> = candidates
+                    .iter()
+                    .filter(|b| **b < count)
+                    .filter_map(|b| match g.slots[*b as usize] {
+                        (Some(node), true) => Some((*b, node)),
+                        _ => None,
+                    })
+                    .collect();
+                let bundles = g.bundles.clone();
+                let roomy: Vec<(u32, NodeId)> = usable
+                    .into_iter()
+                    .filter(|(b, _)| {
+                        let used = m.bundle_allocated((id, *b));
+                        want.iter()
+                            .all(|(r, q)| used.get(r) + q <= bundles[*b as usize].get(r) + EPSILON)
+                    })
+                    .collect();
+                let req = LeaseRequest {
+                    job_id: job_id(job),
+                    owner: owner_id(owner),
+                    resources: want.clone(),
+                    preferred_node: None,
+                    wait_ms: 0,
+                    request_id: 0,
+                    owner_node: None,
+                    abandon: false,
+                    placement: Placement {
+                        strategy: Sched::PlacementGroup { group: id, bundle },
+                        ..Placement::default()
+                    },
+                };
+                let decision = s.request(&m.live, &req);
+                let refused = removed || bundle.is_some_and(|b| b >= count) || !could_fit;
+                match decision {
+                    Decision::Refused(_) => prop_assert!(refused, "refused while usable"),
+                    Decision::Wait => {
+                        prop_assert!(
+                            !refused,
+                            "waits for a removed group or an impossible bundle"
+                        );
+                        prop_assert!(roomy.is_empty(), "waits while {:?} have room", roomy);
+                    }
+                    Decision::Granted(lease) => {
+                        prop_assert!(!refused);
+                        let drawn = s.lease_bundle(lease.lease_id);
+                        let Some((g, b)) = drawn else {
+                            return Err(TestCaseError::fail("a group lease outside the group"));
+                        };
+                        prop_assert_eq!(g, id);
+                        prop_assert!(
+                            roomy.contains(&(b, lease.node_id)),
+                            "bundle {} had no room",
+                            b
+                        );
+                        m.granted.push(lease.lease_id);
+                        m.leases.insert(
+                            lease.lease_id,
+                            ModelLease {
+                                node_id: lease.node_id,
+                                bundle: Some((id, b)),
+                                job: Some(job),
+                                owner,
+                                resources: want,
+                                blocked: false,
+                            },
+                        );
+                    }
+                    other => prop_assert!(false, "{other:?}"),
+                }
             }
             Event::OwnerDies(o) => {
                 // A detached actor's lease outlives its creator.
@@ -1404,7 +2410,14 @@ mod tests {
         let mut oversubscribed = std::mem::take(&mut m.oversubscribed);
         oversubscribed.retain(|id| m.live.iter().any(|n| n.node_id == *id && m.past_total(n)));
         m.oversubscribed = oversubscribed;
+        let mut bundles = std::mem::take(&mut m.oversubscribed_bundles);
+        bundles.retain(|b| m.bundle_past(*b));
+        m.oversubscribed_bundles = bundles;
         check(s, m)
+    }
+
+    fn fits_total_set(total: &ResourceSet, r: &ResourceSet) -> bool {
+        r.iter().all(|(name, q)| q <= total.get(name))
     }
 
     /// The invariants that hold between any two events.
@@ -1440,6 +2453,43 @@ mod tests {
         }
         for n in &m.dead {
             prop_assert_eq!(s.allocated(n.node_id), ResourceSet::new(), "a dead node");
+        }
+        for g in &m.groups {
+            let Some((state, nodes)) = s.group(g.id) else {
+                prop_assert!(g.removed, "group {} vanished", g.id);
+                continue;
+            };
+            prop_assert!(!g.removed, "group {} outlived its removal", g.id);
+            let want: Vec<Option<NodeId>> = g.slots.iter().map(|s| s.0).collect();
+            prop_assert_eq!(&nodes, &want, "group {} bundles", g.id);
+            if g.slots.iter().all(|s| s.1) {
+                prop_assert_eq!(state, GroupState::Created);
+            }
+            for (b, bundle) in g.bundles.iter().enumerate() {
+                let key = (g.id, b as u32);
+                let raw = s.bundle_allocated(g.id, b as u32);
+                let want = m.bundle_allocated(key);
+                for (name, _) in raw.iter().chain(want.iter()) {
+                    prop_assert!(
+                        (raw.get(name) - want.get(name)).abs() <= EPSILON,
+                        "bundle {:?} allocated {} of {}, its leases hold {}",
+                        key,
+                        raw.get(name),
+                        name,
+                        want.get(name)
+                    );
+                }
+                if !m.oversubscribed_bundles.contains(&key) {
+                    for (name, q) in raw.iter() {
+                        prop_assert!(
+                            q <= bundle.get(name) + EPSILON,
+                            "bundle {:?} past its {}",
+                            key,
+                            name
+                        );
+                    }
+                }
+            }
         }
         prop_assert_eq!(s.infeasible().len(), m.infeasible.len());
         for r in &m.infeasible {
@@ -1500,6 +2550,15 @@ mod tests {
                         step(&mut s, &mut m, Event::NodeDies(0))?;
                     }
                 }
+            }
+            // Detached groups outlive jobs and owners: removed, they free
+            // their bundles (and reclaim what still ran in them).
+            for i in 0..m.groups.len() {
+                step(&mut s, &mut m, Event::RemoveGroup(i))?;
+            }
+            for id in m.leases.keys().copied().collect::<Vec<_>>() {
+                m.leases.remove(&id);
+                prop_assert!(s.release(id));
             }
             check(&s, &m)?;
             prop_assert_eq!(s.lease_count(), 0);

@@ -120,7 +120,20 @@ fn fields(kind: StateKind) -> Fields {
             7,
         ),
         StateKind::Objects => (&["object_id", "size", "owner", "spilled", "locations"], 5),
-        StateKind::PlacementGroups => (&["placement_group_id", "state", "strategy", "bundles"], 4),
+        StateKind::PlacementGroups => (
+            &[
+                "placement_group_id",
+                "name",
+                "state",
+                "strategy",
+                "bundles",
+                "nodes",
+                "infeasible",
+                "job_id",
+                "detached",
+            ],
+            7,
+        ),
     };
     Fields { all, main }
 }
@@ -255,7 +268,7 @@ pub(crate) enum Snapshot {
     Actors(Vec<ActorInfo>),
     Workers(Vec<Row>),
     Objects(Vec<ObjectInfo>),
-    PlacementGroups,
+    PlacementGroups(Vec<shoal_proto::placement::PlacementGroupInfo>),
 }
 
 /// Lists a snapshot's records (all but tasks).
@@ -309,7 +322,11 @@ pub(crate) fn list(query: &StateQuery, snapshot: Snapshot) -> StateRows {
                 out.offer(object_row(object));
             }
         }
-        Snapshot::PlacementGroups => {}
+        Snapshot::PlacementGroups(groups) => {
+            for group in &groups {
+                out.offer(group_row(group));
+            }
+        }
     }
     out.finish(0)
 }
@@ -420,6 +437,34 @@ fn actor_row(a: &ActorInfo) -> Row {
         ("detached", a.detached.into()),
         ("worker_id", a.worker.worker_id.to_string().into()),
         ("max_pending_calls", a.max_pending_calls.into()),
+    ])
+}
+
+fn group_row(g: &shoal_proto::placement::PlacementGroupInfo) -> Row {
+    let bundles: Vec<String> = g
+        .spec
+        .bundles
+        .iter()
+        .map(|b| match resources(b) {
+            Value::Str(s) => format!("{{{s}}}"),
+            _ => String::new(),
+        })
+        .collect();
+    let nodes: Vec<String> = g
+        .bundle_nodes
+        .iter()
+        .map(|n| n.map_or_else(|| "-".to_string(), |n| n.to_string()))
+        .collect();
+    row(vec![
+        ("placement_group_id", g.spec.group_id.to_string().into()),
+        ("name", g.spec.name.clone().into()),
+        ("state", g.state.to_string().into()),
+        ("strategy", g.spec.strategy.to_string().into()),
+        ("bundles", bundles.join(" ").into()),
+        ("nodes", Value::List(nodes)),
+        ("infeasible", g.infeasible.into()),
+        ("job_id", g.spec.job_id.to_string().into()),
+        ("detached", g.spec.detached.into()),
     ])
 }
 

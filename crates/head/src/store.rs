@@ -39,17 +39,21 @@ pub enum Table {
     Binaries,
     /// The internal key-value table.
     Kv,
+    /// Placement groups not removed, by id (what they asked for; where
+    /// their bundles are is placed again by a restarted head).
+    Groups,
 }
 
 impl Table {
     /// Every table.
-    pub const ALL: [Table; 6] = [
+    pub const ALL: [Table; 7] = [
         Table::Meta,
         Table::Jobs,
         Table::Actors,
         Table::Nodes,
         Table::Binaries,
         Table::Kv,
+        Table::Groups,
     ];
 
     /// Its name in the backend.
@@ -61,6 +65,7 @@ impl Table {
             Table::Nodes => "nodes",
             Table::Binaries => "binaries",
             Table::Kv => "kv",
+            Table::Groups => "placement_groups",
         }
     }
 }

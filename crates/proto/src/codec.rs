@@ -448,6 +448,7 @@ mod tests {
                 }],
                 handshakes_refused: 0,
                 infeasible: vec![],
+                placement_groups: vec![],
             })),
         };
         assert_eq!(

@@ -143,6 +143,29 @@ pub enum HeadRequest {
     },
     /// Every actor the head knows.
     ListActors,
+    /// Creates a placement group (idempotent per group id): answered at
+    /// once with its record, `CREATED` if its bundles could be reserved
+    /// now, else `PENDING` (it is placed when room appears).
+    CreatePlacementGroup(Box<crate::placement::PlacementGroupSpec>),
+    /// A placement group's record, once it is created or removed, or
+    /// after `wait_ms`.
+    WaitPlacementGroup {
+        /// The group.
+        group_id: crate::PlacementGroupId,
+        /// How long the head may hold the request.
+        wait_ms: u64,
+    },
+    /// Removes a placement group: what runs in its bundles is stopped and
+    /// its resources freed. Removing a removed group changes nothing.
+    RemovePlacementGroup {
+        /// The group.
+        group_id: crate::PlacementGroupId,
+    },
+    /// The live placement group with this name.
+    GetNamedPlacementGroup {
+        /// Its name.
+        name: String,
+    },
     /// Every object with a copy in some node's store.
     ListObjects,
     /// Task events from an owner; answered [`HeadReply::EventsTaken`].
@@ -571,6 +594,7 @@ pub struct RegisterNode {
     /// Its labels (`--labels`, and `shoal.io/hostname`); the head adds
     /// `shoal.io/node-id`.
     #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    #[cfg_attr(test, proptest(strategy = "crate::placement::small_labels()"))]
     pub labels: Labels,
 }
 
@@ -701,6 +725,8 @@ pub enum HeadReply {
     Actor(ActorInfo),
     /// Every actor the head knows.
     Actors(Vec<ActorInfo>),
+    /// A placement group's record.
+    PlacementGroup(Box<crate::placement::PlacementGroupInfo>),
     /// Every object in the directory.
     Objects(Vec<ObjectInfo>),
     /// The task events were taken.
@@ -795,6 +821,9 @@ pub struct ClusterStatus {
     /// Resource requests no live node can fit, waiting.
     #[serde(default)]
     pub infeasible: Vec<InfeasibleRequest>,
+    /// Placement groups not removed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub placement_groups: Vec<crate::placement::PlacementGroupInfo>,
 }
 
 /// A resource request that no live node can fit.
@@ -849,6 +878,7 @@ pub struct NodeStatus {
     pub metrics_address: Option<String>,
     /// Its labels, the defaults included.
     #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    #[cfg_attr(test, proptest(strategy = "crate::placement::small_labels()"))]
     pub labels: Labels,
 }
 

@@ -12,7 +12,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::NodeId;
+use crate::{JobId, NodeId, PlacementGroupId, ResourceSet};
 
 /// A node's labels, by key.
 pub type Labels = BTreeMap<String, String>;
@@ -66,6 +66,19 @@ fn check_value(value: &str) -> Result<(), InvalidPlacement> {
     }
 }
 
+/// A few short strings (proptest's default makes messages too large to
+/// encode once nested).
+#[cfg(test)]
+pub(crate) fn small_strings() -> impl proptest::strategy::Strategy<Value = Vec<String>> {
+    proptest::collection::vec("[a-z]{0,8}", 0..3)
+}
+
+/// A few short labels.
+#[cfg(test)]
+pub(crate) fn small_labels() -> impl proptest::strategy::Strategy<Value = Labels> {
+    proptest::collection::btree_map("[a-z./]{1,8}", "[a-z]{0,8}", 0..3)
+}
+
 /// Checks a node's labels: keys and values well formed, at most
 /// [`LABELS_MAX`].
 pub fn check_labels(labels: &Labels) -> Result<(), InvalidPlacement> {
@@ -87,9 +100,9 @@ pub fn check_labels(labels: &Labels) -> Result<(), InvalidPlacement> {
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub enum LabelMatch {
     /// The node has the key, with one of these values.
-    In(Vec<String>),
+    In(#[cfg_attr(test, proptest(strategy = "small_strings()"))] Vec<String>),
     /// The node lacks the key, or has another value.
-    NotIn(Vec<String>),
+    NotIn(#[cfg_attr(test, proptest(strategy = "small_strings()"))] Vec<String>),
 }
 
 /// One key's constraint in a selector.
@@ -200,6 +213,14 @@ pub enum Strategy {
         /// Run elsewhere rather than fail.
         soft: bool,
     },
+    /// Inside a placement group's bundle: the one numbered `bundle`, or
+    /// any with room. Refused once the group is removed.
+    PlacementGroup {
+        /// The group.
+        group: PlacementGroupId,
+        /// The bundle, or any.
+        bundle: Option<u32>,
+    },
 }
 
 impl fmt::Display for Strategy {
@@ -211,6 +232,10 @@ impl fmt::Display for Strategy {
                 let soft = if *soft { ", soft" } else { "" };
                 write!(f, "NODE_AFFINITY({node_id}{soft})")
             }
+            Strategy::PlacementGroup { group, bundle } => match bundle {
+                Some(b) => write!(f, "PLACEMENT_GROUP({group}, bundle {b})"),
+                None => write!(f, "PLACEMENT_GROUP({group})"),
+            },
         }
     }
 }
@@ -224,9 +249,21 @@ pub struct Placement {
     pub strategy: Strategy,
     /// Only nodes whose labels meet all of these.
     #[serde(default)]
+    #[cfg_attr(
+        test,
+        proptest(
+            strategy = "proptest::collection::vec(proptest::prelude::any::<LabelConstraint>(), 0..3)"
+        )
+    )]
     pub labels: Vec<LabelConstraint>,
     /// Nodes whose labels meet all of these are preferred.
     #[serde(default)]
+    #[cfg_attr(
+        test,
+        proptest(
+            strategy = "proptest::collection::vec(proptest::prelude::any::<LabelConstraint>(), 0..3)"
+        )
+    )]
     pub labels_soft: Vec<LabelConstraint>,
     /// The node holding most bytes of the task's arguments, when it is not
     /// the owner's: preferred when it fits (locality).
@@ -272,6 +309,143 @@ impl fmt::Display for Placement {
         }
         Ok(())
     }
+}
+
+/// How a placement group's bundles are laid over nodes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub enum PlacementStrategy {
+    /// On as few nodes as fit them (one if it can).
+    #[default]
+    Pack,
+    /// Over as many nodes as there are (sharing nodes when it must).
+    Spread,
+    /// All on one node, or none.
+    StrictPack,
+    /// Each on a node of its own, or none.
+    StrictSpread,
+}
+
+impl fmt::Display for PlacementStrategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PlacementStrategy::Pack => "PACK",
+            PlacementStrategy::Spread => "SPREAD",
+            PlacementStrategy::StrictPack => "STRICT_PACK",
+            PlacementStrategy::StrictSpread => "STRICT_SPREAD",
+        })
+    }
+}
+
+/// Bundles one group may have, at most.
+pub const BUNDLES_MAX: usize = 1024;
+/// Longest group name, in bytes.
+pub const GROUP_NAME_MAX: usize = 256;
+
+/// A placement group as its creator asks for it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct PlacementGroupSpec {
+    /// Chosen by the creator: a retried creation makes one group.
+    pub group_id: PlacementGroupId,
+    /// The creator's job: the group goes with it unless detached.
+    pub job_id: JobId,
+    /// A name, unique among live groups, to find it by.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Outlives its job, until removed.
+    #[serde(default)]
+    pub detached: bool,
+    /// How the bundles are laid over nodes.
+    pub strategy: PlacementStrategy,
+    /// The resources of each bundle, reserved together.
+    #[cfg_attr(
+        test,
+        proptest(
+            strategy = "proptest::collection::vec(proptest::prelude::any::<ResourceSet>(), 0..4)"
+        )
+    )]
+    pub bundles: Vec<ResourceSet>,
+}
+
+impl PlacementGroupSpec {
+    /// Checks what a peer sent: 1 to [`BUNDLES_MAX`] well-formed,
+    /// non-empty bundles and a bounded name.
+    pub fn check(&self) -> Result<(), InvalidPlacement> {
+        if self.bundles.is_empty() || self.bundles.len() > BUNDLES_MAX {
+            return Err(InvalidPlacement(format!(
+                "a placement group has 1 to {BUNDLES_MAX} bundles, not {}",
+                self.bundles.len()
+            )));
+        }
+        if let Some(name) = &self.name {
+            if name.is_empty() || name.len() > GROUP_NAME_MAX {
+                return Err(InvalidPlacement(format!(
+                    "a placement group's name is 1 to {GROUP_NAME_MAX} bytes"
+                )));
+            }
+        }
+        for (i, bundle) in self.bundles.iter().enumerate() {
+            bundle
+                .validate()
+                .map_err(|e| InvalidPlacement(format!("bundle {i}: {e}")))?;
+            if bundle.0.len() > SELECTOR_MAX || bundle.iter().all(|(_, q)| q <= 0.0) {
+                return Err(InvalidPlacement(format!(
+                    "bundle {i} must ask for something, with at most {SELECTOR_MAX} resource names"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where a placement group stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum GroupState {
+    /// Not reserved yet: it waits for room (or, if `infeasible`, for a
+    /// node that could ever hold it).
+    Pending,
+    /// Every bundle is reserved.
+    Created,
+    /// A node holding some of its bundles died: they are being placed
+    /// again.
+    Rescheduling,
+    /// Removed: its bundles are free, what ran in them was stopped.
+    Removed,
+}
+
+impl fmt::Display for GroupState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            GroupState::Pending => "PENDING",
+            GroupState::Created => "CREATED",
+            GroupState::Rescheduling => "RESCHEDULING",
+            GroupState::Removed => "REMOVED",
+        })
+    }
+}
+
+/// A placement group as the head records it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct PlacementGroupInfo {
+    /// What was asked.
+    pub spec: PlacementGroupSpec,
+    /// Where it stands.
+    pub state: GroupState,
+    /// The node of each bundle, once reserved.
+    #[cfg_attr(
+        test,
+        proptest(
+            strategy = "proptest::collection::vec(proptest::prelude::any::<Option<NodeId>>(), 0..4)"
+        )
+    )]
+    pub bundle_nodes: Vec<Option<NodeId>>,
+    /// No set of live nodes could ever hold it as asked.
+    #[serde(default)]
+    pub infeasible: bool,
 }
 
 #[cfg(test)]

@@ -76,6 +76,7 @@ pub mod object_ref;
 mod options;
 #[doc(hidden)]
 pub mod owner;
+pub mod placement_group;
 mod process;
 pub mod registry;
 mod rt;
@@ -100,6 +101,10 @@ pub use error::{Error, Result, TaskError};
 pub use local::{LocalCluster, LocalClusterExt, LocalConfig, LocalError};
 pub use object_ref::{Arg, ObjectRef};
 pub use options::TaskOptions;
+pub use placement_group::{
+    get_placement_group, placement_group, placement_group_with, remove_placement_group, Bundle,
+    PlacementGroup, PlacementGroupOptions, PlacementStrategy,
+};
 pub use scheduling::Strategy;
 pub use shm::{Buffer, BufferMut, Number};
 pub use shoal_macros::{actor, main, remote};

@@ -26,12 +26,31 @@ pub enum Strategy {
         /// Run elsewhere rather than fail.
         soft: bool,
     },
+    /// Inside a placement group: in bundle `bundle`, or any bundle with
+    /// room. Its resources come out of the bundle's. Once the group is
+    /// removed, the task fails with
+    /// [`Error::Unschedulable`](crate::Error::Unschedulable).
+    PlacementGroup {
+        /// The group.
+        group: shoal_proto::PlacementGroupId,
+        /// The bundle, or any.
+        bundle: Option<u32>,
+    },
 }
 
 impl Strategy {
     /// [`Strategy::NodeAffinity`].
     pub fn node_affinity(node_id: NodeId, soft: bool) -> Self {
         Strategy::NodeAffinity { node_id, soft }
+    }
+
+    /// [`Strategy::PlacementGroup`]: in `group`'s bundle `bundle`, or
+    /// any of its bundles.
+    pub fn placement_group(group: &crate::PlacementGroup, bundle: Option<u32>) -> Self {
+        Strategy::PlacementGroup {
+            group: group.id(),
+            bundle,
+        }
     }
 }
 
@@ -86,6 +105,9 @@ impl Scheduling {
             Strategy::Spread => shoal_proto::placement::Strategy::Spread,
             Strategy::NodeAffinity { node_id, soft } => {
                 shoal_proto::placement::Strategy::NodeAffinity { node_id, soft }
+            }
+            Strategy::PlacementGroup { group, bundle } => {
+                shoal_proto::placement::Strategy::PlacementGroup { group, bundle }
             }
         };
     }

@@ -795,6 +795,101 @@ fn scheduling_live() -> shoal::Result<()> {
     Ok(())
 }
 
+/// Placement groups on a cluster of three 2-CPU nodes: STRICT_SPREAD of 3
+/// bundles (and a task in each), of 4 (it waits: `WAITING`, until a line on
+/// stdin), then both removed; then a group whose actor (restartable)
+/// stays in it when its node dies (`PLACED`, then a line on stdin once the
+/// test killed that node). Prints `RESULT`.
+fn placement_groups() -> shoal::Result<()> {
+    use shoal::{Bundle, PlacementStrategy, Strategy};
+    let one_cpu = || Bundle::new().cpus(1.0);
+    let three = shoal::placement_group(vec![one_cpu(); 3], PlacementStrategy::StrictSpread)?;
+    let three_ready = three.wait(Duration::from_secs(60))?;
+    let bundle_nodes: Vec<String> = three
+        .info()?
+        .bundle_nodes
+        .iter()
+        .map(|n| n.map(|n| n.to_string()).unwrap_or_default())
+        .collect();
+    let in_bundles: Vec<_> = (0..3)
+        .map(|b| {
+            placed_gpus::options()
+                .scheduling(Strategy::placement_group(&three, Some(b)))
+                .remote(0)
+        })
+        .collect();
+    let ran_on = nodes_of(&in_bundles)?;
+    let four = shoal::placement_group_with(
+        vec![one_cpu(); 4],
+        PlacementStrategy::StrictSpread,
+        shoal::PlacementGroupOptions::new().name("four"),
+    )?;
+    let four_ready = four.wait(Duration::from_secs(2))?;
+    let found = shoal::get_placement_group("four")?.id() == four.id();
+    println!(
+        "WAITING {}",
+        json!({"three": three.id().to_string(), "four": four.id().to_string()})
+    );
+    std::io::stdout().flush().ok();
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).ok();
+    // A task waiting in the group fails once the group is removed.
+    let queued = placed_gpus::options()
+        .scheduling(Strategy::placement_group(&four, None))
+        .remote(0);
+    shoal::remove_placement_group(&four)?;
+    shoal::remove_placement_group(&three)?;
+    let queued_failed = matches!(queued.get(), Err(Error::Unschedulable(_)));
+    let after_removal = matches!(
+        placed_gpus::options()
+            .scheduling(Strategy::placement_group(&three, Some(0)))
+            .remote(0)
+            .get(),
+        Err(Error::Unschedulable(_))
+    );
+    // An actor in a group whose node dies: the bundle is placed again and
+    // the actor restarts in it.
+    let kept = shoal::placement_group(vec![one_cpu()], PlacementStrategy::StrictPack)?;
+    let kept_ready = kept.wait(Duration::from_secs(60))?;
+    let actor = Placed::options()
+        .num_cpus(1.0)
+        .max_restarts(1)
+        .max_task_retries(1)
+        .scheduling(Strategy::placement_group(&kept, Some(0)))
+        .remote(0)?;
+    let (first_node, _) = actor.whereabouts().get()?;
+    println!("PLACED {}", json!({"node": first_node}));
+    std::io::stdout().flush().ok();
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).ok();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut moved_to = String::new();
+    while Instant::now() < deadline {
+        if let Ok((node, _)) = actor.whereabouts().get() {
+            if node != first_node {
+                moved_to = node;
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let regrouped = kept.info()?.bundle_nodes[0].map(|n| n.to_string());
+    result(json!({
+        "three_ready": three_ready,
+        "bundle_nodes": bundle_nodes,
+        "ran_on": ran_on,
+        "four_ready": four_ready,
+        "found_by_name": found,
+        "queued_failed": queued_failed,
+        "refused_after_removal": after_removal,
+        "kept_ready": kept_ready,
+        "actor_first_node": first_node,
+        "actor_moved_to": moved_to,
+        "bundle_now_on": regrouped,
+    }));
+    Ok(())
+}
+
 /// Node affinity to the node `NODE_DEAD`, which has died: soft runs
 /// elsewhere, hard fails with `Error::Unschedulable`.
 fn scheduling_dead() -> shoal::Result<()> {
@@ -2008,6 +2103,7 @@ fn main() -> shoal::Result<()> {
         }
         "scheduling" => scheduling_live()?,
         "scheduling-dead" => scheduling_dead()?,
+        "placement-groups" => placement_groups()?,
         "actor-pending" => {
             let recorder = Recorder::options().max_pending_calls(100).remote(1)?;
             // The first call holds the actor until every call is made, so
