@@ -489,4 +489,42 @@ mod tests {
             "a restart under way is placed again under a new incarnation"
         );
     }
+
+    #[test]
+    fn a_restarted_head_keeps_its_placement_groups_and_places_them_again() {
+        use shoal_proto::placement::{GroupState, PlacementGroupSpec, PlacementStrategy};
+        let now = Instant::now();
+        let mut binaries = Binaries::default();
+        let mut snapshot = Snapshot::new();
+        let mut old = State::new(100, 100);
+        old.restore(&snapshot, &mut binaries, now, Duration::from_secs(1));
+        let spec = |name: &str| PlacementGroupSpec {
+            group_id: shoal_proto::PlacementGroupId::random(),
+            job_id: JobId::random(),
+            name: Some(name.into()),
+            detached: true,
+            strategy: PlacementStrategy::StrictSpread,
+            bundles: vec![cpus(1.0)],
+        };
+        let (kept, removed) = (spec("kept"), spec("removed"));
+        for g in [&kept, &removed] {
+            old.groups.add(g).expect("added");
+            old.scheduler.add_group(g);
+        }
+        assert!(old.remove_group(removed.group_id));
+        let (mut new, _) = restart(&mut old, &mut snapshot, &mut binaries, now);
+        assert_eq!(new.groups.named("kept"), Some(kept.group_id));
+        assert_eq!(
+            new.groups.named("removed"),
+            None,
+            "a removed group's row went"
+        );
+        let info = new.group_info(kept.group_id).expect("reloaded");
+        assert_eq!(
+            info.state,
+            GroupState::Pending,
+            "placed again once nodes are back"
+        );
+        assert_eq!(new.scheduler.groups_to_place(), vec![kept.group_id]);
+    }
 }
