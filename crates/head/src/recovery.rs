@@ -512,7 +512,7 @@ mod tests {
             old.scheduler.add_group(g);
         }
         assert!(old.remove_group(removed.group_id));
-        let (mut new, _) = restart(&mut old, &mut snapshot, &mut binaries, now);
+        let (new, _) = restart(&mut old, &mut snapshot, &mut binaries, now);
         assert_eq!(new.groups.named("kept"), Some(kept.group_id));
         assert_eq!(
             new.groups.named("removed"),

@@ -205,8 +205,9 @@ pub enum Strategy {
     Default,
     /// Round robin over the nodes that fit.
     Spread,
-    /// One node: with `soft`, elsewhere when that node is dead or could
-    /// never fit the request; without, such a request fails.
+    /// One node: with `soft`, elsewhere (as by default) when that node is
+    /// dead or could never fit the request; without, such a request fails
+    /// (the SDK's `Error::Unschedulable`).
     NodeAffinity {
         /// The node.
         node_id: NodeId,
@@ -214,13 +215,30 @@ pub enum Strategy {
         soft: bool,
     },
     /// Inside a placement group's bundle: the one numbered `bundle`, or
-    /// any with room. Refused once the group is removed.
+    /// any with room; its resources come out of the bundle's. Refused
+    /// (`Error::Unschedulable`) once the group is removed.
     PlacementGroup {
         /// The group.
         group: PlacementGroupId,
         /// The bundle, or any.
         bundle: Option<u32>,
     },
+}
+
+impl Strategy {
+    /// [`Strategy::NodeAffinity`].
+    pub fn node_affinity(node_id: NodeId, soft: bool) -> Self {
+        Strategy::NodeAffinity { node_id, soft }
+    }
+
+    /// [`Strategy::PlacementGroup`]: in `group`'s bundle `bundle`, or any
+    /// of its bundles (`group`: a `shoal::PlacementGroup` or its id).
+    pub fn placement_group(group: impl Into<PlacementGroupId>, bundle: Option<u32>) -> Self {
+        Strategy::PlacementGroup {
+            group: group.into(),
+            bundle,
+        }
+    }
 }
 
 impl fmt::Display for Strategy {

@@ -4,55 +4,57 @@
 
 use shoal_proto::placement::{LabelConstraint, Placement};
 use shoal_proto::resources::GPU;
-use shoal_proto::{NodeId, ResourceSet};
+use shoal_proto::ResourceSet;
 
-/// How the scheduler picks a node for a task or an actor.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Strategy {
-    /// The node holding the most bytes of the task's arguments when it fits;
-    /// else the caller's node while it is below half use; else other nodes
-    /// below half use, in a fixed order; else the least loaded.
-    #[default]
-    Default,
-    /// Round robin over the nodes that fit, one lease after another.
-    Spread,
-    /// One node. With `soft`, elsewhere (by default) when that node is dead
-    /// or could never fit the request; without, such a task fails with
-    /// [`Error::Unschedulable`](crate::Error::Unschedulable).
-    NodeAffinity {
-        /// The node (`shoal::context()?.node_id`, or `shoal status`).
-        node_id: NodeId,
-        /// Run elsewhere rather than fail.
-        soft: bool,
-    },
-    /// Inside a placement group: in bundle `bundle`, or any bundle with
-    /// room. Its resources come out of the bundle's. Once the group is
-    /// removed, the task fails with
-    /// [`Error::Unschedulable`](crate::Error::Unschedulable).
-    PlacementGroup {
-        /// The group.
-        group: shoal_proto::PlacementGroupId,
-        /// The bundle, or any.
-        bundle: Option<u32>,
-    },
+/// How the scheduler picks a node for a task or an actor (see the
+/// variants; [`Strategy::node_affinity`], [`Strategy::placement_group`]).
+pub use shoal_proto::placement::Strategy;
+
+impl From<&crate::PlacementGroup> for shoal_proto::PlacementGroupId {
+    fn from(group: &crate::PlacementGroup) -> Self {
+        group.id()
+    }
 }
 
-impl Strategy {
-    /// [`Strategy::NodeAffinity`].
-    pub fn node_affinity(node_id: NodeId, soft: bool) -> Self {
-        Strategy::NodeAffinity { node_id, soft }
-    }
-
-    /// [`Strategy::PlacementGroup`]: in `group`'s bundle `bundle`, or
-    /// any of its bundles.
-    pub fn placement_group(group: &crate::PlacementGroup, bundle: Option<u32>) -> Self {
-        Strategy::PlacementGroup {
-            group: group.id(),
-            bundle,
+/// The options that place a submission, the same on
+/// [`TaskOptions`](crate::TaskOptions) and
+/// [`ActorOptions`](crate::ActorOptions) (which have `resources` and
+/// `scheduling` fields).
+macro_rules! placement_options {
+    ($what:literal) => {
+        #[doc = concat!("GPUs ", $what, ": a fraction below one shares a device")]
+        /// (`0.5`: two such share one), more are whole devices. The worker
+        /// sees exactly its devices in `CUDA_VISIBLE_DEVICES` and in
+        /// `shoal::context()?.gpu_ids`.
+        pub fn num_gpus(mut self, n: f64) -> Self {
+            self.scheduling.num_gpus(&mut self.resources, n);
+            self
         }
-    }
+
+        /// Only nodes whose labels match every pair take it: `("zone",
+        /// "a")`, `("zone", "!a")`, `("zone", "in(a,b)")`, `("zone",
+        /// "!in(a,b)")`. If no node matches, it waits and is reported
+        /// infeasible (`shoal status`).
+        pub fn label_selector(mut self, pairs: &[(&str, &str)]) -> Self {
+            self.scheduling.selector(pairs, false);
+            self
+        }
+
+        /// Nodes whose labels match every pair are preferred while one
+        /// fits; others are used otherwise.
+        pub fn label_selector_soft(mut self, pairs: &[(&str, &str)]) -> Self {
+            self.scheduling.selector(pairs, true);
+            self
+        }
+
+        /// How a node is picked (see [`Strategy`](crate::Strategy)).
+        pub fn scheduling(mut self, strategy: crate::Strategy) -> Self {
+            self.scheduling.placement.strategy = strategy;
+            self
+        }
+    };
 }
+pub(crate) use placement_options;
 
 /// The placement part of a submission's options, and the first mistake
 /// made setting it (reported when the task is submitted).
@@ -97,19 +99,6 @@ impl Scheduling {
         } else {
             self.placement.labels = parsed;
         }
-    }
-
-    pub(crate) fn strategy(&mut self, strategy: Strategy) {
-        self.placement.strategy = match strategy {
-            Strategy::Default => shoal_proto::placement::Strategy::Default,
-            Strategy::Spread => shoal_proto::placement::Strategy::Spread,
-            Strategy::NodeAffinity { node_id, soft } => {
-                shoal_proto::placement::Strategy::NodeAffinity { node_id, soft }
-            }
-            Strategy::PlacementGroup { group, bundle } => {
-                shoal_proto::placement::Strategy::PlacementGroup { group, bundle }
-            }
-        };
     }
 
     /// The first mistake made, as the error a submission fails with.

@@ -54,36 +54,7 @@ impl ActorOptions {
         self
     }
 
-    /// GPUs held for its life: a fraction below one shares a device
-    /// (`0.5`: two such share one), more are whole devices. The worker sees
-    /// exactly its devices in `CUDA_VISIBLE_DEVICES` and in
-    /// `shoal::context()?.gpu_ids`.
-    pub fn num_gpus(mut self, n: f64) -> Self {
-        self.scheduling.num_gpus(&mut self.resources, n);
-        self
-    }
-
-    /// Only nodes whose labels match every pair host it: `("zone", "a")`,
-    /// `("zone", "!a")`, `("zone", "in(a,b)")`, `("zone", "!in(a,b)")`. If
-    /// no node matches, it waits and is reported infeasible (`shoal
-    /// status`).
-    pub fn label_selector(mut self, pairs: &[(&str, &str)]) -> Self {
-        self.scheduling.selector(pairs, false);
-        self
-    }
-
-    /// Nodes whose labels match every pair are preferred while one fits;
-    /// others are used otherwise.
-    pub fn label_selector_soft(mut self, pairs: &[(&str, &str)]) -> Self {
-        self.scheduling.selector(pairs, true);
-        self
-    }
-
-    /// How a node is picked (see [`Strategy`](crate::Strategy)).
-    pub fn scheduling(mut self, strategy: crate::Strategy) -> Self {
-        self.scheduling.strategy(strategy);
-        self
-    }
+    crate::scheduling::placement_options!("held for its life");
 
     /// Calls that may run at once (`&self` methods on threads, `async`
     /// methods on the runtime); `&mut self` methods always run alone.
