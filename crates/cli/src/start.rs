@@ -70,7 +70,7 @@ pub struct StartArgs {
     /// GPUs this node offers, devices 0 to N-1 (default: detected from
     /// `nvidia-smi -L`, else /proc/driver/nvidia/gpus, else 0). Each worker
     /// sees exactly its devices in CUDA_VISIBLE_DEVICES.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=1024))]
     num_gpus: Option<u32>,
     /// Labels for label selectors, as JSON: '{"zone": "a", "disk": "ssd"}'.
     /// Every node also carries shoal.io/node-id and shoal.io/hostname.

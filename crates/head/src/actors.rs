@@ -279,6 +279,25 @@ impl Actors {
         ids.into_iter().filter_map(|id| self.kill(id)).collect()
     }
 
+    /// The actors not dead whose spec places them in placement group
+    /// `group` (only restartable actors keep a spec: the others are found
+    /// by their lease).
+    pub fn in_group(&self, group: shoal_proto::PlacementGroupId) -> Vec<ActorId> {
+        self.specs
+            .iter()
+            .filter(|(id, spec)| {
+                matches!(
+                    spec.placement.strategy,
+                    shoal_proto::placement::Strategy::PlacementGroup { group: g, .. } if g == group
+                ) && self
+                    .actors
+                    .get(id)
+                    .is_some_and(|a| a.state != ActorState::Dead)
+            })
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     /// Restarting actors waiting for a lease, with their specs.
     pub fn waiting(&self) -> Vec<(ActorInfo, ActorSpec)> {
         self.waiting

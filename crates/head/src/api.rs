@@ -14,7 +14,7 @@ use shoal_proto::head::{
     SUBMIT_STRINGS_MAX,
 };
 use shoal_proto::node::LOG_CHUNK_MAX;
-use shoal_proto::placement::{GroupState, PlacementGroupInfo, PlacementGroupSpec, Strategy};
+use shoal_proto::placement::{GroupState, PlacementGroupInfo, PlacementGroupSpec};
 use shoal_proto::PlacementGroupId;
 use shoal_proto::{
     ActorState, ClusterId, ClusterStatus, HeadReply, HeadRequest, JobId, NodeId, NodeState, Role,
@@ -206,14 +206,11 @@ impl State {
             }
             self.orders.entry(node_id).or_default().release(lease_id);
         }
-        let waiting = self.actors.waiting();
-        for (info, spec) in waiting {
-            let inside = matches!(
-                spec.placement.strategy,
-                Strategy::PlacementGroup { group, .. } if group == id
-            );
-            if inside {
-                self.actors.kill(info.actor_id);
+        // Restarts waiting for a bundle of it, or placed in one and not
+        // yet reported: dead too.
+        for actor_id in self.actors.in_group(id) {
+            if let Some((info, _)) = self.actors.kill(actor_id) {
+                info!(%actor_id, class = %info.class, group = %id, "its placement group was removed; the actor is dead");
             }
         }
         info!(group = %id, "placement group removed");
@@ -274,8 +271,18 @@ impl State {
                 abandon: false,
                 placement: spec.placement.clone(),
             };
-            let Decision::Granted(lease) = self.scheduler.request(&live, &request) else {
-                continue;
+            let lease = match self.scheduler.request(&live, &request) {
+                Decision::Granted(lease) => lease,
+                // It can never be placed as it asks (its node affinity's
+                // node is gone, its group removed): it is dead, as a
+                // restart that fails.
+                Decision::Refused(why) => {
+                    if let Some((info, _)) = self.actors.kill(info.actor_id) {
+                        warn!(actor_id = %info.actor_id, class = %info.class, %why, "the actor cannot be restarted where it asks; it is dead");
+                    }
+                    continue;
+                }
+                _ => continue,
             };
             if info.detached {
                 self.scheduler.detach(lease.lease_id);
@@ -869,10 +876,13 @@ impl HeadService {
         {
             let mut state = self.state();
             for id in prepared {
-                if durable.is_err() {
-                    state.scheduler.abort_group(id);
-                } else if state.scheduler.commit_group(id) {
+                if durable.is_ok() && state.scheduler.commit_group(id) {
                     info!(group = %id, "placement group's bundles reserved");
+                } else {
+                    // Not written, or a node holding one of its bundles
+                    // died meanwhile: what was prepared goes back, and the
+                    // placer prepares it again.
+                    state.scheduler.abort_group(id);
                 }
             }
             // Restarts waiting for a bundle may fit now.

@@ -954,11 +954,9 @@ impl Scheduler {
             .map(|(id, _)| *id)
             .collect();
         for id in ids {
-            let prepared_here = self.groups[&id]
-                .slots
-                .iter()
-                .any(|s| s.node == Some(node_id) && !s.committed);
-            if prepared_here {
+            // A reservation under way was decided with this node: it is
+            // aborted whole, as a failed prepare.
+            if self.groups[&id].preparing() {
                 self.abort_group(id);
             }
             let mut freed = Vec::new();
@@ -1592,6 +1590,36 @@ mod tests {
     }
 
     #[test]
+    fn a_node_with_a_committed_bundle_dying_while_another_is_prepared_aborts_the_reservation() {
+        // Found in review: the dead node held a committed bundle, not the
+        // prepared one, and the prepared bundle stayed held, its group
+        // "under way" for good.
+        let nodes: Vec<NodeView> = (0..4).map(|_| node(2.0)).collect();
+        let mut s = Scheduler::new();
+        let g = group(PlacementStrategy::StrictSpread, &[1.0, 1.0]);
+        s.add_group(&g);
+        assert_eq!(s.prepare_group(&nodes, g.group_id), Reservation::Prepared);
+        assert!(s.commit_group(g.group_id));
+        let at = placed(&s, g.group_id);
+        let (x, y) = (at[0].expect("placed"), at[1].expect("placed"));
+        s.node_died(y);
+        let live: Vec<NodeView> = nodes.iter().filter(|n| n.node_id != y).cloned().collect();
+        assert_eq!(s.prepare_group(&live, g.group_id), Reservation::Prepared);
+        let z = placed(&s, g.group_id)[1].expect("prepared");
+        s.node_died(x);
+        assert_eq!(placed(&s, g.group_id), vec![None, None]);
+        assert!(
+            s.allocated(z).iter().all(|(_, q)| q == 0.0),
+            "the prepared bundle gave its node back"
+        );
+        assert!(!s.commit_group(g.group_id));
+        assert_eq!(s.groups_to_place(), vec![g.group_id], "to be placed again");
+        let live: Vec<NodeView> = live.into_iter().filter(|n| n.node_id != x).collect();
+        assert_eq!(s.prepare_group(&live, g.group_id), Reservation::Prepared);
+        assert!(s.commit_group(g.group_id));
+    }
+
+    #[test]
     fn a_job_takes_its_groups_with_it_but_not_detached_ones() {
         let nodes = vec![node(4.0)];
         let mut s = Scheduler::new();
@@ -2141,12 +2169,14 @@ mod tests {
                 let id = m.node_dies(i).unwrap_or_else(NodeId::random);
                 let reclaimed = m.reclaim(|l| l.node_id == id);
                 prop_assert_eq!(s.node_died(id), reclaimed);
-                // A reservation with a bundle prepared there is aborted
-                // whole; committed bundles there are unplaced.
+                // A reservation under way in a group with a bundle there
+                // is aborted whole; committed bundles there are unplaced.
                 for g in m.groups.iter_mut().filter(|g| !g.removed) {
-                    let prepared_here = g.slots.iter().any(|(n, c)| *n == Some(id) && !c);
+                    let touched = g.slots.iter().any(|(n, _)| *n == Some(id));
+                    let preparing = g.slots.iter().any(|(n, c)| n.is_some() && !c);
+                    let abort = touched && preparing;
                     for (node, committed) in &mut g.slots {
-                        if *node == Some(id) || (prepared_here && !*committed) {
+                        if *node == Some(id) || (abort && !*committed) {
                             *node = None;
                             *committed = false;
                         }

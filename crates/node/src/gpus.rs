@@ -8,6 +8,9 @@
 //! a blocked task's GPUs are lent back), the least used devices are shared
 //! rather than the lease refused.
 
+/// Devices a node may offer, at most.
+pub const DEVICES_MAX: u32 = 1024;
+
 /// Quantities within this of each other are equal.
 const EPSILON: f64 = 1e-9;
 

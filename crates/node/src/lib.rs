@@ -233,6 +233,14 @@ impl Node {
     ) -> Result<Self, NodeError> {
         let resources = machine::resources(&config);
         resources.validate()?;
+        if resources.get(shoal_proto::resources::GPU) > f64::from(gpus::DEVICES_MAX) {
+            return Err(NodeError::Resource(
+                shoal_proto::resources::InvalidResource {
+                    name: shoal_proto::resources::GPU.into(),
+                    reason: "a node offers at most 1024 GPU devices",
+                },
+            ));
+        }
         shoal_proto::placement::check_labels(&config.labels)?;
         // No server configuration until the head issues a certificate: until
         // then quinn refuses every incoming connection.

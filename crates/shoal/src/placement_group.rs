@@ -151,7 +151,10 @@ impl PlacementGroup {
         let core = crate::driver::ensure_core();
         let core2 = Arc::clone(&core);
         let id = self.id;
-        let until = Instant::now() + timeout;
+        // (A timeout too long to add is as good as forever.)
+        let until = Instant::now()
+            .checked_add(timeout)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(100 * 365 * 86_400));
         let info = core.block_on(async move {
             loop {
                 let left = until.saturating_duration_since(Instant::now());
@@ -196,6 +199,13 @@ impl PlacementGroup {
         core.block_on(
             async move { group_reply(core2.head.call_idempotent(&ask, CALL_TIMEOUT).await?) },
         )
+    }
+}
+
+/// `Strategy::placement_group(&pg, ...)` takes the handle.
+impl From<&PlacementGroup> for PlacementGroupId {
+    fn from(group: &PlacementGroup) -> Self {
+        group.id
     }
 }
 

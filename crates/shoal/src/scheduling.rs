@@ -10,12 +10,6 @@ use shoal_proto::ResourceSet;
 /// variants; [`Strategy::node_affinity`], [`Strategy::placement_group`]).
 pub use shoal_proto::placement::Strategy;
 
-impl From<&crate::PlacementGroup> for shoal_proto::PlacementGroupId {
-    fn from(group: &crate::PlacementGroup) -> Self {
-        group.id()
-    }
-}
-
 /// The options that place a submission, the same on
 /// [`TaskOptions`](crate::TaskOptions) and
 /// [`ActorOptions`](crate::ActorOptions) (which have `resources` and
@@ -48,7 +42,7 @@ macro_rules! placement_options {
         }
 
         /// How a node is picked (see [`Strategy`](crate::Strategy)).
-        pub fn scheduling(mut self, strategy: crate::Strategy) -> Self {
+        pub fn scheduling(mut self, strategy: crate::scheduling::Strategy) -> Self {
             self.scheduling.placement.strategy = strategy;
             self
         }
@@ -102,9 +96,9 @@ impl Scheduling {
     }
 
     /// The first mistake made, as the error a submission fails with.
-    pub(crate) fn check(&self) -> crate::Result<()> {
+    pub(crate) fn check(&self) -> crate::error::Result<()> {
         match &self.invalid {
-            Some(why) => Err(crate::Error::InvalidOptions(why.clone())),
+            Some(why) => Err(crate::error::Error::InvalidOptions(why.clone())),
             None => Ok(()),
         }
     }
@@ -152,7 +146,9 @@ mod tests {
         assert!(s.check().is_ok());
         assert_eq!(resources.get(GPU), 2.0);
         s.num_gpus(&mut resources, 1.5);
-        assert!(matches!(s.check(), Err(crate::Error::InvalidOptions(m)) if m.contains("1.5")));
+        assert!(
+            matches!(s.check(), Err(crate::error::Error::InvalidOptions(m)) if m.contains("1.5"))
+        );
     }
 
     #[test]
