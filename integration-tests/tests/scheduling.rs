@@ -248,7 +248,12 @@ fn placement_groups_reserve_all_or_nothing_and_follow_a_dead_node() {
     let placed = driver.wait_for("PLACED ", DEADLINE);
     let placed: Value = serde_json::from_str(&placed).expect("PLACED json");
     let actor_node = placed["node"].as_str().expect("a node").to_string();
-    let status = hosts.status();
+    // The two groups removed gave every CPU back: what is held now is the
+    // one CPU of the third group's bundle (its actor draws on the bundle).
+    let status = poll_until(DEADLINE, "only the new group's CPU held", || {
+        let status = hosts.status();
+        (in_use(&status) == 1.0).then_some(status)
+    });
     assert!(
         !status["placement_groups"]
             .as_array()
