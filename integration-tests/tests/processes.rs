@@ -25,12 +25,14 @@ fn three_processes_form_a_cluster_whose_resources_sum() {
     let config = cluster.write_config("fast.toml", CONFIG);
     let config = config.to_str().expect("utf8 path");
     cluster.start_head(&["--num-cpus", "1", "--config", config]);
-    let a = cluster.start_node(&["--num-cpus", "2", "--resources", r#"{"GPU": 1}"#]);
+    let a = cluster.start_node(&["--num-cpus", "2", "--num-gpus", "1"]);
     let b = cluster.start_node(&[
         "--num-cpus",
         "3",
+        "--num-gpus",
+        "2",
         "--resources",
-        r#"{"GPU": 2, "disk": 0.5}"#,
+        r#"{"disk": 0.5}"#,
     ]);
     let status = cluster.status();
     let nodes = status["nodes"].as_array().expect("nodes");
@@ -275,8 +277,26 @@ fn bad_flags_are_rejected_with_a_message() {
             "--num-cpus",
         ),
         (
-            vec!["start", "--head", "--resources", r#"{"GPU": -1}"#],
+            vec!["start", "--head", "--resources", r#"{"disk": -1}"#],
             "negative",
+        ),
+        (
+            vec!["start", "--head", "--resources", r#"{"GPU": 1}"#],
+            "--num-gpus",
+        ),
+        (vec!["start", "--head", "--num-gpus", "5000"], "1024"),
+        (
+            vec!["start", "--head", "--labels", r#"{"zone": "a,b"}"#],
+            "label value",
+        ),
+        (
+            vec![
+                "start",
+                "--head",
+                "--labels",
+                r#"{"shoal.io/node-id": "x"}"#,
+            ],
+            "set by Shoal",
         ),
         (vec!["start", "--head", "--num-cpus", "-2"], "num-cpus"),
         (
