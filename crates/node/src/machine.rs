@@ -118,14 +118,21 @@ fn parse_mem_total(meminfo: &str) -> Option<u64> {
 pub fn resources(config: &NodeConfig) -> ResourceSet {
     let mut set = config.resources.clone();
     set.set(CPU, config.num_cpus.unwrap_or(detect_cpus() as f64));
-    // GPUs given as a custom resource count as given.
-    let gpus = config
-        .num_gpus
-        .or_else(|| config.resources.0.get(GPU).map(|n| n.floor() as u32))
-        .unwrap_or_else(detect_gpus);
-    set.0.remove(GPU);
-    if gpus > 0 {
-        set.set(GPU, f64::from(gpus));
+    // GPUs: as given by count; else as given among the resources (an
+    // embedder's, checked with the rest); else detected.
+    let given = config.resources.0.contains_key(GPU);
+    match config.num_gpus {
+        Some(n) => {
+            set.0.remove(GPU);
+            if n > 0 {
+                set.set(GPU, f64::from(n));
+            }
+        }
+        None if given => {}
+        None => match detect_gpus() {
+            0 => {}
+            n => set.set(GPU, f64::from(n)),
+        },
     }
     if let Some(memory) = config.memory_bytes.or_else(detect_memory_bytes) {
         set.set(MEMORY, memory as f64);
