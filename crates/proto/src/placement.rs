@@ -497,6 +497,34 @@ mod tests {
     }
 
     #[test]
+    fn group_specs_from_peers_are_bounded() {
+        let cpu: ResourceSet = [("CPU".to_string(), 1.0)].into_iter().collect();
+        let spec = |bundles: Vec<ResourceSet>, name: Option<String>| PlacementGroupSpec {
+            group_id: PlacementGroupId::random(),
+            job_id: JobId::random(),
+            name,
+            detached: false,
+            strategy: PlacementStrategy::Pack,
+            bundles,
+        };
+        assert!(spec(vec![cpu.clone()], Some("g".into())).check().is_ok());
+        let refused = [
+            spec(Vec::new(), None),
+            spec(vec![cpu.clone(); BUNDLES_MAX + 1], None),
+            spec(vec![ResourceSet::new()], None),
+            spec(
+                vec![[("CPU".to_string(), -1.0)].into_iter().collect()],
+                None,
+            ),
+            spec(vec![cpu.clone()], Some(String::new())),
+            spec(vec![cpu], Some("n".repeat(GROUP_NAME_MAX + 1))),
+        ];
+        for bad in refused {
+            assert!(bad.check().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn malformed_selectors_and_labels_are_refused() {
         for expr in ["", "!", "in(a,b", "in()", "in(a,,b)", "a b", "in(a,b))"] {
             assert!(LabelConstraint::parse("zone", expr).is_err(), "{expr:?}");

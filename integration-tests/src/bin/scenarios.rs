@@ -653,6 +653,14 @@ fn result(value: serde_json::Value) {
     println!("RESULT {value}");
 }
 
+/// Prints `TAG {value}` and waits for a line on stdin (the test's go-ahead).
+fn pause(tag: &str, value: serde_json::Value) {
+    println!("{tag} {value}");
+    std::io::stdout().flush().ok();
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).ok();
+}
+
 /// Where a task ran, and the GPUs it saw (`CUDA_VISIBLE_DEVICES` and
 /// `shoal::context()`'s), after sleeping `ms` (so that tasks submitted
 /// together run at once).
@@ -767,8 +775,11 @@ fn scheduling_live() -> shoal::Result<()> {
         .label_selector(&[("zone", "in(a")])
         .remote(0)
         .get();
-    println!(
-        "WAITING {}",
+    let nowhere = placed_gpus::options()
+        .label_selector(&[("zone", "in(x,y)")])
+        .remote(0);
+    pause(
+        "WAITING",
         json!({
             "spread": per_node,
             "pinned": nodes_of(&pinned)?,
@@ -779,14 +790,8 @@ fn scheduling_live() -> shoal::Result<()> {
             "no_gpu": no_gpu,
             "near": near,
             "bad_selector_refused": matches!(bad_selector, Err(Error::InvalidOptions(_))),
-        })
+        }),
     );
-    std::io::stdout().flush().ok();
-    let nowhere = placed_gpus::options()
-        .label_selector(&[("zone", "in(x,y)")])
-        .remote(0);
-    let mut line = String::new();
-    std::io::stdin().read_line(&mut line).ok();
     let waited = matches!(
         nowhere.get_timeout(Duration::from_millis(100)),
         Err(Error::Timeout(_))
@@ -826,13 +831,10 @@ fn placement_groups() -> shoal::Result<()> {
     )?;
     let four_ready = four.wait(Duration::from_secs(2))?;
     let found = shoal::get_placement_group("four")?.id() == four.id();
-    println!(
-        "WAITING {}",
-        json!({"three": three.id().to_string(), "four": four.id().to_string()})
+    pause(
+        "WAITING",
+        json!({"three": three.id().to_string(), "four": four.id().to_string()}),
     );
-    std::io::stdout().flush().ok();
-    let mut line = String::new();
-    std::io::stdin().read_line(&mut line).ok();
     // A task waiting in the group fails once the group is removed.
     let queued = placed_gpus::options()
         .scheduling(Strategy::placement_group(&four, None))
@@ -858,10 +860,7 @@ fn placement_groups() -> shoal::Result<()> {
         .scheduling(Strategy::placement_group(&kept, Some(0)))
         .remote(0)?;
     let (first_node, _) = actor.whereabouts().get()?;
-    println!("PLACED {}", json!({"node": first_node}));
-    std::io::stdout().flush().ok();
-    let mut line = String::new();
-    std::io::stdin().read_line(&mut line).ok();
+    pause("PLACED", json!({"node": first_node}));
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut moved_to = String::new();
     while Instant::now() < deadline {
