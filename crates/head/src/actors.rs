@@ -431,6 +431,7 @@ mod tests {
             resources: shoal_proto::ResourceSet::new(),
             owner: WorkerId::random(),
             placement: Default::default(),
+            env: Default::default(),
         }
     }
 

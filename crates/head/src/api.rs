@@ -1319,6 +1319,7 @@ impl HeadService {
                 spec.resources
                     .validate()
                     .map_err(|e| bad_request(e.to_string()))?;
+                spec.env.check().map_err(bad_request)?;
                 let mut state = self.state();
                 if info.detached {
                     state.scheduler.detach(info.lease_id);

@@ -338,6 +338,7 @@ mod tests {
             resources: cpus(1.0),
             owner: WorkerId::random(),
             placement: Default::default(),
+            env: Default::default(),
         }
     }
 

@@ -325,6 +325,8 @@ fn codegen(a: ActorImpl) -> TokenStream {
             pub fn max_restarts(self, n: u32) -> Self { Self(self.0.max_restarts(n)) }
             /// Resends of a call in flight when the worker died (default 0).
             pub fn max_task_retries(self, n: u32) -> Self { Self(self.0.max_task_retries(n)) }
+            /// A variable set in the actor's worker process environment.
+            pub fn env_var(self, name: &str, value: &str) -> Self { Self(self.0.env_var(name, value)) }
             /// Creates the actor with these options.
             pub fn remote(self, #(#ctor_names: impl ::core::convert::Into<::shoal::Arg<#ctor_types>>),*) -> ::shoal::Result<::shoal::ActorHandle<#ty>> {
                 ::shoal::__private::create_actor::<#ty>(self.0, ::std::vec![#(::shoal::__private::arg::<#ctor_types>(#ctor_names.into())),*])

@@ -178,8 +178,11 @@ impl Service for NodeService {
                 detached,
                 owner,
                 owner_node,
+                env,
             } => {
                 peer.require(&[Role::Driver, Role::Worker])?;
+                env.check()
+                    .map_err(|e| ServiceError::new(ServiceErrorKind::BadRequest, e))?;
                 self.pool.set_owner(lease_id, owner, owner_node);
                 let tenancy = match (dedicated, detached) {
                     (_, true) => crate::worker_pool::Tenancy::Detached,
@@ -191,7 +194,17 @@ impl Service for NodeService {
                     .map_err(|e| ServiceError::new(ServiceErrorKind::BadRequest, e.to_string()))?;
                 let worker = self
                     .pool
-                    .grant(lease_id, job_id, &binary_hash, resources, driver, tenancy)
+                    .grant(
+                        lease_id,
+                        crate::worker_pool::WorkerKind {
+                            job_id,
+                            binary_hash,
+                            driver,
+                            env,
+                        },
+                        resources,
+                        tenancy,
+                    )
                     .await?;
                 Ok(NodeReply::WorkerGranted { worker })
             }

@@ -456,10 +456,13 @@ async fn restart_actor(
         let worker = pool
             .grant(
                 lease.lease_id,
-                job_id,
-                &binary_hash,
+                crate::worker_pool::WorkerKind {
+                    job_id,
+                    binary_hash,
+                    driver: Some(driver),
+                    env: spec.env.clone(),
+                },
                 lease.resources.clone(),
-                Some(driver),
                 tenancy,
             )
             .await

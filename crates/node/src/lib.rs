@@ -41,11 +41,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 pub use config::NodeConfig;
-pub use worker_pool::{LaunchSpec, Launched, WorkerLauncher};
+pub use worker_pool::{LaunchSpec, Launched, ProcessLauncher, WorkerKind, WorkerLauncher};
 
 use binaries::BinaryCache;
 use object_store::ObjectStore;
-use worker_pool::{PoolConfig, ProcessLauncher, WorkerPool};
+use worker_pool::{PoolConfig, WorkerPool};
 
 type HeadClient = RpcClient<HeadRequest, HeadReply>;
 
@@ -275,6 +275,7 @@ impl Node {
                 let (tx, logs) = tokio::sync::mpsc::channel(LOG_LINES_QUEUED_MAX);
                 let launcher: Arc<dyn WorkerLauncher> = Arc::new(ProcessLauncher {
                     logs: Some((tx, rx.clone())),
+                    inherit_output: false,
                 });
                 (launcher, Some(logs))
             }

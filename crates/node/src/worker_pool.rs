@@ -18,7 +18,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use shoal_net::sync::MutexExt;
-use shoal_proto::{Address, JobId, LeaseId, ResourceSet, ServiceError, ServiceErrorKind, WorkerId};
+use shoal_proto::{
+    Address, EnvVars, JobId, LeaseId, ResourceSet, ServiceError, ServiceErrorKind, WorkerId,
+};
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
@@ -58,6 +60,20 @@ pub enum Tenancy {
     Detached,
 }
 
+/// Whose worker a grant asks for, started how.
+#[derive(Clone, Debug)]
+pub struct WorkerKind {
+    /// The job.
+    pub job_id: JobId,
+    /// Hex SHA-256 of the job's executable.
+    pub binary_hash: String,
+    /// The job's driver, which is shown the worker's output.
+    pub driver: Option<Address>,
+    /// Variables set in the worker's environment: workers are only shared
+    /// between leases asking for the same.
+    pub env: EnvVars,
+}
+
 /// What a launcher needs to start one worker.
 #[derive(Clone, Debug)]
 pub struct LaunchSpec {
@@ -67,8 +83,12 @@ pub struct LaunchSpec {
     pub worker_id: WorkerId,
     /// The job's executable (`None` for launchers that run workers as threads).
     pub executable: Option<PathBuf>,
-    /// Environment for the worker (`SHOAL_WORKER_*`, token, addresses).
+    /// Environment for the worker (`SHOAL_WORKER_*`, token, addresses, and
+    /// `user_env`).
     pub env: Vec<(String, String)>,
+    /// The variables the lease asked for (in `env` too): a launcher that
+    /// cannot set a process environment (threads) must start a process.
+    pub user_env: EnvVars,
     /// Where the worker's stdout and stderr go.
     pub log_path: Option<PathBuf>,
     /// The job's driver, which is shown the worker's output.
@@ -109,6 +129,10 @@ pub struct ProcessLauncher {
         LogSink,
         tokio::sync::watch::Receiver<Option<shoal_proto::NodeId>>,
     )>,
+    /// Workers write to this process's own stdout and stderr instead (no
+    /// log file): local mode's thread workers do, and so do the processes
+    /// it starts for leases that set environment variables.
+    pub inherit_output: bool,
 }
 
 impl WorkerLauncher for ProcessLauncher {
@@ -121,12 +145,20 @@ impl WorkerLauncher for ProcessLauncher {
             .executable
             .ok_or("no executable for a process worker")?;
         let mut cmd = tokio::process::Command::new(&exe);
+        let output = || {
+            if self.inherit_output {
+                std::process::Stdio::inherit()
+            } else {
+                std::process::Stdio::piped()
+            }
+        };
         cmd.envs(spec.env)
             .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
+            .stdout(output())
+            .stderr(output())
             .kill_on_drop(true);
         let log_file = match &spec.log_path {
+            Some(_) if self.inherit_output => None,
             Some(log) => Some(
                 std::fs::File::create(log)
                     .map_err(|e| format!("creating {}: {e}", log.display()))?,
@@ -249,12 +281,17 @@ struct WorkerEntry {
     /// The GPU devices in its environment: it serves only leases given
     /// exactly these.
     gpus: Vec<u32>,
+    /// The variables asked for: it serves only leases asking the same.
+    env: EnvVars,
 }
 
 impl WorkerEntry {
     /// A worker of `job_id` being started, and the receiver told when it
     /// registers.
-    fn starting(job_id: JobId) -> (Self, oneshot::Receiver<Result<String, StartError>>) {
+    fn starting(
+        job_id: JobId,
+        env: EnvVars,
+    ) -> (Self, oneshot::Receiver<Result<String, StartError>>) {
         let (tx, rx) = oneshot::channel();
         let entry = WorkerEntry {
             job_id,
@@ -265,6 +302,7 @@ impl WorkerEntry {
             pid: None,
             kill: None,
             gpus: Vec::new(),
+            env,
         };
         (entry, rx)
     }
@@ -388,17 +426,16 @@ impl WorkerPool {
         *self.env.locked() = env;
     }
 
-    /// A worker of `job_id` for `lease_id`, holding `resources`: an idle one,
+    /// A worker of `kind` for `lease_id`, holding `resources`: an idle one,
     /// or a new one once it has registered. Idempotent per lease.
     pub async fn grant(
         self: &Arc<Self>,
         lease_id: LeaseId,
-        job_id: JobId,
-        binary_hash: &str,
+        kind: WorkerKind,
         resources: ResourceSet,
-        driver: Option<Address>,
         tenancy: Tenancy,
     ) -> Result<Address, ServiceError> {
+        let job_id = kind.job_id;
         let dedicated = tenancy != Tenancy::Shared;
         let detached = tenancy == Tenancy::Detached;
         // `retried`: the worker is being started for an earlier try of this
@@ -454,6 +491,7 @@ impl WorkerPool {
                     (!dedicated
                         && w.job_id == job_id
                         && w.gpus == gpus
+                        && w.env == kind.env
                         && matches!(w.state, WorkerState::Idle(_)))
                     .then_some(*id)
                 });
@@ -470,7 +508,7 @@ impl WorkerPool {
                     }
                     None => {
                         let worker_id = WorkerId::random();
-                        let (mut entry, rx) = WorkerEntry::starting(job_id);
+                        let (mut entry, rx) = WorkerEntry::starting(job_id, kind.env.clone());
                         entry.dedicated = dedicated;
                         entry.detached = detached;
                         entry.gpus = gpus;
@@ -488,10 +526,7 @@ impl WorkerPool {
                 .map(|address| Address { worker_id, address })
                 .map_err(|e| unavailable(format!("worker failed to start: {e}")));
         }
-        match self
-            .start(worker_id, job_id, binary_hash, driver.clone(), started)
-            .await
-        {
+        match self.start(worker_id, &kind, started).await {
             Ok(address) => {
                 let released = {
                     let mut state = self.state();
@@ -521,7 +556,7 @@ impl WorkerPool {
                     ));
                 }
                 if !dedicated {
-                    self.prestart(job_id, binary_hash.to_string(), driver);
+                    self.prestart(kind);
                 }
                 Ok(Address { worker_id, address })
             }
@@ -536,17 +571,33 @@ impl WorkerPool {
     async fn start(
         self: &Arc<Self>,
         worker_id: WorkerId,
-        job_id: JobId,
-        binary_hash: &str,
-        driver: Option<Address>,
+        kind: &WorkerKind,
         registered: oneshot::Receiver<Result<String, StartError>>,
     ) -> Result<String, StartError> {
+        let WorkerKind {
+            job_id,
+            binary_hash,
+            driver,
+            env: user_env,
+        } = kind;
         let executable = if self.launcher.needs_executable() {
             Some(self.binaries.path(binary_hash).await?)
         } else {
             None
         };
-        let mut env = self.env.locked().clone();
+        // The lease's variables first: Shoal's own (set below) come last,
+        // and `EnvVars::check` refuses their names anyway.
+        let mut env: Vec<(String, String)> = user_env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        if !user_env.is_empty() {
+            env.push((
+                shoal_proto::env::WORKER_ENV_NAMES.into(),
+                user_env.names(),
+            ));
+        }
+        env.extend(self.env.locked().iter().cloned());
         {
             // On a node with GPUs, a worker sees exactly its devices.
             let state = self.state();
@@ -560,7 +611,7 @@ impl WorkerPool {
         env.push(("SHOAL_WORKER_ID".into(), worker_id.to_string()));
         env.push(("SHOAL_JOB_ID".into(), job_id.to_string()));
         env.push(("SHOAL_BINARY_HASH".into(), binary_hash.to_string()));
-        if let Some(driver) = &driver {
+        if let Some(driver) = driver {
             env.push(("SHOAL_DRIVER_ADDRESS".into(), driver.address.clone()));
             env.push(("SHOAL_DRIVER_ID".into(), driver.worker_id.to_string()));
         }
@@ -579,12 +630,13 @@ impl WorkerPool {
         let launched = self
             .launcher
             .launch(LaunchSpec {
-                job_id,
+                job_id: *job_id,
                 worker_id,
                 executable,
                 env,
+                user_env: user_env.clone(),
                 log_path,
-                driver,
+                driver: driver.clone(),
             })
             .map_err(StartError::Launch)?;
         {
@@ -629,11 +681,14 @@ impl WorkerPool {
     /// Starts a spare idle worker for the job, so that its next lease here is
     /// served without waiting for a process to start; at most one spare, and
     /// no more workers for the job than the node has CPUs.
-    fn prestart(self: &Arc<Self>, job_id: JobId, binary_hash: String, driver: Option<Address>) {
+    fn prestart(self: &Arc<Self>, kind: WorkerKind) {
         let worker_id = WorkerId::random();
         let registered = {
             let mut state = self.state();
-            let of_job = state.workers.values().filter(|w| w.job_id == job_id);
+            let of_job = state
+                .workers
+                .values()
+                .filter(|w| w.job_id == kind.job_id && w.env == kind.env);
             let (count, spare) = of_job.fold((0usize, 0usize), |(c, s), w| {
                 (
                     c + 1,
@@ -643,16 +698,13 @@ impl WorkerPool {
             if spare > 0 || count as f64 >= self.config.total.get(shoal_proto::resources::CPU) {
                 return;
             }
-            let (entry, rx) = WorkerEntry::starting(job_id);
+            let (entry, rx) = WorkerEntry::starting(kind.job_id, kind.env.clone());
             state.workers.insert(worker_id, entry);
             rx
         };
         let pool = Arc::clone(self);
         tokio::spawn(async move {
-            match pool
-                .start(worker_id, job_id, &binary_hash, driver, registered)
-                .await
-            {
+            match pool.start(worker_id, &kind, registered).await {
                 Ok(_) => {
                     let mut state = pool.state();
                     if let Some(entry) = state.workers.get_mut(&worker_id) {

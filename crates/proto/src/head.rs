@@ -382,6 +382,9 @@ pub struct ActorSpec {
     /// Where it may be placed (again): strategy and label selectors.
     #[serde(default, skip_serializing_if = "Placement::is_default")]
     pub placement: Placement,
+    /// Variables set in its worker's environment.
+    #[serde(default, skip_serializing_if = "crate::EnvVars::is_empty")]
+    pub env: crate::EnvVars,
 }
 
 /// An order to a node: create this actor again in a new worker, under a

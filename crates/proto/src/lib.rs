@@ -13,6 +13,7 @@
 //! - [`resources`]: resource sets (`CPU`, `GPU`, `memory`, custom names).
 //! - [`placement`]: node labels, label selectors and scheduling strategies.
 //! - [`task`]: task specifications, replies and failures.
+//! - [`env`]: the environment variables a worker is started with.
 //! - [`worker`]: the worker service (tasks pushed by owners) and object
 //!   requests to an owner.
 //! - [`codec`]: the frame codec: a length prefix checked against a configured
@@ -32,6 +33,7 @@
 #![warn(missing_docs)]
 
 pub mod codec;
+pub mod env;
 pub mod head;
 pub mod hello;
 pub mod hex;
@@ -45,6 +47,7 @@ pub mod task;
 pub mod worker;
 
 pub use codec::{CodecLimits, DecodeError, EncodeError, FrameError};
+pub use env::EnvVars;
 pub use head::{
     ActorInfo, ActorState, ClusterStatus, HeadReply, HeadRequest, NodeState, NodeStatus,
 };

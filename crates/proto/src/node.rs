@@ -41,6 +41,10 @@ pub enum NodeRequest {
         /// See `owner`.
         #[serde(default)]
         owner_node: Option<crate::NodeId>,
+        /// Variables set in the worker's environment: a worker started
+        /// with other variables is never handed out for this lease.
+        #[serde(default, skip_serializing_if = "crate::EnvVars::is_empty")]
+        env: crate::EnvVars,
     },
     /// Stops a worker of this node at once (an actor being killed).
     KillWorker {

@@ -14,6 +14,8 @@ pub struct Config {
     pub(crate) driver_port: Option<u16>,
     pub(crate) head_timeout: std::time::Duration,
     pub(crate) task_events: bool,
+    /// Variables every worker of the job is started with.
+    pub(crate) env: shoal_proto::EnvVars,
     /// Environment variables that did not parse: `init` refuses to start.
     pub(crate) bad_env: Vec<String>,
 }
@@ -80,6 +82,7 @@ impl Config {
             driver_port,
             head_timeout,
             task_events,
+            env: Default::default(),
             bad_env,
         }
     }
@@ -145,6 +148,7 @@ impl Default for Config {
             driver_port: None,
             head_timeout: crate::core::head::HEAD_TIMEOUT,
             task_events: false,
+            env: Default::default(),
             bad_env: Vec::new(),
         }
     }
@@ -212,6 +216,16 @@ impl Config {
     /// last word, for drivers and, set on node daemons, for their workers.
     pub fn task_events(mut self, on: bool) -> Self {
         self.task_events = on;
+        self
+    }
+
+    /// Sets `name` to `value` in the environment of every worker process
+    /// that runs this job's tasks and actors (a task's or actor's own
+    /// `.env_var` wins). Workers are only shared between tasks asking for
+    /// the same environment. In local mode with thread workers, work with
+    /// variables to set runs in worker processes of this executable.
+    pub fn env_var(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.set(name, value);
         self
     }
 

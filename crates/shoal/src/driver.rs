@@ -88,6 +88,9 @@ async fn start_driver(config: Config) -> Result<Arc<core::Core>> {
             config.bad_env.join("; ")
         )));
     }
+    config.env.check().map_err(|e| {
+        Error::InvalidOptions(format!("Config::env_var: {e}"))
+    })?;
     let joining = match &config.address {
         Some(address) => join_cluster(&config, address).await?,
         None => start_local(&config).await?,
@@ -111,6 +114,7 @@ async fn start_driver(config: Config) -> Result<Arc<core::Core>> {
         head_timeout: config.head_timeout,
         // SHOAL_TASK_EVENTS has the last word, whatever the program says.
         task_events: crate::config::task_events_env(config.task_events),
+        env: config.env.clone(),
     })
     .await?;
     #[cfg(feature = "local")]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use shoal_net::handshake::{HandshakeStats, ServerAuth};
 use shoal_net::{endpoint, tls, JoinToken, NetLimits};
-use shoal_node::{LaunchSpec, Launched, WorkerLauncher};
+use shoal_node::{LaunchSpec, Launched, ProcessLauncher, WorkerLauncher};
 use shoal_proto::{NodeId, Role};
 use tokio_util::sync::CancellationToken;
 
@@ -68,6 +68,20 @@ impl WorkerLauncher for ThreadLauncher {
     }
 
     fn launch(&self, spec: LaunchSpec) -> std::result::Result<Launched, String> {
+        if !spec.user_env.is_empty() {
+            // A thread cannot have an environment of its own: a lease
+            // asking for variables gets a process of this executable.
+            let executable = std::env::current_exe()
+                .map_err(|e| format!("finding this executable for a worker process: {e}"))?;
+            let process = ProcessLauncher {
+                logs: None,
+                inherit_output: true,
+            };
+            return process.launch(LaunchSpec {
+                executable: Some(executable),
+                ..spec
+            });
+        }
         let lookup = |key: &str| {
             spec.env
                 .iter()

@@ -10,6 +10,7 @@ pub struct TaskOptions {
     pub(crate) max_retries: u32,
     pub(crate) retry_exceptions: bool,
     pub(crate) scheduling: crate::scheduling::Scheduling,
+    pub(crate) env: shoal_proto::EnvVars,
 }
 
 impl Default for TaskOptions {
@@ -28,6 +29,7 @@ impl TaskOptions {
             max_retries: 3,
             retry_exceptions: false,
             scheduling: Default::default(),
+            env: Default::default(),
         }
     }
 
@@ -56,4 +58,15 @@ impl TaskOptions {
     }
 
     crate::scheduling::placement_options!("held while it runs");
+
+    /// Sets `name` to `value` in the environment of the worker process
+    /// that runs the task, over the job's default (`Config::env_var`); the
+    /// tasks it submits inherit it. Workers are only shared between tasks
+    /// asking for the same environment. A name that is not
+    /// `[A-Za-z_][A-Za-z0-9_]*`, or starts with `SHOAL_`, fails the task
+    /// with `Error::InvalidOptions`.
+    pub fn env_var(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.set(name, value);
+        self
+    }
 }

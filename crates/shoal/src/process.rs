@@ -39,6 +39,19 @@ fn parse<T: std::str::FromStr>(key: &str) -> Result<T> {
         .map_err(|_| Error::NotInitialized(format!("worker mode with a malformed {key}")))
 }
 
+/// The variables this worker was started with for its tasks or actor
+/// (named in `SHOAL_WORKER_ENV`): the tasks it submits inherit them.
+fn inherited_env() -> shoal_proto::EnvVars {
+    let mut env = shoal_proto::EnvVars::new();
+    let names = std::env::var(shoal_proto::env::WORKER_ENV_NAMES).unwrap_or_default();
+    for name in names.split(',').filter(|n| !n.is_empty()) {
+        if let Ok(value) = std::env::var(name) {
+            env.set(name, value);
+        }
+    }
+    env
+}
+
 fn worker_main() -> Result<()> {
     let worker_id: WorkerId = parse("SHOAL_WORKER_ID")?;
     let job_id: JobId = parse("SHOAL_JOB_ID")?;
@@ -102,6 +115,7 @@ fn worker_main() -> Result<()> {
             head_timeout: crate::core::head::HEAD_TIMEOUT,
             // As the node's environment says (unset or a bad value: off).
             task_events: crate::config::task_events_env(false),
+            env: inherited_env(),
         })
         .await?;
         core::install(Arc::clone(&core));

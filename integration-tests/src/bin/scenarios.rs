@@ -5,6 +5,9 @@
 //!
 //! Run: `SHOAL_ADDRESS=host:port scenarios <name> [args]` (no address: local mode).
 
+#[path = "scenarios/parity.rs"]
+mod parity;
+
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::sync::atomic::Ordering;
@@ -1074,6 +1077,9 @@ fn paced_calls(recorder: &ActorHandle<Recorder>, caller: u32, n: u32) -> (u32, V
 }
 
 fn main() -> shoal::Result<()> {
+    if let Some(done) = parity::run(&std::env::args().nth(1).unwrap_or_default()) {
+        return done;
+    }
     let _shoal = shoal::init(shoal::Config::from_env())?;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize| args.get(i).cloned().unwrap_or_default();

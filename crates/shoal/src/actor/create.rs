@@ -46,7 +46,12 @@ async fn create_raw(
     let shape = crate::owner::leases::Shape {
         resources: options.resources.clone(),
         placement: options.scheduling.placement.clone(),
+        env: core.env.merged(&options.env),
     };
+    shape
+        .env
+        .check()
+        .map_err(|e| Error::InvalidOptions(format!("env_var: {e}")))?;
     let resources = &shape.resources;
     let actor_id = ActorId::random();
     let task_id = TaskId::fresh();
@@ -103,7 +108,7 @@ async fn create_raw(
         }
     };
     let detached = options.detached;
-    let grant = crate::core::grant_request(core, &lease, (true, detached));
+    let grant = crate::core::grant_request(core, &lease, (true, detached), &shape.env);
     let worker = match node.call_idempotent(&grant, Duration::from_secs(90)).await {
         Ok(NodeReply::WorkerGranted { worker }) => worker,
         other => {
@@ -179,6 +184,7 @@ async fn create_raw(
         resources: shape.resources.clone(),
         owner: core.me.worker_id,
         placement: shape.placement.clone(),
+        env: shape.env.clone(),
     };
     match core
         .head

@@ -17,6 +17,7 @@ pub struct ActorOptions {
     pub(crate) max_restarts: u32,
     pub(crate) max_task_retries: u32,
     pub(crate) scheduling: crate::scheduling::Scheduling,
+    pub(crate) env: shoal_proto::EnvVars,
 }
 
 impl Default for ActorOptions {
@@ -39,6 +40,7 @@ impl ActorOptions {
             max_restarts: 0,
             max_task_retries: 0,
             scheduling: Default::default(),
+            env: Default::default(),
         }
     }
 
@@ -55,6 +57,14 @@ impl ActorOptions {
     }
 
     crate::scheduling::placement_options!("held for its life");
+
+    /// Sets `name` to `value` in the environment of the actor's worker
+    /// process, over the job's default (`Config::env_var`), also when it
+    /// restarts. An actor always has a worker of its own.
+    pub fn env_var(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.set(name, value);
+        self
+    }
 
     /// Calls that may run at once (`&self` methods on threads, `async`
     /// methods on the runtime); `&mut self` methods always run alone.

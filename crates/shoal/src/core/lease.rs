@@ -258,7 +258,12 @@ fn release_in_background(core: &Arc<Core>, node: NodeClient, lease_id: shoal_pro
 }
 
 /// What a lease holder asks a lease's node for: a worker for the job.
-pub(crate) fn grant_request(core: &Core, lease: &Lease, tenancy: (bool, bool)) -> NodeRequest {
+pub(crate) fn grant_request(
+    core: &Core,
+    lease: &Lease,
+    tenancy: (bool, bool),
+    env: &shoal_proto::EnvVars,
+) -> NodeRequest {
     let (dedicated, detached) = tenancy;
     NodeRequest::GrantWorker {
         lease_id: lease.lease_id,
@@ -270,6 +275,7 @@ pub(crate) fn grant_request(core: &Core, lease: &Lease, tenancy: (bool, bool)) -
         detached,
         owner: Some(core.me.worker_id),
         owner_node: core.hosting_node,
+        env: env.clone(),
     }
 }
 
@@ -371,7 +377,7 @@ async fn ask_lease(core: Arc<Core>, ask: Ask) {
                 m.answered(ask.clone(), Answer::Granted, out)
             });
             let room = lease.room_for_another;
-            match worker_for(&core, lease).await {
+            match worker_for(&core, lease, &ask.shape.env).await {
                 Ok(worker) => {
                     let lease_id = worker.lease.lease_id;
                     let worker = Arc::new(worker);
@@ -414,7 +420,11 @@ async fn ask_lease(core: Arc<Core>, ask: Ask) {
 
 /// The worker of a granted lease, from the lease's node (the lease is
 /// returned if there is none).
-async fn worker_for(core: &Arc<Core>, lease: Lease) -> Result<LeasedWorker, String> {
+async fn worker_for(
+    core: &Arc<Core>,
+    lease: Lease,
+    env: &shoal_proto::EnvVars,
+) -> Result<LeasedWorker, String> {
     let node = match core.node(&lease.node_address).await {
         Ok(node) => node,
         Err(e) => {
@@ -422,7 +432,7 @@ async fn worker_for(core: &Arc<Core>, lease: Lease) -> Result<LeasedWorker, Stri
             return Err(format!("cannot reach node {}: {e}", lease.node_id));
         }
     };
-    let grant = grant_request(core, &lease, (false, false));
+    let grant = grant_request(core, &lease, (false, false), env);
     // Idempotent per lease: a retry gets the worker the first try got.
     let worker = match node.call_idempotent(&grant, Duration::from_secs(90)).await {
         Ok(NodeReply::WorkerGranted { worker }) => worker,

@@ -153,6 +153,8 @@ pub(crate) struct Core {
     /// Mappings of the store files this process wrote large objects into.
     write_maps: Arc<crate::shm::WriteMaps>,
     pub(crate) binary_hash: String,
+    /// See [`CoreSetup::env`].
+    pub(crate) env: shoal_proto::EnvVars,
     /// Every connection this process opens goes through it.
     transport: Transport,
     pub(crate) head: head::HeadLink,
@@ -208,6 +210,9 @@ pub(crate) struct CoreSetup {
     pub head_timeout: Duration,
     /// Whether to send task events to the head.
     pub task_events: bool,
+    /// The environment the tasks and actors this process submits get by
+    /// default (a driver's `Config::env_var`; a worker's own).
+    pub env: shoal_proto::EnvVars,
 }
 
 impl Core {
@@ -280,6 +285,7 @@ impl Core {
             local_store: tokio::sync::OnceCell::new(),
             write_maps: Arc::default(),
             binary_hash,
+            env: setup.env,
             transport,
             head,
             nodes: DashMap::new(),

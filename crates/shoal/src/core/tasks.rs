@@ -388,7 +388,13 @@ impl Core {
         let shape = Shape {
             resources: options.resources.clone(),
             placement: self.placement_for(&options.scheduling.placement, spec_args),
+            env: self.env.merged(&options.env),
         };
+        if let Err(e) = shape.env.check() {
+            let why = format!("env_var: {e}");
+            self.events.failed(task_id, attempt, why.clone());
+            return run.cannot_run(FailureKind::InvalidOptions, why);
+        }
         let place = match self.leases.acquire(self, &shape, kind).await {
             Ok(place) => place,
             Err(Error::Unschedulable(why)) => {

@@ -70,6 +70,8 @@ pub type ClassKey = Arc<str>;
 pub struct Shape {
     pub resources: ResourceSet,
     pub placement: Placement,
+    /// The variables its workers are started with.
+    pub env: shoal_proto::EnvVars,
 }
 
 impl From<ResourceSet> for Shape {
@@ -77,6 +79,7 @@ impl From<ResourceSet> for Shape {
         Self {
             resources,
             placement: Placement::default(),
+            env: Default::default(),
         }
     }
 }
@@ -90,6 +93,9 @@ pub fn class_key(shape: &Shape) -> ClassKey {
         .collect();
     if !shape.placement.is_default() {
         key.push_str(&format!("{:?}", shape.placement));
+    }
+    if !shape.env.is_empty() {
+        key.push_str(&format!("{:?}", shape.env));
     }
     key.into()
 }
