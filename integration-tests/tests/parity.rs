@@ -11,10 +11,24 @@ const DEADLINE: Duration = Duration::from_secs(240);
 fn check_env(out: &Value) {
     assert_eq!(out["seen"]["V1"], serde_json::json!(["V1", "job"]), "{out}");
     assert_eq!(out["seen"]["V2"], serde_json::json!(["V2", "job"]), "{out}");
-    assert_eq!(out["seen"]["none"], serde_json::json!([null, "job"]), "{out}");
-    assert_eq!(out["shared_workers"], 0, "a worker served two environments: {out}");
-    assert_eq!(out["overridden"], serde_json::json!([null, "task"]), "{out}");
-    assert_eq!(out["nested"], "V3", "a nested task inherits its parent's: {out}");
+    assert_eq!(
+        out["seen"]["none"],
+        serde_json::json!([null, "job"]),
+        "{out}"
+    );
+    assert_eq!(
+        out["shared_workers"], 0,
+        "a worker served two environments: {out}"
+    );
+    assert_eq!(
+        out["overridden"],
+        serde_json::json!([null, "task"]),
+        "{out}"
+    );
+    assert_eq!(
+        out["nested"], "V3",
+        "a nested task inherits its parent's: {out}"
+    );
     assert_eq!(out["actor"], "actor", "{out}");
     assert_eq!(out["actor_job"], "job", "{out}");
     for key in ["refused_shoal", "refused_digit"] {
@@ -44,5 +58,76 @@ fn worker_environments_in_local_mode_with_threads_and_processes() {
 fn worker_environments_on_a_cluster() {
     let cluster = ProcessCluster::three_process();
     check_env(&scenario_result(&["env"], &cluster.driver_env(), DEADLINE));
+    cluster.assert_no_panics();
+}
+
+/// A cancelled reference answered `kind` within a second.
+fn answered(out: &Value, key: &str, kind: &str) {
+    assert_eq!(out[key]["kind"], kind, "{key}: {out:#}");
+    let ms = out[key]["ms"].as_u64().expect("ms");
+    assert!(ms < 1000, "{key} answered after {ms} ms: {out:#}");
+}
+
+fn check_cancel(out: &Value, processes: bool) {
+    assert_eq!(out["started"], true, "{out:#}");
+    answered(out, "sync", "cancelled");
+    assert_eq!(
+        out["saw"], true,
+        "is_cancelled turned true in the task: {out:#}"
+    );
+    answered(out, "async", "cancelled");
+    assert_eq!(out["dropped"], true, "the async task was dropped: {out:#}");
+    answered(out, "never", "cancelled");
+    assert_eq!(out["never_started"], true, "{out:#}");
+    answered(out, "nested", "cancelled");
+    assert_eq!(
+        out["child_saw"], true,
+        "the nested task was cancelled: {out:#}"
+    );
+    assert_eq!(out["cancelled_elsewhere"], true, "{out:#}");
+    assert_eq!(out["remote"]["kind"], "cancelled", "{out:#}");
+    assert_eq!(out["remote_saw"], true, "{out:#}");
+    answered(out, "force", "cancelled");
+    if processes {
+        assert_eq!(out["own_process"], false, "{out:#}");
+        assert_eq!(
+            out["worker_stopped"], true,
+            "a forced cancel stops the worker: {out:#}"
+        );
+    }
+    // Measured from submission: 300 ms, then at most a second.
+    assert_eq!(out["timeout"]["kind"], "timeout 300ms", "{out:#}");
+    assert!(out["timeout"]["ms"].as_u64().expect("ms") < 1300, "{out:#}");
+    assert_eq!(out["timed_saw"], true, "{out:#}");
+    assert_eq!(out["value"], out["after_done"], "{out:#}");
+    answered(out, "call_queued", "cancelled");
+    answered(out, "call_running", "cancelled");
+    assert_eq!(
+        out["ran"],
+        serde_json::json!(["block", "after"]),
+        "the queued call never ran: {out:#}"
+    );
+    answered(out, "call_async", "cancelled");
+    assert_eq!(out["method_dropped"], true, "{out:#}");
+    assert_eq!(out["call_timeout"]["kind"], "timeout 300ms", "{out:#}");
+    assert_eq!(out["timed_method_dropped"], true, "{out:#}");
+}
+
+#[test]
+fn cancels_and_timeouts_in_local_mode() {
+    check_cancel(&scenario_result(&["cancel"], &[], DEADLINE), false);
+    check_cancel(
+        &scenario_result(&["cancel"], &local_processes(), DEADLINE),
+        true,
+    );
+}
+
+#[test]
+fn cancels_and_timeouts_on_a_cluster() {
+    let cluster = ProcessCluster::three_process();
+    check_cancel(
+        &scenario_result(&["cancel"], &cluster.driver_env(), DEADLINE),
+        true,
+    );
     cluster.assert_no_panics();
 }

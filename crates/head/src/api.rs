@@ -1326,7 +1326,7 @@ impl HeadService {
                 }
                 state
                     .actors
-                    .register(info.clone(), spec)
+                    .register(info.clone(), *spec)
                     .map_err(|e| bad_request(e.to_string()))?;
                 Ok(HeadReply::Actor(info))
             }

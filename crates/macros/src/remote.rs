@@ -309,6 +309,8 @@ fn codegen(f: RemoteFn) -> TokenStream {
                 pub fn label_selector_soft(self, pairs: &[(&str, &str)]) -> Self { Self(self.0.label_selector_soft(pairs)) }
                 /// How a node is picked: `shoal::Strategy::Spread`, `shoal::Strategy::node_affinity(id, soft)`.
                 pub fn scheduling(self, strategy: ::shoal::Strategy) -> Self { Self(self.0.scheduling(strategy)) }
+                /// Cancel the task past this long after its submission: its reference gives `Error::Timeout`.
+                pub fn timeout(self, after: ::std::time::Duration) -> Self { Self(self.0.timeout(after)) }
                 /// A variable set in the environment of the worker process that runs the task.
                 pub fn env_var(self, name: &str, value: &str) -> Self { Self(self.0.env_var(name, value)) }
                 /// Submits the task with these options.

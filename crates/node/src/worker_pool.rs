@@ -592,10 +592,7 @@ impl WorkerPool {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         if !user_env.is_empty() {
-            env.push((
-                shoal_proto::env::WORKER_ENV_NAMES.into(),
-                user_env.names(),
-            ));
+            env.push((shoal_proto::env::WORKER_ENV_NAMES.into(), user_env.names()));
         }
         env.extend(self.env.locked().iter().cloned());
         {

@@ -163,12 +163,12 @@ mod tests {
         }
         let mut long = EnvVars::new();
         long.set("A", "v".repeat(ENV_VALUE_MAX + 1));
-        assert!(long.check().unwrap_err().contains("bytes"));
+        assert!(long.check().expect_err("too long").contains("bytes"));
         let mut many = EnvVars::new();
         for i in 0..=ENV_VARS_MAX {
             many.set(format!("V{i}"), "1");
         }
-        assert!(many.check().unwrap_err().contains("at most"));
+        assert!(many.check().expect_err("too many").contains("at most"));
         // As a peer might send it: unsorted, or a name twice.
         let unsorted = EnvVars(vec![("B".into(), "1".into()), ("A".into(), "1".into())]);
         assert!(unsorted.check().is_err());

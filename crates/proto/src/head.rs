@@ -92,8 +92,8 @@ pub enum HeadRequest {
     RegisterActor {
         /// Where it lives, and its options.
         info: ActorInfo,
-        /// How to create it again.
-        spec: ActorSpec,
+        /// How to create it again (boxed: the largest request).
+        spec: Box<ActorSpec>,
     },
     /// The actor's record. With `known_incarnation`, the head holds the
     /// answer up to `wait_ms` while the actor is still that incarnation and

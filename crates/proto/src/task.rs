@@ -140,6 +140,9 @@ pub struct TaskFailure {
     /// Attempts made (for `WorkerCrashed`).
     #[serde(default)]
     pub attempts: u32,
+    /// For [`FailureKind::Timeout`]: the task's timeout, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_ms: Option<u64>,
 }
 
 /// The kinds of [`TaskFailure`].
@@ -177,4 +180,9 @@ pub enum FailureKind {
     /// The task's options cannot be used (a malformed label selector, a
     /// GPU count that is neither a fraction nor whole).
     InvalidOptions,
+    /// The task was cancelled (`shoal::cancel`), or a task it was submitted
+    /// from was.
+    Cancelled,
+    /// The task ran past its timeout and was cancelled.
+    Timeout,
 }

@@ -40,6 +40,22 @@ pub enum WorkerRequest {
         /// How long to wait for it to become ready.
         wait_ms: u64,
     },
+    /// Stop running a task or actor call here (or, not started yet, never
+    /// start it): `shoal::is_cancelled()` turns true in it, an async one is
+    /// dropped at its next await, and the tasks it submitted are cancelled
+    /// too. Answered `Ok` at once.
+    CancelTask {
+        /// The task, or the actor call.
+        task_id: TaskId,
+    },
+    /// Cancel the task that makes an object this process owns (asked by a
+    /// process holding a reference to it). Answered `Ok`.
+    CancelObject {
+        /// The task's result.
+        id: ObjectId,
+        /// Also stop the worker running it.
+        force: bool,
+    },
 }
 
 /// A reply from a worker.

@@ -88,9 +88,10 @@ async fn start_driver(config: Config) -> Result<Arc<core::Core>> {
             config.bad_env.join("; ")
         )));
     }
-    config.env.check().map_err(|e| {
-        Error::InvalidOptions(format!("Config::env_var: {e}"))
-    })?;
+    config
+        .env
+        .check()
+        .map_err(|e| Error::InvalidOptions(format!("Config::env_var: {e}")))?;
     let joining = match &config.address {
         Some(address) => join_cluster(&config, address).await?,
         None => start_local(&config).await?,

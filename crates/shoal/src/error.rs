@@ -172,6 +172,17 @@ pub enum Error {
     /// affinity to a node that is not alive (or could never fit it).
     #[error("cannot be scheduled: {0}")]
     Unschedulable(String),
+    /// The task or actor call was cancelled (`shoal::cancel`), or a task it
+    /// was submitted from was.
+    #[error("task {task_id} ({function}) was cancelled: {message}")]
+    Cancelled {
+        /// The function or method.
+        function: String,
+        /// The task or call.
+        task_id: TaskId,
+        /// Details (forced or not).
+        message: String,
+    },
 }
 
 impl Error {
@@ -198,6 +209,14 @@ impl Error {
             FailureKind::HeadUnavailable => Error::HeadUnavailable(f.message),
             FailureKind::Unschedulable => Error::Unschedulable(f.message),
             FailureKind::InvalidOptions => Error::InvalidOptions(f.message),
+            FailureKind::Cancelled => Error::Cancelled {
+                function: f.function,
+                task_id: f.task_id,
+                message: f.message,
+            },
+            FailureKind::Timeout => {
+                Error::Timeout(Duration::from_millis(f.after_ms.unwrap_or_default()))
+            }
             FailureKind::WorkerCrashed => Error::WorkerCrashed {
                 function: f.function,
                 task_id: f.task_id,

@@ -132,6 +132,43 @@ pub fn kill<A: Actor>(actor: &ActorHandle<A>, no_restart: bool) -> Result<()> {
     actor::kill(actor.as_raw(), no_restart)
 }
 
+/// Cancels the task or actor call that makes `object` (as Ray's
+/// `ray.cancel`). Its reference gives [`Error::Cancelled`] at once. A task
+/// not started yet never starts; a running one sees
+/// [`is_cancelled`] turn true, and an async one is dropped at its next
+/// `.await`. The tasks and calls it submitted are cancelled too
+/// (recursively). An actor call waiting for its turn never runs. A task or
+/// call that has ended is left as it is. Works from any process holding the
+/// reference (the cancel goes to the object's owner).
+pub fn cancel<T>(object: &ObjectRef<T>) -> Result<()> {
+    cancel_with(object, false)
+}
+
+/// [`cancel`], and the task's worker process is stopped (a sync task that
+/// never looks at [`is_cancelled`] stops too). For an actor call it is
+/// [`cancel`]: stopping the worker would end the actor (use [`kill`]). In
+/// local mode with thread workers, the worker's service stops and its
+/// thread runs the function to its end.
+pub fn cancel_force<T>(object: &ObjectRef<T>) -> Result<()> {
+    cancel_with(object, true)
+}
+
+fn cancel_with<T>(object: &ObjectRef<T>, force: bool) -> Result<()> {
+    let core = core::get()?;
+    let (id, owner) = object_ref::parts(object);
+    core.block_on(async move { core::get()?.cancel(id, &owner, force).await })
+}
+
+/// True inside a task or actor call that has been cancelled (by
+/// [`cancel`], a timeout, or the cancel of the task that submitted it):
+/// long-running sync code checks it and returns early. False elsewhere.
+pub fn is_cancelled() -> bool {
+    let Some(task) = worker::context::current_task() else {
+        return false;
+    };
+    core::get().is_ok_and(|core| worker::Process::cancels(&*core).is_cancelled(task))
+}
+
 /// Where the calling code runs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Context {

@@ -11,6 +11,7 @@ pub struct TaskOptions {
     pub(crate) retry_exceptions: bool,
     pub(crate) scheduling: crate::scheduling::Scheduling,
     pub(crate) env: shoal_proto::EnvVars,
+    pub(crate) timeout: Option<std::time::Duration>,
 }
 
 impl Default for TaskOptions {
@@ -30,6 +31,7 @@ impl TaskOptions {
             retry_exceptions: false,
             scheduling: Default::default(),
             env: Default::default(),
+            timeout: None,
         }
     }
 
@@ -58,6 +60,14 @@ impl TaskOptions {
     }
 
     crate::scheduling::placement_options!("held while it runs");
+
+    /// Past this long after its submission, the task is cancelled
+    /// (cooperatively, as `shoal::cancel` does) and its reference gives
+    /// [`Error::Timeout`](crate::Error::Timeout).
+    pub fn timeout(mut self, after: std::time::Duration) -> Self {
+        self.timeout = Some(after);
+        self
+    }
 
     /// Sets `name` to `value` in the environment of the worker process
     /// that runs the task, over the job's default (`Config::env_var`); the

@@ -35,6 +35,14 @@ impl InvokeError {
         }
     }
 
+    /// The call was cancelled before it ran.
+    pub(crate) fn cancelled() -> Self {
+        Self {
+            kind: FailureKind::Cancelled,
+            message: "cancelled".into(),
+        }
+    }
+
     /// The function returned `Err(e)`.
     pub fn app(e: &dyn std::fmt::Display) -> Self {
         Self {

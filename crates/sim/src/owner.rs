@@ -167,6 +167,7 @@ fn failed(task: u64, message: String) -> TaskFailure {
         message,
         backtrace: None,
         attempts: 1,
+        after_ms: None,
     }
 }
 

@@ -88,6 +88,7 @@ pub(crate) fn call<T>(raw: &RawActor, method: &'static str, args: Vec<ArgValue>)
             message,
             backtrace: None,
             attempts: 0,
+            after_ms: None,
         };
         core.complete_object(id, ObjState::Failed(f));
         ObjectRef::adopt(id, core.me.clone())
@@ -107,6 +108,20 @@ pub(crate) fn call<T>(raw: &RawActor, method: &'static str, args: Vec<ArgValue>)
             format!("{max} calls are already waiting on this handle (max_pending_calls)"),
         );
     }
+    let cancel = {
+        let caller = Arc::clone(&raw.caller);
+        core.cancellable(
+            id,
+            std::borrow::Cow::Owned(format!("{}::{method}", raw.class)),
+            crate::core::cancel::Target::Call(Box::new(move || {
+                caller.location().worker.address.clone()
+            })),
+        )
+    };
+    if let Some(after) = raw.call_timeout {
+        core.time_out(id, &cancel, after);
+    }
+    drop(cancel);
     let (turn, slot) = raw.caller.outbox().open();
     let order = Order {
         turn,
@@ -136,6 +151,7 @@ pub(crate) fn call<T>(raw: &RawActor, method: &'static str, args: Vec<ArgValue>)
 /// A call is answered (or failed for good): its reference resolves.
 fn finish_call(core: &Arc<Core>, raw: &RawActor, id: ObjectId, state: ObjState) {
     raw.caller.pending.fetch_sub(1, Ordering::SeqCst);
+    core.run_ended(id);
     core.complete_object(id, state);
 }
 
@@ -351,6 +367,7 @@ impl Drive {
             message: format!("actor {}: {message}", self.raw.actor_id),
             backtrace: None,
             attempts: self.tries.attempts(),
+            after_ms: None,
         })
     }
 

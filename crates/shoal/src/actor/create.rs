@@ -191,7 +191,7 @@ async fn create_raw(
         .call_idempotent(
             &HeadRequest::RegisterActor {
                 info: info.clone(),
-                spec,
+                spec: Box::new(spec),
             },
             Duration::from_secs(30),
         )

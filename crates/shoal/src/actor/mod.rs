@@ -87,6 +87,18 @@ impl<A: Actor> ActorHandle<A> {
     pub(crate) fn as_raw(&self) -> &RawActor {
         self.methods.as_ref()
     }
+
+    /// This handle's methods, with each call made through them cancelled
+    /// past `after` (its reference then gives
+    /// [`Error::Timeout`](crate::Error::Timeout); a call still waiting for
+    /// its turn never runs, a running async method is dropped):
+    /// `handle.timeout(Duration::from_secs(1)).method(x)`. The calls keep
+    /// their place in this handle's order.
+    pub fn timeout(&self, after: std::time::Duration) -> A::Methods {
+        let mut raw = self.as_raw().clone();
+        raw.call_timeout = Some(after);
+        A::Methods::from(raw)
+    }
 }
 
 impl<A: Actor> Deref for ActorHandle<A> {
@@ -354,6 +366,9 @@ pub struct RawActor {
     pub(crate) class: String,
     caller: Arc<Caller>,
     lifetime: Arc<Lifetime>,
+    /// Calls made through this copy are cancelled past it
+    /// ([`ActorHandle::timeout`]).
+    call_timeout: Option<std::time::Duration>,
 }
 
 impl RawActor {
@@ -381,6 +396,7 @@ impl RawActor {
             class: wire.class,
             caller,
             lifetime,
+            call_timeout: None,
         }
     }
 

@@ -20,7 +20,7 @@ pub(crate) struct LeasedWorker {
     pub(crate) lease: Lease,
     pub(crate) worker_id: WorkerId,
     pub(crate) worker: WorkerClient,
-    node: NodeClient,
+    pub(crate) node: NodeClient,
     /// Cancelled when the worker's node says it has exited (or the node is
     /// unreachable): a task pushed to it is retried at once.
     pub(crate) lost: CancellationToken,

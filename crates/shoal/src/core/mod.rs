@@ -16,6 +16,7 @@
 //! It serves the worker side (`crate::worker`) through
 //! [`worker::Process`](crate::worker::Process).
 
+pub(crate) mod cancel;
 pub(crate) mod events;
 pub(crate) mod head;
 mod lease;
@@ -179,6 +180,10 @@ pub(crate) struct Core {
     pub(crate) shutdown: CancellationToken,
     /// Cancelled when the job starts to end: no more lease requests.
     pub(crate) stopping: CancellationToken,
+    /// The tasks and actor calls this process may cancel.
+    submitted: cancel::Submitted,
+    /// The tasks and calls running here that may be cancelled.
+    cancels: worker::cancel::Cancels,
     /// Deletes of freed objects under way: shutdown waits for them.
     deletes: tokio_util::task::TaskTracker,
     /// Keeps the in-process cluster of local mode alive.
@@ -303,6 +308,8 @@ impl Core {
             shutdown: shutdown.clone(),
             stopping: CancellationToken::new(),
             deletes: tokio_util::task::TaskTracker::new(),
+            submitted: Default::default(),
+            cancels: Default::default(),
             #[cfg(feature = "local")]
             local: std::sync::Mutex::new(None),
         });
@@ -483,6 +490,27 @@ impl worker::Process for Core {
 
     fn still_borrowed(&self, id: ObjectId) -> bool {
         self.objects.still_borrowed(id)
+    }
+
+    fn cancels(&self) -> &worker::cancel::Cancels {
+        &self.cancels
+    }
+
+    fn cancel_children(self: &Arc<Self>, task: TaskId) {
+        Core::cancel_children(self, task);
+    }
+
+    fn children_done(&self, task: TaskId) {
+        Core::children_done(self, task);
+    }
+
+    fn cancel_owned(self: &Arc<Self>, id: ObjectId, force: bool) {
+        let why = cancel::Why {
+            kind: shoal_proto::FailureKind::Cancelled,
+            force,
+            after: None,
+        };
+        self.cancel_here(id, why);
     }
 
     fn object_value(

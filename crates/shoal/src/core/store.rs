@@ -433,6 +433,7 @@ impl Core {
                 message: format!("the result could not be stored: {e}"),
                 backtrace: None,
                 attempts: 1,
+                after_ms: None,
             }),
         }
     }

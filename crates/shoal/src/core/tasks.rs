@@ -13,6 +13,7 @@ use shoal_proto::{
 };
 use tracing::warn;
 
+use super::cancel::Cancellable;
 use super::events::failure_text;
 use super::lease::TaskKind;
 use super::objects::Lent;
@@ -37,6 +38,14 @@ impl Core {
         let task_id = TaskId::fresh();
         let id = task_id.return_object(0);
         self.register_pending(id);
+        let cancel = self.cancellable(
+            id,
+            std::borrow::Cow::Borrowed(function.name),
+            super::cancel::Target::Task,
+        );
+        if let Some(after) = options.timeout {
+            self.time_out(id, &cancel, after);
+        }
         // A task with no reference to wait for waits for a lease at once.
         let waits = args.iter().any(|a| matches!(a, ArgValue::Ref { .. }));
         self.events.submitted(task_id, function.name, waits);
@@ -46,7 +55,10 @@ impl Core {
         let span = tracing::debug_span!("task", job = %self.job_id, task = %task_id, function = %function.name);
         let run = async move {
             tracing::debug!("submitted");
-            let (outcome, lineage) = core.run_task(task_id, function, options, args).await;
+            let (outcome, lineage) = core
+                .run_task(task_id, function, options, args, &cancel)
+                .await;
+            core.run_ended(id);
             if let Some(lineage) = lineage {
                 core.objects.set_lineage(id, lineage);
             }
@@ -207,6 +219,7 @@ impl Core {
             message,
             backtrace: None,
             attempts: 0,
+            after_ms: None,
         };
         let mut spec_args = Vec::with_capacity(args.len());
         let mut keep_alive = Vec::new();
@@ -256,17 +269,21 @@ impl Core {
         function: &'static RemoteFunction,
         options: TaskOptions,
         args: Vec<ArgValue>,
+        cancel: &Cancellable,
     ) -> (ObjState, Option<Arc<Lineage>>) {
         // The references stay alive until the task is done: a stored
         // argument must not be freed while a worker may still read it.
-        let (spec_args, mut keep_alive, lent) =
-            match self.resolve_lending(function.name, task_id, args).await {
-                Ok(resolved) => resolved,
-                Err(f) => {
-                    self.events.failed(task_id, 0, failure_text(&f));
-                    return (ObjState::Failed(f), None);
-                }
-            };
+        let resolved = tokio::select! {
+            resolved = self.resolve_lending(function.name, task_id, args) => resolved,
+            _ = cancel.token.cancelled() => return (cancelled_state(cancel), None),
+        };
+        let (spec_args, mut keep_alive, lent) = match resolved {
+            Ok(resolved) => resolved,
+            Err(f) => {
+                self.events.failed(task_id, 0, failure_text(&f));
+                return (ObjState::Failed(f), None);
+            }
+        };
         if !keep_alive.is_empty() {
             // It waited for its reference arguments; now for a lease.
             self.events.state(task_id, 0, TaskState::PendingLease);
@@ -282,7 +299,12 @@ impl Core {
             stored_args,
         );
         let (state, spec_args) = self
-            .run_to_end(run, (function, &options), spec_args, borrows.as_deref())
+            .run_to_end(
+                run,
+                (function, &options),
+                spec_args,
+                (borrows.as_deref(), cancel),
+            )
             .await;
         // A rerun sends the same values: what they lend stays lent as long
         // as the lineage (else the borrows end here, with `lent`).
@@ -322,10 +344,16 @@ impl Core {
         mut run: TaskRun,
         task: (&'static RemoteFunction, &TaskOptions),
         mut spec_args: Vec<ArgSpec>,
-        borrows: Option<&Mutex<Borrows>>,
+        (borrows, cancel): (Option<&Mutex<Borrows>>, &Cancellable),
     ) -> (ObjState, Vec<ArgSpec>) {
         loop {
-            match self.try_once(&mut run, task, &spec_args, borrows).await {
+            if cancel.why().is_some() {
+                return (cancelled_state(cancel), spec_args);
+            }
+            match self
+                .try_once(&mut run, task, &spec_args, (borrows, Some(cancel)))
+                .await
+            {
                 Then::Finish(state) => return (state, spec_args),
                 Then::Again => {}
                 Then::RebuildArgs => {
@@ -352,7 +380,10 @@ impl Core {
         borrows: Option<&Mutex<Borrows>>,
     ) -> ObjState {
         loop {
-            match self.try_once(&mut run, task, spec_args, borrows).await {
+            match self
+                .try_once(&mut run, task, spec_args, (borrows, None))
+                .await
+            {
                 Then::Finish(state) => return state,
                 Then::Again => {}
                 // A rerun does not rebuild here: the run ends as lost.
@@ -372,7 +403,7 @@ impl Core {
         run: &mut TaskRun,
         (function, options): (&'static RemoteFunction, &TaskOptions),
         spec_args: &[ArgSpec],
-        borrows: Option<&Mutex<Borrows>>,
+        (borrows, cancel): (Option<&Mutex<Borrows>>, Option<&Cancellable>),
     ) -> Then {
         let kind = TaskKind::of(function.name);
         let (task_id, attempt) = (run.task_id(), run.attempt());
@@ -395,7 +426,18 @@ impl Core {
             self.events.failed(task_id, attempt, why.clone());
             return run.cannot_run(FailureKind::InvalidOptions, why);
         }
-        let place = match self.leases.acquire(self, &shape, kind).await {
+        let cancelled = async {
+            match cancel {
+                Some(cancel) => cancel.token.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        let acquired = tokio::select! {
+            acquired = self.leases.acquire(self, &shape, kind) => acquired,
+            // Not pushed yet: it never will be.
+            _ = cancelled => return Then::Finish(cancel.map(cancelled_state).unwrap_or(ObjState::Pending)),
+        };
+        let place = match acquired {
             Ok(place) => place,
             Err(Error::Unschedulable(why)) => {
                 self.events.failed(task_id, attempt, why.clone());
@@ -431,11 +473,23 @@ impl Core {
         };
         let request = WorkerRequest::PushTask(spec);
         let push = leased.worker.call(&request, TASK_CALL_TIMEOUT);
-        let reply = tokio::select! {
-            reply = push => reply,
-            // The node saw the worker exit: no need to wait for the
-            // connection to time out.
-            _ = leased.lost.cancelled() => Err(shoal_net::RpcError::Stream("the worker exited".into())),
+        tokio::pin!(push);
+        let mut told = cancel.is_none();
+        let reply = loop {
+            tokio::select! {
+                reply = &mut push => break reply,
+                // The node saw the worker exit: no need to wait for the
+                // connection to time out.
+                _ = leased.lost.cancelled() => break Err(shoal_net::RpcError::Stream("the worker exited".into())),
+                // Cancelled while it runs: the worker is told (and stops it
+                // and what it submitted), or, forced, its node stops the
+                // worker; its answer is still awaited, for the place.
+                _ = async { cancel.expect("told is false").token.cancelled().await }, if !told => {
+                    told = true;
+                    let force = cancel.and_then(Cancellable::why).is_some_and(|w| w.force);
+                    self.stop_pushed(leased, task_id, force);
+                }
+            }
         };
         let mut kept = Vec::new();
         let tried = match reply {
@@ -478,6 +532,39 @@ impl Core {
             PlaceDone::Discard => self.leases.discard(self, &place),
         }
         then
+    }
+}
+
+/// What a cancelled task's reference says.
+fn cancelled_state(cancel: &Cancellable) -> ObjState {
+    let why = cancel.why().unwrap_or(super::cancel::Why {
+        kind: FailureKind::Cancelled,
+        force: false,
+        after: None,
+    });
+    ObjState::Failed(cancel.failure(why))
+}
+
+impl Core {
+    /// Tells the worker running `task_id` to stop it (and what it
+    /// submitted); `force`: then has its node stop the worker.
+    fn stop_pushed(&self, leased: &super::lease::LeasedWorker, task_id: TaskId, force: bool) {
+        let (worker, node, worker_id) =
+            (leased.worker.clone(), leased.node.clone(), leased.worker_id);
+        self.handle.spawn(async move {
+            let told = worker
+                .call_idempotent(&WorkerRequest::CancelTask { task_id }, CONTROL_TIMEOUT)
+                .await;
+            if let Err(e) = told {
+                tracing::debug!(%task_id, error = %e, "could not tell the worker to cancel");
+            }
+            if force {
+                let kill = NodeRequest::KillWorker { worker_id };
+                if let Err(e) = node.call_idempotent(&kill, CONTROL_TIMEOUT).await {
+                    warn!(%task_id, %worker_id, error = %e, "could not stop a cancelled task's worker");
+                }
+            }
+        });
     }
 }
 

@@ -89,6 +89,40 @@ impl Slot {
         self.notify.notify_waiters();
     }
 
+    /// Sets `state` if the object is still pending (a cancel); true if
+    /// it did.
+    pub fn set_if_pending(&self, state: ObjState) -> bool {
+        let mut guard = self.state.locked();
+        if !matches!(*guard, ObjState::Pending) {
+            return false;
+        }
+        *guard = state;
+        self.ready.store(true, Ordering::Release);
+        drop(guard);
+        self.notify.notify_waiters();
+        true
+    }
+
+    /// Sets the final `state` of a run, unless the run was cancelled
+    /// meanwhile: then the state is given back (a stored result is to be
+    /// freed).
+    fn finish(&self, state: ObjState) -> Option<ObjState> {
+        let mut guard = self.state.locked();
+        let cancelled = matches!(
+            &*guard,
+            ObjState::Failed(f) if matches!(f.kind, shoal_proto::FailureKind::Cancelled | shoal_proto::FailureKind::Timeout)
+        );
+        if cancelled {
+            return Some(state);
+        }
+        let ready = !matches!(state, ObjState::Pending);
+        *guard = state;
+        self.ready.store(ready, Ordering::Release);
+        drop(guard);
+        self.notify.notify_waiters();
+        None
+    }
+
     /// Woken by every [`set`](Self::set) (enable it before reading the
     /// state, so no change is missed).
     pub fn notify(&self) -> &Notify {
@@ -271,15 +305,13 @@ impl Objects {
     /// An owned object's final state; if nobody holds a reference any
     /// more, a stored result is to be freed.
     pub fn complete(&self, id: ObjectId, state: ObjState) -> Option<Free> {
-        match self.get(id) {
-            Some(slot) => {
-                slot.set(state);
-                None
-            }
-            None => match state {
-                ObjState::Stored(at) => Some(Free { id, at }),
-                _ => None,
-            },
+        let unused = match self.get(id) {
+            Some(slot) => slot.finish(state),
+            None => Some(state),
+        };
+        match unused {
+            Some(ObjState::Stored(at)) => Some(Free { id, at }),
+            _ => None,
         }
     }
 

@@ -128,6 +128,7 @@ impl TaskRun {
             message,
             backtrace: None,
             attempts: self.attempt + 1,
+            after_ms: None,
         }
     }
 
@@ -294,6 +295,7 @@ mod tests {
             message: "boom".into(),
             backtrace: None,
             attempts: 1,
+            after_ms: None,
         })
     }
 
@@ -416,6 +418,7 @@ mod tests {
                 message: String::new(),
                 backtrace: None,
                 attempts: 1,
+                after_ms: None,
             })),
             Rebuilt::ArgsLost
         ));

@@ -141,11 +141,29 @@ pub(crate) fn timed<R>(quick: &std::sync::atomic::AtomicBool, run: impl FnOnce()
     out
 }
 
+/// The failure of a task cancelled where it runs (its owner has already
+/// failed its reference, with its own words).
+pub(crate) fn cancelled(spec: &TaskSpec, executor: super::Executor) -> TaskFailure {
+    TaskFailure {
+        kind: FailureKind::Cancelled,
+        function: spec.function.name.clone(),
+        task_id: spec.task_id,
+        node_id: Some(executor.node_id),
+        message: "cancelled".into(),
+        backtrace: None,
+        attempts: spec.attempt + 1,
+        after_ms: None,
+    }
+}
+
 /// Runs `spec`'s function on `args` (already fetched), catching panics.
+/// An async function is dropped at its next await once `cancel` is
+/// cancelled; a sync one runs on (`shoal::is_cancelled()` tells it).
 pub(crate) async fn invoke(
     spec: &TaskSpec,
     args: crate::shm::Args,
     executor: super::Executor,
+    cancel: &tokio_util::sync::CancellationToken,
 ) -> Result<Vec<u8>, TaskFailure> {
     let node_id = executor.node_id;
     let failure = |kind, message: String, backtrace: Option<String>| TaskFailure {
@@ -156,6 +174,7 @@ pub(crate) async fn invoke(
         message,
         backtrace,
         attempts: spec.attempt + 1,
+        after_ms: None,
     };
     let Some(entry) = registry::entry(&spec.function.name) else {
         return Err(failure(
@@ -191,7 +210,10 @@ pub(crate) async fn invoke(
                 },
             }
         }
-        Invoker::Async(call) => await_caught(running, call(args)).await,
+        Invoker::Async(call) => tokio::select! {
+            out = await_caught(running, call(args)) => out,
+            _ = cancel.cancelled() => return Err(cancelled(spec, executor)),
+        },
     };
     match outcome {
         Ok(Ok(bytes)) => Ok(bytes),

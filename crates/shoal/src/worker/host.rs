@@ -120,6 +120,7 @@ fn failure(
         message,
         backtrace: None,
         attempts: 1,
+        after_ms: None,
     }
 }
 
@@ -249,9 +250,12 @@ impl Host {
             seq: call.seq,
             ended: false,
         };
+        let cancel = process.cancels().start(call.task_id);
         let reply = hosted
-            .run(process, &call, args, executor, &line.turns)
+            .run(process, &call, args, executor, (&line.turns, &cancel.token))
             .await;
+        drop(cancel);
+        process.children_done(call.task_id);
         running.finish(reply.clone());
         Ok(reply)
     }
@@ -311,7 +315,7 @@ impl Hosted {
         call: &ActorCall,
         args: Option<Result<crate::shm::Args>>,
         executor: Executor,
-        turn: &Turns,
+        (turn, cancel): (&Turns, &tokio_util::sync::CancellationToken),
     ) -> TaskReply {
         let hosted = self;
         let function = format!("{}::{}", hosted.class.name, call.method);
@@ -328,6 +332,18 @@ impl Hosted {
             kept: Vec::new(),
         };
         let advance = || turn.pass(call.seq);
+        if cancel.is_cancelled() {
+            // Cancelled while it waited for its turn: it never runs.
+            advance();
+            let f = failure(
+                FailureKind::Cancelled,
+                &function,
+                call.task_id,
+                executor,
+                "cancelled before it ran".into(),
+            );
+            return reply(TaskOutcome::Failed(f));
+        }
         let args = match args {
             None => {
                 advance();
@@ -397,17 +413,25 @@ impl Hosted {
                 // which spares the hand-off to the actor's thread and back.
                 Some(mut guard) => {
                     advance();
-                    let ran = Lane::run_claimed(&hosted.quick[index], || {
-                        run_caught(running, || method.run_on(&mut guard))
-                    })
-                    .await;
+                    let ran = if cancel.is_cancelled() {
+                        Ok(Err(crate::registry::InvokeError::cancelled()))
+                    } else {
+                        Lane::run_claimed(&hosted.quick[index], || {
+                            run_caught(running, || method.run_on(&mut guard))
+                        })
+                        .await
+                    };
                     drop(guard);
                     lane.done();
                     ran
                 }
                 None => {
                     let exclusive = lane.threads == 1;
-                    let queued = lane.queue(running, move || method.run_locked(&state, exclusive));
+                    let cancel = cancel.clone();
+                    // Cancelled while queued behind others: not run.
+                    let queued = lane.queue(running, move || {
+                        method.run_locked(&state, exclusive, &cancel)
+                    });
                     advance();
                     queued.await
                 }
@@ -417,28 +441,52 @@ impl Hosted {
         // Our place is taken once we hold a permit and the lock; only then
         // may the caller's next call start competing.
         let permit = Arc::clone(&hosted.permits).acquire_owned().await;
+        // Cancelled while it waited for the lock: it never runs. An async
+        // method is dropped at its next await once cancelled.
+        let dropped = || {
+            let f = failure(
+                FailureKind::Cancelled,
+                &function,
+                call.task_id,
+                executor,
+                "cancelled".into(),
+            );
+            reply(TaskOutcome::Failed(f))
+        };
         let outcome = match invoker {
             MethodInvoker::Ref(f) => {
                 let guard = state.read_owned().await;
                 advance();
+                if cancel.is_cancelled() {
+                    return dropped();
+                }
                 let f = *f;
                 sync_call(&hosted.quick, index, running, move || f(&guard, args)).await
             }
             MethodInvoker::Mut(f) => {
                 let mut guard = state.write_owned().await;
                 advance();
+                if cancel.is_cancelled() {
+                    return dropped();
+                }
                 let f = *f;
                 sync_call(&hosted.quick, index, running, move || f(&mut guard, args)).await
             }
             MethodInvoker::AsyncRef(f) => {
                 let guard = state.read_owned().await;
                 advance();
-                await_caught(running, f(guard, args)).await
+                tokio::select! {
+                    out = await_caught(running, f(guard, args)) => out,
+                    _ = cancel.cancelled() => return dropped(),
+                }
             }
             MethodInvoker::AsyncMut(f) => {
                 let guard = state.write_owned().await;
                 advance();
-                await_caught(running, f(guard, args)).await
+                tokio::select! {
+                    out = await_caught(running, f(guard, args)) => out,
+                    _ = cancel.cancelled() => return dropped(),
+                }
             }
         };
         drop(permit);

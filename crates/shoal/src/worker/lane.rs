@@ -44,16 +44,37 @@ pub(crate) enum SyncCall {
 
 impl SyncCall {
     /// Runs under the state's lock: `&self` methods share it unless
-    /// `exclusive` (an actor running one call at a time).
+    /// `exclusive` (an actor running one call at a time). A call cancelled
+    /// by the time it holds the lock does not run.
     pub(crate) fn run_locked(
         self,
         state: &RwLock<ActorState>,
         exclusive: bool,
+        cancel: &tokio_util::sync::CancellationToken,
     ) -> crate::registry::Invocation {
+        let cancelled = || Err(crate::registry::InvokeError::cancelled());
         match self {
-            SyncCall::Ref(f, args) if !exclusive => f(&state.blocking_read(), args),
-            SyncCall::Ref(f, args) => f(&state.blocking_write(), args),
-            SyncCall::Mut(f, args) => f(&mut state.blocking_write(), args),
+            SyncCall::Ref(f, args) if !exclusive => {
+                let guard = state.blocking_read();
+                if cancel.is_cancelled() {
+                    return cancelled();
+                }
+                f(&guard, args)
+            }
+            SyncCall::Ref(f, args) => {
+                let guard = state.blocking_write();
+                if cancel.is_cancelled() {
+                    return cancelled();
+                }
+                f(&guard, args)
+            }
+            SyncCall::Mut(f, args) => {
+                let mut guard = state.blocking_write();
+                if cancel.is_cancelled() {
+                    return cancelled();
+                }
+                f(&mut guard, args)
+            }
         }
     }
 

@@ -7,6 +7,7 @@
 //! so this module knows nothing of connections, leases or the owner's
 //! tables.
 
+pub(crate) mod cancel;
 pub(crate) mod context;
 pub(crate) mod exec;
 pub(crate) mod gates;
@@ -62,6 +63,19 @@ pub(crate) trait Process: Send + Sync + Sized + 'static {
     /// Whether this process still holds a reference it borrowed (see
     /// `owner::objects::Objects::still_borrowed`).
     fn still_borrowed(&self, id: ObjectId) -> bool;
+
+    /// The tasks and actor calls running here that may be cancelled.
+    fn cancels(&self) -> &cancel::Cancels;
+
+    /// Cancels what `task`, run here, submitted (recursively).
+    fn cancel_children(self: &Arc<Self>, task: TaskId);
+
+    /// `task`, run here, has ended: what it submitted is no longer its.
+    fn children_done(&self, task: TaskId);
+
+    /// Cancels the run making `id`, an object this process owns (asked by
+    /// a process that holds a reference to it).
+    fn cancel_owned(self: &Arc<Self>, id: ObjectId, force: bool);
 
     /// An object this process owns, for a borrower: waits up to `wait`.
     fn object_value(

@@ -68,15 +68,19 @@ pub(crate) async fn execute<P: Process>(
     spec: TaskSpec,
     executor: Executor,
 ) -> TaskReply {
+    let cancel = process.cancels().start(spec.task_id);
     let fetched = process.fetch_args(&spec.args).await;
-    let _turn = process
-        .gates()
-        .gate(executor.worker_id)
-        .acquire_owned()
-        .await;
+    // A task cancelled while it waits for its turn never starts.
+    let turn = tokio::select! {
+        turn = process.gates().gate(executor.worker_id).acquire_owned() => Some(turn),
+        _ = cancel.token.cancelled() => None,
+    };
     let started = std::time::Instant::now();
     let started_us = Some(shoal_proto::state::unix_us());
     let outcome = match fetched {
+        _ if turn.is_none() || cancel.token.is_cancelled() => {
+            TaskOutcome::Failed(exec::cancelled(&spec, executor))
+        }
         Err(e) => TaskOutcome::Failed(TaskFailure {
             kind: FailureKind::ArgumentLost,
             function: spec.function.name.clone(),
@@ -85,8 +89,9 @@ pub(crate) async fn execute<P: Process>(
             message: e.to_string(),
             backtrace: None,
             attempts: spec.attempt + 1,
+            after_ms: None,
         }),
-        Ok(args) => match exec::invoke(&spec, args, executor).await {
+        Ok(args) => match exec::invoke(&spec, args, executor, &cancel.token).await {
             Ok(bytes) => {
                 let id = spec.task_id.return_object(0);
                 let made = (
@@ -99,6 +104,9 @@ pub(crate) async fn execute<P: Process>(
             Err(failure) => TaskOutcome::Failed(failure),
         },
     };
+    drop(turn);
+    drop(cancel);
+    process.children_done(spec.task_id);
     let run_us = Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
     // The task's arguments are dropped by now: what is still referenced
     // here was kept (in a thread, an actor, a task still running).
@@ -225,6 +233,16 @@ impl<P: Process> Service for WorkerService<P> {
                         println!("{prefix} {}", line.text);
                     }
                 }
+                Ok(WorkerReply::Ok)
+            }
+            WorkerRequest::CancelTask { task_id } => {
+                self.executor()?;
+                process.cancels().cancel(task_id);
+                process.cancel_children(task_id);
+                Ok(WorkerReply::Ok)
+            }
+            WorkerRequest::CancelObject { id, force } => {
+                process.cancel_owned(id, force);
                 Ok(WorkerReply::Ok)
             }
             WorkerRequest::GetObject { id, wait_ms } => {

@@ -1,10 +1,13 @@
 //! Scenarios of Ray's core API that Shoal matches: worker environments,
-//! and more as they come. Each prints one `RESULT {json}` line.
+//! cancellation and timeouts, and more as they come. Each prints one `RESULT {json}` line.
 
 use serde_json::json;
 use shoal::prelude::*;
 
 use super::result;
+
+#[path = "cancel.rs"]
+mod cancel;
 
 /// The values of `names` in this worker's environment, and its pid.
 #[shoal::remote]
@@ -43,6 +46,7 @@ impl EnvReader {
 pub fn run(name: &str) -> Option<shoal::Result<()>> {
     match name {
         "env" => Some(env()),
+        "cancel" => Some(cancel::run()),
         _ => None,
     }
 }
@@ -76,7 +80,10 @@ fn env() -> shoal::Result<()> {
         .env_var("JOB_LEVEL", "task")
         .remote(names())
         .get()?;
-    let nested = read_env_nested::options().env_var("K", "V3").remote().get()?;
+    let nested = read_env_nested::options()
+        .env_var("K", "V3")
+        .remote()
+        .get()?;
     let actor = EnvReader::options().env_var("K", "actor").remote()?;
     let in_actor = actor.read("K".to_string()).get()?;
     let actor_job = actor.read("JOB_LEVEL".to_string()).get()?;

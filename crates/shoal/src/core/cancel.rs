@@ -1,0 +1,259 @@
+//! Cancelling, as an owner: `shoal::cancel`, `cancel_force` and timeouts.
+//!
+//! Every task and actor call this process submitted and that has not
+//! ended is in [`Submitted`], with a token its run watches. A cancel fails
+//! its reference at once (a `get` returns `Error::Cancelled` or
+//! `Error::Timeout` now, whatever the worker does) and cancels the token:
+//! a task not pushed yet never is, and a pushed one is told to stop
+//! (`CancelTask` to its worker, which cancels what it submitted in turn);
+//! a forced cancel also has the worker's node stop the worker. Whatever
+//! the run ends with afterwards, the reference stays cancelled.
+
+use std::borrow::Cow;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use shoal_proto::{
+    Address, FailureKind, ObjectId, TaskFailure, TaskId, WorkerReply, WorkerRequest,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use super::{Core, CONTROL_TIMEOUT};
+use crate::error::{Error, Result};
+use crate::owner::objects::ObjState;
+
+/// Why a run was cancelled.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Why {
+    pub kind: FailureKind,
+    /// Stop its worker too.
+    pub force: bool,
+    /// For a timeout: how long it was.
+    pub after: Option<Duration>,
+}
+
+/// Where a cancel goes beyond this process.
+pub(crate) enum Target {
+    /// A task: its run (in this process) tells its worker.
+    Task,
+    /// An actor call: the address of the actor's worker, as it is now.
+    Call(Box<dyn Fn() -> String + Send + Sync>),
+}
+
+/// A task or actor call this process submitted, until it ends.
+pub(crate) struct Cancellable {
+    pub task_id: TaskId,
+    function: Cow<'static, str>,
+    pub token: CancellationToken,
+    why: OnceLock<Why>,
+    target: Target,
+}
+
+impl Cancellable {
+    /// Why it was cancelled, if it was.
+    pub(crate) fn why(&self) -> Option<Why> {
+        self.why.get().copied()
+    }
+
+    /// The failure its reference gives.
+    pub(crate) fn failure(&self, why: Why) -> TaskFailure {
+        let message = match (why.kind, why.after) {
+            (FailureKind::Timeout, Some(after)) => format!("timed out after {after:?}"),
+            _ if why.force => "cancelled (forced: its worker was stopped)".to_string(),
+            _ => "cancelled".to_string(),
+        };
+        TaskFailure {
+            kind: why.kind,
+            function: self.function.to_string(),
+            task_id: self.task_id,
+            node_id: None,
+            message,
+            backtrace: None,
+            attempts: 0,
+            after_ms: why
+                .after
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        }
+    }
+}
+
+/// The runs this process may cancel, and the children of the tasks it
+/// runs (what they submitted: cancelled with them).
+#[derive(Default)]
+pub(crate) struct Submitted {
+    runs: DashMap<ObjectId, Arc<Cancellable>>,
+    children: DashMap<TaskId, Vec<ObjectId>>,
+}
+
+impl Core {
+    /// Records a run that makes `id`; it leaves with [`Core::run_ended`].
+    pub(crate) fn cancellable(
+        &self,
+        id: ObjectId,
+        function: Cow<'static, str>,
+        target: Target,
+    ) -> Arc<Cancellable> {
+        let run = Arc::new(Cancellable {
+            task_id: id.task_id(),
+            function,
+            token: CancellationToken::new(),
+            why: OnceLock::new(),
+            target,
+        });
+        self.submitted.runs.insert(id, Arc::clone(&run));
+        if let Some(parent) = crate::worker::context::current_task() {
+            let mut children = self.submitted.children.entry(parent).or_default();
+            children.push(id);
+            // A long-lived parent: forget the children that ended.
+            if children.len() >= 64 && children.len().is_power_of_two() {
+                children.retain(|c| self.submitted.runs.contains_key(c));
+            }
+        }
+        run
+    }
+
+    /// The run that makes `id` has ended.
+    pub(crate) fn run_ended(&self, id: ObjectId) {
+        self.submitted.runs.remove(&id);
+    }
+
+    /// Cancels `id` after `after` unless it ended by then.
+    pub(crate) fn time_out(
+        self: &Arc<Self>,
+        id: ObjectId,
+        run: &Arc<Cancellable>,
+        after: Duration,
+    ) {
+        let run = Arc::downgrade(run);
+        let core = Arc::downgrade(self);
+        self.handle.spawn(async move {
+            tokio::time::sleep(after).await;
+            if let (Some(core), Some(run)) = (core.upgrade(), run.upgrade()) {
+                let why = Why {
+                    kind: FailureKind::Timeout,
+                    force: false,
+                    after: Some(after),
+                };
+                if let Some((address, task_id)) = core.cancel_run(id, &run, why) {
+                    core.tell_cancel(&address, task_id).await;
+                }
+            }
+        });
+    }
+
+    /// Cancels the object `id` (owned by `owner`): here if this process
+    /// runs it, else by asking its owner. A run that ended is left as it is.
+    pub(crate) async fn cancel(
+        self: &Arc<Self>,
+        id: ObjectId,
+        owner: &Address,
+        force: bool,
+    ) -> Result<()> {
+        let why = Why {
+            kind: FailureKind::Cancelled,
+            force,
+            after: None,
+        };
+        if let Some(run) = self.submitted.runs.get(&id).map(|r| Arc::clone(&r)) {
+            // An actor call's worker is told before this returns, so a
+            // call queued there cannot run after a later cancel's effect.
+            if let Some((address, task_id)) = self.cancel_run(id, &run, why) {
+                self.tell_cancel(&address, task_id).await;
+            }
+            return Ok(());
+        }
+        if owner.worker_id == self.me.worker_id {
+            return Ok(());
+        }
+        let worker = self.worker(&owner.address).await?;
+        match worker
+            .call_idempotent(&WorkerRequest::CancelObject { id, force }, CONTROL_TIMEOUT)
+            .await?
+        {
+            WorkerReply::Ok => Ok(()),
+            other => Err(Error::Protocol(format!(
+                "{other:?} in answer to CancelObject"
+            ))),
+        }
+    }
+
+    /// Cancels `id` if this process runs it; false if it does not (or no
+    /// longer does).
+    pub(crate) fn cancel_here(self: &Arc<Self>, id: ObjectId, why: Why) -> bool {
+        let Some(run) = self.submitted.runs.get(&id).map(|r| Arc::clone(&r)) else {
+            return false;
+        };
+        if let Some((address, task_id)) = self.cancel_run(id, &run, why) {
+            let core = Arc::clone(self);
+            self.handle.spawn(async move {
+                core.tell_cancel(&address, task_id).await;
+            });
+        }
+        true
+    }
+
+    /// Cancels `run` (once: a later cancel changes nothing); for an actor
+    /// call, gives the worker to tell and the call.
+    fn cancel_run(&self, id: ObjectId, run: &Cancellable, why: Why) -> Option<(String, TaskId)> {
+        if run.why.set(why).is_err() {
+            return None;
+        }
+        debug!(%id, kind = ?why.kind, force = why.force, "cancelling");
+        self.fail_pending(id, run.failure(why));
+        run.token.cancel();
+        match &run.target {
+            // A forced cancel cannot stop an actor's worker (the actor
+            // would go with it): an actor call is always stopped in place.
+            Target::Call(address) => Some((address(), run.task_id)),
+            Target::Task => None,
+        }
+    }
+
+    /// Tells the worker at `address` to stop running `task_id`.
+    pub(crate) async fn tell_cancel(&self, address: &str, task_id: TaskId) {
+        let told = match self.worker(address).await {
+            Ok(worker) => worker
+                .call_idempotent(&WorkerRequest::CancelTask { task_id }, CONTROL_TIMEOUT)
+                .await
+                .map(drop)
+                .map_err(Error::from),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = told {
+            debug!(%task_id, %address, error = %e, "could not tell a worker to cancel");
+        }
+    }
+
+    /// Sets an owned object still pending to `failure`, and wakes `wait`.
+    fn fail_pending(&self, id: ObjectId, failure: TaskFailure) {
+        if let Some(slot) = self.objects.owned(id) {
+            if slot.set_if_pending(ObjState::Failed(failure)) {
+                self.changed.notify_waiters();
+            }
+        }
+    }
+
+    /// Cancels what `task`, which ran here, submitted (and recursively
+    /// what those submitted, in their workers).
+    pub(crate) fn cancel_children(self: &Arc<Self>, task: TaskId) {
+        let Some((_, children)) = self.submitted.children.remove(&task) else {
+            return;
+        };
+        let why = Why {
+            kind: FailureKind::Cancelled,
+            force: false,
+            after: None,
+        };
+        for child in children {
+            self.cancel_here(child, why);
+        }
+    }
+
+    /// `task`, which ran here, is done: its children are no longer
+    /// followed.
+    pub(crate) fn children_done(&self, task: TaskId) {
+        self.submitted.children.remove(&task);
+    }
+}
