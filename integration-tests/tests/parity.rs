@@ -3,8 +3,12 @@
 
 use std::time::Duration;
 
+use std::io::{BufRead, BufReader, Write};
+
 use serde_json::Value;
-use shoal_integration_tests::{local_processes, scenario_result, ProcessCluster};
+use shoal_integration_tests::{
+    local_processes, poll_until, result_of, scenario_result, spawn_scenario, ProcessCluster,
+};
 
 const DEADLINE: Duration = Duration::from_secs(240);
 
@@ -129,5 +133,102 @@ fn cancels_and_timeouts_on_a_cluster() {
         &scenario_result(&["cancel"], &cluster.driver_env(), DEADLINE),
         true,
     );
+    cluster.assert_no_panics();
+}
+
+/// Runs the `returns` scenario; `held` is given what it holds at its pause.
+fn run_returns(env: &[(&str, String)], held: impl FnOnce(&Value)) -> Value {
+    let mut child = spawn_scenario(&["returns"], env);
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let line = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("HELD ").map(str::to_string));
+    let Some(line) = line else {
+        let _ = child.kill();
+        let _ = child.wait();
+        let stderr =
+            std::io::read_to_string(child.stderr.take().expect("stderr")).unwrap_or_default();
+        panic!("the driver never paused:\n{stderr}");
+    };
+    let ids: Value = serde_json::from_str(&line).expect("HELD json");
+    let go = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| held(&ids)));
+    {
+        let mut stdin = child.stdin.take().expect("stdin");
+        writeln!(stdin, "go").expect("go-ahead");
+    }
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().expect("driver exit");
+    if let Err(panic) = go {
+        std::panic::resume_unwind(panic);
+    }
+    let stderr = std::io::read_to_string(child.stderr.take().expect("stderr")).unwrap_or_default();
+    assert!(status.success(), "driver failed: {rest:?}\n{stderr}");
+    result_of(&rest.join("\n"))
+}
+
+fn check_returns(out: &Value) {
+    let n = out["n"].as_u64().expect("n");
+    assert_eq!(out["text"], format!("{n} bytes"), "{out}");
+    assert_eq!(
+        out["sum"],
+        n * 7,
+        "the first return used as an argument: {out}"
+    );
+    assert_eq!(out["len"], n, "{out}");
+    assert_eq!(
+        out["still"], n,
+        "dropping one return keeps the other: {out}"
+    );
+    assert_eq!(
+        out["values"],
+        serde_json::json!([1, "two", [3, 3, 3]]),
+        "{out}"
+    );
+    assert_eq!(
+        out["failed"],
+        serde_json::json!([true, true, true]),
+        "{out}"
+    );
+    assert_eq!(out["cancelled"], serde_json::json!([true, true]), "{out}");
+}
+
+#[test]
+fn multiple_returns_in_local_mode() {
+    check_returns(&run_returns(&[], |_| {}));
+    check_returns(&run_returns(&local_processes(), |_| {}));
+}
+
+#[test]
+fn multiple_returns_are_objects_of_their_own_on_a_cluster() {
+    let cluster = ProcessCluster::three_process();
+    let out = run_returns(&cluster.driver_env(), |ids| {
+        // The large return is in a node's store, by its own size; the
+        // small one is not (it lives inline with its owner).
+        let listed = poll_until(
+            Duration::from_secs(20),
+            "the large return in the directory",
+            || {
+                let objects: Value =
+                    serde_json::from_str(&cluster.shoal_ok(&["list", "objects", "--json"])).ok()?;
+                let rows = objects.as_array()?.clone();
+                rows.iter()
+                    .any(|o| o["object_id"] == ids["big"])
+                    .then_some(rows)
+            },
+        );
+        let big = listed
+            .iter()
+            .find(|o| o["object_id"] == ids["big"])
+            .expect("big");
+        let size = big["size"].as_u64().expect("size");
+        assert!((8 << 20..(8 << 20) + 4096).contains(&size), "{big}");
+        assert!(
+            listed.iter().all(|o| o["object_id"] != ids["small"]),
+            "the small return is inline: {listed:?}"
+        );
+    });
+    check_returns(&out);
     cluster.assert_no_panics();
 }

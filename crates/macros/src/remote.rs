@@ -15,6 +15,9 @@ struct Options {
     max_retries: Option<Expr>,
     retry_exceptions: Option<Expr>,
     resources: Vec<(String, Expr)>,
+    /// `num_returns = N`: the function returns an N-tuple, each element
+    /// its own object.
+    num_returns: Option<(u32, Span)>,
 }
 
 impl Parse for Options {
@@ -28,6 +31,14 @@ impl Parse for Options {
                 "num_gpus" => options.num_gpus = Some(input.parse()?),
                 "max_retries" => options.max_retries = Some(input.parse()?),
                 "retry_exceptions" => options.retry_exceptions = Some(input.parse()?),
+                "num_returns" => {
+                    let n: syn::LitInt = input.parse()?;
+                    let count: u32 = n.base10_parse()?;
+                    if !(1..=64).contains(&count) {
+                        return Err(syn::Error::new(n.span(), "num_returns is 1 to 64"));
+                    }
+                    options.num_returns = Some((count, n.span()));
+                }
                 "resources" => {
                     let content;
                     syn::braced!(content in input);
@@ -47,7 +58,7 @@ impl Parse for Options {
                 other => {
                     return Err(syn::Error::new(
                         key.span(),
-                        format!("unknown option `{other}`; expected num_cpus, num_gpus, max_retries, retry_exceptions or resources"),
+                        format!("unknown option `{other}`; expected num_cpus, num_gpus, max_retries, retry_exceptions, resources or num_returns"),
                     ))
                 }
             }
@@ -152,6 +163,19 @@ fn parse(attr: TokenStream, item: TokenStream) -> syn::Result<RemoteFn> {
             }
         },
     };
+    if let Some((n, span)) = options.num_returns.filter(|(n, _)| *n > 1) {
+        let (Returns::Value(ty) | Returns::Fallible(ty)) = &returns;
+        let elements = match ty {
+            Type::Tuple(t) => t.elems.len(),
+            _ => 0,
+        };
+        if elements != n as usize {
+            return Err(syn::Error::new(
+                span,
+                format!("num_returns = {n} needs the function to return a tuple of {n} (or a Result of one): each element becomes its own object"),
+            ));
+        }
+    }
     let signature_hash = fnv1a(sig.to_token_stream().to_string().as_bytes());
     Ok(RemoteFn {
         name: sig.ident.clone(),
@@ -213,14 +237,50 @@ fn codegen(f: RemoteFn) -> TokenStream {
     } else {
         quote! { super::#name(#(#call_args),*) }
     };
+    let num_returns = options.num_returns.map_or(1, |(n, _)| n);
+    // Each element of a tuple of returns is encoded on its own.
+    let elements: Vec<Type> = match &out_ty {
+        Type::Tuple(t) if num_returns > 1 => t.elems.iter().cloned().collect(),
+        _ => Vec::new(),
+    };
+    let parts: Vec<Ident> = (0..elements.len())
+        .map(|i| format_ident!("__r{}", i))
+        .collect();
+    let encode_value = if num_returns > 1 {
+        quote! {{
+            let (#(#parts),*) = v;
+            ::core::result::Result::Ok(::shoal::__private::join_returns(&[
+                #(::shoal::__private::encode_return(&#parts)?),*
+            ]))
+        }}
+    } else {
+        quote! { ::shoal::__private::encode_return(&v) }
+    };
     let finish = match returns {
-        Returns::Value(_) => quote! { ::shoal::__private::encode_return(&__out) },
+        Returns::Value(_) => quote! {{ let v = __out; #encode_value }},
         Returns::Fallible(_) => quote! {
             match __out {
-                ::core::result::Result::Ok(v) => ::shoal::__private::encode_return(&v),
+                ::core::result::Result::Ok(v) => #encode_value,
                 ::core::result::Result::Err(e) => ::core::result::Result::Err(::shoal::__private::InvokeError::app(&e)),
             }
         },
+    };
+    let indices_out: Vec<u32> = (0..elements.len() as u32).collect();
+    let (ref_ty, submit) = if num_returns > 1 {
+        (
+            quote! { (#(::shoal::ObjectRef<#elements>),*) },
+            quote! {
+                let __first = ::shoal::__private::submit_returns(&FUNCTION, self.0, ::std::vec![#(::shoal::__private::arg::<#arg_types>(#arg_names.into())),*]);
+                (#(::shoal::__private::return_ref::<#elements>(&__first, #indices_out)),*)
+            },
+        )
+    } else {
+        (
+            quote! { ::shoal::ObjectRef<#out_ty> },
+            quote! {
+                ::shoal::__private::submit::<#out_ty>(&FUNCTION, self.0, ::std::vec![#(::shoal::__private::arg::<#arg_types>(#arg_names.into())),*])
+            },
+        )
     };
     let decode = quote! {
         let mut __args = __args.into_iter();
@@ -280,7 +340,7 @@ fn codegen(f: RemoteFn) -> TokenStream {
             pub const NAME: &str = ::core::module_path!();
 
             /// Submits a task; each argument is a value or an `ObjectRef` of one.
-            pub fn remote(#(#arg_names: impl ::core::convert::Into<::shoal::Arg<#arg_types>>),*) -> ::shoal::ObjectRef<#out_ty> {
+            pub fn remote(#(#arg_names: impl ::core::convert::Into<::shoal::Arg<#arg_types>>),*) -> #ref_ty {
                 options().remote(#(#arg_names),*)
             }
 
@@ -314,8 +374,8 @@ fn codegen(f: RemoteFn) -> TokenStream {
                 /// A variable set in the environment of the worker process that runs the task.
                 pub fn env_var(self, name: &str, value: &str) -> Self { Self(self.0.env_var(name, value)) }
                 /// Submits the task with these options.
-                pub fn remote(self, #(#arg_names: impl ::core::convert::Into<::shoal::Arg<#arg_types>>),*) -> ::shoal::ObjectRef<#out_ty> {
-                    ::shoal::__private::submit::<#out_ty>(&FUNCTION, self.0, ::std::vec![#(::shoal::__private::arg::<#arg_types>(#arg_names.into())),*])
+                pub fn remote(self, #(#arg_names: impl ::core::convert::Into<::shoal::Arg<#arg_types>>),*) -> #ref_ty {
+                    #submit
                 }
             }
 
@@ -324,6 +384,7 @@ fn codegen(f: RemoteFn) -> TokenStream {
                 name: NAME,
                 signature: #signature_hash,
                 invoke: { #invoker },
+                returns: #num_returns,
             };
 
             ::shoal::__private::inventory::submit! { ::shoal::__private::Registered(&FUNCTION) }
@@ -422,6 +483,40 @@ mod tests {
             )
         )
         .contains("concrete type"));
+        assert!(err(
+            quote!(num_returns = 2),
+            quote!(
+                fn f() -> u32 {
+                    1
+                }
+            )
+        )
+        .contains("tuple of 2"));
+        assert!(err(
+            quote!(num_returns = 3),
+            quote!(
+                fn f() -> Result<(u8, u8), String> {
+                    Ok((1, 2))
+                }
+            )
+        )
+        .contains("tuple of 3"));
+        assert!(err(
+            quote!(num_returns = 0),
+            quote!(
+                fn f() {}
+            )
+        )
+        .contains("1 to 64"));
+        assert!(expand(
+            quote!(num_returns = 2),
+            quote!(
+                fn f() -> Result<(u8, String), String> {
+                    Ok((1, String::new()))
+                }
+            )
+        )
+        .is_ok());
     }
 
     #[test]

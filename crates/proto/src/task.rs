@@ -118,6 +118,11 @@ pub struct TaskReply {
     /// them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub kept: Vec<ObjectId>,
+    /// A function with several returns (`num_returns`): the second and
+    /// later ones, each inline or stored by its own size (`outcome` is the
+    /// first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more_returns: Vec<TaskOutcome>,
 }
 
 /// Why a task failed, as its caller will see it.

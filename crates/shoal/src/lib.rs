@@ -309,7 +309,7 @@ pub fn wait<T>(
 pub mod __private {
     pub use crate::object_ref::ArgValue;
     pub use crate::process::run_worker_if_worker;
-    pub use crate::registry::{decode_arg, encode_return, InvokeError};
+    pub use crate::registry::{decode_arg, encode_return, join_returns, InvokeError};
     pub use crate::registry::{BoxFuture, Invoker, Registered, RemoteFunction};
     pub use crate::shm::{Args, Blob};
     pub use inventory;
@@ -325,6 +325,26 @@ pub mod __private {
         let core = crate::driver::ensure_core();
         let id = core.submit(function, options, args);
         ObjectRef::adopt(id, core.me.clone())
+    }
+
+    /// Submits a task of several returns: the first's id and its owner.
+    pub fn submit_returns(
+        function: &'static RemoteFunction,
+        options: TaskOptions,
+        args: Vec<ArgValue>,
+    ) -> (crate::ObjectId, shoal_proto::Address) {
+        let core = crate::driver::ensure_core();
+        let id = core.submit(function, options, args);
+        (id, core.me.clone())
+    }
+
+    /// The reference to return `index` of the task [`submit_returns`]
+    /// submitted (each counted once for the caller at submission).
+    pub fn return_ref<T>(
+        first: &(crate::ObjectId, shoal_proto::Address),
+        index: u32,
+    ) -> ObjectRef<T> {
+        ObjectRef::adopt(first.0.task_id().return_object(index), first.1.clone())
     }
 
     pub use crate::actor::RawActor;

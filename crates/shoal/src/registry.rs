@@ -76,6 +76,39 @@ pub fn encode_return<T: Serialize>(value: &T) -> Result<Vec<u8>, InvokeError> {
     })
 }
 
+/// The encoded returns of a function with `num_returns` above one, as one
+/// block: their count (`u32`), then each one's length (`u64`) and bytes,
+/// little-endian.
+pub fn join_returns(parts: &[Vec<u8>]) -> Vec<u8> {
+    let total: usize = parts.iter().map(|p| 8 + p.len()).sum();
+    let mut out = Vec::with_capacity(4 + total);
+    out.extend_from_slice(&(parts.len() as u32).to_le_bytes());
+    for part in parts {
+        out.extend_from_slice(&(part.len() as u64).to_le_bytes());
+        out.extend_from_slice(part);
+    }
+    out
+}
+
+/// The returns [`join_returns`] joined, if `bytes` holds exactly `n`.
+pub(crate) fn split_returns(bytes: &[u8], n: u32) -> Option<Vec<Vec<u8>>> {
+    let (count, mut rest) = bytes.split_first_chunk::<4>()?;
+    if u32::from_le_bytes(*count) != n {
+        return None;
+    }
+    let mut parts = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let (len, after) = rest.split_first_chunk::<8>()?;
+        let len = usize::try_from(u64::from_le_bytes(*len)).ok()?;
+        if after.len() < len {
+            return None;
+        }
+        parts.push(after[..len].to_vec());
+        rest = &after[len..];
+    }
+    rest.is_empty().then_some(parts)
+}
+
 /// Calls the function with encoded arguments and encodes its result.
 pub enum Invoker {
     /// A plain `fn`: runs on a blocking thread.
@@ -92,6 +125,9 @@ pub struct RemoteFunction {
     pub signature: u64,
     /// How to call it.
     pub invoke: Invoker,
+    /// How many objects it returns (`num_returns`; 1 for most): with more
+    /// than one, the invoker gives them joined by [`join_returns`].
+    pub returns: u32,
 }
 
 /// The registry entry `inventory` collects.

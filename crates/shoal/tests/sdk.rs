@@ -177,6 +177,7 @@ fn an_unknown_function_is_function_not_found() {
         name: "nowhere::missing",
         signature: 7,
         invoke: shoal::registry::Invoker::Sync(never_called),
+        returns: 1,
     };
     let r: ObjectRef<u8> =
         shoal::__private::submit(&UNREGISTERED, shoal::TaskOptions::new(), vec![]);

@@ -49,6 +49,10 @@ pub(crate) struct Cancellable {
     pub token: CancellationToken,
     why: OnceLock<Why>,
     target: Target,
+    /// How many objects it returns.
+    returns: u32,
+    /// The returns after the first, as its worker answered them.
+    pub more_returns: std::sync::Mutex<Vec<shoal_proto::TaskOutcome>>,
 }
 
 impl Cancellable {
@@ -88,11 +92,12 @@ pub(crate) struct Submitted {
 }
 
 impl Core {
-    /// Records a run that makes `id`; it leaves with [`Core::run_ended`].
+    /// Records a run that makes `id` (the first of `returns` objects); it
+    /// leaves with [`Core::run_ended`].
     pub(crate) fn cancellable(
         &self,
         id: ObjectId,
-        function: Cow<'static, str>,
+        (function, returns): (Cow<'static, str>, u32),
         target: Target,
     ) -> Arc<Cancellable> {
         let run = Arc::new(Cancellable {
@@ -101,6 +106,8 @@ impl Core {
             token: CancellationToken::new(),
             why: OnceLock::new(),
             target,
+            returns,
+            more_returns: Default::default(),
         });
         self.submitted.runs.insert(id, Arc::clone(&run));
         if let Some(parent) = crate::worker::context::current_task() {
@@ -151,6 +158,8 @@ impl Core {
         owner: &Address,
         force: bool,
     ) -> Result<()> {
+        // Any return of a task names its run (by the first).
+        let id = id.task_id().return_object(0);
         let why = Why {
             kind: FailureKind::Cancelled,
             force,
@@ -182,6 +191,7 @@ impl Core {
     /// Cancels `id` if this process runs it; false if it does not (or no
     /// longer does).
     pub(crate) fn cancel_here(self: &Arc<Self>, id: ObjectId, why: Why) -> bool {
+        let id = id.task_id().return_object(0);
         let Some(run) = self.submitted.runs.get(&id).map(|r| Arc::clone(&r)) else {
             return false;
         };
@@ -201,7 +211,9 @@ impl Core {
             return None;
         }
         debug!(%id, kind = ?why.kind, force = why.force, "cancelling");
-        self.fail_pending(id, run.failure(why));
+        for index in 0..run.returns.max(1) {
+            self.fail_pending(id.task_id().return_object(index), run.failure(why));
+        }
         run.token.cancel();
         match &run.target {
             // A forced cancel cannot stop an actor's worker (the actor

@@ -27,8 +27,9 @@ use crate::owner::tasks::{Lineage, PlaceDone, Rebuild, Rebuilt, Rerun, TaskRun, 
 use crate::registry::RemoteFunction;
 
 impl Core {
-    /// Submits a task; returns the id of its result, which this process
-    /// owns (one reference is counted for the caller).
+    /// Submits a task; returns the id of its (first) result, which this
+    /// process owns (one reference is counted for the caller, for each of
+    /// the function's returns: the others are `task_id().return_object(i)`).
     pub(crate) fn submit(
         self: &Arc<Self>,
         function: &'static RemoteFunction,
@@ -37,10 +38,13 @@ impl Core {
     ) -> ObjectId {
         let task_id = TaskId::fresh();
         let id = task_id.return_object(0);
-        self.register_pending(id);
+        let returns = function.returns.max(1);
+        for index in 0..returns {
+            self.register_pending(task_id.return_object(index));
+        }
         let cancel = self.cancellable(
             id,
-            std::borrow::Cow::Borrowed(function.name),
+            (std::borrow::Cow::Borrowed(function.name), returns),
             super::cancel::Target::Task,
         );
         if let Some(after) = options.timeout {
@@ -63,6 +67,12 @@ impl Core {
                 core.objects.set_lineage(id, lineage);
             }
             tracing::debug!(failed = matches!(outcome, ObjState::Failed(_)), "done");
+            if returns > 1 {
+                let more = std::mem::take(&mut *cancel.more_returns.locked());
+                for (index, state) in (1..returns).zip(more_states(&outcome, more, returns)) {
+                    core.complete_object(task_id.return_object(index), state);
+                }
+            }
             core.complete_object(id, outcome);
         };
         self.handle
@@ -307,20 +317,21 @@ impl Core {
             )
             .await;
         // A rerun sends the same values: what they lend stays lent as long
-        // as the lineage (else the borrows end here, with `lent`).
-        let lineage =
-            (matches!(state, ObjState::Stored(_)) && options.max_retries > 0).then(|| {
-                keep_alive.extend(lent.map(|lent| Box::new(lent) as KeepAlive));
-                Arc::new(Lineage {
-                    task_id,
-                    function,
-                    rebuild: tokio::sync::Mutex::new(Rebuild::new(options.max_retries)),
-                    options,
-                    args: Mutex::new(spec_args),
-                    borrows,
-                    _keep_alive: Mutex::new(keep_alive),
-                })
-            });
+        // as the lineage (else the borrows end here, with `lent`). A task
+        // of several returns is not run again for a lost one.
+        let rebuildable = options.max_retries > 0 && function.returns <= 1;
+        let lineage = (matches!(state, ObjState::Stored(_)) && rebuildable).then(|| {
+            keep_alive.extend(lent.map(|lent| Box::new(lent) as KeepAlive));
+            Arc::new(Lineage {
+                task_id,
+                function,
+                rebuild: tokio::sync::Mutex::new(Rebuild::new(options.max_retries)),
+                options,
+                args: Mutex::new(spec_args),
+                borrows,
+                _keep_alive: Mutex::new(keep_alive),
+            })
+        });
         (state, lineage)
     }
 
@@ -506,6 +517,9 @@ impl Core {
                 };
                 self.events.answered(&done, attempt, error);
                 kept = done.kept;
+                if let Some(cancel) = cancel.filter(|_| !done.more_returns.is_empty()) {
+                    *cancel.more_returns.locked() = done.more_returns;
+                }
                 Tried::Answered(done.outcome)
             }
             Ok(other) => {
@@ -532,6 +546,31 @@ impl Core {
             PlaceDone::Discard => self.leases.discard(self, &place),
         }
         then
+    }
+}
+
+/// The states of a task's returns after the first, from its final state
+/// (a failure fails them all) and what its worker answered for them.
+fn more_states(first: &ObjState, more: Vec<TaskOutcome>, returns: u32) -> Vec<ObjState> {
+    let wanted = returns.saturating_sub(1) as usize;
+    match first {
+        ObjState::Failed(f) => vec![ObjState::Failed(f.clone()); wanted],
+        ObjState::Lost(why) => vec![ObjState::Lost(why.clone()); wanted],
+        _ if more.len() != wanted => {
+            let why = format!(
+                "its worker answered {} of its {returns} returns",
+                more.len() + 1
+            );
+            vec![ObjState::Lost(why); wanted]
+        }
+        _ => more
+            .into_iter()
+            .map(|outcome| match outcome {
+                TaskOutcome::Inline(bytes) => ObjState::Inline(Arc::new(bytes)),
+                TaskOutcome::Stored(at) => ObjState::Stored(at),
+                TaskOutcome::Failed(f) => ObjState::Failed(f),
+            })
+            .collect(),
     }
 }
 

@@ -156,6 +156,16 @@ pub(crate) fn cancelled(spec: &TaskSpec, executor: super::Executor) -> TaskFailu
     }
 }
 
+/// The failure of a task whose function did not give its `returns`
+/// returns as it should have (a bug: the macro joins them).
+pub(crate) fn bad_returns(spec: &TaskSpec, executor: super::Executor, returns: u32) -> TaskFailure {
+    TaskFailure {
+        kind: FailureKind::BadReturn,
+        message: format!("the function did not give its {returns} returns joined"),
+        ..cancelled(spec, executor)
+    }
+}
+
 /// Runs `spec`'s function on `args` (already fetched), catching panics.
 /// An async function is dropped at its next await once `cancel` is
 /// cancelled; a sync one runs on (`shoal::is_cancelled()` tells it).

@@ -291,6 +291,7 @@ impl Hosted {
             run_us: None,
             started_us: None,
             kept: Vec::new(),
+            more_returns: Vec::new(),
         };
         match seen {
             Seen::Replay(reply) => reply,
@@ -330,6 +331,7 @@ impl Hosted {
             run_us: None,
             started_us,
             kept: Vec::new(),
+            more_returns: Vec::new(),
         };
         let advance = || turn.pass(call.seq);
         if cancel.is_cancelled() {

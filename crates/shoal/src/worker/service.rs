@@ -77,6 +77,7 @@ pub(crate) async fn execute<P: Process>(
     };
     let started = std::time::Instant::now();
     let started_us = Some(shoal_proto::state::unix_us());
+    let mut more_returns = Vec::new();
     let outcome = match fetched {
         _ if turn.is_none() || cancel.token.is_cancelled() => {
             TaskOutcome::Failed(exec::cancelled(&spec, executor))
@@ -93,13 +94,34 @@ pub(crate) async fn execute<P: Process>(
         }),
         Ok(args) => match exec::invoke(&spec, args, executor, &cancel.token).await {
             Ok(bytes) => {
-                let id = spec.task_id.return_object(0);
                 let made = (
                     spec.function.name.as_str(),
                     spec.task_id,
                     Some(spec.owner.worker_id),
                 );
-                process.store_result(id, bytes, made, executor).await
+                let returns =
+                    crate::registry::entry(&spec.function.name).map_or(1, |e| e.function.returns);
+                if returns <= 1 {
+                    let id = spec.task_id.return_object(0);
+                    process.store_result(id, bytes, made, executor).await
+                } else {
+                    // Each return is its own object, inline or stored by
+                    // its own size.
+                    match crate::registry::split_returns(&bytes, returns) {
+                        Some(parts) => {
+                            let mut outcomes = Vec::with_capacity(parts.len());
+                            for (index, part) in (0u32..).zip(parts) {
+                                let id = spec.task_id.return_object(index);
+                                outcomes.push(process.store_result(id, part, made, executor).await);
+                            }
+                            more_returns = outcomes.split_off(1);
+                            outcomes.pop().unwrap_or_else(|| {
+                                TaskOutcome::Failed(exec::bad_returns(&spec, executor, returns))
+                            })
+                        }
+                        None => TaskOutcome::Failed(exec::bad_returns(&spec, executor, returns)),
+                    }
+                }
             }
             Err(failure) => TaskOutcome::Failed(failure),
         },
@@ -125,6 +147,7 @@ pub(crate) async fn execute<P: Process>(
         run_us,
         started_us,
         kept,
+        more_returns,
     }
 }
 

@@ -1,10 +1,10 @@
 //! Scenarios of Ray's core API that Shoal matches: worker environments,
-//! cancellation and timeouts, and more as they come. Each prints one `RESULT {json}` line.
+//! cancellation and timeouts, multiple returns, and more as they come. Each prints one `RESULT {json}` line.
 
 use serde_json::json;
 use shoal::prelude::*;
 
-use super::result;
+use super::{pause, result};
 
 #[path = "cancel.rs"]
 mod cancel;
@@ -47,6 +47,7 @@ pub fn run(name: &str) -> Option<shoal::Result<()>> {
     match name {
         "env" => Some(env()),
         "cancel" => Some(cancel::run()),
+        "returns" => Some(returns()),
         _ => None,
     }
 }
@@ -108,6 +109,71 @@ fn env() -> shoal::Result<()> {
         "refused_shoal": refused("SHOAL_X"),
         "refused_digit": refused("1BAD"),
         "actor_refused": actor_refused,
+    }));
+    Ok(())
+}
+
+/// Two returns: a large block and a short text about it.
+#[shoal::remote(num_returns = 2)]
+fn split(n: u64) -> (Vec<u8>, String) {
+    (vec![7u8; n as usize], format!("{n} bytes"))
+}
+
+/// Three returns, or an error for all three.
+#[shoal::remote(num_returns = 3)]
+fn three(fail: bool) -> Result<(u32, String, Vec<u64>), String> {
+    if fail {
+        return Err("asked to fail".into());
+    }
+    Ok((1, "two".into(), vec![3, 3, 3]))
+}
+
+/// Two returns, after a long wait (to be cancelled).
+#[shoal::remote(num_returns = 2)]
+async fn slow_pair() -> (u32, u32) {
+    tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+    (1, 2)
+}
+
+/// The sum of the bytes.
+#[shoal::remote]
+fn total(v: Vec<u8>) -> u64 {
+    v.iter().map(|b| u64::from(*b)).sum()
+}
+
+/// Multiple returns: each its own object (the large one stored, the small
+/// one inline: the test lists the store between `HELD` and its go-ahead),
+/// usable as arguments, failed together, cancelled together.
+fn returns() -> shoal::Result<()> {
+    let _shoal = shoal::init(shoal::Config::from_env())?;
+    let n: u64 = 8 << 20;
+    let (big, small) = split::remote(n);
+    let text = small.get()?;
+    let sum = total::remote(big.clone()).get()?;
+    let len = big.get()?.len();
+    pause(
+        "HELD",
+        json!({"big": big.id().to_string(), "small": small.id().to_string()}),
+    );
+    drop(small);
+    let still = big.get()?.len();
+    let (a, b, c) = three::remote(false);
+    let values = json!([a.get()?, b.get()?, c.get()?]);
+    let (a, b, c) = three::remote(true);
+    let failed = [a.get().err(), b.get().err(), c.get().err()]
+        .iter()
+        .map(|e| matches!(e, Some(Error::Task(t)) if t.message.contains("asked to fail")))
+        .collect::<Vec<bool>>();
+    let (x, y) = slow_pair::remote();
+    shoal::cancel(&y)?;
+    let cancelled = [x.get(), y.get()]
+        .iter()
+        .map(|r| matches!(r, Err(Error::Cancelled { .. })))
+        .collect::<Vec<bool>>();
+    result(json!({
+        "text": text, "sum": sum, "len": len, "still": still, "n": n,
+        "values": values, "failed": failed, "cancelled": cancelled,
+        "distinct": big.id() != x.id(),
     }));
     Ok(())
 }
