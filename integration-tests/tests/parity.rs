@@ -232,3 +232,24 @@ fn multiple_returns_are_objects_of_their_own_on_a_cluster() {
     check_returns(&out);
     cluster.assert_no_panics();
 }
+
+fn check_groups(out: &Value) {
+    assert_eq!(
+        out["released"], true,
+        "a call in the io group ran while the compute group was busy: {out}"
+    );
+    assert_eq!(out["io_max"], 2, "io = 2: two at once, no more: {out}");
+    assert_eq!(out["compute_max"], 1, "compute = 1: one at a time: {out}");
+}
+
+#[test]
+fn actor_concurrency_groups_in_local_mode_and_on_a_cluster() {
+    check_groups(&scenario_result(&["groups"], &[], DEADLINE));
+    let cluster = ProcessCluster::three_process();
+    check_groups(&scenario_result(
+        &["groups"],
+        &cluster.driver_env(),
+        DEADLINE,
+    ));
+    cluster.assert_no_panics();
+}

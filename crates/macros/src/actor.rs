@@ -22,6 +22,8 @@ enum Receiver {
 
 struct Method {
     name: Ident,
+    /// `#[shoal::method(concurrency_group = "io")]`: its group's index.
+    group: Option<usize>,
     receiver: Receiver,
     is_async: bool,
     params: Vec<Param>,
@@ -36,6 +38,86 @@ struct ActorImpl {
     ty: Ident,
     ctor: Vec<Param>,
     methods: Vec<Method>,
+    /// `concurrency_groups(io = 4, compute = 1)`: names and sizes.
+    groups: Vec<(String, syn::Expr)>,
+}
+
+/// `concurrency_groups(name = n, ...)`, the options of `#[shoal::actor]`
+/// on an `impl` block.
+fn parse_groups(attr: TokenStream) -> syn::Result<Vec<(String, syn::Expr)>> {
+    if attr.is_empty() {
+        return Ok(Vec::new());
+    }
+    let unknown = |span| {
+        syn::Error::new(
+            span,
+            "#[shoal::actor] on an impl block takes `concurrency_groups(name = n, ...)`; set other options with `Type::options()`",
+        )
+    };
+    let parser = |input: syn::parse::ParseStream<'_>| -> syn::Result<Vec<(String, syn::Expr)>> {
+        let key: Ident = input.parse()?;
+        if key != "concurrency_groups" {
+            return Err(unknown(key.span()));
+        }
+        let content;
+        syn::parenthesized!(content in input);
+        let mut groups: Vec<(String, syn::Expr)> = Vec::new();
+        while !content.is_empty() {
+            let name: Ident = content.parse()?;
+            content.parse::<syn::Token![=]>()?;
+            let size: syn::Expr = content.parse()?;
+            if groups.iter().any(|(n, _)| *n == name.to_string()) {
+                return Err(syn::Error::new(
+                    name.span(),
+                    "this concurrency group is named twice",
+                ));
+            }
+            groups.push((name.to_string(), size));
+            if !content.is_empty() {
+                content.parse::<syn::Token![,]>()?;
+            }
+        }
+        if !input.is_empty() {
+            return Err(unknown(input.span()));
+        }
+        Ok(groups)
+    };
+    syn::parse::Parser::parse2(parser, attr)
+}
+
+/// Takes `#[shoal::method(concurrency_group = "name")]` off a method and
+/// returns the group's name.
+fn take_method_options(f: &mut ImplItemFn) -> syn::Result<Option<(String, Span)>> {
+    let mut group = None;
+    let mut error = None;
+    f.attrs.retain(|attr| {
+        let is_method = attr
+            .path()
+            .segments
+            .last()
+            .is_some_and(|s| s.ident == "method")
+            && attr.path().segments.len() <= 2;
+        if !is_method {
+            return true;
+        }
+        let parsed = attr.parse_nested_meta(|meta| {
+            if meta.path.is_ident("concurrency_group") {
+                let name: syn::LitStr = meta.value()?.parse()?;
+                group = Some((name.value(), name.span()));
+                Ok(())
+            } else {
+                Err(meta.error("#[shoal::method] takes `concurrency_group = \"name\"`"))
+            }
+        });
+        if let Err(e) = parsed {
+            error = Some(e);
+        }
+        false
+    });
+    match error {
+        Some(e) => Err(e),
+        None => Ok(group),
+    }
 }
 
 fn params<'a>(inputs: impl Iterator<Item = &'a FnArg>) -> syn::Result<Vec<Param>> {
@@ -62,7 +144,7 @@ fn params<'a>(inputs: impl Iterator<Item = &'a FnArg>) -> syn::Result<Vec<Param>
     Ok(out)
 }
 
-fn parse(item: ItemImpl) -> syn::Result<ActorImpl> {
+fn parse(mut item: ItemImpl, groups: Vec<(String, syn::Expr)>) -> syn::Result<ActorImpl> {
     if !item.generics.params.is_empty() {
         return Err(syn::Error::new(
             item.generics.span(),
@@ -89,10 +171,32 @@ fn parse(item: ItemImpl) -> syn::Result<ActorImpl> {
         .ok_or_else(|| syn::Error::new(path.span(), "empty type path"))?;
     let mut ctor = None;
     let mut methods = Vec::new();
-    for impl_item in &item.items {
+    for impl_item in &mut item.items {
         let ImplItem::Fn(f) = impl_item else { continue };
+        let group = match take_method_options(f)? {
+            Some((name, span)) => match groups.iter().position(|(g, _)| *g == name) {
+                Some(index) => Some(index),
+                None => {
+                    return Err(syn::Error::new(
+                        span,
+                        format!("no concurrency group {name:?}: declare it in #[shoal::actor(concurrency_groups({name} = n))] on this impl block"),
+                    ))
+                }
+            },
+            None => None,
+        };
         match f.sig.inputs.first() {
-            Some(FnArg::Receiver(receiver)) => methods.push(method(f, receiver)?),
+            Some(FnArg::Receiver(receiver)) => {
+                let mut m = method(f, receiver)?;
+                m.group = group;
+                methods.push(m);
+            }
+            _ if group.is_some() => {
+                return Err(syn::Error::new(
+                    f.sig.span(),
+                    "only methods taking `&self` or `&mut self` belong to a concurrency group",
+                ))
+            }
             _ if f.sig.ident == "new" => {
                 if f.sig.asyncness.is_some() {
                     return Err(syn::Error::new(
@@ -118,6 +222,7 @@ fn parse(item: ItemImpl) -> syn::Result<ActorImpl> {
         ty,
         ctor,
         methods,
+        groups,
     })
 }
 
@@ -143,6 +248,7 @@ fn method(f: &ImplItemFn, receiver: &syn::Receiver) -> syn::Result<Method> {
     };
     Ok(Method {
         name: f.sig.ident.clone(),
+        group: None,
         receiver: if receiver.mutability.is_some() {
             Receiver::Mut
         } else {
@@ -177,7 +283,17 @@ fn codegen(a: ActorImpl) -> TokenStream {
         ty,
         ctor,
         methods,
+        groups,
     } = a;
+    let group_names: Vec<&String> = groups.iter().map(|(n, _)| n).collect();
+    let group_sizes: Vec<&syn::Expr> = groups.iter().map(|(_, s)| s).collect();
+    let method_groups: Vec<TokenStream> = methods
+        .iter()
+        .map(|m| match m.group {
+            Some(i) => quote! { ::core::option::Option::Some(#i) },
+            None => quote! { ::core::option::Option::None },
+        })
+        .collect();
     let methods_ty = format_ident!("{}Methods", ty);
     let options_ty = format_ident!("{}Options", ty);
     let (ctor_decode, ctor_vars) = decode(&ctor);
@@ -361,6 +477,8 @@ fn codegen(a: ActorImpl) -> TokenStream {
                 name: <#ty as ::shoal::Actor>::CLASS,
                 construct: __construct,
                 methods: &[#(#entries),*],
+                concurrency_groups: &[#((#group_names, (#group_sizes) as u32)),*],
+                method_groups: &[#(#method_groups),*],
             };
             ::shoal::__private::inventory::submit! { ::shoal::__private::RegisteredActor(&CLASS) }
         };
@@ -369,14 +487,12 @@ fn codegen(a: ActorImpl) -> TokenStream {
 
 /// `#[actor]` on a type or on its `impl` block.
 pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
-    if !attr.is_empty() {
-        return Err(syn::Error::new(
-            attr.span(),
-            "#[shoal::actor] takes no options; set them with `Type::options()`",
-        ));
-    }
     match syn::parse2::<Item>(item)? {
-        Item::Impl(item) => Ok(codegen(parse(item)?)),
+        Item::Impl(item) => Ok(codegen(parse(item, parse_groups(attr)?)?)),
+        _ if !attr.is_empty() => Err(syn::Error::new(
+            attr.span(),
+            "#[shoal::actor] on a type takes no options; concurrency groups go on the impl block, other options in `Type::options()`",
+        )),
         Item::Struct(s) => {
             let ty = &s.ident;
             if !s.generics.params.is_empty() {
@@ -437,6 +553,60 @@ mod tests {
     }
 
     #[test]
+    fn concurrency_groups_are_declared_then_used() {
+        let expand_err = |attr: TokenStream, item: TokenStream| match expand(attr, item) {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => e.to_string(),
+        };
+        let unknown = expand_err(
+            quote!(concurrency_groups(io = 2)),
+            quote!(impl C {
+                fn new() -> Self { C }
+                #[shoal::method(concurrency_group = "disk")]
+                fn read(&self) {}
+            }),
+        );
+        assert!(
+            unknown.contains("no concurrency group \"disk\""),
+            "{unknown}"
+        );
+        assert!(expand_err(
+            quote!(groups(io = 2)),
+            quote!(impl C { fn new() -> Self { C } })
+        )
+        .contains("concurrency_groups"));
+        assert!(expand_err(
+            quote!(concurrency_groups(io = 2)),
+            quote!(
+                struct C;
+            )
+        )
+        .contains("impl block"));
+        assert!(expand_err(
+            quote!(concurrency_groups(io = 2, io = 3)),
+            quote!(impl C { fn new() -> Self { C } })
+        )
+        .contains("twice"));
+        let item: ItemImpl = syn::parse_quote! {
+            impl C {
+                fn new() -> Self { C }
+                #[shoal::method(concurrency_group = "io")]
+                async fn fetch(&self) {}
+                fn plain(&self) {}
+            }
+        };
+        let groups = parse_groups(quote!(concurrency_groups(compute = 1, io = 4))).expect("groups");
+        let a = parse(item, groups).expect("parses");
+        assert_eq!(a.methods[0].group, Some(1));
+        assert_eq!(a.methods[1].group, None);
+        let stripped = a.item.to_token_stream().to_string();
+        assert!(
+            !stripped.contains("method"),
+            "the marker is taken off: {stripped}"
+        );
+    }
+
+    #[test]
     fn methods_are_classified() {
         let item: ItemImpl = syn::parse_quote! {
             impl C {
@@ -447,7 +617,7 @@ mod tests {
                 fn helper() {}
             }
         };
-        let a = parse(item).expect("parses");
+        let a = parse(item, Vec::new()).expect("parses");
         assert_eq!(a.ctor.len(), 1);
         assert_eq!(a.methods.len(), 3);
         assert!(matches!(a.methods[0].receiver, Receiver::Mut));

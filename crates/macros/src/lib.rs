@@ -41,6 +41,21 @@ pub fn actor(attr: TokenStream, item: TokenStream) -> TokenStream {
     }
 }
 
+/// Puts an actor method in a concurrency group declared on its impl block:
+/// `#[shoal::method(concurrency_group = "io")]`. Read by `#[shoal::actor]`;
+/// anywhere else it is an error.
+#[proc_macro_attribute]
+pub fn method(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let _ = attr;
+    let mut out: proc_macro2::TokenStream = syn::Error::new(
+        proc_macro2::Span::call_site(),
+        "#[shoal::method] goes on a method of an impl block marked #[shoal::actor] (above it)",
+    )
+    .to_compile_error();
+    out.extend(proc_macro2::TokenStream::from(item));
+    out.into()
+}
+
 /// Marks `main` of a program that uses Shoal: when the program is started as
 /// a worker, it runs the worker loop instead of the body (so the body may
 /// call `shoal::init` wherever it likes).

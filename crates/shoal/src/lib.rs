@@ -107,7 +107,7 @@ pub use placement_group::{
 };
 pub use scheduling::Strategy;
 pub use shm::{Buffer, BufferMut, Number};
-pub use shoal_macros::{actor, main, remote};
+pub use shoal_macros::{actor, main, method, remote};
 pub use shoal_proto::{
     ClusterStatus, JobId, NodeId, NodeState, NodeStatus, ObjectId, ResourceSet, TaskId, WorkerId,
 };

@@ -241,6 +241,14 @@ pub struct ActorClass {
     pub construct: fn(crate::shm::Args) -> Result<ActorState, InvokeError>,
     /// The methods, by name.
     pub methods: &'static [(&'static str, MethodInvoker)],
+    /// Its concurrency groups (`#[shoal::actor(concurrency_groups(io =
+    /// 4))]`): each name, and how many of its methods' calls may run at
+    /// once.
+    pub concurrency_groups: &'static [(&'static str, u32)],
+    /// Per method, in `methods`' order: the index of its group in
+    /// `concurrency_groups`, or `None` for the default group (the actor's
+    /// `max_concurrency`).
+    pub method_groups: &'static [Option<usize>],
 }
 
 /// The registry entry `inventory` collects for actor classes.

@@ -28,6 +28,9 @@ pub(crate) struct Hosted {
     incarnation: u32,
     state: Arc<RwLock<ActorState>>,
     permits: Arc<Semaphore>,
+    /// The permits of each of the class's concurrency groups (a method in
+    /// none takes `permits`).
+    groups: Vec<Arc<Semaphore>>,
     /// Per caller: its turns and the replies kept for its resends.
     callers: Mutex<HashMap<WorkerId, Arc<CallerLine>>>,
     /// For an actor of sync methods: its own threads (`max_concurrency` of
@@ -177,7 +180,8 @@ impl Host {
             .methods
             .iter()
             .all(|(_, m)| matches!(m, MethodInvoker::Ref(_) | MethodInvoker::Mut(_)));
-        let lane = if max_concurrency <= LANE_THREADS_MAX && all_sync {
+        let grouped = !class.concurrency_groups.is_empty();
+        let lane = if max_concurrency <= LANE_THREADS_MAX && all_sync && !grouped {
             match Lane::start(class.name, max_concurrency) {
                 Ok(lane) => Some(lane),
                 Err(e) => {
@@ -195,6 +199,11 @@ impl Host {
             incarnation,
             state: Arc::new(RwLock::new(state)),
             permits: Arc::new(Semaphore::new(max_concurrency.max(1) as usize)),
+            groups: class
+                .concurrency_groups
+                .iter()
+                .map(|(_, n)| Arc::new(Semaphore::new((*n).max(1) as usize)))
+                .collect(),
             callers: Mutex::new(HashMap::new()),
             lane,
             quick: class.methods.iter().map(|_| Default::default()).collect(),
@@ -441,8 +450,18 @@ impl Hosted {
             return reply(call_outcome(process, call, &function, executor, outcome).await);
         }
         // Our place is taken once we hold a permit and the lock; only then
-        // may the caller's next call start competing.
-        let permit = Arc::clone(&hosted.permits).acquire_owned().await;
+        // may the caller's next call start competing. With concurrency
+        // groups, calls keep their order within their group only (as in
+        // Ray): a call waiting for a busy group does not hold up the
+        // caller's calls to another.
+        let permits = match hosted.class.method_groups.get(index).copied().flatten() {
+            Some(group) => hosted.groups.get(group).unwrap_or(&hosted.permits),
+            None => &hosted.permits,
+        };
+        if !hosted.groups.is_empty() {
+            advance();
+        }
+        let permit = Arc::clone(permits).acquire_owned().await;
         // Cancelled while it waited for the lock: it never runs. An async
         // method is dropped at its next await once cancelled.
         let dropped = || {

@@ -1,5 +1,6 @@
 //! Scenarios of Ray's core API that Shoal matches: worker environments,
-//! cancellation and timeouts, multiple returns, and more as they come. Each prints one `RESULT {json}` line.
+//! cancellation and timeouts, multiple returns, actor concurrency groups,
+//! and more as they come. Each prints one `RESULT {json}` line.
 
 use serde_json::json;
 use shoal::prelude::*;
@@ -48,6 +49,7 @@ pub fn run(name: &str) -> Option<shoal::Result<()>> {
         "env" => Some(env()),
         "cancel" => Some(cancel::run()),
         "returns" => Some(returns()),
+        "groups" => Some(groups()),
         _ => None,
     }
 }
@@ -175,5 +177,100 @@ fn returns() -> shoal::Result<()> {
         "values": values, "failed": failed, "cancelled": cancelled,
         "distinct": big.id() != x.id(),
     }));
+    Ok(())
+}
+
+/// An actor with two concurrency groups, counting how many of each
+/// group's calls run at once.
+#[shoal::actor]
+#[derive(Default)]
+pub struct Grouped {
+    io: Gauge,
+    compute: Gauge,
+    released: std::sync::atomic::AtomicBool,
+}
+
+/// Calls running now, and the most at once.
+#[derive(Default)]
+struct Gauge {
+    now: std::sync::atomic::AtomicU32,
+    max: std::sync::atomic::AtomicU32,
+}
+
+impl Gauge {
+    fn enter(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.now.fetch_add(1, SeqCst) + 1;
+        self.max.fetch_max(now, SeqCst);
+    }
+
+    fn leave(&self) {
+        self.now.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[shoal::actor(concurrency_groups(io = 2, compute = 1))]
+impl Grouped {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    #[shoal::method(concurrency_group = "io")]
+    pub async fn fetch(&self, ms: u64) -> u32 {
+        self.io.enter();
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        self.io.leave();
+        1
+    }
+
+    #[shoal::method(concurrency_group = "compute")]
+    pub fn crunch(&self, ms: u64) -> u32 {
+        self.compute.enter();
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        self.compute.leave();
+        1
+    }
+
+    /// Holds the compute group until `release` (or 30 s): true if
+    /// released.
+    #[shoal::method(concurrency_group = "compute")]
+    pub fn hold(&self) -> bool {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            if self.released.load(std::sync::atomic::Ordering::SeqCst) {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        false
+    }
+
+    #[shoal::method(concurrency_group = "io")]
+    pub fn release(&self) {
+        self.released
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The most io and compute calls that ran at once (default group).
+    pub fn maxima(&self) -> (u32, u32) {
+        use std::sync::atomic::Ordering::SeqCst;
+        (self.io.max.load(SeqCst), self.compute.max.load(SeqCst))
+    }
+}
+
+/// Concurrency groups: a busy group does not hold up another's calls (from
+/// the same handle), and each group runs at most its size at once.
+fn groups() -> shoal::Result<()> {
+    let _shoal = shoal::init(shoal::Config::from_env())?;
+    let actor = Grouped::remote()?;
+    let held = actor.hold();
+    actor.release().get()?;
+    let released = held.get()?;
+    let io: Vec<_> = (0..6).map(|_| actor.fetch(150)).collect();
+    let compute: Vec<_> = (0..3).map(|_| actor.crunch(100)).collect();
+    shoal::get_all(&io)?;
+    shoal::get_all(&compute)?;
+    let (io_max, compute_max) = actor.maxima().get()?;
+    result(json!({"released": released, "io_max": io_max, "compute_max": compute_max}));
     Ok(())
 }
