@@ -66,7 +66,7 @@ fn parse_groups(attr: TokenStream) -> syn::Result<Vec<(String, syn::Expr)>> {
             let name: Ident = content.parse()?;
             content.parse::<syn::Token![=]>()?;
             let size: syn::Expr = content.parse()?;
-            if groups.iter().any(|(n, _)| *n == name.to_string()) {
+            if groups.iter().any(|(n, _)| name == n) {
                 return Err(syn::Error::new(
                     name.span(),
                     "this concurrency group is named twice",
