@@ -253,3 +253,73 @@ fn actor_concurrency_groups_in_local_mode_and_on_a_cluster() {
     ));
     cluster.assert_no_panics();
 }
+
+fn check_stream(out: &Value, processes: bool) {
+    assert_eq!(out["count"], out["n"], "{out}");
+    assert_eq!(out["in_order"], true, "{out}");
+    assert_eq!(
+        out["stored_sizes"].as_array().map(Vec::len),
+        Some(6),
+        "{out}"
+    );
+    let ahead = out["most_ahead"].as_u64().expect("most_ahead");
+    let backpressure = out["backpressure"].as_u64().expect("backpressure");
+    assert!(
+        ahead <= backpressure,
+        "the producer ran {ahead} items ahead with a backpressure of {backpressure}: {out}"
+    );
+    assert_eq!(
+        out["outcomes"],
+        serde_json::json!([0, 1, 2, "panic"]),
+        "{out}"
+    );
+    assert_eq!(out["first"], serde_json::json!([0, 1, 2]), "{out}");
+    assert_eq!(
+        out["stopped"], true,
+        "dropping the generator stopped its producer: {out}"
+    );
+    let streamed: Vec<u64> = (0..20).map(|i| i * 10).collect();
+    assert_eq!(out["streamed"], serde_json::json!(streamed), "{out}");
+    if processes {
+        assert_eq!(
+            out["died"], true,
+            "the first producer's worker exited: {out}"
+        );
+        let retried: Vec<u64> = (0..20).collect();
+        assert_eq!(
+            out["retried"],
+            serde_json::json!(retried),
+            "a retried producer hands each item once: {out}"
+        );
+    }
+}
+
+#[test]
+fn streaming_generators_in_local_mode() {
+    check_stream(&scenario_result(&["stream"], &[], DEADLINE), false);
+    check_stream(
+        &scenario_result(&["stream"], &local_processes(), DEADLINE),
+        true,
+    );
+}
+
+#[test]
+fn streaming_generators_across_nodes() {
+    let cluster = ProcessCluster::three_process();
+    check_stream(
+        &scenario_result(&["stream"], &cluster.driver_env(), DEADLINE),
+        true,
+    );
+    // A producer panics on purpose (its worker's log says so); the
+    // daemons must not.
+    for (log, text) in cluster.daemon_logs() {
+        let worker = log
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("worker-"));
+        assert!(
+            worker || !text.contains("panicked"),
+            "{}:\n{text}",
+            log.display()
+        );
+    }
+}

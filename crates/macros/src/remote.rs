@@ -84,6 +84,13 @@ enum Returns {
     Fallible(Type),
 }
 
+/// A streaming generator's item type, and whether it is a `Stream`
+/// (else an `Iterator`).
+struct Streaming {
+    item: Type,
+    stream: bool,
+}
+
 /// The IR: everything codegen needs.
 struct RemoteFn {
     item: ItemFn,
@@ -93,6 +100,34 @@ struct RemoteFn {
     returns: Returns,
     options: Options,
     signature_hash: u64,
+    streaming: Option<Streaming>,
+}
+
+/// `T` and the trait of a return type written `impl Iterator<Item = T>` or
+/// `impl Stream<Item = T>` (any path ending so, with more bounds allowed).
+fn streaming_item(ty: &Type) -> Option<Streaming> {
+    let Type::ImplTrait(t) = ty else { return None };
+    t.bounds.iter().find_map(|bound| {
+        let syn::TypeParamBound::Trait(bound) = bound else {
+            return None;
+        };
+        let last = bound.path.segments.last()?;
+        let stream = match last.ident.to_string().as_str() {
+            "Iterator" => false,
+            "Stream" => true,
+            _ => return None,
+        };
+        let syn::PathArguments::AngleBracketed(args) = &last.arguments else {
+            return None;
+        };
+        args.args.iter().find_map(|arg| match arg {
+            syn::GenericArgument::AssocType(a) if a.ident == "Item" => Some(Streaming {
+                item: a.ty.clone(),
+                stream,
+            }),
+            _ => None,
+        })
+    })
 }
 
 fn parse(attr: TokenStream, item: TokenStream) -> syn::Result<RemoteFn> {
@@ -163,6 +198,24 @@ fn parse(attr: TokenStream, item: TokenStream) -> syn::Result<RemoteFn> {
             }
         },
     };
+    let streaming = match &sig.output {
+        ReturnType::Type(_, ty) => streaming_item(ty),
+        ReturnType::Default => None,
+    };
+    if let Some(s) = &streaming {
+        if !s.stream && sig.asyncness.is_some() {
+            return Err(syn::Error::new(
+                sig.asyncness.span(),
+                "an async generator returns `impl Stream<Item = T>`; `impl Iterator` is for plain `fn`s",
+            ));
+        }
+        if options.num_returns.is_some_and(|(n, _)| n > 1) {
+            return Err(syn::Error::new(
+                sig.output.span(),
+                "a streaming generator has no num_returns: each item is its own object",
+            ));
+        }
+    }
     if let Some((n, span)) = options.num_returns.filter(|(n, _)| *n > 1) {
         let (Returns::Value(ty) | Returns::Fallible(ty)) = &returns;
         let elements = match ty {
@@ -178,6 +231,7 @@ fn parse(attr: TokenStream, item: TokenStream) -> syn::Result<RemoteFn> {
     }
     let signature_hash = fnv1a(sig.to_token_stream().to_string().as_bytes());
     Ok(RemoteFn {
+        streaming,
         name: sig.ident.clone(),
         is_async: sig.asyncness.is_some(),
         params,
@@ -220,6 +274,7 @@ fn codegen(f: RemoteFn) -> TokenStream {
         returns,
         options,
         signature_hash,
+        streaming,
     } = f;
     let vis = &item.vis;
     let out_ty = match &returns {
@@ -256,9 +311,15 @@ fn codegen(f: RemoteFn) -> TokenStream {
     } else {
         quote! { ::shoal::__private::encode_return(&v) }
     };
-    let finish = match returns {
-        Returns::Value(_) => quote! {{ let v = __out; #encode_value }},
-        Returns::Fallible(_) => quote! {
+    let finish = match (&streaming, &returns) {
+        (Some(Streaming { stream: false, .. }), _) => {
+            quote! { ::shoal::__private::drive_iter(__out) }
+        }
+        (Some(Streaming { stream: true, .. }), _) => {
+            quote! { ::shoal::__private::drive_stream(__out).await }
+        }
+        (None, Returns::Value(_)) => quote! {{ let v = __out; #encode_value }},
+        (None, Returns::Fallible(_)) => quote! {
             match __out {
                 ::core::result::Result::Ok(v) => #encode_value,
                 ::core::result::Result::Err(e) => ::core::result::Result::Err(::shoal::__private::InvokeError::app(&e)),
@@ -266,7 +327,14 @@ fn codegen(f: RemoteFn) -> TokenStream {
         },
     };
     let indices_out: Vec<u32> = (0..elements.len() as u32).collect();
-    let (ref_ty, submit) = if num_returns > 1 {
+    let (ref_ty, submit) = if let Some(Streaming { item, .. }) = &streaming {
+        (
+            quote! { ::shoal::ObjectRefGenerator<#item> },
+            quote! {
+                ::shoal::__private::submit_generator::<#item>(&FUNCTION, self.0, ::std::vec![#(::shoal::__private::arg::<#arg_types>(#arg_names.into())),*])
+            },
+        )
+    } else if num_returns > 1 {
         (
             quote! { (#(::shoal::ObjectRef<#elements>),*) },
             quote! {
@@ -288,7 +356,9 @@ fn codegen(f: RemoteFn) -> TokenStream {
             let #call_args: #arg_types = ::shoal::__private::decode_arg(__args.next(), #indices, stringify!(#arg_names))?;
         )*
     };
-    let invoker = if is_async {
+    let is_streaming = streaming.is_some();
+    // A `Stream` is driven on the runtime, whatever the function is.
+    let invoker = if is_async || streaming.as_ref().is_some_and(|s| s.stream) {
         quote! {
             fn __invoke(__args: ::shoal::__private::Args) -> ::shoal::__private::BoxFuture<::core::result::Result<::std::vec::Vec<u8>, ::shoal::__private::InvokeError>> {
                 ::std::boxed::Box::pin(async move {
@@ -373,6 +443,8 @@ fn codegen(f: RemoteFn) -> TokenStream {
                 pub fn timeout(self, after: ::std::time::Duration) -> Self { Self(self.0.timeout(after)) }
                 /// A variable set in the environment of the worker process that runs the task.
                 pub fn env_var(self, name: &str, value: &str) -> Self { Self(self.0.env_var(name, value)) }
+                /// For a streaming generator: items the producer may be ahead of the caller (default 16).
+                pub fn generator_backpressure(self, items: u32) -> Self { Self(self.0.generator_backpressure(items)) }
                 /// Submits the task with these options.
                 pub fn remote(self, #(#arg_names: impl ::core::convert::Into<::shoal::Arg<#arg_types>>),*) -> #ref_ty {
                     #submit
@@ -385,6 +457,7 @@ fn codegen(f: RemoteFn) -> TokenStream {
                 signature: #signature_hash,
                 invoke: { #invoker },
                 returns: #num_returns,
+                streaming: #is_streaming,
             };
 
             ::shoal::__private::inventory::submit! { ::shoal::__private::Registered(&FUNCTION) }
@@ -517,6 +590,35 @@ mod tests {
             )
         )
         .is_ok());
+    }
+
+    #[test]
+    fn generators_are_recognised() {
+        let ty: Type = syn::parse_quote!(impl Iterator<Item = (u32, String)> + Send);
+        let s = streaming_item(&ty).expect("an iterator");
+        assert!(!s.stream);
+        let ty: Type = syn::parse_quote!(impl shoal::Stream<Item = u8>);
+        assert!(streaming_item(&ty).expect("a stream").stream);
+        let ty: Type = syn::parse_quote!(impl Clone);
+        assert!(streaming_item(&ty).is_none());
+        assert!(err(
+            quote!(),
+            quote!(
+                async fn f() -> impl Iterator<Item = u8> {
+                    0..1
+                }
+            )
+        )
+        .contains("impl Stream"));
+        assert!(err(
+            quote!(num_returns = 2),
+            quote!(
+                fn f() -> impl Iterator<Item = u8> {
+                    0..1
+                }
+            )
+        )
+        .contains("no num_returns"));
     }
 
     #[test]

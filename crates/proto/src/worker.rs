@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{ActorId, NodeId, ObjectId, TaskId, WorkerId};
-use crate::task::{ArgSpec, StoredAt, TaskFailure, TaskReply, TaskSpec};
+use crate::task::{ArgSpec, StoredAt, TaskFailure, TaskOutcome, TaskReply, TaskSpec};
 
 /// A request to a worker.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -48,6 +48,23 @@ pub enum WorkerRequest {
         /// The task, or the actor call.
         task_id: TaskId,
     },
+    /// A streaming generator's next item, from the worker running it to
+    /// the generator's owner. Answered [`WorkerReply::GeneratorAck`] once
+    /// the caller is fewer than its backpressure behind (or after a while:
+    /// `again`, and the item is sent again), or at once with `stop` if the
+    /// caller dropped the generator. An item already had (a retried
+    /// producer) is acknowledged and not kept again.
+    GeneratorItem {
+        /// The generator's task.
+        task_id: TaskId,
+        /// Which try of it yields this.
+        attempt: u32,
+        /// The item's place in the stream, from 0 (its object is the
+        /// task's return `index + 1`).
+        index: u32,
+        /// The item: inline, or stored where the worker runs.
+        item: TaskOutcome,
+    },
     /// Cancel the task that makes an object this process owns (asked by a
     /// process holding a reference to it). Answered `Ok`.
     CancelObject {
@@ -68,6 +85,13 @@ pub enum WorkerReply {
     Object(ObjectValue),
     /// Done.
     Ok,
+    /// A streaming generator's item was taken.
+    GeneratorAck {
+        /// The caller dropped the generator: stop producing.
+        stop: bool,
+        /// The caller is still too far behind: send the item again.
+        again: bool,
+    },
     /// The actor was constructed, or why not.
     ActorCreated {
         /// The constructor's failure, if it failed.

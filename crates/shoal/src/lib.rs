@@ -69,6 +69,7 @@ mod config;
 mod core;
 mod driver;
 mod error;
+pub mod generator;
 pub mod kv;
 #[cfg(feature = "local")]
 pub mod local;
@@ -97,6 +98,8 @@ pub use client::ClusterClient;
 pub use config::Config;
 pub use driver::{init, Shoal};
 pub use error::{Error, Result, TaskError};
+pub use futures_util::Stream;
+pub use generator::ObjectRefGenerator;
 #[cfg(feature = "local")]
 pub use local::{LocalCluster, LocalClusterExt, LocalConfig, LocalError};
 pub use object_ref::{Arg, ObjectRef};
@@ -325,6 +328,20 @@ pub mod __private {
         let core = crate::driver::ensure_core();
         let id = core.submit(function, options, args);
         ObjectRef::adopt(id, core.me.clone())
+    }
+
+    pub use crate::generator::{drive_iter, drive_stream};
+
+    /// Submits a streaming generator's task.
+    pub fn submit_generator<T>(
+        function: &'static RemoteFunction,
+        options: TaskOptions,
+        args: Vec<ArgValue>,
+    ) -> crate::ObjectRefGenerator<T> {
+        let core = crate::driver::ensure_core();
+        let (generator, id) = core.submit_generator(function, options, args);
+        let result = ObjectRef::adopt(id, core.me.clone());
+        crate::ObjectRefGenerator::new(core, generator, result)
     }
 
     /// Submits a task of several returns: the first's id and its owner.

@@ -12,6 +12,7 @@ pub struct TaskOptions {
     pub(crate) scheduling: crate::scheduling::Scheduling,
     pub(crate) env: shoal_proto::EnvVars,
     pub(crate) timeout: Option<std::time::Duration>,
+    pub(crate) generator_backpressure: u32,
 }
 
 impl Default for TaskOptions {
@@ -32,6 +33,7 @@ impl TaskOptions {
             scheduling: Default::default(),
             env: Default::default(),
             timeout: None,
+            generator_backpressure: 16,
         }
     }
 
@@ -60,6 +62,13 @@ impl TaskOptions {
     }
 
     crate::scheduling::placement_options!("held while it runs");
+
+    /// For a streaming generator: how many items the producer may be
+    /// ahead of the caller before it waits (default 16, at least 1).
+    pub fn generator_backpressure(mut self, items: u32) -> Self {
+        self.generator_backpressure = items.max(1);
+        self
+    }
 
     /// Past this long after its submission, the task is cancelled
     /// (cooperatively, as `shoal::cancel` does) and its reference gives

@@ -128,6 +128,10 @@ pub struct RemoteFunction {
     /// How many objects it returns (`num_returns`; 1 for most): with more
     /// than one, the invoker gives them joined by [`join_returns`].
     pub returns: u32,
+    /// A streaming generator (it returns `impl Iterator` or `impl
+    /// Stream`): its items go to the owner one by one as they are made,
+    /// and its result is their count.
+    pub streaming: bool,
 }
 
 /// The registry entry `inventory` collects.

@@ -178,6 +178,7 @@ fn an_unknown_function_is_function_not_found() {
         signature: 7,
         invoke: shoal::registry::Invoker::Sync(never_called),
         returns: 1,
+        streaming: false,
     };
     let r: ObjectRef<u8> =
         shoal::__private::submit(&UNREGISTERED, shoal::TaskOptions::new(), vec![]);

@@ -18,6 +18,7 @@
 
 pub(crate) mod cancel;
 pub(crate) mod events;
+pub(crate) mod generator;
 pub(crate) mod head;
 mod lease;
 mod objects;
@@ -184,6 +185,10 @@ pub(crate) struct Core {
     submitted: cancel::Submitted,
     /// The tasks and calls running here that may be cancelled.
     cancels: worker::cancel::Cancels,
+    /// The streaming generators this process owns.
+    generators: generator::Generators,
+    /// Where the generators running here yield to.
+    sinks: worker::stream::Sinks,
     /// Deletes of freed objects under way: shutdown waits for them.
     deletes: tokio_util::task::TaskTracker,
     /// Keeps the in-process cluster of local mode alive.
@@ -310,6 +315,8 @@ impl Core {
             deletes: tokio_util::task::TaskTracker::new(),
             submitted: Default::default(),
             cancels: Default::default(),
+            generators: Default::default(),
+            sinks: Default::default(),
             #[cfg(feature = "local")]
             local: std::sync::Mutex::new(None),
         });
@@ -494,6 +501,20 @@ impl worker::Process for Core {
 
     fn cancels(&self) -> &worker::cancel::Cancels {
         &self.cancels
+    }
+
+    fn sinks(&self) -> &worker::stream::Sinks {
+        &self.sinks
+    }
+
+    fn generator_item(
+        self: &Arc<Self>,
+        task_id: TaskId,
+        index: u32,
+        item: TaskOutcome,
+    ) -> impl Future<Output = shoal_proto::WorkerReply> + Send {
+        let core = Arc::clone(self);
+        async move { core.take_generator_item(task_id, index, item).await }
     }
 
     fn cancel_children(self: &Arc<Self>, task: TaskId) {

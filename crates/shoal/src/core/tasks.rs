@@ -36,7 +36,39 @@ impl Core {
         options: TaskOptions,
         args: Vec<ArgValue>,
     ) -> ObjectId {
+        self.submit_as(function, options, args, None)
+    }
+
+    /// Submits a streaming generator's task: the generator its items go
+    /// to, and the id of its result (their count).
+    pub(crate) fn submit_generator(
+        self: &Arc<Self>,
+        function: &'static RemoteFunction,
+        options: TaskOptions,
+        args: Vec<ArgValue>,
+    ) -> (Arc<super::generator::Generator>, ObjectId) {
         let task_id = TaskId::fresh();
+        let generator = self.new_generator(task_id, options.generator_backpressure);
+        let id = self.submit_as(
+            function,
+            options,
+            args,
+            Some((task_id, Arc::clone(&generator))),
+        );
+        (generator, id)
+    }
+
+    fn submit_as(
+        self: &Arc<Self>,
+        function: &'static RemoteFunction,
+        options: TaskOptions,
+        args: Vec<ArgValue>,
+        generator: Option<(TaskId, Arc<super::generator::Generator>)>,
+    ) -> ObjectId {
+        let (task_id, generator) = match generator {
+            Some((task_id, generator)) => (task_id, Some(generator)),
+            None => (TaskId::fresh(), None),
+        };
         let id = task_id.return_object(0);
         let returns = function.returns.max(1);
         for index in 0..returns {
@@ -67,6 +99,9 @@ impl Core {
                 core.objects.set_lineage(id, lineage);
             }
             tracing::debug!(failed = matches!(outcome, ObjState::Failed(_)), "done");
+            if let Some(generator) = generator {
+                generator.finish(&outcome);
+            }
             if returns > 1 {
                 let more = std::mem::take(&mut *cancel.more_returns.locked());
                 for (index, state) in (1..returns).zip(more_states(&outcome, more, returns)) {
@@ -319,7 +354,7 @@ impl Core {
         // A rerun sends the same values: what they lend stays lent as long
         // as the lineage (else the borrows end here, with `lent`). A task
         // of several returns is not run again for a lost one.
-        let rebuildable = options.max_retries > 0 && function.returns <= 1;
+        let rebuildable = options.max_retries > 0 && function.returns <= 1 && !function.streaming;
         let lineage = (matches!(state, ObjState::Stored(_)) && rebuildable).then(|| {
             keep_alive.extend(lent.map(|lent| Box::new(lent) as KeepAlive));
             Arc::new(Lineage {

@@ -15,6 +15,7 @@ pub(crate) mod host;
 mod lane;
 pub(crate) mod replies;
 pub(crate) mod service;
+pub(crate) mod stream;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -66,6 +67,18 @@ pub(crate) trait Process: Send + Sync + Sized + 'static {
 
     /// The tasks and actor calls running here that may be cancelled.
     fn cancels(&self) -> &cancel::Cancels;
+
+    /// Where the generators running here yield to.
+    fn sinks(&self) -> &stream::Sinks;
+
+    /// An item of a generator this process owns, from its worker (see
+    /// `WorkerRequest::GeneratorItem`).
+    fn generator_item(
+        self: &Arc<Self>,
+        task_id: TaskId,
+        index: u32,
+        item: TaskOutcome,
+    ) -> impl Future<Output = shoal_proto::WorkerReply> + Send;
 
     /// Cancels what `task`, run here, submitted (recursively).
     fn cancel_children(self: &Arc<Self>, task: TaskId);

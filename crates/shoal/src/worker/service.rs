@@ -69,6 +69,17 @@ pub(crate) async fn execute<P: Process>(
     executor: Executor,
 ) -> TaskReply {
     let cancel = process.cancels().start(spec.task_id);
+    let streaming = crate::registry::entry(&spec.function.name)
+        .is_some_and(|e| e.function.streaming)
+        .then(|| {
+            let sink = super::stream::Sink {
+                owner: spec.owner.clone(),
+                attempt: spec.attempt,
+                executor,
+                function: spec.function.name.clone(),
+            };
+            process.sinks().start(spec.task_id, sink)
+        });
     let fetched = process.fetch_args(&spec.args).await;
     // A task cancelled while it waits for its turn never starts.
     let turn = tokio::select! {
@@ -127,6 +138,7 @@ pub(crate) async fn execute<P: Process>(
         },
     };
     drop(turn);
+    drop(streaming);
     drop(cancel);
     process.children_done(spec.task_id);
     let run_us = Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
@@ -264,6 +276,12 @@ impl<P: Process> Service for WorkerService<P> {
                 process.cancel_children(task_id);
                 Ok(WorkerReply::Ok)
             }
+            WorkerRequest::GeneratorItem {
+                task_id,
+                attempt: _,
+                index,
+                item,
+            } => Ok(process.generator_item(task_id, index, item).await),
             WorkerRequest::CancelObject { id, force } => {
                 process.cancel_owned(id, force);
                 Ok(WorkerReply::Ok)

@@ -1,6 +1,6 @@
 //! Scenarios of Ray's core API that Shoal matches: worker environments,
-//! cancellation and timeouts, multiple returns, actor concurrency groups,
-//! and more as they come. Each prints one `RESULT {json}` line.
+//! cancellation and timeouts, multiple returns, actor concurrency groups
+//! and streaming generators. Each prints one `RESULT {json}` line.
 
 use serde_json::json;
 use shoal::prelude::*;
@@ -9,6 +9,8 @@ use super::{pause, result};
 
 #[path = "cancel.rs"]
 mod cancel;
+#[path = "stream.rs"]
+mod stream;
 
 /// The values of `names` in this worker's environment, and its pid.
 #[shoal::remote]
@@ -50,6 +52,7 @@ pub fn run(name: &str) -> Option<shoal::Result<()>> {
         "cancel" => Some(cancel::run()),
         "returns" => Some(returns()),
         "groups" => Some(groups()),
+        "stream" => Some(stream::run()),
         _ => None,
     }
 }
