@@ -323,3 +323,81 @@ fn streaming_generators_across_nodes() {
         );
     }
 }
+
+/// The bytes in use in every node's object store together.
+fn store_used(cluster: &ProcessCluster) -> u64 {
+    cluster.status()["nodes"]
+        .as_array()
+        .map(|nodes| {
+            nodes
+                .iter()
+                .filter_map(|n| n["object_store_used_bytes"].as_u64())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Reads the driver's output up to the line starting with `tag`.
+fn until_line(lines: &mut impl Iterator<Item = String>, tag: &str) -> Option<String> {
+    lines.find_map(|l| l.strip_prefix(tag).map(str::to_string))
+}
+
+#[test]
+fn a_detached_service_handed_a_thousand_10_mb_references_keeps_the_store_small() {
+    let cluster = ProcessCluster::three_process();
+    let mut child = spawn_scenario(&["borrow", "1000"], &cluster.driver_env());
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines().map_while(Result::ok);
+    let mb = 1u64 << 20;
+    // Sampled all along, as each node's heartbeat reports it.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (most, checked) = std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut most = 0;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                most = most.max(store_used(&cluster));
+            }
+            most
+        });
+        let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let holding = until_line(&mut lines, "HOLDING ").expect("the driver pauses holding");
+            assert!(holding.contains("\"held\":3"), "{holding}");
+            // The three blocks the service holds stay; the others went.
+            poll_until(
+                Duration::from_secs(30),
+                "the three held blocks alone in the store",
+                || {
+                    let used = store_used(&cluster);
+                    (30 * mb..40 * mb).contains(&used).then_some(())
+                },
+            );
+            let mut stdin = child.stdin.take().expect("stdin");
+            writeln!(stdin, "go").expect("go-ahead");
+            until_line(&mut lines, "RELEASED ").expect("the driver pauses after the release");
+            // Let go by the service while the driver's job still runs: the
+            // owner frees them (before, they stayed until the job ended).
+            poll_until(Duration::from_secs(30), "the released blocks freed", || {
+                (store_used(&cluster) < 10 * mb).then_some(())
+            });
+            writeln!(stdin, "go").expect("go-ahead");
+        }));
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        (sampler.join().expect("sampler"), checked)
+    });
+    let rest: Vec<String> = lines.collect();
+    let status = child.wait().expect("driver exit");
+    if let Err(panic) = checked {
+        std::panic::resume_unwind(panic);
+    }
+    let stderr = std::io::read_to_string(child.stderr.take().expect("stderr")).unwrap_or_default();
+    assert!(status.success(), "driver failed: {rest:?}\n{stderr}");
+    let out = result_of(&rest.join("\n"));
+    assert_eq!(out["read"], out["expected"], "every block was read: {out}");
+    assert_eq!(out["released"], 3, "{out}");
+    assert!(
+        most < 100 * mb,
+        "the store held {} MB at most while 1 000 blocks of 10 MB went by",
+        most / mb
+    );
+    cluster.assert_no_panics();
+}

@@ -65,6 +65,15 @@ pub enum WorkerRequest {
         /// The item: inline, or stored where the worker runs.
         item: TaskOutcome,
     },
+    /// A borrower lets go: the worker `borrower`, which kept a reference
+    /// this process lent it (in a task's or actor call's arguments, named
+    /// in its reply's `kept`), no longer holds it. Answered `Ok`.
+    ReleaseBorrow {
+        /// The object.
+        id: ObjectId,
+        /// The worker (process) that held it.
+        borrower: WorkerId,
+    },
     /// Cancel the task that makes an object this process owns (asked by a
     /// process holding a reference to it). Answered `Ok`.
     CancelObject {
@@ -133,6 +142,14 @@ pub struct ActorCall {
     /// (an argument failed): the actor only advances past `seq`.
     #[serde(default)]
     pub args: Option<Vec<ArgSpec>>,
+    /// Objects whose references travel inside the argument values: the
+    /// reply's `kept` says which the actor still holds after the call (it
+    /// then borrows them from `lender` until it tells it otherwise).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub borrowed: Vec<ObjectId>,
+    /// The calling process, which lent `borrowed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lender: Option<crate::task::Address>,
 }
 
 /// One line a worker printed.

@@ -258,7 +258,8 @@ pub(crate) fn arg_value<T: Serialize + Send + 'static>(arg: Arg<T>) -> ArgValue 
             (Err(e), lent) => {
                 // No task will see them.
                 if let Some(core) = core::try_get() {
-                    core.end_borrows(lent.into_iter().map(|id| (id, false)));
+                    let returned = crate::owner::objects::Ended::Returned;
+                    core.end_borrows(lent.into_iter().map(|id| (id, returned.clone())));
                 }
                 ArgValue::Bad(e.to_string())
             }

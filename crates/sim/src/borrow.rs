@@ -12,8 +12,8 @@
 
 use std::collections::BTreeMap;
 
-use shoal::owner::objects::{Borrows, ObjState, Objects};
-use shoal_proto::{ObjectId, StoredAt, TaskId};
+use shoal::owner::objects::{Borrows, Ended, ObjState, Objects};
+use shoal_proto::{ObjectId, StoredAt, TaskId, WorkerId};
 
 use crate::msg::{Pid, DRIVER};
 use crate::sim::Sim;
@@ -52,7 +52,7 @@ impl Sim {
         let table = self.table(DRIVER);
         table.own(id, ObjState::Stored(at));
         table.lend(id);
-        if table.release(id).is_some() {
+        if table.release(id).free.is_some() {
             self.violate(format!("object {n} freed while task {task} borrows it"));
         }
         let borrows = Borrows::new(vec![id]);
@@ -88,7 +88,11 @@ impl Sim {
                 } else {
                     Vec::new()
                 };
-                borrows.answered(&kept);
+                // The worker becomes a borrower; simulated workers never
+                // say they let go, so the object stays while one may
+                // hold it (the invariant checked below).
+                let worker = WorkerId::from_uuid(uuid::Uuid::from_u128(0x3e));
+                borrows.answered(&kept, worker);
             }
             None => borrows.lost(),
         }
@@ -100,9 +104,10 @@ impl Sim {
         let Some(mut borrows) = self.lending.borrows.remove(&(owner, task)) else {
             return;
         };
-        for (id, kept) in borrows.end() {
+        for (id, ended) in borrows.end() {
+            let kept = matches!(ended, Ended::Kept(_) | Ended::Escaped);
             self.lending.kept += u64::from(kept);
-            let Some(free) = self.table(owner).end_borrow(id, kept) else {
+            let Some(free) = self.table(owner).end_borrow(id, ended).free else {
                 continue;
             };
             self.lending.freed += 1;

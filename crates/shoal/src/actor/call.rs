@@ -3,6 +3,7 @@
 //! is lost, and moved with the caller's other open calls to a new
 //! connection or incarnation.
 
+use shoal_net::sync::MutexExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -49,15 +50,22 @@ impl Location {
     }
 
     /// The request of a call at `slot` here (`args` `None`: a skip, which
-    /// only moves the host past the slot).
+    /// only moves the host past the slot), lending `borrowed` (the objects
+    /// whose references its argument values carry) from `lender`.
     fn request(
         &self,
         raw: &RawActor,
         order: &Order,
         slot: &CallSlot,
-        args: Option<Vec<ArgSpec>>,
+        (args, borrowed, lender): (
+            Option<Vec<ArgSpec>>,
+            Vec<ObjectId>,
+            Option<shoal_proto::Address>,
+        ),
     ) -> WorkerRequest {
         WorkerRequest::ActorCall(ActorCall {
+            borrowed,
+            lender,
             actor_id: raw.actor_id,
             caller: self.caller_id,
             incarnation: self.incarnation,
@@ -195,7 +203,13 @@ fn call_now(
             _ => None,
         })
         .sum();
-    if plain.is_none_or(|size| size > CALL_NOW_ARGS_MAX) || !slot.route.sent.is_turn(slot.pos) {
+    // Arguments carrying references take the task path, which follows
+    // what the actor keeps of them.
+    let lending = args.iter().any(|a| matches!(a, ArgValue::Lending { .. }));
+    if lending
+        || plain.is_none_or(|size| size > CALL_NOW_ARGS_MAX)
+        || !slot.route.sent.is_turn(slot.pos)
+    {
         return Err(args);
     }
     let location = &slot.route.location;
@@ -212,15 +226,10 @@ fn call_now(
         .into_iter()
         .filter_map(|a| match a {
             ArgValue::Bytes(b) => Some(ArgSpec::Inline(b)),
-            ArgValue::Lending { bytes, lent } => {
-                // An actor may keep them for good.
-                core.end_borrows(lent.into_iter().map(|id| (id, true)));
-                Some(ArgSpec::Inline(bytes))
-            }
             _ => None,
         })
         .collect();
-    let request = location.request(raw, &order, slot, Some(specs.clone()));
+    let request = location.request(raw, &order, slot, (Some(specs.clone()), Vec::new(), None));
     let sent = Sent {
         route: Arc::clone(&slot.route),
         route_id: slot.route_id,
@@ -288,12 +297,16 @@ async fn call_raw(core: &Arc<Core>, raw: &RawActor, order: Order, args: Vec<ArgV
     let function = format!("{}::{}", raw.class, order.method);
     // The argument references stay alive until the call is answered: a
     // stored argument must not be freed before the actor has read it.
-    let (args, failed, _keep_alive) = match core.resolve_args(&function, order.task_id, args).await
-    {
-        Ok((args, keep)) => (Some(args), None, keep),
-        Err(f) => (None, Some(f), Vec::new()),
-    };
+    // The references inside argument values are lent to the call: what
+    // the actor keeps of them it borrows (the reply says), the rest is
+    // returned when the call is done.
+    let (args, failed, _keep_alive, lent) =
+        match core.resolve_lending(&function, order.task_id, args).await {
+            Ok((args, keep, lent)) => (Some(args), None, keep, lent),
+            Err(f) => (None, Some(f), Vec::new(), None),
+        };
     let mut drive = Drive::new(core, raw, order, args);
+    drive.lent = lent;
     if let Some(f) = failed {
         // Its slot is filled even so (a skip), so the actor moves past it.
         drive.answer(ObjState::Failed(f));
@@ -335,6 +348,8 @@ struct Drive {
     args: Option<Vec<ArgSpec>>,
     tries: CallTries<At>,
     reach: Reach,
+    /// The references its argument values lend the actor.
+    lent: Option<crate::core::Lent>,
 }
 
 impl Drive {
@@ -347,6 +362,7 @@ impl Drive {
             args,
             tries,
             reach: Reach::default(),
+            lent: None,
         }
     }
 
@@ -436,7 +452,12 @@ impl Drive {
             }
         };
         let with_args = args.is_some();
-        let request = location.request(&self.raw, &self.order, &slot, args);
+        let borrowed = match (&self.lent, with_args) {
+            (Some(lent), true) => lent.0.locked().ids().to_vec(),
+            _ => Vec::new(),
+        };
+        let lender = (!borrowed.is_empty()).then(|| self.core.me.clone());
+        let request = location.request(&self.raw, &self.order, &slot, (args, borrowed, lender));
         let client = tokio::select! {
             client = self.core.worker(&location.worker.address) => client,
             _ = location.dead.cancelled() => return Some(Step::Send),
@@ -456,6 +477,9 @@ impl Drive {
         match client.send(&request, CALL_TIMEOUT).await {
             Ok(in_flight) => {
                 slot.route.sent.pass(slot.pos);
+                if let Some(lent) = self.lent.as_ref().filter(|_| with_args) {
+                    lent.0.locked().sent();
+                }
                 if with_args {
                     let placed = location.placed();
                     self.core.events.running(self.order.task_id, 0, placed);
@@ -524,6 +548,15 @@ impl Drive {
         let location = Arc::clone(&sent.route.location);
         if let Ok(WorkerReply::TaskDone(done)) = &reply {
             self.core.events.answered(done, 0, failure_of(done));
+        }
+        if let Some(lent) = &self.lent {
+            let mut borrows = lent.0.locked();
+            match &reply {
+                Ok(WorkerReply::TaskDone(done)) => borrows.answered(&done.kept, done.worker_id),
+                Ok(_) => {}
+                // It may have run, and passed them on.
+                Err(_) => borrows.lost(),
+            }
         }
         match self.tries.heard(judge(reply, &location)) {
             AfterReply::Answer(state) => {

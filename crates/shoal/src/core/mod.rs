@@ -29,6 +29,7 @@ mod watch;
 pub(crate) use lease::{
     abandon_request, grant_request, lease_request, release_lease, return_to_head,
 };
+pub(crate) use objects::Lent;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -495,8 +496,12 @@ impl worker::Process for Core {
         self.outcome_of(id, bytes, made, executor)
     }
 
-    fn still_borrowed(&self, id: ObjectId) -> bool {
-        self.objects.still_borrowed(id)
+    fn keep_for(&self, id: ObjectId, lender: &Address) -> bool {
+        self.objects.keep_for(id, lender)
+    }
+
+    fn release_borrower(&self, id: ObjectId, worker: WorkerId) {
+        Core::release_borrower(self, id, worker);
     }
 
     fn cancels(&self) -> &worker::cancel::Cancels {

@@ -14,7 +14,7 @@ use tracing::debug;
 
 use super::{Core, CONTROL_TIMEOUT, GET};
 use crate::error::{Error, Result};
-use crate::owner::objects::{Borrows, ObjState, Slot};
+use crate::owner::objects::{Borrows, Ended, Forgotten, ObjState, Slot};
 use crate::rt::{park_on, runtime_flavor};
 use crate::worker::context::current_executor;
 use crate::worker::Executor;
@@ -57,13 +57,52 @@ impl Drop for Lent {
 }
 
 impl Core {
-    /// Ends tasks' borrows, each escaping or not; frees what nothing
-    /// needs any more.
-    pub(crate) fn end_borrows(&self, ends: impl IntoIterator<Item = (ObjectId, bool)>) {
-        for (id, kept) in ends {
-            if let Some(free) = self.objects.end_borrow(id, kept) {
-                self.delete_stored(free.id, free.at);
-            }
+    /// Ends tasks' borrows (the workers that kept an object become its
+    /// borrowers); frees what nothing needs any more.
+    pub(crate) fn end_borrows(&self, ends: impl IntoIterator<Item = (ObjectId, Ended)>) {
+        for (id, ended) in ends {
+            let gone = self.objects.end_borrow(id, ended);
+            self.forgotten(id, gone);
+        }
+    }
+
+    /// A borrower of `id` (a worker this process lent it to) no longer
+    /// holds it.
+    pub(crate) fn release_borrower(&self, id: ObjectId, worker: shoal_proto::WorkerId) {
+        let gone = self.objects.release_borrower(id, worker);
+        self.forgotten(id, gone);
+    }
+
+    /// Carries out what dropping a use of `id` gave: deletes a stored copy
+    /// this process owned, and tells the lenders of one it borrowed that
+    /// it no longer holds it.
+    fn forgotten(&self, id: ObjectId, gone: Forgotten) {
+        if let Some(free) = gone.free {
+            self.delete_stored(free.id, free.at);
+        }
+        for lender in gone.tell {
+            let request = WorkerRequest::ReleaseBorrow {
+                id,
+                borrower: self.me.worker_id,
+            };
+            let (core, address) = (super::try_get().cloned(), lender.address);
+            let Some(core) = core else { return };
+            self.deletes.spawn_on(
+                async move {
+                    let told = match core.worker(&address).await {
+                        Ok(lender) => lender
+                            .call_idempotent(&request, CONTROL_TIMEOUT)
+                            .await
+                            .map(drop)
+                            .map_err(Error::from),
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = told {
+                        tracing::debug!(%id, %address, error = %e, "could not tell a lender a borrowed object was dropped");
+                    }
+                },
+                &self.handle,
+            );
         }
     }
 
@@ -294,9 +333,8 @@ impl Core {
 
     /// Drops one local reference; frees the object when it was the last.
     pub(crate) fn release_ref(&self, id: ObjectId) {
-        if let Some(free) = self.objects.release(id) {
-            self.delete_stored(free.id, free.at);
-        }
+        let gone = self.objects.release(id);
+        self.forgotten(id, gone);
     }
 
     /// Keeps a small encoded value this process owns (no runtime involved).

@@ -240,7 +240,7 @@ impl Core {
     /// [`Core::resolve_args`], with the references inside argument values
     /// lent to the task, if any (their borrows end when it is dropped).
     #[allow(clippy::type_complexity)]
-    async fn resolve_lending(
+    pub(crate) async fn resolve_lending(
         self: &Arc<Self>,
         function: &str,
         task_id: TaskId,
@@ -571,7 +571,7 @@ impl Core {
         if let Some(borrows) = borrows {
             let mut borrows = borrows.locked();
             match tried {
-                Tried::Answered(_) => borrows.answered(&kept),
+                Tried::Answered(_) => borrows.answered(&kept, leased.worker_id),
                 _ => borrows.lost(),
             }
         }

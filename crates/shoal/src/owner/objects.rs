@@ -11,18 +11,24 @@
 //! follow: inside a `put` value, a return value, an actor's arguments):
 //! then it is kept until the job ends.
 //!
-//! A reference inside a task's argument values is lent to the task
-//! ([`Objects::lend`], [`Borrows`]): the worker that runs it borrows it,
-//! and says in its reply whether it still holds it. The borrow ends with
-//! the task; what a worker kept, or may have passed on before it was
-//! lost, escapes.
+//! A reference inside a task's or actor call's argument values is lent to
+//! it ([`Objects::lend`], [`Borrows`]): the worker that runs it borrows
+//! it, and says in its reply whether it still holds it. The borrow ends
+//! with the task. A worker that kept it becomes a borrower of this
+//! process ([`RefEntry::borrowers`]), and notes this process as its lender
+//! ([`Objects::keep_for`]): when nothing in the worker holds it any more,
+//! the worker tells its lenders ([`Forgotten::tell`]), which drop it as a
+//! borrower ([`Objects::release_borrower`]); the object goes when neither
+//! its owner nor any borrower holds it (Ray's borrower protocol: lenders
+//! that are borrowers themselves pass the release on the same way). What
+//! a worker may have passed on before it was lost escapes.
 
 use shoal_net::sync::MutexExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
-use shoal_proto::{ObjectId, StoredAt, TaskFailure};
+use shoal_proto::{Address, ObjectId, StoredAt, TaskFailure, WorkerId};
 use tokio::sync::Notify;
 
 use super::tasks::Lineage;
@@ -137,20 +143,49 @@ pub struct Free {
     pub at: StoredAt,
 }
 
+/// What dropping a use of an object gave: a stored copy to delete (this
+/// process owned it), and the lenders to tell that this process no
+/// longer holds it (it borrowed it).
+#[derive(Debug, Default, PartialEq)]
+pub struct Forgotten {
+    pub free: Option<Free>,
+    pub tell: Vec<Address>,
+}
+
 #[derive(Default)]
-struct RefEntry {
+pub struct RefEntry {
     /// Local references (`ObjectRef`s alive here).
     count: usize,
     /// Tasks in flight that borrow it (see [`Borrows`]).
     lent: usize,
     escaped: bool,
+    /// Workers that kept it after a task or call this process lent it to,
+    /// until they say they dropped it.
+    borrowers: Vec<WorkerId>,
+    /// Releases that came before the reply naming their borrower (the
+    /// worker dropped it at once): that borrower is not added.
+    released_early: Vec<WorkerId>,
+    /// Who lent it to this process and counts it as a borrower: told
+    /// when nothing here holds it any more.
+    lenders: Vec<Address>,
 }
 
 impl RefEntry {
     /// Nothing here needs the object any more.
     fn unused(&self) -> bool {
-        self.count == 0 && self.lent == 0 && !self.escaped
+        self.count == 0 && self.lent == 0 && !self.escaped && self.borrowers.is_empty()
     }
+}
+
+/// How a lent reference's borrow by a task ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Ended {
+    /// No worker holds it.
+    Returned,
+    /// These workers still hold it: they are its borrowers now.
+    Kept(Vec<WorkerId>),
+    /// A worker may have passed it on before it was lost: kept for the job.
+    Escaped,
 }
 
 /// The references one task carries inside its argument values, lent to
@@ -165,7 +200,8 @@ impl RefEntry {
 #[derive(Debug, Default)]
 pub struct Borrows {
     ids: Vec<ObjectId>,
-    kept: Vec<ObjectId>,
+    /// What each answering worker kept.
+    kept: Vec<(ObjectId, WorkerId)>,
     all_kept: bool,
     /// Tries sent and not yet answered or lost.
     unanswered: u32,
@@ -190,15 +226,19 @@ impl Borrows {
         self.unanswered += 1;
     }
 
-    /// A worker answered, still holding `kept` (what it names that was
+    /// Worker `by` answered, still holding `kept` (what it names that was
     /// not lent is ignored).
-    pub fn answered(&mut self, kept: &[ObjectId]) {
+    pub fn answered(&mut self, kept: &[ObjectId], by: WorkerId) {
         self.unanswered = self.unanswered.saturating_sub(1);
         if kept.is_empty() {
             return;
         }
         let lent: std::collections::HashSet<&ObjectId> = self.ids.iter().collect();
-        self.kept.extend(kept.iter().filter(|id| lent.contains(id)));
+        self.kept.extend(
+            kept.iter()
+                .filter(|id| lent.contains(id))
+                .map(|id| (*id, by)),
+        );
     }
 
     /// A try ended without an answer.
@@ -212,14 +252,26 @@ impl Borrows {
         self.all_kept = true;
     }
 
-    /// The task is done: each lent object, with whether it escapes. Once.
-    pub fn end(&mut self) -> Vec<(ObjectId, bool)> {
+    /// The task is done: how each lent object's borrow ended. Once.
+    pub fn end(&mut self) -> Vec<(ObjectId, Ended)> {
         let all = self.all_kept || self.unanswered > 0;
-        let kept: std::collections::HashSet<ObjectId> =
-            std::mem::take(&mut self.kept).into_iter().collect();
+        let kept = std::mem::take(&mut self.kept);
         std::mem::take(&mut self.ids)
             .into_iter()
-            .map(|id| (id, all || kept.contains(&id)))
+            .map(|id| {
+                let mut by: Vec<WorkerId> = kept
+                    .iter()
+                    .filter(|(k, _)| *k == id)
+                    .map(|(_, w)| *w)
+                    .collect();
+                by.dedup();
+                let ended = match (all, by.is_empty()) {
+                    (true, _) => Ended::Escaped,
+                    (false, true) => Ended::Returned,
+                    (false, false) => Ended::Kept(by),
+                };
+                (id, ended)
+            })
             .collect()
     }
 }
@@ -248,10 +300,10 @@ impl Objects {
         self.refs.entry(id).or_default().escaped = true;
     }
 
-    /// Drops one local reference. With the last one, unless a task
-    /// borrows it or it escaped, the slot goes, and an owned stored object
-    /// is to be freed.
-    pub fn release(&self, id: ObjectId) -> Option<Free> {
+    /// Drops one local reference. With the last one, unless a task or
+    /// borrower holds it or it escaped, the slot goes: an owned stored
+    /// object is to be freed, a borrowed one's lenders told.
+    pub fn release(&self, id: ObjectId) -> Forgotten {
         self.forget_if(id, |entry| entry.count = entry.count.saturating_sub(1))
     }
 
@@ -261,14 +313,69 @@ impl Objects {
         self.refs.entry(id).or_default().lent += 1;
     }
 
-    /// A task's borrow ended (see [`Borrows::end`]): `kept` when the
-    /// object escapes with it. The last use gone, as in
+    /// A task's borrow ended (see [`Borrows::end`]): the workers that
+    /// kept the object become its borrowers. The last use gone, as in
     /// [`release`](Self::release).
-    pub fn end_borrow(&self, id: ObjectId, kept: bool) -> Option<Free> {
+    pub fn end_borrow(&self, id: ObjectId, ended: Ended) -> Forgotten {
         self.forget_if(id, |entry| {
             entry.lent = entry.lent.saturating_sub(1);
-            entry.escaped |= kept;
+            match ended {
+                Ended::Returned => {}
+                Ended::Escaped => entry.escaped = true,
+                Ended::Kept(workers) => {
+                    for worker in workers {
+                        match entry.released_early.iter().position(|w| *w == worker) {
+                            Some(at) => {
+                                entry.released_early.swap_remove(at);
+                            }
+                            None if !entry.borrowers.contains(&worker) => {
+                                entry.borrowers.push(worker)
+                            }
+                            None => {}
+                        }
+                    }
+                }
+            }
         })
+    }
+
+    /// Borrower `worker` no longer holds `id`. A release for a borrower
+    /// not known yet, while a task that lent it is in flight, is kept for
+    /// when that task's reply names it.
+    pub fn release_borrower(&self, id: ObjectId, worker: WorkerId) -> Forgotten {
+        self.forget_if(id, |entry| {
+            match entry.borrowers.iter().position(|w| *w == worker) {
+                Some(at) => {
+                    entry.borrowers.swap_remove(at);
+                }
+                None if entry.lent > 0 && !entry.released_early.contains(&worker) => {
+                    entry.released_early.push(worker)
+                }
+                None => {}
+            }
+        })
+    }
+
+    /// After a task or call `lender` lent `id` to: whether this process
+    /// (its worker) still holds it; if so, `lender` is told when it no
+    /// longer does.
+    pub fn keep_for(&self, id: ObjectId, lender: &Address) -> bool {
+        if self.slots.get(&id).is_some_and(|slot| slot.owned) {
+            return false;
+        }
+        match self.refs.get_mut(&id) {
+            Some(mut entry) => {
+                if !entry
+                    .lenders
+                    .iter()
+                    .any(|l| l.worker_id == lender.worker_id)
+                {
+                    entry.lenders.push(lender.clone());
+                }
+                true
+            }
+            None => false,
+        }
     }
 
     /// Whether a worker that borrowed `id` still holds it: a reference, a
@@ -285,21 +392,25 @@ impl Objects {
     /// Applies `change` to the entry of `id`; if nothing here needs the
     /// object after it, the entry and the slot go, and an owned stored
     /// object is to be freed.
-    fn forget_if(&self, id: ObjectId, change: impl FnOnce(&mut RefEntry)) -> Option<Free> {
+    fn forget_if(&self, id: ObjectId, change: impl FnOnce(&mut RefEntry)) -> Forgotten {
         let mut unused = false;
-        self.refs.remove_if_mut(&id, |_, entry| {
+        let removed = self.refs.remove_if_mut(&id, |_, entry| {
             change(entry);
             unused = entry.unused();
             unused
         });
+        let tell = removed.map(|(_, entry)| entry.lenders).unwrap_or_default();
         if !unused {
-            return None;
+            return Forgotten::default();
         }
-        let (_, slot) = self.slots.remove(&id)?;
-        match slot.state() {
-            ObjState::Stored(at) if slot.owned => Some(Free { id, at }),
-            _ => None,
-        }
+        let free = self
+            .slots
+            .remove(&id)
+            .and_then(|(_, slot)| match slot.state() {
+                ObjState::Stored(at) if slot.owned => Some(Free { id, at }),
+                _ => None,
+            });
+        Forgotten { free, tell }
     }
 
     /// An owned object's final state; if nobody holds a reference any
@@ -384,11 +495,11 @@ mod tests {
         let (a, at) = (id(), stored());
         objects.own(a, ObjState::Stored(at.clone()));
         objects.add_local(a);
-        assert_eq!(objects.release(a), None, "one reference is left");
+        assert_eq!(objects.release(a).free, None, "one reference is left");
         assert!(objects.get(a).is_some());
-        assert_eq!(objects.release(a), Some(Free { id: a, at }));
+        assert_eq!(objects.release(a).free, Some(Free { id: a, at }));
         assert!(objects.get(a).is_none(), "the slot goes with it");
-        assert_eq!(objects.release(a), None, "released once only");
+        assert_eq!(objects.release(a).free, None, "released once only");
     }
 
     #[test]
@@ -397,7 +508,7 @@ mod tests {
         let a = id();
         objects.own(a, ObjState::Stored(stored()));
         objects.mark_escaped(a);
-        assert_eq!(objects.release(a), None);
+        assert_eq!(objects.release(a).free, None);
         assert!(
             objects.get(a).is_some(),
             "another process may still read it"
@@ -409,14 +520,14 @@ mod tests {
         let objects = Objects::default();
         let (small, borrowed) = (id(), id());
         objects.own(small, ObjState::Inline(Arc::new(vec![1])));
-        assert_eq!(objects.release(small), None);
+        assert_eq!(objects.release(small).free, None);
         let (slot, made) = objects.borrow(borrowed);
         assert!(made && !slot.owned);
         let (again, made) = objects.borrow(borrowed);
         assert!(!made && Arc::ptr_eq(&slot, &again), "one fetch per object");
         slot.set(ObjState::Stored(stored()));
         objects.add_local(borrowed);
-        assert_eq!(objects.release(borrowed), None, "the owner frees it");
+        assert_eq!(objects.release(borrowed).free, None, "the owner frees it");
     }
 
     #[test]
@@ -424,7 +535,11 @@ mod tests {
         let objects = Objects::default();
         let (a, at) = (id(), stored());
         objects.own(a, ObjState::Pending);
-        assert_eq!(objects.release(a), None, "still pending: nothing stored");
+        assert_eq!(
+            objects.release(a).free,
+            None,
+            "still pending: nothing stored"
+        );
         assert_eq!(
             objects.complete(a, ObjState::Stored(at.clone())),
             Some(Free { id: a, at })
@@ -447,40 +562,103 @@ mod tests {
         objects.own(a, ObjState::Stored(at.clone()));
         objects.lend(a);
         let mut borrows = Borrows::new(vec![a]);
-        assert_eq!(objects.release(a), None, "the task still borrows it");
+        assert_eq!(objects.release(a).free, None, "the task still borrows it");
         assert!(objects.get(a).is_some());
         borrows.sent();
-        borrows.answered(&[]);
+        borrows.answered(&[], WorkerId::random());
         let ends = borrows.end();
-        assert_eq!(ends, vec![(a, false)]);
-        assert_eq!(objects.end_borrow(a, false), Some(Free { id: a, at }));
+        assert_eq!(ends, vec![(a, Ended::Returned)]);
+        assert_eq!(
+            objects.end_borrow(a, Ended::Returned).free,
+            Some(Free { id: a, at })
+        );
         assert!(objects.get(a).is_none());
         assert!(borrows.end().is_empty(), "a borrow ends once");
     }
 
     #[test]
-    fn an_object_a_worker_kept_escapes_and_is_kept_for_the_job() {
+    fn an_object_a_worker_kept_is_kept_until_that_borrower_lets_it_go() {
         let objects = Objects::default();
-        let (a, b) = (id(), id());
+        let (a, b, at) = (id(), id(), stored());
+        objects.own(a, ObjState::Stored(stored()));
+        objects.own(b, ObjState::Stored(at.clone()));
         for x in [a, b] {
-            objects.own(x, ObjState::Stored(stored()));
             objects.lend(x);
         }
+        let worker = WorkerId::random();
         let mut borrows = Borrows::new(vec![a, b]);
         borrows.sent();
         // An id the task was not lent is ignored.
-        borrows.answered(&[b, id()]);
+        borrows.answered(&[b, id()], worker);
         let ends = borrows.end();
-        assert_eq!(ends, vec![(a, false), (b, true)]);
-        for (x, kept) in ends {
+        assert_eq!(
+            ends,
+            vec![(a, Ended::Returned), (b, Ended::Kept(vec![worker]))]
+        );
+        for (x, ended) in ends {
             assert_eq!(
-                objects.end_borrow(x, kept),
+                objects.end_borrow(x, ended).free,
                 None,
                 "a local reference is left"
             );
-            assert_eq!(objects.release(x).is_some(), x == a);
+            assert_eq!(objects.release(x).free.is_some(), x == a);
         }
-        assert!(objects.get(b).is_some(), "the worker may still read it");
+        assert!(objects.get(b).is_some(), "the worker still reads it");
+        assert_eq!(
+            objects.release_borrower(b, WorkerId::random()).free,
+            None,
+            "another worker"
+        );
+        assert_eq!(
+            objects.release_borrower(b, worker).free,
+            Some(Free { id: b, at })
+        );
+        assert!(objects.get(b).is_none());
+    }
+
+    #[test]
+    fn a_release_that_comes_before_the_reply_is_not_lost() {
+        // The worker dropped the reference right after it answered; its
+        // release overtook the reply naming it a borrower.
+        let objects = Objects::default();
+        let (a, at) = (id(), stored());
+        objects.own(a, ObjState::Stored(at.clone()));
+        objects.lend(a);
+        let worker = WorkerId::random();
+        assert_eq!(objects.release(a).free, None);
+        assert_eq!(
+            objects.release_borrower(a, worker).free,
+            None,
+            "the task is in flight"
+        );
+        assert_eq!(
+            objects.end_borrow(a, Ended::Kept(vec![worker])).free,
+            Some(Free { id: a, at }),
+            "the early release cancels the borrow"
+        );
+    }
+
+    #[test]
+    fn a_worker_that_kept_a_reference_tells_its_lender_when_it_lets_it_go() {
+        let objects = Objects::default();
+        let a = id();
+        let lender = Address {
+            worker_id: WorkerId::random(),
+            address: "198.18.0.3:7100".into(),
+        };
+        assert!(!objects.keep_for(a, &lender), "not held here");
+        objects.add_local(a);
+        assert!(objects.keep_for(a, &lender));
+        assert!(objects.keep_for(a, &lender), "one lender once");
+        let gone = objects.release(a);
+        assert_eq!(gone.free, None, "a borrower frees nothing");
+        assert_eq!(gone.tell, vec![lender.clone()]);
+        let owned = id();
+        objects.own(owned, ObjState::Inline(Arc::new(vec![1])));
+        assert!(
+            !objects.keep_for(owned, &lender),
+            "its owner counts it already"
+        );
     }
 
     #[test]
@@ -495,17 +673,17 @@ mod tests {
         borrows.sent();
         borrows.lost();
         borrows.sent();
-        borrows.answered(&[]);
-        assert_eq!(borrows.end(), vec![(a, true)]);
-        assert_eq!(objects.end_borrow(a, true), None);
-        assert_eq!(objects.release(a), None);
+        borrows.answered(&[], WorkerId::random());
+        assert_eq!(borrows.end(), vec![(a, Ended::Escaped)]);
+        assert_eq!(objects.end_borrow(a, Ended::Escaped).free, None);
+        assert_eq!(objects.release(a).free, None);
         assert!(objects.get(a).is_some());
 
         // A try still unanswered when the task ends (its owner gave up on
         // it) counts the same.
         let mut borrows = Borrows::new(vec![a]);
         borrows.sent();
-        assert_eq!(borrows.end(), vec![(a, true)]);
+        assert_eq!(borrows.end(), vec![(a, Ended::Escaped)]);
     }
 
     #[test]
@@ -514,16 +692,19 @@ mod tests {
         let (a, at) = (id(), stored());
         objects.own(a, ObjState::Stored(at.clone()));
         objects.lend(a);
-        assert_eq!(objects.release(a), None);
+        assert_eq!(objects.release(a).free, None);
         let mut borrows = Borrows::new(vec![a]);
-        assert_eq!(borrows.end(), vec![(a, false)]);
-        assert_eq!(objects.end_borrow(a, false), Some(Free { id: a, at }));
+        assert_eq!(borrows.end(), vec![(a, Ended::Returned)]);
+        assert_eq!(
+            objects.end_borrow(a, Ended::Returned).free,
+            Some(Free { id: a, at })
+        );
         // Lent to an actor: kept whatever it answers.
         let b = id();
         objects.own(b, ObjState::Stored(stored()));
         let mut borrows = Borrows::new(vec![b]);
         borrows.keep_all();
-        assert_eq!(borrows.end(), vec![(b, true)]);
+        assert_eq!(borrows.end(), vec![(b, Ended::Escaped)]);
     }
 
     #[test]
@@ -537,13 +718,13 @@ mod tests {
         objects.lend(passed);
         objects.mark_escaped(escaped);
         for x in [passed, escaped, dropped] {
-            assert_eq!(objects.release(x), None, "a borrower frees nothing");
+            assert_eq!(objects.release(x).free, None, "a borrower frees nothing");
         }
         assert!(objects.still_borrowed(held));
         assert!(objects.still_borrowed(passed), "its own task borrows it");
         assert!(objects.still_borrowed(escaped));
         assert!(!objects.still_borrowed(dropped));
-        assert_eq!(objects.end_borrow(passed, false), None);
+        assert_eq!(objects.end_borrow(passed, Ended::Returned).free, None);
         assert!(!objects.still_borrowed(passed));
         // The owner's own process ran the task: its counts are exact.
         let owned = id();
@@ -559,9 +740,9 @@ mod tests {
         let a = id();
         objects.own(a, ObjState::Stored(stored()));
         objects.mark_escaped(a);
-        assert_eq!(objects.release(a), None);
+        assert_eq!(objects.release(a).free, None);
         objects.add_local(a);
-        assert_eq!(objects.release(a), None, "another process may hold it");
+        assert_eq!(objects.release(a).free, None, "another process may hold it");
         assert!(objects.get(a).is_some());
     }
 

@@ -260,11 +260,21 @@ impl Host {
             ended: false,
         };
         let cancel = process.cancels().start(call.task_id);
-        let reply = hosted
+        let mut reply = hosted
             .run(process, &call, args, executor, (&line.turns, &cancel.token))
             .await;
         drop(cancel);
         process.children_done(call.task_id);
+        // The call's arguments are dropped by now: what the actor still
+        // references it borrows from the caller until it lets it go.
+        if let Some(lender) = &call.lender {
+            reply.kept = call
+                .borrowed
+                .iter()
+                .copied()
+                .filter(|id| process.keep_for(*id, lender))
+                .collect();
+        }
         running.finish(reply.clone());
         Ok(reply)
     }

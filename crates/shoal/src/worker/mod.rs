@@ -61,9 +61,13 @@ pub(crate) trait Process: Send + Sync + Sized + 'static {
         executor: Executor,
     ) -> impl Future<Output = TaskOutcome> + Send;
 
-    /// Whether this process still holds a reference it borrowed (see
-    /// `owner::objects::Objects::still_borrowed`).
-    fn still_borrowed(&self, id: ObjectId) -> bool;
+    /// Whether this process still holds a reference `lender` lent it
+    /// (see `owner::objects::Objects::keep_for`); if so, `lender` is told
+    /// when it no longer does.
+    fn keep_for(&self, id: ObjectId, lender: &shoal_proto::Address) -> bool;
+
+    /// A worker this process lent `id` to no longer holds it.
+    fn release_borrower(&self, id: ObjectId, worker: WorkerId);
 
     /// The tasks and actor calls running here that may be cancelled.
     fn cancels(&self) -> &cancel::Cancels;

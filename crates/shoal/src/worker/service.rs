@@ -143,12 +143,13 @@ pub(crate) async fn execute<P: Process>(
     process.children_done(spec.task_id);
     let run_us = Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
     // The task's arguments are dropped by now: what is still referenced
-    // here was kept (in a thread, an actor, a task still running).
+    // here was kept (in a thread, an actor, a task still running), and is
+    // borrowed from the task's owner until this process lets it go.
     let kept = spec
         .borrowed
         .iter()
         .copied()
-        .filter(|id| process.still_borrowed(*id))
+        .filter(|id| process.keep_for(*id, &spec.owner))
         .collect();
     TaskReply {
         task_id: spec.task_id,
@@ -282,6 +283,10 @@ impl<P: Process> Service for WorkerService<P> {
                 index,
                 item,
             } => Ok(process.generator_item(task_id, index, item).await),
+            WorkerRequest::ReleaseBorrow { id, borrower } => {
+                process.release_borrower(id, borrower);
+                Ok(WorkerReply::Ok)
+            }
             WorkerRequest::CancelObject { id, force } => {
                 process.cancel_owned(id, force);
                 Ok(WorkerReply::Ok)

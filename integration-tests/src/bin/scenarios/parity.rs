@@ -1,6 +1,6 @@
 //! Scenarios of Ray's core API that Shoal matches: worker environments,
-//! cancellation and timeouts, multiple returns, actor concurrency groups
-//! and streaming generators. Each prints one `RESULT {json}` line.
+//! cancellation and timeouts, multiple returns, actor concurrency groups,
+//! streaming generators and borrowed references. Each prints one `RESULT {json}` line.
 
 use serde_json::json;
 use shoal::prelude::*;
@@ -53,6 +53,7 @@ pub fn run(name: &str) -> Option<shoal::Result<()>> {
         "returns" => Some(returns()),
         "groups" => Some(groups()),
         "stream" => Some(stream::run()),
+        "borrow" => Some(borrow()),
         _ => None,
     }
 }
@@ -275,5 +276,88 @@ fn groups() -> shoal::Result<()> {
     shoal::get_all(&compute)?;
     let (io_max, compute_max) = actor.maxima().get()?;
     result(json!({"released": released, "io_max": io_max, "compute_max": compute_max}));
+    Ok(())
+}
+
+/// A long-lived service that reads the blocks it is handed, and may hold
+/// the last few.
+#[shoal::actor]
+#[derive(Default)]
+pub struct BlockService {
+    bytes: u64,
+    held: std::collections::VecDeque<ObjectRef<shoal::Bytes>>,
+}
+
+#[shoal::actor]
+impl BlockService {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Reads each block and drops its reference.
+    pub fn consume(&mut self, blocks: Vec<ObjectRef<shoal::Bytes>>) -> u64 {
+        for block in blocks {
+            self.bytes += block.get().map_or(0, |b| b.0.len() as u64);
+        }
+        self.bytes
+    }
+
+    /// Reads each block and holds the last three references.
+    pub fn hold(&mut self, blocks: Vec<ObjectRef<shoal::Bytes>>) -> usize {
+        for block in blocks {
+            self.bytes += block.get().map_or(0, |b| b.0.len() as u64);
+            self.held.push_back(block);
+            if self.held.len() > 3 {
+                self.held.pop_front();
+            }
+        }
+        self.held.len()
+    }
+
+    /// Lets go of what it holds.
+    pub fn release(&mut self) -> usize {
+        let n = self.held.len();
+        self.held.clear();
+        n
+    }
+}
+
+/// Borrowed references freed: a detached service is handed `n` blocks of
+/// 10 MB, one at a time, each inside a `Vec` (the driver drops its own
+/// reference after each call); then blocks it holds on to for a while,
+/// then lets go of (`RELEASED`: the test checks the store meanwhile).
+fn borrow() -> shoal::Result<()> {
+    let _shoal = shoal::init(shoal::Config::from_env())?;
+    let n: usize = std::env::args()
+        .nth(2)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1000);
+    let block = 10usize << 20;
+    let service = BlockService::options()
+        .name(&format!("blocks-{}", std::process::id()))
+        .lifetime_detached()
+        .remote()?;
+    let started = std::time::Instant::now();
+    let mut read = 0;
+    for i in 0..n {
+        let r = shoal::put(shoal::Bytes(vec![i as u8; block]))?;
+        read = service.consume(vec![r.clone()]).get()?;
+        drop(r);
+    }
+    let consume_secs = started.elapsed().as_secs_f64();
+    let mut held = 0;
+    for i in 0..20 {
+        let r = shoal::put(shoal::Bytes(vec![i as u8; block]))?;
+        held = service.hold(vec![r.clone()]).get()?;
+        drop(r);
+    }
+    pause("HOLDING", json!({"held": held}));
+    let released = service.release().get()?;
+    pause("RELEASED", json!({"released": released}));
+    shoal::kill(&service, true)?;
+    result(json!({
+        "read": read, "expected": (n * block) as u64, "held": held, "released": released,
+        "consume_secs": consume_secs,
+    }));
     Ok(())
 }
