@@ -43,8 +43,8 @@
 //! buffers and the functions compiled in); `owner` (the owner's state
 //! machines: leases, tasks, objects; no I/O); `worker` (the worker side:
 //! its service, running tasks, the actor host); `core` (the shell that owns
-//! connections and carries out the owner's decisions); [`object_ref`] and
-//! [`actor`] (the handles users hold); `process` (worker mode); `local`
+//! connections and carries out the owner's decisions); [`object_ref`],
+//! [`generator`] and [`actor`] (the handles users hold); `process` (worker mode); `local`
 //! (local mode: the `shoal-local` crate's in-process cluster, with the
 //! thread workers; the `local` feature, on by default) and [`client`].
 //!
