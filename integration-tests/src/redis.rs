@@ -14,8 +14,20 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
-    /// Starts one and waits until it accepts connections.
+    /// Starts one and waits until it answers a `PING`. The free port is
+    /// found by binding it and letting it go, so another process may take
+    /// it first: a server that exits (it could not bind), or a port where
+    /// something else answers, is tried again on another port.
     pub fn start() -> RedisServer {
+        for _ in 0..5 {
+            if let Some(server) = Self::try_start() {
+                return server;
+            }
+        }
+        panic!("redis-server did not start on any of 5 free ports");
+    }
+
+    fn try_start() -> Option<RedisServer> {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -37,15 +49,35 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("these tests need redis-server (apt-get install redis-server)");
-        let server = RedisServer {
+        let mut server = RedisServer {
             child,
             port,
             _dir: dir,
         };
-        crate::poll_until(Duration::from_secs(20), "redis-server to start", || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-        });
-        server
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            if server.pong() {
+                return Some(server);
+            }
+            if !matches!(server.child.try_wait(), Ok(None)) {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Whether our server answers `PING` on its port.
+    fn pong(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut answer = [0u8; 7];
+        stream.write_all(b"PING\r\n").is_ok()
+            && stream.read_exact(&mut answer).is_ok()
+            && &answer == b"+PONG\r\n"
     }
 
     /// Its `redis://` URL.

@@ -30,14 +30,16 @@
 //! Values up to 100 KiB travel inline and live in the owner's memory; larger
 //! ones stay in the store of the node that made them and are pulled in parts
 //! by whoever reads them. An object is freed when the last reference to it in
-//! its owner is dropped and no task borrows it. A reference inside a task's
-//! argument value is lent to the task: when the task is done (or, for a
+//! its owner is dropped and nothing borrows it. A reference inside a task's
+//! or actor call's argument value is lent to it: when it is done (or, for a
 //! stored result that may be made again, when the result goes), its object
-//! is freed with the owner's last reference, unless the worker still holds the
-//! reference (in a thread, or a task of its own still running) or was lost
-//! before it answered. A reference that was serialized anywhere else (inside
-//! a `put` value, a return value, an actor's arguments) keeps its object
-//! alive until the job ends.
+//! is freed with the owner's last reference, unless the worker still holds
+//! the reference (an actor keeps it, a thread, a task of its own still
+//! running): the worker is then a borrower, and tells the process that lent
+//! it when it lets go (Ray's borrower protocol). A worker lost before it
+//! answered keeps what it was lent until the job ends, and so does a
+//! reference serialized anywhere else (inside a `put` value, a return value,
+//! an actor's constructor arguments).
 //!
 //! Modules, from the bottom up: `codec`, `shm` and [`registry`] (values,
 //! buffers and the functions compiled in); `owner` (the owner's state

@@ -28,6 +28,10 @@ use crate::owner::objects::ObjState;
 /// How long the owner holds an item's answer while the caller is behind.
 const ACK_WAIT: Duration = Duration::from_secs(10);
 
+/// Most items one generator yields: item `i` is the task's return `i + 1`,
+/// and return indices stay below the bit that marks `put` objects.
+pub(crate) const ITEMS_MAX: u32 = (1 << 31) - 2;
+
 /// A generator, as its owner keeps it.
 pub(crate) struct Generator {
     pub task_id: TaskId,
@@ -202,6 +206,10 @@ impl Core {
             if inner.dropped {
                 return stop;
             }
+            if index > ITEMS_MAX {
+                tracing::warn!(%task_id, index, "a generator item past the most a generator yields; stopping its producer");
+                return stop;
+            }
             if index == inner.received {
                 let state = match item {
                     TaskOutcome::Inline(bytes) => ObjState::Inline(Arc::new(bytes)),
@@ -233,7 +241,8 @@ impl Core {
                 // It goes on while fewer than `backpressure` items (this
                 // one included) wait for the caller, as Ray's producer
                 // does.
-                if index + 1 < inner.taken + generator.backpressure {
+                if u64::from(index) + 1 < u64::from(inner.taken) + u64::from(generator.backpressure)
+                {
                     return WorkerReply::GeneratorAck {
                         stop: false,
                         again: false,
@@ -261,6 +270,11 @@ impl Core {
         let sink = self.sinks.get(task_id).ok_or_else(|| {
             Error::Protocol(format!("task {task_id} is not a generator running here"))
         })?;
+        if index > ITEMS_MAX {
+            return Err(Error::InvalidOptions(format!(
+                "a generator yields at most {ITEMS_MAX} items"
+            )));
+        }
         let id = task_id.return_object(index + 1);
         let made = (sink.function.as_str(), task_id, Some(sink.owner.worker_id));
         let item = self.outcome_of(id, bytes, made, sink.executor).await;
