@@ -120,10 +120,8 @@ pub(crate) fn call<T>(raw: &RawActor, method: &'static str, args: Vec<ArgValue>)
         let caller = Arc::clone(&raw.caller);
         core.cancellable(
             id,
-            (
-                std::borrow::Cow::Owned(format!("{}::{method}", raw.class)),
-                1,
-            ),
+            // The method's name (the class's would cost a string per call).
+            (std::borrow::Cow::Borrowed(method), 1),
             crate::core::cancel::Target::Call(Box::new(move || {
                 caller.location().worker.address.clone()
             })),

@@ -1,9 +1,9 @@
 //! Cancelling, as an owner: `shoal::cancel`, `cancel_force` and timeouts.
 //!
 //! Every task and actor call this process submitted and that has not
-//! ended is in [`Submitted`], with a token its run watches. A cancel fails
+//! ended is in [`Submitted`], which its run watches. A cancel fails
 //! its reference at once (a `get` returns `Error::Cancelled` or
-//! `Error::Timeout` now, whatever the worker does) and cancels the token:
+//! `Error::Timeout` now, whatever the worker does) and wakes the run:
 //! a task not pushed yet never is, and a pushed one is told to stop
 //! (`CancelTask` to its worker, which cancels what it submitted in turn);
 //! a forced cancel also has the worker's node stop the worker. Whatever
@@ -17,7 +17,7 @@ use dashmap::DashMap;
 use shoal_proto::{
     Address, FailureKind, ObjectId, TaskFailure, TaskId, WorkerReply, WorkerRequest,
 };
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Notify;
 use tracing::debug;
 
 use super::{Core, CONTROL_TIMEOUT};
@@ -46,8 +46,12 @@ pub(crate) enum Target {
 pub(crate) struct Cancellable {
     pub task_id: TaskId,
     function: Cow<'static, str>,
-    pub token: CancellationToken,
+    /// The task that submitted it, when one running here did: a cancel of
+    /// that task reaches it.
+    parent: Option<TaskId>,
     why: OnceLock<Why>,
+    /// [`Submitted::changed`].
+    changed: Arc<Notify>,
     target: Target,
     /// How many objects it returns.
     returns: u32,
@@ -83,12 +87,27 @@ impl Cancellable {
     }
 }
 
-/// The runs this process may cancel, and the children of the tasks it
-/// runs (what they submitted: cancelled with them).
+/// The runs this process may cancel.
 #[derive(Default)]
 pub(crate) struct Submitted {
     runs: DashMap<ObjectId, Arc<Cancellable>>,
-    children: DashMap<TaskId, Vec<ObjectId>>,
+    /// Woken by every cancel (each run then looks at its own).
+    changed: Arc<Notify>,
+}
+
+impl Cancellable {
+    /// Resolves once the run is cancelled.
+    pub(crate) async fn cancelled(&self) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.why.get().is_some() {
+                return;
+            }
+            changed.await;
+        }
+    }
 }
 
 impl Core {
@@ -103,21 +122,14 @@ impl Core {
         let run = Arc::new(Cancellable {
             task_id: id.task_id(),
             function,
-            token: CancellationToken::new(),
+            parent: crate::worker::context::current_task(),
             why: OnceLock::new(),
+            changed: Arc::clone(&self.submitted.changed),
             target,
             returns,
             more_returns: Default::default(),
         });
         self.submitted.runs.insert(id, Arc::clone(&run));
-        if let Some(parent) = crate::worker::context::current_task() {
-            let mut children = self.submitted.children.entry(parent).or_default();
-            children.push(id);
-            // A long-lived parent: forget the children that ended.
-            if children.len() >= 64 && children.len().is_power_of_two() {
-                children.retain(|c| self.submitted.runs.contains_key(c));
-            }
-        }
         run
     }
 
@@ -214,7 +226,7 @@ impl Core {
         for index in 0..run.returns.max(1) {
             self.fail_pending(id.task_id().return_object(index), run.failure(why));
         }
-        run.token.cancel();
+        run.changed.notify_waiters();
         match &run.target {
             // A forced cancel cannot stop an actor's worker (the actor
             // would go with it): an actor call is always stopped in place.
@@ -250,9 +262,15 @@ impl Core {
     /// Cancels what `task`, which ran here, submitted (and recursively
     /// what those submitted, in their workers).
     pub(crate) fn cancel_children(self: &Arc<Self>, task: TaskId) {
-        let Some((_, children)) = self.submitted.children.remove(&task) else {
-            return;
-        };
+        // Cancels are rare: the runs are looked through then, rather than
+        // each submission recorded under its parent.
+        let children: Vec<ObjectId> = self
+            .submitted
+            .runs
+            .iter()
+            .filter(|run| run.parent == Some(task))
+            .map(|run| *run.key())
+            .collect();
         let why = Why {
             kind: FailureKind::Cancelled,
             force: false,
@@ -261,11 +279,5 @@ impl Core {
         for child in children {
             self.cancel_here(child, why);
         }
-    }
-
-    /// `task`, which ran here, is done: its children are no longer
-    /// followed.
-    pub(crate) fn children_done(&self, task: TaskId) {
-        self.submitted.children.remove(&task);
     }
 }

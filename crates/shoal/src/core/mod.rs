@@ -526,10 +526,6 @@ impl worker::Process for Core {
         Core::cancel_children(self, task);
     }
 
-    fn children_done(&self, task: TaskId) {
-        Core::children_done(self, task);
-    }
-
     fn cancel_owned(self: &Arc<Self>, id: ObjectId, force: bool) {
         let why = cancel::Why {
             kind: shoal_proto::FailureKind::Cancelled,

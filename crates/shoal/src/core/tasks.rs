@@ -320,7 +320,7 @@ impl Core {
         // argument must not be freed while a worker may still read it.
         let resolved = tokio::select! {
             resolved = self.resolve_lending(function.name, task_id, args) => resolved,
-            _ = cancel.token.cancelled() => return (cancelled_state(cancel), None),
+            _ = cancel.cancelled() => return (cancelled_state(cancel), None),
         };
         let (spec_args, mut keep_alive, lent) = match resolved {
             Ok(resolved) => resolved,
@@ -474,7 +474,7 @@ impl Core {
         }
         let cancelled = async {
             match cancel {
-                Some(cancel) => cancel.token.cancelled().await,
+                Some(cancel) => cancel.cancelled().await,
                 None => std::future::pending().await,
             }
         };
@@ -530,7 +530,7 @@ impl Core {
                 // Cancelled while it runs: the worker is told (and stops it
                 // and what it submitted), or, forced, its node stops the
                 // worker; its answer is still awaited, for the place.
-                _ = async { cancel.expect("told is false").token.cancelled().await }, if !told => {
+                _ = async { cancel.expect("told is false").cancelled().await }, if !told => {
                     told = true;
                     let force = cancel.and_then(Cancellable::why).is_some_and(|w| w.force);
                     self.stop_pushed(leased, task_id, force);

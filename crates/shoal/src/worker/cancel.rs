@@ -1,110 +1,113 @@
-//! Cancelling what runs here: one token per task or actor call being run,
-//! and the cancels that arrived before their task did (a cancel races the
-//! push, or an actor call waits for its turn elsewhere), so that such a
-//! task never starts.
+//! Cancelling what runs here. Only cancelled tasks and calls are recorded
+//! (a running one costs nothing until then: two atomic reads to ask), with
+//! one notifier for all: a cancel wakes every waiter, each of which looks
+//! for its own task. A cancel that comes before its task (it raced the
+//! push, or an actor call waits for its turn) is kept for a while, so such
+//! a task never starts.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use shoal_proto::TaskId;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Notify;
 
-/// Cancels that arrived first are kept this long at most.
-const EARLY_KEPT: Duration = Duration::from_secs(120);
+/// Cancels are kept this long at most once their task is not running.
+const KEPT: Duration = Duration::from_secs(120);
 /// And this many at most (the oldest go first past it).
-const EARLY_MAX: usize = 4096;
+const KEPT_MAX: usize = 4096;
 
-enum Entry {
-    /// Running (or waiting for its turn) here.
-    Running(CancellationToken),
-    /// Cancelled before it came.
-    Early(Instant),
-}
-
-/// The tasks and calls of this process that can be cancelled.
 #[derive(Default)]
+struct Inner {
+    /// The cancelled tasks, and when.
+    cancelled: DashMap<TaskId, Instant>,
+    /// `cancelled`'s size: zero, nothing needs looking up.
+    count: AtomicUsize,
+    /// Woken by every cancel.
+    changed: Notify,
+}
+
+/// The cancelled tasks and calls of this process.
+#[derive(Clone, Default)]
 pub(crate) struct Cancels {
-    entries: DashMap<TaskId, Entry>,
+    inner: Arc<Inner>,
 }
 
-/// A task's hold on its token: it leaves the table when dropped.
-pub(crate) struct Started<'a> {
-    cancels: &'a Cancels,
+/// One task's view of the cancels: whether it is cancelled, and a wait
+/// for it. It forgets the task's cancel when dropped.
+pub(crate) struct Watch {
+    inner: Arc<Inner>,
     task: TaskId,
-    pub token: CancellationToken,
-}
-
-impl Drop for Started<'_> {
-    fn drop(&mut self) {
-        self.cancels
-            .entries
-            .remove_if(&self.task, |_, e| matches!(e, Entry::Running(_)));
-    }
 }
 
 impl Cancels {
-    /// `task` starts here: its token, already cancelled if a cancel came
-    /// first.
-    pub(crate) fn start(&self, task: TaskId) -> Started<'_> {
-        let token = CancellationToken::new();
-        let previous = self.entries.insert(task, Entry::Running(token.clone()));
-        match previous {
-            // Cancelled before it came; or run again here while a first
-            // run, cancelled, still goes.
-            Some(Entry::Early(_)) => token.cancel(),
-            Some(Entry::Running(first)) if first.is_cancelled() => token.cancel(),
-            _ => {}
-        }
-        Started {
-            cancels: self,
+    /// `task` starts here.
+    pub(crate) fn watch(&self, task: TaskId) -> Watch {
+        Watch {
+            inner: Arc::clone(&self.inner),
             task,
-            token,
         }
     }
 
-    /// Cancels `task`: true if it runs here now; otherwise it is
-    /// remembered for a while, and never starts if it comes.
-    pub(crate) fn cancel(&self, task: TaskId) -> bool {
-        let running = match self.entries.get(&task).as_deref() {
-            Some(Entry::Running(token)) => {
-                token.cancel();
-                true
-            }
-            _ => false,
-        };
-        if !running {
-            if self.entries.len() >= EARLY_MAX {
-                self.forget_early();
-            }
-            self.entries
-                .entry(task)
-                .and_modify(|e| {
-                    if let Entry::Running(token) = e {
-                        token.cancel();
-                    }
-                })
-                .or_insert(Entry::Early(Instant::now()));
+    /// Cancels `task`, running here or yet to come.
+    pub(crate) fn cancel(&self, task: TaskId) {
+        let inner = &self.inner;
+        if inner.count.load(Ordering::Acquire) >= KEPT_MAX {
+            self.forget_old();
         }
-        running
+        if inner.cancelled.insert(task, Instant::now()).is_none() {
+            inner.count.fetch_add(1, Ordering::AcqRel);
+        }
+        inner.changed.notify_waiters();
     }
 
-    /// Whether `task`, running here, has been cancelled.
+    /// Whether `task` has been cancelled.
     pub(crate) fn is_cancelled(&self, task: TaskId) -> bool {
-        match self.entries.get(&task).as_deref() {
-            Some(Entry::Running(token)) => token.is_cancelled(),
-            Some(Entry::Early(_)) => true,
-            None => false,
-        }
+        is_cancelled(&self.inner, task)
     }
 
-    /// Drops early cancels past their time, or all of them when the table
-    /// is still full.
-    fn forget_early(&self) {
+    /// Drops cancels past their time, or all when still too many.
+    fn forget_old(&self) {
+        let inner = &self.inner;
         let now = Instant::now();
-        self.entries
-            .retain(|_, e| !matches!(e, Entry::Early(at) if now - *at > EARLY_KEPT));
-        if self.entries.len() >= EARLY_MAX {
-            self.entries.retain(|_, e| matches!(e, Entry::Running(_)));
+        inner.cancelled.retain(|_, at| now - *at <= KEPT);
+        if inner.cancelled.len() >= KEPT_MAX {
+            inner.cancelled.clear();
+        }
+        inner.count.store(inner.cancelled.len(), Ordering::Release);
+    }
+}
+
+fn is_cancelled(inner: &Inner, task: TaskId) -> bool {
+    inner.count.load(Ordering::Acquire) > 0 && inner.cancelled.contains_key(&task)
+}
+
+impl Watch {
+    /// Whether the task has been cancelled.
+    pub(crate) fn is_cancelled(&self) -> bool {
+        is_cancelled(&self.inner, self.task)
+    }
+
+    /// Resolves once the task is cancelled.
+    pub(crate) async fn cancelled(&self) {
+        loop {
+            let changed = self.inner.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.is_cancelled() {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let inner = &self.inner;
+        if inner.count.load(Ordering::Acquire) > 0 && inner.cancelled.remove(&self.task).is_some() {
+            inner.count.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
@@ -117,35 +120,57 @@ mod tests {
     fn a_cancel_before_the_task_comes_cancels_it_when_it_does() {
         let cancels = Cancels::default();
         let task = TaskId::fresh();
-        assert!(!cancels.cancel(task), "not running yet");
-        let started = cancels.start(task);
-        assert!(started.token.is_cancelled());
+        cancels.cancel(task);
+        let watch = cancels.watch(task);
+        assert!(watch.is_cancelled());
         assert!(cancels.is_cancelled(task));
     }
 
     #[test]
-    fn a_running_task_is_cancelled_and_leaves_no_entry() {
+    fn a_running_task_is_cancelled_and_its_cancel_goes_with_it() {
         let cancels = Cancels::default();
         let task = TaskId::fresh();
         {
-            let started = cancels.start(task);
-            assert!(!cancels.is_cancelled(task));
-            assert!(cancels.cancel(task));
-            assert!(started.token.is_cancelled());
+            let watch = cancels.watch(task);
+            assert!(!watch.is_cancelled());
+            cancels.cancel(task);
+            assert!(watch.is_cancelled());
         }
         assert!(!cancels.is_cancelled(task));
-        assert_eq!(cancels.entries.len(), 0);
+        assert_eq!(cancels.inner.count.load(Ordering::Acquire), 0);
     }
 
     #[test]
-    fn early_cancels_are_bounded() {
+    fn a_waiter_wakes_for_its_own_task_only() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let cancels = Cancels::default();
+            let (mine, other) = (TaskId::fresh(), TaskId::fresh());
+            let watch = cancels.watch(mine);
+            cancels.cancel(other);
+            let early = tokio::time::timeout(Duration::from_millis(20), watch.cancelled()).await;
+            assert!(early.is_err(), "another task's cancel");
+            let wait = watch.cancelled();
+            tokio::pin!(wait);
+            assert!(futures_util::poll!(wait.as_mut()).is_pending());
+            cancels.cancel(mine);
+            wait.await;
+        });
+    }
+
+    #[test]
+    fn cancels_are_bounded() {
         let cancels = Cancels::default();
         let running = TaskId::fresh();
-        let _started = cancels.start(running);
-        for _ in 0..EARLY_MAX * 2 {
+        let watch = cancels.watch(running);
+        for _ in 0..KEPT_MAX * 2 {
             cancels.cancel(TaskId::fresh());
         }
-        assert!(cancels.entries.len() <= EARLY_MAX);
-        assert!(cancels.cancel(running), "running tasks are kept");
+        assert!(cancels.inner.cancelled.len() <= KEPT_MAX);
+        cancels.cancel(running);
+        assert!(watch.is_cancelled());
     }
 }

@@ -173,7 +173,7 @@ pub(crate) async fn invoke(
     spec: &TaskSpec,
     args: crate::shm::Args,
     executor: super::Executor,
-    cancel: &tokio_util::sync::CancellationToken,
+    cancel: &super::cancel::Watch,
 ) -> Result<Vec<u8>, TaskFailure> {
     let node_id = executor.node_id;
     let failure = |kind, message: String, backtrace: Option<String>| TaskFailure {

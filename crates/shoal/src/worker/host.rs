@@ -259,12 +259,10 @@ impl Host {
             seq: call.seq,
             ended: false,
         };
-        let cancel = process.cancels().start(call.task_id);
+        let cancel = process.cancels().watch(call.task_id);
         let mut reply = hosted
-            .run(process, &call, args, executor, (&line.turns, &cancel.token))
+            .run(process, &call, args, executor, (&line.turns, cancel))
             .await;
-        drop(cancel);
-        process.children_done(call.task_id);
         // The call's arguments are dropped by now: what the actor still
         // references it borrows from the caller until it lets it go.
         if let Some(lender) = &call.lender {
@@ -335,7 +333,7 @@ impl Hosted {
         call: &ActorCall,
         args: Option<Result<crate::shm::Args>>,
         executor: Executor,
-        (turn, cancel): (&Turns, &tokio_util::sync::CancellationToken),
+        (turn, cancel): (&Turns, super::cancel::Watch),
     ) -> TaskReply {
         let hosted = self;
         let function = format!("{}::{}", hosted.class.name, call.method);
@@ -448,7 +446,6 @@ impl Hosted {
                 }
                 None => {
                     let exclusive = lane.threads == 1;
-                    let cancel = cancel.clone();
                     // Cancelled while queued behind others: not run.
                     let queued = lane.queue(running, move || {
                         method.run_locked(&state, exclusive, &cancel)

@@ -50,7 +50,7 @@ impl SyncCall {
         self,
         state: &RwLock<ActorState>,
         exclusive: bool,
-        cancel: &tokio_util::sync::CancellationToken,
+        cancel: &super::cancel::Watch,
     ) -> crate::registry::Invocation {
         let cancelled = || Err(crate::registry::InvokeError::cancelled());
         match self {

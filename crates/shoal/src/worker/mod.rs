@@ -87,9 +87,6 @@ pub(crate) trait Process: Send + Sync + Sized + 'static {
     /// Cancels what `task`, run here, submitted (recursively).
     fn cancel_children(self: &Arc<Self>, task: TaskId);
 
-    /// `task`, run here, has ended: what it submitted is no longer its.
-    fn children_done(&self, task: TaskId);
-
     /// Cancels the run making `id`, an object this process owns (asked by
     /// a process that holds a reference to it).
     fn cancel_owned(self: &Arc<Self>, id: ObjectId, force: bool);

@@ -68,7 +68,7 @@ pub(crate) async fn execute<P: Process>(
     spec: TaskSpec,
     executor: Executor,
 ) -> TaskReply {
-    let cancel = process.cancels().start(spec.task_id);
+    let cancel = process.cancels().watch(spec.task_id);
     let streaming = crate::registry::entry(&spec.function.name)
         .is_some_and(|e| e.function.streaming)
         .then(|| {
@@ -84,13 +84,13 @@ pub(crate) async fn execute<P: Process>(
     // A task cancelled while it waits for its turn never starts.
     let turn = tokio::select! {
         turn = process.gates().gate(executor.worker_id).acquire_owned() => Some(turn),
-        _ = cancel.token.cancelled() => None,
+        _ = cancel.cancelled() => None,
     };
     let started = std::time::Instant::now();
     let started_us = Some(shoal_proto::state::unix_us());
     let mut more_returns = Vec::new();
     let outcome = match fetched {
-        _ if turn.is_none() || cancel.token.is_cancelled() => {
+        _ if turn.is_none() || cancel.is_cancelled() => {
             TaskOutcome::Failed(exec::cancelled(&spec, executor))
         }
         Err(e) => TaskOutcome::Failed(TaskFailure {
@@ -103,7 +103,7 @@ pub(crate) async fn execute<P: Process>(
             attempts: spec.attempt + 1,
             after_ms: None,
         }),
-        Ok(args) => match exec::invoke(&spec, args, executor, &cancel.token).await {
+        Ok(args) => match exec::invoke(&spec, args, executor, &cancel).await {
             Ok(bytes) => {
                 let made = (
                     spec.function.name.as_str(),
@@ -140,7 +140,6 @@ pub(crate) async fn execute<P: Process>(
     drop(turn);
     drop(streaming);
     drop(cancel);
-    process.children_done(spec.task_id);
     let run_us = Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
     // The task's arguments are dropped by now: what is still referenced
     // here was kept (in a thread, an actor, a task still running), and is
