@@ -140,12 +140,8 @@ fn cancels_and_timeouts_on_a_cluster() {
 fn run_returns(env: &[(&str, String)], held: impl FnOnce(&Value)) -> Value {
     let mut child = spawn_scenario(&["returns"], env);
     let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let line = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .find_map(|l| l.strip_prefix("HELD ").map(str::to_string));
-    let Some(line) = line else {
+    let mut lines = BufReader::new(stdout).lines().map_while(Result::ok);
+    let Some(line) = until_line(&mut lines, "HELD ") else {
         let _ = child.kill();
         let _ = child.wait();
         let stderr =
@@ -158,9 +154,27 @@ fn run_returns(env: &[(&str, String)], held: impl FnOnce(&Value)) -> Value {
         let mut stdin = child.stdin.take().expect("stdin");
         writeln!(stdin, "go").expect("go-ahead");
     }
-    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    driver_result(&mut child, lines.collect(), go)
+}
+
+/// Reads the driver's output up to the line starting with `tag`.
+fn until_line(lines: &mut impl Iterator<Item = String>, tag: &str) -> Option<String> {
+    lines.find_map(|l| l.strip_prefix(tag).map(str::to_string))
+}
+
+/// A paused driver, let go: waits for it to end (so it leaves no process),
+/// then re-raises what the test's checks meanwhile raised, then gives its
+/// `RESULT`.
+fn driver_result(
+    child: &mut std::process::Child,
+    rest: Vec<String>,
+    checks: std::thread::Result<()>,
+) -> Value {
+    // A check that failed before its go-ahead leaves the driver paused: its
+    // stdin closed, it reads the end and goes on.
+    drop(child.stdin.take());
     let status = child.wait().expect("driver exit");
-    if let Err(panic) = go {
+    if let Err(panic) = checks {
         std::panic::resume_unwind(panic);
     }
     let stderr = std::io::read_to_string(child.stderr.take().expect("stderr")).unwrap_or_default();
@@ -337,11 +351,6 @@ fn store_used(cluster: &ProcessCluster) -> u64 {
         .unwrap_or(0)
 }
 
-/// Reads the driver's output up to the line starting with `tag`.
-fn until_line(lines: &mut impl Iterator<Item = String>, tag: &str) -> Option<String> {
-    lines.find_map(|l| l.strip_prefix(tag).map(str::to_string))
-}
-
 #[test]
 fn a_detached_service_handed_a_thousand_10_mb_references_keeps_the_store_small() {
     let cluster = ProcessCluster::three_process();
@@ -384,14 +393,7 @@ fn a_detached_service_handed_a_thousand_10_mb_references_keeps_the_store_small()
         done.store(true, std::sync::atomic::Ordering::SeqCst);
         (sampler.join().expect("sampler"), checked)
     });
-    let rest: Vec<String> = lines.collect();
-    let status = child.wait().expect("driver exit");
-    if let Err(panic) = checked {
-        std::panic::resume_unwind(panic);
-    }
-    let stderr = std::io::read_to_string(child.stderr.take().expect("stderr")).unwrap_or_default();
-    assert!(status.success(), "driver failed: {rest:?}\n{stderr}");
-    let out = result_of(&rest.join("\n"));
+    let out = driver_result(&mut child, lines.collect(), checked);
     assert_eq!(out["read"], out["expected"], "every block was read: {out}");
     assert_eq!(out["released"], 3, "{out}");
     assert!(

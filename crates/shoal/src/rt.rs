@@ -81,3 +81,17 @@ pub(crate) fn init_logging() {
             .try_init();
     }
 }
+
+/// Waits until `done()` is true, looking again each time `notify` wakes
+/// its waiters (registered before each look, so no wake-up is missed).
+pub(crate) async fn notified_until(notify: &tokio::sync::Notify, done: impl Fn() -> bool) {
+    loop {
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if done() {
+            return;
+        }
+        notified.await;
+    }
+}

@@ -243,7 +243,7 @@ fn call_now(
                     && raw.caller.outbox().close_on(order.turn, sent.route_id) =>
             {
                 core.events.answered(&done, 0, failure_of(&done));
-                finish_call(&core, &raw, order.id, outcome_state(done.outcome));
+                finish_call(&core, &raw, order.id, ObjState::from(done.outcome));
             }
             // Lost (or moved meanwhile): the task path goes on.
             reply => {
@@ -278,15 +278,6 @@ fn failure_of(done: &shoal_proto::TaskReply) -> Option<String> {
     match &done.outcome {
         TaskOutcome::Failed(f) => Some(crate::core::events::failure_text(f)),
         _ => None,
-    }
-}
-
-/// What a worker's reply to a call says its result is.
-fn outcome_state(outcome: TaskOutcome) -> ObjState {
-    match outcome {
-        TaskOutcome::Inline(bytes) => ObjState::Inline(Arc::new(bytes)),
-        TaskOutcome::Stored(at) => ObjState::Stored(at),
-        TaskOutcome::Failed(f) => ObjState::Failed(f),
     }
 }
 
@@ -623,7 +614,7 @@ fn judge(
                 reply.node_id
             ))
         }
-        Ok(WorkerReply::TaskDone(reply)) => Heard::Done(outcome_state(reply.outcome)),
+        Ok(WorkerReply::TaskDone(reply)) => Heard::Done(ObjState::from(reply.outcome)),
         Ok(other) => refused(format!("its worker answered {other:?}")),
         Err(e) if location.dead.is_cancelled() => Heard::Dead(e.to_string()),
         // The worker's word that it does not host this incarnation.

@@ -98,15 +98,7 @@ pub(crate) struct Submitted {
 impl Cancellable {
     /// Resolves once the run is cancelled.
     pub(crate) async fn cancelled(&self) {
-        loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if self.why.get().is_some() {
-                return;
-            }
-            changed.await;
-        }
+        crate::rt::notified_until(&self.changed, || self.why.get().is_some()).await;
     }
 }
 

@@ -211,12 +211,7 @@ impl Core {
                 return stop;
             }
             if index == inner.received {
-                let state = match item {
-                    TaskOutcome::Inline(bytes) => ObjState::Inline(Arc::new(bytes)),
-                    TaskOutcome::Stored(at) => ObjState::Stored(at),
-                    TaskOutcome::Failed(f) => ObjState::Failed(f),
-                };
-                self.own(generator.item_id(index), state);
+                self.own(generator.item_id(index), ObjState::from(item));
                 inner.received += 1;
             } else if index > inner.received {
                 // Items are sent one at a time, each answered first: a gap

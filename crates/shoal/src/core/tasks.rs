@@ -598,14 +598,7 @@ fn more_states(first: &ObjState, more: Vec<TaskOutcome>, returns: u32) -> Vec<Ob
             );
             vec![ObjState::Lost(why); wanted]
         }
-        _ => more
-            .into_iter()
-            .map(|outcome| match outcome {
-                TaskOutcome::Inline(bytes) => ObjState::Inline(Arc::new(bytes)),
-                TaskOutcome::Stored(at) => ObjState::Stored(at),
-                TaskOutcome::Failed(f) => ObjState::Failed(f),
-            })
-            .collect(),
+        _ => more.into_iter().map(ObjState::from).collect(),
     }
 }
 

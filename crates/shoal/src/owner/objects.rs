@@ -45,6 +45,17 @@ pub enum ObjState {
     OwnerDied(String),
 }
 
+impl From<shoal_proto::TaskOutcome> for ObjState {
+    /// What a worker's answer says an object is.
+    fn from(outcome: shoal_proto::TaskOutcome) -> Self {
+        match outcome {
+            shoal_proto::TaskOutcome::Inline(bytes) => ObjState::Inline(Arc::new(bytes)),
+            shoal_proto::TaskOutcome::Stored(at) => ObjState::Stored(at),
+            shoal_proto::TaskOutcome::Failed(f) => ObjState::Failed(f),
+        }
+    }
+}
+
 /// An object's state and the waiters for it.
 pub struct Slot {
     state: Mutex<ObjState>,

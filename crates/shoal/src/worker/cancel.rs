@@ -91,15 +91,7 @@ impl Watch {
 
     /// Resolves once the task is cancelled.
     pub(crate) async fn cancelled(&self) {
-        loop {
-            let changed = self.inner.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if self.is_cancelled() {
-                return;
-            }
-            changed.await;
-        }
+        crate::rt::notified_until(&self.inner.changed, || self.is_cancelled()).await;
     }
 }
 

@@ -166,11 +166,13 @@ pub(crate) fn bad_returns(spec: &TaskSpec, executor: super::Executor, returns: u
     }
 }
 
-/// Runs `spec`'s function on `args` (already fetched), catching panics.
-/// An async function is dropped at its next await once `cancel` is
-/// cancelled; a sync one runs on (`shoal::is_cancelled()` tells it).
+/// Runs `spec`'s function (`entry`, looked up once by the caller) on
+/// `args` (already fetched), catching panics. An async function is dropped
+/// at its next await once `cancel` is cancelled; a sync one runs on
+/// (`shoal::is_cancelled()` tells it).
 pub(crate) async fn invoke(
     spec: &TaskSpec,
+    entry: Option<&'static registry::Entry>,
     args: crate::shm::Args,
     executor: super::Executor,
     cancel: &super::cancel::Watch,
@@ -186,7 +188,7 @@ pub(crate) async fn invoke(
         attempts: spec.attempt + 1,
         after_ms: None,
     };
-    let Some(entry) = registry::entry(&spec.function.name) else {
+    let Some(entry) = entry else {
         return Err(failure(
             FailureKind::FunctionNotFound,
             format!(

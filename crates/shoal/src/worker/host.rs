@@ -351,17 +351,22 @@ impl Hosted {
             more_returns: Vec::new(),
         };
         let advance = || turn.pass(call.seq);
-        if cancel.is_cancelled() {
-            // Cancelled while it waited for its turn: it never runs.
-            advance();
+        // Cancelled before it runs (while it waited for its turn, a permit
+        // or the lock), it never does; an async method is dropped at its
+        // next await once cancelled.
+        let cancelled = || {
             let f = failure(
                 FailureKind::Cancelled,
                 &function,
                 call.task_id,
                 executor,
-                "cancelled before it ran".into(),
+                "cancelled".into(),
             );
-            return reply(TaskOutcome::Failed(f));
+            reply(TaskOutcome::Failed(f))
+        };
+        if cancel.is_cancelled() {
+            advance();
+            return cancelled();
         }
         let args = match args {
             None => {
@@ -469,24 +474,12 @@ impl Hosted {
             advance();
         }
         let permit = Arc::clone(permits).acquire_owned().await;
-        // Cancelled while it waited for the lock: it never runs. An async
-        // method is dropped at its next await once cancelled.
-        let dropped = || {
-            let f = failure(
-                FailureKind::Cancelled,
-                &function,
-                call.task_id,
-                executor,
-                "cancelled".into(),
-            );
-            reply(TaskOutcome::Failed(f))
-        };
         let outcome = match invoker {
             MethodInvoker::Ref(f) => {
                 let guard = state.read_owned().await;
                 advance();
                 if cancel.is_cancelled() {
-                    return dropped();
+                    return cancelled();
                 }
                 let f = *f;
                 sync_call(&hosted.quick, index, running, move || f(&guard, args)).await
@@ -495,7 +488,7 @@ impl Hosted {
                 let mut guard = state.write_owned().await;
                 advance();
                 if cancel.is_cancelled() {
-                    return dropped();
+                    return cancelled();
                 }
                 let f = *f;
                 sync_call(&hosted.quick, index, running, move || f(&mut guard, args)).await
@@ -505,7 +498,7 @@ impl Hosted {
                 advance();
                 tokio::select! {
                     out = await_caught(running, f(guard, args)) => out,
-                    _ = cancel.cancelled() => return dropped(),
+                    _ = cancel.cancelled() => return cancelled(),
                 }
             }
             MethodInvoker::AsyncMut(f) => {
@@ -513,7 +506,7 @@ impl Hosted {
                 advance();
                 tokio::select! {
                     out = await_caught(running, f(guard, args)) => out,
-                    _ = cancel.cancelled() => return dropped(),
+                    _ = cancel.cancelled() => return cancelled(),
                 }
             }
         };

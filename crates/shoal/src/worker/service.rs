@@ -69,17 +69,17 @@ pub(crate) async fn execute<P: Process>(
     executor: Executor,
 ) -> TaskReply {
     let cancel = process.cancels().watch(spec.task_id);
-    let streaming = crate::registry::entry(&spec.function.name)
-        .is_some_and(|e| e.function.streaming)
-        .then(|| {
-            let sink = super::stream::Sink {
-                owner: spec.owner.clone(),
-                attempt: spec.attempt,
-                executor,
-                function: spec.function.name.clone(),
-            };
-            process.sinks().start(spec.task_id, sink)
-        });
+    // Looked up once: what it is, and how to call it.
+    let entry = crate::registry::entry(&spec.function.name);
+    let streaming = entry.is_some_and(|e| e.function.streaming).then(|| {
+        let sink = super::stream::Sink {
+            owner: spec.owner.clone(),
+            attempt: spec.attempt,
+            executor,
+            function: spec.function.name.clone(),
+        };
+        process.sinks().start(spec.task_id, sink)
+    });
     let fetched = process.fetch_args(&spec.args).await;
     // A task cancelled while it waits for its turn never starts.
     let turn = tokio::select! {
@@ -103,15 +103,14 @@ pub(crate) async fn execute<P: Process>(
             attempts: spec.attempt + 1,
             after_ms: None,
         }),
-        Ok(args) => match exec::invoke(&spec, args, executor, &cancel).await {
+        Ok(args) => match exec::invoke(&spec, entry, args, executor, &cancel).await {
             Ok(bytes) => {
                 let made = (
                     spec.function.name.as_str(),
                     spec.task_id,
                     Some(spec.owner.worker_id),
                 );
-                let returns =
-                    crate::registry::entry(&spec.function.name).map_or(1, |e| e.function.returns);
+                let returns = entry.map_or(1, |e| e.function.returns);
                 if returns <= 1 {
                     let id = spec.task_id.return_object(0);
                     process.store_result(id, bytes, made, executor).await

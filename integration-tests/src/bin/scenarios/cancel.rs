@@ -170,6 +170,17 @@ fn answer(r: &ObjectRef<u32>, since: Instant) -> serde_json::Value {
     json!({"kind": kind, "ms": ms})
 }
 
+/// Cancels `r` (forced or not) and says how its reference answered.
+fn cancel_and_answer(r: &ObjectRef<u32>, force: bool) -> shoal::Result<serde_json::Value> {
+    let t = Instant::now();
+    if force {
+        shoal::cancel_force(r)?;
+    } else {
+        shoal::cancel(r)?;
+    }
+    Ok(answer(r, t))
+}
+
 pub fn run() -> shoal::Result<()> {
     let _shoal = shoal::init(shoal::Config::from_env())?;
     let dir = std::env::temp_dir().join(format!("shoal-cancel-{}", std::process::id()));
@@ -187,33 +198,25 @@ fn scenario(dir: &Path) -> shoal::Result<serde_json::Value> {
     // A running sync task sees is_cancelled.
     let running = spin::remote(d.clone(), s("sync"));
     let started = await_marker(dir, "sync-started").is_some();
-    let t = Instant::now();
-    shoal::cancel(&running)?;
-    let sync = answer(&running, t);
+    let sync = cancel_and_answer(&running, false)?;
     let saw = await_marker(dir, "sync-saw-cancel").is_some();
 
     // A running async task is dropped.
     let asleep = sleepy::remote(d.clone(), s("async"));
     await_marker(dir, "async-started");
-    let t = Instant::now();
-    shoal::cancel(&asleep)?;
-    let async_ = answer(&asleep, t);
+    let async_ = cancel_and_answer(&asleep, false)?;
     let dropped = await_marker(dir, "async-dropped").is_some();
 
     // A task that cannot start yet (no node offers its resource) never does.
     let waiting = spin::options()
         .resource("nowhere", 1.0)
         .remote(d.clone(), s("never"));
-    let t = Instant::now();
-    shoal::cancel(&waiting)?;
-    let never = answer(&waiting, t);
+    let never = cancel_and_answer(&waiting, false)?;
 
     // Recursive: the nested task sees the cancel too.
     let tree = parent::remote(d.clone());
     await_marker(dir, "child-started");
-    let t = Instant::now();
-    shoal::cancel(&tree)?;
-    let nested = answer(&tree, t);
+    let nested = cancel_and_answer(&tree, false)?;
     let child_saw = await_marker(dir, "child-saw-cancel").is_some();
 
     // From a process that does not own the reference.
@@ -229,9 +232,7 @@ fn scenario(dir: &Path) -> shoal::Result<serde_json::Value> {
     let pid: i32 = await_marker(dir, "stubborn-started")
         .and_then(|p| p.parse().ok())
         .unwrap_or(0);
-    let t = Instant::now();
-    shoal::cancel_force(&forced)?;
-    let force = answer(&forced, t);
+    let force = cancel_and_answer(&forced, true)?;
     let own_process = pid == std::process::id() as i32;
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut worker_stopped = false;
@@ -262,12 +263,8 @@ fn scenario(dir: &Path) -> shoal::Result<serde_json::Value> {
     let blocking = recorder.block(d.clone());
     await_marker(dir, "block-started");
     let queued = recorder.record(s("queued"));
-    let t = Instant::now();
-    shoal::cancel(&queued)?;
-    let call_queued = answer(&queued, t);
-    let t = Instant::now();
-    shoal::cancel(&blocking)?;
-    let call_running = answer(&blocking, t);
+    let call_queued = cancel_and_answer(&queued, false)?;
+    let call_running = cancel_and_answer(&blocking, false)?;
     recorder.record(s("after")).get()?;
     let ran = recorder.ran().get()?;
 
@@ -275,9 +272,7 @@ fn scenario(dir: &Path) -> shoal::Result<serde_json::Value> {
     let sleeper = Sleeper::remote()?;
     let call = sleeper.sleepy(d.clone(), s("method"));
     await_marker(dir, "method-started");
-    let t = Instant::now();
-    shoal::cancel(&call)?;
-    let call_async = answer(&call, t);
+    let call_async = cancel_and_answer(&call, false)?;
     let method_dropped = await_marker(dir, "method-dropped").is_some();
     let timed_call = sleeper
         .timeout(Duration::from_millis(300))
