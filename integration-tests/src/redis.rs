@@ -28,11 +28,17 @@ impl RedisServer {
     }
 
     fn try_start() -> Option<RedisServer> {
-        let dir = tempfile::tempdir().expect("tempdir");
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
+        Self::try_start_on(port)
+    }
+
+    /// A server on `port`, once it answers; `None` if it exits first (or
+    /// does not answer within 20 s).
+    fn try_start_on(port: u16) -> Option<RedisServer> {
+        let dir = tempfile::tempdir().expect("tempdir");
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args([
@@ -90,5 +96,24 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a CI run met: the port found free was taken by another process
+    /// before redis-server bound it. A connection succeeds there (the old
+    /// readiness check, so the head was then sent to a dead port), but no
+    /// redis answers: the server is not taken as started.
+    #[test]
+    fn a_port_taken_by_something_else_is_not_taken_for_a_started_server() {
+        let squatter = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+        let port = squatter.local_addr().expect("addr").port();
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        assert!(RedisServer::try_start_on(port).is_none());
+        let server = RedisServer::start();
+        assert!(server.pong());
     }
 }

@@ -223,3 +223,56 @@ async fn storing_a_result_a_second_time_finds_it_stored() {
     node.close();
     cluster.shutdown().await;
 }
+
+/// A worker environment a peer sends is checked by the node like the
+/// SDK's own options: a name Shoal sets itself, or one a process
+/// environment cannot hold, is refused with a typed error before any
+/// worker starts, and the node keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_asking_for_a_bad_environment_is_refused() {
+    use shoal_net::handshake::ClientAuth;
+    use shoal_net::{NetLimits, RpcClient, RpcError, Transport};
+    use shoal_proto::{EnvVars, JobId, LeaseId, NodeReply, NodeRequest, Role, ServiceErrorKind};
+
+    let cluster = LocalCluster::start(fast()).await.expect("cluster");
+    let auth = ClientAuth {
+        token: cluster.token().clone(),
+        role: Role::Driver,
+    };
+    let transport =
+        Transport::token_client(auth, shoal_net::NODE_SERVER_NAME, NetLimits::default())
+            .expect("transport");
+    let node: RpcClient<NodeRequest, NodeReply> = transport
+        .connect(cluster.node_address(0).expect("node 0"))
+        .await
+        .expect("connected to the node");
+    let t = Duration::from_secs(10);
+    for (name, value) in [("SHOAL_TOKEN", "x"), ("1BAD", "x"), ("A", "nul\0")] {
+        let mut env = EnvVars::new();
+        env.set(name, value);
+        let grant = NodeRequest::GrantWorker {
+            lease_id: LeaseId::random(),
+            job_id: JobId::random(),
+            binary_hash: "00".repeat(32),
+            resources: cpus(1.0),
+            driver: None,
+            dedicated: false,
+            detached: false,
+            owner: None,
+            owner_node: None,
+            env,
+        };
+        match node.call(&grant, t).await {
+            Err(RpcError::Service(e)) => {
+                assert_eq!(e.kind, ServiceErrorKind::BadRequest, "{name}: {e:?}");
+            }
+            other => panic!("{name}={value:?}: expected a BadRequest, got {other:?}"),
+        }
+    }
+    assert_eq!(cluster.worker_count(0), 0, "no worker was started");
+    assert!(matches!(
+        node.call(&NodeRequest::Ping, t).await,
+        Ok(NodeReply::Pong { .. })
+    ));
+    cluster.shutdown().await;
+}
