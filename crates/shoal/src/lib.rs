@@ -256,17 +256,35 @@ fn put_escaping<T: Serialize + Send + 'static>(value: T) -> Result<ObjectRef<T>>
         Some(bytes) => core.put_inline(bytes),
         None => {
             let size = codec::encoded_len(&value).map_err(encode_error)?;
-            match core.put_streamed(&value, size)? {
+            let id = match core.put_streamed(&value, size)? {
                 Some(id) => id,
                 None => {
                     let bytes = codec::encode(&value).map_err(encode_error)?;
                     let core2 = Arc::clone(&core);
                     core.block_on(async move { core2.put_stored(bytes).await })?
                 }
+            };
+            if size >= DROP_ASIDE_BYTES {
+                drop_aside(value);
             }
+            id
         }
     };
     Ok(ObjectRef::adopt(id, core.me.clone()))
+}
+
+/// Values put of at least this size are freed on a thread of their own.
+const DROP_ASIDE_BYTES: u64 = 8 << 20;
+
+/// Frees a large value the caller no longer has, on another thread: giving
+/// hundreds of MB back to the system costs tens of milliseconds that the
+/// caller of `put` need not wait for (its copy is in the store).
+fn drop_aside<T: Send + 'static>(value: T) {
+    let spawned = std::thread::Builder::new()
+        .name("shoal-free".into())
+        .spawn(move || drop(value));
+    // Without a thread the value was dropped with the closure, here.
+    drop(spawned);
 }
 
 /// The ready references and the others, as [`wait`] returns them.

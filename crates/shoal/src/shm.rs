@@ -4,7 +4,8 @@
 //! ([`Mapping`]); decoding from the mapping copies only what the value's
 //! type owns. [`Buffer`] owns nothing: decoded from a mapping it borrows the
 //! mapping (kept alive by the buffer), so `get` of an `ObjectRef<Buffer>`
-//! costs no copy of the payload. This is the only module with `unsafe`.
+//! costs no copy of the payload. This module and `codec::block` are the
+//! only ones with `unsafe`.
 
 #![allow(unsafe_code)]
 
@@ -225,7 +226,7 @@ impl std::io::Write for SliceWriter<'_> {
             .checked_add(buf.len())
             .filter(|&end| end <= self.out.len())
             .ok_or_else(|| std::io::Error::other("the value is larger than its object"))?;
-        copy(&mut self.out[self.at..end], buf);
+        crate::codec::block::copy(&mut self.out[self.at..end], buf);
         self.at = end;
         Ok(buf.len())
     }
@@ -233,67 +234,6 @@ impl std::io::Write for SliceWriter<'_> {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
-}
-
-/// Copies of at least this many bytes go through [`copy_streaming`].
-const STREAMING_MIN: usize = 1 << 20;
-
-/// Copies `src` into `dst` (of the same length). A large copy on an x86-64
-/// CPU with AVX streams into `dst` ([`copy_streaming`]): on the project's
-/// machines that runs at 1.4-2 times glibc's `memcpy` for copies of tens
-/// to hundreds of MB, whatever the two buffers' alignment (80 MB into a
-/// shared mapping at a 5-byte offset, from memory already written: 29
-/// against 21 GB/s; from the kernel's huge zero page, one thread: 46
-/// against 26 GB/s, two: 74 against 38).
-fn copy(dst: &mut [u8], src: &[u8]) {
-    #[cfg(target_arch = "x86_64")]
-    if src.len() >= STREAMING_MIN && dst.len() == src.len() && std::is_x86_feature_detected!("avx")
-    {
-        // SAFETY: the CPU has AVX (checked just above); `dst` and `src` are
-        // valid for `src.len()` bytes each and do not overlap (`dst` is
-        // borrowed mutably).
-        unsafe { copy_streaming(dst.as_mut_ptr(), src.as_ptr(), src.len()) };
-        return;
-    }
-    dst.copy_from_slice(src);
-}
-
-/// Copies `len` bytes with 32-byte loads and non-temporal stores to
-/// 64-byte-aligned addresses of `dst` (the data goes to memory without
-/// filling the caches with lines nobody reads next), then fences so the
-/// stores are visible before anything this thread does next.
-///
-/// # Safety
-/// The CPU must have AVX; `dst` and `src` must be valid for `len` bytes
-/// and must not overlap.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx")]
-unsafe fn copy_streaming(dst: *mut u8, src: *const u8, len: usize) {
-    use std::arch::x86_64::{__m256i, _mm256_loadu_si256, _mm256_stream_si256, _mm_sfence};
-    const STEP: usize = 128;
-    let head = dst.align_offset(64).min(len);
-    // SAFETY (this block and the ones below): every offset read or written
-    // is below `len` (the loop stops `STEP` short of it), within the two
-    // buffers the caller vouches for; stores through `dst + i` for `i`
-    // past `head` are 64-byte aligned, as `_mm256_stream_si256` requires.
-    unsafe {
-        std::ptr::copy_nonoverlapping(src, dst, head);
-        let mut i = head;
-        while i + STEP <= len {
-            let (s, d) = (src.add(i), dst.add(i));
-            let a = _mm256_loadu_si256(s.cast::<__m256i>());
-            let b = _mm256_loadu_si256(s.add(32).cast::<__m256i>());
-            let c = _mm256_loadu_si256(s.add(64).cast::<__m256i>());
-            let e = _mm256_loadu_si256(s.add(96).cast::<__m256i>());
-            _mm256_stream_si256(d.cast::<__m256i>(), a);
-            _mm256_stream_si256(d.add(32).cast::<__m256i>(), b);
-            _mm256_stream_si256(d.add(64).cast::<__m256i>(), c);
-            _mm256_stream_si256(d.add(96).cast::<__m256i>(), e);
-            i += STEP;
-        }
-        std::ptr::copy_nonoverlapping(src.add(i), dst.add(i), len - i);
-    }
-    _mm_sfence();
 }
 
 /// A call's arguments, as their bytes.
@@ -665,32 +605,6 @@ mod tests {
         std::fs::remove_file(&a).expect("removed");
         assert!(!maps.sweep(), "nothing is kept");
         assert_eq!(maps.len(), 0);
-    }
-
-    #[test]
-    fn large_copies_are_exact_at_any_alignment_and_length() {
-        let len = STREAMING_MIN + 200;
-        let src: Vec<u8> = (0..len + 64).map(|i| (i % 251) as u8).collect();
-        let mut dst = vec![0u8; len + 128];
-        for (from, to, n) in [
-            (0, 0, len),
-            (3, 5, len - 77),
-            (0, 63, len - 1),
-            (17, 1, STREAMING_MIN),
-        ] {
-            dst.fill(0);
-            copy(&mut dst[to..to + n], &src[from..from + n]);
-            assert_eq!(
-                &dst[to..to + n],
-                &src[from..from + n],
-                "{from} -> {to}, {n} bytes"
-            );
-            assert!(dst[..to].iter().all(|b| *b == 0), "nothing before");
-            assert!(dst[to + n..].iter().all(|b| *b == 0), "nothing after");
-        }
-        let mut small = [0u8; 10];
-        copy(&mut small, b"0123456789");
-        assert_eq!(&small, b"0123456789");
     }
 
     #[test]

@@ -1,7 +1,17 @@
-//! Encoding values: MessagePack, positional (both ends run the same build).
+//! Encoding values: MessagePack, positional (both ends run the same build),
+//! with slices of plain numbers as raw blocks ([`block`]): a `Vec<f32>` or a
+//! `Vec<u8>` is one copy of its bytes, not one encoding per element.
+
+pub(crate) mod block;
+mod de;
+mod ser;
+#[cfg(test)]
+mod tests;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+
+use ser::Raw;
 
 /// A value that could not be encoded, decoded or written, and why.
 #[derive(Debug, thiserror::Error)]
@@ -22,7 +32,7 @@ pub enum CodecError {
 
 /// Encodes a value (MessagePack, positional: both ends run the same build).
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
-    Ok(rmp_serde::to_vec(value)?)
+    Ok(rmp_serde::to_vec(&Raw(value))?)
 }
 
 /// The size of a value's encoding, without making it.
@@ -38,7 +48,7 @@ pub fn encoded_len<T: Serialize + ?Sized>(value: &T) -> Result<u64, CodecError> 
         }
     }
     let mut count = Count(0);
-    rmp_serde::encode::write(&mut count, value)?;
+    rmp_serde::encode::write(&mut count, &Raw(value))?;
     Ok(count.0)
 }
 
@@ -71,7 +81,7 @@ pub fn encode_small<T: Serialize + ?Sized>(
         limit,
         over: false,
     };
-    match rmp_serde::encode::write(&mut w, value) {
+    match rmp_serde::encode::write(&mut w, &Raw(value)) {
         Ok(()) => Ok(Some(w.out)),
         Err(_) if w.over => Ok(None),
         Err(e) => Err(e.into()),
@@ -83,12 +93,13 @@ pub fn encode_into<T: Serialize + ?Sized>(
     out: &mut impl std::io::Write,
     value: &T,
 ) -> Result<(), CodecError> {
-    Ok(rmp_serde::encode::write(out, value)?)
+    Ok(rmp_serde::encode::write(out, &Raw(value))?)
 }
 
 /// Decodes a value.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
-    Ok(rmp_serde::from_slice(bytes)?)
+    let mut d = rmp_serde::Deserializer::from_read_ref(bytes);
+    Ok(T::deserialize(de::De(&mut d))?)
 }
 
 thread_local! {
