@@ -77,12 +77,23 @@ impl TaskKind {
 }
 
 /// The lease machine of this process, and the shell around it.
-#[derive(Default)]
 pub(crate) struct LeaseManager {
     machine: Mutex<Machine>,
 }
 
 impl LeaseManager {
+    /// The leases of an owner; `nested` for one that is itself a task on a
+    /// worker: it keeps no idle lease (see [`Machine::keep_no_idle`]).
+    pub(crate) fn new(nested: bool) -> Self {
+        let mut machine = Machine::default();
+        if nested {
+            machine.keep_no_idle();
+        }
+        Self {
+            machine: Mutex::new(machine),
+        }
+    }
+
     fn machine(&self) -> MutexGuard<'_, Machine> {
         self.machine.locked()
     }

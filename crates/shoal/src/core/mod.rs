@@ -304,7 +304,7 @@ impl Core {
             connecting: DashMap::new(),
             objects: Objects::default(),
             changed: Notify::new(),
-            leases: LeaseManager::default(),
+            leases: LeaseManager::new(setup.executor.is_some()),
             events: events::Events::new(setup.task_events),
             watches: Default::default(),
             root_task: TaskId::fresh(),

@@ -10,6 +10,7 @@ use serde::de::DeserializeOwned;
 use shoal_proto::{
     Address, NodeRequest, ObjectId, ObjectValue, WorkerId, WorkerReply, WorkerRequest,
 };
+use tokio::sync::watch;
 use tracing::debug;
 
 use super::{Core, CONTROL_TIMEOUT, GET};
@@ -185,8 +186,10 @@ impl Core {
     /// Runs `fut`, a wait for other tasks' results, telling the node that
     /// the task running on `executor` (if any) is blocked meanwhile: its CPUs
     /// are lent back so the tasks it waits for can run (no nested deadlock).
+    /// Neither telling is waited for: the CPU is handed back, and taken
+    /// again, at once.
     pub(crate) async fn while_blocked<F: Future>(
-        &self,
+        self: &Arc<Self>,
         executor: Option<Executor>,
         fut: F,
     ) -> F::Output {
@@ -197,9 +200,9 @@ impl Core {
         // (it may be the one waited for).
         let gate = self.gates.gate(executor.worker_id);
         gate.add_permits(1);
-        self.set_blocked(executor.worker_id, true).await;
+        self.set_blocked(executor.worker_id, true);
         let out = fut.await;
-        self.set_blocked(executor.worker_id, false).await;
+        self.set_blocked(executor.worker_id, false);
         // Take the lent permit back; if the task it let in still runs, as
         // soon as one ends (this task goes on meanwhile).
         match gate.clone().try_acquire_owned() {
@@ -215,18 +218,16 @@ impl Core {
         out
     }
 
-    async fn set_blocked(&self, worker_id: WorkerId, blocked: bool) {
+    /// One more (or one fewer) get of the worker waits: when that changes
+    /// whether it is blocked, its teller tells the node (started the first
+    /// time).
+    fn set_blocked(self: &Arc<Self>, worker_id: WorkerId, blocked: bool) {
         if !self.gates.set_blocked(worker_id, blocked) {
             return;
         }
-        let tell = NodeRequest::WorkerBlocked { worker_id, blocked };
-        match self.node(&self.home.address).await {
-            Ok(node) => {
-                if let Err(e) = node.call_idempotent(&tell, CONTROL_TIMEOUT).await {
-                    debug!(error = %e, "could not tell the node the worker is blocked");
-                }
-            }
-            Err(e) => debug!(error = %e, "could not reach the node to say the worker is blocked"),
+        if let Some(rx) = self.gates.tell_blocked(worker_id, blocked) {
+            self.handle
+                .spawn(tell_blocked(Arc::clone(self), worker_id, rx));
         }
     }
 
@@ -442,4 +443,27 @@ fn decode_object<T: DeserializeOwned>(id: ObjectId, bytes: &crate::shm::Blob) ->
         what: format!("object {id} as {}", std::any::type_name::<T>()),
         message: e.to_string(),
     })
+}
+
+/// Tells the node each change of whether `worker_id` is blocked, in order;
+/// changes made while one is told are told as the latest state only. Ends
+/// with the process.
+async fn tell_blocked(core: Arc<Core>, worker_id: WorkerId, mut want: watch::Receiver<bool>) {
+    let mut told = false;
+    while want.changed().await.is_ok() {
+        let blocked = *want.borrow_and_update();
+        if blocked == told {
+            continue;
+        }
+        let tell = NodeRequest::WorkerBlocked { worker_id, blocked };
+        match core.node(&core.home.address).await {
+            Ok(node) => {
+                if let Err(e) = node.call_idempotent(&tell, CONTROL_TIMEOUT).await {
+                    debug!(error = %e, "could not tell the node the worker is blocked");
+                }
+            }
+            Err(e) => debug!(error = %e, "could not reach the node to say the worker is blocked"),
+        }
+        told = blocked;
+    }
 }

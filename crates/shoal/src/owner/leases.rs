@@ -16,7 +16,8 @@
 //! is there when one ends. Nothing queues behind a task that may run long:
 //! it would wait while another worker may be free (head-of-line blocking;
 //! Ray dropped pipelining for this). A worker idle for [`IDLE_RETURN`] is
-//! handed back.
+//! handed back; at once when the cluster is full, as nested tasks make it:
+//! a CPU held idle there is one another owner's task waits for.
 //!
 //! `W` is the shell's handle of a leased worker and `T` its handle of a
 //! waiting task (a channel to wake it, in the shell; a number in tests),
@@ -300,6 +301,8 @@ pub struct Leases<W, T> {
     classes: BTreeMap<ClassKey, Class<W, T>>,
     /// The job is ending: no more requests, idle leases go back at once.
     stopping: bool,
+    /// Idle leases go back at once (see [`Leases::keep_no_idle`]).
+    no_idle: bool,
     /// Idle clocks started, for telling a stale one from the current.
     epoch: u64,
     /// The last request id handed out (ids count up from 1; the head keys
@@ -312,9 +315,21 @@ impl<W, T> Default for Leases<W, T> {
         Self {
             classes: BTreeMap::new(),
             stopping: false,
+            no_idle: false,
             epoch: 0,
             request_id: 0,
         }
+    }
+}
+
+impl<W, T> Leases<W, T> {
+    /// Keeps no idle lease: each goes back as soon as its worker has
+    /// nothing in flight. For an owner that is itself a task (nested
+    /// tasks): its children's CPUs are what its siblings and cousins wait
+    /// for, and a task rarely loops submitting one task at a time (Ray's
+    /// owners give an idle lease back at once too).
+    pub fn keep_no_idle(&mut self) {
+        self.no_idle = true;
     }
 }
 
@@ -510,7 +525,7 @@ impl<W: Clone, T: Waiting> Leases<W, T> {
     }
 
     /// Starts the idle clock of a worker with nothing in flight (or, when
-    /// stopping, returns its lease at once).
+    /// stopping or when the cluster is full, returns its lease at once).
     fn idle_check(&mut self, key: &ClassKey, lease_id: LeaseId, out: &mut Vec<Command<W, T>>) {
         let Some(class) = self.classes.get_mut(key) else {
             return;
@@ -521,7 +536,10 @@ impl<W: Clone, T: Waiting> Leases<W, T> {
         else {
             return;
         };
-        if self.stopping {
+        // A full cluster has other work waiting for the CPU (nested tasks,
+        // other owners): it goes back at once. Only while there is room is
+        // it kept, for this owner's next task (a submit-get-submit loop).
+        if self.stopping || self.no_idle || class.saturated {
             let held = class.remove(at);
             out.push(Command::Return {
                 worker: held.worker,

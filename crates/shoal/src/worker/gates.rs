@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use dashmap::DashMap;
 use shoal_proto::WorkerId;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 
 /// The gates and blocked counts of the workers running here.
 #[derive(Default)]
@@ -17,6 +17,9 @@ pub(crate) struct Gates {
     gates: DashMap<WorkerId, Arc<Semaphore>>,
     /// Per worker: how many of its gets are waiting.
     blocked: DashMap<WorkerId, usize>,
+    /// Per worker: whether it is blocked now, for the task that tells its
+    /// node (in order, the latest state only: the task never waits for it).
+    tellers: DashMap<WorkerId, watch::Sender<bool>>,
 }
 
 impl Gates {
@@ -42,6 +45,29 @@ impl Gates {
             *count == 0
         }
     }
+
+    /// Records that `worker_id` is now blocked (or not) for the task that
+    /// tells its node; the first time, returns that task's end of the
+    /// channel (the caller starts it). The node is first told of a change,
+    /// and assumes a worker not blocked.
+    pub(crate) fn tell_blocked(
+        &self,
+        worker_id: WorkerId,
+        blocked: bool,
+    ) -> Option<watch::Receiver<bool>> {
+        match self.tellers.entry(worker_id) {
+            dashmap::Entry::Occupied(told) => {
+                told.get().send_replace(blocked);
+                None
+            }
+            dashmap::Entry::Vacant(none) => {
+                let (tx, rx) = watch::channel(false);
+                tx.send_replace(blocked);
+                none.insert(tx);
+                Some(rx)
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -57,5 +83,21 @@ mod tests {
         assert!(!gates.set_blocked(w, false));
         assert!(gates.set_blocked(w, false));
         assert_eq!(gates.gate(w).available_permits(), 1);
+    }
+
+    #[test]
+    fn the_teller_sees_the_latest_blocked_state() {
+        let gates = Gates::default();
+        let w = WorkerId::random();
+        let mut rx = gates
+            .tell_blocked(w, true)
+            .expect("the first starts a teller");
+        assert!(rx.has_changed().expect("open"));
+        assert!(*rx.borrow_and_update());
+        assert!(gates.tell_blocked(w, false).is_none());
+        assert!(gates.tell_blocked(w, true).is_none());
+        assert!(gates.tell_blocked(w, false).is_none());
+        assert!(rx.has_changed().expect("open"));
+        assert!(!*rx.borrow_and_update(), "only the latest state is told");
     }
 }

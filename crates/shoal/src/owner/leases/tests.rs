@@ -423,3 +423,29 @@ fn a_refused_class_fails_its_waiting_tasks_and_asks_no_more() {
     assert!(asks(&out).is_empty());
     assert_eq!(m.counts(&class), (0, 0, 0));
 }
+
+#[test]
+fn an_idle_lease_goes_back_at_once_when_the_cluster_is_full_or_the_owner_is_a_task() {
+    let (class, r) = cpu();
+    // The cluster had no room when the lease was granted.
+    let mut m = Machine::default();
+    let mut out = Vec::new();
+    m.acquire(&class, &r, false, || (1, false), &mut out);
+    let (lease, _) = join(&mut m, asks(&out).remove(0), "w1", false);
+    let mut out = Vec::new();
+    m.release(&place("w1", lease, &class), &mut out);
+    assert_eq!(returns(&out), vec![("w1", false)]);
+    assert!(arm(&out).is_none(), "no idle clock: {out:?}");
+
+    // An owner that is a task keeps none even with room to spare.
+    let mut m = Machine::default();
+    m.keep_no_idle();
+    let mut out = Vec::new();
+    m.acquire(&class, &r, false, || (1, false), &mut out);
+    let (lease, _) = join(&mut m, asks(&out).remove(0), "w2", true);
+    let mut out = Vec::new();
+    m.release(&place("w2", lease, &class), &mut out);
+    assert_eq!(returns(&out), vec![("w2", false)]);
+    assert!(arm(&out).is_none(), "no idle clock: {out:?}");
+    assert_eq!(m.counts(&class), (0, 0, 0));
+}
