@@ -291,6 +291,9 @@ impl Service for NodeService {
             NodeRequest::WorkerBlocked { worker_id, blocked } => {
                 peer.require(&[Role::Driver, Role::Worker])?;
                 if let Some(lease_id) = self.pool.set_blocked(worker_id, blocked) {
+                    if blocked {
+                        self.pool.replace_blocked(worker_id);
+                    }
                     let head = self.head.borrow().clone();
                     if let Some(head) = head {
                         let tell = shoal_proto::HeadRequest::LeaseBlocked { lease_id, blocked };

@@ -283,18 +283,20 @@ struct WorkerEntry {
     gpus: Vec<u32>,
     /// The variables asked for: it serves only leases asking the same.
     env: EnvVars,
+    /// What it was started as: a spare of the same kind replaces it when
+    /// it blocks.
+    kind: WorkerKind,
 }
 
 impl WorkerEntry {
-    /// A worker of `job_id` being started, and the receiver told when it
+    /// A worker of `kind` being started, and the receiver told when it
     /// registers.
-    fn starting(
-        job_id: JobId,
-        env: EnvVars,
-    ) -> (Self, oneshot::Receiver<Result<String, StartError>>) {
+    fn starting(kind: &WorkerKind) -> (Self, oneshot::Receiver<Result<String, StartError>>) {
         let (tx, rx) = oneshot::channel();
+        let env = kind.env.clone();
         let entry = WorkerEntry {
-            job_id,
+            job_id: kind.job_id,
+            kind: kind.clone(),
             dedicated: false,
             detached: false,
             state: WorkerState::Starting(vec![tx]),
@@ -495,26 +497,62 @@ impl WorkerPool {
                         && matches!(w.state, WorkerState::Idle(_)))
                     .then_some(*id)
                 });
-                match idle {
-                    Some(worker_id) => {
-                        state.leases.insert(lease_id, (worker_id, resources));
-                        let entry = state
-                            .workers
-                            .get_mut(&worker_id)
-                            .ok_or_else(|| unavailable("worker vanished"))?;
+                // Else a spare still starting (started for a worker that
+                // blocked): this lease waits for it rather than for another.
+                let starting = || {
+                    let taken: std::collections::HashSet<WorkerId> =
+                        state.leases.values().map(|(w, _)| *w).collect();
+                    state.workers.iter().find_map(|(id, w)| {
+                        (!dedicated
+                            && !w.dedicated
+                            && w.job_id == job_id
+                            && w.gpus == gpus
+                            && w.env == kind.env
+                            && matches!(w.state, WorkerState::Starting(_))
+                            && !taken.contains(id))
+                        .then_some(*id)
+                    })
+                };
+                let spare = if idle.is_none() { starting() } else { None };
+                if let Some(worker_id) = spare {
+                    state.leases.insert(lease_id, (worker_id, resources));
+                    let entry = state
+                        .workers
+                        .get_mut(&worker_id)
+                        .ok_or_else(|| unavailable("worker vanished"))?;
+                    // Registered already (its starter has not marked it
+                    // idle yet): it serves now.
+                    if let Some(address) = entry.address.clone() {
                         entry.state = WorkerState::Leased(lease_id);
-                        let address = entry.address.clone().unwrap_or_default();
                         return Ok(Address { worker_id, address });
                     }
-                    None => {
-                        let worker_id = WorkerId::random();
-                        let (mut entry, rx) = WorkerEntry::starting(job_id, kind.env.clone());
-                        entry.dedicated = dedicated;
-                        entry.detached = detached;
-                        entry.gpus = gpus;
-                        state.workers.insert(worker_id, entry);
-                        state.leases.insert(lease_id, (worker_id, resources));
-                        (worker_id, rx, false)
+                    let (tx, rx) = oneshot::channel();
+                    if let WorkerState::Starting(waiters) = &mut entry.state {
+                        waiters.push(tx);
+                    }
+                    (worker_id, rx, true)
+                } else {
+                    match idle {
+                        Some(worker_id) => {
+                            state.leases.insert(lease_id, (worker_id, resources));
+                            let entry = state
+                                .workers
+                                .get_mut(&worker_id)
+                                .ok_or_else(|| unavailable("worker vanished"))?;
+                            entry.state = WorkerState::Leased(lease_id);
+                            let address = entry.address.clone().unwrap_or_default();
+                            return Ok(Address { worker_id, address });
+                        }
+                        None => {
+                            let worker_id = WorkerId::random();
+                            let (mut entry, rx) = WorkerEntry::starting(&kind);
+                            entry.dedicated = dedicated;
+                            entry.detached = detached;
+                            entry.gpus = gpus;
+                            state.workers.insert(worker_id, entry);
+                            state.leases.insert(lease_id, (worker_id, resources));
+                            (worker_id, rx, false)
+                        }
                     }
                 }
             }
@@ -556,7 +594,7 @@ impl WorkerPool {
                     ));
                 }
                 if !dedicated {
-                    self.prestart(kind);
+                    self.prestart(kind, false);
                 }
                 Ok(Address { worker_id, address })
             }
@@ -676,26 +714,40 @@ impl WorkerPool {
     }
 
     /// Starts a spare idle worker for the job, so that its next lease here is
-    /// served without waiting for a process to start; at most one spare, and
-    /// no more workers for the job than the node has CPUs.
-    fn prestart(self: &Arc<Self>, kind: WorkerKind) {
+    /// served without waiting for a process to start. After a grant
+    /// (`for_blocked` false): at most one spare, and no more running workers
+    /// for the job than the node has CPUs. When a worker blocks in a `get`
+    /// (`for_blocked`): its CPU goes to another lease, which will want a
+    /// worker, so a replacement starts now, up to one spare per blocked
+    /// worker (at most as many starting at once as the node has CPUs).
+    fn prestart(self: &Arc<Self>, kind: WorkerKind, for_blocked: bool) {
         let worker_id = WorkerId::random();
         let registered = {
             let mut state = self.state();
-            let of_job = state
-                .workers
-                .values()
-                .filter(|w| w.job_id == kind.job_id && w.env == kind.env);
-            let (count, spare) = of_job.fold((0usize, 0usize), |(c, s), w| {
-                (
-                    c + 1,
-                    s + usize::from(!matches!(w.state, WorkerState::Leased(_))),
-                )
-            });
-            if spare > 0 || count as f64 >= self.config.total.get(shoal_proto::resources::CPU) {
+            let (mut count, mut spare, mut blocked) = (0usize, 0usize, 0usize);
+            for w in state.workers.values() {
+                if w.job_id != kind.job_id || w.env != kind.env || w.dedicated {
+                    continue;
+                }
+                count += 1;
+                match w.state {
+                    WorkerState::Leased(lease) => {
+                        blocked += usize::from(state.blocked.contains(&lease));
+                    }
+                    _ => spare += 1,
+                }
+            }
+            let cpus = self.config.total.get(shoal_proto::resources::CPU);
+            let running = count - spare - blocked;
+            let wanted = if for_blocked {
+                spare < blocked && (spare as f64) < cpus
+            } else {
+                spare == 0 && ((running + spare) as f64) < cpus
+            };
+            if !wanted {
                 return;
             }
-            let (entry, rx) = WorkerEntry::starting(kind.job_id, kind.env.clone());
+            let (entry, rx) = WorkerEntry::starting(&kind);
             state.workers.insert(worker_id, entry);
             rx
         };
@@ -704,8 +756,16 @@ impl WorkerPool {
             match pool.start(worker_id, &kind, registered).await {
                 Ok(_) => {
                     let mut state = pool.state();
+                    // A lease may have taken it while it started.
+                    let lease = state
+                        .leases
+                        .iter()
+                        .find_map(|(lease, (w, _))| (*w == worker_id).then_some(*lease));
                     if let Some(entry) = state.workers.get_mut(&worker_id) {
-                        entry.state = WorkerState::Idle(Instant::now());
+                        entry.state = match lease {
+                            Some(lease) => WorkerState::Leased(lease),
+                            None => WorkerState::Idle(Instant::now()),
+                        };
                     }
                 }
                 Err(e) => {
@@ -748,6 +808,20 @@ impl WorkerPool {
         }
         info!(%worker_id, %address, pid, job_id = %entry.job_id, "worker registered");
         Ok(())
+    }
+
+    /// A replacement for a worker whose task just blocked, started now so
+    /// the lease its lent CPU goes to finds a worker ready (see
+    /// [`WorkerPool::prestart`]).
+    pub fn replace_blocked(self: &Arc<Self>, worker_id: WorkerId) {
+        let kind = {
+            let state = self.state();
+            match state.workers.get(&worker_id) {
+                Some(w) if !w.dedicated => w.kind.clone(),
+                _ => return,
+            }
+        };
+        self.prestart(kind, true);
     }
 
     /// The worker's task is blocked on other tasks (or resumed): lends its
