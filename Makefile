@@ -6,7 +6,7 @@ CARGO ?= cargo
 export CARGO_BUILD_JOBS ?= 2
 SHOAL := target/debug/shoal
 
-.PHONY: build test lint fmt demo demo-cluster bench chaos sim clean
+.PHONY: build test lint fmt demo demo-cluster bench bench-wordcount chaos sim clean
 
 build:
 	$(CARGO) build --workspace
@@ -72,6 +72,23 @@ demo-cluster: build
 bench:
 	$(CARGO) build --release -p shoal-cli
 	target/release/shoal microbenchmark $(BENCH_ARGS)
+
+# MapReduce word count over 1 GB of generated text (the same text as the
+# Python scripts in bench/ count on Ray, Dask and multiprocessing): a
+# sequential Rust loop, then Shoal in local mode with thread workers, with
+# worker processes, and on three nodes of one machine (a head and two node
+# daemons, 2 CPUs each). One JSON line per run. WORDCOUNT_MB=N for N MB.
+WORDCOUNT_MB ?= 1000
+WORDCOUNT := target/release/bench_wordcount --mb $(WORDCOUNT_MB) $(WORDCOUNT_ARGS)
+bench-wordcount:
+	$(CARGO) build --release -p shoal-cli -p shoal-examples --bin shoal --bin bench_wordcount
+	SHOAL_LOG=warn $(WORDCOUNT)
+	SHOAL_LOG=warn SHOAL_WORKER_PROCESSES=1 $(WORDCOUNT) --repeat 3
+	@root=$$(mktemp -d /tmp/shoal-wordcount.XXXXXX); S=target/release/shoal; \
+	trap '$$S stop --session-dir "$$root" >/dev/null; rm -rf "$$root"' EXIT; \
+	$$S start --head --port 0 --node-ip 127.0.0.1 --num-cpus 2 --metrics-port 0 --dashboard-port 0 --session-dir "$$root" >/dev/null && \
+	for i in 1 2; do $$S start --address "$$(cat $$root/session_latest/head_address)" --num-cpus 2 --node-ip 127.0.0.1 --metrics-port 0 --session-dir "$$root" >/dev/null || exit 1; done && \
+	SHOAL_ADDRESS="$$(cat $$root/session_latest/head_address)" SHOAL_SESSION_DIR="$$root" SHOAL_LOG=warn $(WORDCOUNT) --repeat 3
 
 clean:
 	$(CARGO) clean

@@ -73,6 +73,59 @@ impl Measurer {
         self.calls += 1;
         data.len()
     }
+
+    pub fn total(&mut self, values: Vec<f32>) -> f64 {
+        self.calls += 1;
+        values.iter().map(|v| f64::from(*v)).sum()
+    }
+}
+
+/// A value as users write them: a struct holding plain numbers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Frame {
+    id: u64,
+    samples: Vec<f32>,
+    raw: Vec<u8>,
+}
+
+#[shoal::remote]
+fn scaled(frame: Frame, by: f32) -> Frame {
+    Frame {
+        samples: frame.samples.iter().map(|s| s * by).collect(),
+        ..frame
+    }
+}
+
+#[shoal::remote]
+fn numbers(n: u64) -> Vec<u64> {
+    (0..n).collect()
+}
+
+#[test]
+fn plain_vecs_larger_than_a_message_travel_as_arguments_and_returns() {
+    shoal();
+    // 24 MB and 20 MB: over the 16 MiB a message may carry (these failed
+    // as "the worker died: encoded message of ... bytes exceeds the limit").
+    let frame = Frame {
+        id: 7,
+        samples: (0..6_000_000).map(|i| (i % 1000) as f32).collect(),
+        raw: vec![5u8; 20 << 20],
+    };
+    let got = scaled::remote(frame.clone(), 2.0).get().expect("task");
+    assert_eq!(got.id, 7);
+    assert_eq!(got.raw, frame.raw);
+    assert!(got
+        .samples
+        .iter()
+        .zip(&frame.samples)
+        .all(|(g, s)| *g == s * 2.0));
+    let measurer = Measurer::remote().expect("actor");
+    let sum: f64 = frame.samples.iter().map(|v| f64::from(*v)).sum();
+    assert_eq!(measurer.total(frame.samples).get().expect("call"), sum);
+    let n = 3_000_000u64;
+    let back = numbers::remote(n).get().expect("a 24 MB return");
+    assert_eq!(back.len() as u64, n);
+    assert!(back.iter().enumerate().all(|(i, v)| *v == i as u64));
 }
 
 #[test]

@@ -395,12 +395,20 @@ impl Core {
     /// Stores a large encoded value this process owns in its home node's
     /// store (from a host other than the store's).
     pub(crate) async fn put_stored(self: &Arc<Self>, bytes: Vec<u8>) -> Result<ObjectId> {
+        self.put_stored_at(&bytes).await.map(|(id, _)| id)
+    }
+
+    /// [`Core::put_stored`], saying where the object is.
+    pub(crate) async fn put_stored_at(
+        self: &Arc<Self>,
+        bytes: &[u8],
+    ) -> Result<(ObjectId, shoal_proto::StoredAt)> {
         let id = self.next_put_id();
         let at = self
-            .store_on_node(id, &bytes, Some(self.me.worker_id))
+            .store_on_node(id, bytes, Some(self.me.worker_id))
             .await?;
-        self.own(id, ObjState::Stored(at));
-        Ok(id)
+        self.own(id, ObjState::Stored(at.clone()));
+        Ok((id, at))
     }
 
     /// A pending slot for an object this process will own.

@@ -17,7 +17,7 @@ use super::cancel::Cancellable;
 use super::events::failure_text;
 use super::lease::TaskKind;
 use super::objects::Lent;
-use super::{Core, CONTROL_TIMEOUT, TASK_CALL_TIMEOUT};
+use super::{Core, CONTROL_TIMEOUT, INLINE_BYTES_MAX, TASK_CALL_TIMEOUT};
 use crate::args::{ArgValue, KeepAlive};
 use crate::error::{Error, Result};
 use crate::options::TaskOptions;
@@ -270,6 +270,21 @@ impl Core {
         let mut keep_alive = Vec::new();
         for (index, arg) in args.into_iter().enumerate() {
             match arg {
+                // A large value goes to the node store first (as Ray puts
+                // large arguments in plasma): a message carries at most
+                // 16 MiB, and the task's worker maps it from there.
+                ArgValue::Bytes(bytes) | ArgValue::Lending { bytes, .. }
+                    if bytes.len() > INLINE_BYTES_MAX =>
+                {
+                    let (id, at) = self.put_stored_at(&bytes).await.map_err(|e| {
+                        failure(
+                            FailureKind::BadArguments,
+                            format!("argument {index} could not be stored: {e}"),
+                        )
+                    })?;
+                    keep_alive.push(Box::new(StoredArg(Arc::clone(self), id)) as KeepAlive);
+                    spec_args.push(ArgSpec::Stored { id, at });
+                }
                 ArgValue::Bytes(bytes) | ArgValue::Lending { bytes, .. } => {
                     spec_args.push(ArgSpec::Inline(bytes))
                 }
@@ -649,6 +664,16 @@ fn heaviest_node(args: &[ArgSpec]) -> Option<shoal_proto::NodeId> {
     }
     let most = bytes.iter().map(|(_, b)| *b).max()?;
     bytes.iter().find(|(_, b)| *b == most).map(|(n, _)| *n)
+}
+
+/// A large argument value stored for a task, freed when the task is done
+/// (its retries included).
+struct StoredArg(Arc<Core>, ObjectId);
+
+impl Drop for StoredArg {
+    fn drop(&mut self) {
+        self.0.release_ref(self.1);
+    }
 }
 
 #[cfg(test)]
