@@ -334,7 +334,7 @@ impl Core {
         // The references stay alive until the task is done: a stored
         // argument must not be freed while a worker may still read it.
         let resolved = tokio::select! {
-            resolved = self.resolve_lending(function.name, task_id, args) => resolved,
+            resolved = Box::pin(self.resolve_lending(function.name, task_id, args)) => resolved,
             _ = cancel.cancelled() => return (cancelled_state(cancel), None),
         };
         let (spec_args, mut keep_alive, lent) = match resolved {
@@ -420,7 +420,7 @@ impl Core {
                 Then::RebuildArgs => {
                     // An argument's copy was lost with its node: rebuild
                     // the ones this process owns from their lineage.
-                    let rebuilt = self.reconstruct_args(&spec_args).await;
+                    let rebuilt = Box::pin(self.reconstruct_args(&spec_args)).await;
                     let changed = rebuilt != spec_args;
                     spec_args = rebuilt;
                     if let Then::Finish(state) = run.args_rebuilt(changed) {
@@ -509,6 +509,29 @@ impl Core {
                 return run.head_unavailable(e.to_string());
             }
         };
+        // The push and its reply in a box: a task waiting for its place
+        // (a million may) holds none of that state.
+        Box::pin(self.push_placed(
+            run,
+            (function, options, kind),
+            spec_args,
+            (borrows, cancel),
+            place,
+        ))
+        .await
+    }
+
+    /// The rest of a try once it has its place: the push, the reply, and
+    /// the machines' verdict on the place, carried out.
+    async fn push_placed(
+        self: &Arc<Self>,
+        run: &mut TaskRun,
+        (function, options, kind): (&'static RemoteFunction, &TaskOptions, TaskKind),
+        spec_args: &[ArgSpec],
+        (borrows, cancel): (Option<&Mutex<Borrows>>, Option<&Cancellable>),
+        place: super::lease::Place,
+    ) -> Then {
+        let (task_id, attempt) = (run.task_id(), run.attempt());
         let leased = &place.worker;
         let placed = Placed {
             node_id: leased.lease.node_id,
