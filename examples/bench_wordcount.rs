@@ -161,16 +161,38 @@ fn summary<'a>(counts: impl Iterator<Item = (&'a [u8], u64)>) -> (u64, usize, u6
     })
 }
 
+/// The flags this program takes, each followed by a number.
+const FLAGS: &[&str] = &["--mb", "--mappers", "--reducers", "--seed", "--repeat"];
+
+fn usage(why: &str) -> ! {
+    eprintln!("bench_wordcount: {why}\nusage: bench_wordcount [--mb N] [--mappers M] [--reducers R] [--seed S] [--repeat K]");
+    std::process::exit(2)
+}
+
+/// The whole number after `flag`, `default` if the flag is absent; an
+/// unknown flag or a value that is not a whole number is refused.
+fn option(args: &[String], flag: &str, default: u64) -> u64 {
+    if let Some(bad) = args
+        .iter()
+        .skip(1)
+        .step_by(2)
+        .find(|a| !FLAGS.contains(&a.as_str()))
+    {
+        usage(&format!("unknown argument {bad:?}"));
+    }
+    match args.iter().position(|a| a == flag) {
+        None => default,
+        Some(i) => match args.get(i + 1).map(|v| v.parse()) {
+            Some(Ok(n)) => n,
+            _ => usage(&format!("{flag} needs a whole number")),
+        },
+    }
+}
+
 #[shoal::main]
 fn main() -> shoal::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let option = |name: &str, default: u64| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
+    let option = |flag: &str, default: u64| option(&args, flag, default);
     let (mb, mappers, reducers, seed, repeat) = (
         option("--mb", 1000),
         option("--mappers", 32) as usize,

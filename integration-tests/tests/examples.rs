@@ -70,6 +70,9 @@ fn bench_programs_refuse_arguments_they_cannot_read() {
         ("bench_actors", &["proccesses"][..]),
         ("bench_actors", &["threads", "1e4"][..]),
         ("bench_heartbeats", &["ten"][..]),
+        ("bench_shapes", &["--fib", "x"][..]),
+        ("bench_wordcount", &["--mb"][..]),
+        ("bench_wordcount", &["--mappers", "4", "--bogus", "1"][..]),
     ] {
         let out = std::process::Command::new(sibling_bin(name))
             .args(args)
@@ -79,4 +82,48 @@ fn bench_programs_refuse_arguments_they_cannot_read() {
         assert!(!out.status.success(), "{name} {args:?} ran: {stderr}");
         assert!(stderr.contains("usage: "), "{name} {args:?}: {stderr}");
     }
+}
+
+/// The job-shape benchmarks, small: nested tasks and a fan-out, and the
+/// word count (which checks its job's counts against its sequential loop
+/// and fails otherwise), with threads, worker processes and on a cluster.
+#[test]
+fn the_job_shape_benchmarks_run_small_in_every_mode() {
+    let cluster = ProcessCluster::three_process();
+    let modes = [
+        Vec::new(),
+        vec![("SHOAL_WORKER_PROCESSES", "1".to_string())],
+        cluster.driver_env(),
+    ];
+    for env in &modes {
+        let out = run(
+            "bench_shapes",
+            &["--fib", "6", "--fanout", "200", "--runs", "1"],
+            env,
+        );
+        assert!(out.contains("fib(6): median"), "{out}");
+        assert!(out.contains("fan-out of 200: median"), "{out}");
+        let out = run(
+            "bench_wordcount",
+            &[
+                "--mb",
+                "2",
+                "--mappers",
+                "4",
+                "--reducers",
+                "2",
+                "--repeat",
+                "1",
+            ],
+            env,
+        );
+        let words: Vec<&str> = out
+            .lines()
+            .filter_map(|l| l.split("\"words\": ").nth(1))
+            .collect();
+        assert_eq!(words.len(), 2, "a sequential and a Shoal line: {out}");
+        assert_eq!(words[0], words[1], "{out}");
+        assert!(out.contains("\"system\": \"shoal ("), "{out}");
+    }
+    cluster.assert_no_panics();
 }
