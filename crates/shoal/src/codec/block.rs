@@ -149,23 +149,6 @@ pub(crate) fn of_value<T: ?Sized>(value: &T) -> Option<Block<'_>> {
     None
 }
 
-/// Which `Vec` of plain numbers serde's own visitor builds, by the visitor's
-/// type id. Found once by asking each `Vec`'s `Deserialize` for its visitor.
-pub(crate) fn vec_visitor<V: ?Sized>() -> Option<Elem> {
-    static VISITORS: OnceLock<Vec<(TypeId, Elem)>> = OnceLock::new();
-    let id = typeid::of::<V>();
-    VISITORS
-        .get_or_init(|| {
-            ELEMS
-                .iter()
-                .filter_map(|e| e.probe().map(|id| (id, *e)))
-                .collect()
-        })
-        .iter()
-        .find(|(v, _)| *v == id)
-        .map(|(_, e)| *e)
-}
-
 /// An element type whose `Vec` is read as a block.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Elem {
@@ -278,6 +261,25 @@ impl Elem {
     }
 }
 
+/// Which `Vec` of plain numbers serde's own visitor builds, when `V` is that
+/// visitor. The value type is compared first (with constants: for any
+/// other type this costs nothing); then the visitor's id with the one
+/// `Vec<N>`'s `Deserialize` was found to hand over (found once, by
+/// probing).
+pub(crate) fn vec_visitor<'de, V: Visitor<'de>>() -> Option<Elem> {
+    static VISITORS: OnceLock<[Option<TypeId>; 12]> = OnceLock::new();
+    let value = typeid::of::<V::Value>();
+    macro_rules! which {
+        ($($t:ty => $e:ident),*) => {
+            $(if value == TypeId::of::<Vec<$t>>() { Elem::$e } else)* { return None }
+        };
+    }
+    let elem = which!(u8 => U8, i8 => I8, u16 => U16, i16 => I16, u32 => U32, i32 => I32,
+        u64 => U64, i64 => I64, f32 => F32, f64 => F64, usize => Usize, isize => Isize);
+    let visitors = VISITORS.get_or_init(|| ELEMS.map(Elem::probe));
+    (visitors[elem as usize] == Some(typeid::of::<V>())).then_some(elem)
+}
+
 /// `a` as `B`, when they are the same type (by id); `None` otherwise.
 fn cast<A: 'static, B>(a: A) -> Option<B> {
     if TypeId::of::<A>() != typeid::of::<B>() {
@@ -369,6 +371,18 @@ fn vec_from_le<N: Plain>(bytes: &[u8]) -> Vec<N> {
     let n = bytes.len() / size;
     if cfg!(target_endian = "big") {
         return bytes.chunks_exact(size).map(N::from_le).collect();
+    }
+    if n * size < STREAMING_MIN {
+        let mut v: Vec<N> = Vec::with_capacity(n);
+        // SAFETY: `v` has room for `n` elements, whose `n * size` bytes
+        // are written here from `bytes` (at least that long, and not
+        // overlapping a new allocation); `N` is plain, so any bytes are
+        // `n` initialized values before the length is set.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr().cast::<u8>(), n * size);
+            v.set_len(n);
+        }
+        return v;
     }
     // Zeroed (from the allocator's zero pages when large), then written once.
     let mut v = vec![N::default(); n];
