@@ -13,6 +13,9 @@
 
 use std::time::Instant;
 
+#[path = "flags.rs"]
+mod flags;
+
 /// The `n`th Fibonacci number, as a tree of nested tasks.
 #[shoal::remote]
 fn fib(n: u64) -> u64 {
@@ -41,38 +44,14 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
-/// The flags this program takes, each followed by a number.
-const FLAGS: &[&str] = &["--fib", "--fanout", "--runs"];
-
-fn usage(why: &str) -> ! {
-    eprintln!("bench_shapes: {why}\nusage: bench_shapes [--fib N] [--fanout N] [--runs K]");
-    std::process::exit(2)
-}
-
-/// The whole number after `flag`, `default` if the flag is absent; an
-/// unknown flag or a value that is not a whole number is refused.
-fn option(args: &[String], flag: &str, default: u64) -> u64 {
-    if let Some(bad) = args
-        .iter()
-        .skip(1)
-        .step_by(2)
-        .find(|a| !FLAGS.contains(&a.as_str()))
-    {
-        usage(&format!("unknown argument {bad:?}"));
-    }
-    match args.iter().position(|a| a == flag) {
-        None => default,
-        Some(i) => match args.get(i + 1).map(|v| v.parse()) {
-            Some(Ok(n)) => n,
-            _ => usage(&format!("{flag} needs a whole number")),
-        },
-    }
-}
-
 #[shoal::main]
 fn main() -> shoal::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let option = |flag: &str, default: u64| option(&args, flag, default);
+    let flags = flags::Flags::parse(
+        "bench_shapes",
+        &["--fib", "--fanout", "--runs"],
+        "bench_shapes [--fib N] [--fanout N] [--runs K]",
+    );
+    let option = |flag: &str, default: u64| flags.get(flag, default);
     let (n, fanout, runs) = (
         option("--fib", 12),
         option("--fanout", 20_000),

@@ -25,6 +25,9 @@ use std::time::Instant;
 
 use shoal::prelude::*;
 
+#[path = "flags.rs"]
+mod flags;
+
 /// A fast hasher for short keys: FxHash's multiply-rotate per 8 bytes, and
 /// a final mix so that the low bits (the table's index) depend on every
 /// byte.
@@ -161,38 +164,14 @@ fn summary<'a>(counts: impl Iterator<Item = (&'a [u8], u64)>) -> (u64, usize, u6
     })
 }
 
-/// The flags this program takes, each followed by a number.
-const FLAGS: &[&str] = &["--mb", "--mappers", "--reducers", "--seed", "--repeat"];
-
-fn usage(why: &str) -> ! {
-    eprintln!("bench_wordcount: {why}\nusage: bench_wordcount [--mb N] [--mappers M] [--reducers R] [--seed S] [--repeat K]");
-    std::process::exit(2)
-}
-
-/// The whole number after `flag`, `default` if the flag is absent; an
-/// unknown flag or a value that is not a whole number is refused.
-fn option(args: &[String], flag: &str, default: u64) -> u64 {
-    if let Some(bad) = args
-        .iter()
-        .skip(1)
-        .step_by(2)
-        .find(|a| !FLAGS.contains(&a.as_str()))
-    {
-        usage(&format!("unknown argument {bad:?}"));
-    }
-    match args.iter().position(|a| a == flag) {
-        None => default,
-        Some(i) => match args.get(i + 1).map(|v| v.parse()) {
-            Some(Ok(n)) => n,
-            _ => usage(&format!("{flag} needs a whole number")),
-        },
-    }
-}
-
 #[shoal::main]
 fn main() -> shoal::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let option = |flag: &str, default: u64| option(&args, flag, default);
+    let flags = flags::Flags::parse(
+        "bench_wordcount",
+        &["--mb", "--mappers", "--reducers", "--seed", "--repeat"],
+        "bench_wordcount [--mb N] [--mappers M] [--reducers R] [--seed S] [--repeat K]",
+    );
+    let option = |flag: &str, default: u64| flags.get(flag, default);
     let (mb, mappers, reducers, seed, repeat) = (
         option("--mb", 1000),
         option("--mappers", 32) as usize,
