@@ -69,9 +69,14 @@ pub(crate) async fn read_frame<T: DeserializeOwned>(
     let len = codec::frame_len(prefix, limits).map_err(DecodeError::from)?;
     // Grow the buffer as bytes arrive rather than trusting the claimed
     // length: a peer that claims 16 MiB and sends nothing costs nothing.
+    // Past the first MiB, the rest is reserved at once (a large frame is
+    // not copied again at each doubling).
     let mut body = Vec::with_capacity(len.min(64 << 10));
     while body.len() < len {
         let want = (len - body.len()).min(1 << 20);
+        if body.len() >= 1 << 20 {
+            body.reserve_exact(len - body.len());
+        }
         match recv.read_chunk(want, true).await {
             Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
             Ok(None) => {
@@ -107,7 +112,9 @@ pub(crate) fn write_frame<'s, T: Serialize>(
     let encoded = codec::encode_frame(msg, limits, &mut buf);
     async move {
         encoded?;
-        send.write_all(&buf).await?;
+        // Handed over, not copied: a large reply (an object's part) is
+        // written from this buffer.
+        send.write_chunk(bytes::Bytes::from(buf)).await?;
         Ok(())
     }
 }
@@ -210,6 +217,7 @@ async fn serve_quic<S: Service>(
 ) {
     let tracker = TaskTracker::new();
     let handshakes = Arc::new(tokio::sync::Semaphore::new(limits.handshakes_max.max(1)));
+    let bound = endpoint.local_addr().ok();
     if let Some(listener) = same_host {
         tracker.spawn(crate::unix::serve_listener(
             listener,
@@ -236,6 +244,7 @@ async fn serve_quic<S: Service>(
                 };
                 let conn_task = serve_connection(
                     incoming,
+                    bound,
                     slot,
                     service.clone(),
                     auth.clone(),
@@ -257,6 +266,7 @@ async fn serve_quic<S: Service>(
 #[allow(clippy::too_many_arguments)]
 async fn serve_connection<S: Service>(
     incoming: quinn::Incoming,
+    bound: Option<SocketAddr>,
     handshake_slot: tokio::sync::OwnedSemaphorePermit,
     service: Arc<S>,
     auth: Arc<ServerAuth>,
@@ -266,8 +276,16 @@ async fn serve_connection<S: Service>(
     tracker: TaskTracker,
 ) {
     let remote = incoming.remote_address();
+    // A peer on this host gets the same-host packet sizes (an endpoint on
+    // every interface serves both kinds).
+    let same_host = bound
+        .filter(|_| crate::endpoint::Path::to(remote.ip()) == crate::endpoint::Path::SameHost)
+        .and_then(crate::endpoint::same_host_server);
     let setup = async {
-        let conn = incoming.accept()?.await?;
+        let conn = match same_host {
+            Some(config) => incoming.accept_with(config)?.await?,
+            None => incoming.accept()?.await?,
+        };
         let role = handshake::server_handshake(&conn, &auth, &stats).await;
         Ok::<_, quinn::ConnectionError>((conn, role))
     };
@@ -543,6 +561,7 @@ impl<Req: Serialize + Sync, Rep: DeserializeOwned> RpcClient<Req, Rep> {
             }
         }
         let setup = async {
+            let config = crate::endpoint::client_config_to(config, addr, limits);
             let conn = endpoint
                 .connect_with(config, addr, server_name)
                 .map_err(|source| ConnectError::Connect {

@@ -352,7 +352,7 @@ impl HeadLink<'_> {
         let server = tls::mtls_server_config(&cert, &registered.ca_cert_der)
             .and_then(|tls| endpoint::server_config(tls, &self.config.limits));
         match server {
-            Ok(server) => self.server.set_server_config(Some(server)),
+            Ok(server) => endpoint::set_server_config(self.server, server, &self.config.limits),
             Err(e) => warn!(error = %e, "the head's certificate is unusable; not serving peers"),
         }
         let client = tls::mtls_client_config(&cert, &registered.ca_cert_der)

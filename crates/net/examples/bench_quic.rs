@@ -1,0 +1,274 @@
+//! What one node-to-node QUIC connection carries on this machine, two ways,
+//! with the node daemons' own TLS (mutual, cluster certificates) and
+//! transport limits:
+//! - **raw**: the bytes written straight onto streams (one stream per part,
+//!   the same parts in flight as a pull) and read off them, no framing;
+//! - **pull**: the same parts as `ReadObject` requests answered with
+//!   `ObjectChunk` replies through Shoal's RPC layer, the path a node's pull
+//!   takes (minus the store files at both ends).
+//!
+//! Run: `cargo run --release -p shoal-net --example bench_quic -- [MB] [ROUNDS]`
+//! (default 800 MB, 3 rounds).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shoal_net::handshake::{ClientAuth, HandshakeStats, ServerAuth};
+use shoal_net::rpc::{serve, Peer, Service};
+use shoal_net::{endpoint, tls, ClusterIdentity, NetLimits, Transport};
+use shoal_proto::{NodeId, NodeReply, NodeRequest, ObjectId, Role, ServiceError};
+use tokio_util::sync::CancellationToken;
+
+/// Size of one part, as in a node's pull.
+const PART: usize = 8 << 20;
+/// Parts in flight at once, as in a node's pull.
+const IN_FLIGHT: usize = 4;
+const T: Duration = Duration::from_secs(60);
+
+/// Answers `ReadObject` from one buffer in memory.
+struct Holder {
+    data: bytes::Bytes,
+}
+
+impl Service for Holder {
+    type Request = NodeRequest;
+    type Reply = NodeReply;
+
+    async fn handle(&self, _peer: &Peer, request: NodeRequest) -> Result<NodeReply, ServiceError> {
+        match request {
+            NodeRequest::ReadObject { offset, len, .. } => {
+                let start = offset as usize;
+                let end = (start + len as usize).min(self.data.len());
+                Ok(NodeReply::ObjectChunk {
+                    total: self.data.len() as u64,
+                    data: self.data[start..end].to_vec(),
+                })
+            }
+            _ => Ok(NodeReply::Ok),
+        }
+    }
+}
+
+fn parts(total: usize) -> Vec<(usize, usize)> {
+    (0..total.div_ceil(PART))
+        .map(|i| (i * PART, PART.min(total - i * PART)))
+        .collect()
+}
+
+/// A raw server: each stream asks for (offset, len) in 16 bytes and gets
+/// those bytes back, written from the buffer without a copy.
+async fn serve_raw(
+    endpoint: quinn::Endpoint,
+    data: bytes::Bytes,
+    limits: NetLimits,
+    served: Arc<std::sync::OnceLock<quinn::Connection>>,
+) {
+    while let Some(incoming) = endpoint.accept().await {
+        let data = data.clone();
+        let limits = limits.clone();
+        let served = served.clone();
+        tokio::spawn(async move {
+            let Ok(conn) = incoming.await else { return };
+            endpoint::grant_full_limits(&conn, &limits);
+            let _ = served.set(conn.clone());
+            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                let data = data.clone();
+                tokio::spawn(async move {
+                    let mut ask = [0u8; 16];
+                    if recv.read_exact(&mut ask).await.is_err() {
+                        return;
+                    }
+                    let offset = u64::from_le_bytes(ask[..8].try_into().expect("8 bytes")) as usize;
+                    let len = u64::from_le_bytes(ask[8..].try_into().expect("8 bytes")) as usize;
+                    let _ = send.write_chunk(data.slice(offset..offset + len)).await;
+                    let _ = send.finish();
+                    let _ = send.stopped().await;
+                });
+            }
+        });
+    }
+}
+
+async fn raw_round(conn: &quinn::Connection, total: usize) -> f64 {
+    let start = Instant::now();
+    let mut running = tokio::task::JoinSet::new();
+    let mut todo = parts(total).into_iter();
+    let mut sink = vec![0u8; total];
+    loop {
+        while running.len() < IN_FLIGHT {
+            let Some((offset, len)) = todo.next() else {
+                break;
+            };
+            let conn = conn.clone();
+            running.spawn(async move {
+                let (mut send, mut recv) = conn.open_bi().await.expect("open a stream");
+                let mut ask = [0u8; 16];
+                ask[..8].copy_from_slice(&(offset as u64).to_le_bytes());
+                ask[8..].copy_from_slice(&(len as u64).to_le_bytes());
+                send.write_all(&ask).await.expect("ask");
+                let _ = send.finish();
+                let mut chunks = Vec::new();
+                while let Some(chunk) = recv.read_chunk(usize::MAX, true).await.expect("read") {
+                    chunks.push(chunk.bytes);
+                }
+                (offset, chunks)
+            });
+        }
+        let Some(done) = running.join_next().await else {
+            break;
+        };
+        let (mut at, chunks) = done.expect("part");
+        for c in chunks {
+            sink[at..at + c.len()].copy_from_slice(&c);
+            at += c.len();
+        }
+    }
+    std::hint::black_box(&sink);
+    total as f64 / start.elapsed().as_secs_f64() / 1e9
+}
+
+async fn pull_round(client: &shoal_net::RpcClient<NodeRequest, NodeReply>, total: usize) -> f64 {
+    let start = Instant::now();
+    let id = ObjectId::random();
+    let mut running = tokio::task::JoinSet::new();
+    let mut todo = parts(total).into_iter();
+    let mut sink = vec![0u8; total];
+    loop {
+        while running.len() < IN_FLIGHT {
+            let Some((offset, len)) = todo.next() else {
+                break;
+            };
+            let client = client.clone();
+            running.spawn(async move {
+                let read = NodeRequest::ReadObject {
+                    id,
+                    offset: offset as u64,
+                    len: len as u32,
+                };
+                match client.call(&read, T).await.expect("read a part") {
+                    NodeReply::ObjectChunk { data, .. } => (offset, data),
+                    other => panic!("answered {other:?}"),
+                }
+            });
+        }
+        let Some(done) = running.join_next().await else {
+            break;
+        };
+        let (offset, data) = done.expect("part");
+        sink[offset..offset + data.len()].copy_from_slice(&data);
+    }
+    std::hint::black_box(&sink);
+    total as f64 / start.elapsed().as_secs_f64() / 1e9
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let number = |i: usize, default: usize| -> Result<usize, String> {
+        args.get(i).map_or(Ok(default), |a| {
+            a.parse()
+                .map_err(|_| format!("usage: bench_quic [MB] [ROUNDS] (not a number: {a:?})"))
+        })
+    };
+    let (mb, rounds) = match (number(0, 800), number(1, 3)) {
+        (Ok(mb), Ok(rounds)) if args.len() <= 2 => (mb, rounds),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+        _ => {
+            eprintln!("usage: bench_quic [MB] [ROUNDS]");
+            std::process::exit(2);
+        }
+    };
+    let total = mb << 20;
+    let data = bytes::Bytes::from(vec![7u8; total]);
+
+    let identity = ClusterIdentity::generate()?;
+    let limits = NetLimits {
+        same_host_sockets: false,
+        ..NetLimits::default()
+    };
+    let ca = identity.ca_cert_der();
+    let server_cert = identity.issue_node_cert(NodeId::random())?;
+    let client_cert = identity.issue_node_cert(NodeId::random())?;
+    let server_endpoint =
+        |limits: &NetLimits| -> Result<quinn::Endpoint, Box<dyn std::error::Error>> {
+            let config =
+                endpoint::server_config(tls::mtls_server_config(&server_cert, &ca)?, limits)?;
+            Ok(endpoint::endpoint(
+                ([127, 0, 0, 1], 0).into(),
+                Some(config),
+                limits,
+            )?)
+        };
+    let client_config =
+        endpoint::client_config(tls::mtls_client_config(&client_cert, &ca)?, &limits)?;
+    let client_endpoint = endpoint::endpoint(([127, 0, 0, 1], 0).into(), None, &limits)?;
+
+    // Raw.
+    let raw = server_endpoint(&limits)?;
+    let raw_addr: SocketAddr = raw.local_addr()?;
+    let served = Arc::new(std::sync::OnceLock::new());
+    tokio::spawn(serve_raw(raw, data.clone(), limits.clone(), served.clone()));
+    let conn = client_endpoint
+        .connect_with(
+            endpoint::client_config_to(client_config.clone(), raw_addr, &limits),
+            raw_addr,
+            shoal_net::NODE_SERVER_NAME,
+        )?
+        .await?;
+    for round in 0..rounds {
+        println!(
+            "raw QUIC, {mb} MB in {} MiB parts, {IN_FLIGHT} in flight: round {round}: {:.2} GB/s",
+            PART >> 20,
+            raw_round(&conn, total).await
+        );
+    }
+    if let Some(server) = served.get() {
+        let stats = server.stats();
+        println!(
+            "  the sending side: path MTU {} B, {} datagrams, {} packets lost",
+            stats.path.current_mtu, stats.udp_tx.datagrams, stats.path.lost_packets
+        );
+    }
+    conn.close(0u32.into(), b"done");
+
+    // Through the RPC layer, as a pull.
+    let rpc = server_endpoint(&limits)?;
+    let rpc_addr = rpc.local_addr()?;
+    let mut auth = ServerAuth::new(identity.token().clone(), vec![Role::Node]);
+    auth.certificate_required = vec![Role::Node];
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(serve(
+        rpc,
+        Arc::new(Holder { data }),
+        Arc::new(auth),
+        limits.clone(),
+        Arc::new(HandshakeStats::default()),
+        shutdown.clone(),
+    ));
+    let transport = Transport::quic(
+        client_endpoint,
+        client_config,
+        shoal_net::NODE_SERVER_NAME,
+        ClientAuth {
+            token: identity.token().clone(),
+            role: Role::Node,
+        },
+        limits,
+    );
+    let client = transport.connect(rpc_addr).await?;
+    for round in 0..rounds {
+        println!(
+            "ReadObject RPCs, {mb} MB in {} MiB parts, {IN_FLIGHT} in flight: round {round}: {:.2} GB/s",
+            PART >> 20,
+            pull_round(&client, total).await
+        );
+    }
+    client.close();
+    shutdown.cancel();
+    let _ = server.await;
+    Ok(())
+}
