@@ -7,8 +7,8 @@
 //!   `ObjectChunk` replies through Shoal's RPC layer, the path a node's pull
 //!   takes (minus the store files at both ends).
 //!
-//! Run: `cargo run --release -p shoal-net --example bench_quic -- [MB] [ROUNDS]`
-//! (default 800 MB, 3 rounds).
+//! Run: `cargo run --release -p shoal-net --example bench_quic -- [MB] [ROUNDS]
+//! [PARTS_IN_FLIGHT]` (default 800 MB, 3 rounds, 4 parts in flight).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,9 +22,10 @@ use tokio_util::sync::CancellationToken;
 
 /// Size of one part, as in a node's pull.
 const PART: usize = 8 << 20;
-/// Parts in flight at once, as in a node's pull.
+/// Parts in flight at once by default, as in a node's pull.
 const IN_FLIGHT: usize = 4;
 const T: Duration = Duration::from_secs(60);
+const USAGE: &str = "usage: bench_quic [MB] [ROUNDS] [PARTS_IN_FLIGHT]";
 
 /// Answers `ReadObject` from one buffer in memory.
 struct Holder {
@@ -42,7 +43,8 @@ impl Service for Holder {
                 let end = (start + len as usize).min(self.data.len());
                 Ok(NodeReply::ObjectChunk {
                     total: self.data.len() as u64,
-                    data: self.data[start..end].to_vec(),
+                    // Copied, as a node copies a part out of its file.
+                    data: self.data[start..end].to_vec().into(),
                 })
             }
             _ => Ok(NodeReply::Ok),
@@ -90,13 +92,13 @@ async fn serve_raw(
     }
 }
 
-async fn raw_round(conn: &quinn::Connection, total: usize) -> f64 {
+async fn raw_round(conn: &quinn::Connection, total: usize, in_flight: usize) -> f64 {
     let start = Instant::now();
     let mut running = tokio::task::JoinSet::new();
     let mut todo = parts(total).into_iter();
     let mut sink = vec![0u8; total];
     loop {
-        while running.len() < IN_FLIGHT {
+        while running.len() < in_flight {
             let Some((offset, len)) = todo.next() else {
                 break;
             };
@@ -128,14 +130,18 @@ async fn raw_round(conn: &quinn::Connection, total: usize) -> f64 {
     total as f64 / start.elapsed().as_secs_f64() / 1e9
 }
 
-async fn pull_round(client: &shoal_net::RpcClient<NodeRequest, NodeReply>, total: usize) -> f64 {
+async fn pull_round(
+    client: &shoal_net::RpcClient<NodeRequest, NodeReply>,
+    total: usize,
+    in_flight: usize,
+) -> f64 {
     let start = Instant::now();
     let id = ObjectId::random();
     let mut running = tokio::task::JoinSet::new();
     let mut todo = parts(total).into_iter();
     let mut sink = vec![0u8; total];
     loop {
-        while running.len() < IN_FLIGHT {
+        while running.len() < in_flight {
             let Some((offset, len)) = todo.next() else {
                 break;
             };
@@ -168,17 +174,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let number = |i: usize, default: usize| -> Result<usize, String> {
         args.get(i).map_or(Ok(default), |a| {
             a.parse()
-                .map_err(|_| format!("usage: bench_quic [MB] [ROUNDS] (not a number: {a:?})"))
+                .map_err(|_| format!("{USAGE} (not a number: {a:?})"))
         })
     };
-    let (mb, rounds) = match (number(0, 800), number(1, 3)) {
-        (Ok(mb), Ok(rounds)) if args.len() <= 2 => (mb, rounds),
-        (Err(e), _) | (_, Err(e)) => {
+    let (mb, rounds, in_flight) = match (number(0, 800), number(1, 3), number(2, IN_FLIGHT)) {
+        (Ok(mb), Ok(rounds), Ok(in_flight)) if args.len() <= 3 && in_flight > 0 => {
+            (mb, rounds, in_flight)
+        }
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
             eprintln!("{e}");
             std::process::exit(2);
         }
         _ => {
-            eprintln!("usage: bench_quic [MB] [ROUNDS]");
+            eprintln!("{USAGE}");
             std::process::exit(2);
         }
     };
@@ -221,9 +229,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?;
     for round in 0..rounds {
         println!(
-            "raw QUIC, {mb} MB in {} MiB parts, {IN_FLIGHT} in flight: round {round}: {:.2} GB/s",
+            "raw QUIC, {mb} MB in {} MiB parts, {in_flight} in flight: round {round}: {:.2} GB/s",
             PART >> 20,
-            raw_round(&conn, total).await
+            raw_round(&conn, total, in_flight).await
         );
     }
     if let Some(server) = served.get() {
@@ -262,9 +270,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let client = transport.connect(rpc_addr).await?;
     for round in 0..rounds {
         println!(
-            "ReadObject RPCs, {mb} MB in {} MiB parts, {IN_FLIGHT} in flight: round {round}: {:.2} GB/s",
+            "ReadObject RPCs, {mb} MB in {} MiB parts, {in_flight} in flight: round {round}: {:.2} GB/s",
             PART >> 20,
-            pull_round(&client, total).await
+            pull_round(&client, total, in_flight).await
         );
     }
     client.close();

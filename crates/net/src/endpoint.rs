@@ -42,6 +42,29 @@ impl Path {
             Path::Network
         }
     }
+
+    /// The connection-level window a receiver grants: on one host, no more
+    /// than its socket's receive buffer. Data in flight past that is not
+    /// queued in a network but dropped by the kernel (counted as
+    /// `RcvbufErrors`), and every drop of a 64 KiB packet halves the
+    /// sender's congestion window.
+    fn receive_window(self, limits: &NetLimits) -> u32 {
+        match self {
+            Path::Network => limits.connection_window_bytes,
+            Path::SameHost => {
+                // Three quarters of what the kernel granted (it counts each
+                // packet's overhead against the buffer too).
+                let granted = RECEIVE_BUFFER_GRANTED.load(std::sync::atomic::Ordering::Relaxed);
+                let granted = if granted == 0 {
+                    limits.socket_buffer_bytes
+                } else {
+                    granted
+                };
+                let window = u32::try_from(granted / 4 * 3).unwrap_or(u32::MAX);
+                limits.connection_window_bytes.min(window.max(1 << 20))
+            }
+        }
+    }
 }
 
 /// quinn's transport settings for clients: the full limits from the start.
@@ -49,7 +72,7 @@ pub fn transport_config(limits: &NetLimits, path: Path) -> Arc<TransportConfig> 
     Arc::new(base_transport(
         limits,
         limits.streams_max,
-        limits.connection_window_bytes,
+        path.receive_window(limits),
         path,
     ))
 }
@@ -67,10 +90,11 @@ pub fn server_transport_config(limits: &NetLimits, path: Path) -> Arc<TransportC
     ))
 }
 
-/// Raises an authenticated connection to the full limits.
+/// Raises an authenticated connection to the full limits (for its path).
 pub fn grant_full_limits(conn: &quinn::Connection, limits: &NetLimits) {
     conn.set_max_concurrent_bi_streams(VarInt::from_u32(limits.streams_max));
-    conn.set_receive_window(VarInt::from_u32(limits.connection_window_bytes));
+    let path = Path::to(conn.remote_address().ip());
+    conn.set_receive_window(VarInt::from_u32(path.receive_window(limits)));
 }
 
 fn base_transport(limits: &NetLimits, streams: u32, window: u32, path: Path) -> TransportConfig {
@@ -187,6 +211,12 @@ fn for_bound(
     config
 }
 
+/// The receive buffer the kernel gave the last socket bound (what Linux
+/// reports: twice what was asked, within `net.core.rmem_max`); 0 before
+/// any. Same-host windows are sized from it.
+static RECEIVE_BUFFER_GRANTED: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
 /// A UDP socket bound to `addr` with enlarged buffers (many medium streams in
 /// flight overflow the kernel's default receive buffer).
 pub fn bind_socket(addr: SocketAddr, limits: &NetLimits) -> std::io::Result<UdpSocket> {
@@ -196,6 +226,9 @@ pub fn bind_socket(addr: SocketAddr, limits: &NetLimits) -> std::io::Result<UdpS
     // smaller buffer only costs throughput.
     let _ = setsockopt(&socket, sockopt::RcvBuf, &limits.socket_buffer_bytes);
     let _ = setsockopt(&socket, sockopt::SndBuf, &limits.socket_buffer_bytes);
+    if let Ok(granted) = nix::sys::socket::getsockopt(&socket, sockopt::RcvBuf) {
+        RECEIVE_BUFFER_GRANTED.store(granted, std::sync::atomic::Ordering::Relaxed);
+    }
     Ok(socket)
 }
 

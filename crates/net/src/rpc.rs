@@ -89,7 +89,11 @@ pub(crate) async fn read_frame<T: DeserializeOwned>(
             Err(e) => return Err(FrameReadError::Stream(e.to_string())),
         }
     }
-    Ok(codec::decode(&body, limits)?)
+    // Shared: an object's part in the message is a slice of this frame.
+    Ok(shoal_proto::decode_shared(
+        bytes::Bytes::from(body),
+        limits,
+    )?)
 }
 
 /// Why a frame could not be written.

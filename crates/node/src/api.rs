@@ -240,7 +240,10 @@ impl Service for NodeService {
                     .store()
                     .read(id, offset, u64::from(len.min(OBJECT_CHUNK_MAX)))
                     .map_err(store_error)?;
-                Ok(NodeReply::ObjectChunk { total, data })
+                Ok(NodeReply::ObjectChunk {
+                    total,
+                    data: data.into(),
+                })
             }
             NodeRequest::CreateObject { id, total, owner } => {
                 match self.store().begin(id, total, owner).map_err(store_error)? {

@@ -236,6 +236,7 @@ impl Transfers {
 
     /// Copies the object from its holder into a secondary copy here.
     async fn fetch(&self, id: ObjectId, from: &StoredAt) -> Result<(), PullError> {
+        let started = std::time::Instant::now();
         let peer = self.peer(&from.node_address).await?;
         self.store().create_secondary(id, from.size)?;
         let copied = self.copy_parts(&peer, id, from.size).await;
@@ -244,6 +245,12 @@ impl Transfers {
             Ok(()) => {
                 self.pulled.fetch_add(1, Ordering::Relaxed);
                 self.pulled_bytes.fetch_add(from.size, Ordering::Relaxed);
+                // Large pulls are worth a line: they are where a slow
+                // `get` on another node spends its time.
+                if from.size >= PART_BYTES {
+                    let seconds = started.elapsed().as_secs_f64();
+                    tracing::info!(%id, from = %from.node_address, bytes = from.size, seconds, gb_per_s = from.size as f64 / seconds / 1e9, "pulled an object");
+                }
             }
             Err(_) => self.store().delete(&[id]),
         }

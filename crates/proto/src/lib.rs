@@ -32,6 +32,7 @@
 
 #![warn(missing_docs)]
 
+pub mod chunk;
 pub mod codec;
 pub mod env;
 pub mod head;
@@ -46,6 +47,7 @@ pub mod state;
 pub mod task;
 pub mod worker;
 
+pub use chunk::{decode_shared, Chunk};
 pub use codec::{CodecLimits, DecodeError, EncodeError, FrameError};
 pub use env::EnvVars;
 pub use head::{

@@ -257,8 +257,7 @@ pub enum NodeReply {
     ObjectChunk {
         /// The object's whole size.
         total: u64,
-        /// The part.
-        #[serde(with = "serde_bytes")]
-        data: Vec<u8>,
+        /// The part (a slice of the reply's frame when read over QUIC).
+        data: crate::Chunk,
     },
 }
