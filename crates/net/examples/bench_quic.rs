@@ -92,7 +92,14 @@ async fn serve_raw(
     }
 }
 
-async fn raw_round(conn: &quinn::Connection, total: usize, in_flight: usize) -> f64 {
+/// Fetches `total` bytes in parts, `in_flight` at once, with `fetch`
+/// (which returns a part's bytes in pieces), into one buffer; returns
+/// GB/s.
+async fn round<F, Fut>(total: usize, in_flight: usize, fetch: F) -> f64
+where
+    F: Fn(usize, usize) -> Fut,
+    Fut: std::future::Future<Output = Vec<bytes::Bytes>> + Send + 'static,
+{
     let start = Instant::now();
     let mut running = tokio::task::JoinSet::new();
     let mut todo = parts(total).into_iter();
@@ -102,32 +109,40 @@ async fn raw_round(conn: &quinn::Connection, total: usize, in_flight: usize) -> 
             let Some((offset, len)) = todo.next() else {
                 break;
             };
-            let conn = conn.clone();
-            running.spawn(async move {
-                let (mut send, mut recv) = conn.open_bi().await.expect("open a stream");
-                let mut ask = [0u8; 16];
-                ask[..8].copy_from_slice(&(offset as u64).to_le_bytes());
-                ask[8..].copy_from_slice(&(len as u64).to_le_bytes());
-                send.write_all(&ask).await.expect("ask");
-                let _ = send.finish();
-                let mut chunks = Vec::new();
-                while let Some(chunk) = recv.read_chunk(usize::MAX, true).await.expect("read") {
-                    chunks.push(chunk.bytes);
-                }
-                (offset, chunks)
-            });
+            let part = fetch(offset, len);
+            running.spawn(async move { (offset, part.await) });
         }
         let Some(done) = running.join_next().await else {
             break;
         };
-        let (mut at, chunks) = done.expect("part");
-        for c in chunks {
-            sink[at..at + c.len()].copy_from_slice(&c);
-            at += c.len();
+        let (mut at, pieces) = done.expect("part");
+        for piece in pieces {
+            sink[at..at + piece.len()].copy_from_slice(&piece);
+            at += piece.len();
         }
     }
     std::hint::black_box(&sink);
     total as f64 / start.elapsed().as_secs_f64() / 1e9
+}
+
+async fn raw_round(conn: &quinn::Connection, total: usize, in_flight: usize) -> f64 {
+    round(total, in_flight, |offset, len| {
+        let conn = conn.clone();
+        async move {
+            let (mut send, mut recv) = conn.open_bi().await.expect("open a stream");
+            let mut ask = [0u8; 16];
+            ask[..8].copy_from_slice(&(offset as u64).to_le_bytes());
+            ask[8..].copy_from_slice(&(len as u64).to_le_bytes());
+            send.write_all(&ask).await.expect("ask");
+            let _ = send.finish();
+            let mut pieces = Vec::new();
+            while let Some(chunk) = recv.read_chunk(usize::MAX, true).await.expect("read") {
+                pieces.push(chunk.bytes);
+            }
+            pieces
+        }
+    })
+    .await
 }
 
 async fn pull_round(
@@ -135,37 +150,22 @@ async fn pull_round(
     total: usize,
     in_flight: usize,
 ) -> f64 {
-    let start = Instant::now();
     let id = ObjectId::random();
-    let mut running = tokio::task::JoinSet::new();
-    let mut todo = parts(total).into_iter();
-    let mut sink = vec![0u8; total];
-    loop {
-        while running.len() < in_flight {
-            let Some((offset, len)) = todo.next() else {
-                break;
+    round(total, in_flight, |offset, len| {
+        let client = client.clone();
+        async move {
+            let read = NodeRequest::ReadObject {
+                id,
+                offset: offset as u64,
+                len: len as u32,
             };
-            let client = client.clone();
-            running.spawn(async move {
-                let read = NodeRequest::ReadObject {
-                    id,
-                    offset: offset as u64,
-                    len: len as u32,
-                };
-                match client.call(&read, T).await.expect("read a part") {
-                    NodeReply::ObjectChunk { data, .. } => (offset, data),
-                    other => panic!("answered {other:?}"),
-                }
-            });
+            match client.call(&read, T).await.expect("read a part") {
+                NodeReply::ObjectChunk { data, .. } => vec![data.0],
+                other => panic!("answered {other:?}"),
+            }
         }
-        let Some(done) = running.join_next().await else {
-            break;
-        };
-        let (offset, data) = done.expect("part");
-        sink[offset..offset + data.len()].copy_from_slice(&data);
-    }
-    std::hint::black_box(&sink);
-    total as f64 / start.elapsed().as_secs_f64() / 1e9
+    })
+    .await
 }
 
 #[tokio::main]
