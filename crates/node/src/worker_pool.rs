@@ -316,6 +316,9 @@ struct PoolState {
     leases: HashMap<LeaseId, (WorkerId, ResourceSet)>,
     /// Leases whose worker is blocked: their resources are lent back.
     blocked: std::collections::HashSet<LeaseId>,
+    /// Blocked leases a replacement worker was started for (one each, until
+    /// the lease resumes or ends).
+    replaced: std::collections::HashSet<LeaseId>,
     /// Who each lease was granted to, as the holder said (for a restarted
     /// head, which learns the leases from the nodes).
     owners: HashMap<LeaseId, (Option<WorkerId>, Option<shoal_proto::NodeId>)>,
@@ -331,6 +334,7 @@ impl PoolState {
     /// while blocked) and its GPU devices.
     fn end_lease(&mut self, lease_id: LeaseId) -> Option<WorkerId> {
         self.owners.remove(&lease_id);
+        self.replaced.remove(&lease_id);
         let (worker_id, resources) = self.leases.remove(&lease_id)?;
         if !self.blocked.remove(&lease_id) {
             subtract(&mut self.allocated, &resources);
@@ -594,7 +598,7 @@ impl WorkerPool {
                     ));
                 }
                 if !dedicated {
-                    self.prestart(kind, false);
+                    self.prestart(kind, None);
                 }
                 Ok(Address { worker_id, address })
             }
@@ -718,14 +722,25 @@ impl WorkerPool {
     /// (`for_blocked` false): at most one spare, and no more running workers
     /// for the job than the node has CPUs. When a worker blocks in a `get`
     /// (`for_blocked`): its CPU goes to another lease, which will want a
-    /// worker, so a replacement starts now, up to one spare per blocked
-    /// worker (at most as many starting at once as the node has CPUs).
-    fn prestart(self: &Arc<Self>, kind: WorkerKind, for_blocked: bool) {
+    /// worker, so a replacement starts now: one per blocking of a lease
+    /// (`for_blocked` names it), none while an untaken spare waits for each
+    /// blocked worker, and at most as many starting at once as the node has
+    /// CPUs.
+    fn prestart(self: &Arc<Self>, kind: WorkerKind, for_blocked: Option<LeaseId>) {
         let worker_id = WorkerId::random();
         let registered = {
             let mut state = self.state();
+            if let Some(lease) = for_blocked {
+                if !state.blocked.contains(&lease) || state.replaced.contains(&lease) {
+                    return;
+                }
+            }
+            // A worker still starting that a lease has taken already runs
+            // for it: it is no spare.
+            let taken: std::collections::HashSet<WorkerId> =
+                state.leases.values().map(|(w, _)| *w).collect();
             let (mut count, mut spare, mut blocked) = (0usize, 0usize, 0usize);
-            for w in state.workers.values() {
+            for (id, w) in &state.workers {
                 if w.job_id != kind.job_id || w.env != kind.env || w.dedicated {
                     continue;
                 }
@@ -734,18 +749,22 @@ impl WorkerPool {
                     WorkerState::Leased(lease) => {
                         blocked += usize::from(state.blocked.contains(&lease));
                     }
+                    _ if taken.contains(id) => {}
                     _ => spare += 1,
                 }
             }
             let cpus = self.config.total.get(shoal_proto::resources::CPU);
             let running = count - spare - blocked;
-            let wanted = if for_blocked {
+            let wanted = if for_blocked.is_some() {
                 spare < blocked && (spare as f64) < cpus
             } else {
                 spare == 0 && ((running + spare) as f64) < cpus
             };
             if !wanted {
                 return;
+            }
+            if let Some(lease) = for_blocked {
+                state.replaced.insert(lease);
             }
             let (entry, rx) = WorkerEntry::starting(&kind);
             state.workers.insert(worker_id, entry);
@@ -814,14 +833,18 @@ impl WorkerPool {
     /// the lease its lent CPU goes to finds a worker ready (see
     /// [`WorkerPool::prestart`]).
     pub fn replace_blocked(self: &Arc<Self>, worker_id: WorkerId) {
-        let kind = {
+        let (kind, lease) = {
             let state = self.state();
-            match state.workers.get(&worker_id) {
-                Some(w) if !w.dedicated => w.kind.clone(),
+            let lease = state
+                .leases
+                .iter()
+                .find_map(|(lease, (w, _))| (*w == worker_id).then_some(*lease));
+            match (state.workers.get(&worker_id), lease) {
+                (Some(w), Some(lease)) if !w.dedicated => (w.kind.clone(), lease),
                 _ => return,
             }
         };
-        self.prestart(kind, true);
+        self.prestart(kind, Some(lease));
     }
 
     /// The worker's task is blocked on other tasks (or resumed): lends its
@@ -837,6 +860,7 @@ impl WorkerPool {
         let changed = if blocked {
             state.blocked.insert(lease_id)
         } else {
+            state.replaced.remove(&lease_id);
             state.blocked.remove(&lease_id)
         };
         if !changed {

@@ -97,7 +97,17 @@ async fn a_blocked_workers_replacement_is_started_before_the_lease_that_needs_it
 
     // One spare per blocked worker: blocking the same worker again, or a
     // second replacement call, starts no more.
+    assert!(pool.set_blocked(first.worker_id, true).is_none());
     pool.replace_blocked(first.worker_id);
     assert_eq!(launcher.launched.load(Ordering::SeqCst), 2);
+
+    // Once it has resumed, blocking again lends its CPU again: a new
+    // replacement starts.
+    assert!(pool.set_blocked(first.worker_id, false).is_some());
+    assert!(pool.set_blocked(first.worker_id, true).is_some());
+    pool.replace_blocked(first.worker_id);
+    poll_until("the second spare", || {
+        launcher.launched.load(Ordering::SeqCst) == 3
+    });
     pool.stop_all();
 }
