@@ -90,6 +90,12 @@ fn check_cancel(out: &Value, processes: bool) {
     );
     assert_eq!(out["cancelled_elsewhere"], true, "{out:#}");
     assert_eq!(out["remote"]["kind"], "cancelled", "{out:#}");
+    // Tasks still waiting for a place: cancelled from a process that does
+    // not own them, or with the task that submitted them.
+    assert_eq!(out["queued_cancelled_elsewhere"], true, "{out:#}");
+    answered(out, "queued_remote", "cancelled");
+    answered(out, "queued_parent", "cancelled");
+    assert_eq!(out["queued_child"], "cancelled", "{out:#}");
     assert_eq!(out["remote_saw"], true, "{out:#}");
     answered(out, "force", "cancelled");
     if processes {

@@ -40,7 +40,7 @@ use crate::registry::{encode_return, Invocation, InvokeError};
 pub struct ObjectRefGenerator<T> {
     core: Arc<Core>,
     generator: Arc<Generator>,
-    owner: Address,
+    owner: std::sync::Arc<Address>,
     /// The task's own result (the item count): held while the generator
     /// lives.
     _result: ObjectRef<u32>,
@@ -52,7 +52,7 @@ pub struct ObjectRefGenerator<T> {
 impl<T> ObjectRefGenerator<T> {
     pub(crate) fn new(core: Arc<Core>, generator: Arc<Generator>, result: ObjectRef<u32>) -> Self {
         Self {
-            owner: core.me.clone(),
+            owner: std::sync::Arc::clone(&core.me_shared),
             core,
             generator,
             _result: result,
@@ -68,7 +68,7 @@ impl<T> ObjectRefGenerator<T> {
 
     fn item(&self, next: Next) -> Option<Result<ObjectRef<T>>> {
         match next {
-            Next::Item(id) => Some(Ok(ObjectRef::adopt(id, self.owner.clone()))),
+            Next::Item(id) => Some(Ok(ObjectRef::adopt(id, std::sync::Arc::clone(&self.owner)))),
             Next::Failed(e) => Some(Err(e)),
             Next::End => None,
         }

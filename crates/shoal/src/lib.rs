@@ -270,7 +270,7 @@ fn put_escaping<T: Serialize + Send + 'static>(value: T) -> Result<ObjectRef<T>>
             id
         }
     };
-    Ok(ObjectRef::adopt(id, core.me.clone()))
+    Ok(ObjectRef::adopt(id, Arc::clone(&core.me_shared)))
 }
 
 /// Values put of at least this size are freed on a thread of their own.
@@ -338,6 +338,7 @@ pub mod __private {
     pub use inventory;
 
     use crate::{Arg, ObjectRef, TaskOptions};
+    use std::sync::Arc;
 
     /// Submits a task of `function`.
     pub fn submit<T>(
@@ -347,7 +348,7 @@ pub mod __private {
     ) -> ObjectRef<T> {
         let core = crate::driver::ensure_core();
         let id = core.submit(function, options, args);
-        ObjectRef::adopt(id, core.me.clone())
+        ObjectRef::adopt(id, Arc::clone(&core.me_shared))
     }
 
     pub use crate::generator::{drive_iter, drive_stream};
@@ -360,7 +361,7 @@ pub mod __private {
     ) -> crate::ObjectRefGenerator<T> {
         let core = crate::driver::ensure_core();
         let (generator, id) = core.submit_generator(function, options, args);
-        let result = ObjectRef::adopt(id, core.me.clone());
+        let result = ObjectRef::adopt(id, Arc::clone(&core.me_shared));
         crate::ObjectRefGenerator::new(core, generator, result)
     }
 
@@ -369,19 +370,19 @@ pub mod __private {
         function: &'static RemoteFunction,
         options: TaskOptions,
         args: Vec<ArgValue>,
-    ) -> (crate::ObjectId, shoal_proto::Address) {
+    ) -> (crate::ObjectId, Arc<shoal_proto::Address>) {
         let core = crate::driver::ensure_core();
         let id = core.submit(function, options, args);
-        (id, core.me.clone())
+        (id, Arc::clone(&core.me_shared))
     }
 
     /// The reference to return `index` of the task [`submit_returns`]
     /// submitted (each counted once for the caller at submission).
     pub fn return_ref<T>(
-        first: &(crate::ObjectId, shoal_proto::Address),
+        first: &(crate::ObjectId, Arc<shoal_proto::Address>),
         index: u32,
     ) -> ObjectRef<T> {
-        ObjectRef::adopt(first.0.task_id().return_object(index), first.1.clone())
+        ObjectRef::adopt(first.0.task_id().return_object(index), Arc::clone(&first.1))
     }
 
     pub use crate::actor::RawActor;

@@ -33,7 +33,7 @@ pub struct ObjectRef<T> {
 /// One counted reference of this process.
 struct Counted {
     id: ObjectId,
-    owner: Address,
+    owner: Arc<Address>,
     /// The object's slot in this process, once looked up: it stays the same
     /// while a reference lives (slots are made once per id and removed with
     /// the last reference), so `wait`'s scans skip the map.
@@ -50,11 +50,11 @@ impl Drop for Counted {
 
 impl<T> ObjectRef<T> {
     /// Wraps an id this process just registered a reference for.
-    pub(crate) fn adopt(id: ObjectId, owner: Address) -> Self {
+    pub(crate) fn adopt(id: ObjectId, owner: impl Into<Arc<Address>>) -> Self {
         Self {
             inner: Arc::new(Counted {
                 id,
-                owner,
+                owner: owner.into(),
                 slot: std::sync::OnceLock::new(),
             }),
             _type: PhantomData,

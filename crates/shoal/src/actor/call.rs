@@ -99,7 +99,7 @@ pub(crate) fn call<T>(raw: &RawActor, method: &'static str, args: Vec<ArgValue>)
             after_ms: None,
         };
         core.complete_object(id, ObjState::Failed(f));
-        ObjectRef::adopt(id, core.me.clone())
+        ObjectRef::adopt(id, Arc::clone(&core.me_shared))
     };
     if raw.caller.known_dead() {
         return refused(
@@ -125,6 +125,7 @@ pub(crate) fn call<T>(raw: &RawActor, method: &'static str, args: Vec<ArgValue>)
             crate::core::cancel::Target::Call(Box::new(move || {
                 caller.location().worker.address.clone()
             })),
+            crate::worker::context::current_task(),
         )
     };
     if let Some(after) = raw.call_timeout {
@@ -142,7 +143,7 @@ pub(crate) fn call<T>(raw: &RawActor, method: &'static str, args: Vec<ArgValue>)
     // from this thread when it can.
     let args = if pending == 0 {
         match call_now(&core, raw, order, &slot, args) {
-            Ok(()) => return ObjectRef::adopt(id, core.me.clone()),
+            Ok(()) => return ObjectRef::adopt(id, Arc::clone(&core.me_shared)),
             Err(args) => args,
         }
     } else {
@@ -154,7 +155,7 @@ pub(crate) fn call<T>(raw: &RawActor, method: &'static str, args: Vec<ArgValue>)
     core.handle.spawn(async move {
         call_raw(&core2, &raw, order, args).await;
     });
-    ObjectRef::adopt(id, core.me.clone())
+    ObjectRef::adopt(id, Arc::clone(&core.me_shared))
 }
 
 /// A call is answered (or failed for good): its reference resolves.

@@ -1,7 +1,8 @@
 //! Cancelling, as an owner: `shoal::cancel`, `cancel_force` and timeouts.
 //!
-//! Every task and actor call this process submitted and that has not
-//! ended is in [`Submitted`], which its run watches. A cancel fails
+//! Every task and actor call this process submitted and that runs is in
+//! [`Submitted`], which its run watches; a task still queued as its spec
+//! (see `submit`) is in its class's queue, and a cancel takes it out. A cancel fails
 //! its reference at once (a `get` returns `Error::Cancelled` or
 //! `Error::Timeout` now, whatever the worker does) and wakes the run:
 //! a task not pushed yet never is, and a pushed one is told to stop
@@ -14,6 +15,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
+use shoal_net::sync::MutexExt;
 use shoal_proto::{
     Address, FailureKind, ObjectId, TaskFailure, TaskId, WorkerReply, WorkerRequest,
 };
@@ -59,6 +61,27 @@ pub(crate) struct Cancellable {
     pub more_returns: std::sync::Mutex<Vec<shoal_proto::TaskOutcome>>,
 }
 
+/// The failure a cancelled task's reference gives.
+fn cancelled(task_id: TaskId, function: &str, why: Why) -> TaskFailure {
+    let message = match (why.kind, why.after) {
+        (FailureKind::Timeout, Some(after)) => format!("timed out after {after:?}"),
+        _ if why.force => "cancelled (forced: its worker was stopped)".to_string(),
+        _ => "cancelled".to_string(),
+    };
+    TaskFailure {
+        kind: why.kind,
+        function: function.to_string(),
+        task_id,
+        node_id: None,
+        message,
+        backtrace: None,
+        attempts: 0,
+        after_ms: why
+            .after
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+    }
+}
+
 impl Cancellable {
     /// Why it was cancelled, if it was.
     pub(crate) fn why(&self) -> Option<Why> {
@@ -67,23 +90,7 @@ impl Cancellable {
 
     /// The failure its reference gives.
     pub(crate) fn failure(&self, why: Why) -> TaskFailure {
-        let message = match (why.kind, why.after) {
-            (FailureKind::Timeout, Some(after)) => format!("timed out after {after:?}"),
-            _ if why.force => "cancelled (forced: its worker was stopped)".to_string(),
-            _ => "cancelled".to_string(),
-        };
-        TaskFailure {
-            kind: why.kind,
-            function: self.function.to_string(),
-            task_id: self.task_id,
-            node_id: None,
-            message,
-            backtrace: None,
-            attempts: 0,
-            after_ms: why
-                .after
-                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-        }
+        cancelled(self.task_id, &self.function, why)
     }
 }
 
@@ -91,6 +98,9 @@ impl Cancellable {
 #[derive(Default)]
 pub(crate) struct Submitted {
     runs: DashMap<ObjectId, Arc<Cancellable>>,
+    /// Cancels of queued tasks that had just been given their place (out
+    /// of the queue, not yet in `runs`): their runs apply them on joining.
+    asked: std::sync::Mutex<std::collections::HashMap<TaskId, Why>>,
     /// Woken by every cancel (each run then looks at its own).
     changed: Arc<Notify>,
 }
@@ -103,18 +113,20 @@ impl Cancellable {
 }
 
 impl Core {
-    /// Records a run that makes `id` (the first of `returns` objects); it
-    /// leaves with [`Core::run_ended`].
+    /// Records a run that makes `id` (the first of `returns` objects),
+    /// submitted by the task `parent` running here, if one did; it leaves
+    /// with [`Core::run_ended`].
     pub(crate) fn cancellable(
         &self,
         id: ObjectId,
         (function, returns): (Cow<'static, str>, u32),
         target: Target,
+        parent: Option<TaskId>,
     ) -> Arc<Cancellable> {
         let run = Arc::new(Cancellable {
             task_id: id.task_id(),
             function,
-            parent: crate::worker::context::current_task(),
+            parent,
             why: OnceLock::new(),
             changed: Arc::clone(&self.submitted.changed),
             target,
@@ -178,6 +190,7 @@ impl Core {
             return Ok(());
         }
         if owner.worker_id == self.me.worker_id {
+            self.cancel_unplaced(id, why);
             return Ok(());
         }
         let worker = self.worker(&owner.address).await?;
@@ -197,7 +210,7 @@ impl Core {
     pub(crate) fn cancel_here(self: &Arc<Self>, id: ObjectId, why: Why) -> bool {
         let id = id.task_id().return_object(0);
         let Some(run) = self.submitted.runs.get(&id).map(|r| Arc::clone(&r)) else {
-            return false;
+            return self.cancel_unplaced(id, why);
         };
         if let Some((address, task_id)) = self.cancel_run(id, &run, why) {
             let core = Arc::clone(self);
@@ -206,6 +219,38 @@ impl Core {
             });
         }
         true
+    }
+
+    /// Cancels the task making `id` that has no run yet: one still queued
+    /// as its spec fails at once, and one just given its place is
+    /// cancelled when its run joins. False if there is none.
+    fn cancel_unplaced(self: &Arc<Self>, id: ObjectId, why: Why) -> bool {
+        let task_id = id.task_id();
+        if let Some(queued) = self.leases.take_queued(|q| q.task_id == task_id).pop() {
+            debug!(%id, kind = ?why.kind, "cancelling a queued task");
+            let failure = cancelled(task_id, queued.function.name, why);
+            self.complete_object(id, ObjState::Failed(failure));
+            return true;
+        }
+        // Out of the queue and not yet in `runs`, or ended.
+        if !self.objects.owned(id).is_some_and(|slot| slot.is_pending()) {
+            return false;
+        }
+        self.submitted.asked.locked().insert(task_id, why);
+        // It may have joined meanwhile, before the cancel was noted.
+        if let Some(run) = self.submitted.runs.get(&id).map(|r| Arc::clone(&r)) {
+            self.cancel_if_asked(id, &run);
+        }
+        true
+    }
+
+    /// Applies a cancel asked before `run` joined (see
+    /// [`Core::cancel_unplaced`]).
+    pub(crate) fn cancel_if_asked(&self, id: ObjectId, run: &Cancellable) {
+        let asked = self.submitted.asked.locked().remove(&id.task_id());
+        if let Some(why) = asked {
+            self.cancel_run(id, run, why);
+        }
     }
 
     /// Cancels `run` (once: a later cancel changes nothing); for an actor
@@ -270,6 +315,10 @@ impl Core {
         };
         for child in children {
             self.cancel_here(child, why);
+        }
+        for queued in self.leases.take_queued(|q| q.parent == Some(task)) {
+            let failure = cancelled(queued.task_id, queued.function.name, why);
+            self.complete_object(queued.task_id.return_object(0), ObjState::Failed(failure));
         }
     }
 }

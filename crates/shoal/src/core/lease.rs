@@ -12,6 +12,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::submit::{FirstPlace, Queued};
 use super::{Core, NodeClient, WorkerClient};
 use crate::owner::leases::{self, Answer, Ask, Command, Leases, Shape, LEASE_WAIT};
 
@@ -36,18 +37,26 @@ pub(crate) type Place = leases::Place<Arc<LeasedWorker>>;
 type Machine = Leases<Arc<LeasedWorker>, Waiter>;
 type Commands = Vec<Command<Arc<LeasedWorker>, Waiter>>;
 
-/// A task waiting for a place: how to wake it, and its kind.
-pub(crate) struct Waiter {
-    /// A place, or why there will never be one.
-    tx: oneshot::Sender<Result<Place, String>>,
-    kind: TaskKind,
+/// A task waiting for a place.
+pub(crate) enum Waiter {
+    /// A runtime task, woken with a place or why there will never be one.
+    Task {
+        tx: oneshot::Sender<Result<Place, String>>,
+        kind: TaskKind,
+    },
+    /// A task held as its spec, which becomes a runtime task only when it
+    /// gets its place (or is told it never will).
+    Queued(Box<Queued>),
 }
 
 impl leases::Waiting for Waiter {
     /// Asked when it takes its place: the function's runs that ended
     /// while it waited count.
     fn short(&self) -> bool {
-        self.kind.short()
+        match self {
+            Waiter::Task { kind, .. } => kind.short(),
+            Waiter::Queued(queued) => queued.kind.short(),
+        }
     }
 }
 
@@ -79,6 +88,11 @@ impl TaskKind {
 /// The lease machine of this process, and the shell around it.
 pub(crate) struct LeaseManager {
     machine: Mutex<Machine>,
+    /// The options of the last task queued as its spec: the next ones,
+    /// when equal, share them (a loop submits a million with the same).
+    queued_options: Mutex<Option<Arc<crate::options::TaskOptions>>>,
+    /// Whether the task failing queued specs while the head is away runs.
+    watching_head: std::sync::atomic::AtomicBool,
 }
 
 impl LeaseManager {
@@ -91,7 +105,74 @@ impl LeaseManager {
         }
         Self {
             machine: Mutex::new(machine),
+            queued_options: Mutex::new(None),
+            watching_head: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// `options`, shared with the last queued task's when they are equal.
+    pub(crate) fn intern(
+        &self,
+        options: crate::options::TaskOptions,
+    ) -> Arc<crate::options::TaskOptions> {
+        let mut last = self.queued_options.locked();
+        match &*last {
+            Some(shared) if **shared == options => Arc::clone(shared),
+            _ => {
+                let shared = Arc::new(options);
+                *last = Some(Arc::clone(&shared));
+                shared
+            }
+        }
+    }
+
+    /// Queues a task as its spec in `shape`'s class; it runs (see
+    /// [`Core::start_queued`]) when it gets a place, which may be now.
+    pub(crate) fn enqueue(&self, core: &Arc<Core>, shape: &Shape, queued: Box<Queued>) {
+        if !self
+            .watching_head
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            core.handle
+                .spawn(fail_queued_while_head_away(Arc::clone(core)));
+        }
+        let class = leases::class_key(shape);
+        let short = queued.kind.short();
+        let mut queued = Some(queued);
+        let mut out = Vec::new();
+        let placed = self.machine().acquire(
+            &class,
+            shape,
+            short,
+            || Waiter::Queued(queued.take().expect("taken once")),
+            &mut out,
+        );
+        self.carry_out(core, out);
+        if let (Some(place), Some(queued)) = (placed, queued) {
+            core.start_queued(*queued, FirstPlace::given(core, place));
+        }
+    }
+
+    /// Takes out the tasks queued as specs that `pick` chooses.
+    pub(crate) fn take_queued(&self, mut pick: impl FnMut(&Queued) -> bool) -> Vec<Queued> {
+        let taken = self.machine().take_waiters(|w| match w {
+            Waiter::Queued(queued) => pick(queued),
+            Waiter::Task { .. } => false,
+        });
+        taken
+            .into_iter()
+            .filter_map(|w| match w {
+                Waiter::Queued(queued) => Some(*queued),
+                Waiter::Task { .. } => None,
+            })
+            .collect()
+    }
+
+    /// A place given to a task that does not use it: the next task gets it.
+    pub(crate) fn unplaced(&self, core: &Arc<Core>, place: &Place) {
+        let mut out = Vec::new();
+        self.machine().unplaced(place, &mut out);
+        self.carry_out(core, out);
     }
 
     fn machine(&self) -> MutexGuard<'_, Machine> {
@@ -126,7 +207,7 @@ impl LeaseManager {
                 || {
                     let (tx, rx) = oneshot::channel();
                     waiting = Some(rx);
-                    Waiter { tx, kind }
+                    Waiter::Task { tx, kind }
                 },
                 &mut out,
             );
@@ -182,13 +263,14 @@ impl LeaseManager {
     fn carry_out(&self, core: &Arc<Core>, out: Commands) {
         for command in out {
             match command {
-                Command::Give(waiter, place) => {
-                    if let Err(Ok(place)) = waiter.tx.send(Ok(place)) {
+                Command::Give(Waiter::Task { tx, .. }, place) => {
+                    if let Err(Ok(place)) = tx.send(Ok(place)) {
                         // The task was dropped: the place goes to the next.
-                        let mut more = Vec::new();
-                        self.machine().unplaced(&place, &mut more);
-                        self.carry_out(core, more);
+                        self.unplaced(core, &place);
                     }
+                }
+                Command::Give(Waiter::Queued(queued), place) => {
+                    core.start_queued(*queued, FirstPlace::given(core, place));
                 }
                 Command::Ask(ask) => {
                     core.handle.spawn(ask_lease(Arc::clone(core), ask));
@@ -196,8 +278,12 @@ impl LeaseManager {
                 Command::WarnInfeasible(shape) => {
                     warn!(resources = ?shape.resources, placement = %shape.placement, "no node in the cluster can ever fit these resources (with these labels); the task waits (see `shoal status`)");
                 }
-                Command::Refuse(waiter, why) => {
-                    let _ = waiter.tx.send(Err(why));
+                Command::Refuse(Waiter::Task { tx, .. }, why) => {
+                    let _ = tx.send(Err(why));
+                }
+                Command::Refuse(Waiter::Queued(queued), why) => {
+                    let refused = crate::error::Error::Unschedulable(why);
+                    core.start_queued(*queued, FirstPlace::Failed(refused));
                 }
                 Command::Return { worker, kill, .. } => {
                     let core2 = Arc::clone(core);
@@ -236,6 +322,26 @@ impl LeaseManager {
         let mut out = Vec::new();
         event(&mut self.machine(), &mut out);
         self.carry_out(core, out);
+    }
+}
+
+/// Fails the tasks queued as specs once the head has been away longer than
+/// the bound, as a task waiting for its place in a runtime task fails then
+/// (polled again while the head stays away, for tasks queued meanwhile).
+async fn fail_queued_while_head_away(core: Arc<Core>) {
+    loop {
+        let waited = tokio::select! {
+            waited = core.head.unavailable() => waited,
+            () = core.shutdown.cancelled() => return,
+        };
+        for queued in core.leases.take_queued(|_| true) {
+            let failed = FirstPlace::Failed(core.head.unavailable_error(waited));
+            core.start_queued(queued, failed);
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            () = core.shutdown.cancelled() => return,
+        }
     }
 }
 

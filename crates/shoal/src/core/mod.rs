@@ -23,6 +23,7 @@ pub(crate) mod head;
 mod lease;
 mod objects;
 mod store;
+mod submit;
 mod tasks;
 mod watch;
 
@@ -144,6 +145,9 @@ pub(crate) struct Core {
     pub(crate) handle: tokio::runtime::Handle,
     pub(crate) job_id: JobId,
     pub(crate) me: Address,
+    /// `me`, shared by the references this process makes (one copy, not
+    /// one per reference).
+    pub(crate) me_shared: Arc<Address>,
     /// The job's driver (this process, for a driver).
     pub(crate) driver: Address,
     pub(crate) home: HomeNode,
@@ -290,6 +294,7 @@ impl Core {
             handle: tokio::runtime::Handle::current(),
             job_id,
             driver: setup.driver.unwrap_or_else(|| me.clone()),
+            me_shared: Arc::new(me.clone()),
             me,
             home,
             hosting_node: setup.executor.map(|e| e.node_id),

@@ -17,6 +17,7 @@ use super::cancel::Cancellable;
 use super::events::failure_text;
 use super::lease::TaskKind;
 use super::objects::Lent;
+use super::submit::FirstPlace;
 use super::{Core, CONTROL_TIMEOUT, INLINE_BYTES_MAX, TASK_CALL_TIMEOUT};
 use crate::args::{ArgValue, KeepAlive};
 use crate::error::{Error, Result};
@@ -27,94 +28,6 @@ use crate::owner::tasks::{Lineage, PlaceDone, Rebuild, Rebuilt, Rerun, TaskRun, 
 use crate::registry::RemoteFunction;
 
 impl Core {
-    /// Submits a task; returns the id of its (first) result, which this
-    /// process owns (one reference is counted for the caller, for each of
-    /// the function's returns: the others are `task_id().return_object(i)`).
-    pub(crate) fn submit(
-        self: &Arc<Self>,
-        function: &'static RemoteFunction,
-        options: TaskOptions,
-        args: Vec<ArgValue>,
-    ) -> ObjectId {
-        self.submit_as(function, options, args, None)
-    }
-
-    /// Submits a streaming generator's task: the generator its items go
-    /// to, and the id of its result (their count).
-    pub(crate) fn submit_generator(
-        self: &Arc<Self>,
-        function: &'static RemoteFunction,
-        options: TaskOptions,
-        args: Vec<ArgValue>,
-    ) -> (Arc<super::generator::Generator>, ObjectId) {
-        let task_id = TaskId::fresh();
-        let generator = self.new_generator(task_id, options.generator_backpressure);
-        let id = self.submit_as(
-            function,
-            options,
-            args,
-            Some((task_id, Arc::clone(&generator))),
-        );
-        (generator, id)
-    }
-
-    fn submit_as(
-        self: &Arc<Self>,
-        function: &'static RemoteFunction,
-        options: TaskOptions,
-        args: Vec<ArgValue>,
-        generator: Option<(TaskId, Arc<super::generator::Generator>)>,
-    ) -> ObjectId {
-        let (task_id, generator) = match generator {
-            Some((task_id, generator)) => (task_id, Some(generator)),
-            None => (TaskId::fresh(), None),
-        };
-        let id = task_id.return_object(0);
-        let returns = function.returns.max(1);
-        for index in 0..returns {
-            self.register_pending(task_id.return_object(index));
-        }
-        let cancel = self.cancellable(
-            id,
-            (std::borrow::Cow::Borrowed(function.name), returns),
-            super::cancel::Target::Task,
-        );
-        if let Some(after) = options.timeout {
-            self.time_out(id, &cancel, after);
-        }
-        // A task with no reference to wait for waits for a lease at once.
-        let waits = args.iter().any(|a| matches!(a, ArgValue::Ref { .. }));
-        self.events.submitted(task_id, function.name, waits);
-        let core = Arc::clone(self);
-        // Every log line of the task's life on this side carries its ids
-        // (debug: free when debug logging is off).
-        let span = tracing::debug_span!("task", job = %self.job_id, task = %task_id, function = %function.name);
-        let run = async move {
-            tracing::debug!("submitted");
-            let (outcome, lineage) = core
-                .run_task(task_id, function, options, args, &cancel)
-                .await;
-            core.run_ended(id);
-            if let Some(lineage) = lineage {
-                core.objects.set_lineage(id, lineage);
-            }
-            tracing::debug!(failed = matches!(outcome, ObjState::Failed(_)), "done");
-            if let Some(generator) = generator {
-                generator.finish(&outcome);
-            }
-            if returns > 1 {
-                let more = std::mem::take(&mut *cancel.more_returns.locked());
-                for (index, state) in (1..returns).zip(more_states(&outcome, more, returns)) {
-                    core.complete_object(task_id.return_object(index), state);
-                }
-            }
-            core.complete_object(id, outcome);
-        };
-        self.handle
-            .spawn(tracing::Instrument::instrument(run, span));
-        id
-    }
-
     /// Runs a lost stored result's task again (after rebuilding its own
     /// lost arguments the same way); returns where the new copy is.
     pub(crate) async fn reconstruct(
@@ -323,13 +236,12 @@ impl Core {
 
     /// Runs a task to its result; a stored result keeps its lineage when the
     /// task may be retried.
-    async fn run_task(
+    pub(super) async fn run_task(
         self: &Arc<Self>,
         task_id: TaskId,
-        function: &'static RemoteFunction,
-        options: TaskOptions,
-        args: Vec<ArgValue>,
+        (function, options, args): (&'static RemoteFunction, TaskOptions, Vec<ArgValue>),
         cancel: &Cancellable,
+        first: Option<FirstPlace>,
     ) -> (ObjState, Option<Arc<Lineage>>) {
         // The references stay alive until the task is done: a stored
         // argument must not be freed while a worker may still read it.
@@ -364,6 +276,7 @@ impl Core {
                 (function, &options),
                 spec_args,
                 (borrows.as_deref(), cancel),
+                first,
             )
             .await;
         // A rerun sends the same values: what they lend stays lent as long
@@ -399,20 +312,28 @@ impl Core {
 
     /// Runs a task whose arguments are resolved until the machine says it
     /// is done, rebuilding lost arguments when it says so; returns the
-    /// final state and the arguments it last ran with.
+    /// final state and the arguments it last ran with. A queued task's
+    /// first try has its place already (`first`).
     async fn run_to_end(
         self: &Arc<Self>,
         mut run: TaskRun,
         task: (&'static RemoteFunction, &TaskOptions),
         mut spec_args: Vec<ArgSpec>,
         (borrows, cancel): (Option<&Mutex<Borrows>>, &Cancellable),
+        mut first: Option<FirstPlace>,
     ) -> (ObjState, Vec<ArgSpec>) {
         loop {
             if cancel.why().is_some() {
                 return (cancelled_state(cancel), spec_args);
             }
             match self
-                .try_once(&mut run, task, &spec_args, (borrows, Some(cancel)))
+                .try_once(
+                    &mut run,
+                    task,
+                    &spec_args,
+                    (borrows, Some(cancel)),
+                    first.take(),
+                )
                 .await
             {
                 Then::Finish(state) => return (state, spec_args),
@@ -442,7 +363,7 @@ impl Core {
     ) -> ObjState {
         loop {
             match self
-                .try_once(&mut run, task, spec_args, (borrows, None))
+                .try_once(&mut run, task, spec_args, (borrows, None), None)
                 .await
             {
                 Then::Finish(state) => return state,
@@ -456,15 +377,17 @@ impl Core {
         }
     }
 
-    /// One try: a place on a leased worker, the push, and the reply (or
-    /// its loss), reported to the machines (the task's and its borrows'),
-    /// whose verdict on the place is carried out here.
+    /// One try: a place on a leased worker (`first`, when the task got one
+    /// while queued), the push, and the reply (or its loss), reported to
+    /// the machines (the task's and its borrows'), whose verdict on the
+    /// place is carried out here.
     async fn try_once(
         self: &Arc<Self>,
         run: &mut TaskRun,
         (function, options): (&'static RemoteFunction, &TaskOptions),
         spec_args: &[ArgSpec],
         (borrows, cancel): (Option<&Mutex<Borrows>>, Option<&Cancellable>),
+        first: Option<FirstPlace>,
     ) -> Then {
         let kind = TaskKind::of(function.name);
         let (task_id, attempt) = (run.task_id(), run.attempt());
@@ -493,10 +416,13 @@ impl Core {
                 None => std::future::pending().await,
             }
         };
-        let acquired = tokio::select! {
-            acquired = self.leases.acquire(self, &shape, kind) => acquired,
-            // Not pushed yet: it never will be.
-            _ = cancelled => return Then::Finish(cancel.map(cancelled_state).unwrap_or(ObjState::Pending)),
+        let acquired = match first {
+            Some(first) => first.take(),
+            None => tokio::select! {
+                acquired = self.leases.acquire(self, &shape, kind) => acquired,
+                // Not pushed yet: it never will be.
+                _ = cancelled => return Then::Finish(cancel.map(cancelled_state).unwrap_or(ObjState::Pending)),
+            },
         };
         let place = match acquired {
             Ok(place) => place,
@@ -624,7 +550,7 @@ impl Core {
 
 /// The states of a task's returns after the first, from its final state
 /// (a failure fails them all) and what its worker answered for them.
-fn more_states(first: &ObjState, more: Vec<TaskOutcome>, returns: u32) -> Vec<ObjState> {
+pub(super) fn more_states(first: &ObjState, more: Vec<TaskOutcome>, returns: u32) -> Vec<ObjState> {
     let wanted = returns.saturating_sub(1) as usize;
     match first {
         ObjState::Failed(f) => vec![ObjState::Failed(f.clone()); wanted],

@@ -617,6 +617,28 @@ impl<W: Clone, T: Waiting> Leases<W, T> {
         }
     }
 
+    /// Takes out the waiting tasks `pick` chooses, from every class, in
+    /// their order (cancelled ones; those to fail while the head is away).
+    /// One pass over the waiters of each class that holds one.
+    pub fn take_waiters(&mut self, mut pick: impl FnMut(&T) -> bool) -> Vec<T> {
+        let mut taken = Vec::new();
+        for class in self.classes.values_mut() {
+            if !class.waiters.iter().any(&mut pick) {
+                continue;
+            }
+            let waiters = std::mem::take(&mut class.waiters);
+            class.waiters = VecDeque::with_capacity(waiters.len());
+            for waiter in waiters {
+                if pick(&waiter) {
+                    taken.push(waiter);
+                } else {
+                    class.waiters.push_back(waiter);
+                }
+            }
+        }
+        taken
+    }
+
     /// Workers held and tasks waiting in `class` (for tests and status).
     #[cfg(test)]
     fn counts(&self, class: &ClassKey) -> (usize, usize, usize) {

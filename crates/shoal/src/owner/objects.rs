@@ -163,13 +163,25 @@ pub struct Forgotten {
     pub tell: Vec<Address>,
 }
 
+/// Who uses an object in this process: 24 bytes while only local
+/// references do (a million queued tasks have a million of these).
 #[derive(Default)]
 pub struct RefEntry {
     /// Local references (`ObjectRef`s alive here).
-    count: usize,
+    count: u32,
     /// Tasks in flight that borrow it (see [`Borrows`]).
-    lent: usize,
+    lent: u32,
     escaped: bool,
+    /// This process owns the object, which was pending when recorded; its
+    /// slot is made when first asked for (see [`Objects::own`]).
+    owned_unmade: bool,
+    /// Made when another process first holds it through this one.
+    shared: Option<Box<Shared>>,
+}
+
+/// The other processes an object is shared with, through this one.
+#[derive(Default)]
+struct Shared {
     /// Workers that kept it after a task or call this process lent it to,
     /// until they say they dropped it.
     borrowers: Vec<WorkerId>,
@@ -184,7 +196,14 @@ pub struct RefEntry {
 impl RefEntry {
     /// Nothing here needs the object any more.
     fn unused(&self) -> bool {
-        self.count == 0 && self.lent == 0 && !self.escaped && self.borrowers.is_empty()
+        self.count == 0
+            && self.lent == 0
+            && !self.escaped
+            && self.shared.as_ref().is_none_or(|s| s.borrowers.is_empty())
+    }
+
+    fn shared(&mut self) -> &mut Shared {
+        self.shared.get_or_insert_default()
     }
 }
 
@@ -288,6 +307,10 @@ impl Borrows {
 }
 
 /// The object table of one process.
+///
+/// Locks: a slot is made under the read lock of its `refs` entry (so a
+/// release cannot remove the entry in between and leave the slot behind);
+/// nothing takes a `refs` lock while holding a `slots` one.
 #[derive(Default)]
 pub struct Objects {
     slots: DashMap<ObjectId, Arc<Slot>>,
@@ -295,10 +318,42 @@ pub struct Objects {
 }
 
 impl Objects {
-    /// Records an object this process owns, with one local reference.
+    /// Records an object this process owns, with one local reference. A
+    /// pending one (a task's result) gets its slot when first asked for:
+    /// a task waiting for a place holds only its reference entry.
     pub fn own(&self, id: ObjectId, state: ObjState) {
+        if matches!(state, ObjState::Pending) {
+            let mut entry = self.refs.entry(id).or_default();
+            entry.count += 1;
+            entry.owned_unmade = true;
+            return;
+        }
         self.slots.insert(id, Slot::new(state, true));
         self.add_local(id);
+    }
+
+    /// The slot of an owned object recorded pending, made now (pending) if
+    /// it was not yet.
+    fn make_owned(&self, id: ObjectId) -> Option<Arc<Slot>> {
+        let entry = self.refs.get(&id)?;
+        if !entry.owned_unmade {
+            return None;
+        }
+        let slot = self
+            .slots
+            .entry(id)
+            .or_insert_with(|| Slot::new(ObjState::Pending, true));
+        let slot = Arc::clone(&slot);
+        drop(entry);
+        Some(slot)
+    }
+
+    /// Whether this process owns `id` (made or not).
+    fn owns(&self, id: ObjectId) -> bool {
+        if let Some(slot) = self.slots.get(&id) {
+            return slot.owned;
+        }
+        self.refs.get(&id).is_some_and(|e| e.owned_unmade)
     }
 
     /// One more local reference (a reference received from elsewhere).
@@ -334,13 +389,14 @@ impl Objects {
                 Ended::Returned => {}
                 Ended::Escaped => entry.escaped = true,
                 Ended::Kept(workers) => {
+                    let shared = entry.shared();
                     for worker in workers {
-                        match entry.released_early.iter().position(|w| *w == worker) {
+                        match shared.released_early.iter().position(|w| *w == worker) {
                             Some(at) => {
-                                entry.released_early.swap_remove(at);
+                                shared.released_early.swap_remove(at);
                             }
-                            None if !entry.borrowers.contains(&worker) => {
-                                entry.borrowers.push(worker)
+                            None if !shared.borrowers.contains(&worker) => {
+                                shared.borrowers.push(worker)
                             }
                             None => {}
                         }
@@ -355,12 +411,17 @@ impl Objects {
     /// when that task's reply names it.
     pub fn release_borrower(&self, id: ObjectId, worker: WorkerId) -> Forgotten {
         self.forget_if(id, |entry| {
-            match entry.borrowers.iter().position(|w| *w == worker) {
+            let lent = entry.lent > 0;
+            if entry.shared.is_none() && !lent {
+                return;
+            }
+            let shared = entry.shared();
+            match shared.borrowers.iter().position(|w| *w == worker) {
                 Some(at) => {
-                    entry.borrowers.swap_remove(at);
+                    shared.borrowers.swap_remove(at);
                 }
-                None if entry.lent > 0 && !entry.released_early.contains(&worker) => {
-                    entry.released_early.push(worker)
+                None if lent && !shared.released_early.contains(&worker) => {
+                    shared.released_early.push(worker)
                 }
                 None => {}
             }
@@ -371,17 +432,18 @@ impl Objects {
     /// (its worker) still holds it; if so, `lender` is told when it no
     /// longer does.
     pub fn keep_for(&self, id: ObjectId, lender: &Address) -> bool {
-        if self.slots.get(&id).is_some_and(|slot| slot.owned) {
+        if self.owns(id) {
             return false;
         }
         match self.refs.get_mut(&id) {
             Some(mut entry) => {
-                if !entry
+                let shared = entry.shared();
+                if !shared
                     .lenders
                     .iter()
                     .any(|l| l.worker_id == lender.worker_id)
                 {
-                    entry.lenders.push(lender.clone());
+                    shared.lenders.push(lender.clone());
                 }
                 true
             }
@@ -394,7 +456,7 @@ impl Objects {
     /// owns (a task run by its owner's process is counted in this table
     /// already).
     pub fn still_borrowed(&self, id: ObjectId) -> bool {
-        if self.slots.get(&id).is_some_and(|slot| slot.owned) {
+        if self.owns(id) {
             return false;
         }
         self.refs.contains_key(&id)
@@ -410,7 +472,10 @@ impl Objects {
             unused = entry.unused();
             unused
         });
-        let tell = removed.map(|(_, entry)| entry.lenders).unwrap_or_default();
+        let tell = removed
+            .and_then(|(_, entry)| entry.shared)
+            .map(|shared| shared.lenders)
+            .unwrap_or_default();
         if !unused {
             return Forgotten::default();
         }
@@ -441,12 +506,19 @@ impl Objects {
     /// reference to it (the `get` of a value already here is this and a
     /// decode: an `Arc` clone is a tenth of it).
     pub fn with<R>(&self, id: ObjectId, f: impl FnOnce(&Slot) -> R) -> Option<R> {
-        self.slots.get(&id).map(|slot| f(&slot))
+        if let Some(slot) = self.slots.get(&id) {
+            return Some(f(&slot));
+        }
+        self.make_owned(id).map(|slot| f(&slot))
     }
 
-    /// The slot of `id`, if this process has one.
+    /// The slot of `id`, if this process has one (made now for an owned
+    /// pending object).
     pub fn get(&self, id: ObjectId) -> Option<Arc<Slot>> {
-        self.slots.get(&id).map(|s| Arc::clone(&s))
+        if let Some(slot) = self.slots.get(&id) {
+            return Some(Arc::clone(&slot));
+        }
+        self.make_owned(id)
     }
 
     /// The slot of an object this process owns.
@@ -457,6 +529,10 @@ impl Objects {
     /// The slot of `id`, made (pending, borrowed) if there is none; true
     /// when made, and the value is then to be asked of its owner.
     pub fn borrow(&self, id: ObjectId) -> (Arc<Slot>, bool) {
+        // An object of this process's, recorded pending.
+        if let Some(slot) = self.make_owned(id) {
+            return (slot, false);
+        }
         let mut made = false;
         let slot = self.slots.entry(id).or_insert_with(|| {
             made = true;
@@ -467,7 +543,7 @@ impl Objects {
 
     /// Keeps the lineage of an owned stored result.
     pub fn set_lineage(&self, id: ObjectId, lineage: Arc<Lineage>) {
-        if let Some(slot) = self.slots.get(&id) {
+        if let Some(slot) = self.get(id) {
             *slot.lineage.locked() = Some(lineage);
         }
     }
@@ -484,289 +560,4 @@ impl Objects {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use shoal_proto::{NodeId, TaskId};
-
-    fn stored() -> StoredAt {
-        StoredAt {
-            node_id: NodeId::random(),
-            node_address: "198.18.0.2:7000".into(),
-            size: 1 << 20,
-        }
-    }
-
-    fn id() -> ObjectId {
-        TaskId::fresh().return_object(0)
-    }
-
-    #[test]
-    fn an_owned_stored_object_is_freed_with_its_last_reference() {
-        let objects = Objects::default();
-        let (a, at) = (id(), stored());
-        objects.own(a, ObjState::Stored(at.clone()));
-        objects.add_local(a);
-        assert_eq!(objects.release(a).free, None, "one reference is left");
-        assert!(objects.get(a).is_some());
-        assert_eq!(objects.release(a).free, Some(Free { id: a, at }));
-        assert!(objects.get(a).is_none(), "the slot goes with it");
-        assert_eq!(objects.release(a).free, None, "released once only");
-    }
-
-    #[test]
-    fn an_escaped_reference_keeps_the_object_for_the_job() {
-        let objects = Objects::default();
-        let a = id();
-        objects.own(a, ObjState::Stored(stored()));
-        objects.mark_escaped(a);
-        assert_eq!(objects.release(a).free, None);
-        assert!(
-            objects.get(a).is_some(),
-            "another process may still read it"
-        );
-    }
-
-    #[test]
-    fn inline_and_borrowed_objects_free_nothing_on_a_node() {
-        let objects = Objects::default();
-        let (small, borrowed) = (id(), id());
-        objects.own(small, ObjState::Inline(Arc::new(vec![1])));
-        assert_eq!(objects.release(small).free, None);
-        let (slot, made) = objects.borrow(borrowed);
-        assert!(made && !slot.owned);
-        let (again, made) = objects.borrow(borrowed);
-        assert!(!made && Arc::ptr_eq(&slot, &again), "one fetch per object");
-        slot.set(ObjState::Stored(stored()));
-        objects.add_local(borrowed);
-        assert_eq!(objects.release(borrowed).free, None, "the owner frees it");
-    }
-
-    #[test]
-    fn a_result_completed_after_its_references_are_gone_is_freed_at_once() {
-        let objects = Objects::default();
-        let (a, at) = (id(), stored());
-        objects.own(a, ObjState::Pending);
-        assert_eq!(
-            objects.release(a).free,
-            None,
-            "still pending: nothing stored"
-        );
-        assert_eq!(
-            objects.complete(a, ObjState::Stored(at.clone())),
-            Some(Free { id: a, at })
-        );
-        let b = id();
-        objects.own(b, ObjState::Pending);
-        let slot = objects.get(b).expect("slot");
-        assert!(slot.is_pending());
-        assert_eq!(
-            objects.complete(b, ObjState::Inline(Arc::new(vec![2]))),
-            None
-        );
-        assert!(!slot.is_pending());
-    }
-
-    #[test]
-    fn an_object_lent_to_a_task_outlives_its_last_reference_until_the_task_is_done() {
-        let objects = Objects::default();
-        let (a, at) = (id(), stored());
-        objects.own(a, ObjState::Stored(at.clone()));
-        objects.lend(a);
-        let mut borrows = Borrows::new(vec![a]);
-        assert_eq!(objects.release(a).free, None, "the task still borrows it");
-        assert!(objects.get(a).is_some());
-        borrows.sent();
-        borrows.answered(&[], WorkerId::random());
-        let ends = borrows.end();
-        assert_eq!(ends, vec![(a, Ended::Returned)]);
-        assert_eq!(
-            objects.end_borrow(a, Ended::Returned).free,
-            Some(Free { id: a, at })
-        );
-        assert!(objects.get(a).is_none());
-        assert!(borrows.end().is_empty(), "a borrow ends once");
-    }
-
-    #[test]
-    fn an_object_a_worker_kept_is_kept_until_that_borrower_lets_it_go() {
-        let objects = Objects::default();
-        let (a, b, at) = (id(), id(), stored());
-        objects.own(a, ObjState::Stored(stored()));
-        objects.own(b, ObjState::Stored(at.clone()));
-        for x in [a, b] {
-            objects.lend(x);
-        }
-        let worker = WorkerId::random();
-        let mut borrows = Borrows::new(vec![a, b]);
-        borrows.sent();
-        // An id the task was not lent is ignored.
-        borrows.answered(&[b, id()], worker);
-        let ends = borrows.end();
-        assert_eq!(
-            ends,
-            vec![(a, Ended::Returned), (b, Ended::Kept(vec![worker]))]
-        );
-        for (x, ended) in ends {
-            assert_eq!(
-                objects.end_borrow(x, ended).free,
-                None,
-                "a local reference is left"
-            );
-            assert_eq!(objects.release(x).free.is_some(), x == a);
-        }
-        assert!(objects.get(b).is_some(), "the worker still reads it");
-        assert_eq!(
-            objects.release_borrower(b, WorkerId::random()).free,
-            None,
-            "another worker"
-        );
-        assert_eq!(
-            objects.release_borrower(b, worker).free,
-            Some(Free { id: b, at })
-        );
-        assert!(objects.get(b).is_none());
-    }
-
-    #[test]
-    fn a_release_that_comes_before_the_reply_is_not_lost() {
-        // The worker dropped the reference right after it answered; its
-        // release overtook the reply naming it a borrower.
-        let objects = Objects::default();
-        let (a, at) = (id(), stored());
-        objects.own(a, ObjState::Stored(at.clone()));
-        objects.lend(a);
-        let worker = WorkerId::random();
-        assert_eq!(objects.release(a).free, None);
-        assert_eq!(
-            objects.release_borrower(a, worker).free,
-            None,
-            "the task is in flight"
-        );
-        assert_eq!(
-            objects.end_borrow(a, Ended::Kept(vec![worker])).free,
-            Some(Free { id: a, at }),
-            "the early release cancels the borrow"
-        );
-    }
-
-    #[test]
-    fn a_worker_that_kept_a_reference_tells_its_lender_when_it_lets_it_go() {
-        let objects = Objects::default();
-        let a = id();
-        let lender = Address {
-            worker_id: WorkerId::random(),
-            address: "198.18.0.3:7100".into(),
-        };
-        assert!(!objects.keep_for(a, &lender), "not held here");
-        objects.add_local(a);
-        assert!(objects.keep_for(a, &lender));
-        assert!(objects.keep_for(a, &lender), "one lender once");
-        let gone = objects.release(a);
-        assert_eq!(gone.free, None, "a borrower frees nothing");
-        assert_eq!(gone.tell, vec![lender.clone()]);
-        let owned = id();
-        objects.own(owned, ObjState::Inline(Arc::new(vec![1])));
-        assert!(
-            !objects.keep_for(owned, &lender),
-            "its owner counts it already"
-        );
-    }
-
-    #[test]
-    fn a_try_lost_with_its_worker_or_node_keeps_every_lent_object() {
-        // The worker may have passed the references on before it died,
-        // even if a retry answered after it that it kept nothing.
-        let objects = Objects::default();
-        let a = id();
-        objects.own(a, ObjState::Stored(stored()));
-        objects.lend(a);
-        let mut borrows = Borrows::new(vec![a]);
-        borrows.sent();
-        borrows.lost();
-        borrows.sent();
-        borrows.answered(&[], WorkerId::random());
-        assert_eq!(borrows.end(), vec![(a, Ended::Escaped)]);
-        assert_eq!(objects.end_borrow(a, Ended::Escaped).free, None);
-        assert_eq!(objects.release(a).free, None);
-        assert!(objects.get(a).is_some());
-
-        // A try still unanswered when the task ends (its owner gave up on
-        // it) counts the same.
-        let mut borrows = Borrows::new(vec![a]);
-        borrows.sent();
-        assert_eq!(borrows.end(), vec![(a, Ended::Escaped)]);
-    }
-
-    #[test]
-    fn a_task_that_never_reached_a_worker_returns_what_it_borrowed() {
-        let objects = Objects::default();
-        let (a, at) = (id(), stored());
-        objects.own(a, ObjState::Stored(at.clone()));
-        objects.lend(a);
-        assert_eq!(objects.release(a).free, None);
-        let mut borrows = Borrows::new(vec![a]);
-        assert_eq!(borrows.end(), vec![(a, Ended::Returned)]);
-        assert_eq!(
-            objects.end_borrow(a, Ended::Returned).free,
-            Some(Free { id: a, at })
-        );
-        // Lent to an actor: kept whatever it answers.
-        let b = id();
-        objects.own(b, ObjState::Stored(stored()));
-        let mut borrows = Borrows::new(vec![b]);
-        borrows.keep_all();
-        assert_eq!(borrows.end(), vec![(b, Ended::Escaped)]);
-    }
-
-    #[test]
-    fn a_borrower_holds_a_reference_it_lent_on_or_that_escaped_it() {
-        // The worker's side: its table says what it still holds.
-        let objects = Objects::default();
-        let (held, passed, escaped, dropped) = (id(), id(), id(), id());
-        for x in [held, passed, escaped, dropped] {
-            objects.add_local(x);
-        }
-        objects.lend(passed);
-        objects.mark_escaped(escaped);
-        for x in [passed, escaped, dropped] {
-            assert_eq!(objects.release(x).free, None, "a borrower frees nothing");
-        }
-        assert!(objects.still_borrowed(held));
-        assert!(objects.still_borrowed(passed), "its own task borrows it");
-        assert!(objects.still_borrowed(escaped));
-        assert!(!objects.still_borrowed(dropped));
-        assert_eq!(objects.end_borrow(passed, Ended::Returned).free, None);
-        assert!(!objects.still_borrowed(passed));
-        // The owner's own process ran the task: its counts are exact.
-        let owned = id();
-        objects.own(owned, ObjState::Inline(Arc::new(vec![1])));
-        assert!(!objects.still_borrowed(owned));
-    }
-
-    #[test]
-    fn an_escaped_reference_stays_escaped_when_it_comes_back_and_goes_again() {
-        // Its entry is kept at zero references: a reference adopted again
-        // later (inside a result, say) must not free what others may read.
-        let objects = Objects::default();
-        let a = id();
-        objects.own(a, ObjState::Stored(stored()));
-        objects.mark_escaped(a);
-        assert_eq!(objects.release(a).free, None);
-        objects.add_local(a);
-        assert_eq!(objects.release(a).free, None, "another process may hold it");
-        assert!(objects.get(a).is_some());
-    }
-
-    #[test]
-    fn a_copy_read_elsewhere_moves_an_owned_object_once() {
-        let objects = Objects::default();
-        let (a, first, second, third) = (id(), stored(), stored(), stored());
-        objects.own(a, ObjState::Stored(first.clone()));
-        objects.moved(a, &first, second.clone());
-        // A late report about the first copy does not undo the move.
-        objects.moved(a, &first, third);
-        assert!(
-            matches!(objects.get(a).map(|s| s.state()), Some(ObjState::Stored(at)) if at == second)
-        );
-    }
-}
+mod tests;

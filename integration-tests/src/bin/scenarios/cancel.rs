@@ -94,6 +94,23 @@ fn parent(dir: String) -> u32 {
     spin::remote(dir, "child".to_string()).get().unwrap_or(7)
 }
 
+/// Submits a task that cannot start (no node offers its resource), marks
+/// `queued-child-submitted`, waits for it, and marks `queued-child` with
+/// how its `get` answered.
+#[shoal::remote]
+fn waits_on_queued(dir: String) -> u32 {
+    let child = spin::options()
+        .resource("nowhere", 1.0)
+        .remote(dir.clone(), "queued-child-ran".to_string());
+    mark(&dir, "queued-child-submitted", "");
+    let answered = match child.get() {
+        Err(Error::Cancelled { .. }) => "cancelled".to_string(),
+        other => format!("{other:?}"),
+    };
+    mark(&dir, "queued-child", &answered);
+    0
+}
+
 /// Cancels the task behind the first reference (a process that does not
 /// own it).
 #[shoal::remote]
@@ -227,6 +244,20 @@ fn scenario(dir: &Path) -> shoal::Result<serde_json::Value> {
     let remote = answer(&target, t);
     let remote_saw = await_marker(dir, "remote-saw-cancel").is_some();
 
+    // A task waiting for a place, from a process that does not own it.
+    let unplaced = spin::options()
+        .resource("nowhere", 1.0)
+        .remote(d.clone(), s("queued-remote"));
+    let t = Instant::now();
+    let queued_cancelled_elsewhere = canceller::remote(vec![unplaced.clone()]).get()?;
+    let queued_remote = answer(&unplaced, t);
+
+    // A task waiting for a place, submitted by a task that is cancelled.
+    let waiter = waits_on_queued::remote(d.clone());
+    await_marker(dir, "queued-child-submitted");
+    let queued_parent = cancel_and_answer(&waiter, false)?;
+    let queued_child = await_marker(dir, "queued-child");
+
     // Forced: the worker process stops, though the task never looks.
     let forced = stubborn::remote(d.clone());
     let pid: i32 = await_marker(dir, "stubborn-started")
@@ -288,6 +319,8 @@ fn scenario(dir: &Path) -> shoal::Result<serde_json::Value> {
         "never_started": marker(dir, "never-started").is_none(),
         "nested": nested, "child_saw": child_saw,
         "cancelled_elsewhere": cancelled_elsewhere, "remote": remote, "remote_saw": remote_saw,
+        "queued_cancelled_elsewhere": queued_cancelled_elsewhere, "queued_remote": queued_remote,
+        "queued_parent": queued_parent, "queued_child": queued_child,
         "force": force, "own_process": own_process, "worker_stopped": worker_stopped,
         "timeout": timeout, "timed_saw": timed_saw,
         "value": value, "after_done": after_done,

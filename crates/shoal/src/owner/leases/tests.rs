@@ -449,3 +449,24 @@ fn an_idle_lease_goes_back_at_once_when_the_cluster_is_full_or_the_owner_is_a_ta
     assert!(arm(&out).is_none(), "no idle clock: {out:?}");
     assert_eq!(m.counts(&class), (0, 0, 0));
 }
+
+#[test]
+fn waiters_taken_out_leave_the_rest_in_order_for_the_next_worker() {
+    let (class, r) = cpu();
+    let mut m = Machine::default();
+    let mut out = Vec::new();
+    for task in 1..=4 {
+        assert!(m
+            .acquire(&class, &r, false, || (task, false), &mut out)
+            .is_none());
+    }
+    let ask = asks(&out).into_iter().next().expect("a request");
+    let taken = m.take_waiters(|(task, _)| task % 2 == 0);
+    assert_eq!(taken, vec![(2, false), (4, false)]);
+    assert_eq!(m.counts(&class).1, 2, "two still wait");
+    assert!(m.take_waiters(|(task, _)| *task == 9).is_empty());
+    // The worker that joins goes to the first of those left.
+    let (_, out) = join(&mut m, ask, "w1", true);
+    assert_eq!(gives(&out), vec![(1, "w1")]);
+    assert_eq!(m.counts(&class).1, 1);
+}
