@@ -85,6 +85,16 @@ pub fn run_driver(
     env: &[(&str, String)],
     timeout: Duration,
 ) -> String {
+    run_driver_logged(program, args, env, timeout).0
+}
+
+/// [`run_driver`], with what the driver logged (standard error) too.
+pub fn run_driver_logged(
+    program: &Path,
+    args: &[&str],
+    env: &[(&str, String)],
+    timeout: Duration,
+) -> (String, String) {
     let mut command = Command::new(program);
     command
         .args(args)
@@ -115,7 +125,7 @@ pub fn run_driver(
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     match status {
-        Some(s) if s.success() => stdout,
+        Some(s) if s.success() => (stdout, stderr),
         Some(s) => panic!(
             "{} {args:?} failed ({s}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
             program.display()

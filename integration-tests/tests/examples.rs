@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use shoal_integration_tests::{run_driver, sibling_bin, ProcessCluster};
+use shoal_integration_tests::{run_driver, run_driver_logged, sibling_bin, ProcessCluster};
 
 const DEADLINE: Duration = Duration::from_secs(300);
 
@@ -60,6 +60,20 @@ fn every_example_runs_on_a_three_process_cluster() {
         check(name, &run(name, args, &cluster.driver_env()));
     }
     cluster.assert_no_panics();
+}
+
+/// A job that ran cleanly in local mode logs no warning, its exit
+/// included (the local head stopping is no lost connection).
+#[test]
+fn a_clean_local_run_logs_no_warning() {
+    for (name, args) in [("fanout", &["3", "4"][..]), ("counter", &[][..])] {
+        let (out, logged) = run_driver_logged(&sibling_bin(name), args, &[], DEADLINE);
+        check(name, &out);
+        assert!(
+            !logged.contains(" WARN "),
+            "{name} logged a warning:\n{logged}"
+        );
+    }
 }
 
 /// The measuring programs refuse arguments they cannot read, saying how to

@@ -100,6 +100,9 @@ pub(crate) struct HeadLink {
     job: OnceLock<(RegisterJob, JobId)>,
     /// The head ended this driver's job while it was away: no use dialling.
     job_ended: AtomicBool,
+    /// This process closed the link (it is shutting down): a call still
+    /// made fails at once, and nothing is dialled or reported lost.
+    closed: AtomicBool,
 }
 
 impl HeadLink {
@@ -119,6 +122,7 @@ impl HeadLink {
             bound,
             job: OnceLock::new(),
             job_ended: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -182,6 +186,12 @@ impl HeadLink {
     /// did already. Fails once the head has been unreachable for the bound.
     async fn redial(&self, n: u64) -> Result<(), HeadCallError> {
         let _dialling = self.dialling.lock().await;
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(HeadCallError::Unavailable {
+                address: self.address,
+                waited: Duration::ZERO,
+            });
+        }
         if self.current.locked().0 != n {
             return Ok(());
         }
@@ -293,6 +303,7 @@ impl HeadLink {
 
     /// Closes the connection.
     pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
         self.current.locked().1.close();
     }
 }
