@@ -322,7 +322,7 @@ impl Objects {
     /// pending one (a task's result) gets its slot when first asked for:
     /// a task waiting for a place holds only its reference entry.
     pub fn own(&self, id: ObjectId, state: ObjState) {
-        if matches!(state, ObjState::Pending) {
+        if matches!(state, ObjState::Pending) && !self.slots.contains_key(&id) {
             let mut entry = self.refs.entry(id).or_default();
             entry.count += 1;
             entry.owned_unmade = true;
