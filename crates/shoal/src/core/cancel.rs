@@ -2,9 +2,10 @@
 //!
 //! Every task and actor call this process submitted and that runs is in
 //! [`Submitted`], which its run watches; a task still queued as its spec
-//! (see `submit`) is in its class's queue, and a cancel takes it out. A cancel fails
-//! its reference at once (a `get` returns `Error::Cancelled` or
-//! `Error::Timeout` now, whatever the worker does) and wakes the run:
+//! (see `submit`) is in its class's queue, and a cancel takes it out.
+//! A cancel fails its reference at once (a `get` returns
+//! `Error::Cancelled` or `Error::Timeout` now, whatever the worker does)
+//! and wakes the run:
 //! a task not pushed yet never is, and a pushed one is told to stop
 //! (`CancelTask` to its worker, which cancels what it submitted in turn);
 //! a forced cancel also has the worker's node stop the worker. Whatever
