@@ -330,6 +330,18 @@ struct PoolState {
 }
 
 impl PoolState {
+    /// The lease `worker_id` serves, if any.
+    fn lease_of(&self, worker_id: WorkerId) -> Option<LeaseId> {
+        self.leases
+            .iter()
+            .find_map(|(lease, (w, _))| (*w == worker_id).then_some(*lease))
+    }
+
+    /// The workers some lease holds (started already or not).
+    fn leased_workers(&self) -> std::collections::HashSet<WorkerId> {
+        self.leases.values().map(|(w, _)| *w).collect()
+    }
+
     /// Ends a lease's hold on its node: its resources (unless lent back
     /// while blocked) and its GPU devices.
     fn end_lease(&mut self, lease_id: LeaseId) -> Option<WorkerId> {
@@ -504,8 +516,7 @@ impl WorkerPool {
                 // Else a spare still starting (started for a worker that
                 // blocked): this lease waits for it rather than for another.
                 let starting = || {
-                    let taken: std::collections::HashSet<WorkerId> =
-                        state.leases.values().map(|(w, _)| *w).collect();
+                    let taken = state.leased_workers();
                     state.workers.iter().find_map(|(id, w)| {
                         (!dedicated
                             && !w.dedicated
@@ -737,8 +748,7 @@ impl WorkerPool {
             }
             // A worker still starting that a lease has taken already runs
             // for it: it is no spare.
-            let taken: std::collections::HashSet<WorkerId> =
-                state.leases.values().map(|(w, _)| *w).collect();
+            let taken = state.leased_workers();
             let (mut count, mut spare, mut blocked) = (0usize, 0usize, 0usize);
             for (id, w) in &state.workers {
                 if w.job_id != kind.job_id || w.env != kind.env || w.dedicated {
@@ -776,10 +786,7 @@ impl WorkerPool {
                 Ok(_) => {
                     let mut state = pool.state();
                     // A lease may have taken it while it started.
-                    let lease = state
-                        .leases
-                        .iter()
-                        .find_map(|(lease, (w, _))| (*w == worker_id).then_some(*lease));
+                    let lease = state.lease_of(worker_id);
                     if let Some(entry) = state.workers.get_mut(&worker_id) {
                         entry.state = match lease {
                             Some(lease) => WorkerState::Leased(lease),
@@ -835,11 +842,7 @@ impl WorkerPool {
     pub fn replace_blocked(self: &Arc<Self>, worker_id: WorkerId) {
         let (kind, lease) = {
             let state = self.state();
-            let lease = state
-                .leases
-                .iter()
-                .find_map(|(lease, (w, _))| (*w == worker_id).then_some(*lease));
-            match (state.workers.get(&worker_id), lease) {
+            match (state.workers.get(&worker_id), state.lease_of(worker_id)) {
                 (Some(w), Some(lease)) if !w.dedicated => (w.kind.clone(), lease),
                 _ => return,
             }
@@ -852,11 +855,8 @@ impl WorkerPool {
     /// its state changed, for the head to be told.
     pub fn set_blocked(&self, worker_id: WorkerId, blocked: bool) -> Option<LeaseId> {
         let mut state = self.state();
-        let (lease_id, resources) = state
-            .leases
-            .iter()
-            .find(|(_, (w, _))| *w == worker_id)
-            .map(|(id, (_, r))| (*id, r.clone()))?;
+        let lease_id = state.lease_of(worker_id)?;
+        let resources = state.leases.get(&lease_id)?.1.clone();
         let changed = if blocked {
             state.blocked.insert(lease_id)
         } else {

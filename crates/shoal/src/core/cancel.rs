@@ -229,8 +229,7 @@ impl Core {
         let task_id = id.task_id();
         if let Some(queued) = self.leases.take_queued(|q| q.task_id == task_id).pop() {
             debug!(%id, kind = ?why.kind, "cancelling a queued task");
-            let failure = cancelled(task_id, queued.function.name, why);
-            self.complete_object(id, ObjState::Failed(failure));
+            self.fail_queued(&queued, why);
             return true;
         }
         // Out of the queue and not yet in `runs`, or ended.
@@ -243,6 +242,12 @@ impl Core {
             self.cancel_if_asked(id, &run);
         }
         true
+    }
+
+    /// Fails the reference of a task taken out of its queue, cancelled.
+    fn fail_queued(&self, queued: &super::submit::Queued, why: Why) {
+        let failure = cancelled(queued.task_id, queued.function.name, why);
+        self.complete_object(queued.task_id.return_object(0), ObjState::Failed(failure));
     }
 
     /// Applies a cancel asked before `run` joined (see
@@ -318,8 +323,7 @@ impl Core {
             self.cancel_here(child, why);
         }
         for queued in self.leases.take_queued(|q| q.parent == Some(task)) {
-            let failure = cancelled(queued.task_id, queued.function.name, why);
-            self.complete_object(queued.task_id.return_object(0), ObjState::Failed(failure));
+            self.fail_queued(&queued, why);
         }
     }
 }

@@ -400,29 +400,33 @@ impl Core {
             self.events.failed(task_id, attempt, e.to_string());
             return run.cannot_run(FailureKind::InvalidOptions, e.to_string());
         }
-        let shape = Shape {
-            resources: options.resources.clone(),
-            placement: self.placement_for(&options.scheduling.placement, spec_args),
-            env: self.env.merged(&options.env),
-        };
-        if let Err(e) = shape.env.check() {
-            let why = format!("env_var: {e}");
-            self.events.failed(task_id, attempt, why.clone());
-            return run.cannot_run(FailureKind::InvalidOptions, why);
-        }
-        let cancelled = async {
-            match cancel {
-                Some(cancel) => cancel.cancelled().await,
-                None => std::future::pending().await,
-            }
-        };
         let acquired = match first {
+            // Queued as its spec: it has its place, and its shape was
+            // checked when it was queued.
             Some(first) => first.take(),
-            None => tokio::select! {
-                acquired = self.leases.acquire(self, &shape, kind) => acquired,
-                // Not pushed yet: it never will be.
-                _ = cancelled => return Then::Finish(cancel.map(cancelled_state).unwrap_or(ObjState::Pending)),
-            },
+            None => {
+                let shape = Shape {
+                    resources: options.resources.clone(),
+                    placement: self.placement_for(&options.scheduling.placement, spec_args),
+                    env: self.env.merged(&options.env),
+                };
+                if let Err(e) = shape.env.check() {
+                    let why = format!("env_var: {e}");
+                    self.events.failed(task_id, attempt, why.clone());
+                    return run.cannot_run(FailureKind::InvalidOptions, why);
+                }
+                let cancelled = async {
+                    match cancel {
+                        Some(cancel) => cancel.cancelled().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    acquired = self.leases.acquire(self, &shape, kind) => acquired,
+                    // Not pushed yet: it never will be.
+                    _ = cancelled => return Then::Finish(cancel.map(cancelled_state).unwrap_or(ObjState::Pending)),
+                }
+            }
         };
         let place = match acquired {
             Ok(place) => place,
