@@ -242,6 +242,31 @@ fn a_node_with_a_wrong_token_is_refused_and_start_reports_it() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn");
+    // What the daemon logs, read as it comes: the head counts the refusal
+    // before the daemon has read why, so the daemon is stopped only once
+    // it has said it (or the deadline has passed).
+    let logged = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let logged = std::sync::Arc::clone(&logged);
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                if let Ok(mut text) = logged.lock() {
+                    text.push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            }
+        })
+    };
+    let said = |text: &std::sync::Mutex<String>| {
+        text.lock()
+            .map(|t| t.contains("bad join token"))
+            .unwrap_or(false)
+    };
     let status = poll_until(
         Duration::from_secs(20),
         "the head to count the refusal",
@@ -255,9 +280,14 @@ fn a_node_with_a_wrong_token_is_refused_and_start_reports_it() {
         Some(1),
         "the impostor never joined"
     );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !said(&logged) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let _ = child.kill();
-    let output = child.wait_with_output().expect("wait");
-    let err = String::from_utf8_lossy(&output.stderr);
+    let _ = child.wait();
+    let _ = reader.join();
+    let err = logged.lock().map(|t| t.clone()).unwrap_or_default();
     assert!(err.contains("bad join token"), "the daemon says why: {err}");
     cluster.shoal_ok(&["stop"]);
 }
