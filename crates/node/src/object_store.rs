@@ -159,6 +159,32 @@ fn file_in_use(path: &Path) -> bool {
     }
 }
 
+/// Creates `dir` (and any missing parent) for this user alone: objects are
+/// users' data, and `/dev/shm` is open to every local user.
+fn private_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        // A directory that was already there keeps its mode otherwise.
+        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+        .map_err(io(format!("creating {}", dir.display())))
+}
+
+/// Creates (or empties) an object's file, readable and writable by this
+/// user alone. Files renamed from the reuse pool and copies made with
+/// `std::fs::copy` (spills, restores) keep this mode.
+fn private_file(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
 /// Where stores live: the shared-memory file system when there is one.
 pub fn default_root(fallback: &Path) -> PathBuf {
     let shm = Path::new("/dev/shm");
@@ -182,9 +208,8 @@ impl ObjectStore {
         let tag = format!("{DIR_PREFIX}{}-{:08x}", std::process::id(), rand_tag());
         let dir = root.join(&tag);
         let spill_dir = spill_root.join(&tag);
-        std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
-        std::fs::create_dir_all(&spill_dir)
-            .map_err(io(format!("creating {}", spill_dir.display())))?;
+        private_dir(&dir)?;
+        private_dir(&spill_dir)?;
         Ok(Self {
             dir,
             spill_dir,
@@ -370,7 +395,7 @@ impl ObjectStore {
                     .open(&path)?
                     .set_len(total)
             }),
-            None => File::create(&path).and_then(|f| f.set_len(total)),
+            None => private_file(&path).and_then(|f| f.set_len(total)),
         };
         if let Err(e) = made {
             self.used -= total;
@@ -577,7 +602,7 @@ impl ObjectStore {
             return Ok(());
         }
         let path = self.create(id, data.len() as u64, None)?;
-        let written = File::create(&path).and_then(|mut f| f.write_all(data));
+        let written = private_file(&path).and_then(|mut f| f.write_all(data));
         if let Err(e) = written {
             self.delete(&[id]);
             return Err(io(format!("writing {}", path.display()))(e));
@@ -1132,6 +1157,36 @@ mod tests {
         }
         s.delete(&ids);
         assert_eq!((s.used(), s.spilled()), (0, 0));
+    }
+
+    #[test]
+    fn objects_and_their_spills_are_this_users_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).expect("exists").permissions().mode() & 0o777;
+        let modes = |dir: &Path| -> Vec<u32> {
+            std::fs::read_dir(dir)
+                .expect("dir")
+                .map(|e| mode(&e.expect("entry").path()))
+                .collect()
+        };
+        let (_d, mut s) = store(100);
+        assert_eq!(mode(s.dir()), 0o700, "the store's directory");
+        assert_eq!(mode(&s.spill_dir), 0o700, "the spill directory");
+        // Whole objects, enough of them to spill some.
+        for i in 0..4u8 {
+            s.put_whole(TaskId::fresh().return_object(0), &[i; 30])
+                .expect("stored");
+        }
+        let pulled = s
+            .create_secondary(TaskId::fresh().return_object(0), 10)
+            .expect("a pulled copy");
+        assert_eq!(mode(&pulled), 0o600, "a pulled copy");
+        let (stored, spilled) = (modes(s.dir()), modes(&s.spill_dir));
+        assert!(!stored.is_empty() && !spilled.is_empty());
+        assert!(
+            stored.iter().chain(&spilled).all(|m| *m == 0o600),
+            "stored {stored:?}, spilled {spilled:?} (modes in decimal)"
+        );
     }
 
     #[test]
