@@ -146,6 +146,11 @@ impl HeadService {
             counter(self.handshakes_refused()),
         );
         registry.register(
+            "shoal_head_handshakes_retried",
+            "New peers asked to prove their address (a QUIC Retry) while the handshake slots filled",
+            counter(self.handshake_stats().retried.load(Ordering::Relaxed)),
+        );
+        registry.register(
             "shoal_task_events_lost",
             "Task events dropped by full buffers at owners, and tasks the head forgot to stay bounded",
             counter(lost),

@@ -80,6 +80,9 @@ pub struct HandshakeStats {
     pub accepted: AtomicU64,
     /// Peers refused (bad token, foreign cluster, wrong version, garbage, ...).
     pub refused: AtomicU64,
+    /// Peers asked to prove their address (a QUIC Retry) because the
+    /// handshake slots were filling up.
+    pub retried: AtomicU64,
 }
 
 fn exported(conn: &quinn::Connection, role: Role) -> Option<[u8; 32]> {

@@ -37,6 +37,7 @@
 //! peer that has not proved the token. Nodes then talk to each other over
 //! mutual TLS with certificates the head issued them.
 
+mod admission;
 pub mod backoff;
 pub mod digest;
 pub mod endpoint;

@@ -23,13 +23,23 @@ pub struct NetLimits {
     /// Connections in their QUIC or `Hello` handshake at once; more are
     /// refused until one finishes.
     pub handshakes_max: usize,
+    /// Of those, the most from one source address: peers stuck in their
+    /// handshake on one host leave the others room.
+    pub handshakes_per_source_max: usize,
+    /// Connections a server holds on its same-host (Unix) socket at once,
+    /// in their handshake or not; more are closed at once until one ends
+    /// (their clients use QUIC instead). Each holds a descriptor and a
+    /// 64 KiB read buffer.
+    pub same_host_connections_max: usize,
     /// Flow-control window per stream.
     pub stream_window_bytes: u32,
     /// Flow-control window per connection.
     pub connection_window_bytes: u32,
     /// UDP socket send and receive buffers.
     pub socket_buffer_bytes: usize,
-    /// A connection with no traffic for this long is closed.
+    /// A connection with no traffic for this long is closed. On the
+    /// same-host socket the server closes it (its clients send a keep-alive
+    /// every `keep_alive_interval`); zero turns that off there.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// Keep-alive period, well under `idle_timeout`.
@@ -58,6 +68,8 @@ impl Default for NetLimits {
             streams_max: 1024,
             incoming_max: 256,
             handshakes_max: 64,
+            handshakes_per_source_max: 16,
+            same_host_connections_max: 4096,
             stream_window_bytes: 4 << 20,
             connection_window_bytes: 32 << 20,
             socket_buffer_bytes: 4 << 20,
@@ -65,7 +77,8 @@ impl Default for NetLimits {
             // within this: keep-alives flow every second on live connections.
             idle_timeout: Duration::from_secs(6),
             keep_alive_interval: Duration::from_secs(1),
-            handshake_timeout: Duration::from_secs(10),
+            // Short: until then a peer is unauthenticated and holds a slot.
+            handshake_timeout: Duration::from_secs(5),
             request_timeout_max: request_timeout_max_from_env(),
             same_host_sockets: std::env::var("SHOAL_LOCAL_SOCKETS").map_or(true, |v| v != "0"),
         }

@@ -220,7 +220,7 @@ async fn serve_quic<S: Service>(
     shutdown: CancellationToken,
 ) {
     let tracker = TaskTracker::new();
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(limits.handshakes_max.max(1)));
+    let admission = crate::admission::Admission::new(&limits);
     let bound = endpoint.local_addr().ok();
     if let Some(listener) = same_host {
         tracker.spawn(crate::unix::serve_listener(
@@ -239,12 +239,28 @@ async fn serve_quic<S: Service>(
             _ = shutdown.cancelled() => break,
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
-                // Bound the peers in their handshake: past the limit, refuse
-                // at once (cheap) rather than queue TLS work.
-                let Ok(slot) = handshakes.clone().try_acquire_owned() else {
-                    stats.refused.fetch_add(1, Ordering::Relaxed);
-                    incoming.refuse();
-                    continue;
+                // Bound the peers in their handshake (see `admission`):
+                // past a bound, refuse at once (cheap) rather than queue
+                // TLS work.
+                let admitted = admission.admit(
+                    incoming.remote_address().ip(),
+                    incoming.remote_address_validated(),
+                    incoming.may_retry(),
+                );
+                let slot = match admitted {
+                    crate::admission::Admit::Slot(slot) => slot,
+                    crate::admission::Admit::Retry => {
+                        stats.retried.fetch_add(1, Ordering::Relaxed);
+                        if let Err(e) = incoming.retry() {
+                            e.into_incoming().refuse();
+                        }
+                        continue;
+                    }
+                    crate::admission::Admit::Refuse => {
+                        stats.refused.fetch_add(1, Ordering::Relaxed);
+                        incoming.refuse();
+                        continue;
+                    }
                 };
                 let conn_task = serve_connection(
                     incoming,
@@ -271,7 +287,7 @@ async fn serve_quic<S: Service>(
 async fn serve_connection<S: Service>(
     incoming: quinn::Incoming,
     bound: Option<SocketAddr>,
-    handshake_slot: tokio::sync::OwnedSemaphorePermit,
+    handshake_slot: crate::admission::Slot,
     service: Arc<S>,
     auth: Arc<ServerAuth>,
     limits: NetLimits,

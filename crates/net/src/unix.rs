@@ -28,10 +28,19 @@
 //! on the reading task: a round trip then wakes no task of the client's
 //! runtime but the reader.
 //!
+//! The bounds are the QUIC path's. A frame's length is checked against the
+//! limits and its buffer grows as the bytes arrive. A server takes at most
+//! `handshakes_max` connections in their handshake and
+//! `same_host_connections_max` in all, closing others at once (their
+//! clients use QUIC); the handshake must finish within `handshake_timeout`,
+//! and a connection on which nothing arrives for `idle_timeout` is closed.
+//! Clients keep theirs alive: every `keep_alive_interval` they send a frame
+//! with an empty body (a [`PING`]), which the server skips. The client side
+//! is in `client`.
+//!
 //! `NetLimits::same_host_sockets` (off with `SHOAL_LOCAL_SOCKETS=0`) turns the
 //! whole path off: QUIC everywhere.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -43,21 +52,18 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use shoal_proto::codec::{self, CodecLimits, LEN_PREFIX};
 use shoal_proto::{
-    DecodeError, HandshakeRefusal, Hello, HelloReply, NodeId, ReplyEnvelope, RequestEnvelope,
-    ServiceError, ServiceErrorKind, PROTOCOL_VERSION,
+    DecodeError, HandshakeRefusal, Hello, HelloReply, ReplyEnvelope, RequestEnvelope, ServiceError,
+    ServiceErrorKind,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::error::ConnectError;
-use crate::handshake::{
-    self, ClientAuth, HandshakeFailure, HandshakeStats, ServerAuth, CLIENT_SIDE, SERVER_SIDE,
-};
+use crate::handshake::{self, HandshakeFailure, HandshakeStats, ServerAuth, SERVER_SIDE};
 use crate::limits::NetLimits;
 use crate::rpc::{Peer, Service, NEXT_CONNECTION_ID};
 use crate::sync::MutexExt;
@@ -169,6 +175,8 @@ fn nonce() -> std::io::Result<[u8; NONCE_LEN]> {
 enum ReadError {
     Io(std::io::Error),
     Decode(DecodeError),
+    /// No byte arrived for this long.
+    Idle(Duration),
 }
 
 impl std::fmt::Display for ReadError {
@@ -176,8 +184,77 @@ impl std::fmt::Display for ReadError {
         match self {
             ReadError::Io(e) => write!(f, "{e}"),
             ReadError::Decode(e) => write!(f, "{e}"),
+            ReadError::Idle(after) => write!(f, "nothing received for {after:?}"),
         }
     }
+}
+
+/// A keep-alive: a message frame with an empty body (no request or reply
+/// encodes to nothing). Clients send one every `keep_alive_interval`; the
+/// server reads it as traffic and skips it.
+const PING: [u8; HEADER_LEN] = [0; HEADER_LEN];
+
+/// Buffer for a frame's body before any of it has arrived.
+const BODY_FIRST_BYTES: usize = 64 << 10;
+/// Past this much of a body, the rest is reserved at once.
+const BODY_RESERVE_AFTER_BYTES: usize = 1 << 20;
+
+/// Awaits one read of at least a byte, failing after `idle` without one.
+async fn within(
+    idle: Option<Duration>,
+    read: impl std::future::Future<Output = std::io::Result<usize>>,
+) -> Result<usize, ReadError> {
+    let n = match idle {
+        Some(after) => tokio::time::timeout(after, read)
+            .await
+            .map_err(|_| ReadError::Idle(after))?,
+        None => read.await,
+    }
+    .map_err(ReadError::Io)?;
+    if n == 0 {
+        return Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+    }
+    Ok(n)
+}
+
+/// Fills `buf` from `io`.
+async fn read_full(
+    io: &mut (impl AsyncRead + Unpin),
+    buf: &mut [u8],
+    idle: Option<Duration>,
+) -> Result<(), ReadError> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        filled += within(idle, io.read(&mut buf[filled..])).await?;
+    }
+    Ok(())
+}
+
+/// Reads a body of `len` bytes (already checked against the limits),
+/// growing the buffer as bytes arrive rather than trusting the claimed
+/// length, as `rpc::read_frame` does: a peer that claims 16 MiB and sends
+/// nothing costs 64 KiB. Past the first MiB the rest is reserved at once
+/// (a large body is not copied again at each doubling).
+async fn read_body(
+    io: &mut (impl AsyncRead + Unpin),
+    len: usize,
+    idle: Option<Duration>,
+) -> Result<Vec<u8>, ReadError> {
+    let mut body = Vec::with_capacity(len.min(BODY_FIRST_BYTES));
+    while body.len() < len {
+        let rest = len - body.len();
+        if body.len() >= BODY_RESERVE_AFTER_BYTES {
+            body.reserve_exact(rest);
+        } else if body.len() == body.capacity() {
+            body.reserve_exact(rest.min(body.len()));
+        }
+        let want = rest.min(body.capacity() - body.len());
+        // Into the spare capacity, no further: the next frame's bytes stay
+        // in `io`.
+        let mut limited = (&mut *io).take(want as u64);
+        within(idle, limited.read_buf(&mut body)).await?;
+    }
+    Ok(body)
 }
 
 /// Reads one plain frame (length prefix and body), as in the handshake.
@@ -186,10 +263,9 @@ async fn read_plain<T: DeserializeOwned>(
     limits: &CodecLimits,
 ) -> Result<T, ReadError> {
     let mut prefix = [0u8; LEN_PREFIX];
-    io.read_exact(&mut prefix).await.map_err(ReadError::Io)?;
+    read_full(io, &mut prefix, None).await?;
     let len = codec::frame_len(prefix, limits).map_err(|e| ReadError::Decode(e.into()))?;
-    let mut body = vec![0u8; len];
-    io.read_exact(&mut body).await.map_err(ReadError::Io)?;
+    let body = read_body(io, len, None).await?;
     codec::decode(&body, limits).map_err(ReadError::Decode)
 }
 
@@ -203,20 +279,21 @@ async fn write_plain<T: Serialize>(
     io.write_all(&buf).await
 }
 
-/// Reads one message frame: its id and body. The length is checked against
-/// `limits` before the body's buffer is allocated.
+/// Reads one message frame: its id and body (empty for a [`PING`]). The
+/// length is checked against `limits` before any of the body is read.
+/// With `idle`, fails when no byte arrives for that long.
 async fn read_message(
     io: &mut (impl AsyncRead + Unpin),
     limits: &CodecLimits,
+    idle: Option<Duration>,
 ) -> Result<(u64, Vec<u8>), ReadError> {
     let mut header = [0u8; HEADER_LEN];
-    io.read_exact(&mut header).await.map_err(ReadError::Io)?;
+    read_full(io, &mut header, idle).await?;
     let (id, prefix) = header.split_at(8);
     let id = u64::from_be_bytes(id.try_into().unwrap_or_default());
     let len = codec::frame_len(prefix.try_into().unwrap_or_default(), limits)
         .map_err(|e| ReadError::Decode(e.into()))?;
-    let mut body = vec![0u8; len];
-    io.read_exact(&mut body).await.map_err(ReadError::Io)?;
+    let body = read_body(io, len, idle).await?;
     Ok((id, body))
 }
 
@@ -316,7 +393,8 @@ impl Writer {
 /// socket fails; then cancels `stop` so the reading side ends too. On a
 /// client, `awaited` says which requests are still waited for: one given up
 /// (its deadline passed while queued) is not sent, as with QUIC, where its
-/// stream would not have opened either, so it cannot run after a retry.
+/// stream would not have opened either, so it cannot run after a retry
+/// (keep-alives always are).
 async fn write_loop(
     io: Arc<Writer>,
     mut frames: mpsc::UnboundedReceiver<Outgoing>,
@@ -324,7 +402,7 @@ async fn write_loop(
     awaited: Option<Arc<Shared>>,
 ) {
     let wanted = |out: &Outgoing| match (&awaited, out.frame.first_chunk::<8>()) {
-        _ if out.rest => true,
+        _ if out.rest || out.frame.len() == HEADER_LEN => true,
         (Some(shared), Some(id)) => shared.pending().contains_key(&u64::from_be_bytes(*id)),
         _ => true,
     };
@@ -391,7 +469,11 @@ async fn write_loop(
 // ---------------------------------------------------------------- server
 
 /// Accepts same-host connections until `shutdown`, serving each like a QUIC
-/// connection (see [`crate::rpc::serve`]).
+/// connection (see [`crate::rpc::serve`]). As there, at most
+/// `handshakes_max` are in their handshake at once and each must finish it
+/// within `handshake_timeout`; at most `same_host_connections_max` are open
+/// at once. A connection past either bound is closed at once (its client
+/// goes on over QUIC).
 pub(crate) async fn serve_listener<S: Service>(
     listener: Listener,
     service: Arc<S>,
@@ -402,6 +484,7 @@ pub(crate) async fn serve_listener<S: Service>(
     tracker: TaskTracker,
 ) {
     let handshakes = Arc::new(Semaphore::new(limits.handshakes_max.max(1)));
+    let open = Arc::new(Semaphore::new(limits.same_host_connections_max.max(1)));
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -420,14 +503,24 @@ pub(crate) async fn serve_listener<S: Service>(
             info!("same-host connection from another user refused");
             continue;
         }
+        // Dropping the stream closes it: the peer reads the end at once.
+        let Ok(held) = open.clone().try_acquire_owned() else {
+            stats.refused.fetch_add(1, Ordering::Relaxed);
+            debug!("same-host connection refused: too many open");
+            continue;
+        };
         let Ok(slot) = handshakes.clone().try_acquire_owned() else {
             stats.refused.fetch_add(1, Ordering::Relaxed);
+            debug!("same-host connection refused: too many in their handshake");
             continue;
         };
         tracker.spawn(serve_connection(
             stream,
             Arc::clone(&listener.name),
-            slot,
+            Slots {
+                handshake: slot,
+                _open: held,
+            },
             service.clone(),
             auth.clone(),
             limits.clone(),
@@ -463,7 +556,7 @@ async fn server_handshake(
             handshake::check_hello(auth, &hello, false, Some(bound)).map(|()| hello.role)
         }
         Err(ReadError::Decode(e)) => Err(HandshakeRefusal::Malformed(e.to_string())),
-        Err(ReadError::Io(e)) => {
+        Err(e) => {
             stats.refused.fetch_add(1, Ordering::Relaxed);
             return Err(HandshakeFailure::Stream(e.to_string()));
         }
@@ -493,11 +586,19 @@ async fn server_handshake(
     }
 }
 
+/// What a connection holds of the listener's bounds.
+struct Slots {
+    /// Given back when the handshake ends.
+    handshake: tokio::sync::OwnedSemaphorePermit,
+    /// Given back when the connection ends.
+    _open: tokio::sync::OwnedSemaphorePermit,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn serve_connection<S: Service>(
     mut stream: UnixStream,
     name: Arc<str>,
-    handshake_slot: tokio::sync::OwnedSemaphorePermit,
+    slots: Slots,
     service: Arc<S>,
     auth: Arc<ServerAuth>,
     limits: NetLimits,
@@ -521,7 +622,7 @@ async fn serve_connection<S: Service>(
             return;
         }
     };
-    drop(handshake_slot);
+    drop(slots.handshake);
     let peer = Peer {
         role,
         remote: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0),
@@ -535,6 +636,11 @@ async fn serve_connection<S: Service>(
     tracker.spawn(write_loop(writer.clone(), queued, stop.clone(), None));
     let codec = limits.codec();
     let in_flight = Arc::new(Semaphore::new(limits.streams_max.max(1) as usize));
+    // A peer that sends nothing, not even its keep-alives, for this long is
+    // gone (as QUIC's idle timeout decides). Only reading counts: while
+    // `streams_max` requests are in flight nothing is read and nothing
+    // times out.
+    let idle = Some(limits.idle_timeout).filter(|t| !t.is_zero());
     let mut read = BufReader::with_capacity(64 << 10, read);
     loop {
         // Past `streams_max` requests in flight, stop reading: the peer's
@@ -548,12 +654,18 @@ async fn serve_connection<S: Service>(
         };
         let message = tokio::select! {
             _ = stop.cancelled() => break,
-            message = read_message(&mut read, &codec) => message,
+            message = read_message(&mut read, &codec, idle) => message,
         };
         let (id, body) = match message {
+            // A keep-alive.
+            Ok((_, body)) if body.is_empty() => continue,
             Ok(message) => message,
             Err(ReadError::Io(e)) => {
                 debug!(error = %e, "same-host peer gone");
+                break;
+            }
+            Err(e @ ReadError::Idle(_)) => {
+                info!(error = %e, "same-host peer idle; closing");
                 break;
             }
             Err(ReadError::Decode(e)) => {
@@ -622,704 +734,10 @@ async fn serve_request<S: Service>(
     }
 }
 
-// ---------------------------------------------------------------- client
+mod client;
 
-/// Called on the reading task with a reply's body, or why the connection
-/// ended first.
-pub(crate) type Then = Box<dyn FnOnce(Result<Vec<u8>, quinn::ConnectionError>) + Send>;
-
-/// Who gets a reply.
-enum Waiter {
-    /// A task awaiting [`Awaiting::body`].
-    Task(oneshot::Sender<Vec<u8>>),
-    /// A callback ([`Link::send_then`]).
-    Then(Then),
-}
-
-/// What the client's reading task shares with senders.
-#[derive(Default)]
-struct Shared {
-    /// Reply bodies awaited, by request id.
-    pending: Mutex<HashMap<u64, Waiter>>,
-    /// Why the connection ended, once it has.
-    lost: OnceLock<quinn::ConnectionError>,
-}
-
-impl Shared {
-    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Waiter>> {
-        self.pending.locked()
-    }
-
-    /// Hands a reply to its waiter (outside the table's lock).
-    fn answer(&self, id: u64, body: Vec<u8>) {
-        let waiter = self.pending().remove(&id);
-        match waiter {
-            Some(Waiter::Task(tx)) => {
-                let _ = tx.send(body);
-            }
-            Some(Waiter::Then(then)) => then(Ok(body)),
-            None => {}
-        }
-    }
-
-    /// Marks the connection lost and fails every waiting request.
-    fn end(&self, why: quinn::ConnectionError) {
-        let _ = self.lost.set(why.clone());
-        let waiters: Vec<Waiter> = self.pending().drain().map(|(_, w)| w).collect();
-        for waiter in waiters {
-            if let Waiter::Then(then) = waiter {
-                then(Err(why.clone()));
-            }
-        }
-    }
-}
-
-/// A client's same-host connection; dropping the last handle closes it.
-pub(crate) struct Link {
-    shared: Arc<Shared>,
-    frames: mpsc::UnboundedSender<Outgoing>,
-    writer: Arc<Writer>,
-    stop: CancellationToken,
-}
-
-impl Drop for Link {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-/// A reply still to come on a [`Link`].
-pub(crate) struct Awaiting {
-    link: Arc<Link>,
-    id: u64,
-    reply: oneshot::Receiver<Vec<u8>>,
-}
-
-impl Drop for Awaiting {
-    fn drop(&mut self) {
-        // Given up (a deadline): do not keep a slot for a reply nobody reads.
-        self.link.shared.pending().remove(&self.id);
-    }
-}
-
-impl Awaiting {
-    /// The reply's body, or why the connection ended.
-    pub(crate) async fn body(&mut self) -> Result<Vec<u8>, quinn::ConnectionError> {
-        match (&mut self.reply).await {
-            Ok(body) => Ok(body),
-            Err(_) => Err(self.link.lost()),
-        }
-    }
-}
-
-impl Link {
-    fn lost(&self) -> quinn::ConnectionError {
-        self.shared
-            .lost
-            .get()
-            .cloned()
-            .unwrap_or(quinn::ConnectionError::LocallyClosed)
-    }
-
-    /// Why the connection ended, once it has.
-    pub(crate) fn close_reason(&self) -> Option<quinn::ConnectionError> {
-        self.shared.lost.get().cloned()
-    }
-
-    /// Queues a request frame; the reply arrives through the returned handle.
-    pub(crate) fn send(
-        self: &Arc<Self>,
-        id: u64,
-        frame: Vec<u8>,
-    ) -> Result<Awaiting, quinn::ConnectionError> {
-        let (tx, rx) = oneshot::channel();
-        // Register before checking for loss: the reader marks the loss
-        // before it clears the table, so a request is never left waiting.
-        self.shared.pending().insert(id, Waiter::Task(tx));
-        let awaiting = Awaiting {
-            link: self.clone(),
-            id,
-            reply: rx,
-        };
-        self.write(frame, false)?;
-        Ok(awaiting)
-    }
-
-    /// Sends a request frame, written from this thread when the connection
-    /// is idle, and has `then` called on the reading task with the reply
-    /// (or with why the connection ended). `then` is not called when this
-    /// returns an error: nothing was sent.
-    pub(crate) fn send_then(
-        &self,
-        id: u64,
-        frame: Vec<u8>,
-        then: Then,
-    ) -> Result<(), quinn::ConnectionError> {
-        self.shared.pending().insert(id, Waiter::Then(then));
-        let Err(e) = self.write(frame, true) else {
-            return Ok(());
-        };
-        // Not sent: take the callback back, unless the reader has already
-        // called it with the connection's end (then that was the answer).
-        let taken = self.shared.pending().remove(&id);
-        match taken {
-            Some(_) => Err(e),
-            None => Ok(()),
-        }
-    }
-
-    fn write(&self, frame: Vec<u8>, direct: bool) -> Result<(), quinn::ConnectionError> {
-        if let Some(lost) = self.close_reason() {
-            return Err(lost);
-        }
-        let out = Outgoing {
-            frame,
-            _slot: None,
-            rest: false,
-        };
-        if self.writer.send(&self.frames, out, direct) {
-            Ok(())
-        } else {
-            Err(self.lost())
-        }
-    }
-
-    /// Closes the connection; waiting requests fail.
-    pub(crate) fn close(&self) {
-        self.shared.end(quinn::ConnectionError::LocallyClosed);
-        self.stop.cancel();
-    }
-}
-
-/// Connects to the same-host socket of the server on loopback `addr` and runs
-/// the handshake. Errors mean "use QUIC": no such socket, or it failed.
-pub(crate) async fn connect(
-    addr: SocketAddr,
-    auth: &ClientAuth,
-    limits: &NetLimits,
-) -> Result<(Arc<Link>, Option<NodeId>), ConnectError> {
-    let failed = |reason: String| ConnectError::Handshake {
-        addr: addr.to_string(),
-        reason,
-    };
-    let mut found = None;
-    for name in candidates(addr) {
-        match UnixStream::connect(&name).await {
-            Ok(stream) if same_user(&stream) => {
-                found = Some((stream, name));
-                break;
-            }
-            Ok(_) => debug!(%addr, "a same-host socket of another user; not used"),
-            Err(_) => {}
-        }
-    }
-    let (mut stream, name) = found.ok_or_else(|| failed("no same-host socket".into()))?;
-    let shake = async {
-        let mut server_nonce = [0u8; NONCE_LEN];
-        stream
-            .read_exact(&mut server_nonce)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        let client_nonce = nonce().map_err(|e| failed(e.to_string()))?;
-        let bound = binding(&name, &server_nonce, &client_nonce, auth.role.tag());
-        let hello = Hello {
-            protocol_version: PROTOCOL_VERSION,
-            cluster_id: auth.token.cluster_id,
-            role: auth.role,
-            token_proof: handshake::proof(&auth.token, CLIENT_SIDE, &bound),
-        };
-        let mut out = client_nonce.to_vec();
-        codec::encode_frame(&hello, &CodecLimits::HANDSHAKE, &mut out)
-            .map_err(|e| failed(e.to_string()))?;
-        stream
-            .write_all(&out)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        let reply: HelloReply = read_plain(&mut stream, &CodecLimits::HANDSHAKE)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        match reply {
-            HelloReply::Welcome {
-                server_proof,
-                node_id,
-            } if handshake::proof_matches(&auth.token, SERVER_SIDE, &bound, &server_proof) => {
-                Ok(node_id)
-            }
-            HelloReply::Welcome { .. } => Err(ConnectError::ServerNotAuthenticated {
-                addr: addr.to_string(),
-            }),
-            HelloReply::Refused(refusal) => Err(ConnectError::Refused {
-                addr: addr.to_string(),
-                refusal,
-            }),
-        }
-    };
-    let node_id = tokio::time::timeout(limits.handshake_timeout, shake)
-        .await
-        .map_err(|_| ConnectError::Timeout {
-            what: "handshake",
-            addr: addr.to_string(),
-        })??;
-    let (read, write) = stream.into_split();
-    let (frames, queued) = mpsc::unbounded_channel();
-    let writer = Writer::new(write);
-    let stop = CancellationToken::new();
-    let shared = Arc::new(Shared::default());
-    tokio::spawn(write_loop(
-        writer.clone(),
-        queued,
-        stop.clone(),
-        Some(shared.clone()),
-    ));
-    tokio::spawn(read_replies(
-        read,
-        shared.clone(),
-        stop.clone(),
-        limits.codec(),
-    ));
-    let link = Arc::new(Link {
-        shared,
-        frames,
-        writer,
-        stop,
-    });
-    Ok((link, node_id))
-}
-
-/// Hands each reply to its waiting request until the connection ends.
-async fn read_replies(
-    read: OwnedReadHalf,
-    shared: Arc<Shared>,
-    stop: CancellationToken,
-    codec: CodecLimits,
-) {
-    let mut read = BufReader::with_capacity(64 << 10, read);
-    let why = loop {
-        let message = tokio::select! {
-            _ = stop.cancelled() => break quinn::ConnectionError::LocallyClosed,
-            message = read_message(&mut read, &codec) => message,
-        };
-        match message {
-            Ok((id, body)) => shared.answer(id, body),
-            Err(e) => {
-                debug!(error = %e, "same-host connection ended");
-                break quinn::ConnectionError::Reset;
-            }
-        }
-    };
-    stop.cancel();
-    shared.end(why);
-}
+use client::Shared;
+pub(crate) use client::{connect, Awaiting, Link};
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::identity::ClusterIdentity;
-    use shoal_proto::Role;
-
-    struct Upper;
-
-    impl Service for Upper {
-        type Request = String;
-        type Reply = String;
-
-        async fn handle(&self, _peer: &Peer, request: String) -> Result<String, ServiceError> {
-            Ok(request.to_uppercase())
-        }
-    }
-
-    const T: Duration = Duration::from_secs(5);
-
-    struct Server {
-        /// The QUIC address the socket is named after (nothing listens on it).
-        addr: SocketAddr,
-        identity: ClusterIdentity,
-        limits: NetLimits,
-        stats: Arc<HandshakeStats>,
-        shutdown: CancellationToken,
-    }
-
-    impl Drop for Server {
-        fn drop(&mut self) {
-            self.shutdown.cancel();
-        }
-    }
-
-    /// A free loopback address (of a UDP socket just closed) to name a
-    /// listener after.
-    fn free_addr() -> SocketAddr {
-        std::net::UdpSocket::bind("127.0.0.1:0")
-            .and_then(|s| s.local_addr())
-            .expect("a free port")
-    }
-
-    /// A same-host listener for a made-up loopback address.
-    fn start() -> Server {
-        start_on(free_addr(), Upper)
-    }
-
-    /// `service` on a same-host listener named after `addr`, admitting
-    /// drivers.
-    fn start_on<S: Service>(addr: SocketAddr, service: S) -> Server {
-        let identity = ClusterIdentity::generate().expect("identity");
-        let limits = NetLimits {
-            same_host_sockets: true,
-            ..NetLimits::default()
-        };
-        let listener = listen(addr, &limits).expect("listener");
-        let stats = Arc::new(HandshakeStats::default());
-        let shutdown = CancellationToken::new();
-        tokio::spawn(serve_listener(
-            listener,
-            Arc::new(service),
-            Arc::new(ServerAuth::new(
-                identity.token().clone(),
-                vec![Role::Driver],
-            )),
-            limits.clone(),
-            stats.clone(),
-            shutdown.clone(),
-            TaskTracker::new(),
-        ));
-        Server {
-            addr,
-            identity,
-            limits,
-            stats,
-            shutdown,
-        }
-    }
-
-    impl Server {
-        async fn connect(&self, role: Role) -> Result<Arc<Link>, ConnectError> {
-            let auth = ClientAuth {
-                token: self.identity.token().clone(),
-                role,
-            };
-            connect(self.addr, &auth, &self.limits)
-                .await
-                .map(|(link, _)| link)
-        }
-
-        async fn raw(&self) -> UnixStream {
-            UnixStream::connect(socket_name(self.addr))
-                .await
-                .expect("raw connect")
-        }
-    }
-
-    async fn call(link: &Arc<Link>, id: u64, text: &str) -> ReplyEnvelope<String> {
-        let envelope = RequestEnvelope {
-            id,
-            timeout_ms: 5_000,
-            body: text.to_string(),
-        };
-        let frame = encode_message(id, &envelope, &CodecLimits::CONTROL).expect("encode");
-        reply_to(link, id, frame).await
-    }
-
-    async fn reply_to(link: &Arc<Link>, id: u64, frame: Vec<u8>) -> ReplyEnvelope<String> {
-        let mut awaiting = link.send(id, frame).expect("send");
-        let body = tokio::time::timeout(T, awaiting.body())
-            .await
-            .expect("a reply in time")
-            .expect("connection alive");
-        codec::decode(&body, &CodecLimits::CONTROL).expect("a reply envelope")
-    }
-
-    fn frame_of(id: u64, text: &str) -> Vec<u8> {
-        let envelope = RequestEnvelope {
-            id,
-            timeout_ms: 5_000,
-            body: text.to_string(),
-        };
-        encode_message(id, &envelope, &CodecLimits::CONTROL).expect("encode")
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn direct_and_queued_requests_interleave_without_mixing_frames() {
-        let server = start();
-        let link = server.connect(Role::Driver).await.expect("connect");
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        // Plain threads write directly (a large body now and then, which the
-        // socket may take in part) while tasks queue theirs.
-        let mut threads = Vec::new();
-        for t in 0..4u64 {
-            let (link, tx) = (link.clone(), tx.clone());
-            threads.push(std::thread::spawn(move || {
-                for i in 0..500u64 {
-                    let id = (t << 32) | i;
-                    let text = if i % 50 == 0 {
-                        "z".repeat(300_000)
-                    } else {
-                        format!("d{id}")
-                    };
-                    let tx = tx.clone();
-                    let expected = text.to_uppercase();
-                    let then: Then = Box::new(move |body| {
-                        let reply: ReplyEnvelope<String> =
-                            codec::decode(&body.expect("alive"), &CodecLimits::CONTROL)
-                                .expect("envelope");
-                        let _ = tx.send((id, reply.id, reply.result == Ok(expected)));
-                    });
-                    link.send_then(id, frame_of(id, &text), then).expect("sent");
-                }
-            }));
-        }
-        let queued: Vec<_> = (0..4u64)
-            .map(|t| {
-                let link = link.clone();
-                tokio::spawn(async move {
-                    for i in 0..500u64 {
-                        let id = ((t + 4) << 32) | i;
-                        let reply = reply_to(&link, id, frame_of(id, &format!("q{id}"))).await;
-                        assert_eq!((reply.id, reply.result), (id, Ok(format!("Q{id}"))));
-                    }
-                })
-            })
-            .collect();
-        for task in queued {
-            task.await.expect("queued requests answered");
-        }
-        for thread in threads {
-            thread.join().expect("direct requests sent");
-        }
-        drop(tx);
-        let mut answered = 0;
-        while let Some((id, reply_id, right)) = tokio::time::timeout(T, rx.recv())
-            .await
-            .expect("replies in time")
-        {
-            assert_eq!(id, reply_id);
-            assert!(right, "reply {id} is its request's");
-            answered += 1;
-        }
-        assert_eq!(answered, 2000);
-    }
-
-    #[tokio::test]
-    async fn a_callback_learns_of_the_connection_ending() {
-        struct Never;
-        impl Service for Never {
-            type Request = String;
-            type Reply = String;
-            async fn handle(&self, _: &Peer, _: String) -> Result<String, ServiceError> {
-                std::future::pending().await
-            }
-        }
-        let server = start_on(free_addr(), Never);
-        let link = server.connect(Role::Driver).await.expect("connect");
-        let (tx, rx) = oneshot::channel();
-        let then: Then = Box::new(move |body| {
-            let _ = tx.send(body.is_err());
-        });
-        link.send_then(1, frame_of(1, "x"), then).expect("sent");
-        drop(server);
-        let failed = tokio::time::timeout(T, rx).await.expect("called in time");
-        assert_eq!(failed, Ok(true), "called with the connection's end");
-        // Once the connection is gone nothing is sent, and the callback is
-        // given back unused rather than called.
-        let called = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = called.clone();
-        let then: Then = Box::new(move |_| flag.store(true, Ordering::SeqCst));
-        assert!(link.send_then(2, frame_of(2, "y"), then).is_err());
-        assert!(!called.load(Ordering::SeqCst));
-    }
-
-    #[tokio::test]
-    async fn the_token_proof_is_checked_both_ways() {
-        let server = start();
-        let link = server.connect(Role::Driver).await.expect("welcome");
-        assert_eq!(call(&link, 1, "hi").await.result, Ok("HI".to_string()));
-
-        let impostor = ClientAuth {
-            token: crate::JoinToken::from_parts(server.identity.cluster_id(), [9; 32]),
-            role: Role::Driver,
-        };
-        match connect(server.addr, &impostor, &server.limits).await {
-            Err(ConnectError::Refused {
-                refusal: HandshakeRefusal::BadToken,
-                ..
-            }) => {}
-            other => panic!("expected BadToken, got {:?}", other.map(|_| ())),
-        }
-        match server.connect(Role::Client).await {
-            Err(ConnectError::Refused {
-                refusal: HandshakeRefusal::RoleNotAllowed(Role::Client),
-                ..
-            }) => {}
-            other => panic!("expected RoleNotAllowed, got {:?}", other.map(|_| ())),
-        }
-        assert_eq!(server.stats.refused.load(Ordering::Relaxed), 2);
-        // The first connection is untouched.
-        assert_eq!(
-            call(&link, 2, "still").await.result,
-            Ok("STILL".to_string())
-        );
-    }
-
-    /// A process that takes the name a client tries first and relays the
-    /// bytes to the real server (bound under another name) gets nowhere:
-    /// the proofs are bound to the name each side used.
-    #[tokio::test]
-    async fn a_relay_under_another_name_is_refused() {
-        // The real server is bound to the unspecified address of a port.
-        let held = std::net::UdpSocket::bind("0.0.0.0:0").expect("a free port");
-        let port = held.local_addr().expect("addr").port();
-        let real = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port);
-        let server = start_on(real, Upper);
-        let (limits, stats) = (&server.limits, &server.stats);
-        let asked = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
-        let auth = ClientAuth {
-            token: server.identity.token().clone(),
-            role: Role::Driver,
-        };
-        // Without the relay the client finds the real server by the
-        // unspecified address's name.
-        let (link, _) = connect(asked, &auth, limits).await.expect("direct");
-        assert_eq!(
-            call(&link, 1, "direct").await.result,
-            Ok("DIRECT".to_string())
-        );
-        // The relay takes the name tried first.
-        let relay = UnixListener::bind(socket_name(asked)).expect("relay bind");
-        let relaying = tokio::spawn(async move {
-            let (mut client, _) = relay.accept().await.expect("accept");
-            let mut server = UnixStream::connect(socket_name(real))
-                .await
-                .expect("connect");
-            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-        });
-        let result = connect(asked, &auth, limits).await;
-        assert!(
-            matches!(
-                result,
-                Err(ConnectError::Refused {
-                    refusal: HandshakeRefusal::BadToken,
-                    ..
-                })
-            ),
-            "{:?}",
-            result.map(|_| ())
-        );
-        assert_eq!(stats.refused.load(Ordering::Relaxed), 1);
-        relaying.abort();
-        drop(server);
-    }
-
-    /// A listener that does not hold the token cannot fake its proof.
-    #[tokio::test]
-    async fn a_socket_without_the_token_is_not_trusted() {
-        let identity = ClusterIdentity::generate().expect("identity");
-        let addr = free_addr();
-        let listener = UnixListener::bind(socket_name(addr)).expect("bind");
-        let fake = tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.expect("accept");
-            stream.write_all(&[7; NONCE_LEN]).await.expect("nonce");
-            let mut nonce = [0u8; NONCE_LEN];
-            stream.read_exact(&mut nonce).await.expect("client nonce");
-            let _hello: Hello = read_plain(&mut stream, &CodecLimits::HANDSHAKE)
-                .await
-                .expect("hello");
-            let welcome = HelloReply::Welcome {
-                server_proof: vec![0; 32],
-                node_id: None,
-            };
-            write_plain(&mut stream, &welcome, &CodecLimits::HANDSHAKE)
-                .await
-                .expect("reply");
-        });
-        let auth = ClientAuth {
-            token: identity.token().clone(),
-            role: Role::Driver,
-        };
-        let result = connect(addr, &auth, &NetLimits::default()).await;
-        assert!(
-            matches!(result, Err(ConnectError::ServerNotAuthenticated { .. })),
-            "{:?}",
-            result.map(|_| ())
-        );
-        fake.await.expect("fake server");
-    }
-
-    /// Garbage before the handshake, an undecodable request and an oversized
-    /// frame: each gets a typed answer or a closed connection, and the server
-    /// goes on serving everyone else.
-    #[tokio::test]
-    async fn bad_bytes_never_stop_the_server() {
-        let server = start();
-        // Garbage instead of a handshake, then gone.
-        let mut raw = server.raw().await;
-        let mut nonce = [0u8; NONCE_LEN];
-        raw.read_exact(&mut nonce).await.expect("server nonce");
-        raw.write_all(&[0xff; 300]).await.expect("garbage");
-        let mut rest = Vec::new();
-        let _ = tokio::time::timeout(T, raw.read_to_end(&mut rest)).await;
-        drop(raw);
-        // A peer that connects and says nothing.
-        let _silent = server.raw().await;
-
-        let link = server.connect(Role::Driver).await.expect("welcome");
-        // A well-framed request whose body is not a request: BadRequest,
-        // with the request's id, on a connection that stays up.
-        let mut frame = 41u64.to_be_bytes().to_vec();
-        frame.extend_from_slice(&[0, 0, 0, 2, 0xc1, 0xc1]);
-        let reply = reply_to(&link, 41, frame).await;
-        assert!(
-            matches!(
-                &reply.result,
-                Err(ServiceError {
-                    kind: ServiceErrorKind::BadRequest,
-                    ..
-                })
-            ),
-            "{reply:?}"
-        );
-        assert_eq!(call(&link, 42, "ok").await.result, Ok("OK".to_string()));
-
-        // A frame longer than the limit: the framing cannot be trusted after
-        // it, so that connection is closed; the waiting request is told.
-        let mut frame = 43u64.to_be_bytes().to_vec();
-        frame.extend_from_slice(&u32::MAX.to_be_bytes());
-        let mut awaiting = link.send(43, frame).expect("send");
-        let lost = tokio::time::timeout(T, awaiting.body())
-            .await
-            .expect("ended in time")
-            .expect_err("connection closed");
-        assert!(matches!(lost, quinn::ConnectionError::Reset), "{lost:?}");
-
-        let fresh = server.connect(Role::Driver).await.expect("welcome again");
-        assert_eq!(call(&fresh, 1, "fine").await.result, Ok("FINE".to_string()));
-    }
-
-    /// Dropping every handle of a client's connection closes it: the
-    /// server sees the peer leave.
-    #[tokio::test]
-    async fn dropping_the_link_closes_the_connection() {
-        struct Counting(Arc<std::sync::atomic::AtomicU32>);
-        impl Service for Counting {
-            type Request = String;
-            type Reply = String;
-            async fn handle(&self, _: &Peer, r: String) -> Result<String, ServiceError> {
-                Ok(r)
-            }
-            fn disconnected(&self, _peer: &Peer) {
-                self.0.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        let gone = Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let server = start_on(free_addr(), Counting(gone.clone()));
-        let link = server.connect(Role::Driver).await.expect("connect");
-        assert_eq!(call(&link, 1, "x").await.result, Ok("x".to_string()));
-        drop(link);
-        let deadline = std::time::Instant::now() + T;
-        while gone.load(Ordering::Relaxed) == 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "server never saw the peer go"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        drop(server);
-    }
-}
+mod tests;

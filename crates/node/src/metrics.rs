@@ -56,7 +56,7 @@ impl NodeHandle {
         for (name, help, metric) in metrics {
             registry.register(name, help, metric);
         }
-        let counters: [(&str, &str, u64); 8] = [
+        let counters: [(&str, &str, u64); 9] = [
             (
                 "shoal_object_spills",
                 "Objects spilled to disk",
@@ -96,6 +96,11 @@ impl NodeHandle {
                 "shoal_node_handshakes_refused",
                 "Connections the node refused in the handshake",
                 self.stats.refused.load(Ordering::Relaxed),
+            ),
+            (
+                "shoal_node_handshakes_retried",
+                "New peers asked to prove their address (a QUIC Retry) while the handshake slots filled",
+                self.stats.retried.load(Ordering::Relaxed),
             ),
         ];
         for (name, help, value) in counters {
