@@ -1132,6 +1132,8 @@ impl Service for HeadService {
     type Reply = HeadReply;
 
     async fn handle(&self, peer: &Peer, request: HeadRequest) -> Result<HeadReply, ServiceError> {
+        // Who may send what: the one table, `shoal_proto::HEAD_RPCS`.
+        peer.require(request.rpc().roles)?;
         // Task events change no table the store keeps: nothing to wait for.
         if matches!(request, HeadRequest::TaskEvents(_)) {
             return self.serve(peer, request).await;
@@ -1159,10 +1161,7 @@ impl Service for HeadService {
 impl HeadService {
     async fn serve(&self, peer: &Peer, request: HeadRequest) -> Result<HeadReply, ServiceError> {
         match request {
-            HeadRequest::RegisterNode(info) => {
-                peer.require(&[Role::Node])?;
-                self.register_node(peer, info)
-            }
+            HeadRequest::RegisterNode(info) => self.register_node(peer, info),
             HeadRequest::Heartbeat {
                 node_id,
                 resources_available,
@@ -1173,7 +1172,6 @@ impl HeadService {
                 objects_pulled,
                 orders_acked,
             } => {
-                peer.require(&[Role::Node])?;
                 self.metrics.heartbeats.inc();
                 resources_available
                     .validate()
@@ -1232,7 +1230,6 @@ impl HeadService {
                 }
             }
             HeadRequest::UnregisterNode { node_id } => {
-                peer.require(&[Role::Node])?;
                 let left = {
                     let mut state = self.state();
                     let left = state.membership.unregister(node_id);
@@ -1248,7 +1245,6 @@ impl HeadService {
             }
             HeadRequest::GetClusterStatus => Ok(HeadReply::ClusterStatus(self.status())),
             HeadRequest::RegisterJob(job) => {
-                peer.require(&[Role::Driver])?;
                 if job.binary_size > crate::jobs::BINARY_BYTES_MAX {
                     return Err(bad_request("executable too large"));
                 }
@@ -1268,7 +1264,6 @@ impl HeadService {
             } => {
                 // Drivers upload their executable, `shoal job submit` a
                 // program and a working directory.
-                peer.require(&[Role::Driver, Role::Client])?;
                 let complete = self
                     .binaries()
                     .upload(&hash, offset, total, &data)
@@ -1276,7 +1271,6 @@ impl HeadService {
                 Ok(HeadReply::BinaryStored { complete })
             }
             HeadRequest::FetchBinary { hash, offset, len } => {
-                peer.require(&[Role::Node])?;
                 let (total, data) = self
                     .binaries()
                     .fetch(&hash, offset, len.min(BINARY_CHUNK_MAX))
@@ -1288,19 +1282,14 @@ impl HeadService {
                     })?;
                 Ok(HeadReply::BinaryChunk { total, data })
             }
-            HeadRequest::RequestLease(request) => {
-                peer.require(&[Role::Driver, Role::Worker])?;
-                self.request_lease(request).await
-            }
+            HeadRequest::RequestLease(request) => self.request_lease(request).await,
             HeadRequest::ReturnLease { lease_id } => {
-                peer.require(&[Role::Driver, Role::Worker])?;
                 if self.state().scheduler.release(lease_id) {
                     self.resources_changed.notify_waiters();
                 }
                 Ok(HeadReply::LeaseReturned)
             }
             HeadRequest::LeaseBlocked { lease_id, blocked } => {
-                peer.require(&[Role::Node])?;
                 let changed = self.state().scheduler.set_blocked(lease_id, blocked);
                 if changed && blocked {
                     self.resources_changed.notify_waiters();
@@ -1308,7 +1297,6 @@ impl HeadService {
                 Ok(HeadReply::LeaseReturned)
             }
             HeadRequest::RegisterActor { info, spec } => {
-                peer.require(&[Role::Driver, Role::Worker])?;
                 if info.name.as_ref().is_some_and(|n| n.len() > NAME_BYTES_MAX)
                     || info.namespace.len() > NAME_BYTES_MAX
                 {
@@ -1346,7 +1334,6 @@ impl HeadService {
                 pid,
                 failure,
             } => {
-                peer.require(&[Role::Node])?;
                 let (created, failed) = match (worker, failure) {
                     (Some(worker), None) => (Some((worker, pid)), None),
                     (_, failure) => (None, Some(failure.unwrap_or_else(|| "no worker".into()))),
@@ -1398,16 +1385,11 @@ impl HeadService {
                     })?;
                 Ok(HeadReply::Actor(info))
             }
-            HeadRequest::CreatePlacementGroup(spec) => {
-                peer.require(&[Role::Driver, Role::Worker])?;
-                self.create_group(*spec).await
-            }
+            HeadRequest::CreatePlacementGroup(spec) => self.create_group(*spec).await,
             HeadRequest::WaitPlacementGroup { group_id, wait_ms } => {
-                peer.require(&[Role::Driver, Role::Worker, Role::Client])?;
                 self.wait_group(group_id, wait_ms).await
             }
             HeadRequest::RemovePlacementGroup { group_id } => {
-                peer.require(&[Role::Driver, Role::Worker, Role::Client])?;
                 let info = {
                     let mut state = self.state();
                     state.remove_group(group_id);
@@ -1425,7 +1407,6 @@ impl HeadService {
                 Ok(HeadReply::PlacementGroup(Box::new(info)))
             }
             HeadRequest::GetNamedPlacementGroup { name } => {
-                peer.require(&[Role::Driver, Role::Worker, Role::Client])?;
                 let state = self.state();
                 state
                     .groups
@@ -1443,7 +1424,6 @@ impl HeadService {
                 actor_id,
                 no_restart,
             } => {
-                peer.require(&[Role::Driver, Role::Worker, Role::Client])?;
                 let not_found = || {
                     ServiceError::new(
                         ServiceErrorKind::NotFound,
@@ -1493,10 +1473,7 @@ impl HeadService {
             HeadRequest::ListActors => Ok(HeadReply::Actors(self.state().actors.list())),
             HeadRequest::ListState(query) => self.list_state(&query),
             HeadRequest::Summarize(kind) => self.summarize(kind),
-            HeadRequest::TaskEvents(batch) => {
-                peer.require(&[Role::Driver, Role::Worker])?;
-                self.task_events(*batch)
-            }
+            HeadRequest::TaskEvents(batch) => self.task_events(*batch),
             HeadRequest::ListObjects => Ok(HeadReply::Objects(self.state().objects.list())),
             HeadRequest::LocateObject { id } => {
                 let state = self.state();
@@ -1515,7 +1492,6 @@ impl HeadService {
                 Ok(HeadReply::ObjectLocations(copies))
             }
             HeadRequest::WatchNodeDeaths { after, wait_ms } => {
-                peer.require(&[Role::Driver, Role::Worker])?;
                 let wait = Duration::from_millis(wait_ms).min(LEASE_WAIT_MAX);
                 let deadline = tokio::time::Instant::now() + wait;
                 loop {
@@ -1536,7 +1512,6 @@ impl HeadService {
                 }
             }
             HeadRequest::RejoinNode(rejoin) => {
-                peer.require(&[Role::Node])?;
                 check_registration(&rejoin.node)?;
                 self.rejoin_node(*rejoin)
             }
@@ -1546,7 +1521,6 @@ impl HeadService {
                 value,
                 overwrite,
             } => {
-                peer.require(&[Role::Driver, Role::Worker, Role::Client])?;
                 let changed = self
                     .state()
                     .kv
@@ -1555,40 +1529,27 @@ impl HeadService {
                 Ok(HeadReply::KvWritten { changed })
             }
             HeadRequest::KvGet { namespace, key } => {
-                peer.require(&[Role::Driver, Role::Worker, Role::Client])?;
                 let value = self.state().kv.get(&namespace, &key).cloned();
                 Ok(HeadReply::KvValue(value))
             }
             HeadRequest::KvDelete { namespace, key } => {
-                peer.require(&[Role::Driver, Role::Worker, Role::Client])?;
                 let changed = self.state().kv.delete(&namespace, &key);
                 Ok(HeadReply::KvWritten { changed })
             }
             HeadRequest::KvKeys { namespace, prefix } => {
-                peer.require(&[Role::Driver, Role::Worker, Role::Client])?;
                 Ok(HeadReply::KvKeys(self.state().kv.keys(&namespace, &prefix)))
             }
             HeadRequest::FinishJob { job_id } => {
-                peer.require(&[Role::Driver])?;
                 self.finish_job(job_id);
                 Ok(HeadReply::JobFinished)
             }
-            HeadRequest::SubmitJob(submission) => {
-                peer.require(&[Role::Client, Role::Driver])?;
-                self.submit_job(*submission)
-            }
+            HeadRequest::SubmitJob(submission) => self.submit_job(*submission),
             HeadRequest::JobLogs {
                 job_id,
                 offset,
                 len,
-            } => {
-                peer.require(&[Role::Client, Role::Driver])?;
-                self.job_log(job_id, offset, len)
-            }
-            HeadRequest::StopJob { job_id } => {
-                peer.require(&[Role::Client, Role::Driver])?;
-                self.stop_job(job_id)
-            }
+            } => self.job_log(job_id, offset, len),
+            HeadRequest::StopJob { job_id } => self.stop_job(job_id),
         }
     }
 }

@@ -4,9 +4,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use shoal_net::sync::MutexExt;
 use shoal_net::{Peer, Service};
-use shoal_proto::{
-    NodeId, NodeReply, NodeRequest, ResourceSet, Role, ServiceError, ServiceErrorKind,
-};
+use shoal_proto::{NodeId, NodeReply, NodeRequest, ResourceSet, ServiceError, ServiceErrorKind};
 use tokio::sync::watch;
 
 use crate::object_store::{Created, ObjectStore, StoreError};
@@ -141,22 +139,9 @@ impl Service for NodeService {
     type Reply = NodeReply;
 
     async fn handle(&self, peer: &Peer, request: NodeRequest) -> Result<NodeReply, ServiceError> {
+        // Who may send what: the one table, `shoal_proto::NODE_RPCS`.
+        peer.require(request.rpc().roles)?;
         let node_id = self.node_id()?;
-        // Tools (`shoal logs`) read; they change nothing.
-        if peer.role == Role::Client
-            && !matches!(
-                request,
-                NodeRequest::Ping
-                    | NodeRequest::GetNodeInfo
-                    | NodeRequest::ListLogs
-                    | NodeRequest::ReadLog { .. }
-            )
-        {
-            return Err(ServiceError::new(
-                ServiceErrorKind::PermissionDenied,
-                "a client may only read a node's logs and info",
-            ));
-        }
         match request {
             NodeRequest::ListLogs => Ok(NodeReply::Logs(self.logs())),
             NodeRequest::ReadLog { name, offset, len } => self.read_log(&name, offset, len),
@@ -180,7 +165,6 @@ impl Service for NodeService {
                 owner_node,
                 env,
             } => {
-                peer.require(&[Role::Driver, Role::Worker])?;
                 env.check()
                     .map_err(|e| ServiceError::new(ServiceErrorKind::BadRequest, e))?;
                 self.pool.set_owner(lease_id, owner, owner_node);
@@ -209,7 +193,6 @@ impl Service for NodeService {
                 Ok(NodeReply::WorkerGranted { worker })
             }
             NodeRequest::ReleaseWorker { lease_id, kill } => {
-                peer.require(&[Role::Driver, Role::Worker])?;
                 self.pool.release(lease_id, kill);
                 Ok(NodeReply::Ok)
             }
@@ -218,7 +201,6 @@ impl Service for NodeService {
                 address,
                 pid,
             } => {
-                peer.require(&[Role::Worker])?;
                 self.pool.register(worker_id, address, pid)?;
                 Ok(NodeReply::Ok)
             }
@@ -278,7 +260,6 @@ impl Service for NodeService {
                 Ok(NodeReply::Ok)
             }
             NodeRequest::KillWorker { worker_id } => {
-                peer.require(&[Role::Driver, Role::Worker])?;
                 self.pool.kill_worker(worker_id);
                 Ok(NodeReply::Ok)
             }
@@ -292,7 +273,6 @@ impl Service for NodeService {
                 Ok(NodeReply::WorkersExited { worker_ids })
             }
             NodeRequest::WorkerBlocked { worker_id, blocked } => {
-                peer.require(&[Role::Driver, Role::Worker])?;
                 if let Some(lease_id) = self.pool.set_blocked(worker_id, blocked) {
                     if blocked {
                         self.pool.replace_blocked(worker_id);

@@ -129,7 +129,7 @@ impl<'de> Visitor<'de> for ChunkVisitor {
     }
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "arbitrary"))]
 impl proptest::arbitrary::Arbitrary for Chunk {
     type Parameters = ();
     type Strategy = proptest::strategy::Map<

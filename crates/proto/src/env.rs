@@ -19,7 +19,7 @@ pub const WORKER_ENV_NAMES: &str = "SHOAL_WORKER_ENV";
 /// name once. Workers started with different environments are never
 /// shared.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct EnvVars(Vec<(String, String)>);
 
 impl EnvVars {

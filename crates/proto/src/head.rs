@@ -9,7 +9,7 @@ use crate::task::{Address, ArgSpec};
 
 /// A request to the head.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub enum HeadRequest {
     /// A node daemon joins; the head answers [`HeadReply::NodeRegistered`].
     RegisterNode(RegisterNode),
@@ -264,7 +264,7 @@ pub enum HeadRequest {
 
 /// A change to the copies one node holds.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub enum ObjectCopyChange {
     /// A sealed copy is here.
     Added {
@@ -293,7 +293,7 @@ pub enum ObjectCopyChange {
 
 /// An object as the head's directory knows it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct ObjectInfo {
     /// The object.
     pub id: ObjectId,
@@ -307,7 +307,7 @@ pub struct ObjectInfo {
 
 /// One copy of an object.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct ObjectCopy {
     /// The node holding it.
     pub node_id: NodeId,
@@ -319,7 +319,7 @@ pub struct ObjectCopy {
 
 /// A driver's job registration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct RegisterJob {
     /// The driver process's id.
     pub driver_pid: u32,
@@ -338,7 +338,7 @@ pub struct RegisterJob {
 
 /// A program to run as a job's driver (`shoal job submit`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct JobSubmission {
     /// The job's id, chosen by the submitter: a retried request starts
     /// nothing twice.
@@ -369,7 +369,7 @@ fn yes() -> bool {
 
 /// What the head needs to create an actor again.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct ActorSpec {
     /// The constructor's arguments.
     pub args: Vec<ArgSpec>,
@@ -391,7 +391,7 @@ pub struct ActorSpec {
 /// lease the head has granted, then report with
 /// [`HeadRequest::ActorRestarted`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct RestartActor {
     /// The actor.
     pub actor_id: ActorId,
@@ -415,7 +415,7 @@ pub struct RestartActor {
 
 /// An actor as the head records it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct ActorInfo {
     /// The actor.
     pub actor_id: ActorId,
@@ -463,7 +463,7 @@ pub struct ActorInfo {
 
 /// Whether an actor is alive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ActorState {
     /// Running.
@@ -476,7 +476,7 @@ pub enum ActorState {
 
 /// A request for a worker lease.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct LeaseRequest {
     /// The job the work belongs to.
     pub job_id: JobId,
@@ -510,7 +510,7 @@ pub struct LeaseRequest {
 
 /// A granted lease.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct Lease {
     /// The lease.
     pub lease_id: LeaseId,
@@ -530,7 +530,7 @@ pub struct Lease {
 /// What a node tells a restarted head when it joins it again: itself, and
 /// the work and objects it kept through the head's outage.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct RejoinNode {
     /// The id it had.
     pub node_id: NodeId,
@@ -546,7 +546,7 @@ pub struct RejoinNode {
 
 /// A lease a node's worker holds, as the node reports it to a restarted head.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct HeldLease {
     /// The lease.
     pub lease_id: LeaseId,
@@ -566,7 +566,7 @@ pub struct HeldLease {
 
 /// What a joining node says about itself.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct RegisterNode {
     /// The address the node serves its peers on (`host:port`).
     pub address: String,
@@ -597,7 +597,10 @@ pub struct RegisterNode {
     /// Its labels (`--labels`, and `shoal.io/hostname`); the head adds
     /// `shoal.io/node-id`.
     #[serde(default, skip_serializing_if = "Labels::is_empty")]
-    #[cfg_attr(test, proptest(strategy = "crate::placement::small_labels()"))]
+    #[cfg_attr(
+        any(test, feature = "arbitrary"),
+        proptest(strategy = "crate::placement::small_labels()")
+    )]
     pub labels: Labels,
 }
 
@@ -638,7 +641,7 @@ impl HeadRequest {
 
 /// A reply from the head.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub enum HeadReply {
     /// The node is a member, under a new id.
     NodeRegistered(NodeRegistered),
@@ -735,7 +738,7 @@ pub enum HeadReply {
     /// The task events were taken.
     EventsTaken,
     /// A listing or summary of the state API.
-    #[cfg_attr(test, proptest(skip))]
+    #[cfg_attr(any(test, feature = "arbitrary"), proptest(skip))]
     State(Box<crate::state::StateRows>),
     /// A job was submitted (its driver is starting), unless `missing` names
     /// uploads the head needs first.
@@ -782,7 +785,7 @@ pub enum HeadReply {
 
 /// A node the head declared dead (or that left).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct DeadNode {
     /// Its id in the incarnation that died.
     pub node_id: NodeId,
@@ -792,7 +795,7 @@ pub struct DeadNode {
 
 /// The head's welcome to a new node.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct NodeRegistered {
     /// The node's id for this incarnation.
     pub node_id: NodeId,
@@ -812,7 +815,7 @@ pub struct NodeRegistered {
 
 /// The cluster's node table and resource view.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct ClusterStatus {
     /// The cluster's id.
     pub cluster_id: ClusterId,
@@ -831,7 +834,7 @@ pub struct ClusterStatus {
 
 /// A resource request that no live node can fit.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct InfeasibleRequest {
     /// The job asking.
     pub job_id: JobId,
@@ -844,7 +847,7 @@ pub struct InfeasibleRequest {
 
 /// One node as the head sees it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct NodeStatus {
     /// The node's id.
     pub node_id: NodeId,
@@ -881,13 +884,16 @@ pub struct NodeStatus {
     pub metrics_address: Option<String>,
     /// Its labels, the defaults included.
     #[serde(default, skip_serializing_if = "Labels::is_empty")]
-    #[cfg_attr(test, proptest(strategy = "crate::placement::small_labels()"))]
+    #[cfg_attr(
+        any(test, feature = "arbitrary"),
+        proptest(strategy = "crate::placement::small_labels()")
+    )]
     pub labels: Labels,
 }
 
 /// Whether a node is a live member.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum NodeState {
     /// Heartbeating within the timeout.

@@ -29,7 +29,7 @@ pub const PROOF_LEN: usize = 32;
 
 /// What a connecting peer is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub enum Role {
     /// A node daemon joining or talking to the cluster.
     Node,
@@ -56,7 +56,7 @@ impl Role {
 
 /// The first message on every connection, from the client.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct Hello {
     /// The client's [`PROTOCOL_VERSION`].
     pub protocol_version: u32,
@@ -71,7 +71,7 @@ pub struct Hello {
 
 /// The server's answer to a [`Hello`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub enum HelloReply {
     /// Accepted: the connection now carries requests.
     Welcome {
@@ -88,7 +88,7 @@ pub enum HelloReply {
 
 /// Why a server refused a handshake.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub enum HandshakeRefusal {
     /// The peers speak different protocol versions.
     #[error("protocol version mismatch: server speaks {server}, client spoke {client}")]

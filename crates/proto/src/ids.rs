@@ -16,10 +16,10 @@ macro_rules! typed_id {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
         #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-        #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+        #[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
         #[serde(transparent)]
         pub struct $name(
-            #[cfg_attr(test, proptest(strategy = "crate::ids::arb_uuid()"))] Uuid,
+            #[cfg_attr(any(test, feature = "arbitrary"), proptest(strategy = "crate::ids::arb_uuid()"))] Uuid,
         );
 
         impl $name {
@@ -205,7 +205,7 @@ impl ObjectId {
     }
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "arbitrary"))]
 pub(crate) fn arb_uuid() -> impl proptest::strategy::Strategy<Value = Uuid> {
     use proptest::prelude::*;
     any::<u128>().prop_map(Uuid::from_u128)

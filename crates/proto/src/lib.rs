@@ -42,6 +42,7 @@ pub mod ids;
 pub mod node;
 pub mod placement;
 pub mod resources;
+pub mod roles;
 pub mod rpc;
 pub mod state;
 pub mod task;
@@ -57,6 +58,7 @@ pub use hello::{HandshakeRefusal, Hello, HelloReply, Role, PROTOCOL_VERSION};
 pub use ids::*;
 pub use node::{NodeReply, NodeRequest, PullPriority};
 pub use resources::ResourceSet;
+pub use roles::{Rpc, HEAD_RPCS, NODE_RPCS, WORKER_RPCS};
 pub use rpc::{ReplyEnvelope, RequestEnvelope, ServiceError, ServiceErrorKind};
 pub use task::{
     Address, ArgSpec, FailureKind, FunctionId, StoredAt, TaskFailure, TaskOutcome, TaskReply,

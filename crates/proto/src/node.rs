@@ -8,7 +8,7 @@ use crate::task::Address;
 
 /// A request to a node daemon.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub enum NodeRequest {
     /// Liveness and identity check.
     Ping,
@@ -171,7 +171,7 @@ pub const LOG_CHUNK_MAX: u32 = 1 << 20;
 
 /// A log file on a node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct LogFile {
     /// Its name.
     pub name: String,
@@ -186,7 +186,7 @@ pub struct LogFile {
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
 )]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub enum PullPriority {
     /// A program waits in `get`.
     Get,
@@ -197,7 +197,7 @@ pub enum PullPriority {
 
 /// A reply from a node daemon.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub enum NodeReply {
     /// Answer to [`NodeRequest::Ping`].
     Pong {

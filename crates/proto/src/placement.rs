@@ -68,13 +68,13 @@ fn check_value(value: &str) -> Result<(), InvalidPlacement> {
 
 /// A few short strings (proptest's default makes messages too large to
 /// encode once nested).
-#[cfg(test)]
+#[cfg(any(test, feature = "arbitrary"))]
 pub(crate) fn small_strings() -> impl proptest::strategy::Strategy<Value = Vec<String>> {
     proptest::collection::vec("[a-z]{0,8}", 0..3)
 }
 
 /// A few short labels.
-#[cfg(test)]
+#[cfg(any(test, feature = "arbitrary"))]
 pub(crate) fn small_labels() -> impl proptest::strategy::Strategy<Value = Labels> {
     proptest::collection::btree_map("[a-z./]{1,8}", "[a-z]{0,8}", 0..3)
 }
@@ -97,17 +97,29 @@ pub fn check_labels(labels: &Labels) -> Result<(), InvalidPlacement> {
 
 /// What a selector asks of one label.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub enum LabelMatch {
     /// The node has the key, with one of these values.
-    In(#[cfg_attr(test, proptest(strategy = "small_strings()"))] Vec<String>),
+    In(
+        #[cfg_attr(
+            any(test, feature = "arbitrary"),
+            proptest(strategy = "small_strings()")
+        )]
+        Vec<String>,
+    ),
     /// The node lacks the key, or has another value.
-    NotIn(#[cfg_attr(test, proptest(strategy = "small_strings()"))] Vec<String>),
+    NotIn(
+        #[cfg_attr(
+            any(test, feature = "arbitrary"),
+            proptest(strategy = "small_strings()")
+        )]
+        Vec<String>,
+    ),
 }
 
 /// One key's constraint in a selector.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct LabelConstraint {
     /// The label's key.
     pub key: String,
@@ -196,7 +208,7 @@ pub fn selects(selector: &[LabelConstraint], labels: &Labels) -> bool {
 
 /// How the scheduler picks a node.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub enum Strategy {
     /// The node holding most of the arguments' bytes if it fits, else the
     /// owner's node while it is below half use, else other nodes below
@@ -260,7 +272,7 @@ impl fmt::Display for Strategy {
 
 /// Where a lease may go, beyond its resources.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct Placement {
     /// How a node is picked.
     #[serde(default)]
@@ -331,7 +343,7 @@ impl fmt::Display for Placement {
 
 /// How a placement group's bundles are laid over nodes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub enum PlacementStrategy {
     /// On as few nodes as fit them (one if it can).
     #[default]
@@ -362,7 +374,7 @@ pub const GROUP_NAME_MAX: usize = 256;
 
 /// A placement group as its creator asks for it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct PlacementGroupSpec {
     /// Chosen by the creator: a retried creation makes one group.
     pub group_id: PlacementGroupId,
@@ -419,7 +431,7 @@ impl PlacementGroupSpec {
 
 /// Where a placement group stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum GroupState {
     /// Not reserved yet: it waits for room (or, if `infeasible`, for a
@@ -447,7 +459,7 @@ impl fmt::Display for GroupState {
 
 /// A placement group as the head records it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct PlacementGroupInfo {
     /// What was asked.
     pub spec: PlacementGroupSpec,

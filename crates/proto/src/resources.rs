@@ -15,10 +15,14 @@ pub const MEMORY: &str = "memory";
 
 /// A set of named resource quantities, ordered by name.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 #[serde(transparent)]
 pub struct ResourceSet(
-    #[cfg_attr(test, proptest(strategy = "arb_resource_map()"))] pub BTreeMap<String, f64>,
+    #[cfg_attr(
+        any(test, feature = "arbitrary"),
+        proptest(strategy = "arb_resource_map()")
+    )]
+    pub BTreeMap<String, f64>,
 );
 
 impl ResourceSet {
@@ -86,7 +90,7 @@ pub struct InvalidResource {
     pub reason: &'static str,
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "arbitrary"))]
 fn arb_resource_map() -> impl proptest::strategy::Strategy<Value = BTreeMap<String, f64>> {
     proptest::collection::btree_map("[A-Za-z_]{1,8}", 0.0f64..1e12, 0..4)
 }

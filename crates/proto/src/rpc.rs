@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 /// A request with its id and deadline.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct RequestEnvelope<T> {
     /// Unique per connection and direction.
     pub id: u64,
@@ -20,7 +20,7 @@ pub struct RequestEnvelope<T> {
 
 /// A reply with the id of its request.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct ReplyEnvelope<T> {
     /// The id of the request answered.
     pub id: u64,
@@ -30,7 +30,7 @@ pub struct ReplyEnvelope<T> {
 
 /// A service's typed refusal of a request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 #[error("{kind:?}: {message}")]
 pub struct ServiceError {
     /// What kind of failure.
@@ -51,7 +51,7 @@ impl ServiceError {
 
 /// The kinds of [`ServiceError`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub enum ServiceErrorKind {
     /// The request was well-formed but not acceptable (bad values).
     BadRequest,

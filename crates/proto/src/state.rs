@@ -8,7 +8,7 @@ use crate::ids::{ActorId, JobId, NodeId, TaskId, WorkerId};
 /// Where a task (or actor call) is in its life (a number on the wire:
 /// its index in [`TaskState::ALL`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub enum TaskState {
     /// Submitted; waiting for its reference arguments.
     PendingArgs,
@@ -52,7 +52,7 @@ impl TaskState {
 /// What kind of work a task event is about (a number on the wire: 0 for a
 /// task, 1 for an actor call).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub enum TaskKind {
     /// A remote function.
     Task,
@@ -73,7 +73,7 @@ impl TaskKind {
 /// What a task is, sent with its first event (its job and owner are the
 /// batch's).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct TaskInfo {
     /// The function's name (`Class::method` for an actor call): its index
     /// in the batch's `names`.
@@ -88,7 +88,7 @@ pub struct TaskInfo {
 /// [`crate::HeadRequest::TaskEvents`] carries. What all its tasks share
 /// (job, owner, the few function names) is sent once.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct EventBatch {
     /// The owner's job.
     pub job_id: JobId,
@@ -105,7 +105,7 @@ pub struct EventBatch {
 
 /// Where an attempt was sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct Placed {
     /// The node.
     pub node_id: NodeId,
@@ -119,7 +119,7 @@ pub struct Placed {
 /// [`TaskInfo`] and [`Placed`] are arrays (no field names) and states
 /// numbers, unlike the other messages.
 #[derive(Clone, Debug, PartialEq, Eq)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct TaskEvent {
     /// The task (an actor call has a task id too).
     pub task_id: TaskId,
@@ -261,7 +261,7 @@ pub const EVENT_TEXT_MAX: usize = 4 << 10;
 
 /// What the state API lists.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub enum StateKind {
     /// Nodes, live and dead.
     Nodes,
@@ -317,7 +317,7 @@ impl std::str::FromStr for StateKind {
 
 /// How a filter compares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub enum FilterOp {
     /// `key=value`.
     Eq,
@@ -328,7 +328,7 @@ pub enum FilterOp {
 /// One `--filter`: a field compared with a value, as text (ids in their
 /// printed form; states by name, any case).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct Filter {
     /// The field.
     pub key: String,
@@ -372,7 +372,7 @@ pub const FILTERS_MAX: usize = 16;
 
 /// A `shoal list` or `shoal get`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct StateQuery {
     /// What to list.
     pub kind: StateKind,

@@ -8,7 +8,7 @@ use crate::resources::ResourceSet;
 /// Names a registered remote function: its path (`module_path!()::name`) and
 /// a hash of its signature, so that a worker built from other code refuses it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct FunctionId {
     /// `module_path!()` and the function's name, joined by `::`.
     pub name: String,
@@ -18,7 +18,7 @@ pub struct FunctionId {
 
 /// Where a process that serves requests can be reached.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct Address {
     /// The worker (or driver) id of the process.
     pub worker_id: WorkerId,
@@ -28,7 +28,7 @@ pub struct Address {
 
 /// Where a large object is stored.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct StoredAt {
     /// The node holding it.
     pub node_id: NodeId,
@@ -40,7 +40,7 @@ pub struct StoredAt {
 
 /// One argument of a task.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub enum ArgSpec {
     /// The encoded value itself.
     Inline(#[serde(with = "serde_bytes")] Vec<u8>),
@@ -55,7 +55,7 @@ pub enum ArgSpec {
 
 /// A task, as its owner submits it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct TaskSpec {
     /// The task.
     pub task_id: TaskId,
@@ -80,7 +80,7 @@ pub struct TaskSpec {
 
 /// What a task produced.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub enum TaskOutcome {
     /// The encoded return value.
     Inline(#[serde(with = "serde_bytes")] Vec<u8>),
@@ -92,7 +92,7 @@ pub enum TaskOutcome {
 
 /// The reply to a task.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct TaskReply {
     /// The task.
     pub task_id: TaskId,
@@ -127,7 +127,7 @@ pub struct TaskReply {
 
 /// Why a task failed, as its caller will see it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct TaskFailure {
     /// What kind of failure.
     pub kind: FailureKind,
@@ -152,7 +152,7 @@ pub struct TaskFailure {
 
 /// The kinds of [`TaskFailure`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub enum FailureKind {
     /// The function returned `Err`.
     Error,

@@ -8,7 +8,7 @@ use crate::task::{ArgSpec, StoredAt, TaskFailure, TaskOutcome, TaskReply, TaskSp
 
 /// A request to a worker.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub enum WorkerRequest {
     /// Run this task and answer with its result.
     PushTask(TaskSpec),
@@ -86,7 +86,7 @@ pub enum WorkerRequest {
 
 /// A reply from a worker.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub enum WorkerReply {
     /// A task's result.
     TaskDone(TaskReply),
@@ -114,7 +114,7 @@ pub enum WorkerReply {
 
 /// One call of an actor method.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct ActorCall {
     /// The actor.
     pub actor_id: ActorId,
@@ -154,7 +154,7 @@ pub struct ActorCall {
 
 /// One line a worker printed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub struct LogLine {
     /// The worker's process id.
     pub pid: u32,
@@ -168,7 +168,7 @@ pub struct LogLine {
 
 /// An object as its owner has it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(proptest_derive::Arbitrary))]
 pub enum ObjectValue {
     /// Not computed yet.
     NotReady,
