@@ -251,8 +251,9 @@ async fn send(head: &HeadConnection, upload: &Upload) -> Result<()> {
         bar
     });
     for (i, request) in HeadRequest::upload_parts(&upload.hash, &upload.bytes).enumerate() {
+        // The head takes a few uploads at once; others wait their turn.
         head.client
-            .call_idempotent(&request, TIMEOUT)
+            .call_when_available(&request, TIMEOUT, Duration::from_secs(120))
             .await
             .with_context(|| format!("uploading {}", upload.what))?;
         if let Some(bar) = &bar {

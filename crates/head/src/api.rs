@@ -24,8 +24,9 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::actors::{Actors, Died, Placed};
+use crate::binaries::Binaries;
 use crate::config::HeadConfig;
-use crate::jobs::{Binaries, Jobs, SubmissionStatus};
+use crate::jobs::{Jobs, SubmissionStatus};
 use crate::membership::{Fenced, Membership};
 use crate::scheduler::{Decision, NodeView, Reservation, Scheduler};
 use crate::store::{Store, Stored};
@@ -1099,9 +1100,9 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Longest address or hostname accepted, and most resource names.
+/// Longest address or hostname accepted (resource sets are bounded by
+/// `ResourceSet::validate`).
 const NAME_BYTES_MAX: usize = 256;
-const RESOURCES_MAX: usize = 64;
 
 fn check_registration(info: &RegisterNode) -> Result<(), ServiceError> {
     if info.address.len() > NAME_BYTES_MAX
@@ -1114,11 +1115,6 @@ fn check_registration(info: &RegisterNode) -> Result<(), ServiceError> {
     {
         return Err(bad_request(format!(
             "addresses, hostname and host id are limited to {NAME_BYTES_MAX} bytes each"
-        )));
-    }
-    if info.resources_total.0.len() > RESOURCES_MAX {
-        return Err(bad_request(format!(
-            "at most {RESOURCES_MAX} resource names"
         )));
     }
     shoal_proto::placement::check_labels(&info.labels).map_err(|e| bad_request(e.to_string()))?;
@@ -1245,7 +1241,7 @@ impl HeadService {
             }
             HeadRequest::GetClusterStatus => Ok(HeadReply::ClusterStatus(self.status())),
             HeadRequest::RegisterJob(job) => {
-                if job.binary_size > crate::jobs::BINARY_BYTES_MAX {
+                if job.binary_size > crate::binaries::BINARY_BYTES_MAX {
                     return Err(bad_request("executable too large"));
                 }
                 let job_id = self.state().jobs.register(&job, peer.connection_id);
@@ -1267,7 +1263,12 @@ impl HeadService {
                 let complete = self
                     .binaries()
                     .upload(&hash, offset, total, &data)
-                    .map_err(|e| bad_request(e.to_string()))?;
+                    .map_err(|e| match e {
+                        crate::binaries::UploadError::Busy { .. } => {
+                            ServiceError::new(ServiceErrorKind::Unavailable, e.to_string())
+                        }
+                        e => bad_request(e.to_string()),
+                    })?;
                 Ok(HeadReply::BinaryStored { complete })
             }
             HeadRequest::FetchBinary { hash, offset, len } => {

@@ -33,6 +33,7 @@
 
 pub mod actors;
 pub mod api;
+pub mod binaries;
 pub mod config;
 pub mod groups;
 pub mod jobs;

@@ -30,7 +30,8 @@ use tracing::{info, warn};
 
 use crate::actors::{ActorRecord, Died};
 use crate::api::State;
-use crate::jobs::{Binaries, JobRecord};
+use crate::binaries::Binaries;
+use crate::jobs::JobRecord;
 use crate::membership::Fenced;
 use crate::store::{decode, encode, Snapshot, Table, Write};
 

@@ -37,6 +37,30 @@ impl Backoff {
     }
 }
 
+/// Runs `attempt` again, after a growing pause, while its error is a busy
+/// answer (`busy`) and `patience` has not run out; returns the first other
+/// outcome, or the last busy error.
+pub async fn while_busy<T, E, Fut>(
+    patience: Duration,
+    busy: impl Fn(&E) -> bool,
+    mut attempt: impl FnMut() -> Fut,
+) -> Result<T, E>
+where
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let give_up = std::time::Instant::now() + patience;
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    loop {
+        match attempt().await {
+            Err(e) if busy(&e) && std::time::Instant::now() < give_up => {
+                tracing::debug!("busy; trying again");
+                tokio::time::sleep(backoff.next_pause()).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -156,4 +156,10 @@ impl RpcError {
                 | RpcError::IdMismatch { .. }
         )
     }
+
+    /// True when the service answered that it is busy for now
+    /// (`Unavailable`): the same request may succeed later.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, RpcError::Service(e) if e.kind == shoal_proto::ServiceErrorKind::Unavailable)
+    }
 }

@@ -675,6 +675,21 @@ impl<Req: Serialize + Sync, Rep: DeserializeOwned> RpcClient<Req, Rep> {
         }
     }
 
+    /// [`Self::call_idempotent`], also trying again while the service
+    /// answers `Unavailable` (busy for now, as the head is with too many
+    /// uploads at once), with a growing pause, for up to `patience`.
+    pub async fn call_when_available(
+        &self,
+        request: &Req,
+        timeout: Duration,
+        patience: Duration,
+    ) -> Result<Rep, RpcError> {
+        crate::backoff::while_busy(patience, RpcError::is_busy, || {
+            self.call_idempotent(request, timeout)
+        })
+        .await
+    }
+
     /// Sends `request` and waits up to `timeout` for its reply.
     pub async fn call(&self, request: &Req, timeout: Duration) -> Result<Rep, RpcError> {
         let exchange = async { self.send(request, timeout).await?.reply().await };

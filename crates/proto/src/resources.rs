@@ -53,9 +53,18 @@ impl ResourceSet {
         self.0.iter().map(|(k, v)| (k.as_str(), *v))
     }
 
-    /// Checks that every quantity is finite and not negative, and every name
-    /// is non-empty: what a node may advertise.
+    /// Checks that every quantity is finite and not negative, every name
+    /// 1 to 64 characters and there are at most [`RESOURCE_NAMES_MAX`]:
+    /// what a node may advertise and a task, actor or lease may ask for.
+    /// Every set a peer sends (registrations, heartbeats, lease requests,
+    /// actor specs, placement bundles) is checked with it.
     pub fn validate(&self) -> Result<(), InvalidResource> {
+        if self.0.len() > RESOURCE_NAMES_MAX {
+            return Err(InvalidResource {
+                name: format!("({} names)", self.0.len()),
+                reason: "at most 64 resource names in a set",
+            });
+        }
         for (name, qty) in &self.0 {
             if name.is_empty() || name.len() > 64 {
                 return Err(InvalidResource {
@@ -79,6 +88,9 @@ impl FromIterator<(String, f64)> for ResourceSet {
         Self(iter.into_iter().collect())
     }
 }
+
+/// Most resource names in one set (a node's, a task's, a lease's).
+pub const RESOURCE_NAMES_MAX: usize = 64;
 
 /// A resource set that a node may not advertise.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
@@ -109,6 +121,16 @@ mod tests {
         assert_eq!(a.get(CPU), 3.0);
         assert_eq!(a.get("GPU"), 1.0);
         assert_eq!(a.get("missing"), 0.0);
+    }
+
+    #[test]
+    fn validate_bounds_the_names_in_a_set() {
+        let mut r: ResourceSet = (0..RESOURCE_NAMES_MAX)
+            .map(|i| (format!("r{i}"), 1.0))
+            .collect();
+        assert!(r.validate().is_ok());
+        r.set("one-more", 1.0);
+        assert!(r.validate().is_err());
     }
 
     #[test]

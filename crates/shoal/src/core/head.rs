@@ -158,6 +158,19 @@ impl HeadLink {
         self.send(request, timeout, true).await
     }
 
+    /// [`HeadLink::call_idempotent`] that also waits while the head answers
+    /// `Unavailable` (busy for now), for up to `patience`.
+    pub(crate) async fn call_when_available(
+        &self,
+        request: &HeadRequest,
+        timeout: Duration,
+        patience: Duration,
+    ) -> Result<HeadReply, HeadCallError> {
+        let busy = |e: &HeadCallError| matches!(e, HeadCallError::Rpc(e) if e.is_busy());
+        shoal_net::backoff::while_busy(patience, busy, || self.call_idempotent(request, timeout))
+            .await
+    }
+
     async fn send(
         &self,
         request: &HeadRequest,

@@ -22,6 +22,8 @@ pub(crate) mod generator;
 pub(crate) mod head;
 mod lease;
 mod objects;
+#[cfg(test)]
+mod roles_tests;
 mod store;
 mod submit;
 mod tasks;
@@ -624,11 +626,15 @@ async fn register_job(
             )))
         }
     };
+    /// How long an upload waits for the head to take it (it takes a few
+    /// at once).
+    const UPLOAD_PATIENCE: Duration = Duration::from_secs(120);
     if upload && !present {
         let bytes = std::fs::read("/proc/self/exe")
             .map_err(|e| Error::NotInitialized(format!("cannot read this executable: {e}")))?;
         for upload in HeadRequest::upload_parts(hash, &bytes) {
-            head.call_idempotent(&upload, CONTROL_TIMEOUT).await?;
+            head.call_when_available(&upload, CONTROL_TIMEOUT, UPLOAD_PATIENCE)
+                .await?;
         }
         debug!(bytes = bytes.len(), "uploaded the executable");
     }

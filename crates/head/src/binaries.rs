@@ -1,0 +1,540 @@
+//! Executables (and `shoal job submit`'s working directories) by content
+//! hash: uploaded in parts by the first driver that runs one, fetched in
+//! parts by nodes that lack it.
+//!
+//! What a token holder can make the head hold is bounded: an upload's size
+//! ([`BINARY_BYTES_MAX`]); uploads in progress at once
+//! ([`UPLOADS_IN_PROGRESS_MAX`]) and their bytes ([`UPLOAD_BYTES_MAX`]);
+//! an upload no part of which arrived for [`UPLOAD_IDLE`] is dropped (its
+//! driver died mid-upload). Complete executables live as files in the
+//! head's session directory when it has one, not in memory; a head
+//! without one (local mode, or a store on another machine, which keeps
+//! them in its rows) holds at most [`BINARIES_KEPT`] and
+//! [`MEMORY_BYTES_MAX`] in memory, forgetting the oldest first.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use shoal_net::digest::{is_sha256_hex, sha256_hex};
+
+/// Largest executable accepted.
+pub const BINARY_BYTES_MAX: u64 = 2 << 30;
+/// Executables kept (least recently stored forgotten first).
+pub const BINARIES_KEPT: usize = 16;
+/// Uploads in progress at once; another is refused (the driver tries
+/// again) until one completes or is dropped.
+pub const UPLOADS_IN_PROGRESS_MAX: usize = 4;
+/// Declared bytes of the uploads in progress, together.
+pub const UPLOAD_BYTES_MAX: u64 = 4 << 30;
+/// An upload with no part for this long is dropped.
+pub const UPLOAD_IDLE: Duration = Duration::from_secs(60);
+/// Bytes of complete executables a head without a directory for them
+/// holds in memory.
+pub const MEMORY_BYTES_MAX: u64 = 4 << 30;
+
+/// Why an upload was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum UploadError {
+    /// Larger than [`BINARY_BYTES_MAX`].
+    #[error("executable of {0} bytes exceeds the {BINARY_BYTES_MAX} byte limit")]
+    TooLarge(u64),
+    /// Parts must arrive in order.
+    #[error("expected the part at offset {expected}, got {got}")]
+    OutOfOrder {
+        /// The next offset expected.
+        expected: u64,
+        /// The offset sent.
+        got: u64,
+    },
+    /// The part runs past the declared size, or the size changed.
+    #[error("part does not fit the declared size {0}")]
+    BadSize(u64),
+    /// The whole upload does not hash to its name.
+    #[error("upload does not match its hash {0}")]
+    HashMismatch(String),
+    /// The head could not keep it on disk.
+    #[error("cannot keep the executable: {0}")]
+    NotKept(String),
+    /// The name is not a hex SHA-256.
+    #[error("{0:?} is not a hex SHA-256")]
+    BadHash(String),
+    /// Too many uploads in progress, or too many bytes of them: the
+    /// uploader tries again later.
+    #[error("the head takes {UPLOADS_IN_PROGRESS_MAX} uploads of {UPLOAD_BYTES_MAX} bytes in all at once; {uploads} uploads of {bytes} bytes are in progress")]
+    Busy {
+        /// Uploads in progress.
+        uploads: usize,
+        /// Their declared bytes.
+        bytes: u64,
+    },
+}
+
+/// Executables by content hash.
+#[derive(Debug, Default)]
+pub struct Binaries {
+    complete: HashMap<String, Held>,
+    /// Complete ones, oldest stored first.
+    order: VecDeque<String>,
+    /// Bytes of complete ones held in memory.
+    in_memory: u64,
+    /// Uploads in progress.
+    uploads: HashMap<String, Upload>,
+    /// How complete executables outlive the head.
+    keeping: Keeping,
+    /// The store rows of executables stored (`Some(row)`) or forgotten
+    /// since [`Binaries::take_dirty`].
+    dirty: Vec<(String, Option<Vec<u8>>)>,
+}
+
+/// Where a complete executable is.
+#[derive(Debug)]
+enum Held {
+    Memory(Arc<Vec<u8>>),
+    /// A file of this many bytes in the keeping directory.
+    File(u64),
+}
+
+/// An upload in progress.
+#[derive(Debug)]
+struct Upload {
+    /// Its declared size.
+    total: u64,
+    bytes: Vec<u8>,
+    /// When its last part arrived.
+    last: Instant,
+}
+
+/// How a head with a store keeps its executables.
+#[derive(Debug, Default)]
+enum Keeping {
+    /// In memory only (a head without a store).
+    #[default]
+    Memory,
+    /// As files in this directory, their sizes in the store (an embedded
+    /// store: the files sit beside it).
+    Files(PathBuf),
+    /// Whole, in the store's rows (a store on another machine, which a
+    /// head taking over there reads).
+    Rows,
+}
+
+/// An executable's row in the store.
+#[derive(Debug, Serialize, Deserialize)]
+struct BinaryRow {
+    size: u64,
+    /// The bytes, when the store keeps them (else they are a file).
+    #[serde(with = "serde_bytes")]
+    bytes: Option<Vec<u8>>,
+}
+
+/// Why a kept executable could not be written or read.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {path}: {source}")]
+pub struct FileError {
+    what: &'static str,
+    path: PathBuf,
+    source: std::io::Error,
+}
+
+impl Binaries {
+    /// Executables kept as files in `dir`.
+    pub fn in_dir(dir: PathBuf) -> Self {
+        Self {
+            keeping: Keeping::Files(dir),
+            ..Self::default()
+        }
+    }
+
+    /// Executables kept in memory and whole in the store's rows.
+    pub fn in_rows() -> Self {
+        Self {
+            keeping: Keeping::Rows,
+            ..Self::default()
+        }
+    }
+
+    /// Reloads a kept executable from its store row (a restarted head). One
+    /// whose file is gone or whose bytes do not match the hash is
+    /// forgotten, and uploaded again by the next driver that runs it.
+    pub fn restore(&mut self, hash: &str, row: &[u8]) -> Result<(), FileError> {
+        if !is_sha256_hex(hash) {
+            return Ok(());
+        }
+        let Some(row) = crate::store::decode::<BinaryRow>(crate::store::Table::Binaries, row)
+        else {
+            return Ok(());
+        };
+        let held = match (row.bytes, &self.keeping) {
+            (Some(bytes), _) => {
+                if sha256_hex(&bytes) != hash {
+                    self.dirty.push((hash.to_string(), None));
+                    return Ok(());
+                }
+                Held::Memory(Arc::new(bytes))
+            }
+            (None, Keeping::Files(dir)) => {
+                let path = dir.join(hash);
+                // Read to check it, then left on disk.
+                let bytes = std::fs::read(&path).map_err(|source| FileError {
+                    what: "reading",
+                    path: path.clone(),
+                    source,
+                })?;
+                if sha256_hex(&bytes) != hash {
+                    self.dirty.push((hash.to_string(), None));
+                    return Ok(());
+                }
+                Held::File(bytes.len() as u64)
+            }
+            (None, _) => return Ok(()),
+        };
+        self.hold(hash, held);
+        Ok(())
+    }
+
+    /// The store rows of executables stored or forgotten since the last
+    /// call.
+    pub fn take_dirty(&mut self) -> Vec<(String, Option<Vec<u8>>)> {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// Writes a complete executable to its file, synced before it is
+    /// counted as stored.
+    fn keep(dir: &Path, hash: &str, bytes: &[u8]) -> Result<(), FileError> {
+        use std::io::Write as _;
+        let path = dir.join(hash);
+        let partial = dir.join(format!("{hash}.partial"));
+        let err = |what, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| FileError { what, path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(err("creating", dir))?;
+        let mut file = std::fs::File::create(&partial).map_err(err("creating", &partial))?;
+        file.write_all(bytes).map_err(err("writing", &partial))?;
+        file.sync_all().map_err(err("syncing", &partial))?;
+        std::fs::rename(&partial, &path).map_err(err("renaming", &partial))?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(err("syncing", dir))
+    }
+
+    /// True if the executable is stored.
+    pub fn has(&self, hash: &str) -> bool {
+        self.complete.contains_key(hash)
+    }
+
+    /// A stored executable (or archive), whole; `None` if it is not stored
+    /// or its file cannot be read.
+    pub fn get(&self, hash: &str) -> Option<Arc<Vec<u8>>> {
+        match self.complete.get(hash)? {
+            Held::Memory(bytes) => Some(bytes.clone()),
+            Held::File(_) => std::fs::read(self.file(hash)?).ok().map(Arc::new),
+        }
+    }
+
+    fn file(&self, hash: &str) -> Option<PathBuf> {
+        match &self.keeping {
+            Keeping::Files(dir) => Some(dir.join(hash)),
+            _ => None,
+        }
+    }
+
+    /// Stores one part of an upload. Returns true once the whole executable
+    /// is stored and its hash checked.
+    pub fn upload(
+        &mut self,
+        hash: &str,
+        offset: u64,
+        total: u64,
+        data: &[u8],
+    ) -> Result<bool, UploadError> {
+        self.upload_at(hash, offset, total, data, Instant::now())
+    }
+
+    fn upload_at(
+        &mut self,
+        hash: &str,
+        offset: u64,
+        total: u64,
+        data: &[u8],
+        now: Instant,
+    ) -> Result<bool, UploadError> {
+        if !is_sha256_hex(hash) {
+            return Err(UploadError::BadHash(hash.chars().take(80).collect()));
+        }
+        if self.has(hash) {
+            return Ok(true);
+        }
+        if total > BINARY_BYTES_MAX {
+            return Err(UploadError::TooLarge(total));
+        }
+        // Uploads whose driver went away mid-way.
+        self.uploads
+            .retain(|_, u| now.saturating_duration_since(u.last) < UPLOAD_IDLE);
+        if !self.uploads.contains_key(hash) {
+            let uploads = self.uploads.len();
+            let bytes: u64 = self.uploads.values().map(|u| u.total).sum();
+            if uploads >= UPLOADS_IN_PROGRESS_MAX || bytes.saturating_add(total) > UPLOAD_BYTES_MAX
+            {
+                return Err(UploadError::Busy { uploads, bytes });
+            }
+        }
+        let upload = self
+            .uploads
+            .entry(hash.to_string())
+            .or_insert_with(|| Upload {
+                total,
+                bytes: Vec::new(),
+                last: now,
+            });
+        if upload.total != total {
+            return Err(UploadError::BadSize(upload.total));
+        }
+        let buf = &mut upload.bytes;
+        // The part received last, sent again (its reply was lost).
+        if offset < buf.len() as u64 && offset + data.len() as u64 == buf.len() as u64 {
+            upload.last = now;
+            return Ok(false);
+        }
+        if offset != buf.len() as u64 {
+            return Err(UploadError::OutOfOrder {
+                expected: buf.len() as u64,
+                got: offset,
+            });
+        }
+        if offset + data.len() as u64 > total {
+            return Err(UploadError::BadSize(total));
+        }
+        buf.extend_from_slice(data);
+        upload.last = now;
+        if (buf.len() as u64) < total {
+            return Ok(false);
+        }
+        let whole = self
+            .uploads
+            .remove(hash)
+            .map(|u| u.bytes)
+            .unwrap_or_default();
+        if sha256_hex(&whole) != hash {
+            return Err(UploadError::HashMismatch(hash.to_string()));
+        }
+        let size = whole.len() as u64;
+        let held = match &self.keeping {
+            Keeping::Memory => Held::Memory(Arc::new(whole)),
+            Keeping::Files(dir) => {
+                Self::keep(dir, hash, &whole).map_err(|e| UploadError::NotKept(e.to_string()))?;
+                let row = BinaryRow { size, bytes: None };
+                self.dirty
+                    .push((hash.to_string(), Some(crate::store::encode(&row))));
+                Held::File(size)
+            }
+            Keeping::Rows => {
+                let row = BinaryRow {
+                    size,
+                    bytes: Some(whole),
+                };
+                self.dirty
+                    .push((hash.to_string(), Some(crate::store::encode(&row))));
+                // Moved into the row to encode it, and back (no copy).
+                Held::Memory(Arc::new(row.bytes.unwrap_or_default()))
+            }
+        };
+        self.hold(hash, held);
+        Ok(true)
+    }
+
+    /// Counts a complete executable in, forgetting the oldest past the
+    /// bounds.
+    fn hold(&mut self, hash: &str, held: Held) {
+        if let Held::Memory(bytes) = &held {
+            self.in_memory += bytes.len() as u64;
+        }
+        if let Some(Held::Memory(old)) = self.complete.insert(hash.to_string(), held) {
+            self.in_memory -= old.len() as u64;
+        } else {
+            self.order.push_back(hash.to_string());
+        }
+        while self.order.len() > BINARIES_KEPT
+            || (self.in_memory > MEMORY_BYTES_MAX && self.order.len() > 1)
+        {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(Held::Memory(bytes)) = self.complete.remove(&old) {
+                self.in_memory -= bytes.len() as u64;
+            }
+            if let Keeping::Files(dir) = &self.keeping {
+                // A file left behind is only space.
+                let _ = std::fs::remove_file(dir.join(&old));
+            }
+            if !matches!(self.keeping, Keeping::Memory) {
+                self.dirty.push((old, None));
+            }
+        }
+    }
+
+    /// A part of a stored executable: (total size, bytes).
+    pub fn fetch(&self, hash: &str, offset: u64, len: u32) -> Option<(u64, Vec<u8>)> {
+        match self.complete.get(hash)? {
+            Held::Memory(whole) => {
+                let start = usize::try_from(offset).ok()?.min(whole.len());
+                let end = start.saturating_add(len as usize).min(whole.len());
+                Some((whole.len() as u64, whole[start..end].to_vec()))
+            }
+            Held::File(size) => {
+                use std::os::unix::fs::FileExt;
+                let start = offset.min(*size);
+                let want = u64::from(len).min(size - start) as usize;
+                let mut part = vec![0; want];
+                let file = std::fs::File::open(self.file(hash)?).ok()?;
+                file.read_exact_at(&mut part, start).ok()?;
+                Some((*size, part))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upload_in_parts_checks_the_hash() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        let hash = sha256_hex(&data);
+        let mut b = Binaries::default();
+        assert_eq!(b.upload(&hash, 0, 10_000, &data[..4000]), Ok(false));
+        assert_eq!(
+            b.upload(&hash, 0, 10_000, &data[..4000]),
+            Ok(false),
+            "the last part again (its reply lost) is taken once"
+        );
+        assert_eq!(
+            b.upload(&hash, 0, 10_000, &data[..10]),
+            Err(UploadError::OutOfOrder {
+                expected: 4000,
+                got: 0
+            })
+        );
+        assert_eq!(b.upload(&hash, 4000, 10_000, &data[4000..]), Ok(true));
+        assert!(b.has(&hash));
+        assert_eq!(
+            b.fetch(&hash, 9_990, 100),
+            Some((10_000, data[9_990..].to_vec()))
+        );
+        assert_eq!(b.fetch(&hash, 20_000, 100), Some((10_000, vec![])));
+        let wrong = sha256_hex(b"other");
+        assert_eq!(
+            b.upload(&wrong, 0, 3, b"abc"),
+            Err(UploadError::HashMismatch(wrong.clone()))
+        );
+        assert!(!b.has(&wrong));
+        assert!(matches!(
+            b.upload("../etc", 0, 1, b"x"),
+            Err(UploadError::BadHash(_))
+        ));
+        assert_eq!(
+            b.upload(&wrong, 0, BINARY_BYTES_MAX + 1, b"x"),
+            Err(UploadError::TooLarge(BINARY_BYTES_MAX + 1))
+        );
+    }
+
+    fn hashed(n: u32) -> (String, Vec<u8>) {
+        let data = n.to_le_bytes().repeat(100);
+        (sha256_hex(&data), data)
+    }
+
+    #[test]
+    fn uploads_in_progress_are_bounded_and_an_abandoned_one_expires() {
+        let mut b = Binaries::default();
+        let start = Instant::now();
+        // Uploads begun and never finished (their drivers died).
+        for n in 0..UPLOADS_IN_PROGRESS_MAX as u32 {
+            let (hash, data) = hashed(n);
+            assert_eq!(b.upload_at(&hash, 0, 400, &data[..10], start), Ok(false));
+        }
+        let (hash, data) = hashed(99);
+        assert!(matches!(
+            b.upload_at(&hash, 0, 400, &data[..10], start),
+            Err(UploadError::Busy { uploads, .. }) if uploads == UPLOADS_IN_PROGRESS_MAX
+        ));
+        // One of them goes on: it is not dropped while its parts arrive.
+        let (going, going_data) = hashed(0);
+        let later = start + UPLOAD_IDLE / 2;
+        assert_eq!(
+            b.upload_at(&going, 10, 400, &going_data[10..20], later),
+            Ok(false)
+        );
+        // The abandoned ones are dropped after the idle time, and the
+        // waiting upload gets its turn; the live one still completes.
+        let after = start + UPLOAD_IDLE;
+        assert_eq!(b.upload_at(&hash, 0, 400, &data, after), Ok(true));
+        assert_eq!(b.uploads.len(), 1, "only the live upload is left");
+        assert_eq!(
+            b.upload_at(&going, 20, 400, &going_data[20..], after),
+            Ok(true)
+        );
+        assert!(b.uploads.is_empty());
+    }
+
+    #[test]
+    fn the_bytes_of_uploads_in_progress_are_bounded() {
+        let mut b = Binaries::default();
+        let now = Instant::now();
+        // Declared sizes count, before any byte of them arrives.
+        for n in 0..2 {
+            let (hash, data) = hashed(n);
+            assert_eq!(
+                b.upload_at(&hash, 0, BINARY_BYTES_MAX, &data[..1], now),
+                Ok(false)
+            );
+        }
+        let (hash, data) = hashed(7);
+        assert!(matches!(
+            b.upload_at(&hash, 0, 400, &data[..1], now),
+            Err(UploadError::Busy { bytes, .. }) if bytes == 2 * BINARY_BYTES_MAX
+        ));
+    }
+
+    #[test]
+    fn executables_of_a_head_with_a_directory_are_files_not_memory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut b = Binaries::in_dir(dir.path().to_path_buf());
+        let (hash, data) = hashed(1);
+        assert_eq!(b.upload(&hash, 0, 400, &data), Ok(true));
+        assert_eq!(b.in_memory, 0, "nothing held in memory");
+        assert!(matches!(b.complete.get(&hash), Some(Held::File(400))));
+        assert_eq!(
+            std::fs::read(dir.path().join(&hash)).expect("its file"),
+            data
+        );
+        assert_eq!(b.fetch(&hash, 390, 100), Some((400, data[390..].to_vec())));
+        assert_eq!(b.get(&hash).as_deref(), Some(&data));
+        // Past the count kept, the oldest file goes.
+        for n in 2..=BINARIES_KEPT as u32 + 1 {
+            let (other, bytes) = hashed(n);
+            assert_eq!(b.upload(&other, 0, 400, &bytes), Ok(true));
+        }
+        assert!(!b.has(&hash));
+        assert!(!dir.path().join(&hash).exists());
+        // A restarted head finds the files by their rows, still not in memory.
+        // The store applies the rows in order: a forgotten one is deleted.
+        let mut rows = HashMap::new();
+        for (kept, row) in b.take_dirty() {
+            match row {
+                Some(row) => rows.insert(kept, row),
+                None => rows.remove(&kept),
+            };
+        }
+        let mut again = Binaries::in_dir(dir.path().to_path_buf());
+        for (kept, row) in &rows {
+            again.restore(kept, row).expect("restored");
+        }
+        assert_eq!(again.complete.len(), BINARIES_KEPT);
+        assert_eq!(again.in_memory, 0);
+    }
+}
