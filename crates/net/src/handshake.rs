@@ -10,18 +10,25 @@
 //! 32 bytes of TLS keying material exported with the role as context
 //! (RFC 5705), so a proof is bound to one TLS session and one role: it cannot be
 //! replayed on another connection or relayed by a man in the middle.
+//!
+//! What each side makes of the bytes it receives is a pure function, used by
+//! the QUIC and the same-host handshakes alike and fuzzed on its own
+//! (`fuzz/`): [`judge_hello`] (and [`judge_same_host_hello`]) on the server,
+//! [`judge_hello_reply`] on the client.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use ring::hmac;
-use shoal_proto::codec::CodecLimits;
+use shoal_proto::codec::{self, CodecLimits};
 use shoal_proto::hello::PROOF_LEN;
-use shoal_proto::{HandshakeRefusal, Hello, HelloReply, NodeId, Role, PROTOCOL_VERSION};
+use shoal_proto::{
+    DecodeError, HandshakeRefusal, Hello, HelloReply, NodeId, Role, PROTOCOL_VERSION,
+};
 
 use crate::error::ConnectError;
 use crate::identity::JoinToken;
-use crate::rpc::{read_frame, write_frame, FrameReadError};
+use crate::rpc::{read_frame_body, write_frame, FrameReadError};
 use crate::sync::RwLockExt;
 
 const EXPORTER_LABEL: &[u8] = b"EXPORTER-shoal-hello-v1";
@@ -111,6 +118,52 @@ pub(crate) fn proof_matches(
     claimed.len() == PROOF_LEN && hmac::verify(&token.hmac_key(), &msg, claimed).is_ok()
 }
 
+/// The `Hello` a client sends: its role and its proof of the token over
+/// `binding` (the TLS exporter value, or a same-host socket's hash).
+pub fn client_hello(auth: &ClientAuth, binding: &[u8; 32]) -> Hello {
+    Hello {
+        protocol_version: PROTOCOL_VERSION,
+        cluster_id: auth.token.cluster_id,
+        role: auth.role,
+        token_proof: proof(&auth.token, CLIENT_SIDE, binding),
+    }
+}
+
+/// Why a client does not take the server's answer to its `Hello`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReplyRejected {
+    /// The answer is not a well-formed `HelloReply`.
+    #[error(transparent)]
+    Malformed(#[from] DecodeError),
+    /// A `Welcome` whose proof of the token is wrong: not our cluster's
+    /// server.
+    #[error("server proof invalid")]
+    NotAuthenticated,
+    /// The server refused us, and said why.
+    #[error("refused: {0}")]
+    Refused(HandshakeRefusal),
+}
+
+/// The client's verdict on the body of the server's answer (read with the
+/// handshake's limits): decoded with [`CodecLimits::HANDSHAKE`], and a
+/// `Welcome` taken only with the server's proof of `token` over `binding`
+/// (what the client's own proof covered). Returns the node id the server
+/// announced.
+pub fn judge_hello_reply(
+    token: &JoinToken,
+    body: &[u8],
+    binding: &[u8; 32],
+) -> Result<Option<NodeId>, ReplyRejected> {
+    match codec::decode::<HelloReply>(body, &CodecLimits::HANDSHAKE)? {
+        HelloReply::Welcome {
+            server_proof,
+            node_id,
+        } if proof_matches(token, SERVER_SIDE, binding, &server_proof) => Ok(node_id),
+        HelloReply::Welcome { .. } => Err(ReplyRejected::NotAuthenticated),
+        HelloReply::Refused(refusal) => Err(ReplyRejected::Refused(refusal)),
+    }
+}
+
 /// Runs the client side of the handshake on a fresh connection. Returns the
 /// node id the server announced, if it is a node.
 pub async fn client_handshake(
@@ -124,12 +177,7 @@ pub async fn client_handshake(
     };
     let exported = exported(conn, auth.role)
         .ok_or_else(|| failed("TLS keying material unavailable".into()))?;
-    let hello = Hello {
-        protocol_version: PROTOCOL_VERSION,
-        cluster_id: auth.token.cluster_id,
-        role: auth.role,
-        token_proof: proof(&auth.token, CLIENT_SIDE, &exported),
-    };
+    let hello = client_hello(auth, &exported);
     let (mut send, mut recv) = conn
         .open_bi()
         .await
@@ -141,8 +189,8 @@ pub async fn client_handshake(
         .await
         .map_err(|e| failed(e.to_string()))?;
     let _ = send.finish();
-    let reply: HelloReply = match read_frame(&mut recv, &CodecLimits::HANDSHAKE).await {
-        Ok(reply) => reply,
+    let body = match read_frame_body(&mut recv, &CodecLimits::HANDSHAKE).await {
+        Ok(body) => body,
         // A server that closes the connection instead of answering refused
         // us without saying why.
         Err(FrameReadError::Connection(source)) => {
@@ -153,24 +201,19 @@ pub async fn client_handshake(
         }
         Err(e) => return Err(failed(e.to_string())),
     };
-    match reply {
-        HelloReply::Welcome {
-            server_proof,
-            node_id,
-        } => {
-            if proof_matches(&auth.token, SERVER_SIDE, &exported, &server_proof) {
-                Ok(node_id)
-            } else {
-                conn.close(
-                    crate::close_code::HANDSHAKE_REFUSED.into(),
-                    b"server proof invalid",
-                );
-                Err(ConnectError::ServerNotAuthenticated {
-                    addr: addr.to_string(),
-                })
-            }
+    match judge_hello_reply(&auth.token, &body, &exported) {
+        Ok(node_id) => Ok(node_id),
+        Err(ReplyRejected::Malformed(e)) => Err(failed(e.to_string())),
+        Err(ReplyRejected::NotAuthenticated) => {
+            conn.close(
+                crate::close_code::HANDSHAKE_REFUSED.into(),
+                b"server proof invalid",
+            );
+            Err(ConnectError::ServerNotAuthenticated {
+                addr: addr.to_string(),
+            })
         }
-        HelloReply::Refused(refusal) => {
+        Err(ReplyRejected::Refused(refusal)) => {
             conn.close(crate::close_code::HANDSHAKE_REFUSED.into(), b"refused");
             Err(ConnectError::Refused {
                 addr: addr.to_string(),
@@ -191,6 +234,100 @@ pub enum HandshakeFailure {
     Stream(String),
 }
 
+/// A `Hello` the server accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Accepted {
+    /// The role the peer proved.
+    pub role: Role,
+    /// What its proof covered; the server's proof covers the same.
+    pub binding: [u8; 32],
+}
+
+/// The server's verdict on the body of a client's first frame (read with
+/// the handshake's limits): decoded with [`CodecLimits::HANDSHAKE`], then
+/// checked by [`check_hello`] over `binding(role)`, the bytes that tie a
+/// proof for that role to this connection (`None`: unavailable, refused).
+/// `has_certificate`: the peer showed a client certificate.
+pub fn judge_hello(
+    auth: &ServerAuth,
+    body: &[u8],
+    has_certificate: bool,
+    binding: impl FnOnce(Role) -> Option<[u8; 32]>,
+) -> Result<Accepted, HandshakeRefusal> {
+    let hello: Hello = codec::decode(body, &CodecLimits::HANDSHAKE).map_err(malformed)?;
+    let bound = binding(hello.role);
+    check_hello(auth, &hello, has_certificate, bound)?;
+    // check_hello refuses a Hello without a binding.
+    let binding = bound.ok_or_else(|| HandshakeRefusal::Malformed("no binding".into()))?;
+    Ok(Accepted {
+        role: hello.role,
+        binding,
+    })
+}
+
+/// Longest reason a `Malformed` refusal gives, in bytes.
+pub const MALFORMED_REASON_MAX: usize = 256;
+
+/// The refusal of a `Hello` that does not decode, saying why in at most
+/// [`MALFORMED_REASON_MAX`] bytes: the decoder's account quotes what it
+/// could not take (an unknown role, a string where a number belongs),
+/// which may be most of a 4 KiB frame, and the refusal must still fit one.
+pub(crate) fn malformed(why: impl std::fmt::Display) -> HandshakeRefusal {
+    let mut reason = why.to_string();
+    if reason.len() > MALFORMED_REASON_MAX {
+        let mut end = MALFORMED_REASON_MAX - '…'.len_utf8();
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+        reason.push('…');
+    }
+    HandshakeRefusal::Malformed(reason)
+}
+
+/// [`judge_hello`] on a same-host socket: the proof covers the socket's
+/// name as the server bound it, both sides' nonces and the role (see
+/// `unix.rs`); no certificate can be shown there.
+pub fn judge_same_host_hello(
+    auth: &ServerAuth,
+    socket_name: &str,
+    server_nonce: &[u8; 32],
+    client_nonce: &[u8; 32],
+    body: &[u8],
+) -> Result<Accepted, HandshakeRefusal> {
+    judge_hello(auth, body, false, |role| {
+        Some(same_host_binding(
+            socket_name,
+            server_nonce,
+            client_nonce,
+            role,
+        ))
+    })
+}
+
+/// What both proofs cover on a same-host socket: SHA-256 of a label, the
+/// socket's name, both nonces and the role.
+pub fn same_host_binding(
+    socket_name: &str,
+    server_nonce: &[u8; 32],
+    client_nonce: &[u8; 32],
+    role: Role,
+) -> [u8; 32] {
+    crate::unix::binding(socket_name, server_nonce, client_nonce, role.tag())
+}
+
+/// The server's answer to a verdict: `Welcome` with its own proof over the
+/// accepted binding, or `Refused` with the reason.
+pub fn server_reply(auth: &ServerAuth, verdict: &Result<Accepted, HandshakeRefusal>) -> HelloReply {
+    match verdict {
+        Ok(accepted) => HelloReply::Welcome {
+            server_proof: proof(&auth.token, SERVER_SIDE, &accepted.binding),
+            node_id: auth.node_id(),
+        },
+        Err(refusal) => HelloReply::Refused(refusal.clone()),
+    }
+}
+
 /// Runs the server side of the handshake: reads and checks the peer's `Hello`
 /// and answers it. On success returns the peer's role. On refusal the peer has
 /// been sent the reason; the caller closes the connection.
@@ -203,38 +340,24 @@ pub async fn server_handshake(
         .accept_bi()
         .await
         .map_err(|e| HandshakeFailure::Stream(e.to_string()))?;
-    let verdict = match read_frame::<Hello>(&mut recv, &CodecLimits::HANDSHAKE).await {
-        Ok(hello) => check_hello(
-            auth,
-            &hello,
-            conn.peer_identity().is_some(),
-            exported(conn, hello.role),
-        )
-        .map(|()| hello.role),
-        Err(FrameReadError::Decode(e)) => Err(HandshakeRefusal::Malformed(e.to_string())),
+    let verdict = match read_frame_body(&mut recv, &CodecLimits::HANDSHAKE).await {
+        Ok(body) => judge_hello(auth, &body, conn.peer_identity().is_some(), |role| {
+            exported(conn, role)
+        }),
+        Err(FrameReadError::Decode(e)) => Err(malformed(e)),
         Err(e) => {
             stats.refused.fetch_add(1, Ordering::Relaxed);
             return Err(HandshakeFailure::Stream(e.to_string()));
         }
     };
-    let reply = match &verdict {
-        Ok(role) => {
-            // The role was checked, so the exporter succeeds as it did in check_hello.
-            let exported = exported(conn, *role).unwrap_or([0; 32]);
-            HelloReply::Welcome {
-                server_proof: proof(&auth.token, SERVER_SIDE, &exported),
-                node_id: auth.node_id(),
-            }
-        }
-        Err(refusal) => HelloReply::Refused(refusal.clone()),
-    };
+    let reply = server_reply(auth, &verdict);
     let sent = write_frame(&mut send, &reply, &CodecLimits::HANDSHAKE).await;
     let _ = send.finish();
     match verdict {
-        Ok(role) => {
+        Ok(accepted) => {
             sent.map_err(|e| HandshakeFailure::Stream(e.to_string()))?;
             stats.accepted.fetch_add(1, Ordering::Relaxed);
-            Ok(role)
+            Ok(accepted.role)
         }
         Err(refusal) => {
             stats.refused.fetch_add(1, Ordering::Relaxed);
@@ -272,4 +395,92 @@ pub(crate) fn check_hello(
         return Err(HandshakeRefusal::BadToken);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_proto::codec::encode_frame;
+    use shoal_proto::ClusterId;
+
+    fn auth() -> ServerAuth {
+        let token = JoinToken::from_parts(ClusterId::random(), [7; 32]);
+        ServerAuth::new(token, vec![Role::Driver])
+    }
+
+    /// A `Hello` whose role is a 4 050-byte string: the decoder's error
+    /// quotes it, and the refusal once did too, making an answer larger
+    /// than a handshake frame, which was never sent (the peer saw the
+    /// stream end instead of its refusal). The `handshake_server` fuzz
+    /// target's check that every answer fits fails on it (its seed
+    /// `long_role`).
+    #[test]
+    fn a_hello_refused_for_a_long_bad_field_still_gets_its_answer() {
+        let auth = auth();
+        let mut body = vec![0x81, 0xa4];
+        body.extend_from_slice(b"role");
+        body.push(0xda);
+        body.extend_from_slice(&4050u16.to_be_bytes());
+        body.extend(std::iter::repeat_n(b'X', 4050));
+        let verdict = judge_hello(&auth, &body, false, |_| Some([0; 32]));
+        let mut frame = Vec::new();
+        encode_frame(
+            &server_reply(&auth, &verdict),
+            &CodecLimits::HANDSHAKE,
+            &mut frame,
+        )
+        .expect("the refusal fits a handshake frame");
+        let Err(HandshakeRefusal::Malformed(reason)) = &verdict else {
+            panic!("{verdict:?}");
+        };
+        assert!(reason.len() <= MALFORMED_REASON_MAX, "{}", reason.len());
+        assert!(reason.contains("unknown variant"), "{reason}");
+    }
+
+    /// Cut at a character's boundary, never inside one.
+    #[test]
+    fn a_long_reason_is_cut_between_characters() {
+        for pad in 0..4 {
+            let why = format!("{}{}", "x".repeat(pad), "é".repeat(300));
+            let HandshakeRefusal::Malformed(reason) = malformed(why) else {
+                panic!("not malformed");
+            };
+            assert!(reason.len() <= MALFORMED_REASON_MAX);
+            assert!(reason.ends_with('…'));
+        }
+        let HandshakeRefusal::Malformed(short) = malformed("short") else {
+            panic!("not malformed");
+        };
+        assert_eq!(short, "short");
+    }
+
+    /// What the fuzz targets rely on: a proved `Hello` is accepted, with
+    /// its role and binding, and the `Welcome` answering it is taken by
+    /// the client; a wrong proof is refused.
+    #[test]
+    fn the_judges_agree_with_each_other() {
+        let auth = auth();
+        let binding = [9; 32];
+        let client = ClientAuth {
+            token: auth.token.clone(),
+            role: Role::Driver,
+        };
+        let body = codec::encode(&client_hello(&client, &binding)).expect("encodes");
+        let verdict = judge_hello(&auth, &body, false, |_| Some(binding));
+        assert_eq!(
+            verdict,
+            Ok(Accepted {
+                role: Role::Driver,
+                binding
+            })
+        );
+        let reply = codec::encode(&server_reply(&auth, &verdict)).expect("encodes");
+        assert_eq!(judge_hello_reply(&client.token, &reply, &binding), Ok(None));
+        assert_eq!(
+            judge_hello_reply(&client.token, &reply, &[8; 32]),
+            Err(ReplyRejected::NotAuthenticated)
+        );
+        let wrong = judge_hello(&auth, &body, false, |_| Some([8; 32]));
+        assert_eq!(wrong, Err(HandshakeRefusal::BadToken));
+    }
 }

@@ -64,6 +64,21 @@ pub(crate) async fn read_frame<T: DeserializeOwned>(
     recv: &mut quinn::RecvStream,
     limits: &CodecLimits,
 ) -> Result<T, FrameReadError> {
+    let body = read_frame_body(recv, limits).await?;
+    // Shared: an object's part in the message is a slice of this frame.
+    Ok(shoal_proto::decode_shared(
+        bytes::Bytes::from(body),
+        limits,
+    )?)
+}
+
+/// Reads one frame's body, undecoded (the handshake judges it with
+/// `handshake::judge_hello` and `judge_hello_reply`); the length prefix is
+/// checked against `limits` before the body's buffer is allocated.
+pub(crate) async fn read_frame_body(
+    recv: &mut quinn::RecvStream,
+    limits: &CodecLimits,
+) -> Result<Vec<u8>, FrameReadError> {
     let mut prefix = [0u8; LEN_PREFIX];
     recv.read_exact(&mut prefix).await?;
     let len = codec::frame_len(prefix, limits).map_err(DecodeError::from)?;
@@ -89,11 +104,7 @@ pub(crate) async fn read_frame<T: DeserializeOwned>(
             Err(e) => return Err(FrameReadError::Stream(e.to_string())),
         }
     }
-    // Shared: an object's part in the message is a slice of this frame.
-    Ok(shoal_proto::decode_shared(
-        bytes::Bytes::from(body),
-        limits,
-    )?)
+    Ok(body)
 }
 
 /// Why a frame could not be written.

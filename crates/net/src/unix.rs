@@ -48,13 +48,9 @@ use std::time::Duration;
 
 use ring::digest;
 use ring::rand::{SecureRandom, SystemRandom};
-use serde::de::DeserializeOwned;
 use serde::Serialize;
 use shoal_proto::codec::{self, CodecLimits, LEN_PREFIX};
-use shoal_proto::{
-    DecodeError, HandshakeRefusal, Hello, HelloReply, ReplyEnvelope, RequestEnvelope, ServiceError,
-    ServiceErrorKind,
-};
+use shoal_proto::{DecodeError, ReplyEnvelope, RequestEnvelope, ServiceError, ServiceErrorKind};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
@@ -63,7 +59,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::handshake::{self, HandshakeFailure, HandshakeStats, ServerAuth, SERVER_SIDE};
+use crate::handshake::{self, HandshakeFailure, HandshakeStats, ServerAuth};
 use crate::limits::NetLimits;
 use crate::rpc::{Peer, Service, NEXT_CONNECTION_ID};
 use crate::sync::MutexExt;
@@ -127,7 +123,7 @@ fn candidates(addr: SocketAddr) -> [String; 2] {
 /// that binds a name the server left free and relays to the real one gets
 /// proofs that do not match; the nonces, so a proof is good for one
 /// connection; and the role.
-fn binding(
+pub(crate) fn binding(
     name: &str,
     server_nonce: &[u8; NONCE_LEN],
     client_nonce: &[u8; NONCE_LEN],
@@ -257,16 +253,17 @@ async fn read_body(
     Ok(body)
 }
 
-/// Reads one plain frame (length prefix and body), as in the handshake.
-async fn read_plain<T: DeserializeOwned>(
+/// Reads one plain frame's body (after its length prefix), as in the
+/// handshake, undecoded: `handshake::judge_same_host_hello` and
+/// `judge_hello_reply` decode and judge it.
+async fn read_plain_body(
     io: &mut (impl AsyncRead + Unpin),
     limits: &CodecLimits,
-) -> Result<T, ReadError> {
+) -> Result<Vec<u8>, ReadError> {
     let mut prefix = [0u8; LEN_PREFIX];
     read_full(io, &mut prefix, None).await?;
     let len = codec::frame_len(prefix, limits).map_err(|e| ReadError::Decode(e.into()))?;
-    let body = read_body(io, len, None).await?;
-    codec::decode(&body, limits).map_err(ReadError::Decode)
+    read_body(io, len, None).await
 }
 
 async fn write_plain<T: Serialize>(
@@ -548,36 +545,25 @@ async fn server_handshake(
             .read_exact(&mut client_nonce)
             .await
             .map_err(ReadError::Io)?;
-        read_plain::<Hello>(stream, &CodecLimits::HANDSHAKE).await
+        read_plain_body(stream, &CodecLimits::HANDSHAKE).await
     };
     let verdict = match read.await {
-        Ok(hello) => {
-            let bound = binding(name, &server_nonce, &client_nonce, hello.role.tag());
-            handshake::check_hello(auth, &hello, false, Some(bound)).map(|()| hello.role)
+        Ok(body) => {
+            handshake::judge_same_host_hello(auth, name, &server_nonce, &client_nonce, &body)
         }
-        Err(ReadError::Decode(e)) => Err(HandshakeRefusal::Malformed(e.to_string())),
+        Err(ReadError::Decode(e)) => Err(handshake::malformed(e)),
         Err(e) => {
             stats.refused.fetch_add(1, Ordering::Relaxed);
             return Err(HandshakeFailure::Stream(e.to_string()));
         }
     };
-    let reply = match &verdict {
-        Ok(role) => HelloReply::Welcome {
-            server_proof: handshake::proof(
-                &auth.token,
-                SERVER_SIDE,
-                &binding(name, &server_nonce, &client_nonce, role.tag()),
-            ),
-            node_id: auth.node_id(),
-        },
-        Err(refusal) => HelloReply::Refused(refusal.clone()),
-    };
+    let reply = handshake::server_reply(auth, &verdict);
     let sent = write_plain(stream, &reply, &CodecLimits::HANDSHAKE).await;
     match verdict {
-        Ok(role) => {
+        Ok(accepted) => {
             sent.map_err(|e| HandshakeFailure::Stream(e.to_string()))?;
             stats.accepted.fetch_add(1, Ordering::Relaxed);
-            Ok(role)
+            Ok(accepted.role)
         }
         Err(refusal) => {
             stats.refused.fetch_add(1, Ordering::Relaxed);

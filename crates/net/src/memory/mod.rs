@@ -27,15 +27,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use shoal_proto::codec::{self, CodecLimits};
-use shoal_proto::{
-    Hello, NodeId, ReplyEnvelope, RequestEnvelope, ServiceError, ServiceErrorKind, PROTOCOL_VERSION,
-};
+use shoal_proto::{Hello, NodeId, ReplyEnvelope, RequestEnvelope, ServiceError, ServiceErrorKind};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::error::ConnectError;
-use crate::handshake::{self, ClientAuth, HandshakeStats, ServerAuth, CLIENT_SIDE};
+use crate::handshake::{self, ClientAuth, HandshakeStats, ServerAuth};
 use crate::limits::NetLimits;
 use crate::rpc::{Peer, Service, NEXT_CONNECTION_ID};
 use crate::sync::MutexExt;
@@ -375,12 +373,7 @@ impl MemoryNet {
         pause(delay).await;
         let connection_id = NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed);
         let binding = link_binding(connection_id, auth.role.tag());
-        let hello = Hello {
-            protocol_version: PROTOCOL_VERSION,
-            cluster_id: auth.token.cluster_id,
-            role: auth.role,
-            token_proof: handshake::proof(&auth.token, CLIENT_SIDE, &binding),
-        };
+        let hello = handshake::client_hello(auth, &binding);
         server
             .admit(&hello, binding)
             .map_err(|refusal| ConnectError::Refused {

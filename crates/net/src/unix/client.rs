@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use shoal_proto::codec::{self, CodecLimits};
-use shoal_proto::{Hello, HelloReply, NodeId, PROTOCOL_VERSION};
+use shoal_proto::NodeId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedReadHalf;
 use tokio::net::UnixStream;
@@ -17,11 +17,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::{
-    binding, candidates, nonce, read_message, read_plain, same_user, write_loop, Outgoing, Writer,
-    NONCE_LEN, PING,
+    binding, candidates, nonce, read_message, read_plain_body, same_user, write_loop, Outgoing,
+    Writer, NONCE_LEN, PING,
 };
 use crate::error::ConnectError;
-use crate::handshake::{self, ClientAuth, CLIENT_SIDE, SERVER_SIDE};
+use crate::handshake::{self, ClientAuth, ReplyRejected};
 use crate::limits::NetLimits;
 use crate::sync::MutexExt;
 
@@ -275,12 +275,7 @@ pub(super) async fn client_handshake(
         .map_err(|e| failed(e.to_string()))?;
     let client_nonce = nonce().map_err(|e| failed(e.to_string()))?;
     let bound = binding(name, &server_nonce, &client_nonce, auth.role.tag());
-    let hello = Hello {
-        protocol_version: PROTOCOL_VERSION,
-        cluster_id: auth.token.cluster_id,
-        role: auth.role,
-        token_proof: handshake::proof(&auth.token, CLIENT_SIDE, &bound),
-    };
+    let hello = handshake::client_hello(auth, &bound);
     let mut out = client_nonce.to_vec();
     codec::encode_frame(&hello, &CodecLimits::HANDSHAKE, &mut out)
         .map_err(|e| failed(e.to_string()))?;
@@ -288,20 +283,16 @@ pub(super) async fn client_handshake(
         .write_all(&out)
         .await
         .map_err(|e| failed(e.to_string()))?;
-    let reply: HelloReply = read_plain(stream, &CodecLimits::HANDSHAKE)
+    let body = read_plain_body(stream, &CodecLimits::HANDSHAKE)
         .await
         .map_err(|e| failed(e.to_string()))?;
-    match reply {
-        HelloReply::Welcome {
-            server_proof,
-            node_id,
-        } if handshake::proof_matches(&auth.token, SERVER_SIDE, &bound, &server_proof) => {
-            Ok(node_id)
-        }
-        HelloReply::Welcome { .. } => Err(ConnectError::ServerNotAuthenticated {
+    match handshake::judge_hello_reply(&auth.token, &body, &bound) {
+        Ok(node_id) => Ok(node_id),
+        Err(ReplyRejected::Malformed(e)) => Err(failed(e.to_string())),
+        Err(ReplyRejected::NotAuthenticated) => Err(ConnectError::ServerNotAuthenticated {
             addr: addr.to_string(),
         }),
-        HelloReply::Refused(refusal) => Err(ConnectError::Refused {
+        Err(ReplyRejected::Refused(refusal)) => Err(ConnectError::Refused {
             addr: addr.to_string(),
             refusal,
         }),

@@ -5,7 +5,17 @@ use super::*;
 use crate::error::ConnectError;
 use crate::handshake::ClientAuth;
 use crate::identity::ClusterIdentity;
-use shoal_proto::Role;
+use serde::de::DeserializeOwned;
+use shoal_proto::{HandshakeRefusal, Hello, HelloReply, Role};
+
+/// Reads one plain frame (length prefix and body), as in the handshake.
+async fn read_plain<T: DeserializeOwned>(
+    io: &mut (impl AsyncRead + Unpin),
+    limits: &CodecLimits,
+) -> Result<T, ReadError> {
+    let body = read_plain_body(io, limits).await?;
+    codec::decode(&body, limits).map_err(ReadError::Decode)
+}
 
 struct Upper;
 
