@@ -30,6 +30,20 @@ impl Service for Upper {
 
 const T: Duration = Duration::from_secs(5);
 
+/// Echoes, and counts the peers it sees leave.
+struct Counting(Arc<std::sync::atomic::AtomicU32>);
+
+impl Service for Counting {
+    type Request = String;
+    type Reply = String;
+    async fn handle(&self, _: &Peer, r: String) -> Result<String, ServiceError> {
+        Ok(r)
+    }
+    fn disconnected(&self, _peer: &Peer) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 struct Server {
     /// The QUIC address the socket is named after (nothing listens on it).
     addr: SocketAddr,
@@ -423,17 +437,6 @@ async fn bad_bytes_never_stop_the_server() {
 /// server sees the peer leave.
 #[tokio::test]
 async fn dropping_the_link_closes_the_connection() {
-    struct Counting(Arc<std::sync::atomic::AtomicU32>);
-    impl Service for Counting {
-        type Request = String;
-        type Reply = String;
-        async fn handle(&self, _: &Peer, r: String) -> Result<String, ServiceError> {
-            Ok(r)
-        }
-        fn disconnected(&self, _peer: &Peer) {
-            self.0.fetch_add(1, Ordering::Relaxed);
-        }
-    }
     let gone = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let server = start_on(free_addr(), Counting(gone.clone()));
     let link = server.connect(Role::Driver).await.expect("connect");
@@ -711,17 +714,6 @@ async fn open_connections_are_capped_and_a_place_frees_when_one_ends() {
 /// that sends nothing is closed, and only it is seen to leave.
 #[tokio::test]
 async fn an_idle_client_keeps_its_connection_and_a_silent_peer_loses_it() {
-    struct Counting(Arc<std::sync::atomic::AtomicU32>);
-    impl Service for Counting {
-        type Request = String;
-        type Reply = String;
-        async fn handle(&self, _: &Peer, r: String) -> Result<String, ServiceError> {
-            Ok(r)
-        }
-        fn disconnected(&self, _peer: &Peer) {
-            self.0.fetch_add(1, Ordering::Relaxed);
-        }
-    }
     let idle = Duration::from_millis(400);
     let limits = NetLimits {
         idle_timeout: idle,
