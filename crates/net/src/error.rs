@@ -163,3 +163,14 @@ impl RpcError {
         matches!(self, RpcError::Service(e) if e.kind == shoal_proto::ServiceErrorKind::Unavailable)
     }
 }
+
+impl ConnectError {
+    /// The handshake with `addr` failed for `reason` (a broken exchange,
+    /// an answer that does not read).
+    pub fn handshake(addr: std::net::SocketAddr, reason: String) -> Self {
+        ConnectError::Handshake {
+            addr: addr.to_string(),
+            reason,
+        }
+    }
+}

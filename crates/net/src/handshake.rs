@@ -171,10 +171,7 @@ pub async fn client_handshake(
     auth: &ClientAuth,
     addr: SocketAddr,
 ) -> Result<Option<NodeId>, ConnectError> {
-    let failed = |reason: String| ConnectError::Handshake {
-        addr: addr.to_string(),
-        reason,
-    };
+    let failed = |reason: String| ConnectError::handshake(addr, reason);
     let exported = exported(conn, auth.role)
         .ok_or_else(|| failed("TLS keying material unavailable".into()))?;
     let hello = client_hello(auth, &exported);

@@ -199,10 +199,7 @@ pub(crate) async fn connect(
     auth: &ClientAuth,
     limits: &NetLimits,
 ) -> Result<(Arc<Link>, Option<NodeId>), ConnectError> {
-    let failed = |reason: String| ConnectError::Handshake {
-        addr: addr.to_string(),
-        reason,
-    };
+    let failed = |reason: String| ConnectError::handshake(addr, reason);
     let mut found = None;
     for name in candidates(addr) {
         match UnixStream::connect(&name).await {
@@ -264,10 +261,7 @@ pub(super) async fn client_handshake(
     auth: &ClientAuth,
     addr: SocketAddr,
 ) -> Result<Option<NodeId>, ConnectError> {
-    let failed = |reason: String| ConnectError::Handshake {
-        addr: addr.to_string(),
-        reason,
-    };
+    let failed = |reason: String| ConnectError::handshake(addr, reason);
     let mut server_nonce = [0u8; NONCE_LEN];
     stream
         .read_exact(&mut server_nonce)
