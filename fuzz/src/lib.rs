@@ -218,6 +218,12 @@ pub fn handshake_server(data: &[u8]) {
             hello.token_proof, proved.token_proof,
             "accepted without the proof"
         );
+        if accepted.role == Role::Node {
+            assert_eq!(
+                hello.node_proof, proved.node_proof,
+                "a node accepted without the cluster token's proof"
+            );
+        }
     }
     let reply = handshake::server_reply(auth, &verdict);
     let mut frame = Vec::new();

@@ -199,6 +199,7 @@ fn frame_seeds() -> Seeds {
         cluster_id: CLUSTER,
         role: Role::Node,
         token_proof: vec![0xaa; 32],
+        node_proof: vec![0xbb; 32],
     };
     let ping = RequestEnvelope {
         id: 1,
@@ -239,6 +240,7 @@ fn message_seeds() -> Seeds {
         object_changes: vec![],
         objects_pulled: 1,
         orders_acked: 2,
+        registration_key: 3,
     };
     let lease = LeaseRequest {
         job_id: JobId::from_uuid(id(5)),
@@ -589,6 +591,19 @@ fn server_seeds() -> Seeds {
             quic(server_flags::NO_KEYING_MATERIAL, &driver),
         ),
         ("wrong_proof", quic(0, &hello(Role::Worker, &[0; 32]))),
+        (
+            "node_with_driver_token",
+            quic(
+                server_flags::CERTIFICATE,
+                &handshake::client_hello(
+                    &ClientAuth {
+                        token: token().driver_token(),
+                        role: Role::Node,
+                    },
+                    &tls_binding(Role::Node),
+                ),
+            ),
+        ),
         ("same_host_worker", same_host(Role::Worker)),
         // A role of 4 050 bytes: its refusal once quoted it whole and did
         // not fit a handshake frame (net's handshake tests).

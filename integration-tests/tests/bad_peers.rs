@@ -89,6 +89,7 @@ async fn bad_peers_are_refused_and_the_head_keeps_serving() {
         cluster_id,
         role: Role::Node,
         token_proof: vec![],
+        node_proof: vec![],
     };
     assert_eq!(
         refusal(raw::send_handshake_bytes(addr, &hello_frame(&no_token)).await),

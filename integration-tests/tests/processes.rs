@@ -442,6 +442,16 @@ fn a_real_head_refuses_bad_peers_and_keeps_its_nodes() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cluster id mismatch"), "{err}");
+    // The driver token reads the cluster but cannot start a node (said
+    // before any daemon starts; the head would refuse its handshake too).
+    let driver: shoal_net::JoinToken = cluster.token().parse().expect("token");
+    let driver = driver.driver_token().to_string();
+    let addr = addr.to_string();
+    cluster.shoal_ok(&["status", "--address", &addr, "--token", &driver]);
+    let out = cluster.shoal(&["start", "--address", &addr, "--token", &driver]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("driver token"), "{err}");
     // Past several heartbeat timeouts' worth of attacks, the nodes are alive.
     let status = cluster.status();
     let states: Vec<_> = status["nodes"]

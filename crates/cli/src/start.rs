@@ -55,7 +55,8 @@ pub struct StartArgs {
     /// always` for durable writes.
     #[arg(long, requires = "head", value_name = "redis://HOST:PORT", value_parser = parse_head_store)]
     head_store: Option<String>,
-    /// The join token the head printed. Falls back to SHOAL_TOKEN, then to
+    /// The cluster token the head printed (shoal1.…; the driver token,
+    /// shoal1d.…, cannot join a node). Falls back to SHOAL_TOKEN, then to
     /// the token in the session directory (on the head's own machine).
     #[arg(
         long,
@@ -197,6 +198,10 @@ pub fn run(args: StartArgs) -> Result<()> {
     ];
     if let Some((flag, _)) = head_only.iter().find(|(_, given)| *given && !args.head) {
         bail!("{flag} goes with --head (it is about the head, not a joining node)");
+    }
+    // Said here, before a daemon is started to find out.
+    if let (false, Some(text)) = (args.head, &args.token) {
+        check_node_token(&text.parse().context("parsing the join token")?)?;
     }
     match (args.head, args.block) {
         (true, true) => run_head(&args, &file),
@@ -368,7 +373,10 @@ fn run_head_in(args: &StartArgs, file: &ClusterFile, session: &Session) -> Resul
             session.dir.join("logs"),
             vec![
                 ("SHOAL_ADDRESS".into(), node_config.head_address.clone()),
-                ("SHOAL_TOKEN".into(), identity.token().to_string()),
+                (
+                    "SHOAL_TOKEN".into(),
+                    identity.token().driver_token().to_string(),
+                ),
             ],
         ));
         let advertised = SocketAddr::new(advertised_ip, bound.port());
@@ -453,6 +461,7 @@ fn run_node_in(
     session: &Session,
 ) -> Result<()> {
     let token = resolve_token(args.token.as_deref(), session)?;
+    check_node_token(&token)?;
     let section = match (args.node_index, file.nodes.is_empty()) {
         (Some(i), _) => file.nodes.get(i).cloned().with_context(|| {
             format!(
@@ -499,6 +508,18 @@ fn resolve_token(given: Option<&str>, session: &Session) -> Result<JoinToken> {
              none in the session directory either ({e})"
         )
     })
+}
+
+/// A node joins with the cluster token; the driver token cannot make one
+/// (the head would refuse its handshake).
+fn check_node_token(token: &JoinToken) -> Result<()> {
+    anyhow::ensure!(
+        token.scope() == shoal_net::TokenScope::Cluster,
+        "this is a driver token (shoal1d.…), which cannot join a node: nodes join with the \
+         cluster token (shoal1.…) that `shoal start --head` printed, or with none on the \
+         head's machine (it is read from the session directory)"
+    );
+    Ok(())
 }
 
 /// Starts this command again with `--block` as a daemon, waits until it
@@ -620,18 +641,27 @@ fn spawn_daemon_in(args: &StartArgs, session: &Session) -> Result<()> {
         println!("  session:  {}", session.dir.display());
         println!("  log:      {}", log.display());
         println!();
-        println!("To add a node to this cluster, run on that machine:");
+        println!("To add a node to this cluster, run on that machine (the cluster token):");
         println!("    shoal start --address {address} --token {token}");
         println!("On this machine the token is read from the session directory:");
         println!("    shoal start --address {address}");
+        println!("Drivers and clients on other machines connect with the driver token,");
+        println!("which cannot join a node:");
+        println!(
+            "    SHOAL_ADDRESS={address} SHOAL_TOKEN={} ./your-program",
+            token.driver_token()
+        );
         println!("To see the cluster: shoal status");
         println!("To stop it:         shoal stop");
         if let Some(dashboard) = std::fs::read_to_string(session.dashboard_address_path())
             .ok()
             .map(|a| a.trim().to_string())
         {
-            println!("The dashboard (this link logs in with the token):");
-            println!("    http://{dashboard}/login?token={token}");
+            println!("The dashboard (this link logs in with the driver token):");
+            println!(
+                "    http://{dashboard}/login?token={}",
+                token.driver_token()
+            );
         }
         if let Some(metrics) = node.and_then(|n| n.metrics_address.as_deref()) {
             println!("Prometheus metrics: http://{metrics}/metrics");

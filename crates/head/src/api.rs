@@ -27,6 +27,7 @@ use crate::actors::{Actors, Died, Placed};
 use crate::binaries::Binaries;
 use crate::config::HeadConfig;
 use crate::jobs::{Jobs, SubmissionStatus};
+use crate::links::NodeLinks;
 use crate::membership::{Fenced, Membership};
 use crate::scheduler::{Decision, NodeView, Reservation, Scheduler};
 use crate::store::{Store, Stored};
@@ -332,6 +333,9 @@ pub struct HeadService {
     identity: Arc<ClusterIdentity>,
     state: Mutex<State>,
     binaries: Mutex<Binaries>,
+    /// The node each connection speaks for (taken after `state`, never
+    /// before it).
+    links: Mutex<NodeLinks>,
     /// Woken when resources may have been freed or added.
     resources_changed: Notify,
     /// Woken when an actor's record changes (a restart ends, or it dies).
@@ -409,6 +413,7 @@ impl HeadService {
             metrics: crate::metrics::HeadMetrics::default(),
             runner: OnceLock::new(),
             me: OnceLock::new(),
+            links: Mutex::default(),
         }
     }
 
@@ -625,6 +630,10 @@ impl HeadService {
         self.binaries.locked()
     }
 
+    fn links(&self) -> MutexGuard<'_, NodeLinks> {
+        self.links.locked()
+    }
+
     /// Declares silent nodes dead and reclaims their leases; places
     /// waiting actor restarts.
     pub fn sweep(&self) {
@@ -732,6 +741,7 @@ impl HeadService {
             state.scheduler.recheck_infeasible(&live);
             (node_id, cert)
         };
+        self.links().bind(peer, node_id);
         self.resources_changed.notify_waiters();
         info!(%node_id, %address, remote = %peer.remote, "node registered");
         Ok(self.welcome(node_id, cert))
@@ -930,14 +940,41 @@ impl HeadService {
         }
     }
 
+    /// Binds `peer`'s connection to `node_id` if `key` is the key that node
+    /// registered with (known only to it and the head). False: the node is
+    /// not a live member (it is to register again, as a new node); refused:
+    /// it is, under another key.
+    fn bind_by_key(
+        &self,
+        peer: &Peer,
+        state: &State,
+        node_id: NodeId,
+        key: u64,
+    ) -> Result<bool, ServiceError> {
+        if key != 0 && state.membership.registered_with(key) == Some(node_id) {
+            self.links().bind(peer, node_id);
+            return Ok(true);
+        }
+        if state.membership.state(node_id) != Some(NodeState::Alive) {
+            return Ok(false);
+        }
+        self.links().require(peer, node_id).map(|()| true)
+    }
+
     /// A node of the old head joins this one again (see `crate::recovery`).
     fn rejoin_node(
         &self,
+        peer: &Peer,
         rejoin: shoal_proto::head::RejoinNode,
     ) -> Result<HeadReply, ServiceError> {
         let node_id = rejoin.node_id;
         let cert = {
             let mut state = self.state();
+            // Only the node itself knows the key it registered with (kept
+            // in the old head's tables): another node cannot take its id.
+            if !self.bind_by_key(peer, &state, node_id, rejoin.node.registration_key)? {
+                return Ok(HeadReply::NodeFenced { node_id });
+            }
             let was_recovering = state.recovering();
             let died = match state.rejoin(rejoin, Instant::now()) {
                 Ok(died) => died,
@@ -1144,6 +1181,7 @@ impl Service for HeadService {
 
     /// A driver's jobs end with its connection.
     fn disconnected(&self, peer: &Peer) {
+        self.links().forget(peer);
         if peer.role != Role::Driver {
             return;
         }
@@ -1167,6 +1205,7 @@ impl HeadService {
                 object_changes,
                 objects_pulled,
                 orders_acked,
+                registration_key,
             } => {
                 self.metrics.heartbeats.inc();
                 resources_available
@@ -1175,6 +1214,12 @@ impl HeadService {
                 let mut state = self.state();
                 if state.rejoining.contains(&node_id) {
                     return Ok(HeadReply::RejoinAsked { node_id });
+                }
+                // A connection that replaced a lost one: the node's key
+                // binds it.
+                let linked = self.links().speaks_for(peer, node_id);
+                if !linked && !self.bind_by_key(peer, &state, node_id, registration_key)? {
+                    return Ok(HeadReply::NodeFenced { node_id });
                 }
                 match state.membership.heartbeat(
                     node_id,
@@ -1226,6 +1271,7 @@ impl HeadService {
                 }
             }
             HeadRequest::UnregisterNode { node_id } => {
+                self.links().require(peer, node_id)?;
                 let left = {
                     let mut state = self.state();
                     let left = state.membership.unregister(node_id);
@@ -1291,7 +1337,13 @@ impl HeadService {
                 Ok(HeadReply::LeaseReturned)
             }
             HeadRequest::LeaseBlocked { lease_id, blocked } => {
-                let changed = self.state().scheduler.set_blocked(lease_id, blocked);
+                let mut state = self.state();
+                // Only the node that runs the lease's worker says so.
+                if let Some(node_id) = state.scheduler.lease_node(lease_id) {
+                    self.links().require(peer, node_id)?;
+                }
+                let changed = state.scheduler.set_blocked(lease_id, blocked);
+                drop(state);
                 if changed && blocked {
                     self.resources_changed.notify_waiters();
                 }
@@ -1335,6 +1387,7 @@ impl HeadService {
                 pid,
                 failure,
             } => {
+                self.links().require(peer, node_id)?;
                 let (created, failed) = match (worker, failure) {
                     (Some(worker), None) => (Some((worker, pid)), None),
                     (_, failure) => (None, Some(failure.unwrap_or_else(|| "no worker".into()))),
@@ -1514,7 +1567,7 @@ impl HeadService {
             }
             HeadRequest::RejoinNode(rejoin) => {
                 check_registration(&rejoin.node)?;
-                self.rejoin_node(*rejoin)
+                self.rejoin_node(peer, *rejoin)
             }
             HeadRequest::KvPut {
                 namespace,

@@ -38,6 +38,7 @@ pub mod config;
 pub mod groups;
 pub mod jobs;
 pub mod kv;
+mod links;
 pub mod membership;
 pub mod metrics;
 pub mod objects;

@@ -526,6 +526,11 @@ impl Scheduler {
         );
     }
 
+    /// The node a lease's worker runs on.
+    pub fn lease_node(&self, lease_id: LeaseId) -> Option<NodeId> {
+        self.leases.get(&lease_id).map(|l| l.node_id)
+    }
+
     /// Marks a lease's worker blocked (its resources lent back to the node)
     /// or resumed (taken again, possibly past capacity until other leases
     /// end). Returns true if the state changed.

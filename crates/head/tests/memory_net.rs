@@ -9,9 +9,15 @@ use std::time::{Duration, Instant};
 
 use shoal_head::{Head, HeadConfig};
 use shoal_net::handshake::ClientAuth;
-use shoal_net::{ClusterIdentity, MemoryNet, NetLimits, RpcClient, Transport, HEAD_SERVER_NAME};
+use shoal_net::{
+    ClusterIdentity, ConnectError, JoinToken, MemoryNet, NetLimits, RpcClient, RpcError, Transport,
+    HEAD_SERVER_NAME,
+};
 use shoal_proto::head::RegisterNode;
-use shoal_proto::{HeadReply, HeadRequest, NodeId, NodeState, ResourceSet, Role};
+use shoal_proto::{
+    ActorId, HandshakeRefusal, HeadReply, HeadRequest, NodeId, NodeState, ResourceSet, Role,
+    ServiceErrorKind,
+};
 use tokio_util::sync::CancellationToken;
 
 type HeadClient = RpcClient<HeadRequest, HeadReply>;
@@ -31,8 +37,19 @@ async fn connect(
     identity: &ClusterIdentity,
     role: Role,
 ) -> HeadClient {
+    connect_with(net, host, identity.token(), role)
+        .await
+        .expect("connect to the head")
+}
+
+async fn connect_with(
+    net: &MemoryNet,
+    host: &str,
+    token: &JoinToken,
+    role: Role,
+) -> Result<HeadClient, ConnectError> {
     let auth = ClientAuth {
-        token: identity.token().clone(),
+        token: token.clone(),
         role,
     };
     Transport::memory(
@@ -44,7 +61,26 @@ async fn connect(
     )
     .connect(HEAD.parse().expect("addr"))
     .await
-    .expect("connect to the head")
+}
+
+/// Registers a node with `registration_key` on `node`'s connection.
+async fn register(node: &HeadClient, registration_key: u64) -> NodeId {
+    let register = HeadRequest::RegisterNode(RegisterNode {
+        address: format!("{NODE_HOST}:7001"),
+        pid: 1,
+        hostname: "node".into(),
+        host_id: "node".into(),
+        resources_total: ResourceSet::default(),
+        is_head_node: false,
+        registration_key,
+        object_store_capacity_bytes: 0,
+        metrics_address: None,
+        labels: Default::default(),
+    });
+    match node.call(&register, CALL).await.expect("register") {
+        HeadReply::NodeRegistered(registered) => registered.node_id,
+        other => panic!("register: {other:?}"),
+    }
 }
 
 /// A head with the default config, listening at [`HEAD`] on `net`.
@@ -93,22 +129,7 @@ async fn a_node_cut_off_from_the_head_is_declared_dead_and_fenced_when_the_cut_h
     let served = tokio::spawn(head.run(shutdown.clone()));
 
     let node = connect(&net, NODE_HOST, &identity, Role::Node).await;
-    let register = HeadRequest::RegisterNode(RegisterNode {
-        address: format!("{NODE_HOST}:7001"),
-        pid: 1,
-        hostname: "node".into(),
-        host_id: "node".into(),
-        resources_total: ResourceSet::default(),
-        is_head_node: false,
-        registration_key: 1,
-        object_store_capacity_bytes: 0,
-        metrics_address: None,
-        labels: Default::default(),
-    });
-    let node_id = match node.call(&register, CALL).await.expect("register") {
-        HeadReply::NodeRegistered(registered) => registered.node_id,
-        other => panic!("register: {other:?}"),
-    };
+    let node_id = register(&node, 1).await;
     let ack = node
         .call(&heartbeat(node_id), CALL)
         .await
@@ -144,6 +165,103 @@ async fn a_node_cut_off_from_the_head_is_declared_dead_and_fenced_when_the_cut_h
         .await
         .expect("heartbeat after the cut");
     assert_eq!(fenced, HeadReply::NodeFenced { node_id });
+
+    shutdown.cancel();
+    served.await.expect("the head stops");
+}
+
+/// Finding 4 of the security review: the `Node` role and a request's node
+/// id were the peer's own word. A driver token (what drivers, workers and
+/// clients hold) cannot prove the `Node` role; a node's connection speaks
+/// for the node that registered on it, or whose registration key it gives,
+/// and for no other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_driver_token_makes_no_node_and_a_node_speaks_only_for_itself() {
+    let net = MemoryNet::new(13);
+    let identity = Arc::new(ClusterIdentity::generate().expect("identity"));
+    let head = head_on(&net, &identity);
+    let shutdown = CancellationToken::new();
+    let served = tokio::spawn(head.run(shutdown.clone()));
+
+    let driver_token = identity.token().driver_token();
+    match connect_with(&net, DRIVER_HOST, &driver_token, Role::Node).await {
+        Err(ConnectError::Refused {
+            refusal: HandshakeRefusal::NotANode,
+            ..
+        }) => {}
+        other => panic!("a driver token joined as a node: {:?}", other.map(|_| ())),
+    }
+    let driver = connect_with(&net, DRIVER_HOST, &driver_token, Role::Driver)
+        .await
+        .expect("a driver connects with the driver token");
+
+    let a = connect(&net, NODE_HOST, &identity, Role::Node).await;
+    let b = connect(&net, NODE_HOST, &identity, Role::Node).await;
+    let (a_id, a_key) = (register(&a, 11).await, 11);
+    let b_id = register(&b, 22).await;
+    let denied = |reply: Result<HeadReply, RpcError>, what: &str| match reply {
+        Err(RpcError::Service(e)) if e.kind == ServiceErrorKind::PermissionDenied => {}
+        other => panic!("{what} was not refused: {other:?}"),
+    };
+    let keyed = |node_id: NodeId, key: u64| {
+        let mut beat = heartbeat(node_id);
+        if let HeadRequest::Heartbeat {
+            registration_key, ..
+        } = &mut beat
+        {
+            *registration_key = key;
+        }
+        beat
+    };
+    // B acts for A: refused, whatever it does.
+    denied(
+        b.call(&heartbeat(a_id), CALL).await,
+        "a heartbeat for A on B",
+    );
+    denied(
+        b.call(&keyed(a_id, 22), CALL).await,
+        "a heartbeat for A with B's key",
+    );
+    denied(
+        b.call(&HeadRequest::UnregisterNode { node_id: a_id }, CALL)
+            .await,
+        "A unregistered by B",
+    );
+    let restarted = HeadRequest::ActorRestarted {
+        node_id: a_id,
+        actor_id: ActorId::random(),
+        incarnation: 1,
+        worker: None,
+        pid: 0,
+        failure: Some("made up".into()),
+    };
+    denied(
+        b.call(&restarted, CALL).await,
+        "an actor restart for A on B",
+    );
+    assert_eq!(node_state(&driver, a_id).await, Some(NodeState::Alive));
+    let ack = b.call(&heartbeat(b_id), CALL).await.expect("B's own");
+    assert!(matches!(ack, HeadReply::HeartbeatAck { .. }), "{ack:?}");
+
+    // A's connection replaced: its key binds the new one.
+    a.close();
+    let again = connect(&net, NODE_HOST, &identity, Role::Node).await;
+    denied(
+        again.call(&heartbeat(a_id), CALL).await,
+        "a heartbeat for A without its key",
+    );
+    let ack = again
+        .call(&keyed(a_id, a_key), CALL)
+        .await
+        .expect("A's key");
+    assert!(matches!(ack, HeadReply::HeartbeatAck { .. }), "{ack:?}");
+    let left = again
+        .call(&HeadRequest::UnregisterNode { node_id: a_id }, CALL)
+        .await
+        .expect("A leaves");
+    assert_eq!(left, HeadReply::NodeUnregistered);
+    assert_ne!(node_state(&driver, a_id).await, Some(NodeState::Alive));
+    assert_eq!(node_state(&driver, b_id).await, Some(NodeState::Alive));
 
     shutdown.cancel();
     served.await.expect("the head stops");

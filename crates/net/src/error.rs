@@ -23,8 +23,9 @@ pub enum IdentityError {
         /// The cause.
         source: io::Error,
     },
-    /// A join token string is not of the form `shoal1.<cluster id>.<secret>`.
-    #[error("malformed join token: {0} (expected shoal1.<32 hex cluster id>.<64 hex secret>)")]
+    /// A join token string is not of the form `shoal1.<cluster id>.<secret>`
+    /// (a cluster token) or `shoal1d.<cluster id>.<secret>` (a driver token).
+    #[error("malformed join token: {0} (expected shoal1.<32 hex cluster id>.<64 hex secret>, or shoal1d. for a driver token)")]
     MalformedToken(&'static str),
     /// A TLS configuration could not be built from the identity.
     #[error("TLS configuration: {0}")]

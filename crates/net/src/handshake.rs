@@ -34,6 +34,7 @@ use crate::sync::RwLockExt;
 const EXPORTER_LABEL: &[u8] = b"EXPORTER-shoal-hello-v1";
 pub(crate) const CLIENT_SIDE: &[u8] = b"shoal client proof";
 pub(crate) const SERVER_SIDE: &[u8] = b"shoal server proof";
+pub(crate) const NODE_SIDE: &[u8] = b"shoal node proof";
 
 /// What a client proves in its `Hello`.
 #[derive(Clone, Debug)]
@@ -99,11 +100,23 @@ fn exported(conn: &quinn::Connection, role: Role) -> Option<[u8; 32]> {
     Some(out)
 }
 
-pub(crate) fn proof(token: &JoinToken, side: &[u8], exported: &[u8; 32]) -> Vec<u8> {
-    let mut ctx = hmac::Context::with_key(&token.hmac_key());
+fn keyed_proof(key: &hmac::Key, side: &[u8], exported: &[u8; 32]) -> Vec<u8> {
+    let mut ctx = hmac::Context::with_key(key);
     ctx.update(side);
     ctx.update(exported);
     ctx.sign().as_ref().to_vec()
+}
+
+fn keyed_proof_matches(key: &hmac::Key, side: &[u8], exported: &[u8; 32], claimed: &[u8]) -> bool {
+    let mut msg = Vec::with_capacity(side.len() + exported.len());
+    msg.extend_from_slice(side);
+    msg.extend_from_slice(exported);
+    claimed.len() == PROOF_LEN && hmac::verify(key, &msg, claimed).is_ok()
+}
+
+/// A proof of the driver token (which either token holds) over `exported`.
+pub(crate) fn proof(token: &JoinToken, side: &[u8], exported: &[u8; 32]) -> Vec<u8> {
+    keyed_proof(&token.hmac_key(), side, exported)
 }
 
 pub(crate) fn proof_matches(
@@ -112,20 +125,24 @@ pub(crate) fn proof_matches(
     exported: &[u8; 32],
     claimed: &[u8],
 ) -> bool {
-    let mut msg = Vec::with_capacity(side.len() + exported.len());
-    msg.extend_from_slice(side);
-    msg.extend_from_slice(exported);
-    claimed.len() == PROOF_LEN && hmac::verify(&token.hmac_key(), &msg, claimed).is_ok()
+    keyed_proof_matches(&token.hmac_key(), side, exported, claimed)
 }
 
 /// The `Hello` a client sends: its role and its proof of the token over
-/// `binding` (the TLS exporter value, or a same-host socket's hash).
+/// `binding` (the TLS exporter value, or a same-host socket's hash); for
+/// the `Node` role, its proof of the cluster token too (none with a driver
+/// token, which a server holding the cluster token then refuses).
 pub fn client_hello(auth: &ClientAuth, binding: &[u8; 32]) -> Hello {
+    let node_proof = match (auth.role, auth.token.node_key()) {
+        (Role::Node, Some(key)) => keyed_proof(&key, NODE_SIDE, binding),
+        _ => Vec::new(),
+    };
     Hello {
         protocol_version: PROTOCOL_VERSION,
         cluster_id: auth.token.cluster_id,
         role: auth.role,
         token_proof: proof(&auth.token, CLIENT_SIDE, binding),
+        node_proof,
     }
 }
 
@@ -270,16 +287,21 @@ pub const MALFORMED_REASON_MAX: usize = 256;
 /// could not take (an unknown role, a string where a number belongs),
 /// which may be most of a 4 KiB frame, and the refusal must still fit one.
 pub(crate) fn malformed(why: impl std::fmt::Display) -> HandshakeRefusal {
-    let mut reason = why.to_string();
-    if reason.len() > MALFORMED_REASON_MAX {
-        let mut end = MALFORMED_REASON_MAX - '…'.len_utf8();
-        while !reason.is_char_boundary(end) {
+    HandshakeRefusal::Malformed(cut(why.to_string(), MALFORMED_REASON_MAX))
+}
+
+/// `text` in at most `max` bytes (at least 4): cut between characters,
+/// ending with `…` when cut.
+pub(crate) fn cut(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max - '…'.len_utf8();
+        while !text.is_char_boundary(end) {
             end -= 1;
         }
-        reason.truncate(end);
-        reason.push('…');
+        text.truncate(end);
+        text.push('…');
     }
-    HandshakeRefusal::Malformed(reason)
+    text
 }
 
 /// [`judge_hello`] on a same-host socket: the proof covers the socket's
@@ -365,7 +387,12 @@ pub async fn server_handshake(
 
 /// Checks a `Hello`: version, cluster, role (and its certificate, if the
 /// role needs one) and the token proof over `binding`, the bytes that tie
-/// the proof to this one connection and role.
+/// the proof to this one connection and role. A server holding the cluster
+/// token (the head, a node) takes the `Node` role only with the proof of
+/// that token too: a driver token cannot make a node. A server holding
+/// only the driver token (a driver's or worker's endpoint, which nodes
+/// call to start actors and forward logs) cannot check it, and takes the
+/// first proof alone.
 pub(crate) fn check_hello(
     auth: &ServerAuth,
     hello: &Hello,
@@ -390,6 +417,11 @@ pub(crate) fn check_hello(
         binding.ok_or_else(|| HandshakeRefusal::Malformed("no TLS keying material".into()))?;
     if !proof_matches(&auth.token, CLIENT_SIDE, &exported, &hello.token_proof) {
         return Err(HandshakeRefusal::BadToken);
+    }
+    if let (Role::Node, Some(key)) = (hello.role, auth.token.node_key()) {
+        if !keyed_proof_matches(&key, NODE_SIDE, &exported, &hello.node_proof) {
+            return Err(HandshakeRefusal::NotANode);
+        }
     }
     Ok(())
 }
@@ -449,6 +481,63 @@ mod tests {
             panic!("not malformed");
         };
         assert_eq!(short, "short");
+    }
+
+    /// A `Node` proves the cluster token: the driver token (what drivers,
+    /// workers and clients hold) is refused the role by a server holding
+    /// the cluster token, and takes every other; a server holding only
+    /// the driver token (a worker's endpoint, which nodes call) takes a
+    /// node on the driver token's proof.
+    #[test]
+    fn only_the_cluster_token_proves_a_node() {
+        let auth = ServerAuth::new(
+            JoinToken::from_parts(ClusterId::random(), [7; 32]),
+            vec![Role::Node, Role::Driver],
+        );
+        let binding = [9; 32];
+        let hello = |token: &JoinToken, role| {
+            let client = ClientAuth {
+                token: token.clone(),
+                role,
+            };
+            codec::encode(&client_hello(&client, &binding)).expect("encodes")
+        };
+        let judge = |auth: &ServerAuth, body: &[u8]| {
+            judge_hello(auth, body, false, |_| Some(binding)).map(|a| a.role)
+        };
+        let cluster = auth.token.clone();
+        let driver = cluster.driver_token();
+        assert_eq!(judge(&auth, &hello(&cluster, Role::Node)), Ok(Role::Node));
+        assert_eq!(
+            judge(&auth, &hello(&driver, Role::Node)),
+            Err(HandshakeRefusal::NotANode)
+        );
+        assert_eq!(
+            judge(&auth, &hello(&driver, Role::Driver)),
+            Ok(Role::Driver)
+        );
+        // Another cluster token's node proof, with this driver token's
+        // proof: still no node.
+        let mut forged: Hello =
+            codec::decode(&hello(&driver, Role::Node), &CodecLimits::HANDSHAKE).expect("decodes");
+        let other = JoinToken::from_parts(cluster.cluster_id, [8; 32]);
+        forged.node_proof = keyed_proof(&other.node_key().expect("a key"), NODE_SIDE, &binding);
+        let forged = codec::encode(&forged).expect("encodes");
+        assert_eq!(judge(&auth, &forged), Err(HandshakeRefusal::NotANode));
+        // A worker's endpoint.
+        let worker = ServerAuth::new(driver.clone(), vec![Role::Node]);
+        assert_eq!(judge(&worker, &hello(&cluster, Role::Node)), Ok(Role::Node));
+        // Either token checks the server's answer.
+        let welcome = codec::encode(&server_reply(
+            &auth,
+            &Ok(Accepted {
+                role: Role::Driver,
+                binding,
+            }),
+        ))
+        .expect("encodes");
+        assert_eq!(judge_hello_reply(&driver, &welcome, &binding), Ok(None));
+        assert_eq!(judge_hello_reply(&cluster, &welcome, &binding), Ok(None));
     }
 
     /// What the fuzz targets rely on: a proved `Hello` is accepted, with

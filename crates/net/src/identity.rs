@@ -30,33 +30,92 @@ use crate::{HEAD_SERVER_NAME, NODE_SERVER_NAME};
 pub const SECRET_LEN: usize = 32;
 
 const TOKEN_PREFIX: &str = "shoal1";
+const DRIVER_TOKEN_PREFIX: &str = "shoal1d";
+const DRIVER_LABEL: &[u8] = b"shoal driver token v1";
+
+/// What a join token lets its holder be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenScope {
+    /// The cluster token, `shoal1.…`: node daemons join with it. The head
+    /// and every node hold it; from it the driver token is derived.
+    Cluster,
+    /// The driver token, `shoal1d.…`: drivers, workers and command-line
+    /// clients connect with it. It proves the token in the handshake but
+    /// cannot prove the `Node` role, and the cluster token cannot be
+    /// derived from it, so its holder cannot join or act as a node.
+    Driver,
+}
 
 /// What a peer needs to join a cluster: the cluster id and the secret.
+///
+/// Every handshake proves the driver token's secret; a peer that claims the
+/// `Node` role also proves the cluster token's (see `handshake`).
 #[derive(Clone, PartialEq, Eq)]
 pub struct JoinToken {
     /// The cluster the token belongs to.
     pub cluster_id: ClusterId,
     secret: [u8; SECRET_LEN],
+    scope: TokenScope,
 }
 
 impl JoinToken {
-    /// A new token with a fresh random secret.
+    /// A new cluster token with a fresh random secret.
     pub fn generate(cluster_id: ClusterId) -> Result<Self, IdentityError> {
         let mut secret = [0u8; SECRET_LEN];
         ring::rand::SystemRandom::new()
             .fill(&mut secret)
             .map_err(|_| IdentityError::Random)?;
-        Ok(Self { cluster_id, secret })
+        Ok(Self::from_parts(cluster_id, secret))
     }
 
-    /// A token from its parts (tests build foreign or wrong tokens this way).
+    /// A cluster token from its parts (tests build foreign or wrong tokens
+    /// this way).
     pub fn from_parts(cluster_id: ClusterId, secret: [u8; SECRET_LEN]) -> Self {
-        Self { cluster_id, secret }
+        Self {
+            cluster_id,
+            secret,
+            scope: TokenScope::Cluster,
+        }
     }
 
-    /// The HMAC-SHA256 key of the secret.
-    pub(crate) fn hmac_key(&self) -> ring::hmac::Key {
+    /// What the token lets its holder be.
+    pub fn scope(&self) -> TokenScope {
+        self.scope
+    }
+
+    /// The driver token of this cluster: itself, if it is one; derived
+    /// from the cluster token's secret otherwise (HMAC-SHA256 of a label).
+    /// This is the token handed to drivers, workers and `shoal job submit`.
+    pub fn driver_token(&self) -> JoinToken {
+        match self.scope {
+            TokenScope::Driver => self.clone(),
+            TokenScope::Cluster => {
+                let derived = ring::hmac::sign(&self.own_key(), DRIVER_LABEL);
+                let mut secret = [0u8; SECRET_LEN];
+                secret.copy_from_slice(derived.as_ref());
+                Self {
+                    cluster_id: self.cluster_id,
+                    secret,
+                    scope: TokenScope::Driver,
+                }
+            }
+        }
+    }
+
+    fn own_key(&self) -> ring::hmac::Key {
         ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.secret)
+    }
+
+    /// The key every handshake proof is made with: the driver token's
+    /// secret, which holders of either token have.
+    pub(crate) fn hmac_key(&self) -> ring::hmac::Key {
+        self.driver_token().own_key()
+    }
+
+    /// The key a `Node` proves its role with: the cluster token's secret;
+    /// `None` for a driver token.
+    pub(crate) fn node_key(&self) -> Option<ring::hmac::Key> {
+        (self.scope == TokenScope::Cluster).then(|| self.own_key())
     }
 
     /// The key a head signs QUIC stateless resets with, derived from the
@@ -64,14 +123,15 @@ impl JoinToken {
     /// resets the connections of the one it replaces and their peers
     /// reconnect at once (instead of after the idle timeout).
     pub fn reset_key(&self) -> ring::hmac::Key {
-        let derived = ring::hmac::sign(&self.hmac_key(), b"shoal quic stateless reset v1");
+        let derived = ring::hmac::sign(&self.own_key(), b"shoal quic stateless reset v1");
         ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_ref())
     }
 }
 
 impl JoinToken {
     /// The dashboard's session cookie: an HMAC of a fixed label under the
-    /// secret, so the cookie proves the token without carrying it.
+    /// driver token's secret, so the cookie proves the token without
+    /// carrying it, and either token logs in.
     pub fn dashboard_cookie(&self) -> String {
         let tag = ring::hmac::sign(&self.hmac_key(), DASHBOARD_LABEL);
         shoal_proto::hex::encode(tag.as_ref())
@@ -83,7 +143,8 @@ impl JoinToken {
             .is_some_and(|tag| ring::hmac::verify(&self.hmac_key(), DASHBOARD_LABEL, &tag).is_ok())
     }
 
-    /// Whether `text` is this token (the secret compared in constant time).
+    /// Whether `text` is this cluster's cluster or driver token (the
+    /// secrets compared in constant time).
     pub fn matches_text(&self, text: &str) -> bool {
         let Ok(given) = text.parse::<JoinToken>() else {
             return false;
@@ -99,14 +160,22 @@ const DASHBOARD_LABEL: &[u8] = b"shoal dashboard session v1";
 impl fmt::Display for JoinToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let secret = shoal_proto::hex::encode(&self.secret);
-        write!(f, "{TOKEN_PREFIX}.{}.{secret}", self.cluster_id)
+        let prefix = match self.scope {
+            TokenScope::Cluster => TOKEN_PREFIX,
+            TokenScope::Driver => DRIVER_TOKEN_PREFIX,
+        };
+        write!(f, "{prefix}.{}.{secret}", self.cluster_id)
     }
 }
 
 impl fmt::Debug for JoinToken {
     /// Never prints the secret.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "JoinToken({}, <secret>)", self.cluster_id)
+        write!(
+            f,
+            "JoinToken({}, {:?}, <secret>)",
+            self.cluster_id, self.scope
+        )
     }
 }
 
@@ -120,9 +189,11 @@ impl FromStr for JoinToken {
         else {
             return Err(IdentityError::MalformedToken("wrong number of parts"));
         };
-        if prefix != TOKEN_PREFIX {
-            return Err(IdentityError::MalformedToken("unknown prefix"));
-        }
+        let scope = match prefix {
+            TOKEN_PREFIX => TokenScope::Cluster,
+            DRIVER_TOKEN_PREFIX => TokenScope::Driver,
+            _ => return Err(IdentityError::MalformedToken("unknown prefix")),
+        };
         if cluster.len() != 32 {
             return Err(IdentityError::MalformedToken(
                 "cluster id is not 32 hex digits",
@@ -134,7 +205,11 @@ impl FromStr for JoinToken {
         let secret: [u8; SECRET_LEN] = shoal_proto::hex::decode(secret_hex)
             .and_then(|bytes| bytes.try_into().ok())
             .ok_or(IdentityError::MalformedToken("secret is not 64 hex digits"))?;
-        Ok(Self { cluster_id, secret })
+        Ok(Self {
+            cluster_id,
+            secret,
+            scope,
+        })
     }
 }
 
@@ -326,6 +401,33 @@ mod tests {
         );
     }
 
+    /// The driver token: its own text, derived the same way every time,
+    /// logs in to the dashboard as the cluster token does, and cannot give
+    /// back the cluster token's secret (it is an HMAC of it).
+    #[test]
+    fn the_driver_token_is_derived_and_cannot_make_a_node() {
+        let token = JoinToken::generate(ClusterId::random()).expect("token");
+        let driver = token.driver_token();
+        assert_eq!(token.scope(), TokenScope::Cluster);
+        assert_eq!(driver.scope(), TokenScope::Driver);
+        assert_eq!(driver, token.driver_token(), "deterministic");
+        assert_eq!(driver.driver_token(), driver);
+        let text = driver.to_string();
+        assert!(text.starts_with("shoal1d."), "{text}");
+        assert_eq!(text.parse::<JoinToken>().expect("parses"), driver);
+        assert!(
+            !text.contains(&token.to_string()[40..]),
+            "carries the secret"
+        );
+        assert!(driver.node_key().is_none());
+        assert!(token.node_key().is_some());
+        assert_eq!(driver.dashboard_cookie(), token.dashboard_cookie());
+        assert!(token.matches_text(&text));
+        assert!(driver.matches_text(&token.to_string()));
+        let other = JoinToken::generate(token.cluster_id).expect("token");
+        assert!(!token.matches_text(&other.driver_token().to_string()));
+    }
+
     #[test]
     fn malformed_tokens_are_refused() {
         let good = JoinToken::generate(ClusterId::random())
@@ -338,6 +440,7 @@ mod tests {
             &good[..good.len() - 1],
             &format!("{good}.extra"),
             &good.replace("shoal1.", "shoal0."),
+            &good.replace("shoal1.", "shoal1x."),
             &format!("{}zz", &good[..good.len() - 2]),
             "shoal1.é0000000000000000000000000000000.0000000000000000000000000000000000000000000000000000000000000000",
         ] {

@@ -56,7 +56,7 @@ pub mod transport;
 mod unix;
 
 pub use error::{ConnectError, IdentityError, RpcError};
-pub use identity::{ClusterIdentity, IssuedCert, JoinToken};
+pub use identity::{ClusterIdentity, IssuedCert, JoinToken, TokenScope};
 pub use limits::NetLimits;
 pub use memory::MemoryNet;
 pub use rpc::{Peer, RpcClient, Service};

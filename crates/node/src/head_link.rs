@@ -120,6 +120,8 @@ impl HeadLink<'_> {
                 object_changes: object_changes.clone(),
                 objects_pulled: self.transfers.pulled(),
                 orders_acked,
+                // Binds a replaced connection to this node.
+                registration_key,
             };
             let Some(reply) = shutdown
                 .run_until_cancelled(head.call(&beat, self.config.head_request_timeout))
@@ -377,7 +379,9 @@ impl HeadLink<'_> {
             ),
             ("SHOAL_NODE_IP".into(), ip.to_string()),
             ("SHOAL_ADDRESS".into(), self.config.head_address.clone()),
-            ("SHOAL_TOKEN".into(), self.token.to_string()),
+            // User code runs in workers: the driver token, which cannot
+            // make a node.
+            ("SHOAL_TOKEN".into(), self.token.driver_token().to_string()),
         ];
         if let Some((lo, hi)) = self.config.worker_port_range {
             env.push(("SHOAL_WORKER_PORT_RANGE".into(), format!("{lo}-{hi}")));

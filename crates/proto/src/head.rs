@@ -39,6 +39,11 @@ pub enum HeadRequest {
         /// the head sends orders again until they are acknowledged.
         #[serde(default)]
         orders_acked: u64,
+        /// The key the node registered with, known only to it and the
+        /// head: it binds a new connection (after a reconnect) to the node.
+        /// A connection the node registered on needs none.
+        #[serde(default)]
+        registration_key: u64,
     },
     /// A node daemon leaves on purpose (graceful stop).
     UnregisterNode {
@@ -635,6 +640,7 @@ impl HeadRequest {
             object_changes: Vec::new(),
             objects_pulled: 0,
             orders_acked: 0,
+            registration_key: 0,
         }
     }
 }

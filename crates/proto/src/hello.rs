@@ -10,8 +10,10 @@
 //! captured on one connection is worthless on another, and a man in the middle
 //! (who terminates two TLS sessions) cannot relay it. The server answers with
 //! its own proof over the same value, so the client authenticates the server by
-//! the token too. The computation lives in `shoal-net`, which has the TLS
-//! session; this module only carries the bytes.
+//! the token too. The key is the driver token, which every peer holds; a peer
+//! claiming the `Node` role adds a second proof keyed by the cluster token,
+//! which only node daemons and the head hold. The computation lives in
+//! `shoal-net`, which has the TLS session; this module only carries the bytes.
 
 use serde::{Deserialize, Serialize};
 
@@ -22,7 +24,10 @@ use crate::ids::{ClusterId, NodeId};
 /// 2: variants a version-1 peer cannot decode (`WatchNodeDeaths`,
 /// `NodeDeaths`, `FailureKind::ReplyDropped`); such a peer is refused at
 /// the handshake instead of failing on them later.
-pub const PROTOCOL_VERSION: u32 = 2;
+///
+/// 3: a node proves the cluster token in `Hello::node_proof`, and a
+/// heartbeat carries the node's registration key.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Length in bytes of a token proof (HMAC-SHA256).
 pub const PROOF_LEN: usize = 32;
@@ -64,9 +69,14 @@ pub struct Hello {
     pub cluster_id: ClusterId,
     /// What the client is.
     pub role: Role,
-    /// HMAC-SHA256 of the TLS exporter value and the role, keyed by the join token.
+    /// HMAC-SHA256 of the TLS exporter value and the role, keyed by the
+    /// driver token (which holders of the cluster token derive).
     #[serde(with = "serde_bytes")]
     pub token_proof: Vec<u8>,
+    /// For the `Node` role: HMAC-SHA256 of the same value keyed by the
+    /// cluster token, which drivers do not hold. Empty for other roles.
+    #[serde(default, with = "serde_bytes", skip_serializing_if = "Vec::is_empty")]
+    pub node_proof: Vec<u8>,
 }
 
 /// The server's answer to a [`Hello`].
@@ -107,6 +117,12 @@ pub enum HandshakeRefusal {
     /// The role may not connect to this server.
     #[error("role {0:?} may not connect here")]
     RoleNotAllowed(Role),
+    /// The peer claimed the `Node` role without proving the cluster token
+    /// (it holds the driver token, or none).
+    #[error(
+        "not a node: nodes join with the cluster token (shoal1.…), not a driver token (shoal1d.…)"
+    )]
+    NotANode,
     /// The first frame was not a well-formed `Hello`.
     #[error("malformed hello: {0}")]
     Malformed(String),
