@@ -134,6 +134,21 @@ pub(crate) fn write_frame<'s, T: Serialize>(
     }
 }
 
+/// Longest account of an undecodable request that its `BadRequest` reply
+/// quotes, in bytes.
+pub const UNDECODABLE_REASON_MAX: usize = 1024;
+
+/// The answer to a request that does not decode: the decoder's account,
+/// cut to [`UNDECODABLE_REASON_MAX`] bytes. Uncut, it may quote most of
+/// the request (a string where an enum's name belongs), and a request
+/// near the frame limit would get a reply over it, which is never sent.
+pub(crate) fn undecodable(e: impl std::fmt::Display) -> ServiceError {
+    ServiceError::new(
+        ServiceErrorKind::BadRequest,
+        handshake::cut(e.to_string(), UNDECODABLE_REASON_MAX),
+    )
+}
+
 /// Who is on the other end of a served connection.
 #[derive(Clone, Debug)]
 pub struct Peer {
@@ -401,10 +416,7 @@ async fn serve_request<S: Service>(
             warn!(remote = %peer.remote, error = %e, "undecodable request");
             let reply: ReplyEnvelope<S::Reply> = ReplyEnvelope {
                 id: 0,
-                result: Err(ServiceError::new(
-                    ServiceErrorKind::BadRequest,
-                    e.to_string(),
-                )),
+                result: Err(undecodable(e)),
             };
             let _ = recv.stop(close_code::PROTOCOL_ERROR.into());
             let _ = write_frame(&mut send, &reply, &codec).await;
@@ -850,6 +862,25 @@ mod tests {
     use crate::{endpoint, tls, ConnectError, HEAD_SERVER_NAME};
     use serde::Deserialize;
     use shoal_proto::HandshakeRefusal;
+
+    /// A request that is one 100 000-byte string: the decoder's account
+    /// quotes it whole, the answer only its start.
+    #[test]
+    fn an_undecodable_request_is_answered_with_a_bounded_account() {
+        let mut body = vec![0xdb];
+        body.extend(100_000u32.to_be_bytes());
+        body.extend(std::iter::repeat_n(b'X', 100_000));
+        let e = codec::decode::<RequestEnvelope<shoal_proto::HeadRequest>>(
+            &body,
+            &CodecLimits::CONTROL,
+        )
+        .expect_err("undecodable");
+        assert!(e.to_string().len() > 100_000, "the account quotes it");
+        let answer = undecodable(e);
+        assert_eq!(answer.kind, ServiceErrorKind::BadRequest);
+        assert!(answer.message.len() <= UNDECODABLE_REASON_MAX);
+        assert!(answer.message.ends_with('…'), "{}", answer.message);
+    }
 
     #[derive(Debug, Serialize, Deserialize, PartialEq)]
     enum EchoRequest {

@@ -698,10 +698,7 @@ async fn serve_request<S: Service>(
     let result = match decoded {
         Err(e) => {
             warn!(error = %e, "undecodable same-host request");
-            Err(ServiceError::new(
-                ServiceErrorKind::BadRequest,
-                e.to_string(),
-            ))
+            Err(crate::rpc::undecodable(e))
         }
         Ok(request) => crate::rpc::answer(&*service, &peer, request, &limits).await,
     };

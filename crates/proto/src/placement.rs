@@ -178,9 +178,13 @@ impl LabelConstraint {
         let values = match &self.matches {
             LabelMatch::In(v) | LabelMatch::NotIn(v) => v,
         };
-        if values.is_empty() || values.len() > SELECTOR_VALUES_MAX {
+        // As `parse` takes them: no empty value.
+        if values.is_empty()
+            || values.len() > SELECTOR_VALUES_MAX
+            || values.iter().any(String::is_empty)
+        {
             return Err(InvalidPlacement(format!(
-                "selector on {:?}: 1 to {SELECTOR_VALUES_MAX} values",
+                "selector on {:?}: 1 to {SELECTOR_VALUES_MAX} values, none empty",
                 self.key
             )));
         }
@@ -557,5 +561,16 @@ mod tests {
             ..Placement::default()
         };
         assert!(placement.check().is_err(), "an empty in() from a peer");
+        // What `parse` refuses, a peer's selector may not carry either.
+        for values in [vec![String::new()], vec!["a".into(), String::new()]] {
+            let placement = Placement {
+                labels: vec![LabelConstraint {
+                    key: "zone".into(),
+                    matches: LabelMatch::NotIn(values.clone()),
+                }],
+                ..Placement::default()
+            };
+            assert!(placement.check().is_err(), "{values:?} from a peer");
+        }
     }
 }

@@ -89,13 +89,7 @@ impl<S: Service> Serving for Server<S> {
             let codec = limits.codec();
             let decoded = codec::decode::<RequestEnvelope<S::Request>>(&request, &codec);
             let (id, result) = match decoded {
-                Err(e) => (
-                    0,
-                    Err(ServiceError::new(
-                        ServiceErrorKind::BadRequest,
-                        e.to_string(),
-                    )),
-                ),
+                Err(e) => (0, Err(crate::rpc::undecodable(e))),
                 Ok(request) => (
                     request.id,
                     crate::rpc::answer(&*service, &peer, request, &limits).await,
