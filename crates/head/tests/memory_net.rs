@@ -13,10 +13,11 @@ use shoal_net::{
     ClusterIdentity, ConnectError, JoinToken, MemoryNet, NetLimits, RpcClient, RpcError, Transport,
     HEAD_SERVER_NAME,
 };
-use shoal_proto::head::RegisterNode;
+use shoal_proto::head::{LeaseRequest, RegisterJob, RegisterNode};
+use shoal_proto::task::Address;
 use shoal_proto::{
     ActorId, HandshakeRefusal, HeadReply, HeadRequest, NodeId, NodeState, ResourceSet, Role,
-    ServiceErrorKind,
+    ServiceErrorKind, WorkerId,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -174,7 +175,8 @@ async fn a_node_cut_off_from_the_head_is_declared_dead_and_fenced_when_the_cut_h
 /// id were the peer's own word. A driver token (what drivers, workers and
 /// clients hold) cannot prove the `Node` role; a node's connection speaks
 /// for the node that registered on it, or whose registration key it gives,
-/// and for no other.
+/// and for no other (heartbeats, leaving, actor restarts, a lease's
+/// blocking).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_driver_token_makes_no_node_and_a_node_speaks_only_for_itself() {
     let net = MemoryNet::new(13);
@@ -239,6 +241,52 @@ async fn a_driver_token_makes_no_node_and_a_node_speaks_only_for_itself() {
         b.call(&restarted, CALL).await,
         "an actor restart for A on B",
     );
+    // A lease granted on one node: only that node says its worker is
+    // blocked.
+    let job = HeadRequest::RegisterJob(RegisterJob {
+        driver_pid: 1,
+        binary_hash: "0".repeat(64),
+        binary_size: 0,
+        driver: Address {
+            worker_id: WorkerId::random(),
+            address: format!("{DRIVER_HOST}:7002"),
+        },
+        job_id: None,
+    });
+    let job_id = match driver.call(&job, CALL).await.expect("a job") {
+        HeadReply::JobRegistered { job_id, .. } => job_id,
+        other => panic!("job: {other:?}"),
+    };
+    let lease = HeadRequest::RequestLease(LeaseRequest {
+        job_id,
+        owner: WorkerId::random(),
+        resources: ResourceSet::default(),
+        preferred_node: Some(a_id),
+        wait_ms: 1_000,
+        request_id: 1,
+        owner_node: None,
+        abandon: false,
+        placement: Default::default(),
+    });
+    let lease = match driver.call(&lease, CALL).await.expect("a lease") {
+        HeadReply::LeaseGranted(lease) => lease,
+        other => panic!("lease: {other:?}"),
+    };
+    let (on_it, other) = if lease.node_id == a_id {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    let blocked = HeadRequest::LeaseBlocked {
+        lease_id: lease.lease_id,
+        blocked: true,
+    };
+    denied(
+        other.call(&blocked, CALL).await,
+        "another node's lease blocked",
+    );
+    let told = on_it.call(&blocked, CALL).await.expect("its own lease");
+    assert_eq!(told, HeadReply::LeaseReturned);
     assert_eq!(node_state(&driver, a_id).await, Some(NodeState::Alive));
     let ack = b.call(&heartbeat(b_id), CALL).await.expect("B's own");
     assert!(matches!(ack, HeadReply::HeartbeatAck { .. }), "{ack:?}");
