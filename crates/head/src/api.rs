@@ -442,13 +442,17 @@ impl HeadService {
         let job_id = submission.job_id;
         let (program, working_dir) = {
             let binaries = self.binaries();
-            let program = binaries.get(&submission.program_hash);
+            let program = binaries.stored(&submission.program_hash);
             let working_dir = submission
                 .working_dir_hash
                 .as_ref()
-                .map(|hash| binaries.get(hash).ok_or(hash));
+                .map(|hash| (hash, binaries.stored(hash)));
             (program, working_dir)
         };
+        // Read with the executables' lock let go.
+        let program = program.and_then(|p| p.read());
+        let working_dir =
+            working_dir.map(|(hash, stored)| stored.and_then(|s| s.read()).ok_or(hash));
         let mut missing = Vec::new();
         if program.is_none() {
             missing.push(submission.program_hash.clone());
@@ -1318,9 +1322,10 @@ impl HeadService {
                 Ok(HeadReply::BinaryStored { complete })
             }
             HeadRequest::FetchBinary { hash, offset, len } => {
-                let (total, data) = self
-                    .binaries()
-                    .fetch(&hash, offset, len.min(BINARY_CHUNK_MAX))
+                // Read with the executables' lock let go.
+                let stored = self.binaries().stored(&hash);
+                let (total, data) = stored
+                    .and_then(|s| s.read_at(offset, len.min(BINARY_CHUNK_MAX)))
                     .ok_or_else(|| {
                         ServiceError::new(
                             ServiceErrorKind::NotFound,

@@ -227,13 +227,17 @@ impl Binaries {
         self.complete.contains_key(hash)
     }
 
-    /// A stored executable (or archive), whole; `None` if it is not stored
-    /// or its file cannot be read.
-    pub fn get(&self, hash: &str) -> Option<Arc<Vec<u8>>> {
-        match self.complete.get(hash)? {
-            Held::Memory(bytes) => Some(bytes.clone()),
-            Held::File(_) => std::fs::read(self.file(hash)?).ok().map(Arc::new),
-        }
+    /// Where a stored executable (or archive) is, to read once the
+    /// executables' lock is let go: a file read under it would hold up
+    /// every upload and fetch meanwhile.
+    pub fn stored(&self, hash: &str) -> Option<Stored> {
+        Some(match self.complete.get(hash)? {
+            Held::Memory(bytes) => Stored::Memory(bytes.clone()),
+            Held::File(size) => Stored::File {
+                path: self.file(hash)?,
+                size: *size,
+            },
+        })
     }
 
     fn file(&self, hash: &str) -> Option<PathBuf> {
@@ -376,21 +380,48 @@ impl Binaries {
             }
         }
     }
+}
 
-    /// A part of a stored executable: (total size, bytes).
-    pub fn fetch(&self, hash: &str, offset: u64, len: u32) -> Option<(u64, Vec<u8>)> {
-        match self.complete.get(hash)? {
-            Held::Memory(whole) => {
+/// A complete executable's bytes, found under the executables' lock and
+/// read after it ([`Binaries::stored`]).
+#[derive(Clone, Debug)]
+pub enum Stored {
+    /// Held in memory (a head that keeps no directory).
+    Memory(Arc<Vec<u8>>),
+    /// A file in the session directory.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+    },
+}
+
+impl Stored {
+    /// The whole executable; `None` if its file cannot be read (it was
+    /// dropped meanwhile, past the count kept).
+    pub fn read(&self) -> Option<Arc<Vec<u8>>> {
+        match self {
+            Stored::Memory(bytes) => Some(bytes.clone()),
+            Stored::File { path, .. } => std::fs::read(path).ok().map(Arc::new),
+        }
+    }
+
+    /// Up to `len` bytes from `offset` (none past the end), with the whole
+    /// size.
+    pub fn read_at(&self, offset: u64, len: u32) -> Option<(u64, Vec<u8>)> {
+        match self {
+            Stored::Memory(whole) => {
                 let start = usize::try_from(offset).ok()?.min(whole.len());
                 let end = start.saturating_add(len as usize).min(whole.len());
                 Some((whole.len() as u64, whole[start..end].to_vec()))
             }
-            Held::File(size) => {
+            Stored::File { path, size } => {
                 use std::os::unix::fs::FileExt;
                 let start = offset.min(*size);
                 let want = u64::from(len).min(size - start) as usize;
                 let mut part = vec![0; want];
-                let file = std::fs::File::open(self.file(hash)?).ok()?;
+                let file = std::fs::File::open(path).ok()?;
                 file.read_exact_at(&mut part, start).ok()?;
                 Some((*size, part))
             }
@@ -423,10 +454,13 @@ mod tests {
         assert_eq!(b.upload(&hash, 4000, 10_000, &data[4000..]), Ok(true));
         assert!(b.has(&hash));
         assert_eq!(
-            b.fetch(&hash, 9_990, 100),
+            b.stored(&hash).and_then(|s| s.read_at(9_990, 100)),
             Some((10_000, data[9_990..].to_vec()))
         );
-        assert_eq!(b.fetch(&hash, 20_000, 100), Some((10_000, vec![])));
+        assert_eq!(
+            b.stored(&hash).and_then(|s| s.read_at(20_000, 100)),
+            Some((10_000, vec![]))
+        );
         let wrong = sha256_hex(b"other");
         assert_eq!(
             b.upload(&wrong, 0, 3, b"abc"),
@@ -512,8 +546,9 @@ mod tests {
             std::fs::read(dir.path().join(&hash)).expect("its file"),
             data
         );
-        assert_eq!(b.fetch(&hash, 390, 100), Some((400, data[390..].to_vec())));
-        assert_eq!(b.get(&hash).as_deref(), Some(&data));
+        let stored = b.stored(&hash).expect("stored");
+        assert_eq!(stored.read_at(390, 100), Some((400, data[390..].to_vec())));
+        assert_eq!(stored.read().as_deref(), Some(&data));
         // Past the count kept, the oldest file goes.
         for n in 2..=BINARIES_KEPT as u32 + 1 {
             let (other, bytes) = hashed(n);
