@@ -171,6 +171,35 @@ async fn a_node_cut_off_from_the_head_is_declared_dead_and_fenced_when_the_cut_h
     served.await.expect("the head stops");
 }
 
+/// A head with the default config serving on its own network.
+struct Serving {
+    net: MemoryNet,
+    identity: Arc<ClusterIdentity>,
+    shutdown: CancellationToken,
+    served: tokio::task::JoinHandle<()>,
+}
+
+impl Serving {
+    fn start(seed: u64) -> Self {
+        let net = MemoryNet::new(seed);
+        let identity = Arc::new(ClusterIdentity::generate().expect("identity"));
+        let head = head_on(&net, &identity);
+        let shutdown = CancellationToken::new();
+        let served = tokio::spawn(head.run(shutdown.clone()));
+        Self {
+            net,
+            identity,
+            shutdown,
+            served,
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.served.await.expect("the head stops");
+    }
+}
+
 /// Finding 4 of the security review: the `Node` role and a request's node
 /// id were the peer's own word. A driver token (what drivers, workers and
 /// clients hold) cannot prove the `Node` role; a node's connection speaks
@@ -179,11 +208,8 @@ async fn a_node_cut_off_from_the_head_is_declared_dead_and_fenced_when_the_cut_h
 /// blocking).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_driver_token_makes_no_node_and_a_node_speaks_only_for_itself() {
-    let net = MemoryNet::new(13);
-    let identity = Arc::new(ClusterIdentity::generate().expect("identity"));
-    let head = head_on(&net, &identity);
-    let shutdown = CancellationToken::new();
-    let served = tokio::spawn(head.run(shutdown.clone()));
+    let head = Serving::start(13);
+    let (net, identity) = (head.net.clone(), Arc::clone(&head.identity));
 
     let driver_token = identity.token().driver_token();
     match connect_with(&net, DRIVER_HOST, &driver_token, Role::Node).await {
@@ -311,8 +337,7 @@ async fn a_driver_token_makes_no_node_and_a_node_speaks_only_for_itself() {
     assert_ne!(node_state(&driver, a_id).await, Some(NodeState::Alive));
     assert_eq!(node_state(&driver, b_id).await, Some(NodeState::Alive));
 
-    shutdown.cancel();
-    served.await.expect("the head stops");
+    head.stop().await;
 }
 
 /// Task events and the state API over the wire: bad batches, queries and
@@ -324,11 +349,8 @@ async fn bad_task_events_and_queries_are_refused_and_good_ones_listed() {
         EVENTS_PER_BATCH_MAX, EVENT_TEXT_MAX,
     };
     use shoal_proto::{JobId, ServiceErrorKind, TaskId, WorkerId};
-    let net = MemoryNet::new(12);
-    let identity = Arc::new(ClusterIdentity::generate().expect("identity"));
-    let head = head_on(&net, &identity);
-    let shutdown = CancellationToken::new();
-    let served = tokio::spawn(head.run(shutdown.clone()));
+    let head = Serving::start(12);
+    let (net, identity) = (head.net.clone(), Arc::clone(&head.identity));
     let driver = connect(&net, DRIVER_HOST, &identity, Role::Driver).await;
     let client = connect(&net, NODE_HOST, &identity, Role::Client).await;
 
@@ -425,8 +447,7 @@ async fn bad_task_events_and_queries_are_refused_and_good_ones_listed() {
         }
         other => panic!("list: {other:?}"),
     }
-    shutdown.cancel();
-    served.await.expect("the head stops");
+    head.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
