@@ -190,7 +190,10 @@ async fn a_client_may_not_act_as_a_node() {
     let node_id = cluster.node_id(0).expect("head node");
     let err = head
         .call(
-            &HeadRequest::UnregisterNode { node_id },
+            &HeadRequest::UnregisterNode {
+                node_id,
+                registration_key: 0,
+            },
             Duration::from_secs(5),
         )
         .await

@@ -241,9 +241,10 @@ impl Actors {
         ids.into_iter().filter_map(|id| self.died(id)).collect()
     }
 
-    /// Actors whose worker exited.
-    pub fn workers_died(&mut self, workers: &[WorkerId]) -> Vec<Died> {
-        self.died_where(|a| workers.contains(&a.worker.worker_id))
+    /// Actors on `node` whose worker exited, as that node reports: another
+    /// node's report of them is not taken.
+    pub fn workers_died(&mut self, node: NodeId, workers: &[WorkerId]) -> Vec<Died> {
+        self.died_where(|a| a.node_id == node && workers.contains(&a.worker.worker_id))
     }
 
     /// Actors on a dead node; restarts placed there are placed again (their
@@ -473,7 +474,12 @@ mod tests {
             vec![owned.actor_id]
         );
         assert!(a.named("ns", "d").is_some());
-        assert_eq!(a.workers_died(&[detached.worker.worker_id]).len(), 1);
+        let dead = [detached.worker.worker_id];
+        assert!(
+            a.workers_died(NodeId::random(), &dead).is_empty(),
+            "reported by another node"
+        );
+        assert_eq!(a.workers_died(detached.node_id, &dead).len(), 1);
         assert!(a.named("ns", "d").is_none());
     }
 
@@ -483,7 +489,7 @@ mod tests {
         let mut info = actor(Some("r"), false, JobId::random());
         info.max_restarts = 1;
         a.register(info.clone(), spec()).expect("ok");
-        let died = a.workers_died(&[info.worker.worker_id]);
+        let died = a.workers_died(info.node_id, &[info.worker.worker_id]);
         assert_eq!(died.len(), 1);
         assert_eq!(died[0].info.state, ActorState::Restarting);
         assert_eq!(died[0].info.incarnation, 1);
@@ -515,7 +521,7 @@ mod tests {
             (ActorState::Alive, 2, lease, node)
         );
         // No restarts left: the next death is final.
-        let died = a.workers_died(&[worker.worker_id]);
+        let died = a.workers_died(node, &[worker.worker_id]);
         assert_eq!(died[0].info.state, ActorState::Dead);
         assert!(a.named("ns", "r").is_none());
     }
@@ -526,7 +532,7 @@ mod tests {
         let mut info = actor(None, false, JobId::random());
         info.max_restarts = 3;
         a.register(info.clone(), spec()).expect("ok");
-        a.workers_died(&[info.worker.worker_id]);
+        a.workers_died(info.node_id, &[info.worker.worker_id]);
         let node = NodeId::random();
         let lease = LeaseId::random();
         a.place(

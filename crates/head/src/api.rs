@@ -1243,10 +1243,10 @@ impl HeadService {
                         let dead_workers = &dead_workers[..dead_workers.len().min(10_000)];
                         let mut reclaimed = 0;
                         for worker in dead_workers {
-                            reclaimed += state.scheduler.owner_died(*worker);
+                            reclaimed += state.scheduler.owner_died_on(node_id, *worker);
                         }
                         state.order_orphan_releases(false);
-                        let died = state.actors.workers_died(dead_workers);
+                        let died = state.actors.workers_died(node_id, dead_workers);
                         let actors_died = !died.is_empty();
                         reclaimed += usize::from(state.actors_died(died));
                         if actors_died {
@@ -1274,10 +1274,17 @@ impl HeadService {
                     Err(Fenced(node_id)) => Ok(HeadReply::NodeFenced { node_id }),
                 }
             }
-            HeadRequest::UnregisterNode { node_id } => {
-                self.links().require(peer, node_id)?;
+            HeadRequest::UnregisterNode {
+                node_id,
+                registration_key,
+            } => {
                 let left = {
                     let mut state = self.state();
+                    let linked = self.links().speaks_for(peer, node_id);
+                    if !linked && !self.bind_by_key(peer, &state, node_id, registration_key)? {
+                        // Not a live member: nothing to leave.
+                        return Ok(HeadReply::NodeUnregistered);
+                    }
                     let left = state.membership.unregister(node_id);
                     state.node_gone(node_id);
                     left

@@ -651,6 +651,21 @@ impl Scheduler {
         self.release_orphans(|l| l.owner == owner)
     }
 
+    /// [`Scheduler::owner_died`] as reported by `node`, of a worker that
+    /// ran there: an owner holding a lease that names another node as its
+    /// owner's, or none (a driver's), is not that node's to report, and
+    /// nothing is reclaimed.
+    pub fn owner_died_on(&mut self, node: NodeId, owner: WorkerId) -> usize {
+        let elsewhere = self
+            .leases
+            .values()
+            .any(|l| l.owner == owner && l.owner_node != Some(node));
+        if elsewhere {
+            return 0;
+        }
+        self.owner_died(owner)
+    }
+
     /// Clears infeasible entries that some node in `nodes` can now fit.
     pub fn recheck_infeasible(&mut self, nodes: &[NodeView]) {
         self.infeasible.retain(|r| {
@@ -1337,6 +1352,30 @@ mod tests {
         assert_eq!(s.owner_died(owned.owner), 1);
         assert_eq!(s.take_orphaned(), vec![(plain.node_id, plain.lease_id)]);
         assert_eq!(s.lease_count(), 1, "the detached lease");
+    }
+
+    /// A node reports its own workers' deaths, not another node's or a
+    /// driver's.
+    #[test]
+    fn a_node_reports_only_its_own_workers_dead() {
+        let nodes = vec![node(4.0), node(4.0)];
+        let (a, b) = (nodes[0].node_id, nodes[1].node_id);
+        let mut s = Scheduler::new();
+        let mut nested = request(1.0);
+        nested.owner = WorkerId::random();
+        nested.owner_node = Some(a);
+        let Decision::Granted(_) = s.request(&nodes, &nested) else {
+            panic!("fits")
+        };
+        let driver = request(1.0);
+        let Decision::Granted(_) = s.request(&nodes, &driver) else {
+            panic!("fits")
+        };
+        assert_eq!(s.owner_died_on(b, nested.owner), 0, "A's worker");
+        assert_eq!(s.owner_died_on(a, driver.owner), 0, "a driver");
+        assert_eq!(s.lease_count(), 2);
+        assert_eq!(s.owner_died_on(a, nested.owner), 1);
+        assert_eq!(s.lease_count(), 1);
     }
 
     #[test]

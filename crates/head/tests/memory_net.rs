@@ -251,8 +251,14 @@ async fn a_driver_token_makes_no_node_and_a_node_speaks_only_for_itself() {
         "a heartbeat for A with B's key",
     );
     denied(
-        b.call(&HeadRequest::UnregisterNode { node_id: a_id }, CALL)
-            .await,
+        b.call(
+            &HeadRequest::UnregisterNode {
+                node_id: a_id,
+                registration_key: 22,
+            },
+            CALL,
+        )
+        .await,
         "A unregistered by B",
     );
     let restarted = HeadRequest::ActorRestarted {
@@ -330,7 +336,13 @@ async fn a_driver_token_makes_no_node_and_a_node_speaks_only_for_itself() {
         .expect("A's key");
     assert!(matches!(ack, HeadReply::HeartbeatAck { .. }), "{ack:?}");
     let left = again
-        .call(&HeadRequest::UnregisterNode { node_id: a_id }, CALL)
+        .call(
+            &HeadRequest::UnregisterNode {
+                node_id: a_id,
+                registration_key: 0,
+            },
+            CALL,
+        )
         .await
         .expect("A leaves");
     assert_eq!(left, HeadReply::NodeUnregistered);

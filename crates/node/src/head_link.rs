@@ -229,7 +229,7 @@ impl HeadLink<'_> {
                 _ = tokio::time::sleep(interval) => {}
             }
         }
-        self.leave(client).await;
+        self.leave(client, registration_key).await;
     }
 
     /// Ends everything this node ran under its old id, before it rejoins.
@@ -393,11 +393,14 @@ impl HeadLink<'_> {
 
     /// Leaves the cluster on purpose, so the head need not wait for the
     /// heartbeat timeout. Best effort: the head may be gone already.
-    async fn leave(&self, client: Option<HeadClient>) {
+    async fn leave(&self, client: Option<HeadClient>, registration_key: u64) {
         let (Some(head), Some(node_id)) = (client, *self.node_id.borrow()) else {
             return;
         };
-        let bye = HeadRequest::UnregisterNode { node_id };
+        let bye = HeadRequest::UnregisterNode {
+            node_id,
+            registration_key,
+        };
         if let Err(e) = head.call_idempotent(&bye, Duration::from_secs(2)).await {
             debug!(error = %e, "could not tell the head we are leaving");
         }

@@ -49,6 +49,10 @@ pub enum HeadRequest {
     UnregisterNode {
         /// The leaving node.
         node_id: NodeId,
+        /// The key it registered with, for a connection that has not
+        /// heartbeated yet (see `Heartbeat::registration_key`).
+        #[serde(default)]
+        registration_key: u64,
     },
     /// The node table and resource view.
     GetClusterStatus,
