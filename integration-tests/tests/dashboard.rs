@@ -182,7 +182,7 @@ fn the_dashboard_shows_the_cluster_to_a_browser_with_the_token_and_nothing_witho
     );
     // Without the token the browser gets the login page only.
     let dom = dump_dom(&format!("http://{addr}/"), BROWSER);
-    assert!(dom.contains("Paste the cluster's join token"), "{dom}");
+    assert!(dom.contains("Paste the cluster's driver token"), "{dom}");
     assert!(!nodes.iter().any(|n| dom.contains(n.as_str())), "{dom}");
 
     // A screenshot, for a person to look at (not committed).

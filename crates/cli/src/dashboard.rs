@@ -34,8 +34,8 @@ fn login_page(status: u16, message: &str) -> Response {
          <style>body{{font:15px system-ui,sans-serif;margin:4em auto;max-width:36em}}\
          input{{width:100%;font:inherit;padding:.4em}}button{{margin-top:.6em;font:inherit}}\
          .err{{color:#b00}}</style></head><body><h1>Shoal dashboard</h1>\
-         <p>Paste the cluster's join token (<code>shoal start --head</code> printed it; it is \
-         also in the session directory's <code>token</code> file).</p>\
+         <p>Paste the cluster's driver token (<code>shoal1d.…</code>; <code>shoal start --head</code> \
+         printed it) or its cluster token (the session directory's <code>token</code> file).</p>\
          <p class=err>{message}</p>\
          <form method=post action=/login><input name=token type=password autofocus \
          placeholder=shoal1....><button type=submit>Log in</button></form></body></html>"
@@ -90,7 +90,10 @@ fn serve(service: &HeadService, token: &JoinToken, request: &Request) -> Respons
         .is_some_and(|c| token.dashboard_cookie_matches(c));
     if !admitted {
         if path.starts_with("/api/") {
-            return api_error(401, "log in with the cluster token first (/login)");
+            return api_error(
+                401,
+                "log in with the driver or cluster token first (/login)",
+            );
         }
         return Response::redirect("/login");
     }

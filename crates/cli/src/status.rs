@@ -69,6 +69,8 @@ impl HeadTarget {
                 .context("reading the session's join token; pass --token")?,
             (None, None) => anyhow::bail!("no join token: pass --token or set SHOAL_TOKEN"),
         };
+        // A client never acts as a node: it holds the driver token only.
+        let token = token.driver_token();
         Ok(Self { address, token })
     }
 }
