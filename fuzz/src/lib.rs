@@ -144,31 +144,26 @@ fn frame_body(body: &[u8], limits: &CodecLimits) {
 /// readers decode them; what decodes is encoded again and must decode to
 /// the same message, and goes through the checks the services make on it.
 pub fn messages(data: &[u8]) {
+    service(data, head_request, head_reply);
+    service(data, node_request, node_reply);
+    service(data, worker_request, |_: &WorkerReply| {});
+}
+
+/// One service's request and reply envelopes: each that decodes goes
+/// through `request` or `reply`; an error reply is displayed.
+fn service<Req, Rep>(data: &[u8], request: impl Fn(&Req), reply: impl Fn(&Rep))
+where
+    Req: Serialize + DeserializeOwned + PartialEq + Debug,
+    Rep: Serialize + DeserializeOwned + PartialEq + Debug,
+{
     let limits = CodecLimits::CONTROL;
-    if let Some(request) = decoded::<RequestEnvelope<HeadRequest>>(data, &limits) {
-        head_request(&request.body);
+    if let Some(envelope) = decoded::<RequestEnvelope<Req>>(data, &limits) {
+        request(&envelope.body);
     }
-    if let Some(reply) = decoded::<ReplyEnvelope<HeadReply>>(data, &limits) {
-        match &reply.result {
-            Ok(reply) => head_reply(reply),
+    if let Some(envelope) = decoded::<ReplyEnvelope<Rep>>(data, &limits) {
+        match &envelope.result {
+            Ok(answer) => reply(answer),
             Err(e) => drop(e.to_string()),
-        }
-    }
-    if let Some(request) = decoded::<RequestEnvelope<NodeRequest>>(data, &limits) {
-        node_request(&request.body);
-    }
-    if let Some(reply) = decoded::<ReplyEnvelope<NodeReply>>(data, &limits) {
-        match &reply.result {
-            Ok(reply) => node_reply(reply),
-            Err(e) => drop(e.to_string()),
-        }
-    }
-    if let Some(request) = decoded::<RequestEnvelope<WorkerRequest>>(data, &limits) {
-        worker_request(&request.body);
-    }
-    if let Some(reply) = decoded::<ReplyEnvelope<WorkerReply>>(data, &limits) {
-        if let Err(e) = &reply.result {
-            let _ = e.to_string();
         }
     }
 }
