@@ -335,16 +335,17 @@ async fn a_driver_token_makes_no_node_and_a_node_speaks_only_for_itself() {
         .await
         .expect("A's key");
     assert!(matches!(ack, HeadReply::HeartbeatAck { .. }), "{ack:?}");
-    let left = again
-        .call(
-            &HeadRequest::UnregisterNode {
-                node_id: a_id,
-                registration_key: 0,
-            },
-            CALL,
-        )
-        .await
-        .expect("A leaves");
+    // Leaving from a connection that has not heartbeated: with A's key
+    // only.
+    again.close();
+    let leaving = connect(&net, NODE_HOST, &identity, Role::Node).await;
+    let leave = |registration_key| HeadRequest::UnregisterNode {
+        node_id: a_id,
+        registration_key,
+    };
+    denied(leaving.call(&leave(22), CALL).await, "A left with B's key");
+    assert_eq!(node_state(&driver, a_id).await, Some(NodeState::Alive));
+    let left = leaving.call(&leave(a_key), CALL).await.expect("A leaves");
     assert_eq!(left, HeadReply::NodeUnregistered);
     assert_ne!(node_state(&driver, a_id).await, Some(NodeState::Alive));
     assert_eq!(node_state(&driver, b_id).await, Some(NodeState::Alive));
