@@ -63,6 +63,11 @@ impl HeadLink<'_> {
         // lost).
         let mut orders_acked = 0u64;
         let mut restarts_seen = Seen::default();
+        // The connection is handed to the rest of the node (workers
+        // blocking leases, actor restarts) only once the head has bound it
+        // to this node: before, the head refuses what it carries for the
+        // node.
+        let mut published = false;
         while !shutdown.is_cancelled() {
             let Some(head) = client.clone() else {
                 let Some(connected) = shutdown.run_until_cancelled(self.connect()).await else {
@@ -71,8 +76,8 @@ impl HeadLink<'_> {
                 match connected {
                     Ok(c) => {
                         debug!(head = %c.remote_address(), "connected to head");
-                        self.head.send_replace(Some(c.clone()));
                         client = Some(c);
+                        published = false;
                         failures = 0;
                     }
                     Err(e) => {
@@ -93,6 +98,8 @@ impl HeadLink<'_> {
                     Ok((registered, ip)) => {
                         interval = Duration::from_millis(registered.heartbeat_interval_ms.max(10));
                         self.apply(registered, ip);
+                        self.head.send_replace(Some(head.clone()));
+                        published = true;
                         backoff.reset();
                     }
                     Err(e) => {
@@ -140,6 +147,10 @@ impl HeadLink<'_> {
                     self.heartbeats
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     failures = 0;
+                    if !published {
+                        self.head.send_replace(Some(head.clone()));
+                        published = true;
+                    }
                     orders_acked = orders_seq;
                     // Their owners died: the workers work for no one.
                     for lease_id in release_leases {
@@ -179,6 +190,8 @@ impl HeadLink<'_> {
                             interval =
                                 Duration::from_millis(registered.heartbeat_interval_ms.max(10));
                             self.apply(registered, ip);
+                            self.head.send_replace(Some(head.clone()));
+                            published = true;
                             // The new head numbers its orders from zero.
                             orders_acked = 0;
                             backoff.reset();
