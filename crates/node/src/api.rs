@@ -274,24 +274,29 @@ impl Service for NodeService {
             }
             NodeRequest::WorkerBlocked { worker_id, blocked } => {
                 if let Some(lease_id) = self.pool.set_blocked(worker_id, blocked) {
+                    // Undone when the head did not take it (or there is no
+                    // bound head connection yet), so the worker's retry
+                    // tells it again: the pool and the head stay in step.
+                    let head = self.head.borrow().clone();
+                    let told = match head {
+                        Some(head) => {
+                            let tell = shoal_proto::HeadRequest::LeaseBlocked { lease_id, blocked };
+                            head.call_idempotent(&tell, std::time::Duration::from_secs(10))
+                                .await
+                                .map(drop)
+                                .map_err(|e| e.to_string())
+                        }
+                        None => Err("the node is not connected to the head".to_string()),
+                    };
+                    if let Err(e) = told {
+                        self.pool.set_blocked(worker_id, !blocked);
+                        return Err(ServiceError::new(ServiceErrorKind::Unavailable, e));
+                    }
+                    // Taken: the CPU is lent out, so a worker for the lease
+                    // it goes to is started now (once per change, not per
+                    // retry).
                     if blocked {
                         self.pool.replace_blocked(worker_id);
-                    }
-                    let head = self.head.borrow().clone();
-                    if let Some(head) = head {
-                        let tell = shoal_proto::HeadRequest::LeaseBlocked { lease_id, blocked };
-                        let told = head
-                            .call_idempotent(&tell, std::time::Duration::from_secs(10))
-                            .await;
-                        if let Err(e) = told {
-                            // Undone, so the worker's retry tells the head
-                            // again: the pool and the head stay in step.
-                            self.pool.set_blocked(worker_id, !blocked);
-                            return Err(ServiceError::new(
-                                ServiceErrorKind::Unavailable,
-                                e.to_string(),
-                            ));
-                        }
                     }
                 }
                 Ok(NodeReply::Ok)

@@ -454,24 +454,48 @@ fn decode_object<T: DeserializeOwned>(id: ObjectId, bytes: &crate::shm::Blob) ->
 }
 
 /// Tells the node each change of whether `worker_id` is blocked, in order;
-/// changes made while one is told are told as the latest state only. Ends
-/// with the process.
+/// changes made while one is told are told as the latest state only. A
+/// change the node did not take (it could not reach the head, or the head
+/// refused it) is told again, with backoff, until it is taken or undone:
+/// the node keeps its pool in step with what the head took, and until the
+/// head hears that the worker is blocked the worker's CPU stays lent out.
+/// Ends with the process.
 async fn tell_blocked(core: Arc<Core>, worker_id: WorkerId, mut want: watch::Receiver<bool>) {
+    const RETRY_FIRST: Duration = Duration::from_millis(50);
+    const RETRY_MAX: Duration = Duration::from_secs(2);
     let mut told = false;
-    while want.changed().await.is_ok() {
+    let mut retry = RETRY_FIRST;
+    loop {
         let blocked = *want.borrow_and_update();
-        if blocked == told {
-            continue;
-        }
-        let tell = NodeRequest::WorkerBlocked { worker_id, blocked };
-        match core.node(&core.home.address).await {
-            Ok(node) => {
-                if let Err(e) = node.call_idempotent(&tell, CONTROL_TIMEOUT).await {
-                    debug!(error = %e, "could not tell the node the worker is blocked");
+        if blocked != told {
+            let tell = NodeRequest::WorkerBlocked { worker_id, blocked };
+            let taken = match core.node(&core.home.address).await {
+                Ok(node) => node
+                    .call_idempotent(&tell, CONTROL_TIMEOUT)
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match taken {
+                Ok(()) => {
+                    told = blocked;
+                    retry = RETRY_FIRST;
+                }
+                Err(e) => {
+                    debug!(error = %e, blocked, retry_ms = retry.as_millis() as u64,
+                        "the node did not take the worker's blocked state; telling it again");
+                    tokio::select! {
+                        changed = want.changed() => if changed.is_err() { return },
+                        () = tokio::time::sleep(retry) => {}
+                    }
+                    retry = (retry * 2).min(RETRY_MAX);
+                    continue;
                 }
             }
-            Err(e) => debug!(error = %e, "could not reach the node to say the worker is blocked"),
         }
-        told = blocked;
+        if want.changed().await.is_err() {
+            return;
+        }
     }
 }
