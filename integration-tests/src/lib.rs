@@ -500,6 +500,9 @@ fn logs(root: &Path) -> Vec<PathBuf> {
     found
 }
 
+/// Lines of each daemon log a failing test prints (see `Drop`).
+const FAILED_LOG_LINES: usize = 60;
+
 impl Drop for ProcessCluster {
     fn drop(&mut self) {
         // Pass or fail, leave nothing running.
@@ -507,6 +510,25 @@ impl Drop for ProcessCluster {
             .args(["stop", "--force", "--session-dir"])
             .arg(self.root())
             .output();
+        // A failing test's output (which cargo prints) ends with what its
+        // daemons logged last: the session directory goes with the test,
+        // and a failure seen once in CI may not come back.
+        if std::thread::panicking() {
+            for (log, text) in self.daemon_logs() {
+                let name = log.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                if !(name.starts_with("head") || name.starts_with("node")) {
+                    continue;
+                }
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(FAILED_LOG_LINES)..];
+                eprintln!(
+                    "--- the last {} lines of {}:\n{}",
+                    tail.len(),
+                    log.display(),
+                    tail.join("\n")
+                );
+            }
+        }
     }
 }
 

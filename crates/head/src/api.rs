@@ -1164,6 +1164,31 @@ fn check_registration(info: &RegisterNode) -> Result<(), ServiceError> {
         .map_err(|e| bad_request(e.to_string()))
 }
 
+/// A reply the head owes a node (to a registration, rejoin or heartbeat)
+/// while it waits for its store (see
+/// [`crate::membership::Membership::owe_reply`]); settled when dropped,
+/// sent or not.
+struct OwedReply<'a> {
+    service: &'a HeadService,
+    node_id: NodeId,
+}
+
+impl<'a> OwedReply<'a> {
+    fn new(service: &'a HeadService, node_id: NodeId) -> Self {
+        service.state().membership.owe_reply(node_id);
+        Self { service, node_id }
+    }
+}
+
+impl Drop for OwedReply<'_> {
+    fn drop(&mut self) {
+        self.service
+            .state()
+            .membership
+            .replied(self.node_id, Instant::now());
+    }
+}
+
 impl Service for HeadService {
     type Request = HeadRequest;
     type Reply = HeadReply;
@@ -1176,7 +1201,20 @@ impl Service for HeadService {
             return self.serve(peer, request).await;
         }
         let uploaded = matches!(request, HeadRequest::UploadBinary { .. });
+        let beat_of = match &request {
+            HeadRequest::Heartbeat { node_id, .. } => Some(*node_id),
+            _ => None,
+        };
         let reply = self.serve(peer, request).await;
+        // A node waits for the reply to its registration, rejoin or
+        // heartbeat before it heartbeats again: it is not silent while that
+        // reply waits for the store (settled even if the reply is dropped).
+        let owed_to = match (&reply, beat_of) {
+            (Ok(HeadReply::HeartbeatAck { .. }), Some(node_id)) => Some(node_id),
+            (Ok(HeadReply::NodeRegistered(registered)), _) => Some(registered.node_id),
+            _ => None,
+        };
+        let _owed = owed_to.map(|node_id| OwedReply::new(self, node_id));
         // Whatever the answer, it goes out only once what it saw is
         // durable.
         self.durable(uploaded).await?;

@@ -24,6 +24,10 @@ struct Entry {
     state: NodeState,
     resources_available: ResourceSet,
     last_heard: Instant,
+    /// Heartbeats taken whose replies wait for the head's own store (see
+    /// [`Membership::owe_reply`]): while the head owes the node a reply,
+    /// the node's silence is the head's doing.
+    replies_owed: u32,
     store_used: u64,
     objects_pulled: u64,
 }
@@ -101,6 +105,7 @@ impl Membership {
             info,
             state: NodeState::Alive,
             last_heard: now,
+            replies_owed: 0,
             store_used: 0,
             objects_pulled: 0,
         };
@@ -131,6 +136,34 @@ impl Membership {
         }
     }
 
+    /// The reply to a heartbeat of `id` just taken waits until what it saw
+    /// is durable. A node sends its next heartbeat only after the reply, so
+    /// until [`Membership::replied`] it is not counted silent: a slow store
+    /// (a large executable written to Redis on a loaded machine) must not
+    /// get every node declared dead.
+    pub fn owe_reply(&mut self, id: NodeId) {
+        if let Some(entry) = self.nodes.get_mut(&id) {
+            if entry.state == NodeState::Alive {
+                entry.replies_owed += 1;
+            }
+        }
+    }
+
+    /// The reply owed to `id` (see [`Membership::owe_reply`]) goes out (or
+    /// never will: its request was dropped) at `now`; the node's silence is
+    /// counted from then.
+    pub fn replied(&mut self, id: NodeId, now: Instant) {
+        if let Some(entry) = self.nodes.get_mut(&id) {
+            if entry.replies_owed == 0 {
+                return;
+            }
+            entry.replies_owed -= 1;
+            if entry.state == NodeState::Alive {
+                entry.last_heard = entry.last_heard.max(now);
+            }
+        }
+    }
+
     /// Records the objects a node has pulled (reported with its heartbeat).
     pub fn set_objects_pulled(&mut self, id: NodeId, pulled: u64) {
         if let Some(entry) = self.nodes.get_mut(&id) {
@@ -143,14 +176,16 @@ impl Membership {
         self.mark_dead(id)
     }
 
-    /// Declares dead every live node silent for longer than `timeout`;
-    /// returns them.
+    /// Declares dead every live node silent for longer than `timeout` (and
+    /// owed no reply); returns them.
     pub fn sweep(&mut self, now: Instant, timeout: Duration) -> Vec<NodeId> {
         let expired: Vec<NodeId> = self
             .nodes
             .iter()
             .filter(|(_, e)| {
-                e.state == NodeState::Alive && now.saturating_duration_since(e.last_heard) > timeout
+                e.state == NodeState::Alive
+                    && e.replies_owed == 0
+                    && now.saturating_duration_since(e.last_heard) > timeout
             })
             .map(|(id, _)| *id)
             .collect();
@@ -399,6 +434,31 @@ mod tests {
             Some(NodeState::Dead),
             "a fenced heartbeat does not revive"
         );
+    }
+
+    #[test]
+    fn a_node_owed_a_reply_is_not_silent_until_the_reply_goes_out() {
+        let mut m = Membership::new(10, 10);
+        let t0 = Instant::now();
+        let a = reg(&mut m, info(2.0), t0).expect("room");
+        m.heartbeat(a, ResourceSet::new(), 0, t0).expect("alive");
+        m.owe_reply(a);
+        // The head's store is slow: the reply waits, and so does the node.
+        assert!(m.sweep(t0 + TIMEOUT * 5, TIMEOUT).is_empty());
+        // The reply goes out: the node's silence counts from then.
+        let sent = t0 + TIMEOUT * 5;
+        m.replied(a, sent);
+        assert!(m.sweep(sent + TIMEOUT, TIMEOUT).is_empty());
+        // A reply not owed (already sent) touches nothing.
+        m.replied(a, sent + TIMEOUT);
+        assert_eq!(
+            m.sweep(sent + TIMEOUT + Duration::from_millis(1), TIMEOUT),
+            vec![a]
+        );
+        // Nor does one owed to a node that has since died.
+        m.owe_reply(a);
+        m.replied(a, sent + TIMEOUT * 3);
+        assert_eq!(m.state(a), Some(NodeState::Dead));
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use shoal_head::store::{Backend, Snapshot, Store, StoreError, Stored, Write};
 use shoal_head::{Head, HeadConfig};
 use shoal_net::handshake::ClientAuth;
 use shoal_net::{
@@ -639,4 +640,113 @@ async fn submitted_jobs_are_checked_uploaded_run_and_their_output_kept() {
     }
     shutdown.cancel();
     served.await.expect("head task");
+}
+
+/// Shut, it holds the store's commits (a slow disk, or a Redis taking a
+/// large executable on a loaded machine) until opened.
+#[derive(Clone, Default)]
+struct Gate(Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
+
+impl Gate {
+    fn set(&self, shut: bool) {
+        let (lock, changed) = &*self.0;
+        *lock.lock().unwrap_or_else(|p| p.into_inner()) = shut;
+        changed.notify_all();
+    }
+
+    fn pass(&self) {
+        let (lock, changed) = &*self.0;
+        let mut shut = lock.lock().unwrap_or_else(|p| p.into_inner());
+        while *shut {
+            shut = changed.wait(shut).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// A store that keeps nothing, each commit passing `Gate` first.
+struct Gated(Gate);
+
+impl Backend for Gated {
+    fn load(&mut self) -> Result<Snapshot, StoreError> {
+        Ok(Snapshot::new())
+    }
+
+    fn commit(&mut self, _: &[Write]) -> Result<(), StoreError> {
+        self.0.pass();
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_store_holding_heartbeat_replies_does_not_get_the_nodes_declared_dead() {
+    let net = MemoryNet::new(12);
+    let identity = Arc::new(ClusterIdentity::generate().expect("identity"));
+    let timeout = Duration::from_millis(500);
+    let config = HeadConfig {
+        heartbeat_interval: Duration::from_millis(50),
+        node_timeout: timeout,
+        ..HeadConfig::default()
+    };
+    let gate = Gate::default();
+    let (store, snapshot) = Store::start(Box::new(Gated(gate.clone())), None).expect("a store");
+    let listener = net.listen(HEAD.parse().expect("addr")).expect("listen");
+    let stored = Stored { store, snapshot };
+    let head = Head::on(listener.into(), config, Arc::clone(&identity), Some(stored));
+    let shutdown = CancellationToken::new();
+    let served = tokio::spawn(head.run(shutdown.clone()));
+
+    let node = connect(&net, NODE_HOST, &identity, Role::Node).await;
+    let node_id = register(&node, 1).await;
+    // As a node daemon does: a heartbeat, its reply, a pause, the next.
+    let beating = CancellationToken::new();
+    let beats = tokio::spawn({
+        let beating = beating.clone();
+        async move {
+            let mut acked = 0;
+            while !beating.is_cancelled() {
+                match node.call(&heartbeat(node_id), CALL).await {
+                    Ok(HeadReply::HeartbeatAck { .. }) => acked += 1,
+                    other => return Err(format!("after {acked} acks: {other:?}")),
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(acked)
+        }
+    });
+
+    // A write, while the store is slow: its reply waits for the store, and
+    // so does every reply after it, the node's heartbeats' too.
+    gate.set(true);
+    let driver = connect(&net, DRIVER_HOST, &identity, Role::Client).await;
+    let put = tokio::spawn(async move {
+        let put = HeadRequest::KvPut {
+            namespace: "slow".into(),
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+            overwrite: true,
+        };
+        driver.call(&put, CALL).await
+    });
+    // The store stays slow for four node timeouts (the length of the fault,
+    // not a wait for a state).
+    tokio::time::sleep(timeout * 4).await;
+    gate.set(false);
+    let written = put.await.expect("the put's task");
+    assert!(
+        matches!(written, Ok(HeadReply::KvWritten { .. })),
+        "{written:?}"
+    );
+
+    // The node was never silent: the head held its replies.
+    let observer = connect(&net, DRIVER_HOST, &identity, Role::Client).await;
+    assert_eq!(node_state(&observer, node_id).await, Some(NodeState::Alive));
+    beating.cancel();
+    let acked = beats.await.expect("the heartbeats' task");
+    assert!(
+        acked.as_ref().is_ok_and(|n| *n > 0),
+        "every heartbeat acknowledged: {acked:?}"
+    );
+
+    shutdown.cancel();
+    served.await.expect("the head stops");
 }
