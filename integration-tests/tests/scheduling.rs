@@ -80,16 +80,19 @@ fn strategies_labels_gpus_and_locality_place_tasks_where_asked() {
     let line = driver.wait_for("WAITING ", DEADLINE);
     let seen: Value = serde_json::from_str(&line).expect("WAITING json");
 
-    // SPREAD: every node, at most 2 apart.
+    // SPREAD: three tasks that run at once, one on each node (packing would
+    // put two on the first). Only tasks that overlap say where spreading
+    // put them: later ones go wherever a CPU frees first, or reuse a
+    // leased worker.
     let spread: BTreeMap<String, u64> =
         serde_json::from_value(seen["spread"].clone()).expect("as the scenario prints it");
-    assert_eq!(spread.len(), 3, "spread over every node: {spread:?}");
-    let (lo, hi) = (
-        spread.values().min().expect("as the scenario prints it"),
-        spread.values().max().expect("as the scenario prints it"),
+    let hosts_of = format!("(nodes: a {a}, b {b}, g {g})");
+    assert_eq!(
+        spread.len(),
+        3,
+        "spread over every node: {spread:?} {hosts_of}"
     );
-    assert!(hi - lo <= 2, "spread unevenly: {spread:?}");
-    assert_eq!(spread.values().sum::<u64>(), 30);
+    assert!(spread.values().all(|n| *n == 1), "{spread:?} {hosts_of}");
     // A hard node affinity lands every task on its node.
     assert!(strings(&seen["pinned"]).iter().all(|n| *n == b), "{seen:#}");
     // Label selectors: only matching nodes.

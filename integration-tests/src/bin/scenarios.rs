@@ -693,6 +693,25 @@ fn gpus_together(dir: String, me: u32, other: u32) -> (String, String, Vec<u32>)
     (node, if met { visible } else { "did not meet".into() }, ids)
 }
 
+/// [`placed_gpus`] once `n` tasks of `tag` have all started, met through
+/// the cluster's key-value table (every host reaches it; they share no
+/// files): tasks that run at the same time wherever they are placed.
+#[shoal::remote]
+fn placed_together(tag: String, me: u32, n: u32) -> (String, String, Vec<u32>) {
+    let here = shoal::kv::put("meet", &format!("{tag}/{me}"), b"here", true);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let met = here.is_ok()
+        && loop {
+            match shoal::kv::keys("meet", &format!("{tag}/")) {
+                Ok(keys) if keys.len() >= n as usize => break true,
+                Ok(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                _ => break false,
+            }
+        };
+    let (node, visible, ids) = placed_gpus(0);
+    (node, if met { visible } else { "did not meet".into() }, ids)
+}
+
 /// The node ids of `refs`' results, in order.
 fn nodes_of(refs: &[ObjectRef<(String, String, Vec<u32>)>]) -> shoal::Result<Vec<String>> {
     Ok(shoal::get_all(refs)?
@@ -717,11 +736,17 @@ fn node_env(key: &str) -> shoal::NodeId {
 fn scheduling_live() -> shoal::Result<()> {
     use shoal::Strategy;
     let (node_b, node_g) = (node_env("NODE_B"), node_env("NODE_G"));
-    let spread: Vec<_> = (0..30)
-        .map(|_| {
-            placed_gpus::options()
+    // Three tasks of half a CPU that all run at once (none ends before the
+    // last has started, so none reuses another's worker): by default the
+    // first node would take two (packing fills a node to half its CPUs
+    // first); spread, one each.
+    let tag = format!("spread-{}", std::process::id());
+    let spread: Vec<_> = (0..3)
+        .map(|me| {
+            placed_together::options()
+                .num_cpus(0.5)
                 .scheduling(Strategy::Spread)
-                .remote(500)
+                .remote(tag.clone(), me, 3)
         })
         .collect();
     let spread = nodes_of(&spread)?;

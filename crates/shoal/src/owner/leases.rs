@@ -491,13 +491,17 @@ impl<W: Clone, T: Waiting> Leases<W, T> {
         out.push(Command::Ask(ask));
     }
 
-    /// Whether a request due now is still wanted; if not it ends here.
+    /// Whether a request due now is still wanted (no more requests are out,
+    /// this one among them, than tasks wait: a lease still becoming a
+    /// worker counts); if not it ends here. Asking past that, leases of a
+    /// cold cluster whose workers start slowly went to whichever workers
+    /// joined first, and a spread class's tasks could miss a node.
     pub fn still_wanted(&mut self, ask: &Ask, out: &mut Vec<Command<W, T>>) -> bool {
         let stopping = self.stopping;
         let Some(class) = self.classes.get_mut(&ask.class) else {
             return false;
         };
-        if class.backlog() > 0 && !stopping {
+        if class.requesting <= class.backlog() && !stopping {
             return true;
         }
         class.requesting = class.requesting.saturating_sub(1);

@@ -312,10 +312,13 @@ fn the_request_after_a_grant_that_followed_a_lost_answer_has_a_new_id() {
     // head answered with the same lease, and its worker joined twice.
     let (class, r) = cpu();
     let mut m = Machine::default();
+    // More tasks wait than requests may be out: the request goes on once
+    // its worker has joined.
     let mut out = Vec::new();
-    m.acquire(&class, &r, false, || (1, false), &mut out);
-    m.acquire(&class, &r, false, || (2, false), &mut out);
-    m.acquire(&class, &r, false, || (3, false), &mut out);
+    for task in 0..REQUESTS_IN_FLIGHT_MAX as u32 + 2 {
+        m.acquire(&class, &r, false, || (task, false), &mut out);
+    }
+    assert_eq!(asks(&out).len(), REQUESTS_IN_FLIGHT_MAX);
     let first = asks(&out).remove(0);
     let mut out = Vec::new();
     m.answered(first.clone(), Answer::Lost, &mut out);
@@ -469,4 +472,31 @@ fn waiters_taken_out_leave_the_rest_in_order_for_the_next_worker() {
     let (_, out) = join(&mut m, ask, "w1", true);
     assert_eq!(gives(&out), vec![(1, "w1")]);
     assert_eq!(m.counts(&class).1, 1);
+}
+
+#[test]
+fn no_more_leases_are_asked_than_tasks_wait_while_granted_ones_become_workers() {
+    // Three tasks, three requests, all granted; the workers start slowly
+    // (a cold node fetches the executable) and join one by one. Each takes
+    // a task, and its request ends: no fourth lease, which a slow node's
+    // task would have gone to instead (spread tasks missed a node so).
+    let (class, r) = cpu();
+    let mut m = Machine::default();
+    let mut out = Vec::new();
+    for task in 0..3 {
+        m.acquire(&class, &r, false, || (task, false), &mut out);
+    }
+    let requests = asks(&out);
+    assert_eq!(requests.len(), 3);
+    for ask in &requests {
+        let mut out = Vec::new();
+        m.answered(ask.clone(), Answer::Granted, &mut out);
+        assert!(out.is_empty(), "{out:?}");
+    }
+    for (ask, worker) in requests.into_iter().zip(["w1", "w2", "w3"]) {
+        let mut out = Vec::new();
+        m.joined(ask, (worker, LeaseId::random()), true, &mut out);
+        assert_eq!(gives(&out).len(), 1, "{worker} takes a task: {out:?}");
+        assert!(asks(&out).is_empty(), "asked again after {worker}: {out:?}");
+    }
 }
