@@ -1355,15 +1355,33 @@ impl HeadService {
             } => {
                 // Drivers upload their executable, `shoal job submit` a
                 // program and a working directory.
-                let complete = self
+                use crate::binaries::{Part, UploadError};
+                let refused = |e: UploadError| match e {
+                    UploadError::Busy { .. } => {
+                        ServiceError::new(ServiceErrorKind::Unavailable, e.to_string())
+                    }
+                    e => bad_request(e.to_string()),
+                };
+                let part = self
                     .binaries()
-                    .upload(&hash, offset, total, &data)
-                    .map_err(|e| match e {
-                        crate::binaries::UploadError::Busy { .. } => {
-                            ServiceError::new(ServiceErrorKind::Unavailable, e.to_string())
-                        }
-                        e => bad_request(e.to_string()),
-                    })?;
+                    .take_part(&hash, offset, total, &data)
+                    .map_err(refused)?;
+                let complete = match part {
+                    Part::More => false,
+                    Part::Stored => true,
+                    Part::Whole(whole) => {
+                        // Hashed and written with the lock let go, off the
+                        // runtime's threads: heartbeats go on meanwhile.
+                        let kept = tokio::task::spawn_blocking(move || whole.check_and_keep())
+                            .await
+                            .map_err(|e| {
+                                ServiceError::new(ServiceErrorKind::Internal, e.to_string())
+                            })?
+                            .map_err(refused)?;
+                        self.binaries().hold_kept(kept);
+                        true
+                    }
+                };
                 Ok(HeadReply::BinaryStored { complete })
             }
             HeadRequest::FetchBinary { hash, offset, len } => {

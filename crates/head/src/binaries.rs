@@ -122,6 +122,80 @@ enum Keeping {
     Rows,
 }
 
+/// What one part of an upload made of it.
+#[derive(Debug)]
+pub enum Part {
+    /// More parts are to come.
+    More,
+    /// The executable is stored already.
+    Stored,
+    /// The upload is whole: to check and keep (see [`Whole::check_and_keep`]).
+    Whole(Whole),
+}
+
+/// A whole upload, not yet checked against its hash nor kept.
+#[derive(Debug)]
+pub struct Whole {
+    hash: String,
+    bytes: Vec<u8>,
+    keep_in: KeepIn,
+}
+
+/// Where a whole upload is to be kept (from [`Keeping`]).
+#[derive(Debug)]
+enum KeepIn {
+    Memory,
+    File(PathBuf),
+    Row,
+}
+
+/// A checked executable, kept, to count in with [`Binaries::hold_kept`].
+#[derive(Debug)]
+pub struct Kept {
+    hash: String,
+    held: Held,
+    /// Its store row, if the store is to have one.
+    row: Option<Vec<u8>>,
+}
+
+impl Whole {
+    /// Checks the bytes against the hash and keeps them: written to their
+    /// file and synced, or encoded as their store row. Slow for a large
+    /// executable (a 100 MB one takes about a second on a loaded machine),
+    /// so done with the executables' lock let go, on a blocking thread.
+    pub fn check_and_keep(self) -> Result<Kept, UploadError> {
+        let Whole {
+            hash,
+            bytes,
+            keep_in,
+        } = self;
+        if sha256_hex(&bytes) != hash {
+            return Err(UploadError::HashMismatch(hash));
+        }
+        let size = bytes.len() as u64;
+        let (held, row) = match keep_in {
+            KeepIn::Memory => (Held::Memory(Arc::new(bytes)), None),
+            KeepIn::File(dir) => {
+                Binaries::keep(&dir, &hash, &bytes)
+                    .map_err(|e| UploadError::NotKept(e.to_string()))?;
+                let row = BinaryRow { size, bytes: None };
+                (Held::File(size), Some(crate::store::encode(&row)))
+            }
+            KeepIn::Row => {
+                let row = BinaryRow {
+                    size,
+                    bytes: Some(bytes),
+                };
+                let encoded = crate::store::encode(&row);
+                // Moved into the row to encode it, and back (no copy).
+                let bytes = row.bytes.unwrap_or_default();
+                (Held::Memory(Arc::new(bytes)), Some(encoded))
+            }
+        };
+        Ok(Kept { hash, held, row })
+    }
+}
+
 /// An executable's row in the store.
 #[derive(Debug, Serialize, Deserialize)]
 struct BinaryRow {
@@ -247,8 +321,10 @@ impl Binaries {
         }
     }
 
-    /// Stores one part of an upload. Returns true once the whole executable
-    /// is stored and its hash checked.
+    /// Stores one part of an upload, with the hash check and the keeping
+    /// of a whole one done at once: see [`Binaries::take_part`] for a
+    /// caller that must not hold the lock meanwhile. True once stored.
+    #[cfg(test)]
     pub fn upload(
         &mut self,
         hash: &str,
@@ -259,6 +335,7 @@ impl Binaries {
         self.upload_at(hash, offset, total, data, Instant::now())
     }
 
+    #[cfg(test)]
     fn upload_at(
         &mut self,
         hash: &str,
@@ -267,11 +344,43 @@ impl Binaries {
         data: &[u8],
         now: Instant,
     ) -> Result<bool, UploadError> {
+        match self.take_part_at(hash, offset, total, data, now)? {
+            Part::More => Ok(false),
+            Part::Stored => Ok(true),
+            Part::Whole(whole) => {
+                self.hold_kept(whole.check_and_keep()?);
+                Ok(true)
+            }
+        }
+    }
+
+    /// Takes one part of an upload. The last part returns the whole upload,
+    /// which is checked and kept ([`Whole::check_and_keep`]: hashing and
+    /// writing hundreds of megabytes) with the executables' lock let go,
+    /// then counted in with [`Binaries::hold_kept`].
+    pub fn take_part(
+        &mut self,
+        hash: &str,
+        offset: u64,
+        total: u64,
+        data: &[u8],
+    ) -> Result<Part, UploadError> {
+        self.take_part_at(hash, offset, total, data, Instant::now())
+    }
+
+    fn take_part_at(
+        &mut self,
+        hash: &str,
+        offset: u64,
+        total: u64,
+        data: &[u8],
+        now: Instant,
+    ) -> Result<Part, UploadError> {
         if !is_sha256_hex(hash) {
             return Err(UploadError::BadHash(hash.chars().take(80).collect()));
         }
         if self.has(hash) {
-            return Ok(true);
+            return Ok(Part::Stored);
         }
         if total > BINARY_BYTES_MAX {
             return Err(UploadError::TooLarge(total));
@@ -302,7 +411,7 @@ impl Binaries {
         // The part received last, sent again (its reply was lost).
         if offset < buf.len() as u64 && offset + data.len() as u64 == buf.len() as u64 {
             upload.last = now;
-            return Ok(false);
+            return Ok(Part::More);
         }
         if offset != buf.len() as u64 {
             return Err(UploadError::OutOfOrder {
@@ -316,39 +425,32 @@ impl Binaries {
         buf.extend_from_slice(data);
         upload.last = now;
         if (buf.len() as u64) < total {
-            return Ok(false);
+            return Ok(Part::More);
         }
-        let whole = self
+        let bytes = self
             .uploads
             .remove(hash)
             .map(|u| u.bytes)
             .unwrap_or_default();
-        if sha256_hex(&whole) != hash {
-            return Err(UploadError::HashMismatch(hash.to_string()));
-        }
-        let size = whole.len() as u64;
-        let held = match &self.keeping {
-            Keeping::Memory => Held::Memory(Arc::new(whole)),
-            Keeping::Files(dir) => {
-                Self::keep(dir, hash, &whole).map_err(|e| UploadError::NotKept(e.to_string()))?;
-                let row = BinaryRow { size, bytes: None };
-                self.dirty
-                    .push((hash.to_string(), Some(crate::store::encode(&row))));
-                Held::File(size)
-            }
-            Keeping::Rows => {
-                let row = BinaryRow {
-                    size,
-                    bytes: Some(whole),
-                };
-                self.dirty
-                    .push((hash.to_string(), Some(crate::store::encode(&row))));
-                // Moved into the row to encode it, and back (no copy).
-                Held::Memory(Arc::new(row.bytes.unwrap_or_default()))
-            }
+        let keep_in = match &self.keeping {
+            Keeping::Memory => KeepIn::Memory,
+            Keeping::Files(dir) => KeepIn::File(dir.clone()),
+            Keeping::Rows => KeepIn::Row,
         };
-        self.hold(hash, held);
-        Ok(true)
+        Ok(Part::Whole(Whole {
+            hash: hash.to_string(),
+            bytes,
+            keep_in,
+        }))
+    }
+
+    /// Counts in an executable checked and kept by
+    /// [`Whole::check_and_keep`], with its store row.
+    pub fn hold_kept(&mut self, kept: Kept) {
+        if let Some(row) = kept.row {
+            self.dirty.push((kept.hash.clone(), Some(row)));
+        }
+        self.hold(&kept.hash, kept.held);
     }
 
     /// Counts a complete executable in, forgetting the oldest past the
@@ -432,6 +534,41 @@ impl Stored {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_whole_upload_is_checked_and_kept_apart_from_the_table() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut b = Binaries::in_dir(dir.path().to_path_buf());
+        let data = vec![7u8; 4096];
+        let hash = sha256_hex(&data);
+        let Ok(Part::Whole(whole)) = b.take_part(&hash, 0, 4096, &data) else {
+            panic!("the last part gives the whole upload");
+        };
+        // Meanwhile (the hash checked and the file written with the lock
+        // let go) the table serves others, and does not count it yet.
+        assert!(!b.has(&hash));
+        let other = sha256_hex(b"other");
+        assert!(matches!(b.take_part(&other, 0, 10, b"ot"), Ok(Part::More)));
+        let kept = whole.check_and_keep().expect("kept");
+        assert!(dir.path().join(&hash).exists(), "written before counted");
+        b.hold_kept(kept);
+        assert!(b.has(&hash));
+        assert_eq!(b.take_dirty().len(), 1, "its row for the store");
+        assert!(matches!(
+            b.take_part(&hash, 0, 4096, &data),
+            Ok(Part::Stored)
+        ));
+        // A whole upload that does not match its hash is refused then.
+        let wrong = sha256_hex(b"not these bytes");
+        let Ok(Part::Whole(whole)) = b.take_part(&wrong, 0, 3, b"abc") else {
+            panic!("whole");
+        };
+        assert_eq!(
+            whole.check_and_keep().map(|_| ()),
+            Err(UploadError::HashMismatch(wrong.clone()))
+        );
+        assert!(!b.has(&wrong));
+    }
 
     #[test]
     fn upload_in_parts_checks_the_hash() {
