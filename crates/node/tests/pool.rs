@@ -60,6 +60,16 @@ fn pool(launcher: Arc<Counting>) -> Arc<WorkerPool> {
     ))
 }
 
+/// The kind of worker these tests lease: one job's, on no executable.
+fn kind() -> WorkerKind {
+    WorkerKind {
+        job_id: JobId::random(),
+        binary_hash: "none".into(),
+        driver: None,
+        env: Default::default(),
+    }
+}
+
 fn poll_until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !done() {
@@ -72,12 +82,7 @@ fn poll_until(what: &str, mut done: impl FnMut() -> bool) {
 async fn a_blocked_workers_replacement_is_started_before_the_lease_that_needs_it() {
     let launcher = Arc::new(Counting::default());
     let pool = pool(Arc::clone(&launcher));
-    let kind = WorkerKind {
-        job_id: JobId::random(),
-        binary_hash: "none".into(),
-        driver: None,
-        env: Default::default(),
-    };
+    let kind = kind();
     let first = pool
         .grant(LeaseId::random(), kind.clone(), cpus(1.0), Tenancy::Shared)
         .await
@@ -149,12 +154,7 @@ fn unconnected_service(pool: Arc<WorkerPool>, dir: &std::path::Path) -> NodeServ
 async fn a_blocked_state_the_head_did_not_take_is_undone_so_the_worker_tells_it_again() {
     let launcher = Arc::new(Counting::default());
     let pool = pool(Arc::clone(&launcher));
-    let kind = WorkerKind {
-        job_id: JobId::random(),
-        binary_hash: "none".into(),
-        driver: None,
-        env: Default::default(),
-    };
+    let kind = kind();
     let first = pool
         .grant(LeaseId::random(), kind, cpus(1.0), Tenancy::Shared)
         .await
