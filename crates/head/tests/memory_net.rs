@@ -677,6 +677,8 @@ impl Backend for Gated {
     }
 }
 
+/// FT-17: the head's store slow for four node timeouts while a node
+/// heartbeats as a node daemon does (each heartbeat after the last reply).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_store_holding_heartbeat_replies_does_not_get_the_nodes_declared_dead() {
     let net = MemoryNet::new(12);
