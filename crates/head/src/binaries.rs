@@ -281,7 +281,11 @@ impl Binaries {
     fn keep(dir: &Path, hash: &str, bytes: &[u8]) -> Result<(), FileError> {
         use std::io::Write as _;
         let path = dir.join(hash);
-        let partial = dir.join(format!("{hash}.partial"));
+        // Its own partial file: two uploads of the same executable may be
+        // kept at once (a second begun while the first was being checked).
+        static KEEPING: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = KEEPING.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let partial = dir.join(format!("{hash}.{n}.partial"));
         let err = |what, path: &Path| {
             let path = path.to_path_buf();
             move |source| FileError { what, path, source }

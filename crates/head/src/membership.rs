@@ -24,7 +24,8 @@ struct Entry {
     state: NodeState,
     resources_available: ResourceSet,
     last_heard: Instant,
-    /// Heartbeats taken whose replies wait for the head's own store (see
+    /// The node's requests taken (registration, rejoin, heartbeat) whose
+    /// replies wait for the head's own store (see
     /// [`Membership::owe_reply`]): while the head owes the node a reply,
     /// the node's silence is the head's doing.
     replies_owed: u32,
@@ -136,11 +137,11 @@ impl Membership {
         }
     }
 
-    /// The reply to a heartbeat of `id` just taken waits until what it saw
-    /// is durable. A node sends its next heartbeat only after the reply, so
-    /// until [`Membership::replied`] it is not counted silent: a slow store
-    /// (a large executable written to Redis on a loaded machine) must not
-    /// get every node declared dead.
+    /// The reply to a registration, rejoin or heartbeat of `id` just taken
+    /// waits until what it saw is durable. A node sends its next heartbeat
+    /// only after the reply, so until [`Membership::replied`] it is not
+    /// counted silent: a slow store (a large executable written to Redis on
+    /// a loaded machine) must not get every node declared dead.
     pub fn owe_reply(&mut self, id: NodeId) {
         if let Some(entry) = self.nodes.get_mut(&id) {
             if entry.state == NodeState::Alive {

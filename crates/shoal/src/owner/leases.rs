@@ -501,7 +501,8 @@ impl<W: Clone, T: Waiting> Leases<W, T> {
         let Some(class) = self.classes.get_mut(&ask.class) else {
             return false;
         };
-        if class.requesting <= class.backlog() && !stopping {
+        let backlog = class.backlog();
+        if backlog > 0 && class.requesting <= backlog && !stopping {
             return true;
         }
         class.requesting = class.requesting.saturating_sub(1);
