@@ -93,6 +93,7 @@ fn strategies_labels_gpus_and_locality_place_tasks_where_asked() {
         "spread over every node: {spread:?} {hosts_of}"
     );
     assert!(spread.values().all(|n| *n == 1), "{spread:?} {hosts_of}");
+    assert_eq!(seen["spread_met"], true, "the three ran at once: {seen:#}");
     // A hard node affinity lands every task on its node.
     assert!(strings(&seen["pinned"]).iter().all(|n| *n == b), "{seen:#}");
     // Label selectors: only matching nodes.

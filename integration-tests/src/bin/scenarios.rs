@@ -749,7 +749,9 @@ fn scheduling_live() -> shoal::Result<()> {
                 .remote(tag.clone(), me, 3)
         })
         .collect();
-    let spread = nodes_of(&spread)?;
+    let spread = shoal::get_all(&spread)?;
+    let spread_met = spread.iter().all(|(_, seen, _)| seen != "did not meet");
+    let spread: Vec<String> = spread.into_iter().map(|(node, _, _)| node).collect();
     let mut per_node = std::collections::BTreeMap::<String, usize>::new();
     for node in &spread {
         *per_node.entry(node.clone()).or_default() += 1;
@@ -810,6 +812,7 @@ fn scheduling_live() -> shoal::Result<()> {
         "WAITING",
         json!({
             "spread": per_node,
+            "spread_met": spread_met,
             "pinned": nodes_of(&pinned)?,
             "zone_gpu": nodes_of(&zone_gpu)?,
             "not_gpu": nodes_of(&not_gpu)?,
