@@ -944,10 +944,11 @@ impl HeadService {
         }
     }
 
-    /// Binds `peer`'s connection to `node_id` if `key` is the key that node
-    /// registered with (known only to it and the head). False: the node is
-    /// not a live member (it is to register again, as a new node); refused:
-    /// it is, under another key.
+    /// True if `peer`'s connection speaks for `node_id` already, or is
+    /// bound to it now because `key` is the key that node registered with
+    /// (known only to it and the head). False: the node is not a live
+    /// member (it is to register again, as a new node); refused: it is,
+    /// under another key.
     fn bind_by_key(
         &self,
         peer: &Peer,
@@ -955,6 +956,9 @@ impl HeadService {
         node_id: NodeId,
         key: u64,
     ) -> Result<bool, ServiceError> {
+        if self.links().speaks_for(peer, node_id) {
+            return Ok(true);
+        }
         if key != 0 && state.membership.registered_with(key) == Some(node_id) {
             self.links().bind(peer, node_id);
             return Ok(true);
@@ -1259,8 +1263,7 @@ impl HeadService {
                 }
                 // A connection that replaced a lost one: the node's key
                 // binds it.
-                let linked = self.links().speaks_for(peer, node_id);
-                if !linked && !self.bind_by_key(peer, &state, node_id, registration_key)? {
+                if !self.bind_by_key(peer, &state, node_id, registration_key)? {
                     return Ok(HeadReply::NodeFenced { node_id });
                 }
                 match state.membership.heartbeat(
@@ -1318,8 +1321,7 @@ impl HeadService {
             } => {
                 let left = {
                     let mut state = self.state();
-                    let linked = self.links().speaks_for(peer, node_id);
-                    if !linked && !self.bind_by_key(peer, &state, node_id, registration_key)? {
+                    if !self.bind_by_key(peer, &state, node_id, registration_key)? {
                         // Not a live member: nothing to leave.
                         return Ok(HeadReply::NodeUnregistered);
                     }

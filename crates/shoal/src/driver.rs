@@ -179,21 +179,22 @@ async fn start_local(_: &Config) -> Result<Joining> {
 /// The token from the config, else the newest session's on this machine;
 /// as the driver token (a driver never acts as a node), whichever was given.
 fn find_token(config: &Config) -> Result<shoal_net::JoinToken> {
-    if let Some(token) = &config.token {
-        return Ok(token.parse::<shoal_net::JoinToken>()?.driver_token());
-    }
-    let root = config
-        .session_root
-        .clone()
-        .unwrap_or_else(|| "/tmp/shoal".into());
-    let path = root.join("session_latest").join("token");
-    shoal_net::identity::read_token(&path)
-        .map(|token| token.driver_token())
-        .map_err(|e| {
-            Error::NotInitialized(format!(
-                "no join token: set SHOAL_TOKEN (the head printed it), or run on the head's machine ({e})"
-            ))
-        })
+    let token: shoal_net::JoinToken = match &config.token {
+        Some(token) => token.parse()?,
+        None => {
+            let root = config
+                .session_root
+                .clone()
+                .unwrap_or_else(|| "/tmp/shoal".into());
+            let path = root.join("session_latest").join("token");
+            shoal_net::identity::read_token(&path).map_err(|e| {
+                Error::NotInitialized(format!(
+                    "no join token: set SHOAL_TOKEN (the head printed it), or run on the head's machine ({e})"
+                ))
+            })?
+        }
+    };
+    Ok(token.driver_token())
 }
 
 pub(crate) fn ensure_core() -> Arc<core::Core> {

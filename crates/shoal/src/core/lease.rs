@@ -501,14 +501,15 @@ async fn ask_lease(core: Arc<Core>, ask: Ask) {
                     core.leases
                         .report(&core, |m, out| m.joined(ask, (worker, lease_id), room, out));
                 }
-                // Granted as this process stops (its endpoint closing): no
-                // failure to report, and the job's end releases the lease.
-                Err(e) if core.stopping.is_cancelled() => {
-                    debug!(error = %e, "no worker for a lease granted while stopping");
-                    core.leases.report(&core, |m, out| m.grant_failed(ask, out));
-                }
                 Err(e) => {
-                    warn!(resources = ?ask.shape.resources, error = %e, "could not lease a worker; retrying");
+                    // Granted as this process stops (its endpoint closing):
+                    // no failure to speak of, and the job's end releases
+                    // the lease.
+                    if core.stopping.is_cancelled() {
+                        debug!(error = %e, "no worker for a lease granted while stopping");
+                    } else {
+                        warn!(resources = ?ask.shape.resources, error = %e, "could not lease a worker; retrying");
+                    }
                     core.leases.report(&core, |m, out| m.grant_failed(ask, out));
                 }
             }
